@@ -1,0 +1,498 @@
+//! One chunk on disk: a header, a block checksum table, and a sparse data region.
+//!
+//! ```text
+//!  file offset  contents
+//!  0            header (36 bytes used of a 4 KiB page)
+//!                 0  magic          b"RAWFSCHK"
+//!                 8  format version u32 (1)
+//!                12  block size     u32 (65536)
+//!                16  chunk id       u64
+//!                24  chunk version  u64
+//!                32  crc32c of bytes 0..32
+//!  4096         block table: 1024 entries of 8 bytes, one per 64 KiB block
+//!                 0  crc32c of the block's 64 KiB (zeros past what was written)
+//!                 4  flags u8 (bit 0: written)
+//!                 5  reserved (zero)
+//!                 6  check u16 = low 16 bits of crc32c(entry bytes 0..6)
+//!               an all-zero entry is an unwritten block (the table starts as a hole)
+//!  12288        data region: block i at 12288 + i * 65536 (4 KiB aligned)
+//! ```
+//!
+//! All integers are big-endian. Unwritten blocks are never stored, so they take no space and
+//! read as zeros. A block's bytes and its table entry are written by separate `pwrite`s: if a
+//! crash tears them apart, the block fails its checksum and reads as CORRUPT (the client then
+//! uses another replica) rather than returning wrong bytes.
+
+use crate::storage::StoreError;
+use bytes::{Bytes, BytesMut};
+use rawfs_chunkserver_api::{BLOCK_SIZE, MAX_CHUNK_SIZE};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+const MAGIC: [u8; 8] = *b"RAWFSCHK";
+const FORMAT_VERSION: u32 = 1;
+/// Bytes of the header that carry data (the rest of its page is reserved).
+pub const HEADER_LEN: usize = 36;
+const TABLE_OFFSET: u64 = 4096;
+const ENTRY_LEN: usize = 8;
+/// Blocks in a chunk of the largest size.
+pub const BLOCKS: usize = (MAX_CHUNK_SIZE / BLOCK_SIZE as u64) as usize;
+const TABLE_LEN: usize = BLOCKS * ENTRY_LEN;
+/// Where the data region starts.
+pub const DATA_OFFSET: u64 = TABLE_OFFSET + TABLE_LEN as u64;
+const BS: u64 = BLOCK_SIZE as u64;
+
+/// The checksum state of one block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Block {
+    Unwritten,
+    Written(u32),
+    /// Its table entry failed its own check: nothing about the block can be trusted.
+    Bad,
+}
+
+impl Block {
+    fn encode(self) -> [u8; ENTRY_LEN] {
+        let mut e = [0u8; ENTRY_LEN];
+        if let Block::Written(crc) = self {
+            e[0..4].copy_from_slice(&crc.to_be_bytes());
+            e[4] = 1;
+            let check = (crc32c::crc32c(&e[0..6]) & 0xffff) as u16;
+            e[6..8].copy_from_slice(&check.to_be_bytes());
+        }
+        e
+    }
+
+    fn decode(e: &[u8]) -> Block {
+        if e.iter().all(|&b| b == 0) {
+            return Block::Unwritten;
+        }
+        let check = (crc32c::crc32c(&e[0..6]) & 0xffff) as u16;
+        if e[4] != 1 || e[5] != 0 || u16::from_be_bytes([e[6], e[7]]) != check {
+            return Block::Bad;
+        }
+        Block::Written(u32::from_be_bytes([e[0], e[1], e[2], e[3]]))
+    }
+}
+
+/// Why a chunk file could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("chunk file does not exist")]
+    NotFound,
+    /// The header is unreadable; `complete` is false when the file is shorter than a header
+    /// (a creation that never reached the disk).
+    #[error("chunk file header is invalid: {reason}")]
+    BadHeader {
+        reason: &'static str,
+        complete: bool,
+    },
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// An open chunk file with its checksum table in memory.
+pub struct ChunkFile {
+    file: File,
+    id: u64,
+    version: u64,
+    blocks: Vec<Block>,
+}
+
+impl ChunkFile {
+    /// Creates a new, empty chunk file at `path`; fails if it exists.
+    pub fn create(path: &Path, id: u64, version: u64) -> io::Result<ChunkFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        let cf = ChunkFile {
+            file,
+            id,
+            version,
+            blocks: vec![Block::Unwritten; BLOCKS],
+        };
+        cf.write_header()?;
+        Ok(cf)
+    }
+
+    /// Opens the chunk file at `path`, checking its header and loading its table.
+    pub fn open(path: &Path) -> Result<ChunkFile, OpenError> {
+        let file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(OpenError::NotFound),
+            Err(e) => return Err(e.into()),
+        };
+        let mut header = [0u8; HEADER_LEN];
+        let n = read_full_at(&file, &mut header, 0)?;
+        let bad = |reason| OpenError::BadHeader {
+            reason,
+            complete: n == HEADER_LEN,
+        };
+        if n < HEADER_LEN {
+            return Err(bad("short header"));
+        }
+        if header[0..8] != MAGIC {
+            return Err(bad("bad magic"));
+        }
+        if crc32c::crc32c(&header[0..32]) != be_u32(&header[32..36]) {
+            return Err(bad("header checksum mismatch"));
+        }
+        if be_u32(&header[8..12]) != FORMAT_VERSION {
+            return Err(bad("unsupported format version"));
+        }
+        if be_u32(&header[12..16]) != BLOCK_SIZE {
+            return Err(bad("unsupported block size"));
+        }
+        let id = be_u64(&header[16..24]);
+        let version = be_u64(&header[24..32]);
+        // The table may be a hole or past the end of the file: both read as zeros (unwritten).
+        let mut table = vec![0u8; TABLE_LEN];
+        read_full_at(&file, &mut table, TABLE_OFFSET)?;
+        let blocks = table.chunks_exact(ENTRY_LEN).map(Block::decode).collect();
+        Ok(ChunkFile {
+            file,
+            id,
+            version,
+            blocks,
+        })
+    }
+
+    /// The chunk id recorded in the header.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The chunk version recorded in the header.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    fn write_header(&self) -> io::Result<()> {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..8].copy_from_slice(&MAGIC);
+        h[8..12].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
+        h[12..16].copy_from_slice(&BLOCK_SIZE.to_be_bytes());
+        h[16..24].copy_from_slice(&self.id.to_be_bytes());
+        h[24..32].copy_from_slice(&self.version.to_be_bytes());
+        let crc = crc32c::crc32c(&h[0..32]);
+        h[32..36].copy_from_slice(&crc.to_be_bytes());
+        self.file.write_all_at(&h, 0)
+    }
+
+    /// Records a newer version durably (the header is fsynced: a replica must not forget that
+    /// it moved past an older version, or a stale client could write to it again).
+    pub fn set_version(&mut self, version: u64) -> io::Result<()> {
+        let old = self.version;
+        self.version = version;
+        if let Err(e) = self.write_header().and_then(|()| self.file.sync_data()) {
+            self.version = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Bytes the file occupies on disk.
+    pub fn allocated(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+
+    /// fsyncs data, table and header.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Writes `data` at chunk offset `offset`, touching only the blocks it covers. A partially
+    /// covered block that was written before is read and verified first.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        let end = check_range(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let first = (offset / BS) as usize;
+        let last = ((end - 1) / BS) as usize;
+        // Pieces to write, as (file offset, bytes); a run of whole blocks stays borrowed.
+        let mut owned: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut whole: Option<(u64, usize, usize)> = None; // (file offset, data start, data end)
+        let mut crcs = Vec::with_capacity(last - first + 1);
+        for b in first..=last {
+            let bstart = b as u64 * BS;
+            let s = offset.max(bstart);
+            let e = end.min(bstart + BS);
+            let piece = &data[(s - offset) as usize..(e - offset) as usize];
+            if s == bstart && e == bstart + BS {
+                crcs.push(crc32c::crc32c(piece));
+                let (ds, de) = ((s - offset) as usize, (e - offset) as usize);
+                whole = Some(match whole {
+                    Some((fo, start, _)) => (fo, start, de),
+                    None => (DATA_OFFSET + s, ds, de),
+                });
+                continue;
+            }
+            let at = (s - bstart) as usize;
+            match self.blocks[b] {
+                Block::Written(old) => {
+                    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+                    read_full_at(&self.file, &mut buf, DATA_OFFSET + bstart)?;
+                    if crc32c::crc32c(&buf) != old {
+                        return Err(StoreError::Corrupt { offset: bstart });
+                    }
+                    buf[at..at + piece.len()].copy_from_slice(piece);
+                    crcs.push(crc32c::crc32c(&buf));
+                    // Only the changed bytes go to disk; the rest are already there.
+                    owned.push((DATA_OFFSET + s, piece.to_vec()));
+                }
+                Block::Unwritten => {
+                    // The whole block is written, zeros included: bytes left on disk by a
+                    // write whose table entry was lost must not survive under the new crc.
+                    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+                    buf[at..at + piece.len()].copy_from_slice(piece);
+                    crcs.push(crc32c::crc32c(&buf));
+                    owned.push((DATA_OFFSET + bstart, buf));
+                }
+                Block::Bad => return Err(StoreError::Corrupt { offset: bstart }),
+            }
+        }
+        for (at, buf) in &owned {
+            self.file.write_all_at(buf, *at)?;
+        }
+        if let Some((at, ds, de)) = whole {
+            self.file.write_all_at(&data[ds..de], at)?;
+        }
+        let mut table = Vec::with_capacity((last - first + 1) * ENTRY_LEN);
+        for crc in &crcs {
+            table.extend_from_slice(&Block::Written(*crc).encode());
+        }
+        self.file
+            .write_all_at(&table, TABLE_OFFSET + (first * ENTRY_LEN) as u64)?;
+        for (i, crc) in crcs.into_iter().enumerate() {
+            self.blocks[first + i] = Block::Written(crc);
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at chunk offset `offset`; every touched written block is verified.
+    pub fn read(&self, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        let end = check_range(offset, len)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let first = (offset / BS) as usize;
+        let last = ((end - 1) / BS) as usize;
+        let base = first as u64 * BS;
+        let mut buf = BytesMut::zeroed((last - first + 1) * BLOCK_SIZE as usize);
+        let mut b = first;
+        while b <= last {
+            match self.blocks[b] {
+                Block::Unwritten => b += 1,
+                Block::Bad => {
+                    return Err(StoreError::Corrupt {
+                        offset: b as u64 * BS,
+                    })
+                }
+                Block::Written(_) => {
+                    // Read a run of written blocks with one pread, then verify each.
+                    let mut run_end = b + 1;
+                    while run_end <= last && self.blocks[run_end] != Block::Unwritten {
+                        run_end += 1;
+                    }
+                    let from = (b - first) * BLOCK_SIZE as usize;
+                    let to = (run_end - first) * BLOCK_SIZE as usize;
+                    read_full_at(&self.file, &mut buf[from..to], DATA_OFFSET + b as u64 * BS)?;
+                    for i in b..run_end {
+                        let at = (i - first) * BLOCK_SIZE as usize;
+                        let ok = match self.blocks[i] {
+                            Block::Written(crc) => {
+                                crc32c::crc32c(&buf[at..at + BLOCK_SIZE as usize]) == crc
+                            }
+                            _ => false,
+                        };
+                        if !ok {
+                            return Err(StoreError::Corrupt {
+                                offset: i as u64 * BS,
+                            });
+                        }
+                    }
+                    b = run_end;
+                }
+            }
+        }
+        let from = (offset - base) as usize;
+        Ok(buf.freeze().slice(from..from + len as usize))
+    }
+}
+
+/// Checks that `offset..offset + len` lies within a chunk; returns the end.
+fn check_range(offset: u64, len: u64) -> Result<u64, StoreError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= MAX_CHUNK_SIZE => Ok(end),
+        _ => Err(StoreError::BadRequest {
+            reason: format!("range {offset}+{len} exceeds the chunk size {MAX_CHUNK_SIZE}"),
+        }),
+    }
+}
+
+/// Fills `buf` from `at`; bytes past the end of the file are left as they are (zeros in every
+/// caller). Returns how many bytes came from the file.
+fn read_full_at(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], at + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn table_entries_round_trip_and_detect_damage() {
+        assert_eq!(Block::decode(&Block::Unwritten.encode()), Block::Unwritten);
+        let e = Block::Written(0x1234_5678).encode();
+        assert_eq!(Block::decode(&e), Block::Written(0x1234_5678));
+        let mut damaged = e;
+        damaged[1] ^= 0x40;
+        assert_eq!(Block::decode(&damaged), Block::Bad);
+    }
+
+    #[test]
+    fn partial_writes_holes_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let mut cf = ChunkFile::create(&path, 9, 1).unwrap();
+        let a = pattern(100, 1);
+        cf.write(10, &a).unwrap();
+        // A write spanning a partial head, two whole blocks and a partial tail.
+        let b = pattern(3 * BLOCK_SIZE as usize, 2);
+        cf.write(BS * 5 + 1000, &b).unwrap();
+        // A partial overwrite of an already written block (read-modify-write).
+        let c = pattern(50, 3);
+        cf.write(BS * 5 + 1020, &c).unwrap();
+
+        let check = |cf: &ChunkFile| {
+            let got = cf.read(0, 200).unwrap();
+            assert!(got[..10].iter().all(|&x| x == 0));
+            assert_eq!(&got[10..110], &a[..]);
+            assert!(got[110..].iter().all(|&x| x == 0));
+            // A hole between the writes reads as zeros.
+            assert!(cf.read(BS, 2 * BS).unwrap().iter().all(|&x| x == 0));
+            let got = cf.read(BS * 5 + 1000, b.len() as u64).unwrap();
+            assert_eq!(&got[..20], &b[..20]);
+            assert_eq!(&got[20..70], &c[..]);
+            assert_eq!(&got[70..], &b[70..]);
+            // Past everything written, up to the chunk's end.
+            let tail = cf.read(MAX_CHUNK_SIZE - 10, 10).unwrap();
+            assert_eq!(&tail[..], &[0u8; 10]);
+        };
+        check(&cf);
+        assert_eq!(cf.version(), 1);
+        drop(cf);
+        let cf = ChunkFile::open(&path).unwrap();
+        assert_eq!((cf.id(), cf.version()), (9, 1));
+        check(&cf);
+    }
+
+    #[test]
+    fn holes_take_no_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let mut cf = ChunkFile::create(&path, 1, 1).unwrap();
+        cf.write(MAX_CHUNK_SIZE - BS, &pattern(BLOCK_SIZE as usize, 0))
+            .unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, DATA_OFFSET + MAX_CHUNK_SIZE);
+        // Header page, a table page and one block, give or take filesystem rounding.
+        assert!(
+            cf.allocated().unwrap() < 1 << 20,
+            "{}",
+            cf.allocated().unwrap()
+        );
+    }
+
+    #[test]
+    fn corruption_on_disk_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let mut cf = ChunkFile::create(&path, 1, 1).unwrap();
+        cf.write(0, &pattern(4 * BLOCK_SIZE as usize, 7)).unwrap();
+        drop(cf);
+        // Flip one byte inside block 2.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xff], DATA_OFFSET + 2 * BS + 77).unwrap();
+        drop(f);
+        let mut cf = ChunkFile::open(&path).unwrap();
+        assert!(cf.read(0, 2 * BS).is_ok());
+        assert_eq!(
+            cf.read(BS, 2 * BS).unwrap_err(),
+            StoreError::Corrupt { offset: 2 * BS }
+        );
+        // A partial write into the bad block refuses to build on it...
+        assert_eq!(
+            cf.write(2 * BS + 5, b"xy").unwrap_err(),
+            StoreError::Corrupt { offset: 2 * BS }
+        );
+        // ...but a whole-block overwrite replaces it.
+        cf.write(2 * BS, &pattern(BLOCK_SIZE as usize, 8)).unwrap();
+        assert!(cf.read(0, 4 * BS).is_ok());
+    }
+
+    #[test]
+    fn damaged_header_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        ChunkFile::create(&path, 1, 1).unwrap();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xee], 20).unwrap();
+        assert!(matches!(
+            ChunkFile::open(&path),
+            Err(OpenError::BadHeader { complete: true, .. })
+        ));
+        std::fs::write(&path, b"RAW").unwrap();
+        assert!(matches!(
+            ChunkFile::open(&path),
+            Err(OpenError::BadHeader {
+                complete: false,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn out_of_range_is_a_bad_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cf = ChunkFile::create(&dir.path().join("c"), 1, 1).unwrap();
+        assert!(matches!(
+            cf.write(MAX_CHUNK_SIZE - 1, b"ab"),
+            Err(StoreError::BadRequest { .. })
+        ));
+        assert!(matches!(
+            cf.read(u64::MAX, 2),
+            Err(StoreError::BadRequest { .. })
+        ));
+    }
+}

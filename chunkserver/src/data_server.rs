@@ -1,0 +1,174 @@
+//! The data port: accepts connections and answers framed requests from [`Storage`].
+//!
+//! Each connection is one task that reads a request, runs it on the blocking pool, writes the
+//! response, and repeats; parallelism comes from clients opening several connections. A frame
+//! that cannot be parsed closes only its own connection.
+
+use crate::storage::{Storage, StoreError};
+use rawfs_chunkserver_api::frame::{self, Opcode, Request, Response, Status, FLAG_SYNC};
+use rawfs_chunkserver_api::MAX_PAYLOAD;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+const CONN_BUFFER: usize = 64 << 10;
+/// How long in-flight requests may take to finish after shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long the payload of a started frame may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Serves the data protocol on `listener` until `stop` is cancelled.
+pub(crate) async fn run(listener: TcpListener, storage: Arc<Storage>, stop: CancellationToken) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    conns.spawn(serve_conn(stream, peer, storage.clone(), stop.clone()));
+                }
+                Err(e) => {
+                    // Typically EMFILE: back off briefly instead of spinning on the error.
+                    tracing::warn!(error = %e, "data port accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(done) = conns.join_next(), if !conns.is_empty() => {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "data connection task failed");
+                }
+            }
+        }
+    }
+    drop(listener);
+    let drain = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        tracing::warn!("data connections still busy at shutdown; aborting them");
+        conns.abort_all();
+    }
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    storage: Arc<Storage>,
+    stop: CancellationToken,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "set_nodelay failed");
+    }
+    let (r, w) = stream.into_split();
+    let mut r = BufReader::with_capacity(CONN_BUFFER, r);
+    let mut w = BufWriter::with_capacity(CONN_BUFFER, w);
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            header = frame::read_request_header(&mut r) => match header {
+                Ok(Some(h)) => {
+                    // Once a frame has begun, its payload must follow promptly: a peer that
+                    // stalls mid-frame would otherwise pin a payload buffer forever.
+                    match tokio::time::timeout(BODY_TIMEOUT, frame::read_request_body(&mut r, h)).await {
+                        Ok(body) => body.map(Some),
+                        Err(_) => {
+                            tracing::warn!(%peer, request_id = h.id, "request payload stalled; closing connection");
+                            break;
+                        }
+                    }
+                }
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            },
+        };
+        let resp = match next {
+            Ok(None) => break,
+            Ok(Some(req)) => handle(&storage, req).await,
+            Err(frame::FrameError::PayloadCrc { request_id }) => {
+                tracing::warn!(%peer, request_id, "request payload failed its checksum");
+                Response::error(request_id, Status::BadRequest, "payload checksum mismatch")
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "closing data connection after a bad frame");
+                break;
+            }
+        };
+        if let Err(e) = frame::write_response(&mut w, &resp).await {
+            tracing::debug!(%peer, error = %e, "data connection lost while answering");
+            break;
+        }
+    }
+}
+
+/// Runs one request and builds its response.
+pub(crate) async fn handle(storage: &Arc<Storage>, req: Request) -> Response {
+    let id = req.id;
+    if let Err(reason) = validate(&req) {
+        tracing::warn!(request_id = id, reason, "refusing malformed request");
+        return Response::error(id, Status::BadRequest, reason);
+    }
+    if req.op == Opcode::Ping {
+        return Response::status(id, Status::Ok);
+    }
+    let storage = storage.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let (chunk, version, offset) = (req.chunk, req.version, u64::from(req.offset));
+        match req.op {
+            Opcode::Write => storage
+                .write(
+                    chunk,
+                    version,
+                    req.term,
+                    offset,
+                    &req.payload,
+                    req.flags & FLAG_SYNC != 0,
+                )
+                .map(|()| bytes::Bytes::new()),
+            Opcode::Read => storage.read(chunk, version, offset, u64::from(req.length)),
+            Opcode::Sync => storage.sync(chunk, version).map(|()| bytes::Bytes::new()),
+            Opcode::Ping => Ok(bytes::Bytes::new()),
+        }
+    })
+    .await;
+    match result {
+        Ok(Ok(payload)) => Response {
+            id,
+            status: Status::Ok,
+            payload,
+        },
+        Ok(Err(e)) => error_response(id, e),
+        Err(e) => {
+            tracing::error!(request_id = id, error = %e, "storage task failed");
+            Response::error(id, Status::DiskError, "internal error in storage task")
+        }
+    }
+}
+
+fn validate(req: &Request) -> Result<(), &'static str> {
+    match req.op {
+        Opcode::Write if req.length as usize != req.payload.len() => {
+            Err("write length differs from payload length")
+        }
+        Opcode::Read if req.length > MAX_PAYLOAD => Err("read length exceeds the payload limit"),
+        Opcode::Read | Opcode::Sync | Opcode::Ping if !req.payload.is_empty() => {
+            Err("unexpected payload")
+        }
+        _ => Ok(()),
+    }
+}
+
+fn error_response(id: u64, e: StoreError) -> Response {
+    match e {
+        StoreError::StaleVersion { current } => {
+            Response::status(id, Status::StaleVersion { current })
+        }
+        StoreError::StaleTerm { current } => Response::status(id, Status::StaleTerm { current }),
+        StoreError::NotFound => Response::status(id, Status::NotFound),
+        StoreError::Corrupt { offset } => Response::status(id, Status::Corrupt { offset }),
+        StoreError::NoSpace => Response::status(id, Status::NoSpace),
+        StoreError::Disk { reason } => Response::error(id, Status::DiskError, reason),
+        StoreError::BadRequest { reason } => Response::error(id, Status::BadRequest, reason),
+    }
+}

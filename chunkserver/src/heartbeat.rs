@@ -1,0 +1,260 @@
+//! The heartbeat loop: report capacity, health, inventory and corrupt chunks to the metadata
+//! leader; apply its reply (raise the term fence, delete chunks).
+//!
+//! ```text
+//!  Storage --(used, total, healthy, inventory, corrupt)--> Heartbeat --> metadata leader
+//!  Storage <--(term fence, delete list)------------------- HeartbeatReply
+//! ```
+//!
+//! The metadata service may be down or moving: a failed beat is logged and retried with
+//! backoff, forever, and the next successful beat carries the full inventory again (the
+//! service may have restarted and forgotten it).
+
+use crate::storage::Storage;
+use rawfs_metadata_api::{ClientTimeouts, Heartbeat, HeartbeatReply, MetaError, MetadataClient};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How often the full inventory is sent when nothing else asks for it.
+const INVENTORY_EVERY: Duration = Duration::from_secs(60);
+/// Longest pause between attempts while the metadata service is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Deadline of one heartbeat call, and of connecting.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time one heartbeat may spend on retries and redirects across metadata replicas.
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why one heartbeat failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BeatError {
+    /// The metadata client gave up (after its own retries across replicas) or the service
+    /// refused the heartbeat.
+    #[error("metadata service: {0}")]
+    Meta(#[from] MetaError),
+}
+
+/// Where heartbeats go. The real one is [`ClientLink`]; tests use a fake.
+pub(crate) trait MetaLink: Send {
+    fn heartbeat(
+        &mut self,
+        hb: Heartbeat,
+    ) -> impl std::future::Future<Output = Result<HeartbeatReply, BeatError>> + Send;
+}
+
+/// Sends heartbeats through a [`MetadataClient`], which finds the leader, follows redirects
+/// and applies deadlines.
+pub(crate) struct ClientLink(MetadataClient);
+
+impl ClientLink {
+    pub fn new(addrs: Vec<String>) -> Self {
+        // Short deadlines: a beat that cannot get through is better retried by the loop (with
+        // fresh capacity figures) than held open.
+        ClientLink(MetadataClient::new(
+            addrs,
+            ClientTimeouts {
+                call: CALL_TIMEOUT,
+                op: OP_TIMEOUT,
+            },
+        ))
+    }
+}
+
+impl MetaLink for ClientLink {
+    async fn heartbeat(&mut self, hb: Heartbeat) -> Result<HeartbeatReply, BeatError> {
+        Ok(self.0.heartbeat(hb).await?)
+    }
+}
+
+/// What a heartbeat says about this chunkserver besides storage state.
+#[derive(Clone, Debug)]
+pub(crate) struct Identity {
+    pub id: u64,
+    pub data_addr: String,
+    pub control_addr: String,
+}
+
+/// Beats every `interval` until `stop` is cancelled.
+pub(crate) async fn run<L: MetaLink>(
+    mut link: L,
+    me: Identity,
+    storage: Arc<Storage>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut inventory_due = Instant::now();
+    let mut backoff = interval;
+    let mut failures = 0u32;
+    loop {
+        let with_inventory = Instant::now() >= inventory_due;
+        // A beat may spend a while retrying an absent metadata service; shutdown cuts it
+        // short (an undelivered corrupt report is lost with the process anyway).
+        let result = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = beat(&mut link, &me, &storage, with_inventory) => r,
+        };
+        let wait = match result {
+            Ok(sent_inventory) => {
+                if failures > 0 {
+                    tracing::info!(failures, "metadata service reachable again");
+                }
+                failures = 0;
+                if sent_inventory {
+                    inventory_due = Instant::now() + INVENTORY_EVERY;
+                }
+                backoff = interval;
+                interval
+            }
+            Err(e) => {
+                // Every failure is logged at first, then one in ten, so a long outage does not
+                // flood the log.
+                if failures % 10 == 0 {
+                    tracing::warn!(error = %e, failures, "heartbeat failed; retrying");
+                }
+                failures = failures.saturating_add(1);
+                inventory_due = Instant::now();
+                let wait = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF.max(interval));
+                wait
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Sends one heartbeat and applies the reply. Returns whether the inventory was included.
+async fn beat<L: MetaLink>(
+    link: &mut L,
+    me: &Identity,
+    storage: &Arc<Storage>,
+    with_inventory: bool,
+) -> Result<bool, BeatError> {
+    let corrupt = storage.take_corrupt();
+    let hb = Heartbeat {
+        server: me.id,
+        data_addr: me.data_addr.clone(),
+        control_addr: me.control_addr.clone(),
+        total_bytes: storage.total(),
+        used_bytes: storage.used(),
+        healthy: storage.healthy(),
+        inventory: with_inventory.then(|| storage.inventory()),
+        corrupt: corrupt.clone(),
+    };
+    let reply = match link.heartbeat(hb).await {
+        Ok(r) => r,
+        Err(e) => {
+            storage.restore_corrupt(&corrupt);
+            return Err(e);
+        }
+    };
+    apply(storage.clone(), reply).await;
+    Ok(with_inventory)
+}
+
+/// Applies a heartbeat reply: raise the fence, then delete what the leader no longer wants.
+async fn apply(storage: Arc<Storage>, reply: HeartbeatReply) {
+    let done = tokio::task::spawn_blocking(move || {
+        if let Err(e) = storage.observe_term(reply.term) {
+            tracing::error!(term = reply.term, error = %e, "cannot persist term fence");
+        }
+        for chunk in reply.delete {
+            if let Err(e) = storage.delete(chunk) {
+                tracing::error!(chunk, error = %e, "cannot delete chunk");
+            }
+        }
+    })
+    .await;
+    if let Err(e) = done {
+        tracing::error!(error = %e, "applying heartbeat reply failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records heartbeats; fails the first `fail` of them, then answers `reply`.
+    #[derive(Clone)]
+    struct FakeLink {
+        seen: Arc<Mutex<Vec<Heartbeat>>>,
+        fail: Arc<Mutex<u32>>,
+        reply: HeartbeatReply,
+    }
+
+    impl MetaLink for FakeLink {
+        async fn heartbeat(&mut self, hb: Heartbeat) -> Result<HeartbeatReply, BeatError> {
+            self.seen.lock().unwrap().push(hb);
+            let mut fail = self.fail.lock().unwrap();
+            if *fail > 0 {
+                *fail -= 1;
+                return Err(BeatError::Meta(MetaError::Unavailable {
+                    reason: "test".into(),
+                }));
+            }
+            Ok(self.reply.clone())
+        }
+    }
+
+    async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn beats_report_state_and_apply_replies() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(dir.path(), None).unwrap());
+        storage.write(1, 1, 1, 0, b"keep", false).unwrap();
+        storage.write(2, 4, 1, 0, b"drop", false).unwrap();
+        storage.restore_corrupt(&[77]);
+        let link = FakeLink {
+            seen: Arc::default(),
+            fail: Arc::new(Mutex::new(2)),
+            reply: HeartbeatReply {
+                term: 12,
+                delete: vec![2],
+            },
+        };
+        let me = Identity {
+            id: 3,
+            data_addr: "127.0.0.1:1".into(),
+            control_addr: "127.0.0.1:2".into(),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            link.clone(),
+            me,
+            storage.clone(),
+            Duration::from_millis(10),
+            stop.clone(),
+        ));
+        wait_until("the fence and the delete", || {
+            storage.term() == 12 && storage.chunk_count() == 1
+        })
+        .await;
+        wait_until("a few beats", || link.seen.lock().unwrap().len() >= 4).await;
+        stop.cancel();
+        task.await.unwrap();
+
+        let seen = link.seen.lock().unwrap();
+        // Failed beats keep the corrupt report and the inventory for the next attempt.
+        for hb in &seen[..3] {
+            assert_eq!(hb.server, 3);
+            assert_eq!(hb.corrupt, vec![77]);
+            assert_eq!(hb.inventory, Some(vec![(1, 1), (2, 4)]));
+            assert!(hb.healthy);
+            assert!(hb.total_bytes > 0);
+        }
+        // After a successful beat, the corrupt list is empty and the inventory waits a minute.
+        assert!(seen[3].corrupt.is_empty());
+        assert_eq!(seen[3].inventory, None);
+        assert_eq!(storage.inventory(), vec![(1, 1)]);
+    }
+}

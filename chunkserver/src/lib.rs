@@ -1,0 +1,175 @@
+//! rawfs-chunkserver: stores chunks as checksummed files and serves them over the framed data
+//! protocol, with a tarpc control port and a heartbeat loop to the metadata leader.
+//!
+//! ```text
+//!   DataClient ──frames──▶ data_server ─┐                       ┌─▶ data_dir/chunks/xx/<id>
+//!                                       ├─ spawn_blocking ─▶ Storage (fences, LRU of files)
+//!   control client ─tarpc─▶ control ────┘                       └─▶ data_dir/term
+//!   metadata leader ◀─heartbeat (capacity, inventory, corrupt)── heartbeat
+//!                   ──reply (term fence, chunks to delete)──────▶
+//! ```
+//!
+//! Each chunk is one file: a header, a crc32c per 64 KiB block, and a sparse data region (see
+//! `chunk_file`). Writes are fenced by the chunk version and by the highest metadata term seen;
+//! every read is verified and a checksum failure is answered with CORRUPT, never with data.
+
+mod chunk_file;
+mod control;
+mod data_server;
+mod fence;
+mod heartbeat;
+mod storage;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use fence::FenceError;
+pub use storage::OpenStorageError;
+
+/// Default pause between heartbeats.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How a chunkserver runs.
+#[derive(Clone, Debug)]
+pub struct ChunkserverConfig {
+    /// This chunkserver's id, stable across restarts.
+    pub id: u64,
+    /// Where chunks and the term fence live.
+    pub data_dir: PathBuf,
+    /// Address of the framed data protocol (port 0: any free port).
+    pub data_listen: SocketAddr,
+    /// Address of the tarpc control service (port 0: any free port).
+    pub control_listen: SocketAddr,
+    /// Client addresses of the metadata replicas.
+    pub metadata: Vec<String>,
+    /// Capacity to report and enforce; `None` means the data directory's filesystem size.
+    pub capacity: Option<u64>,
+    /// Pause between heartbeats (default 1 s).
+    pub heartbeat_interval: Duration,
+}
+
+/// Why a chunkserver could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkserverError {
+    /// The data directory could not be opened (permissions, locked, bad fence file).
+    #[error(transparent)]
+    Storage(#[from] OpenStorageError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A server task panicked or was cancelled.
+    #[error("chunkserver task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A running chunkserver.
+#[derive(Debug)]
+pub struct ChunkserverHandle {
+    data_addr: SocketAddr,
+    control_addr: SocketAddr,
+    task: tokio::task::JoinHandle<Result<(), ChunkserverError>>,
+}
+
+impl ChunkserverHandle {
+    /// The bound address of the data protocol.
+    pub fn data_addr(&self) -> SocketAddr {
+        self.data_addr
+    }
+
+    /// The bound address of the control service.
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control_addr
+    }
+
+    /// Waits until the chunkserver has shut down (after `shutdown` resolved).
+    pub async fn join(self) -> Result<(), ChunkserverError> {
+        self.task.await?
+    }
+}
+
+/// Opens the storage, binds both ports and starts serving; stops when `shutdown` resolves.
+pub async fn serve(
+    cfg: ChunkserverConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<ChunkserverHandle, ChunkserverError> {
+    let dir = cfg.data_dir.clone();
+    let capacity = cfg.capacity;
+    let storage = Arc::new(
+        tokio::task::spawn_blocking(move || storage::Storage::open(&dir, capacity)).await??,
+    );
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ChunkserverError::Bind { addr, source })
+    };
+    let data_listener = bind(cfg.data_listen).await?;
+    let control_listener = bind(cfg.control_listen).await?;
+    let local = |l: &TcpListener, addr: SocketAddr| {
+        l.local_addr()
+            .map_err(|source| ChunkserverError::Bind { addr, source })
+    };
+    let data_addr = local(&data_listener, cfg.data_listen)?;
+    let control_addr = local(&control_listener, cfg.control_listen)?;
+    if data_addr.ip().is_unspecified() {
+        tracing::warn!(%data_addr, "data port bound to a wildcard address; clients are told this address as is");
+    }
+    tracing::info!(id = cfg.id, %data_addr, %control_addr, data_dir = %cfg.data_dir.display(), "chunkserver serving");
+
+    let stop = CancellationToken::new();
+    let data = tokio::spawn(data_server::run(
+        data_listener,
+        storage.clone(),
+        stop.clone(),
+    ));
+    let control = tokio::spawn(control::run(
+        control_listener,
+        control::ControlServer {
+            id: cfg.id,
+            storage: storage.clone(),
+        },
+        stop.clone(),
+    ));
+    let me = heartbeat::Identity {
+        id: cfg.id,
+        data_addr: data_addr.to_string(),
+        control_addr: control_addr.to_string(),
+    };
+    let beats = tokio::spawn(heartbeat::run(
+        heartbeat::ClientLink::new(cfg.metadata.clone()),
+        me,
+        storage,
+        cfg.heartbeat_interval,
+        stop.clone(),
+    ));
+    let task = tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("chunkserver shutting down");
+        stop.cancel();
+        let (d, c, b) = tokio::join!(data, control, beats);
+        d?;
+        c?;
+        b?;
+        tracing::info!("chunkserver stopped");
+        Ok(())
+    });
+    Ok(ChunkserverHandle {
+        data_addr,
+        control_addr,
+        task,
+    })
+}
+
+#[cfg(test)]
+mod server_tests;
+
+#[cfg(test)]
+mod heartbeat_wire_tests;

@@ -1,0 +1,509 @@
+//! Chunk storage: the chunk directory tree, fences, open-file cache, capacity and health.
+//!
+//! Every method here blocks (file I/O): the servers call them inside
+//! `tokio::task::spawn_blocking`. Each chunk has one slot (a mutex around its open file), so
+//! operations on one chunk are serialized while different chunks proceed in parallel. Slots of
+//! recently used chunks stay in an LRU so their files stay open; a slot in use is also found
+//! through a weak map, so eviction never lets two open copies of one chunk's table coexist.
+
+use crate::chunk_file::{ChunkFile, OpenError};
+use crate::fence::{FenceError, TermFence};
+use bytes::Bytes;
+use lru::LruCache;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+/// Open chunk files kept in the cache.
+const OPEN_FILES: usize = 256;
+
+/// The outcome of a failed chunk operation, as the data protocol reports it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("stale chunk version (current {current})")]
+    StaleVersion { current: u64 },
+    #[error("stale term (current {current})")]
+    StaleTerm { current: u64 },
+    #[error("chunk not found")]
+    NotFound,
+    #[error("corrupt block at chunk offset {offset}")]
+    Corrupt { offset: u64 },
+    #[error("no space left")]
+    NoSpace,
+    #[error("disk error: {reason}")]
+    Disk { reason: String },
+    #[error("bad request: {reason}")]
+    BadRequest { reason: String },
+}
+
+impl From<io::Error> for StoreError {
+    fn from(e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::NoSpace,
+            _ => StoreError::Disk {
+                reason: e.to_string(),
+            },
+        }
+    }
+}
+
+/// Why the storage could not be opened at start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenStorageError {
+    #[error("cannot prepare data directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("data directory {path} is in use by another chunkserver")]
+    Locked { path: PathBuf },
+    #[error(transparent)]
+    Fence(#[from] FenceError),
+}
+
+type Slot = Mutex<Option<ChunkFile>>;
+
+struct Slots {
+    lru: LruCache<u64, Arc<Slot>>,
+    live: HashMap<u64, Weak<Slot>>,
+}
+
+#[derive(Clone, Copy)]
+struct ChunkMeta {
+    version: u64,
+    allocated: u64,
+}
+
+/// The chunks of one chunkserver.
+pub struct Storage {
+    root: PathBuf,
+    capacity: Option<u64>,
+    fence: TermFence,
+    slots: Mutex<Slots>,
+    index: Mutex<HashMap<u64, ChunkMeta>>,
+    used: AtomicU64,
+    corrupt: Mutex<BTreeSet<u64>>,
+    /// Chunks created since their directory was last fsynced.
+    new_entries: Mutex<HashSet<u64>>,
+    healthy: AtomicBool,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the data half-updated in a way
+    // that matters more than stopping the server would, so a poisoned lock is taken over.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Storage {
+    /// Opens (creating if needed) the storage under `root`, scanning existing chunks.
+    pub fn open(root: &Path, capacity: Option<u64>) -> Result<Storage, OpenStorageError> {
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OpenStorageError::Io { path, source }
+        };
+        fs::create_dir_all(root).map_err(io_err(root))?;
+        let lock_path = root.join("LOCK");
+        let lock_file = File::create(&lock_path).map_err(io_err(&lock_path))?;
+        let flock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| OpenStorageError::Locked {
+                path: root.to_path_buf(),
+            })?;
+        let chunks = root.join("chunks");
+        fs::create_dir_all(&chunks).map_err(io_err(&chunks))?;
+        for b in 0..=255u8 {
+            let d = chunks.join(format!("{b:02x}"));
+            fs::create_dir_all(&d).map_err(io_err(&d))?;
+        }
+        // The bucket directories must survive a crash before any chunk entry inside them.
+        fsync_dir(&chunks).map_err(io_err(&chunks))?;
+        fsync_dir(root).map_err(io_err(root))?;
+        let fence = TermFence::load(root)?;
+        let storage = Storage {
+            root: root.to_path_buf(),
+            capacity,
+            fence,
+            slots: Mutex::new(Slots {
+                lru: LruCache::new(NonZeroUsize::new(OPEN_FILES).unwrap_or(NonZeroUsize::MIN)),
+                live: HashMap::new(),
+            }),
+            index: Mutex::new(HashMap::new()),
+            used: AtomicU64::new(0),
+            corrupt: Mutex::new(BTreeSet::new()),
+            new_entries: Mutex::new(HashSet::new()),
+            healthy: AtomicBool::new(true),
+            _lock: flock,
+        };
+        storage.scan(&chunks).map_err(io_err(&chunks))?;
+        Ok(storage)
+    }
+
+    fn scan(&self, chunks: &Path) -> io::Result<()> {
+        let mut index = lock(&self.index);
+        let mut corrupt = lock(&self.corrupt);
+        for b in 0..=255u8 {
+            let dir = chunks.join(format!("{b:02x}"));
+            for entry in fs::read_dir(&dir)? {
+                let entry = entry?;
+                let path = entry.path();
+                let name = entry.file_name();
+                let Some(id) = name
+                    .to_str()
+                    .filter(|n| n.len() == 16)
+                    .and_then(|n| u64::from_str_radix(n, 16).ok())
+                else {
+                    tracing::warn!(path = %path.display(), "ignoring unexpected file in chunk directory");
+                    continue;
+                };
+                match ChunkFile::open(&path) {
+                    Ok(cf) if cf.id() == id => {
+                        let allocated = cf.allocated()?;
+                        self.used.fetch_add(allocated, Ordering::Relaxed);
+                        index.insert(
+                            id,
+                            ChunkMeta {
+                                version: cf.version(),
+                                allocated,
+                            },
+                        );
+                    }
+                    Ok(cf) => {
+                        tracing::error!(
+                            chunk = id,
+                            header_id = cf.id(),
+                            "chunk file header names another chunk"
+                        );
+                        corrupt.insert(id);
+                    }
+                    Err(OpenError::BadHeader {
+                        complete: false, ..
+                    }) => {
+                        // A creation that crashed before its header reached the disk: nothing in
+                        // it was ever synced (a sync flushes the header too), so it goes.
+                        tracing::warn!(chunk = id, "removing incompletely created chunk file");
+                        fs::remove_file(&path)?;
+                    }
+                    Err(e) => {
+                        tracing::error!(chunk = id, error = %e, "unreadable chunk file");
+                        corrupt.insert(id);
+                    }
+                }
+            }
+        }
+        tracing::info!(
+            chunks = index.len(),
+            used_bytes = self.used.load(Ordering::Relaxed),
+            root = %self.root.display(),
+            "chunk storage opened"
+        );
+        Ok(())
+    }
+
+    fn chunk_path(&self, chunk: u64) -> PathBuf {
+        self.root
+            .join("chunks")
+            .join(format!("{:02x}", chunk & 0xff))
+            .join(format!("{chunk:016x}"))
+    }
+
+    fn slot(&self, chunk: u64) -> Arc<Slot> {
+        let mut slots = lock(&self.slots);
+        if let Some(s) = slots.lru.get(&chunk) {
+            return s.clone();
+        }
+        let slot = match slots.live.get(&chunk).and_then(Weak::upgrade) {
+            Some(s) => s,
+            None => {
+                if slots.live.len() > 4 * OPEN_FILES {
+                    slots.live.retain(|_, w| w.strong_count() > 0);
+                }
+                let s = Arc::new(Mutex::new(None));
+                slots.live.insert(chunk, Arc::downgrade(&s));
+                s
+            }
+        };
+        slots.lru.put(chunk, slot.clone());
+        slot
+    }
+
+    /// Opens the chunk into its slot if needed. `create` gives the version for a new chunk.
+    fn load<'a>(
+        &self,
+        chunk: u64,
+        guard: &'a mut Option<ChunkFile>,
+        create: Option<u64>,
+    ) -> Result<&'a mut ChunkFile, StoreError> {
+        if guard.is_none() {
+            let path = self.chunk_path(chunk);
+            let cf = match ChunkFile::open(&path) {
+                Ok(cf) if cf.id() == chunk => cf,
+                Ok(_) | Err(OpenError::BadHeader { .. }) => {
+                    self.mark_corrupt(chunk);
+                    return Err(StoreError::Corrupt { offset: 0 });
+                }
+                Err(OpenError::NotFound) => match create {
+                    None => return Err(StoreError::NotFound),
+                    Some(version) => {
+                        let cf = ChunkFile::create(&path, chunk, version)?;
+                        lock(&self.new_entries).insert(chunk);
+                        lock(&self.index).insert(
+                            chunk,
+                            ChunkMeta {
+                                version,
+                                allocated: 0,
+                            },
+                        );
+                        cf
+                    }
+                },
+                Err(OpenError::Io(e)) => return Err(e.into()),
+            };
+            *guard = Some(cf);
+        }
+        match guard.as_mut() {
+            Some(cf) => Ok(cf),
+            None => Err(StoreError::NotFound),
+        }
+    }
+
+    fn mark_corrupt(&self, chunk: u64) {
+        tracing::error!(chunk, "chunk failed a checksum");
+        lock(&self.corrupt).insert(chunk);
+    }
+
+    fn note_io_result<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        match &r {
+            Ok(_) => {
+                if !self.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!("disk accepts writes again");
+                }
+            }
+            Err(e @ (StoreError::NoSpace | StoreError::Disk { .. })) => {
+                // Logged on the transition only; the heartbeat carries the state from here.
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "disk refused a write; reporting unhealthy");
+                }
+            }
+            Err(_) => {}
+        }
+        r
+    }
+
+    fn update_allocation(&self, chunk: u64, cf: &ChunkFile) {
+        let Ok(now) = cf.allocated() else { return };
+        let mut index = lock(&self.index);
+        let meta = index.entry(chunk).or_insert(ChunkMeta {
+            version: cf.version(),
+            allocated: 0,
+        });
+        if now >= meta.allocated {
+            self.used.fetch_add(now - meta.allocated, Ordering::Relaxed);
+        } else {
+            self.used.fetch_sub(meta.allocated - now, Ordering::Relaxed);
+        }
+        meta.allocated = now;
+        meta.version = cf.version();
+    }
+
+    /// Writes `data` at `offset` of `chunk`, creating the chunk if needed, under the
+    /// `(version, term)` fences; with `sync`, the chunk is durable on return.
+    pub fn write(
+        &self,
+        chunk: u64,
+        version: u64,
+        term: u64,
+        offset: u64,
+        data: &[u8],
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        let current = self.fence.current();
+        if term < current {
+            return Err(StoreError::StaleTerm { current });
+        }
+        if term > current {
+            self.note_io_result(self.fence.advance(term).map_err(StoreError::from))?;
+        }
+        if let Some(cap) = self.capacity {
+            if self.used() >= cap {
+                return self.note_io_result(Err(StoreError::NoSpace));
+            }
+        }
+        let slot = self.slot(chunk);
+        let mut guard = lock(&slot);
+        let r = (|| {
+            let cf = self.load(chunk, &mut guard, Some(version))?;
+            if version < cf.version() {
+                return Err(StoreError::StaleVersion {
+                    current: cf.version(),
+                });
+            }
+            if version > cf.version() {
+                tracing::debug!(
+                    chunk,
+                    from = cf.version(),
+                    to = version,
+                    "adopting newer chunk version"
+                );
+                cf.set_version(version)?;
+                if let Some(meta) = lock(&self.index).get_mut(&chunk) {
+                    meta.version = version;
+                }
+            }
+            let r = cf.write(offset, data);
+            if let Err(StoreError::Corrupt { .. }) = r {
+                self.mark_corrupt(chunk);
+            }
+            r?;
+            if sync {
+                self.sync_file(chunk, cf)?;
+            }
+            self.update_allocation(chunk, cf);
+            Ok(())
+        })();
+        self.note_io_result(r)
+    }
+
+    /// Reads `len` bytes at `offset` of `chunk`, verified. A version newer than the stored one
+    /// is served: replicas learn of a version bump only on their next write.
+    pub fn read(
+        &self,
+        chunk: u64,
+        version: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, StoreError> {
+        let slot = self.slot(chunk);
+        let mut guard = lock(&slot);
+        let cf = self.load(chunk, &mut guard, None)?;
+        if version < cf.version() {
+            return Err(StoreError::StaleVersion {
+                current: cf.version(),
+            });
+        }
+        let r = cf.read(offset, len);
+        if let Err(StoreError::Corrupt { .. }) = r {
+            self.mark_corrupt(chunk);
+        }
+        r
+    }
+
+    /// fsyncs `chunk` (and its directory entry if it is new).
+    pub fn sync(&self, chunk: u64, version: u64) -> Result<(), StoreError> {
+        let slot = self.slot(chunk);
+        let mut guard = lock(&slot);
+        let cf = self.load(chunk, &mut guard, None)?;
+        if version < cf.version() {
+            return Err(StoreError::StaleVersion {
+                current: cf.version(),
+            });
+        }
+        let r = self.sync_file(chunk, cf);
+        self.note_io_result(r)
+    }
+
+    fn sync_file(&self, chunk: u64, cf: &ChunkFile) -> Result<(), StoreError> {
+        cf.sync()?;
+        if lock(&self.new_entries).contains(&chunk) {
+            if let Some(dir) = self.chunk_path(chunk).parent() {
+                fsync_dir(dir)?;
+            }
+            lock(&self.new_entries).remove(&chunk);
+        }
+        Ok(())
+    }
+
+    /// Deletes `chunk` (ordered by the metadata service). A missing chunk is not an error.
+    pub fn delete(&self, chunk: u64) -> Result<(), StoreError> {
+        let slot = self.slot(chunk);
+        let mut guard = lock(&slot);
+        *guard = None;
+        match fs::remove_file(self.chunk_path(chunk)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(meta) = lock(&self.index).remove(&chunk) {
+            self.used.fetch_sub(meta.allocated, Ordering::Relaxed);
+        }
+        lock(&self.new_entries).remove(&chunk);
+        lock(&self.corrupt).remove(&chunk);
+        tracing::debug!(chunk, "chunk deleted");
+        Ok(())
+    }
+
+    /// Raises the term fence (from a heartbeat reply).
+    pub fn observe_term(&self, term: u64) -> io::Result<u64> {
+        self.fence.advance(term)
+    }
+
+    /// The highest term seen.
+    pub fn term(&self) -> u64 {
+        self.fence.current()
+    }
+
+    /// Every stored chunk with its version, sorted by id.
+    pub fn inventory(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<_> = lock(&self.index)
+            .iter()
+            .map(|(id, m)| (*id, m.version))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Number of stored chunks.
+    pub fn chunk_count(&self) -> u64 {
+        lock(&self.index).len() as u64
+    }
+
+    /// Bytes allocated by chunk files.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// The configured capacity, or the size of the data directory's filesystem.
+    pub fn total(&self) -> u64 {
+        if let Some(cap) = self.capacity {
+            return cap;
+        }
+        match nix::sys::statvfs::statvfs(&self.root) {
+            // The field types differ between platforms (u32 on 32-bit); widen portably.
+            #[allow(clippy::useless_conversion)]
+            Ok(st) => u64::from(st.blocks()).saturating_mul(u64::from(st.fragment_size())),
+            Err(e) => {
+                tracing::warn!(error = %e, "statvfs failed");
+                0
+            }
+        }
+    }
+
+    /// False since the disk last refused a write, until one succeeds.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Takes the chunks that failed a checksum since the last call.
+    pub fn take_corrupt(&self) -> Vec<u64> {
+        std::mem::take(&mut *lock(&self.corrupt))
+            .into_iter()
+            .collect()
+    }
+
+    /// Puts back corrupt reports that could not be delivered.
+    pub fn restore_corrupt(&self, chunks: &[u64]) {
+        lock(&self.corrupt).extend(chunks.iter().copied());
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+#[path = "storage_tests.rs"]
+mod tests;

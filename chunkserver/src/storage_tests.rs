@@ -1,0 +1,255 @@
+use super::*;
+use crate::chunk_file::DATA_OFFSET;
+use rawfs_chunkserver_api::BLOCK_SIZE;
+use std::os::unix::fs::FileExt;
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13) ^ seed)
+        .collect()
+}
+
+#[test]
+fn write_read_and_reopen_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pattern(300_000, 1);
+    {
+        let s = Storage::open(dir.path(), None).unwrap();
+        s.write(7, 1, 1, 1000, &data, true).unwrap();
+        s.write(0x1_0000_0100, 3, 1, 0, b"abc", false).unwrap();
+        assert_eq!(
+            &s.read(7, 1, 1000, data.len() as u64).unwrap()[..],
+            &data[..]
+        );
+        assert_eq!(s.chunk_count(), 2);
+        assert!(s.used() > 0);
+    }
+    let s = Storage::open(dir.path(), None).unwrap();
+    assert_eq!(s.inventory(), vec![(7, 1), (0x1_0000_0100, 3)]);
+    assert_eq!(
+        &s.read(7, 1, 1000, data.len() as u64).unwrap()[..],
+        &data[..]
+    );
+    let head = s.read(7, 1, 0, 1000).unwrap();
+    assert!(head.iter().all(|&b| b == 0));
+    assert_eq!(&s.read(0x1_0000_0100, 3, 0, 3).unwrap()[..], b"abc");
+    assert!(s.used() > 0);
+    assert_eq!(s.term(), 1);
+}
+
+#[test]
+fn second_open_of_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _s = Storage::open(dir.path(), None).unwrap();
+    assert!(matches!(
+        Storage::open(dir.path(), None),
+        Err(OpenStorageError::Locked { .. })
+    ));
+}
+
+#[test]
+fn read_of_missing_chunk_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(dir.path(), None).unwrap();
+    assert_eq!(s.read(1, 1, 0, 10), Err(StoreError::NotFound));
+    assert_eq!(s.sync(1, 1), Err(StoreError::NotFound));
+}
+
+#[test]
+fn version_fencing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(dir.path(), None).unwrap();
+    s.write(1, 5, 1, 0, b"v5", false).unwrap();
+    assert_eq!(
+        s.write(1, 4, 1, 0, b"v4", false),
+        Err(StoreError::StaleVersion { current: 5 })
+    );
+    assert_eq!(
+        s.read(1, 4, 0, 2),
+        Err(StoreError::StaleVersion { current: 5 })
+    );
+    // A higher version is adopted and persisted.
+    s.write(1, 6, 1, 0, b"v6", false).unwrap();
+    assert_eq!(
+        s.write(1, 5, 1, 0, b"v5", false),
+        Err(StoreError::StaleVersion { current: 6 })
+    );
+    // Reads at a newer version than stored are served.
+    assert_eq!(&s.read(1, 7, 0, 2).unwrap()[..], b"v6");
+    drop(s);
+    let s = Storage::open(dir.path(), None).unwrap();
+    assert_eq!(s.inventory(), vec![(1, 6)]);
+    assert_eq!(
+        s.write(1, 5, 1, 0, b"v5", false),
+        Err(StoreError::StaleVersion { current: 6 })
+    );
+}
+
+#[test]
+fn term_fencing_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Storage::open(dir.path(), None).unwrap();
+        s.write(1, 1, 3, 0, b"t3", false).unwrap();
+        assert_eq!(
+            s.write(1, 1, 2, 0, b"t2", false),
+            Err(StoreError::StaleTerm { current: 3 })
+        );
+        s.observe_term(9).unwrap();
+        assert_eq!(
+            s.write(2, 1, 8, 0, b"t8", false),
+            Err(StoreError::StaleTerm { current: 9 })
+        );
+    }
+    let s = Storage::open(dir.path(), None).unwrap();
+    assert_eq!(s.term(), 9);
+    assert_eq!(
+        s.write(1, 1, 3, 0, b"t3", false),
+        Err(StoreError::StaleTerm { current: 9 })
+    );
+    s.write(1, 1, 9, 0, b"t9", false).unwrap();
+}
+
+#[test]
+fn corruption_is_detected_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(dir.path(), None).unwrap();
+    let data = pattern(3 * BLOCK_SIZE as usize, 5);
+    s.write(0x42, 1, 1, 0, &data, true).unwrap();
+    // Overwrite bytes of block 1 behind the server's back, as a failing disk would.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(s.chunk_path(0x42))
+        .unwrap();
+    f.write_all_at(b"garbage", DATA_OFFSET + BS + 100).unwrap();
+    drop(f);
+    // The open file handle is cached, but the check is against the bytes read now.
+    assert_eq!(&s.read(0x42, 1, 0, BS).unwrap()[..], &data[..BS as usize]);
+    assert_eq!(
+        s.read(0x42, 1, 10, 2 * BS),
+        Err(StoreError::Corrupt { offset: BS })
+    );
+    assert_eq!(s.take_corrupt(), vec![0x42]);
+    assert!(s.take_corrupt().is_empty());
+    // Reopened from disk, the damage is still caught.
+    drop(s);
+    let s = Storage::open(dir.path(), None).unwrap();
+    assert_eq!(
+        s.read(0x42, 1, BS + 100, 7),
+        Err(StoreError::Corrupt { offset: BS })
+    );
+    s.restore_corrupt(&[1, 2]);
+    assert_eq!(s.take_corrupt(), vec![1, 2, 0x42]);
+}
+
+#[test]
+fn corrupt_header_is_reported_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = {
+        let s = Storage::open(dir.path(), None).unwrap();
+        s.write(5, 1, 1, 0, b"x", true).unwrap();
+        s.chunk_path(5)
+    };
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(b"zz", 0).unwrap();
+    drop(f);
+    let s = Storage::open(dir.path(), None).unwrap();
+    assert_eq!(s.take_corrupt(), vec![5]);
+    assert_eq!(s.read(5, 1, 0, 1), Err(StoreError::Corrupt { offset: 0 }));
+    assert!(s.inventory().is_empty());
+}
+
+#[test]
+fn delete_frees_space_and_forgets_the_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(dir.path(), None).unwrap();
+    s.write(3, 1, 1, 0, &pattern(1 << 20, 0), false).unwrap();
+    assert!(s.used() >= 1 << 20);
+    s.delete(3).unwrap();
+    s.delete(3).unwrap();
+    assert_eq!(s.used(), 0);
+    assert_eq!(s.chunk_count(), 0);
+    assert_eq!(s.read(3, 1, 0, 1), Err(StoreError::NotFound));
+    // A new write re-creates it from scratch.
+    s.write(3, 1, 1, 10, b"new", false).unwrap();
+    assert_eq!(
+        &s.read(3, 1, 0, 13).unwrap()[..],
+        b"\0\0\0\0\0\0\0\0\0\0new"
+    );
+}
+
+#[test]
+fn configured_capacity_refuses_writes_when_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(dir.path(), Some(256 << 10)).unwrap();
+    assert_eq!(s.total(), 256 << 10);
+    s.write(1, 1, 1, 0, &pattern(512 << 10, 0), false).unwrap();
+    assert_eq!(s.write(2, 1, 1, 0, b"x", false), Err(StoreError::NoSpace));
+    assert!(!s.healthy());
+    s.delete(1).unwrap();
+    s.write(2, 1, 1, 0, b"x", false).unwrap();
+    assert!(s.healthy());
+}
+
+#[test]
+fn concurrent_writers_to_one_chunk_and_many_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(Storage::open(dir.path(), None).unwrap());
+    let mut threads = Vec::new();
+    for t in 0..8u8 {
+        let s = s.clone();
+        threads.push(std::thread::spawn(move || {
+            for i in 0..20u64 {
+                // Interleaved 4 KiB pieces of shared blocks in chunk 1, and a chunk per thread.
+                let off = (i * 8 + t as u64) * 4096;
+                s.write(1, 1, 1, off, &[t + 1; 4096], false).unwrap();
+                s.write(100 + t as u64, 1, 1, i * 1000, &[t; 1000], false)
+                    .unwrap();
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let all = s.read(1, 1, 0, 160 * 4096).unwrap();
+    for (i, piece) in all.chunks(4096).enumerate() {
+        let t = (i % 8) as u8;
+        assert!(piece.iter().all(|&b| b == t + 1), "piece {i}");
+    }
+    for t in 0..8u8 {
+        let got = s.read(100 + t as u64, 1, 0, 20_000).unwrap();
+        assert!(got.iter().all(|&b| b == t));
+    }
+}
+
+#[test]
+fn many_chunks_beyond_the_open_file_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(dir.path(), None).unwrap();
+    let n = OPEN_FILES as u64 + 50;
+    for c in 0..n {
+        s.write(c, 1, 1, 0, &c.to_be_bytes(), false).unwrap();
+    }
+    for c in 0..n {
+        assert_eq!(&s.read(c, 1, 0, 8).unwrap()[..], &c.to_be_bytes());
+    }
+    assert_eq!(s.chunk_count(), n);
+}
+
+#[test]
+fn disk_errors_map_to_protocol_statuses() {
+    assert_eq!(
+        StoreError::from(io::Error::from_raw_os_error(libc::ENOSPC)),
+        StoreError::NoSpace
+    );
+    assert_eq!(
+        StoreError::from(io::Error::from_raw_os_error(libc::EDQUOT)),
+        StoreError::NoSpace
+    );
+    assert!(matches!(
+        StoreError::from(io::Error::from_raw_os_error(libc::EIO)),
+        StoreError::Disk { .. }
+    ));
+}

@@ -1,0 +1,544 @@
+//! [`FileIo`]: buffered, replicated I/O on one open file.
+//!
+//! Locking: `bufs` (a std mutex, never held across an await) guards the write buffer and the
+//! extent being flushed; `flush` (an async mutex) serializes flushes, fsyncs, punches and
+//! tail truncations, and holds the chunks written since the last fsync. Reads take neither
+//! for the duration of their I/O: they snapshot the buffered bytes they overlap, read the
+//! replicas, and lay the snapshot over the result, so parallel reads never queue on a lock.
+
+use crate::error::ClientError;
+use crate::extent::{range_end, split_by_chunk, Extent, WriteBuf};
+use crate::locations::Locations;
+use crate::read_path::{read_piece, window_range, Fetch, Plan, ReadAhead, WINDOW};
+use crate::store::Store;
+use crate::write_path::{sync_chunks, write_extent, write_piece, Dirty, FRAME, FRAMES_IN_FLIGHT};
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use rawfs_metadata_api::{Attr, Ino, CHUNK_SIZE};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The write buffer and the extent being flushed (kept until it is safely stored, so that a
+/// failed flush can be retried and reads still see it).
+struct Bufs {
+    buffer: WriteBuf,
+    pending: Option<Extent>,
+}
+
+struct Inner {
+    ino: Ino,
+    store: Arc<dyn Store>,
+    /// File size including buffered writes.
+    size: AtomicU64,
+    /// Size as the metadata service last reported it (for the stored-bytes estimate).
+    committed: AtomicU64,
+    /// Highest end of data this client may have stored: bytes of the last chunk past this
+    /// are known to be zero, so a truncate only has to zero up to here.
+    high_water: AtomicU64,
+    bufs: Mutex<Bufs>,
+    flush: tokio::sync::Mutex<Vec<Dirty>>,
+    locs: Locations,
+    ra: Mutex<ReadAhead>,
+}
+
+/// Buffered I/O on one file, shared by every handle of the inode in a mount (wrap it in an
+/// `Arc`). Writes are collected in a buffer of `write_buffer` bytes and sent to all replicas
+/// by [`FileIo::flush`] (or when the buffer fills or a write lands elsewhere); reads see the
+/// buffered data. Dropping a `FileIo` with unflushed data loses that data: flush on release.
+pub struct FileIo {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for FileIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileIo")
+            .field("ino", &self.inner.ino)
+            .field("size", &self.size())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a write does with its data.
+enum Step {
+    /// Taken into the write buffer.
+    Absorbed,
+    /// Bigger than the buffer: became the pending extent, to be flushed at once.
+    HandedOver,
+    /// The full buffer became the pending extent, to be flushed in the background; the
+    /// write went into the emptied buffer if `absorbed`.
+    Background { absorbed: bool },
+    /// The previous buffer is still being flushed (or its flush failed): wait for it.
+    WaitPending,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded state is updated in single steps, so a panic elsewhere cannot leave it
+    // half-changed; keep going rather than poisoning every later call.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl FileIo {
+    pub(crate) fn new(ino: Ino, size: u64, store: Arc<dyn Store>, write_buffer: usize) -> Self {
+        FileIo {
+            inner: Arc::new(Inner {
+                ino,
+                store,
+                size: AtomicU64::new(size),
+                committed: AtomicU64::new(size),
+                high_water: AtomicU64::new(size),
+                bufs: Mutex::new(Bufs {
+                    buffer: WriteBuf::new(write_buffer),
+                    pending: None,
+                }),
+                flush: tokio::sync::Mutex::new(Vec::new()),
+                locs: Locations::new(ino),
+                ra: Mutex::new(ReadAhead::default()),
+            }),
+        }
+    }
+
+    /// The inode this `FileIo` writes.
+    pub fn ino(&self) -> Ino {
+        self.inner.ino
+    }
+
+    /// The file size, including buffered writes.
+    pub fn size(&self) -> u64 {
+        self.inner.size.load(Ordering::Acquire)
+    }
+
+    /// Sets the size after a truncate or extension done through `meta().setattr`: buffered
+    /// bytes and cached read-ahead data past it are dropped, and so are cached locations of
+    /// chunks wholly past it (the metadata service released them). Flush before the
+    /// `setattr`, or buffered data past the new size may still be written. After a shrink,
+    /// call [`FileIo::truncate_tail`] too.
+    pub fn set_size(&self, size: u64) {
+        self.inner.set_size(size);
+    }
+
+    /// Writes `data` at `offset` (buffered). The data is stored on the replicas by a later
+    /// flush; errors of that flush may surface here when the buffer has to make room.
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+        let end = range_end(offset, data.len() as u64).ok_or(ClientError::TooLarge {
+            offset,
+            len: data.len() as u64,
+        })?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let inner = &self.inner;
+        loop {
+            let step = {
+                let mut b = lock(&inner.bufs);
+                if b.buffer.try_absorb(offset, data) {
+                    Step::Absorbed
+                } else if b.pending.is_some() {
+                    Step::WaitPending
+                } else if b.buffer.is_empty() {
+                    // Bigger than the buffer: send it as it is (one copy, no merging).
+                    b.pending = Some(Extent {
+                        start: offset,
+                        data: Bytes::copy_from_slice(data),
+                    });
+                    Step::HandedOver
+                } else {
+                    // Double buffering: the full buffer is sent in the background while
+                    // this write starts the next one.
+                    b.pending = b.buffer.take();
+                    Step::Background {
+                        absorbed: b.buffer.try_absorb(offset, data),
+                    }
+                }
+            };
+            match step {
+                Step::Absorbed => {
+                    inner.grew(end);
+                    return Ok(());
+                }
+                Step::HandedOver => {
+                    inner.grew(end);
+                    inner.flush_pending().await?;
+                    return Ok(());
+                }
+                Step::Background { absorbed } => {
+                    inner.clone().flush_in_background().await?;
+                    if absorbed {
+                        inner.grew(end);
+                        return Ok(());
+                    }
+                }
+                Step::WaitPending => {
+                    inner.flush_pending().await?;
+                }
+            }
+        }
+    }
+
+    /// Sends buffered writes to the replicas and records them with `commit_write` (size and
+    /// mtime). Returns the attributes from the last commit, or `None` if nothing was
+    /// buffered. On error the data stays buffered and a later flush tries again.
+    pub async fn flush(&self) -> Result<Option<Attr>, ClientError> {
+        let mut dirty = self.inner.flush.lock().await;
+        self.inner.flush_locked(&mut dirty, true).await
+    }
+
+    /// Flushes, then makes every chunk written since the last fsync durable: SYNC on each
+    /// written replica in parallel; at least 2 replicas of each chunk (or all live ones if
+    /// fewer are left) must confirm. Failed replicas are dropped from the chunk.
+    pub async fn fsync(&self) -> Result<(), ClientError> {
+        let inner = &self.inner;
+        let mut dirty = inner.flush.lock().await;
+        inner.flush_locked(&mut dirty, true).await?;
+        let todo = std::mem::take(&mut *dirty);
+        if let Err((failed, e)) = sync_chunks(&*inner.store, &inner.locs, todo).await {
+            for d in failed {
+                merge_dirty(&mut dirty, d);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Reads up to `len` bytes at `offset`: clipped at [`FileIo::size`], holes read as zeros,
+    /// buffered writes are visible.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
+        let inner = &self.inner;
+        let size = self.size();
+        if offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = size.min(offset + u64::from(len));
+        // Snapshot what is buffered in the range (pending first: the buffer is newer).
+        let (pending, buffered) = {
+            let b = lock(&inner.bufs);
+            if b.buffer.covers(offset, end) {
+                let mut out = vec![0u8; (end - offset) as usize];
+                b.buffer.overlay(offset, &mut out);
+                return Ok(out);
+            }
+            let pending = b
+                .pending
+                .as_ref()
+                .filter(|p| p.overlaps(offset, end))
+                .cloned();
+            (pending, b.buffer.snapshot(offset, end))
+        };
+        let mut out = match &pending {
+            Some(p) if p.covers(offset, end) => vec![0u8; (end - offset) as usize],
+            _ => inner.clone().read_stored(offset, end, size).await?,
+        };
+        for ext in pending.iter().chain(buffered.iter()) {
+            ext.overlay(offset, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// Zeroes `offset..offset + len` without changing the size: chunks wholly inside are
+    /// released, the partial chunks at the edges get zeros written.
+    pub async fn punch(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        let end = range_end(offset, len).ok_or(ClientError::TooLarge { offset, len })?;
+        let inner = &self.inner;
+        let mut dirty = inner.flush.lock().await;
+        inner.flush_locked(&mut dirty, true).await?;
+        // Past the size every stored byte is already zero.
+        let end = end.min(self.size());
+        if offset >= end {
+            return Ok(());
+        }
+        lock(&inner.ra).invalidate();
+        let pieces = split_by_chunk(offset, end - offset);
+        let whole: Vec<u64> = pieces
+            .iter()
+            .filter(|p| u64::from(p.len) == CHUNK_SIZE)
+            .map(|p| p.index)
+            .collect();
+        if let (Some(&first), Some(&last)) = (whole.first(), whole.last()) {
+            let count = last - first + 1;
+            inner.store.release_chunks(inner.ino, first, count).await?;
+            inner.locs.forget_range(first, count);
+        }
+        for p in pieces.iter().filter(|p| u64::from(p.len) < CHUNK_SIZE) {
+            inner
+                .zero(&mut dirty, p.index, p.off, p.off + p.len)
+                .await?;
+        }
+        lock(&inner.ra).invalidate();
+        Ok(())
+    }
+
+    /// After a shrinking truncate to `new_size` (done through `meta().setattr`), zeroes the
+    /// rest of the chunk that now holds the end of the file, so that a later extension reads
+    /// zeros there. Zeros are written only up to the highest offset this client may have
+    /// stored (the old size). Also applies [`FileIo::set_size`].
+    pub async fn truncate_tail(&self, new_size: u64) -> Result<(), ClientError> {
+        let inner = &self.inner;
+        let mut dirty = inner.flush.lock().await;
+        inner.set_size(new_size);
+        let high = inner.high_water.load(Ordering::Acquire);
+        let within = new_size % CHUNK_SIZE;
+        if new_size < high && within != 0 {
+            let index = new_size / CHUNK_SIZE;
+            let stop = high.min((index + 1) * CHUNK_SIZE) - index * CHUNK_SIZE;
+            // Casts: both are within one chunk (< 64 MiB).
+            inner
+                .zero(&mut dirty, index, within as u32, stop as u32)
+                .await?;
+        }
+        inner.high_water.fetch_min(
+            new_size.max(inner.size.load(Ordering::Acquire)),
+            Ordering::AcqRel,
+        );
+        Ok(())
+    }
+}
+
+impl Drop for FileIo {
+    fn drop(&mut self) {
+        let b = lock(&self.inner.bufs);
+        if !b.buffer.is_empty() || b.pending.is_some() {
+            tracing::warn!(ino = self.inner.ino, "FileIo dropped with unflushed writes");
+        }
+    }
+}
+
+fn merge_dirty(dirty: &mut Vec<Dirty>, d: Dirty) {
+    match dirty.iter_mut().find(|x| x.chunk == d.chunk) {
+        Some(x) => {
+            for s in d.servers {
+                if !x.servers.contains(&s) {
+                    x.servers.push(s);
+                }
+            }
+        }
+        None => dirty.push(d),
+    }
+}
+
+impl Inner {
+    /// Notes that buffered data now reaches `end`.
+    fn grew(&self, end: u64) {
+        self.size.fetch_max(end, Ordering::AcqRel);
+        self.high_water.fetch_max(end, Ordering::AcqRel);
+        lock(&self.ra).invalidate();
+    }
+
+    fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Release);
+        self.committed.store(size, Ordering::Release);
+        {
+            let mut b = lock(&self.bufs);
+            b.buffer.truncate(size);
+            if let Some(p) = &mut b.pending {
+                p.truncate(size);
+            }
+        }
+        lock(&self.ra).clip(size);
+        self.locs.forget_from(size.div_ceil(CHUNK_SIZE));
+    }
+
+    /// Flushes the pending extent only (a write waiting for room).
+    async fn flush_pending(&self) -> Result<(), ClientError> {
+        let mut dirty = self.flush.lock().await;
+        self.flush_locked(&mut dirty, false).await.map(|_| ())
+    }
+
+    /// Flushes the pending extent in a background task when there is a runtime to run it
+    /// (else here). A failure there leaves the extent pending: the next flush retries it and
+    /// reports the error.
+    async fn flush_in_background(self: Arc<Self>) -> Result<(), ClientError> {
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = self.flush_pending().await {
+                        tracing::warn!(ino = self.ino, error = %e, "background flush failed; will retry");
+                    }
+                });
+                Ok(())
+            }
+            Err(_) => self.flush_pending().await,
+        }
+    }
+
+    /// Writes the pending extent (being flushed, or left by a failed flush) and then, if
+    /// `buffer`, the write buffer; each followed by one `commit_write`. Called with the flush
+    /// lock held.
+    async fn flush_locked(
+        &self,
+        dirty: &mut Vec<Dirty>,
+        buffer: bool,
+    ) -> Result<Option<Attr>, ClientError> {
+        let mut attr = None;
+        // At most the pending extent and the buffer as it is now: data written meanwhile by
+        // other handles waits for the next flush, so a busy writer cannot starve this one.
+        for _ in 0..2 {
+            let ext = {
+                let mut b = lock(&self.bufs);
+                match &b.pending {
+                    Some(p) => p.clone(),
+                    None if !buffer => break,
+                    None => match b.buffer.take() {
+                        Some(e) => {
+                            b.pending = Some(e.clone());
+                            e
+                        }
+                        None => break,
+                    },
+                }
+            };
+            if !ext.data.is_empty() {
+                for d in write_extent(&*self.store, &self.locs, &ext).await? {
+                    merge_dirty(dirty, d);
+                }
+                let committed = self.committed.load(Ordering::Acquire);
+                let delta = i64::try_from(ext.growth_past(committed)).unwrap_or(i64::MAX);
+                let a = self.store.commit_write(self.ino, ext.end(), delta).await?;
+                self.committed.fetch_max(a.size, Ordering::AcqRel);
+                self.size.fetch_max(a.size, Ordering::AcqRel);
+                attr = Some(a);
+            }
+            // Invalidate before dropping `pending`: a reader that no longer sees the pending
+            // bytes must not find a window fetched before they were stored.
+            lock(&self.ra).invalidate();
+            lock(&self.bufs).pending = None;
+        }
+        Ok(attr)
+    }
+
+    /// Writes zeros over `from..to` of chunk `index`, if the chunk exists (a hole already
+    /// reads as zeros). No `commit_write`: the size does not change.
+    async fn zero(
+        &self,
+        dirty: &mut Vec<Dirty>,
+        index: u64,
+        from: u32,
+        to: u32,
+    ) -> Result<(), ClientError> {
+        if from >= to || self.locs.refresh(&*self.store, index).await?.is_none() {
+            return Ok(());
+        }
+        let step = (FRAME * FRAMES_IN_FLIGHT) as u32;
+        let zeros = Bytes::from(vec![0u8; step.min(to - from) as usize]);
+        let mut at = from;
+        while at < to {
+            let n = step.min(to - at);
+            let d = write_piece(
+                &*self.store,
+                &self.locs,
+                index,
+                at,
+                zeros.slice(..n as usize),
+            )
+            .await?;
+            merge_dirty(dirty, d);
+            at += n;
+        }
+        lock(&self.ra).invalidate();
+        Ok(())
+    }
+
+    /// Reads `offset..end` (within `size`) from the replicas, through the read-ahead windows
+    /// when the access pattern is sequential.
+    async fn read_stored(
+        self: Arc<Self>,
+        offset: u64,
+        end: u64,
+        size: u64,
+    ) -> Result<Vec<u8>, ClientError> {
+        let plan = lock(&self.ra).plan(offset, end);
+        let Plan::Windows { first, last } = plan else {
+            return self.read_direct(offset, end).await;
+        };
+        let mut out = vec![0u8; (end - offset) as usize];
+        for w in first..=last {
+            let from = offset.max(w * WINDOW);
+            let to = end.min((w + 1) * WINDOW);
+            let dst = &mut out[(from - offset) as usize..(to - offset) as usize];
+            match self.clone().window(w, size).await {
+                Some(data) if w * WINDOW + data.len() as u64 >= to => {
+                    let src = (from - w * WINDOW) as usize;
+                    dst.copy_from_slice(&data[src..src + dst.len()]);
+                }
+                // Fetch failed or the window is shorter than the file now is: read directly
+                // (and get the real error, if any).
+                _ => dst.copy_from_slice(&self.read_direct(from, to).await?),
+            }
+        }
+        // One window ahead, in the background.
+        if (last + 1) * WINDOW < size {
+            let _ = self.clone().fetch_window(last + 1, size);
+        }
+        Ok(out)
+    }
+
+    /// Window `w` from the cache, from a fetch in flight, or fetched now.
+    async fn window(self: Arc<Self>, w: u64, size: u64) -> Option<Bytes> {
+        if let Some(data) = lock(&self.ra).window(w) {
+            return Some(data);
+        }
+        self.fetch_window(w, size)?.await
+    }
+
+    /// Starts fetching window `w` (unless cached or in flight) and returns the shared fetch.
+    fn fetch_window(self: Arc<Self>, w: u64, size: u64) -> Option<Fetch> {
+        let (start, len) = window_range(w, size)?;
+        let mut ra = lock(&self.ra);
+        if ra.window(w).is_some() {
+            return None;
+        }
+        if let Some(f) = ra.fetching(w) {
+            return Some(f);
+        }
+        let generation = ra.generation;
+        let inner = self.clone();
+        let fetch: Fetch = async move {
+            let data = match inner.read_direct(start, start + u64::from(len)).await {
+                Ok(v) => Some(Bytes::from(v)),
+                Err(e) => {
+                    tracing::debug!(ino = inner.ino, window = w, error = %e, "read-ahead failed");
+                    None
+                }
+            };
+            lock(&inner.ra).finish_fetch(w, generation, data.clone());
+            data
+        }
+        .boxed()
+        .shared();
+        ra.start_fetch(w, fetch.clone());
+        drop(ra);
+        // Drive the fetch even if no reader waits for it (read-ahead); without a tokio
+        // runtime the first reader that awaits it drives it.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(fetch.clone());
+        }
+        Some(fetch)
+    }
+
+    /// Reads `offset..end` from the replicas: every chunk in parallel, each in frames.
+    async fn read_direct(&self, offset: u64, end: u64) -> Result<Vec<u8>, ClientError> {
+        let mut out = vec![0u8; (end - offset) as usize];
+        let mut parts = Vec::new();
+        for p in split_by_chunk(offset, end - offset) {
+            let mut at = 0u32;
+            while at < p.len {
+                let n = (FRAME as u32).min(p.len - at);
+                parts.push((p.index, p.off + at, n, p.pos + at as usize));
+                at += n;
+            }
+        }
+        let store = &*self.store;
+        let locs = &self.locs;
+        let results: Vec<(usize, Bytes)> = futures::stream::iter(parts)
+            .map(|(index, off, n, pos)| async move {
+                read_piece(store, locs, index, off, n)
+                    .await
+                    .map(|b| (pos, b))
+            })
+            .buffer_unordered(FRAMES_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        for (pos, data) in results {
+            out[pos..pos + data.len()].copy_from_slice(&data);
+        }
+        Ok(out)
+    }
+}

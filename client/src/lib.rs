@@ -1,0 +1,107 @@
+//! The rawfs client library: file I/O over the metadata service and the chunkservers, used by
+//! the FUSE mount (and later by the NBD server and the healer).
+//!
+//! A [`Client`] holds the connections; [`Client::file`] gives a [`FileIo`] per open inode.
+//! Writes are buffered per file, split at chunk boundaries (64 MiB), and sent to all live
+//! replicas of each chunk in parallel; a replica that fails is dropped from the chunk (its
+//! version is bumped) and the write goes on with the others. `fsync` asks every written
+//! replica to make the data durable. Reads go to one replica, move on to the next on a
+//! checksum error or a dead chunkserver, and report the bad copy. Every call has a deadline.
+//!
+//! ```text
+//!   mount / nbd ──▶ FileIo ──write──▶ WriteBuf ──flush──▶ per chunk: allocate_chunk ─┐
+//!                     │                                    WRITE ×3 replicas ◀───────┘
+//!                     │                                    commit_write (size, mtime)
+//!                     ├──fsync──▶ SYNC each written replica (≥ 2 durable)
+//!                     └──read───▶ read-ahead windows ──▶ chunks() ──▶ READ one replica
+//!                                                         (next replica on error)
+//!            MetadataClient (tarpc)              DataClient (framed TCP)
+//! ```
+
+mod config;
+mod error;
+mod extent;
+mod file_io;
+mod locations;
+mod read_path;
+mod store;
+mod write_path;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod real_tests;
+#[cfg(test)]
+mod tests;
+
+pub use config::{ClientConfig, DEFAULT_IO_TIMEOUT, DEFAULT_WRITE_BUFFER};
+pub use error::ClientError;
+pub use extent::MAX_FILE_SIZE;
+pub use file_io::FileIo;
+
+use rawfs_chunkserver_api::DataClient;
+use rawfs_metadata_api::client::MetadataClient;
+use rawfs_metadata_api::Ino;
+use std::sync::Arc;
+use store::{RemoteStore, Store};
+
+/// A connection to a rawfs cluster. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct Client {
+    cfg: Arc<ClientConfig>,
+    meta: MetadataClient,
+    data: DataClient,
+    store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("metadata", &self.cfg.metadata)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client for the cluster whose metadata service is at `cfg.metadata`. Connects lazily:
+    /// nothing is contacted until the first call.
+    pub fn new(cfg: ClientConfig) -> Client {
+        let meta = MetadataClient::new(cfg.metadata.clone(), cfg.timeouts);
+        let data = DataClient::new(cfg.io_timeout);
+        let store = Arc::new(RemoteStore {
+            meta: meta.clone(),
+            data: data.clone(),
+            // The metadata client gives up after `op`; a little slack covers its last call.
+            meta_deadline: cfg.timeouts.op + cfg.timeouts.call,
+            // The data client has its own deadline; this one only catches a stuck future.
+            io_deadline: cfg.io_timeout + cfg.io_timeout / 2,
+        });
+        Client {
+            cfg: Arc::new(cfg),
+            meta,
+            data,
+            store,
+        }
+    }
+
+    /// The metadata client, for namespace calls (lookup, mknod, setattr, ...).
+    pub fn meta(&self) -> &MetadataClient {
+        &self.meta
+    }
+
+    /// The chunkserver data client (shared connection pools).
+    pub fn data(&self) -> &DataClient {
+        &self.data
+    }
+
+    /// The configuration this client was made with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.cfg
+    }
+
+    /// I/O on file `ino` whose size is `size` (from the attributes of the open). Make one
+    /// per open inode and share it between that inode's handles.
+    pub fn file(&self, ino: Ino, size: u64) -> FileIo {
+        FileIo::new(ino, size, self.store.clone(), self.cfg.write_buffer)
+    }
+}

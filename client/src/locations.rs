@@ -1,0 +1,214 @@
+//! Per-file cache of chunk locations (`ChunkLoc`), keyed by chunk index.
+//!
+//! Reads look chunks up in batches (`chunks(ino, first, count)`) and remember holes for a
+//! short while; writes allocate (`allocate_chunk`). An entry is refreshed after a chunkserver
+//! says the version is stale or the chunk is missing, and replaced by the answer of
+//! `drop_replica` when a replica is dropped.
+
+use crate::error::ClientError;
+use crate::store::Store;
+use rawfs_metadata_api::{ChunkLoc, Ino, MetaError, ServerId};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Chunks looked up at once on a read miss (sequential readers need the next ones soon).
+const LOOKUP_BATCH: u64 = 16;
+/// How long a hole is remembered: another client may allocate the chunk meanwhile.
+const HOLE_TTL: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+enum Entry {
+    Present(ChunkLoc),
+    Hole(Instant),
+}
+
+/// The chunk map of one file as this client last saw it.
+pub(crate) struct Locations {
+    ino: Ino,
+    map: Mutex<HashMap<u64, Entry>>,
+}
+
+impl Locations {
+    pub fn new(ino: Ino) -> Self {
+        Locations {
+            ino,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single inserts).
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cached(&self, index: u64) -> Option<Option<ChunkLoc>> {
+        match self.map().get(&index) {
+            Some(Entry::Present(loc)) => Some(Some(loc.clone())),
+            Some(Entry::Hole(at)) if at.elapsed() < HOLE_TTL => Some(None),
+            _ => None,
+        }
+    }
+
+    /// Records `loc` (an answer from the metadata service) unless a newer version is cached.
+    pub fn update(&self, loc: &ChunkLoc) {
+        let mut map = self.map();
+        if let Some(Entry::Present(old)) = map.get(&loc.index) {
+            if old.chunk == loc.chunk && old.version > loc.version {
+                return;
+            }
+        }
+        map.insert(loc.index, Entry::Present(loc.clone()));
+    }
+
+    /// Forgets every chunk with index `>= first` (after a truncate released them).
+    pub fn forget_from(&self, first: u64) {
+        self.map().retain(|index, _| *index < first);
+    }
+
+    /// Forgets chunks `first..first + count` (after a punch released them).
+    pub fn forget_range(&self, first: u64, count: u64) {
+        self.map()
+            .retain(|index, _| *index < first || *index - first >= count);
+    }
+
+    /// The location of chunk `index` for reading: `None` if the file has a hole there.
+    pub async fn for_read(
+        &self,
+        store: &dyn Store,
+        index: u64,
+    ) -> Result<Option<ChunkLoc>, ClientError> {
+        if let Some(hit) = self.cached(index) {
+            return Ok(hit);
+        }
+        let found = store.chunks(self.ino, index, LOOKUP_BATCH).await?;
+        let now = Instant::now();
+        let mut map = self.map();
+        for i in index..index.saturating_add(LOOKUP_BATCH) {
+            if !matches!(map.get(&i), Some(Entry::Present(_))) {
+                map.insert(i, Entry::Hole(now));
+            }
+        }
+        let mut result = None;
+        for loc in found {
+            if loc.index == index {
+                result = Some(loc.clone());
+            }
+            map.insert(loc.index, Entry::Present(loc));
+        }
+        Ok(result)
+    }
+
+    /// Asks the metadata service again for chunk `index` (after a stale version or a missing
+    /// chunk on a chunkserver).
+    pub async fn refresh(
+        &self,
+        store: &dyn Store,
+        index: u64,
+    ) -> Result<Option<ChunkLoc>, ClientError> {
+        let found = store.chunks(self.ino, index, 1).await?;
+        let loc = found.into_iter().find(|l| l.index == index);
+        let mut map = self.map();
+        match &loc {
+            Some(l) => map.insert(index, Entry::Present(l.clone())),
+            None => map.insert(index, Entry::Hole(Instant::now())),
+        };
+        Ok(loc)
+    }
+
+    /// The location of chunk `index` for writing, allocating the chunk if it does not exist.
+    pub async fn for_write(&self, store: &dyn Store, index: u64) -> Result<ChunkLoc, ClientError> {
+        if let Some(Some(loc)) = self.cached(index) {
+            return Ok(loc);
+        }
+        let loc = store.allocate_chunk(self.ino, index).await?;
+        self.update(&loc);
+        Ok(loc)
+    }
+
+    /// Removes `server` from the replicas of `loc` at the metadata service; returns the new
+    /// location (with a bumped version). If someone else changed the chunk meanwhile, the
+    /// fresh location is fetched and the drop retried once against it.
+    pub async fn drop_replica(
+        &self,
+        store: &dyn Store,
+        loc: &ChunkLoc,
+        server: ServerId,
+    ) -> Result<ChunkLoc, ClientError> {
+        tracing::warn!(
+            ino = self.ino,
+            chunk = loc.chunk,
+            version = loc.version,
+            server,
+            "dropping a failed replica"
+        );
+        match store.drop_replica(loc.chunk, loc.version, server).await {
+            Ok(new) => {
+                self.update(&new);
+                Ok(new)
+            }
+            Err(MetaError::StaleVersion { current }) => {
+                tracing::debug!(chunk = loc.chunk, current, "drop_replica raced; refreshing");
+                let Some(fresh) = self.refresh(store, loc.index).await? else {
+                    return Err(ClientError::NoReplica {
+                        index: loc.index,
+                        chunk: loc.chunk,
+                        last: None,
+                    });
+                };
+                if fresh.chunk != loc.chunk || !fresh.replicas.iter().any(|r| r.server == server) {
+                    return Ok(fresh);
+                }
+                let new = store
+                    .drop_replica(fresh.chunk, fresh.version, server)
+                    .await?;
+                self.update(&new);
+                Ok(new)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rawfs_metadata_api::Replica;
+
+    fn loc(index: u64, version: u64) -> ChunkLoc {
+        ChunkLoc {
+            index,
+            chunk: 100 + index,
+            version,
+            term: 1,
+            replicas: vec![Replica {
+                server: 1,
+                data_addr: "a".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn update_keeps_the_newest_version() {
+        let l = Locations::new(7);
+        l.update(&loc(0, 5));
+        l.update(&loc(0, 3));
+        assert_eq!(l.cached(0), Some(Some(loc(0, 5))));
+        l.update(&loc(0, 6));
+        assert_eq!(l.cached(0).unwrap().unwrap().version, 6);
+    }
+
+    #[test]
+    fn forget_drops_released_chunks() {
+        let l = Locations::new(7);
+        for i in 0..6 {
+            l.update(&loc(i, 1));
+        }
+        l.forget_range(1, 2);
+        assert!(l.cached(1).is_none() && l.cached(2).is_none());
+        assert!(l.cached(0).is_some() && l.cached(3).is_some());
+        l.forget_from(4);
+        assert!(l.cached(4).is_none() && l.cached(5).is_none());
+        assert!(l.cached(3).is_some());
+    }
+}

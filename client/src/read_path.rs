@@ -1,0 +1,326 @@
+//! The read path: one piece of one chunk from one healthy replica, and the sequential
+//! read-ahead cache.
+//!
+//! ```text
+//!  read_piece: location (cached; hole ⇒ zeros) ──▶ replica[(chunk + i) % n], i = 0, 1, ...
+//!     corrupt / missing copy ──▶ next replica, then drop_replica for the bad copy
+//!     unreachable / timeout   ──▶ next replica
+//!     stale version           ──▶ refresh the location once
+//! ```
+//!
+//! Read-ahead works on aligned windows of [`WINDOW`] bytes (a chunk is a whole number of
+//! windows, so a window never spans two chunks). Once reads are sequential, the window after
+//! the one being read is fetched in the background: one request ahead.
+
+use crate::error::ClientError;
+use crate::locations::Locations;
+use crate::store::Store;
+use bytes::Bytes;
+use futures::future::{BoxFuture, Shared};
+use rawfs_chunkserver_api::DataError;
+use rawfs_metadata_api::{ChunkLoc, ServerId, CHUNK_SIZE};
+use std::collections::{BTreeMap, HashMap};
+
+/// Read-ahead window: 4 MiB (divides `CHUNK_SIZE`).
+pub(crate) const WINDOW: u64 = 4 << 20;
+/// Windows kept per file: the one being read, the one fetched ahead, and two for readers
+/// that interleave.
+const MAX_WINDOWS: usize = 4;
+/// How far from the end of the previous read a read may start and still be sequential.
+const SEQ_SLACK: u64 = 1 << 20;
+
+/// Reads `len` bytes at `off` within chunk `index`. A chunk that does not exist reads as
+/// zeros.
+pub(crate) async fn read_piece(
+    store: &dyn Store,
+    locs: &Locations,
+    index: u64,
+    off: u32,
+    len: u32,
+) -> Result<Bytes, ClientError> {
+    let zeros = || Bytes::from(vec![0u8; len as usize]);
+    let Some(mut loc) = locs.for_read(store, index).await? else {
+        return Ok(zeros());
+    };
+    let mut refreshed = false;
+    loop {
+        let n = loc.replicas.len();
+        let mut last: Option<DataError> = None;
+        let mut bad: Vec<ServerId> = Vec::new();
+        let mut missing = 0;
+        let mut stale = false;
+        // Rotate the first replica by chunk id so that readers spread over the servers.
+        let first = if n == 0 {
+            0
+        } else {
+            (loc.chunk % n as u64) as usize
+        };
+        for i in 0..n {
+            let r = &loc.replicas[(first + i) % n];
+            match store
+                .read(&r.data_addr, loc.chunk, loc.version, off, len)
+                .await
+            {
+                Ok(data) => {
+                    report_bad(store, locs, &loc, &bad).await;
+                    return Ok(data);
+                }
+                Err(e) => {
+                    tracing::warn!(chunk = loc.chunk, addr = %r.data_addr, error = %e, "replica read failed; trying the next");
+                    match e {
+                        DataError::Corrupt { .. } => bad.push(r.server),
+                        DataError::NotFound => {
+                            missing += 1;
+                            stale = true;
+                            bad.push(r.server);
+                        }
+                        DataError::StaleVersion { .. } | DataError::StaleTerm { .. } => {
+                            stale = true
+                        }
+                        _ => {}
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        if stale && !refreshed {
+            refreshed = true;
+            match locs.refresh(store, index).await? {
+                None => return Ok(zeros()),
+                Some(fresh) if fresh != loc => {
+                    loc = fresh;
+                    continue;
+                }
+                Some(_) => {}
+            }
+        }
+        if n > 0 && missing == n {
+            // Allocated but never written on any replica (a writer died between allocating
+            // and writing): the chunk has no data, which reads as a hole.
+            tracing::warn!(
+                chunk = loc.chunk,
+                "no replica holds the chunk; reading zeros"
+            );
+            return Ok(zeros());
+        }
+        return Err(ClientError::NoReplica {
+            index,
+            chunk: loc.chunk,
+            last,
+        });
+    }
+}
+
+/// Reports copies that failed their checksum or were missing, once another replica served
+/// the read. Failures to report are only logged: the read itself succeeded.
+async fn report_bad(store: &dyn Store, locs: &Locations, loc: &ChunkLoc, bad: &[ServerId]) {
+    let mut loc = loc.clone();
+    for &server in bad {
+        match locs.drop_replica(store, &loc, server).await {
+            Ok(new) => loc = new,
+            Err(e) => {
+                tracing::warn!(chunk = loc.chunk, server, error = %e, "could not report a bad replica");
+                return;
+            }
+        }
+    }
+}
+
+/// A window being fetched: shared so that a reader waiting for it and the prefetch task see
+/// the same result. `None` means the fetch failed (the reader then reads directly and gets
+/// the real error).
+pub(crate) type Fetch = Shared<BoxFuture<'static, Option<Bytes>>>;
+
+/// What a read should do about read-ahead.
+pub(crate) enum Plan {
+    /// Not sequential: read directly.
+    Direct,
+    /// Sequential: serve from windows `first..=last`.
+    Windows { first: u64, last: u64 },
+}
+
+/// Sequential-access detection and the window cache of one file.
+#[derive(Default)]
+pub(crate) struct ReadAhead {
+    /// End of the previous read; a read starting there is sequential.
+    next: u64,
+    /// Consecutive sequential reads seen.
+    streak: u32,
+    /// Cached windows by window number, each clipped at the file size when fetched.
+    windows: BTreeMap<u64, Bytes>,
+    /// Windows being fetched.
+    inflight: HashMap<u64, Fetch>,
+    /// Bumped by every invalidation; a fetch started under an older generation is discarded.
+    pub generation: u64,
+}
+
+impl ReadAhead {
+    /// Notes a read of `offset..end` and decides whether windows serve it.
+    pub fn plan(&mut self, offset: u64, end: u64) -> Plan {
+        // `next` starts at 0, so a reader starting at the beginning of the file counts as
+        // sequential from its first read. The slack lets the kernel's parallel read-ahead
+        // requests, which arrive slightly out of order, still count as sequential.
+        if offset + SEQ_SLACK >= self.next && offset <= self.next + SEQ_SLACK {
+            self.streak = self.streak.saturating_add(1);
+        } else {
+            self.streak = 0;
+        }
+        self.next = end;
+        let (first, last) = (offset / WINDOW, (end - 1) / WINDOW);
+        let cached = (first..=last).all(|w| self.windows.contains_key(&w));
+        // A read as large as a window is worth windowing at once; otherwise wait for a second
+        // sequential read so that random readers never fetch 4 MiB for 4 KiB.
+        if cached || self.streak >= 2 || end - offset >= WINDOW {
+            Plan::Windows { first, last }
+        } else {
+            Plan::Direct
+        }
+    }
+
+    pub fn window(&self, w: u64) -> Option<Bytes> {
+        self.windows.get(&w).cloned()
+    }
+
+    pub fn fetching(&self, w: u64) -> Option<Fetch> {
+        self.inflight.get(&w).cloned()
+    }
+
+    pub fn start_fetch(&mut self, w: u64, fetch: Fetch) {
+        self.inflight.insert(w, fetch);
+    }
+
+    /// Stores a fetched window if no invalidation happened since the fetch began.
+    pub fn finish_fetch(&mut self, w: u64, generation: u64, data: Option<Bytes>) {
+        if generation != self.generation {
+            return;
+        }
+        self.inflight.remove(&w);
+        if let Some(data) = data {
+            self.windows.insert(w, data);
+            while self.windows.len() > MAX_WINDOWS {
+                // Evict the lowest window other than the new one: sequential readers move up.
+                match self.windows.keys().copied().find(|k| *k != w) {
+                    Some(victim) => self.windows.remove(&victim),
+                    None => break,
+                };
+            }
+        }
+    }
+
+    /// Drops everything cached (after a write, flush or punch).
+    pub fn invalidate(&mut self) {
+        self.generation += 1;
+        self.windows.clear();
+        self.inflight.clear();
+    }
+
+    /// Drops cached data at or past `size` (after a truncate).
+    pub fn clip(&mut self, size: u64) {
+        self.generation += 1;
+        self.inflight.clear();
+        self.windows.retain(|w, _| *w < size.div_ceil(WINDOW));
+        // A window that straddles the new size is cut rather than dropped.
+        let last = size / WINDOW;
+        if let Some(data) = self.windows.get_mut(&last) {
+            data.truncate((size - last * WINDOW) as usize);
+        }
+    }
+}
+
+/// The file range of window `w`, clipped at `size`: `(offset, len)`; None if empty.
+pub(crate) fn window_range(w: u64, size: u64) -> Option<(u64, u32)> {
+    let start = w.checked_mul(WINDOW)?;
+    if start >= size {
+        return None;
+    }
+    // WINDOW divides CHUNK_SIZE, so this range stays inside one chunk.
+    debug_assert_eq!(CHUNK_SIZE % WINDOW, 0);
+    Some((start, (size - start).min(WINDOW) as u32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequential_reads_switch_to_windows() {
+        let mut ra = ReadAhead::default();
+        let base = 50 << 20;
+        assert!(matches!(ra.plan(base, base + 1000), Plan::Direct));
+        assert!(matches!(ra.plan(base + 1000, base + 2000), Plan::Direct));
+        assert!(matches!(
+            ra.plan(base + 2000, base + 3000),
+            Plan::Windows {
+                first: 12,
+                last: 12
+            }
+        ));
+        // A jump resets the streak.
+        let far = 100 << 20;
+        assert!(matches!(ra.plan(far, far + 10), Plan::Direct));
+        // Slightly out of order still counts.
+        assert!(matches!(ra.plan(far + 8192, far + 12288), Plan::Direct));
+        assert!(matches!(
+            ra.plan(far + 4096, far + 8192),
+            Plan::Windows { .. }
+        ));
+        // A large read is windowed at once.
+        assert!(matches!(
+            ra.plan(0, 2 * WINDOW),
+            Plan::Windows { first: 0, last: 1 }
+        ));
+    }
+
+    #[test]
+    fn cached_windows_serve_random_reads() {
+        let mut ra = ReadAhead::default();
+        let g = ra.generation;
+        ra.finish_fetch(3, g, Some(Bytes::from_static(b"x")));
+        assert!(matches!(
+            ra.plan(3 * WINDOW + 10, 3 * WINDOW + 20),
+            Plan::Windows { first: 3, last: 3 }
+        ));
+        assert!(matches!(ra.plan(9 * WINDOW, 9 * WINDOW + 1), Plan::Direct));
+    }
+
+    #[test]
+    fn reading_from_the_start_counts_as_sequential() {
+        let mut ra = ReadAhead::default();
+        assert!(matches!(ra.plan(0, 4096), Plan::Direct));
+        assert!(matches!(ra.plan(4096, 8192), Plan::Windows { .. }));
+    }
+
+    #[test]
+    fn stale_fetches_are_discarded_and_cache_is_bounded() {
+        let mut ra = ReadAhead::default();
+        let g = ra.generation;
+        ra.invalidate();
+        ra.finish_fetch(0, g, Some(Bytes::from_static(b"old")));
+        assert!(ra.window(0).is_none());
+        let g = ra.generation;
+        for w in 0..10 {
+            ra.finish_fetch(w, g, Some(Bytes::from_static(b"x")));
+        }
+        assert_eq!(ra.windows.len(), MAX_WINDOWS);
+        assert!(ra.window(9).is_some() && ra.window(0).is_none());
+    }
+
+    #[test]
+    fn clip_cuts_and_drops_windows_past_the_size() {
+        let mut ra = ReadAhead::default();
+        let g = ra.generation;
+        ra.finish_fetch(0, g, Some(Bytes::from(vec![1u8; WINDOW as usize])));
+        ra.finish_fetch(1, g, Some(Bytes::from(vec![2u8; WINDOW as usize])));
+        ra.clip(100);
+        assert_eq!(ra.window(0).map(|b| b.len()), Some(100));
+        assert!(ra.window(1).is_none());
+    }
+
+    #[test]
+    fn window_range_clips_at_size() {
+        assert_eq!(window_range(0, 10), Some((0, 10)));
+        assert_eq!(window_range(1, WINDOW + 5), Some((WINDOW, 5)));
+        assert_eq!(window_range(1, WINDOW), None);
+        assert_eq!(window_range(0, 2 * WINDOW), Some((0, WINDOW as u32)));
+    }
+}

@@ -1,0 +1,252 @@
+//! FileIo against real chunkservers (in-process, tempdirs, 127.0.0.1:0) with the in-memory
+//! chunk map of [`crate::fake`] standing in for the metadata service: exercises the framed
+//! protocol, on-disk checksums, version fences and a server that goes away.
+
+use crate::fake::Fake;
+use crate::store::{Put, Store};
+use crate::FileIo;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rawfs_chunkserver::{serve, ChunkserverConfig, ChunkserverHandle};
+use rawfs_chunkserver_api::{DataClient, DataError, WriteReq};
+use rawfs_metadata_api::{Attr, ChunkId, ChunkLoc, Ino, MetaError, ServerId, CHUNK_SIZE};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Start of the data region in a chunk file (see the chunkserver's `chunk_file.rs`).
+const DATA_OFFSET: u64 = 12288;
+const INO: u64 = 9;
+
+struct Hybrid {
+    meta: Arc<Fake>,
+    data: DataClient,
+}
+
+impl Store for Hybrid {
+    fn chunks(
+        &self,
+        ino: Ino,
+        first: u64,
+        count: u64,
+    ) -> BoxFuture<'_, Result<Vec<ChunkLoc>, MetaError>> {
+        self.meta.chunks(ino, first, count)
+    }
+    fn allocate_chunk(&self, ino: Ino, index: u64) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
+        self.meta.allocate_chunk(ino, index)
+    }
+    fn commit_write(
+        &self,
+        ino: Ino,
+        end: u64,
+        delta: i64,
+    ) -> BoxFuture<'_, Result<Attr, MetaError>> {
+        self.meta.commit_write(ino, end, delta)
+    }
+    fn release_chunks(
+        &self,
+        ino: Ino,
+        first: u64,
+        count: u64,
+    ) -> BoxFuture<'_, Result<(), MetaError>> {
+        self.meta.release_chunks(ino, first, count)
+    }
+    fn drop_replica(
+        &self,
+        chunk: ChunkId,
+        version: u64,
+        server: ServerId,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
+        self.meta.drop_replica(chunk, version, server)
+    }
+    fn write<'a>(&'a self, addr: &'a str, put: Put) -> BoxFuture<'a, Result<(), DataError>> {
+        let req = WriteReq {
+            chunk: put.chunk,
+            version: put.version,
+            term: put.term,
+            offset: put.offset,
+            data: put.data,
+            sync: false,
+        };
+        self.data.write(addr, req).boxed()
+    }
+    fn read<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+        offset: u32,
+        len: u32,
+    ) -> BoxFuture<'a, Result<Bytes, DataError>> {
+        self.data.read(addr, chunk, version, offset, len).boxed()
+    }
+    fn sync<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+    ) -> BoxFuture<'a, Result<(), DataError>> {
+        self.data.sync(addr, chunk, version).boxed()
+    }
+}
+
+struct Server {
+    id: ServerId,
+    dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<ChunkserverHandle>,
+}
+
+impl Server {
+    async fn start(id: ServerId) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let cfg = ChunkserverConfig {
+            id,
+            data_dir: dir.path().to_path_buf(),
+            data_listen: "127.0.0.1:0".parse().unwrap(),
+            control_listen: "127.0.0.1:0".parse().unwrap(),
+            // No metadata service here: heartbeats fail quietly, data is served regardless.
+            metadata: vec!["127.0.0.1:1".to_string()],
+            capacity: Some(1 << 30),
+            heartbeat_interval: Duration::from_secs(60),
+        };
+        let handle = serve(cfg, async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+        Server {
+            id,
+            dir,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.join().await.unwrap();
+        }
+    }
+}
+
+/// Finds the file of `chunk` under a chunkserver's data directory.
+fn chunk_file(dir: &Path, chunk: ChunkId) -> PathBuf {
+    let name = format!("{chunk:016x}");
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().and_then(|n| n.to_str()) == Some(name.as_str()) {
+                return p;
+            }
+        }
+    }
+    panic!("no file for chunk {chunk} under {}", dir.display());
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i % 253) as u8 ^ (i >> 12) as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_chunkservers_keep_data_through_corruption_and_a_dead_server() {
+    let mut servers = Vec::new();
+    for id in 1..=3 {
+        servers.push(Server::start(id).await);
+    }
+    let fake = Arc::new(Fake::new(3));
+    for s in &servers {
+        let addr = s.handle.as_ref().unwrap().data_addr().to_string();
+        fake.st().addrs.insert(s.id, addr);
+    }
+    let store: Arc<dyn Store> = Arc::new(Hybrid {
+        meta: fake.clone(),
+        data: DataClient::new(Duration::from_secs(5)),
+    });
+
+    // 3 MiB across the boundary between chunks 0 and 1, in 128 KiB writes.
+    let start = CHUNK_SIZE - (1 << 20);
+    let data = pattern(3 << 20);
+    let io = FileIo::new(INO, 0, store.clone(), 1 << 20);
+    for (i, part) in data.chunks(128 << 10).enumerate() {
+        io.write(start + (i * (128 << 10)) as u64, part)
+            .await
+            .unwrap();
+    }
+    io.fsync().await.unwrap();
+    let end = start + data.len() as u64;
+    assert_eq!(io.size(), end);
+
+    let fresh = FileIo::new(INO, end, store.clone(), 1 << 20);
+    assert!(fresh.read(start, 3 << 20).await.unwrap() == data);
+    assert_eq!(
+        fresh.read(4096, 4096).await.unwrap(),
+        vec![0u8; 4096],
+        "hole"
+    );
+
+    // Corrupt the copy of chunk 1 that is read first: the read still returns the right bytes
+    // and the bad copy leaves the chunk map.
+    let loc1 = fake.loc(INO, 1).unwrap();
+    let bad = loc1.replicas[(loc1.chunk % 3) as usize].server;
+    let path = chunk_file(servers[(bad - 1) as usize].dir.path(), loc1.chunk);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xA5; 100], DATA_OFFSET + 1000).unwrap();
+    }
+    let fresh = FileIo::new(INO, end, store.clone(), 1 << 20);
+    assert!(fresh.read(CHUNK_SIZE, 1 << 20).await.unwrap() == data[1 << 20..2 << 20]);
+    let after = fake.loc(INO, 1).unwrap();
+    assert!(
+        !after.replicas.iter().any(|r| r.server == bad),
+        "corrupt copy reported"
+    );
+    assert_eq!(after.replicas.len(), 2);
+
+    // Stop a server that holds chunk 1; writing on succeeds with the other replica(s).
+    let victim = after.replicas[0].server;
+    servers[(victim - 1) as usize].stop().await;
+    let more = pattern(1 << 20);
+    io.write(end, &more).await.unwrap();
+    io.fsync().await.unwrap();
+    let loc1 = fake.loc(INO, 1).unwrap();
+    assert!(
+        !loc1.replicas.iter().any(|r| r.server == victim),
+        "dead replica dropped"
+    );
+    assert!(!loc1.replicas.is_empty());
+    let fresh = FileIo::new(INO, end + (1 << 20), store.clone(), 1 << 20);
+    assert!(fresh.read(end, 1 << 20).await.unwrap() == more);
+    assert!(fresh.read(start, 3 << 20).await.unwrap() == data);
+
+    // Shrink into the middle of chunk 1, then extend: the old bytes must not come back.
+    let cut = CHUNK_SIZE + 10;
+    io.set_size(cut);
+    io.truncate_tail(cut).await.unwrap();
+    io.set_size(end);
+    let back = io
+        .read(CHUNK_SIZE, (end - CHUNK_SIZE) as u32)
+        .await
+        .unwrap();
+    assert_eq!(back[..10], data[(1 << 20)..(1 << 20) + 10]);
+    assert!(
+        back[10..].iter().all(|b| *b == 0),
+        "bytes past the truncate came back"
+    );
+
+    for s in &mut servers {
+        s.stop().await;
+    }
+}

@@ -1,0 +1,192 @@
+//! [`Store`]: the calls the client makes to the metadata service and to chunkservers, behind a
+//! trait so the write and read paths can be tested against an in-memory cluster with injected
+//! failures. [`RemoteStore`] is the real one: it adds a deadline to every call.
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rawfs_chunkserver_api::{DataClient, DataError, WriteReq};
+use rawfs_metadata_api::client::MetadataClient;
+use rawfs_metadata_api::{Attr, ChunkId, ChunkLoc, Ino, MetaError, ServerId};
+use std::future::Future;
+use std::time::Duration;
+
+/// One data write (never with `sync`: durability is asked for separately by `fsync`).
+#[derive(Clone, Debug)]
+pub(crate) struct Put {
+    pub chunk: ChunkId,
+    pub version: u64,
+    /// The metadata term from the chunk's location (the fencing token).
+    pub term: u64,
+    pub offset: u32,
+    pub data: Bytes,
+}
+
+/// Metadata and chunkserver calls used by [`crate::FileIo`]. Every call ends within a
+/// deadline.
+pub(crate) trait Store: Send + Sync + 'static {
+    fn chunks(
+        &self,
+        ino: Ino,
+        first: u64,
+        count: u64,
+    ) -> BoxFuture<'_, Result<Vec<ChunkLoc>, MetaError>>;
+    fn allocate_chunk(&self, ino: Ino, index: u64) -> BoxFuture<'_, Result<ChunkLoc, MetaError>>;
+    fn commit_write(
+        &self,
+        ino: Ino,
+        end: u64,
+        delta: i64,
+    ) -> BoxFuture<'_, Result<Attr, MetaError>>;
+    fn release_chunks(
+        &self,
+        ino: Ino,
+        first: u64,
+        count: u64,
+    ) -> BoxFuture<'_, Result<(), MetaError>>;
+    fn drop_replica(
+        &self,
+        chunk: ChunkId,
+        version: u64,
+        server: ServerId,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>>;
+    fn write<'a>(&'a self, addr: &'a str, put: Put) -> BoxFuture<'a, Result<(), DataError>>;
+    fn read<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+        offset: u32,
+        len: u32,
+    ) -> BoxFuture<'a, Result<Bytes, DataError>>;
+    fn sync<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+    ) -> BoxFuture<'a, Result<(), DataError>>;
+}
+
+/// The real store: a [`MetadataClient`] and a [`DataClient`].
+pub(crate) struct RemoteStore {
+    pub meta: MetadataClient,
+    pub data: DataClient,
+    /// Deadline of a whole metadata operation, as a safety net over the metadata client's own
+    /// deadlines (it retries across replicas up to its `op` timeout).
+    pub meta_deadline: Duration,
+    /// Deadline of one data call, also a safety net over the data client's own.
+    pub io_deadline: Duration,
+}
+
+impl RemoteStore {
+    async fn meta_call<T>(
+        &self,
+        what: &'static str,
+        fut: impl Future<Output = Result<T, MetaError>>,
+    ) -> Result<T, MetaError> {
+        match tokio::time::timeout(self.meta_deadline, fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(call = what, "metadata call exceeded its deadline");
+                Err(MetaError::Unavailable {
+                    reason: format!("{what} timed out"),
+                })
+            }
+        }
+    }
+
+    async fn data_call<T>(
+        &self,
+        fut: impl Future<Output = Result<T, DataError>>,
+    ) -> Result<T, DataError> {
+        tokio::time::timeout(self.io_deadline, fut)
+            .await
+            .unwrap_or(Err(DataError::Timeout))
+    }
+}
+
+impl Store for RemoteStore {
+    fn chunks(
+        &self,
+        ino: Ino,
+        first: u64,
+        count: u64,
+    ) -> BoxFuture<'_, Result<Vec<ChunkLoc>, MetaError>> {
+        self.meta_call("chunks", self.meta.chunks(ino, first, count))
+            .boxed()
+    }
+
+    fn allocate_chunk(&self, ino: Ino, index: u64) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
+        self.meta_call("allocate_chunk", self.meta.allocate_chunk(ino, index))
+            .boxed()
+    }
+
+    fn commit_write(
+        &self,
+        ino: Ino,
+        end: u64,
+        delta: i64,
+    ) -> BoxFuture<'_, Result<Attr, MetaError>> {
+        self.meta_call("commit_write", self.meta.commit_write(ino, end, delta))
+            .boxed()
+    }
+
+    fn release_chunks(
+        &self,
+        ino: Ino,
+        first: u64,
+        count: u64,
+    ) -> BoxFuture<'_, Result<(), MetaError>> {
+        self.meta_call(
+            "release_chunks",
+            self.meta.release_chunks(ino, first, count),
+        )
+        .boxed()
+    }
+
+    fn drop_replica(
+        &self,
+        chunk: ChunkId,
+        version: u64,
+        server: ServerId,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
+        self.meta_call(
+            "drop_replica",
+            self.meta.drop_replica(chunk, version, server),
+        )
+        .boxed()
+    }
+
+    fn write<'a>(&'a self, addr: &'a str, put: Put) -> BoxFuture<'a, Result<(), DataError>> {
+        let req = WriteReq {
+            chunk: put.chunk,
+            version: put.version,
+            term: put.term,
+            offset: put.offset,
+            data: put.data,
+            sync: false,
+        };
+        self.data_call(self.data.write(addr, req)).boxed()
+    }
+
+    fn read<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+        offset: u32,
+        len: u32,
+    ) -> BoxFuture<'a, Result<Bytes, DataError>> {
+        self.data_call(self.data.read(addr, chunk, version, offset, len))
+            .boxed()
+    }
+
+    fn sync<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+    ) -> BoxFuture<'a, Result<(), DataError>> {
+        self.data_call(self.data.sync(addr, chunk, version)).boxed()
+    }
+}

@@ -1,0 +1,364 @@
+//! FileIo against the in-memory cluster ([`crate::fake`]): buffering, replication, failover,
+//! fsync, holes, punch, truncate and read-ahead, with failures injected.
+
+use crate::fake::Fake;
+use crate::{ClientError, FileIo};
+use rawfs_metadata_api::CHUNK_SIZE;
+use std::sync::Arc;
+
+const INO: u64 = 42;
+
+fn setup(servers: u64, buffer: usize) -> (Arc<Fake>, FileIo) {
+    let fake = Arc::new(Fake::new(servers));
+    let io = FileIo::new(INO, 0, fake.clone(), buffer);
+    (fake, io)
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(31).wrapping_add(seed * 7) % 251) as u8)
+        .collect()
+}
+
+#[tokio::test]
+async fn buffered_writes_are_read_back_before_and_after_flush() {
+    let (fake, io) = setup(3, 1 << 20);
+    io.write(0, b"hello ").await.unwrap();
+    io.write(6, b"world").await.unwrap();
+    assert_eq!(io.size(), 11);
+    assert_eq!(fake.st().writes, 0, "nothing sent before a flush");
+    assert_eq!(io.read(0, 100).await.unwrap(), b"hello world");
+    let attr = io.flush().await.unwrap().expect("a commit");
+    assert_eq!(attr.size, 11);
+    assert_eq!(fake.st().commits, 1);
+    assert!(io.flush().await.unwrap().is_none(), "nothing left to flush");
+    assert_eq!(io.read(6, 5).await.unwrap(), b"world");
+    assert_eq!(io.read(11, 5).await.unwrap(), b"", "clipped at the size");
+}
+
+#[tokio::test]
+async fn writes_across_a_chunk_boundary_reach_three_replicas() {
+    let (fake, io) = setup(4, 256 << 10);
+    let start = CHUNK_SIZE - 300_000;
+    let data = pattern(1, 1_000_000);
+    for (i, part) in data.chunks(100_000).enumerate() {
+        io.write(start + (i * 100_000) as u64, part).await.unwrap();
+    }
+    io.flush().await.unwrap();
+    for index in [0, 1] {
+        let loc = fake.loc(INO, index).expect("chunk allocated");
+        assert_eq!(loc.replicas.len(), 3);
+        let st = fake.st();
+        for r in &loc.replicas {
+            assert!(st.data.contains_key(&(r.server, loc.chunk)));
+        }
+    }
+    let back = io.read(start, 1_000_000).await.unwrap();
+    assert!(back == data, "data differs after the round trip");
+    // The hole before the data reads as zeros and costs no chunkserver read.
+    let reads = fake.st().reads;
+    let fresh = FileIo::new(INO, start + 1_000_000, fake.clone(), 1 << 20);
+    assert_eq!(fresh.read(1000, 4096).await.unwrap(), vec![0u8; 4096]);
+    assert_eq!(fresh.read(start, 1_000_000).await.unwrap(), data);
+    assert!(fake.st().reads > reads);
+}
+
+#[tokio::test]
+async fn a_sparse_file_reads_zeros_between_its_chunks() {
+    let (_fake, io) = setup(3, 1 << 20);
+    io.write(0, b"a").await.unwrap();
+    io.write(3 * CHUNK_SIZE, b"z").await.unwrap();
+    io.flush().await.unwrap();
+    assert_eq!(io.size(), 3 * CHUNK_SIZE + 1);
+    assert_eq!(io.read(CHUNK_SIZE + 5, 10).await.unwrap(), vec![0u8; 10]);
+    assert_eq!(io.read(3 * CHUNK_SIZE - 1, 2).await.unwrap(), b"\0z");
+}
+
+#[tokio::test]
+async fn a_dead_replica_is_dropped_and_the_write_goes_on() {
+    let (fake, io) = setup(3, 1 << 20);
+    io.write(0, &pattern(2, 10_000)).await.unwrap();
+    io.flush().await.unwrap();
+    let before = fake.loc(INO, 0).unwrap();
+    fake.st().down.insert(before.replicas[1].server);
+    io.write(10_000, &pattern(3, 10_000)).await.unwrap();
+    io.flush().await.unwrap();
+    let after = fake.loc(INO, 0).unwrap();
+    assert_eq!(after.replicas.len(), 2);
+    assert!(after.version > before.version);
+    {
+        let st = fake.st();
+        for r in &after.replicas {
+            assert_eq!(
+                st.data[&(r.server, after.chunk)].version,
+                after.version,
+                "survivors follow the map"
+            );
+        }
+    }
+    let mut want = pattern(2, 10_000);
+    want.extend(pattern(3, 10_000));
+    assert_eq!(io.read(0, 20_000).await.unwrap(), want);
+    io.fsync().await.unwrap();
+}
+
+#[tokio::test]
+async fn with_every_replica_down_flush_fails_and_keeps_the_data() {
+    let (fake, io) = setup(3, 1 << 20);
+    io.write(0, b"x").await.unwrap();
+    io.flush().await.unwrap();
+    io.write(1, b"keep me").await.unwrap();
+    fake.st().down.extend([1, 2, 3]);
+    let err = io.flush().await.unwrap_err();
+    assert!(matches!(err, ClientError::NoReplica { .. }), "{err:?}");
+    assert_eq!(
+        fake.loc(INO, 0).unwrap().replicas.len(),
+        3,
+        "nothing dropped"
+    );
+    assert_eq!(io.read(1, 7).await.unwrap(), b"keep me", "still buffered");
+    fake.st().down.clear();
+    assert_eq!(io.flush().await.unwrap().unwrap().size, 8);
+    let fresh = FileIo::new(INO, 8, fake.clone(), 1 << 20);
+    assert_eq!(fresh.read(0, 8).await.unwrap(), b"xkeep me");
+}
+
+#[tokio::test]
+async fn a_full_cluster_reports_no_space() {
+    let (fake, io) = setup(3, 1 << 20);
+    fake.st().full.extend([1, 2, 3]);
+    io.write(0, b"x").await.unwrap();
+    assert!(matches!(io.flush().await, Err(ClientError::NoSpace { .. })));
+}
+
+#[tokio::test]
+async fn a_corrupt_copy_is_skipped_and_reported() {
+    let (fake, io) = setup(3, 1 << 20);
+    let data = pattern(4, 50_000);
+    io.write(0, &data).await.unwrap();
+    io.flush().await.unwrap();
+    let loc = fake.loc(INO, 0).unwrap();
+    // Corrupt the copy that is read first.
+    let first = loc.replicas[(loc.chunk % 3) as usize].server;
+    fake.st().corrupt.insert((first, loc.chunk));
+    let fresh = FileIo::new(INO, 50_000, fake.clone(), 1 << 20);
+    assert_eq!(fresh.read(0, 50_000).await.unwrap(), data);
+    let after = fake.loc(INO, 0).unwrap();
+    assert!(
+        !after.replicas.iter().any(|r| r.server == first),
+        "bad copy dropped"
+    );
+    assert_eq!(after.replicas.len(), 2);
+    // Reads still work with the bumped version.
+    let again = FileIo::new(INO, 50_000, fake.clone(), 1 << 20);
+    assert_eq!(again.read(100, 10).await.unwrap(), data[100..110]);
+}
+
+#[tokio::test]
+async fn a_read_fails_over_to_a_live_replica() {
+    let (fake, io) = setup(3, 1 << 20);
+    io.write(0, b"payload").await.unwrap();
+    io.flush().await.unwrap();
+    let loc = fake.loc(INO, 0).unwrap();
+    fake.st()
+        .down
+        .insert(loc.replicas[(loc.chunk % 3) as usize].server);
+    assert_eq!(io.read(0, 7).await.unwrap(), b"payload");
+    // An unreachable server is not reported as a bad copy (the heartbeat timeout handles it).
+    assert_eq!(fake.loc(INO, 0).unwrap().replicas.len(), 3);
+    fake.st().down.extend([1, 2, 3]);
+    assert!(matches!(
+        io.read(0, 7).await,
+        Err(ClientError::NoReplica { .. })
+    ));
+}
+
+#[tokio::test]
+async fn fsync_syncs_every_written_replica_once() {
+    let (fake, io) = setup(3, 1 << 20);
+    io.write(0, b"abc").await.unwrap();
+    io.write(CHUNK_SIZE, b"def").await.unwrap();
+    io.fsync().await.unwrap();
+    assert_eq!(fake.st().synced.len(), 6, "3 replicas of 2 chunks");
+    io.fsync().await.unwrap();
+    assert_eq!(fake.st().synced.len(), 6, "nothing written since");
+    // One replica dies before the next fsync: it is dropped, 2 durable copies suffice.
+    io.write(3, b"g").await.unwrap();
+    let loc = fake.loc(INO, 0).unwrap();
+    io.flush().await.unwrap();
+    fake.st().down.insert(loc.replicas[0].server);
+    io.fsync().await.unwrap();
+    assert_eq!(fake.loc(INO, 0).unwrap().replicas.len(), 2);
+}
+
+#[tokio::test]
+async fn a_stale_location_is_refreshed_once() {
+    let (fake, io) = setup(4, 1 << 20);
+    io.write(0, b"one").await.unwrap();
+    io.flush().await.unwrap();
+    // Another client drops a replica: our cached version is now stale.
+    let loc = fake.loc(INO, 0).unwrap();
+    {
+        let mut st = fake.st();
+        let l = st.map.get_mut(&(INO, 0)).unwrap();
+        l.replicas.pop();
+        l.version += 1;
+        let v = l.version;
+        for r in l.replicas.clone() {
+            st.data.get_mut(&(r.server, loc.chunk)).unwrap().version = v;
+        }
+    }
+    io.write(3, b"two").await.unwrap();
+    io.flush().await.unwrap();
+    assert_eq!(io.read(0, 6).await.unwrap(), b"onetwo");
+    // A new metadata term: the location is refreshed and carries it.
+    fake.st().term = 5;
+    fake.st().map.get_mut(&(INO, 0)).unwrap().term = 5;
+    io.write(6, b"!").await.unwrap();
+    io.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn non_contiguous_and_oversized_writes_flush_the_buffer() {
+    let (fake, io) = setup(3, 1000);
+    io.write(0, &[1u8; 100]).await.unwrap();
+    io.write(500, &[2u8; 100]).await.unwrap();
+    // The gap sent the first buffer off (in the background); reads see both meanwhile.
+    assert_eq!(
+        io.read(95, 10).await.unwrap(),
+        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    );
+    assert_eq!(io.read(595, 10).await.unwrap(), [2, 2, 2, 2, 2]);
+    io.write(600, &[3u8; 5000]).await.unwrap();
+    io.flush().await.unwrap();
+    assert_eq!(fake.st().commits, 3, "each extent committed once");
+    let back = io.read(0, 6000).await.unwrap();
+    assert_eq!(back.len(), 5600);
+    assert_eq!(back[..100], [1u8; 100]);
+    assert_eq!(back[100..500], [0u8; 400]);
+    assert_eq!(back[500..600], [2u8; 100]);
+    assert_eq!(back[600..], vec![3u8; 5000][..]);
+}
+
+#[tokio::test]
+async fn punch_releases_whole_chunks_and_zeroes_the_edges() {
+    let (fake, io) = setup(3, 1 << 20);
+    for index in 0..3 {
+        io.write(index * CHUNK_SIZE + 10, b"0123456789")
+            .await
+            .unwrap();
+    }
+    io.write(3 * CHUNK_SIZE - 5, b"tail!").await.unwrap();
+    io.flush().await.unwrap();
+    io.punch(15, 2 * CHUNK_SIZE + 2).await.unwrap();
+    assert!(fake.loc(INO, 1).is_none(), "chunk 1 released");
+    assert!(fake.loc(INO, 0).is_some() && fake.loc(INO, 2).is_some());
+    assert_eq!(io.read(10, 10).await.unwrap(), b"01234\0\0\0\0\0");
+    assert_eq!(io.read(CHUNK_SIZE + 10, 10).await.unwrap(), vec![0u8; 10]);
+    assert_eq!(
+        io.read(2 * CHUNK_SIZE + 10, 10).await.unwrap(),
+        b"\x00\x00\x00\x00\x00\x00\x00789"
+    );
+    assert_eq!(io.read(3 * CHUNK_SIZE - 5, 5).await.unwrap(), b"tail!");
+    assert_eq!(io.size(), 3 * CHUNK_SIZE);
+}
+
+#[tokio::test]
+async fn truncate_then_extend_reads_zeros() {
+    let (fake, io) = setup(3, 1 << 20);
+    io.write(0, &pattern(5, 100_000)).await.unwrap();
+    io.write(CHUNK_SIZE, b"second chunk").await.unwrap();
+    io.flush().await.unwrap();
+    // The mount: setattr(size = 1000) on the metadata service, then these.
+    fake.st().map.remove(&(INO, 1));
+    io.set_size(1000);
+    io.truncate_tail(1000).await.unwrap();
+    assert_eq!(io.size(), 1000);
+    assert_eq!(io.read(0, 2000).await.unwrap(), pattern(5, 100_000)[..1000]);
+    io.set_size(200_000);
+    let back = io.read(0, 200_000).await.unwrap();
+    assert_eq!(back[..1000], pattern(5, 100_000)[..1000]);
+    assert!(back[1000..].iter().all(|b| *b == 0), "old bytes came back");
+    // Writing again past the end allocates a new chunk 1.
+    io.write(CHUNK_SIZE + 2, b"x").await.unwrap();
+    io.flush().await.unwrap();
+    assert_eq!(io.read(CHUNK_SIZE, 3).await.unwrap(), b"\0\0x");
+}
+
+#[tokio::test]
+async fn sequential_reads_are_served_by_read_ahead() {
+    let (fake, io) = setup(3, 8 << 20);
+    let data = pattern(6, 12 << 20);
+    io.write(0, &data).await.unwrap();
+    io.flush().await.unwrap();
+    let fresh = FileIo::new(INO, data.len() as u64, fake.clone(), 1 << 20);
+    let before = fake.st().reads;
+    let mut back = Vec::new();
+    let step = 128 << 10;
+    for off in (0..data.len()).step_by(step) {
+        back.extend(fresh.read(off as u64, step as u32).await.unwrap());
+    }
+    assert!(back == data, "read-ahead returned wrong data");
+    let reads = fake.st().reads - before;
+    // 96 reads of 128 KiB; windows of 4 MiB in 2 MiB frames need about 6 (+2 direct reads).
+    assert!(
+        reads < 20,
+        "{reads} chunkserver reads for a sequential scan"
+    );
+}
+
+#[tokio::test]
+async fn a_write_invalidates_read_ahead() {
+    let (_fake, io) = setup(3, 1 << 20);
+    io.write(0, &[7u8; 300_000]).await.unwrap();
+    io.flush().await.unwrap();
+    for off in (0..200_000).step_by(50_000) {
+        io.read(off, 50_000).await.unwrap();
+    }
+    io.write(250_000, &[9u8; 10]).await.unwrap();
+    assert_eq!(io.read(249_995, 20).await.unwrap()[5..15], [9u8; 10]);
+    io.flush().await.unwrap();
+    assert_eq!(io.read(250_000, 10).await.unwrap(), [9u8; 10]);
+}
+
+#[tokio::test]
+async fn concurrent_writers_and_readers_agree() {
+    let (_fake, io) = setup(3, 64 << 10);
+    let io = Arc::new(io);
+    let mut tasks = Vec::new();
+    for t in 0..4u64 {
+        let io = io.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20u64 {
+                let off = (t * 20 + i) * 10_000;
+                io.write(off, &pattern(t * 100 + i, 10_000)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    io.fsync().await.unwrap();
+    for t in 0..4u64 {
+        for i in 0..20u64 {
+            let off = (t * 20 + i) * 10_000;
+            assert_eq!(
+                io.read(off, 10_000).await.unwrap(),
+                pattern(t * 100 + i, 10_000)
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn ranges_past_the_maximum_size_are_refused() {
+    let (_fake, io) = setup(3, 1 << 20);
+    assert!(matches!(
+        io.write(u64::MAX - 1, b"ab").await,
+        Err(ClientError::TooLarge { .. })
+    ));
+    assert!(matches!(
+        io.punch(u64::MAX, 2).await,
+        Err(ClientError::TooLarge { .. })
+    ));
+}

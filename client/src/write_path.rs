@@ -1,0 +1,270 @@
+//! The write path: one extent of file data -> every live replica of each chunk it touches.
+//!
+//! ```text
+//!  Extent ──split_by_chunk──▶ piece per chunk ──(in parallel)──▶ write_piece
+//!  write_piece: location (allocate_chunk, cached) ──▶ all replicas in parallel, each as
+//!               ≤ FRAME-byte frames with FRAMES_IN_FLIGHT outstanding
+//!     replica failure ──▶ drop_replica (version bump) ──▶ write again to the survivors
+//!     stale version/term ──▶ refresh the location once ──▶ write again
+//! ```
+//!
+//! Every data write is idempotent (positional), so writing a piece again after a drop or a
+//! refresh is always safe. The survivors are written again with the new version so that the
+//! version they store follows the chunk map.
+
+use crate::error::ClientError;
+use crate::extent::{frames, split_by_chunk, Extent};
+use crate::locations::Locations;
+use crate::store::{Put, Store};
+use bytes::Bytes;
+use futures::future::join_all;
+use futures::{StreamExt, TryStreamExt};
+use rawfs_chunkserver_api::DataError;
+use rawfs_metadata_api::{ChunkId, ChunkLoc, ServerId, REPLICAS};
+
+/// Largest data frame sent in one write request.
+pub(crate) const FRAME: usize = 4 << 20;
+/// Frames outstanding at once per replica: keeps the pipe full without a huge queue.
+pub(crate) const FRAMES_IN_FLIGHT: usize = 2;
+
+/// A chunk whose replicas received data since the last fsync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Dirty {
+    pub index: u64,
+    pub chunk: ChunkId,
+    pub servers: Vec<ServerId>,
+}
+
+/// Writes `ext` to the replicas of every chunk it touches, all chunks in parallel. Returns
+/// the replicas written (for fsync). On error nothing is undone: the caller keeps the extent
+/// and may write it again.
+pub(crate) async fn write_extent(
+    store: &dyn Store,
+    locs: &Locations,
+    ext: &Extent,
+) -> Result<Vec<Dirty>, ClientError> {
+    let pieces = split_by_chunk(ext.start, ext.data.len() as u64);
+    let results = join_all(pieces.iter().map(|p| {
+        let data = ext.data.slice(p.pos..p.pos + p.len as usize);
+        write_piece(store, locs, p.index, p.off, data)
+    }))
+    .await;
+    results.into_iter().collect()
+}
+
+/// Writes `data` at `off` within chunk `index` to all of its live replicas.
+pub(crate) async fn write_piece(
+    store: &dyn Store,
+    locs: &Locations,
+    index: u64,
+    off: u32,
+    data: Bytes,
+) -> Result<Dirty, ClientError> {
+    let mut loc = locs.for_write(store, index).await?;
+    let mut refreshed = false;
+    let mut last: Option<DataError> = None;
+    // Each round either succeeds, drops at least one replica, or refreshes (once): bounded.
+    for _round in 0..REPLICAS + 3 {
+        if loc.replicas.is_empty() {
+            break;
+        }
+        let outcomes = join_all(
+            loc.replicas
+                .iter()
+                .map(|r| write_replica(store, &r.data_addr, &loc, off, &data)),
+        )
+        .await;
+        let mut failed = Vec::new();
+        let mut stale = None;
+        for (r, outcome) in loc.replicas.iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => {}
+                Err(e) if e.is_replica_failure() => {
+                    tracing::warn!(chunk = loc.chunk, addr = %r.data_addr, error = %e, "replica write failed");
+                    failed.push((r.server, e.clone()));
+                    last = Some(e);
+                }
+                Err(e) => stale = Some((r.data_addr.clone(), e)),
+            }
+        }
+        if let Some((addr, e)) = stale {
+            if refreshed {
+                return Err(ClientError::Io {
+                    chunk: loc.chunk,
+                    addr,
+                    source: e,
+                });
+            }
+            tracing::debug!(chunk = loc.chunk, error = %e, "stale fence on write; refreshing the location");
+            refreshed = true;
+            loc = match locs.refresh(store, index).await? {
+                Some(fresh) => fresh,
+                // Released meanwhile (a concurrent truncate or punch): allocate it again.
+                None => locs.for_write(store, index).await?,
+            };
+            continue;
+        }
+        if failed.is_empty() {
+            return Ok(Dirty {
+                index,
+                chunk: loc.chunk,
+                servers: loc.replicas.iter().map(|r| r.server).collect(),
+            });
+        }
+        if failed.len() == loc.replicas.len() {
+            // Nothing took the write. Dropping every replica would also lose the data already in
+            // the chunk (the metadata service refuses to drop the last one anyway), and a
+            // failure of every replica at once more likely means our own network is gone.
+            if failed.iter().all(|(_, e)| *e == DataError::NoSpace) {
+                return Err(ClientError::NoSpace { chunk: loc.chunk });
+            }
+            break;
+        }
+        let before = loc.version;
+        for (server, _) in &failed {
+            loc = locs.drop_replica(store, &loc, *server).await?;
+        }
+        if loc.version == before
+            && failed
+                .iter()
+                .all(|(s, _)| loc.replicas.iter().any(|r| r.server == *s))
+        {
+            // The metadata service would not drop them (it never drops the last replica).
+            break;
+        }
+        tracing::warn!(
+            chunk = loc.chunk,
+            version = loc.version,
+            live = loc.replicas.len(),
+            "chunk is under-replicated after a failed write"
+        );
+    }
+    Err(ClientError::NoReplica {
+        index,
+        chunk: loc.chunk,
+        last,
+    })
+}
+
+/// Writes `data` to one replica as frames of at most [`FRAME`] bytes, a few in flight.
+async fn write_replica(
+    store: &dyn Store,
+    addr: &str,
+    loc: &ChunkLoc,
+    off: u32,
+    data: &Bytes,
+) -> Result<(), DataError> {
+    futures::stream::iter(frames(data.len(), FRAME))
+        .map(|(pos, len)| {
+            store.write(
+                addr,
+                Put {
+                    chunk: loc.chunk,
+                    version: loc.version,
+                    term: loc.term,
+                    // pos < CHUNK_SIZE, so it fits in u32 with `off`.
+                    offset: off + pos as u32,
+                    data: data.slice(pos..pos + len),
+                },
+            )
+        })
+        .buffer_unordered(FRAMES_IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await
+        .map(|_| ())
+}
+
+/// Makes every chunk in `dirty` durable: SYNC to each written replica in parallel. A chunk
+/// is durable when at least 2 replicas synced, or all of its live ones if fewer than 2 are
+/// left; failed replicas are dropped. Returns the chunks that could not be made durable
+/// (to retry at the next fsync) with the first error.
+pub(crate) async fn sync_chunks(
+    store: &dyn Store,
+    locs: &Locations,
+    dirty: Vec<Dirty>,
+) -> Result<(), (Vec<Dirty>, ClientError)> {
+    let results = join_all(dirty.iter().map(|d| sync_chunk(store, locs, d))).await;
+    let mut failed = Vec::new();
+    let mut first = None;
+    for (d, r) in dirty.into_iter().zip(results) {
+        if let Err(e) = r {
+            first.get_or_insert(e);
+            failed.push(d);
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some(e) => Err((failed, e)),
+    }
+}
+
+async fn sync_chunk(store: &dyn Store, locs: &Locations, d: &Dirty) -> Result<(), ClientError> {
+    let mut refreshed = false;
+    let mut last = None;
+    let mut loc = match locs.for_read(store, d.index).await? {
+        Some(loc) if loc.chunk == d.chunk => loc,
+        // Released since it was written (truncate, punch): nothing left to make durable.
+        _ => return Ok(()),
+    };
+    for _round in 0..REPLICAS + 3 {
+        let targets: Vec<_> = loc
+            .replicas
+            .iter()
+            .filter(|r| d.servers.contains(&r.server))
+            .cloned()
+            .collect();
+        if targets.is_empty() {
+            break;
+        }
+        let outcomes = join_all(
+            targets
+                .iter()
+                .map(|r| store.sync(&r.data_addr, loc.chunk, loc.version)),
+        )
+        .await;
+        let mut durable = 0;
+        let mut failed = Vec::new();
+        let mut stale = None;
+        for (r, outcome) in targets.iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => durable += 1,
+                Err(e) if e.is_replica_failure() => {
+                    tracing::warn!(chunk = loc.chunk, addr = %r.data_addr, error = %e, "replica sync failed");
+                    failed.push(r.server);
+                    last = Some(e);
+                }
+                Err(e) => stale = Some((r.data_addr.clone(), e)),
+            }
+        }
+        if let Some((addr, e)) = stale {
+            if refreshed {
+                return Err(ClientError::Io {
+                    chunk: loc.chunk,
+                    addr,
+                    source: e,
+                });
+            }
+            refreshed = true;
+            match locs.refresh(store, d.index).await? {
+                Some(fresh) if fresh.chunk == d.chunk => loc = fresh,
+                _ => return Ok(()),
+            }
+            continue;
+        }
+        if durable == 0 {
+            break;
+        }
+        for server in &failed {
+            loc = locs.drop_replica(store, &loc, *server).await?;
+        }
+        let live = targets.len() - failed.len();
+        if durable >= live.min(2) {
+            return Ok(());
+        }
+    }
+    Err(ClientError::NoReplica {
+        index: d.index,
+        chunk: d.chunk,
+        last,
+    })
+}

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# rawfs benchmark: the same figures on a rawfs mount and on a plain local directory of the same
+# disk, in the same run, printed side by side as ratios (only same-run ratios mean anything:
+# absolute figures swing 2-3x between runs on a shared machine). Not run in CI.
+#
+#   sequential 1 GiB write + fsync, and read with cold caches      (dd)
+#   4 KiB random read and random write IOPS, iodepth 16            (fio)
+#   create / stat / unlink of 10,000 empty files per second        (rawfs-bench meta)
+#   optional (--million): RSS of the metadata process after 1,000,000 files created through
+#   the metadata client (rawfs-bench million), target < 300 MB
+#
+# Usage: integration/bench.sh [--million] [--size-mib N] [--fio-seconds S]
+# Needs root (FUSE, drop_caches), fio, and builds the release binaries first.
+# RAWFS_BENCH_DIR (default /var/tmp/rawfs-bench) holds the cluster and the local directory.
+set -euo pipefail
+
+MILLION=0
+SIZE_MIB=1024
+FIO_SECONDS=20
+FILES=10000
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --million) MILLION=1 ;;
+        --size-mib) SIZE_MIB="$2"; shift ;;
+        --fio-seconds) FIO_SECONDS="$2"; shift ;;
+        *) echo "usage: $0 [--million] [--size-mib N] [--fio-seconds S]" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+cd "$(dirname "$0")/.."
+command -v fio >/dev/null || { echo "bench.sh: fio is needed (apt-get install fio)" >&2; exit 1; }
+cargo build --release -p rawfs -p rawfs-integration >&2
+BIN="$(pwd)/target/release"
+
+BASE="${RAWFS_BENCH_DIR:-/var/tmp/rawfs-bench}"
+rm -rf "$BASE/local" "$BASE/cluster"
+mkdir -p "$BASE/local" "$BASE/mnt"
+LOCAL="$BASE/local"
+MNT="$BASE/mnt"
+
+"$BIN/rawfs" up --dir "$BASE/cluster" --mount "$MNT" >"$BASE/up.log" 2>&1 &
+UP=$!
+cleanup() {
+    kill -TERM "$UP" 2>/dev/null || true
+    wait "$UP" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# Poll until cluster.json says ready (rawfs up writes it once the mount is live).
+deadline=$((SECONDS + 120))
+until grep -q '"ready": true' "$BASE/cluster/cluster.json" 2>/dev/null; do
+    if ! kill -0 "$UP" 2>/dev/null || [ $SECONDS -gt $deadline ]; then
+        echo "bench.sh: the cluster did not come up:" >&2
+        tail -30 "$BASE/up.log" >&2
+        exit 1
+    fi
+    sleep 0.2
+done
+
+drop_caches() {
+    sync
+    if ! echo 3 >/proc/sys/vm/drop_caches 2>/dev/null; then
+        echo "bench.sh: cannot drop caches; the read figures are warm" >&2
+    fi
+}
+
+now() { date +%s.%N; }
+rate() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN { printf "%.1f", n / (b - a) }'; }
+
+seq_write() { # dir -> MiB/s
+    local t0 t1
+    t0=$(now)
+    dd if=/dev/urandom of="$1/seq" bs=1M count="$SIZE_MIB" iflag=fullblock conv=fsync status=none
+    t1=$(now)
+    rate "$t0" "$t1" "$SIZE_MIB"
+}
+
+seq_read() { # dir -> MiB/s
+    local t0 t1
+    drop_caches
+    t0=$(now)
+    dd if="$1/seq" of=/dev/null bs=1M status=none
+    t1=$(now)
+    rm -f "$1/seq"
+    rate "$t0" "$t1" "$SIZE_MIB"
+}
+
+fio_iops() { # dir rw -> IOPS (terse v3: field 8 read IOPS, field 49 write IOPS)
+    local field=8
+    [ "$2" = randwrite ] && field=49
+    fio --name=bench --directory="$1" --filename=fio.dat --size=512M --bs=4k --rw="$2" \
+        --ioengine=libaio --iodepth=16 --direct=0 --time_based --runtime="$FIO_SECONDS" \
+        --fsync_on_close=1 --output-format=terse --terse-version=3 2>/dev/null \
+        | awk -F';' -v f=$field '{ print $f }'
+}
+
+meta_ops() { # dir -> "create stat unlink"
+    "$BIN/rawfs-bench" meta "$1/meta" "$FILES" | awk '{ v[$1] = $2 } END { print v["create_per_s"], v["stat_per_s"], v["unlink_per_s"] }'
+}
+
+declare -A R
+for where in local mount; do
+    dir=$LOCAL
+    [ $where = mount ] && dir=$MNT
+    echo "bench.sh: measuring $where ($dir)" >&2
+    R[$where.seqw]=$(seq_write "$dir")
+    R[$where.seqr]=$(seq_read "$dir")
+    R[$where.randr]=$(fio_iops "$dir" randread)
+    R[$where.randw]=$(fio_iops "$dir" randwrite)
+    rm -f "$dir/fio.dat"
+    read -r c s u <<<"$(meta_ops "$dir")"
+    R[$where.create]=$c
+    R[$where.stat]=$s
+    R[$where.unlink]=$u
+done
+
+printf '\n%-30s %14s %14s %8s %8s\n' "benchmark" "local" "rawfs" "ratio" "target"
+row() { # key label unit target
+    local l=${R[local.$1]} m=${R[mount.$1]}
+    printf '%-30s %10s %-3s %10s %-3s %8s %8s\n' "$2" "$l" "$3" "$m" "$3" \
+        "$(awk -v a="$l" -v b="$m" 'BEGIN { if (a > 0) printf "%.3f", b / a; else print "n/a" }')" "$4"
+}
+row seqw "seq write 1 GiB + fsync" "MiB/s" ">=0.25"
+row seqr "seq read (cold cache)" "MiB/s" ">=0.80"
+row randr "4 KiB random read, qd16" "IOPS" ">=0.25"
+row randw "4 KiB random write, qd16" "IOPS" ">=0.06"
+row create "create empty files" "/s" ">=0.15"
+row stat "stat files" "/s" ">=0.05"
+row unlink "unlink files" "/s" "-"
+
+if [ $MILLION = 1 ]; then
+    META_ADDR=$(grep -A3 '"role": "metadata"' "$BASE/cluster/cluster.json" | sed -n 's/.*"addr": "\(.*\)".*/\1/p' | head -1)
+    META_PID=$(grep -A3 '"role": "metadata"' "$BASE/cluster/cluster.json" | sed -n 's/.*"pid": \([0-9]*\).*/\1/p' | head -1)
+    echo "bench.sh: creating 1,000,000 files through the metadata client at $META_ADDR" >&2
+    "$BIN/rawfs-bench" million "$META_ADDR" 1000000
+    rss_kb=$(awk '/VmRSS/ { print $2 }' "/proc/$META_PID/status")
+    printf '%-30s %10s MB (target < 300 MB)\n' "metadata RSS after 1M files" "$((rss_kb / 1024))"
+fi

@@ -1,0 +1,120 @@
+//! Helpers of `integration/bench.sh` that shell tools cannot do fast enough.
+//!
+//! ```text
+//!  rawfs-bench meta DIR N          create, stat, unlink N empty files -> ops/s of each
+//!  rawfs-bench million ADDRS N     N files through the metadata client (not FUSE)
+//! ```
+//!
+//! Output is one `name value` pair per line, for the script to compute ratios.
+
+use anyhow::{bail, Context, Result};
+use rawfs_metadata_api::client::{ClientTimeouts, MetadataClient};
+use rawfs_metadata_api::{Caller, FileKind, NewNode, ROOT_INO};
+use serde_bytes::ByteBuf;
+use std::path::Path;
+use std::time::Instant;
+
+fn meta(dir: &Path, n: usize) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let names: Vec<_> = (0..n).map(|i| dir.join(format!("f{i:06}"))).collect();
+    let t = Instant::now();
+    for p in &names {
+        std::fs::File::create(p).with_context(|| p.display().to_string())?;
+    }
+    let create = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for p in &names {
+        std::fs::metadata(p)?;
+    }
+    let stat = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for p in &names {
+        std::fs::remove_file(p)?;
+    }
+    let unlink = n as f64 / t.elapsed().as_secs_f64();
+    println!("create_per_s {create:.0}\nstat_per_s {stat:.0}\nunlink_per_s {unlink:.0}");
+    Ok(())
+}
+
+async fn million(addrs: Vec<String>, n: u64) -> Result<()> {
+    let client = MetadataClient::new(addrs, ClientTimeouts::default());
+    let caller = Caller { uid: 0, gid: 0 };
+    let top = client
+        .mknod(
+            ROOT_INO,
+            ByteBuf::from(format!("bench-{}", std::process::id())),
+            NewNode {
+                kind: FileKind::Dir,
+                perm: 0o755,
+                rdev: 0,
+                exclusive: true,
+            },
+            caller,
+        )
+        .await?;
+    let dirs = 1000u64;
+    let mut parents = Vec::new();
+    for d in 0..dirs {
+        let node = NewNode {
+            kind: FileKind::Dir,
+            perm: 0o755,
+            rdev: 0,
+            exclusive: true,
+        };
+        parents.push(
+            client
+                .mknod(top.ino, ByteBuf::from(format!("d{d}")), node, caller)
+                .await?
+                .ino,
+        );
+    }
+    let t = Instant::now();
+    let workers = 64u64;
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let client = client.clone();
+        let parents = parents.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < n {
+                let node = NewNode {
+                    kind: FileKind::File,
+                    perm: 0o644,
+                    rdev: 0,
+                    exclusive: true,
+                };
+                let parent = parents[(i % dirs) as usize];
+                client
+                    .mknod(parent, ByteBuf::from(format!("f{i}")), node, caller)
+                    .await?;
+                i += workers;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    println!(
+        "million_creates_per_s {:.0}",
+        n as f64 / t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["meta", dir, n] => meta(Path::new(dir), n.parse()?),
+        ["million", addrs, n] => {
+            let addrs = addrs.split(',').map(str::to_string).collect();
+            tokio::runtime::Runtime::new()?.block_on(million(addrs, n.parse()?))
+        }
+        _ => bail!("usage: rawfs-bench meta DIR N | rawfs-bench million ADDR[,ADDR...] N"),
+    }
+}

@@ -1,0 +1,515 @@
+//! A real cluster for tests: `rawfs up` in a temporary directory, with its own mountpoint.
+//!
+//! [`Cluster::start`] runs `rawfs up --dir TMP/cluster --mount TMP/mnt` and polls until
+//! `cluster.json` says ready, `rawfs status --json` shows a leader and every chunkserver up, and
+//! the mount is live — never a fixed sleep. Faults are injected with [`Cluster::kill9`] and
+//! [`Cluster::restart_process`] (which re-runs a daemon with the exact command line recorded in
+//! `cluster.json`). Dropping the cluster stops `up` (which unmounts), then unmounts lazily and
+//! kills every pid still alive, so a failing test leaks neither mounts nor processes.
+//!
+//! Binaries are found in the cargo target directory of this test executable
+//! (`target/<profile>/rawfs` next to `target/<profile>/deps/integration-*`), or in
+//! `$RAWFS_BIN_DIR`. Build them first: `cargo build --workspace` (the README's test command does).
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::Value;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a cluster may take to become ready (debug builds on 2 busy cores).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long `rawfs up` gets to stop after SIGTERM before the harness takes over.
+const STOP_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// One process as `cluster.json` lists it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ProcessInfo {
+    pub role: String,
+    pub id: u64,
+    pub pid: u32,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub raft_addr: Option<String>,
+    #[serde(default)]
+    pub control_addr: Option<String>,
+    #[serde(default)]
+    pub exe: Option<PathBuf>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub log: Option<PathBuf>,
+}
+
+/// `cluster.json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ClusterInfo {
+    pub mount: PathBuf,
+    pub processes: Vec<ProcessInfo>,
+    #[serde(default)]
+    pub ready: bool,
+}
+
+/// Directory holding `rawfs` and `mount.rawfs`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("RAWFS_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // target/<profile>/deps/integration-HASH -> target/<profile>
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent()?.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("target/debug"))
+}
+
+/// Path of the `rawfs` binary; panics with the build command if it is missing.
+pub fn rawfs_bin() -> PathBuf {
+    let p = bin_dir().join("rawfs");
+    assert!(
+        p.exists() && bin_dir().join("mount.rawfs").exists(),
+        "{} not found: build the binaries first (cargo build --workspace) or set RAWFS_BIN_DIR",
+        p.display()
+    );
+    p
+}
+
+/// Polls `cond` every 50–200 ms until it returns true, failing after `timeout`.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let end = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(50);
+    let mut last_err = None;
+    loop {
+        match cond() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() > end {
+            match last_err {
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}: last error: {e:#}")
+                }
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// True if `pid` is a live process (zombies count as dead).
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .and_then(|(_, r)| r.chars().next())
+            .is_some_and(|s| s != 'Z' && s != 'X'),
+        Err(_) => false,
+    }
+}
+
+/// True if `path` is exactly a mountpoint (per /proc/self/mountinfo).
+pub fn is_mountpoint(path: &Path) -> bool {
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| {
+            info.lines()
+                .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        })
+        .unwrap_or(false)
+}
+
+fn signal(pid: u32, sig: i32) {
+    if let Ok(p) = i32::try_from(pid) {
+        if p > 0 {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(p, sig) };
+        }
+    }
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(32 * 1024)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Options for [`Cluster::start_with`].
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub chunkservers: u32,
+    /// Extra arguments for `rawfs up`.
+    pub up_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            chunkservers: 6,
+            up_args: Vec::new(),
+        }
+    }
+}
+
+/// A running cluster owned by one test.
+pub struct Cluster {
+    /// Temporary root; removed on drop (after everything is unmounted and stopped).
+    root: tempfile::TempDir,
+    /// `rawfs up --dir`.
+    pub dir: PathBuf,
+    /// The mountpoint.
+    pub mnt: PathBuf,
+    opts: Options,
+    up: Option<Child>,
+    /// Daemons the harness restarted itself: (role, id, child).
+    restarted: Vec<(String, u64, Child)>,
+    /// Every pid ever seen in cluster.json, killed on drop if still alive.
+    seen_pids: Vec<u32>,
+}
+
+impl Cluster {
+    /// Starts a cluster with 6 chunkservers and waits until it is ready.
+    pub fn start() -> Result<Cluster> {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(opts: Options) -> Result<Cluster> {
+        let base = std::env::var_os("RAWFS_TEST_DIR")
+            .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+        let root = tempfile::Builder::new()
+            .prefix("rawfs-it-")
+            .tempdir_in(&base)
+            .with_context(|| {
+                format!("cannot create a temporary directory in {}", base.display())
+            })?;
+        let dir = root.path().join("cluster");
+        let mnt = root.path().join("mnt");
+        std::fs::create_dir_all(&mnt)?;
+        let mut c = Cluster {
+            root,
+            dir,
+            mnt,
+            opts,
+            up: None,
+            restarted: Vec::new(),
+            seen_pids: Vec::new(),
+        };
+        c.spawn_up()?;
+        Ok(c)
+    }
+
+    /// Root of the test's temporary directory (outside the mount; for reference copies).
+    pub fn scratch(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// `path` relative to the mountpoint.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    fn up_log(&self) -> PathBuf {
+        self.root.path().join("up.log")
+    }
+
+    fn spawn_up(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.up_log())?;
+        let mut cmd = Command::new(rawfs_bin());
+        cmd.arg("up")
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--mount")
+            .arg(&self.mnt)
+            .arg("--chunkservers")
+            .arg(self.opts.chunkservers.to_string())
+            .args(&self.opts.up_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.up = Some(cmd.spawn().context("cannot run rawfs up")?);
+        self.wait_ready()
+            .inspect_err(|_| eprintln!("{}", self.diagnostics()))
+    }
+
+    /// Waits for cluster.json (ready), a leader with every chunkserver up, and a live mount.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let n = self.opts.chunkservers as usize;
+        let mut up = self.up.take();
+        let mut pids = Vec::new();
+        let this = &*self;
+        let r = wait_until("the cluster to be ready", READY_TIMEOUT, || {
+            if let Some(child) = up.as_mut() {
+                if let Some(st) = child.try_wait()? {
+                    bail!("rawfs up exited with {st}");
+                }
+            }
+            let Some(info) = this.info_opt()? else {
+                return Ok(false);
+            };
+            pids.extend(info.processes.iter().map(|p| p.pid));
+            if !info.ready || !is_mountpoint(&this.mnt) {
+                return Ok(false);
+            }
+            let s = this.status()?;
+            let ups = s["chunkservers"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|c| c["up"] == true).count());
+            Ok(!s["metadata"]["leader"].is_null() && ups >= n)
+        });
+        self.up = up;
+        for p in pids {
+            if !self.seen_pids.contains(&p) {
+                self.seen_pids.push(p);
+            }
+        }
+        r
+    }
+
+    fn remember_pids(&mut self, info: &ClusterInfo) {
+        for p in &info.processes {
+            if !self.seen_pids.contains(&p.pid) {
+                self.seen_pids.push(p.pid);
+            }
+        }
+    }
+
+    fn info_opt(&self) -> Result<Option<ClusterInfo>> {
+        match std::fs::read(self.dir.join("cluster.json")) {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).context("cluster.json")?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `cluster.json`.
+    pub fn info(&self) -> Result<ClusterInfo> {
+        self.info_opt()?.context("no cluster.json")
+    }
+
+    /// `rawfs status --json --dir DIR`, parsed.
+    pub fn status(&self) -> Result<Value> {
+        let out = Command::new(rawfs_bin())
+            .args(["status", "--json", "--dir"])
+            .arg(&self.dir)
+            .env("RUST_LOG", "warn")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "rawfs status failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("status JSON")
+    }
+
+    /// The entry of `role`/`id` in cluster.json.
+    pub fn process(&self, role: &str, id: u64) -> Result<ProcessInfo> {
+        self.info()?
+            .processes
+            .into_iter()
+            .find(|p| p.role == role && p.id == id)
+            .with_context(|| format!("no {role} {id} in cluster.json"))
+    }
+
+    /// Current pid of `role`/`id` (a harness-restarted daemon's new pid if there is one).
+    pub fn pid(&self, role: &str, id: u64) -> Result<u32> {
+        if let Some((_, _, c)) = self
+            .restarted
+            .iter()
+            .rev()
+            .find(|(r, i, _)| r == role && *i == id)
+        {
+            return Ok(c.id());
+        }
+        Ok(self.process(role, id)?.pid)
+    }
+
+    /// `kill -9` one daemon and wait until it is gone.
+    pub fn kill9(&mut self, role: &str, id: u64) -> Result<()> {
+        let pid = self.pid(role, id)?;
+        signal(pid, libc::SIGKILL);
+        for (_, _, c) in self
+            .restarted
+            .iter_mut()
+            .filter(|(r, i, _)| r == role && *i == id)
+        {
+            let _ = c.wait();
+        }
+        wait_until(
+            &format!("{role} {id} (pid {pid}) to die"),
+            Duration::from_secs(10),
+            || Ok(!pid_alive(pid)),
+        )
+    }
+
+    /// Runs `role`/`id` again with the command line recorded in cluster.json (same addresses,
+    /// same data directory) and waits until the cluster is ready again.
+    pub fn restart_process(&mut self, role: &str, id: u64) -> Result<()> {
+        let p = self.process(role, id)?;
+        let exe = p.exe.clone().context("cluster.json has no exe")?;
+        let log = p
+            .log
+            .clone()
+            .unwrap_or_else(|| self.dir.join(format!("logs/{role}-{id}.log")));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new(exe)
+            .args(&p.args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("cannot restart the daemon")?;
+        self.seen_pids.push(child.id());
+        self.set_pid(role, id, child.id())?;
+        self.restarted.push((role.to_string(), id, child));
+        let n = self.opts.chunkservers as usize;
+        wait_until(&format!("{role} {id} to be back"), READY_TIMEOUT, || {
+            let s = self.status()?;
+            let ups = s["chunkservers"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|c| c["up"] == true).count());
+            Ok(!s["metadata"]["leader"].is_null() && (role != "chunkserver" || ups >= n))
+        })
+    }
+
+    /// Records a restarted daemon's new pid in cluster.json (atomically, keeping every other
+    /// key), so `rawfs status --dir` sees it alive.
+    fn set_pid(&self, role: &str, id: u64, pid: u32) -> Result<()> {
+        let path = self.dir.join("cluster.json");
+        let mut v: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        if let Some(ps) = v["processes"].as_array_mut() {
+            for p in ps.iter_mut().filter(|p| p["role"] == role && p["id"] == id) {
+                p["pid"] = pid.into();
+            }
+        }
+        let tmp = self.dir.join(".cluster.json.harness");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&v)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Stops the whole cluster the way an operator does (SIGTERM to `rawfs up`) and checks that
+    /// it unmounted and every process ended.
+    pub fn stop(&mut self) -> Result<()> {
+        let info = self.info_opt()?;
+        if let Some(mut up) = self.up.take() {
+            signal(up.id(), libc::SIGTERM);
+            let end = Instant::now() + STOP_TIMEOUT;
+            loop {
+                if let Some(st) = up.try_wait()? {
+                    if !st.success() {
+                        bail!(
+                            "rawfs up exited with {st} on SIGTERM:\n{}",
+                            tail(&self.up_log(), 30)
+                        );
+                    }
+                    break;
+                }
+                if Instant::now() > end {
+                    signal(up.id(), libc::SIGKILL);
+                    let _ = up.wait();
+                    bail!("rawfs up did not stop within {STOP_TIMEOUT:?}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        for (_, _, c) in &mut self.restarted {
+            signal(c.id(), libc::SIGTERM);
+        }
+        for (_, _, c) in &mut self.restarted {
+            let _ = c.wait();
+        }
+        self.restarted.clear();
+        if is_mountpoint(&self.mnt) {
+            bail!(
+                "{} is still mounted after rawfs up stopped",
+                self.mnt.display()
+            );
+        }
+        if let Some(info) = info {
+            for p in info.processes {
+                wait_until(
+                    &format!("{} {} to exit", p.role, p.id),
+                    Duration::from_secs(20),
+                    || Ok(!pid_alive(p.pid)),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops everything and starts `rawfs up` again on the same directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.spawn_up()
+    }
+
+    /// Log tails of `up` and every daemon, for a failing test's output.
+    pub fn diagnostics(&self) -> String {
+        let mut out = format!(
+            "---- rawfs up ({}):\n{}\n",
+            self.up_log().display(),
+            tail(&self.up_log(), 30)
+        );
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("logs")) {
+            let mut logs: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            logs.sort();
+            for l in logs {
+                out.push_str(&format!("---- {}:\n{}\n", l.display(), tail(&l, 15)));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.diagnostics());
+        }
+        if let Err(e) = self.stop() {
+            eprintln!("cluster teardown: {e:#}");
+        }
+        // Whatever is left: a lazy unmount and SIGKILL to every pid the cluster ever had.
+        if is_mountpoint(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        if let Ok(Some(info)) = self.info_opt() {
+            self.remember_pids(&info);
+        }
+        for (_, _, c) in &mut self.restarted {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for pid in &self.seen_pids {
+            let is_ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("rawfs"))
+                .unwrap_or(false);
+            if pid_alive(*pid) && is_ours {
+                signal(*pid, libc::SIGKILL);
+            }
+        }
+    }
+}

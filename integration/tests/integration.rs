@@ -1,0 +1,20 @@
+//! rawfs end-to-end tests: each test starts its own cluster (`rawfs up` in a temporary
+//! directory, see `rawfs_integration::harness`) and tears it down, even on failure.
+//!
+//! The test modules live in `tests/integration/` (named by `#[path]`, so cargo does not take
+//! them for separate test binaries). Needs root, /dev/fuse, and the binaries built (`cargo build --workspace`).
+
+#[path = "integration/bad_input.rs"]
+mod bad_input;
+#[path = "integration/faults.rs"]
+mod faults;
+#[path = "integration/integrity.rs"]
+mod integrity;
+#[path = "integration/posix.rs"]
+mod posix;
+#[path = "integration/posix_perms.rs"]
+mod posix_perms;
+#[path = "integration/restart.rs"]
+mod restart;
+#[path = "integration/tools.rs"]
+mod tools;

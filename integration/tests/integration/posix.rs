@@ -1,0 +1,501 @@
+//! POSIX behaviour of the mount, one operation family per test, with the error codes.
+
+use anyhow::Result;
+use rawfs_integration::fsutil::*;
+use rawfs_integration::Cluster;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+#[test]
+fn namespace_ops_return_posix_error_codes() -> Result<()> {
+    let c = Cluster::start()?;
+    let m = &c.mnt;
+    fs::write(m.join("a"), b"hello")?;
+    assert_eq!(fs::read(m.join("a"))?, b"hello");
+    assert_eq!(
+        errno(
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(m.join("a"))
+        ),
+        libc::EEXIST
+    );
+    assert_eq!(errno(fs::metadata(m.join("missing"))), libc::ENOENT);
+    assert_eq!(errno(fs::remove_file(m.join("missing"))), libc::ENOENT);
+    assert_eq!(errno(File::open(m.join("missing/x"))), libc::ENOENT);
+    // A path through a file.
+    assert_eq!(errno(fs::metadata(m.join("a/b"))), libc::ENOTDIR);
+    assert_eq!(errno(fs::create_dir(m.join("a/b"))), libc::ENOTDIR);
+    assert_eq!(errno(fs::remove_dir(m.join("a"))), libc::ENOTDIR);
+    fs::create_dir(m.join("d"))?;
+    assert_eq!(errno(fs::create_dir(m.join("d"))), libc::EEXIST);
+    assert_eq!(errno(fs::remove_file(m.join("d"))), libc::EISDIR);
+    assert_eq!(
+        errno(OpenOptions::new().write(true).open(m.join("d"))),
+        libc::EISDIR
+    );
+    fs::write(m.join("d/x"), b"")?;
+    assert_eq!(errno(fs::remove_dir(m.join("d"))), libc::ENOTEMPTY);
+    fs::remove_file(m.join("d/x"))?;
+    fs::remove_dir(m.join("d"))?;
+    assert_eq!(errno(fs::metadata(m.join("d"))), libc::ENOENT);
+
+    // Names of 255 bytes work, 256 do not.
+    let long = "n".repeat(255);
+    fs::write(m.join(&long), b"x")?;
+    assert_eq!(fs::read(m.join(&long))?, b"x");
+    assert!(fs::read_dir(m)?.any(|e| e.map(|e| e.file_name() == long.as_str()).unwrap_or(false)));
+    assert_eq!(
+        errno(fs::write(m.join("n".repeat(256)), b"")),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        errno(fs::create_dir(m.join("m".repeat(256)))),
+        libc::ENAMETOOLONG
+    );
+
+    // Renaming out of the filesystem is EXDEV.
+    assert_eq!(
+        errno(fs::rename(m.join("a"), c.scratch().join("a"))),
+        libc::EXDEV
+    );
+
+    // Listing a directory larger than one readdir batch.
+    fs::create_dir(m.join("many"))?;
+    for i in 0..300 {
+        File::create(m.join(format!("many/f{i:04}")))?;
+    }
+    let mut names: Vec<String> = fs::read_dir(m.join("many"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    let want: Vec<String> = (0..300).map(|i| format!("f{i:04}")).collect();
+    assert_eq!(names, want);
+    Ok(())
+}
+
+#[test]
+fn setattr_changes_mode_owner_times_and_size() -> Result<()> {
+    let c = Cluster::start()?;
+    let p = c.path("f");
+    fs::write(&p, b"0123456789")?;
+    let before = fs::metadata(&p)?;
+    assert_eq!(before.len(), 10);
+    assert_eq!(before.uid(), 0);
+
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o640))?;
+    assert_eq!(fs::metadata(&p)?.mode() & 0o7777, 0o640);
+    std::os::unix::fs::chown(&p, Some(1000), Some(1001))?;
+    let md = fs::metadata(&p)?;
+    assert_eq!((md.uid(), md.gid()), (1000, 1001));
+
+    // Nanosecond timestamps survive.
+    let times = [
+        libc::timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 123_456_789,
+        },
+        libc::timespec {
+            tv_sec: 1_500_000_000,
+            tv_nsec: 987_654_321,
+        },
+    ];
+    let cp = cpath(&p);
+    // SAFETY: valid path and two timespecs.
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), times.as_ptr(), 0) },
+        0
+    );
+    let md = fs::metadata(&p)?;
+    assert_eq!((md.atime(), md.atime_nsec()), (1_000_000_000, 123_456_789));
+    assert_eq!((md.mtime(), md.mtime_nsec()), (1_500_000_000, 987_654_321));
+
+    // Truncate down and up: the regrown part reads as zeros.
+    let f = OpenOptions::new().write(true).open(&p)?;
+    f.set_len(4)?;
+    assert_eq!(fs::read(&p)?, b"0123");
+    f.set_len(8)?;
+    assert_eq!(fs::read(&p)?, b"0123\0\0\0\0");
+    drop(f);
+    // A write moves mtime forward.
+    let old = fs::metadata(&p)?.mtime();
+    fs::write(&p, b"new")?;
+    assert!(fs::metadata(&p)?.mtime() > old);
+    Ok(())
+}
+
+#[test]
+fn rename_replaces_and_honours_noreplace_and_exchange() -> Result<()> {
+    let c = Cluster::start()?;
+    let m = &c.mnt;
+    fs::write(m.join("a"), b"A")?;
+    fs::write(m.join("b"), b"B")?;
+    fs::rename(m.join("a"), m.join("b"))?;
+    assert_eq!(fs::read(m.join("b"))?, b"A");
+    assert_eq!(errno(fs::metadata(m.join("a"))), libc::ENOENT);
+
+    fs::create_dir_all(m.join("d1/sub"))?;
+    fs::create_dir(m.join("d2"))?;
+    fs::write(m.join("d1/sub/f"), b"F")?;
+    fs::rename(m.join("d1/sub"), m.join("d2/moved"))?;
+    assert_eq!(fs::read(m.join("d2/moved/f"))?, b"F");
+    // Directory over a non-empty directory, file over directory, directory over file.
+    fs::create_dir(m.join("e"))?;
+    assert_eq!(
+        errno(fs::rename(m.join("e"), m.join("d2"))),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(errno(fs::rename(m.join("b"), m.join("e"))), libc::EISDIR);
+    assert_eq!(errno(fs::rename(m.join("e"), m.join("b"))), libc::ENOTDIR);
+    // A directory into its own subtree.
+    assert_eq!(
+        errno(fs::rename(m.join("d2"), m.join("d2/moved/x"))),
+        libc::EINVAL
+    );
+
+    fs::write(m.join("x"), b"X")?;
+    fs::write(m.join("y"), b"Y")?;
+    assert_eq!(
+        errno(renameat2(
+            &m.join("x"),
+            &m.join("y"),
+            libc::RENAME_NOREPLACE
+        )),
+        libc::EEXIST
+    );
+    renameat2(&m.join("x"), &m.join("z"), libc::RENAME_NOREPLACE)?;
+    assert_eq!(fs::read(m.join("z"))?, b"X");
+    renameat2(&m.join("y"), &m.join("z"), libc::RENAME_EXCHANGE)?;
+    assert_eq!(fs::read(m.join("z"))?, b"Y");
+    assert_eq!(fs::read(m.join("y"))?, b"X");
+    // Exchange a file with a directory.
+    renameat2(&m.join("y"), &m.join("e"), libc::RENAME_EXCHANGE)?;
+    assert!(fs::metadata(m.join("y"))?.is_dir());
+    assert_eq!(fs::read(m.join("e"))?, b"X");
+    assert_eq!(
+        errno(renameat2(
+            &m.join("z"),
+            &m.join("nope"),
+            libc::RENAME_EXCHANGE
+        )),
+        libc::ENOENT
+    );
+    Ok(())
+}
+
+#[test]
+fn hard_links_and_symlinks_behave() -> Result<()> {
+    let c = Cluster::start()?;
+    let m = &c.mnt;
+    fs::write(m.join("orig"), b"data")?;
+    fs::hard_link(m.join("orig"), m.join("link"))?;
+    let (a, b) = (fs::metadata(m.join("orig"))?, fs::metadata(m.join("link"))?);
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!(b.nlink(), 2);
+    OpenOptions::new()
+        .append(true)
+        .open(m.join("link"))?
+        .write_all(b"+more")?;
+    assert_eq!(fs::read(m.join("orig"))?, b"data+more");
+    assert_eq!(
+        errno(fs::hard_link(m.join("orig"), m.join("link"))),
+        libc::EEXIST
+    );
+    fs::create_dir(m.join("dir"))?;
+    assert_eq!(
+        errno(fs::hard_link(m.join("dir"), m.join("dirlink"))),
+        libc::EPERM
+    );
+    fs::remove_file(m.join("orig"))?;
+    assert_eq!(fs::metadata(m.join("link"))?.nlink(), 1);
+    assert_eq!(fs::read(m.join("link"))?, b"data+more");
+
+    std::os::unix::fs::symlink("link", m.join("sym"))?;
+    assert_eq!(fs::read_link(m.join("sym"))?, Path::new("link"));
+    assert!(fs::symlink_metadata(m.join("sym"))?
+        .file_type()
+        .is_symlink());
+    assert_eq!(fs::read(m.join("sym"))?, b"data+more");
+    std::os::unix::fs::symlink("missing", m.join("dangling"))?;
+    assert_eq!(errno(fs::read(m.join("dangling"))), libc::ENOENT);
+    assert_eq!(
+        errno(std::os::unix::fs::symlink("x", m.join("sym"))),
+        libc::EEXIST
+    );
+    let target = "t/".repeat(2000) + "end";
+    std::os::unix::fs::symlink(&target, m.join("longsym"))?;
+    assert_eq!(fs::read_link(m.join("longsym"))?, Path::new(&target));
+    assert_eq!(errno(fs::read_link(m.join("link"))), libc::EINVAL);
+    Ok(())
+}
+
+#[test]
+fn xattrs_set_get_list_and_remove() -> Result<()> {
+    let c = Cluster::start()?;
+    let p = c.path("f");
+    fs::write(&p, b"")?;
+    setxattr(&p, "user.a", b"1", 0)?;
+    setxattr(&p, "user.b", &[7u8; 4000], 0)?;
+    assert_eq!(getxattr(&p, "user.a")?, b"1");
+    assert_eq!(getxattr(&p, "user.b")?, vec![7u8; 4000]);
+    let mut names = listxattr(&p)?;
+    names.sort();
+    assert_eq!(names, ["user.a", "user.b"]);
+    assert_eq!(
+        errno(setxattr(&p, "user.a", b"2", libc::XATTR_CREATE)),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno(setxattr(&p, "user.c", b"2", libc::XATTR_REPLACE)),
+        libc::ENODATA
+    );
+    setxattr(&p, "user.a", b"22", libc::XATTR_REPLACE)?;
+    assert_eq!(getxattr(&p, "user.a")?, b"22");
+    removexattr(&p, "user.a")?;
+    assert_eq!(errno(getxattr(&p, "user.a")), libc::ENODATA);
+    assert_eq!(errno(removexattr(&p, "user.a")), libc::ENODATA);
+    assert_eq!(listxattr(&p)?, ["user.b"]);
+    let d = c.path("dir");
+    fs::create_dir(&d)?;
+    setxattr(&d, "user.dir", b"yes", 0)?;
+    assert_eq!(getxattr(&d, "user.dir")?, b"yes");
+    Ok(())
+}
+
+#[test]
+fn fallocate_punches_holes_and_copy_file_range_copies() -> Result<()> {
+    let c = Cluster::start()?;
+    let p = c.path("f");
+    let data = pattern(1, 0, 3 << 20);
+    fs::write(&p, &data)?;
+    let f = OpenOptions::new().read(true).write(true).open(&p)?;
+    let (off, len) = ((1 << 20) + 100, 500 << 10);
+    fallocate(
+        &f,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        off,
+        len,
+    )?;
+    let mut want = data.clone();
+    want[off as usize..(off + len) as usize].fill(0);
+    assert_eq!(f.metadata()?.len(), 3 << 20);
+    drop_cache(&f);
+    assert_eq!(fs::read(&p)?, want);
+    // Plain fallocate extends with zeros.
+    fallocate(&f, 0, 3 << 20, 1 << 20)?;
+    assert_eq!(f.metadata()?.len(), 4 << 20);
+    let mut tail = vec![1u8; 1 << 20];
+    f.read_exact_at(&mut tail, 3 << 20)?;
+    assert!(tail.iter().all(|b| *b == 0));
+
+    // A hole punched across a chunk boundary (64 MiB) of a sparse file.
+    let s = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(c.path("sparse"))?;
+    let edge = 64u64 << 20;
+    s.write_all_at(&pattern(2, edge - (1 << 20), 2 << 20), edge - (1 << 20))?;
+    s.sync_all()?;
+    fallocate(
+        &s,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        edge - 4096,
+        8192,
+    )?;
+    let mut got = vec![0u8; 2 << 20];
+    drop_cache(&s);
+    s.read_exact_at(&mut got, edge - (1 << 20))?;
+    let mut want = pattern(2, edge - (1 << 20), 2 << 20);
+    want[(1 << 20) - 4096..(1 << 20) + 4096].fill(0);
+    assert!(got == want, "punched range across the chunk boundary");
+
+    let dst = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(c.path("copy"))?;
+    let mut done = 0;
+    while done < (2 << 20) {
+        let n = copy_file_range(&f, done as u64, &dst, 4096 + done as u64, (2 << 20) - done)?;
+        assert!(n > 0, "copy_file_range made no progress");
+        done += n;
+    }
+    let mut got = vec![0u8; 2 << 20];
+    dst.read_exact_at(&mut got, 4096)?;
+    assert!(got == want_prefix(&data, off, len), "copied range");
+    Ok(())
+}
+
+fn want_prefix(data: &[u8], hole: u64, len: u64) -> Vec<u8> {
+    let mut w = data[..2 << 20].to_vec();
+    w[hole as usize..(hole + len) as usize].fill(0);
+    w
+}
+
+#[test]
+fn flock_and_fcntl_locks_conflict_across_opens() -> Result<()> {
+    let c = Cluster::start()?;
+    let p = c.path("lock");
+    fs::write(&p, vec![0u8; 1000])?;
+    let f1 = OpenOptions::new().read(true).write(true).open(&p)?;
+    let f2 = OpenOptions::new().read(true).write(true).open(&p)?;
+    flock(&f1, libc::LOCK_EX | libc::LOCK_NB)?;
+    assert_eq!(
+        errno(flock(&f2, libc::LOCK_EX | libc::LOCK_NB)),
+        libc::EWOULDBLOCK
+    );
+    flock(&f1, libc::LOCK_UN)?;
+    flock(&f2, libc::LOCK_SH | libc::LOCK_NB)?;
+    flock(&f1, libc::LOCK_SH | libc::LOCK_NB)?;
+    flock(&f2, libc::LOCK_UN)?;
+    flock(&f1, libc::LOCK_UN)?;
+
+    fcntl_lock(&f1, libc::F_WRLCK, 0, 100)?;
+    let e = fcntl_lock_in_child(&p, 50, 10)?;
+    assert!(
+        e == libc::EAGAIN || e == libc::EACCES,
+        "overlapping lock from another process: errno {e}"
+    );
+    assert_eq!(
+        fcntl_lock_in_child(&p, 200, 100)?,
+        0,
+        "a disjoint range is free"
+    );
+    fcntl_lock(&f1, libc::F_UNLCK, 0, 100)?;
+    assert_eq!(fcntl_lock_in_child(&p, 50, 10)?, 0, "free after unlock");
+    Ok(())
+}
+
+#[test]
+fn files_past_4gib_are_sparse_and_holes_read_zero() -> Result<()> {
+    let c = Cluster::start()?;
+    let p = c.path("big");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)?;
+    let four = 4u64 << 30;
+    f.write_all_at(b"abcd", four - 2)?;
+    f.write_all_at(b"tail", (5 << 30) + 3)?;
+    f.sync_all()?;
+    let md = fs::metadata(&p)?;
+    assert_eq!(md.len(), (5 << 30) + 7);
+    assert!(
+        md.blocks() * 512 < 512 << 20,
+        "sparse: {} blocks",
+        md.blocks()
+    );
+    drop_cache(&f);
+    let mut buf = [0u8; 8];
+    f.read_exact_at(&mut buf, four - 4)?;
+    assert_eq!(&buf, b"\0\0abcd\0\0");
+    let mut hole = vec![1u8; 1 << 20];
+    f.read_exact_at(&mut hole, 3 << 30)?;
+    assert!(hole.iter().all(|b| *b == 0));
+    f.seek(SeekFrom::Start((5 << 30) + 3))?;
+    let mut end = Vec::new();
+    f.read_to_end(&mut end)?;
+    assert_eq!(end, b"tail");
+    Ok(())
+}
+
+#[test]
+fn append_from_several_processes_keeps_every_line_whole() -> Result<()> {
+    let c = Cluster::start()?;
+    let script = "i=0; while [ $i -lt 150 ]; do echo \"p$P-$i-abcdefghijklmnopqrstuvwxyz\" >> log; i=$((i+1)); done";
+    let children: Vec<_> = (0..4)
+        .map(|p| {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .env("P", p.to_string())
+                .current_dir(&c.mnt)
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    for mut ch in children {
+        assert!(ch.wait()?.success());
+    }
+    let text = fs::read_to_string(c.path("log"))?;
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 600);
+    for p in 0..4 {
+        let mine: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.starts_with(&format!("p{p}-")))
+            .collect();
+        let want: Vec<String> = (0..150)
+            .map(|i| format!("p{p}-{i}-abcdefghijklmnopqrstuvwxyz"))
+            .collect();
+        assert_eq!(mine, want, "process {p}'s lines are whole and in order");
+    }
+    Ok(())
+}
+
+#[test]
+fn fifos_and_sockets_can_be_created_and_used() -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let c = Cluster::start()?;
+    let fifo = c.path("fifo");
+    mknod(&fifo, libc::S_IFIFO | 0o644, 0)?;
+    assert!(fs::metadata(&fifo)?.file_type().is_fifo());
+    let f2 = fifo.clone();
+    let writer = std::thread::spawn(move || fs::write(f2, b"through the pipe"));
+    assert_eq!(fs::read(&fifo)?, b"through the pipe");
+    writer.join().expect("writer thread")?;
+    let sock = c.path("sock");
+    mknod(&sock, libc::S_IFSOCK | 0o600, 0)?;
+    assert!(fs::metadata(&sock)?.file_type().is_socket());
+    assert_eq!(errno(mknod(&fifo, libc::S_IFIFO | 0o644, 0)), libc::EEXIST);
+    Ok(())
+}
+
+#[test]
+fn unlinked_file_stays_readable_until_close() -> Result<()> {
+    let c = Cluster::start()?;
+    let p = c.path("tmp");
+    let data = pattern(3, 0, 300_000);
+    fs::write(&p, &data)?;
+    let mut r = File::open(&p)?;
+    let w = OpenOptions::new().write(true).open(&p)?;
+    fs::remove_file(&p)?;
+    assert_eq!(errno(fs::metadata(&p)), libc::ENOENT);
+    assert!(fs::read_dir(&c.mnt)?.all(|e| e.map(|e| e.file_name() != "tmp").unwrap_or(true)));
+    w.write_all_at(b"still here", 10)?;
+    w.sync_all()?;
+    let mut got = Vec::new();
+    r.read_to_end(&mut got)?;
+    let mut want = data;
+    want[10..20].copy_from_slice(b"still here");
+    assert!(got == want, "orphan content");
+    drop(w);
+    drop(r);
+    fs::write(&p, b"new")?;
+    assert_eq!(fs::read(&p)?, b"new");
+    Ok(())
+}
+
+#[test]
+fn statfs_reports_real_capacity() -> Result<()> {
+    let c = Cluster::start()?;
+    let cp = cpath(&c.mnt);
+    // SAFETY: zeroed statvfs is valid; the path is valid.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(cp.as_ptr(), &mut st) }, 0);
+    let total = st.f_blocks * st.f_frsize;
+    assert!(total > 1 << 30, "capacity {total}");
+    assert!(st.f_bavail > 0 && st.f_bavail <= st.f_blocks);
+    assert!(st.f_namemax >= 255 || st.f_namemax == 0);
+    let out = sh(&c.mnt, "df -P .")?;
+    assert!(out.contains(&*c.mnt.to_string_lossy()), "{out}");
+    Ok(())
+}

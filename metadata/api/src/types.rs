@@ -1,0 +1,250 @@
+//! Plain data types shared by the metadata service and its clients.
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// A 64-bit inode number. `ROOT_INO` is the root directory.
+pub type Ino = u64;
+/// The root directory's inode number (as FUSE expects).
+pub const ROOT_INO: Ino = 1;
+/// A cluster-wide unique chunk id, never reused.
+pub type ChunkId = u64;
+/// A chunkserver's id, chosen by its operator and stable across restarts.
+pub type ServerId = u64;
+/// A file or directory entry name: raw bytes, as POSIX allows (no `/`, no NUL).
+pub type Name = ByteBuf;
+
+/// Default chunk size: 64 MiB.
+pub const CHUNK_SIZE: u64 = 64 << 20;
+/// Longest name accepted in a directory entry, as on Linux.
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target accepted.
+pub const PATH_MAX: usize = 4096;
+/// Replicas kept of each hot chunk.
+pub const REPLICAS: usize = 3;
+
+/// Seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Timespec {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+impl Timespec {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        }
+    }
+}
+
+/// What kind of object an inode is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// The attributes of one inode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: FileKind,
+    /// Permission bits including setuid, setgid and sticky (`0o7777`).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    /// Length in bytes (for symlinks: the target's length).
+    pub size: u64,
+    pub rdev: u32,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub crtime: Timespec,
+    /// Bytes actually stored (one replica), for `st_blocks`.
+    pub stored: u64,
+}
+
+/// One entry returned by `readdir`, with the child's attributes (for READDIRPLUS).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: Name,
+    pub attr: Attr,
+    /// Opaque cookie: pass it back to continue listing after this entry.
+    pub cookie: u64,
+}
+
+/// How a time attribute is set by `setattr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeSet {
+    /// The server's current time (UTIME_NOW).
+    Now,
+    At(Timespec),
+}
+
+/// Changes requested by `setattr`; `None` leaves a field alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttr {
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Truncate or extend; chunks wholly past the new size are released.
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+}
+
+/// Who is asking: used for ownership of new inodes and setgid inheritance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What `mknod` creates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewNode {
+    pub kind: FileKind,
+    /// Permission bits after the umask has been applied.
+    pub perm: u32,
+    pub rdev: u32,
+    /// Fail with `Exists` if the name is taken (always true except for open(O_CREAT) without O_EXCL).
+    pub exclusive: bool,
+}
+
+/// `rename` flags (Linux renameat2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenameFlags {
+    pub noreplace: bool,
+    pub exchange: bool,
+}
+
+/// `setxattr` mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum XattrMode {
+    /// Create or replace.
+    Any,
+    /// XATTR_CREATE: fail with `Exists` if present.
+    Create,
+    /// XATTR_REPLACE: fail with `NoAttr` if absent.
+    Replace,
+}
+
+/// One chunk of a file: its id, version and the chunkservers holding it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkLoc {
+    /// Index of the chunk within the file (`offset / CHUNK_SIZE`).
+    pub index: u64,
+    pub chunk: ChunkId,
+    /// Bumped whenever the replica set shrinks, so a dropped replica is recognisably stale.
+    pub version: u64,
+    /// Live replicas, each with the address of its data port.
+    pub replicas: Vec<Replica>,
+    /// The metadata leader's term when this location was handed out: the fencing token to
+    /// put in `WriteReq::term` (a chunkserver refuses terms older than the newest it saw).
+    #[serde(default)]
+    pub term: u64,
+}
+
+/// One replica of a chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    pub server: ServerId,
+    /// `host:port` of the chunkserver's framed data protocol.
+    pub data_addr: String,
+}
+
+/// Filesystem totals for `statfs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatFs {
+    /// Raw capacity of live chunkservers, in bytes.
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub files: u64,
+    /// Replicas per chunk, so that `df` can divide raw space.
+    pub replicas: u32,
+}
+
+/// A chunkserver's periodic report to the metadata leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub server: ServerId,
+    pub data_addr: String,
+    pub control_addr: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    /// False when the chunkserver's disk refuses writes (full, read-only, failing).
+    pub healthy: bool,
+    /// Every chunk it holds with its version, sent on the first heartbeat and then every few minutes.
+    pub inventory: Option<Vec<(ChunkId, u64)>>,
+    /// Chunks whose reads failed their checksum since the last heartbeat.
+    pub corrupt: Vec<ChunkId>,
+}
+
+/// Orders for a chunkserver, carried on the heartbeat reply (the metadata service never calls out).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// The leader's term: the fencing token the chunkserver must remember.
+    pub term: u64,
+    /// Chunks to delete (no longer referenced, or a stale version).
+    pub delete: Vec<ChunkId>,
+}
+
+/// Health of one chunk, as counted by `status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkCounts {
+    pub healthy: u64,
+    pub under_replicated: u64,
+    pub degraded: u64,
+    pub lost: u64,
+    pub replicated: u64,
+    pub ec: u64,
+}
+
+/// One chunkserver as the registry sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkserverStatus {
+    pub id: ServerId,
+    pub data_addr: String,
+    pub control_addr: String,
+    pub up: bool,
+    pub healthy: bool,
+    pub used_bytes: u64,
+    pub total_bytes: u64,
+    pub chunks: u64,
+    /// Milliseconds since the last heartbeat.
+    pub last_seen_ms: u64,
+}
+
+/// One metadata replica's view of the replicated log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub id: u64,
+    pub addr: String,
+    /// `leader`, `follower`, `candidate` or `learner`.
+    pub role: String,
+    pub term: u64,
+    pub applied: u64,
+}
+
+/// The cluster's state, as `rawfs status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub replicas: Vec<ReplicaStatus>,
+    pub chunkservers: Vec<ChunkserverStatus>,
+    pub chunks: ChunkCounts,
+    pub files: u64,
+}

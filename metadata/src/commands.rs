@@ -1,0 +1,231 @@
+//! The commands that travel through the replicated log, and their replies.
+//!
+//! Everything that is not a pure function of the state (the time, where a new chunk goes) is
+//! decided by the leader and carried inside the command, so that every replica applying the
+//! same log reaches the same state and the same replies.
+
+use rawfs_metadata_api::{
+    Attr, Caller, ChunkId, ChunkLoc, Ino, MetaError, MetaResult, Name, NewNode, RenameFlags,
+    ServerId, SetAttr, Timespec, XattrMode,
+};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// Format version byte in front of every encoded command and reply.
+const WIRE_FORMAT: u8 = 1;
+
+/// One mutation of the metadata state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Creates the root directory if it does not exist yet.
+    Init {
+        now: Timespec,
+    },
+    SetAttr {
+        ino: Ino,
+        set: SetAttr,
+        now: Timespec,
+    },
+    Mknod {
+        parent: Ino,
+        name: Name,
+        node: NewNode,
+        caller: Caller,
+        now: Timespec,
+    },
+    Symlink {
+        parent: Ino,
+        name: Name,
+        target: ByteBuf,
+        caller: Caller,
+        now: Timespec,
+    },
+    Link {
+        ino: Ino,
+        newparent: Ino,
+        newname: Name,
+        now: Timespec,
+    },
+    Unlink {
+        parent: Ino,
+        name: Name,
+        now: Timespec,
+    },
+    Rmdir {
+        parent: Ino,
+        name: Name,
+        now: Timespec,
+    },
+    Rename {
+        parent: Ino,
+        name: Name,
+        newparent: Ino,
+        newname: Name,
+        flags: RenameFlags,
+        now: Timespec,
+    },
+    Open {
+        ino: Ino,
+        session: u64,
+    },
+    Release {
+        ino: Ino,
+        session: u64,
+    },
+    EndSession {
+        session: u64,
+    },
+    SetXattr {
+        ino: Ino,
+        name: Name,
+        value: ByteBuf,
+        mode: XattrMode,
+        now: Timespec,
+    },
+    RemoveXattr {
+        ino: Ino,
+        name: Name,
+        now: Timespec,
+    },
+    /// Creates the chunk at `index` on `servers` (chosen by the leader) unless it exists.
+    AllocateChunk {
+        ino: Ino,
+        index: u64,
+        servers: Vec<ServerId>,
+    },
+    CommitWrite {
+        ino: Ino,
+        end: u64,
+        stored_delta: i64,
+        now: Timespec,
+    },
+    ReleaseChunks {
+        ino: Ino,
+        first: u64,
+        count: u64,
+        now: Timespec,
+    },
+    DropReplica {
+        chunk: ChunkId,
+        expected_version: u64,
+        server: ServerId,
+    },
+    /// Records (or updates) a chunkserver's addresses.
+    RegisterServer {
+        id: ServerId,
+        data_addr: String,
+        control_addr: String,
+    },
+    /// The listed deletions were handed to `server`; forget them.
+    AckDeletes {
+        server: ServerId,
+        chunks: Vec<ChunkId>,
+    },
+}
+
+/// What a command returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Unit,
+    Attr(Attr),
+    Chunk(ChunkLoc),
+}
+
+/// Why an encoded command or reply could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("cannot encode: {0}")]
+    Encode(String),
+    #[error("cannot decode: {0}")]
+    Decode(String),
+    #[error("unknown wire format {0}")]
+    Format(u8),
+}
+
+fn to_bytes<T: Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = vec![WIRE_FORMAT];
+    rmp_serde::encode::write(&mut out, v).map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+fn from_bytes<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, CodecError> {
+    match b.split_first() {
+        Some((&WIRE_FORMAT, rest)) => {
+            rmp_serde::from_slice(rest).map_err(|e| CodecError::Decode(e.to_string()))
+        }
+        Some((&v, _)) => Err(CodecError::Format(v)),
+        None => Err(CodecError::Decode("empty".into())),
+    }
+}
+
+impl Command {
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        to_bytes(self)
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Command, CodecError> {
+        from_bytes(b)
+    }
+}
+
+/// Encodes the result of applying a command.
+pub fn encode_reply(r: &MetaResult<Reply>) -> Result<Vec<u8>, CodecError> {
+    to_bytes(r)
+}
+
+/// Decodes a reply produced by [`encode_reply`].
+pub fn decode_reply(b: &[u8]) -> Result<MetaResult<Reply>, CodecError> {
+    from_bytes(b)
+}
+
+impl Reply {
+    /// The attributes carried by the reply, or a storage error if the reply has another shape
+    /// (which would mean a bug: the command and reply types are paired).
+    pub fn into_attr(self) -> MetaResult<Attr> {
+        match self {
+            Reply::Attr(a) => Ok(a),
+            other => Err(mismatch(&other)),
+        }
+    }
+
+    pub fn into_chunk(self) -> MetaResult<ChunkLoc> {
+        match self {
+            Reply::Chunk(c) => Ok(c),
+            other => Err(mismatch(&other)),
+        }
+    }
+
+    pub fn into_unit(self) -> MetaResult<()> {
+        match self {
+            Reply::Unit => Ok(()),
+            other => Err(mismatch(&other)),
+        }
+    }
+}
+
+fn mismatch(r: &Reply) -> MetaError {
+    tracing::error!(reply = ?r, "reply of an unexpected shape");
+    MetaError::Storage {
+        reason: "reply of an unexpected shape".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_round_trips_and_rejects_garbage() {
+        let c = Command::Unlink {
+            parent: 1,
+            name: ByteBuf::from(b"x".to_vec()),
+            now: Timespec { sec: 5, nsec: 6 },
+        };
+        assert_eq!(Command::decode(&c.encode().unwrap()).unwrap(), c);
+        assert!(Command::decode(&[]).is_err());
+        assert!(Command::decode(&[9, 1, 2]).is_err());
+        assert!(Command::decode(&[WIRE_FORMAT, 0xc1]).is_err());
+        let r: MetaResult<Reply> = Err(MetaError::NotEmpty);
+        assert_eq!(decode_reply(&encode_reply(&r).unwrap()).unwrap(), r);
+    }
+}

@@ -1,0 +1,129 @@
+//! rawfs-metadata: the metadata service — the namespace, the file -> chunk map and the
+//! chunkserver registry, kept in redb and replicated through the `rawfs-replication` log.
+//!
+//! ```text
+//!  MetadataClient --tarpc--> server.rs --(reads: ensure_leader + redb read txn)--> queries.rs
+//!                               |
+//!                               | mutations: leader decides time/placement, encodes a Command
+//!                               v
+//!                     Replica::propose --> log (durable) --> MetaStateMachine::apply
+//!                                                             (namespace, rename, chunks)
+//!                                                                  | redb write txn
+//!                                                                  v  (durability None,
+//!                                                               meta.redb  fsync ~1/s)
+//!  chunkserver --heartbeat--> registry.rs (leader soft state) --> placement, deletions
+//! ```
+//!
+//! Apply is deterministic: every input that is not a function of the state (the time, the
+//! servers chosen for a new chunk) is decided by the leader and travels in the command.
+
+mod chunks;
+mod commands;
+mod machine;
+mod namespace;
+mod queries;
+mod registry;
+mod rename;
+mod store;
+
+#[cfg(test)]
+mod tests;
+
+pub use commands::{Command, Reply};
+pub use machine::MetaStateMachine;
+pub use store::StoreError;
+
+mod daemon;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::Future;
+
+/// Heartbeat silence after which a chunkserver counts as down.
+pub const DEFAULT_CHUNKSERVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Configuration of one metadata replica.
+#[derive(Clone, Debug)]
+pub struct MetadataConfig {
+    /// This replica's id, unique in the group and stable across restarts.
+    pub id: u64,
+    /// Where clients (tarpc `MetadataRpc`) connect; port 0 picks one.
+    pub listen: SocketAddr,
+    /// Where the other replicas reach this one's replication RPCs; port 0 picks one.
+    pub raft_listen: SocketAddr,
+    /// Holds `meta.redb` (the state) and the replicated log.
+    pub data_dir: PathBuf,
+    /// The other replicas; empty for a single-node group.
+    pub peers: Vec<Peer>,
+    /// Heartbeat silence after which a chunkserver counts as down.
+    pub chunkserver_timeout: Duration,
+}
+
+/// Another metadata replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub id: u64,
+    /// Its client (tarpc) address.
+    pub addr: String,
+    /// Its replication address.
+    pub raft_addr: String,
+}
+
+/// Why the metadata service could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metadata store: {0}")]
+    Store(#[from] StoreError),
+    #[error("replication: {0}")]
+    Replication(#[from] rawfs_replication::ReplicationError),
+    #[error("metadata task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A running metadata replica.
+#[derive(Debug)]
+pub struct MetadataHandle {
+    addr: SocketAddr,
+    raft_addr: SocketAddr,
+    task: tokio::task::JoinHandle<Result<(), MetadataError>>,
+}
+
+impl MetadataHandle {
+    /// The client (tarpc) address actually bound.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The replication address actually bound.
+    pub fn raft_addr(&self) -> SocketAddr {
+        self.raft_addr
+    }
+
+    /// Waits until the service has stopped (after the shutdown future resolved).
+    pub async fn join(self) -> Result<(), MetadataError> {
+        self.task.await?
+    }
+}
+
+/// Starts a metadata replica; it runs until `shutdown` resolves.
+pub async fn serve(
+    cfg: MetadataConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<MetadataHandle, MetadataError> {
+    daemon::serve(cfg, shutdown).await
+}

@@ -1,0 +1,195 @@
+//! The replicated state machine: decodes committed commands and applies them to the store.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rawfs_metadata_api::{MetaError, MetaResult};
+use rawfs_replication::{Entry, StateMachine, StorageError};
+
+use crate::chunks;
+use crate::commands::{encode_reply, Command, Reply};
+use crate::namespace as ns;
+use crate::rename;
+use crate::store::{Fail, Op, ReadTables, Store, StoreError, Tables};
+
+/// The metadata state machine over a redb file.
+pub struct MetaStateMachine {
+    store: Arc<Store>,
+}
+
+fn storage(e: impl std::fmt::Display) -> StorageError {
+    StorageError {
+        reason: e.to_string(),
+    }
+}
+
+impl MetaStateMachine {
+    /// Opens (or creates) the state in `path`, with a page cache of `cache_bytes`.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        Ok(MetaStateMachine {
+            store: Arc::new(Store::open(path, cache_bytes)?),
+        })
+    }
+
+    /// The underlying store (for durability ticks).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Runs a read-only query in a fresh read transaction.
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&ReadTables) -> Op<T>) -> MetaResult<T> {
+        let run = || -> Op<T> {
+            let txn = self.store.begin_read()?;
+            let rt = ReadTables::open(&txn)?;
+            f(&rt)
+        };
+        run().map_err(|e| match e {
+            Fail::Meta(m) => m,
+            Fail::Store(s) => {
+                tracing::error!(error = %s, "metadata read failed");
+                MetaError::Storage {
+                    reason: s.to_string(),
+                }
+            }
+        })
+    }
+}
+
+/// Applies one command; `term` is the term of its log entry (the fencing token).
+fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
+    use Command::*;
+    let unit = |r: Op<()>| r.map(|()| Reply::Unit);
+    match cmd {
+        Init { now } => unit(ns::init(t, *now)),
+        SetAttr { ino, set, now } => ns::setattr(t, *ino, set, *now).map(Reply::Attr),
+        Mknod {
+            parent,
+            name,
+            node,
+            caller,
+            now,
+        } => ns::mknod(t, *parent, name, node, *caller, *now).map(Reply::Attr),
+        Symlink {
+            parent,
+            name,
+            target,
+            caller,
+            now,
+        } => ns::symlink(t, *parent, name, target, *caller, *now).map(Reply::Attr),
+        Link {
+            ino,
+            newparent,
+            newname,
+            now,
+        } => ns::link(t, *ino, *newparent, newname, *now).map(Reply::Attr),
+        Unlink { parent, name, now } => unit(ns::unlink(t, *parent, name, *now)),
+        Rmdir { parent, name, now } => unit(ns::rmdir(t, *parent, name, *now)),
+        Rename {
+            parent,
+            name,
+            newparent,
+            newname,
+            flags,
+            now,
+        } => unit(rename::rename(
+            t, *parent, name, *newparent, newname, *flags, *now,
+        )),
+        Open { ino, session } => ns::open(t, *ino, *session).map(Reply::Attr),
+        Release { ino, session } => unit(ns::release(t, *ino, *session)),
+        EndSession { session } => unit(ns::end_session(t, *session)),
+        SetXattr {
+            ino,
+            name,
+            value,
+            mode,
+            now,
+        } => unit(ns::setxattr(t, *ino, name, value, *mode, *now)),
+        RemoveXattr { ino, name, now } => unit(ns::removexattr(t, *ino, name, *now)),
+        AllocateChunk {
+            ino,
+            index,
+            servers,
+        } => chunks::allocate(t, *ino, *index, servers, term).map(Reply::Chunk),
+        CommitWrite {
+            ino,
+            end,
+            stored_delta,
+            now,
+        } => chunks::commit_write(t, *ino, *end, *stored_delta, *now).map(Reply::Attr),
+        ReleaseChunks {
+            ino,
+            first,
+            count,
+            now,
+        } => unit(chunks::release_chunks(t, *ino, *first, *count, *now)),
+        DropReplica {
+            chunk,
+            expected_version,
+            server,
+        } => chunks::drop_replica(t, *chunk, *expected_version, *server, term).map(Reply::Chunk),
+        RegisterServer {
+            id,
+            data_addr,
+            control_addr,
+        } => unit(chunks::register_server(t, *id, data_addr, control_addr)),
+        AckDeletes { server, chunks } => unit(chunks::ack_deletes(t, *server, chunks)),
+    }
+}
+
+impl StateMachine for MetaStateMachine {
+    fn apply(
+        &self,
+        entries: &[Entry<'_>],
+        replication_state: &[u8],
+    ) -> Result<Vec<Vec<u8>>, StorageError> {
+        let txn = self.store.begin_write().map_err(storage)?;
+        let mut out = Vec::with_capacity(entries.len());
+        {
+            let mut t = Tables::open(&txn).map_err(storage)?;
+            for e in entries {
+                let Some(bytes) = e.command else {
+                    out.push(Vec::new());
+                    continue;
+                };
+                let reply: MetaResult<Reply> = match Command::decode(bytes) {
+                    Ok(cmd) => match dispatch(&mut t, &cmd, e.term) {
+                        Ok(r) => Ok(r),
+                        Err(Fail::Meta(m)) => Err(m),
+                        Err(Fail::Store(s)) => {
+                            // Dropping the transaction discards the whole batch; the log
+                            // still has it, so nothing acknowledged is lost.
+                            tracing::error!(index = e.index, error = %s, "applying entry failed");
+                            return Err(storage(s));
+                        }
+                    },
+                    Err(err) => {
+                        // Every replica decodes the same bytes the same way, so refusing
+                        // the entry keeps them in step.
+                        tracing::error!(index = e.index, error = %err, "undecodable command");
+                        Err(MetaError::Invalid {
+                            reason: "undecodable command".into(),
+                        })
+                    }
+                };
+                out.push(encode_reply(&reply).map_err(storage)?);
+            }
+        }
+        Store::put_replication_state(&txn, replication_state).map_err(storage)?;
+        self.store
+            .commit_applied(txn, entries.len())
+            .map_err(storage)?;
+        Ok(out)
+    }
+
+    fn replication_state(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        self.store.replication_state().map_err(storage)
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, StorageError> {
+        self.store.snapshot().map_err(storage)
+    }
+
+    fn restore(&self, snapshot: &[u8]) -> Result<(), StorageError> {
+        self.store.restore(snapshot).map_err(storage)
+    }
+}

@@ -1,0 +1,606 @@
+//! The redb file that holds the metadata state: table layout, record encodings, durability.
+//!
+//! Every value that is a structure is MessagePack (rmp-serde) behind a one-byte format
+//! version, so a later release can read and migrate old records. Keys are plain redb tuples
+//! so that range scans (a directory's entries, a file's chunks) are ordered B-tree walks.
+//!
+//! Commits made while applying log entries use `Durability::None`: the replicated log is the
+//! durable record and re-applies whatever a crash lost. [`Store::flush_durable`] makes
+//! everything committed so far durable; the server calls it about once a second, and before
+//! snapshots and shutdown.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rawfs_metadata_api::{Attr, ChunkId, FileKind, Ino, MetaError, ServerId, Timespec};
+use redb::{
+    Database, Durability, ReadOnlyTable, ReadTransaction, ReadableTable, ReadableTableMetadata,
+    Table, TableDefinition, WriteTransaction,
+};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// ino -> InodeRec
+pub(crate) const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
+/// (parent, name) -> (child, seq)
+pub(crate) const DIRENTS: TableDefinition<(u64, &[u8]), (u64, u64)> =
+    TableDefinition::new("dirents");
+/// (parent, seq) -> name: the order `readdir` walks, so cookies stay valid under changes.
+pub(crate) const DIR_ORDER: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dir_order");
+/// (ino, name) -> value
+pub(crate) const XATTRS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("xattrs");
+/// ino -> target
+pub(crate) const SYMLINKS: TableDefinition<u64, &[u8]> = TableDefinition::new("symlinks");
+/// (ino, index) -> ChunkRec
+pub(crate) const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("chunks");
+/// chunk -> (ino, index)
+pub(crate) const CHUNK_OWNER: TableDefinition<u64, (u64, u64)> =
+    TableDefinition::new("chunk_owner");
+/// (ino, session) -> open count
+pub(crate) const OPENS: TableDefinition<(u64, u64), u64> = TableDefinition::new("opens");
+/// (session, ino) -> (): the reverse index of OPENS, for `end_session`.
+pub(crate) const SESSIONS: TableDefinition<(u64, u64), ()> = TableDefinition::new("sessions");
+/// ino -> (): inodes with no links left that are kept because they are open.
+pub(crate) const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
+/// name -> counter (next inode, next chunk id, inode count).
+pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// server -> ServerRec: every chunkserver ever registered.
+pub(crate) const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
+/// (server, chunk) -> (): chunks the server should delete, handed out on heartbeat replies.
+pub(crate) const DELETIONS: TableDefinition<(u64, u64), ()> = TableDefinition::new("deletions");
+/// key -> blob owned by the replication crate (last applied log id, membership).
+pub(crate) const REPL: TableDefinition<&str, &[u8]> = TableDefinition::new("replication");
+
+pub(crate) const NEXT_INO: &str = "next_ino";
+pub(crate) const NEXT_CHUNK: &str = "next_chunk";
+pub(crate) const INODE_COUNT: &str = "inode_count";
+const REPL_KEY: &str = "state";
+
+/// Current format version of every encoded record.
+const FORMAT: u8 = 1;
+
+/// Failure of the metadata store; fatal for the replica.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redb: {0}")]
+    Db(Box<redb::Error>),
+    #[error("corrupt {what} record: {reason}")]
+    Corrupt { what: &'static str, reason: String },
+    #[error("cannot encode {what}: {reason}")]
+    Encode { what: &'static str, reason: String },
+}
+
+macro_rules! redb_into_store {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(Box::new(e.into()))
+            }
+        }
+    )*};
+}
+redb_into_store!(
+    redb::Error,
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::DatabaseError
+);
+
+/// Why an operation did not complete: a filesystem error for the caller, or a store failure.
+#[derive(Debug)]
+pub(crate) enum Fail {
+    Meta(MetaError),
+    Store(StoreError),
+}
+
+impl From<MetaError> for Fail {
+    fn from(e: MetaError) -> Self {
+        Fail::Meta(e)
+    }
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Store(e)
+    }
+}
+
+macro_rules! redb_into_fail {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Fail {
+            fn from(e: $t) -> Self {
+                Fail::Store(e.into())
+            }
+        }
+    )*};
+}
+redb_into_fail!(redb::StorageError, redb::TableError);
+
+/// Result of an operation on the store.
+pub(crate) type Op<T> = Result<T, Fail>;
+
+/// Encodes a record behind the format byte.
+pub(crate) fn encode<T: Serialize>(what: &'static str, v: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![FORMAT];
+    rmp_serde::encode::write(&mut out, v).map_err(|e| StoreError::Encode {
+        what,
+        reason: e.to_string(),
+    })?;
+    Ok(out)
+}
+
+/// Decodes a record written by [`encode`]; anything else is reported as corruption.
+pub(crate) fn decode<T: DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, StoreError> {
+    match b.split_first() {
+        Some((&FORMAT, rest)) => rmp_serde::from_slice(rest).map_err(|e| StoreError::Corrupt {
+            what,
+            reason: e.to_string(),
+        }),
+        Some((v, _)) => Err(StoreError::Corrupt {
+            what,
+            reason: format!("unknown format version {v}"),
+        }),
+        None => Err(StoreError::Corrupt {
+            what,
+            reason: "empty record".into(),
+        }),
+    }
+}
+
+/// One inode as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct InodeRec {
+    pub kind: FileKind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub rdev: u32,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub crtime: Timespec,
+    pub stored: u64,
+    /// Directories only: the parent directory (a directory has exactly one).
+    pub parent: Ino,
+    /// Directories only: the last sequence number given to an entry (readdir cookie).
+    pub last_seq: u64,
+}
+
+impl InodeRec {
+    pub fn attr(&self, ino: Ino) -> Attr {
+        Attr {
+            ino,
+            kind: self.kind,
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            nlink: self.nlink,
+            size: self.size,
+            rdev: self.rdev,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            crtime: self.crtime,
+            stored: self.stored,
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.kind == FileKind::Dir
+    }
+}
+
+/// One chunk of a file as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ChunkRec {
+    pub chunk: ChunkId,
+    pub version: u64,
+    pub servers: Vec<ServerId>,
+}
+
+/// A registered chunkserver's addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ServerRec {
+    pub data_addr: String,
+    pub control_addr: String,
+}
+
+/// Every table, opened in one write transaction.
+pub(crate) struct Tables<'t> {
+    pub inodes: Table<'t, u64, &'static [u8]>,
+    pub dirents: Table<'t, (u64, &'static [u8]), (u64, u64)>,
+    pub dir_order: Table<'t, (u64, u64), &'static [u8]>,
+    pub xattrs: Table<'t, (u64, &'static [u8]), &'static [u8]>,
+    pub symlinks: Table<'t, u64, &'static [u8]>,
+    pub chunks: Table<'t, (u64, u64), &'static [u8]>,
+    pub chunk_owner: Table<'t, u64, (u64, u64)>,
+    pub opens: Table<'t, (u64, u64), u64>,
+    pub sessions: Table<'t, (u64, u64), ()>,
+    pub orphans: Table<'t, u64, ()>,
+    pub counters: Table<'t, &'static str, u64>,
+    pub servers: Table<'t, u64, &'static [u8]>,
+    pub deletions: Table<'t, (u64, u64), ()>,
+}
+
+impl<'t> Tables<'t> {
+    pub fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            inodes: txn.open_table(INODES)?,
+            dirents: txn.open_table(DIRENTS)?,
+            dir_order: txn.open_table(DIR_ORDER)?,
+            xattrs: txn.open_table(XATTRS)?,
+            symlinks: txn.open_table(SYMLINKS)?,
+            chunks: txn.open_table(CHUNKS)?,
+            chunk_owner: txn.open_table(CHUNK_OWNER)?,
+            opens: txn.open_table(OPENS)?,
+            sessions: txn.open_table(SESSIONS)?,
+            orphans: txn.open_table(ORPHANS)?,
+            counters: txn.open_table(COUNTERS)?,
+            servers: txn.open_table(SERVERS)?,
+            deletions: txn.open_table(DELETIONS)?,
+        })
+    }
+
+    pub fn put_inode(&mut self, ino: Ino, rec: &InodeRec) -> Result<(), StoreError> {
+        self.inodes.insert(ino, encode("inode", rec)?.as_slice())?;
+        Ok(())
+    }
+
+    pub fn put_chunk(&mut self, ino: Ino, index: u64, rec: &ChunkRec) -> Result<(), StoreError> {
+        self.chunks
+            .insert((ino, index), encode("chunk", rec)?.as_slice())?;
+        Ok(())
+    }
+
+    pub fn counter(&self, name: &str) -> Result<u64, StoreError> {
+        Ok(self.counters.get(name)?.map(|g| g.value()).unwrap_or(0))
+    }
+
+    pub fn set_counter(&mut self, name: &str, v: u64) -> Result<(), StoreError> {
+        self.counters.insert(name, v)?;
+        Ok(())
+    }
+}
+
+/// The tables a query reads, opened in one read transaction.
+pub(crate) struct ReadTables {
+    pub inodes: ReadOnlyTable<u64, &'static [u8]>,
+    pub dirents: ReadOnlyTable<(u64, &'static [u8]), (u64, u64)>,
+    pub dir_order: ReadOnlyTable<(u64, u64), &'static [u8]>,
+    pub xattrs: ReadOnlyTable<(u64, &'static [u8]), &'static [u8]>,
+    pub symlinks: ReadOnlyTable<u64, &'static [u8]>,
+    pub chunks: ReadOnlyTable<(u64, u64), &'static [u8]>,
+    pub chunk_owner: ReadOnlyTable<u64, (u64, u64)>,
+    pub counters: ReadOnlyTable<&'static str, u64>,
+    pub servers: ReadOnlyTable<u64, &'static [u8]>,
+    pub deletions: ReadOnlyTable<(u64, u64), ()>,
+}
+
+impl ReadTables {
+    pub fn open(txn: &ReadTransaction) -> Result<Self, StoreError> {
+        Ok(ReadTables {
+            inodes: txn.open_table(INODES)?,
+            dirents: txn.open_table(DIRENTS)?,
+            dir_order: txn.open_table(DIR_ORDER)?,
+            xattrs: txn.open_table(XATTRS)?,
+            symlinks: txn.open_table(SYMLINKS)?,
+            chunks: txn.open_table(CHUNKS)?,
+            chunk_owner: txn.open_table(CHUNK_OWNER)?,
+            counters: txn.open_table(COUNTERS)?,
+            servers: txn.open_table(SERVERS)?,
+            deletions: txn.open_table(DELETIONS)?,
+        })
+    }
+
+    pub fn counter(&self, name: &str) -> Result<u64, StoreError> {
+        Ok(self.counters.get(name)?.map(|g| g.value()).unwrap_or(0))
+    }
+}
+
+/// Reads and decodes an inode from any table handle.
+pub(crate) fn get_inode(
+    t: &impl ReadableTable<u64, &'static [u8]>,
+    ino: Ino,
+) -> Result<Option<InodeRec>, StoreError> {
+    match t.get(ino)? {
+        Some(g) => Ok(Some(decode("inode", g.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Reads an inode that must exist (`NotFound` otherwise).
+pub(crate) fn inode(t: &impl ReadableTable<u64, &'static [u8]>, ino: Ino) -> Op<InodeRec> {
+    get_inode(t, ino)?.ok_or(Fail::Meta(MetaError::NotFound))
+}
+
+/// Reads and decodes a chunk record.
+pub(crate) fn get_chunk(
+    t: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    ino: Ino,
+    index: u64,
+) -> Result<Option<ChunkRec>, StoreError> {
+    match t.get((ino, index))? {
+        Some(g) => Ok(Some(decode("chunk", g.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Reads a registered server's record.
+pub(crate) fn get_server(
+    t: &impl ReadableTable<u64, &'static [u8]>,
+    id: ServerId,
+) -> Result<Option<ServerRec>, StoreError> {
+    match t.get(id)? {
+        Some(g) => Ok(Some(decode("server", g.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Snapshot layout (one flat buffer, so a large state does not fragment the heap):
+/// `b"RAWFSMS1"`, then per table: name (u32 length + bytes), row count (u64), rows as
+/// (u32 key length, key, u32 value length, value); the replication blob last (u32 length +
+/// bytes, `u32::MAX` for none). Integers are little-endian.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"RAWFSMS1";
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn dump<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &ReadTransaction,
+    def: TableDefinition<K, V>,
+    name: &str,
+    out: &mut Vec<u8>,
+) -> Result<(), StoreError> {
+    let table = txn.open_table(def)?;
+    put_bytes(out, name.as_bytes());
+    out.extend_from_slice(&table.len()?.to_le_bytes());
+    for item in table.iter()? {
+        let (k, v) = item?;
+        put_bytes(out, K::as_bytes(&k.value()).as_ref());
+        put_bytes(out, V::as_bytes(&v.value()).as_ref());
+    }
+    Ok(())
+}
+
+/// A bounds-checked reader over a snapshot buffer.
+struct Cursor<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn corrupt(reason: &str) -> StoreError {
+        StoreError::Corrupt {
+            what: "snapshot",
+            reason: reason.into(),
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        if self.b.len() < n {
+            return Err(Self::corrupt("truncated"));
+        }
+        let (head, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(head)
+    }
+
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], StoreError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+}
+
+fn load<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &WriteTransaction,
+    def: TableDefinition<K, V>,
+    name: &str,
+    cur: &mut Cursor<'_>,
+) -> Result<(), StoreError> {
+    if cur.bytes()? != name.as_bytes() {
+        return Err(Cursor::corrupt("tables out of order"));
+    }
+    let mut table = txn.open_table(def)?;
+    table.retain(|_, _| false)?;
+    let rows = cur.u64()?;
+    for _ in 0..rows {
+        let k = cur.bytes()?;
+        let v = cur.bytes()?;
+        table.insert(K::from_bytes(k), V::from_bytes(v))?;
+    }
+    Ok(())
+}
+
+/// Calls `$f!(def, "name")` for every table, so that dump and load cannot miss one.
+macro_rules! for_tables {
+    ($f:ident) => {
+        $f!(INODES, "inodes");
+        $f!(DIRENTS, "dirents");
+        $f!(DIR_ORDER, "dir_order");
+        $f!(XATTRS, "xattrs");
+        $f!(SYMLINKS, "symlinks");
+        $f!(CHUNKS, "chunks");
+        $f!(CHUNK_OWNER, "chunk_owner");
+        $f!(OPENS, "opens");
+        $f!(SESSIONS, "sessions");
+        $f!(ORPHANS, "orphans");
+        $f!(COUNTERS, "counters");
+        $f!(SERVERS, "servers");
+        $f!(DELETIONS, "deletions");
+    };
+}
+
+/// The redb database with the metadata state.
+pub struct Store {
+    db: Database,
+    /// Something was committed with `Durability::None` since the last durable commit.
+    dirty: AtomicBool,
+    last_durable: Mutex<Instant>,
+}
+
+/// How long non-durable commits may pile up before one durable commit.
+pub(crate) const DURABLE_EVERY: Duration = Duration::from_secs(1);
+/// A batch at least this long is committed durably right away.
+const LARGE_BATCH: usize = 4096;
+
+impl Store {
+    /// Opens (or creates) the database file with a bounded page cache.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)?;
+        // Create every table once so that read transactions never see a missing table.
+        let txn = db.begin_write()?;
+        {
+            let mut t = Tables::open(&txn)?;
+            if t.counter(NEXT_INO)? == 0 {
+                t.set_counter(NEXT_INO, rawfs_metadata_api::ROOT_INO + 1)?;
+                t.set_counter(NEXT_CHUNK, 1)?;
+            }
+            txn.open_table(REPL)?;
+        }
+        txn.commit()?;
+        Ok(Store {
+            db,
+            dirty: AtomicBool::new(false),
+            last_durable: Mutex::new(Instant::now()),
+        })
+    }
+
+    pub(crate) fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
+        Ok(self.db.begin_write()?)
+    }
+
+    pub(crate) fn begin_read(&self) -> Result<ReadTransaction, StoreError> {
+        Ok(self.db.begin_read()?)
+    }
+
+    /// Commits a batch of applied entries: not durable unless the batch is large.
+    pub(crate) fn commit_applied(
+        &self,
+        mut txn: WriteTransaction,
+        entries: usize,
+    ) -> Result<(), StoreError> {
+        let durable = entries >= LARGE_BATCH;
+        if !durable {
+            txn.set_durability(Durability::None);
+        }
+        txn.commit()?;
+        if durable {
+            self.dirty.store(false, Ordering::SeqCst);
+            *self.last_durable.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        } else {
+            self.dirty.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Makes every commit so far durable (fsync), if anything is pending.
+    pub fn flush_durable(&self) -> Result<(), StoreError> {
+        if !self.dirty.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        if let Err(e) = txn.commit() {
+            self.dirty.store(true, Ordering::SeqCst);
+            return Err(e.into());
+        }
+        *self.last_durable.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        Ok(())
+    }
+
+    /// True when a durable commit is due.
+    pub fn durable_due(&self) -> bool {
+        self.dirty.load(Ordering::SeqCst)
+            && self
+                .last_durable
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+                >= DURABLE_EVERY
+    }
+
+    /// Stores the replication crate's blob inside an open write transaction.
+    pub(crate) fn put_replication_state(
+        txn: &WriteTransaction,
+        state: &[u8],
+    ) -> Result<(), StoreError> {
+        txn.open_table(REPL)?.insert(REPL_KEY, state)?;
+        Ok(())
+    }
+
+    /// The replication crate's blob, as last stored.
+    pub fn replication_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(REPL)?;
+        let v = t.get(REPL_KEY)?.map(|g| g.value().to_vec());
+        Ok(v)
+    }
+
+    /// A consistent copy of every table (after making the state durable).
+    pub fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
+        self.dirty.store(true, Ordering::SeqCst);
+        self.flush_durable()?;
+        let txn = self.db.begin_read()?;
+        let mut out = SNAPSHOT_MAGIC.to_vec();
+        macro_rules! dump_one {
+            ($def:expr, $name:expr) => {
+                dump(&txn, $def, $name, &mut out)?;
+            };
+        }
+        for_tables!(dump_one);
+        match txn.open_table(REPL)?.get(REPL_KEY)? {
+            Some(g) => put_bytes(&mut out, g.value()),
+            None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
+        }
+        Ok(out)
+    }
+
+    /// Replaces every table with the snapshot's rows, durably.
+    pub fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
+        let mut cur = Cursor { b: snapshot };
+        if cur.take(SNAPSHOT_MAGIC.len())? != SNAPSHOT_MAGIC {
+            return Err(Cursor::corrupt("bad magic"));
+        }
+        let txn = self.db.begin_write()?;
+        macro_rules! load_one {
+            ($def:expr, $name:expr) => {
+                load(&txn, $def, $name, &mut cur)?;
+            };
+        }
+        for_tables!(load_one);
+        {
+            let mut repl = txn.open_table(REPL)?;
+            repl.retain(|_, _| false)?;
+            let n = cur.u32()?;
+            if n != u32::MAX {
+                let blob = cur.take(n as usize)?;
+                repl.insert(REPL_KEY, blob)?;
+            }
+        }
+        if !cur.b.is_empty() {
+            return Err(Cursor::corrupt("trailing bytes"));
+        }
+        txn.commit()?;
+        self.dirty.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}

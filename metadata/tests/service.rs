@@ -1,0 +1,295 @@
+//! End to end: `serve` on loopback ports, driven through `MetadataClient` over real TCP.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rawfs_metadata::{serve, MetadataConfig, MetadataHandle};
+use rawfs_metadata_api::*;
+use serde_bytes::ByteBuf;
+use tokio::sync::oneshot;
+
+fn n(s: &str) -> Name {
+    ByteBuf::from(s.as_bytes().to_vec())
+}
+
+const ME: Caller = Caller { uid: 0, gid: 0 };
+
+async fn start(dir: &Path) -> (MetadataHandle, oneshot::Sender<()>) {
+    let (tx, rx) = oneshot::channel::<()>();
+    let cfg = MetadataConfig {
+        id: 1,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        raft_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        peers: vec![],
+        chunkserver_timeout: Duration::from_secs(2),
+    };
+    let h = serve(cfg, async move {
+        let _ = rx.await;
+    })
+    .await
+    .expect("serve");
+    (h, tx)
+}
+
+fn client(addr: SocketAddr) -> MetadataClient {
+    MetadataClient::new(
+        vec![addr.to_string()],
+        ClientTimeouts {
+            call: Duration::from_secs(5),
+            op: Duration::from_secs(20),
+        },
+    )
+}
+
+fn hb(server: u64, inventory: Option<Vec<(ChunkId, u64)>>) -> Heartbeat {
+    Heartbeat {
+        server,
+        data_addr: format!("127.0.0.1:{}", 9100 + server),
+        control_addr: format!("127.0.0.1:{}", 9200 + server),
+        total_bytes: 100 << 30,
+        used_bytes: 1 << 30,
+        healthy: true,
+        inventory,
+        corrupt: vec![],
+    }
+}
+
+async fn file(c: &MetadataClient, parent: Ino, name: &str) -> Attr {
+    c.mknod(
+        parent,
+        n(name),
+        NewNode {
+            kind: FileKind::File,
+            perm: 0o644,
+            rdev: 0,
+            exclusive: true,
+        },
+        ME,
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_chunks_and_heartbeats_through_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+
+    // The client waits out the election and the root's creation by itself.
+    let root = c.getattr(ROOT_INO).await.unwrap();
+    assert_eq!(root.kind, FileKind::Dir);
+    let d = c
+        .mknod(
+            ROOT_INO,
+            n("d"),
+            NewNode {
+                kind: FileKind::Dir,
+                perm: 0o755,
+                rdev: 0,
+                exclusive: true,
+            },
+            ME,
+        )
+        .await
+        .unwrap();
+    let f = file(&c, d.ino, "f").await;
+    assert_eq!(c.lookup(d.ino, n("f")).await.unwrap().ino, f.ino);
+    assert_eq!(c.lookup(d.ino, n("nope")).await, Err(MetaError::NotFound));
+    c.rename(d.ino, n("f"), ROOT_INO, n("g"), RenameFlags::default())
+        .await
+        .unwrap();
+    let list = c.readdir(ROOT_INO, 0, 100).await.unwrap();
+    let names: Vec<_> = list.iter().map(|e| e.name.to_vec()).collect();
+    assert_eq!(names, vec![b"d".to_vec(), b"g".to_vec()]);
+    c.setxattr(
+        f.ino,
+        n("user.k"),
+        ByteBuf::from(b"v".to_vec()),
+        XattrMode::Create,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        c.getxattr(f.ino, n("user.k")).await.unwrap().as_slice(),
+        b"v"
+    );
+
+    // Chunk placement needs live chunkservers: three heartbeats register them.
+    for s in 1..=3 {
+        let r = c.heartbeat(hb(s, Some(vec![]))).await.unwrap();
+        assert!(r.term >= 1);
+        assert!(r.delete.is_empty());
+    }
+    let loc = c.allocate_chunk(f.ino, 0).await.unwrap();
+    let mut servers: Vec<_> = loc.replicas.iter().map(|r| r.server).collect();
+    servers.sort_unstable();
+    assert_eq!(servers, vec![1, 2, 3]);
+    assert!(loc.term >= 1);
+    assert_eq!(
+        loc.replicas[0].data_addr,
+        format!("127.0.0.1:{}", 9100 + loc.replicas[0].server)
+    );
+    assert_eq!(
+        c.allocate_chunk(f.ino, 0).await.unwrap(),
+        loc,
+        "allocation is idempotent"
+    );
+    let a = c.commit_write(f.ino, 4096, 4096).await.unwrap();
+    assert_eq!((a.size, a.stored), (4096, 4096));
+    let st = c.statfs().await.unwrap();
+    assert_eq!(
+        (st.total_bytes, st.free_bytes, st.replicas),
+        (300 << 30, 297 << 30, 3)
+    );
+    assert_eq!(st.files, 3);
+
+    let status = c.status().await.unwrap();
+    assert_eq!(status.leader, Some(1));
+    assert_eq!(status.chunkservers.len(), 3);
+    assert!(status.chunkservers.iter().all(|s| s.up && s.chunks == 1));
+    assert_eq!((status.chunks.healthy, status.chunks.replicated), (1, 1));
+
+    let dropped = c.drop_replica(loc.chunk, loc.version, 2).await.unwrap();
+    assert_eq!(dropped.version, loc.version + 1);
+    let status = c.status().await.unwrap();
+    assert_eq!(status.chunks.under_replicated, 1);
+    // Server 2 is told to delete its now stale copy, and only once.
+    assert_eq!(
+        c.heartbeat(hb(2, None)).await.unwrap().delete,
+        vec![loc.chunk]
+    );
+    assert!(c.heartbeat(hb(2, None)).await.unwrap().delete.is_empty());
+    // An inventory names it again (and an id nobody allocated yet): only the known one goes.
+    let inv = Some(vec![(loc.chunk, 1), (loc.chunk + 1000, 1)]);
+    assert_eq!(
+        c.heartbeat(hb(2, inv)).await.unwrap().delete,
+        vec![loc.chunk]
+    );
+
+    // Unlinking the file frees its chunk on every server that holds it.
+    c.unlink(ROOT_INO, n("g")).await.unwrap();
+    for s in [1, 3] {
+        assert_eq!(
+            c.heartbeat(hb(s, None)).await.unwrap().delete,
+            vec![loc.chunk]
+        );
+    }
+
+    // Garbage on the client port closes that connection only.
+    let mut raw = std::net::TcpStream::connect(h.addr()).unwrap();
+    raw.write_all(&[0, 0, 0, 5, 0xc1, 0xff, 0x00, 0x13, 0x37])
+        .unwrap();
+    raw.write_all(&[0xff; 64]).unwrap();
+    drop(raw);
+    assert_eq!(c.getattr(d.ino).await.unwrap().ino, d.ino);
+
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+
+    // Everything acknowledged is back after a restart.
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+    assert_eq!(c.lookup(ROOT_INO, n("d")).await.unwrap().ino, d.ino);
+    assert_eq!(c.lookup(ROOT_INO, n("g")).await, Err(MetaError::NotFound));
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphan_survives_a_restart_until_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+    let f = file(&c, ROOT_INO, "f").await;
+    c.open(f.ino, 42).await.unwrap();
+    c.unlink(ROOT_INO, n("f")).await.unwrap();
+    assert_eq!(c.getattr(f.ino).await.unwrap().nlink, 0);
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+    assert_eq!(c.getattr(f.ino).await.unwrap().nlink, 0);
+    c.release(f.ino, 42).await.unwrap();
+    assert_eq!(c.getattr(f.ino).await, Err(MetaError::NotFound));
+    // With no chunkserver heard from, allocation is refused (first retryable, then NoSpace).
+    let g = file(&c, ROOT_INO, "g").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match c.allocate_chunk(g.ino, 0).await {
+            Err(MetaError::NoSpace { .. }) => break,
+            other => assert!(Instant::now() < deadline, "unexpected {other:?}"),
+        }
+    }
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+}
+
+fn rss_mib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// A load figure, not a pass/fail check: `cargo test -p rawfs-metadata --test service --
+/// --ignored --nocapture creates_per_second` (set RAWFS_CREATES for more files).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn creates_per_second() {
+    let total: u64 = std::env::var("RAWFS_CREATES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+    c.getattr(ROOT_INO).await.unwrap();
+    let tasks = 32;
+    let start = Instant::now();
+    let mut js = tokio::task::JoinSet::new();
+    for t in 0..tasks {
+        let c = c.clone();
+        js.spawn(async move {
+            let d = c
+                .mknod(
+                    ROOT_INO,
+                    n(&format!("d{t}")),
+                    NewNode {
+                        kind: FileKind::Dir,
+                        perm: 0o755,
+                        rdev: 0,
+                        exclusive: true,
+                    },
+                    ME,
+                )
+                .await
+                .unwrap();
+            for i in 0..total / tasks {
+                file(&c, d.ino, &format!("file-{i}")).await;
+            }
+        });
+    }
+    while let Some(r) = js.join_next().await {
+        r.unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{total} creates in {secs:.1}s: {:.0}/s, RSS {} MiB",
+        total as f64 / secs,
+        rss_mib()
+    );
+    let start = Instant::now();
+    for i in 0..2000u64 {
+        c.getattr(ROOT_INO + 1 + (i % 100)).await.unwrap();
+    }
+    println!("2000 getattr: {:.0}/s", 2000.0 / start.elapsed().as_secs_f64());
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+}

@@ -1,0 +1,634 @@
+//! The `fuser::Filesystem` implementation: a thin layer that copies each request's arguments,
+//! moves the reply into a task on the mount's tokio runtime and returns at once, so the FUSE
+//! loop never waits on the network. The work itself is in `ops_*.rs`.
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
+};
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use crate::inner::{name, Entry, Inner};
+
+/// Largest write the kernel sends us (and the size of a FUSE read).
+pub(crate) const MAX_WRITE: u32 = 1 << 20;
+/// Readahead we ask the kernel for (it may grant less).
+const MAX_READAHEAD: u32 = 4 << 20;
+
+/// An open handle's reply: its number and the kernel flags for it.
+pub(crate) struct Opened {
+    pub(crate) fh: u64,
+    pub(crate) flags: FopenFlags,
+}
+
+/// `statfs` figures, in the order `ReplyStatfs::statfs` takes them.
+pub(crate) struct StatfsOut {
+    pub(crate) blocks: u64,
+    pub(crate) bfree: u64,
+    pub(crate) bavail: u64,
+    pub(crate) files: u64,
+    pub(crate) ffree: u64,
+    pub(crate) bsize: u32,
+    pub(crate) namelen: u32,
+    pub(crate) frsize: u32,
+}
+
+/// An xattr answer under the size-probe protocol.
+pub(crate) enum XattrOut {
+    /// The caller asked with size 0: how many bytes the value needs.
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+/// A fuser reply that a task completes with a value or an errno.
+pub(crate) trait Respond: Send + 'static {
+    type Value: Send + 'static;
+    fn ok(self, v: Self::Value);
+    fn err(self, e: Errno);
+}
+
+impl Respond for ReplyEntry {
+    type Value = Entry;
+    fn ok(self, e: Entry) {
+        self.entry_with_ttls(&e.attr_ttl, &e.entry_ttl, &e.attr, Generation(0));
+    }
+    fn err(self, e: Errno) {
+        self.error(e);
+    }
+}
+
+impl Respond for ReplyAttr {
+    type Value = (FileAttr, Duration);
+    fn ok(self, (attr, ttl): (FileAttr, Duration)) {
+        self.attr(&ttl, &attr);
+    }
+    fn err(self, e: Errno) {
+        self.error(e);
+    }
+}
+
+impl Respond for ReplyEmpty {
+    type Value = ();
+    fn ok(self, _: ()) {
+        ReplyEmpty::ok(self);
+    }
+    fn err(self, e: Errno) {
+        self.error(e);
+    }
+}
+
+impl Respond for ReplyData {
+    type Value = Vec<u8>;
+    fn ok(self, d: Vec<u8>) {
+        self.data(&d);
+    }
+    fn err(self, e: Errno) {
+        self.error(e);
+    }
+}
+
+impl Respond for ReplyOpen {
+    type Value = Opened;
+    fn ok(self, o: Opened) {
+        self.opened(FileHandle(o.fh), o.flags);
+    }
+    fn err(self, e: Errno) {
+        self.error(e);
+    }
+}
+
+impl Respond for ReplyWrite {
+    type Value = u32;
+    fn ok(self, n: u32) {
+        self.written(n);
+    }
+    fn err(self, e: Errno) {
+        self.error(e);
+    }
+}
+
+impl Respond for ReplyStatfs {
+    type Value = StatfsOut;
+    fn ok(self, s: StatfsOut) {
+        self.statfs(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+        );
+    }
+    fn err(self, e: Errno) {
+        self.error(e);
+    }
+}
+
+impl Respond for ReplyCreate {
+    type Value = (Entry, Opened);
+    fn ok(self, (e, o): (Entry, Opened)) {
+        // One TTL for both: fuser's `created` has no separate entry TTL.
+        self.created(
+            &e.entry_ttl,
+            &e.attr,
+            Generation(0),
+            FileHandle(o.fh),
+            o.flags,
+        );
+    }
+    fn err(self, e: Errno) {
+        self.error(e);
+    }
+}
+
+impl Respond for ReplyXattr {
+    type Value = XattrOut;
+    fn ok(self, x: XattrOut) {
+        match x {
+            XattrOut::Size(n) => self.size(n),
+            XattrOut::Data(d) => self.data(&d),
+        }
+    }
+    fn err(self, e: Errno) {
+        self.error(e);
+    }
+}
+
+/// The filesystem handed to fuser.
+pub(crate) struct RawFs {
+    inner: Arc<Inner>,
+    rt: tokio::runtime::Handle,
+    tasks: TaskTracker,
+}
+
+impl RawFs {
+    pub(crate) fn new(inner: Arc<Inner>, rt: tokio::runtime::Handle, tasks: TaskTracker) -> Self {
+        RawFs { inner, rt, tasks }
+    }
+
+    /// Runs `fut` on the runtime and answers `reply` with its result.
+    fn spawn<R, F>(&self, reply: R, fut: F)
+    where
+        R: Respond,
+        F: Future<Output = Result<R::Value, Errno>> + Send + 'static,
+    {
+        self.tasks.spawn_on(
+            async move {
+                match fut.await {
+                    Ok(v) => reply.ok(v),
+                    Err(e) => reply.err(e),
+                }
+            },
+            &self.rt,
+        );
+    }
+
+    /// Runs a task that answers its reply itself (directory listings fill a buffer).
+    fn spawn_raw<F: Future<Output = ()> + Send + 'static>(&self, fut: F) {
+        self.tasks.spawn_on(fut, &self.rt);
+    }
+
+    fn ino(&self, ino: INodeNo) -> u64 {
+        self.inner.map.meta(ino)
+    }
+}
+
+/// Asks for a kernel capability, ignoring kernels that lack it.
+fn want(config: &mut KernelConfig, flag: InitFlags) {
+    if let Err(missing) = config.add_capabilities(flag) {
+        debug!(?missing, "kernel lacks a FUSE capability");
+    }
+}
+
+impl Filesystem for RawFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // 1 MiB writes; the buffer pages of a request follow max(max_write, readahead).
+        if let Err(nearest) = config.set_max_write(MAX_WRITE) {
+            let _ = config.set_max_write(nearest);
+        }
+        if let Err(nearest) = config.set_max_readahead(MAX_READAHEAD) {
+            let _ = config.set_max_readahead(nearest);
+        }
+        // Room for readahead and parallel writes from many processes; every request is a task.
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        want(config, InitFlags::FUSE_ASYNC_READ);
+        want(config, InitFlags::FUSE_BIG_WRITES);
+        want(config, InitFlags::FUSE_MAX_PAGES);
+        want(config, InitFlags::FUSE_DO_READDIRPLUS);
+        want(config, InitFlags::FUSE_READDIRPLUS_AUTO);
+        want(config, InitFlags::FUSE_PARALLEL_DIROPS);
+        // Not requested: FUSE_WRITEBACK_CACHE (the kernel would then own mtime and size and
+        // merge writes across handles; see the crate docs), FUSE_POSIX_LOCKS and
+        // FUSE_FLOCK_LOCKS (without them the kernel keeps locks local to this mount).
+        Ok(())
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        // No per-lookup state is kept; only drop the small per-inode caches.
+        self.inner.forget(self.ino(ino));
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn(reply, async move { inner.getattr(ino).await });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        let set = crate::ops_inode::set_attr(mode, uid, gid, size, atime, mtime);
+        self.spawn(reply, async move { inner.setattr(ino, set).await });
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
+        let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(n));
+        self.spawn(reply, async move { inner.lookup(parent, n?).await });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn(reply, async move { inner.readlink(ino).await });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(n));
+        let caller = Inner::caller(req);
+        self.spawn(reply, async move {
+            inner.mknod(parent, n?, mode, umask, rdev, caller).await
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(n));
+        let caller = Inner::caller(req);
+        let mode = libc::S_IFDIR | (mode & 0o7777);
+        self.spawn(reply, async move {
+            inner.mknod(parent, n?, mode, umask, 0, caller).await
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(n));
+        self.spawn(reply, async move { inner.unlink(parent, n?).await });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(n));
+        self.spawn(reply, async move { inner.rmdir(parent, n?).await });
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(link_name));
+        let target = std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str()).to_vec();
+        let caller = Inner::caller(req);
+        self.spawn(reply, async move {
+            inner.symlink(parent, n?, target, caller).await
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let inner = self.inner.clone();
+        let (parent, newparent) = (self.ino(parent), self.ino(newparent));
+        let (n, newname) = (name(n), name(newname));
+        self.spawn(reply, async move {
+            inner.rename(parent, n?, newparent, newname?, flags).await
+        });
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let (inner, ino, newparent) = (self.inner.clone(), self.ino(ino), self.ino(newparent));
+        let newname = name(newname);
+        self.spawn(
+            reply,
+            async move { inner.link(ino, newparent, newname?).await },
+        );
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn(reply, async move { inner.open(ino, flags).await });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn(reply, async move { inner.read(ino, offset, size).await });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        // Writes are keyed by inode, not handle: page-cache writeback (mmap) may come with
+        // another handle's fh, and all handles of an inode share one buffer anyway.
+        let (inner, ino, data) = (self.inner.clone(), self.ino(ino), data.to_vec());
+        self.spawn(reply, async move { inner.write(ino, offset, data).await });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn(reply, async move { inner.flush(ino).await });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn(reply, async move { inner.close_file(ino).await });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn(reply, async move { inner.fsync(ino).await });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn(reply, async move { inner.opendir(ino).await });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectory,
+    ) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn_raw(async move { inner.readdir(ino, fh.0, offset, reply).await });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn_raw(async move { inner.readdir(ino, fh.0, offset, reply).await });
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.inner.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Namespace changes are durable in the replicated log before they are acknowledged.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let inner = self.inner.clone();
+        self.spawn(reply, async move { inner.statfs().await });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        n: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let (inner, ino, value) = (self.inner.clone(), self.ino(ino), value.to_vec());
+        let n = std::os::unix::ffi::OsStrExt::as_bytes(n).to_vec();
+        self.spawn(
+            reply,
+            async move { inner.setxattr(ino, n, value, flags).await },
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        let n = std::os::unix::ffi::OsStrExt::as_bytes(n).to_vec();
+        self.spawn(reply, async move { inner.getxattr(ino, n, size).await });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn(reply, async move { inner.listxattr(ino, size).await });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        let n = std::os::unix::ffi::OsStrExt::as_bytes(n).to_vec();
+        self.spawn(reply, async move { inner.removexattr(ino, n).await });
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let (inner, ino, caller) = (self.inner.clone(), self.ino(ino), Inner::caller(req));
+        self.spawn(reply, async move { inner.access(ino, caller, mask).await });
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(n));
+        let caller = Inner::caller(req);
+        self.spawn(reply, async move {
+            inner.create(parent, n?, mode, umask, flags, caller).await
+        });
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn(reply, async move {
+            inner.fallocate(ino, offset, length, mode).await
+        });
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let inner = self.inner.clone();
+        let (ino_in, ino_out) = (self.ino(ino_in), self.ino(ino_out));
+        self.spawn(reply, async move {
+            if !flags.is_empty() {
+                return Err(Errno::EINVAL);
+            }
+            inner
+                .copy_file_range(ino_in, offset_in, ino_out, offset_out, len)
+                .await
+        });
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: ReplyLseek,
+    ) {
+        // ENOSYS makes the kernel use its own lseek from now on, which treats the whole file
+        // as data for SEEK_DATA/SEEK_HOLE (correct, if not sparse-aware).
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        // isatty() and friends probe every file with TCGETS; no ioctl applies to rawfs files.
+        reply.error(Errno::ENOTTY);
+    }
+
+    // Not implemented on purpose: getlk/setlk (and flock). The kernel then keeps POSIX and
+    // flock locks local to this mount, which is correct for one mount; cluster-wide locks
+    // are a later issue.
+}

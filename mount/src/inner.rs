@@ -1,0 +1,289 @@
+//! The state one mount shares between its callbacks: the client, the open-file table (one
+//! [`FileIo`] per open inode, shared by every handle), directory cursors, and small caches.
+//! Every lock here is a short synchronous critical section, never held across an `.await`.
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fuser::{Errno, FileAttr};
+use rawfs_client::{Client, FileIo};
+use rawfs_metadata_api::{Attr, Caller, FileKind, Ino, Name, NAME_MAX};
+use serde_bytes::ByteBuf;
+use tracing::warn;
+
+use crate::attr::{file_attr, InoMap};
+use crate::errno;
+use crate::ops_dir::DirCursor;
+
+/// Caches of "this inode has no `security.capability`" are dropped past this many inodes.
+const NO_CAPS_LIMIT: usize = 100_000;
+
+/// What `lookup`, `mknod`, `link` and friends answer: attributes plus cache lifetimes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Entry {
+    pub(crate) attr: FileAttr,
+    pub(crate) attr_ttl: Duration,
+    pub(crate) entry_ttl: Duration,
+}
+
+/// One open inode: the shared I/O object and how many kernel handles use it.
+struct OpenFile {
+    io: Arc<FileIo>,
+    handles: u32,
+}
+
+/// Per-mount state shared by all callbacks and their tasks.
+pub(crate) struct Inner {
+    pub(crate) client: Client,
+    /// This mount's session id at the metadata service (keeps unlinked open files alive).
+    pub(crate) session: u64,
+    pub(crate) map: InoMap,
+    pub(crate) attr_ttl: Duration,
+    pub(crate) entry_ttl: Duration,
+    files: Mutex<HashMap<Ino, OpenFile>>,
+    pub(crate) dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<DirCursor>>>>,
+    /// Parent of each directory seen, for the `..` entry of `readdir` (cosmetic: the kernel
+    /// resolves `..` itself).
+    parents: Mutex<HashMap<Ino, Ino>>,
+    /// Inodes known to have no `security.capability`. The kernel asks for it before every
+    /// write (to strip capabilities); caching the negative answer saves a metadata round trip
+    /// per write. Invalidated by this mount's own xattr changes.
+    no_caps: Mutex<HashSet<Ino>>,
+    next_fh: AtomicU64,
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: the tables stay
+/// consistent between statements, so the data is still good.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A directory-entry name from the kernel, checked against `NAME_MAX`.
+pub(crate) fn name(n: &OsStr) -> Result<Name, Errno> {
+    let b = n.as_bytes();
+    if b.len() > NAME_MAX {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    Ok(ByteBuf::from(b.to_vec()))
+}
+
+impl Inner {
+    pub(crate) fn new(
+        client: Client,
+        session: u64,
+        root: Ino,
+        attr_ttl: Duration,
+        entry_ttl: Duration,
+    ) -> Self {
+        Inner {
+            client,
+            session,
+            map: InoMap { root },
+            attr_ttl,
+            entry_ttl,
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            parents: Mutex::new(HashMap::new()),
+            no_caps: Mutex::new(HashSet::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn next_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn caller(req: &fuser::Request) -> Caller {
+        Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+        }
+    }
+
+    /// The size this mount knows for `ino` if it has it open (includes buffered writes).
+    pub(crate) fn open_size(&self, ino: Ino) -> Option<u64> {
+        lock(&self.files).get(&ino).map(|f| f.io.size())
+    }
+
+    /// Kernel attributes for `a`, with the size of buffered writes if the file is open here.
+    pub(crate) fn attr(&self, a: &Attr) -> FileAttr {
+        let size = if a.kind == FileKind::File {
+            self.open_size(a.ino)
+        } else {
+            None
+        };
+        file_attr(&self.map, a, size)
+    }
+
+    /// An entry reply for `a`; remembers the parent of directories.
+    pub(crate) fn entry(&self, parent: Ino, a: &Attr) -> Entry {
+        if a.kind == FileKind::Dir {
+            self.set_parent(a.ino, parent);
+        }
+        Entry {
+            attr: self.attr(a),
+            attr_ttl: self.attr_ttl,
+            entry_ttl: self.entry_ttl,
+        }
+    }
+
+    pub(crate) fn set_parent(&self, dir: Ino, parent: Ino) {
+        lock(&self.parents).insert(dir, parent);
+    }
+
+    pub(crate) fn parent(&self, dir: Ino) -> Option<Ino> {
+        if dir == self.map.root {
+            return Some(dir);
+        }
+        lock(&self.parents).get(&dir).copied()
+    }
+
+    pub(crate) fn forget(&self, ino: Ino) {
+        lock(&self.parents).remove(&ino);
+        lock(&self.no_caps).remove(&ino);
+    }
+
+    pub(crate) fn knows_no_caps(&self, ino: Ino) -> bool {
+        lock(&self.no_caps).contains(&ino)
+    }
+
+    pub(crate) fn set_no_caps(&self, ino: Ino, absent: bool) {
+        let mut s = lock(&self.no_caps);
+        if absent {
+            if s.len() >= NO_CAPS_LIMIT {
+                s.clear();
+            }
+            s.insert(ino);
+        } else {
+            s.remove(&ino);
+        }
+    }
+
+    /// The shared I/O object of an open inode.
+    pub(crate) fn io(&self, ino: Ino) -> Result<Arc<FileIo>, Errno> {
+        self.io_if_open(ino).ok_or(Errno::EBADF)
+    }
+
+    pub(crate) fn io_if_open(&self, ino: Ino) -> Option<Arc<FileIo>> {
+        lock(&self.files).get(&ino).map(|f| f.io.clone())
+    }
+
+    /// Takes one handle on `ino`: reuses the inode's `FileIo` if it is open here, else
+    /// registers the open with the metadata service (which keeps an unlinked inode alive
+    /// until we release it) and creates one. `opened` is the result of a `meta().open`
+    /// already made by the caller (create does), to save a round trip.
+    pub(crate) async fn open_file(&self, ino: Ino, opened: Option<Attr>) -> Result<(), Errno> {
+        let attr = match opened {
+            Some(a) => a,
+            None => {
+                if self.attach(ino) {
+                    return Ok(());
+                }
+                self.client
+                    .meta()
+                    .open(ino, self.session)
+                    .await
+                    .map_err(errno::meta)?
+            }
+        };
+        if attr.kind == FileKind::Dir {
+            // Not reached through the kernel (it uses opendir), but never cache a directory.
+            self.release_server_open(ino).await;
+            return Err(Errno::EISDIR);
+        }
+        let fresh = Arc::new(self.client.file(ino, attr.size));
+        let raced = {
+            let mut files = lock(&self.files);
+            match files.entry(ino) {
+                MapEntry::Occupied(mut e) => {
+                    e.get_mut().handles += 1;
+                    true
+                }
+                MapEntry::Vacant(v) => {
+                    v.insert(OpenFile {
+                        io: fresh,
+                        handles: 1,
+                    });
+                    false
+                }
+            }
+        };
+        if raced {
+            // Another open of the same inode won; it holds the one server-side open this mount
+            // keeps per inode, so give ours back.
+            self.release_server_open(ino).await;
+        }
+        Ok(())
+    }
+
+    /// Adds a handle to an inode already open here; false if it is not.
+    fn attach(&self, ino: Ino) -> bool {
+        match lock(&self.files).get_mut(&ino) {
+            Some(f) => {
+                f.handles += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops one handle of `ino`. The last one flushes the buffer, forgets the `FileIo` and
+    /// releases the server-side open (which frees an unlinked inode).
+    pub(crate) async fn close_file(&self, ino: Ino) -> Result<(), Errno> {
+        let io = {
+            let mut files = lock(&self.files);
+            let Some(f) = files.get_mut(&ino) else {
+                return Ok(());
+            };
+            f.handles = f.handles.saturating_sub(1);
+            if f.handles > 0 {
+                return Ok(());
+            }
+            f.io.clone()
+        };
+        let flushed = io.flush().await;
+        // An open that arrived during the flush reuses the entry; only remove it if nobody did.
+        let last = {
+            let mut files = lock(&self.files);
+            match files.get(&ino) {
+                Some(f) if f.handles == 0 && Arc::ptr_eq(&f.io, &io) => {
+                    files.remove(&ino);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if last {
+            self.release_server_open(ino).await;
+        }
+        flushed.map(|_| ()).map_err(errno::client)
+    }
+
+    async fn release_server_open(&self, ino: Ino) {
+        if let Err(e) = self.client.meta().release(ino, self.session).await {
+            // The open stays recorded until end_session; an unlinked inode lives that long.
+            warn!(ino, error = %e, "metadata release failed");
+        }
+    }
+
+    /// Flushes every open file (on unmount), returning how many failed.
+    pub(crate) async fn flush_all(&self) -> usize {
+        let open: Vec<(Ino, Arc<FileIo>)> = lock(&self.files)
+            .iter()
+            .map(|(ino, f)| (*ino, f.io.clone()))
+            .collect();
+        let mut failed = 0;
+        for (ino, io) in open {
+            if let Err(e) = io.flush().await {
+                warn!(ino, error = %e, "flush at unmount failed; buffered data is lost");
+                failed += 1;
+            }
+        }
+        failed
+    }
+}

@@ -1,0 +1,54 @@
+//! rawfs-mount: the FUSE filesystem of rawfs and the `mount.rawfs` helper.
+//!
+//! Each kernel request is decoded by fuser's session loop; the callback copies its
+//! arguments, moves the reply into a task on the mount's tokio runtime and returns, so the
+//! loop never waits on the network. Namespace calls go to the metadata service; file data
+//! goes through one shared [`rawfs_client::FileIo`] per open inode (write buffer, replicas,
+//! verified reads), which is also what `getattr` asks for the size of a file with buffered
+//! writes, so `O_APPEND` from several processes lands at the right offset.
+//!
+//! ```text
+//!  kernel ──/dev/fuse──► fuser loop ──spawn──► task: Inner::op(..).await ──reply──► kernel
+//!                                                 │                  │
+//!                                       MetadataClient (tarpc)   FileIo per open inode
+//!                                                 ▼                  ▼
+//!                                          metadata leader     chunkservers (3 replicas)
+//! ```
+//!
+//! Kernel setup: 1 MiB `max_write`, up to 4 MiB readahead, async reads, READDIRPLUS (auto),
+//! parallel directory operations, `default_permissions` (the kernel checks permissions,
+//! including sticky directories) and `allow_other` when mounted by root. Attributes and
+//! names are cached for 1 s (`attr_timeout=`, `entry_timeout=`).
+//!
+//! Deliberate gaps:
+//! - No writeback cache yet: with it the kernel owns mtime and size and merges writes from
+//!   all handles into page-cache writeback, which needs care with `O_APPEND`, truncate and
+//!   close-to-open semantics across mounts. Writes are write-through to the `FileIo`
+//!   buffer, which batches them anyway.
+//! - `flock` and POSIX byte-range locks are not forwarded (no getlk/setlk): the kernel then
+//!   handles them locally, so they are exclusive between processes on this mount only.
+//!   Cluster-wide locks are a later issue.
+//! - `fallocate` mode 0 extends the size but reserves no space (chunks are placed when
+//!   first written); `SEEK_DATA`/`SEEK_HOLE` use the kernel default (the whole file is data).
+//! - ACLs are not supported (`system.*` xattrs are refused).
+//!
+//! Entry points: [`mount_helper_main`] (the helper: fork, detach, report), and
+//! [`run_foreground`] (mount and serve in the calling thread, for tests and embedding).
+
+mod attr;
+mod errno;
+mod fs;
+mod helper;
+mod inner;
+mod ops_dir;
+mod ops_file;
+mod ops_inode;
+mod ops_xattr;
+mod options;
+mod session;
+
+pub use helper::mount_helper_main;
+pub use options::{
+    parse_helper_args, parse_spec, HelperArgs, MountOptions, MountSpec, UsageError, USAGE,
+};
+pub use session::{run_foreground, MountError};

@@ -1,0 +1,237 @@
+//! File data operations: open/create, read/write through the inode's shared `FileIo`,
+//! flush/fsync, truncate, fallocate and copy_file_range.
+
+use std::sync::Arc;
+
+use fuser::{Errno, FopenFlags, OpenFlags};
+use rawfs_client::FileIo;
+use rawfs_metadata_api::{Attr, Caller, FileKind, Ino, Name, NewNode, SetAttr};
+use tracing::warn;
+
+use crate::errno;
+use crate::fs::Opened;
+use crate::inner::{Entry, Inner};
+
+/// `copy_file_range` moves data in pieces of this size.
+const COPY_PIECE: u64 = 4 << 20;
+/// Most bytes one `copy_file_range` request copies; the caller loops for more (the reply
+/// carries a 32-bit count, and a bounded request keeps one call from holding a task for long).
+const COPY_MAX: u64 = 1 << 30;
+
+/// Kernel flags for a new file handle. `O_DIRECT` opens bypass the page cache.
+fn fopen_flags(flags: i32) -> FopenFlags {
+    if flags & libc::O_DIRECT != 0 {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
+}
+
+impl Inner {
+    pub(crate) async fn open(&self, ino: Ino, flags: OpenFlags) -> Result<Opened, Errno> {
+        self.open_file(ino, None).await?;
+        Ok(Opened {
+            fh: self.next_fh(),
+            flags: fopen_flags(flags.0),
+        })
+    }
+
+    pub(crate) async fn create(
+        &self,
+        parent: Ino,
+        name: Name,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(Entry, Opened), Errno> {
+        let node = NewNode {
+            kind: FileKind::File,
+            perm: mode & 0o7777 & !umask,
+            rdev: 0,
+            exclusive: flags & libc::O_EXCL != 0,
+        };
+        let meta = self.client.meta();
+        let made = meta
+            .mknod(parent, name, node, caller)
+            .await
+            .map_err(errno::meta)?;
+        match made.kind {
+            FileKind::File => {}
+            // Another client created something else under this name meanwhile.
+            FileKind::Dir => return Err(Errno::EISDIR),
+            _ => return Err(Errno::EEXIST),
+        }
+        let mut attr = meta
+            .open(made.ino, self.session)
+            .await
+            .map_err(errno::meta)?;
+        self.open_file(made.ino, Some(attr.clone())).await?;
+        if flags & libc::O_TRUNC != 0 && attr.size > 0 {
+            // It existed (created concurrently elsewhere) and the caller asked to truncate.
+            let set = SetAttr {
+                size: Some(0),
+                ..SetAttr::default()
+            };
+            match self.truncate(made.ino, 0, set).await {
+                Ok(a) => attr = a,
+                Err(e) => {
+                    let _ = self.close_file(made.ino).await;
+                    return Err(e);
+                }
+            }
+        }
+        let opened = Opened {
+            fh: self.next_fh(),
+            flags: fopen_flags(flags),
+        };
+        Ok((self.entry(parent, &attr), opened))
+    }
+
+    pub(crate) async fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let io = self.io(ino)?;
+        io.read(offset, size).await.map_err(errno::client)
+    }
+
+    pub(crate) async fn write(&self, ino: Ino, offset: u64, data: Vec<u8>) -> Result<u32, Errno> {
+        let io = self.io(ino)?;
+        let n = u32::try_from(data.len()).map_err(|_| Errno::EINVAL)?;
+        io.write(offset, &data).await.map_err(errno::client)?;
+        Ok(n)
+    }
+
+    /// `close(2)` of one descriptor: send the buffer so that errors reach the caller.
+    pub(crate) async fn flush(&self, ino: Ino) -> Result<(), Errno> {
+        match self.io_if_open(ino) {
+            Some(io) => io.flush().await.map(|_| ()).map_err(errno::client),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) async fn fsync(&self, ino: Ino) -> Result<(), Errno> {
+        match self.io_if_open(ino) {
+            Some(io) => io.fsync().await.map_err(errno::client),
+            None => Ok(()),
+        }
+    }
+
+    /// Changes the size of `ino` (with the other changes in `set`, whose `size` is `size`).
+    /// Buffered writes go out first (they must not land past the new end afterwards); after
+    /// a shrink the rest of the last chunk is zeroed, so that a later extension reads zeros.
+    pub(crate) async fn truncate(&self, ino: Ino, size: u64, set: SetAttr) -> Result<Attr, Errno> {
+        let meta = self.client.meta();
+        let (io, old): (Arc<FileIo>, u64) = match self.io_if_open(ino) {
+            Some(io) => {
+                io.flush().await.map_err(errno::client)?;
+                let old = io.size();
+                (io, old)
+            }
+            None => {
+                let a = meta.getattr(ino).await.map_err(errno::meta)?;
+                if a.kind != FileKind::File {
+                    return meta.setattr(ino, set).await.map_err(errno::meta);
+                }
+                (Arc::new(self.client.file(ino, a.size)), a.size)
+            }
+        };
+        let mut a = meta.setattr(ino, set).await.map_err(errno::meta)?;
+        if size < old {
+            io.truncate_tail(size).await.map_err(errno::client)?;
+        } else {
+            io.set_size(size);
+        }
+        a.size = size;
+        Ok(a)
+    }
+
+    pub(crate) async fn fallocate(
+        &self,
+        ino: Ino,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<(), Errno> {
+        const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+        match mode {
+            // Space is not reserved ahead (chunks are placed when first written), so plain
+            // fallocate only extends the size; KEEP_SIZE alone has nothing left to do.
+            0 => {
+                let io = self.io(ino)?;
+                if end > io.size() {
+                    io.flush().await.map_err(errno::client)?;
+                    let set = SetAttr {
+                        size: Some(end),
+                        ..SetAttr::default()
+                    };
+                    self.client
+                        .meta()
+                        .setattr(ino, set)
+                        .await
+                        .map_err(errno::meta)?;
+                    io.set_size(end);
+                }
+                Ok(())
+            }
+            KEEP_SIZE => Ok(()),
+            PUNCH => {
+                let io = self.io(ino)?;
+                io.punch(offset, length).await.map_err(errno::client)
+            }
+            _ => Err(Errno::EOPNOTSUPP),
+        }
+    }
+
+    pub(crate) async fn copy_file_range(
+        &self,
+        ino_in: Ino,
+        offset_in: u64,
+        ino_out: Ino,
+        offset_out: u64,
+        len: u64,
+    ) -> Result<u32, Errno> {
+        let src = self.io(ino_in)?;
+        let dst = self.io(ino_out)?;
+        let total = len.min(COPY_MAX);
+        let mut done = 0u64;
+        while done < total {
+            let want = (total - done).min(COPY_PIECE);
+            let data = src
+                .read(offset_in + done, want as u32)
+                .await
+                .map_err(errno::client)?;
+            if data.is_empty() {
+                break;
+            }
+            if let Err(e) = dst.write(offset_out + done, &data).await {
+                if done > 0 {
+                    // Report the bytes already copied; the caller's next call gets the error.
+                    warn!(ino_out, error = %e, "copy_file_range stopped early");
+                    break;
+                }
+                return Err(errno::client(e));
+            }
+            done += data.len() as u64;
+            if (data.len() as u64) < want {
+                break;
+            }
+        }
+        // `done <= COPY_MAX < u32::MAX`.
+        Ok(done as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn o_direct_bypasses_the_page_cache() {
+        assert_eq!(
+            fopen_flags(libc::O_RDWR | libc::O_DIRECT),
+            FopenFlags::FOPEN_DIRECT_IO
+        );
+        assert_eq!(fopen_flags(libc::O_RDWR), FopenFlags::empty());
+    }
+}

@@ -1,0 +1,311 @@
+//! Namespace and attribute operations: lookup, getattr/setattr, node creation and removal,
+//! links, rename, statfs and access.
+
+use std::time::Duration;
+
+use fuser::{AccessFlags, Errno, FileAttr, RenameFlags, TimeOrNow};
+use rawfs_metadata_api::{
+    Caller, FileKind, Ino, Name, NewNode, RenameFlags as MetaRenameFlags, SetAttr, PATH_MAX,
+    REPLICAS,
+};
+use serde_bytes::ByteBuf;
+
+use crate::attr::{kind_from_mode, to_time_set};
+use crate::errno;
+use crate::fs::StatfsOut;
+use crate::inner::{Entry, Inner};
+
+/// Block size reported by `statfs` (`df` counts in these).
+const STATFS_BSIZE: u64 = 4096;
+
+/// The metadata change a kernel `setattr` asks for.
+pub(crate) fn set_attr(
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+) -> SetAttr {
+    SetAttr {
+        perm: mode.map(|m| m & 0o7777),
+        uid,
+        gid,
+        size,
+        atime: atime.map(to_time_set),
+        mtime: mtime.map(to_time_set),
+    }
+}
+
+/// `statfs` figures from the cluster's raw totals: every byte is stored `replicas` times,
+/// so usable space is the raw space divided by that.
+pub(crate) fn statfs_out(s: &rawfs_metadata_api::StatFs) -> StatfsOut {
+    let replicas = u64::from(s.replicas.max(1));
+    let blocks = s.total_bytes / replicas / STATFS_BSIZE;
+    let bfree = (s.free_bytes / replicas / STATFS_BSIZE).min(blocks);
+    // Inodes are not a fixed pool; report one free inode per free block, like most
+    // dynamic-inode filesystems, so `df -i` shows something sensible.
+    StatfsOut {
+        blocks,
+        bfree,
+        bavail: bfree,
+        files: s.files.saturating_add(bfree),
+        ffree: bfree,
+        bsize: STATFS_BSIZE as u32,
+        namelen: rawfs_metadata_api::NAME_MAX as u32,
+        frsize: STATFS_BSIZE as u32,
+    }
+}
+
+/// Whether `caller` may access an inode with these attributes for `mask` (R/W/X bits), by
+/// the classic owner/group/other rule. Supplementary groups are not known here; with
+/// `default_permissions` (always set) the kernel does the real check before we are asked.
+pub(crate) fn may_access(
+    caller: Caller,
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    kind: FileKind,
+    mask: i32,
+) -> bool {
+    let want = (mask & 0o7) as u32;
+    if want == 0 {
+        return true;
+    }
+    if caller.uid == 0 {
+        // Root may do anything except execute a file with no execute bit at all.
+        return want & 0o1 == 0 || kind == FileKind::Dir || perm & 0o111 != 0;
+    }
+    let bits = if caller.uid == uid {
+        (perm >> 6) & 0o7
+    } else if caller.gid == gid {
+        (perm >> 3) & 0o7
+    } else {
+        perm & 0o7
+    };
+    want & !bits == 0
+}
+
+impl Inner {
+    pub(crate) async fn getattr(&self, ino: Ino) -> Result<(FileAttr, Duration), Errno> {
+        let a = self.client.meta().getattr(ino).await.map_err(errno::meta)?;
+        Ok((self.attr(&a), self.attr_ttl))
+    }
+
+    pub(crate) async fn lookup(&self, parent: Ino, name: Name) -> Result<Entry, Errno> {
+        let a = self
+            .client
+            .meta()
+            .lookup(parent, name)
+            .await
+            .map_err(errno::meta)?;
+        Ok(self.entry(parent, &a))
+    }
+
+    pub(crate) async fn setattr(
+        &self,
+        ino: Ino,
+        set: SetAttr,
+    ) -> Result<(FileAttr, Duration), Errno> {
+        if set == SetAttr::default() {
+            // Only fields rawfs does not keep (ctime alone, BSD flags): report as is.
+            return self.getattr(ino).await;
+        }
+        let Some(size) = set.size else {
+            let a = self
+                .client
+                .meta()
+                .setattr(ino, set)
+                .await
+                .map_err(errno::meta)?;
+            return Ok((self.attr(&a), self.attr_ttl));
+        };
+        let a = self.truncate(ino, size, set).await?;
+        Ok((self.attr(&a), self.attr_ttl))
+    }
+
+    pub(crate) async fn readlink(&self, ino: Ino) -> Result<Vec<u8>, Errno> {
+        let t = self
+            .client
+            .meta()
+            .readlink(ino)
+            .await
+            .map_err(errno::meta)?;
+        Ok(t.into_vec())
+    }
+
+    /// mknod and mkdir. With `default_permissions` and no `FUSE_DONT_MASK` the kernel has
+    /// already applied the umask to `mode`; applying it again is harmless and keeps us right
+    /// if that ever changes.
+    pub(crate) async fn mknod(
+        &self,
+        parent: Ino,
+        name: Name,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> Result<Entry, Errno> {
+        let kind = kind_from_mode(mode).ok_or(Errno::EINVAL)?;
+        if kind == FileKind::Symlink {
+            return Err(Errno::EINVAL);
+        }
+        let node = NewNode {
+            kind,
+            perm: mode & 0o7777 & !umask,
+            rdev: if matches!(kind, FileKind::CharDevice | FileKind::BlockDevice) {
+                rdev
+            } else {
+                0
+            },
+            exclusive: true,
+        };
+        let a = self
+            .client
+            .meta()
+            .mknod(parent, name, node, caller)
+            .await
+            .map_err(errno::meta)?;
+        Ok(self.entry(parent, &a))
+    }
+
+    pub(crate) async fn unlink(&self, parent: Ino, name: Name) -> Result<(), Errno> {
+        self.client
+            .meta()
+            .unlink(parent, name)
+            .await
+            .map_err(errno::meta)
+    }
+
+    pub(crate) async fn rmdir(&self, parent: Ino, name: Name) -> Result<(), Errno> {
+        self.client
+            .meta()
+            .rmdir(parent, name)
+            .await
+            .map_err(errno::meta)
+    }
+
+    pub(crate) async fn symlink(
+        &self,
+        parent: Ino,
+        name: Name,
+        target: Vec<u8>,
+        caller: Caller,
+    ) -> Result<Entry, Errno> {
+        if target.len() >= PATH_MAX {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let a = self
+            .client
+            .meta()
+            .symlink(parent, name, ByteBuf::from(target), caller)
+            .await
+            .map_err(errno::meta)?;
+        Ok(self.entry(parent, &a))
+    }
+
+    pub(crate) async fn rename(
+        &self,
+        parent: Ino,
+        name: Name,
+        newparent: Ino,
+        newname: Name,
+        flags: RenameFlags,
+    ) -> Result<(), Errno> {
+        let known = RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE;
+        if !known.contains(flags) {
+            // RENAME_WHITEOUT is for overlay filesystems' upper layers.
+            return Err(Errno::EINVAL);
+        }
+        let f = MetaRenameFlags {
+            noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+            exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+        };
+        if f.noreplace && f.exchange {
+            return Err(Errno::EINVAL);
+        }
+        self.client
+            .meta()
+            .rename(parent, name, newparent, newname, f)
+            .await
+            .map_err(errno::meta)
+    }
+
+    pub(crate) async fn link(
+        &self,
+        ino: Ino,
+        newparent: Ino,
+        newname: Name,
+    ) -> Result<Entry, Errno> {
+        let a = self
+            .client
+            .meta()
+            .link(ino, newparent, newname)
+            .await
+            .map_err(errno::meta)?;
+        Ok(self.entry(newparent, &a))
+    }
+
+    pub(crate) async fn statfs(&self) -> Result<StatfsOut, Errno> {
+        let mut s = self.client.meta().statfs().await.map_err(errno::meta)?;
+        if s.replicas == 0 {
+            s.replicas = REPLICAS as u32;
+        }
+        Ok(statfs_out(&s))
+    }
+
+    /// `access(2)`. Not called while `default_permissions` is set (the kernel checks
+    /// itself), but answers sensibly if it is.
+    pub(crate) async fn access(
+        &self,
+        ino: Ino,
+        caller: Caller,
+        mask: AccessFlags,
+    ) -> Result<(), Errno> {
+        let a = self.client.meta().getattr(ino).await.map_err(errno::meta)?;
+        if may_access(caller, a.perm, a.uid, a.gid, a.kind, mask.bits()) {
+            Ok(())
+        } else {
+            Err(Errno::EACCES)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rawfs_metadata_api::StatFs;
+
+    #[test]
+    fn statfs_divides_raw_space_by_replicas() {
+        let s = statfs_out(&StatFs {
+            total_bytes: 3 * 4096 * 1000,
+            free_bytes: 3 * 4096 * 400,
+            files: 7,
+            replicas: 3,
+        });
+        assert_eq!((s.blocks, s.bfree, s.bavail), (1000, 400, 400));
+        assert_eq!((s.files, s.ffree), (407, 400));
+        assert_eq!((s.bsize, s.frsize, s.namelen), (4096, 4096, 255));
+    }
+
+    #[test]
+    fn access_follows_owner_group_other() {
+        let user = Caller {
+            uid: 1000,
+            gid: 1000,
+        };
+        let f = FileKind::File;
+        assert!(may_access(user, 0o600, 1000, 5, f, libc::R_OK | libc::W_OK));
+        assert!(!may_access(user, 0o600, 1, 1000, f, libc::R_OK));
+        assert!(may_access(user, 0o640, 1, 1000, f, libc::R_OK));
+        assert!(!may_access(user, 0o640, 1, 1000, f, libc::W_OK));
+        assert!(may_access(user, 0o004, 1, 1, f, libc::R_OK));
+        assert!(may_access(user, 0, 1, 1, f, libc::F_OK));
+        let root = Caller { uid: 0, gid: 0 };
+        assert!(may_access(root, 0, 1, 1, f, libc::R_OK | libc::W_OK));
+        assert!(!may_access(root, 0o644, 1, 1, f, libc::X_OK));
+        assert!(may_access(root, 0o100, 1, 1, f, libc::X_OK));
+        assert!(may_access(root, 0, 1, 1, FileKind::Dir, libc::X_OK));
+    }
+}

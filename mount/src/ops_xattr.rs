@@ -1,0 +1,147 @@
+//! Extended attributes, with the size-probe protocol: a request with size 0 asks how many
+//! bytes the answer needs; a non-zero size too small for it is `ERANGE`.
+
+use fuser::Errno;
+use rawfs_metadata_api::{Ino, XattrMode};
+use serde_bytes::ByteBuf;
+
+use crate::errno;
+use crate::fs::XattrOut;
+use crate::inner::Inner;
+
+/// The xattr the kernel reads before every write to a file (to drop file capabilities).
+const CAPABILITY: &[u8] = b"security.capability";
+
+/// Answers a getxattr/listxattr of `data` for a caller buffer of `size` bytes.
+pub(crate) fn sized(data: Vec<u8>, size: u32) -> Result<XattrOut, Errno> {
+    let len = u32::try_from(data.len()).map_err(|_| Errno::E2BIG)?;
+    if size == 0 {
+        Ok(XattrOut::Size(len))
+    } else if len > size {
+        Err(Errno::ERANGE)
+    } else {
+        Ok(XattrOut::Data(data))
+    }
+}
+
+/// The flags argument of setxattr(2) as a metadata mode.
+pub(crate) fn xattr_mode(flags: i32) -> Result<XattrMode, Errno> {
+    match flags {
+        0 => Ok(XattrMode::Any),
+        libc::XATTR_CREATE => Ok(XattrMode::Create),
+        libc::XATTR_REPLACE => Ok(XattrMode::Replace),
+        _ => Err(Errno::EINVAL),
+    }
+}
+
+/// `system.*` attributes are the kernel's (POSIX ACLs and the like). rawfs does not
+/// implement ACLs, so they are neither stored nor reported: tools such as `cp -a` then
+/// see "not supported" and carry on.
+fn is_system(name: &[u8]) -> bool {
+    name.starts_with(b"system.")
+}
+
+impl Inner {
+    pub(crate) async fn setxattr(
+        &self,
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: i32,
+    ) -> Result<(), Errno> {
+        if is_system(&name) {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let mode = xattr_mode(flags)?;
+        let caps = name == CAPABILITY;
+        let r = self
+            .client
+            .meta()
+            .setxattr(ino, ByteBuf::from(name), ByteBuf::from(value), mode)
+            .await
+            .map_err(errno::meta);
+        if caps {
+            // Whatever happened, the cached "no capability" answer may be wrong now.
+            self.set_no_caps(ino, false);
+        }
+        r
+    }
+
+    pub(crate) async fn getxattr(
+        &self,
+        ino: Ino,
+        name: Vec<u8>,
+        size: u32,
+    ) -> Result<XattrOut, Errno> {
+        if is_system(&name) {
+            return Err(Errno::NO_XATTR);
+        }
+        let caps = name == CAPABILITY;
+        if caps && self.knows_no_caps(ino) {
+            return Err(Errno::NO_XATTR);
+        }
+        match self.client.meta().getxattr(ino, ByteBuf::from(name)).await {
+            Ok(v) => sized(v.into_vec(), size),
+            Err(e) => {
+                let errno = errno::meta(e);
+                if caps && errno == Errno::NO_XATTR {
+                    self.set_no_caps(ino, true);
+                }
+                Err(errno)
+            }
+        }
+    }
+
+    pub(crate) async fn listxattr(&self, ino: Ino, size: u32) -> Result<XattrOut, Errno> {
+        let names = self
+            .client
+            .meta()
+            .listxattr(ino)
+            .await
+            .map_err(errno::meta)?;
+        let mut out = Vec::new();
+        for n in names.iter().filter(|n| !is_system(n)) {
+            out.extend_from_slice(n);
+            out.push(0);
+        }
+        sized(out, size)
+    }
+
+    pub(crate) async fn removexattr(&self, ino: Ino, name: Vec<u8>) -> Result<(), Errno> {
+        if is_system(&name) {
+            return Err(Errno::NO_XATTR);
+        }
+        let caps = name == CAPABILITY;
+        let r = self
+            .client
+            .meta()
+            .removexattr(ino, ByteBuf::from(name))
+            .await
+            .map_err(errno::meta);
+        if caps {
+            self.set_no_caps(ino, false);
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_probe_protocol() {
+        assert!(matches!(sized(b"abc".to_vec(), 0), Ok(XattrOut::Size(3))));
+        assert!(matches!(sized(b"abc".to_vec(), 3), Ok(XattrOut::Data(d)) if d == b"abc"));
+        assert!(matches!(sized(b"abc".to_vec(), 2), Err(e) if e == Errno::ERANGE));
+        assert!(matches!(sized(Vec::new(), 0), Ok(XattrOut::Size(0))));
+    }
+
+    #[test]
+    fn setxattr_flags() {
+        assert_eq!(xattr_mode(0), Ok(XattrMode::Any));
+        assert_eq!(xattr_mode(libc::XATTR_CREATE), Ok(XattrMode::Create));
+        assert_eq!(xattr_mode(libc::XATTR_REPLACE), Ok(XattrMode::Replace));
+        assert_eq!(xattr_mode(3), Err(Errno::EINVAL));
+    }
+}

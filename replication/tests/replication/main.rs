@@ -1,0 +1,6 @@
+//! Tests of the replicated log: one test binary (faster to link) with a toy state machine.
+
+mod cluster;
+mod single;
+mod storage;
+mod toy;

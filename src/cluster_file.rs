@@ -1,0 +1,223 @@
+//! `DIR/cluster.json`: the processes of a cluster started by `rawfs up`.
+//!
+//! Other tools (tests, `rawfs status --dir`, operators with `jq`) read it, so its keys are
+//! stable: `{"mount", "processes": [{"role", "id", "pid", "addr", "data_dir"}]}`; the extra keys
+//! (`raft_addr`, `control_addr`, `args`, `log`, `ready`, ...) let a harness restart one daemon with
+//! exactly its original command line. It is replaced atomically (write, fsync, rename).
+
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// File name inside the cluster directory.
+pub const FILE_NAME: &str = "cluster.json";
+
+/// What a process does in the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Metadata,
+    Chunkserver,
+    Healer,
+    Nbd,
+    Mount,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Metadata => "metadata",
+            Role::Chunkserver => "chunkserver",
+            Role::Healer => "healer",
+            Role::Nbd => "nbd",
+            Role::Mount => "mount",
+        })
+    }
+}
+
+/// One process of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessEntry {
+    pub role: Role,
+    pub id: u64,
+    pub pid: u32,
+    /// The client-facing address: the metadata client port, the chunkserver data port, or (for
+    /// the mount) the metadata address it uses.
+    pub addr: String,
+    /// Data directory (for the mount: the mountpoint).
+    pub data_dir: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raft_addr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_addr: Option<String>,
+    /// The executable that was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<PathBuf>,
+    /// Its arguments (without the executable), to restart exactly this process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Where its stdout and stderr go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<PathBuf>,
+}
+
+/// The whole file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub mount: PathBuf,
+    pub processes: Vec<ProcessEntry>,
+    /// Pid of the `rawfs up` process that owns the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_pid: Option<u32>,
+    /// True once every daemon answered and the mount is live.
+    #[serde(default)]
+    pub ready: bool,
+}
+
+/// Reading or writing `cluster.json` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterFileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid cluster file: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl ClusterFile {
+    /// Path of the cluster file in `dir`.
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(FILE_NAME)
+    }
+
+    /// Reads `dir/cluster.json`; `Ok(None)` when there is none.
+    pub fn load(dir: &Path) -> Result<Option<ClusterFile>, ClusterFileError> {
+        let path = Self::path(dir);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(ClusterFileError::Read { path, source }),
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|source| ClusterFileError::Parse { path, source })
+    }
+
+    /// Replaces `dir/cluster.json` atomically: readers see the old or the new file, never half.
+    pub fn store(&self, dir: &Path) -> Result<(), ClusterFileError> {
+        let path = Self::path(dir);
+        let tmp = dir.join(format!(".{FILE_NAME}.tmp"));
+        let werr = |source| ClusterFileError::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut text = serde_json::to_vec_pretty(self).map_err(|e| werr(e.into()))?;
+        text.push(b'\n');
+        let mut f = std::fs::File::create(&tmp).map_err(werr)?;
+        f.write_all(&text).map_err(werr)?;
+        f.sync_all().map_err(werr)?;
+        drop(f);
+        std::fs::rename(&tmp, &path).map_err(werr)?;
+        // Make the rename itself durable.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// The processes with `role`.
+    pub fn by_role(&self, role: Role) -> impl Iterator<Item = &ProcessEntry> {
+        self.processes.iter().filter(move |p| p.role == role)
+    }
+
+    /// The metadata client addresses.
+    pub fn metadata_addrs(&self) -> Vec<String> {
+        self.by_role(Role::Metadata)
+            .map(|p| p.addr.clone())
+            .collect()
+    }
+
+    /// The entry for `role`/`id`.
+    pub fn find(&self, role: Role, id: u64) -> Option<&ProcessEntry> {
+        self.processes.iter().find(|p| p.role == role && p.id == id)
+    }
+}
+
+/// True if `pid` names a running process (not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    if raw <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks that the process exists; it sends nothing.
+    let rc = unsafe { libc::kill(raw, 0) };
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+        return false;
+    }
+    // A dead child not yet reaped still answers kill(0); its state in /proc is 'Z'.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .map_or(true, |state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_file_round_trips_in_the_documented_shape() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cf = ClusterFile {
+            mount: "/mnt/rawfs".into(),
+            processes: vec![ProcessEntry {
+                role: Role::Chunkserver,
+                id: 3,
+                pid: 42,
+                addr: "127.0.0.1:7104".into(),
+                data_dir: "/d/chunkserver-3".into(),
+                raft_addr: None,
+                control_addr: Some("127.0.0.1:7105".into()),
+                exe: None,
+                args: vec!["chunkserver".into()],
+                log: None,
+            }],
+            up_pid: Some(1),
+            ready: true,
+        };
+        cf.store(dir.path()).expect("store");
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ClusterFile::path(dir.path())).expect("read"))
+                .expect("json");
+        assert_eq!(v["mount"], "/mnt/rawfs");
+        let p = &v["processes"][0];
+        assert_eq!(p["role"], "chunkserver");
+        assert_eq!(p["id"], 3);
+        assert_eq!(p["pid"], 42);
+        assert_eq!(p["addr"], "127.0.0.1:7104");
+        assert_eq!(p["data_dir"], "/d/chunkserver-3");
+        assert_eq!(ClusterFile::load(dir.path()).expect("load"), Some(cf));
+    }
+
+    #[test]
+    fn liveness_of_pids() {
+        assert!(pid_alive(std::process::id()));
+        assert!(!pid_alive(0));
+        assert!(!pid_alive(u32::MAX));
+    }
+}

@@ -1,0 +1,360 @@
+//! `rawfs status`: the cluster's state from the metadata service, as a table or stable JSON.
+//!
+//! ```text
+//!  --metadata ADDRS | --dir DIR (cluster.json) | $RAWFS_METADATA
+//!        -> MetadataClient::status() (5 s deadline)
+//!        -> + pids from cluster.json (a dead process shows as down at once)
+//!        -> table | JSON in DESIGN.md's stable shape
+//! ```
+
+use crate::cluster_file::{pid_alive, ClusterFile, Role};
+use crate::size::Human;
+use rawfs_metadata_api::client::{ClientTimeouts, MetadataClient};
+use rawfs_metadata_api::{ChunkserverStatus, ClusterStatus, ReplicaStatus};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// How long `rawfs status` waits for the metadata service before saying it is unreachable.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Flags of `rawfs status`.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// Print JSON in the stable shape (see DESIGN.md) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// A cluster directory of `rawfs up`: addresses and pids come from its cluster.json.
+    #[arg(long, conflicts_with = "metadata")]
+    pub dir: Option<PathBuf>,
+    /// Metadata client addresses, comma separated.
+    #[arg(long, env = "RAWFS_METADATA", value_delimiter = ',')]
+    pub metadata: Vec<String>,
+}
+
+/// Why the status could not be obtained.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    ClusterFile(#[from] crate::cluster_file::ClusterFileError),
+    #[error("no cluster.json in {0}: is `rawfs up` running there?")]
+    NoClusterFile(PathBuf),
+    #[error("no metadata address: give --metadata ADDRS, --dir DIR or set RAWFS_METADATA")]
+    NoAddress,
+    #[error("metadata service at {addrs} is unreachable: {reason}")]
+    Unreachable { addrs: String, reason: String },
+}
+
+/// Asks the metadata service at `addrs` for the cluster status, giving up after `timeout`.
+pub async fn fetch(addrs: &[String], timeout: Duration) -> Result<ClusterStatus, StatusError> {
+    let unreachable = |reason: String| StatusError::Unreachable {
+        addrs: addrs.join(","),
+        reason,
+    };
+    let client = MetadataClient::new(
+        addrs.to_vec(),
+        ClientTimeouts {
+            call: timeout.min(Duration::from_secs(2)),
+            op: timeout,
+        },
+    );
+    match tokio::time::timeout(timeout + Duration::from_millis(500), client.status()).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Err(_) => Err(unreachable(format!("no answer within {timeout:?}"))),
+    }
+}
+
+/// `rawfs status`. Exit 0 with the status, 1 if the cluster cannot be reached.
+pub fn run(args: StatusArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rawfs status: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(collect(&args)) {
+        Ok(v) => {
+            if args.json {
+                match serde_json::to_string_pretty(&v) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("rawfs status: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", render_table(&v));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rawfs status: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn collect(args: &StatusArgs) -> Result<Value, StatusError> {
+    let (addrs, cluster) = match &args.dir {
+        Some(dir) => {
+            let cf =
+                ClusterFile::load(dir)?.ok_or_else(|| StatusError::NoClusterFile(dir.clone()))?;
+            (cf.metadata_addrs(), Some(cf))
+        }
+        None => (args.metadata.clone(), None),
+    };
+    if addrs.is_empty() {
+        return Err(StatusError::NoAddress);
+    }
+    let status = fetch(&addrs, STATUS_TIMEOUT).await?;
+    Ok(status_json(&status, cluster.as_ref(), &pid_alive))
+}
+
+/// Builds the stable JSON shape, marking processes of `cluster` whose pid is dead as down.
+pub fn status_json(
+    s: &ClusterStatus,
+    cluster: Option<&ClusterFile>,
+    alive: &dyn Fn(u32) -> bool,
+) -> Value {
+    let dead = |role: Role, id: u64| {
+        cluster
+            .and_then(|c| c.find(role, id))
+            .is_some_and(|p| !alive(p.pid))
+    };
+    let mut replicas: Vec<Value> = s
+        .replicas
+        .iter()
+        .map(|r: &ReplicaStatus| {
+            let role = if dead(Role::Metadata, r.id) {
+                "down"
+            } else {
+                r.role.as_str()
+            };
+            json!({"id": r.id, "addr": r.addr, "role": role, "applied": r.applied, "term": r.term})
+        })
+        .collect();
+    let mut chunkservers: Vec<Value> = s
+        .chunkservers
+        .iter()
+        .map(|c: &ChunkserverStatus| {
+            json!({
+                "id": c.id, "addr": c.data_addr, "up": c.up && !dead(Role::Chunkserver, c.id),
+                "used_bytes": c.used_bytes, "total_bytes": c.total_bytes,
+                "control_addr": c.control_addr, "healthy": c.healthy, "chunks": c.chunks,
+                "last_seen_ms": c.last_seen_ms,
+            })
+        })
+        .collect();
+    // Processes that cluster.json knows but the service has never heard of are down too.
+    if let Some(c) = cluster {
+        for p in c.by_role(Role::Chunkserver) {
+            if !s.chunkservers.iter().any(|cs| cs.id == p.id) {
+                chunkservers.push(json!({
+                    "id": p.id, "addr": p.addr, "up": false, "used_bytes": 0, "total_bytes": 0,
+                    "chunks": 0, "registered": false,
+                }));
+            }
+        }
+        for p in c.by_role(Role::Metadata) {
+            if !s.replicas.iter().any(|r| r.id == p.id) {
+                let role = if alive(p.pid) { "unknown" } else { "down" };
+                replicas.push(json!({"id": p.id, "addr": p.addr, "role": role, "applied": 0}));
+            }
+        }
+    }
+    chunkservers.sort_by_key(|v| v["id"].as_u64());
+    let ch = &s.chunks;
+    json!({
+        "metadata": {"leader": s.leader, "term": s.term, "replicas": replicas},
+        "chunkservers": chunkservers,
+        "chunks": {
+            "healthy": ch.healthy, "under_replicated": ch.under_replicated, "degraded": ch.degraded,
+            "lost": ch.lost, "replicated": ch.replicated, "ec": ch.ec,
+        },
+        // The healer and volumes arrive in later issues (6 and 4); the keys are part of the
+        // stable shape already, with values that say "nothing there".
+        "healer": {"leader": null, "queue": 0, "bytes_at_risk": 0},
+        "volumes": [],
+        "files": s.files,
+    })
+}
+
+/// Renders the JSON status as the human table.
+pub fn render_table(v: &Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let m = &v["metadata"];
+    let leader = m["leader"]
+        .as_u64()
+        .map_or("none".to_string(), |l| l.to_string());
+    let _ = writeln!(out, "metadata: leader {leader}, term {}", m["term"]);
+    let _ = writeln!(
+        out,
+        "  {:<4} {:<22} {:<10} {:>10}",
+        "ID", "ADDR", "ROLE", "APPLIED"
+    );
+    for r in m["replicas"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {:<4} {:<22} {:<10} {:>10}",
+            r["id"],
+            r["addr"].as_str().unwrap_or("?"),
+            r["role"].as_str().unwrap_or("?"),
+            r["applied"]
+        );
+    }
+    let cs = v["chunkservers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let up = cs
+        .iter()
+        .filter(|c| c["up"].as_bool() == Some(true))
+        .count();
+    let _ = writeln!(out, "chunkservers: {up} of {} up", cs.len());
+    let _ = writeln!(
+        out,
+        "  {:<4} {:<22} {:<5} {:>11} {:>11} {:>8}",
+        "ID", "ADDR", "STATE", "USED", "TOTAL", "CHUNKS"
+    );
+    for c in cs {
+        let state = if c["up"].as_bool() == Some(true) {
+            "up"
+        } else {
+            "down"
+        };
+        let _ = writeln!(
+            out,
+            "  {:<4} {:<22} {:<5} {:>11} {:>11} {:>8}",
+            c["id"],
+            c["addr"].as_str().unwrap_or("?"),
+            state,
+            Human(c["used_bytes"].as_u64().unwrap_or(0)).to_string(),
+            Human(c["total_bytes"].as_u64().unwrap_or(0)).to_string(),
+            c["chunks"].as_u64().unwrap_or(0)
+        );
+    }
+    let ch = &v["chunks"];
+    let _ = writeln!(
+        out,
+        "chunks: {} healthy, {} under-replicated, {} degraded, {} lost ({} replicated, {} erasure-coded)",
+        ch["healthy"], ch["under_replicated"], ch["degraded"], ch["lost"], ch["replicated"], ch["ec"]
+    );
+    let _ = writeln!(out, "healer: not running (arrives with issue 6)");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster_file::ProcessEntry;
+    use rawfs_metadata_api::ChunkCounts;
+
+    fn sample() -> ClusterStatus {
+        ClusterStatus {
+            leader: Some(1),
+            term: 2,
+            replicas: vec![ReplicaStatus {
+                id: 1,
+                addr: "127.0.0.1:7000".into(),
+                role: "leader".into(),
+                term: 2,
+                applied: 10,
+            }],
+            chunkservers: (1..=2)
+                .map(|id| ChunkserverStatus {
+                    id,
+                    data_addr: format!("127.0.0.1:71{id:02}"),
+                    control_addr: String::new(),
+                    up: true,
+                    healthy: true,
+                    used_bytes: 1 << 20,
+                    total_bytes: 1 << 30,
+                    chunks: 3,
+                    last_seen_ms: 100,
+                })
+                .collect(),
+            chunks: ChunkCounts {
+                healthy: 3,
+                under_replicated: 1,
+                replicated: 4,
+                ..Default::default()
+            },
+            files: 5,
+        }
+    }
+
+    fn entry(role: Role, id: u64, pid: u32) -> ProcessEntry {
+        ProcessEntry {
+            role,
+            id,
+            pid,
+            addr: format!("127.0.0.1:{}", 9000 + id),
+            data_dir: "/d".into(),
+            raft_addr: None,
+            control_addr: None,
+            exe: None,
+            args: vec![],
+            log: None,
+        }
+    }
+
+    #[test]
+    fn json_has_the_stable_shape() {
+        let v = status_json(&sample(), None, &|_| true);
+        assert_eq!(v["metadata"]["leader"], 1);
+        assert_eq!(v["metadata"]["term"], 2);
+        let r = &v["metadata"]["replicas"][0];
+        for k in ["id", "addr", "role", "applied"] {
+            assert!(!r[k].is_null(), "replica key {k}");
+        }
+        let c = &v["chunkservers"][0];
+        for k in ["id", "addr", "up", "used_bytes", "total_bytes"] {
+            assert!(!c[k].is_null(), "chunkserver key {k}");
+        }
+        for k in [
+            "healthy",
+            "under_replicated",
+            "degraded",
+            "lost",
+            "replicated",
+            "ec",
+        ] {
+            assert!(v["chunks"][k].is_u64(), "chunks key {k}");
+        }
+        assert!(v["healer"]["leader"].is_null());
+        assert_eq!(v["healer"]["queue"], 0);
+        assert_eq!(v["healer"]["bytes_at_risk"], 0);
+        assert_eq!(v["volumes"], json!([]));
+    }
+
+    #[test]
+    fn dead_pids_show_as_down() {
+        let cf = ClusterFile {
+            mount: "/m".into(),
+            processes: vec![
+                entry(Role::Metadata, 1, 100),
+                entry(Role::Chunkserver, 1, 101),
+                entry(Role::Chunkserver, 2, 102),
+                entry(Role::Chunkserver, 3, 103),
+            ],
+            up_pid: None,
+            ready: true,
+        };
+        let v = status_json(&sample(), Some(&cf), &|pid| pid != 102 && pid != 103);
+        let cs = v["chunkservers"].as_array().expect("array");
+        assert_eq!(cs.len(), 3);
+        assert_eq!(cs[0]["up"], true);
+        assert_eq!(cs[1]["up"], false, "dead pid");
+        assert_eq!(cs[2]["up"], false, "never registered");
+        let table = render_table(&v);
+        assert!(table.contains("1 of 3 up"), "{table}");
+        assert!(table.contains("1.0 MiB"), "{table}");
+    }
+}

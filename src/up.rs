@@ -1,0 +1,699 @@
+//! `rawfs up`: a whole cluster on this machine, as separate processes, mounted.
+//!
+//! ```text
+//!  lock DIR/up.pid ─> plan ports (reuse DIR/cluster.json) ─> spawn metadata, chunkservers
+//!     ─> poll `status` until leader + all chunkservers up ─> spawn mount.rawfs -f, poll
+//!     mountinfo ─> write cluster.json (ready) ─> watch children (never restart them)
+//!     ─> SIGINT/SIGTERM: unmount, SIGTERM children, deadline, SIGKILL
+//! ```
+//!
+//! Readiness is polled, never slept for, and bounded by `--ready-timeout`; on failure the log
+//! tail of whatever is not ready is printed and everything started is stopped again.
+
+use crate::cluster_file::{pid_alive, ClusterFile, ProcessEntry, Role};
+use crate::procs::{self, Proc};
+use crate::size::{ByteSize, Dur};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Metadata replicas started by `up` (the next issue makes it 3).
+const METADATA_REPLICAS: u64 = 1;
+/// How often readiness and children are polled.
+const POLL: Duration = Duration::from_millis(200);
+/// How long children get between SIGTERM and SIGKILL.
+const STOP_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Flags of `rawfs up`.
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Cluster directory: data of every daemon, logs, cluster.json.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Where to mount the filesystem (created if missing).
+    #[arg(long)]
+    pub mount: PathBuf,
+    /// Number of chunkservers (at least 3, one per replica).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(3..=64))]
+    pub chunkservers: u64,
+    /// First port of a fixed layout (metadata P, P+1; chunkserver i: P+10+2(i-1), P+11+2(i-1));
+    /// default: the previous run's ports, or free ones.
+    #[arg(long)]
+    pub base_port: Option<u16>,
+    /// Capacity each chunkserver advertises (default: the disk's).
+    #[arg(long)]
+    pub capacity: Option<ByteSize>,
+    /// How long to wait for the daemons and the mount to become ready.
+    #[arg(long, default_value = "60s")]
+    pub ready_timeout: Dur,
+}
+
+/// Why `rawfs up` could not start the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{dir} is in use by another `rawfs up` (pid {pid})")]
+    Locked { dir: PathBuf, pid: String },
+    #[error("{0} is already a mountpoint; unmount it first")]
+    AlreadyMounted(PathBuf),
+    #[error("{role} {id} from a previous run is still alive (pid {pid}); stop it first")]
+    Leftover { role: Role, id: u64, pid: u32 },
+    #[error(transparent)]
+    ClusterFile(#[from] crate::cluster_file::ClusterFileError),
+    #[error("no free ports for the layout starting at --base-port {0}")]
+    Ports(u16),
+    #[error("{0}")]
+    NotReady(String),
+    #[error("interrupted while starting")]
+    Interrupted,
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpError {
+    let path = path.to_path_buf();
+    move |source| UpError::Io { what, path, source }
+}
+
+/// One daemon to run, with its addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Planned {
+    pub role: Role,
+    pub id: u64,
+    pub addr: String,
+    /// Raft address (metadata) or control address (chunkserver).
+    pub second: String,
+}
+
+/// Chooses every daemon's addresses: the previous run's (so chunk locations and clients stay
+/// valid), else a fixed layout from `base`, else free ports from `free_port`.
+pub fn plan(
+    prev: Option<&ClusterFile>,
+    base: Option<u16>,
+    chunkservers: u64,
+    mut free_port: impl FnMut() -> std::io::Result<u16>,
+) -> Result<Vec<Planned>, UpError> {
+    let mut out = Vec::new();
+    let roles = (1..=METADATA_REPLICAS)
+        .map(|id| (Role::Metadata, id))
+        .chain((1..=chunkservers).map(|id| (Role::Chunkserver, id)));
+    for (role, id) in roles {
+        let reuse = prev.and_then(|p| p.find(role, id)).and_then(|e| {
+            let second = match role {
+                Role::Metadata => e.raft_addr.clone(),
+                _ => e.control_addr.clone(),
+            }?;
+            Some((e.addr.clone(), second))
+        });
+        let (addr, second) = match (reuse, base) {
+            (Some(r), _) => r,
+            (None, Some(b)) => {
+                let first = match role {
+                    Role::Metadata => 2 * (id - 1),
+                    _ => 10 + 2 * (id - 1),
+                };
+                let p = u16::try_from(u64::from(b) + first).map_err(|_| UpError::Ports(b))?;
+                let q = p.checked_add(1).ok_or(UpError::Ports(b))?;
+                (format!("127.0.0.1:{p}"), format!("127.0.0.1:{q}"))
+            }
+            (None, None) => {
+                let ioe = |e| UpError::Io {
+                    what: "cannot find a free port on",
+                    path: "127.0.0.1".into(),
+                    source: e,
+                };
+                let p = free_port().map_err(ioe)?;
+                let q = free_port().map_err(ioe)?;
+                (format!("127.0.0.1:{p}"), format!("127.0.0.1:{q}"))
+            }
+        };
+        out.push(Planned {
+            role,
+            id,
+            addr,
+            second,
+        });
+    }
+    Ok(out)
+}
+
+/// Free loopback ports: every listener stays open until all ports are chosen, so none repeats.
+struct FreePorts(Vec<std::net::TcpListener>);
+
+impl FreePorts {
+    fn next(&mut self) -> std::io::Result<u16> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = l.local_addr()?.port();
+        self.0.push(l);
+        Ok(port)
+    }
+}
+
+/// Holds `DIR/up.pid` locked for as long as `up` runs.
+struct DirLock {
+    _file: std::fs::File,
+}
+
+fn lock_dir(dir: &Path) -> Result<DirLock, UpError> {
+    let path = dir.join("up.pid");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err("cannot open", &path))?;
+    // SAFETY: flock on a descriptor we own; the lock lives as long as the file stays open.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let pid = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        return Err(UpError::Locked {
+            dir: dir.to_path_buf(),
+            pid,
+        });
+    }
+    f.set_len(0).map_err(io_err("cannot write", &path))?;
+    writeln!(f, "{}", std::process::id()).map_err(io_err("cannot write", &path))?;
+    Ok(DirLock { _file: f })
+}
+
+/// True if `pid` is alive and still looks like a rawfs process (pids get reused).
+fn rawfs_pid_alive(pid: u32) -> bool {
+    pid_alive(pid)
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains("rawfs"))
+            .unwrap_or(false)
+}
+
+/// The running cluster: children in start order, and where things are.
+struct Cluster {
+    dir: PathBuf,
+    mount: PathBuf,
+    exe: PathBuf,
+    procs: Vec<(ProcessEntry, Proc)>,
+}
+
+impl Cluster {
+    fn cluster_file(&self, ready: bool) -> ClusterFile {
+        ClusterFile {
+            mount: self.mount.clone(),
+            processes: self
+                .procs
+                .iter()
+                .map(|(e, p)| ProcessEntry {
+                    pid: p.pid(),
+                    ..e.clone()
+                })
+                .collect(),
+            up_pid: Some(std::process::id()),
+            ready,
+        }
+    }
+
+    fn start(
+        &mut self,
+        role: Role,
+        id: u64,
+        exe: &Path,
+        args: Vec<String>,
+        entry: ProcessEntry,
+    ) -> Result<(), UpError> {
+        let logs = self.dir.join("logs");
+        let log = logs.join(format!("{role}-{id}.log"));
+        let name = format!("{role} {id}");
+        let proc = procs::spawn(&name, exe, &args, &log).map_err(io_err("cannot start", exe))?;
+        tracing::info!(%name, pid = proc.pid(), "started");
+        self.procs.push((
+            ProcessEntry {
+                pid: proc.pid(),
+                exe: Some(exe.to_path_buf()),
+                args,
+                log: Some(log),
+                ..entry
+            },
+            proc,
+        ));
+        Ok(())
+    }
+
+    /// The first child that has died since the last call, as a message with its log tail.
+    fn check_children(&mut self) -> Option<String> {
+        for (_, p) in &mut self.procs {
+            if let Some(st) = p.poll_exit() {
+                return Some(format!(
+                    "{} (pid {}) exited with {st}; last lines of {}:\n{}",
+                    p.name,
+                    p.pid(),
+                    p.log.display(),
+                    procs::log_tail(&p.log, 20)
+                ));
+            }
+        }
+        None
+    }
+
+    /// Unmounts, then stops every child: SIGTERM, a deadline, SIGKILL.
+    async fn stop(&mut self) {
+        if !procs::unmount(&self.mount) {
+            eprintln!(
+                "rawfs up: {} is still mounted; unmount it by hand",
+                self.mount.display()
+            );
+        }
+        // The mount helper ends on its own once unmounted; daemons after it, in reverse order,
+        // so chunkservers do not log a dead metadata service while they stop.
+        for (_, p) in self.procs.iter_mut().rev() {
+            p.signal(libc::SIGTERM);
+        }
+        let end = Instant::now() + STOP_DEADLINE;
+        while Instant::now() < end && self.procs.iter_mut().any(|(_, p)| p.running()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for (_, p) in &mut self.procs {
+            if p.running() {
+                tracing::warn!(name = %p.name, "did not stop in time; killing it");
+                p.signal(libc::SIGKILL);
+                let _ = p.child.wait();
+            }
+        }
+    }
+}
+
+/// A flag that flips to true on SIGINT or SIGTERM. The handlers are installed before this
+/// returns, so a signal during start-up is never lost (nor kills `up` before it cleans up).
+fn signal_watch() -> Result<watch::Receiver<bool>, UpError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let ioe = |source| UpError::Io {
+        what: "cannot install signal handlers for",
+        path: "rawfs up".into(),
+        source,
+    };
+    let mut int = signal(SignalKind::interrupt()).map_err(ioe)?;
+    let mut term = signal(SignalKind::terminate()).map_err(ioe)?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+/// `rawfs up`.
+pub fn run(args: UpArgs) -> ExitCode {
+    // One thread: children are spawned from the main thread, so PR_SET_PDEATHSIG (which follows
+    // the spawning thread) fires only when `up` itself exits.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rawfs up: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(up(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rawfs up: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn up(args: UpArgs) -> Result<(), UpError> {
+    let stop = signal_watch()?;
+    std::fs::create_dir_all(args.dir.join("logs")).map_err(io_err("cannot create", &args.dir))?;
+    let dir = args
+        .dir
+        .canonicalize()
+        .map_err(io_err("cannot resolve", &args.dir))?;
+    // Not canonicalize: a dead FUSE mount there would fail with ENOTCONN before we can say so.
+    let mount = std::path::absolute(&args.mount).map_err(io_err("cannot resolve", &args.mount))?;
+    if procs::mounted_fstype(&mount).is_some() {
+        return Err(UpError::AlreadyMounted(mount));
+    }
+    std::fs::create_dir_all(&mount).map_err(io_err("cannot create", &mount))?;
+    let mount = mount
+        .canonicalize()
+        .map_err(io_err("cannot resolve", &mount))?;
+    if procs::mounted_fstype(&mount).is_some() {
+        return Err(UpError::AlreadyMounted(mount));
+    }
+    let _lock = lock_dir(&dir)?;
+
+    let prev = ClusterFile::load(&dir)?;
+    if let Some(p) = &prev {
+        if let Some(e) = p
+            .processes
+            .iter()
+            .find(|e| e.pid != std::process::id() && rawfs_pid_alive(e.pid))
+        {
+            return Err(UpError::Leftover {
+                role: e.role,
+                id: e.id,
+                pid: e.pid,
+            });
+        }
+    }
+    let mut free = FreePorts(Vec::new());
+    let planned = plan(prev.as_ref(), args.base_port, args.chunkservers, || {
+        free.next()
+    })?;
+    drop(free);
+
+    let exe = std::env::current_exe().map_err(io_err("cannot find", Path::new("rawfs")))?;
+    let mut cluster = Cluster {
+        dir: dir.clone(),
+        mount: mount.clone(),
+        exe: exe.clone(),
+        procs: Vec::new(),
+    };
+    let result = start_all(&mut cluster, &planned, &args, stop.clone()).await;
+    if let Err(e) = result {
+        cluster.stop().await;
+        return Err(e);
+    }
+    cluster.cluster_file(true).store(&dir)?;
+    print_summary(&cluster);
+    watch_until_stopped(&mut cluster, stop).await;
+    eprintln!("rawfs up: stopping");
+    cluster.stop().await;
+    let mut cf = cluster.cluster_file(false);
+    cf.up_pid = None;
+    if let Err(e) = cf.store(&dir) {
+        tracing::warn!(error = %e, "cannot update cluster.json");
+    }
+    eprintln!("rawfs up: stopped");
+    Ok(())
+}
+
+async fn start_all(
+    c: &mut Cluster,
+    planned: &[Planned],
+    args: &UpArgs,
+    stop: watch::Receiver<bool>,
+) -> Result<(), UpError> {
+    let meta_addrs: Vec<String> = planned
+        .iter()
+        .filter(|p| p.role == Role::Metadata)
+        .map(|p| p.addr.clone())
+        .collect();
+    let exe = c.exe.clone();
+    for p in planned {
+        let data_dir = c.dir.join(format!("{}-{}", p.role, p.id));
+        std::fs::create_dir_all(&data_dir).map_err(io_err("cannot create", &data_dir))?;
+        let d = data_dir.to_string_lossy().into_owned();
+        let mut a: Vec<String> = vec![
+            p.role.to_string(),
+            "--id".into(),
+            p.id.to_string(),
+            "--data-dir".into(),
+            d,
+        ];
+        let mut entry = ProcessEntry {
+            role: p.role,
+            id: p.id,
+            pid: 0,
+            addr: p.addr.clone(),
+            data_dir,
+            raft_addr: None,
+            control_addr: None,
+            exe: None,
+            args: vec![],
+            log: None,
+        };
+        match p.role {
+            Role::Metadata => {
+                a.extend([
+                    "--listen".into(),
+                    p.addr.clone(),
+                    "--raft-listen".into(),
+                    p.second.clone(),
+                ]);
+                for o in planned
+                    .iter()
+                    .filter(|o| o.role == Role::Metadata && o.id != p.id)
+                {
+                    a.extend(["--peer".into(), format!("{}={}/{}", o.id, o.addr, o.second)]);
+                }
+                entry.raft_addr = Some(p.second.clone());
+            }
+            _ => {
+                a.extend([
+                    "--listen".into(),
+                    p.addr.clone(),
+                    "--control-listen".into(),
+                    p.second.clone(),
+                ]);
+                a.extend(["--metadata".into(), meta_addrs.join(",")]);
+                if let Some(cap) = args.capacity {
+                    a.extend(["--capacity".into(), cap.0.to_string()]);
+                }
+                entry.control_addr = Some(p.second.clone());
+            }
+        }
+        c.start(p.role, p.id, &exe, a, entry)?;
+    }
+    // Early, so a harness can clean up even if the rest fails.
+    c.cluster_file(false).store(&c.dir)?;
+
+    let deadline = Instant::now() + args.ready_timeout.0;
+    wait_daemons_ready(c, planned, &meta_addrs, deadline, stop.clone()).await?;
+
+    let helper = exe.with_file_name("mount.rawfs");
+    let spec = format!("{}:/", meta_addrs.join(","));
+    let mnt = c.mount.to_string_lossy().into_owned();
+    let log = c.dir.join("logs").join("mount-1.log");
+    let (mexe, margs) = if helper.exists() {
+        (helper, vec![spec, mnt, "-f".into()])
+    } else {
+        (exe.clone(), vec!["mount".into(), spec, mnt, "-f".into()])
+    };
+    let entry = ProcessEntry {
+        role: Role::Mount,
+        id: 1,
+        pid: 0,
+        addr: meta_addrs.first().cloned().unwrap_or_default(),
+        data_dir: c.mount.clone(),
+        raft_addr: None,
+        control_addr: None,
+        exe: None,
+        args: vec![],
+        log: Some(log),
+    };
+    c.start(Role::Mount, 1, &mexe, margs, entry)?;
+    c.cluster_file(false).store(&c.dir)?;
+    loop {
+        if *stop.borrow() {
+            return Err(UpError::Interrupted);
+        }
+        if let Some(msg) = c.check_children() {
+            return Err(UpError::NotReady(msg));
+        }
+        if procs::mounted_fstype(&c.mount).is_some_and(|t| t.starts_with("fuse")) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let log = c.dir.join("logs").join("mount-1.log");
+            return Err(UpError::NotReady(format!(
+                "the mount at {} is not live after {:?}; last lines of {}:\n{}",
+                c.mount.display(),
+                args.ready_timeout.0,
+                log.display(),
+                procs::log_tail(&log, 20)
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Polls `status` until there is a leader and every planned chunkserver is up.
+async fn wait_daemons_ready(
+    c: &mut Cluster,
+    planned: &[Planned],
+    meta_addrs: &[String],
+    deadline: Instant,
+    stop: watch::Receiver<bool>,
+) -> Result<(), UpError> {
+    let want: Vec<u64> = planned
+        .iter()
+        .filter(|p| p.role == Role::Chunkserver)
+        .map(|p| p.id)
+        .collect();
+    let mut missing: Vec<(Role, u64)> = vec![(Role::Metadata, 1)];
+    loop {
+        if *stop.borrow() {
+            return Err(UpError::Interrupted);
+        }
+        if let Some(msg) = c.check_children() {
+            return Err(UpError::NotReady(msg));
+        }
+        match crate::status::fetch(meta_addrs, Duration::from_secs(2)).await {
+            Ok(s) if s.leader.is_some() => {
+                missing = want
+                    .iter()
+                    .filter(|id| !s.chunkservers.iter().any(|cs| cs.id == **id && cs.up))
+                    .map(|id| (Role::Chunkserver, *id))
+                    .collect();
+                if missing.is_empty() {
+                    return Ok(());
+                }
+            }
+            Ok(_) => tracing::debug!("metadata has no leader yet"),
+            Err(e) => tracing::debug!(error = %e, "metadata not answering yet"),
+        }
+        if Instant::now() > deadline {
+            let mut msg = String::from("not ready before the deadline:");
+            for (role, id) in &missing {
+                if let Some((_, p)) = c.procs.iter().find(|(e, _)| e.role == *role && e.id == *id) {
+                    msg.push_str(&format!(
+                        "\n{} (pid {}), last lines of {}:\n{}",
+                        p.name,
+                        p.pid(),
+                        p.log.display(),
+                        procs::log_tail(&p.log, 20)
+                    ));
+                }
+            }
+            return Err(UpError::NotReady(msg));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn print_summary(c: &Cluster) {
+    println!(
+        "rawfs up: cluster in {}, mounted at {}",
+        c.dir.display(),
+        c.mount.display()
+    );
+    for (e, p) in &c.procs {
+        let extra = match e.role {
+            Role::Metadata => format!("raft {}", e.raft_addr.as_deref().unwrap_or("-")),
+            Role::Chunkserver => format!("control {}", e.control_addr.as_deref().unwrap_or("-")),
+            _ => format!("at {}", e.data_dir.display()),
+        };
+        println!(
+            "  {:<14} {:<21} {:<26} pid {:<8} log {}",
+            p.name,
+            e.addr,
+            extra,
+            p.pid(),
+            p.log.display()
+        );
+    }
+    println!("cluster file: {}", ClusterFile::path(&c.dir).display());
+    println!(
+        "status: {} status --dir {}",
+        c.exe.display(),
+        c.dir.display()
+    );
+    println!("Ctrl-C (or SIGTERM) unmounts and stops everything.");
+}
+
+/// Stays in the foreground until a signal; a child that dies is reported, never restarted
+/// (it shows as down in `rawfs status`).
+async fn watch_until_stopped(c: &mut Cluster, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        tokio::select! {
+            r = stop.changed() => if r.is_err() { return },
+            _ = tick.tick() => {
+                while let Some(msg) = c.check_children() {
+                    tracing::warn!("{msg}\n(not restarted: it shows as down in `rawfs status`)");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counter(start: u16) -> impl FnMut() -> std::io::Result<u16> {
+        let mut n = start;
+        move || {
+            n += 1;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn fixed_layout_from_base_port() {
+        let p = plan(None, Some(7000), 6, counter(0)).expect("plan");
+        assert_eq!(p.len(), 7);
+        assert_eq!(p[0].addr, "127.0.0.1:7000");
+        assert_eq!(p[0].second, "127.0.0.1:7001");
+        assert_eq!(p[1].role, Role::Chunkserver);
+        assert_eq!(p[1].addr, "127.0.0.1:7010");
+        assert_eq!(p[6].second, "127.0.0.1:7021");
+        assert!(plan(None, Some(65530), 6, counter(0)).is_err());
+    }
+
+    #[test]
+    fn previous_addresses_are_reused_and_new_ones_picked() {
+        let first = plan(None, None, 3, counter(40000)).expect("plan");
+        let mut all: Vec<&str> = first
+            .iter()
+            .flat_map(|p| [p.addr.as_str(), p.second.as_str()])
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 8, "distinct ports");
+        let prev = ClusterFile {
+            mount: "/m".into(),
+            processes: first
+                .iter()
+                .map(|p| ProcessEntry {
+                    role: p.role,
+                    id: p.id,
+                    pid: 1,
+                    addr: p.addr.clone(),
+                    data_dir: "/d".into(),
+                    raft_addr: (p.role == Role::Metadata).then(|| p.second.clone()),
+                    control_addr: (p.role == Role::Chunkserver).then(|| p.second.clone()),
+                    exe: None,
+                    args: vec![],
+                    log: None,
+                })
+                .collect(),
+            up_pid: None,
+            ready: true,
+        };
+        let second = plan(Some(&prev), Some(9000), 4, counter(50000)).expect("plan");
+        assert_eq!(&second[..4], &first[..]);
+        assert_eq!(
+            second[4].addr, "127.0.0.1:9016",
+            "a new chunkserver takes the fixed layout"
+        );
+    }
+
+    #[test]
+    fn a_directory_is_locked_by_one_up() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let lock = lock_dir(d.path()).expect("first lock");
+        match lock_dir(d.path()) {
+            Err(UpError::Locked { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
+            other => panic!("expected Locked, got {other:?}", other = other.map(|_| ())),
+        }
+        drop(lock);
+        lock_dir(d.path()).expect("lock again after release");
+    }
+}
