@@ -75,13 +75,18 @@ struct LaterArgs {
     rest: Vec<OsString>,
 }
 
-/// Installs the `tracing` subscriber: RUST_LOG filters (default `info`), output to stderr.
+/// Log filter without RUST_LOG: `info`, but tarpc logs every request at info, which would
+/// bury everything else.
+const DEFAULT_LOG_FILTER: &str = "info,tarpc=warn";
+
+/// Installs the `tracing` subscriber: RUST_LOG filters (default [`DEFAULT_LOG_FILTER`]), output to stderr.
 fn install_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

@@ -203,10 +203,10 @@ pub fn render_table(v: &Value) -> String {
         let _ = writeln!(
             out,
             "  {:<4} {:<22} {:<10} {:>10}",
-            r["id"],
+            r["id"].as_u64().unwrap_or(0),
             r["addr"].as_str().unwrap_or("?"),
             r["role"].as_str().unwrap_or("?"),
-            r["applied"]
+            r["applied"].as_u64().unwrap_or(0)
         );
     }
     let cs = v["chunkservers"]
@@ -232,7 +232,7 @@ pub fn render_table(v: &Value) -> String {
         let _ = writeln!(
             out,
             "  {:<4} {:<22} {:<5} {:>11} {:>11} {:>8}",
-            c["id"],
+            c["id"].as_u64().unwrap_or(0),
             c["addr"].as_str().unwrap_or("?"),
             state,
             Human(c["used_bytes"].as_u64().unwrap_or(0)).to_string(),

@@ -345,6 +345,7 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
     if procs::mounted_fstype(&mount).is_some() {
         return Err(UpError::AlreadyMounted(mount));
     }
+    let _lock = lock_dir(&dir)?;
     std::fs::create_dir_all(&mount).map_err(io_err("cannot create", &mount))?;
     let mount = mount
         .canonicalize()
@@ -352,7 +353,6 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
     if procs::mounted_fstype(&mount).is_some() {
         return Err(UpError::AlreadyMounted(mount));
     }
-    let _lock = lock_dir(&dir)?;
 
     let prev = ClusterFile::load(&dir)?;
     if let Some(p) = &prev {

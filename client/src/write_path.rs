@@ -23,9 +23,9 @@ use rawfs_chunkserver_api::DataError;
 use rawfs_metadata_api::{ChunkId, ChunkLoc, ServerId, REPLICAS};
 
 /// Largest data frame sent in one write request.
-pub(crate) const FRAME: usize = 4 << 20;
+pub(crate) const FRAME: usize = 1 << 20;
 /// Frames outstanding at once per replica: keeps the pipe full without a huge queue.
-pub(crate) const FRAMES_IN_FLIGHT: usize = 2;
+pub(crate) const FRAMES_IN_FLIGHT: usize = 8;
 
 /// A chunk whose replicas received data since the last fsync.
 #[derive(Clone, Debug, PartialEq, Eq)]

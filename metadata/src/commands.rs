@@ -121,6 +121,9 @@ pub enum Command {
         server: ServerId,
         chunks: Vec<ChunkId>,
     },
+    /// Several commands that arrived together, applied in order as one log entry (group
+    /// commit: one log write for many callers). Replies with [`Reply::Batch`]. Not nested.
+    Batch(Vec<Command>),
 }
 
 /// What a command returns.
@@ -129,6 +132,8 @@ pub enum Reply {
     Unit,
     Attr(Attr),
     Chunk(ChunkLoc),
+    /// One result per command of a [`Command::Batch`], in order.
+    Batch(Vec<MetaResult<Reply>>),
 }
 
 /// Why an encoded command or reply could not be used.

@@ -19,6 +19,7 @@ use tokio_serde::formats::MessagePack;
 use tokio_util::sync::CancellationToken;
 
 use crate::machine::MetaStateMachine;
+use crate::proposer::Proposer;
 use crate::registry::Registry;
 use crate::server::{Server, Shared};
 use crate::{MetadataConfig, MetadataError, MetadataHandle};
@@ -86,9 +87,11 @@ pub(crate) async fn serve(
     let replica = Replica::start(rcfg, sm.clone() as Arc<dyn StateMachine>).await?;
     let raft_addr = replica.raft_addr();
 
+    let (proposer, proposer_task) = Proposer::start(replica.clone());
     let shared = Arc::new(Shared {
         sm: sm.clone(),
         replica: replica.clone(),
+        proposer,
         registry: Mutex::new(Registry::new(cfg.chunkserver_timeout, Instant::now())),
         root_ready: AtomicBool::new(false),
     });
@@ -105,6 +108,10 @@ pub(crate) async fn serve(
         stop.cancel();
         if let Err(e) = accept.await {
             tracing::error!(error = %e, "accept task failed");
+        }
+        // Every sender is gone with the connections: the proposer drains and ends.
+        if let Err(e) = proposer_task.await {
+            tracing::error!(error = %e, "proposer task failed");
         }
         tick.abort();
         let _ = tick.await;

@@ -34,6 +34,7 @@ pub use machine::MetaStateMachine;
 pub use store::StoreError;
 
 mod daemon;
+mod proposer;
 mod server;
 
 use std::net::SocketAddr;

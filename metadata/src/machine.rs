@@ -133,6 +133,23 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             control_addr,
         } => unit(chunks::register_server(t, *id, data_addr, control_addr)),
         AckDeletes { server, chunks } => unit(chunks::ack_deletes(t, *server, chunks)),
+        Batch(cmds) => {
+            let mut out = Vec::with_capacity(cmds.len());
+            for c in cmds {
+                let r = match c {
+                    Batch(_) => Err(Fail::Meta(MetaError::Invalid {
+                        reason: "nested batch".into(),
+                    })),
+                    c => dispatch(t, c, term),
+                };
+                match r {
+                    Ok(r) => out.push(Ok(r)),
+                    Err(Fail::Meta(m)) => out.push(Err(m)),
+                    Err(Fail::Store(s)) => return Err(Fail::Store(s)),
+                }
+            }
+            Ok(Reply::Batch(out))
+        }
     }
 }
 

@@ -15,8 +15,9 @@ use rawfs_replication::{ProposeError, Replica, Role};
 use serde_bytes::ByteBuf;
 use tarpc::context::Context;
 
-use crate::commands::{decode_reply, Command, Reply};
+use crate::commands::{Command, Reply};
 use crate::machine::MetaStateMachine;
+use crate::proposer::Proposer;
 use crate::queries;
 use crate::registry::{place, Registry};
 use crate::store::{get_server, Op, ReadTables};
@@ -25,6 +26,8 @@ use crate::store::{get_server, Op, ReadTables};
 pub(crate) struct Shared {
     pub sm: Arc<MetaStateMachine>,
     pub replica: Replica,
+    /// Group commit of mutations into the log.
+    pub proposer: Proposer,
     pub registry: Mutex<Registry>,
     /// The root directory is known to exist (no need to propose `Init`).
     pub root_ready: AtomicBool,
@@ -93,16 +96,7 @@ impl Server {
     }
 
     async fn propose(&self, cmd: Command) -> MetaResult<Reply> {
-        let bytes = cmd.encode().map_err(|e| MetaError::Invalid {
-            reason: e.to_string(),
-        })?;
-        let out = self.0.replica.propose(bytes).await.map_err(propose_error)?;
-        decode_reply(&out).map_err(|e| {
-            tracing::error!(error = %e, "undecodable reply from the state machine");
-            MetaError::Storage {
-                reason: e.to_string(),
-            }
-        })?
+        self.0.proposer.propose(cmd).await
     }
 
     /// A namespace mutation: root check, then the log.

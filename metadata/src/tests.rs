@@ -762,7 +762,10 @@ fn apply_speed() {
             println!("{i}: {:.0}/s", i as f64 / start.elapsed().as_secs_f64());
         }
     }
-    println!("20000 applies: {:.0}/s", 20_000.0 / start.elapsed().as_secs_f64());
+    println!(
+        "20000 applies: {:.0}/s",
+        20_000.0 / start.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -778,7 +781,10 @@ fn txn_speed() {
         };
         h.sm.apply(&[e], b"x").unwrap();
     }
-    println!("5000 empty applies: {:.0}/s", 5_000.0 / start.elapsed().as_secs_f64());
+    println!(
+        "5000 empty applies: {:.0}/s",
+        5_000.0 / start.elapsed().as_secs_f64()
+    );
     let start = std::time::Instant::now();
     for i in 0..5_000u64 {
         let e = Entry {
@@ -791,7 +797,10 @@ fn txn_speed() {
             h.sm.store().flush_durable().unwrap();
         }
     }
-    println!("5000 empty applies with flushes: {:.0}/s", 5_000.0 / start.elapsed().as_secs_f64());
+    println!(
+        "5000 empty applies with flushes: {:.0}/s",
+        5_000.0 / start.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -829,5 +838,8 @@ fn batch_speed() {
             .collect();
         h.sm.apply(&entries, b"x").unwrap();
     }
-    println!("20000 creates in batches of 100: {:.0}/s", 20_000.0 / start.elapsed().as_secs_f64());
+    println!(
+        "20000 creates in batches of 100: {:.0}/s",
+        20_000.0 / start.elapsed().as_secs_f64()
+    );
 }

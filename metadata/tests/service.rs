@@ -251,7 +251,10 @@ async fn creates_per_second() {
     let (h, stop) = start(dir.path()).await;
     let c = client(h.addr());
     c.getattr(ROOT_INO).await.unwrap();
-    let tasks = 32;
+    let tasks: u64 = std::env::var("RAWFS_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
     let start = Instant::now();
     let mut js = tokio::task::JoinSet::new();
     for t in 0..tasks {
@@ -289,7 +292,80 @@ async fn creates_per_second() {
     for i in 0..2000u64 {
         c.getattr(ROOT_INO + 1 + (i % 100)).await.unwrap();
     }
-    println!("2000 getattr: {:.0}/s", 2000.0 / start.elapsed().as_secs_f64());
+    println!(
+        "2000 getattr: {:.0}/s",
+        2000.0 / start.elapsed().as_secs_f64()
+    );
     stop.send(()).unwrap();
     h.join().await.unwrap();
+}
+
+/// Free loopback ports for replicas that must know each other's addresses up front.
+fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_redirect_and_survive_the_leader() {
+    let ports = free_ports(6);
+    let client_addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let raft_addr = |i: usize| format!("127.0.0.1:{}", ports[3 + i]);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let peers = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| rawfs_metadata::Peer {
+                id: j as u64 + 1,
+                addr: client_addr(j),
+                raft_addr: raft_addr(j),
+            })
+            .collect();
+        let cfg = MetadataConfig {
+            id: i as u64 + 1,
+            listen: client_addr(i).parse().unwrap(),
+            raft_listen: raft_addr(i).parse().unwrap(),
+            data_dir: dirs[i].path().to_path_buf(),
+            peers,
+            chunkserver_timeout: Duration::from_secs(2),
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let h = serve(cfg, async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+        nodes.push(Some((h, tx)));
+    }
+    // The client knows only a follower-or-leader list in an arbitrary order.
+    let c = MetadataClient::new(
+        (0..3).rev().map(client_addr).collect(),
+        ClientTimeouts {
+            call: Duration::from_secs(3),
+            op: Duration::from_secs(30),
+        },
+    );
+    let f = file(&c, ROOT_INO, "before").await;
+    let leader = c.status().await.unwrap().leader.unwrap();
+    // Asking a follower directly gives a redirect naming the leader's client address.
+    let follower = (1..=3u64).find(|&id| id != leader).unwrap();
+    let direct = client(client_addr(follower as usize - 1).parse().unwrap());
+    assert_eq!(direct.getattr(f.ino).await.unwrap().ino, f.ino, "followed");
+
+    let (h, tx) = nodes[leader as usize - 1].take().unwrap();
+    tx.send(()).unwrap();
+    h.join().await.unwrap();
+    // The survivors elect a new leader; the client finds it and nothing acknowledged is lost.
+    assert_eq!(c.lookup(ROOT_INO, n("before")).await.unwrap().ino, f.ino);
+    let g = file(&c, ROOT_INO, "after").await;
+    let st = c.status().await.unwrap();
+    assert_ne!(st.leader, Some(leader));
+    assert_ne!(g.ino, f.ino);
+    for (h, tx) in nodes.into_iter().flatten() {
+        tx.send(()).unwrap();
+        h.join().await.unwrap();
+    }
 }

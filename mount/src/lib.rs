@@ -32,6 +32,19 @@
 //!   first written); `SEEK_DATA`/`SEEK_HOLE` use the kernel default (the whole file is data).
 //! - ACLs are not supported (`system.*` xattrs are refused).
 //!
+//! Installing the helper makes `mount -t rawfs` and fstab work (mount(8) runs
+//! `/sbin/mount.rawfs SPEC MNT -o OPTIONS`):
+//!
+//! ```text
+//! install -m 755 target/release/mount.rawfs /sbin/mount.rawfs
+//! mount -t rawfs 127.0.0.1:7000:/ /mnt/rawfs
+//! # /etc/fstab
+//! 127.0.0.1:7000:/  /mnt/rawfs  rawfs  _netdev,defaults  0  0
+//! ```
+//!
+//! `umount /mnt/rawfs` ends the daemon: it finishes the requests in flight, flushes what is
+//! buffered, ends its metadata session and exits 0.
+//!
 //! Entry points: [`mount_helper_main`] (the helper: fork, detach, report), and
 //! [`run_foreground`] (mount and serve in the calling thread, for tests and embedding).
 

@@ -112,6 +112,13 @@ impl Inner {
             return self.getattr(ino).await;
         }
         let Some(size) = set.size else {
+            if set.mtime.is_some() || set.atime.is_some() {
+                // Buffered data flushed later would stamp mtime with the flush time, undoing
+                // `cp -p`'s futimens before close: send it first.
+                if let Some(io) = self.io_if_open(ino) {
+                    io.flush().await.map_err(errno::client)?;
+                }
+            }
             let a = self
                 .client
                 .meta()

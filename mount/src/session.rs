@@ -187,7 +187,9 @@ pub(crate) fn run(
         let failed = inner.flush_all().await;
         match tokio::time::timeout(END_SESSION_TIMEOUT, client.meta().end_session(session)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "end_session failed; this session's opens stay recorded"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "end_session failed; this session's opens stay recorded")
+            }
             Err(_) => warn!("end_session timed out; this session's opens stay recorded"),
         }
         failed

@@ -248,9 +248,15 @@ pub struct ReplicationStatus {
     pub purged_index: Option<u64>,
     /// Every member (voters and learners) with its addresses.
     pub members: BTreeMap<u64, Node>,
+    /// On the leader only (empty elsewhere): for each member, the index of the last entry
+    /// known to be in its log.
+    pub matched: BTreeMap<u64, u64>,
 }
 
 /// A running replica. Cheap to clone.
+///
+/// Call [`Replica::shutdown`] to stop it: dropping the last clone does not stop the raft
+/// tasks or the listener.
 #[derive(Clone)]
 pub struct Replica {
     inner: Arc<Inner>,
@@ -526,6 +532,12 @@ impl Replica {
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),
             members,
+            matched: m
+                .replication
+                .iter()
+                .flatten()
+                .filter_map(|(id, l)| l.map(|l| (*id, l.index)))
+                .collect(),
         }
     }
 

@@ -120,10 +120,13 @@ fn setattr_changes_mode_owner_times_and_size() -> Result<()> {
     f.set_len(8)?;
     assert_eq!(fs::read(&p)?, b"0123\0\0\0\0");
     drop(f);
-    // A write moves mtime forward.
-    let old = fs::metadata(&p)?.mtime();
+    // Truncating set mtime to now; a write moves it forward again (nanoseconds count).
+    let md = fs::metadata(&p)?;
+    assert!(md.mtime() > 1_500_000_000, "truncate updates mtime");
+    let old = (md.mtime(), md.mtime_nsec());
     fs::write(&p, b"new")?;
-    assert!(fs::metadata(&p)?.mtime() > old);
+    let md = fs::metadata(&p)?;
+    assert!((md.mtime(), md.mtime_nsec()) > old, "a write updates mtime");
     Ok(())
 }
 

@@ -188,6 +188,12 @@ async fn three_nodes_elect_replicate_redirect_and_fail_over() {
             .expect("leader read barrier"),
         term
     );
+    let matched = wait_for("the leader to see every follower's log", WAIT, || {
+        let m = c.replica(leader).status().matched;
+        (m.len() == 3 && m.values().all(|i| *i == m[&leader])).then_some(m)
+    })
+    .await;
+    assert!(matched[&leader] >= 4, "membership, blank and 3 commands");
     let st = c.replica(follower).status();
     assert_eq!(st.role, Role::Follower);
     assert_eq!(st.members.len(), 3);
