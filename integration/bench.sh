@@ -9,7 +9,8 @@
 #   optional (--million): RSS of the metadata process after 1,000,000 files created through
 #   the metadata client (rawfs-bench million), target < 300 MB
 #
-# Usage: integration/bench.sh [--million] [--size-mib N] [--fio-seconds S]
+# Usage: integration/bench.sh [--million] [--size-mib N] [--fio-seconds S] [--debug]
+# (--debug uses the debug build: only to check the script itself, its figures mean nothing)
 # Needs root (FUSE, drop_caches), fio, and builds the release binaries first.
 # RAWFS_BENCH_DIR (default /var/tmp/rawfs-bench) holds the cluster and the local directory.
 set -euo pipefail
@@ -18,20 +19,27 @@ MILLION=0
 SIZE_MIB=1024
 FIO_SECONDS=20
 FILES=10000
+PROFILE=release
 while [ $# -gt 0 ]; do
     case "$1" in
         --million) MILLION=1 ;;
         --size-mib) SIZE_MIB="$2"; shift ;;
         --fio-seconds) FIO_SECONDS="$2"; shift ;;
-        *) echo "usage: $0 [--million] [--size-mib N] [--fio-seconds S]" >&2; exit 2 ;;
+        --files) FILES="$2"; shift ;;
+        --debug) PROFILE=debug ;;
+        *) echo "usage: $0 [--million] [--size-mib N] [--fio-seconds S] [--files N] [--debug]" >&2; exit 2 ;;
     esac
     shift
 done
 
 cd "$(dirname "$0")/.."
 command -v fio >/dev/null || { echo "bench.sh: fio is needed (apt-get install fio)" >&2; exit 1; }
-cargo build --release -p rawfs -p rawfs-integration >&2
-BIN="$(pwd)/target/release"
+if [ $PROFILE = release ]; then
+    cargo build --release -p rawfs -p rawfs-integration >&2
+else
+    cargo build -p rawfs -p rawfs-integration >&2
+fi
+BIN="${CARGO_TARGET_DIR:-$(pwd)/target}/$PROFILE"
 
 BASE="${RAWFS_BENCH_DIR:-/var/tmp/rawfs-bench}"
 rm -rf "$BASE/local" "$BASE/cluster"
@@ -115,10 +123,10 @@ for where in local mount; do
     R[$where.unlink]=$u
 done
 
-printf '\n%-30s %14s %14s %8s %8s\n' "benchmark" "local" "rawfs" "ratio" "target"
+printf '\n%-28s %18s %18s %8s %8s\n' "benchmark" "local" "rawfs" "ratio" "target"
 row() { # key label unit target
     local l=${R[local.$1]} m=${R[mount.$1]}
-    printf '%-30s %10s %-3s %10s %-3s %8s %8s\n' "$2" "$l" "$3" "$m" "$3" \
+    printf '%-28s %12s %-5s %12s %-5s %8s %8s\n' "$2" "$l" "$3" "$m" "$3" \
         "$(awk -v a="$l" -v b="$m" 'BEGIN { if (a > 0) printf "%.3f", b / a; else print "n/a" }')" "$4"
 }
 row seqw "seq write 1 GiB + fsync" "MiB/s" ">=0.25"

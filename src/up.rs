@@ -381,12 +381,17 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
         exe: exe.clone(),
         procs: Vec::new(),
     };
-    let result = start_all(&mut cluster, &planned, &args, stop.clone()).await;
-    if let Err(e) = result {
+    let started = match start_all(&mut cluster, &planned, &args, stop.clone()).await {
+        Ok(()) => cluster
+            .cluster_file(true)
+            .store(&dir)
+            .map_err(UpError::from),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = started {
         cluster.stop().await;
         return Err(e);
     }
-    cluster.cluster_file(true).store(&dir)?;
     print_summary(&cluster);
     watch_until_stopped(&mut cluster, stop).await;
     eprintln!("rawfs up: stopping");
@@ -556,7 +561,10 @@ async fn wait_daemons_ready(
             Err(e) => tracing::debug!(error = %e, "metadata not answering yet"),
         }
         if Instant::now() > deadline {
-            let mut msg = String::from("not ready before the deadline:");
+            let mut msg = String::from(
+                "not ready before the deadline (if a port is taken by another program, remove \
+                 DIR/cluster.json to pick new ones):",
+            );
             for (role, id) in &missing {
                 if let Some((_, p)) = c.procs.iter().find(|(e, _)| e.role == *role && e.id == *id) {
                     msg.push_str(&format!(

@@ -9,7 +9,7 @@
 use crate::error::ClientError;
 use crate::extent::{range_end, split_by_chunk, Extent, WriteBuf};
 use crate::locations::Locations;
-use crate::read_path::{read_piece, window_range, Fetch, Plan, ReadAhead, WINDOW};
+use crate::read_path::{read_piece, window_range, Fetch, Plan, ReadAhead, Suspects, WINDOW};
 use crate::store::Store;
 use crate::write_path::{sync_chunks, write_extent, write_piece, Dirty, FRAME, FRAMES_IN_FLIGHT};
 use bytes::Bytes;
@@ -38,6 +38,7 @@ struct Inner {
     bufs: Mutex<Bufs>,
     flush: tokio::sync::Mutex<Vec<Dirty>>,
     locs: Locations,
+    suspects: Arc<Suspects>,
     ra: Mutex<ReadAhead>,
 }
 
@@ -78,7 +79,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl FileIo {
+    #[cfg(test)]
     pub(crate) fn new(ino: Ino, size: u64, store: Arc<dyn Store>, write_buffer: usize) -> Self {
+        Self::with_suspects(ino, size, store, write_buffer, Arc::default())
+    }
+
+    pub(crate) fn with_suspects(
+        ino: Ino,
+        size: u64,
+        store: Arc<dyn Store>,
+        write_buffer: usize,
+        suspects: Arc<Suspects>,
+    ) -> Self {
         FileIo {
             inner: Arc::new(Inner {
                 ino,
@@ -92,6 +104,7 @@ impl FileIo {
                 }),
                 flush: tokio::sync::Mutex::new(Vec::new()),
                 locs: Locations::new(ino),
+                suspects,
                 ra: Mutex::new(ReadAhead::default()),
             }),
         }
@@ -268,8 +281,10 @@ impl FileIo {
 
     /// After a shrinking truncate to `new_size` (done through `meta().setattr`), zeroes the
     /// rest of the chunk that now holds the end of the file, so that a later extension reads
-    /// zeros there. Zeros are written only up to the highest offset this client may have
-    /// stored (the old size). Also applies [`FileIo::set_size`].
+    /// zeros there. Zeros are written only up to the highest offset this `FileIo` may have
+    /// stored (the largest size it knew, starting with the one given to [`crate::Client::file`]):
+    /// a `FileIo` made just for the truncate must be made with the size *before* it. Also
+    /// applies [`FileIo::set_size`].
     pub async fn truncate_tail(&self, new_size: u64) -> Result<(), ClientError> {
         let inner = &self.inner;
         let mut dirty = inner.flush.lock().await;
@@ -527,9 +542,10 @@ impl Inner {
         }
         let store = &*self.store;
         let locs = &self.locs;
+        let suspects = &*self.suspects;
         let results: Vec<(usize, Bytes)> = futures::stream::iter(parts)
             .map(|(index, off, n, pos)| async move {
-                read_piece(store, locs, index, off, n)
+                read_piece(store, locs, suspects, index, off, n)
                     .await
                     .map(|b| (pos, b))
             })

@@ -17,6 +17,20 @@
 //!                                                         (next replica on error)
 //!            MetadataClient (tarpc)              DataClient (framed TCP)
 //! ```
+//!
+//! Design notes:
+//! - Double buffering: when the write buffer fills, it becomes the *pending* extent and is
+//!   flushed in the background while new writes fill a fresh buffer. A failed flush keeps the
+//!   extent pending; the next flush (or fsync, or a write that needs room) retries it and
+//!   returns the error. Reads lay the pending extent and the buffer over what the replicas
+//!   return, so a file's own writes are always visible.
+//! - Invariant: the bytes of a chunk past the file size are zero. A shrinking truncate keeps
+//!   it through [`FileIo::truncate_tail`]; holes and never-written ranges read as zeros.
+//! - A replica is dropped (`drop_replica`, version bump) only when another replica took the
+//!   same write: if every replica fails, the caller gets an error and the chunk map is left
+//!   alone, because losing all of them at once more likely means our own network is gone.
+//! - Chunkservers that did not answer a read are tried last for a while (shared by all
+//!   files of a [`Client`]), so a hung server costs one deadline rather than one per read.
 
 mod config;
 mod error;
@@ -52,6 +66,7 @@ pub struct Client {
     meta: MetadataClient,
     data: DataClient,
     store: Arc<dyn Store>,
+    suspects: Arc<read_path::Suspects>,
 }
 
 impl std::fmt::Debug for Client {
@@ -75,12 +90,14 @@ impl Client {
             meta_deadline: cfg.timeouts.op + cfg.timeouts.call,
             // The data client has its own deadline; this one only catches a stuck future.
             io_deadline: cfg.io_timeout + cfg.io_timeout / 2,
+            slots: Default::default(),
         });
         Client {
             cfg: Arc::new(cfg),
             meta,
             data,
             store,
+            suspects: Arc::default(),
         }
     }
 
@@ -102,6 +119,12 @@ impl Client {
     /// I/O on file `ino` whose size is `size` (from the attributes of the open). Make one
     /// per open inode and share it between that inode's handles.
     pub fn file(&self, ino: Ino, size: u64) -> FileIo {
-        FileIo::new(ino, size, self.store.clone(), self.cfg.write_buffer)
+        FileIo::with_suspects(
+            ino,
+            size,
+            self.store.clone(),
+            self.cfg.write_buffer,
+            self.suspects.clone(),
+        )
     }
 }

@@ -20,6 +20,8 @@ use futures::future::{BoxFuture, Shared};
 use rawfs_chunkserver_api::DataError;
 use rawfs_metadata_api::{ChunkLoc, ServerId, CHUNK_SIZE};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Read-ahead window: 4 MiB (divides `CHUNK_SIZE`).
 pub(crate) const WINDOW: u64 = 4 << 20;
@@ -29,11 +31,55 @@ const MAX_WINDOWS: usize = 4;
 /// How far from the end of the previous read a read may start and still be sequential.
 const SEQ_SLACK: u64 = 1 << 20;
 
+/// How long a chunkserver that failed to answer is tried last.
+const SUSPECT_FOR: Duration = Duration::from_secs(30);
+
+/// Chunkservers that recently did not answer (unreachable, timeout), shared by every file of
+/// a client: reads try them last, so that a hung server costs one deadline, not one per read.
+#[derive(Default)]
+pub(crate) struct Suspects {
+    since: Mutex<HashMap<ServerId, Instant>>,
+}
+
+impl Suspects {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<ServerId, Instant>> {
+        self.since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mark(&self, server: ServerId) {
+        self.map().insert(server, Instant::now());
+    }
+
+    fn clear(&self, server: ServerId) {
+        self.map().remove(&server);
+    }
+
+    /// `replicas` indices in the order to try: rotated by chunk id to spread readers, then
+    /// recent suspects moved to the end.
+    fn order(&self, loc: &ChunkLoc) -> Vec<usize> {
+        let n = loc.replicas.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let first = (loc.chunk % n as u64) as usize;
+        let mut order: Vec<usize> = (0..n).map(|i| (first + i) % n).collect();
+        let map = self.map();
+        let suspect = |i: &usize| {
+            map.get(&loc.replicas[*i].server)
+                .is_some_and(|at| at.elapsed() < SUSPECT_FOR)
+        };
+        // Stable: keeps the rotation among the healthy and among the suspects.
+        order.sort_by_key(suspect);
+        order
+    }
+}
+
 /// Reads `len` bytes at `off` within chunk `index`. A chunk that does not exist reads as
 /// zeros.
 pub(crate) async fn read_piece(
     store: &dyn Store,
     locs: &Locations,
+    suspects: &Suspects,
     index: u64,
     off: u32,
     len: u32,
@@ -49,19 +95,14 @@ pub(crate) async fn read_piece(
         let mut bad: Vec<ServerId> = Vec::new();
         let mut missing = 0;
         let mut stale = false;
-        // Rotate the first replica by chunk id so that readers spread over the servers.
-        let first = if n == 0 {
-            0
-        } else {
-            (loc.chunk % n as u64) as usize
-        };
-        for i in 0..n {
-            let r = &loc.replicas[(first + i) % n];
+        for i in suspects.order(&loc) {
+            let r = &loc.replicas[i];
             match store
                 .read(&r.data_addr, loc.chunk, loc.version, off, len)
                 .await
             {
                 Ok(data) => {
+                    suspects.clear(r.server);
                     report_bad(store, locs, &loc, &bad).await;
                     return Ok(data);
                 }
@@ -76,6 +117,9 @@ pub(crate) async fn read_piece(
                         }
                         DataError::StaleVersion { .. } | DataError::StaleTerm { .. } => {
                             stale = true
+                        }
+                        DataError::Unreachable { .. } | DataError::Timeout => {
+                            suspects.mark(r.server)
                         }
                         _ => {}
                     }
@@ -314,6 +358,29 @@ mod tests {
         ra.clip(100);
         assert_eq!(ra.window(0).map(|b| b.len()), Some(100));
         assert!(ra.window(1).is_none());
+    }
+
+    #[test]
+    fn suspects_are_tried_last() {
+        use rawfs_metadata_api::Replica;
+        let loc = ChunkLoc {
+            index: 0,
+            chunk: 4,
+            version: 1,
+            term: 1,
+            replicas: (1..=3)
+                .map(|s| Replica {
+                    server: s,
+                    data_addr: String::new(),
+                })
+                .collect(),
+        };
+        let s = Suspects::default();
+        assert_eq!(s.order(&loc), vec![1, 2, 0], "rotated by chunk id");
+        s.mark(2);
+        assert_eq!(s.order(&loc), vec![2, 0, 1]);
+        s.clear(2);
+        assert_eq!(s.order(&loc), vec![1, 2, 0]);
     }
 
     #[test]

@@ -8,8 +8,11 @@ use futures::FutureExt;
 use rawfs_chunkserver_api::{DataClient, DataError, WriteReq};
 use rawfs_metadata_api::client::MetadataClient;
 use rawfs_metadata_api::{Attr, ChunkId, ChunkLoc, Ino, MetaError, ServerId};
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::Semaphore;
 
 /// One data write (never with `sync`: durability is asked for separately by `fsync`).
 #[derive(Clone, Debug)]
@@ -76,7 +79,14 @@ pub(crate) struct RemoteStore {
     pub meta_deadline: Duration,
     /// Deadline of one data call, also a safety net over the data client's own.
     pub io_deadline: Duration,
+    /// Data calls in flight per chunkserver address. Calls queue here, before their deadline
+    /// starts: a busy client must not see its own queueing as a replica timing out (and drop
+    /// a healthy replica for it). Kept below the data client's connection limit per address.
+    pub slots: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
+
+/// Data calls in flight per chunkserver address from one client.
+pub(crate) const SLOTS_PER_ADDR: usize = 12;
 
 impl RemoteStore {
     async fn meta_call<T>(
@@ -97,8 +107,21 @@ impl RemoteStore {
 
     async fn data_call<T>(
         &self,
+        addr: &str,
         fut: impl Future<Output = Result<T, DataError>>,
     ) -> Result<T, DataError> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots
+                .entry(addr.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(SLOTS_PER_ADDR)))
+                .clone()
+        };
+        // The semaphore is never closed, so acquiring cannot fail.
+        let _permit = slot.acquire().await.map_err(|_| DataError::Unreachable {
+            addr: addr.to_string(),
+            reason: "client shutting down".to_string(),
+        })?;
         tokio::time::timeout(self.io_deadline, fut)
             .await
             .unwrap_or(Err(DataError::Timeout))
@@ -166,7 +189,7 @@ impl Store for RemoteStore {
             data: put.data,
             sync: false,
         };
-        self.data_call(self.data.write(addr, req)).boxed()
+        self.data_call(addr, self.data.write(addr, req)).boxed()
     }
 
     fn read<'a>(
@@ -177,7 +200,7 @@ impl Store for RemoteStore {
         offset: u32,
         len: u32,
     ) -> BoxFuture<'a, Result<Bytes, DataError>> {
-        self.data_call(self.data.read(addr, chunk, version, offset, len))
+        self.data_call(addr, self.data.read(addr, chunk, version, offset, len))
             .boxed()
     }
 
@@ -187,6 +210,7 @@ impl Store for RemoteStore {
         chunk: ChunkId,
         version: u64,
     ) -> BoxFuture<'a, Result<(), DataError>> {
-        self.data_call(self.data.sync(addr, chunk, version)).boxed()
+        self.data_call(addr, self.data.sync(addr, chunk, version))
+            .boxed()
     }
 }

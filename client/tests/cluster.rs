@@ -284,6 +284,21 @@ async fn file_io_on_a_real_cluster() {
     assert!(dead.read(start, 4096).await.is_err());
     assert!(t.elapsed() < Duration::from_secs(20));
     meta.stop().await;
+    // With the metadata service gone too, a flush fails within the client's deadlines.
+    let short = Client::new(ClientConfig {
+        metadata: vec![meta_addr],
+        timeouts: ClientTimeouts {
+            call: Duration::from_secs(1),
+            op: Duration::from_secs(3),
+        },
+        io_timeout: Duration::from_secs(1),
+        write_buffer: 1 << 20,
+    });
+    let t = Instant::now();
+    let orphan = short.file(ino, total);
+    orphan.write(total, b"lost").await.unwrap();
+    assert!(orphan.flush().await.is_err());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 }
 
 /// Throughput of sequential I/O through the library (a benchmark, not a check):

@@ -164,6 +164,31 @@ fn from_bytes<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, CodecError> {
 }
 
 impl Command {
+    /// A rough upper bound of the encoded size, for sizing batches.
+    pub fn approx_size(&self) -> usize {
+        const SMALL: usize = 96;
+        SMALL
+            + match self {
+                Command::Mknod { name, .. }
+                | Command::Unlink { name, .. }
+                | Command::Rmdir { name, .. }
+                | Command::RemoveXattr { name, .. } => name.len(),
+                Command::Link { newname, .. } => newname.len(),
+                Command::Symlink { name, target, .. } => name.len() + target.len(),
+                Command::Rename { name, newname, .. } => name.len() + newname.len(),
+                Command::SetXattr { name, value, .. } => name.len() + value.len(),
+                Command::AllocateChunk { servers, .. } => 9 * servers.len(),
+                Command::RegisterServer {
+                    data_addr,
+                    control_addr,
+                    ..
+                } => data_addr.len() + control_addr.len(),
+                Command::AckDeletes { chunks, .. } => 9 * chunks.len(),
+                Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum(),
+                _ => 0,
+            }
+    }
+
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
         to_bytes(self)
     }

@@ -16,6 +16,20 @@
 //!
 //! Apply is deterministic: every input that is not a function of the state (the time, the
 //! servers chosen for a new chunk) is decided by the leader and travels in the command.
+//! Mutations that arrive together are proposed as one log entry (group commit, see
+//! `proposer.rs`), so concurrent callers share log writes.
+//!
+//! Contracts worth knowing when calling this service:
+//! - Truncation (`setattr` with a smaller size) releases only chunks that lie wholly past the
+//!   new size. The caller zeroes the rest of the last chunk (from the new size to the chunk's
+//!   end or the old size) so that a later extension reads zeros there.
+//! - `ChunkLoc::term` is the leader's term when the location was handed out: the fencing
+//!   token for chunk writes. `HeartbeatReply::term` carries the same token to chunkservers.
+//! - Deletions queued for a chunkserver are handed out once, on a heartbeat reply; a lost
+//!   reply is repaired by the next inventory, which names every chunk the server still holds.
+//! - Opens are per `session`; an unlinked inode stays (as an orphan, across restarts) until
+//!   its last open is released or its session ends. A session that dies without
+//!   `end_session` keeps its orphans (no session leases yet).
 
 mod chunks;
 mod commands;

@@ -24,6 +24,9 @@ use crate::server::propose_error;
 
 /// Most commands in one log entry.
 const MAX_BATCH: usize = 512;
+/// Batches stop growing past about this many encoded bytes (log entries stay small enough
+/// for one replication message).
+const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Proposals in flight at once; while all are busy, new commands queue into the next batch.
 const MAX_IN_FLIGHT: usize = 4;
 /// Commands waiting for a proposal slot before callers are held back.
@@ -68,10 +71,14 @@ async fn run(replica: Replica, mut rx: mpsc::Receiver<Pending>) {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
+        let mut bytes = first.0.approx_size();
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) => {
+                    bytes += p.0.approx_size();
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }

@@ -5,11 +5,12 @@
 //! leader that knows no live server answers `Unavailable` (retryable) rather than `NoSpace`.
 //!
 //! Placement is weighted rendezvous hashing: each live, healthy server scores
-//! `free / -ln(h)` with `h` a hash of (chunk, server) in (0, 1), and the top scores win. Servers
+//! `free / -ln(h)` with `h` a hash of (chunk key, server) in (0, 1) — the key mixes the
+//! next chunk id with the file and chunk index —, and the top scores win. Servers
 //! with more free space win proportionally more often, and adding a server moves only the
 //! chunks it wins, with no global reshuffle.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use rawfs_metadata_api::{Heartbeat, ServerId};
@@ -71,6 +72,15 @@ impl Registry {
         self.servers
             .get(&id)
             .is_some_and(|l| now.saturating_duration_since(l.last_seen) < self.timeout)
+    }
+
+    /// Every server heard from within the timeout.
+    pub fn up_servers(&self, now: Instant) -> HashSet<ServerId> {
+        self.servers
+            .keys()
+            .copied()
+            .filter(|&id| self.is_up(id, now))
+            .collect()
     }
 
     /// Up servers that accept new chunks, with their free bytes.

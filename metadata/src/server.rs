@@ -6,6 +6,7 @@
 //! the leader's time (and, for new chunks, its placement) into a [`Command`] and propose it.
 //! A follower answers both with `NotLeader` naming the leader's client address.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -138,6 +139,11 @@ impl Server {
                     }
                 });
             }
+            // The counter alone would give every allocation racing with this one the same
+            // servers; the file and index spread them.
+            let key = key
+                ^ ino.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ^ index.wrapping_mul(0xc2b2_ae3d_27d4_eb4f).rotate_left(17);
             place(&candidates, key, REPLICAS)
         };
         if servers.len() < REPLICAS {
@@ -228,9 +234,11 @@ impl Server {
     fn build_status(&self, term: u64) -> MetaResult<ClusterStatus> {
         let st = self.0.replica.status();
         let now = Instant::now();
-        let reg_up = |s| self.registry().is_up(s, now);
+        // One look at the registry, not one lock per replica of every chunk.
+        let up: HashSet<ServerId> = self.registry().up_servers(now);
+        let is_up = |s| up.contains(&s);
         let (counts, per_server, servers, files) = self.0.sm.read(|rt| {
-            let (counts, per) = queries::chunk_counts(rt, &reg_up)?;
+            let (counts, per) = queries::chunk_counts(rt, &is_up)?;
             Ok((counts, per, queries::servers(rt)?, queries::files(rt)?))
         })?;
         let reg = self.registry();

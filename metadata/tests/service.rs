@@ -315,7 +315,7 @@ async fn three_replicas_redirect_and_survive_the_leader() {
     let raft_addr = |i: usize| format!("127.0.0.1:{}", ports[3 + i]);
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut nodes = Vec::new();
-    for i in 0..3 {
+    for (i, dir) in dirs.iter().enumerate() {
         let peers = (0..3)
             .filter(|&j| j != i)
             .map(|j| rawfs_metadata::Peer {
@@ -328,7 +328,7 @@ async fn three_replicas_redirect_and_survive_the_leader() {
             id: i as u64 + 1,
             listen: client_addr(i).parse().unwrap(),
             raft_listen: raft_addr(i).parse().unwrap(),
-            data_dir: dirs[i].path().to_path_buf(),
+            data_dir: dir.path().to_path_buf(),
             peers,
             chunkserver_timeout: Duration::from_secs(2),
         };
@@ -368,4 +368,81 @@ async fn three_replicas_redirect_and_survive_the_leader() {
         tx.send(()).unwrap();
         h.join().await.unwrap();
     }
+}
+
+const CHILD_ENV: &str = "RAWFS_METADATA_CHILD_DIR";
+
+/// The child side of the crash test: serve until killed, announcing the address.
+fn run_child(dir: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let cfg = MetadataConfig {
+            id: 1,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            raft_listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.into(),
+            peers: vec![],
+            chunkserver_timeout: Duration::from_secs(2),
+        };
+        let h = serve(cfg, futures::future::pending()).await.unwrap();
+        println!("CHILD-ADDR {}", h.addr());
+        let _ = h.join().await;
+    });
+}
+
+#[test]
+fn killed_metadata_loses_no_acknowledged_operation() {
+    use std::io::BufRead;
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        run_child(&dir);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "killed_metadata_loses_no_acknowledged_operation",
+            "--nocapture",
+        ])
+        .env(CHILD_ENV, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let addr: SocketAddr = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("CHILD-ADDR ").map(|a| a.parse().unwrap()))
+        .expect("child announced its address");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let names: Vec<String> = (0..300).map(|i| format!("f{i}")).collect();
+    rt.block_on(async {
+        let c = client(addr);
+        let mut js = tokio::task::JoinSet::new();
+        for chunk in names.chunks(30) {
+            let (c, chunk) = (c.clone(), chunk.to_vec());
+            js.spawn(async move {
+                for name in chunk {
+                    file(&c, ROOT_INO, &name).await;
+                }
+            });
+        }
+        while let Some(r) = js.join_next().await {
+            r.unwrap();
+        }
+    });
+    // kill -9 right after the last acknowledgement: some applies are not durable yet.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    rt.block_on(async {
+        let (h, stop) = start(dir.path()).await;
+        let c = client(h.addr());
+        for name in &names {
+            c.lookup(ROOT_INO, n(name)).await.unwrap();
+        }
+        let listed = c.readdir(ROOT_INO, 0, 1000).await.unwrap();
+        assert_eq!(listed.len(), names.len());
+        stop.send(()).unwrap();
+        h.join().await.unwrap();
+    });
 }

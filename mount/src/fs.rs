@@ -16,7 +16,6 @@ use fuser::{
     ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
     TimeOrNow, WriteFlags,
 };
-use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::inner::{name, Entry, Inner};
@@ -164,12 +163,11 @@ impl Respond for ReplyXattr {
 pub(crate) struct RawFs {
     inner: Arc<Inner>,
     rt: tokio::runtime::Handle,
-    tasks: TaskTracker,
 }
 
 impl RawFs {
-    pub(crate) fn new(inner: Arc<Inner>, rt: tokio::runtime::Handle, tasks: TaskTracker) -> Self {
-        RawFs { inner, rt, tasks }
+    pub(crate) fn new(inner: Arc<Inner>, rt: tokio::runtime::Handle) -> Self {
+        RawFs { inner, rt }
     }
 
     /// Runs `fut` on the runtime and answers `reply` with its result.
@@ -178,7 +176,7 @@ impl RawFs {
         R: Respond,
         F: Future<Output = Result<R::Value, Errno>> + Send + 'static,
     {
-        self.tasks.spawn_on(
+        self.inner.tasks.spawn_on(
             async move {
                 match fut.await {
                     Ok(v) => reply.ok(v),
@@ -191,7 +189,7 @@ impl RawFs {
 
     /// Runs a task that answers its reply itself (directory listings fill a buffer).
     fn spawn_raw<F: Future<Output = ()> + Send + 'static>(&self, fut: F) {
-        self.tasks.spawn_on(fut, &self.rt);
+        self.inner.tasks.spawn_on(fut, &self.rt);
     }
 
     fn ino(&self, ino: INodeNo) -> u64 {

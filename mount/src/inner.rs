@@ -14,6 +14,7 @@ use fuser::{Errno, FileAttr};
 use rawfs_client::{Client, FileIo};
 use rawfs_metadata_api::{Attr, Caller, FileKind, Ino, Name, NAME_MAX};
 use serde_bytes::ByteBuf;
+use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::attr::{file_attr, InoMap};
@@ -31,10 +32,21 @@ pub(crate) struct Entry {
     pub(crate) entry_ttl: Duration,
 }
 
-/// One open inode: the shared I/O object and how many kernel handles use it.
+/// A newly created file registers its open with the metadata service this long after the
+/// create is answered, unless it is closed first (then it never needs to: see
+/// [`Inner::create`](crate::ops_file)).
+const REGISTER_DELAY: Duration = Duration::from_millis(50);
+
+/// Whether the metadata service has recorded this mount's open of an inode: `true` once
+/// recorded, `false` if it failed or was cancelled, unset while pending.
+type Registration = Arc<tokio::sync::OnceCell<bool>>;
+
+/// One open inode: the shared I/O object, how many kernel handles use it, and the one
+/// server-side open this mount holds for all of them.
 struct OpenFile {
     io: Arc<FileIo>,
     handles: u32,
+    reg: Registration,
 }
 
 /// Per-mount state shared by all callbacks and their tasks.
@@ -55,6 +67,8 @@ pub(crate) struct Inner {
     /// per write. Invalidated by this mount's own xattr changes.
     no_caps: Mutex<HashSet<Ino>>,
     next_fh: AtomicU64,
+    /// Every task of this mount, so that unmount can wait for them.
+    pub(crate) tasks: TaskTracker,
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: the tables stay
@@ -91,6 +105,7 @@ impl Inner {
             parents: Mutex::new(HashMap::new()),
             no_caps: Mutex::new(HashSet::new()),
             next_fh: AtomicU64::new(1),
+            tasks: TaskTracker::new(),
         }
     }
 
@@ -175,50 +190,68 @@ impl Inner {
 
     /// Takes one handle on `ino`: reuses the inode's `FileIo` if it is open here, else
     /// registers the open with the metadata service (which keeps an unlinked inode alive
-    /// until we release it) and creates one. `opened` is the result of a `meta().open`
-    /// already made by the caller (create does), to save a round trip.
-    pub(crate) async fn open_file(&self, ino: Ino, opened: Option<Attr>) -> Result<(), Errno> {
-        let attr = match opened {
-            Some(a) => a,
-            None => {
-                if self.attach(ino) {
-                    return Ok(());
-                }
-                self.client
-                    .meta()
-                    .open(ino, self.session)
-                    .await
-                    .map_err(errno::meta)?
-            }
-        };
+    /// until we release it; the reply also gives the size) and creates one.
+    pub(crate) async fn open_file(&self, ino: Ino) -> Result<(), Errno> {
+        if self.attach(ino) {
+            return Ok(());
+        }
+        let attr = self
+            .client
+            .meta()
+            .open(ino, self.session)
+            .await
+            .map_err(errno::meta)?;
         if attr.kind == FileKind::Dir {
             // Not reached through the kernel (it uses opendir), but never cache a directory.
             self.release_server_open(ino).await;
             return Err(Errno::EISDIR);
         }
-        let fresh = Arc::new(self.client.file(ino, attr.size));
-        let raced = {
-            let mut files = lock(&self.files);
-            match files.entry(ino) {
-                MapEntry::Occupied(mut e) => {
-                    e.get_mut().handles += 1;
-                    true
-                }
-                MapEntry::Vacant(v) => {
-                    v.insert(OpenFile {
-                        io: fresh,
-                        handles: 1,
-                    });
-                    false
-                }
-            }
-        };
-        if raced {
-            // Another open of the same inode won; it holds the one server-side open this mount
-            // keeps per inode, so give ours back.
+        let reg = Arc::new(tokio::sync::OnceCell::new_with(Some(true)));
+        if !self.insert(&attr, reg) {
+            // Another open of the same inode won; it holds the one server-side open this
+            // mount keeps per inode, so give ours back.
             self.release_server_open(ino).await;
         }
         Ok(())
+    }
+
+    /// Takes the first handle on a file this mount just created (`attr` from `mknod`).
+    /// Its open is registered with the metadata service only after [`REGISTER_DELAY`], in
+    /// the background: most new files are written and closed sooner, and a file closed
+    /// before it was registered needs neither the open nor the release (two replicated
+    /// writes saved per create). Until then only another mount could unlink it from under
+    /// us; every unlink and rename of this mount registers pending opens first.
+    pub(crate) fn open_created(self: &Arc<Self>, attr: &Attr) {
+        if self.attach(attr.ino) {
+            return;
+        }
+        let reg: Registration = Arc::new(tokio::sync::OnceCell::new());
+        if self.insert(attr, reg.clone()) {
+            let (me, ino) = (self.clone(), attr.ino);
+            self.tasks.spawn(async move {
+                tokio::time::sleep(REGISTER_DELAY).await;
+                reg.get_or_init(|| me.register(ino)).await;
+            });
+        }
+    }
+
+    /// Adds a new entry for `attr`'s inode, or a handle to the existing one (returns false).
+    fn insert(&self, attr: &Attr, reg: Registration) -> bool {
+        let mut files = lock(&self.files);
+        match files.entry(attr.ino) {
+            MapEntry::Occupied(mut e) => {
+                e.get_mut().handles += 1;
+                false
+            }
+            MapEntry::Vacant(v) => {
+                v.insert(OpenFile {
+                    io: Arc::new(self.client.file(attr.ino, attr.size)),
+                    handles: 1,
+                    reg,
+                });
+                true
+            }
+        }
     }
 
     /// Adds a handle to an inode already open here; false if it is not.
@@ -229,6 +262,28 @@ impl Inner {
                 true
             }
             None => false,
+        }
+    }
+
+    async fn register(&self, ino: Ino) -> bool {
+        match self.client.meta().open(ino, self.session).await {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(ino, error = %e, "cannot register an open file; it is not protected from unlinks by other mounts");
+                false
+            }
+        }
+    }
+
+    /// Registers every open still pending, before an operation that may drop a link.
+    pub(crate) async fn register_pending(&self) {
+        let pending: Vec<(Ino, Registration)> = lock(&self.files)
+            .iter()
+            .filter(|(_, f)| f.reg.get().is_none())
+            .map(|(ino, f)| (*ino, f.reg.clone()))
+            .collect();
+        for (ino, reg) in pending {
+            reg.get_or_init(|| self.register(ino)).await;
         }
     }
 
@@ -252,14 +307,20 @@ impl Inner {
             let mut files = lock(&self.files);
             match files.get(&ino) {
                 Some(f) if f.handles == 0 && Arc::ptr_eq(&f.io, &io) => {
-                    files.remove(&ino);
-                    true
+                    files.remove(&ino).map(|f| f.reg)
                 }
-                _ => false,
+                _ => None,
             }
         };
-        if last {
-            self.release_server_open(ino).await;
+        if let Some(reg) = last {
+            // Cancel a registration that has not started; otherwise wait for it and undo it.
+            let registered = match reg.set(false) {
+                Ok(()) => false,
+                Err(_) => *reg.get_or_init(|| self.register(ino)).await,
+            };
+            if registered {
+                self.release_server_open(ino).await;
+            }
         }
         flushed.map(|_| ()).map_err(errno::client)
     }

@@ -29,7 +29,7 @@ fn fopen_flags(flags: i32) -> FopenFlags {
 
 impl Inner {
     pub(crate) async fn open(&self, ino: Ino, flags: OpenFlags) -> Result<Opened, Errno> {
-        self.open_file(ino, None).await?;
+        self.open_file(ino).await?;
         Ok(Opened {
             fh: self.next_fh(),
             flags: fopen_flags(flags.0),
@@ -37,7 +37,7 @@ impl Inner {
     }
 
     pub(crate) async fn create(
-        &self,
+        self: &Arc<Self>,
         parent: Ino,
         name: Name,
         mode: u32,
@@ -62,21 +62,18 @@ impl Inner {
             FileKind::Dir => return Err(Errno::EISDIR),
             _ => return Err(Errno::EEXIST),
         }
-        let mut attr = meta
-            .open(made.ino, self.session)
-            .await
-            .map_err(errno::meta)?;
-        self.open_file(made.ino, Some(attr.clone())).await?;
+        let mut attr = made;
+        self.open_created(&attr);
         if flags & libc::O_TRUNC != 0 && attr.size > 0 {
             // It existed (created concurrently elsewhere) and the caller asked to truncate.
             let set = SetAttr {
                 size: Some(0),
                 ..SetAttr::default()
             };
-            match self.truncate(made.ino, 0, set).await {
+            match self.truncate(attr.ino, 0, set).await {
                 Ok(a) => attr = a,
                 Err(e) => {
-                    let _ = self.close_file(made.ino).await;
+                    let _ = self.close_file(attr.ino).await;
                     return Err(e);
                 }
             }

@@ -17,7 +17,6 @@ use rawfs_client::{Client, ClientConfig};
 use rawfs_metadata_api::client::ClientTimeouts;
 use rawfs_metadata_api::{FileKind, Ino, MetaError, ROOT_INO};
 use serde_bytes::ByteBuf;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::fs::RawFs;
@@ -148,9 +147,16 @@ pub(crate) fn run(
         opts.attr_timeout,
         opts.entry_timeout,
     ));
-    let tasks = TaskTracker::new();
-    let fs = RawFs::new(inner.clone(), rt.handle().clone(), tasks.clone());
+    let fs = RawFs::new(inner.clone(), rt.handle().clone());
 
+    // Catch signals from before the mount exists, so none can kill us between mount(2) and
+    // serving (which would leave a dead mount behind); they are acted on once mounted.
+    let signals = if hooks.signals {
+        let _guard = rt.enter();
+        Signals::new()
+    } else {
+        None
+    };
     let allow_other = opts.allow_other.unwrap_or(nix::unistd::geteuid().is_root());
     let fd = mount_fuse(spec, &mnt, md.mode(), opts, allow_other)?;
     let mut config = Config::default();
@@ -170,8 +176,8 @@ pub(crate) fn run(
     raise_readahead(&mnt);
     info!(spec, mountpoint = %mnt.display(), session, root, "mounted");
     (hooks.ready)();
-    if hooks.signals {
-        rt.spawn(unmount_on_signal(mnt.clone()));
+    if let Some(signals) = signals {
+        rt.spawn(signals.unmount_on_signal(mnt.clone()));
     }
 
     let served = fuse.run();
@@ -182,8 +188,8 @@ pub(crate) fn run(
     // Unmounted: finish the requests still in flight, send what is buffered, and drop the
     // session's opens (frees files unlinked while open).
     let failed = rt.block_on(async {
-        tasks.close();
-        tasks.wait().await;
+        inner.tasks.close();
+        inner.tasks.wait().await;
         let failed = inner.flush_all().await;
         match tokio::time::timeout(END_SESSION_TIMEOUT, client.meta().end_session(session)).await {
             Ok(Ok(())) => {}
@@ -306,18 +312,26 @@ fn mount_fuse(
 /// `stat`, which would call into the not yet running session).
 fn mount_dev(mnt: &Path) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = mnt.to_str()?;
-    // Fields: id parent major:minor root mountpoint ... - fstype source options. Mount
-    // points escape space, tab, newline and backslash as octal.
-    // The newest mount on that point is listed last.
+    dev_in_mountinfo(&info, mnt.to_str()?)
+}
+
+/// Finds the newest `fuse.rawfs` mount on `mnt` in mountinfo text (fields: id parent
+/// major:minor root mountpoint ... - fstype source options; mount points escape space, tab,
+/// newline and backslash as octal). The newest mount on a point is listed last.
+fn dev_in_mountinfo(info: &str, mnt: &str) -> Option<String> {
     info.lines().rev().find_map(|l| {
         let f: Vec<&str> = l.split(' ').collect();
         let fstype = f
             .iter()
             .position(|x| *x == "-")
             .and_then(|i| f.get(i + 1))?;
-        let point = f.get(4)?.replace("\\040", " ").replace("\\011", "\t");
-        if point != want || *fstype != FSTYPE {
+        let point = f
+            .get(4)?
+            .replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\");
+        if point != mnt || *fstype != FSTYPE {
             return None;
         }
         f.get(2).map(|d| d.to_string())
@@ -348,23 +362,57 @@ fn detach(mnt: &Path) {
     }
 }
 
-/// Ends the mount on SIGINT, SIGTERM or SIGHUP the way `umount -l` would: the session loop
-/// then sees the device close and the normal shutdown runs.
-async fn unmount_on_signal(mnt: PathBuf) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        warn!("cannot install signal handlers; unmount with umount(8)");
-        return;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-        _ = hup.recv() => {}
+/// SIGINT, SIGTERM and SIGHUP, caught from creation on.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Needs a runtime context. `None` (logged) if the handlers cannot be installed.
+    fn new() -> Option<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(int), Ok(term), Ok(hup)) => Some(Signals { int, term, hup }),
+            _ => {
+                warn!("cannot install signal handlers; unmount with umount(8)");
+                None
+            }
+        }
     }
-    info!(mountpoint = %mnt.display(), "signal received, unmounting");
-    detach(&mnt);
+
+    /// Ends the mount on the first signal the way `umount -l` would: the session loop
+    /// then sees the device close and the normal shutdown runs.
+    async fn unmount_on_signal(mut self, mnt: PathBuf) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.hup.recv() => {}
+        }
+        info!(mountpoint = %mnt.display(), "signal received, unmounting");
+        detach(&mnt);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_newest_rawfs_mount_in_mountinfo() {
+        let info = "\
+22 1 0:21 / /proc rw - proc proc rw
+90 22 0:50 / /mnt/a\\040b rw,relatime - fuse.rawfs h:1:/ rw,user_id=0
+91 22 0:51 / /mnt/x rw - fuse.other h:1 rw
+92 90 0:52 / /mnt/a\\040b rw,relatime - fuse.rawfs h:1:/ rw,user_id=0
+";
+        assert_eq!(dev_in_mountinfo(info, "/mnt/a b"), Some("0:52".into()));
+        assert_eq!(dev_in_mountinfo(info, "/mnt/x"), None);
+        assert_eq!(dev_in_mountinfo(info, "/mnt/none"), None);
+    }
 }

@@ -228,6 +228,19 @@ fn exercise(m: &Path) -> Result<()> {
         );
     }
 
+    // futimens before close (what `cp -p` does) survives the flush at close.
+    {
+        let old = std::time::UNIX_EPOCH + Duration::from_secs(978_307_200);
+        let mut f = fs::File::create(m.join("timed"))?;
+        f.write_all(b"buffered")?;
+        f.set_modified(old)?;
+        drop(f);
+        ensure!(
+            fs::metadata(m.join("timed"))?.modified()? == old,
+            "mtime lost"
+        );
+    }
+
     // Directories, rename, links, symlinks, permissions.
     fs::create_dir(m.join("d"))?;
     fs::write(m.join("d/x"), b"x")?;
@@ -281,6 +294,23 @@ fn exercise(m: &Path) -> Result<()> {
         ensure!(s == "x");
     }
     ensure!(!m.join("d/z").exists());
+
+    // The same for a file unlinked right after its create (its open is registered late).
+    {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(m.join("new"))?;
+        f.write_all(b"fresh")?;
+        fs::remove_file(m.join("new"))?;
+        f.sync_all()?;
+        let mut s = String::new();
+        f.seek(SeekFrom::Start(0))?;
+        f.read_to_string(&mut s)?;
+        ensure!(s == "fresh", "unlinked new file reads {s:?}");
+    }
     Ok(())
 }
 

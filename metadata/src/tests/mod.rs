@@ -1,0 +1,204 @@
+//! State machine tests: commands go through `StateMachine::apply` exactly as the log
+//! delivers them, on a real redb file in a temporary directory.
+
+mod posix;
+mod state;
+
+use rawfs_metadata_api::*;
+use rawfs_replication::{Entry, StateMachine};
+use serde_bytes::ByteBuf;
+
+use crate::commands::{decode_reply, Command, Reply};
+use crate::machine::MetaStateMachine;
+use crate::queries;
+
+pub(super) struct H {
+    pub(super) sm: MetaStateMachine,
+    dir: tempfile::TempDir,
+    index: u64,
+    clock: i64,
+}
+
+pub(super) const ME: Caller = Caller {
+    uid: 1000,
+    gid: 1000,
+};
+
+pub(super) fn n(s: &str) -> Name {
+    ByteBuf::from(s.as_bytes().to_vec())
+}
+
+pub(super) fn open_sm(dir: &std::path::Path) -> MetaStateMachine {
+    MetaStateMachine::open(&dir.join("meta.redb"), 8 << 20).unwrap()
+}
+
+impl H {
+    pub(super) fn new() -> H {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = H {
+            sm: open_sm(dir.path()),
+            dir,
+            index: 0,
+            clock: 1_000,
+        };
+        let now = h.now();
+        h.apply(Command::Init { now }).unwrap();
+        h
+    }
+
+    pub(super) fn reopen(self) -> H {
+        let H {
+            sm,
+            dir,
+            index,
+            clock,
+        } = self;
+        drop(sm);
+        H {
+            sm: open_sm(dir.path()),
+            dir,
+            index,
+            clock,
+        }
+    }
+
+    pub(super) fn now(&mut self) -> Timespec {
+        self.clock += 1;
+        Timespec {
+            sec: self.clock,
+            nsec: 7,
+        }
+    }
+
+    pub(super) fn apply(&mut self, cmd: Command) -> MetaResult<Reply> {
+        self.index += 1;
+        let bytes = cmd.encode().unwrap();
+        let e = Entry {
+            index: self.index,
+            term: 3,
+            command: Some(&bytes),
+        };
+        let out = self.sm.apply(&[e], b"repl").unwrap();
+        decode_reply(&out[0]).unwrap()
+    }
+
+    pub(super) fn mknod(
+        &mut self,
+        parent: Ino,
+        name: &str,
+        kind: FileKind,
+        perm: u32,
+    ) -> MetaResult<Attr> {
+        let now = self.now();
+        self.apply(Command::Mknod {
+            parent,
+            name: n(name),
+            node: NewNode {
+                kind,
+                perm,
+                rdev: 0,
+                exclusive: true,
+            },
+            caller: ME,
+            now,
+        })?
+        .into_attr()
+    }
+
+    pub(super) fn mkdir(&mut self, parent: Ino, name: &str) -> Attr {
+        self.mknod(parent, name, FileKind::Dir, 0o755).unwrap()
+    }
+
+    pub(super) fn create(&mut self, parent: Ino, name: &str) -> Attr {
+        self.mknod(parent, name, FileKind::File, 0o644).unwrap()
+    }
+
+    pub(super) fn getattr(&self, ino: Ino) -> MetaResult<Attr> {
+        self.sm.read(|rt| queries::getattr(rt, ino))
+    }
+
+    pub(super) fn lookup(&self, parent: Ino, name: &str) -> MetaResult<Attr> {
+        self.sm
+            .read(|rt| queries::lookup(rt, parent, name.as_bytes()))
+    }
+
+    pub(super) fn unlink(&mut self, parent: Ino, name: &str) -> MetaResult<()> {
+        let now = self.now();
+        self.apply(Command::Unlink {
+            parent,
+            name: n(name),
+            now,
+        })?
+        .into_unit()
+    }
+
+    pub(super) fn rmdir(&mut self, parent: Ino, name: &str) -> MetaResult<()> {
+        let now = self.now();
+        self.apply(Command::Rmdir {
+            parent,
+            name: n(name),
+            now,
+        })?
+        .into_unit()
+    }
+
+    pub(super) fn rename(
+        &mut self,
+        p: Ino,
+        a: &str,
+        np: Ino,
+        b: &str,
+        flags: RenameFlags,
+    ) -> MetaResult<()> {
+        let now = self.now();
+        self.apply(Command::Rename {
+            parent: p,
+            name: n(a),
+            newparent: np,
+            newname: n(b),
+            flags,
+            now,
+        })?
+        .into_unit()
+    }
+
+    pub(super) fn names(&self, dir: Ino) -> Vec<String> {
+        self.sm
+            .read(|rt| queries::readdir(rt, dir, 0, 4096))
+            .unwrap()
+            .into_iter()
+            .map(|e| String::from_utf8(e.name.into_vec()).unwrap())
+            .collect()
+    }
+
+    pub(super) fn register(&mut self, ids: &[u64]) {
+        for &id in ids {
+            self.apply(Command::RegisterServer {
+                id,
+                data_addr: format!("127.0.0.1:{}", 9000 + id),
+                control_addr: String::new(),
+            })
+            .unwrap();
+        }
+    }
+
+    pub(super) fn allocate(
+        &mut self,
+        ino: Ino,
+        index: u64,
+        servers: &[u64],
+    ) -> MetaResult<ChunkLoc> {
+        self.apply(Command::AllocateChunk {
+            ino,
+            index,
+            servers: servers.to_vec(),
+        })?
+        .into_chunk()
+    }
+
+    pub(super) fn deletions(&self, server: u64) -> Vec<ChunkId> {
+        self.sm
+            .read(|rt| queries::pending_deletes(rt, server))
+            .unwrap()
+    }
+}
