@@ -3,6 +3,7 @@
 
 use bytes::{Bytes, BytesMut};
 use rawfs_metadata_api::CHUNK_SIZE;
+use std::collections::BTreeMap;
 
 /// Largest file size the client accepts: offsets must fit the kernel's `loff_t` (i64).
 pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
@@ -112,106 +113,193 @@ fn overlay(start: u64, data: &[u8], offset: u64, out: &mut [u8]) -> usize {
     n
 }
 
-/// The write buffer of one file: contiguous (possibly overlapping) writes collected until
-/// they reach `cap` bytes or a write lands elsewhere.
+/// Most separate extents a write buffer holds: each costs its own requests when flushed.
+pub(crate) const MAX_EXTENTS: usize = 1024;
+
+/// Extents to be stored together: sorted by offset, disjoint. One flush writes them all in
+/// parallel and records them with a single `commit_write`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Batch {
+    pub extents: Vec<Extent>,
+}
+
+impl Batch {
+    /// End of the last extent (0 if empty).
+    pub fn end(&self) -> u64 {
+        self.extents.iter().map(Extent::end).max().unwrap_or(0)
+    }
+
+    pub fn overlaps(&self, offset: u64, end: u64) -> bool {
+        self.extents.iter().any(|e| e.overlaps(offset, end))
+    }
+
+    pub fn covers(&self, offset: u64, end: u64) -> bool {
+        self.extents.iter().any(|e| e.covers(offset, end))
+    }
+
+    pub fn overlay(&self, offset: u64, out: &mut [u8]) {
+        for e in &self.extents {
+            e.overlay(offset, out);
+        }
+    }
+
+    /// Drops the bytes at or past `size`.
+    pub fn truncate(&mut self, size: u64) {
+        for e in &mut self.extents {
+            e.truncate(size);
+        }
+        self.extents.retain(|e| !e.data.is_empty());
+    }
+
+    /// Sum of [`Extent::growth_past`] over the extents.
+    pub fn growth_past(&self, committed: u64) -> u64 {
+        self.extents.iter().map(|e| e.growth_past(committed)).sum()
+    }
+}
+
+/// The write buffer of one file: writes collected until they total `cap` bytes (or
+/// [`MAX_EXTENTS`] separate ranges). Overlapping and adjacent writes merge, the newest bytes
+/// winning, so sequential writers build one large extent and random writers many small ones.
 #[derive(Debug)]
 pub(crate) struct WriteBuf {
-    start: u64,
-    data: BytesMut,
+    /// Disjoint, non-adjacent extents by start offset.
+    extents: BTreeMap<u64, BytesMut>,
+    bytes: usize,
     cap: usize,
 }
 
 impl WriteBuf {
     pub fn new(cap: usize) -> Self {
         WriteBuf {
-            start: 0,
-            data: BytesMut::new(),
+            extents: BTreeMap::new(),
+            bytes: 0,
             cap: cap.max(1),
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
+        self.extents.is_empty()
     }
 
-    pub fn end(&self) -> u64 {
-        self.start + self.data.len() as u64
+    /// Extents that overlap or touch `offset..end`, as `(start, end)`.
+    fn touching(&self, offset: u64, end: u64) -> Vec<(u64, u64)> {
+        // An extent starting before `offset` can still reach it; only the last such one can,
+        // since extents are disjoint.
+        let before = self
+            .extents
+            .range(..offset)
+            .next_back()
+            .map(|(s, d)| (*s, *s + d.len() as u64))
+            .filter(|(_, e)| *e >= offset);
+        let within = self
+            .extents
+            .range(offset..=end)
+            .map(|(s, d)| (*s, *s + d.len() as u64));
+        before.into_iter().chain(within).collect()
     }
 
-    /// Takes `data` at `offset` if it extends or overwrites the buffered range without a gap
-    /// and the result stays within the capacity. Returns false (and changes nothing) if the
-    /// buffer must be flushed first.
+    /// Takes `data` at `offset`, merging it with the buffered extents it overlaps or
+    /// touches. Returns false (and changes nothing) if the buffer must be flushed first.
     pub fn try_absorb(&mut self, offset: u64, data: &[u8]) -> bool {
-        let len = data.len() as u64;
-        if self.data.is_empty() {
-            if data.len() > self.cap {
-                return false;
+        let end = offset + data.len() as u64;
+        let touching = self.touching(offset, end);
+        let (start, stop) = touching
+            .iter()
+            .fold((offset, end), |(s, e), (ts, te)| (s.min(*ts), e.max(*te)));
+        let old: u64 = touching.iter().map(|(s, e)| e - s).sum();
+        let bytes = self.bytes as u64 - old + (stop - start);
+        if bytes > self.cap as u64 || (touching.is_empty() && self.extents.len() >= MAX_EXTENTS) {
+            return false;
+        }
+        // Fast paths: appending to, or overwriting inside, a single extent.
+        if let [(s, e)] = touching[..] {
+            if let Some(buf) = self.extents.get_mut(&s).filter(|_| s <= offset) {
+                let pos = (offset - s) as usize;
+                let overlap = (e.min(end) - offset) as usize;
+                buf[pos..pos + overlap].copy_from_slice(&data[..overlap]);
+                buf.extend_from_slice(&data[overlap..]);
+                self.bytes = bytes as usize;
+                return true;
             }
-            self.start = offset;
-            self.data.extend_from_slice(data);
-            return true;
         }
-        let end = self.end();
-        if offset < self.start || offset > end {
-            return false;
+        let mut merged = BytesMut::zeroed((stop - start) as usize);
+        for (s, _) in &touching {
+            if let Some(old) = self.extents.remove(s) {
+                let pos = (s - start) as usize;
+                merged[pos..pos + old.len()].copy_from_slice(&old);
+            }
         }
-        let new_end = end.max(offset + len);
-        if new_end - self.start > self.cap as u64 {
-            return false;
-        }
-        let pos = (offset - self.start) as usize;
-        let overlap = (end - offset).min(len) as usize;
-        self.data[pos..pos + overlap].copy_from_slice(&data[..overlap]);
-        self.data.extend_from_slice(&data[overlap..]);
+        let pos = (offset - start) as usize;
+        merged[pos..pos + data.len()].copy_from_slice(data);
+        self.extents.insert(start, merged);
+        self.bytes = bytes as usize;
         true
     }
 
     /// Copies buffered bytes within `offset..offset + out.len()` into `out`.
-    pub fn overlay(&self, offset: u64, out: &mut [u8]) -> usize {
-        overlay(self.start, &self.data, offset, out)
+    pub fn overlay(&self, offset: u64, out: &mut [u8]) {
+        let end = offset + out.len() as u64;
+        for (s, _) in self.touching(offset, end) {
+            if let Some(d) = self.extents.get(&s) {
+                overlay(s, d, offset, out);
+            }
+        }
     }
 
     pub fn covers(&self, offset: u64, end: u64) -> bool {
-        !self.data.is_empty() && self.start <= offset && end <= self.end()
-    }
-
-    /// True if the buffered range intersects `offset..end`.
-    pub fn overlaps(&self, offset: u64, end: u64) -> bool {
-        !self.data.is_empty() && self.start < end && offset < self.end()
+        self.touching(offset, end)
+            .iter()
+            .any(|(s, e)| *s <= offset && end <= *e)
     }
 
     /// A copy of the buffered bytes within `offset..end`, if any.
-    pub fn snapshot(&self, offset: u64, end: u64) -> Option<Extent> {
-        if !self.overlaps(offset, end) {
-            return None;
+    pub fn snapshot(&self, offset: u64, end: u64) -> Option<Batch> {
+        let mut extents = Vec::new();
+        for (s, e) in self.touching(offset, end) {
+            let (from, to) = (s.max(offset), e.min(end));
+            if from >= to {
+                continue;
+            }
+            if let Some(d) = self.extents.get(&s) {
+                let data = Bytes::copy_from_slice(&d[(from - s) as usize..(to - s) as usize]);
+                extents.push(Extent { start: from, data });
+            }
         }
-        let from = self.start.max(offset);
-        let to = self.end().min(end);
-        let data = Bytes::copy_from_slice(
-            &self.data[(from - self.start) as usize..(to - self.start) as usize],
-        );
-        Some(Extent { start: from, data })
+        (!extents.is_empty()).then_some(Batch { extents })
     }
 
     /// Drops buffered bytes at or past `size`.
     pub fn truncate(&mut self, size: u64) {
-        if size <= self.start {
-            self.data.clear();
-        } else if size < self.end() {
-            self.data.truncate((size - self.start) as usize);
+        let cut: Vec<u64> = self.extents.range(..).map(|(s, _)| *s).collect();
+        for s in cut {
+            let Some(d) = self.extents.get_mut(&s) else {
+                continue;
+            };
+            if s >= size {
+                self.bytes -= d.len();
+                self.extents.remove(&s);
+            } else if s + d.len() as u64 > size {
+                let keep = (size - s) as usize;
+                self.bytes -= d.len() - keep;
+                d.truncate(keep);
+            }
         }
     }
 
     /// Empties the buffer, returning its contents (None if it was empty).
-    pub fn take(&mut self) -> Option<Extent> {
-        if self.data.is_empty() {
+    pub fn take(&mut self) -> Option<Batch> {
+        if self.extents.is_empty() {
             return None;
         }
-        let data = std::mem::take(&mut self.data).freeze();
-        Some(Extent {
-            start: self.start,
-            data,
-        })
+        self.bytes = 0;
+        let extents = std::mem::take(&mut self.extents)
+            .into_iter()
+            .map(|(start, d)| Extent {
+                start,
+                data: d.freeze(),
+            })
+            .collect();
+        Some(Batch { extents })
     }
 }
 
@@ -274,6 +362,12 @@ mod tests {
         assert_eq!(range_end(MAX_FILE_SIZE, 1), None);
     }
 
+    fn contents(b: &WriteBuf, offset: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![b'.'; len];
+        b.overlay(offset, &mut out);
+        out
+    }
+
     #[test]
     fn buffer_absorbs_contiguous_and_overlapping_writes() {
         let mut b = WriteBuf::new(16);
@@ -281,34 +375,57 @@ mod tests {
         assert!(b.try_absorb(104, b"efgh"));
         // Overwrite in the middle and extend past the end in one write.
         assert!(b.try_absorb(106, b"XYZW"));
-        assert_eq!(b.end(), 110);
-        let mut out = [0u8; 10];
-        assert_eq!(b.overlay(100, &mut out), 10);
-        assert_eq!(&out, b"abcdefXYZW");
+        assert_eq!(contents(&b, 100, 10), b"abcdefXYZW");
         assert!(b.covers(101, 110));
         assert!(!b.covers(99, 101));
         let snap = b.snapshot(108, 200).unwrap();
-        assert_eq!((snap.start, &snap.data[..]), (108, &b"ZW"[..]));
+        assert_eq!(snap.extents.len(), 1);
+        assert_eq!(
+            (snap.extents[0].start, &snap.extents[0].data[..]),
+            (108, &b"ZW"[..])
+        );
         assert!(b.snapshot(110, 120).is_none());
+        let batch = b.take().unwrap();
+        assert_eq!(batch.extents.len(), 1);
+        assert_eq!(batch.end(), 110);
     }
 
     #[test]
-    fn buffer_refuses_gaps_and_overflow() {
+    fn buffer_keeps_separate_ranges_and_merges_bridges() {
+        let mut b = WriteBuf::new(64);
+        assert!(b.try_absorb(10, b"aaaa"));
+        assert!(b.try_absorb(30, b"cccc"));
+        assert!(b.try_absorb(0, b"zz"));
+        assert_eq!(b.take().unwrap().extents.len(), 3);
+        assert!(b.try_absorb(10, b"aaaa"));
+        assert!(b.try_absorb(20, b"cccc"));
+        // A write before both that bridges them into one extent.
+        assert!(b.try_absorb(8, b"BBBBBBBBBBBBB"));
+        assert_eq!(contents(&b, 6, 20), b"..BBBBBBBBBBBBBcc...");
+        assert!(b.covers(8, 24));
+        let batch = b.take().unwrap();
+        assert_eq!(batch.extents.len(), 1);
+        assert_eq!((batch.extents[0].start, batch.end()), (8, 24));
+    }
+
+    #[test]
+    fn buffer_refuses_overflow() {
         let mut b = WriteBuf::new(8);
         assert!(b.try_absorb(10, b"1234"));
-        assert!(!b.try_absorb(15, b"x"), "gap after the end");
-        assert!(!b.try_absorb(9, b"x"), "before the start");
         assert!(!b.try_absorb(14, b"12345"), "past the capacity");
         assert!(b.try_absorb(14, b"1234"), "exactly full");
-        assert!(!b.try_absorb(18, b"x"));
-        let e = b.take().unwrap();
-        assert_eq!(e.start, 10);
-        assert_eq!(&e.data[..], b"12341234");
+        assert!(!b.try_absorb(100, b"x"));
+        assert!(b.try_absorb(12, b"zz"), "overwrites need no room");
+        assert_eq!(&b.take().unwrap().extents[0].data[..], b"12zz1234");
         assert!(b.is_empty());
         assert!(b.take().is_none());
-        // An empty buffer takes any write that fits, anywhere.
-        assert!(b.try_absorb(1000, b"z"));
         assert!(!WriteBuf::new(2).try_absorb(0, b"abc"));
+        let mut many = WriteBuf::new(1 << 20);
+        for i in 0..MAX_EXTENTS as u64 {
+            assert!(many.try_absorb(i * 10, b"x"));
+        }
+        assert!(!many.try_absorb(1 << 19, b"x"), "too many extents");
+        assert!(many.try_absorb(1, b"y"), "merging is still fine");
     }
 
     #[test]
@@ -330,8 +447,10 @@ mod tests {
     fn truncate_and_growth() {
         let mut b = WriteBuf::new(64);
         assert!(b.try_absorb(10, b"abcdef"));
+        assert!(b.try_absorb(30, b"xyz"));
         b.truncate(13);
-        assert_eq!(b.end(), 13);
+        assert_eq!(b.snapshot(0, 100).unwrap().end(), 13);
+        assert!(b.try_absorb(13, &[1u8; 51]), "truncate gave the room back");
         b.truncate(5);
         assert!(b.is_empty());
         let mut e = Extent {

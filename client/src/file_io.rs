@@ -7,12 +7,13 @@
 //! replicas, and lay the snapshot over the result, so parallel reads never queue on a lock.
 
 use crate::error::ClientError;
-use crate::extent::{range_end, split_by_chunk, Extent, WriteBuf};
+use crate::extent::{range_end, split_by_chunk, Batch, Extent, WriteBuf};
 use crate::locations::Locations;
 use crate::read_path::{read_piece, window_range, Fetch, Plan, ReadAhead, Suspects, WINDOW};
 use crate::store::Store;
 use crate::write_path::{sync_chunks, write_extent, write_piece, Dirty, FRAME, FRAMES_IN_FLIGHT};
 use bytes::Bytes;
+use futures::future::join_all;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use rawfs_metadata_api::{Attr, Ino, CHUNK_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// failed flush can be retried and reads still see it).
 struct Bufs {
     buffer: WriteBuf,
-    pending: Option<Extent>,
+    pending: Option<Batch>,
 }
 
 struct Inner {
@@ -43,9 +44,10 @@ struct Inner {
 }
 
 /// Buffered I/O on one file, shared by every handle of the inode in a mount (wrap it in an
-/// `Arc`). Writes are collected in a buffer of `write_buffer` bytes and sent to all replicas
-/// by [`FileIo::flush`] (or when the buffer fills or a write lands elsewhere); reads see the
-/// buffered data. Dropping a `FileIo` with unflushed data loses that data: flush on release.
+/// `Arc`). Writes are collected in a buffer of up to `write_buffer` bytes (overlapping and
+/// adjacent writes merge; up to 1024 separate ranges) and sent to all replicas by
+/// [`FileIo::flush`], or in the background when the buffer fills; reads see the buffered
+/// data. Dropping a `FileIo` with unflushed data loses that data: flush on release.
 pub struct FileIo {
     inner: Arc<Inner>,
 }
@@ -149,9 +151,11 @@ impl FileIo {
                     Step::WaitPending
                 } else if b.buffer.is_empty() {
                     // Bigger than the buffer: send it as it is (one copy, no merging).
-                    b.pending = Some(Extent {
-                        start: offset,
-                        data: Bytes::copy_from_slice(data),
+                    b.pending = Some(Batch {
+                        extents: vec![Extent {
+                            start: offset,
+                            data: Bytes::copy_from_slice(data),
+                        }],
                     });
                     Step::HandedOver
                 } else {
@@ -240,8 +244,8 @@ impl FileIo {
             Some(p) if p.covers(offset, end) => vec![0u8; (end - offset) as usize],
             _ => inner.clone().read_stored(offset, end, size).await?,
         };
-        for ext in pending.iter().chain(buffered.iter()) {
-            ext.overlay(offset, &mut out);
+        for batch in pending.iter().chain(buffered.iter()) {
+            batch.overlay(offset, &mut out);
         }
         Ok(out)
     }
@@ -386,7 +390,7 @@ impl Inner {
         // At most the pending extent and the buffer as it is now: data written meanwhile by
         // other handles waits for the next flush, so a busy writer cannot starve this one.
         for _ in 0..2 {
-            let ext = {
+            let batch = {
                 let mut b = lock(&self.bufs);
                 match &b.pending {
                     Some(p) => p.clone(),
@@ -400,13 +404,43 @@ impl Inner {
                     },
                 }
             };
-            if !ext.data.is_empty() {
-                for d in write_extent(&*self.store, &self.locs, &ext).await? {
-                    merge_dirty(dirty, d);
+            if !batch.extents.is_empty() {
+                // Resolve each chunk's location once, before the extents fan out: many small
+                // extents in one chunk must not all ask to allocate it at the same time.
+                let mut indices: Vec<u64> = batch
+                    .extents
+                    .iter()
+                    .flat_map(|e| split_by_chunk(e.start, e.data.len() as u64))
+                    .map(|p| p.index)
+                    .collect();
+                indices.dedup();
+                for result in join_all(
+                    indices
+                        .iter()
+                        .map(|i| self.locs.for_write(&*self.store, *i)),
+                )
+                .await
+                {
+                    result?;
+                }
+                let written = join_all(
+                    batch
+                        .extents
+                        .iter()
+                        .map(|ext| write_extent(&*self.store, &self.locs, ext)),
+                )
+                .await;
+                for result in written {
+                    for d in result? {
+                        merge_dirty(dirty, d);
+                    }
                 }
                 let committed = self.committed.load(Ordering::Acquire);
-                let delta = i64::try_from(ext.growth_past(committed)).unwrap_or(i64::MAX);
-                let a = self.store.commit_write(self.ino, ext.end(), delta).await?;
+                let delta = i64::try_from(batch.growth_past(committed)).unwrap_or(i64::MAX);
+                let a = self
+                    .store
+                    .commit_write(self.ino, batch.end(), delta)
+                    .await?;
                 self.committed.fetch_max(a.size, Ordering::AcqRel);
                 self.size.fetch_max(a.size, Ordering::AcqRel);
                 attr = Some(a);

@@ -28,19 +28,29 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(40);
 /// One process as `cluster.json` lists it.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ProcessInfo {
+    /// `metadata`, `chunkserver`, `healer`, `nbd` or `mount`.
     pub role: String,
+    /// Id within the role.
     pub id: u64,
+    /// Pid as `rawfs up` started it.
     pub pid: u32,
+    /// Client-facing address.
     pub addr: String,
+    /// Data directory (the mountpoint for the mount).
     pub data_dir: PathBuf,
+    /// Replication address of a metadata replica.
     #[serde(default)]
     pub raft_addr: Option<String>,
+    /// Control address of a chunkserver.
     #[serde(default)]
     pub control_addr: Option<String>,
+    /// Executable that was started.
     #[serde(default)]
     pub exe: Option<PathBuf>,
+    /// Its arguments, to restart it exactly.
     #[serde(default)]
     pub args: Vec<String>,
+    /// Its log file.
     #[serde(default)]
     pub log: Option<PathBuf>,
 }
@@ -48,8 +58,11 @@ pub struct ProcessInfo {
 /// `cluster.json`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ClusterInfo {
+    /// The mountpoint.
     pub mount: PathBuf,
+    /// Every process of the cluster.
     pub processes: Vec<ProcessInfo>,
+    /// True once the daemons answered and the mount is live.
     #[serde(default)]
     pub ready: bool,
 }
@@ -153,6 +166,7 @@ pub fn tail(path: &Path, n: usize) -> String {
 /// Options for [`Cluster::start_with`].
 #[derive(Clone, Debug)]
 pub struct Options {
+    /// Number of chunkservers (`rawfs up --chunkservers`).
     pub chunkservers: u32,
     /// Extra arguments for `rawfs up`.
     pub up_args: Vec<String>,
@@ -189,6 +203,8 @@ impl Cluster {
         Self::start_with(Options::default())
     }
 
+    /// Starts a cluster with `opts` in a fresh directory under `$RAWFS_TEST_DIR` (default
+    /// `/var/tmp`) and waits until it is ready.
     pub fn start_with(opts: Options) -> Result<Cluster> {
         let base = std::env::var_os("RAWFS_TEST_DIR")
             .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);

@@ -16,6 +16,8 @@
 //! `RAWFS_BIN_DIR` points at the binaries, `RAWFS_TEST_DIR` at where clusters live (default
 //! `/var/tmp`). `bench.sh` beside this crate is the performance benchmark (not run in CI).
 
+#![warn(missing_docs)]
+
 pub mod fsutil;
 pub mod harness;
 

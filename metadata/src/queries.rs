@@ -32,6 +32,12 @@ pub(crate) fn lookup(rt: &ReadTables, parent: Ino, name: &[u8]) -> Op<Attr> {
     if !prec.is_dir() {
         return Err(MetaError::NotDir.into());
     }
+    // The kernel resolves these itself, but an NFS-style export asks for them.
+    match name {
+        b"." => return Ok(prec.attr(parent)),
+        b".." => return getattr(rt, prec.parent),
+        _ => {}
+    }
     let (child, _) = rt
         .dirents
         .get((parent, name))?

@@ -170,14 +170,29 @@ async fn namespace_chunks_and_heartbeats_through_the_client() {
         vec![loc.chunk]
     );
 
-    // Unlinking the file frees its chunk on every server that holds it.
+    // A corrupt copy reported by server 3 goes while server 1 still serves the chunk.
+    let mut bad = hb(3, None);
+    bad.corrupt = vec![loc.chunk];
+    c.heartbeat(bad).await.unwrap();
+    let now = c.chunks(f.ino, 0, 1).await.unwrap();
+    let left: Vec<_> = now[0].replicas.iter().map(|r| r.server).collect();
+    assert_eq!((left, now[0].version), (vec![1], loc.version + 2));
+    assert_eq!(
+        c.heartbeat(hb(3, None)).await.unwrap().delete,
+        vec![loc.chunk]
+    );
+    // The last copy is never dropped, corrupt or not.
+    let mut bad = hb(1, None);
+    bad.corrupt = vec![loc.chunk];
+    c.heartbeat(bad).await.unwrap();
+    assert_eq!(c.chunks(f.ino, 0, 1).await.unwrap()[0].replicas.len(), 1);
+
+    // Unlinking the file frees its chunk on the server that still holds it.
     c.unlink(ROOT_INO, n("g")).await.unwrap();
-    for s in [1, 3] {
-        assert_eq!(
-            c.heartbeat(hb(s, None)).await.unwrap().delete,
-            vec![loc.chunk]
-        );
-    }
+    assert_eq!(
+        c.heartbeat(hb(1, None)).await.unwrap().delete,
+        vec![loc.chunk]
+    );
 
     // Garbage on the client port closes that connection only.
     let mut raw = std::net::TcpStream::connect(h.addr()).unwrap();

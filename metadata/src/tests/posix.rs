@@ -45,6 +45,9 @@ fn mknod_makes_every_kind_with_posix_link_counts() {
         .is_ok());
     assert_eq!(h.lookup(d.ino, &long), Err(MetaError::NameTooLong));
     let f = h.lookup(d.ino, "f").unwrap();
+    assert_eq!(h.lookup(d.ino, "..").unwrap().ino, ROOT_INO);
+    assert_eq!(h.lookup(d.ino, ".").unwrap().ino, d.ino);
+    assert_eq!(h.lookup(ROOT_INO, "..").unwrap().ino, ROOT_INO);
     assert_eq!(
         h.mknod(f.ino, "x", FileKind::File, 0o644),
         Err(MetaError::NotDir)
