@@ -401,7 +401,7 @@ mod tests {
         assert!(b.try_absorb(20, b"cccc"));
         // A write before both that bridges them into one extent.
         assert!(b.try_absorb(8, b"BBBBBBBBBBBBB"));
-        assert_eq!(contents(&b, 6, 20), b"..BBBBBBBBBBBBBcc...");
+        assert_eq!(contents(&b, 6, 20), b"..BBBBBBBBBBBBBccc..");
         assert!(b.covers(8, 24));
         let batch = b.take().unwrap();
         assert_eq!(batch.extents.len(), 1);

@@ -6,6 +6,8 @@
 
 #[path = "integration/bad_input.rs"]
 mod bad_input;
+#[path = "integration/cli.rs"]
+mod cli;
 #[path = "integration/faults.rs"]
 mod faults;
 #[path = "integration/integrity.rs"]
