@@ -396,3 +396,113 @@ async fn ranges_past_the_maximum_size_are_refused() {
         Err(ClientError::TooLarge { .. })
     ));
 }
+
+#[test]
+fn handles_and_futures_can_move_between_threads() {
+    fn send<T: Send>(_: &T) {}
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<FileIo>();
+    send_sync::<crate::Client>();
+    let (_fake, io) = setup(3, 1024);
+    send(&io.write(0, b"x"));
+    send(&io.read(0, 1));
+    send(&io.flush());
+    send(&io.fsync());
+    send(&io.punch(0, 1));
+    send(&io.truncate_tail(0));
+}
+
+/// Seeded random writes, reads, truncates, punches and fsyncs around a chunk boundary,
+/// every read compared with an in-memory reference. Set `RAWFS_SEED` to replay a run.
+#[tokio::test]
+async fn random_operations_match_a_reference() {
+    let seed: u64 = std::env::var("RAWFS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64 | 1)
+                .unwrap_or(7)
+        });
+    println!("RAWFS_SEED={seed}");
+    let mut x = seed;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n.max(1)
+    };
+    let (fake, io) = setup(3, 256 << 10);
+    // The region under test: 2 MiB straddling the end of chunk 0; the file before it is a hole.
+    let base = CHUNK_SIZE - (1 << 20);
+    let span = 2u64 << 20;
+    let mut reference = vec![0u8; span as usize];
+    let mut size = 0u64;
+    for step in 0..600u64 {
+        match next(10) {
+            0..=4 => {
+                let off = next(span - 1);
+                let n = 1 + next((span - off).min(300_000));
+                let data = pattern(step, n as usize);
+                io.write(base + off, &data).await.unwrap();
+                reference[off as usize..(off + n) as usize].copy_from_slice(&data);
+                size = size.max(base + off + n);
+            }
+            5..=6 => {
+                let off = next(span);
+                let n = 1 + next(200_000);
+                let got = io.read(base + off, n as u32).await.unwrap();
+                let end = (base + off + n).min(size);
+                let want: Vec<u8> = (base + off..end.max(base + off))
+                    .map(|p| reference[(p - base) as usize])
+                    .collect();
+                assert!(
+                    got == want,
+                    "seed {seed} step {step}: read {off}+{n} differs"
+                );
+            }
+            7 => {
+                // Truncate as the mount does: flush, setattr (releases chunks wholly past the
+                // new size), then truncate_tail; sometimes extend again right away.
+                let new = base + next(span);
+                io.flush().await.unwrap();
+                fake.st()
+                    .map
+                    .retain(|(_, index), _| index * CHUNK_SIZE < new);
+                if new < size {
+                    io.truncate_tail(new).await.unwrap();
+                    for b in &mut reference[(new - base) as usize..] {
+                        *b = 0;
+                    }
+                } else {
+                    io.set_size(new);
+                }
+                size = new;
+                if next(2) == 0 {
+                    size = base + span;
+                    io.set_size(size);
+                }
+            }
+            8 => {
+                let off = next(span);
+                let n = next(span - off);
+                io.punch(base + off, n).await.unwrap();
+                let stop = (off + n).min(size.saturating_sub(base));
+                for p in off..stop.max(off) {
+                    reference[p as usize] = 0;
+                }
+            }
+            _ => io.fsync().await.unwrap(),
+        }
+        assert_eq!(io.size(), size, "seed {seed} step {step}: size");
+    }
+    io.fsync().await.unwrap();
+    let fresh = FileIo::new(INO, size, fake.clone(), 1 << 20);
+    let got = fresh.read(base, span as u32).await.unwrap();
+    let keep = size.saturating_sub(base).min(span) as usize;
+    assert!(
+        got == reference[..keep],
+        "seed {seed}: final contents differ"
+    );
+}

@@ -357,6 +357,32 @@ async fn sequential_throughput() {
         mib / w.as_secs_f64(),
         mib / r.as_secs_f64()
     );
+    // 4 KiB random writes (fsync at the end) and reads, one at a time.
+    let ops = 4000u64;
+    let page = pattern(4, 4096);
+    let mut x = 88172645463325252u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % (total / 4096)) * 4096
+    };
+    let t = Instant::now();
+    for _ in 0..ops {
+        io.write(next(), &page).await.unwrap();
+    }
+    io.fsync().await.unwrap();
+    let w = t.elapsed();
+    let t = Instant::now();
+    for _ in 0..ops {
+        fresh.read(next(), 4096).await.unwrap();
+    }
+    let r = t.elapsed();
+    println!(
+        "4 KiB random: write {:.0} IOPS, read {:.0} IOPS",
+        ops as f64 / w.as_secs_f64(),
+        ops as f64 / r.as_secs_f64()
+    );
     for s in &mut servers {
         s.stop().await;
     }

@@ -33,6 +33,15 @@ pub enum Command {
         caller: Caller,
         now: Timespec,
     },
+    /// `Mknod` followed by `Open` in the same transaction.
+    Create {
+        parent: Ino,
+        name: Name,
+        node: NewNode,
+        caller: Caller,
+        session: u64,
+        now: Timespec,
+    },
     Symlink {
         parent: Ino,
         name: Name,
@@ -170,6 +179,7 @@ impl Command {
         SMALL
             + match self {
                 Command::Mknod { name, .. }
+                | Command::Create { name, .. }
                 | Command::Unlink { name, .. }
                 | Command::Rmdir { name, .. }
                 | Command::RemoveXattr { name, .. } => name.len(),

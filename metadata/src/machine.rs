@@ -69,6 +69,16 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             caller,
             now,
         } => ns::mknod(t, *parent, name, node, *caller, *now).map(Reply::Attr),
+        Create {
+            parent,
+            name,
+            node,
+            caller,
+            session,
+            now,
+        } => ns::mknod(t, *parent, name, node, *caller, *now)
+            .and_then(|a| ns::open(t, a.ino, *session))
+            .map(Reply::Attr),
         Symlink {
             parent,
             name,

@@ -327,6 +327,27 @@ impl MetadataRpc for Server {
         self.mutate(cmd).await?.into_attr()
     }
 
+    async fn create(
+        self,
+        _: Context,
+        parent: Ino,
+        name: Name,
+        node: NewNode,
+        caller: Caller,
+        session: u64,
+    ) -> MetaResult<Attr> {
+        let now = Timespec::now();
+        let cmd = Command::Create {
+            parent,
+            name,
+            node,
+            caller,
+            session,
+            now,
+        };
+        self.mutate(cmd).await?.into_attr()
+    }
+
     async fn symlink(
         self,
         _: Context,

@@ -32,21 +32,11 @@ pub(crate) struct Entry {
     pub(crate) entry_ttl: Duration,
 }
 
-/// A newly created file registers its open with the metadata service this long after the
-/// create is answered, unless it is closed first (then it never needs to: see
-/// [`Inner::create`](crate::ops_file)).
-const REGISTER_DELAY: Duration = Duration::from_millis(50);
-
-/// Whether the metadata service has recorded this mount's open of an inode: `true` once
-/// recorded, `false` if it failed or was cancelled, unset while pending.
-type Registration = Arc<tokio::sync::OnceCell<bool>>;
-
-/// One open inode: the shared I/O object, how many kernel handles use it, and the one
-/// server-side open this mount holds for all of them.
+/// One open inode: the shared I/O object and how many kernel handles use it. The mount holds
+/// one server-side open per inode for all of them (taken by `open` or `create`).
 struct OpenFile {
     io: Arc<FileIo>,
     handles: u32,
-    reg: Registration,
 }
 
 /// Per-mount state shared by all callbacks and their tasks.
@@ -206,8 +196,7 @@ impl Inner {
             self.release_server_open(ino).await;
             return Err(Errno::EISDIR);
         }
-        let reg = Arc::new(tokio::sync::OnceCell::new_with(Some(true)));
-        if !self.insert(&attr, reg) {
+        if !self.insert(&attr) {
             // Another open of the same inode won; it holds the one server-side open this
             // mount keeps per inode, so give ours back.
             self.release_server_open(ino).await;
@@ -215,28 +204,17 @@ impl Inner {
         Ok(())
     }
 
-    /// Takes the first handle on a file this mount just created (`attr` from `mknod`).
-    /// Its open is registered with the metadata service only after [`REGISTER_DELAY`], in
-    /// the background: most new files are written and closed sooner, and a file closed
-    /// before it was registered needs neither the open nor the release (two replicated
-    /// writes saved per create). Until then only another mount could unlink it from under
-    /// us; every unlink and rename of this mount registers pending opens first.
-    pub(crate) fn open_created(self: &Arc<Self>, attr: &Attr) {
-        if self.attach(attr.ino) {
-            return;
-        }
-        let reg: Registration = Arc::new(tokio::sync::OnceCell::new());
-        if self.insert(attr, reg.clone()) {
-            let (me, ino) = (self.clone(), attr.ino);
-            self.tasks.spawn(async move {
-                tokio::time::sleep(REGISTER_DELAY).await;
-                reg.get_or_init(|| me.register(ino)).await;
-            });
+    /// Takes a handle on a file this mount just created with `create`, which also recorded
+    /// the server-side open (so no other client's unlink can free it from under us).
+    pub(crate) async fn open_created(&self, attr: &Attr) {
+        if !self.insert(attr) {
+            // It was already open here: the mount keeps one server-side open per inode.
+            self.release_server_open(attr.ino).await;
         }
     }
 
     /// Adds a new entry for `attr`'s inode, or a handle to the existing one (returns false).
-    fn insert(&self, attr: &Attr, reg: Registration) -> bool {
+    fn insert(&self, attr: &Attr) -> bool {
         let mut files = lock(&self.files);
         match files.entry(attr.ino) {
             MapEntry::Occupied(mut e) => {
@@ -247,7 +225,6 @@ impl Inner {
                 v.insert(OpenFile {
                     io: Arc::new(self.client.file(attr.ino, attr.size)),
                     handles: 1,
-                    reg,
                 });
                 true
             }
@@ -265,31 +242,9 @@ impl Inner {
         }
     }
 
-    async fn register(&self, ino: Ino) -> bool {
-        match self.client.meta().open(ino, self.session).await {
-            Ok(_) => true,
-            Err(e) => {
-                warn!(ino, error = %e, "cannot register an open file; it is not protected from unlinks by other mounts");
-                false
-            }
-        }
-    }
-
-    /// Registers every open still pending, before an operation that may drop a link.
-    pub(crate) async fn register_pending(&self) {
-        let pending: Vec<(Ino, Registration)> = lock(&self.files)
-            .iter()
-            .filter(|(_, f)| f.reg.get().is_none())
-            .map(|(ino, f)| (*ino, f.reg.clone()))
-            .collect();
-        for (ino, reg) in pending {
-            reg.get_or_init(|| self.register(ino)).await;
-        }
-    }
-
     /// Drops one handle of `ino`. The last one flushes the buffer, forgets the `FileIo` and
     /// releases the server-side open (which frees an unlinked inode).
-    pub(crate) async fn close_file(&self, ino: Ino) -> Result<(), Errno> {
+    pub(crate) async fn close_file(self: &Arc<Self>, ino: Ino) -> Result<(), Errno> {
         let io = {
             let mut files = lock(&self.files);
             let Some(f) = files.get_mut(&ino) else {
@@ -306,21 +261,15 @@ impl Inner {
         let last = {
             let mut files = lock(&self.files);
             match files.get(&ino) {
-                Some(f) if f.handles == 0 && Arc::ptr_eq(&f.io, &io) => {
-                    files.remove(&ino).map(|f| f.reg)
-                }
-                _ => None,
+                Some(f) if f.handles == 0 && Arc::ptr_eq(&f.io, &io) => files.remove(&ino).is_some(),
+                _ => false,
             }
         };
-        if let Some(reg) = last {
-            // Cancel a registration that has not started; otherwise wait for it and undo it.
-            let registered = match reg.set(false) {
-                Ok(()) => false,
-                Err(_) => *reg.get_or_init(|| self.register(ino)).await,
-            };
-            if registered {
-                self.release_server_open(ino).await;
-            }
+        if last {
+            // The release only ends the protection of an unlinked inode: nobody waits on it,
+            // so it leaves the close path (unmount still waits for it).
+            let me = self.clone();
+            self.tasks.spawn(async move { me.release_server_open(ino).await });
         }
         flushed.map(|_| ()).map_err(errno::client)
     }

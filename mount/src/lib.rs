@@ -32,12 +32,10 @@
 //!   first written); `SEEK_DATA`/`SEEK_HOLE` use the kernel default (the whole file is data).
 //! - ACLs are not supported (`system.*` xattrs are refused).
 //! - Open files are registered with the metadata service (so that an unlinked open file
-//!   lives until its last close), one registration per inode per mount. A file this mount
-//!   creates is registered 50 ms after the create, in the background, and not at all if it
-//!   is closed sooner: that saves two replicated writes per short-lived file. Local unlinks
-//!   and renames register pending files first, and the VFS serializes create and unlink in
-//!   one directory, so this mount's semantics are exact; only another mount unlinking a
-//!   file within 50 ms of its creation elsewhere could free it under the writer.
+//!   lives until its last close), one registration per inode per mount. `create` makes the
+//!   file and registers the open in one replicated command; the release after the last
+//!   close runs in the background (it only ends that protection), so a create-write-close
+//!   costs one replicated write, not three.
 //!
 //! Installing the helper makes `mount -t rawfs` and fstab work (mount(8) runs
 //! `/sbin/mount.rawfs SPEC MNT -o OPTIONS`):

@@ -53,7 +53,7 @@ impl Inner {
         };
         let meta = self.client.meta();
         let made = meta
-            .mknod(parent, name, node, caller)
+            .create(parent, name, node, caller, self.session)
             .await
             .map_err(errno::meta)?;
         match made.kind {
@@ -63,7 +63,7 @@ impl Inner {
             _ => return Err(Errno::EEXIST),
         }
         let mut attr = made;
-        self.open_created(&attr);
+        self.open_created(&attr).await;
         if flags & libc::O_TRUNC != 0 && attr.size > 0 {
             // It existed (created concurrently elsewhere) and the caller asked to truncate.
             let set = SetAttr {

@@ -177,8 +177,6 @@ impl Inner {
     }
 
     pub(crate) async fn unlink(&self, parent: Ino, name: Name) -> Result<(), Errno> {
-        // The target may be a file created here whose open is not registered yet.
-        self.register_pending().await;
         self.client
             .meta()
             .unlink(parent, name)
@@ -232,10 +230,6 @@ impl Inner {
         };
         if f.noreplace && f.exchange {
             return Err(Errno::EINVAL);
-        }
-        if !f.noreplace && !f.exchange {
-            // A replaced target loses a link; it may be open here and not registered yet.
-            self.register_pending().await;
         }
         self.client
             .meta()

@@ -249,6 +249,8 @@ rpc_methods! {
     fn setattr(ino: Ino, set: SetAttr) -> Attr;
     /// Creates a file, directory, fifo, socket or device node.
     fn mknod(parent: Ino, name: Name, node: NewNode, caller: Caller) -> Attr;
+    /// Creates a node and records an open of it by `session`, atomically.
+    fn create(parent: Ino, name: Name, node: NewNode, caller: Caller, session: u64) -> Attr;
     /// Creates a symbolic link.
     fn symlink(parent: Ino, name: Name, target: ByteBuf, caller: Caller) -> Attr;
     /// The target of a symbolic link.

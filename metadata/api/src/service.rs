@@ -21,6 +21,15 @@ pub trait MetadataRpc {
     /// node takes the directory's group (and a new directory keeps the setgid bit).
     /// Returns the new (or, if not exclusive, existing) inode's attributes.
     async fn mknod(parent: Ino, name: Name, node: NewNode, caller: Caller) -> MetaResult<Attr>;
+    /// `mknod` and `open` by `session` in one step: the new (or, if not exclusive, existing)
+    /// inode is protected from unlinks by other clients from the moment it exists.
+    async fn create(
+        parent: Ino,
+        name: Name,
+        node: NewNode,
+        caller: Caller,
+        session: u64,
+    ) -> MetaResult<Attr>;
     async fn symlink(parent: Ino, name: Name, target: ByteBuf, caller: Caller) -> MetaResult<Attr>;
     async fn readlink(ino: Ino) -> MetaResult<ByteBuf>;
     /// Adds a hard link `newparent/newname` to `ino`.
