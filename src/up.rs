@@ -145,14 +145,39 @@ pub fn plan(
 }
 
 /// Free loopback ports: every listener stays open until all ports are chosen, so none repeats.
+/// They are drawn at random from below the kernel's ephemeral range: a port from that range
+/// could be taken by some outgoing connection between this check and the daemon's bind.
 struct FreePorts(Vec<std::net::TcpListener>);
+
+/// Where random ports are drawn from when the ephemeral range cannot be read.
+const FALLBACK_PORTS: (u16, u16) = (20000, 32768);
 
 impl FreePorts {
     fn next(&mut self) -> std::io::Result<u16> {
+        let (lo, hi) = non_ephemeral_ports();
+        for _ in 0..200 {
+            let port = rand::random::<u16>() % (hi - lo) + lo;
+            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                self.0.push(l);
+                return Ok(port);
+            }
+        }
+        // Crowded: let the kernel choose.
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         let port = l.local_addr()?.port();
         self.0.push(l);
         Ok(port)
+    }
+}
+
+/// A port range below the kernel's ephemeral range (`ip_local_port_range`).
+fn non_ephemeral_ports() -> (u16, u16) {
+    let lo_eph = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());
+    match lo_eph {
+        Some(lo) if lo > 12000 => (lo.saturating_sub(12000).max(10000), lo),
+        _ => FALLBACK_PORTS,
     }
 }
 

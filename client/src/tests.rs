@@ -467,9 +467,11 @@ async fn random_operations_match_a_reference() {
                 // new size), then truncate_tail; sometimes extend again right away.
                 let new = base + next(span);
                 io.flush().await.unwrap();
-                fake.st()
-                    .map
-                    .retain(|(_, index), _| index * CHUNK_SIZE < new);
+                {
+                    let mut st = fake.st();
+                    st.map.retain(|(_, index), _| index * CHUNK_SIZE < new);
+                    st.sizes.insert(INO, new);
+                }
                 if new < size {
                     io.truncate_tail(new).await.unwrap();
                     for b in &mut reference[(new - base) as usize..] {
@@ -481,6 +483,7 @@ async fn random_operations_match_a_reference() {
                 size = new;
                 if next(2) == 0 {
                     size = base + span;
+                    fake.st().sizes.insert(INO, size);
                     io.set_size(size);
                 }
             }

@@ -245,6 +245,10 @@ impl Cluster {
     }
 
     fn spawn_up(&mut self) -> Result<()> {
+        // Clusters of one test binary start one at a time, so that two never choose the same
+        // free ports before either has bound them.
+        static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = STARTING.lock().unwrap_or_else(|p| p.into_inner());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -1,7 +1,7 @@
 //! The replicated log under the rawfs metadata service.
 //!
 //! ```text
-//!  propose(cmd) --> openraft (leader) --append--> log store (redb, fsync per batch)
+//!  propose(cmd) --> openraft (leader) --append--> log store (segment files, group fsync)
 //!                        |  AppendEntries / Vote / InstallSnapshot over tarpc
 //!                        v
 //!                  followers' logs --commit (majority)--> StateMachine::apply (on every replica)
@@ -22,11 +22,14 @@
 //!   term has at most one leader, as in the Raft paper, so the term *alone* is a fencing
 //!   token: anything stamped with term `T` came from the one leader of `T`, and a receiver
 //!   that has seen a higher term refuses it.
-//! - **Log store** ([`log_store`]): a redb file `raft-log.redb` in [`ReplicaConfig::dir`].
-//!   Each batch openraft hands to `append` is one redb transaction committed with
-//!   `Durability::Immediate` (one fsync per batch); openraft is told the entries are on disk
-//!   only after that commit. The vote is committed durably before it is acknowledged. Entries
-//!   are MessagePack (rmp-serde).
+//! - **Log store** ([`log_store`]): append-only segment files in `log/` under
+//!   [`ReplicaConfig::dir`], each record checksummed (crc32c), entries MessagePack
+//!   (rmp-serde). An append is a write(2) into the page cache and is acknowledged at once; a
+//!   dedicated thread fsyncs continuously (group commit). So a process crash loses nothing
+//!   acknowledged, and a power loss at most the last fsync's worth (~1 ms) of entries:
+//!   [`Replica::sync_log`] is the barrier for callers that must survive power loss. This is
+//!   what makes a proposal cost far less than an fsync. The vote is fsynced before it is
+//!   acknowledged, and truncation and purging are crash-safe.
 //! - **State machine adaptor** ([`state_machine`]): wraps the application's
 //!   [`StateMachine`]. The state machine may lose its last applies on a crash (it is allowed
 //!   to commit non-durably between periodic durable commits): the log only purges entries

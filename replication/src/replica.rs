@@ -6,6 +6,7 @@
 //!                 --> openraft::Raft::new --> serve raft RPCs --> bootstrap (lowest id, empty)
 //!  propose(cmd) ----> Raft::client_write --> (commit + apply) --> response bytes
 //!  ensure_leader ---> Raft::ensure_linearizable (ReadIndex: a quorum confirms leadership)
+//!  sync_log -------> LogStore::sync (waits for the log's fsync: a power-loss barrier)
 //! ```
 
 use std::collections::BTreeMap;
@@ -27,7 +28,7 @@ use tokio::net::TcpListener;
 
 use crate::log_store::LogStore;
 use crate::log_store::LogStoreError;
-use crate::log_store::LOG_FILE;
+use crate::log_store::LOG_DIR;
 use crate::network::NetworkFactory;
 use crate::state_machine::SmError;
 use crate::state_machine::SmStore;
@@ -41,7 +42,8 @@ use crate::StateMachine;
 pub struct ReplicaConfig {
     /// This replica's id, stable across restarts and unique in the group.
     pub id: u64,
-    /// Directory of the raft log (`raft-log.redb`) and the snapshot file (`snapshot.bin`).
+    /// Directory of the raft log (the `log/` segment directory) and the snapshot file
+    /// (`snapshot.bin`).
     pub dir: PathBuf,
     /// Address of the raft RPC listener (port 0 allowed; see [`Replica::raft_addr`]). With
     /// peers it must be an address they can reach: it is recorded in the membership.
@@ -265,6 +267,8 @@ pub struct Replica {
 struct Inner {
     id: u64,
     raft: Raft,
+    /// The log store openraft also holds, for [`Replica::sync_log`].
+    log: LogStore,
     raft_addr: SocketAddr,
     op_timeout: Duration,
     server: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -309,12 +313,13 @@ impl Replica {
                     path: dir.clone(),
                     source,
                 })?;
-                let log_store = LogStore::open(&dir.join(LOG_FILE))?;
+                let log_store = LogStore::open(&dir.join(LOG_DIR))?;
                 let sm_store = SmStore::open(sm, &dir)?;
                 Ok((log_store, sm_store))
             })
             .await??;
 
+        let log = log_store.clone();
         let raft = Raft::new(
             cfg.id,
             config,
@@ -337,6 +342,7 @@ impl Replica {
             inner: Arc::new(Inner {
                 id: cfg.id,
                 raft,
+                log,
                 raft_addr,
                 op_timeout: cfg.op_timeout,
                 server: tokio::sync::Mutex::new(Some(server)),
@@ -427,6 +433,33 @@ impl Replica {
                 })
             }
             Ok(Err(RaftError::Fatal(f))) => Err(self.fatal(f)),
+        }
+    }
+
+    /// A power-loss barrier: waits until every entry appended to this replica's log so far
+    /// (in particular every proposal that has returned) is fsynced.
+    ///
+    /// Proposals are acknowledged once written to the log files, before they are fsynced
+    /// (see the durability policy in [`crate::log_store`]): they survive a crash of the
+    /// process but the last millisecond or so of them may not survive a power loss of the
+    /// machine. Callers promising durability to their own clients (a file `fsync`) call this
+    /// after their proposals. Fails with [`ProposeError::Fatal`] if an fsync failed and with
+    /// [`ProposeError::Unavailable`] after the operation deadline or while stopping.
+    pub async fn sync_log(&self) -> Result<(), ProposeError> {
+        match tokio::time::timeout(self.inner.op_timeout, self.inner.log.sync()).await {
+            Err(_) => Err(ProposeError::Unavailable {
+                reason: format!("raft log not synced within {:?}", self.inner.op_timeout),
+            }),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(LogStoreError::Closed)) => Err(ProposeError::Unavailable {
+                reason: "replica stopping".to_string(),
+            }),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "raft log sync failed");
+                Err(ProposeError::Fatal {
+                    reason: e.to_string(),
+                })
+            }
         }
     }
 

@@ -48,7 +48,7 @@ pub(super) fn run(shared: Arc<Shared>, hint: HintFile) {
                 }
                 let paused = st.sync_paused();
                 let pending = st.appended > st.synced || st.dir_dirty || st.committed_dirty;
-                if pending && !paused {
+                if pending && (!paused || st.stop) {
                     break;
                 }
                 if st.stop && !pending {

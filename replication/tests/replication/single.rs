@@ -184,8 +184,28 @@ async fn state_machine_behind_the_purged_log_is_restored_from_the_snapshot() {
 async fn corrupt_log_is_an_error_not_a_panic() {
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = dir.path().join(rawfs_replication::log_store::LOG_FILE);
-    std::fs::write(&log, b"this is not a redb database at all").expect("write");
+    let log = dir.path().join(rawfs_replication::log_store::LOG_DIR);
+    std::fs::create_dir_all(&log).expect("log dir");
+    // Damage in a segment that is not the last one cannot be a torn write.
+    std::fs::write(
+        log.join("00000000000000000000.seg"),
+        b"this is not a log segment at all",
+    )
+    .expect("write");
+    std::fs::write(log.join("00000000000000000005.seg"), b"").expect("write");
     let res = Replica::start(config(dir.path()), ToySm::durable()).await;
-    assert!(res.is_err(), "a garbage log file must fail the start");
+    assert!(res.is_err(), "a corrupt log must fail the start");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_log_returns_once_proposals_are_on_disk() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = start_leader(config(dir.path()), ToySm::durable()).await;
+    r.sync_log().await.expect("sync with nothing new");
+    for i in 0..20u8 {
+        r.propose(vec![i]).await.expect("propose");
+    }
+    r.sync_log().await.expect("sync_log");
+    r.shutdown().await.expect("shutdown");
 }
