@@ -445,11 +445,27 @@ impl LogStore {
     }
 
     /// Writes a batch of consecutive entries to the active segment (page cache only).
-    pub(crate) fn append_batch(&self, entries: Vec<RaftEntry>) -> Result<(), LogStoreError> {
+    ///
+    /// openraft appends right after the last entry (after truncating any conflict). Anything
+    /// else is handled the way a key-value log would (openraft's conformance suite relies on
+    /// it): entries at or below the purge point are dropped (a snapshot covers them), and a
+    /// batch starting inside the log replaces the entries from its start on.
+    pub(crate) fn append_batch(&self, mut entries: Vec<RaftEntry>) -> Result<(), LogStoreError> {
+        let (purged, last) = {
+            let st = self.shared.lock();
+            (st.purged, st.last_index())
+        };
+        if let Some(p) = purged {
+            entries.retain(|e| e.log_id.index > p.index);
+        }
         let Some(head) = entries.first() else {
             return Ok(());
         };
         let start = head.log_id.index;
+        if last.is_some_and(|l| start <= l) {
+            tracing::warn!(start, ?last, "append overlaps the log; replacing its end");
+            ops::truncate(&self.shared, start)?;
+        }
         let mut buf = Vec::new();
         let mut lens = Vec::with_capacity(entries.len());
         for (i, e) in entries.iter().enumerate() {
@@ -478,7 +494,7 @@ impl LogStore {
                     got: start,
                 })
             }
-            (None, Some(p)) if start <= p.index => {
+            (None, Some(p)) if start != p.index + 1 => {
                 return Err(LogStoreError::OutOfOrder {
                     expected: p.index + 1,
                     got: start,

@@ -135,7 +135,9 @@ async fn corrupt_middle_record_is_an_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let store = open(dir.path(), small());
-        append(&store, 1, 0..40);
+        for i in 0..40 {
+            append(&store, 1, [i]);
+        }
     }
     let names = segment_names(dir.path());
     assert!(names.len() >= 3, "several segments: {names:?}");
@@ -241,8 +243,11 @@ async fn truncate_and_purge_across_segment_boundaries() {
     assert!(segment_names(dir.path()).is_empty());
     let st = store.get_log_state().await.expect("state");
     assert_eq!(st.last_log_id, Some(log_id(3, far)));
+    // Entries the purge point covers are dropped; the log must resume right after it.
+    append(&store, 3, [far]);
+    assert_eq!(contents(&store).await, vec![]);
     assert!(matches!(
-        store.append_batch(vec![entry(3, far)]),
+        store.append_batch(vec![entry(3, far + 2)]),
         Err(LogStoreError::OutOfOrder { .. })
     ));
     append(&store, 3, far + 1..far + 4);
@@ -268,7 +273,8 @@ async fn reopen_after_many_appends() {
         let mut size = 1;
         while next < n {
             let end = (next + size).min(n);
-            append(&store, 1 + next / 5000, next..end);
+            let batch = (next..end).map(|i| entry(1 + i / 5000, i)).collect();
+            store.append_batch(batch).expect("append");
             next = end;
             size = size % 17 + 1;
         }
@@ -288,7 +294,8 @@ async fn reopen_after_many_appends() {
     // A window in the middle, from disk.
     let mid = store.try_get_log_entries(9_990..10_010).await.expect("read");
     assert_eq!(mid.len(), 20);
-    assert_eq!(mid[0].log_id, log_id(3, 9_990));
+    assert_eq!(mid[0].log_id, log_id(2, 9_990));
+    assert_eq!(mid[19].log_id, log_id(3, 10_009));
 }
 
 #[tokio::test]
@@ -296,9 +303,11 @@ async fn sync_waits_for_the_fsync() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path(), small());
     store.sync().await.expect("sync of nothing");
+    append(&store, 1, [0]);
+    store.sync().await.expect("first sync");
     store.set_sync_paused(true);
     let before = store.syncs();
-    append(&store, 1, 0..5);
+    append(&store, 1, 1..5);
     let waiter = tokio::spawn({
         let store = store.clone();
         async move { store.sync().await }
@@ -361,7 +370,9 @@ async fn committed_hint_never_points_past_the_log() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let mut store = open(dir.path(), small());
-        append(&store, 1, 0..10);
+        for i in 0..10 {
+            append(&store, 1, [i]);
+        }
         store
             .save_committed(Some(log_id(1, 9)))
             .await
@@ -381,18 +392,23 @@ async fn committed_hint_never_points_past_the_log() {
     assert_eq!(store.read_committed().await.expect("committed"), Some(last));
 }
 
-#[test]
-fn out_of_order_appends_are_refused() {
+#[tokio::test]
+async fn gaps_are_refused_and_overlaps_replace_the_end() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path(), small());
-    append(&store, 1, 3..5);
-    for bad in [vec![entry(1, 4)], vec![entry(1, 6)], vec![entry(1, 5), entry(1, 7)]] {
+    append(&store, 1, 3..20);
+    for bad in [vec![entry(1, 21)], vec![entry(1, 20), entry(1, 22)]] {
         assert!(matches!(
             store.append_batch(bad),
             Err(LogStoreError::OutOfOrder { .. })
         ));
     }
-    append(&store, 1, 5..6);
+    append(&store, 2, 8..10);
+    let mut want = terms(1, 3..8);
+    want.extend(terms(2, 8..10));
+    assert_eq!(contents(&store).await, want);
+    drop(store);
+    assert_eq!(contents(&open(dir.path(), small())).await, want);
 }
 
 #[test]
