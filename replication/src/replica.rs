@@ -578,6 +578,10 @@ impl Replica {
     /// the RPC listener with its connections. Idempotent.
     pub async fn shutdown(&self) -> Result<(), ReplicationError> {
         let res = self.inner.raft.shutdown().await;
+        // A clean stop leaves the whole log on disk, not only in the page cache.
+        if let Err(e) = self.inner.log.sync().await {
+            tracing::warn!(error = %e, "cannot sync the raft log while stopping");
+        }
         if let Some(server) = self.inner.server.lock().await.take() {
             server.abort();
             // A cancelled task is the expected outcome here.

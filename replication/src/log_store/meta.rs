@@ -15,12 +15,23 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::LogStoreError;
+use crate::types::LogId;
+
+/// What the sync thread records after each fsync, in the [`COMMITTED`] file (not fsynced).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct Hint {
+    /// The committed log id openraft had reported before that fsync.
+    pub committed: Option<LogId>,
+    /// The segment (first index) that fsync covered and its length then: its bytes up to
+    /// there are on disk, so damage before that offset is no torn write.
+    pub synced: Option<(u64, u64)>,
+}
 
 /// File of the last vote.
 pub(super) const VOTE: &str = "vote";
 /// File of the last purged log id.
 pub(super) const PURGED: &str = "purged";
-/// File of the committed log id hint.
+/// File of the [`Hint`] (committed log id, synced position).
 pub(super) const COMMITTED: &str = "committed";
 /// Suffix of the temporary files of atomic writes.
 pub(super) const TMP_SUFFIX: &str = ".tmp";
@@ -130,11 +141,11 @@ impl HintFile {
         match std::fs::read(&path) {
             Ok(raw) if raw.is_empty() => None,
             Ok(raw) => decode(&path, &raw)
-                .inspect_err(|e| tracing::warn!(error = %e, "ignoring the committed hint"))
+                .inspect_err(|e| tracing::warn!(error = %e, "ignoring the log hint"))
                 .ok(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
-                tracing::warn!(error = %e, path = %path.display(), "ignoring the committed hint");
+                tracing::warn!(error = %e, path = %path.display(), "ignoring the log hint");
                 None
             }
         }
@@ -143,7 +154,11 @@ impl HintFile {
     /// Overwrites the hint in place (a few dozen bytes: one sector, not torn in practice, and
     /// the checksum catches it if it is). Stale bytes past the new record are ignored by
     /// the length field.
-    pub(super) fn write<T: Serialize>(&self, what: &'static str, value: &T) -> Result<(), LogStoreError> {
+    pub(super) fn write<T: Serialize>(
+        &self,
+        what: &'static str,
+        value: &T,
+    ) -> Result<(), LogStoreError> {
         let bytes = encode(what, value)?;
         self.file
             .write_all_at(&bytes, 0)

@@ -5,15 +5,15 @@
 //!                                              | notify
 //!                                              v
 //!                 sync thread: fdatasync(active segment) back to back (group commit)
-//!                              --> sync_log() waiters, committed hint
+//!                              --> sync_log() waiters, hint (committed, synced position)
 //!           --save_vote------> vote.tmp, fsync, rename, fsync dir (before returning)
-//!           --truncate-------> unlink later segments, ftruncate + fsync, fsync dir
+//!           --truncate-------> unlink later segments, fsync dir, ftruncate + fsync
 //!           --purge----------> purged marker (durable) first, then unlink whole segments
 //!  readers  --try_get--------> cache of the newest entries, else pread + crc check + decode
 //! ```
 //!
-//! Files: `NNNNNNNNNNNNNNNNNNNN.seg` (named after their first index; format in [`segment`]),
-//! `vote`, `purged`, `committed` (format in [`meta`]). A new segment is started once the
+//! Files: `NNNNNNNNNNNNNNNNNNNN.seg` (named after their first index; format in `segment.rs`),
+//! `vote`, `purged`, `committed` (format in `meta.rs`). A new segment is started once the
 //! active one passes [`SEGMENT_BYTES`]. The store keeps the position of every entry in memory
 //! and a bounded cache of the newest entries (those the state machine and lagging followers
 //! read next).
@@ -35,22 +35,27 @@
 //!
 //! What is always synchronous: the vote (a replica must never vote twice in a term), the purge
 //! marker (written before any segment is removed) and truncation (a later append must never
-//! land next to the entries it replaced). The committed log id is a hint that lets a restarted
-//! replica re-apply committed entries without a leader; the sync thread overwrites it in place
-//! after each fsync, so it never points past entries that are on disk, and it is clamped to
-//! the log on open.
+//! land next to the entries it replaced). After each fsync the sync thread overwrites a small
+//! hint file in place (not fsynced): openraft's committed log id, which lets a restarted
+//! replica re-apply committed entries without a leader (clamped to the log on open), and the
+//! position up to which the active segment is known to be on disk.
 //!
 //! # Crash recovery
 //!
-//! On open every segment is read and every record's crc32c checked. A bad record at the end of
-//! the last segment with no valid record after it is a torn write: it is cut off with a
-//! warning. Any other damage (a bad record in an older segment or followed by valid ones, a
-//! gap between segments) is an error: the replica refuses to start rather than serve a log with
-//! a hole in it.
+//! On open every segment is read and every record's crc32c checked. In the last segment, a
+//! bad record is a torn write, cut off with a warning, when no valid record follows it (a
+//! crash in the middle of a write) or when it lies past the synced position of the hint (a
+//! power loss may keep later pages of an unsynced region and lose earlier ones). Any other
+//! damage (a bad record in an older segment or in the synced part, a gap between segments)
+//! is an error: the replica refuses to start rather than serve a log with a hole in it.
 //!
-//! Writes are small and go to the page cache, so they run inline on the async task; the rare
-//! slow operations (vote, truncate, purge, reads that miss the cache) run on the blocking pool.
+//! Writes are small and go to the page cache, so they run inline on the async task (as does
+//! the fsync of a full segment when the next one starts: about a millisecond per 64 MiB);
+//! the rare slow operations (vote, truncate, purge, reads that miss the cache) run on the
+//! blocking pool.
 
+#[cfg(test)]
+mod crash_tests;
 mod meta;
 mod ops;
 mod recover;
@@ -247,6 +252,8 @@ struct State {
     /// A segment was created or removed since the last directory fsync.
     dir_dirty: bool,
     committed_dirty: bool,
+    /// Truncations since open (the sync thread drops its synced position on each).
+    truncations: u64,
     failed: Option<(PathBuf, Arc<std::io::Error>)>,
     stop: bool,
     #[cfg(test)]
@@ -263,9 +270,10 @@ impl State {
         Some(log_id(last.term, self.first + self.locs.len() as u64 - 1))
     }
 
-    fn active_file(&self) -> Option<(PathBuf, Arc<File>)> {
-        let (_, s) = self.segments.last_key_value()?;
-        Some((s.path.clone(), s.file.clone()))
+    /// The active segment: path, file, first index and length.
+    fn active_segment(&self) -> Option<(PathBuf, Arc<File>, u64, u64)> {
+        let (first, s) = self.segments.last_key_value()?;
+        Some((s.path.clone(), s.file.clone(), *first, s.len))
     }
 
     fn check_failed(&self) -> Result<(), LogStoreError> {
@@ -389,6 +397,8 @@ impl LogStore {
             }
         }
         let mut state = recover::recover(dir)?;
+        // Read before recovery rewrites anything; the sync thread starts from it.
+        let old_hint: Option<meta::Hint> = meta::HintFile::read(dir, meta::COMMITTED);
         let hint = meta::HintFile::open(dir, meta::COMMITTED)?;
         state.dir_dirty = true;
         let (progress, _) = tokio::sync::watch::channel(SyncProgress::default());
@@ -403,7 +413,7 @@ impl LogStore {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("raft-log-sync".to_string())
-                .spawn(move || sync::run(shared, hint))
+                .spawn(move || sync::run(shared, hint, old_hint))
                 .map_err(LogStoreError::io("spawn the sync thread for", dir))?
         };
         Ok(LogStore {

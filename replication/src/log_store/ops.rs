@@ -47,8 +47,8 @@ pub(super) fn roll_segment(dir: &Path, st: &mut State, start: u64) -> Result<(),
 }
 
 /// Removes the entries from `cut` on, durably: later segments are unlinked (newest first, so
-/// a crash midway leaves a prefix), the segment holding `cut` is cut and fsynced, then the
-/// directory.
+/// a crash midway leaves a prefix) and the directory fsynced, then the segment holding `cut`
+/// is cut and fsynced.
 pub(super) fn truncate(sh: &Shared, cut: u64) -> Result<(), LogStoreError> {
     let mut st = sh.lock();
     st.check_failed()?;
@@ -68,6 +68,12 @@ pub(super) fn truncate(sh: &Shared, cut: u64) -> Result<(), LogStoreError> {
             st.dir_dirty = true;
         }
     }
+    // The removals are durable before the cut: a crash in between leaves a log that is still
+    // contiguous (only longer than wanted), never a cut segment followed by stale ones.
+    if st.dir_dirty {
+        meta::sync_dir(&sh.dir)?;
+        st.dir_dirty = false;
+    }
     if let Some(s) = st.segments.get_mut(&keep_loc.seg) {
         s.file
             .set_len(keep_loc.offset)
@@ -76,13 +82,12 @@ pub(super) fn truncate(sh: &Shared, cut: u64) -> Result<(), LogStoreError> {
         s.len = keep_loc.offset;
         s.next = cut;
     }
-    if st.dir_dirty {
-        meta::sync_dir(&sh.dir)?;
-        st.dir_dirty = false;
-    }
     let keep = (cut - st.first) as usize;
     st.locs.truncate(keep);
     st.uncache_from(cut);
+    st.truncations += 1;
+    drop(st);
+    sh.wake.notify_one();
     Ok(())
 }
 
@@ -111,7 +116,9 @@ pub(super) fn purge(sh: &Shared, log_id: LogId) -> Result<(), LogStoreError> {
 }
 
 /// Reads entries at known positions, one read per run of neighbours in a segment.
-pub(super) fn read_locs(locs: &[(u64, Loc, PathBuf, Arc<File>)]) -> Result<Vec<RaftEntry>, LogStoreError> {
+pub(super) fn read_locs(
+    locs: &[(u64, Loc, PathBuf, Arc<File>)],
+) -> Result<Vec<RaftEntry>, LogStoreError> {
     let mut out = Vec::with_capacity(locs.len());
     let mut i = 0;
     while i < locs.len() {

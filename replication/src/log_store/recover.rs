@@ -19,7 +19,7 @@ use crate::types::Vote;
 pub(super) fn recover(dir: &Path) -> Result<State, LogStoreError> {
     let vote: Option<Vote> = meta::read(dir, meta::VOTE)?;
     let purged: Option<LogId> = meta::read(dir, meta::PURGED)?;
-    let committed: Option<Option<LogId>> = meta::HintFile::read(dir, meta::COMMITTED);
+    let hint: Option<meta::Hint> = meta::HintFile::read(dir, meta::COMMITTED);
 
     let mut names = Vec::new();
     for dent in std::fs::read_dir(dir).map_err(LogStoreError::io("list", dir))? {
@@ -52,6 +52,7 @@ pub(super) fn recover(dir: &Path) -> Result<State, LogStoreError> {
         syncs: 0,
         dir_dirty: false,
         committed_dirty: false,
+        truncations: 0,
         failed: None,
         stop: false,
         #[cfg(test)]
@@ -91,7 +92,14 @@ pub(super) fn recover(dir: &Path) -> Result<State, LogStoreError> {
             _ => {}
         }
         let is_last = k + 1 == names.len();
-        let scan = segment::scan(&path, first, is_last)?;
+        // Where the last segment stops being known to be on disk (a hint lost or written
+        // before the segment existed leaves only the torn-tail-record rule).
+        let unsynced_from = match hint.and_then(|h| h.synced) {
+            Some((seg, len)) if seg == first => Some(len),
+            Some((seg, _)) if seg < first => Some(segment::HEADER_LEN),
+            _ => None,
+        };
+        let scan = segment::scan(&path, first, is_last, unsynced_from)?;
         if let Some(why) = &scan.torn {
             tracing::warn!(path = %path.display(), cut_at = scan.valid_len, %why,
                 "dropping the torn tail of the raft log (a crash interrupted a write)");
@@ -153,7 +161,7 @@ pub(super) fn recover(dir: &Path) -> Result<State, LogStoreError> {
     // The hint is written after the fsync covering it, but a power loss may still have cut
     // the log behind an older hint write reordered by the disk: never point past the log.
     let last = st.last_log_id().or(purged);
-    st.committed = match (committed.flatten(), last) {
+    st.committed = match (hint.and_then(|h| h.committed), last) {
         (Some(c), Some(l)) if c.index > l.index => {
             tracing::warn!(%c, %l, "committed hint beyond the log; clamping it");
             Some(l)

@@ -168,10 +168,17 @@ pub(super) struct ScanResult {
 /// Reads and verifies the segment at `path` whose first entry is `first`.
 ///
 /// A bad record in the last segment (`is_last`) is a torn tail (a crash in the middle of a
-/// write, or a power loss before the sync) when no valid record follows it: the scan stops
-/// there and reports it. Anything else that is not a valid, consecutive record is
+/// write, or a power loss before the sync) when no valid record follows it, or when it lies
+/// at or beyond `unsynced_from`, the offset up to which the segment was known to be fsynced
+/// (a power loss may keep later pages of an unsynced region and lose earlier ones): the
+/// scan stops there and reports it. Anything else that is not a valid, consecutive record is
 /// corruption.
-pub(super) fn scan(path: &Path, first: u64, is_last: bool) -> Result<ScanResult, LogStoreError> {
+pub(super) fn scan(
+    path: &Path,
+    first: u64,
+    is_last: bool,
+    unsynced_from: Option<u64>,
+) -> Result<ScanResult, LogStoreError> {
     let data = std::fs::read(path).map_err(LogStoreError::io("read", path))?;
     let corrupt = |offset: u64, reason: String| LogStoreError::Corrupt {
         path: path.to_path_buf(),
@@ -194,7 +201,10 @@ pub(super) fn scan(path: &Path, first: u64, is_last: bool) -> Result<ScanResult,
         if is_last && data.iter().all(|b| *b == 0) {
             return Ok(torn_header());
         }
-        return Err(corrupt(0, "not a rawfs log segment (bad magic)".to_string()));
+        return Err(corrupt(
+            0,
+            "not a rawfs log segment (bad magic)".to_string(),
+        ));
     }
     let mut v = [0u8; 4];
     v.copy_from_slice(&h[8..12]);
@@ -218,9 +228,8 @@ pub(super) fn scan(path: &Path, first: u64, is_last: bool) -> Result<ScanResult,
                     term: rec.term,
                     offset: offset as u64,
                     // A record longer than u32::MAX + 24 cannot be encoded in the first place.
-                    len: u32::try_from(len).map_err(|_| {
-                        corrupt(offset as u64, format!("record of {len} bytes"))
-                    })?,
+                    len: u32::try_from(len)
+                        .map_err(|_| corrupt(offset as u64, format!("record of {len} bytes")))?,
                 });
                 offset += len;
                 expected += 1;
@@ -230,7 +239,10 @@ pub(super) fn scan(path: &Path, first: u64, is_last: bool) -> Result<ScanResult,
                 // A checksummed record with the wrong index is no torn write.
                 return Err(corrupt(
                     offset as u64,
-                    format!("record for index {} where {expected} was expected", rec.index),
+                    format!(
+                        "record for index {} where {expected} was expected",
+                        rec.index
+                    ),
                 ));
             }
             Err(bad) => bad,
@@ -239,7 +251,8 @@ pub(super) fn scan(path: &Path, first: u64, is_last: bool) -> Result<ScanResult,
             BadRecord::Short => "incomplete record",
             BadRecord::Crc => "checksum mismatch",
         };
-        if is_last && !valid_record_after(&data, offset, expected) {
+        let unsynced = unsynced_from.is_some_and(|u| offset as u64 >= u);
+        if is_last && (unsynced || !valid_record_after(&data, offset, expected)) {
             return Ok(ScanResult {
                 records,
                 valid_len: offset as u64,

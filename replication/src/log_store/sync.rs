@@ -3,7 +3,8 @@
 //! ```text
 //!  append: write(2) --> appended += n --notify-->  sync thread: target = appended
 //!                                                   fdatasync(active segment) [+ fsync(dir)]
-//!  sync_log waiters <--watch(synced = target)----   then the committed hint (pwrite)
+//!  sync_log waiters <--watch(synced = target)----   then the hint (committed, synced
+//!                                                   position; pwrite, not fsynced)
 //! ```
 //!
 //! While there are unsynced bytes the thread fsyncs back to back, so an append waits at most
@@ -16,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::meta;
+use super::meta::Hint;
 use super::meta::HintFile;
 use super::Shared;
 use crate::types::LogId;
@@ -32,13 +34,19 @@ pub(super) struct SyncProgress {
 /// One round of work, taken under the lock and done without it.
 struct Job {
     target: u64,
-    segment: Option<(PathBuf, Arc<File>)>,
+    /// The active segment (path, file, first index, length) if it has unsynced bytes.
+    segment: Option<(PathBuf, Arc<File>, u64, u64)>,
     dir: bool,
-    committed: Option<Option<LogId>>,
+    committed: Option<LogId>,
+    /// [`super::State::truncations`] when the job was taken.
+    truncations: u64,
 }
 
 /// Runs until the store is dropped (after finishing pending work) or an fsync fails.
-pub(super) fn run(shared: Arc<Shared>, hint: HintFile) {
+pub(super) fn run(shared: Arc<Shared>, hint_file: HintFile, mut hint: Option<Hint>) {
+    // Truncations already reflected in `hint`: a truncation invalidates its synced position
+    // (the bytes past the cut are rewritten, unsynced), so it triggers a round.
+    let mut seen_truncations = 0;
     loop {
         let job = {
             let mut st = shared.lock();
@@ -47,7 +55,10 @@ pub(super) fn run(shared: Arc<Shared>, hint: HintFile) {
                     return;
                 }
                 let paused = st.sync_paused();
-                let pending = st.appended > st.synced || st.dir_dirty || st.committed_dirty;
+                let pending = st.appended > st.synced
+                    || st.dir_dirty
+                    || st.committed_dirty
+                    || st.truncations != seen_truncations;
                 if pending && (!paused || st.stop) {
                     break;
                 }
@@ -62,15 +73,19 @@ pub(super) fn run(shared: Arc<Shared>, hint: HintFile) {
             Job {
                 target: st.appended,
                 segment: (st.appended > st.synced)
-                    .then(|| st.active_file())
+                    .then(|| st.active_segment())
                     .flatten(),
                 dir: std::mem::take(&mut st.dir_dirty),
-                committed: std::mem::take(&mut st.committed_dirty).then_some(st.committed),
+                committed: {
+                    st.committed_dirty = false;
+                    st.committed
+                },
+                truncations: st.truncations,
             }
         };
 
         let mut res = Ok(());
-        if let Some((path, file)) = &job.segment {
+        if let Some((path, file, ..)) = &job.segment {
             res = file.sync_data().map_err(|e| (path.clone(), e));
         }
         if res.is_ok() && job.dir {
@@ -78,7 +93,7 @@ pub(super) fn run(shared: Arc<Shared>, hint: HintFile) {
                 .and_then(|d| d.sync_all())
                 .map_err(|e| (shared.dir.clone(), e));
         }
-        {
+        let truncated_meanwhile = {
             let mut st = shared.lock();
             match res {
                 Ok(()) => {
@@ -100,11 +115,26 @@ pub(super) fn run(shared: Arc<Shared>, hint: HintFile) {
                     return;
                 }
             }
-        }
-        // After the fsync: the hint never points past entries that are on disk.
-        if let Some(committed) = job.committed {
-            if let Err(e) = hint.write("committed log id", &committed) {
-                tracing::warn!(error = %e, file = meta::COMMITTED, "cannot update the committed hint");
+            st.truncations != job.truncations
+        };
+        // After the fsync: the hint never points past what is on disk.
+        let synced = match job.segment {
+            _ if truncated_meanwhile => None,
+            Some((_, _, first, len)) => Some((first, len)),
+            None if job.truncations == seen_truncations => hint.and_then(|h| h.synced),
+            None => None,
+        };
+        seen_truncations = job.truncations;
+        let next = Hint {
+            committed: job.committed,
+            synced,
+        };
+        if hint != Some(next) {
+            match hint_file.write("log hint", &next) {
+                Ok(()) => hint = Some(next),
+                Err(e) => {
+                    tracing::warn!(error = %e, file = meta::COMMITTED, "cannot update the log hint")
+                }
             }
         }
     }

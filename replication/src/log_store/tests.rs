@@ -71,7 +71,7 @@ fn seg_path(dir: &Path, first: u64) -> std::path::PathBuf {
 }
 
 fn records_of(dir: &Path, first: u64) -> Vec<segment::Scanned> {
-    segment::scan(&seg_path(dir, first), first, false)
+    segment::scan(&seg_path(dir, first), first, false, None)
         .expect("scan")
         .records
 }
@@ -173,6 +173,44 @@ async fn corrupt_middle_record_is_an_error() {
 }
 
 #[tokio::test]
+async fn damage_past_the_synced_position_of_the_last_segment_is_a_torn_tail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options {
+        segment_bytes: 1 << 20,
+        ..small()
+    };
+    {
+        let store = open(dir.path(), opts);
+        for i in 0..10 {
+            append(&store, 1, [i]);
+        }
+    }
+    let recs = records_of(dir.path(), 0);
+    // A power loss kept the pages of entries 7..10 but not those of entry 6, which the last
+    // fsync before it had not covered.
+    let hint = |synced_len: u64| {
+        let h = meta::HintFile::open(dir.path(), meta::COMMITTED).expect("hint");
+        let hint = meta::Hint {
+            committed: None,
+            synced: Some((0, synced_len)),
+        };
+        h.write("hint", &hint).expect("write hint");
+    };
+    flip_byte(&seg_path(dir.path(), 0), recs[6].offset + 30);
+    hint(recs[7].offset);
+    assert!(
+        matches!(
+            LogStore::open_with(dir.path(), opts),
+            Err(LogStoreError::Corrupt { .. })
+        ),
+        "entry 6 was fsynced: its damage is corruption"
+    );
+    hint(recs[6].offset);
+    let store = open(dir.path(), opts);
+    assert_eq!(contents(&store).await, terms(1, 0..6));
+}
+
+#[tokio::test]
 async fn checksummed_garbage_is_a_storage_error_not_a_panic() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut buf = segment::header().to_vec();
@@ -181,7 +219,10 @@ async fn checksummed_garbage_is_a_storage_error_not_a_panic() {
     segment::encode_record(&mut buf, 1, 1, &"not an entry").expect("encode");
     std::fs::write(seg_path(dir.path(), 0), &buf).expect("write");
     let mut store = open(dir.path(), small());
-    assert_eq!(store.try_get_log_entries(0..1).await.expect("read").len(), 1);
+    assert_eq!(
+        store.try_get_log_entries(0..1).await.expect("read").len(),
+        1
+    );
     assert!(store.try_get_log_entries(0..2).await.is_err());
     drop(store);
 
@@ -292,7 +333,10 @@ async fn reopen_after_many_appends() {
     let st = store.get_log_state().await.expect("state");
     assert_eq!(st.last_log_id, Some(log_id(4, n - 1)));
     // A window in the middle, from disk.
-    let mid = store.try_get_log_entries(9_990..10_010).await.expect("read");
+    let mid = store
+        .try_get_log_entries(9_990..10_010)
+        .await
+        .expect("read");
     assert_eq!(mid.len(), 20);
     assert_eq!(mid[0].log_id, log_id(2, 9_990));
     assert_eq!(mid[19].log_id, log_id(3, 10_009));
@@ -432,4 +476,30 @@ fn unknown_format_version_and_legacy_log_are_refused() {
         LogStore::open_with(&log, small()),
         Err(LogStoreError::Legacy { .. })
     ));
+}
+
+#[tokio::test]
+async fn truncation_withdraws_the_synced_position_of_the_hint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options {
+        segment_bytes: 1 << 20,
+        ..small()
+    };
+    let mut store = open(dir.path(), opts);
+    for i in 0..10 {
+        append(&store, 1, [i]);
+    }
+    store.sync().await.expect("sync");
+    let cut_at = records_of(dir.path(), 0)[5].offset;
+    store.truncate(log_id(1, 5)).await.expect("truncate");
+    // The bytes past the cut will be rewritten unsynced: the hint must stop vouching for them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let hint: Option<meta::Hint> = meta::HintFile::read(dir.path(), meta::COMMITTED);
+        if hint.is_some_and(|h| h.synced.map_or(true, |(_, len)| len <= cut_at)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "hint still {hint:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
