@@ -39,6 +39,7 @@ impl MetadataRpc for FakeMetadata {
         getattr(ino: Ino) -> Attr;
         setattr(ino: Ino, set: SetAttr) -> Attr;
         mknod(parent: Ino, name: Name, node: NewNode, caller: Caller) -> Attr;
+        create(parent: Ino, name: Name, node: NewNode, caller: Caller, session: u64) -> Attr;
         symlink(parent: Ino, name: Name, target: Name, caller: Caller) -> Attr;
         readlink(ino: Ino) -> Name;
         link(ino: Ino, newparent: Ino, newname: Name) -> Attr;

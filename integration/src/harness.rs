@@ -129,6 +129,12 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// True while `pid` still has open file descriptors (a zombie whose threads are all gone has
+/// none, and a reaped process has no /proc entry).
+fn holds_files(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|mut d| d.next().is_some())
+}
+
 /// True if `path` is exactly a mountpoint (per /proc/self/mountinfo).
 pub fn is_mountpoint(path: &Path) -> bool {
     let want = path.to_string_lossy().replace(' ', "\\040");
@@ -374,10 +380,12 @@ impl Cluster {
         {
             let _ = c.wait();
         }
+        // Dead means its files and ports are released too: a killed multi-threaded process
+        // shows as a zombie while its other threads still hold its descriptors.
         wait_until(
             &format!("{role} {id} (pid {pid}) to die"),
             Duration::from_secs(10),
-            || Ok(!pid_alive(pid)),
+            || Ok(!pid_alive(pid) && !holds_files(pid)),
         )
     }
 
@@ -405,7 +413,16 @@ impl Cluster {
         self.set_pid(role, id, child.id())?;
         self.restarted.push((role.to_string(), id, child));
         let n = self.opts.chunkservers as usize;
+        let log_path = log.clone();
         wait_until(&format!("{role} {id} to be back"), READY_TIMEOUT, || {
+            if let Some((_, _, child)) = self.restarted.last_mut() {
+                if let Some(st) = child.try_wait()? {
+                    bail!(
+                        "the restarted {role} {id} exited with {st}; its log ends:\n{}",
+                        tail(&log_path, 20)
+                    );
+                }
+            }
             let s = self.status()?;
             let ups = s["chunkservers"]
                 .as_array()

@@ -261,7 +261,9 @@ impl Inner {
         let last = {
             let mut files = lock(&self.files);
             match files.get(&ino) {
-                Some(f) if f.handles == 0 && Arc::ptr_eq(&f.io, &io) => files.remove(&ino).is_some(),
+                Some(f) if f.handles == 0 && Arc::ptr_eq(&f.io, &io) => {
+                    files.remove(&ino).is_some()
+                }
                 _ => false,
             }
         };
@@ -269,7 +271,8 @@ impl Inner {
             // The release only ends the protection of an unlinked inode: nobody waits on it,
             // so it leaves the close path (unmount still waits for it).
             let me = self.clone();
-            self.tasks.spawn(async move { me.release_server_open(ino).await });
+            self.tasks
+                .spawn(async move { me.release_server_open(ino).await });
         }
         flushed.map(|_| ()).map_err(errno::client)
     }
