@@ -201,6 +201,28 @@ pub struct Cluster {
     restarted: Vec<(String, u64, Child)>,
     /// Every pid ever seen in cluster.json, killed on drop if still alive.
     seen_pids: Vec<u32>,
+    /// First of this cluster's ports (see [`next_base_port`]).
+    base_port: u16,
+}
+
+/// Ports each cluster may use from its base port on.
+const PORTS_PER_CLUSTER: u16 = 32;
+
+/// A port range for a new cluster, disjoint from every other cluster of this test run, below
+/// the kernel's ephemeral range (20000..32000), starting at a random slot. Without it, one
+/// cluster could pick a free port that another cluster's killed daemon is about to take again.
+fn next_base_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const SLOTS: u16 = 12000 / PORTS_PER_CLUSTER;
+    static NEXT: AtomicU16 = AtomicU16::new(u16::MAX);
+    let _ = NEXT.compare_exchange(
+        u16::MAX,
+        rand::random::<u16>() % SLOTS,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    let slot = NEXT.fetch_add(1, Ordering::SeqCst) % SLOTS;
+    20000 + slot * PORTS_PER_CLUSTER
 }
 
 impl Cluster {
@@ -224,6 +246,7 @@ impl Cluster {
         let mnt = root.path().join("mnt");
         std::fs::create_dir_all(&mnt)?;
         let mut c = Cluster {
+            base_port: next_base_port(),
             root,
             dir,
             mnt,
@@ -268,6 +291,7 @@ impl Cluster {
             .arg("--chunkservers")
             .arg(self.opts.chunkservers.to_string())
             .args(&self.opts.up_args)
+            .args(["--base-port", &self.base_port.to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
