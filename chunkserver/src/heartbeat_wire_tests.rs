@@ -51,6 +51,7 @@ impl MetadataRpc for FakeMetadata {
         release(ino: Ino, session: u64) -> ();
         end_session(session: u64) -> ();
         statfs() -> StatFs;
+        sync() -> ();
         setxattr(ino: Ino, name: Name, value: Name, mode: XattrMode) -> ();
         getxattr(ino: Ino, name: Name) -> Name;
         listxattr(ino: Ino) -> Vec<Name>;

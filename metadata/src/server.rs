@@ -457,6 +457,10 @@ impl MetadataRpc for Server {
         })
     }
 
+    async fn sync(self, _: Context) -> MetaResult<()> {
+        self.0.replica.sync_log().await.map_err(propose_error)
+    }
+
     async fn setxattr(
         self,
         _: Context,

@@ -490,8 +490,10 @@ impl Filesystem for RawFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Namespace changes are durable in the replicated log before they are acknowledged.
-        reply.ok();
+        // Namespace changes survive a crash once acknowledged; fsync makes them survive a
+        // power loss too.
+        let inner = self.inner.clone();
+        self.spawn(reply, async move { inner.sync_metadata().await });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -105,11 +105,18 @@ impl Inner {
         }
     }
 
+    /// `fsync(2)`: the data on at least 2 replicas' disks, then the metadata (size, chunk
+    /// map) on the metadata leader's disk.
     pub(crate) async fn fsync(&self, ino: Ino) -> Result<(), Errno> {
-        match self.io_if_open(ino) {
-            Some(io) => io.fsync().await.map_err(errno::client),
-            None => Ok(()),
+        if let Some(io) = self.io_if_open(ino) {
+            io.fsync().await.map_err(errno::client)?;
         }
+        self.sync_metadata().await
+    }
+
+    /// The power-loss barrier for namespace changes (`fsync` of a file or a directory).
+    pub(crate) async fn sync_metadata(&self) -> Result<(), Errno> {
+        self.client.meta().sync().await.map_err(errno::meta)
     }
 
     /// Changes the size of `ino` (with the other changes in `set`, whose `size` is `size`).

@@ -273,6 +273,8 @@ rpc_methods! {
     fn end_session(session: u64) -> ();
     /// Filesystem totals.
     fn statfs() -> StatFs;
+    /// Waits until every acknowledged change is on the leader's disk.
+    fn sync() -> ();
     /// Sets an extended attribute.
     fn setxattr(ino: Ino, name: Name, value: ByteBuf, mode: XattrMode) -> ();
     /// Reads an extended attribute.

@@ -54,6 +54,9 @@ pub trait MetadataRpc {
     /// Drops every open held by `session` (on unmount).
     async fn end_session(session: u64) -> MetaResult<()>;
     async fn statfs() -> MetaResult<StatFs>;
+    /// Returns once every change acknowledged so far is on the leader's disk: the power-loss
+    /// barrier behind `fsync` (changes survive a process crash as soon as they are acknowledged).
+    async fn sync() -> MetaResult<()>;
 
     // ---- extended attributes ----------------------------------------------------------------
     async fn setxattr(ino: Ino, name: Name, value: ByteBuf, mode: XattrMode) -> MetaResult<()>;
