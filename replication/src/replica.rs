@@ -272,6 +272,12 @@ struct Inner {
     raft_addr: SocketAddr,
     op_timeout: Duration,
     server: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Leader lease: when the last quorum confirmation started, and in which term.
+    lease: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+    /// How long a confirmation stays valid: well under the minimum election timeout, so no
+    /// other replica can have been elected meanwhile (followers reset their election timers
+    /// on the heartbeats that confirmed us, which were sent after the confirmation started).
+    lease_len: Duration,
 }
 
 impl Replica {
@@ -346,6 +352,8 @@ impl Replica {
                 raft_addr,
                 op_timeout: cfg.op_timeout,
                 server: tokio::sync::Mutex::new(Some(server)),
+                lease: std::sync::Mutex::new(None),
+                lease_len: cfg.election_timeout.0 / 3,
             }),
         };
         if let Err(e) = replica.bootstrap(&cfg).await {
@@ -463,15 +471,34 @@ impl Replica {
         }
     }
 
+    /// True if this replica still leads in `term` (a cheap look at the metrics, no I/O).
+    fn is_leader_in(&self, term: u64) -> bool {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        m.current_leader == Some(self.inner.id) && m.current_term == term
+    }
+
     /// A linearizable read barrier (ReadIndex): confirms with a quorum that this replica is
     /// still the leader and waits until its state machine has applied everything committed
     /// before the call. Returns the leader's term; reads done after it see every write
     /// acknowledged before it.
+    ///
+    /// A confirmation is reused for a third of the minimum election timeout (a leader
+    /// lease): every write this leader acknowledged was applied here before its reply, so a
+    /// read of the local state under a valid lease is linearizable. This assumes clocks on
+    /// the replicas advance at roughly the same rate, as every lease does.
     pub async fn ensure_leader(&self) -> Result<u64, ProposeError> {
+        let lease = *self.inner.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((since, term)) = lease {
+            if since.elapsed() < self.inner.lease_len && self.is_leader_in(term) {
+                return Ok(term);
+            }
+        }
         let before = self.status();
         if before.role != Role::Leader {
             return Err(self.not_leader(before.leader, before.leader_node));
         }
+        let started = std::time::Instant::now();
         let check = self.inner.raft.ensure_linearizable();
         match tokio::time::timeout(self.inner.op_timeout, check).await {
             Err(_) => Err(ProposeError::Unavailable {
@@ -483,6 +510,8 @@ impl Replica {
             Ok(Ok(_)) => {
                 let after = self.status();
                 if after.role == Role::Leader && after.term == before.term {
+                    *self.inner.lease.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((started, after.term));
                     Ok(after.term)
                 } else {
                     // Leadership changed while confirming: the caller retries on the new leader.
