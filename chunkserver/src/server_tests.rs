@@ -344,7 +344,7 @@ async fn client_reconnects_after_server_restart() {
 
 /// Prints data-path throughput; run with `--ignored --nocapture` (not a timed test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
+#[ignore = "benchmark, not a check: run with --ignored --nocapture"]
 async fn throughput_report() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path()).await;

@@ -256,7 +256,7 @@ fn rss_mib() -> u64 {
 /// A load figure, not a pass/fail check: `cargo test -p rawfs-metadata --test service --
 /// --ignored --nocapture creates_per_second` (set RAWFS_CREATES for more files).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
+#[ignore = "benchmark, not a check: run with --ignored --nocapture"]
 async fn creates_per_second() {
     let total: u64 = std::env::var("RAWFS_CREATES")
         .ok()
