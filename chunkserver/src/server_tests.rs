@@ -343,8 +343,9 @@ async fn client_reconnects_after_server_restart() {
 }
 
 /// Prints data-path throughput; run with `--ignored --nocapture` (not a timed test).
+// A benchmark, not a check: `RUSTFLAGS="--cfg rawfs_bench" cargo test ... -- --nocapture`.
+#[cfg(rawfs_bench)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark, not a check: run with --ignored --nocapture"]
 async fn throughput_report() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(dir.path()).await;

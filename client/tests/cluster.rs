@@ -303,8 +303,9 @@ async fn file_io_on_a_real_cluster() {
 
 /// Throughput of sequential I/O through the library (a benchmark, not a check):
 /// `cargo test -p rawfs-client --release --test cluster -- --ignored --nocapture`.
+// A benchmark, not a check: `RUSTFLAGS="--cfg rawfs_bench" cargo test ... -- --nocapture`.
+#[cfg(rawfs_bench)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark, not a check: run with --ignored --nocapture"]
 async fn sequential_throughput() {
     let mut meta = start_metadata().await;
     let meta_addr = meta.handle.as_ref().unwrap().addr().to_string();

@@ -244,6 +244,7 @@ async fn orphan_survives_a_restart_until_released() {
     h.join().await.unwrap();
 }
 
+#[cfg(rawfs_bench)]
 fn rss_mib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
@@ -255,8 +256,9 @@ fn rss_mib() -> u64 {
 
 /// A load figure, not a pass/fail check: `cargo test -p rawfs-metadata --test service --
 /// --ignored --nocapture creates_per_second` (set RAWFS_CREATES for more files).
+// A benchmark, not a check: `RUSTFLAGS="--cfg rawfs_bench" cargo test ... -- --nocapture`.
+#[cfg(rawfs_bench)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark, not a check: run with --ignored --nocapture"]
 async fn creates_per_second() {
     let total: u64 = std::env::var("RAWFS_CREATES")
         .ok()

@@ -17,7 +17,6 @@ use crate::toy::ToySm;
 const PROPOSALS: usize = 2_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark; run with --ignored --nocapture"]
 async fn bench_sequential_propose_latency() {
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");

@@ -1,5 +1,7 @@
 //! Tests of the replicated log: one test binary (faster to link) with a toy state machine.
 
+// Benchmarks, not checks: `RUSTFLAGS="--cfg rawfs_bench" cargo test ... -- --nocapture`.
+#[cfg(rawfs_bench)]
 mod bench;
 mod cluster;
 mod single;
