@@ -29,6 +29,11 @@ pub async fn shutdown_signal() {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
+    if std::env::var_os("RAWFS_EXP_CT").is_some() {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

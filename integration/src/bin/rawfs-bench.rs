@@ -3,6 +3,7 @@
 //! ```text
 //!  rawfs-bench meta DIR N          create, stat, unlink N empty files -> ops/s of each
 //!  rawfs-bench million ADDRS N     N files through the metadata client (not FUSE)
+//!  rawfs-bench latency ADDRS N     one-at-a-time getattr and mknod latency of the metadata client
 //! ```
 //!
 //! Output is one `name value` pair per line, for the script to compute ratios.
@@ -102,6 +103,44 @@ async fn million(addrs: Vec<String>, n: u64) -> Result<()> {
     Ok(())
 }
 
+async fn latency(addrs: Vec<String>, n: u64) -> Result<()> {
+    let client = MetadataClient::new(addrs, ClientTimeouts::default());
+    let caller = Caller { uid: 0, gid: 0 };
+    let dir = client
+        .mknod(
+            ROOT_INO,
+            ByteBuf::from(format!("latency-{}", std::process::id())),
+            NewNode {
+                kind: FileKind::Dir,
+                perm: 0o755,
+                rdev: 0,
+                exclusive: true,
+            },
+            caller,
+        )
+        .await?;
+    let t = Instant::now();
+    for _ in 0..n {
+        client.getattr(dir.ino).await?;
+    }
+    let getattr = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let t = Instant::now();
+    for i in 0..n {
+        let node = NewNode {
+            kind: FileKind::File,
+            perm: 0o644,
+            rdev: 0,
+            exclusive: true,
+        };
+        client
+            .mknod(dir.ino, ByteBuf::from(format!("f{i}")), node, caller)
+            .await?;
+    }
+    let mknod = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    println!("getattr_us {getattr:.1}\nmknod_us {mknod:.1}");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
@@ -115,6 +154,12 @@ fn main() -> Result<()> {
             let addrs = addrs.split(',').map(str::to_string).collect();
             tokio::runtime::Runtime::new()?.block_on(million(addrs, n.parse()?))
         }
-        _ => bail!("usage: rawfs-bench meta DIR N | rawfs-bench million ADDR[,ADDR...] N"),
+        ["latency", addrs, n] => {
+            let addrs = addrs.split(',').map(str::to_string).collect();
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(latency(addrs, n.parse()?))
+        }
+        _ => bail!(
+            "usage: rawfs-bench meta DIR N | rawfs-bench million|latency ADDR[,ADDR...] N"
+        ),
     }
 }
