@@ -13,6 +13,8 @@
 //! data_dir = "/var/lib/rawfs/metadata-1"
 //! chunkserver_timeout = "5s"
 //! # peers = [{ id = 2, addr = "10.0.0.2:7000", raft_addr = "10.0.0.2:7001" }]
+//! # bootstrap = true      # first start of a new group only
+//! # snapshot_every = 100000
 //!
 //! [chunkserver]
 //! id = 1
@@ -35,6 +37,8 @@ use std::time::Duration;
 
 /// Default silence after which the metadata service marks a chunkserver down.
 const DEFAULT_CHUNKSERVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default number of applied entries between two metadata snapshots.
+const DEFAULT_SNAPSHOT_EVERY: u64 = rawfs_metadata::DEFAULT_SNAPSHOT_EVERY;
 /// Default interval between a chunkserver's heartbeats.
 const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -86,6 +90,8 @@ pub struct MetadataSection {
     #[serde(default)]
     pub peers: Vec<PeerSection>,
     pub chunkserver_timeout: Option<Dur>,
+    pub bootstrap: Option<bool>,
+    pub snapshot_every: Option<u64>,
 }
 
 /// One `peers` entry of `[metadata]`.
@@ -170,6 +176,16 @@ pub struct MetadataArgs {
     /// Heartbeat silence after which a chunkserver counts as down (default 5s).
     #[arg(long)]
     pub chunkserver_timeout: Option<Dur>,
+    /// First start of a new group: if this replica has no state yet, form the group with its
+    /// peers. Without it, a replica with an empty data directory waits to be added
+    /// (`rawfs metadata add-peer`). Harmless on later starts: existing state is never
+    /// re-initialized.
+    #[arg(long)]
+    pub bootstrap: bool,
+    /// Log entries applied between two snapshots of the state (the log behind a snapshot is
+    /// compacted; a replica that is further behind catches up from the snapshot).
+    #[arg(long)]
+    pub snapshot_every: Option<u64>,
     /// TOML config file; its [metadata] section supplies what flags do not.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -278,6 +294,11 @@ pub fn metadata_config(args: MetadataArgs) -> Result<MetadataConfig, ConfigError
         .chunkserver_timeout
         .or(file.chunkserver_timeout)
         .map_or(DEFAULT_CHUNKSERVER_TIMEOUT, |d| d.0);
+    let bootstrap = args.bootstrap || file.bootstrap.unwrap_or(false);
+    let snapshot_every = args
+        .snapshot_every
+        .or(file.snapshot_every)
+        .unwrap_or(DEFAULT_SNAPSHOT_EVERY);
 
     let invalid = |field, reason: String| ConfigError::Invalid {
         role: ROLE,
@@ -286,6 +307,9 @@ pub fn metadata_config(args: MetadataArgs) -> Result<MetadataConfig, ConfigError
     };
     if id == 0 {
         return Err(invalid("id", "must be greater than 0".into()));
+    }
+    if snapshot_every == 0 {
+        return Err(invalid("snapshot_every", "must be greater than 0".into()));
     }
     if listen == raft_listen && listen.port() != 0 {
         return Err(invalid(
@@ -326,6 +350,8 @@ pub fn metadata_config(args: MetadataArgs) -> Result<MetadataConfig, ConfigError
             })
             .collect(),
         chunkserver_timeout: timeout,
+        bootstrap,
+        snapshot_every,
     })
 }
 

@@ -1,25 +1,29 @@
 //! `rawfs`: the command line of the rawfs distributed filesystem.
 //!
 //! One binary runs every role (`metadata`, `chunkserver`, `mount`) and the operator commands
-//! (`up`, `status`). `main` only parses arguments, installs tracing and hands over to a module;
+//! (`up`, `status`, `metadata add-peer|remove-peer`). `main` only parses arguments, installs tracing and hands over to a module;
 //! the daemons themselves are libraries (`rawfs_metadata::serve`, `rawfs_chunkserver::serve`).
 //!
 //! ```text
 //!  rawfs up --dir D --mount M
 //!     | spawns (current_exe)            | polls            | spawns
 //!     v                                 v                  v
-//!  rawfs metadata  <--- heartbeats --- rawfs chunkserver x6   mount.rawfs -f
+//!  rawfs metadata x3 <-- heartbeats -- rawfs chunkserver x6   mount.rawfs -f
+//!  (one leader, raft)                                         |
 //!     ^                                                        |
-//!     +------------------ rawfs status (MetadataClient) -------+
+//!     +--- rawfs status / metadata add-peer (MetadataClient) --+
 //! ```
 
+mod admin;
 mod cluster_file;
 mod config;
 mod daemon;
+mod nbd;
 mod procs;
 mod size;
 mod status;
 mod up;
+mod volume;
 
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
@@ -41,16 +45,18 @@ enum Command {
     Up(up::UpArgs),
     /// Show the cluster's state: metadata leader, chunkservers, chunk health.
     Status(status::StatusArgs),
-    /// Run one metadata replica.
-    Metadata(config::MetadataArgs),
+    /// Run one metadata replica, or change the group's members (add-peer, remove-peer).
+    Metadata(admin::MetadataCmd),
     /// Run one chunkserver.
     Chunkserver(config::ChunkserverArgs),
     /// Mount a rawfs filesystem (the same as the `mount.rawfs` helper).
     Mount(MountArgs),
     /// The healer daemon (issue 6: not implemented yet).
     Healer(LaterArgs),
-    /// The NBD server for block volumes (issue 4: not implemented yet).
-    Nbd(LaterArgs),
+    /// The NBD server: every block volume as an export of its name.
+    Nbd(nbd::NbdArgs),
+    /// Block volumes (create, list, resize, delete), exported by `rawfs nbd`.
+    Volume(volume::VolumeCmd),
 }
 
 /// Arguments of `rawfs mount`, passed through to the mount helper unchanged.
@@ -117,8 +123,12 @@ fn main() -> ExitCode {
             exit_code(rawfs_mount::mount_helper_main(args))
         }
         Command::Healer(_) => not_implemented("healer", 6),
-        Command::Nbd(_) => not_implemented("nbd", 4),
-        Command::Metadata(a) => daemon::run_metadata(a),
+        Command::Nbd(a) => nbd::run(a),
+        Command::Volume(v) => volume::run(v),
+        Command::Metadata(m) => match m.admin {
+            Some(admin) => admin::run(admin),
+            None => daemon::run_metadata(m.run),
+        },
         Command::Chunkserver(a) => daemon::run_chunkserver(a),
         Command::Status(a) => status::run(a),
         Command::Up(a) => up::run(a),
@@ -144,7 +154,11 @@ mod tests {
     #[test]
     fn man_page_lists_every_flag() {
         let man = include_str!("../man/rawfs.1");
-        for sub in Cli::command().get_subcommands() {
+        let cli = Cli::command();
+        let subs = cli
+            .get_subcommands()
+            .flat_map(|s| std::iter::once(s).chain(s.get_subcommands()));
+        for sub in subs {
             for arg in sub.get_arguments() {
                 if arg.is_hide_set() {
                     continue;
@@ -165,8 +179,79 @@ mod tests {
     }
 
     #[test]
+    fn metadata_runs_a_replica_or_changes_members() {
+        let cli = Cli::try_parse_from([
+            "rawfs",
+            "metadata",
+            "--id",
+            "2",
+            "--listen",
+            "127.0.0.1:1",
+            "--bootstrap",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Metadata(m) => {
+                assert!(m.admin.is_none());
+                assert_eq!(m.run.id, Some(2));
+                assert!(m.run.bootstrap);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "rawfs",
+            "metadata",
+            "add-peer",
+            "--id",
+            "4",
+            "--addr",
+            "a:1",
+            "--raft-addr",
+            "a:2",
+            "--metadata",
+            "b:1,c:1",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Metadata(admin::MetadataCmd {
+                admin: Some(admin::MetadataAdmin::AddPeer(a)),
+                ..
+            }) => {
+                assert_eq!(a.id, 4);
+                assert_eq!(a.cluster.metadata, vec!["b:1", "c:1"]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["rawfs", "metadata", "remove-peer", "--id", "0"]).is_err());
+    }
+
+    #[test]
     fn later_roles_accept_any_arguments() {
-        let cli = Cli::try_parse_from(["rawfs", "nbd", "--listen", "x"]).expect("parses");
+        let cli = Cli::try_parse_from(["rawfs", "healer", "--listen", "x"]).expect("parses");
+        assert!(matches!(cli.command, Command::Healer(_)));
+    }
+
+    #[test]
+    fn nbd_and_volume_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "rawfs",
+            "nbd",
+            "--metadata",
+            "a:1",
+            "--listen",
+            "127.0.0.1:1",
+        ])
+        .expect("parses");
         assert!(matches!(cli.command, Command::Nbd(_)));
+        assert!(Cli::try_parse_from(["rawfs", "nbd", "--listen", "x"]).is_err());
+        let cli = Cli::try_parse_from([
+            "rawfs", "volume", "create", "vm1", "--size", "1G", "--dir", "/d",
+        ])
+        .expect("parses");
+        assert!(matches!(cli.command, Command::Volume(_)));
+        assert!(
+            Cli::try_parse_from(["rawfs", "volume", "resize", "vm1"]).is_err(),
+            "--size is required"
+        );
     }
 }

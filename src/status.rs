@@ -2,22 +2,26 @@
 //!
 //! ```text
 //!  --metadata ADDRS | --dir DIR (cluster.json) | $RAWFS_METADATA
-//!        -> MetadataClient::status() (5 s deadline)
+//!        -> MetadataClient::status() (5 s deadline; the leader answers, asking each member)
+//!           | no leader? -> replica_status() of every address, so the table still shows
+//!           |               who is up, in which term and how far each got (exit 1)
 //!        -> + pids from cluster.json (a dead process shows as down at once)
 //!        -> table | JSON in DESIGN.md's stable shape
 //! ```
 
+use crate::admin::{ClusterArgs, TargetError};
 use crate::cluster_file::{pid_alive, ClusterFile, Role};
 use crate::size::Human;
 use rawfs_metadata_api::client::{ClientTimeouts, MetadataClient};
 use rawfs_metadata_api::{ChunkserverStatus, ClusterStatus, ReplicaStatus};
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 /// How long `rawfs status` waits for the metadata service before saying it is unreachable.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one replica gets to describe itself when there is no leader to ask.
+const REPLICA_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Flags of `rawfs status`.
 #[derive(clap::Args, Debug)]
@@ -25,23 +29,15 @@ pub struct StatusArgs {
     /// Print JSON in the stable shape (see DESIGN.md) instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// A cluster directory of `rawfs up`: addresses and pids come from its cluster.json.
-    #[arg(long, conflicts_with = "metadata")]
-    pub dir: Option<PathBuf>,
-    /// Metadata client addresses, comma separated.
-    #[arg(long, env = "RAWFS_METADATA", value_delimiter = ',')]
-    pub metadata: Vec<String>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 /// Why the status could not be obtained.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     #[error(transparent)]
-    ClusterFile(#[from] crate::cluster_file::ClusterFileError),
-    #[error("no cluster.json in {0}: is `rawfs up` running there?")]
-    NoClusterFile(PathBuf),
-    #[error("no metadata address: give --metadata ADDRS, --dir DIR or set RAWFS_METADATA")]
-    NoAddress,
+    Target(#[from] TargetError),
     #[error("metadata service at {addrs} is unreachable: {reason}")]
     Unreachable { addrs: String, reason: String },
 }
@@ -66,7 +62,41 @@ pub async fn fetch(addrs: &[String], timeout: Duration) -> Result<ClusterStatus,
     }
 }
 
-/// `rawfs status`. Exit 0 with the status, 1 if the cluster cannot be reached.
+/// Asks every address for its own `replica_status`, in parallel, each with a short
+/// deadline; an address that does not answer is listed as down.
+pub async fn fetch_replicas(addrs: &[String]) -> Vec<ReplicaStatus> {
+    let asks = addrs.iter().map(|addr| async move {
+        // One address per client: a replica answers about itself, no redirect is involved.
+        let client = MetadataClient::new(
+            vec![addr.clone()],
+            ClientTimeouts {
+                call: REPLICA_TIMEOUT,
+                op: REPLICA_TIMEOUT,
+            },
+        );
+        let answer = tokio::time::timeout(
+            REPLICA_TIMEOUT + Duration::from_millis(200),
+            client.replica_status(),
+        )
+        .await;
+        match answer {
+            Ok(Ok(mut r)) => {
+                r.up = true;
+                r.addr = addr.clone();
+                r
+            }
+            _ => ReplicaStatus {
+                addr: addr.clone(),
+                role: "down".into(),
+                ..ReplicaStatus::default()
+            },
+        }
+    });
+    futures::future::join_all(asks).await
+}
+
+/// `rawfs status`. Exit 0 with the status, 1 if the cluster cannot be reached or has no
+/// leader (what the replicas say about themselves is still printed), 2 without an address.
 pub fn run(args: StatusArgs) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -78,42 +108,72 @@ pub fn run(args: StatusArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(collect(&args)) {
-        Ok(v) => {
-            if args.json {
-                match serde_json::to_string_pretty(&v) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => {
-                        eprintln!("rawfs status: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                print!("{}", render_table(&v));
-            }
-            ExitCode::SUCCESS
-        }
+    let (addrs, cluster) = match args.cluster.resolve() {
+        Ok(t) => t,
         Err(e) => {
+            eprintln!("rawfs status: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (value, failure) = match rt.block_on(fetch(&addrs, STATUS_TIMEOUT)) {
+        Ok(s) => (Some(status_json(&s, cluster.as_ref(), &pid_alive)), None),
+        Err(e) => {
+            // No leader (an election, a lost majority): show what each replica says.
+            let replicas = rt.block_on(fetch_replicas(&addrs));
+            let v = replicas
+                .iter()
+                .any(|r| r.up)
+                .then(|| leaderless_json(&replicas));
+            (v, Some(e))
+        }
+    };
+    if let Some(v) = value {
+        if args.json {
+            match serde_json::to_string_pretty(&v) {
+                Ok(s) => println!("{s}"),
+                Err(e) => {
+                    eprintln!("rawfs status: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        } else {
+            print!("{}", render_table(&v));
+        }
+    }
+    match failure {
+        None => ExitCode::SUCCESS,
+        Some(e) => {
             eprintln!("rawfs status: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-async fn collect(args: &StatusArgs) -> Result<Value, StatusError> {
-    let (addrs, cluster) = match &args.dir {
-        Some(dir) => {
-            let cf =
-                ClusterFile::load(dir)?.ok_or_else(|| StatusError::NoClusterFile(dir.clone()))?;
-            (cf.metadata_addrs(), Some(cf))
-        }
-        None => (args.metadata.clone(), None),
-    };
-    if addrs.is_empty() {
-        return Err(StatusError::NoAddress);
-    }
-    let status = fetch(&addrs, STATUS_TIMEOUT).await?;
-    Ok(status_json(&status, cluster.as_ref(), &pid_alive))
+/// One replica in the JSON shape: the stable keys (`id`, `addr`, `role`, `applied`) and more.
+fn replica_json(r: &ReplicaStatus, role: &str, up: bool) -> Value {
+    json!({
+        "id": r.id, "addr": r.addr, "role": role, "applied": r.applied, "term": r.term,
+        "lag": r.lag, "up": up, "voter": r.voter, "last_log_index": r.last_log_index,
+    })
+}
+
+/// The JSON of a cluster without a leader: only the replicas' own views are known.
+pub fn leaderless_json(replicas: &[ReplicaStatus]) -> Value {
+    let term = replicas.iter().map(|r| r.term).max().unwrap_or(0);
+    let list: Vec<Value> = replicas
+        .iter()
+        .map(|r| replica_json(r, &r.role, r.up))
+        .collect();
+    json!({
+        "metadata": {"leader": null, "term": term, "replicas": list},
+        "chunkservers": [],
+        "chunks": {
+            "healthy": 0, "under_replicated": 0, "degraded": 0, "lost": 0, "replicated": 0,
+            "ec": 0,
+        },
+        "healer": {"leader": null, "queue": 0, "bytes_at_risk": 0},
+        "volumes": [],
+    })
 }
 
 /// Builds the stable JSON shape, marking processes of `cluster` whose pid is dead as down.
@@ -131,12 +191,9 @@ pub fn status_json(
         .replicas
         .iter()
         .map(|r: &ReplicaStatus| {
-            let role = if dead(Role::Metadata, r.id) {
-                "down"
-            } else {
-                r.role.as_str()
-            };
-            json!({"id": r.id, "addr": r.addr, "role": role, "applied": r.applied, "term": r.term})
+            let down = dead(Role::Metadata, r.id) || (!r.up && s.leader != Some(r.id));
+            let role = if down { "down" } else { r.role.as_str() };
+            replica_json(r, role, !down)
         })
         .collect();
     let mut chunkservers: Vec<Value> = s
@@ -151,7 +208,8 @@ pub fn status_json(
             })
         })
         .collect();
-    // Processes that cluster.json knows but the service has never heard of are down too.
+    // Processes that cluster.json knows but the service has never heard of are down too
+    // (or, for a replica, not a member: removed, or not added yet).
     if let Some(c) = cluster {
         for p in c.by_role(Role::Chunkserver) {
             if !s.chunkservers.iter().any(|cs| cs.id == p.id) {
@@ -163,11 +221,16 @@ pub fn status_json(
         }
         for p in c.by_role(Role::Metadata) {
             if !s.replicas.iter().any(|r| r.id == p.id) {
-                let role = if alive(p.pid) { "unknown" } else { "down" };
-                replicas.push(json!({"id": p.id, "addr": p.addr, "role": role, "applied": 0}));
+                let up = alive(p.pid);
+                let role = if up { "not-member" } else { "down" };
+                replicas.push(json!({
+                    "id": p.id, "addr": p.addr, "role": role, "applied": 0, "term": 0,
+                    "lag": 0, "up": up, "voter": false,
+                }));
             }
         }
     }
+    replicas.sort_by_key(|v| v["id"].as_u64());
     chunkservers.sort_by_key(|v| v["id"].as_u64());
     let ch = &s.chunks;
     json!({
@@ -196,17 +259,21 @@ pub fn render_table(v: &Value) -> String {
     let _ = writeln!(out, "metadata: leader {leader}, term {}", m["term"]);
     let _ = writeln!(
         out,
-        "  {:<4} {:<22} {:<10} {:>10}",
-        "ID", "ADDR", "ROLE", "APPLIED"
+        "  {:<4} {:<22} {:<10} {:>6} {:>10} {:>8} {:<5}",
+        "ID", "ADDR", "ROLE", "TERM", "APPLIED", "LAG", "STATE"
     );
     for r in m["replicas"].as_array().into_iter().flatten() {
+        let up = r["up"].as_bool().unwrap_or(false);
         let _ = writeln!(
             out,
-            "  {:<4} {:<22} {:<10} {:>10}",
+            "  {:<4} {:<22} {:<10} {:>6} {:>10} {:>8} {:<5}",
             r["id"].as_u64().unwrap_or(0),
             r["addr"].as_str().unwrap_or("?"),
             r["role"].as_str().unwrap_or("?"),
-            r["applied"].as_u64().unwrap_or(0)
+            r["term"].as_u64().unwrap_or(0),
+            r["applied"].as_u64().unwrap_or(0),
+            r["lag"].as_u64().unwrap_or(0),
+            if up { "up" } else { "down" },
         );
     }
     let cs = v["chunkservers"]
@@ -260,13 +327,20 @@ mod tests {
         ClusterStatus {
             leader: Some(1),
             term: 2,
-            replicas: vec![ReplicaStatus {
-                id: 1,
-                addr: "127.0.0.1:7000".into(),
-                role: "leader".into(),
-                term: 2,
-                applied: 10,
-            }],
+            replicas: (1..=3)
+                .map(|id| ReplicaStatus {
+                    id,
+                    addr: format!("127.0.0.1:70{id:02}"),
+                    role: if id == 1 { "leader" } else { "follower" }.into(),
+                    term: 2,
+                    applied: 10 - id,
+                    last_log_index: 10,
+                    leader: Some(1),
+                    lag: id - 1,
+                    up: id != 3,
+                    voter: true,
+                })
+                .collect(),
             chunkservers: (1..=2)
                 .map(|id| ChunkserverStatus {
                     id,
@@ -311,9 +385,13 @@ mod tests {
         assert_eq!(v["metadata"]["leader"], 1);
         assert_eq!(v["metadata"]["term"], 2);
         let r = &v["metadata"]["replicas"][0];
-        for k in ["id", "addr", "role", "applied"] {
+        for k in ["id", "addr", "role", "applied", "term", "lag", "up"] {
             assert!(!r[k].is_null(), "replica key {k}");
         }
+        let r3 = &v["metadata"]["replicas"][2];
+        assert_eq!(r3["role"], "down", "a member the leader cannot reach");
+        assert_eq!(r3["up"], false);
+        assert_eq!(r3["lag"], 2);
         let c = &v["chunkservers"][0];
         for k in ["id", "addr", "up", "used_bytes", "total_bytes"] {
             assert!(!c[k].is_null(), "chunkserver key {k}");
@@ -340,6 +418,8 @@ mod tests {
             mount: "/m".into(),
             processes: vec![
                 entry(Role::Metadata, 1, 100),
+                entry(Role::Metadata, 2, 104),
+                entry(Role::Metadata, 4, 105),
                 entry(Role::Chunkserver, 1, 101),
                 entry(Role::Chunkserver, 2, 102),
                 entry(Role::Chunkserver, 3, 103),
@@ -347,14 +427,50 @@ mod tests {
             up_pid: None,
             ready: true,
         };
-        let v = status_json(&sample(), Some(&cf), &|pid| pid != 102 && pid != 103);
+        let v = status_json(&sample(), Some(&cf), &|pid| ![102, 103, 104].contains(&pid));
         let cs = v["chunkservers"].as_array().expect("array");
         assert_eq!(cs.len(), 3);
         assert_eq!(cs[0]["up"], true);
         assert_eq!(cs[1]["up"], false, "dead pid");
         assert_eq!(cs[2]["up"], false, "never registered");
+        let reps = v["metadata"]["replicas"].as_array().expect("array");
+        let roles: Vec<&str> = reps.iter().filter_map(|r| r["role"].as_str()).collect();
+        assert_eq!(roles, ["leader", "down", "down", "not-member"]);
         let table = render_table(&v);
         assert!(table.contains("1 of 3 up"), "{table}");
+        assert!(
+            table.lines().any(|l| l.trim_start().starts_with("2 ")
+                && l.contains("down")
+                && l.trim_end().ends_with("down")),
+            "{table}"
+        );
         assert!(table.contains("1.0 MiB"), "{table}");
+    }
+
+    #[test]
+    fn without_a_leader_each_replica_speaks_for_itself() {
+        let reps = vec![
+            ReplicaStatus {
+                id: 2,
+                addr: "a:1".into(),
+                role: "candidate".into(),
+                term: 7,
+                applied: 40,
+                up: true,
+                ..Default::default()
+            },
+            ReplicaStatus {
+                addr: "a:2".into(),
+                role: "down".into(),
+                ..Default::default()
+            },
+        ];
+        let v = leaderless_json(&reps);
+        assert!(v["metadata"]["leader"].is_null());
+        assert_eq!(v["metadata"]["term"], 7);
+        assert_eq!(v["metadata"]["replicas"][0]["role"], "candidate");
+        assert_eq!(v["metadata"]["replicas"][1]["up"], false);
+        let table = render_table(&v);
+        assert!(table.contains("leader none, term 7"), "{table}");
     }
 }

@@ -1,14 +1,21 @@
 //! `rawfs up`: a whole cluster on this machine, as separate processes, mounted.
 //!
 //! ```text
-//!  lock DIR/up.pid ─> plan ports (reuse DIR/cluster.json) ─> spawn metadata, chunkservers
-//!     ─> poll `status` until leader + all chunkservers up ─> spawn mount.rawfs -f, poll
+//!  lock DIR/up.pid ─> plan ports (reuse DIR/cluster.json) ─> spawn 3 metadata replicas
+//!     (--bootstrap on a fresh DIR), chunkservers ─> poll `status` until a leader is elected
+//!     and all chunkservers are up ─> spawn mount.rawfs -f (all 3 metadata addresses), poll
 //!     mountinfo ─> write cluster.json (ready) ─> watch children (never restart them)
 //!     ─> SIGINT/SIGTERM: unmount, SIGTERM children, deadline, SIGKILL
 //! ```
 //!
 //! Readiness is polled, never slept for, and bounded by `--ready-timeout`; on failure the log
 //! tail of whatever is not ready is printed and everything started is stopped again.
+//!
+//! The metadata replicas form their group on the first start only: `--bootstrap` is passed
+//! when no replica of DIR has any state yet. A later run (or a replica restarted by hand from
+//! the command line in cluster.json) finds its state and never re-initializes; a replica
+//! whose data directory was wiped while the others kept theirs must be added back with
+//! `rawfs metadata add-peer`, so it is started without `--bootstrap`.
 
 use crate::cluster_file::{pid_alive, ClusterFile, ProcessEntry, Role};
 use crate::procs::{self, Proc};
@@ -21,8 +28,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// Metadata replicas started by `up` (the next issue makes it 3).
-const METADATA_REPLICAS: u64 = 1;
+/// Metadata replicas started by `up`: any one of them may fail without a pause longer
+/// than an election.
+const METADATA_REPLICAS: u64 = 3;
 /// How often readiness and children are polled.
 const POLL: Duration = Duration::from_millis(200);
 /// How long children get between SIGTERM and SIGKILL.
@@ -40,7 +48,8 @@ pub struct UpArgs {
     /// Number of chunkservers (at least 3, one per replica).
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(3..=64))]
     pub chunkservers: u64,
-    /// First port of a fixed layout (metadata P, P+1; chunkserver i: P+10+2(i-1), P+11+2(i-1));
+    /// First port of a fixed layout (metadata replica i: P+2(i-1), P+2(i-1)+1 for i = 1..3;
+    /// chunkserver i: P+10+2(i-1), P+11+2(i-1));
     /// default: the previous run's ports, or free ones.
     #[arg(long)]
     pub base_port: Option<u16>,
@@ -50,6 +59,13 @@ pub struct UpArgs {
     /// How long to wait for the daemons and the mount to become ready.
     #[arg(long, default_value = "60s")]
     pub ready_timeout: Dur,
+    /// Passed to every metadata replica as `--snapshot-every` (entries between snapshots).
+    #[arg(long)]
+    pub snapshot_every: Option<u64>,
+    /// Address of the NBD server (default: the previous run's, P+6 with --base-port P, else
+    /// 127.0.0.1:10809, or a free port when that is taken).
+    #[arg(long)]
+    pub nbd_listen: Option<String>,
 }
 
 /// Why `rawfs up` could not start the cluster.
@@ -398,6 +414,8 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
         free.next()
     })?;
     drop(free);
+    let nbd_addr = crate::nbd::plan_addr(prev.as_ref(), args.base_port, args.nbd_listen.as_deref())
+        .map_err(|e| UpError::NotReady(e.to_string()))?;
 
     let exe = std::env::current_exe().map_err(io_err("cannot find", Path::new("rawfs")))?;
     let mut cluster = Cluster {
@@ -406,7 +424,7 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
         exe: exe.clone(),
         procs: Vec::new(),
     };
-    let started = match start_all(&mut cluster, &planned, &args, stop.clone()).await {
+    let started = match start_all(&mut cluster, &planned, &nbd_addr, &args, stop.clone()).await {
         Ok(()) => cluster
             .cluster_file(true)
             .store(&dir)
@@ -433,6 +451,7 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
 async fn start_all(
     c: &mut Cluster,
     planned: &[Planned],
+    nbd_addr: &str,
     args: &UpArgs,
     stop: watch::Receiver<bool>,
 ) -> Result<(), UpError> {
@@ -442,6 +461,10 @@ async fn start_all(
         .map(|p| p.addr.clone())
         .collect();
     let exe = c.exe.clone();
+    let fresh = planned
+        .iter()
+        .filter(|p| p.role == Role::Metadata)
+        .all(|p| dir_is_empty(&c.dir.join(format!("{}-{}", p.role, p.id))));
     for p in planned {
         let data_dir = c.dir.join(format!("{}-{}", p.role, p.id));
         std::fs::create_dir_all(&data_dir).map_err(io_err("cannot create", &data_dir))?;
@@ -479,6 +502,12 @@ async fn start_all(
                 {
                     a.extend(["--peer".into(), format!("{}={}/{}", o.id, o.addr, o.second)]);
                 }
+                if fresh {
+                    a.push("--bootstrap".into());
+                }
+                if let Some(n) = args.snapshot_every {
+                    a.extend(["--snapshot-every".into(), n.to_string()]);
+                }
                 entry.raft_addr = Some(p.second.clone());
             }
             _ => {
@@ -497,6 +526,23 @@ async fn start_all(
         }
         c.start(p.role, p.id, &exe, a, entry)?;
     }
+    // The NBD server (block volumes); it reaches the metadata service lazily.
+    let nbd_dir = c.dir.join("nbd-1");
+    std::fs::create_dir_all(&nbd_dir).map_err(io_err("cannot create", &nbd_dir))?;
+    let entry = ProcessEntry {
+        role: Role::Nbd,
+        id: 1,
+        pid: 0,
+        addr: nbd_addr.to_string(),
+        data_dir: nbd_dir,
+        raft_addr: None,
+        control_addr: None,
+        exe: None,
+        args: vec![],
+        log: None,
+    };
+    let nbd_args = crate::nbd::up_args(nbd_addr, &meta_addrs);
+    c.start(Role::Nbd, 1, &exe, nbd_args, entry)?;
     // Early, so a harness can clean up even if the rest fails.
     c.cluster_file(false).store(&c.dir)?;
 
@@ -533,7 +579,9 @@ async fn start_all(
         if let Some(msg) = c.check_children() {
             return Err(UpError::NotReady(msg));
         }
-        if procs::mounted_fstype(&c.mount).is_some_and(|t| t.starts_with("fuse")) {
+        if procs::mounted_fstype(&c.mount).is_some_and(|t| t.starts_with("fuse"))
+            && crate::nbd::accepts(nbd_addr).await
+        {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -550,6 +598,11 @@ async fn start_all(
     }
 }
 
+/// True if `dir` does not exist or holds nothing: a replica that never ran there.
+fn dir_is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
+}
+
 /// Polls `status` until there is a leader and every planned chunkserver is up.
 async fn wait_daemons_ready(
     c: &mut Cluster,
@@ -563,7 +616,11 @@ async fn wait_daemons_ready(
         .filter(|p| p.role == Role::Chunkserver)
         .map(|p| p.id)
         .collect();
-    let mut missing: Vec<(Role, u64)> = vec![(Role::Metadata, 1)];
+    let mut missing: Vec<(Role, u64)> = planned
+        .iter()
+        .filter(|p| p.role == Role::Metadata)
+        .map(|p| (Role::Metadata, p.id))
+        .collect();
     loop {
         if *stop.borrow() {
             return Err(UpError::Interrupted);
@@ -671,12 +728,15 @@ mod tests {
     #[test]
     fn fixed_layout_from_base_port() {
         let p = plan(None, Some(7000), 6, counter(0)).expect("plan");
-        assert_eq!(p.len(), 7);
+        assert_eq!(p.len(), 9);
         assert_eq!(p[0].addr, "127.0.0.1:7000");
         assert_eq!(p[0].second, "127.0.0.1:7001");
-        assert_eq!(p[1].role, Role::Chunkserver);
-        assert_eq!(p[1].addr, "127.0.0.1:7010");
-        assert_eq!(p[6].second, "127.0.0.1:7021");
+        assert_eq!(p[2].role, Role::Metadata);
+        assert_eq!(p[2].addr, "127.0.0.1:7004");
+        assert_eq!(p[2].second, "127.0.0.1:7005");
+        assert_eq!(p[3].role, Role::Chunkserver);
+        assert_eq!(p[3].addr, "127.0.0.1:7010");
+        assert_eq!(p[8].second, "127.0.0.1:7021");
         assert!(plan(None, Some(65530), 6, counter(0)).is_err());
     }
 
@@ -689,7 +749,7 @@ mod tests {
             .collect();
         all.sort_unstable();
         all.dedup();
-        assert_eq!(all.len(), 8, "distinct ports");
+        assert_eq!(all.len(), 12, "distinct ports");
         let prev = ClusterFile {
             mount: "/m".into(),
             processes: first
@@ -711,11 +771,20 @@ mod tests {
             ready: true,
         };
         let second = plan(Some(&prev), Some(9000), 4, counter(50000)).expect("plan");
-        assert_eq!(&second[..4], &first[..]);
+        assert_eq!(&second[..6], &first[..]);
         assert_eq!(
-            second[4].addr, "127.0.0.1:9016",
+            second[6].addr, "127.0.0.1:9016",
             "a new chunkserver takes the fixed layout"
         );
+    }
+
+    #[test]
+    fn only_a_directory_without_state_is_fresh() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert!(dir_is_empty(&d.path().join("missing")));
+        assert!(dir_is_empty(d.path()));
+        std::fs::write(d.path().join("meta.redb"), b"x").expect("write");
+        assert!(!dir_is_empty(d.path()));
     }
 
     #[test]

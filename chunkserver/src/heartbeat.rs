@@ -9,6 +9,11 @@
 //! The metadata service may be down or moving: a failed beat is logged and retried with
 //! backoff, forever, and the next successful beat carries the full inventory again (the
 //! service may have restarted and forgotten it).
+//!
+//! Fencing: a reply's orders are carried out only under a term at least as high as the
+//! highest this chunkserver has seen (persisted first). A reply from a deposed leader (a
+//! lower term: it was paused or cut off while a new leader took over) is refused whole and
+//! counts as a failed beat, so the next beat, to the new leader, carries the inventory.
 
 use crate::storage::Storage;
 use rawfs_metadata_api::{ClientTimeouts, Heartbeat, HeartbeatReply, MetaError, MetadataClient};
@@ -32,6 +37,12 @@ pub(crate) enum BeatError {
     /// refused the heartbeat.
     #[error("metadata service: {0}")]
     Meta(#[from] MetaError),
+    /// The reply came from a leader of an older term than one already seen.
+    #[error("refused orders of term {term}: term {fence} already seen")]
+    StaleTerm { term: u64, fence: u64 },
+    /// The reply's term could not be persisted, so its orders were not carried out.
+    #[error("cannot persist the term fence: {0}")]
+    Fence(std::io::Error),
 }
 
 /// Where heartbeats go. The real one is [`ClientLink`]; tests use a fake.
@@ -150,25 +161,36 @@ async fn beat<L: MetaLink>(
             return Err(e);
         }
     };
-    apply(storage.clone(), reply).await;
+    apply(storage.clone(), reply).await?;
     Ok(with_inventory)
 }
 
-/// Applies a heartbeat reply: raise the fence, then delete what the leader no longer wants.
-async fn apply(storage: Arc<Storage>, reply: HeartbeatReply) {
+/// Applies a heartbeat reply: raise the fence (persisted), then, if the reply's term is
+/// still the newest seen, delete what the leader no longer wants.
+async fn apply(storage: Arc<Storage>, reply: HeartbeatReply) -> Result<(), BeatError> {
     let done = tokio::task::spawn_blocking(move || {
-        if let Err(e) = storage.observe_term(reply.term) {
-            tracing::error!(term = reply.term, error = %e, "cannot persist term fence");
+        let fence = storage.observe_term(reply.term).map_err(BeatError::Fence)?;
+        if fence > reply.term {
+            return Err(BeatError::StaleTerm {
+                term: reply.term,
+                fence,
+            });
         }
         for chunk in reply.delete {
             if let Err(e) = storage.delete(chunk) {
                 tracing::error!(chunk, error = %e, "cannot delete chunk");
             }
         }
+        Ok(())
     })
     .await;
-    if let Err(e) = done {
-        tracing::error!(error = %e, "applying heartbeat reply failed");
+    match done {
+        Ok(r) => r,
+        Err(e) => {
+            // Only a panic gets here; the deletes are repaired by the next inventory.
+            tracing::error!(error = %e, "applying heartbeat reply failed");
+            Ok(())
+        }
     }
 }
 
@@ -256,5 +278,42 @@ mod tests {
         assert!(seen[3].corrupt.is_empty());
         assert_eq!(seen[3].inventory, None);
         assert_eq!(storage.inventory(), vec![(1, 1)]);
+    }
+
+    #[tokio::test]
+    async fn orders_of_a_deposed_leader_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(dir.path(), None).unwrap());
+        storage.write(2, 1, 12, 0, b"keep", false).unwrap();
+        assert_eq!(storage.term(), 12, "a write of term 12 raised the fence");
+        let link = FakeLink {
+            seen: Arc::default(),
+            fail: Arc::new(Mutex::new(0)),
+            reply: HeartbeatReply {
+                term: 11,
+                delete: vec![2],
+            },
+        };
+        let me = Identity {
+            id: 3,
+            data_addr: "127.0.0.1:1".into(),
+            control_addr: "127.0.0.1:2".into(),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            link.clone(),
+            me,
+            storage.clone(),
+            Duration::from_millis(5),
+            stop.clone(),
+        ));
+        wait_until("a few beats", || link.seen.lock().unwrap().len() >= 3).await;
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(storage.inventory(), vec![(2, 1)], "the delete was refused");
+        assert_eq!(storage.term(), 12);
+        // A refused reply counts as a failed beat: the inventory goes out again.
+        let seen = link.seen.lock().unwrap();
+        assert!(seen.iter().all(|hb| hb.inventory.is_some()));
     }
 }

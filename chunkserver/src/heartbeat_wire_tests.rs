@@ -35,33 +35,38 @@ impl MetadataRpc for FakeMetadata {
     }
 
     refuse! {
-        lookup(parent: Ino, name: Name) -> Attr;
-        getattr(ino: Ino) -> Attr;
-        setattr(ino: Ino, set: SetAttr) -> Attr;
-        mknod(parent: Ino, name: Name, node: NewNode, caller: Caller) -> Attr;
-        create(parent: Ino, name: Name, node: NewNode, caller: Caller, session: u64) -> Attr;
-        symlink(parent: Ino, name: Name, target: Name, caller: Caller) -> Attr;
-        readlink(ino: Ino) -> Name;
-        link(ino: Ino, newparent: Ino, newname: Name) -> Attr;
-        unlink(parent: Ino, name: Name) -> ();
-        rmdir(parent: Ino, name: Name) -> ();
-        rename(parent: Ino, name: Name, newparent: Ino, newname: Name, flags: RenameFlags) -> ();
-        readdir(ino: Ino, cookie: u64, limit: u32) -> Vec<DirEntry>;
+        lookup(parent: Ino, name: Name, read: Consistency) -> Attr;
+        getattr(ino: Ino, read: Consistency) -> Attr;
+        setattr(ino: Ino, set: SetAttr, req: ReqId) -> Attr;
+        mknod(parent: Ino, name: Name, node: NewNode, caller: Caller, req: ReqId) -> Attr;
+        create(parent: Ino, name: Name, node: NewNode, caller: Caller, session: u64, req: ReqId) -> Attr;
+        symlink(parent: Ino, name: Name, target: Name, caller: Caller, req: ReqId) -> Attr;
+        readlink(ino: Ino, read: Consistency) -> Name;
+        link(ino: Ino, newparent: Ino, newname: Name, req: ReqId) -> Attr;
+        unlink(parent: Ino, name: Name, req: ReqId) -> ();
+        rmdir(parent: Ino, name: Name, req: ReqId) -> ();
+        rename(parent: Ino, name: Name, newparent: Ino, newname: Name, flags: RenameFlags, req: ReqId) -> ();
+        readdir(ino: Ino, cookie: u64, limit: u32, read: Consistency) -> Vec<DirEntry>;
         open(ino: Ino, session: u64) -> Attr;
         release(ino: Ino, session: u64) -> ();
         end_session(session: u64) -> ();
-        statfs() -> StatFs;
+        statfs(read: Consistency) -> StatFs;
         sync() -> ();
-        setxattr(ino: Ino, name: Name, value: Name, mode: XattrMode) -> ();
-        getxattr(ino: Ino, name: Name) -> Name;
-        listxattr(ino: Ino) -> Vec<Name>;
-        removexattr(ino: Ino, name: Name) -> ();
-        chunks(ino: Ino, first: u64, count: u64) -> Vec<ChunkLoc>;
-        allocate_chunk(ino: Ino, index: u64) -> ChunkLoc;
-        commit_write(ino: Ino, end: u64, stored_delta: i64) -> Attr;
-        release_chunks(ino: Ino, first: u64, count: u64) -> ();
-        drop_replica(chunk: ChunkId, expected_version: u64, server: ServerId) -> ChunkLoc;
+        watch(epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
+        setxattr(ino: Ino, name: Name, value: Name, mode: XattrMode, req: ReqId) -> ();
+        getxattr(ino: Ino, name: Name, read: Consistency) -> Name;
+        listxattr(ino: Ino, read: Consistency) -> Vec<Name>;
+        removexattr(ino: Ino, name: Name, req: ReqId) -> ();
+        chunks(ino: Ino, first: u64, count: u64, read: Consistency) -> Vec<ChunkLoc>;
+        allocate_chunk(ino: Ino, index: u64, req: ReqId) -> ChunkLoc;
+        commit_write(ino: Ino, end: u64, stored_delta: i64, req: ReqId) -> Attr;
+        release_chunks(ino: Ino, first: u64, count: u64, req: ReqId) -> ();
+        drop_replica(chunk: ChunkId, expected_version: u64, server: ServerId, req: ReqId) -> ChunkLoc;
         status() -> ClusterStatus;
+        replica_status() -> ReplicaStatus;
+        digest() -> StateDigest;
+        add_peer(id: u64, addr: String, raft_addr: String) -> ();
+        remove_peer(id: u64) -> ();
     }
 }
 

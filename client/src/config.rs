@@ -1,6 +1,7 @@
 //! [`ClientConfig`]: where the metadata service is and how long calls may take.
 
 use rawfs_metadata_api::client::ClientTimeouts;
+use rawfs_metadata_api::Consistency;
 use std::time::Duration;
 
 /// Default size of a [`crate::FileIo`] write buffer: 8 MiB.
@@ -20,6 +21,9 @@ pub struct ClientConfig {
     pub io_timeout: Duration,
     /// Bytes of contiguous writes a [`crate::FileIo`] collects before it sends them.
     pub write_buffer: usize,
+    /// Freshness of metadata reads: linearizable (the leader, the default) or local (any
+    /// replica, possibly stale; see [`Consistency`]). Mutations always go to the leader.
+    pub consistency: Consistency,
 }
 
 impl Default for ClientConfig {
@@ -29,6 +33,7 @@ impl Default for ClientConfig {
             timeouts: ClientTimeouts::default(),
             io_timeout: DEFAULT_IO_TIMEOUT,
             write_buffer: DEFAULT_WRITE_BUFFER,
+            consistency: Consistency::default(),
         }
     }
 }

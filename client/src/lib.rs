@@ -81,7 +81,8 @@ impl Client {
     /// A client for the cluster whose metadata service is at `cfg.metadata`. Connects lazily:
     /// nothing is contacted until the first call.
     pub fn new(cfg: ClientConfig) -> Client {
-        let meta = MetadataClient::new(cfg.metadata.clone(), cfg.timeouts);
+        let meta = MetadataClient::new(cfg.metadata.clone(), cfg.timeouts)
+            .with_consistency(cfg.consistency);
         let data = DataClient::new(cfg.io_timeout);
         let store = Arc::new(RemoteStore {
             meta: meta.clone(),

@@ -41,7 +41,9 @@ async fn start_metadata() -> Daemon<MetadataHandle> {
         raft_listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_path_buf(),
         peers: Vec::new(),
+        bootstrap: true,
         chunkserver_timeout: Duration::from_secs(3),
+        snapshot_every: rawfs_metadata::DEFAULT_SNAPSHOT_EVERY,
     };
     let handle = rawfs_metadata::serve(cfg, shutdown).await.unwrap();
     Daemon {
@@ -154,6 +156,7 @@ async fn file_io_on_a_real_cluster() {
         },
         io_timeout: Duration::from_secs(5),
         write_buffer: 1 << 20,
+        ..ClientConfig::default()
     });
     wait_until("3 chunkservers up", Duration::from_secs(30), || async {
         match client.meta().status().await {
@@ -293,6 +296,7 @@ async fn file_io_on_a_real_cluster() {
         },
         io_timeout: Duration::from_secs(1),
         write_buffer: 1 << 20,
+        ..ClientConfig::default()
     });
     let t = Instant::now();
     let orphan = short.file(ino, total);

@@ -2,10 +2,13 @@
 //!
 //! [`Cluster::start`] runs `rawfs up --dir TMP/cluster --mount TMP/mnt` and polls until
 //! `cluster.json` says ready, `rawfs status --json` shows a leader and every chunkserver up, and
-//! the mount is live — never a fixed sleep. Faults are injected with [`Cluster::kill9`] and
-//! [`Cluster::restart_process`] (which re-runs a daemon with the exact command line recorded in
-//! `cluster.json`). Dropping the cluster stops `up` (which unmounts), then unmounts lazily and
-//! kills every pid still alive, so a failing test leaks neither mounts nor processes.
+//! the mount is live — never a fixed sleep. Faults are injected with [`Cluster::kill9`],
+//! [`Cluster::sigstop`] / [`Cluster::sigcont`] and [`Cluster::restart_process`] (which re-runs
+//! a daemon with the command line recorded in `cluster.json`, optionally edited: see
+//! [`Cluster::start_process`]). The metadata replicas (3) are reached one by one through
+//! `crate::replicas` (role, term, applied index, digest, the leader). Dropping the cluster
+//! resumes stopped processes, stops `up` (which unmounts), then unmounts lazily and kills
+//! every pid still alive, so a failing test leaks neither mounts nor processes.
 //!
 //! Binaries are found in the cargo target directory of this test executable
 //! (`target/<profile>/rawfs` next to `target/<profile>/deps/integration-*`), or in
@@ -146,7 +149,8 @@ pub fn is_mountpoint(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn signal(pid: u32, sig: i32) {
+/// Sends `sig` to `pid` (nothing for pid 0 or one that does not fit a pid_t).
+pub(crate) fn signal(pid: u32, sig: i32) {
     if let Ok(p) = i32::try_from(pid) {
         if p > 0 {
             // SAFETY: kill(2) has no memory-safety preconditions.
@@ -202,7 +206,9 @@ pub struct Cluster {
     /// Every pid ever seen in cluster.json, killed on drop if still alive.
     seen_pids: Vec<u32>,
     /// First of this cluster's ports (see [`next_base_port`]).
-    base_port: u16,
+    pub(crate) base_port: u16,
+    /// Pids stopped with SIGSTOP and not resumed yet (resumed before teardown).
+    pub(crate) stopped: Vec<u32>,
 }
 
 /// Ports each cluster may use from its base port on.
@@ -254,6 +260,7 @@ impl Cluster {
             up: None,
             restarted: Vec::new(),
             seen_pids: Vec::new(),
+            stopped: Vec::new(),
         };
         c.spawn_up()?;
         Ok(c)
@@ -323,7 +330,11 @@ impl Cluster {
             let ups = s["chunkservers"]
                 .as_array()
                 .map_or(0, |a| a.iter().filter(|c| c["up"] == true).count());
-            Ok(!s["metadata"]["leader"].is_null() && ups >= n)
+            // Every replica a member and answering, so a test may take down any one of them.
+            let replicas_up = s["metadata"]["replicas"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty() && a.iter().all(|r| r["up"] == true));
+            Ok(!s["metadata"]["leader"].is_null() && ups >= n && replicas_up)
         });
         self.up = up;
         for p in pids {
@@ -414,8 +425,23 @@ impl Cluster {
     }
 
     /// Runs `role`/`id` again with the command line recorded in cluster.json (same addresses,
-    /// same data directory) and waits until the cluster is ready again.
+    /// same data directory) and waits until the cluster is ready again: a leader, every
+    /// chunkserver up after a chunkserver restart, the replica answering after a metadata
+    /// restart.
     pub fn restart_process(&mut self, role: &str, id: u64) -> Result<()> {
+        self.start_process(role, id, |_| {})?;
+        self.wait_back(role, id)
+    }
+
+    /// Starts `role`/`id` with its recorded command line after `edit` has changed it (for
+    /// example to drop `--bootstrap` for a replica whose data was wiped), without waiting for
+    /// anything but the spawn. Its stdout and stderr are appended to its log.
+    pub fn start_process(
+        &mut self,
+        role: &str,
+        id: u64,
+        edit: impl FnOnce(&mut Vec<String>),
+    ) -> Result<()> {
         let p = self.process(role, id)?;
         let exe = p.exe.clone().context("cluster.json has no exe")?;
         let log = p
@@ -426,8 +452,10 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(&log)?;
+        let mut args = p.args.clone();
+        edit(&mut args);
         let child = Command::new(exe)
-            .args(&p.args)
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -436,16 +464,33 @@ impl Cluster {
         self.seen_pids.push(child.id());
         self.set_pid(role, id, child.id())?;
         self.restarted.push((role.to_string(), id, child));
+        Ok(())
+    }
+
+    /// Waits until a restarted `role`/`id` is back (see [`Cluster::restart_process`]); fails
+    /// at once, with its log, if it exits.
+    pub fn wait_back(&mut self, role: &str, id: u64) -> Result<()> {
         let n = self.opts.chunkservers as usize;
-        let log_path = log.clone();
+        let log_path = self
+            .process(role, id)?
+            .log
+            .unwrap_or_else(|| self.dir.join(format!("logs/{role}-{id}.log")));
+        let addr = self.process(role, id)?.addr;
+        let child = self
+            .restarted
+            .iter()
+            .rposition(|(r, i, _)| r == role && *i == id);
         wait_until(&format!("{role} {id} to be back"), READY_TIMEOUT, || {
-            if let Some((_, _, child)) = self.restarted.last_mut() {
+            if let Some((_, _, child)) = child.and_then(|k| self.restarted.get_mut(k)) {
                 if let Some(st) = child.try_wait()? {
                     bail!(
                         "the restarted {role} {id} exited with {st}; its log ends:\n{}",
                         tail(&log_path, 20)
                     );
                 }
+            }
+            if role == "metadata" && crate::replicas::replica_status_at(&addr).is_err() {
+                return Ok(false);
             }
             let s = self.status()?;
             let ups = s["chunkservers"]
@@ -474,6 +519,10 @@ impl Cluster {
     /// Stops the whole cluster the way an operator does (SIGTERM to `rawfs up`) and checks that
     /// it unmounted and every process ended.
     pub fn stop(&mut self) -> Result<()> {
+        // A stopped process would only act on SIGTERM once resumed.
+        for pid in std::mem::take(&mut self.stopped) {
+            signal(pid, libc::SIGCONT);
+        }
         let info = self.info_opt()?;
         if let Some(mut up) = self.up.take() {
             signal(up.id(), libc::SIGTERM);
@@ -545,6 +594,17 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Passes `r` through, printing the daemons' log tails first if it is an error (a test
+    /// that returns `Err` does not panic, so `Drop` would not print them).
+    pub fn diagnose<T>(&self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            eprintln!("{}", self.diagnostics());
+        }
+        r
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -571,6 +631,11 @@ impl Drop for Cluster {
             if pid_alive(*pid) && is_ours {
                 signal(*pid, libc::SIGKILL);
             }
+        }
+        // RAWFS_KEEP=1 keeps the cluster directory (data and logs) for a post-mortem.
+        if std::env::var_os("RAWFS_KEEP").is_some() {
+            self.root.disable_cleanup(true);
+            eprintln!("RAWFS_KEEP: cluster kept in {}", self.root.path().display());
         }
     }
 }

@@ -8,10 +8,14 @@
 mod bad_input;
 #[path = "integration/cli.rs"]
 mod cli;
+#[path = "integration/failover.rs"]
+mod failover;
 #[path = "integration/faults.rs"]
 mod faults;
 #[path = "integration/integrity.rs"]
 mod integrity;
+#[path = "integration/nbd.rs"]
+mod nbd;
 #[path = "integration/posix.rs"]
 mod posix;
 #[path = "integration/posix_perms.rs"]

@@ -5,7 +5,7 @@
 //! same log reaches the same state and the same replies.
 
 use rawfs_metadata_api::{
-    Attr, Caller, ChunkId, ChunkLoc, Ino, MetaError, MetaResult, Name, NewNode, RenameFlags,
+    Attr, Caller, ChunkId, ChunkLoc, Ino, MetaError, MetaResult, Name, NewNode, RenameFlags, ReqId,
     ServerId, SetAttr, Timespec, XattrMode,
 };
 use serde::{Deserialize, Serialize};
@@ -133,6 +133,15 @@ pub enum Command {
     /// Several commands that arrived together, applied in order as one log entry (group
     /// commit: one log write for many callers). Replies with [`Reply::Batch`]. Not nested.
     Batch(Vec<Command>),
+    /// `cmd` on behalf of the client request `req`, applied at most once: while `req` is
+    /// remembered (about ten minutes of leader time, see `requests.rs`), a repeat returns
+    /// the first reply and changes nothing. `now` is the leader's time, which ages the
+    /// remembered requests. `cmd` is neither a `Batch` nor a `Tracked`.
+    Tracked {
+        req: ReqId,
+        now: Timespec,
+        cmd: Box<Command>,
+    },
 }
 
 /// What a command returns.
@@ -195,6 +204,7 @@ impl Command {
                 } => data_addr.len() + control_addr.len(),
                 Command::AckDeletes { chunks, .. } => 9 * chunks.len(),
                 Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum(),
+                Command::Tracked { cmd, .. } => cmd.approx_size(),
                 _ => 0,
             }
     }

@@ -32,8 +32,7 @@ const MAX_REQUESTS_PER_CONN: usize = 256;
 const MAX_CONNECTIONS: usize = 4096;
 /// How often the durability tick looks for pending non-durable commits.
 const TICK: Duration = Duration::from_millis(200);
-/// Entries between snapshots: a snapshot copies the whole state, so not too often.
-const SNAPSHOT_EVERY: u64 = 100_000;
+/// Most entries kept in the log behind a snapshot, for followers that lag a little.
 const LOGS_TO_KEEP: u64 = 10_000;
 
 pub(crate) async fn serve(
@@ -82,8 +81,9 @@ pub(crate) async fn serve(
         addr.to_string(),
         peers,
     );
-    rcfg.snapshot_every = SNAPSHOT_EVERY;
-    rcfg.logs_to_keep = LOGS_TO_KEEP;
+    rcfg.bootstrap = cfg.bootstrap;
+    rcfg.snapshot_every = cfg.snapshot_every.max(1);
+    rcfg.logs_to_keep = LOGS_TO_KEEP.min(cfg.snapshot_every / 10);
     let replica = Replica::start(rcfg, sm.clone() as Arc<dyn StateMachine>).await?;
     let raft_addr = replica.raft_addr();
 
@@ -94,6 +94,9 @@ pub(crate) async fn serve(
         proposer,
         registry: Mutex::new(Registry::new(cfg.chunkserver_timeout, Instant::now())),
         root_ready: AtomicBool::new(false),
+        addr: addr.to_string(),
+        members: Arc::default(),
+        events: crate::events::EventLog::new(),
     });
     let stop = CancellationToken::new();
     let accept = tokio::spawn(accept_loop(listener, Server(shared), stop.clone()));

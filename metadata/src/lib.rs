@@ -2,16 +2,18 @@
 //! chunkserver registry, kept in redb and replicated through the `rawfs-replication` log.
 //!
 //! ```text
-//!  MetadataClient --tarpc--> server.rs --(reads: ensure_leader + redb read txn)--> queries.rs
-//!                               |
-//!                               | mutations: leader decides time/placement, encodes a Command
-//!                               v
+//!  MetadataClient --tarpc--> server.rs --(reads: ensure_leader, or none if Local,
+//!                               |          + redb read txn)--> queries.rs
+//!                               | mutations: leader decides time/placement, encodes a
+//!                               v   Command, Tracked with the caller's request id
 //!                     Replica::propose --> log (durable) --> MetaStateMachine::apply
-//!                                                             (namespace, rename, chunks)
+//!                                                   (requests: once per id; namespace,
+//!                                                    rename, chunks)
 //!                                                                  | redb write txn
 //!                                                                  v  (durability None,
 //!                                                               meta.redb  fsync ~1/s)
 //!  chunkserver --heartbeat--> registry.rs (leader soft state) --> placement, deletions
+//!  status / replica_status / digest / add_peer / remove_peer --> cluster.rs
 //! ```
 //!
 //! Apply is deterministic: every input that is not a function of the state (the time, the
@@ -23,8 +25,18 @@
 //! - Truncation (`setattr` with a smaller size) releases only chunks that lie wholly past the
 //!   new size. The caller zeroes the rest of the last chunk (from the new size to the chunk's
 //!   end or the old size) so that a later extension reads zeros there.
-//! - `ChunkLoc::term` is the leader's term when the location was handed out: the fencing
-//!   token for chunk writes. `HeartbeatReply::term` carries the same token to chunkservers.
+//! - `ChunkLoc::term` is the leader's term when the location was handed out (for a local
+//!   read: the term of the last entry the replica applied): the fencing token for chunk
+//!   writes. `HeartbeatReply::term` carries the same token to chunkservers, which refuse
+//!   orders and writes of a term lower than the highest they have seen.
+//! - Every mutation of a client carries a `ReqId`; a repeat within about ten minutes gets
+//!   the first reply and is not applied again (`requests.rs`), so retries across a failover
+//!   are safe. `open`, `release` and `end_session` carry none (yet).
+//! - `Consistency::Local` reads are answered by any replica that knows a leader, from its
+//!   applied state: stale by up to the replication delay, without read-your-writes across
+//!   replicas (see `rawfs_metadata_api::Consistency`).
+//! - `digest` hashes the whole replicated state at the applied index it reports; replicas
+//!   at the same index must agree.
 //! - Deletions queued for a chunkserver are handed out once, on a heartbeat reply; a lost
 //!   reply is repaired by the next inventory, which names every chunk the server still holds.
 //! - Opens are per `session`; an unlinked inode stays (as an orphan, across restarts) until
@@ -32,12 +44,14 @@
 //!   `end_session` keeps its orphans (no session leases yet).
 
 mod chunks;
+mod cluster;
 mod commands;
 mod machine;
 mod namespace;
 mod queries;
 mod registry;
 mod rename;
+mod requests;
 mod store;
 
 #[cfg(test)]
@@ -48,6 +62,7 @@ pub use machine::MetaStateMachine;
 pub use store::StoreError;
 
 mod daemon;
+mod events;
 mod proposer;
 mod server;
 
@@ -59,6 +74,8 @@ use futures::Future;
 
 /// Heartbeat silence after which a chunkserver counts as down.
 pub const DEFAULT_CHUNKSERVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Entries between snapshots by default: a snapshot copies the whole state, so not too often.
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100_000;
 
 /// Configuration of one metadata replica.
 #[derive(Clone, Debug)]
@@ -73,8 +90,19 @@ pub struct MetadataConfig {
     pub data_dir: PathBuf,
     /// The other replicas; empty for a single-node group.
     pub peers: Vec<Peer>,
+    /// May this replica form a new group (with `peers`) when it finds no existing one?
+    /// True for the replicas of a brand-new initial cluster (only the lowest id actually
+    /// forms it, after checking that no peer already belongs to a group). False for a
+    /// replica that joins a running group: it starts empty and waits for the leader to add
+    /// it (`add_peer`), then catches up, by snapshot if needed. A replica with existing
+    /// state never forms a group, whatever this says.
+    pub bootstrap: bool,
     /// Heartbeat silence after which a chunkserver counts as down.
     pub chunkserver_timeout: Duration,
+    /// Log entries applied between two snapshots of the state ([`DEFAULT_SNAPSHOT_EVERY`]).
+    /// The log behind a snapshot is compacted (keeping a tenth of this, at most 10 000
+    /// entries), so a replica further behind catches up from the snapshot.
+    pub snapshot_every: u64,
 }
 
 /// Another metadata replica.

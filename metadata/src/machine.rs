@@ -10,6 +10,7 @@ use crate::chunks;
 use crate::commands::{encode_reply, Command, Reply};
 use crate::namespace as ns;
 use crate::rename;
+use crate::requests;
 use crate::store::{Fail, Op, ReadTables, Store, StoreError, Tables};
 
 /// The metadata state machine over a redb file.
@@ -34,6 +35,11 @@ impl MetaStateMachine {
     /// The underlying store (for durability ticks).
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// `(applied index, digest)` of the whole state: see [`Store::digest`].
+    pub fn digest(&self) -> Result<(u64, u64), StoreError> {
+        self.store.digest()
     }
 
     /// Runs a read-only query in a fresh read transaction.
@@ -160,6 +166,9 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             }
             Ok(Reply::Batch(out))
         }
+        Tracked { req, now, cmd } => {
+            requests::apply_once(t, *req, *now, cmd, |t, c| dispatch(t, c, term))
+        }
     }
 }
 
@@ -200,6 +209,9 @@ impl StateMachine for MetaStateMachine {
                 };
                 out.push(encode_reply(&reply).map_err(storage)?);
             }
+        }
+        if let Some(last) = entries.last() {
+            Store::put_applied(&txn, last.index, last.term).map_err(storage)?;
         }
         Store::put_replication_state(&txn, replication_state).map_err(storage)?;
         self.store

@@ -1,22 +1,27 @@
-//! The tarpc `MetadataRpc` service: reads behind a leadership check, mutations through the
-//! replicated log, heartbeats into the leader's registry.
+//! The tarpc `MetadataRpc` service: reads behind a leadership check (or from the local state
+//! when the caller accepts staleness), mutations through the replicated log, heartbeats into
+//! the leader's registry.
 //!
-//! Reads call `Replica::ensure_leader` (a ReadIndex round: the state machine has applied
-//! everything acknowledged before the call) and then read one redb snapshot. Mutations stamp
-//! the leader's time (and, for new chunks, its placement) into a [`Command`] and propose it.
-//! A follower answers both with `NotLeader` naming the leader's client address.
+//! Linearizable reads call `Replica::ensure_leader` (a ReadIndex round or the leader lease:
+//! the state machine has applied everything acknowledged before the call) and then read one
+//! redb snapshot. Local reads skip that check on any replica that knows of a leader.
+//! Mutations stamp the leader's time (and, for new chunks, its placement) into a
+//! [`Command`], wrapped in [`Command::Tracked`] with the caller's request id, and propose it.
+//! A follower answers mutations and linearizable reads with `NotLeader` naming the leader's
+//! client address.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use rawfs_metadata_api::*;
-use rawfs_replication::{ProposeError, Replica, Role};
+use rawfs_replication::{Node, ProposeError, Replica, Role};
 use serde_bytes::ByteBuf;
 use tarpc::context::Context;
 
+use crate::cluster::{own_status, Members};
 use crate::commands::{Command, Reply};
+use crate::events::{self, EventLog};
 use crate::machine::MetaStateMachine;
 use crate::proposer::Proposer;
 use crate::queries;
@@ -32,6 +37,12 @@ pub(crate) struct Shared {
     pub registry: Mutex<Registry>,
     /// The root directory is known to exist (no need to propose `Init`).
     pub root_ready: AtomicBool,
+    /// This replica's client address (for `replica_status`).
+    pub addr: String,
+    /// Connections to the other members and membership changes in progress.
+    pub members: Arc<Members>,
+    /// Cache invalidations published to watching clients while this replica leads.
+    pub events: EventLog,
 }
 
 /// One handle on the shared state per request (cheap clone).
@@ -50,6 +61,7 @@ pub(crate) fn propose_error(e: ProposeError) -> MetaError {
             term,
         },
         ProposeError::Unavailable { reason } => MetaError::Unavailable { reason },
+        ProposeError::Rejected { reason } => MetaError::Invalid { reason },
         ProposeError::Fatal { reason } => {
             // This replica has stopped; another one may answer, so the caller may retry.
             tracing::error!(%reason, "replica failed");
@@ -58,8 +70,17 @@ pub(crate) fn propose_error(e: ProposeError) -> MetaError {
     }
 }
 
+/// `cmd` applied at most once for the caller's request `req` (see `requests.rs`).
+fn tracked(req: ReqId, now: Timespec, cmd: Command) -> Command {
+    Command::Tracked {
+        req,
+        now,
+        cmd: Box::new(cmd),
+    }
+}
+
 impl Server {
-    fn registry(&self) -> MutexGuard<'_, Registry> {
+    pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
         self.0.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -106,14 +127,110 @@ impl Server {
         self.propose(cmd).await
     }
 
-    /// A linearizable read; returns the query's result and the leader's term.
-    async fn query<T>(&self, f: impl FnOnce(&ReadTables, u64) -> Op<T>) -> MetaResult<T> {
-        let term = self.leader_term().await?;
-        self.ensure_root().await?;
-        self.0.sm.read(|rt| f(rt, term))
+    /// A namespace mutation on behalf of request `req`, applied at most once.
+    async fn mutate_once(&self, req: ReqId, now: Timespec, cmd: Command) -> MetaResult<Reply> {
+        let replaced = self.replaced_by(&cmd);
+        let invals = events::invals(&cmd, &replaced);
+        let reply = self.mutate(tracked(req, now, cmd)).await?;
+        // Published before the caller hears back, so another mount drops its stale copy
+        // about as soon as the change is visible. A failed change publishes nothing.
+        let term = self.0.replica.status().term;
+        self.0.events.publish(term, req.client, invals);
+        Ok(reply)
     }
 
-    async fn do_allocate(&self, ino: Ino, index: u64) -> MetaResult<ChunkLoc> {
+    /// The inodes that the entries `cmd` removes or replaces name now (their link counts
+    /// change); empty for other commands. Read before proposing: if the entry changes
+    /// meanwhile, that change publishes its own events.
+    fn replaced_by(&self, cmd: &Command) -> events::Replaced {
+        let at = |parent: Ino, name: &[u8]| {
+            self.0
+                .sm
+                .read(|rt| queries::lookup(rt, parent, name))
+                .ok()
+                .map(|a| a.ino)
+        };
+        let inos = match cmd {
+            Command::Unlink { parent, name, .. } => at(*parent, name).into_iter().collect(),
+            Command::Rename {
+                parent,
+                name,
+                newparent,
+                newname,
+                ..
+            } => at(*parent, name)
+                .into_iter()
+                .chain(at(*newparent, newname))
+                .collect(),
+            _ => Vec::new(),
+        };
+        events::Replaced { inos }
+    }
+
+    /// A read at `consistency`; `f` gets the read transaction and the fencing term to put
+    /// in chunk locations.
+    async fn query<T>(
+        &self,
+        consistency: Consistency,
+        f: impl FnOnce(&ReadTables, u64) -> Op<T>,
+    ) -> MetaResult<T> {
+        match consistency {
+            Consistency::Linearizable => {
+                let term = self.leader_term().await?;
+                self.ensure_root().await?;
+                self.0.sm.read(|rt| f(rt, term))
+            }
+            Consistency::Local => {
+                self.local_ready().await?;
+                // The term of the last applied entry: a location read here fences like one
+                // handed out by the leader that wrote this state.
+                self.0.sm.read(|rt| f(rt, rt.applied_term()?))
+            }
+        }
+    }
+
+    /// Checks that this replica may answer a local read: it knows of a leader (a replica
+    /// cut off from the group loses its leader at its next election timeout and stops
+    /// answering, rather than serving an ever older state) and has the root directory.
+    async fn local_ready(&self) -> MetaResult<()> {
+        let st = self.0.replica.status();
+        let following = matches!(st.role, Role::Leader | Role::Follower | Role::Learner);
+        if !following || st.leader.is_none() {
+            return Err(MetaError::Unavailable {
+                reason: "this replica knows no leader; its state may be stale".into(),
+            });
+        }
+        if self.0.root_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if st.role == Role::Leader {
+            return self.ensure_root().await;
+        }
+        let exists = self
+            .0
+            .sm
+            .read(|rt| Ok(crate::store::get_inode(&rt.inodes, ROOT_INO)?.is_some()))?;
+        if !exists {
+            return Err(MetaError::Unavailable {
+                reason: "this replica has not applied the root directory yet".into(),
+            });
+        }
+        self.0.root_ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// A redirect to the leader as this replica knows it (for calls only the leader can
+    /// answer, even at local consistency).
+    fn not_leader(&self) -> MetaError {
+        let st = self.0.replica.status();
+        propose_error(ProposeError::NotLeader {
+            leader: st.leader,
+            leader_node: st.leader_node,
+            term: st.term,
+        })
+    }
+
+    async fn do_allocate(&self, ino: Ino, index: u64, req: ReqId) -> MetaResult<ChunkLoc> {
         let term = self.leader_term().await?;
         let (existing, key) = self.0.sm.read(|rt| {
             Ok((
@@ -154,13 +271,14 @@ impl Server {
                 "fewer live chunkservers than replicas: new chunk is under-replicated"
             );
         }
-        self.propose(Command::AllocateChunk {
+        let cmd = Command::AllocateChunk {
             ino,
             index,
             servers,
-        })
-        .await?
-        .into_chunk()
+        };
+        self.propose(tracked(req, Timespec::now(), cmd))
+            .await?
+            .into_chunk()
     }
 
     async fn do_heartbeat(&self, hb: Heartbeat) -> MetaResult<HeartbeatReply> {
@@ -230,80 +348,27 @@ impl Server {
         delete.dedup();
         Ok(HeartbeatReply { term, delete })
     }
-
-    fn build_status(&self, term: u64) -> MetaResult<ClusterStatus> {
-        let st = self.0.replica.status();
-        let now = Instant::now();
-        // One look at the registry, not one lock per replica of every chunk.
-        let up: HashSet<ServerId> = self.registry().up_servers(now);
-        let is_up = |s| up.contains(&s);
-        let (counts, per_server, servers, files) = self.0.sm.read(|rt| {
-            let (counts, per) = queries::chunk_counts(rt, &is_up)?;
-            Ok((counts, per, queries::servers(rt)?, queries::files(rt)?))
-        })?;
-        let reg = self.registry();
-        let chunkservers = servers
-            .into_iter()
-            .map(|(id, rec)| {
-                let live = reg.get(id);
-                ChunkserverStatus {
-                    id,
-                    data_addr: rec.data_addr,
-                    control_addr: rec.control_addr,
-                    up: reg.is_up(id, now),
-                    healthy: live.is_some_and(|l| l.healthy),
-                    used_bytes: live.map_or(0, |l| l.used_bytes),
-                    total_bytes: live.map_or(0, |l| l.total_bytes),
-                    chunks: per_server.get(&id).copied().unwrap_or(0),
-                    last_seen_ms: live.map_or(u64::MAX, |l| {
-                        now.saturating_duration_since(l.last_seen).as_millis() as u64
-                    }),
-                }
-            })
-            .collect();
-        let replicas = st
-            .members
-            .iter()
-            .map(|(&id, node)| {
-                let me = id == st.id;
-                ReplicaStatus {
-                    id,
-                    addr: node.client_addr.clone(),
-                    role: if me {
-                        st.role.to_string()
-                    } else if st.role == Role::Leader {
-                        "follower".into()
-                    } else {
-                        "unknown".into()
-                    },
-                    term: st.term,
-                    applied: if me { st.last_applied } else { 0 },
-                }
-            })
-            .collect();
-        Ok(ClusterStatus {
-            leader: st.leader,
-            term,
-            replicas,
-            chunkservers,
-            chunks: counts,
-            files,
-        })
-    }
 }
 
 impl MetadataRpc for Server {
-    async fn lookup(self, _: Context, parent: Ino, name: Name) -> MetaResult<Attr> {
-        self.query(|rt, _| queries::lookup(rt, parent, &name)).await
+    async fn lookup(
+        self,
+        _: Context,
+        parent: Ino,
+        name: Name,
+        read: Consistency,
+    ) -> MetaResult<Attr> {
+        self.query(read, |rt, _| queries::lookup(rt, parent, &name))
+            .await
     }
 
-    async fn getattr(self, _: Context, ino: Ino) -> MetaResult<Attr> {
-        self.query(|rt, _| queries::getattr(rt, ino)).await
+    async fn getattr(self, _: Context, ino: Ino, read: Consistency) -> MetaResult<Attr> {
+        self.query(read, |rt, _| queries::getattr(rt, ino)).await
     }
 
-    async fn setattr(self, _: Context, ino: Ino, set: SetAttr) -> MetaResult<Attr> {
+    async fn setattr(self, _: Context, ino: Ino, set: SetAttr, req: ReqId) -> MetaResult<Attr> {
         let now = Timespec::now();
-        self.mutate(Command::SetAttr { ino, set, now })
+        self.mutate_once(req, now, Command::SetAttr { ino, set, now })
             .await?
             .into_attr()
     }
@@ -315,6 +380,7 @@ impl MetadataRpc for Server {
         name: Name,
         node: NewNode,
         caller: Caller,
+        req: ReqId,
     ) -> MetaResult<Attr> {
         let now = Timespec::now();
         let cmd = Command::Mknod {
@@ -324,7 +390,7 @@ impl MetadataRpc for Server {
             caller,
             now,
         };
-        self.mutate(cmd).await?.into_attr()
+        self.mutate_once(req, now, cmd).await?.into_attr()
     }
 
     async fn create(
@@ -335,6 +401,7 @@ impl MetadataRpc for Server {
         node: NewNode,
         caller: Caller,
         session: u64,
+        req: ReqId,
     ) -> MetaResult<Attr> {
         let now = Timespec::now();
         let cmd = Command::Create {
@@ -345,7 +412,7 @@ impl MetadataRpc for Server {
             session,
             now,
         };
-        self.mutate(cmd).await?.into_attr()
+        self.mutate_once(req, now, cmd).await?.into_attr()
     }
 
     async fn symlink(
@@ -355,6 +422,7 @@ impl MetadataRpc for Server {
         name: Name,
         target: ByteBuf,
         caller: Caller,
+        req: ReqId,
     ) -> MetaResult<Attr> {
         let now = Timespec::now();
         let cmd = Command::Symlink {
@@ -364,14 +432,21 @@ impl MetadataRpc for Server {
             caller,
             now,
         };
-        self.mutate(cmd).await?.into_attr()
+        self.mutate_once(req, now, cmd).await?.into_attr()
     }
 
-    async fn readlink(self, _: Context, ino: Ino) -> MetaResult<ByteBuf> {
-        self.query(|rt, _| queries::readlink(rt, ino)).await
+    async fn readlink(self, _: Context, ino: Ino, read: Consistency) -> MetaResult<ByteBuf> {
+        self.query(read, |rt, _| queries::readlink(rt, ino)).await
     }
 
-    async fn link(self, _: Context, ino: Ino, newparent: Ino, newname: Name) -> MetaResult<Attr> {
+    async fn link(
+        self,
+        _: Context,
+        ino: Ino,
+        newparent: Ino,
+        newname: Name,
+        req: ReqId,
+    ) -> MetaResult<Attr> {
         let now = Timespec::now();
         let cmd = Command::Link {
             ino,
@@ -379,19 +454,19 @@ impl MetadataRpc for Server {
             newname,
             now,
         };
-        self.mutate(cmd).await?.into_attr()
+        self.mutate_once(req, now, cmd).await?.into_attr()
     }
 
-    async fn unlink(self, _: Context, parent: Ino, name: Name) -> MetaResult<()> {
+    async fn unlink(self, _: Context, parent: Ino, name: Name, req: ReqId) -> MetaResult<()> {
         let now = Timespec::now();
-        self.mutate(Command::Unlink { parent, name, now })
+        self.mutate_once(req, now, Command::Unlink { parent, name, now })
             .await?
             .into_unit()
     }
 
-    async fn rmdir(self, _: Context, parent: Ino, name: Name) -> MetaResult<()> {
+    async fn rmdir(self, _: Context, parent: Ino, name: Name, req: ReqId) -> MetaResult<()> {
         let now = Timespec::now();
-        self.mutate(Command::Rmdir { parent, name, now })
+        self.mutate_once(req, now, Command::Rmdir { parent, name, now })
             .await?
             .into_unit()
     }
@@ -404,6 +479,7 @@ impl MetadataRpc for Server {
         newparent: Ino,
         newname: Name,
         flags: RenameFlags,
+        req: ReqId,
     ) -> MetaResult<()> {
         let now = Timespec::now();
         let cmd = Command::Rename {
@@ -414,7 +490,7 @@ impl MetadataRpc for Server {
             flags,
             now,
         };
-        self.mutate(cmd).await?.into_unit()
+        self.mutate_once(req, now, cmd).await?.into_unit()
     }
 
     async fn readdir(
@@ -423,8 +499,9 @@ impl MetadataRpc for Server {
         ino: Ino,
         cookie: u64,
         limit: u32,
+        read: Consistency,
     ) -> MetaResult<Vec<DirEntry>> {
-        self.query(|rt, _| queries::readdir(rt, ino, cookie, limit))
+        self.query(read, |rt, _| queries::readdir(rt, ino, cookie, limit))
             .await
     }
 
@@ -446,8 +523,13 @@ impl MetadataRpc for Server {
             .into_unit()
     }
 
-    async fn statfs(self, _: Context) -> MetaResult<StatFs> {
-        let files = self.query(|rt, _| queries::files(rt)).await?;
+    async fn statfs(self, _: Context, read: Consistency) -> MetaResult<StatFs> {
+        // Capacity lives in the leader's registry (heartbeats), so even a local statfs is
+        // the leader's to answer; only the leadership confirmation is skipped.
+        if read == Consistency::Local && self.0.replica.status().role != Role::Leader {
+            return Err(self.not_leader());
+        }
+        let files = self.query(read, |rt, _| queries::files(rt)).await?;
         let (total_bytes, free_bytes) = self.registry().capacity(Instant::now());
         Ok(StatFs {
             total_bytes,
@@ -461,6 +543,27 @@ impl MetadataRpc for Server {
         self.0.replica.sync_log().await.map_err(propose_error)
     }
 
+    async fn watch(
+        self,
+        _: Context,
+        epoch: u64,
+        from: u64,
+        wait_ms: u32,
+    ) -> MetaResult<WatchReply> {
+        // Only the leader publishes; a role check is enough (a deposed leader's events are
+        // of its old term, and its clients move to the new leader's epoch).
+        let st = self.0.replica.status();
+        if st.role != Role::Leader {
+            return Err(MetaError::NotLeader {
+                leader: st.leader,
+                leader_addr: st.leader_node.map(|n| n.client_addr),
+                term: st.term,
+            });
+        }
+        let wait = std::time::Duration::from_millis(u64::from(wait_ms));
+        Ok(self.0.events.watch(st.term, epoch, from, wait).await)
+    }
+
     async fn setxattr(
         self,
         _: Context,
@@ -468,6 +571,7 @@ impl MetadataRpc for Server {
         name: Name,
         value: ByteBuf,
         mode: XattrMode,
+        req: ReqId,
     ) -> MetaResult<()> {
         let now = Timespec::now();
         let cmd = Command::SetXattr {
@@ -477,20 +581,27 @@ impl MetadataRpc for Server {
             mode,
             now,
         };
-        self.mutate(cmd).await?.into_unit()
+        self.mutate_once(req, now, cmd).await?.into_unit()
     }
 
-    async fn getxattr(self, _: Context, ino: Ino, name: Name) -> MetaResult<ByteBuf> {
-        self.query(|rt, _| queries::getxattr(rt, ino, &name)).await
+    async fn getxattr(
+        self,
+        _: Context,
+        ino: Ino,
+        name: Name,
+        read: Consistency,
+    ) -> MetaResult<ByteBuf> {
+        self.query(read, |rt, _| queries::getxattr(rt, ino, &name))
+            .await
     }
 
-    async fn listxattr(self, _: Context, ino: Ino) -> MetaResult<Vec<Name>> {
-        self.query(|rt, _| queries::listxattr(rt, ino)).await
+    async fn listxattr(self, _: Context, ino: Ino, read: Consistency) -> MetaResult<Vec<Name>> {
+        self.query(read, |rt, _| queries::listxattr(rt, ino)).await
     }
 
-    async fn removexattr(self, _: Context, ino: Ino, name: Name) -> MetaResult<()> {
+    async fn removexattr(self, _: Context, ino: Ino, name: Name, req: ReqId) -> MetaResult<()> {
         let now = Timespec::now();
-        self.mutate(Command::RemoveXattr { ino, name, now })
+        self.mutate_once(req, now, Command::RemoveXattr { ino, name, now })
             .await?
             .into_unit()
     }
@@ -501,13 +612,22 @@ impl MetadataRpc for Server {
         ino: Ino,
         first: u64,
         count: u64,
+        read: Consistency,
     ) -> MetaResult<Vec<ChunkLoc>> {
-        self.query(|rt, term| queries::chunks(rt, ino, first, count, term))
-            .await
+        self.query(read, |rt, term| {
+            queries::chunks(rt, ino, first, count, term)
+        })
+        .await
     }
 
-    async fn allocate_chunk(self, _: Context, ino: Ino, index: u64) -> MetaResult<ChunkLoc> {
-        self.do_allocate(ino, index).await
+    async fn allocate_chunk(
+        self,
+        _: Context,
+        ino: Ino,
+        index: u64,
+        req: ReqId,
+    ) -> MetaResult<ChunkLoc> {
+        self.do_allocate(ino, index, req).await
     }
 
     async fn commit_write(
@@ -516,6 +636,7 @@ impl MetadataRpc for Server {
         ino: Ino,
         end: u64,
         stored_delta: i64,
+        req: ReqId,
     ) -> MetaResult<Attr> {
         let now = Timespec::now();
         let cmd = Command::CommitWrite {
@@ -524,10 +645,17 @@ impl MetadataRpc for Server {
             stored_delta,
             now,
         };
-        self.mutate(cmd).await?.into_attr()
+        self.mutate_once(req, now, cmd).await?.into_attr()
     }
 
-    async fn release_chunks(self, _: Context, ino: Ino, first: u64, count: u64) -> MetaResult<()> {
+    async fn release_chunks(
+        self,
+        _: Context,
+        ino: Ino,
+        first: u64,
+        count: u64,
+        req: ReqId,
+    ) -> MetaResult<()> {
         let now = Timespec::now();
         let cmd = Command::ReleaseChunks {
             ino,
@@ -535,7 +663,7 @@ impl MetadataRpc for Server {
             count,
             now,
         };
-        self.mutate(cmd).await?.into_unit()
+        self.mutate_once(req, now, cmd).await?.into_unit()
     }
 
     async fn drop_replica(
@@ -544,13 +672,16 @@ impl MetadataRpc for Server {
         chunk: ChunkId,
         expected_version: u64,
         server: ServerId,
+        req: ReqId,
     ) -> MetaResult<ChunkLoc> {
         let cmd = Command::DropReplica {
             chunk,
             expected_version,
             server,
         };
-        self.propose(cmd).await?.into_chunk()
+        self.propose(tracked(req, Timespec::now(), cmd))
+            .await?
+            .into_chunk()
     }
 
     async fn heartbeat(self, _: Context, hb: Heartbeat) -> MetaResult<HeartbeatReply> {
@@ -560,11 +691,58 @@ impl MetadataRpc for Server {
     async fn status(self, _: Context) -> MetaResult<ClusterStatus> {
         let term = self.leader_term().await?;
         let me = self.clone();
-        // A full scan of the chunk map: keep it off the async workers.
-        tokio::task::spawn_blocking(move || me.build_status(term))
+        // A full scan of the chunk map: keep it off the async workers. The members are
+        // asked meanwhile.
+        let scan = tokio::task::spawn_blocking(move || me.build_status(term));
+        let st = self.0.replica.status();
+        let members = self.0.members.statuses(&st, &self.0.addr);
+        let (scan, replicas) = futures::join!(scan, members);
+        let mut status = scan.map_err(|e| MetaError::Unavailable {
+            reason: format!("status task failed: {e}"),
+        })??;
+        status.replicas = replicas;
+        Ok(status)
+    }
+
+    async fn replica_status(self, _: Context) -> MetaResult<ReplicaStatus> {
+        Ok(own_status(&self.0.replica.status(), &self.0.addr))
+    }
+
+    async fn digest(self, _: Context) -> MetaResult<StateDigest> {
+        let sm = self.0.sm.clone();
+        let (applied, digest) = tokio::task::spawn_blocking(move || sm.digest())
             .await
             .map_err(|e| MetaError::Unavailable {
-                reason: format!("status task failed: {e}"),
+                reason: format!("digest task failed: {e}"),
             })?
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot compute the state digest");
+                MetaError::Storage {
+                    reason: e.to_string(),
+                }
+            })?;
+        Ok(StateDigest { applied, digest })
+    }
+
+    async fn add_peer(
+        self,
+        _: Context,
+        id: u64,
+        addr: String,
+        raft_addr: String,
+    ) -> MetaResult<()> {
+        let node = Node {
+            raft_addr,
+            client_addr: addr,
+        };
+        self.0
+            .members
+            .add_peer(&self.0.replica, id, node)
+            .await
+            .map_err(propose_error)
+    }
+
+    async fn remove_peer(self, _: Context, id: u64) -> MetaResult<()> {
+        self.0.replica.remove_peer(id).await.map_err(propose_error)
     }
 }

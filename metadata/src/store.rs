@@ -49,6 +49,14 @@ pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("co
 pub(crate) const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
 /// (server, chunk) -> (): chunks the server should delete, handed out on heartbeat replies.
 pub(crate) const DELETIONS: TableDefinition<(u64, u64), ()> = TableDefinition::new("deletions");
+/// (client, seq) -> encoded reply of a mutation that carried that request id.
+pub(crate) const REQUESTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("requests");
+/// (leader time in seconds, client, seq) -> (): REQUESTS by age, for pruning.
+pub(crate) const REQUEST_AGES: TableDefinition<(u64, u64, u64), ()> =
+    TableDefinition::new("request_ages");
+/// "index" / "term" -> the last applied log entry's index and term. Bookkeeping, not part of
+/// the state digest (it is in snapshots, so a restored state knows where it stands).
+pub(crate) const APPLIED: TableDefinition<&str, u64> = TableDefinition::new("applied");
 /// key -> blob owned by the replication crate (last applied log id, membership).
 pub(crate) const REPL: TableDefinition<&str, &[u8]> = TableDefinition::new("replication");
 
@@ -56,6 +64,8 @@ pub(crate) const NEXT_INO: &str = "next_ino";
 pub(crate) const NEXT_CHUNK: &str = "next_chunk";
 pub(crate) const INODE_COUNT: &str = "inode_count";
 const REPL_KEY: &str = "state";
+pub(crate) const APPLIED_INDEX: &str = "index";
+pub(crate) const APPLIED_TERM: &str = "term";
 
 /// Current format version of every encoded record.
 const FORMAT: u8 = 1;
@@ -225,6 +235,8 @@ pub(crate) struct Tables<'t> {
     pub counters: Table<'t, &'static str, u64>,
     pub servers: Table<'t, u64, &'static [u8]>,
     pub deletions: Table<'t, (u64, u64), ()>,
+    pub requests: Table<'t, (u64, u64), &'static [u8]>,
+    pub request_ages: Table<'t, (u64, u64, u64), ()>,
 }
 
 impl<'t> Tables<'t> {
@@ -243,6 +255,8 @@ impl<'t> Tables<'t> {
             counters: txn.open_table(COUNTERS)?,
             servers: txn.open_table(SERVERS)?,
             deletions: txn.open_table(DELETIONS)?,
+            requests: txn.open_table(REQUESTS)?,
+            request_ages: txn.open_table(REQUEST_AGES)?,
         })
     }
 
@@ -279,6 +293,7 @@ pub(crate) struct ReadTables {
     pub counters: ReadOnlyTable<&'static str, u64>,
     pub servers: ReadOnlyTable<u64, &'static [u8]>,
     pub deletions: ReadOnlyTable<(u64, u64), ()>,
+    pub applied: ReadOnlyTable<&'static str, u64>,
 }
 
 impl ReadTables {
@@ -294,11 +309,21 @@ impl ReadTables {
             counters: txn.open_table(COUNTERS)?,
             servers: txn.open_table(SERVERS)?,
             deletions: txn.open_table(DELETIONS)?,
+            applied: txn.open_table(APPLIED)?,
         })
     }
 
     pub fn counter(&self, name: &str) -> Result<u64, StoreError> {
         Ok(self.counters.get(name)?.map(|g| g.value()).unwrap_or(0))
+    }
+
+    /// The term of the last applied entry: the fencing token of a location read locally.
+    pub fn applied_term(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .applied
+            .get(APPLIED_TERM)?
+            .map(|g| g.value())
+            .unwrap_or(0))
     }
 }
 
@@ -342,25 +367,47 @@ pub(crate) fn get_server(
 }
 
 /// Snapshot layout (one flat buffer, so a large state does not fragment the heap):
-/// `b"RAWFSMS1"`, then per table: name (u32 length + bytes), row count (u64), rows as
+/// `b"RAWFSMS2"`, then per table: name (u32 length + bytes), row count (u64), rows as
 /// (u32 key length, key, u32 value length, value); the replication blob last (u32 length +
-/// bytes, `u32::MAX` for none). Integers are little-endian.
-const SNAPSHOT_MAGIC: &[u8; 8] = b"RAWFSMS1";
+/// bytes, `u32::MAX` for none). Integers are little-endian. Version 1 (`b"RAWFSMS1"`) lacks
+/// the tables of [`for_tables_v2`] and is still restored (with those tables empty).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"RAWFSMS2";
+const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"RAWFSMS1";
 
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-    out.extend_from_slice(b);
+/// Where table rows are written: a snapshot buffer or the digest's hasher.
+trait Sink {
+    fn put(&mut self, b: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, b: &[u8]) {
+        self.extend_from_slice(b);
+    }
+}
+
+/// FNV-1a 64: a fixed, documented hash, so digests compare across processes and builds.
+struct Digest(fnv::FnvHasher);
+
+impl Sink for Digest {
+    fn put(&mut self, b: &[u8]) {
+        std::hash::Hasher::write(&mut self.0, b);
+    }
+}
+
+fn put_bytes(out: &mut impl Sink, b: &[u8]) {
+    out.put(&(b.len() as u32).to_le_bytes());
+    out.put(b);
 }
 
 fn dump<K: redb::Key + 'static, V: redb::Value + 'static>(
     txn: &ReadTransaction,
     def: TableDefinition<K, V>,
     name: &str,
-    out: &mut Vec<u8>,
+    out: &mut impl Sink,
 ) -> Result<(), StoreError> {
     let table = txn.open_table(def)?;
     put_bytes(out, name.as_bytes());
-    out.extend_from_slice(&table.len()?.to_le_bytes());
+    out.put(&table.len()?.to_le_bytes());
     for item in table.iter()? {
         let (k, v) = item?;
         put_bytes(out, K::as_bytes(&k.value()).as_ref());
@@ -429,7 +476,8 @@ fn load<K: redb::Key + 'static, V: redb::Value + 'static>(
     Ok(())
 }
 
-/// Calls `$f!(def, "name")` for every table, so that dump and load cannot miss one.
+/// Calls `$f!(def, "name")` for every table of snapshot format 1, so that dump, load and
+/// the digest cannot miss one.
 macro_rules! for_tables {
     ($f:ident) => {
         $f!(INODES, "inodes");
@@ -445,6 +493,17 @@ macro_rules! for_tables {
         $f!(COUNTERS, "counters");
         $f!(SERVERS, "servers");
         $f!(DELETIONS, "deletions");
+    };
+}
+
+/// The tables snapshot format 2 adds after those of [`for_tables`]. The request table is
+/// state (a replica restored from a snapshot must still recognise a retried request);
+/// `applied` is bookkeeping, left out of the digest.
+macro_rules! for_tables_v2 {
+    ($f:ident) => {
+        $f!(REQUESTS, "requests");
+        $f!(REQUEST_AGES, "request_ages");
+        $f!(APPLIED, "applied");
     };
 }
 
@@ -476,6 +535,7 @@ impl Store {
                 t.set_counter(NEXT_CHUNK, 1)?;
             }
             txn.open_table(REPL)?;
+            txn.open_table(APPLIED)?;
         }
         txn.commit()?;
         Ok(Store {
@@ -567,6 +627,7 @@ impl Store {
             };
         }
         for_tables!(dump_one);
+        for_tables_v2!(dump_one);
         match txn.open_table(REPL)?.get(REPL_KEY)? {
             Some(g) => put_bytes(&mut out, g.value()),
             None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
@@ -577,16 +638,28 @@ impl Store {
     /// Replaces every table with the snapshot's rows, durably.
     pub fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
         let mut cur = Cursor { b: snapshot };
-        if cur.take(SNAPSHOT_MAGIC.len())? != SNAPSHOT_MAGIC {
-            return Err(Cursor::corrupt("bad magic"));
-        }
+        let v2 = match cur.take(SNAPSHOT_MAGIC.len())? {
+            m if m == SNAPSHOT_MAGIC => true,
+            m if m == SNAPSHOT_MAGIC_V1 => false,
+            _ => return Err(Cursor::corrupt("bad magic")),
+        };
         let txn = self.db.begin_write()?;
         macro_rules! load_one {
             ($def:expr, $name:expr) => {
                 load(&txn, $def, $name, &mut cur)?;
             };
         }
+        macro_rules! clear_one {
+            ($def:expr, $name:expr) => {
+                txn.open_table($def)?.retain(|_, _| false)?;
+            };
+        }
         for_tables!(load_one);
+        if v2 {
+            for_tables_v2!(load_one);
+        } else {
+            for_tables_v2!(clear_one);
+        }
         {
             let mut repl = txn.open_table(REPL)?;
             repl.retain(|_, _| false)?;
@@ -601,6 +674,40 @@ impl Store {
         }
         txn.commit()?;
         self.dirty.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// `(applied index, digest)`: a hash of every state table (all but `applied` and the
+    /// replication blob) and the index of the last entry applied to it, from one read
+    /// transaction, so the two belong together.
+    pub fn digest(&self) -> Result<(u64, u64), StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut h = Digest(fnv::FnvHasher::default());
+        macro_rules! hash_one {
+            ($def:expr, $name:expr) => {
+                dump(&txn, $def, $name, &mut h)?;
+            };
+        }
+        for_tables!(hash_one);
+        hash_one!(REQUESTS, "requests");
+        hash_one!(REQUEST_AGES, "request_ages");
+        let applied = txn
+            .open_table(APPLIED)?
+            .get(APPLIED_INDEX)?
+            .map(|g| g.value())
+            .unwrap_or(0);
+        Ok((applied, std::hash::Hasher::finish(&h.0)))
+    }
+
+    /// Records the last applied entry inside the write transaction that applied it.
+    pub(crate) fn put_applied(
+        txn: &WriteTransaction,
+        index: u64,
+        term: u64,
+    ) -> Result<(), StoreError> {
+        let mut t = txn.open_table(APPLIED)?;
+        t.insert(APPLIED_INDEX, index)?;
+        t.insert(APPLIED_TERM, term)?;
         Ok(())
     }
 }

@@ -24,7 +24,9 @@ async fn start(dir: &Path) -> (MetadataHandle, oneshot::Sender<()>) {
         raft_listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_path_buf(),
         peers: vec![],
+        bootstrap: true,
         chunkserver_timeout: Duration::from_secs(2),
+        snapshot_every: rawfs_metadata::DEFAULT_SNAPSHOT_EVERY,
     };
     let h = serve(cfg, async move {
         let _ = rx.await;
@@ -347,7 +349,9 @@ async fn three_replicas_redirect_and_survive_the_leader() {
             raft_listen: raft_addr(i).parse().unwrap(),
             data_dir: dir.path().to_path_buf(),
             peers,
+            bootstrap: true,
             chunkserver_timeout: Duration::from_secs(2),
+            snapshot_every: rawfs_metadata::DEFAULT_SNAPSHOT_EVERY,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let h = serve(cfg, async move {
@@ -399,7 +403,9 @@ fn run_child(dir: &str) {
             raft_listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.into(),
             peers: vec![],
+            bootstrap: true,
             chunkserver_timeout: Duration::from_secs(2),
+            snapshot_every: rawfs_metadata::DEFAULT_SNAPSHOT_EVERY,
         };
         let h = serve(cfg, futures::future::pending()).await.unwrap();
         println!("CHILD-ADDR {}", h.addr());

@@ -162,16 +162,23 @@ impl Respond for ReplyXattr {
 /// The filesystem handed to fuser.
 pub(crate) struct RawFs {
     inner: Arc<Inner>,
+    /// Multi-threaded: data operations (read, write, flush, fsync, ...).
     rt: tokio::runtime::Handle,
+    /// One thread: pure metadata operations (see `session::MetaRuntime` for why).
+    meta_rt: tokio::runtime::Handle,
 }
 
 impl RawFs {
-    pub(crate) fn new(inner: Arc<Inner>, rt: tokio::runtime::Handle) -> Self {
-        RawFs { inner, rt }
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        rt: tokio::runtime::Handle,
+        meta_rt: tokio::runtime::Handle,
+    ) -> Self {
+        RawFs { inner, rt, meta_rt }
     }
 
-    /// Runs `fut` on the runtime and answers `reply` with its result.
-    fn spawn<R, F>(&self, reply: R, fut: F)
+    /// Runs `fut` on `rt` and answers `reply` with its result.
+    fn spawn_in<R, F>(&self, rt: &tokio::runtime::Handle, reply: R, fut: F)
     where
         R: Respond,
         F: Future<Output = Result<R::Value, Errno>> + Send + 'static,
@@ -183,13 +190,31 @@ impl RawFs {
                     Err(e) => reply.err(e),
                 }
             },
-            &self.rt,
+            rt,
         );
     }
 
-    /// Runs a task that answers its reply itself (directory listings fill a buffer).
-    fn spawn_raw<F: Future<Output = ()> + Send + 'static>(&self, fut: F) {
-        self.inner.tasks.spawn_on(fut, &self.rt);
+    /// A data operation: on the multi-threaded runtime.
+    fn spawn<R, F>(&self, reply: R, fut: F)
+    where
+        R: Respond,
+        F: Future<Output = Result<R::Value, Errno>> + Send + 'static,
+    {
+        self.spawn_in(&self.rt, reply, fut);
+    }
+
+    /// A metadata operation: on the metadata thread.
+    fn spawn_meta<R, F>(&self, reply: R, fut: F)
+    where
+        R: Respond,
+        F: Future<Output = Result<R::Value, Errno>> + Send + 'static,
+    {
+        self.spawn_in(&self.meta_rt, reply, fut);
+    }
+
+    /// A metadata task that answers its reply itself (directory listings fill a buffer).
+    fn spawn_raw_meta<F: Future<Output = ()> + Send + 'static>(&self, fut: F) {
+        self.inner.tasks.spawn_on(fut, &self.meta_rt);
     }
 
     fn ino(&self, ino: INodeNo) -> u64 {
@@ -235,7 +260,7 @@ impl Filesystem for RawFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
-        self.spawn(reply, async move { inner.getattr(ino).await });
+        self.spawn_meta(reply, async move { inner.getattr(ino).await });
     }
 
     fn setattr(
@@ -263,12 +288,12 @@ impl Filesystem for RawFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
         let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(n));
-        self.spawn(reply, async move { inner.lookup(parent, n?).await });
+        self.spawn_meta(reply, async move { inner.lookup(parent, n?).await });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
-        self.spawn(reply, async move { inner.readlink(ino).await });
+        self.spawn_meta(reply, async move { inner.readlink(ino).await });
     }
 
     fn mknod(
@@ -283,7 +308,7 @@ impl Filesystem for RawFs {
     ) {
         let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(n));
         let caller = Inner::caller(req);
-        self.spawn(reply, async move {
+        self.spawn_meta(reply, async move {
             inner.mknod(parent, n?, mode, umask, rdev, caller).await
         });
     }
@@ -300,19 +325,19 @@ impl Filesystem for RawFs {
         let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(n));
         let caller = Inner::caller(req);
         let mode = libc::S_IFDIR | (mode & 0o7777);
-        self.spawn(reply, async move {
+        self.spawn_meta(reply, async move {
             inner.mknod(parent, n?, mode, umask, 0, caller).await
         });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
         let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(n));
-        self.spawn(reply, async move { inner.unlink(parent, n?).await });
+        self.spawn_meta(reply, async move { inner.unlink(parent, n?).await });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
         let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(n));
-        self.spawn(reply, async move { inner.rmdir(parent, n?).await });
+        self.spawn_meta(reply, async move { inner.rmdir(parent, n?).await });
     }
 
     fn symlink(
@@ -326,7 +351,7 @@ impl Filesystem for RawFs {
         let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(link_name));
         let target = std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str()).to_vec();
         let caller = Inner::caller(req);
-        self.spawn(reply, async move {
+        self.spawn_meta(reply, async move {
             inner.symlink(parent, n?, target, caller).await
         });
     }
@@ -344,7 +369,7 @@ impl Filesystem for RawFs {
         let inner = self.inner.clone();
         let (parent, newparent) = (self.ino(parent), self.ino(newparent));
         let (n, newname) = (name(n), name(newname));
-        self.spawn(reply, async move {
+        self.spawn_meta(reply, async move {
             inner.rename(parent, n?, newparent, newname?, flags).await
         });
     }
@@ -359,7 +384,7 @@ impl Filesystem for RawFs {
     ) {
         let (inner, ino, newparent) = (self.inner.clone(), self.ino(ino), self.ino(newparent));
         let newname = name(newname);
-        self.spawn(
+        self.spawn_meta(
             reply,
             async move { inner.link(ino, newparent, newname?).await },
         );
@@ -367,7 +392,7 @@ impl Filesystem for RawFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
-        self.spawn(reply, async move { inner.open(ino, flags).await });
+        self.spawn_meta(reply, async move { inner.open(ino, flags).await });
     }
 
     fn read(
@@ -443,7 +468,7 @@ impl Filesystem for RawFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
-        self.spawn(reply, async move { inner.opendir(ino).await });
+        self.spawn_meta(reply, async move { inner.opendir(ino).await });
     }
 
     fn readdir(
@@ -455,7 +480,7 @@ impl Filesystem for RawFs {
         reply: ReplyDirectory,
     ) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
-        self.spawn_raw(async move { inner.readdir(ino, fh.0, offset, reply).await });
+        self.spawn_raw_meta(async move { inner.readdir(ino, fh.0, offset, reply).await });
     }
 
     fn readdirplus(
@@ -467,7 +492,7 @@ impl Filesystem for RawFs {
         reply: ReplyDirectoryPlus,
     ) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
-        self.spawn_raw(async move { inner.readdir(ino, fh.0, offset, reply).await });
+        self.spawn_raw_meta(async move { inner.readdir(ino, fh.0, offset, reply).await });
     }
 
     fn releasedir(
@@ -493,12 +518,12 @@ impl Filesystem for RawFs {
         // Namespace changes survive a crash once acknowledged; fsync makes them survive a
         // power loss too.
         let inner = self.inner.clone();
-        self.spawn(reply, async move { inner.sync_metadata().await });
+        self.spawn_meta(reply, async move { inner.sync_metadata().await });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let inner = self.inner.clone();
-        self.spawn(reply, async move { inner.statfs().await });
+        self.spawn_meta(reply, async move { inner.statfs().await });
     }
 
     fn setxattr(
@@ -513,7 +538,7 @@ impl Filesystem for RawFs {
     ) {
         let (inner, ino, value) = (self.inner.clone(), self.ino(ino), value.to_vec());
         let n = std::os::unix::ffi::OsStrExt::as_bytes(n).to_vec();
-        self.spawn(
+        self.spawn_meta(
             reply,
             async move { inner.setxattr(ino, n, value, flags).await },
         );
@@ -522,23 +547,23 @@ impl Filesystem for RawFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
         let n = std::os::unix::ffi::OsStrExt::as_bytes(n).to_vec();
-        self.spawn(reply, async move { inner.getxattr(ino, n, size).await });
+        self.spawn_meta(reply, async move { inner.getxattr(ino, n, size).await });
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
-        self.spawn(reply, async move { inner.listxattr(ino, size).await });
+        self.spawn_meta(reply, async move { inner.listxattr(ino, size).await });
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, n: &OsStr, reply: ReplyEmpty) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
         let n = std::os::unix::ffi::OsStrExt::as_bytes(n).to_vec();
-        self.spawn(reply, async move { inner.removexattr(ino, n).await });
+        self.spawn_meta(reply, async move { inner.removexattr(ino, n).await });
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let (inner, ino, caller) = (self.inner.clone(), self.ino(ino), Inner::caller(req));
-        self.spawn(reply, async move { inner.access(ino, caller, mask).await });
+        self.spawn_meta(reply, async move { inner.access(ino, caller, mask).await });
     }
 
     fn create(
@@ -553,7 +578,7 @@ impl Filesystem for RawFs {
     ) {
         let (inner, parent, n) = (self.inner.clone(), self.ino(parent), name(n));
         let caller = Inner::caller(req);
-        self.spawn(reply, async move {
+        self.spawn_meta(reply, async move {
             inner.create(parent, n?, mode, umask, flags, caller).await
         });
     }

@@ -14,13 +14,17 @@ use fuser::{Errno, FileAttr};
 use rawfs_client::{Client, FileIo};
 use rawfs_metadata_api::{Attr, Caller, FileKind, Ino, Name, NAME_MAX};
 use serde_bytes::ByteBuf;
+use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::attr::{file_attr, InoMap};
+use crate::coherence::Coherence;
 use crate::errno;
 use crate::ops_dir::DirCursor;
 
+/// How long the releaser gathers releases before sending them.
+const RELEASE_DELAY: Duration = Duration::from_millis(10);
 /// Caches of "this inode has no `security.capability`" are dropped past this many inodes.
 const NO_CAPS_LIMIT: usize = 100_000;
 
@@ -59,6 +63,10 @@ pub(crate) struct Inner {
     next_fh: AtomicU64,
     /// Every task of this mount, so that unmount can wait for them.
     pub(crate) tasks: TaskTracker,
+    /// Takes back what the kernel caches when other clients change it.
+    pub(crate) coherence: Arc<Coherence>,
+    /// Server-side opens to give back, sent in batches by the releaser task.
+    releases: Mutex<Option<mpsc::UnboundedSender<Ino>>>,
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: the tables stay
@@ -88,6 +96,7 @@ impl Inner {
             client,
             session,
             map: InoMap { root },
+            coherence: Arc::new(Coherence::new(InoMap { root }, entry_ttl, attr_ttl)),
             attr_ttl,
             entry_ttl,
             files: Mutex::new(HashMap::new()),
@@ -96,7 +105,36 @@ impl Inner {
             no_caps: Mutex::new(HashSet::new()),
             next_fh: AtomicU64::new(1),
             tasks: TaskTracker::new(),
+            releases: Mutex::new(None),
         }
+    }
+
+    /// Starts the task that gives server-side opens back. A release only ends the protection
+    /// of an unlinked inode, so nobody waits for it: the task gathers the releases of up to
+    /// `RELEASE_DELAY` and sends them together, which the metadata service commits as one log
+    /// entry instead of one per closed file.
+    pub(crate) fn start_releaser(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Ino>();
+        *lock(&self.releases) = Some(tx);
+        // Weak: the task must not keep the mount's state alive; it ends with the channel.
+        let me = Arc::downgrade(self);
+        rt.spawn(async move {
+            while let Some(first) = rx.recv().await {
+                tokio::time::sleep(RELEASE_DELAY).await;
+                let mut batch = vec![first];
+                while let Ok(ino) = rx.try_recv() {
+                    batch.push(ino);
+                }
+                let Some(me) = me.upgrade() else { return };
+                // Concurrent calls: the service's group commit puts them in one log entry.
+                let mut sends = tokio::task::JoinSet::new();
+                for ino in batch {
+                    let me = me.clone();
+                    sends.spawn(async move { me.release_server_open(ino).await });
+                }
+                while sends.join_next().await.is_some() {}
+            }
+        });
     }
 
     pub(crate) fn next_fh(&self) -> u64 {
@@ -117,6 +155,7 @@ impl Inner {
 
     /// Kernel attributes for `a`, with the size of buffered writes if the file is open here.
     pub(crate) fn attr(&self, a: &Attr) -> FileAttr {
+        self.coherence.handed_attr(a.ino);
         let size = if a.kind == FileKind::File {
             self.open_size(a.ino)
         } else {
@@ -126,10 +165,11 @@ impl Inner {
     }
 
     /// An entry reply for `a`; remembers the parent of directories.
-    pub(crate) fn entry(&self, parent: Ino, a: &Attr) -> Entry {
+    pub(crate) fn entry(&self, parent: Ino, name: &[u8], a: &Attr) -> Entry {
         if a.kind == FileKind::Dir {
             self.set_parent(a.ino, parent);
         }
+        self.coherence.handed_entry(parent, name, a.ino);
         Entry {
             attr: self.attr(a),
             attr_ttl: self.attr_ttl,
@@ -269,10 +309,16 @@ impl Inner {
         };
         if last {
             // The release only ends the protection of an unlinked inode: nobody waits on it,
-            // so it leaves the close path (unmount still waits for it).
-            let me = self.clone();
-            self.tasks
-                .spawn(async move { me.release_server_open(ino).await });
+            // so it leaves the close path (batched by the releaser; unmount ends the session,
+            // which drops whatever is still queued).
+            let queued = lock(&self.releases)
+                .as_ref()
+                .is_some_and(|tx| tx.send(ino).is_ok());
+            if !queued {
+                let me = self.clone();
+                self.tasks
+                    .spawn(async move { me.release_server_open(ino).await });
+            }
         }
         flushed.map(|_| ()).map_err(errno::client)
     }

@@ -221,6 +221,7 @@ impl Inner {
                 self.set_parent(e.attr.ino, ino);
             }
             let attr = self.attr(&e.attr);
+            self.coherence.handed_entry(ino, &e.name, e.attr.ino);
             let next = i as u64 + 3;
             let name = OsStr::from_bytes(&e.name);
             if sink.push(

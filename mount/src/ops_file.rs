@@ -53,7 +53,7 @@ impl Inner {
         };
         let meta = self.client.meta();
         let made = meta
-            .create(parent, name, node, caller, self.session)
+            .create(parent, name.clone(), node, caller, self.session)
             .await
             .map_err(errno::meta)?;
         match made.kind {
@@ -82,7 +82,7 @@ impl Inner {
             fh: self.next_fh(),
             flags: fopen_flags(flags),
         };
-        Ok((self.entry(parent, &attr), opened))
+        Ok((self.entry(parent, &name, &attr), opened))
     }
 
     pub(crate) async fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {

@@ -96,10 +96,10 @@ impl Inner {
         let a = self
             .client
             .meta()
-            .lookup(parent, name)
+            .lookup(parent, name.clone())
             .await
             .map_err(errno::meta)?;
-        Ok(self.entry(parent, &a))
+        Ok(self.entry(parent, &name, &a))
     }
 
     pub(crate) async fn setattr(
@@ -170,10 +170,10 @@ impl Inner {
         let a = self
             .client
             .meta()
-            .mknod(parent, name, node, caller)
+            .mknod(parent, name.clone(), node, caller)
             .await
             .map_err(errno::meta)?;
-        Ok(self.entry(parent, &a))
+        Ok(self.entry(parent, &name, &a))
     }
 
     pub(crate) async fn unlink(&self, parent: Ino, name: Name) -> Result<(), Errno> {
@@ -205,10 +205,10 @@ impl Inner {
         let a = self
             .client
             .meta()
-            .symlink(parent, name, ByteBuf::from(target), caller)
+            .symlink(parent, name.clone(), ByteBuf::from(target), caller)
             .await
             .map_err(errno::meta)?;
-        Ok(self.entry(parent, &a))
+        Ok(self.entry(parent, &name, &a))
     }
 
     pub(crate) async fn rename(
@@ -247,10 +247,10 @@ impl Inner {
         let a = self
             .client
             .meta()
-            .link(ino, newparent, newname)
+            .link(ino, newparent, newname.clone())
             .await
             .map_err(errno::meta)?;
-        Ok(self.entry(newparent, &a))
+        Ok(self.entry(newparent, &newname, &a))
     }
 
     pub(crate) async fn statfs(&self) -> Result<StatfsOut, Errno> {

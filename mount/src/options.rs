@@ -1,6 +1,7 @@
 //! Parsing of the mount spec (`ADDR[,ADDR...][:/SUBDIR]`), of `-o` options and of the
 //! mount(8) helper's command line. Pure functions: no I/O, so they are unit-tested here.
 
+use rawfs_metadata_api::Consistency;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,9 +21,12 @@ pub struct MountSpec {
 pub struct MountOptions {
     /// Mount read-only (`ro`).
     pub read_only: bool,
-    /// How long the kernel caches attributes (`attr_timeout=SECONDS`, default 1 s).
+    /// How long the kernel caches attributes (`attr_timeout=SECONDS`, default 30 s). Changes
+    /// by other clients take them back at once (the leader's invalidation events); the
+    /// timeout only bounds staleness if those events stop arriving unnoticed.
     pub attr_timeout: Duration,
-    /// How long the kernel caches names (`entry_timeout=SECONDS`, default 1 s).
+    /// How long the kernel caches names (`entry_timeout=SECONDS`, default 30 s; see
+    /// `attr_timeout`).
     pub entry_timeout: Duration,
     /// Deadline of one chunkserver data call (`io_timeout=`, default 10 s).
     pub io_timeout: Duration,
@@ -44,14 +48,18 @@ pub struct MountOptions {
     pub noatime: bool,
     /// `allow_other`: let every user use the mount. `None` = yes when mounted by root.
     pub allow_other: Option<bool>,
+    /// Freshness of metadata reads (`consistency=linearizable|local`, default linearizable).
+    /// `local` lets any replica answer lookups, stats and listings from its own state,
+    /// which may lag the leader: see `mount.rawfs(8)`.
+    pub consistency: Consistency,
 }
 
 impl Default for MountOptions {
     fn default() -> Self {
         MountOptions {
             read_only: false,
-            attr_timeout: Duration::from_secs(1),
-            entry_timeout: Duration::from_secs(1),
+            attr_timeout: Duration::from_secs(30),
+            entry_timeout: Duration::from_secs(30),
             io_timeout: Duration::from_secs(10),
             op_timeout: Duration::from_secs(30),
             write_buffer: 8 << 20,
@@ -62,6 +70,7 @@ impl Default for MountOptions {
             noexec: false,
             noatime: false,
             allow_other: None,
+            consistency: Consistency::Linearizable,
         }
     }
 }
@@ -207,6 +216,14 @@ impl MountOptions {
                     let v = need()?;
                     self.write_buffer = parse_size(v).filter(|s| *s > 0).ok_or_else(|| bad(v))?;
                 }
+                "consistency" => {
+                    let v = need()?;
+                    self.consistency = match v {
+                        "linearizable" | "leader" => Consistency::Linearizable,
+                        "local" => Consistency::Local,
+                        _ => return Err(bad(v)),
+                    };
+                }
                 "debug" => self.debug = true,
                 "log" => {
                     let v = need()?;
@@ -346,6 +363,20 @@ mod tests {
         assert_eq!(o.log, Some(PathBuf::from("/tmp/x.log")));
         o.apply("attr_timeout=0").unwrap();
         assert_eq!(o.attr_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn consistency_is_linearizable_unless_local_is_asked_for() {
+        let mut o = MountOptions::default();
+        assert_eq!(o.consistency, Consistency::Linearizable);
+        o.apply("ro,consistency=local").unwrap();
+        assert_eq!(o.consistency, Consistency::Local);
+        o.apply("consistency=linearizable").unwrap();
+        assert_eq!(o.consistency, Consistency::Linearizable);
+        o.apply("consistency=leader").unwrap();
+        assert_eq!(o.consistency, Consistency::Linearizable);
+        assert!(o.apply("consistency=eventual").is_err());
+        assert!(o.apply("consistency").is_err());
     }
 
     #[test]

@@ -76,7 +76,9 @@ impl Cluster {
                 raft_listen: local,
                 data_dir: dir.join("meta"),
                 peers: Vec::new(),
+                bootstrap: true,
                 chunkserver_timeout: Duration::from_secs(5),
+                snapshot_every: rawfs_metadata::DEFAULT_SNAPSHOT_EVERY,
             },
             shutdown(),
         ))?;

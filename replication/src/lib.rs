@@ -25,8 +25,8 @@
 //! - **Log store** ([`log_store`]): append-only segment files in `log/` under
 //!   [`ReplicaConfig::dir`], each record checksummed (crc32c), entries MessagePack
 //!   (rmp-serde). An append is a write(2) into the page cache and is acknowledged at once; a
-//!   dedicated thread fsyncs continuously (group commit). So a process crash loses nothing
-//!   acknowledged, and a power loss at most the last fsync's worth (~1 ms) of entries:
+//!   dedicated thread fsyncs within 2 ms of the first unsynced append (group commit). So a
+//!   process crash loses nothing acknowledged, and a power loss the last few milliseconds:
 //!   [`Replica::sync_log`] is the barrier for callers that must survive power loss. This is
 //!   what makes a proposal cost far less than an fsync. The vote is fsynced before it is
 //!   acknowledged, and truncation and purging are crash-safe.
@@ -42,9 +42,20 @@
 //! - **Network** ([`network`]): a tarpc service over TCP with the MessagePack codec, carrying
 //!   openraft's own serde request/response types. Every call has a deadline; a peer that
 //!   refuses connections is reported to openraft as `Unreachable` so it backs off.
-//! - **Bootstrap**: a replica that starts with an empty log and no vote, and whose id is the
-//!   lowest of itself and its peers, initializes the group with all of them. A restart
-//!   with existing state never re-initializes.
+//! - **Bootstrap** ([`ReplicaConfig::bootstrap`]): a replica forms a new group (itself and
+//!   its configured peers) only if it is allowed to (`bootstrap`, true by default), its log is
+//!   empty and it never voted, its id is the lowest of the group, and *every* peer answers a
+//!   probe saying that it belongs to no group either. Any other replica waits: a leader adds it
+//!   ([`Replica::add_peer`]) or, if it is still a member, brings it up to date (by snapshot if
+//!   needed). So a replica whose disk was wiped never starts a second history next to the
+//!   real one while one member of the real group answers, and a restart with existing state
+//!   never re-initializes. Pass `bootstrap = false` for a replica joining an existing group.
+//!   Caveat: a wiped replica that is still a voter has forgotten its vote; if an election is
+//!   in progress in the very term it last voted in, it could vote twice. The safe way to
+//!   bring a wiped replica back is `remove_peer` then `add_peer`.
+//! - **Membership changes** ([`Replica::add_peer`], [`Replica::remove_peer`]): openraft's
+//!   joint consensus; a new member joins as a learner and becomes a voter once its log has
+//!   caught up.
 
 #![warn(missing_docs)]
 
@@ -58,6 +69,8 @@ use std::fmt;
 use serde::Deserialize;
 use serde::Serialize;
 
+pub use network::Fault;
+pub use network::NetworkFaults;
 pub use replica::ProposeError;
 pub use replica::Replica;
 pub use replica::ReplicaConfig;
@@ -97,8 +110,14 @@ pub struct StorageError {
 ///   [`StateMachine::replication_state`] and re-applies every later committed entry.
 /// - [`StateMachine::snapshot`] must contain the replication state, and
 ///   [`StateMachine::restore`] must bring it back (the replica checks it) and be durable.
-/// - The methods may block: the replica calls them on tokio's blocking pool, one at a time
-///   (the application's own reads may of course run alongside).
+/// - The replica calls the methods one at a time (the application's own reads may of course
+///   run alongside). `snapshot`, `restore` and `apply` of a big batch run on tokio's blocking
+///   pool and may block as long as they need. `apply` of a small batch (up to
+///   [`state_machine::INLINE_MAX_ENTRIES`] entries and [`state_machine::INLINE_MAX_BYTES`]
+///   bytes of commands) runs inline on an async worker thread, which saves two thread hops
+///   per commit: it should do memory work and a non-durable commit, not wait for an fsync
+///   or the network (an occasional short wait, e.g. on a lock held by a durable commit, is
+///   tolerable).
 pub trait StateMachine: Send + Sync + 'static {
     /// Applies `entries` in order and stores `replication_state` in the same durable
     /// transaction. Returns one response per entry (empty for entries without a command).

@@ -6,13 +6,18 @@
 //!                                                                                 \-> Raft::install_snapshot
 //! ```
 //!
+//! A fourth call, `probe`, is rawfs's own: a replica about to form a new group asks each peer
+//! whether it already belongs to one (see the bootstrap rule in the crate docs).
+//!
 //! Requests and responses are openraft's own serde types, except snapshot chunks, whose
 //! payload is sent as a MessagePack binary (`serde_bytes`) instead of a list of integers.
 //! Every call carries a deadline (openraft's per-RPC TTL) both in the tarpc context and as a
 //! local timeout. A peer that cannot be connected to, or whose connection dropped, is reported
 //! as `Unreachable`, so openraft backs off instead of hammering it; the next call reconnects.
 
+use std::fmt;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -42,6 +47,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_serde::formats::MessagePack;
 
+use crate::replica::Contact;
 use crate::types::Raft;
 use crate::types::SnapshotMeta;
 use crate::types::Vote;
@@ -67,6 +73,15 @@ pub struct SnapshotChunk {
     pub done: bool,
 }
 
+/// A replica's answer to [`RaftRpc::probe`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// The answering replica's id (a mismatch means a misconfigured address).
+    pub id: u64,
+    /// Whether it belongs to a group already: it has a log entry or has voted.
+    pub initialized: bool,
+}
+
 /// The raft RPC service between the replicas of one group.
 #[tarpc::service]
 pub trait RaftRpc {
@@ -80,11 +95,16 @@ pub trait RaftRpc {
     async fn install_snapshot(
         chunk: SnapshotChunk,
     ) -> Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>;
+    /// Whether the replica already belongs to a group (asked before forming a new one).
+    async fn probe() -> Result<Probe, RaftError<u64>>;
 }
 
 #[derive(Clone)]
 struct RaftServer {
+    id: u64,
     raft: Raft,
+    /// Reset by every accepted leader message and granted vote (the election timer).
+    contact: Arc<Contact>,
 }
 
 impl RaftRpc for RaftServer {
@@ -93,7 +113,11 @@ impl RaftRpc for RaftServer {
         _: tarpc::context::Context,
         req: AppendEntriesRequest<TypeConfig>,
     ) -> Result<AppendEntriesResponse<u64>, RaftError<u64>> {
-        self.raft.append_entries(req).await
+        let res = self.raft.append_entries(req).await;
+        if matches!(&res, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.contact.touch();
+        }
+        res
     }
 
     async fn vote(
@@ -101,7 +125,11 @@ impl RaftRpc for RaftServer {
         _: tarpc::context::Context,
         req: VoteRequest<u64>,
     ) -> Result<VoteResponse<u64>, RaftError<u64>> {
-        self.raft.vote(req).await
+        let res = self.raft.vote(req).await;
+        if matches!(&res, Ok(r) if r.vote_granted) {
+            self.contact.touch();
+        }
+        res
     }
 
     async fn install_snapshot(
@@ -109,6 +137,7 @@ impl RaftRpc for RaftServer {
         _: tarpc::context::Context,
         chunk: SnapshotChunk,
     ) -> Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>> {
+        let vote = chunk.vote;
         let req = InstallSnapshotRequest {
             vote: chunk.vote,
             meta: chunk.meta,
@@ -116,7 +145,19 @@ impl RaftRpc for RaftServer {
             data: chunk.data,
             done: chunk.done,
         };
-        self.raft.install_snapshot(req).await
+        let res = self.raft.install_snapshot(req).await;
+        if matches!(&res, Ok(r) if r.vote.leader_id == vote.leader_id) {
+            self.contact.touch();
+        }
+        res
+    }
+
+    async fn probe(self, _: tarpc::context::Context) -> Result<Probe, RaftError<u64>> {
+        let initialized = self.raft.is_initialized().await.map_err(RaftError::Fatal)?;
+        Ok(Probe {
+            id: self.id,
+            initialized,
+        })
     }
 }
 
@@ -125,17 +166,23 @@ impl RaftRpc for RaftServer {
 pub(crate) async fn serve(
     listener: TcpListener,
     raft: Raft,
+    contact: Arc<Contact>,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
     let mut incoming =
         tarpc::serde_transport::tcp::listen_on(listener, MessagePack::default).await?;
     incoming.config_mut().max_frame_length(MAX_FRAME);
+    let id = raft.metrics().borrow().id;
     Ok(tokio::spawn(async move {
         let mut conns = JoinSet::new();
         loop {
             tokio::select! {
                 next = incoming.next() => match next {
                     Some(Ok(transport)) => {
-                        let server = RaftServer { raft: raft.clone() };
+                        // See `PeerClient::connect`: no Nagle delays on raft connections.
+                        if let Err(e) = transport.get_ref().set_nodelay(true) {
+                            tracing::debug!(error = %e, "set_nodelay failed");
+                        }
+                        let server = RaftServer { id, raft: raft.clone(), contact: contact.clone() };
                         let channel = tarpc::server::BaseChannel::with_defaults(transport);
                         conns.spawn(channel.execute(server.serve()).for_each_concurrent(None, |f| f));
                     }
@@ -152,15 +199,42 @@ pub(crate) async fn serve(
     }))
 }
 
+/// What a [`NetworkFaults`] hook does to one raft RPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Send it normally.
+    Deliver,
+    /// Hold the request this long before sending it (a call whose deadline passes meanwhile
+    /// times out).
+    Delay(Duration),
+    /// Lose the request: the peer never sees it and the call times out at its deadline.
+    DropRequest,
+    /// Deliver the request but lose the response: the peer acts on it, the caller sees a
+    /// timeout at the deadline.
+    DropResponse,
+}
+
+/// A test hook deciding the fate of every raft RPC (AppendEntries, Vote, InstallSnapshot) a
+/// replica sends: message loss, delay and partitions for randomized tests of the replicated
+/// core. Set it in [`crate::ReplicaConfig::faults`]; production configurations leave it
+/// unset, and then the network path does not consult anything. Called on the sending task
+/// for each call: it must be quick and must not block.
+pub trait NetworkFaults: Send + Sync + fmt::Debug {
+    /// The fate of an RPC of kind `rpc` from replica `from` to replica `to`.
+    fn on_rpc(&self, from: u64, to: u64, rpc: RPCTypes) -> Fault;
+}
+
 /// Creates the per-peer clients openraft replicates through.
 pub struct NetworkFactory {
     self_id: u64,
+    faults: Option<Arc<dyn NetworkFaults>>,
 }
 
 impl NetworkFactory {
-    /// Clients for replica `self_id` (named as the caller in timeout errors).
-    pub fn new(self_id: u64) -> Self {
-        NetworkFactory { self_id }
+    /// Clients for replica `self_id` (named as the caller in timeout errors), with the fault
+    /// injection hook of tests, if any.
+    pub fn new(self_id: u64, faults: Option<Arc<dyn NetworkFaults>>) -> Self {
+        NetworkFactory { self_id, faults }
     }
 }
 
@@ -168,12 +242,9 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &Node) -> PeerClient {
-        PeerClient {
-            self_id: self.self_id,
-            target,
-            node: node.clone(),
-            client: None,
-        }
+        let mut client = PeerClient::new(self.self_id, target, node.clone());
+        client.faults = self.faults.clone();
+        client
     }
 }
 
@@ -183,17 +254,48 @@ pub struct PeerClient {
     target: u64,
     node: Node,
     client: Option<RaftRpcClient>,
+    faults: Option<Arc<dyn NetworkFaults>>,
 }
 
-/// Why a call did not get an answer from the peer's raft.
-enum Transport {
+/// Why a call did not succeed.
+enum Transport<E: std::error::Error> {
+    /// The peer's raft answered with an error.
+    Remote(RaftError<u64, E>),
     Unreachable(Unreachable),
     Network(NetworkError),
     Timeout,
 }
 
 impl PeerClient {
-    async fn connect(&mut self, ttl: Duration) -> Result<RaftRpcClient, Transport> {
+    /// A client of `node` (replica `target`) outside openraft, for [`PeerClient::probe`].
+    pub(crate) fn new(self_id: u64, target: u64, node: Node) -> PeerClient {
+        PeerClient {
+            self_id,
+            target,
+            node,
+            client: None,
+            faults: None,
+        }
+    }
+
+    /// Asks the peer whether it belongs to a group already, within `ttl`.
+    pub(crate) async fn probe(
+        &mut self,
+        ttl: Duration,
+    ) -> Result<Probe, RPCError<u64, Node, RaftError<u64>>> {
+        // openraft has no RPC type for this call; it only names the action in timeouts.
+        self.call(
+            RPCTypes::Vote,
+            ttl,
+            |c, ctx| async move { c.probe(ctx).await },
+        )
+        .await
+    }
+
+    async fn connect<E: std::error::Error>(
+        &mut self,
+        ttl: Duration,
+    ) -> Result<RaftRpcClient, Transport<E>> {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
@@ -208,12 +310,18 @@ impl PeerClient {
             }
             Err(_) => return Err(Transport::Timeout),
         };
+        // Small requests and replies overlap on one connection: without this, Nagle's
+        // algorithm holds them for the peer's delayed ACK (up to 40 ms each).
+        if let Err(e) = transport.get_ref().set_nodelay(true) {
+            tracing::debug!(addr = %self.node.raft_addr, error = %e, "set_nodelay failed");
+        }
         let client = RaftRpcClient::new(tarpc::client::Config::default(), transport).spawn();
         self.client = Some(client.clone());
         Ok(client)
     }
 
-    /// Runs one call with deadline `ttl`, mapping transport failures for openraft.
+    /// Runs one call with deadline `ttl`, mapping transport failures for openraft, after
+    /// asking the fault injection hook (tests) what to do with it.
     async fn call<T, E, F, Fut>(
         &mut self,
         action: RPCTypes,
@@ -226,34 +334,33 @@ impl PeerClient {
         Fut: std::future::Future<Output = Result<Result<T, RaftError<u64, E>>, RpcError>>,
     {
         let started = Instant::now();
-        let failure = match self.connect(ttl).await {
-            Err(e) => e,
-            Ok(client) => {
-                let mut ctx = tarpc::context::current();
-                ctx.deadline = started + ttl;
-                let remaining = ttl.saturating_sub(started.elapsed());
-                match tokio::time::timeout(remaining, f(client, ctx)).await {
-                    Err(_) | Ok(Err(RpcError::DeadlineExceeded)) => Transport::Timeout,
-                    Ok(Ok(Ok(resp))) => return Ok(resp),
-                    Ok(Ok(Err(raft_err))) => {
-                        return Err(RPCError::RemoteError(RemoteError::new_with_node(
-                            self.target,
-                            self.node.clone(),
-                            raft_err,
-                        )))
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(target = self.target, error = %e, "raft connection failed; will reconnect");
-                        self.client = None;
-                        match e {
-                            RpcError::Shutdown => Transport::Unreachable(Unreachable::new(&e)),
-                            e => Transport::Network(NetworkError::new(&e)),
-                        }
-                    }
-                }
+        let fault = match &self.faults {
+            Some(hook) => hook.on_rpc(self.self_id, self.target, action),
+            None => Fault::Deliver,
+        };
+        let res = match fault {
+            Fault::Deliver => self.send(ttl, f).await,
+            Fault::Delay(d) if d < ttl => {
+                tokio::time::sleep(d).await;
+                self.send(ttl - d, f).await
+            }
+            Fault::Delay(_) | Fault::DropRequest => {
+                tokio::time::sleep(ttl).await;
+                Err(Transport::Timeout)
+            }
+            Fault::DropResponse => {
+                // The peer acts on the request; its answer is lost.
+                let _ = self.send(ttl, f).await;
+                tokio::time::sleep(ttl.saturating_sub(started.elapsed())).await;
+                Err(Transport::Timeout)
             }
         };
-        Err(match failure {
+        res.map_err(|failure| match failure {
+            Transport::Remote(e) => RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                e,
+            )),
             Transport::Unreachable(u) => RPCError::Unreachable(u),
             Transport::Network(n) => RPCError::Network(n),
             Transport::Timeout => RPCError::Timeout(Timeout {
@@ -263,6 +370,33 @@ impl PeerClient {
                 timeout: ttl,
             }),
         })
+    }
+
+    /// Sends one call with deadline `ttl` (connecting first if needed).
+    async fn send<T, E, F, Fut>(&mut self, ttl: Duration, f: F) -> Result<T, Transport<E>>
+    where
+        E: std::error::Error,
+        F: FnOnce(RaftRpcClient, tarpc::context::Context) -> Fut,
+        Fut: std::future::Future<Output = Result<Result<T, RaftError<u64, E>>, RpcError>>,
+    {
+        let started = Instant::now();
+        let client = self.connect(ttl).await?;
+        let mut ctx = tarpc::context::current();
+        ctx.deadline = started + ttl;
+        let remaining = ttl.saturating_sub(started.elapsed());
+        match tokio::time::timeout(remaining, f(client, ctx)).await {
+            Err(_) | Ok(Err(RpcError::DeadlineExceeded)) => Err(Transport::Timeout),
+            Ok(Ok(Ok(resp))) => Ok(resp),
+            Ok(Ok(Err(raft_err))) => Err(Transport::Remote(raft_err)),
+            Ok(Err(e)) => {
+                tracing::debug!(target = self.target, error = %e, "raft connection failed; will reconnect");
+                self.client = None;
+                Err(match e {
+                    RpcError::Shutdown => Transport::Unreachable(Unreachable::new(&e)),
+                    e => Transport::Network(NetworkError::new(&e)),
+                })
+            }
+        }
     }
 }
 
@@ -322,15 +456,11 @@ mod tests {
     use super::*;
 
     fn client(addr: String) -> PeerClient {
-        PeerClient {
-            self_id: 1,
-            target: 2,
-            node: Node {
-                raft_addr: addr,
-                client_addr: String::new(),
-            },
-            client: None,
-        }
+        let node = Node {
+            raft_addr: addr,
+            client_addr: String::new(),
+        };
+        PeerClient::new(1, 2, node)
     }
 
     fn vote_req() -> VoteRequest<u64> {

@@ -3,18 +3,27 @@
 //!
 //! ```text
 //!  Replica::start --> bind raft listener --> open log store + state machine adaptor
-//!                 --> openraft::Raft::new --> serve raft RPCs --> bootstrap (lowest id, empty)
+//!                 --> openraft::Raft::new --> serve raft RPCs --> bootstrap (see membership.rs)
 //!  propose(cmd) ----> Raft::client_write --> (commit + apply) --> response bytes
 //!  ensure_leader ---> Raft::ensure_linearizable (ReadIndex: a quorum confirms leadership)
 //!  sync_log -------> LogStore::sync (waits for the log's fsync: a power-loss barrier)
+//!  add_peer -------> add_learner --> wait until it caught up --> change_membership (+voter)
+//!  remove_peer ----> change_membership (-voter / -learner)
 //! ```
 
+mod election;
+mod membership;
+
+pub(crate) use election::Contact;
+
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::error::ChangeMembershipError;
 use openraft::error::CheckIsLeaderError;
 use openraft::error::ClientWriteError;
 use openraft::error::Fatal;
@@ -30,6 +39,7 @@ use crate::log_store::LogStore;
 use crate::log_store::LogStoreError;
 use crate::log_store::LOG_DIR;
 use crate::network::NetworkFactory;
+use crate::network::NetworkFaults;
 use crate::state_machine::SmError;
 use crate::state_machine::SmStore;
 use crate::types::Raft;
@@ -52,6 +62,17 @@ pub struct ReplicaConfig {
     pub client_addr: String,
     /// The other initial members of the group; empty for a single-node group.
     pub peers: BTreeMap<u64, Node>,
+    /// Whether this replica may form a new group (with itself and `peers`) if it finds none.
+    ///
+    /// A replica forms a group only if this is true, its own log is empty and it never voted,
+    /// its id is the lowest of itself and its peers, and every peer answers that it belongs to
+    /// no group either. Otherwise it waits to be added by a leader ([`Replica::add_peer`]) or,
+    /// if it is still a member, to be brought up to date by the leader. Pass `false` for a
+    /// replica joining an existing group. Default `true`.
+    pub bootstrap: bool,
+    /// How long [`Replica::add_peer`] waits for the new member to catch up (possibly by a
+    /// snapshot) before promoting it to voter.
+    pub catch_up_timeout: Duration,
     /// How often the leader heartbeats; also the deadline of an AppendEntries call.
     pub heartbeat_interval: Duration,
     /// A follower that hears no leader for a random time in this range starts an election.
@@ -63,11 +84,15 @@ pub struct ReplicaConfig {
     /// Entries kept in the log behind a snapshot (so slightly lagging followers catch up
     /// from the log rather than by snapshot).
     pub logs_to_keep: u64,
+    /// Test hook: decides the fate of every raft RPC this replica sends (loss, delay,
+    /// partitions). `None` (the default) in production.
+    pub faults: Option<Arc<dyn NetworkFaults>>,
 }
 
 impl ReplicaConfig {
     /// A configuration with default timings: heartbeat 150 ms, election timeout 750–1500 ms,
-    /// operation deadline 10 s, a snapshot every 20 000 entries keeping 5 000 behind it.
+    /// operation deadline 10 s, catch-up deadline 5 min, a snapshot every 20 000 entries
+    /// keeping 5 000 behind it; `bootstrap` is true.
     pub fn new(
         id: u64,
         dir: impl Into<PathBuf>,
@@ -81,11 +106,14 @@ impl ReplicaConfig {
             raft_listen,
             client_addr: client_addr.into(),
             peers,
+            bootstrap: true,
+            catch_up_timeout: Duration::from_secs(300),
             heartbeat_interval: Duration::from_millis(150),
             election_timeout: (Duration::from_millis(750), Duration::from_millis(1500)),
             op_timeout: Duration::from_secs(10),
             snapshot_every: 20_000,
             logs_to_keep: 5_000,
+            faults: None,
         }
     }
 
@@ -102,6 +130,8 @@ impl ReplicaConfig {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.logs_to_keep,
             replication_lag_threshold: self.snapshot_every.saturating_add(self.logs_to_keep),
+            // Elections are started by this crate's timer (see election.rs).
+            enable_elect: false,
             ..Default::default()
         };
         Ok(config.validate()?)
@@ -187,6 +217,13 @@ pub enum ProposeError {
         /// What went wrong, for the logs.
         reason: String,
     },
+    /// The request makes no sense for the group as it is (a membership change that would
+    /// leave no voter, a member re-added under another address); retrying does not help.
+    #[error("rejected: {reason}")]
+    Rejected {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl ProposeError {
@@ -194,7 +231,10 @@ impl ProposeError {
     /// Note that a retried proposal may be applied twice if the first one was applied after
     /// all: commands should be idempotent or carry a request id the state machine dedups.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, ProposeError::Fatal { .. })
+        !matches!(
+            self,
+            ProposeError::Fatal { .. } | ProposeError::Rejected { .. }
+        )
     }
 }
 
@@ -250,6 +290,9 @@ pub struct ReplicationStatus {
     pub purged_index: Option<u64>,
     /// Every member (voters and learners) with its addresses.
     pub members: BTreeMap<u64, Node>,
+    /// The members that vote (the others in `members` are learners). During a membership
+    /// change (joint consensus) the voters of both configurations.
+    pub voters: BTreeSet<u64>,
     /// On the leader only (empty elsewhere): for each member, the index of the last entry
     /// known to be in its log.
     pub matched: BTreeMap<u64, u64>,
@@ -271,7 +314,12 @@ struct Inner {
     log: LogStore,
     raft_addr: SocketAddr,
     op_timeout: Duration,
+    catch_up_timeout: Duration,
     server: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The task forming a new group once every peer answered (see [`ReplicaConfig::bootstrap`]).
+    bootstrap: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The election timer (see election.rs).
+    election: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Leader lease: when the last quorum confirmation started, and in which term.
     lease: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
     /// How long a confirmation stays valid: well under the minimum election timeout, so no
@@ -297,9 +345,9 @@ impl Replica {
 
     /// Starts the replica on an already bound raft listener (`cfg.raft_listen` is ignored).
     ///
-    /// Opens the log and the state machine in `cfg.dir`, serves raft RPCs, and, if this
-    /// replica has no log and no vote yet and has the lowest id among itself and its peers,
-    /// initializes the group with all of them.
+    /// Opens the log and the state machine in `cfg.dir`, serves raft RPCs, and forms a new
+    /// group if [`ReplicaConfig::bootstrap`] allows it. With peers, forming the group waits
+    /// (in the background) until every peer has answered that it belongs to no group.
     pub async fn start_with_listener(
         cfg: ReplicaConfig,
         listener: TcpListener,
@@ -329,12 +377,13 @@ impl Replica {
         let raft = Raft::new(
             cfg.id,
             config,
-            NetworkFactory::new(cfg.id),
+            NetworkFactory::new(cfg.id, cfg.faults.clone()),
             log_store,
             sm_store,
         )
         .await?;
-        let server = match crate::network::serve(listener, raft.clone()).await {
+        let contact = Arc::new(election::Contact::new());
+        let server = match crate::network::serve(listener, raft.clone(), contact.clone()).await {
             Ok(server) => server,
             Err(source) => {
                 let _ = raft.shutdown().await;
@@ -344,6 +393,17 @@ impl Replica {
                 });
             }
         };
+        let election = tokio::spawn(election::run(
+            raft.clone(),
+            cfg.id,
+            contact,
+            election::Timing {
+                timeout: cfg.election_timeout,
+                // openraft's leader lease is the maximum election timeout.
+                lease: cfg.election_timeout.1,
+                recheck: cfg.heartbeat_interval,
+            },
+        ));
         let replica = Replica {
             inner: Arc::new(Inner {
                 id: cfg.id,
@@ -351,7 +411,10 @@ impl Replica {
                 log,
                 raft_addr,
                 op_timeout: cfg.op_timeout,
+                catch_up_timeout: cfg.catch_up_timeout,
                 server: tokio::sync::Mutex::new(Some(server)),
+                bootstrap: std::sync::Mutex::new(None),
+                election: std::sync::Mutex::new(Some(election)),
                 lease: std::sync::Mutex::new(None),
                 lease_len: cfg.election_timeout.0 / 3,
             }),
@@ -362,52 +425,6 @@ impl Replica {
         }
         tracing::info!(id = cfg.id, %raft_addr, "replica started");
         Ok(replica)
-    }
-
-    async fn bootstrap(&self, cfg: &ReplicaConfig) -> Result<(), ReplicationError> {
-        let raft = &self.inner.raft;
-        if raft.is_initialized().await? {
-            return Ok(());
-        }
-        let lowest = cfg
-            .peers
-            .keys()
-            .copied()
-            .chain([cfg.id])
-            .min()
-            .unwrap_or(cfg.id);
-        if lowest != cfg.id {
-            tracing::info!(
-                id = cfg.id,
-                lowest,
-                "empty replica; waiting for replica {lowest} to form the group"
-            );
-            return Ok(());
-        }
-        if self.inner.raft_addr.ip().is_unspecified() && !cfg.peers.is_empty() {
-            tracing::warn!(
-                addr = %self.inner.raft_addr,
-                "raft listens on an unspecified address; peers will be told to connect to it"
-            );
-        }
-        let mut members = cfg.peers.clone();
-        members.insert(
-            cfg.id,
-            Node {
-                raft_addr: self.inner.raft_addr.to_string(),
-                client_addr: cfg.client_addr.clone(),
-            },
-        );
-        tracing::info!(id = cfg.id, ?members, "initializing the replication group");
-        match raft.initialize(members).await {
-            Ok(()) => Ok(()),
-            Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
-                tracing::info!(%e, "group already initialized");
-                Ok(())
-            }
-            Err(RaftError::APIError(e)) => Err(ReplicationError::Initialize(Box::new(e))),
-            Err(RaftError::Fatal(f)) => Err(f.into()),
-        }
     }
 
     /// This replica's id.
@@ -432,15 +449,27 @@ impl Replica {
                 ),
             }),
             Ok(Ok(resp)) => Ok(resp.data.0),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(self.not_leader(f.leader_id, f.leader_node))
+            Ok(Err(e)) => Err(self.write_error(e)),
+        }
+    }
+
+    fn write_error(&self, e: RaftError<u64, ClientWriteError<u64, Node>>) -> ProposeError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                self.not_leader(f.leader_id, f.leader_node)
             }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(ProposeError::Unavailable {
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::EmptyMembership(e),
+            )) => ProposeError::Rejected {
+                reason: e.to_string(),
+            },
+            // Another change in progress, or the learner removed meanwhile: a retry may work.
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                ProposeError::Unavailable {
                     reason: e.to_string(),
-                })
+                }
             }
-            Ok(Err(RaftError::Fatal(f))) => Err(self.fatal(f)),
+            RaftError::Fatal(f) => self.fatal(f),
         }
     }
 
@@ -576,6 +605,7 @@ impl Replica {
             .nodes()
             .map(|(id, n)| (*id, n.clone()))
             .collect();
+        let voters = m.membership_config.membership().voter_ids().collect();
         let role = match m.state {
             ServerState::Leader => Role::Leader,
             ServerState::Follower => Role::Follower,
@@ -594,6 +624,7 @@ impl Replica {
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),
             members,
+            voters,
             matched: m
                 .replication
                 .iter()
@@ -606,6 +637,13 @@ impl Replica {
     /// Stops the replica: raft (its log and state machine are left consistent on disk) and
     /// the RPC listener with its connections. Idempotent.
     pub async fn shutdown(&self) -> Result<(), ReplicationError> {
+        let tasks = [&self.inner.bootstrap, &self.inner.election]
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).take());
+        for task in tasks.into_iter().flatten() {
+            task.abort();
+            // Cancelled is the expected outcome; a panic was already reported by tokio.
+            let _ = task.await;
+        }
         let res = self.inner.raft.shutdown().await;
         // A clean stop leaves the whole log on disk, not only in the page cache.
         if let Err(e) = self.inner.log.sync().await {

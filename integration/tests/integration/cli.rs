@@ -56,14 +56,34 @@ fn status_shows_a_killed_chunkserver_as_down_at_once() -> Result<()> {
         out.status.success() && table.contains("6 of 6 up"),
         "{table}"
     );
-    assert!(table.contains("leader 1"), "{table}");
-    let meta = c.process("metadata", 1)?.addr;
+    let (leader, term) = c.wait_leader(std::time::Duration::from_secs(30), 0, None)?;
+    assert!(
+        table.contains(&format!("leader {leader}, term {term}")),
+        "{table}"
+    );
+    // Any one replica's address is enough: the client finds the leader.
+    let follower = if leader == 1 { 2 } else { 1 };
+    let meta = c.process("metadata", follower)?.addr;
     let out = Command::new(rawfs_bin())
         .args(["status", "--json"])
         .env("RAWFS_METADATA", &meta)
         .output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    assert_eq!(v["metadata"]["replicas"][0]["role"], "leader");
+    let replicas = v["metadata"]["replicas"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(replicas.len(), 3, "{v}");
+    for r in &replicas {
+        let want = if r["id"] == leader {
+            "leader"
+        } else {
+            "follower"
+        };
+        assert_eq!(r["role"], want, "{r}");
+        assert_eq!(r["up"], true, "{r}");
+        assert_eq!(r["term"], term, "{r}");
+    }
     assert_eq!(v["healer"]["queue"], 0);
 
     c.kill9("chunkserver", 2)?;

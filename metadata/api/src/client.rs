@@ -2,7 +2,8 @@
 //! `NotLeader` redirects and retries retryable failures across replicas.
 //!
 //! ```text
-//!  caller --> call(): pick address (leader hint, else round robin)
+//!  caller --> call(): pick address (writes and linearizable reads: leader hint, else round
+//!                |     robin; local reads: this client's sticky replica)
 //!                |  connect lazily (cached tarpc client per address)
 //!                v
 //!             RPC with deadline = min(call timeout, what is left of op timeout)
@@ -13,13 +14,17 @@
 //!             op timeout passed -> MetaError::Unavailable
 //! ```
 //!
-//! A mutation whose reply was lost (deadline, dropped connection) is retried, so it may be
-//! applied twice; the second attempt then reports what it finds (`Exists` after a `mknod`
-//! that did succeed, for example). Callers that care check the state after such an error.
+//! Every mutation carries a [`ReqId`]: this client's random id and a sequence number drawn
+//! once per operation and reused by each of its retries. A mutation whose reply was lost
+//! (deadline, dropped connection, leader failover) is retried, and the service answers the
+//! retry with the first attempt's reply instead of applying it again, so a retried `rename`
+//! succeeds rather than failing with `NotFound`.
+//!
+//! Reads follow the client's [`Consistency`] (see [`MetadataClient::with_consistency`]).
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +36,7 @@ use tokio_serde::formats::MessagePack;
 
 use crate::error::MetaError;
 use crate::service::{MetaResult, MetadataRpcClient};
+use crate::events::WatchReply;
 use crate::types::*;
 
 /// Largest frame accepted on a metadata connection (a big readdir or status fits easily).
@@ -54,11 +60,12 @@ impl Default for ClientTimeouts {
     }
 }
 
-/// A client of the metadata service. Cheap to clone; clones share connections and the
-/// leader hint.
+/// A client of the metadata service. Cheap to clone; clones share connections, the leader
+/// hint and the request-id sequence.
 #[derive(Clone)]
 pub struct MetadataClient {
     inner: Arc<Inner>,
+    consistency: Consistency,
 }
 
 struct Inner {
@@ -67,8 +74,24 @@ struct Inner {
     /// Address that answered last (or that a redirect named): tried first.
     leader: Mutex<Option<String>>,
     conns: Mutex<HashMap<String, MetadataRpcClient>>,
-    /// Round-robin position for when no leader is known.
+    /// Round-robin position for when no leader is known (random start, to spread clients).
     next: AtomicUsize,
+    /// The replica serving `Consistency::Local` reads. Sticky, so that successive reads do
+    /// not go back in time by hopping between replicas at different log positions.
+    local: Mutex<Option<String>>,
+    /// This client's random id, in every [`ReqId`] it sends.
+    client_id: u64,
+    /// Last sequence number drawn for a [`ReqId`].
+    seq: AtomicU64,
+}
+
+/// Where an RPC may be answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// The leader (mutations, linearizable reads, cluster calls).
+    Leader,
+    /// Any replica (local reads).
+    Any,
 }
 
 /// Why an attempt failed in a way worth retrying elsewhere.
@@ -84,18 +107,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl MetadataClient {
-    /// A client of the replicas at `addrs` (`host:port` of their client ports). Connects on
-    /// first use.
+    /// A client of the replicas at `addrs` (`host:port` of their client ports), with
+    /// linearizable reads. Connects on first use.
     pub fn new(addrs: Vec<String>, timeouts: ClientTimeouts) -> Self {
+        let mut rng = rand::thread_rng();
         MetadataClient {
             inner: Arc::new(Inner {
                 addrs,
                 timeouts,
                 leader: Mutex::new(None),
                 conns: Mutex::new(HashMap::new()),
-                next: AtomicUsize::new(0),
+                next: AtomicUsize::new(rng.gen_range(0..1 << 16)),
+                local: Mutex::new(None),
+                client_id: rng.gen(),
+                seq: AtomicU64::new(0),
             }),
+            consistency: Consistency::Linearizable,
         }
+    }
+
+    /// This client (sharing connections, leader hint and request ids with `self`) with
+    /// reads (`lookup`, `getattr`, `readdir`, `readlink`, `getxattr`, `listxattr`, `chunks`,
+    /// `statfs`) at `consistency`. With [`Consistency::Local`] they go to one replica of
+    /// the list (picked at random, kept until it fails) and may be stale: see
+    /// [`Consistency`]. Writes always go to the leader.
+    pub fn with_consistency(mut self, consistency: Consistency) -> Self {
+        self.consistency = consistency;
+        self
+    }
+
+    /// The consistency of this client's reads.
+    pub fn consistency(&self) -> Consistency {
+        self.consistency
     }
 
     /// The replica addresses this client was made with.
@@ -108,10 +151,20 @@ impl MetadataClient {
         self.inner.timeouts
     }
 
-    fn pick(&self) -> Option<String> {
-        if let Some(l) = lock(&self.inner.leader).clone() {
-            return Some(l);
+    /// The random id this client puts in its [`ReqId`]s.
+    pub fn client_id(&self) -> u64 {
+        self.inner.client_id
+    }
+
+    /// A request id for one new operation.
+    fn next_req(&self) -> ReqId {
+        ReqId {
+            client: self.inner.client_id,
+            seq: self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1,
         }
+    }
+
+    fn round_robin(&self) -> Option<String> {
         let addrs = &self.inner.addrs;
         if addrs.is_empty() {
             return None;
@@ -120,13 +173,32 @@ impl MetadataClient {
         Some(addrs[i % addrs.len()].clone())
     }
 
-    /// Forgets `addr` as leader and its connection.
-    fn forget(&self, addr: &str) {
-        let mut l = lock(&self.inner.leader);
-        if l.as_deref() == Some(addr) {
-            *l = None;
+    fn pick(&self, route: Route) -> Option<String> {
+        match route {
+            Route::Leader => {
+                if let Some(l) = lock(&self.inner.leader).clone() {
+                    return Some(l);
+                }
+                self.round_robin()
+            }
+            Route::Any => {
+                let mut local = lock(&self.inner.local);
+                if local.is_none() {
+                    *local = self.round_robin();
+                }
+                local.clone()
+            }
         }
-        drop(l);
+    }
+
+    /// Forgets `addr` as leader, as local replica, and its connection.
+    fn forget(&self, addr: &str) {
+        for hint in [&self.inner.leader, &self.inner.local] {
+            let mut h = lock(hint);
+            if h.as_deref() == Some(addr) {
+                *h = None;
+            }
+        }
         lock(&self.inner.conns).remove(addr);
     }
 
@@ -141,6 +213,11 @@ impl MetadataClient {
             Ok(Err(e)) => return Err(format!("connect {addr}: {e}")),
             Err(_) => return Err(format!("connect {addr}: timed out")),
         };
+        // Without it, a request sent while a long-polling `watch` is unanswered waits for
+        // the server's delayed ACK (Nagle's algorithm): 40 ms per call.
+        if let Err(e) = transport.get_ref().set_nodelay(true) {
+            tracing::debug!(addr, error = %e, "set_nodelay failed");
+        }
         let client = MetadataRpcClient::new(tarpc::client::Config::default(), transport).spawn();
         Ok(lock(&self.inner.conns)
             .entry(addr.to_string())
@@ -148,8 +225,9 @@ impl MetadataClient {
             .clone())
     }
 
-    /// Runs one RPC with redirects and retries until the op timeout.
-    async fn call<T, F, Fut>(&self, name: &'static str, f: F) -> MetaResult<T>
+    /// Runs one RPC with redirects and retries until the op timeout. `f` is called once per
+    /// attempt with the same arguments (the same [`ReqId`] for a mutation).
+    async fn call<T, F, Fut>(&self, name: &'static str, route: Route, f: F) -> MetaResult<T>
     where
         F: Fn(MetadataRpcClient, Context) -> Fut,
         Fut: Future<Output = Result<MetaResult<T>, RpcError>>,
@@ -159,44 +237,53 @@ impl MetadataClient {
         let deadline = start + t.op;
         let mut backoff = Duration::from_millis(10);
         let mut redirects = 0u32;
+        // A local read that a replica redirected (it needs the leader's soft state) goes to
+        // the leader once, without moving this client's local replica.
+        let mut redirected: Option<String> = None;
         let mut last = String::from("no metadata address configured");
         loop {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
-            let Some(addr) = self.pick() else { break };
+            let Some(addr) = redirected.take().or_else(|| self.pick(route)) else {
+                break;
+            };
             let call_timeout = t.call.min(deadline - now);
-            let outcome = match self.conn(&addr, call_timeout).await {
-                Err(e) => Err(Attempt::Retry(e)),
+            let failed = match self.conn(&addr, call_timeout).await {
+                Err(e) => Attempt::Retry(e),
                 Ok(client) => {
                     let mut ctx = tarpc::context::current();
                     ctx.deadline = Instant::now() + call_timeout;
                     // The tarpc deadline is enforced by the dispatcher; the outer timeout
                     // also covers a dispatcher that is stuck.
                     match tokio::time::timeout(call_timeout, f(client, ctx)).await {
-                        Err(_) => Err(Attempt::Retry(format!("{name} at {addr}: timed out"))),
-                        Ok(Err(e)) => Err(Attempt::Retry(format!("{name} at {addr}: {e}"))),
+                        Err(_) => Attempt::Retry(format!("{name} at {addr}: timed out")),
+                        Ok(Err(e)) => Attempt::Retry(format!("{name} at {addr}: {e}")),
                         Ok(Ok(Ok(v))) => {
-                            *lock(&self.inner.leader) = Some(addr);
+                            if route == Route::Leader {
+                                *lock(&self.inner.leader) = Some(addr);
+                            }
                             return Ok(v);
                         }
                         Ok(Ok(Err(MetaError::NotLeader {
                             leader_addr: Some(l),
                             ..
-                        }))) if l != addr => Err(Attempt::Redirect(l)),
+                        }))) if l != addr => Attempt::Redirect(l),
                         Ok(Ok(Err(e))) if e.is_retryable() => {
-                            Err(Attempt::Retry(format!("{name} at {addr}: {e}")))
+                            Attempt::Retry(format!("{name} at {addr}: {e}"))
                         }
                         Ok(Ok(Err(e))) => return Err(e),
                     }
                 }
             };
-            match outcome {
-                Ok(()) => {}
-                Err(Attempt::Redirect(l)) => {
+            match failed {
+                Attempt::Redirect(l) => {
                     tracing::debug!(rpc = name, from = %addr, to = %l, "following leader redirect");
-                    *lock(&self.inner.leader) = Some(l);
+                    match route {
+                        Route::Leader => *lock(&self.inner.leader) = Some(l),
+                        Route::Any => redirected = Some(l),
+                    }
                     redirects += 1;
                     // Redirects are free until they ping-pong (an election in progress).
                     if redirects <= 3 {
@@ -204,7 +291,7 @@ impl MetadataClient {
                     }
                     last = format!("{name}: redirected {redirects} times");
                 }
-                Err(Attempt::Retry(reason)) => {
+                Attempt::Retry(reason) => {
                     tracing::debug!(rpc = name, %reason, "metadata call failed; retrying");
                     self.forget(&addr);
                     last = reason;
@@ -219,19 +306,56 @@ impl MetadataClient {
             reason: format!("gave up after {:?}: {last}", start.elapsed()),
         })
     }
+
+    fn read_route(&self) -> Route {
+        match self.consistency {
+            Consistency::Linearizable => Route::Leader,
+            Consistency::Local => Route::Any,
+        }
+    }
 }
 
-/// Generates one method per RPC: same arguments as the service (minus the context).
+/// Generates one method per RPC, with the service's arguments minus the context and minus
+/// what the client adds itself: reads get the client's [`Consistency`], writes a fresh
+/// [`ReqId`] (the same for every retry of the call), other calls nothing.
 macro_rules! rpc_methods {
-    ($( $(#[$doc:meta])* fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty; )*) => {
+    (
+        reads { $( $(#[$rdoc:meta])* fn $rname:ident($($rarg:ident : $rty:ty),*) -> $rret:ty; )* }
+        writes { $( $(#[$wdoc:meta])* fn $wname:ident($($warg:ident : $wty:ty),*) -> $wret:ty; )* }
+        other { $( $(#[$odoc:meta])* fn $oname:ident($($oarg:ident : $oty:ty),*) -> $oret:ty; )* }
+    ) => {
         impl MetadataClient {
             $(
-                $(#[$doc])*
+                $(#[$rdoc])*
                 #[allow(clippy::clone_on_copy, clippy::too_many_arguments)]
-                pub async fn $name(&self, $($arg: $ty),*) -> MetaResult<$ret> {
-                    self.call(stringify!($name), move |c, ctx| {
-                        $(let $arg = $arg.clone();)*
-                        async move { c.$name(ctx, $($arg),*).await }
+                pub async fn $rname(&self, $($rarg: $rty),*) -> MetaResult<$rret> {
+                    let read = self.consistency;
+                    self.call(stringify!($rname), self.read_route(), move |c, ctx| {
+                        $(let $rarg = $rarg.clone();)*
+                        async move { c.$rname(ctx, $($rarg,)* read).await }
+                    })
+                    .await
+                }
+            )*
+            $(
+                $(#[$wdoc])*
+                #[allow(clippy::clone_on_copy, clippy::too_many_arguments)]
+                pub async fn $wname(&self, $($warg: $wty),*) -> MetaResult<$wret> {
+                    let req = self.next_req();
+                    self.call(stringify!($wname), Route::Leader, move |c, ctx| {
+                        $(let $warg = $warg.clone();)*
+                        async move { c.$wname(ctx, $($warg,)* req).await }
+                    })
+                    .await
+                }
+            )*
+            $(
+                $(#[$odoc])*
+                #[allow(clippy::clone_on_copy, clippy::too_many_arguments)]
+                pub async fn $oname(&self, $($oarg: $oty),*) -> MetaResult<$oret> {
+                    self.call(stringify!($oname), Route::Leader, move |c, ctx| {
+                        $(let $oarg = $oarg.clone();)*
+                        async move { c.$oname(ctx, $($oarg),*).await }
                     })
                     .await
                 }
@@ -241,67 +365,106 @@ macro_rules! rpc_methods {
 }
 
 rpc_methods! {
-    /// Finds `name` in directory `parent`.
-    fn lookup(parent: Ino, name: Name) -> Attr;
-    /// The attributes of `ino`.
-    fn getattr(ino: Ino) -> Attr;
-    /// Changes attributes (a size change truncates or extends).
-    fn setattr(ino: Ino, set: SetAttr) -> Attr;
-    /// Creates a file, directory, fifo, socket or device node.
-    fn mknod(parent: Ino, name: Name, node: NewNode, caller: Caller) -> Attr;
-    /// Creates a node and records an open of it by `session`, atomically.
-    fn create(parent: Ino, name: Name, node: NewNode, caller: Caller, session: u64) -> Attr;
-    /// Creates a symbolic link.
-    fn symlink(parent: Ino, name: Name, target: ByteBuf, caller: Caller) -> Attr;
-    /// The target of a symbolic link.
-    fn readlink(ino: Ino) -> ByteBuf;
-    /// Adds a hard link.
-    fn link(ino: Ino, newparent: Ino, newname: Name) -> Attr;
-    /// Removes a non-directory entry.
-    fn unlink(parent: Ino, name: Name) -> ();
-    /// Removes an empty directory.
-    fn rmdir(parent: Ino, name: Name) -> ();
-    /// Renames an entry (renameat2 flags).
-    fn rename(parent: Ino, name: Name, newparent: Ino, newname: Name, flags: RenameFlags) -> ();
-    /// Lists up to `limit` entries after `cookie`.
-    fn readdir(ino: Ino, cookie: u64, limit: u32) -> Vec<DirEntry>;
-    /// Records an open of `ino` by `session`.
-    fn open(ino: Ino, session: u64) -> Attr;
-    /// Drops one open of `ino` by `session`.
-    fn release(ino: Ino, session: u64) -> ();
-    /// Drops every open held by `session`.
-    fn end_session(session: u64) -> ();
-    /// Filesystem totals.
-    fn statfs() -> StatFs;
-    /// Waits until every acknowledged change is on the leader's disk.
-    fn sync() -> ();
-    /// Sets an extended attribute.
-    fn setxattr(ino: Ino, name: Name, value: ByteBuf, mode: XattrMode) -> ();
-    /// Reads an extended attribute.
-    fn getxattr(ino: Ino, name: Name) -> ByteBuf;
-    /// Lists extended attribute names.
-    fn listxattr(ino: Ino) -> Vec<Name>;
-    /// Removes an extended attribute.
-    fn removexattr(ino: Ino, name: Name) -> ();
-    /// Existing chunks with index in `first..first + count`.
-    fn chunks(ino: Ino, first: u64, count: u64) -> Vec<ChunkLoc>;
-    /// The chunk at `index`, allocated if missing.
-    fn allocate_chunk(ino: Ino, index: u64) -> ChunkLoc;
-    /// Records a completed write (size, mtime, stored bytes).
-    fn commit_write(ino: Ino, end: u64, stored_delta: i64) -> Attr;
-    /// Releases whole chunks (punch hole).
-    fn release_chunks(ino: Ino, first: u64, count: u64) -> ();
-    /// Drops a failed replica from a chunk.
-    fn drop_replica(chunk: ChunkId, expected_version: u64, server: ServerId) -> ChunkLoc;
-    /// A chunkserver's heartbeat.
-    fn heartbeat(hb: Heartbeat) -> HeartbeatReply;
-    /// The cluster's state.
-    fn status() -> ClusterStatus;
+    reads {
+        /// Finds `name` in directory `parent`.
+        fn lookup(parent: Ino, name: Name) -> Attr;
+        /// The attributes of `ino`.
+        fn getattr(ino: Ino) -> Attr;
+        /// The target of a symbolic link.
+        fn readlink(ino: Ino) -> ByteBuf;
+        /// Lists up to `limit` entries after `cookie`.
+        fn readdir(ino: Ino, cookie: u64, limit: u32) -> Vec<DirEntry>;
+        /// Filesystem totals.
+        fn statfs() -> StatFs;
+        /// Reads an extended attribute.
+        fn getxattr(ino: Ino, name: Name) -> ByteBuf;
+        /// Lists extended attribute names.
+        fn listxattr(ino: Ino) -> Vec<Name>;
+        /// Existing chunks with index in `first..first + count`.
+        fn chunks(ino: Ino, first: u64, count: u64) -> Vec<ChunkLoc>;
+    }
+    writes {
+        /// Changes attributes (a size change truncates or extends).
+        fn setattr(ino: Ino, set: SetAttr) -> Attr;
+        /// Creates a file, directory, fifo, socket or device node.
+        fn mknod(parent: Ino, name: Name, node: NewNode, caller: Caller) -> Attr;
+        /// Creates a node and records an open of it by `session`, atomically.
+        fn create(parent: Ino, name: Name, node: NewNode, caller: Caller, session: u64) -> Attr;
+        /// Creates a symbolic link.
+        fn symlink(parent: Ino, name: Name, target: ByteBuf, caller: Caller) -> Attr;
+        /// Adds a hard link.
+        fn link(ino: Ino, newparent: Ino, newname: Name) -> Attr;
+        /// Removes a non-directory entry.
+        fn unlink(parent: Ino, name: Name) -> ();
+        /// Removes an empty directory.
+        fn rmdir(parent: Ino, name: Name) -> ();
+        /// Renames an entry (renameat2 flags).
+        fn rename(parent: Ino, name: Name, newparent: Ino, newname: Name, flags: RenameFlags) -> ();
+        /// Sets an extended attribute.
+        fn setxattr(ino: Ino, name: Name, value: ByteBuf, mode: XattrMode) -> ();
+        /// Removes an extended attribute.
+        fn removexattr(ino: Ino, name: Name) -> ();
+        /// The chunk at `index`, allocated if missing.
+        fn allocate_chunk(ino: Ino, index: u64) -> ChunkLoc;
+        /// Records a completed write (size, mtime, stored bytes).
+        fn commit_write(ino: Ino, end: u64, stored_delta: i64) -> Attr;
+        /// Releases whole chunks (punch hole).
+        fn release_chunks(ino: Ino, first: u64, count: u64) -> ();
+        /// Drops a failed replica from a chunk.
+        fn drop_replica(chunk: ChunkId, expected_version: u64, server: ServerId) -> ChunkLoc;
+    }
+    other {
+        /// Records an open of `ino` by `session`.
+        fn open(ino: Ino, session: u64) -> Attr;
+        /// Drops one open of `ino` by `session`.
+        fn release(ino: Ino, session: u64) -> ();
+        /// Drops every open held by `session`.
+        fn end_session(session: u64) -> ();
+        /// Waits until every acknowledged change is on the leader's disk.
+        fn sync() -> ();
+        /// Cache invalidation events (long poll; give it a call timeout above `wait_ms`).
+        fn watch(epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
+        /// A chunkserver's heartbeat.
+        fn heartbeat(hb: Heartbeat) -> HeartbeatReply;
+        /// The cluster's state.
+        fn status() -> ClusterStatus;
+        /// Adds a metadata replica to the group (give the client a long call timeout: the
+        /// new replica catches up first).
+        fn add_peer(id: u64, addr: String, raft_addr: String) -> ();
+        /// Removes a metadata replica from the group.
+        fn remove_peer(id: u64) -> ();
+    }
+}
+
+impl MetadataClient {
+    /// The view of the replica this call reaches, about itself: the replica this client
+    /// uses for local reads (one of its addresses). To ask one particular replica, use a
+    /// client made with only its address.
+    pub async fn replica_status(&self) -> MetaResult<ReplicaStatus> {
+        self.call("replica_status", Route::Any, |c, ctx| async move {
+            c.replica_status(ctx).await
+        })
+        .await
+    }
+
+    /// The state digest of the replica this call reaches (see
+    /// [`MetadataClient::replica_status`] for which one).
+    pub async fn digest(&self) -> MetaResult<StateDigest> {
+        self.call(
+            "digest",
+            Route::Any,
+            |c, ctx| async move { c.digest(ctx).await },
+        )
+        .await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::MetadataRpc;
+    use futures::StreamExt;
+    use tarpc::server::{BaseChannel, Channel};
 
     #[tokio::test]
     async fn no_server_gives_unavailable_within_op_timeout() {
@@ -325,5 +488,130 @@ mod tests {
             none.statfs().await,
             Err(MetaError::Unavailable { .. })
         ));
+    }
+
+    /// Records what `unlink` and `getattr` receive; fails every other `unlink` attempt
+    /// (as a failover would) so the client retries.
+    #[derive(Clone, Default)]
+    struct Fake {
+        seen: Arc<Mutex<Vec<(ReqId, bool)>>>,
+        reads: Arc<Mutex<Vec<Consistency>>>,
+    }
+
+    macro_rules! refuse {
+        ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {
+            $(async fn $name(self, _: Context, $($arg: $ty),*) -> MetaResult<$ret> {
+                $(let _ = $arg;)*
+                Err(MetaError::NotPermitted)
+            })*
+        };
+    }
+
+    impl MetadataRpc for Fake {
+        async fn unlink(self, _: Context, _: Ino, _: Name, req: ReqId) -> MetaResult<()> {
+            let mut seen = lock(&self.seen);
+            let first = !seen.iter().any(|(r, _)| *r == req);
+            seen.push((req, first));
+            if first {
+                return Err(MetaError::Unavailable {
+                    reason: "electing".into(),
+                });
+            }
+            Ok(())
+        }
+
+        async fn getattr(self, _: Context, ino: Ino, read: Consistency) -> MetaResult<Attr> {
+            let _ = ino;
+            lock(&self.reads).push(read);
+            Err(MetaError::NotFound)
+        }
+
+        refuse! {
+            lookup(parent: Ino, name: Name, read: Consistency) -> Attr;
+            setattr(ino: Ino, set: SetAttr, req: ReqId) -> Attr;
+            mknod(parent: Ino, name: Name, node: NewNode, caller: Caller, req: ReqId) -> Attr;
+            create(parent: Ino, name: Name, node: NewNode, caller: Caller, session: u64, req: ReqId) -> Attr;
+            symlink(parent: Ino, name: Name, target: ByteBuf, caller: Caller, req: ReqId) -> Attr;
+            readlink(ino: Ino, read: Consistency) -> ByteBuf;
+            link(ino: Ino, newparent: Ino, newname: Name, req: ReqId) -> Attr;
+            rmdir(parent: Ino, name: Name, req: ReqId) -> ();
+            rename(parent: Ino, name: Name, newparent: Ino, newname: Name, flags: RenameFlags, req: ReqId) -> ();
+            readdir(ino: Ino, cookie: u64, limit: u32, read: Consistency) -> Vec<DirEntry>;
+            open(ino: Ino, session: u64) -> Attr;
+            release(ino: Ino, session: u64) -> ();
+            end_session(session: u64) -> ();
+            statfs(read: Consistency) -> StatFs;
+            sync() -> ();
+            watch(epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
+            setxattr(ino: Ino, name: Name, value: ByteBuf, mode: XattrMode, req: ReqId) -> ();
+            getxattr(ino: Ino, name: Name, read: Consistency) -> ByteBuf;
+            listxattr(ino: Ino, read: Consistency) -> Vec<Name>;
+            removexattr(ino: Ino, name: Name, req: ReqId) -> ();
+            chunks(ino: Ino, first: u64, count: u64, read: Consistency) -> Vec<ChunkLoc>;
+            allocate_chunk(ino: Ino, index: u64, req: ReqId) -> ChunkLoc;
+            commit_write(ino: Ino, end: u64, stored_delta: i64, req: ReqId) -> Attr;
+            release_chunks(ino: Ino, first: u64, count: u64, req: ReqId) -> ();
+            drop_replica(chunk: ChunkId, expected_version: u64, server: ServerId, req: ReqId) -> ChunkLoc;
+            heartbeat(hb: Heartbeat) -> HeartbeatReply;
+            status() -> ClusterStatus;
+            replica_status() -> ReplicaStatus;
+            digest() -> StateDigest;
+            add_peer(id: u64, addr: String, raft_addr: String) -> ();
+            remove_peer(id: u64) -> ();
+        }
+    }
+
+    async fn start_fake() -> (Fake, String) {
+        let fake = Fake::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut incoming = tarpc::serde_transport::tcp::listen_on(listener, MessagePack::default)
+            .await
+            .unwrap();
+        let server = fake.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(t)) = incoming.next().await {
+                let server = server.clone();
+                tokio::spawn(
+                    BaseChannel::with_defaults(t)
+                        .execute(server.serve())
+                        .for_each(|call| call),
+                );
+            }
+        });
+        (fake, addr)
+    }
+
+    #[tokio::test]
+    async fn retries_reuse_the_request_id_and_reads_carry_the_consistency() {
+        let (fake, addr) = start_fake().await;
+        let c = MetadataClient::new(vec![addr], ClientTimeouts::default());
+        let other = MetadataClient::new(c.addrs().to_vec(), ClientTimeouts::default());
+        assert_ne!(c.client_id(), other.client_id(), "random client ids");
+        c.unlink(ROOT_INO, Name::from(b"a".to_vec())).await.unwrap();
+        c.clone()
+            .unlink(ROOT_INO, Name::from(b"b".to_vec()))
+            .await
+            .unwrap();
+        let seen = lock(&fake.seen).clone();
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        let (a, b) = (seen[0].0, seen[2].0);
+        assert_eq!(seen[1], (a, false), "the retry reuses the first id");
+        assert_eq!(seen[3], (b, false));
+        assert_eq!(a.client, c.client_id());
+        assert_eq!(
+            (b.client, b.seq),
+            (a.client, a.seq + 1),
+            "clones share the sequence"
+        );
+
+        assert_eq!(c.getattr(ROOT_INO).await, Err(MetaError::NotFound));
+        let local = c.clone().with_consistency(Consistency::Local);
+        assert_eq!(local.consistency(), Consistency::Local);
+        assert_eq!(local.getattr(ROOT_INO).await, Err(MetaError::NotFound));
+        assert_eq!(
+            *lock(&fake.reads),
+            vec![Consistency::Linearizable, Consistency::Local]
+        );
     }
 }

@@ -1,6 +1,11 @@
 //! The metadata service's tarpc interface.
 
+// `create` and `rename` take six arguments plus the tarpc context and the request id; the
+// generated client and server functions follow the wire shape.
+#![allow(clippy::too_many_arguments)]
+
 use crate::error::MetaError;
+use crate::events::WatchReply;
 use crate::types::*;
 use serde_bytes::ByteBuf;
 
@@ -9,18 +14,29 @@ pub type MetaResult<T> = Result<T, MetaError>;
 
 /// The metadata service. Mutations go through the replicated log on the leader; a follower
 /// answers them with [`MetaError::NotLeader`].
+///
+/// Every mutation takes a [`ReqId`] last: a repeat of an id the service remembers gets the
+/// first reply back without being applied again (see [`ReqId`]). Namespace and chunk reads
+/// take a [`Consistency`] last: `Linearizable` is answered by the leader only, `Local` by any
+/// replica from its applied state (see [`Consistency`] for the staleness that implies).
 #[tarpc::service]
 pub trait MetadataRpc {
     // ---- namespace -------------------------------------------------------------------------
     /// Finds `name` in directory `parent`.
-    async fn lookup(parent: Ino, name: Name) -> MetaResult<Attr>;
-    async fn getattr(ino: Ino) -> MetaResult<Attr>;
+    async fn lookup(parent: Ino, name: Name, read: Consistency) -> MetaResult<Attr>;
+    async fn getattr(ino: Ino, read: Consistency) -> MetaResult<Attr>;
     /// Changes attributes; a size change truncates or extends the file (releasing whole chunks).
-    async fn setattr(ino: Ino, set: SetAttr) -> MetaResult<Attr>;
+    async fn setattr(ino: Ino, set: SetAttr, req: ReqId) -> MetaResult<Attr>;
     /// Creates a file, directory, fifo, socket or device node. In a setgid directory the new
     /// node takes the directory's group (and a new directory keeps the setgid bit).
     /// Returns the new (or, if not exclusive, existing) inode's attributes.
-    async fn mknod(parent: Ino, name: Name, node: NewNode, caller: Caller) -> MetaResult<Attr>;
+    async fn mknod(
+        parent: Ino,
+        name: Name,
+        node: NewNode,
+        caller: Caller,
+        req: ReqId,
+    ) -> MetaResult<Attr>;
     /// `mknod` and `open` by `session` in one step: the new (or, if not exclusive, existing)
     /// inode is protected from unlinks by other clients from the moment it exists.
     async fn create(
@@ -29,61 +45,112 @@ pub trait MetadataRpc {
         node: NewNode,
         caller: Caller,
         session: u64,
+        req: ReqId,
     ) -> MetaResult<Attr>;
-    async fn symlink(parent: Ino, name: Name, target: ByteBuf, caller: Caller) -> MetaResult<Attr>;
-    async fn readlink(ino: Ino) -> MetaResult<ByteBuf>;
+    async fn symlink(
+        parent: Ino,
+        name: Name,
+        target: ByteBuf,
+        caller: Caller,
+        req: ReqId,
+    ) -> MetaResult<Attr>;
+    async fn readlink(ino: Ino, read: Consistency) -> MetaResult<ByteBuf>;
     /// Adds a hard link `newparent/newname` to `ino`.
-    async fn link(ino: Ino, newparent: Ino, newname: Name) -> MetaResult<Attr>;
+    async fn link(ino: Ino, newparent: Ino, newname: Name, req: ReqId) -> MetaResult<Attr>;
     /// Removes a non-directory entry. An inode whose last link goes while it is open stays
     /// (orphaned) until its last `release`.
-    async fn unlink(parent: Ino, name: Name) -> MetaResult<()>;
-    async fn rmdir(parent: Ino, name: Name) -> MetaResult<()>;
+    async fn unlink(parent: Ino, name: Name, req: ReqId) -> MetaResult<()>;
+    async fn rmdir(parent: Ino, name: Name, req: ReqId) -> MetaResult<()>;
     async fn rename(
         parent: Ino,
         name: Name,
         newparent: Ino,
         newname: Name,
         flags: RenameFlags,
+        req: ReqId,
     ) -> MetaResult<()>;
     /// Lists up to `limit` entries after `cookie` (0 = from the start), without `.` and `..`.
-    async fn readdir(ino: Ino, cookie: u64, limit: u32) -> MetaResult<Vec<DirEntry>>;
+    async fn readdir(
+        ino: Ino,
+        cookie: u64,
+        limit: u32,
+        read: Consistency,
+    ) -> MetaResult<Vec<DirEntry>>;
     /// Records that `session` has `ino` open (keeps an unlinked inode alive).
     async fn open(ino: Ino, session: u64) -> MetaResult<Attr>;
     /// Drops one open of `ino` by `session`; frees an orphaned inode on its last release.
     async fn release(ino: Ino, session: u64) -> MetaResult<()>;
     /// Drops every open held by `session` (on unmount).
     async fn end_session(session: u64) -> MetaResult<()>;
-    async fn statfs() -> MetaResult<StatFs>;
+    /// Filesystem totals. Capacity is the leader's soft state (from heartbeats): with
+    /// `Local` the leader answers without confirming its leadership, and a follower
+    /// redirects to it.
+    async fn statfs(read: Consistency) -> MetaResult<StatFs>;
     /// Returns once every change acknowledged so far is on the leader's disk: the power-loss
     /// barrier behind `fsync` (changes survive a process crash as soon as they are acknowledged).
     async fn sync() -> MetaResult<()>;
+    /// Cache invalidation events of the leader's `epoch` from sequence number `from` on,
+    /// waiting up to `wait_ms` for one. A client that starts (or sees another epoch, or
+    /// `lost`) must drop what it caches and continue from `next`. Leader only.
+    async fn watch(epoch: u64, from: u64, wait_ms: u32) -> MetaResult<WatchReply>;
 
     // ---- extended attributes ----------------------------------------------------------------
-    async fn setxattr(ino: Ino, name: Name, value: ByteBuf, mode: XattrMode) -> MetaResult<()>;
-    async fn getxattr(ino: Ino, name: Name) -> MetaResult<ByteBuf>;
-    async fn listxattr(ino: Ino) -> MetaResult<Vec<Name>>;
-    async fn removexattr(ino: Ino, name: Name) -> MetaResult<()>;
+    async fn setxattr(
+        ino: Ino,
+        name: Name,
+        value: ByteBuf,
+        mode: XattrMode,
+        req: ReqId,
+    ) -> MetaResult<()>;
+    async fn getxattr(ino: Ino, name: Name, read: Consistency) -> MetaResult<ByteBuf>;
+    async fn listxattr(ino: Ino, read: Consistency) -> MetaResult<Vec<Name>>;
+    async fn removexattr(ino: Ino, name: Name, req: ReqId) -> MetaResult<()>;
 
     // ---- chunk map ----------------------------------------------------------------------------
     /// The existing chunks of `ino` with index in `first..first + count` (holes are absent).
-    async fn chunks(ino: Ino, first: u64, count: u64) -> MetaResult<Vec<ChunkLoc>>;
+    async fn chunks(
+        ino: Ino,
+        first: u64,
+        count: u64,
+        read: Consistency,
+    ) -> MetaResult<Vec<ChunkLoc>>;
     /// The chunk at `index`, placed on 3 distinct live chunkservers if it does not exist yet.
-    async fn allocate_chunk(ino: Ino, index: u64) -> MetaResult<ChunkLoc>;
+    async fn allocate_chunk(ino: Ino, index: u64, req: ReqId) -> MetaResult<ChunkLoc>;
     /// Records a completed data write: the size grows to at least `end`, mtime and ctime are
     /// set, and `stored_delta` bytes are added to the stored total. Returns the new attributes.
-    async fn commit_write(ino: Ino, end: u64, stored_delta: i64) -> MetaResult<Attr>;
+    async fn commit_write(ino: Ino, end: u64, stored_delta: i64, req: ReqId) -> MetaResult<Attr>;
     /// Releases the chunks of `ino` with index in `first..first + count` (punch hole).
-    async fn release_chunks(ino: Ino, first: u64, count: u64) -> MetaResult<()>;
+    async fn release_chunks(ino: Ino, first: u64, count: u64, req: ReqId) -> MetaResult<()>;
     /// Removes `server` from the replicas of `chunk` (it failed a write or a checksum),
     /// bumping the version if `expected_version` is current. Returns the new location.
     async fn drop_replica(
         chunk: ChunkId,
         expected_version: u64,
         server: ServerId,
+        req: ReqId,
     ) -> MetaResult<ChunkLoc>;
 
     // ---- cluster ------------------------------------------------------------------------------
     /// A chunkserver's heartbeat; the reply carries the leader's term and orders.
     async fn heartbeat(hb: Heartbeat) -> MetaResult<HeartbeatReply>;
+    /// The cluster's state (leader only). Each member's entry in `replicas` comes from a
+    /// `replica_status` call with a short deadline, made in parallel; a member that does
+    /// not answer in time is reported with `up: false`.
     async fn status() -> MetaResult<ClusterStatus>;
+
+    // ---- replicas -----------------------------------------------------------------------------
+    /// The answering replica's own view (any replica, never redirects).
+    async fn replica_status() -> MetaResult<ReplicaStatus>;
+    /// A hash of the answering replica's whole state at its applied index (any replica,
+    /// never redirects): replicas at the same index must agree.
+    async fn digest() -> MetaResult<StateDigest>;
+    /// Adds replica `id` (client address `addr`, replication address `raft_addr`) to the
+    /// group: as a learner until it has caught up, then as a voter. Leader only;
+    /// idempotent. It may take as long as the new replica needs to catch up, so call it
+    /// with a generous deadline. The new replica must run with `bootstrap` off.
+    async fn add_peer(id: u64, addr: String, raft_addr: String) -> MetaResult<()>;
+    /// Removes replica `id` (voter or learner) from the group. Leader only; removing the
+    /// leader itself is allowed (it steps down once the change commits); the last voter
+    /// cannot be removed.
+    async fn remove_peer(id: u64) -> MetaResult<()>;
 }

@@ -228,14 +228,82 @@ pub struct ChunkserverStatus {
 }
 
 /// One metadata replica's view of the replicated log.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// From `replica_status` a replica describes itself; in [`ClusterStatus::replicas`] the
+/// leader adds what it knows about each member (`lag`, `up`, `voter`). Fields after
+/// `applied` default when absent, so older peers still decode.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaStatus {
     pub id: u64,
+    /// Its client (`MetadataRpc`) address.
     pub addr: String,
-    /// `leader`, `follower`, `candidate` or `learner`.
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`; `unknown` for a member
+    /// that did not answer the leader.
     pub role: String,
+    /// The newest term it knows (0 if it did not answer).
     pub term: u64,
+    /// Index of the last log entry applied to its state (0 if it did not answer).
     pub applied: u64,
+    /// Index of the last entry in its log.
+    #[serde(default)]
+    pub last_log_index: u64,
+    /// The leader it knows of.
+    #[serde(default)]
+    pub leader: Option<u64>,
+    /// Entries it is behind the leader: the leader's last log index minus the last index
+    /// the leader knows to be in this member's log (the whole log if none). 0 on the leader
+    /// and in a replica's own `replica_status`.
+    #[serde(default)]
+    pub lag: u64,
+    /// It answered (the leader asks every member with a short deadline for `status`).
+    #[serde(default)]
+    pub up: bool,
+    /// A voting member (false for a learner still catching up).
+    #[serde(default)]
+    pub voter: bool,
+}
+
+/// A fingerprint of a replica's whole state (namespace, chunk map, registry, request
+/// table) at one applied log index: two replicas at the same `applied` must have the same
+/// `digest`. The hash is FNV-1a 64 over the tables' raw rows in key order, so it is stable
+/// across processes and releases that keep the same record formats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateDigest {
+    /// The last log index applied to the state that was hashed.
+    pub applied: u64,
+    pub digest: u64,
+}
+
+/// Identifies one mutation across retries: a client draws `client` at random once and a
+/// fresh `seq` per operation, and sends the same `ReqId` with every retry of it. The
+/// service remembers recent ids (about ten minutes) with their replies and answers a
+/// repeat with the remembered reply instead of applying it again, so a retry after a lost
+/// reply (a dropped connection, a leader failover) is applied once.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub struct ReqId {
+    pub client: u64,
+    pub seq: u64,
+}
+
+/// How fresh a read must be.
+///
+/// - `Linearizable` (the default): the leader answers after confirming its leadership
+///   (ReadIndex, or its lease), so the read sees every operation acknowledged before it.
+/// - `Local`: any replica that knows of a live leader answers from its own applied state,
+///   without asking anyone. The answer may be stale by up to the replication delay (usually
+///   milliseconds; more while a replica catches up after a restart, and up to an election
+///   timeout for a replica cut off from the leader, after which it stops answering). Reads
+///   are not guaranteed to see the caller's own writes (they go to the leader and may not
+///   have reached the replica yet). Chunk locations read this way carry the term of the
+///   last applied entry, so a chunkserver that has seen a newer leader refuses writes
+///   through a stale location and the writer asks again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Consistency {
+    #[default]
+    Linearizable,
+    Local,
 }
 
 /// The cluster's state, as `rawfs status` shows it.

@@ -2,6 +2,7 @@
 //! delivers them, on a real redb file in a temporary directory.
 
 mod posix;
+mod requests;
 mod state;
 
 use rawfs_metadata_api::*;
@@ -44,6 +45,16 @@ impl H {
         let now = h.now();
         h.apply(Command::Init { now }).unwrap();
         h
+    }
+
+    /// A harness over an existing state machine whose last applied entry is `index`.
+    pub(super) fn from_sm(sm: MetaStateMachine, dir: tempfile::TempDir, index: u64) -> H {
+        H {
+            sm,
+            dir,
+            index,
+            clock: 1_000_000,
+        }
     }
 
     pub(super) fn reopen(self) -> H {
@@ -201,4 +212,31 @@ impl H {
             .read(|rt| queries::pending_deletes(rt, server))
             .unwrap()
     }
+}
+
+/// Rewrites a snapshot of the current format (2) as format 1 wrote it: the tables format 2
+/// added (the last three) left out.
+pub(super) fn to_format_1(snap: &[u8]) -> Vec<u8> {
+    fn u32_at(b: &[u8], pos: &mut usize) -> usize {
+        let v = u32::from_le_bytes(b[*pos..*pos + 4].try_into().unwrap());
+        *pos += 4;
+        v as usize
+    }
+    const V1_TABLES: usize = 13;
+    let mut out = b"RAWFSMS1".to_vec();
+    let mut pos = 8;
+    for table in 0..V1_TABLES + 3 {
+        let start = pos;
+        pos += u32_at(snap, &mut pos);
+        let rows = u64::from_le_bytes(snap[pos..pos + 8].try_into().unwrap());
+        pos += 8;
+        for _ in 0..2 * rows {
+            pos += u32_at(snap, &mut pos);
+        }
+        if table < V1_TABLES {
+            out.extend_from_slice(&snap[start..pos]);
+        }
+    }
+    out.extend_from_slice(&snap[pos..]);
+    out
 }

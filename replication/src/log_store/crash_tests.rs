@@ -30,6 +30,7 @@ fn opts() -> Options {
         segment_bytes: 32 << 10,
         cache_entries: 64,
         cache_bytes: 1 << 20,
+        sync_delay: super::SYNC_DELAY,
     }
 }
 

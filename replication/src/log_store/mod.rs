@@ -2,9 +2,9 @@
 //!
 //! ```text
 //!  openraft --append(batch)--> encode --> write(2) to the active segment --> callback (at once)
-//!                                              | notify
+//!                                              | notify (only if the sync thread is idle)
 //!                                              v
-//!                 sync thread: fdatasync(active segment) back to back (group commit)
+//!                 sync thread: waits <= 2 ms for more, fdatasync(active segment) (group commit)
 //!                              --> sync_log() waiters, hint (committed, synced position)
 //!           --save_vote------> vote.tmp, fsync, rename, fsync dir (before returning)
 //!           --truncate-------> unlink later segments, fsync dir, ftruncate + fsync
@@ -22,14 +22,14 @@
 //!
 //! `append` writes the batch with write(2) into the page cache and tells openraft the entries
 //! are flushed right away; it does not wait for an fsync. A dedicated thread fsyncs the active
-//! segment whenever it has unsynced bytes (group commit), so:
+//! segment at most [`SYNC_DELAY`] after it sees unsynced bytes (group commit), so:
 //!
 //! - a crash of the *process* (panic, `kill -9`, OOM) loses nothing acknowledged: the kernel
 //!   holds the written pages;
 //! - a crash of the *machine* (power loss, kernel panic) may lose the entries appended during
-//!   the last fsync or so (about a millisecond). In a replicated group the other replicas
-//!   still hold them; a single-replica group loses those last operations although they were
-//!   acknowledged. Callers that promise durability to their own clients (a client's `fsync`)
+//!   the last few milliseconds (the sync delay plus an fsync or two). In a replicated group
+//!   the other replicas still hold them; a single-replica group loses those last operations
+//!   although they were acknowledged. Callers that promise durability to their own clients (a client's `fsync`)
 //!   call [`LogStore::sync`] (through `Replica::sync_log`), which waits until everything
 //!   appended so far is on disk.
 //!
@@ -100,6 +100,9 @@ pub const LOG_DIR: &str = "log";
 const LEGACY_FILE: &str = "raft-log.redb";
 /// A new segment is started once the active one is at least this long.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// Group commit window: the sync thread waits this long after it sees the first unsynced
+/// append before it fsyncs, unless a `sync()` caller waits (see `sync.rs`).
+pub const SYNC_DELAY: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Tunables of the store (the defaults suit production; tests shrink them).
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +110,8 @@ pub(crate) struct Options {
     pub segment_bytes: u64,
     pub cache_entries: usize,
     pub cache_bytes: usize,
+    /// How long the sync thread lets appends accumulate before an fsync (see `sync.rs`).
+    pub sync_delay: std::time::Duration,
 }
 
 impl Default for Options {
@@ -115,6 +120,7 @@ impl Default for Options {
             segment_bytes: SEGMENT_BYTES,
             cache_entries: 8192,
             cache_bytes: 32 << 20,
+            sync_delay: SYNC_DELAY,
         }
     }
 }
@@ -256,6 +262,10 @@ struct State {
     truncations: u64,
     failed: Option<(PathBuf, Arc<std::io::Error>)>,
     stop: bool,
+    /// The sync thread waits for work with nothing pending: the next change must wake it.
+    sync_idle: bool,
+    /// A `sync()` caller waits: the sync thread must not delay its next round.
+    urgent: bool,
     #[cfg(test)]
     paused: bool,
 }
@@ -341,6 +351,16 @@ impl Shared {
         // The state is updated so that a panic cannot leave it half-changed in a way that
         // matters more than the panic itself; keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Releases `st` after a change the sync thread must handle, waking the thread only if
+    /// it is idle: while it is busy or in its group commit window it looks again by itself.
+    fn poke(&self, mut st: MutexGuard<'_, State>) {
+        let idle = std::mem::take(&mut st.sync_idle);
+        drop(st);
+        if idle {
+            self.wake.notify_one();
+        }
     }
 }
 
@@ -430,10 +450,12 @@ impl LogStore {
     pub async fn sync(&self) -> Result<(), LogStoreError> {
         let mut rx = self.shared.progress.subscribe();
         let target = {
-            let st = self.shared.lock();
+            let mut st = self.shared.lock();
             st.check_failed()?;
+            st.urgent = true;
             st.appended
         };
+        self.shared.wake.notify_one();
         let p = *rx
             .wait_for(|p| p.bytes >= target || p.failed)
             .await
@@ -555,8 +577,7 @@ impl LogStore {
             }
         }
         st.appended += buf.len() as u64;
-        drop(st);
-        shared.wake.notify_one();
+        shared.poke(st);
         Ok(())
     }
 
@@ -661,12 +682,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // A hint written by the sync thread after its next fsync (see the module docs).
-        {
-            let mut st = self.shared.lock();
-            st.committed = committed;
-            st.committed_dirty = true;
-        }
-        self.shared.wake.notify_one();
+        let mut st = self.shared.lock();
+        st.committed = committed;
+        st.committed_dirty = true;
+        self.shared.poke(st);
         Ok(())
     }
 

@@ -86,8 +86,7 @@ pub(super) fn truncate(sh: &Shared, cut: u64) -> Result<(), LogStoreError> {
     st.locs.truncate(keep);
     st.uncache_from(cut);
     st.truncations += 1;
-    drop(st);
-    sh.wake.notify_one();
+    sh.poke(st);
     Ok(())
 }
 

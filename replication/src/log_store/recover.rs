@@ -55,6 +55,8 @@ pub(super) fn recover(dir: &Path) -> Result<State, LogStoreError> {
         truncations: 0,
         failed: None,
         stop: false,
+        sync_idle: false,
+        urgent: false,
         #[cfg(test)]
         paused: false,
     };

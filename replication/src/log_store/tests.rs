@@ -28,6 +28,7 @@ pub(super) fn small() -> Options {
         segment_bytes: 512,
         cache_entries: 4,
         cache_bytes: 1 << 20,
+        sync_delay: super::SYNC_DELAY,
     }
 }
 
@@ -305,7 +306,7 @@ async fn reopen_after_many_appends() {
     let opts = Options {
         segment_bytes: 64 << 10,
         cache_entries: 100,
-        cache_bytes: 1 << 20,
+        ..small()
     };
     let n = 20_000u64;
     {
@@ -502,4 +503,55 @@ async fn truncation_withdraws_the_synced_position_of_the_hint() {
         assert!(std::time::Instant::now() < deadline, "hint still {hint:?}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+#[tokio::test]
+async fn appends_within_the_sync_delay_share_one_fsync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options {
+        sync_delay: Duration::from_secs(1),
+        ..small()
+    };
+    let store = open(dir.path(), opts);
+    append(&store, 1, [0]);
+    store.sync().await.expect("sync after open");
+    let before = store.syncs();
+    for i in 1..11 {
+        append(&store, 1, [i]);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let done = {
+            let st = store.shared.lock();
+            st.synced >= st.appended
+        };
+        if done {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "appends never synced");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.syncs(), before + 1, "one fsync for the whole window");
+}
+
+#[tokio::test]
+async fn sync_does_not_wait_for_the_sync_delay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = Options {
+        sync_delay: Duration::from_secs(3600),
+        ..small()
+    };
+    let store = open(dir.path(), opts);
+    append(&store, 1, 0..5);
+    tokio::time::timeout(Duration::from_secs(10), store.sync())
+        .await
+        .expect("sync cuts the delay short")
+        .expect("sync");
+    append(&store, 1, 5..8);
+    tokio::time::timeout(Duration::from_secs(10), store.sync())
+        .await
+        .expect("a second sync too")
+        .expect("sync");
+    let st = store.shared.lock();
+    assert!(st.synced >= st.appended);
 }

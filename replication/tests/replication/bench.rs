@@ -69,6 +69,82 @@ async fn bench_sequential_propose_latency() {
     r.shutdown().await.expect("shutdown");
 }
 
+/// The same on a three-replica group in one process (real TCP on 127.0.0.1): every proposal
+/// is one AppendEntries round trip to a follower on top of the local work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_three_replica_propose_latency() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut listeners = Vec::new();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3u64 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let node = rawfs_replication::Node {
+            raft_addr: l.local_addr().expect("addr").to_string(),
+            client_addr: format!("client-{id}"),
+        };
+        nodes.insert(id, node);
+        listeners.push((id, l));
+    }
+    let mut replicas = Vec::new();
+    for (id, l) in listeners {
+        let mut peers = nodes.clone();
+        peers.remove(&id);
+        let cfg = ReplicaConfig::new(
+            id,
+            dir.path().join(format!("r{id}")),
+            l.local_addr().expect("addr"),
+            format!("client-{id}"),
+            peers,
+        );
+        let r = Replica::start_with_listener(cfg, l, ToySm::durable())
+            .await
+            .expect("start");
+        replicas.push(r);
+    }
+    let leader = wait_for("a leader", Duration::from_secs(15), || {
+        replicas
+            .iter()
+            .find(|r| r.status().role == Role::Leader)
+            .cloned()
+    })
+    .await;
+    for i in 0..50u32 {
+        leader
+            .propose(i.to_be_bytes().to_vec())
+            .await
+            .expect("propose");
+    }
+    measure("3 replicas: sequential propose", PROPOSALS, || async {
+        leader.propose(vec![7u8; 150]).await.expect("propose");
+    })
+    .await;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let r = leader.clone();
+            tokio::spawn(async move {
+                for _ in 0..PROPOSALS / 8 {
+                    r.propose(vec![7u8; 150]).await.expect("propose");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("proposer");
+    }
+    println!(
+        "3 replicas: 8 concurrent proposers x{}: {:.0}/s",
+        PROPOSALS / 8,
+        PROPOSALS as f64 / started.elapsed().as_secs_f64()
+    );
+    for r in replicas {
+        r.shutdown().await.expect("shutdown");
+    }
+}
+
 /// Runs `op` `n` times in sequence and prints the rate and latency percentiles.
 async fn measure<F, Fut>(what: &str, n: usize, mut op: F)
 where

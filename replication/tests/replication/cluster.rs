@@ -1,149 +1,22 @@
 //! Three replicas in one process on real TCP: election, replication, redirects, fail-over,
 //! catch-up by snapshot, and proposals without a quorum.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rawfs_replication::Node;
 use rawfs_replication::ProposeError;
-use rawfs_replication::Replica;
 use rawfs_replication::ReplicaConfig;
 use rawfs_replication::Role;
-use tokio::net::TcpListener;
 
-use crate::toy::init_tracing;
+use crate::harness::client_addr;
+use crate::harness::no_tuning;
+use crate::harness::Cluster;
+use crate::harness::WAIT;
 use crate::toy::wait_for;
-use crate::toy::ToySm;
-
-const WAIT: Duration = Duration::from_secs(15);
-
-struct Cluster {
-    base: tempfile::TempDir,
-    addrs: BTreeMap<u64, SocketAddr>,
-    sms: BTreeMap<u64, Arc<ToySm>>,
-    running: BTreeMap<u64, Replica>,
-    tune: fn(&mut ReplicaConfig),
-}
-
-fn client_addr(id: u64) -> String {
-    format!("client-{id}")
-}
-
-impl Cluster {
-    async fn start(n: u64, tune: fn(&mut ReplicaConfig)) -> Cluster {
-        init_tracing();
-        let mut listeners = BTreeMap::new();
-        let mut addrs = BTreeMap::new();
-        for id in 1..=n {
-            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            addrs.insert(id, l.local_addr().expect("local addr"));
-            listeners.insert(id, l);
-        }
-        let mut c = Cluster {
-            base: tempfile::tempdir().expect("tempdir"),
-            addrs,
-            sms: (1..=n).map(|id| (id, ToySm::durable())).collect(),
-            running: BTreeMap::new(),
-            tune,
-        };
-        for (id, l) in listeners {
-            c.start_node(id, l).await;
-        }
-        c
-    }
-
-    fn config(&self, id: u64) -> ReplicaConfig {
-        let peers = self
-            .addrs
-            .iter()
-            .filter(|(p, _)| **p != id)
-            .map(|(p, a)| {
-                let node = Node {
-                    raft_addr: a.to_string(),
-                    client_addr: client_addr(*p),
-                };
-                (*p, node)
-            })
-            .collect();
-        let mut cfg = ReplicaConfig::new(
-            id,
-            self.base.path().join(format!("r{id}")),
-            self.addrs[&id],
-            client_addr(id),
-            peers,
-        );
-        cfg.heartbeat_interval = Duration::from_millis(100);
-        cfg.election_timeout = (Duration::from_millis(500), Duration::from_millis(1000));
-        cfg.op_timeout = Duration::from_secs(3);
-        (self.tune)(&mut cfg);
-        cfg
-    }
-
-    async fn start_node(&mut self, id: u64, listener: TcpListener) {
-        let r = Replica::start_with_listener(self.config(id), listener, self.sms[&id].clone())
-            .await
-            .expect("start replica");
-        self.running.insert(id, r);
-    }
-
-    async fn restart(&mut self, id: u64) {
-        let l = TcpListener::bind(self.addrs[&id]).await.expect("rebind");
-        self.start_node(id, l).await;
-    }
-
-    async fn stop(&mut self, id: u64) {
-        let r = self.running.remove(&id).expect("running");
-        r.shutdown().await.expect("shutdown");
-    }
-
-    fn replica(&self, id: u64) -> &Replica {
-        &self.running[&id]
-    }
-
-    /// Waits until one running replica leads in a term newer than `after_term` and every
-    /// running replica knows it.
-    async fn leader(&self, after_term: u64) -> (u64, u64) {
-        wait_for("an agreed leader", WAIT, || {
-            let st: Vec<_> = self.running.values().map(|r| r.status()).collect();
-            let leader = st
-                .iter()
-                .find(|s| s.role == Role::Leader && s.term > after_term)?;
-            st.iter()
-                .all(|s| s.leader == Some(leader.id) && s.term == leader.term)
-                .then_some((leader.id, leader.term))
-        })
-        .await
-    }
-
-    /// Waits until every running replica applied exactly `n` commands, and returns them.
-    async fn converged(&self, n: usize) -> Vec<Vec<u8>> {
-        wait_for("applied states to converge", WAIT, || {
-            let all: Vec<_> = self
-                .running
-                .keys()
-                .map(|id| self.sms[id].commands())
-                .collect();
-            (all.iter().all(|c| c.len() == n) && all.windows(2).all(|w| w[0] == w[1]))
-                .then(|| all[0].clone())
-        })
-        .await
-    }
-
-    async fn shutdown(mut self) {
-        let ids: Vec<u64> = self.running.keys().copied().collect();
-        for id in ids {
-            self.stop(id).await;
-        }
-    }
-}
-
-fn no_tuning(_: &mut ReplicaConfig) {}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_elect_replicate_redirect_and_fail_over() {
-    let mut c = Cluster::start(3, no_tuning).await;
+    let mut c = Cluster::start(3, no_tuning()).await;
     let (leader, term) = c.leader(0).await;
     let follower = *c
         .running
@@ -229,14 +102,14 @@ async fn three_nodes_elect_replicate_redirect_and_fail_over() {
     c.shutdown().await;
 }
 
-fn snapshot_often(cfg: &mut ReplicaConfig) {
+pub fn snapshot_often(cfg: &mut ReplicaConfig) {
     cfg.snapshot_every = 10;
     cfg.logs_to_keep = 2;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_follower_catches_up_by_snapshot() {
-    let mut c = Cluster::start(3, snapshot_often).await;
+    let mut c = Cluster::start(3, Arc::new(snapshot_often)).await;
     let (leader, _) = c.leader(0).await;
     let lagging = *c
         .running
@@ -297,7 +170,7 @@ async fn lagging_follower_catches_up_by_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_quorum_calls_fail_within_their_deadline() {
-    let mut c = Cluster::start(3, |cfg| cfg.op_timeout = Duration::from_secs(1)).await;
+    let mut c = Cluster::start(3, Arc::new(|cfg| cfg.op_timeout = Duration::from_secs(1))).await;
     let (leader, _) = c.leader(0).await;
     let followers: Vec<u64> = c
         .running

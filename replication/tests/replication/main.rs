@@ -3,7 +3,10 @@
 // Benchmarks, not checks: `RUSTFLAGS="--cfg rawfs_bench" cargo test ... -- --nocapture`.
 #[cfg(rawfs_bench)]
 mod bench;
+mod chaos;
 mod cluster;
+mod harness;
+mod membership;
 mod single;
 mod storage;
 mod toy;

@@ -127,7 +127,9 @@ impl StateMachine for ToySm {
             match e.command {
                 Some(c) => {
                     g.live.applied.push((e.index, e.term, c.to_vec()));
-                    out.push((g.live.applied.len() as u64).to_be_bytes().to_vec());
+                    let mut resp = (g.live.applied.len() as u64).to_be_bytes().to_vec();
+                    resp.extend_from_slice(&e.index.to_be_bytes());
+                    out.push(resp);
                 }
                 None => out.push(Vec::new()),
             }
@@ -188,8 +190,21 @@ pub async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> O
     }
 }
 
-/// The response of the toy state machine: the number of commands applied so far.
+/// The response of the toy state machine: the number of commands applied so far (the
+/// position of this command among them, from 1).
 pub fn count(resp: &[u8]) -> u64 {
-    let arr: [u8; 8] = resp.try_into().expect("8-byte response");
+    let arr: [u8; 8] = resp
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .expect("16-byte response");
+    u64::from_be_bytes(arr)
+}
+
+/// The response of the toy state machine: the log index of the command.
+pub fn index_of(resp: &[u8]) -> u64 {
+    let arr: [u8; 8] = resp
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .expect("16-byte response");
     u64::from_be_bytes(arr)
 }

@@ -1,0 +1,278 @@
+//! The leader's cache invalidation log: after a change is applied, the names and inodes it
+//! made stale are published here, and mounts long-poll them with `watch` to take back what
+//! their kernels cache (see rawfs-mount's `coherence` module).
+//!
+//! ```text
+//!  mutate_once ──propose──► applied ──invals(cmd)──► EventLog ring (seq, origin, Inval)
+//!                                                        │ notify
+//!  watch(epoch, from) ◄── events from `from`, or `lost` ─┘
+//! ```
+//!
+//! The log is soft state of one leadership: it lives in memory, and its epoch changes with
+//! the term (and with every process start), which tells a client it may have missed
+//! events. A client that falls more than [`CAPACITY`] events behind is told the same.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rawfs_metadata_api::{Ino, Inval, InvalEvent, Name, WatchReply};
+
+use crate::commands::Command;
+
+/// Events kept for clients that poll late.
+pub(crate) const CAPACITY: usize = 1 << 16;
+/// Most events in one `watch` answer.
+const MAX_EVENTS: usize = 4096;
+/// Longest time a `watch` call is held open.
+const MAX_WAIT: Duration = Duration::from_secs(5);
+
+struct Ring {
+    /// The leader term the events belong to.
+    term: u64,
+    epoch: u64,
+    /// Sequence number of `events[0]`.
+    first: u64,
+    events: VecDeque<InvalEvent>,
+}
+
+impl Ring {
+    fn end(&self) -> u64 {
+        self.first + self.events.len() as u64
+    }
+}
+
+/// The invalidation log of this replica while it leads.
+pub(crate) struct EventLog {
+    /// Random per process, so that a restarted leader in the same term is a new epoch.
+    nonce: u64,
+    ring: Mutex<Ring>,
+    notify: tokio::sync::Notify,
+}
+
+impl EventLog {
+    pub(crate) fn new() -> EventLog {
+        EventLog {
+            nonce: random_nonce(),
+            ring: Mutex::new(Ring {
+                term: 0,
+                epoch: 0,
+                first: 0,
+                events: VecDeque::new(),
+            }),
+            notify: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self, term: u64) -> std::sync::MutexGuard<'_, Ring> {
+        let mut r = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if r.term != term || r.epoch == 0 {
+            // A new leadership: clients must assume they missed what happened in between.
+            r.term = term;
+            r.epoch = epoch_of(self.nonce, term);
+            r.first = r.end();
+            r.events.clear();
+        }
+        r
+    }
+
+    /// Publishes what a change applied in `term` by client `origin` made stale.
+    pub(crate) fn publish(&self, term: u64, origin: u64, invals: Vec<Inval>) {
+        if invals.is_empty() {
+            return;
+        }
+        {
+            let mut r = self.lock(term);
+            for inval in invals {
+                r.events.push_back(InvalEvent { origin, inval });
+            }
+            while r.events.len() > CAPACITY {
+                r.events.pop_front();
+                r.first += 1;
+            }
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// The events from `from` on in `epoch`, waiting up to `wait` for one to arrive.
+    pub(crate) async fn watch(&self, term: u64, epoch: u64, from: u64, wait: Duration) -> WatchReply {
+        let wait = wait.min(MAX_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Register for the wake-up before looking, so that a publish in between is seen.
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let r = self.lock(term);
+                let end = r.end();
+                if epoch != r.epoch || from < r.first || from > end {
+                    return WatchReply {
+                        epoch: r.epoch,
+                        next: end,
+                        lost: true,
+                        events: Vec::new(),
+                    };
+                }
+                if from < end {
+                    let skip = (from - r.first) as usize;
+                    let events: Vec<InvalEvent> =
+                        r.events.iter().skip(skip).take(MAX_EVENTS).cloned().collect();
+                    return WatchReply {
+                        epoch: r.epoch,
+                        next: from + events.len() as u64,
+                        lost: false,
+                        events,
+                    };
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return WatchReply {
+                    epoch,
+                    next: from,
+                    lost: false,
+                    events: Vec::new(),
+                };
+            }
+        }
+    }
+}
+
+/// A random number without a dependency: std seeds each `RandomState` from the OS.
+fn random_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+fn epoch_of(nonce: u64, term: u64) -> u64 {
+    // Any mix that differs per (process, term) and is never 0 (0 means "no epoch yet").
+    let x = nonce ^ term.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x.max(1)
+}
+
+/// Inodes named by the entries a change replaces, read just before it is proposed (their
+/// link counts change, and the change itself does not name them).
+#[derive(Default)]
+pub(crate) struct Replaced {
+    pub(crate) inos: Vec<Ino>,
+}
+
+/// What `cmd` (applied successfully) made stale in clients' caches.
+pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
+    let entry = |parent: Ino, name: &Name| Inval::Entry {
+        parent,
+        name: name.clone(),
+    };
+    let mut out = match cmd {
+        Command::SetAttr { ino, .. }
+        | Command::SetXattr { ino, .. }
+        | Command::RemoveXattr { ino, .. }
+        | Command::CommitWrite { ino, .. }
+        | Command::ReleaseChunks { ino, .. } => vec![Inval::Inode(*ino)],
+        Command::Mknod { parent, name, .. }
+        | Command::Create { parent, name, .. }
+        | Command::Symlink { parent, name, .. }
+        | Command::Unlink { parent, name, .. }
+        | Command::Rmdir { parent, name, .. } => {
+            vec![entry(*parent, name), Inval::Inode(*parent)]
+        }
+        Command::Link {
+            ino,
+            newparent,
+            newname,
+            ..
+        } => vec![
+            entry(*newparent, newname),
+            Inval::Inode(*newparent),
+            Inval::Inode(*ino),
+        ],
+        Command::Rename {
+            parent,
+            name,
+            newparent,
+            newname,
+            ..
+        } => {
+            let mut v = vec![entry(*parent, name), Inval::Inode(*parent)];
+            if (newparent, newname) != (parent, name) {
+                v.push(entry(*newparent, newname));
+                if newparent != parent {
+                    v.push(Inval::Inode(*newparent));
+                }
+            }
+            v
+        }
+        Command::Tracked { cmd, .. } => return invals(cmd, replaced),
+        Command::Batch(cmds) => cmds.iter().flat_map(|c| invals(c, replaced)).collect(),
+        Command::Init { .. }
+        | Command::Open { .. }
+        | Command::Release { .. }
+        | Command::EndSession { .. }
+        | Command::AllocateChunk { .. }
+        | Command::DropReplica { .. }
+        | Command::RegisterServer { .. }
+        | Command::AckDeletes { .. } => Vec::new(),
+    };
+    out.extend(replaced.inos.iter().map(|i| Inval::Inode(*i)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rawfs_metadata_api::Timespec;
+    use serde_bytes::ByteBuf;
+
+    fn unlink(n: &str) -> Command {
+        Command::Unlink {
+            parent: 1,
+            name: ByteBuf::from(n.as_bytes().to_vec()),
+            now: Timespec::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn watch_returns_published_events_in_order() {
+        let log = EventLog::new();
+        let first = log.watch(3, 0, 0, Duration::ZERO).await;
+        assert!(first.lost, "a client without an epoch starts over");
+        log.publish(3, 7, invals(&unlink("a"), &Replaced { inos: vec![9] }));
+        let r = log.watch(3, first.epoch, first.next, Duration::ZERO).await;
+        assert!(!r.lost);
+        assert_eq!(r.events.len(), 3);
+        assert_eq!(r.events[2].inval, Inval::Inode(9));
+        assert!(r.events.iter().all(|e| e.origin == 7));
+        let again = log.watch(3, r.epoch, r.next, Duration::from_millis(10)).await;
+        assert!(again.events.is_empty() && !again.lost && again.next == r.next);
+    }
+
+    #[tokio::test]
+    async fn a_new_term_or_a_client_left_behind_is_told_it_lost_events() {
+        let log = EventLog::new();
+        let start = log.watch(3, 0, 0, Duration::ZERO).await;
+        log.publish(4, 1, vec![Inval::Inode(5)]);
+        let r = log.watch(4, start.epoch, start.next, Duration::ZERO).await;
+        assert!(r.lost && r.epoch != start.epoch);
+        for i in 0..(CAPACITY as u64 + 10) {
+            log.publish(4, 1, vec![Inval::Inode(i)]);
+        }
+        let behind = log.watch(4, r.epoch, r.next, Duration::ZERO).await;
+        assert!(behind.lost);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_watch_wakes_on_publish() {
+        let log = std::sync::Arc::new(EventLog::new());
+        let start = log.watch(2, 0, 0, Duration::ZERO).await;
+        let l2 = log.clone();
+        let waiter = tokio::spawn(async move {
+            l2.watch(2, start.epoch, start.next, Duration::from_secs(5)).await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        log.publish(2, 1, vec![Inval::Inode(3)]);
+        let r = waiter.await.expect("join");
+        assert_eq!(r.events.len(), 1);
+    }
+}

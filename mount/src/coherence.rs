@@ -1,0 +1,234 @@
+//! Cache coherence between mounts: the kernel keeps names and attributes for the mount's
+//! `entry_timeout`/`attr_timeout`, and this module takes them back as soon as another client
+//! changes them.
+//!
+//! ```text
+//!  metadata leader: every applied change ──► event log (seq, origin client, Inval)
+//!        ▲ watch(epoch, from) long poll                     │
+//!        │                                                   ▼
+//!  watch task (metadata thread) ── skip own name changes ──► notice channel
+//!                                                             │
+//!  invalidation thread: Notifier::inval_entry / inval_inode ◄─┘ ──► kernel caches
+//! ```
+//!
+//! The mount remembers which names and inodes it handed to the kernel, and until when the
+//! kernel may keep them. Whenever events may have been missed — the watch failed, the leader
+//! changed (a new epoch), or the log moved past us — it takes back everything still cached,
+//! so staleness is bounded by the time to notice that, not by the cache lifetimes.
+//!
+//! Name changes made through this mount are skipped: the kernel already applied them to its
+//! own dentries (and taking back a name this mount just created would cost a lookup per
+//! `stat`). Attribute changes are never skipped: the kernel does not know, for example, the
+//! mtime a background flush stamped.
+//!
+//! The kernel calls run on their own thread: invalidating a name takes the directory's lock,
+//! which a request of ours may hold while it waits for an answer from the metadata thread.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fuser::{INodeNo, Notifier};
+use rawfs_metadata_api::client::MetadataClient;
+use rawfs_metadata_api::{Inval, Ino, Name};
+use tracing::{debug, info, warn};
+
+use crate::attr::InoMap;
+use crate::inner::lock;
+
+/// How long the leader may hold a watch call open when nothing happens.
+const WATCH_WAIT_MS: u32 = 1000;
+/// Pause between failed watch calls.
+const RETRY: Duration = Duration::from_millis(200);
+/// How often expired records are dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// What the kernel may have cached, with when its lifetime ends.
+#[derive(Default)]
+struct Handed {
+    entries: HashMap<(Ino, Name), Instant>,
+    inodes: HashMap<Ino, Instant>,
+}
+
+/// One kernel cache invalidation, in kernel inode numbers.
+enum Notice {
+    Entry(INodeNo, Name),
+    Inode(INodeNo),
+}
+
+/// The mount's side of cache coherence (see the module docs).
+pub(crate) struct Coherence {
+    map: InoMap,
+    entry_ttl: Duration,
+    attr_ttl: Duration,
+    handed: Mutex<Handed>,
+    notices: Mutex<Option<std_mpsc::Sender<Notice>>>,
+}
+
+impl Coherence {
+    pub(crate) fn new(map: InoMap, entry_ttl: Duration, attr_ttl: Duration) -> Self {
+        Coherence {
+            map,
+            entry_ttl,
+            attr_ttl,
+            handed: Mutex::new(Handed::default()),
+            notices: Mutex::new(None),
+        }
+    }
+
+    /// Records that the kernel was given `parent/name` (and the attributes of `ino`).
+    pub(crate) fn handed_entry(&self, parent: Ino, name: &[u8], ino: Ino) {
+        let now = Instant::now();
+        let mut h = lock(&self.handed);
+        h.entries
+            .insert((parent, Name::from(name.to_vec())), now + self.entry_ttl);
+        h.inodes.insert(ino, now + self.attr_ttl);
+    }
+
+    /// Records that the kernel was given the attributes of `ino`.
+    pub(crate) fn handed_attr(&self, ino: Ino) {
+        let until = Instant::now() + self.attr_ttl;
+        lock(&self.handed).inodes.insert(ino, until);
+    }
+
+    /// Starts the invalidation thread and the watch task (on `rt`, the metadata runtime).
+    pub(crate) fn start(
+        self: &Arc<Self>,
+        notifier: Notifier,
+        meta: MetadataClient,
+        rt: &tokio::runtime::Handle,
+    ) -> std::io::Result<()> {
+        let (tx, rx) = std_mpsc::channel::<Notice>();
+        std::thread::Builder::new()
+            .name("rawfs-inval".into())
+            .spawn(move || invalidate_loop(notifier, rx))?;
+        *lock(&self.notices) = Some(tx);
+        rt.spawn(watch_loop(Arc::downgrade(self), meta));
+        Ok(())
+    }
+
+    fn send(&self, n: Notice) {
+        if let Some(tx) = lock(&self.notices).as_ref() {
+            let _ = tx.send(n);
+        }
+    }
+
+    fn apply(&self, inval: Inval) {
+        match inval {
+            Inval::Inode(ino) => {
+                lock(&self.handed).inodes.remove(&ino);
+                self.send(Notice::Inode(self.map.fuse(ino)));
+            }
+            Inval::Entry { parent, name } => {
+                lock(&self.handed).entries.remove(&(parent, name.clone()));
+                self.send(Notice::Entry(self.map.fuse(parent), name));
+            }
+        }
+    }
+
+    /// Takes back everything the kernel may still hold.
+    fn invalidate_all(&self) {
+        let now = Instant::now();
+        let (entries, inodes) = {
+            let mut h = lock(&self.handed);
+            let entries: Vec<(Ino, Name)> = h
+                .entries
+                .drain()
+                .filter(|(_, until)| *until > now)
+                .map(|(k, _)| k)
+                .collect();
+            let inodes: Vec<Ino> = h
+                .inodes
+                .drain()
+                .filter(|(_, until)| *until > now)
+                .map(|(k, _)| k)
+                .collect();
+            (entries, inodes)
+        };
+        debug!(
+            entries = entries.len(),
+            inodes = inodes.len(),
+            "taking back every cached name and attribute"
+        );
+        for (parent, name) in entries {
+            self.send(Notice::Entry(self.map.fuse(parent), name));
+        }
+        for ino in inodes {
+            self.send(Notice::Inode(self.map.fuse(ino)));
+        }
+    }
+
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut h = lock(&self.handed);
+        h.entries.retain(|_, until| *until > now);
+        h.inodes.retain(|_, until| *until > now);
+    }
+}
+
+async fn watch_loop(me: std::sync::Weak<Coherence>, meta: MetadataClient) {
+    let own = meta.client_id();
+    let mut epoch = 0u64;
+    let mut next = 0u64;
+    let mut in_sync = false;
+    let mut swept = Instant::now();
+    loop {
+        let reply = meta.watch(epoch, next, WATCH_WAIT_MS).await;
+        let Some(c) = me.upgrade() else { return };
+        match reply {
+            Ok(r) if r.lost || r.epoch != epoch => {
+                // A new leader, or events we can no longer get: start over from its log.
+                if in_sync {
+                    info!(epoch = r.epoch, "cache events missed; dropping the kernel caches");
+                }
+                c.invalidate_all();
+                epoch = r.epoch;
+                next = r.next;
+                in_sync = true;
+            }
+            Ok(r) => {
+                for ev in r.events {
+                    if ev.origin == own && matches!(ev.inval, Inval::Entry { .. }) {
+                        continue;
+                    }
+                    c.apply(ev.inval);
+                }
+                next = r.next;
+            }
+            Err(e) => {
+                if in_sync {
+                    warn!(error = %e, "cache event watch failed; dropping the kernel caches");
+                    c.invalidate_all();
+                    in_sync = false;
+                }
+                epoch = 0;
+                drop(c);
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        }
+        if swept.elapsed() >= SWEEP_EVERY {
+            c.sweep();
+            swept = Instant::now();
+        }
+    }
+}
+
+fn invalidate_loop(notifier: Notifier, rx: std_mpsc::Receiver<Notice>) {
+    for n in rx {
+        let r = match &n {
+            Notice::Entry(parent, name) => notifier.inval_entry(*parent, OsStr::from_bytes(name)),
+            Notice::Inode(ino) => notifier.inval_inode(*ino, 0, 0),
+        };
+        match r {
+            Ok(()) => {}
+            // Not in the kernel's cache (any more): nothing to take back.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return, // unmounted
+            Err(e) => debug!(error = %e, "kernel cache invalidation failed"),
+        }
+    }
+}

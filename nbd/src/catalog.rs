@@ -1,0 +1,277 @@
+//! [`VolumeCatalog`]: every rawfs volume as an NBD export of the same name, and
+//! [`serve_volumes`], the `rawfs nbd` daemon.
+//!
+//! ```text
+//!  GO "vm1" ─▶ lookup /.rawfs-volumes/vm1 ─▶ open entry for its inode? ─yes─▶ share it
+//!                                                  │ no
+//!                                                  ▼
+//!                         metadata open(ino, session) + FileIo + flusher task
+//!  connection ends ─▶ flush its buffered writes ─▶ last one: release(ino, session)
+//!  shutdown ─▶ flush every volume, end_session
+//! ```
+//!
+//! One [`VolumeExport`] per volume inode while any connection uses it, so every connection
+//! of this server sees the same buffered data and a flush on one covers all (multi-conn).
+//! The metadata open keeps a volume deleted while in use alive until its last client
+//! leaves. A flusher sends buffered writes to the chunkservers every [`FLUSH_EVERY`], so
+//! data a client never flushed reaches the replicas within seconds, as with a kernel's
+//! writeback.
+
+use crate::export::{Catalog, Export, ExportError, ExportInfo};
+use crate::server::{serve, ServeError, ServerConfig, ServerHandle};
+use crate::volume::VolumeExport;
+use crate::volumes::{VolumeError, VolumeInfo, Volumes};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rawfs_client::{Client, ClientConfig};
+use rawfs_metadata_api::Ino;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// How often buffered writes of an open volume are sent to the chunkservers.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
+
+/// One volume in use.
+struct Entry {
+    export: Arc<VolumeExport>,
+    conns: usize,
+    flusher: tokio::task::JoinHandle<()>,
+}
+
+/// Serves the volumes of one cluster.
+pub struct VolumeCatalog {
+    client: Client,
+    volumes: Volumes,
+    /// This server's metadata session: its opens keep deleted volumes alive while in use.
+    session: u64,
+    open: Mutex<HashMap<Ino, Entry>>,
+}
+
+impl std::fmt::Debug for VolumeCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeCatalog")
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+fn volume_error(e: VolumeError) -> ExportError {
+    ExportError::Io(Box::new(e))
+}
+
+impl VolumeCatalog {
+    /// A catalog over `client`'s cluster.
+    pub fn new(client: Client) -> VolumeCatalog {
+        let session = loop {
+            let s: u64 = rand::random();
+            if s != 0 {
+                break s;
+            }
+        };
+        VolumeCatalog {
+            volumes: Volumes::new(client.meta().clone()),
+            client,
+            session,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Volumes with connected clients: (name, connections).
+    pub async fn in_use(&self) -> Vec<(String, usize)> {
+        let open = self.open.lock().await;
+        let mut v: Vec<(String, usize)> = open
+            .values()
+            .map(|e| (e.export.name().to_string(), e.conns))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn describe(v: &VolumeInfo) -> ExportInfo {
+        ExportInfo {
+            name: v.name.clone(),
+            size: v.size,
+            read_only: false,
+            multi_conn: true,
+            description: format!("rawfs volume {}", v.name),
+        }
+    }
+
+    /// Looks a volume up by export name; names that cannot be volumes are simply unknown.
+    async fn find(&self, name: &str) -> Result<Option<VolumeInfo>, ExportError> {
+        if crate::volumes::check_name(name).is_err() {
+            return Ok(None);
+        }
+        self.volumes.get(name).await.map_err(volume_error)
+    }
+
+    async fn acquire(&self, v: VolumeInfo) -> Result<Arc<VolumeExport>, ExportError> {
+        let mut open = self.open.lock().await;
+        if let Some(e) = open.get_mut(&v.ino) {
+            e.conns += 1;
+            e.export.grow_to(v.size);
+            return Ok(e.export.clone());
+        }
+        let meta = self.client.meta();
+        let attr = meta
+            .open(v.ino, self.session)
+            .await
+            .map_err(|e| ExportError::Io(Box::new(e)))?;
+        let io = self.client.file(v.ino, attr.size);
+        let export = Arc::new(VolumeExport::new(v.name.clone(), v.ino, io, meta.clone()));
+        let weak = Arc::downgrade(&export);
+        let flusher = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(FLUSH_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(export) = weak.upgrade() else { return };
+                if let Err(e) = export.flush_buffers().await {
+                    tracing::warn!(volume = export.name(), error = %e, "background flush failed; will retry");
+                }
+            }
+        });
+        open.insert(
+            v.ino,
+            Entry {
+                export: export.clone(),
+                conns: 1,
+                flusher,
+            },
+        );
+        tracing::info!(volume = %v.name, ino = v.ino, size = attr.size, "volume opened");
+        Ok(export)
+    }
+
+    async fn release(&self, export: Arc<dyn Export>) {
+        // Compared as an address (a raw pointer would make this future not `Send`).
+        let ptr = Arc::as_ptr(&export) as *const () as usize;
+        let found = {
+            let open = self.open.lock().await;
+            open.values()
+                .find(|e| Arc::as_ptr(&e.export) as *const () as usize == ptr)
+                .map(|e| e.export.clone())
+        };
+        let Some(vol) = found else {
+            tracing::error!("closing a connection to a volume that is not open");
+            return;
+        };
+        // The connection's acknowledged writes leave the buffer before it counts as gone.
+        let flushed = vol.flush_buffers().await;
+        if let Err(e) = &flushed {
+            tracing::warn!(volume = vol.name(), error = %e, "flush after a disconnect failed; the flusher retries");
+        }
+        let mut open = self.open.lock().await;
+        let Some(e) = open.get_mut(&vol.ino()) else {
+            return;
+        };
+        e.conns = e.conns.saturating_sub(1);
+        // A volume whose buffer could not be flushed stays open (unused) so the data is
+        // not dropped; the flusher keeps trying and a new connection picks it up.
+        if e.conns > 0 || flushed.is_err() {
+            return;
+        }
+        if let Some(e) = open.remove(&vol.ino()) {
+            e.flusher.abort();
+            if let Err(err) = self.client.meta().release(vol.ino(), self.session).await {
+                tracing::warn!(volume = vol.name(), error = %err, "metadata release failed; the open stays until the session ends");
+            }
+            tracing::info!(volume = vol.name(), "volume closed");
+        }
+    }
+
+    /// Flushes every open volume and ends this server's metadata session (after the server
+    /// has stopped).
+    pub async fn shutdown(&self) {
+        let entries: Vec<Entry> = self.open.lock().await.drain().map(|(_, e)| e).collect();
+        for e in entries {
+            e.flusher.abort();
+            if let Err(err) = e.export.flush_buffers().await {
+                tracing::error!(volume = e.export.name(), error = %err, "buffered writes lost at shutdown");
+            }
+        }
+        if let Err(e) = self.client.meta().end_session(self.session).await {
+            tracing::warn!(error = %e, "end_session failed; this server's opens stay recorded");
+        }
+    }
+}
+
+impl Catalog for VolumeCatalog {
+    fn list(&self) -> BoxFuture<'_, Result<Vec<ExportInfo>, ExportError>> {
+        async move {
+            let all = self.volumes.list().await.map_err(volume_error)?;
+            Ok(all.iter().map(Self::describe).collect())
+        }
+        .boxed()
+    }
+
+    fn info<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<ExportInfo>, ExportError>> {
+        async move { Ok(self.find(name).await?.as_ref().map(Self::describe)) }.boxed()
+    }
+
+    fn open<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Arc<dyn Export>>, ExportError>> {
+        async move {
+            let Some(v) = self.find(name).await? else {
+                return Ok(None);
+            };
+            let export: Arc<dyn Export> = self.acquire(v).await?;
+            Ok(Some(export))
+        }
+        .boxed()
+    }
+
+    fn close<'a>(&'a self, _name: &'a str, export: Arc<dyn Export>) -> BoxFuture<'a, ()> {
+        self.release(export).boxed()
+    }
+}
+
+/// Configuration of `rawfs nbd`.
+#[derive(Clone, Debug)]
+pub struct NbdConfig {
+    /// Metadata client addresses of the cluster.
+    pub metadata: Vec<String>,
+    /// How the server listens ([`crate::DEFAULT_LISTEN`] by default).
+    pub server: ServerConfig,
+}
+
+/// A running `rawfs nbd`.
+#[derive(Debug)]
+pub struct NbdHandle {
+    server: ServerHandle,
+    catalog: Arc<VolumeCatalog>,
+}
+
+impl NbdHandle {
+    /// Where the server listens.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server.addr()
+    }
+
+    /// The catalog (volumes in use).
+    pub fn catalog(&self) -> &Arc<VolumeCatalog> {
+        &self.catalog
+    }
+
+    /// Waits for the server to stop, then flushes the volumes and ends the session.
+    pub async fn join(self) {
+        self.server.join().await;
+        self.catalog.shutdown().await;
+    }
+}
+
+/// Serves every volume of the cluster at `cfg.metadata` until `shutdown` resolves.
+pub async fn serve_volumes(
+    cfg: NbdConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<NbdHandle, ServeError> {
+    let client = Client::new(ClientConfig::new(cfg.metadata.clone()));
+    let catalog = Arc::new(VolumeCatalog::new(client));
+    let server = serve(cfg.server, catalog.clone(), shutdown).await?;
+    Ok(NbdHandle { server, catalog })
+}

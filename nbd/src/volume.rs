@@ -1,0 +1,235 @@
+//! [`VolumeExport`]: one rawfs volume as an NBD [`Export`], over the client library's
+//! [`FileIo`] (one per volume, shared by every connection to it).
+//!
+//! ```text
+//!  READ ──────────▶ FileIo::read (buffered writes visible; holes read as zeros)
+//!  WRITE ─────────▶ FileIo::write (buffered) ──FUA──▶ durable()
+//!  FLUSH ─────────▶ durable(): FileIo::fsync (≥ 2 replicas on disk) + metadata sync
+//!  TRIM / ZEROES ─▶ FileIo::punch (whole chunks released, edges zeroed) or written zeros
+//!  BLOCK_STATUS ──▶ FileIo::flush, then the chunk map: a missing chunk is a hole
+//! ```
+//!
+//! Because all connections share the `FileIo` (and its write buffer), a flush on any of them
+//! covers writes acknowledged on all: multi-conn holds within one `rawfs nbd` process.
+//! Allocation is reported at chunk granularity (64 MiB): a chunk that exists is data.
+
+use crate::export::{Export, ExportError, Extent};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rawfs_client::{ClientError, FileIo};
+use rawfs_metadata_api::client::MetadataClient;
+use rawfs_metadata_api::{Ino, MetaError, CHUNK_SIZE};
+
+/// Zeros written per call for `WRITE_ZEROES` with `NO_HOLE`.
+const ZERO_STEP: u64 = 4 << 20;
+
+/// A volume served over NBD.
+pub struct VolumeExport {
+    name: String,
+    ino: Ino,
+    io: FileIo,
+    meta: MetadataClient,
+}
+
+impl std::fmt::Debug for VolumeExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeExport")
+            .field("name", &self.name)
+            .field("ino", &self.ino)
+            .field("size", &self.io.size())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a client library error to the export error the NBD client sees.
+fn export_error(e: ClientError) -> ExportError {
+    match e {
+        ClientError::NoSpace { .. } | ClientError::Meta(MetaError::NoSpace { .. }) => {
+            ExportError::NoSpace
+        }
+        ClientError::TooLarge { offset, len } => ExportError::OutOfRange { offset, len },
+        other => ExportError::Io(Box::new(other)),
+    }
+}
+
+fn meta_error(e: MetaError) -> ExportError {
+    export_error(ClientError::Meta(e))
+}
+
+impl VolumeExport {
+    /// The export of volume `name` (inode `ino`) through `io`; `meta` is the same cluster's
+    /// metadata client (for the chunk map and the sync barrier).
+    pub fn new(name: String, ino: Ino, io: FileIo, meta: MetadataClient) -> VolumeExport {
+        VolumeExport {
+            name,
+            ino,
+            io,
+            meta,
+        }
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The volume's inode.
+    pub fn ino(&self) -> Ino {
+        self.ino
+    }
+
+    /// Takes a larger size (the volume was resized); a smaller one is ignored: connections
+    /// were told the old size and volumes only grow.
+    pub fn grow_to(&self, size: u64) {
+        if size > self.io.size() {
+            self.io.set_size(size);
+        }
+    }
+
+    /// Sends buffered writes to the chunkservers (not a durability barrier).
+    pub async fn flush_buffers(&self) -> Result<(), ExportError> {
+        self.io.flush().await.map(|_| ()).map_err(export_error)
+    }
+
+    /// Makes every write acknowledged so far durable: the data on at least 2 replicas of
+    /// each written chunk, and the metadata (chunk allocations, size) on the leader's disk.
+    async fn durable(&self) -> Result<(), ExportError> {
+        self.io.fsync().await.map_err(export_error)?;
+        self.meta.sync().await.map_err(meta_error)
+    }
+
+    async fn write_zeros(&self, offset: u64, len: u64) -> Result<(), ExportError> {
+        let zeros = vec![0u8; ZERO_STEP.min(len) as usize];
+        let mut at = 0;
+        while at < len {
+            let n = ZERO_STEP.min(len - at) as usize;
+            self.io
+                .write(offset + at, &zeros[..n])
+                .await
+                .map_err(export_error)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    async fn status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
+        let end = offset.saturating_add(len).min(self.io.size());
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        // Buffered writes have no chunk yet: store them first, or they would show as holes
+        // (and a sparse copy would skip them).
+        self.flush_buffers().await?;
+        let first = offset / CHUNK_SIZE;
+        let last = (end - 1) / CHUNK_SIZE;
+        let present: std::collections::BTreeSet<u64> = self
+            .meta
+            .chunks(self.ino, first, last - first + 1)
+            .await
+            .map_err(meta_error)?
+            .into_iter()
+            .map(|c| c.index)
+            .collect();
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let index = pos / CHUNK_SIZE;
+            let n = ((index + 1) * CHUNK_SIZE).min(end) - pos;
+            let e = if present.contains(&index) {
+                Extent::data(n)
+            } else {
+                Extent::hole(n)
+            };
+            match out.last_mut() {
+                Some(l) if l.hole == e.hole => l.len += n,
+                _ => out.push(e),
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+}
+
+impl Export for VolumeExport {
+    fn size(&self) -> u64 {
+        self.io.size()
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    fn multi_conn(&self) -> bool {
+        true
+    }
+
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<u8>, ExportError>> {
+        async move {
+            let mut data = self.io.read(offset, len).await.map_err(export_error)?;
+            // Short only if the file shrank behind our back; what is gone reads as zeros.
+            data.resize(len as usize, 0);
+            Ok(data)
+        }
+        .boxed()
+    }
+
+    fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> BoxFuture<'_, Result<(), ExportError>> {
+        async move {
+            self.io.write(offset, &data).await.map_err(export_error)?;
+            if fua {
+                self.durable().await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), ExportError>> {
+        self.durable().boxed()
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, Result<(), ExportError>> {
+        async move {
+            self.io.punch(offset, len).await.map_err(export_error)?;
+            if fua {
+                self.durable().await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> BoxFuture<'_, Result<(), ExportError>> {
+        async move {
+            if may_trim {
+                self.io.punch(offset, len).await.map_err(export_error)?;
+            } else {
+                self.write_zeros(offset, len).await?;
+            }
+            if fua {
+                self.durable().await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'_, Result<Vec<Extent>, ExportError>> {
+        self.status(offset, len).boxed()
+    }
+}

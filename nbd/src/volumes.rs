@@ -1,0 +1,316 @@
+//! Volumes in the namespace: [`Volumes`] creates, lists, grows and deletes them through the
+//! metadata service.
+//!
+//! A volume is a sparse regular file named after it in the directory `/.rawfs-volumes/`
+//! (made on first use, mode 0700, owned by root). So it is stored like any file: thin (an
+//! unwritten range has no chunk and reads as zeros), 3 replicas per chunk. The directory is
+//! visible in mounts as `MNT/.rawfs-volumes`; its files must not be written, renamed or
+//! truncated by hand while the volume is in use.
+//!
+//! ```text
+//!  rawfs volume create NAME --size S ─▶ mknod /.rawfs-volumes/NAME + setattr(size)
+//!  rawfs volume list                 ─▶ readdir /.rawfs-volumes (size, stored bytes)
+//!  rawfs volume resize NAME --size S ─▶ setattr(size), grow only
+//!  rawfs volume delete NAME          ─▶ unlink (an NBD server that has it open keeps the
+//!                                       data until its last client disconnects)
+//! ```
+
+use rawfs_metadata_api::client::MetadataClient;
+use rawfs_metadata_api::{
+    Attr, Caller, FileKind, Ino, MetaError, NewNode, SetAttr, CHUNK_SIZE, ROOT_INO,
+};
+use serde_bytes::ByteBuf;
+
+/// The namespace directory (under the root) that holds the volumes.
+pub const VOLUMES_DIR: &str = ".rawfs-volumes";
+/// Longest volume name.
+pub const MAX_NAME: usize = 128;
+/// Volume sizes are multiples of this (a block device's sector).
+pub const SECTOR: u64 = 512;
+
+/// Why a volume operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(
+        "invalid volume name {0:?}: use 1 to 128 of A-Z a-z 0-9 . _ - and do not start with a dot"
+    )]
+    BadName(String),
+    #[error("invalid volume size {size}: a positive multiple of 512 bytes up to {max}")]
+    BadSize { size: u64, max: u64 },
+    #[error("volume {0:?} already exists")]
+    Exists(String),
+    #[error("no volume named {0:?}")]
+    NotFound(String),
+    #[error("volume {name:?} has {size} bytes; volumes only grow (asked for {asked})")]
+    Shrink { name: String, size: u64, asked: u64 },
+    #[error("/{VOLUMES_DIR} exists but is not a directory")]
+    NotADirectory,
+    #[error("metadata: {0}")]
+    Meta(#[from] MetaError),
+}
+
+/// One volume as `list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub name: String,
+    /// The inode of its file.
+    pub ino: Ino,
+    /// Size of the block device in bytes.
+    pub size: u64,
+    /// Bytes allocated (one replica's worth), at chunk granularity: every chunk that has
+    /// been written and not trimmed since counts whole (64 MiB, less for a short last one).
+    pub used_bytes: u64,
+}
+
+impl VolumeInfo {
+    fn from_attr(name: String, a: &Attr) -> VolumeInfo {
+        VolumeInfo {
+            name,
+            ino: a.ino,
+            size: a.size,
+            used_bytes: 0,
+        }
+    }
+}
+
+/// Checks a volume name: it is also the NBD export name and a file name.
+pub fn check_name(name: &str) -> Result<(), VolumeError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(VolumeError::BadName(name.to_string()))
+    }
+}
+
+fn check_size(size: u64) -> Result<(), VolumeError> {
+    let max = rawfs_client::MAX_FILE_SIZE / SECTOR * SECTOR;
+    if size == 0 || size % SECTOR != 0 || size > max {
+        return Err(VolumeError::BadSize { size, max });
+    }
+    Ok(())
+}
+
+fn os(name: &str) -> ByteBuf {
+    ByteBuf::from(name.as_bytes().to_vec())
+}
+
+const ROOT: Caller = Caller { uid: 0, gid: 0 };
+
+/// Volume administration through the metadata service.
+#[derive(Clone)]
+pub struct Volumes {
+    meta: MetadataClient,
+}
+
+impl std::fmt::Debug for Volumes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volumes")
+            .field("metadata", &self.meta.addrs())
+            .finish()
+    }
+}
+
+impl Volumes {
+    /// Volumes of the cluster behind `meta`.
+    pub fn new(meta: MetadataClient) -> Volumes {
+        Volumes { meta }
+    }
+
+    /// The volumes directory, if it exists.
+    async fn dir(&self) -> Result<Option<Ino>, VolumeError> {
+        match self.meta.lookup(ROOT_INO, os(VOLUMES_DIR)).await {
+            Ok(a) if a.kind == FileKind::Dir => Ok(Some(a.ino)),
+            Ok(_) => Err(VolumeError::NotADirectory),
+            Err(MetaError::NotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The volumes directory, made if missing.
+    async fn dir_or_create(&self) -> Result<Ino, VolumeError> {
+        if let Some(d) = self.dir().await? {
+            return Ok(d);
+        }
+        let node = NewNode {
+            kind: FileKind::Dir,
+            perm: 0o700,
+            rdev: 0,
+            exclusive: true,
+        };
+        match self.meta.mknod(ROOT_INO, os(VOLUMES_DIR), node, ROOT).await {
+            Ok(a) => Ok(a.ino),
+            // Made by someone else meanwhile.
+            Err(MetaError::Exists) => self.dir().await?.ok_or(VolumeError::NotADirectory),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Volume `name`, or `None` if there is none.
+    pub async fn get(&self, name: &str) -> Result<Option<VolumeInfo>, VolumeError> {
+        check_name(name)?;
+        let Some(dir) = self.dir().await? else {
+            return Ok(None);
+        };
+        match self.meta.lookup(dir, os(name)).await {
+            Ok(a) if a.kind == FileKind::File => {
+                let mut v = VolumeInfo::from_attr(name.to_string(), &a);
+                v.used_bytes = self.allocated(v.ino, v.size).await?;
+                Ok(Some(v))
+            }
+            Ok(_) | Err(MetaError::NotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Bytes of `0..size` of inode `ino` that have a chunk. (The inode's `stored` attribute
+    /// counts only growth of the file size, and a volume has its size from the start.)
+    async fn allocated(&self, ino: Ino, size: u64) -> Result<u64, VolumeError> {
+        let chunks = self.meta.chunks(ino, 0, size.div_ceil(CHUNK_SIZE)).await?;
+        Ok(chunks
+            .iter()
+            .map(|c| size.saturating_sub(c.index * CHUNK_SIZE).min(CHUNK_SIZE))
+            .sum())
+    }
+
+    /// Creates volume `name` of `size` bytes (thin: nothing is allocated yet).
+    pub async fn create(&self, name: &str, size: u64) -> Result<VolumeInfo, VolumeError> {
+        check_name(name)?;
+        check_size(size)?;
+        let dir = self.dir_or_create().await?;
+        let node = NewNode {
+            kind: FileKind::File,
+            perm: 0o600,
+            rdev: 0,
+            exclusive: true,
+        };
+        let a = match self.meta.mknod(dir, os(name), node, ROOT).await {
+            Ok(a) => a,
+            Err(MetaError::Exists) => return Err(VolumeError::Exists(name.to_string())),
+            Err(e) => return Err(e.into()),
+        };
+        let set = SetAttr {
+            size: Some(size),
+            ..SetAttr::default()
+        };
+        match self.meta.setattr(a.ino, set).await {
+            Ok(a) => Ok(VolumeInfo::from_attr(name.to_string(), &a)),
+            Err(e) => {
+                // Do not leave an empty volume behind; if this fails too, `delete` removes it.
+                if let Err(u) = self.meta.unlink(dir, os(name)).await {
+                    tracing::warn!(volume = name, error = %u, "cannot remove a half-made volume");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Every volume, by name.
+    pub async fn list(&self) -> Result<Vec<VolumeInfo>, VolumeError> {
+        let Some(dir) = self.dir().await? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let mut cookie = 0;
+        loop {
+            let batch = self.meta.readdir(dir, cookie, 1024).await?;
+            let Some(last) = batch.last() else { break };
+            cookie = last.cookie;
+            for e in &batch {
+                if e.attr.kind != FileKind::File {
+                    continue;
+                }
+                // Names made by hand in the directory that are not volume names are skipped.
+                match std::str::from_utf8(&e.name) {
+                    Ok(n) if check_name(n).is_ok() => {
+                        out.push(VolumeInfo::from_attr(n.to_string(), &e.attr))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for v in &mut out {
+            v.used_bytes = self.allocated(v.ino, v.size).await?;
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Grows volume `name` to `size` bytes (the same size is accepted; smaller is refused).
+    pub async fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo, VolumeError> {
+        check_size(size)?;
+        let v = self
+            .get(name)
+            .await?
+            .ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+        if size < v.size {
+            return Err(VolumeError::Shrink {
+                name: name.to_string(),
+                size: v.size,
+                asked: size,
+            });
+        }
+        if size == v.size {
+            return Ok(v);
+        }
+        let set = SetAttr {
+            size: Some(size),
+            ..SetAttr::default()
+        };
+        let a = self.meta.setattr(v.ino, set).await?;
+        Ok(VolumeInfo { size: a.size, ..v })
+    }
+
+    /// Deletes volume `name`. An NBD server with clients on it keeps serving them (it holds
+    /// the file open) and the space is freed when the last one disconnects; new
+    /// connections find no such export.
+    pub async fn delete(&self, name: &str) -> Result<(), VolumeError> {
+        check_name(name)?;
+        let dir = self
+            .dir()
+            .await?
+            .ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+        match self.meta.unlink(dir, os(name)).await {
+            Ok(()) => Ok(()),
+            Err(MetaError::NotFound) => Err(VolumeError::NotFound(name.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_export_and_file_names() {
+        for ok in ["vm1", "disk-0.img", "A_b", &"x".repeat(MAX_NAME)] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "a/b",
+            "a b",
+            "é",
+            "..",
+            &"x".repeat(MAX_NAME + 1),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_are_whole_sectors() {
+        assert!(check_size(512).is_ok());
+        assert!(check_size(1 << 40).is_ok());
+        assert!(check_size(0).is_err());
+        assert!(check_size(1000).is_err());
+        assert!(check_size(u64::MAX - 511).is_err());
+    }
+}
