@@ -52,7 +52,7 @@ impl MetadataRpc for FakeMetadata {
         end_session(session: u64) -> ();
         statfs(read: Consistency) -> StatFs;
         sync() -> ();
-        watch(epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
+        watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
         setxattr(ino: Ino, name: Name, value: Name, mode: XattrMode, req: ReqId) -> ();
         getxattr(ino: Ino, name: Name, read: Consistency) -> Name;
         listxattr(ino: Ino, read: Consistency) -> Vec<Name>;

@@ -11,10 +11,16 @@
 //! The log is soft state of one leadership: it lives in memory, and its epoch changes with
 //! the term (and with every process start), which tells a client it may have missed
 //! events. A client that falls more than [`CAPACITY`] events behind is told the same.
+//!
+//! Each `watch` call acknowledges the events before its `from` (the mount asks again only
+//! once its kernel has dropped them). A change is answered only when every other active
+//! watcher has acknowledged its events, so once a client hears "done", no other mount
+//! still shows the old name or attributes — unless a watcher fails to answer within
+//! [`ACK_WAIT`]: it is then marked lagging and nobody waits for it until it catches up.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rawfs_metadata_api::{Ino, Inval, InvalEvent, Name, WatchReply};
 
@@ -26,6 +32,18 @@ pub(crate) const CAPACITY: usize = 1 << 16;
 const MAX_EVENTS: usize = 4096;
 /// Longest time a `watch` call is held open.
 const MAX_WAIT: Duration = Duration::from_secs(5);
+/// A watcher not heard from for this long is gone (it polls at least every `MAX_WAIT`).
+const ACTIVE: Duration = Duration::from_secs(8);
+/// How long a change waits for the other watchers to acknowledge its events.
+pub(crate) const ACK_WAIT: Duration = Duration::from_millis(500);
+
+struct Watcher {
+    /// Events before this sequence number are acknowledged.
+    acked: u64,
+    seen: Instant,
+    /// Missed an acknowledgement deadline; not waited for until it has caught up.
+    lagging: bool,
+}
 
 struct Ring {
     /// The leader term the events belong to.
@@ -34,6 +52,8 @@ struct Ring {
     /// Sequence number of `events[0]`.
     first: u64,
     events: VecDeque<InvalEvent>,
+    /// Clients watching this epoch, by client id.
+    watchers: HashMap<u64, Watcher>,
 }
 
 impl Ring {
@@ -48,6 +68,8 @@ pub(crate) struct EventLog {
     nonce: u64,
     ring: Mutex<Ring>,
     notify: tokio::sync::Notify,
+    /// Woken when a watcher acknowledges.
+    acked: tokio::sync::Notify,
 }
 
 impl EventLog {
@@ -59,8 +81,10 @@ impl EventLog {
                 epoch: 0,
                 first: 0,
                 events: VecDeque::new(),
+                watchers: HashMap::new(),
             }),
             notify: tokio::sync::Notify::new(),
+            acked: tokio::sync::Notify::new(),
         }
     }
 
@@ -72,16 +96,15 @@ impl EventLog {
             r.epoch = epoch_of(self.nonce, term);
             r.first = r.end();
             r.events.clear();
+            r.watchers.clear();
         }
         r
     }
 
-    /// Publishes what a change applied in `term` by client `origin` made stale.
-    pub(crate) fn publish(&self, term: u64, origin: u64, invals: Vec<Inval>) {
-        if invals.is_empty() {
-            return;
-        }
-        {
+    /// Publishes what a change applied in `term` by client `origin` made stale; returns the
+    /// sequence number just past its events.
+    pub(crate) fn publish(&self, term: u64, origin: u64, invals: Vec<Inval>) -> u64 {
+        let end = {
             let mut r = self.lock(term);
             for inval in invals {
                 r.events.push_back(InvalEvent { origin, inval });
@@ -90,12 +113,58 @@ impl EventLog {
                 r.events.pop_front();
                 r.first += 1;
             }
-        }
+            r.end()
+        };
         self.notify.notify_waiters();
+        end
     }
 
-    /// The events from `from` on in `epoch`, waiting up to `wait` for one to arrive.
-    pub(crate) async fn watch(&self, term: u64, epoch: u64, from: u64, wait: Duration) -> WatchReply {
+    /// Waits (at most [`ACK_WAIT`]) until every active watcher but `origin` has acknowledged
+    /// the events before `seq` of `term`. Watchers that miss the deadline are marked lagging.
+    pub(crate) async fn wait_acked(&self, term: u64, origin: u64, seq: u64) {
+        let deadline = tokio::time::Instant::now() + ACK_WAIT;
+        loop {
+            let acked = self.acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
+            let late = {
+                let mut r = self.lock(term);
+                let now = Instant::now();
+                r.watchers
+                    .retain(|_, w| now.duration_since(w.seen) < ACTIVE);
+                let late = r
+                    .watchers
+                    .iter()
+                    .any(|(id, w)| *id != origin && !w.lagging && w.acked < seq);
+                if late && tokio::time::Instant::now() >= deadline {
+                    for (id, w) in r.watchers.iter_mut() {
+                        if *id != origin && w.acked < seq && !w.lagging {
+                            tracing::warn!(watcher = id, "a mount did not acknowledge cache events in time; not waiting for it until it catches up");
+                            w.lagging = true;
+                        }
+                    }
+                    return;
+                }
+                late
+            };
+            if !late {
+                return;
+            }
+            let _ = tokio::time::timeout_at(deadline, acked).await;
+        }
+    }
+
+    /// The events from `from` on in `epoch` for client `watcher` (which acknowledges those
+    /// before `from`), waiting up to `wait` for one to arrive.
+    pub(crate) async fn watch(
+        &self,
+        term: u64,
+        watcher: u64,
+        epoch: u64,
+        from: u64,
+        wait: Duration,
+    ) -> WatchReply {
+        self.ack(term, watcher, epoch, from);
         let wait = wait.min(MAX_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -116,8 +185,13 @@ impl EventLog {
                 }
                 if from < end {
                     let skip = (from - r.first) as usize;
-                    let events: Vec<InvalEvent> =
-                        r.events.iter().skip(skip).take(MAX_EVENTS).cloned().collect();
+                    let events: Vec<InvalEvent> = r
+                        .events
+                        .iter()
+                        .skip(skip)
+                        .take(MAX_EVENTS)
+                        .cloned()
+                        .collect();
                     return WatchReply {
                         epoch: r.epoch,
                         next: from + events.len() as u64,
@@ -144,6 +218,29 @@ fn random_nonce() -> u64 {
     std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish()
+}
+
+impl EventLog {
+    fn ack(&self, term: u64, watcher: u64, epoch: u64, from: u64) {
+        {
+            let mut r = self.lock(term);
+            if epoch != r.epoch || from > r.end() {
+                return;
+            }
+            let end = r.end();
+            let w = r.watchers.entry(watcher).or_insert(Watcher {
+                acked: from,
+                seen: Instant::now(),
+                lagging: false,
+            });
+            w.acked = w.acked.max(from);
+            w.seen = Instant::now();
+            if w.acked >= end {
+                w.lagging = false;
+            }
+        }
+        self.acked.notify_waiters();
+    }
 }
 
 fn epoch_of(nonce: u64, term: u64) -> u64 {
@@ -236,39 +333,91 @@ mod tests {
     #[tokio::test]
     async fn watch_returns_published_events_in_order() {
         let log = EventLog::new();
-        let first = log.watch(3, 0, 0, Duration::ZERO).await;
+        let first = log.watch(3, 1, 0, 0, Duration::ZERO).await;
         assert!(first.lost, "a client without an epoch starts over");
         log.publish(3, 7, invals(&unlink("a"), &Replaced { inos: vec![9] }));
-        let r = log.watch(3, first.epoch, first.next, Duration::ZERO).await;
+        let r = log
+            .watch(3, 1, first.epoch, first.next, Duration::ZERO)
+            .await;
         assert!(!r.lost);
         assert_eq!(r.events.len(), 3);
         assert_eq!(r.events[2].inval, Inval::Inode(9));
         assert!(r.events.iter().all(|e| e.origin == 7));
-        let again = log.watch(3, r.epoch, r.next, Duration::from_millis(10)).await;
+        let again = log
+            .watch(3, 1, r.epoch, r.next, Duration::from_millis(10))
+            .await;
         assert!(again.events.is_empty() && !again.lost && again.next == r.next);
     }
 
     #[tokio::test]
     async fn a_new_term_or_a_client_left_behind_is_told_it_lost_events() {
         let log = EventLog::new();
-        let start = log.watch(3, 0, 0, Duration::ZERO).await;
+        let start = log.watch(3, 1, 0, 0, Duration::ZERO).await;
         log.publish(4, 1, vec![Inval::Inode(5)]);
-        let r = log.watch(4, start.epoch, start.next, Duration::ZERO).await;
+        let r = log
+            .watch(4, 1, start.epoch, start.next, Duration::ZERO)
+            .await;
         assert!(r.lost && r.epoch != start.epoch);
         for i in 0..(CAPACITY as u64 + 10) {
             log.publish(4, 1, vec![Inval::Inode(i)]);
         }
-        let behind = log.watch(4, r.epoch, r.next, Duration::ZERO).await;
+        let behind = log.watch(4, 1, r.epoch, r.next, Duration::ZERO).await;
         assert!(behind.lost);
+    }
+
+    #[tokio::test]
+    async fn a_change_waits_for_other_watchers_to_acknowledge() {
+        let log = std::sync::Arc::new(EventLog::new());
+        let start = log.watch(2, 5, 0, 0, Duration::ZERO).await;
+        let registered = log
+            .watch(2, 5, start.epoch, start.next, Duration::ZERO)
+            .await;
+        let end = log.publish(2, 9, vec![Inval::Inode(3)]);
+        // The origin itself is not waited for.
+        tokio::time::timeout(Duration::from_millis(100), log.wait_acked(2, 5, end))
+            .await
+            .expect("the origin does not wait for itself");
+        let l2 = log.clone();
+        let waiting = tokio::spawn(async move { l2.wait_acked(2, 9, end).await });
+        let got = log
+            .watch(2, 5, registered.epoch, registered.next, Duration::ZERO)
+            .await;
+        assert_eq!(got.events.len(), 1);
+        assert!(
+            !waiting.is_finished(),
+            "not acknowledged until the next call"
+        );
+        log.watch(2, 5, got.epoch, got.next, Duration::ZERO).await;
+        tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .expect("acknowledged")
+            .expect("join");
+    }
+
+    #[tokio::test]
+    async fn a_silent_watcher_is_waited_for_once_then_marked_lagging() {
+        let log = EventLog::new();
+        let start = log.watch(2, 5, 0, 0, Duration::ZERO).await;
+        log.watch(2, 5, start.epoch, start.next, Duration::ZERO)
+            .await;
+        let end = log.publish(2, 9, vec![Inval::Inode(3)]);
+        let t = Instant::now();
+        log.wait_acked(2, 9, end).await;
+        assert!(t.elapsed() >= ACK_WAIT);
+        let end = log.publish(2, 9, vec![Inval::Inode(4)]);
+        tokio::time::timeout(Duration::from_millis(100), log.wait_acked(2, 9, end))
+            .await
+            .expect("a lagging watcher is not waited for");
     }
 
     #[tokio::test]
     async fn a_waiting_watch_wakes_on_publish() {
         let log = std::sync::Arc::new(EventLog::new());
-        let start = log.watch(2, 0, 0, Duration::ZERO).await;
+        let start = log.watch(2, 1, 0, 0, Duration::ZERO).await;
         let l2 = log.clone();
         let waiter = tokio::spawn(async move {
-            l2.watch(2, start.epoch, start.next, Duration::from_secs(5)).await
+            l2.watch(2, 1, start.epoch, start.next, Duration::from_secs(5))
+                .await
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         log.publish(2, 1, vec![Inval::Inode(3)]);

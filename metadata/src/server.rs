@@ -132,10 +132,14 @@ impl Server {
         let replaced = self.replaced_by(&cmd);
         let invals = events::invals(&cmd, &replaced);
         let reply = self.mutate(tracked(req, now, cmd)).await?;
-        // Published before the caller hears back, so another mount drops its stale copy
-        // about as soon as the change is visible. A failed change publishes nothing.
-        let term = self.0.replica.status().term;
-        self.0.events.publish(term, req.client, invals);
+        // Published, and acknowledged by the other watching mounts, before the caller hears
+        // back: once it has, no other mount still shows the old state (see `events`). A
+        // failed change publishes nothing.
+        if !invals.is_empty() {
+            let term = self.0.replica.status().term;
+            let end = self.0.events.publish(term, req.client, invals);
+            self.0.events.wait_acked(term, req.client, end).await;
+        }
         Ok(reply)
     }
 
@@ -546,6 +550,7 @@ impl MetadataRpc for Server {
     async fn watch(
         self,
         _: Context,
+        watcher: u64,
         epoch: u64,
         from: u64,
         wait_ms: u32,
@@ -561,7 +566,11 @@ impl MetadataRpc for Server {
             });
         }
         let wait = std::time::Duration::from_millis(u64::from(wait_ms));
-        Ok(self.0.events.watch(st.term, epoch, from, wait).await)
+        Ok(self
+            .0
+            .events
+            .watch(st.term, watcher, epoch, from, wait)
+            .await)
     }
 
     async fn setxattr(

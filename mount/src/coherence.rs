@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{INodeNo, Notifier};
 use rawfs_metadata_api::client::MetadataClient;
-use rawfs_metadata_api::{Inval, Ino, Name};
+use rawfs_metadata_api::{Ino, Inval, Name};
 use tracing::{debug, info, warn};
 
 use crate::attr::InoMap;
@@ -57,6 +57,8 @@ struct Handed {
 enum Notice {
     Entry(INodeNo, Name),
     Inode(INodeNo),
+    /// Answered once every notice before it is done.
+    Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
 /// The mount's side of cache coherence (see the module docs).
@@ -161,6 +163,13 @@ impl Coherence {
         }
     }
 
+    /// Waits until the invalidation thread has handled every notice sent so far.
+    async fn applied(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Notice::Barrier(tx));
+        let _ = rx.await;
+    }
+
     fn sweep(&self) {
         let now = Instant::now();
         let mut h = lock(&self.handed);
@@ -176,13 +185,16 @@ async fn watch_loop(me: std::sync::Weak<Coherence>, meta: MetadataClient) {
     let mut in_sync = false;
     let mut swept = Instant::now();
     loop {
-        let reply = meta.watch(epoch, next, WATCH_WAIT_MS).await;
+        let reply = meta.watch(own, epoch, next, WATCH_WAIT_MS).await;
         let Some(c) = me.upgrade() else { return };
         match reply {
             Ok(r) if r.lost || r.epoch != epoch => {
                 // A new leader, or events we can no longer get: start over from its log.
                 if in_sync {
-                    info!(epoch = r.epoch, "cache events missed; dropping the kernel caches");
+                    info!(
+                        epoch = r.epoch,
+                        "cache events missed; dropping the kernel caches"
+                    );
                 }
                 c.invalidate_all();
                 epoch = r.epoch;
@@ -190,11 +202,17 @@ async fn watch_loop(me: std::sync::Weak<Coherence>, meta: MetadataClient) {
                 in_sync = true;
             }
             Ok(r) => {
+                let any = !r.events.is_empty();
                 for ev in r.events {
                     if ev.origin == own && matches!(ev.inval, Inval::Entry { .. }) {
                         continue;
                     }
                     c.apply(ev.inval);
+                }
+                if any {
+                    // The next call acknowledges these events: only once the kernel has
+                    // dropped what they name.
+                    c.applied().await;
                 }
                 next = r.next;
             }
@@ -219,9 +237,13 @@ async fn watch_loop(me: std::sync::Weak<Coherence>, meta: MetadataClient) {
 
 fn invalidate_loop(notifier: Notifier, rx: std_mpsc::Receiver<Notice>) {
     for n in rx {
-        let r = match &n {
-            Notice::Entry(parent, name) => notifier.inval_entry(*parent, OsStr::from_bytes(name)),
-            Notice::Inode(ino) => notifier.inval_inode(*ino, 0, 0),
+        let r = match n {
+            Notice::Entry(parent, name) => notifier.inval_entry(parent, OsStr::from_bytes(&name)),
+            Notice::Inode(ino) => notifier.inval_inode(ino, 0, 0),
+            Notice::Barrier(done) => {
+                let _ = done.send(());
+                continue;
+            }
         };
         match r {
             Ok(()) => {}

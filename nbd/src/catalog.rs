@@ -105,7 +105,7 @@ impl VolumeCatalog {
         if crate::volumes::check_name(name).is_err() {
             return Ok(None);
         }
-        self.volumes.get(name).await.map_err(volume_error)
+        self.volumes.find(name).await.map_err(volume_error)
     }
 
     async fn acquire(&self, v: VolumeInfo) -> Result<Arc<VolumeExport>, ExportError> {
@@ -202,7 +202,7 @@ impl VolumeCatalog {
 impl Catalog for VolumeCatalog {
     fn list(&self) -> BoxFuture<'_, Result<Vec<ExportInfo>, ExportError>> {
         async move {
-            let all = self.volumes.list().await.map_err(volume_error)?;
+            let all = self.volumes.names().await.map_err(volume_error)?;
             Ok(all.iter().map(Self::describe).collect())
         }
         .boxed()

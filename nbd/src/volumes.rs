@@ -151,17 +151,25 @@ impl Volumes {
         }
     }
 
-    /// Volume `name`, or `None` if there is none.
+    /// Volume `name` with its used bytes, or `None` if there is none.
     pub async fn get(&self, name: &str) -> Result<Option<VolumeInfo>, VolumeError> {
+        let Some(mut v) = self.find(name).await? else {
+            return Ok(None);
+        };
+        v.used_bytes = self.allocated(v.ino, v.size).await?;
+        Ok(Some(v))
+    }
+
+    /// Volume `name` without its used bytes (left 0): one lookup, for the NBD server,
+    /// which looks volumes up on every connection.
+    pub async fn find(&self, name: &str) -> Result<Option<VolumeInfo>, VolumeError> {
         check_name(name)?;
         let Some(dir) = self.dir().await? else {
             return Ok(None);
         };
         match self.meta.lookup(dir, os(name)).await {
             Ok(a) if a.kind == FileKind::File => {
-                let mut v = VolumeInfo::from_attr(name.to_string(), &a);
-                v.used_bytes = self.allocated(v.ino, v.size).await?;
-                Ok(Some(v))
+                Ok(Some(VolumeInfo::from_attr(name.to_string(), &a)))
             }
             Ok(_) | Err(MetaError::NotFound) => Ok(None),
             Err(e) => Err(e.into()),
@@ -210,8 +218,17 @@ impl Volumes {
         }
     }
 
-    /// Every volume, by name.
+    /// Every volume, by name, with its used bytes.
     pub async fn list(&self) -> Result<Vec<VolumeInfo>, VolumeError> {
+        let mut out = self.names().await?;
+        for v in &mut out {
+            v.used_bytes = self.allocated(v.ino, v.size).await?;
+        }
+        Ok(out)
+    }
+
+    /// Every volume, by name, without used bytes (left 0): one readdir, for `NBD_OPT_LIST`.
+    pub async fn names(&self) -> Result<Vec<VolumeInfo>, VolumeError> {
         let Some(dir) = self.dir().await? else {
             return Ok(Vec::new());
         };
@@ -234,18 +251,16 @@ impl Volumes {
                 }
             }
         }
-        for v in &mut out {
-            v.used_bytes = self.allocated(v.ino, v.size).await?;
-        }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
     /// Grows volume `name` to `size` bytes (the same size is accepted; smaller is refused).
+    /// The returned info has no used bytes (left 0).
     pub async fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo, VolumeError> {
         check_size(size)?;
         let v = self
-            .get(name)
+            .find(name)
             .await?
             .ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         if size < v.size {

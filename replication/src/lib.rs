@@ -41,7 +41,16 @@
 //!   chunks through openraft's chunked `install_snapshot`.
 //! - **Network** ([`network`]): a tarpc service over TCP with the MessagePack codec, carrying
 //!   openraft's own serde request/response types. Every call has a deadline; a peer that
-//!   refuses connections is reported to openraft as `Unreachable` so it backs off.
+//!   refuses connections is reported to openraft as `Unreachable` so it backs off. Tests
+//!   inject message loss, delay and partitions through [`ReplicaConfig::faults`]
+//!   ([`NetworkFaults`]); production leaves it unset.
+//! - **Elections**: started by this crate's own timer (`replica/election.rs`), not openraft
+//!   0.9's, which keeps one random timeout per process checked on a coarse tick and can
+//!   livelock two replicas started together (they time out in the same instant in every
+//!   round). The timer draws a fresh random timeout per round, counting from the last
+//!   accepted leader message or granted vote, plus openraft's leader lease while following.
+//! - **Shutdown** ([`Replica::shutdown`]) waits for an apply or snapshot still running on a
+//!   task openraft leaves behind, so the application owns its state machine afterwards.
 //! - **Bootstrap** ([`ReplicaConfig::bootstrap`]): a replica forms a new group (itself and
 //!   its configured peers) only if it is allowed to (`bootstrap`, true by default), its log is
 //!   empty and it never voted, its id is the lowest of the group, and *every* peer answers a

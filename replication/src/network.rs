@@ -212,6 +212,10 @@ pub enum Fault {
     /// Deliver the request but lose the response: the peer acts on it, the caller sees a
     /// timeout at the deadline.
     DropResponse,
+    /// Fail at once as a reset connection would (the peer never sees the request). Unlike
+    /// a loss it does not hold the caller until the deadline, which for a snapshot chunk is
+    /// long.
+    Fail,
 }
 
 /// A test hook deciding the fate of every raft RPC (AppendEntries, Vote, InstallSnapshot) a
@@ -347,6 +351,12 @@ impl PeerClient {
             Fault::Delay(_) | Fault::DropRequest => {
                 tokio::time::sleep(ttl).await;
                 Err(Transport::Timeout)
+            }
+            Fault::Fail => {
+                self.client = None;
+                Err(Transport::Network(NetworkError::new(&io::Error::from(
+                    io::ErrorKind::ConnectionReset,
+                ))))
             }
             Fault::DropResponse => {
                 // The peer acts on the request; its answer is lost.

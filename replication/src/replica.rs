@@ -312,6 +312,8 @@ struct Inner {
     raft: Raft,
     /// The log store openraft also holds, for [`Replica::sync_log`].
     log: LogStore,
+    /// The state machine adaptor openraft also holds, closed at shutdown.
+    sm: SmStore,
     raft_addr: SocketAddr,
     op_timeout: Duration,
     catch_up_timeout: Duration,
@@ -374,6 +376,7 @@ impl Replica {
             .await??;
 
         let log = log_store.clone();
+        let sm = sm_store.clone();
         let raft = Raft::new(
             cfg.id,
             config,
@@ -409,6 +412,7 @@ impl Replica {
                 id: cfg.id,
                 raft,
                 log,
+                sm,
                 raft_addr,
                 op_timeout: cfg.op_timeout,
                 catch_up_timeout: cfg.catch_up_timeout,
@@ -635,7 +639,8 @@ impl Replica {
     }
 
     /// Stops the replica: raft (its log and state machine are left consistent on disk) and
-    /// the RPC listener with its connections. Idempotent.
+    /// the RPC listener with its connections. Once it returns the replica no longer touches
+    /// the state machine (an apply or snapshot still running is waited for). Idempotent.
     pub async fn shutdown(&self) -> Result<(), ReplicationError> {
         let tasks = [&self.inner.bootstrap, &self.inner.election]
             .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).take());
@@ -645,6 +650,8 @@ impl Replica {
             let _ = task.await;
         }
         let res = self.inner.raft.shutdown().await;
+        // openraft may leave an apply or a snapshot build running after its shutdown.
+        self.inner.sm.close().await;
         // A clean stop leaves the whole log on disk, not only in the page cache.
         if let Err(e) = self.inner.log.sync().await {
             tracing::warn!(error = %e, "cannot sync the raft log while stopping");

@@ -22,6 +22,7 @@ use std::io::Cursor;
 use std::io::Write;
 use std::path::Path;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -141,6 +142,9 @@ pub enum SmError {
     /// The blocking task running the state machine panicked or was cancelled.
     #[error("state machine task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The replica stopped: the state machine is no longer touched.
+    #[error("the replica stopped using its state machine")]
+    Closed,
 }
 
 impl SmError {
@@ -162,6 +166,8 @@ struct Shared {
     /// Position of the state machine; the lock also serializes apply / snapshot / restore.
     applied: tokio::sync::Mutex<ReplicationState>,
     snapshot_seq: AtomicU64,
+    /// Set by [`SmStore::close`] under the lock: later operations fail instead of running.
+    closed: AtomicBool,
 }
 
 impl SmStore {
@@ -189,8 +195,33 @@ impl SmStore {
                 dir: dir.to_path_buf(),
                 applied: tokio::sync::Mutex::new(applied),
                 snapshot_seq: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
             }),
         })
+    }
+}
+
+impl SmStore {
+    /// Waits for the operation in progress (an apply, a snapshot being built or installed,
+    /// possibly on a task openraft leaves running after its shutdown) and refuses every later
+    /// one: once this returns the application may use its state machine alone.
+    pub async fn close(&self) {
+        let _applied = self.inner.applied.lock().await;
+        self.inner.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes the lock serializing the operations, unless the store is closed.
+    async fn lock_open(
+        &self,
+        subject: ErrorSubject<u64>,
+        verb: ErrorVerb,
+    ) -> Result<tokio::sync::MutexGuard<'_, ReplicationState>, StorageError> {
+        let guard = self.inner.applied.lock().await;
+        if self.inner.closed.load(Ordering::SeqCst) {
+            // Not logged as an error: only a task that outlived the replica gets here.
+            return Err(StorageIOError::new(subject, verb, &SmError::Closed).into());
+        }
+        Ok(guard)
     }
 }
 
@@ -300,7 +331,9 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         let Some(last) = entries.last().map(|e| e.log_id) else {
             return Ok(Vec::new());
         };
-        let mut applied = self.inner.applied.lock().await;
+        let mut applied = self
+            .lock_open(ErrorSubject::Apply(last), ErrorVerb::Write)
+            .await?;
         let mut next = applied.clone();
         next.version = FORMAT_VERSION;
         next.last_applied = Some(last);
@@ -353,7 +386,12 @@ impl RaftStateMachine<TypeConfig> for SmStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         tracing::info!(%meta, "installing a snapshot from the leader");
-        let mut applied = self.inner.applied.lock().await;
+        let mut applied = self
+            .lock_open(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Write,
+            )
+            .await?;
         let data = snapshot.into_inner();
         let sm = self.inner.sm.clone();
         let dir = self.inner.dir.clone();
@@ -390,7 +428,9 @@ impl RaftStateMachine<TypeConfig> for SmStore {
 impl RaftSnapshotBuilder<TypeConfig> for SmStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         // Hold the lock so that no apply slips between the bytes and their position.
-        let applied = self.inner.applied.lock().await;
+        let applied = self
+            .lock_open(ErrorSubject::Snapshot(None), ErrorVerb::Read)
+            .await?;
         let sm = self.inner.sm.clone();
         let data = tokio::task::spawn_blocking(move || sm.snapshot())
             .await

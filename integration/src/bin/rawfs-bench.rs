@@ -156,10 +156,11 @@ fn main() -> Result<()> {
         }
         ["latency", addrs, n] => {
             let addrs = addrs.split(',').map(str::to_string).collect();
-            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(latency(addrs, n.parse()?))
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(latency(addrs, n.parse()?))
         }
-        _ => bail!(
-            "usage: rawfs-bench meta DIR N | rawfs-bench million|latency ADDR[,ADDR...] N"
-        ),
+        _ => bail!("usage: rawfs-bench meta DIR N | rawfs-bench million|latency ADDR[,ADDR...] N"),
     }
 }

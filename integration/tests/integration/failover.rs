@@ -75,7 +75,7 @@ fn kill_the_leader_in_a_loop(c: &mut Cluster, seed: u64) -> Result<()> {
     let mut term = 0;
     for round in 0..ROUNDS {
         let w = Workload::start(&c.mnt, models, seed.wrapping_add(round));
-        let start = vec![0; WORKERS];
+        let start = w.acked();
         w.wait_progress(&start, 3, Duration::from_secs(60))?;
         let (leader, t) = c.wait_leader(Duration::from_secs(30), term, None)?;
 

@@ -35,8 +35,8 @@ use tarpc::context::Context;
 use tokio_serde::formats::MessagePack;
 
 use crate::error::MetaError;
-use crate::service::{MetaResult, MetadataRpcClient};
 use crate::events::WatchReply;
+use crate::service::{MetaResult, MetadataRpcClient};
 use crate::types::*;
 
 /// Largest frame accepted on a metadata connection (a big readdir or status fits easily).
@@ -423,7 +423,7 @@ rpc_methods! {
         /// Waits until every acknowledged change is on the leader's disk.
         fn sync() -> ();
         /// Cache invalidation events (long poll; give it a call timeout above `wait_ms`).
-        fn watch(epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
+        fn watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
         /// A chunkserver's heartbeat.
         fn heartbeat(hb: Heartbeat) -> HeartbeatReply;
         /// The cluster's state.
@@ -542,7 +542,7 @@ mod tests {
             end_session(session: u64) -> ();
             statfs(read: Consistency) -> StatFs;
             sync() -> ();
-            watch(epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
+            watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
             setxattr(ino: Ino, name: Name, value: ByteBuf, mode: XattrMode, req: ReqId) -> ();
             getxattr(ino: Ino, name: Name, read: Consistency) -> ByteBuf;
             listxattr(ino: Ino, read: Consistency) -> Vec<Name>;

@@ -91,8 +91,10 @@ pub trait MetadataRpc {
     async fn sync() -> MetaResult<()>;
     /// Cache invalidation events of the leader's `epoch` from sequence number `from` on,
     /// waiting up to `wait_ms` for one. A client that starts (or sees another epoch, or
-    /// `lost`) must drop what it caches and continue from `next`. Leader only.
-    async fn watch(epoch: u64, from: u64, wait_ms: u32) -> MetaResult<WatchReply>;
+    /// `lost`) must drop what it caches and continue from `next`. The call acknowledges,
+    /// for client `watcher` (its `ReqId::client`), that the events before `from` are applied:
+    /// changes by other clients wait for that (briefly) before they are answered. Leader only.
+    async fn watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> MetaResult<WatchReply>;
 
     // ---- extended attributes ----------------------------------------------------------------
     async fn setxattr(

@@ -1,6 +1,8 @@
-//! Latency of sequential proposals on a one-node group with the toy state machine. Ignored by
-//! default (it measures, it does not check much); run it with
-//! `cargo test -p rawfs-replication --test replication bench -- --ignored --nocapture`.
+//! Latency of proposals on a one-node and a three-node group with the toy state machine.
+//! Compiled only with `--cfg rawfs_bench` (it measures, it does not check much); run it with a
+//! separate target directory so the flag does not invalidate the shared one:
+//! `RUSTFLAGS="--cfg rawfs_bench" CARGO_TARGET_DIR=/tmp/rawfs-bench cargo test -p
+//! rawfs-replication --test replication bench -- --nocapture --test-threads=1`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

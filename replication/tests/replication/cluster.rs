@@ -201,3 +201,85 @@ async fn without_a_quorum_calls_fail_within_their_deadline() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_replicas_commit_with_three_and_stop_with_two() {
+    let op_timeout = Duration::from_secs(1);
+    let mut c = Cluster::start(5, Arc::new(move |cfg| cfg.op_timeout = op_timeout)).await;
+    let (leader, term) = c.leader(0).await;
+    assert_eq!(
+        c.replica(leader).status().voters,
+        (1..=5).collect::<std::collections::BTreeSet<u64>>()
+    );
+    let mut proposed = Vec::new();
+    for i in 0..3u8 {
+        c.replica(leader).propose(vec![i]).await.expect("propose");
+        proposed.push(vec![i]);
+    }
+    assert_eq!(c.converged(3).await, proposed);
+
+    // Lose two, the leader among them: the other three elect and keep committing.
+    let follower = *c
+        .running
+        .keys()
+        .find(|id| **id != leader)
+        .expect("a follower");
+    c.stop(leader).await;
+    c.stop(follower).await;
+    let (leader2, term2) = c.leader(term).await;
+    assert!(term2 > term);
+    for i in 3..6u8 {
+        c.replica(leader2)
+            .propose(vec![i])
+            .await
+            .expect("propose with 3 of 5");
+        proposed.push(vec![i]);
+    }
+    assert_eq!(c.converged(6).await, proposed);
+
+    // Lose a third: the leader cannot commit and says so within its deadline.
+    let third = *c
+        .running
+        .keys()
+        .find(|id| **id != leader2)
+        .expect("a follower");
+    c.stop(third).await;
+    let started = std::time::Instant::now();
+    let res = c.replica(leader2).propose(b"no quorum".to_vec()).await;
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(res, Err(ProposeError::Unavailable { .. })),
+        "got {res:?}"
+    );
+    assert!(
+        elapsed >= op_timeout && elapsed < op_timeout + Duration::from_millis(500),
+        "failed after {elapsed:?}"
+    );
+    assert!(
+        c.sms
+            .values()
+            .all(|sm| !sm.commands().contains(&b"no quorum".to_vec())),
+        "nothing commits without a quorum"
+    );
+    // The remaining follower cannot elect itself either.
+    let last = *c
+        .running
+        .keys()
+        .find(|id| **id != leader2)
+        .expect("the other survivor");
+    assert!(matches!(
+        c.replica(last).propose(b"follower".to_vec()).await,
+        Err(ProposeError::NotLeader { .. } | ProposeError::Unavailable { .. })
+    ));
+
+    // One comes back: three of five again, commits resume (the pending entry with them).
+    c.restart(third).await;
+    c.replica(leader2)
+        .propose(b"quorum again".to_vec())
+        .await
+        .expect("propose after the quorum is back");
+    proposed.push(b"no quorum".to_vec());
+    proposed.push(b"quorum again".to_vec());
+    assert_eq!(c.converged(proposed.len()).await, proposed);
+    c.shutdown().await;
+}
