@@ -20,7 +20,9 @@
 //! Kernel setup: 1 MiB `max_write`, up to 4 MiB readahead, async reads, READDIRPLUS (auto),
 //! parallel directory operations, `default_permissions` (the kernel checks permissions,
 //! including sticky directories) and `allow_other` when mounted by root. Attributes and
-//! names are cached for 1 s (`attr_timeout=`, `entry_timeout=`).
+//! names are cached for 30 s (`attr_timeout=`, `entry_timeout=`) and kept coherent between
+//! mounts by the leader's invalidation events (see `coherence`): a change made elsewhere is
+//! taken back before that change is acknowledged.
 //!
 //! Deliberate gaps:
 //! - No writeback cache yet: with it the kernel owns mtime and size and merges writes from
