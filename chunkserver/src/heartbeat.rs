@@ -229,20 +229,18 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn beats_report_state_and_apply_replies() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Arc::new(Storage::open(dir.path(), None).unwrap());
-        storage.write(1, 1, 1, 0, b"keep", false).unwrap();
-        storage.write(2, 4, 1, 0, b"drop", false).unwrap();
-        storage.restore_corrupt(&[77]);
+    /// Runs the heartbeat loop of server 3 against a fake link whose first `fail` beats
+    /// fail and whose other beats get `reply`.
+    fn start_beats(
+        storage: &Arc<Storage>,
+        fail: u32,
+        reply: HeartbeatReply,
+        every: Duration,
+    ) -> (FakeLink, CancellationToken, tokio::task::JoinHandle<()>) {
         let link = FakeLink {
             seen: Arc::default(),
-            fail: Arc::new(Mutex::new(2)),
-            reply: HeartbeatReply {
-                term: 12,
-                delete: vec![2],
-            },
+            fail: Arc::new(Mutex::new(fail)),
+            reply,
         };
         let me = Identity {
             id: 3,
@@ -250,13 +248,22 @@ mod tests {
             control_addr: "127.0.0.1:2".into(),
         };
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(
-            link.clone(),
-            me,
-            storage.clone(),
-            Duration::from_millis(10),
-            stop.clone(),
-        ));
+        let task = tokio::spawn(run(link.clone(), me, storage.clone(), every, stop.clone()));
+        (link, stop, task)
+    }
+
+    #[tokio::test]
+    async fn beats_report_state_and_apply_replies() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(dir.path(), None).unwrap());
+        storage.write(1, 1, 1, 0, b"keep", false).unwrap();
+        storage.write(2, 4, 1, 0, b"drop", false).unwrap();
+        storage.restore_corrupt(&[77]);
+        let reply = HeartbeatReply {
+            term: 12,
+            delete: vec![2],
+        };
+        let (link, stop, task) = start_beats(&storage, 2, reply, Duration::from_millis(10));
         wait_until("the fence and the delete", || {
             storage.term() == 12 && storage.chunk_count() == 1
         })
@@ -286,27 +293,11 @@ mod tests {
         let storage = Arc::new(Storage::open(dir.path(), None).unwrap());
         storage.write(2, 1, 12, 0, b"keep", false).unwrap();
         assert_eq!(storage.term(), 12, "a write of term 12 raised the fence");
-        let link = FakeLink {
-            seen: Arc::default(),
-            fail: Arc::new(Mutex::new(0)),
-            reply: HeartbeatReply {
-                term: 11,
-                delete: vec![2],
-            },
+        let reply = HeartbeatReply {
+            term: 11,
+            delete: vec![2],
         };
-        let me = Identity {
-            id: 3,
-            data_addr: "127.0.0.1:1".into(),
-            control_addr: "127.0.0.1:2".into(),
-        };
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(run(
-            link.clone(),
-            me,
-            storage.clone(),
-            Duration::from_millis(5),
-            stop.clone(),
-        ));
+        let (link, stop, task) = start_beats(&storage, 0, reply, Duration::from_millis(5));
         wait_until("a few beats", || link.seen.lock().unwrap().len() >= 3).await;
         stop.cancel();
         task.await.unwrap();

@@ -419,7 +419,7 @@ mod tests {
             l2.watch(2, 1, start.epoch, start.next, Duration::from_secs(5))
                 .await
         });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Whether the watch is already waiting or not, it must return this event.
         log.publish(2, 1, vec![Inval::Inode(3)]);
         let r = waiter.await.expect("join");
         assert_eq!(r.events.len(), 1);

@@ -136,7 +136,7 @@ impl Server {
         // back: once it has, no other mount still shows the old state (see `events`). A
         // failed change publishes nothing.
         if !invals.is_empty() {
-            let term = self.0.replica.status().term;
+            let (term, _) = self.0.replica.term_and_leading();
             let end = self.0.events.publish(term, req.client, invals);
             self.0.events.wait_acked(term, req.client, end).await;
         }

@@ -601,6 +601,14 @@ impl Replica {
         }
     }
 
+    /// The newest term this replica knows, and whether it leads in it: the cheap part of
+    /// [`Replica::status`] (no copy of the membership), for per-request use.
+    pub fn term_and_leading(&self) -> (u64, bool) {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        (m.current_term, m.state == ServerState::Leader)
+    }
+
     /// Where this replica stands: role, term, leader, log and apply positions, members.
     pub fn status(&self) -> ReplicationStatus {
         let m = self.inner.raft.metrics().borrow().clone();
