@@ -597,11 +597,41 @@ impl Cluster {
 impl Cluster {
     /// Passes `r` through, printing the daemons' log tails first if it is an error (a test
     /// that returns `Err` does not panic, so `Drop` would not print them).
+    ///
+    /// A test that passed still fails if a daemon panicked on the way (a panic in a task
+    /// does not stop the process, so nothing else would notice it).
     pub fn diagnose<T>(&self, r: Result<T>) -> Result<T> {
         if r.is_err() {
             eprintln!("{}", self.diagnostics());
+            return r;
+        }
+        let panics = self.panics();
+        if !panics.is_empty() {
+            bail!("a daemon panicked:\n{}", panics.join("\n"));
         }
         r
+    }
+
+    /// Every panic message in the daemons' logs, with the log's name and a few lines.
+    pub fn panics(&self) -> Vec<String> {
+        let mut logs = vec![self.up_log()];
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("logs")) {
+            logs.extend(rd.filter_map(|e| e.ok().map(|e| e.path())));
+        }
+        let mut found = Vec::new();
+        for l in logs {
+            let Ok(text) = std::fs::read_to_string(&l) else {
+                continue;
+            };
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                if line.contains("panicked at") {
+                    let end = (i + 4).min(lines.len());
+                    found.push(format!("{}: {}", l.display(), lines[i..end].join("\n")));
+                }
+            }
+        }
+        found
     }
 }
 

@@ -6,8 +6,10 @@
 //!                                                                                 \-> Raft::install_snapshot
 //! ```
 //!
-//! A fourth call, `probe`, is rawfs's own: a replica about to form a new group asks each peer
-//! whether it already belongs to one (see the bootstrap rule in the crate docs).
+//! Two more calls are rawfs's own: `probe`, by which a replica about to form a new group asks
+//! each peer whether it already belongs to one (see the bootstrap rule in the crate docs), and
+//! `pre_vote`, the dry run of an election the timer holds before it raises its term (see
+//! replica/election.rs).
 //!
 //! Requests and responses are openraft's own serde types, except snapshot chunks, whose
 //! payload is sent as a MessagePack binary (`serde_bytes`) instead of a list of integers.
@@ -39,6 +41,7 @@ use openraft::raft::InstallSnapshotResponse;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use openraft::RPCTypes;
+use openraft::ServerState;
 use serde::Deserialize;
 use serde::Serialize;
 use tarpc::client::RpcError;
@@ -47,9 +50,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_serde::formats::MessagePack;
 
+use crate::log_store::LogStore;
 use crate::replica::Contact;
 use crate::types::Raft;
 use crate::types::SnapshotMeta;
+use crate::types::LogId;
 use crate::types::Vote;
 use crate::Node;
 use crate::TypeConfig;
@@ -82,6 +87,37 @@ pub struct Probe {
     pub initialized: bool,
 }
 
+/// A would-be candidate's [`RaftRpc::pre_vote`] question: would you vote for a replica whose
+/// log ends here?
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreVote {
+    /// The asking replica.
+    pub candidate: u64,
+    /// The id of the last entry in its log.
+    pub last_log_id: Option<LogId>,
+}
+
+/// The answer to a [`PreVote`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreVoteReply {
+    /// Whether a vote request with that log would be granted now (as far as the log and the
+    /// current leader's lease go; the term is not compared, a pre-vote changes nothing).
+    pub granted: bool,
+    /// Why not, for the candidate's log.
+    pub refused_by: Option<PreVoteRefusal>,
+}
+
+/// Why a [`PreVote`] was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PreVoteRefusal {
+    /// The answering replica leads.
+    Leading,
+    /// It heard from a leader within the leader lease.
+    LeaderAlive,
+    /// Its log is ahead of the candidate's.
+    LogAhead,
+}
+
 /// The raft RPC service between the replicas of one group.
 #[tarpc::service]
 pub trait RaftRpc {
@@ -97,6 +133,8 @@ pub trait RaftRpc {
     ) -> Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>;
     /// Whether the replica already belongs to a group (asked before forming a new one).
     async fn probe() -> Result<Probe, RaftError<u64>>;
+    /// Whether the replica would vote for a candidate with this log now (no state changes).
+    async fn pre_vote(req: PreVote) -> Result<PreVoteReply, RaftError<u64>>;
 }
 
 #[derive(Clone)]
@@ -105,6 +143,10 @@ struct RaftServer {
     raft: Raft,
     /// Reset by every accepted leader message and granted vote (the election timer).
     contact: Arc<Contact>,
+    /// This replica's log, whose end a pre-vote compares.
+    log: LogStore,
+    /// openraft's leader lease: a voter refuses votes this long after leader contact.
+    lease: Duration,
 }
 
 impl RaftRpc for RaftServer {
@@ -159,6 +201,41 @@ impl RaftRpc for RaftServer {
             initialized,
         })
     }
+
+    async fn pre_vote(
+        self,
+        _: tarpc::context::Context,
+        req: PreVote,
+    ) -> Result<PreVoteReply, RaftError<u64>> {
+        let lease = self.lease;
+        // The same checks as openraft's vote handler (engine `handle_vote_req`), on the same
+        // state, minus the term comparison and minus any change of state.
+        let (leading, lease_runs) = self
+            .raft
+            .with_raft_state(move |st| {
+                let lease_runs = st.vote_ref().is_committed()
+                    && st
+                        .vote_last_modified()
+                        .is_some_and(|at| at.elapsed() <= lease);
+                (st.server_state == ServerState::Leader, lease_runs)
+            })
+            .await
+            .map_err(RaftError::Fatal)?;
+        let refused_by = if leading {
+            Some(PreVoteRefusal::Leading)
+        } else if lease_runs {
+            Some(PreVoteRefusal::LeaderAlive)
+        } else if req.last_log_id < self.log.last_log_id() {
+            Some(PreVoteRefusal::LogAhead)
+        } else {
+            None
+        };
+        tracing::debug!(id = self.id, candidate = req.candidate, ?refused_by, "pre-vote");
+        Ok(PreVoteReply {
+            granted: refused_by.is_none(),
+            refused_by,
+        })
+    }
 }
 
 /// Serves raft RPCs for `raft` on `listener` until the returned task is aborted (which also
@@ -167,6 +244,8 @@ pub(crate) async fn serve(
     listener: TcpListener,
     raft: Raft,
     contact: Arc<Contact>,
+    log: LogStore,
+    lease: Duration,
 ) -> io::Result<tokio::task::JoinHandle<()>> {
     let mut incoming =
         tarpc::serde_transport::tcp::listen_on(listener, MessagePack::default).await?;
@@ -182,7 +261,13 @@ pub(crate) async fn serve(
                         if let Err(e) = transport.get_ref().set_nodelay(true) {
                             tracing::debug!(error = %e, "set_nodelay failed");
                         }
-                        let server = RaftServer { id, raft: raft.clone(), contact: contact.clone() };
+                        let server = RaftServer {
+                            id,
+                            raft: raft.clone(),
+                            contact: contact.clone(),
+                            log: log.clone(),
+                            lease,
+                        };
                         let channel = tarpc::server::BaseChannel::with_defaults(transport);
                         conns.spawn(channel.execute(server.serve()).for_each_concurrent(None, |f| f));
                     }
@@ -246,9 +331,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &Node) -> PeerClient {
-        let mut client = PeerClient::new(self.self_id, target, node.clone());
-        client.faults = self.faults.clone();
-        client
+        PeerClient::with_faults(self.self_id, target, node.clone(), self.faults.clone())
     }
 }
 
@@ -282,6 +365,24 @@ impl PeerClient {
         }
     }
 
+    /// A client of `node` outside openraft that goes through the fault injection hook.
+    pub(crate) fn with_faults(
+        self_id: u64,
+        target: u64,
+        node: Node,
+        faults: Option<Arc<dyn NetworkFaults>>,
+    ) -> PeerClient {
+        PeerClient {
+            faults,
+            ..PeerClient::new(self_id, target, node)
+        }
+    }
+
+    /// The peer this client talks to.
+    pub(crate) fn node(&self) -> &Node {
+        &self.node
+    }
+
     /// Asks the peer whether it belongs to a group already, within `ttl`.
     pub(crate) async fn probe(
         &mut self,
@@ -293,6 +394,19 @@ impl PeerClient {
             ttl,
             |c, ctx| async move { c.probe(ctx).await },
         )
+        .await
+    }
+
+    /// Asks the peer whether it would vote for a candidate with `req`'s log, within `ttl`.
+    /// Goes through the fault injection hook as a vote request.
+    pub(crate) async fn pre_vote(
+        &mut self,
+        req: PreVote,
+        ttl: Duration,
+    ) -> Result<PreVoteReply, RPCError<u64, Node, RaftError<u64>>> {
+        self.call(RPCTypes::Vote, ttl, |c, ctx| async move {
+            c.pre_vote(ctx, req).await
+        })
         .await
     }
 

@@ -75,7 +75,12 @@ pub struct ReplicaConfig {
     pub catch_up_timeout: Duration,
     /// How often the leader heartbeats; also the deadline of an AppendEntries call.
     pub heartbeat_interval: Duration,
-    /// A follower that hears no leader for a random time in this range starts an election.
+    /// Election timing. The maximum is also openraft's leader lease: a follower refuses to
+    /// vote for anyone else for that long after it heard from the leader. A follower that
+    /// heard no leader for the lease plus a random part of (max - min) holds a pre-vote and,
+    /// if a majority would vote for it, an election; a failed round is retried after a
+    /// random time in this range. The failover time is about the maximum plus half the
+    /// difference.
     pub election_timeout: (Duration, Duration),
     /// Deadline of [`Replica::propose`] and [`Replica::ensure_leader`].
     pub op_timeout: Duration,
@@ -90,7 +95,7 @@ pub struct ReplicaConfig {
 }
 
 impl ReplicaConfig {
-    /// A configuration with default timings: heartbeat 150 ms, election timeout 750–1500 ms,
+    /// A configuration with default timings: heartbeat 150 ms, election timeout 600–1000 ms,
     /// operation deadline 10 s, catch-up deadline 5 min, a snapshot every 20 000 entries
     /// keeping 5 000 behind it; `bootstrap` is true.
     pub fn new(
@@ -109,7 +114,7 @@ impl ReplicaConfig {
             bootstrap: true,
             catch_up_timeout: Duration::from_secs(300),
             heartbeat_interval: Duration::from_millis(150),
-            election_timeout: (Duration::from_millis(750), Duration::from_millis(1500)),
+            election_timeout: (Duration::from_millis(600), Duration::from_millis(1000)),
             op_timeout: Duration::from_secs(10),
             snapshot_every: 20_000,
             logs_to_keep: 5_000,
@@ -386,7 +391,16 @@ impl Replica {
         )
         .await?;
         let contact = Arc::new(election::Contact::new());
-        let server = match crate::network::serve(listener, raft.clone(), contact.clone()).await {
+        // openraft's leader lease is the maximum election timeout.
+        let lease = cfg.election_timeout.1;
+        let served = crate::network::serve(
+            listener,
+            raft.clone(),
+            contact.clone(),
+            log.clone(),
+            lease,
+        );
+        let server = match served.await {
             Ok(server) => server,
             Err(source) => {
                 let _ = raft.shutdown().await;
@@ -396,17 +410,18 @@ impl Replica {
                 });
             }
         };
-        let election = tokio::spawn(election::run(
-            raft.clone(),
-            cfg.id,
+        let election = tokio::spawn(election::run(election::Timer {
+            raft: raft.clone(),
+            id: cfg.id,
             contact,
-            election::Timing {
+            timing: election::Timing {
                 timeout: cfg.election_timeout,
-                // openraft's leader lease is the maximum election timeout.
-                lease: cfg.election_timeout.1,
+                lease,
                 recheck: cfg.heartbeat_interval,
             },
-        ));
+            log: log.clone(),
+            faults: cfg.faults.clone(),
+        }));
         let replica = Replica {
             inner: Arc::new(Inner {
                 id: cfg.id,

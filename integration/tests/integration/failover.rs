@@ -26,11 +26,10 @@ use std::time::{Duration, Instant};
 const ROUNDS: u64 = 5;
 /// Worker threads of the workload.
 const WORKERS: usize = 3;
-/// Bound on a failover as users see it. The issue's target is 5 s (2 s hoped for); a debug
-/// build under the full suite's load on 2 cores has taken up to 11.8 s (repeated split
-/// votes), so this asserts that writes resume at all, within 20 s, and prints every figure.
-/// Issue 3 stays open until failovers reliably meet 5 s; do not raise this further.
-const FAILOVER_LIMIT: Duration = Duration::from_secs(20);
+/// Bound on a failover as users see it: from the leader's death (SIGKILL or SIGSTOP) to the
+/// first mutation through the mount. Typical is 1.2-2.3 s (lease 1 s, pre-vote, election,
+/// client retry); the target is 2 s.
+const FAILOVER_LIMIT: Duration = Duration::from_secs(5);
 /// How long replicas get to converge after the faults end.
 const CONVERGE: Duration = Duration::from_secs(60);
 /// Entries between snapshots in the catch-up test: small, so a short outage spans several.
@@ -377,12 +376,17 @@ fn stop_the_leader(c: &mut Cluster) -> Result<()> {
     );
     // Commits through the mount while the old leader is frozen.
     fs::create_dir(c.path("during"))?;
-    fs::write(c.path("during-file"), b"written under the new leader")?;
-    File::open(c.path("during-file"))?.sync_all()?;
+    let took = t0.elapsed();
     println!(
         "partition_failover_ms {} (first mutation through the mount after SIGSTOP)",
-        t0.elapsed().as_millis()
+        took.as_millis()
     );
+    ensure!(
+        took < FAILOVER_LIMIT,
+        "the mount needed {took:?} to leave a stopped leader (limit {FAILOVER_LIMIT:?})"
+    );
+    fs::write(c.path("during-file"), b"written under the new leader")?;
+    File::open(c.path("during-file"))?.sync_all()?;
 
     // The frozen leader gets a mutation queued before it runs again, so that it meets the
     // request while it may still believe it leads.
@@ -436,7 +440,13 @@ fn stop_the_leader(c: &mut Cluster) -> Result<()> {
     for d in ["before", "during"] {
         ensure!(c.path(d).is_dir(), "{d} is missing");
     }
-    ensure!(fs::read(c.path("during-file"))? == b"written under the new leader");
+    let during = fs::read(c.path("during-file"))?;
+    ensure!(
+        during == b"written under the new leader",
+        "during-file reads {} bytes: {:?}",
+        during.len(),
+        String::from_utf8_lossy(&during[..during.len().min(64)])
+    );
 
     // A chunkserver that has heard from the new leader refuses the old term.
     let holder = loc

@@ -445,6 +445,13 @@ impl LogStore {
         })
     }
 
+    /// The id of the last entry in the log (or of the last purged one if the log is empty):
+    /// what a vote request compares, for the pre-vote round of the election timer.
+    pub(crate) fn last_log_id(&self) -> Option<LogId> {
+        let st = self.shared.lock();
+        st.last_log_id().or(st.purged)
+    }
+
     /// Waits until every entry appended before the call is on disk (fsynced): the barrier for
     /// callers that promise durability against power loss.
     pub async fn sync(&self) -> Result<(), LogStoreError> {

@@ -283,3 +283,34 @@ async fn five_replicas_commit_with_three_and_stop_with_two() {
     assert_eq!(c.converged(proposed.len()).await, proposed);
     c.shutdown().await;
 }
+
+/// When the leader dies, the survivor whose log is behind can never win; with the pre-vote it
+/// does not even raise the term (which would make the one that is ahead lose a round to
+/// learn it), so the survivor that is ahead leads the very next term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_survivor_that_is_ahead_leads_the_next_term() {
+    let mut c = Cluster::start(3, no_tuning()).await;
+    let (leader, term) = c.leader(0).await;
+    let followers: Vec<u64> = c.running.keys().copied().filter(|i| *i != leader).collect();
+    let (behind, ahead) = (followers[0], followers[1]);
+    c.stop(behind).await;
+    for i in 0..20u8 {
+        c.replica(leader).propose(vec![i]).await.expect("propose");
+    }
+    let sm = c.sms[&ahead].clone();
+    wait_for("the follower ahead to apply every entry", WAIT, || {
+        (sm.commands().len() == 20).then_some(())
+    })
+    .await;
+    c.stop(leader).await;
+    c.restart(behind).await;
+    let (new_leader, new_term) = c.leader(term).await;
+    assert_eq!(new_leader, ahead, "the replica with the longer log leads");
+    assert_eq!(
+        new_term,
+        term + 1,
+        "the replica that is behind raised the term in elections it could not win"
+    );
+    assert_eq!(c.converged(20).await.len(), 20);
+    c.shutdown().await;
+}
