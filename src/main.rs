@@ -19,6 +19,7 @@ mod cluster_file;
 mod config;
 mod daemon;
 mod nbd;
+mod nbd_status;
 mod procs;
 mod size;
 mod status;

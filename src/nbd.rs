@@ -31,6 +31,10 @@ pub struct NbdArgs {
     /// reply.
     #[arg(long, default_value = "60s")]
     pub io_timeout: Dur,
+    /// Keep connected clients per volume in this JSON file (set by `rawfs up`, read by
+    /// `rawfs status`; see crate::nbd_status).
+    #[arg(long, hide = true)]
+    pub status_file: Option<std::path::PathBuf>,
 }
 
 /// `rawfs nbd`.
@@ -66,7 +70,18 @@ pub fn run(args: NbdArgs) -> ExitCode {
         match rawfs_nbd::serve_volumes(cfg, crate::daemon::shutdown_signal()).await {
             Ok(h) => {
                 tracing::info!(addr = %h.addr(), "NBD server serving volumes");
+                let status = args.status_file.clone().map(|p| {
+                    let publisher =
+                        tokio::spawn(crate::nbd_status::publish(h.catalog().clone(), p.clone()));
+                    (publisher, p)
+                });
                 h.join().await;
+                if let Some((publisher, p)) = status {
+                    // Wait for the abort, so no write of the task lands after the clear.
+                    publisher.abort();
+                    let _ = publisher.await;
+                    crate::nbd_status::clear(&p);
+                }
                 tracing::info!("nbd stopped");
                 ExitCode::SUCCESS
             }

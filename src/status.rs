@@ -6,6 +6,8 @@
 //!           | no leader? -> replica_status() of every address, so the table still shows
 //!           |               who is up, in which term and how far each got (exit 1)
 //!        -> + pids from cluster.json (a dead process shows as down at once)
+//!        -> + volumes (rawfs_nbd::Volumes::list: size, used bytes) and their NBD clients
+//!             (the NBD server's status file, see crate::nbd_status; only with --dir)
 //!        -> table | JSON in DESIGN.md's stable shape
 //! ```
 
@@ -14,7 +16,9 @@ use crate::cluster_file::{pid_alive, ClusterFile, Role};
 use crate::size::Human;
 use rawfs_metadata_api::client::{ClientTimeouts, MetadataClient};
 use rawfs_metadata_api::{ChunkserverStatus, ClusterStatus, ReplicaStatus};
+use rawfs_nbd::{VolumeInfo, Volumes};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -60,6 +64,74 @@ pub async fn fetch(addrs: &[String], timeout: Duration) -> Result<ClusterStatus,
         Ok(Err(e)) => Err(unreachable(e.to_string())),
         Err(_) => Err(unreachable(format!("no answer within {timeout:?}"))),
     }
+}
+
+/// Every volume with its size and used bytes, giving up after `timeout`.
+pub async fn fetch_volumes(addrs: &[String], timeout: Duration) -> Result<Vec<VolumeInfo>, String> {
+    let client = MetadataClient::new(
+        addrs.to_vec(),
+        ClientTimeouts {
+            call: timeout.min(Duration::from_secs(2)),
+            op: timeout,
+        },
+    );
+    match tokio::time::timeout(timeout, Volumes::new(client).list()).await {
+        Ok(Ok(list)) => Ok(list),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// What `rawfs status` knows about the NBD server of a `rawfs up` cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NbdView {
+    pub addr: String,
+    pub up: bool,
+    /// Connections per volume; `None` when the server is up but has not said (yet).
+    pub clients: Option<BTreeMap<String, usize>>,
+}
+
+/// The NBD server listed in `cluster` (none without a cluster file): a dead one has no
+/// clients; a live one's come from its status file.
+pub fn nbd_view(cluster: Option<&ClusterFile>, alive: &dyn Fn(u32) -> bool) -> Option<NbdView> {
+    let e = cluster?.find(Role::Nbd, 1)?;
+    let up = alive(e.pid);
+    let clients = if up {
+        crate::nbd_status::read(&crate::nbd_status::path(&e.data_dir), e.pid)
+    } else {
+        Some(BTreeMap::new())
+    };
+    Some(NbdView {
+        addr: e.addr.clone(),
+        up,
+        clients,
+    })
+}
+
+/// Fills the `volumes` key (each with `clients`, null when unknown) and adds `nbd`.
+pub fn add_volumes(v: &mut Value, list: &[VolumeInfo], nbd: Option<&NbdView>) {
+    let clients_of = |name: &str| -> Value {
+        match nbd.and_then(|n| n.clients.as_ref()) {
+            Some(c) => json!(c.get(name).copied().unwrap_or(0)),
+            None => Value::Null,
+        }
+    };
+    v["volumes"] = list
+        .iter()
+        .map(|vol| {
+            json!({
+                "name": vol.name, "size": vol.size, "used_bytes": vol.used_bytes,
+                "clients": clients_of(&vol.name),
+            })
+        })
+        .collect();
+    v["nbd"] = match nbd {
+        Some(n) => json!({
+            "addr": n.addr, "up": n.up,
+            "clients": n.clients.as_ref().map(|c| c.values().sum::<usize>()),
+        }),
+        None => Value::Null,
+    };
 }
 
 /// Asks every address for its own `replica_status`, in parallel, each with a short
@@ -116,7 +188,21 @@ pub fn run(args: StatusArgs) -> ExitCode {
         }
     };
     let (value, failure) = match rt.block_on(fetch(&addrs, STATUS_TIMEOUT)) {
-        Ok(s) => (Some(status_json(&s, cluster.as_ref(), &pid_alive)), None),
+        Ok(s) => {
+            let mut v = status_json(&s, cluster.as_ref(), &pid_alive);
+            let volumes = rt
+                .block_on(fetch_volumes(&addrs, STATUS_TIMEOUT))
+                .unwrap_or_else(|e| {
+                    eprintln!("rawfs status: cannot list volumes: {e}");
+                    Vec::new()
+                });
+            add_volumes(
+                &mut v,
+                &volumes,
+                nbd_view(cluster.as_ref(), &pid_alive).as_ref(),
+            );
+            (Some(v), None)
+        }
         Err(e) => {
             // No leader (an election, a lost majority): show what each replica says.
             let replicas = rt.block_on(fetch_replicas(&addrs));
@@ -314,7 +400,55 @@ pub fn render_table(v: &Value) -> String {
         ch["healthy"], ch["under_replicated"], ch["degraded"], ch["lost"], ch["replicated"], ch["ec"]
     );
     let _ = writeln!(out, "healer: not running (arrives with issue 6)");
+    render_volumes(&mut out, v);
     out
+}
+
+/// The NBD server and volumes part of the table.
+fn render_volumes(out: &mut String, v: &Value) {
+    use std::fmt::Write;
+    let n = &v["nbd"];
+    if let Some(addr) = n["addr"].as_str() {
+        let state = if n["up"].as_bool() == Some(true) {
+            "up"
+        } else {
+            "down"
+        };
+        let _ = writeln!(out, "nbd: {addr} {state}");
+    }
+    let vols = v["volumes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let _ = writeln!(out, "volumes: {}", vols.len());
+    if vols.is_empty() {
+        return;
+    }
+    let width = vols
+        .iter()
+        .filter_map(|x| x["name"].as_str())
+        .map(str::len)
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let _ = writeln!(
+        out,
+        "  {:<width$} {:>11} {:>11} {:>7}",
+        "NAME", "SIZE", "USED", "CLIENTS"
+    );
+    for x in vols {
+        let clients = x["clients"]
+            .as_u64()
+            .map_or("-".to_string(), |c| c.to_string());
+        let _ = writeln!(
+            out,
+            "  {:<width$} {:>11} {:>11} {:>7}",
+            x["name"].as_str().unwrap_or("?"),
+            Human(x["size"].as_u64().unwrap_or(0)).to_string(),
+            Human(x["used_bytes"].as_u64().unwrap_or(0)).to_string(),
+            clients
+        );
+    }
 }
 
 #[cfg(test)]
@@ -472,5 +606,84 @@ mod tests {
         assert_eq!(v["metadata"]["replicas"][1]["up"], false);
         let table = render_table(&v);
         assert!(table.contains("leader none, term 7"), "{table}");
+    }
+
+    fn volume(name: &str, size: u64, used_bytes: u64) -> VolumeInfo {
+        VolumeInfo {
+            name: name.into(),
+            ino: 7,
+            size,
+            used_bytes,
+        }
+    }
+
+    #[test]
+    fn volumes_show_size_used_and_clients() {
+        let mut v = status_json(&sample(), None, &|_| true);
+        let nbd = NbdView {
+            addr: "127.0.0.1:10809".into(),
+            up: true,
+            clients: Some([("vm1".to_string(), 2)].into_iter().collect()),
+        };
+        let list = [volume("vm1", 1 << 30, 64 << 20), volume("idle", 1 << 20, 0)];
+        add_volumes(&mut v, &list, Some(&nbd));
+        assert_eq!(
+            v["volumes"],
+            json!([
+                {"name": "vm1", "size": 1u64 << 30, "used_bytes": 64u64 << 20, "clients": 2},
+                {"name": "idle", "size": 1u64 << 20, "used_bytes": 0, "clients": 0},
+            ])
+        );
+        assert_eq!(
+            v["nbd"],
+            json!({"addr": "127.0.0.1:10809", "up": true, "clients": 2})
+        );
+        let table = render_table(&v);
+        assert!(table.contains("nbd: 127.0.0.1:10809 up"), "{table}");
+        assert!(table.contains("volumes: 2"), "{table}");
+        let row = table
+            .lines()
+            .find(|l| l.trim_start().starts_with("vm1"))
+            .unwrap_or_default();
+        assert!(
+            row.contains("1.0 GiB") && row.contains("64.0 MiB") && row.trim_end().ends_with(" 2"),
+            "{table}"
+        );
+        // Without a cluster file the clients are unknown, not zero.
+        let mut v = status_json(&sample(), None, &|_| true);
+        add_volumes(&mut v, &list[..1], None);
+        assert!(v["volumes"][0]["clients"].is_null());
+        assert!(v["nbd"].is_null());
+        assert!(render_table(&v).contains(" -\n"), "{}", render_table(&v));
+    }
+
+    #[test]
+    fn a_dead_nbd_server_has_no_clients_and_a_live_one_says_how_many() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut e = entry(Role::Nbd, 1, 300);
+        e.data_dir = d.path().to_path_buf();
+        let cf = ClusterFile {
+            mount: "/m".into(),
+            processes: vec![e],
+            up_pid: None,
+            ready: true,
+        };
+        let dead = nbd_view(Some(&cf), &|_| false).expect("listed");
+        assert!(!dead.up);
+        assert_eq!(dead.clients, Some(BTreeMap::new()));
+        let unknown = nbd_view(Some(&cf), &|_| true).expect("listed");
+        assert_eq!(unknown.clients, None, "no status file yet");
+        let file = crate::nbd_status::NbdClients {
+            pid: 300,
+            volumes: [("vm1".to_string(), 1)].into_iter().collect(),
+        };
+        std::fs::write(
+            crate::nbd_status::path(d.path()),
+            serde_json::to_vec(&file).expect("json"),
+        )
+        .expect("write");
+        let live = nbd_view(Some(&cf), &|_| true).expect("listed");
+        assert_eq!(live.clients, Some(file.volumes));
+        assert!(nbd_view(None, &|_| true).is_none());
     }
 }

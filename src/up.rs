@@ -1,11 +1,13 @@
 //! `rawfs up`: a whole cluster on this machine, as separate processes, mounted.
 //!
 //! ```text
-//!  lock DIR/up.pid ─> plan ports (reuse DIR/cluster.json) ─> spawn 3 metadata replicas
-//!     (--bootstrap on a fresh DIR), chunkservers ─> poll `status` until a leader is elected
-//!     and all chunkservers are up ─> spawn mount.rawfs -f (all 3 metadata addresses), poll
-//!     mountinfo ─> write cluster.json (ready) ─> watch children (never restart them)
-//!     ─> SIGINT/SIGTERM: unmount, SIGTERM children, deadline, SIGKILL
+//!  lock DIR/up.pid ─> plan ports (reuse DIR/cluster.json; ports.rs) ─> spawn N metadata
+//!     replicas (--metadata-replicas: 1, 3 or 5; --bootstrap on a fresh DIR), chunkservers,
+//!     the NBD server ─> poll `status` until a leader is elected and all chunkservers are up
+//!     ─> spawn mount.rawfs -f (every metadata address), poll mountinfo ─> write cluster.json
+//!     (ready) ─> watch children (never restart them)
+//!     ─> SIGINT/SIGTERM: stop in phases (stop.rs): NBD server and mount (umount) first, so
+//!        they flush; then healers, chunkservers, and the metadata replicas last
 //! ```
 //!
 //! Readiness is polled, never slept for, and bounded by `--ready-timeout`; on failure the log
@@ -28,13 +30,21 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// Metadata replicas started by `up`: any one of them may fail without a pause longer
-/// than an election.
-const METADATA_REPLICAS: u64 = 3;
+mod ports;
+mod replicas;
+mod stop;
+
+pub use ports::{plan, Planned};
+
+/// Metadata replicas started by `up` on a fresh DIR unless `--metadata-replicas` says
+/// otherwise: any one of them may fail without a pause longer than an election.
+pub const DEFAULT_METADATA_REPLICAS: u64 = 3;
+/// Replica counts `up` accepts: odd (an even group tolerates no more failures than the odd
+/// one below it and needs a larger majority), and at most 5 (each replica is a process and
+/// a copy of the log on this one machine).
+const ALLOWED_METADATA_REPLICAS: [u64; 3] = [1, 3, 5];
 /// How often readiness and children are polled.
 const POLL: Duration = Duration::from_millis(200);
-/// How long children get between SIGTERM and SIGKILL.
-const STOP_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Flags of `rawfs up`.
 #[derive(clap::Args, Debug)]
@@ -45,11 +55,16 @@ pub struct UpArgs {
     /// Where to mount the filesystem (created if missing).
     #[arg(long)]
     pub mount: PathBuf,
+    /// Metadata replicas: 1, 3 or 5 (default: as many as DIR already has, else 3). An even
+    /// number is refused. A DIR keeps the count it was created with; change the group's size
+    /// online with `rawfs metadata add-peer|remove-peer`.
+    #[arg(long, value_parser = replicas::parse_metadata_replicas)]
+    pub metadata_replicas: Option<u64>,
     /// Number of chunkservers (at least 3, one per replica).
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(3..=64))]
     pub chunkservers: u64,
-    /// First port of a fixed layout (metadata replica i: P+2(i-1), P+2(i-1)+1 for i = 1..3;
-    /// chunkserver i: P+10+2(i-1), P+11+2(i-1));
+    /// First port of a fixed layout (metadata replica i: P+2(i-1), P+2(i-1)+1 for i = 1..3,
+    /// P+138+2(i-4), P+139+2(i-4) for i = 4..5; chunkserver i: P+10+2(i-1), P+11+2(i-1));
     /// default: the previous run's ports, or free ones.
     #[arg(long)]
     pub base_port: Option<u16>,
@@ -91,110 +106,21 @@ pub enum UpError {
     NotReady(String),
     #[error("interrupted while starting")]
     Interrupted,
+    #[error(
+        "{dir} holds a group of {existing} metadata replicas, not {requested}: run with \
+         --metadata-replicas {existing} (change the group's size online with `rawfs metadata \
+         add-peer|remove-peer`), or use a new DIR"
+    )]
+    ReplicaCount {
+        dir: PathBuf,
+        existing: u64,
+        requested: u64,
+    },
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpError {
     let path = path.to_path_buf();
     move |source| UpError::Io { what, path, source }
-}
-
-/// One daemon to run, with its addresses.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Planned {
-    pub role: Role,
-    pub id: u64,
-    pub addr: String,
-    /// Raft address (metadata) or control address (chunkserver).
-    pub second: String,
-}
-
-/// Chooses every daemon's addresses: the previous run's (so chunk locations and clients stay
-/// valid), else a fixed layout from `base`, else free ports from `free_port`.
-pub fn plan(
-    prev: Option<&ClusterFile>,
-    base: Option<u16>,
-    chunkservers: u64,
-    mut free_port: impl FnMut() -> std::io::Result<u16>,
-) -> Result<Vec<Planned>, UpError> {
-    let mut out = Vec::new();
-    let roles = (1..=METADATA_REPLICAS)
-        .map(|id| (Role::Metadata, id))
-        .chain((1..=chunkservers).map(|id| (Role::Chunkserver, id)));
-    for (role, id) in roles {
-        let reuse = prev.and_then(|p| p.find(role, id)).and_then(|e| {
-            let second = match role {
-                Role::Metadata => e.raft_addr.clone(),
-                _ => e.control_addr.clone(),
-            }?;
-            Some((e.addr.clone(), second))
-        });
-        let (addr, second) = match (reuse, base) {
-            (Some(r), _) => r,
-            (None, Some(b)) => {
-                let first = match role {
-                    Role::Metadata => 2 * (id - 1),
-                    _ => 10 + 2 * (id - 1),
-                };
-                let p = u16::try_from(u64::from(b) + first).map_err(|_| UpError::Ports(b))?;
-                let q = p.checked_add(1).ok_or(UpError::Ports(b))?;
-                (format!("127.0.0.1:{p}"), format!("127.0.0.1:{q}"))
-            }
-            (None, None) => {
-                let ioe = |e| UpError::Io {
-                    what: "cannot find a free port on",
-                    path: "127.0.0.1".into(),
-                    source: e,
-                };
-                let p = free_port().map_err(ioe)?;
-                let q = free_port().map_err(ioe)?;
-                (format!("127.0.0.1:{p}"), format!("127.0.0.1:{q}"))
-            }
-        };
-        out.push(Planned {
-            role,
-            id,
-            addr,
-            second,
-        });
-    }
-    Ok(out)
-}
-
-/// Free loopback ports: every listener stays open until all ports are chosen, so none repeats.
-/// They are drawn at random from below the kernel's ephemeral range: a port from that range
-/// could be taken by some outgoing connection between this check and the daemon's bind.
-struct FreePorts(Vec<std::net::TcpListener>);
-
-/// Where random ports are drawn from when the ephemeral range cannot be read.
-const FALLBACK_PORTS: (u16, u16) = (20000, 32768);
-
-impl FreePorts {
-    fn next(&mut self) -> std::io::Result<u16> {
-        let (lo, hi) = non_ephemeral_ports();
-        for _ in 0..200 {
-            let port = rand::random::<u16>() % (hi - lo) + lo;
-            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-                self.0.push(l);
-                return Ok(port);
-            }
-        }
-        // Crowded: let the kernel choose.
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let port = l.local_addr()?.port();
-        self.0.push(l);
-        Ok(port)
-    }
-}
-
-/// A port range below the kernel's ephemeral range (`ip_local_port_range`).
-fn non_ephemeral_ports() -> (u16, u16) {
-    let lo_eph = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());
-    match lo_eph {
-        Some(lo) if lo > 12000 => (lo.saturating_sub(12000).max(10000), lo),
-        _ => FALLBACK_PORTS,
-    }
 }
 
 /// Holds `DIR/up.pid` locked for as long as `up` runs.
@@ -301,32 +227,6 @@ impl Cluster {
         }
         None
     }
-
-    /// Unmounts, then stops every child: SIGTERM, a deadline, SIGKILL.
-    async fn stop(&mut self) {
-        if !procs::unmount(&self.mount) {
-            eprintln!(
-                "rawfs up: {} is still mounted; unmount it by hand",
-                self.mount.display()
-            );
-        }
-        // The mount helper ends on its own once unmounted; daemons after it, in reverse order,
-        // so chunkservers do not log a dead metadata service while they stop.
-        for (_, p) in self.procs.iter_mut().rev() {
-            p.signal(libc::SIGTERM);
-        }
-        let end = Instant::now() + STOP_DEADLINE;
-        while Instant::now() < end && self.procs.iter_mut().any(|(_, p)| p.running()) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        for (_, p) in &mut self.procs {
-            if p.running() {
-                tracing::warn!(name = %p.name, "did not stop in time; killing it");
-                p.signal(libc::SIGKILL);
-                let _ = p.child.wait();
-            }
-        }
-    }
 }
 
 /// A flag that flips to true on SIGINT or SIGTERM. The handlers are installed before this
@@ -409,10 +309,15 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
             });
         }
     }
-    let mut free = FreePorts(Vec::new());
-    let planned = plan(prev.as_ref(), args.base_port, args.chunkservers, || {
-        free.next()
-    })?;
+    let (replicas, fresh) = replicas::replica_count(args.metadata_replicas, prev.as_ref(), &dir)?;
+    let mut free = ports::FreePorts(Vec::new());
+    let planned = plan(
+        prev.as_ref(),
+        args.base_port,
+        replicas,
+        args.chunkservers,
+        || free.next(),
+    )?;
     drop(free);
     let nbd_addr = crate::nbd::plan_addr(prev.as_ref(), args.base_port, args.nbd_listen.as_deref())
         .map_err(|e| UpError::NotReady(e.to_string()))?;
@@ -424,7 +329,16 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
         exe: exe.clone(),
         procs: Vec::new(),
     };
-    let started = match start_all(&mut cluster, &planned, &nbd_addr, &args, stop.clone()).await {
+    let started = match start_all(
+        &mut cluster,
+        &planned,
+        fresh,
+        &nbd_addr,
+        &args,
+        stop.clone(),
+    )
+    .await
+    {
         Ok(()) => cluster
             .cluster_file(true)
             .store(&dir)
@@ -451,6 +365,7 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
 async fn start_all(
     c: &mut Cluster,
     planned: &[Planned],
+    fresh: bool,
     nbd_addr: &str,
     args: &UpArgs,
     stop: watch::Receiver<bool>,
@@ -461,10 +376,6 @@ async fn start_all(
         .map(|p| p.addr.clone())
         .collect();
     let exe = c.exe.clone();
-    let fresh = planned
-        .iter()
-        .filter(|p| p.role == Role::Metadata)
-        .all(|p| dir_is_empty(&c.dir.join(format!("{}-{}", p.role, p.id))));
     for p in planned {
         let data_dir = c.dir.join(format!("{}-{}", p.role, p.id));
         std::fs::create_dir_all(&data_dir).map_err(io_err("cannot create", &data_dir))?;
@@ -541,7 +452,14 @@ async fn start_all(
         args: vec![],
         log: None,
     };
-    let nbd_args = crate::nbd::up_args(nbd_addr, &meta_addrs);
+    let mut nbd_args = crate::nbd::up_args(nbd_addr, &meta_addrs);
+    // Connected clients per volume, for `rawfs status` (see crate::nbd_status).
+    nbd_args.extend([
+        "--status-file".into(),
+        crate::nbd_status::path(&c.dir.join("nbd-1"))
+            .to_string_lossy()
+            .into_owned(),
+    ]);
     c.start(Role::Nbd, 1, &exe, nbd_args, entry)?;
     // Early, so a harness can clean up even if the rest fails.
     c.cluster_file(false).store(&c.dir)?;
@@ -716,67 +634,6 @@ async fn watch_until_stopped(c: &mut Cluster, mut stop: watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn counter(start: u16) -> impl FnMut() -> std::io::Result<u16> {
-        let mut n = start;
-        move || {
-            n += 1;
-            Ok(n)
-        }
-    }
-
-    #[test]
-    fn fixed_layout_from_base_port() {
-        let p = plan(None, Some(7000), 6, counter(0)).expect("plan");
-        assert_eq!(p.len(), 9);
-        assert_eq!(p[0].addr, "127.0.0.1:7000");
-        assert_eq!(p[0].second, "127.0.0.1:7001");
-        assert_eq!(p[2].role, Role::Metadata);
-        assert_eq!(p[2].addr, "127.0.0.1:7004");
-        assert_eq!(p[2].second, "127.0.0.1:7005");
-        assert_eq!(p[3].role, Role::Chunkserver);
-        assert_eq!(p[3].addr, "127.0.0.1:7010");
-        assert_eq!(p[8].second, "127.0.0.1:7021");
-        assert!(plan(None, Some(65530), 6, counter(0)).is_err());
-    }
-
-    #[test]
-    fn previous_addresses_are_reused_and_new_ones_picked() {
-        let first = plan(None, None, 3, counter(40000)).expect("plan");
-        let mut all: Vec<&str> = first
-            .iter()
-            .flat_map(|p| [p.addr.as_str(), p.second.as_str()])
-            .collect();
-        all.sort_unstable();
-        all.dedup();
-        assert_eq!(all.len(), 12, "distinct ports");
-        let prev = ClusterFile {
-            mount: "/m".into(),
-            processes: first
-                .iter()
-                .map(|p| ProcessEntry {
-                    role: p.role,
-                    id: p.id,
-                    pid: 1,
-                    addr: p.addr.clone(),
-                    data_dir: "/d".into(),
-                    raft_addr: (p.role == Role::Metadata).then(|| p.second.clone()),
-                    control_addr: (p.role == Role::Chunkserver).then(|| p.second.clone()),
-                    exe: None,
-                    args: vec![],
-                    log: None,
-                })
-                .collect(),
-            up_pid: None,
-            ready: true,
-        };
-        let second = plan(Some(&prev), Some(9000), 4, counter(50000)).expect("plan");
-        assert_eq!(&second[..6], &first[..]);
-        assert_eq!(
-            second[6].addr, "127.0.0.1:9016",
-            "a new chunkserver takes the fixed layout"
-        );
-    }
 
     #[test]
     fn only_a_directory_without_state_is_fresh() {

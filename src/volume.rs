@@ -1,15 +1,16 @@
-//! `rawfs volume create | list | resize | delete`: block volumes, served over NBD by
-//! `rawfs nbd` as exports named after them.
+//! `rawfs volume create | list | resize | delete | snapshot | clone`: block volumes, served
+//! over NBD by `rawfs nbd` as exports named after them.
 //!
 //! ```text
-//!  --metadata ADDRS | --dir DIR | $RAWFS_METADATA ─▶ MetadataClient ─▶ rawfs_nbd::Volumes
-//!      (a volume is the sparse file /.rawfs-volumes/NAME)
+//!  --metadata ADDRS | --dir DIR | $RAWFS_METADATA ─▶ rawfs_client::Client ─▶ rawfs_nbd::Volumes
+//!      (a volume is the sparse file /.rawfs-volumes/NAME; snapshots and clones share its
+//!       chunks copy-on-write, and snapshots are fenced on the chunkservers)
 //! ```
 
 use crate::admin::ClusterArgs;
 use crate::size::{ByteSize, Human};
-use rawfs_metadata_api::client::{ClientTimeouts, MetadataClient};
-use rawfs_nbd::{VolumeError, VolumeInfo, Volumes};
+use rawfs_client::{Client, ClientConfig};
+use rawfs_nbd::{Origin, VolumeError, VolumeInfo, Volumes};
 use std::process::ExitCode;
 
 /// `rawfs volume`.
@@ -28,8 +29,13 @@ pub enum VolumeAction {
     List(ListArgs),
     /// Grow a volume (volumes never shrink).
     Resize(ResizeArgs),
-    /// Delete a volume and free its space.
+    /// Delete a volume (or snapshot, or clone) and free the space only it uses.
     Delete(DeleteArgs),
+    /// Take an instant, read-only snapshot of a volume (copy-on-write: it shares the
+    /// volume's chunks until either side writes them).
+    Snapshot(SnapshotArgs),
+    /// Make a writable volume from a snapshot, sharing its chunks until written.
+    Clone(CloneArgs),
 }
 
 /// Flags of `rawfs volume create`.
@@ -47,7 +53,9 @@ pub struct CreateArgs {
 /// Flags of `rawfs volume list`.
 #[derive(clap::Args, Debug)]
 pub struct ListArgs {
-    /// Print JSON: `[{"name", "size", "used_bytes"}]`.
+    /// Print JSON: `[{"name", "size", "used_bytes", "read_only", "origin"}]` (`origin`:
+    /// the volume a snapshot was taken of, or the snapshot a clone was made from; null for
+    /// a plain volume).
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -62,6 +70,28 @@ pub struct ResizeArgs {
     /// New size, not smaller than the current one.
     #[arg(long)]
     pub size: ByteSize,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Flags of `rawfs volume snapshot`.
+#[derive(clap::Args, Debug)]
+pub struct SnapshotArgs {
+    /// The volume to snapshot.
+    pub name: String,
+    /// Name of the new snapshot (a read-only volume, exported read-only over NBD).
+    pub snap: String,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Flags of `rawfs volume clone`.
+#[derive(clap::Args, Debug)]
+pub struct CloneArgs {
+    /// The snapshot to clone.
+    pub snap: String,
+    /// Name of the new, writable volume.
+    pub new: String,
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -86,18 +116,61 @@ pub fn volumes_json(list: &[VolumeInfo]) -> serde_json::Value {
     )
 }
 
-fn table(list: &[VolumeInfo]) -> String {
-    let width = list.iter().map(|v| v.name.len()).max().unwrap_or(4).max(4);
-    let mut out = format!("{:<width$}  {:>12}  {:>12}\n", "NAME", "SIZE", "USED");
-    for v in list {
+/// A list with where each snapshot or clone came from, as JSON.
+fn list_json(list: &[(VolumeInfo, Option<Origin>)]) -> serde_json::Value {
+    let plain: Vec<VolumeInfo> = list.iter().map(|(v, _)| v.clone()).collect();
+    let mut json = volumes_json(&plain);
+    if let Some(items) = json.as_array_mut() {
+        for (item, (_, origin)) in items.iter_mut().zip(list) {
+            item["read_only"] = serde_json::json!(origin.as_ref().is_some_and(|o| o.read_only));
+            item["origin"] = serde_json::json!(origin.as_ref().map(|o| o.from.clone()));
+        }
+    }
+    json
+}
+
+/// How the ORIGIN column describes a volume.
+fn origin_text(origin: &Option<Origin>) -> String {
+    match origin {
+        Some(o) if o.read_only => format!("snapshot of {} (read-only)", o.from),
+        Some(o) => format!("clone of {}", o.from),
+        None => "-".to_string(),
+    }
+}
+
+fn table(list: &[(VolumeInfo, Option<Origin>)]) -> String {
+    let width = list
+        .iter()
+        .map(|(v, _)| v.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!(
+        "{:<width$}  {:>12}  {:>12}  ORIGIN\n",
+        "NAME", "SIZE", "USED"
+    );
+    for (v, origin) in list {
         out.push_str(&format!(
-            "{:<width$}  {:>12}  {:>12}\n",
+            "{:<width$}  {:>12}  {:>12}  {}\n",
             v.name,
             Human(v.size).to_string(),
-            Human(v.used_bytes).to_string()
+            Human(v.used_bytes).to_string(),
+            origin_text(origin)
         ));
     }
     out
+}
+
+/// Every volume with its origin (one extra metadata call per volume).
+async fn list_with_origins(
+    volumes: &Volumes,
+) -> Result<Vec<(VolumeInfo, Option<Origin>)>, VolumeError> {
+    let mut out = Vec::new();
+    for v in volumes.list().await? {
+        let origin = volumes.origin(v.ino).await?;
+        out.push((v, origin));
+    }
+    Ok(out)
 }
 
 /// Runs a `rawfs volume` subcommand: exit 0 on success, 1 when it failed, 2 for wrong
@@ -108,6 +181,8 @@ pub fn run(cmd: VolumeCmd) -> ExitCode {
         VolumeAction::List(a) => &a.cluster,
         VolumeAction::Resize(a) => &a.cluster,
         VolumeAction::Delete(a) => &a.cluster,
+        VolumeAction::Snapshot(a) => &a.cluster,
+        VolumeAction::Clone(a) => &a.cluster,
     };
     let addrs = match cluster.resolve() {
         Ok((addrs, _)) => addrs,
@@ -126,20 +201,44 @@ pub fn run(cmd: VolumeCmd) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let volumes = Volumes::new(MetadataClient::new(addrs, ClientTimeouts::default()));
+    // Snapshots also talk to the chunkservers (to fence the shared chunks).
+    let client = Client::new(ClientConfig::new(addrs));
+    let volumes = Volumes::new(client.meta().clone());
     let outcome: Result<String, VolumeError> = rt.block_on(async {
         match cmd.action {
             VolumeAction::Create(a) => volumes
                 .create(&a.name, a.size.0)
                 .await
                 .map(|v| format!("created volume {} ({})\n", v.name, Human(v.size))),
-            VolumeAction::List(a) => volumes.list().await.map(|list| {
+            VolumeAction::List(a) => list_with_origins(&volumes).await.map(|list| {
                 if a.json {
-                    format!("{}\n", volumes_json(&list))
+                    format!("{}\n", list_json(&list))
                 } else {
                     table(&list)
                 }
             }),
+            VolumeAction::Snapshot(a) => volumes
+                .snapshot(client.data(), &a.name, &a.snap)
+                .await
+                .map(|v| {
+                    format!(
+                        "created snapshot {} of {} ({})\n",
+                        v.name,
+                        a.name,
+                        Human(v.size)
+                    )
+                }),
+            VolumeAction::Clone(a) => volumes
+                .clone_snapshot(client.data(), &a.snap, &a.new)
+                .await
+                .map(|v| {
+                    format!(
+                        "created volume {} from snapshot {} ({})\n",
+                        v.name,
+                        a.snap,
+                        Human(v.size)
+                    )
+                }),
             VolumeAction::Resize(a) => volumes
                 .resize(&a.name, a.size.0)
                 .await
@@ -172,21 +271,36 @@ mod tests {
 
     #[test]
     fn list_output_has_a_table_and_stable_json() {
-        let list = vec![VolumeInfo {
+        let vm1 = VolumeInfo {
             name: "vm1".into(),
             ino: 9,
             size: 1 << 30,
             used_bytes: 3 << 20,
-        }];
+        };
+        let snap = VolumeInfo {
+            name: "vm1-snap".into(),
+            ino: 10,
+            ..vm1.clone()
+        };
+        let origin = Origin {
+            read_only: true,
+            from: "vm1".into(),
+        };
+        let list = vec![(vm1.clone(), None), (snap, Some(origin))];
         let t = table(&list);
         assert!(t.starts_with("NAME"));
         assert!(
             t.contains("vm1") && t.contains("1.0 GiB") && t.contains("3.0 MiB"),
             "{t}"
         );
+        assert!(t.contains("snapshot of vm1 (read-only)"), "{t}");
         assert_eq!(
-            volumes_json(&list),
+            volumes_json(&[vm1]),
             serde_json::json!([{"name": "vm1", "size": 1073741824u64, "used_bytes": 3145728u64}])
         );
+        let json = list_json(&list);
+        assert_eq!(json[0]["origin"], serde_json::Value::Null);
+        assert_eq!(json[1]["origin"], "vm1");
+        assert_eq!(json[1]["read_only"], true);
     }
 }

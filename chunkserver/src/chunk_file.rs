@@ -195,6 +195,17 @@ impl ChunkFile {
         Ok(())
     }
 
+    /// Byte offsets of the blocks that hold data, in order. A block whose table entry is
+    /// damaged is included, so that reading it reports the damage rather than skipping it.
+    pub fn data_blocks(&self) -> Vec<u64> {
+        self.blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b != Block::Unwritten)
+            .map(|(i, _)| i as u64 * BS)
+            .collect()
+    }
+
     /// Bytes the file occupies on disk.
     pub fn allocated(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.blocks() * 512)

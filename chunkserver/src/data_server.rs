@@ -128,6 +128,15 @@ pub(crate) async fn handle(storage: &Arc<Storage>, req: Request) -> Response {
                 .map(|()| bytes::Bytes::new()),
             Opcode::Read => storage.read(chunk, version, offset, u64::from(req.length)),
             Opcode::Sync => storage.sync(chunk, version).map(|()| bytes::Bytes::new()),
+            Opcode::Fence => storage
+                .fence(chunk, version, req.term)
+                .map(|()| bytes::Bytes::new()),
+            Opcode::Clone => {
+                let (src, src_version) = clone_source(&req.payload);
+                storage
+                    .clone_chunk(src, src_version, chunk, version, req.term)
+                    .map(|()| bytes::Bytes::new())
+            }
             Opcode::Ping => Ok(bytes::Bytes::new()),
         }
     })
@@ -152,11 +161,23 @@ fn validate(req: &Request) -> Result<(), &'static str> {
             Err("write length differs from payload length")
         }
         Opcode::Read if req.length > MAX_PAYLOAD => Err("read length exceeds the payload limit"),
-        Opcode::Read | Opcode::Sync | Opcode::Ping if !req.payload.is_empty() => {
+        Opcode::Read | Opcode::Sync | Opcode::Ping | Opcode::Fence if !req.payload.is_empty() => {
             Err("unexpected payload")
+        }
+        Opcode::Clone if req.payload.len() != 16 || req.length != 16 => {
+            Err("a clone names its source in 16 bytes")
         }
         _ => Ok(()),
     }
+}
+
+/// The source (chunk, version) of a CLONE, from its validated 16-byte payload.
+fn clone_source(p: &[u8]) -> (u64, u64) {
+    let mut chunk = [0u8; 8];
+    let mut version = [0u8; 8];
+    chunk.copy_from_slice(&p[0..8]);
+    version.copy_from_slice(&p[8..16]);
+    (u64::from_be_bytes(chunk), u64::from_be_bytes(version))
 }
 
 fn error_response(id: u64, e: StoreError) -> Response {

@@ -62,6 +62,9 @@ impl MetadataRpc for FakeMetadata {
         commit_write(ino: Ino, end: u64, stored_delta: i64, req: ReqId) -> Attr;
         release_chunks(ino: Ino, first: u64, count: u64, req: ReqId) -> ();
         drop_replica(chunk: ChunkId, expected_version: u64, server: ServerId, req: ReqId) -> ChunkLoc;
+        snapshot(origin: Ino, parent: Ino, name: Name, read_only: bool, label: Name, req: ReqId) -> Attr;
+        cow_chunk(ino: Ino, index: u64, chunk: ChunkId, req: ReqId) -> CowLoc;
+        cow_done(ino: Ino, index: u64, chunk: ChunkId, failed: Vec<ServerId>, req: ReqId) -> ChunkLoc;
         status() -> ClusterStatus;
         replica_status() -> ReplicaStatus;
         digest() -> StateDigest;

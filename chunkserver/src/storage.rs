@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// Open chunk files kept in the cache.
 const OPEN_FILES: usize = 256;
+/// Name suffix of a chunk copy being made (renamed to the chunk's name once complete).
+const CLONE_SUFFIX: &str = ".clone";
 
 /// The outcome of a failed chunk operation, as the data protocol reports it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -152,6 +154,12 @@ impl Storage {
                 let entry = entry?;
                 let path = entry.path();
                 let name = entry.file_name();
+                if name.to_str().is_some_and(|n| n.ends_with(CLONE_SUFFIX)) {
+                    // A copy that did not finish: the chunk it was for does not exist yet.
+                    tracing::info!(path = %path.display(), "removing an unfinished chunk copy");
+                    fs::remove_file(&path)?;
+                    continue;
+                }
                 let Some(id) = name
                     .to_str()
                     .filter(|n| n.len() == 16)
@@ -415,6 +423,131 @@ impl Storage {
             lock(&self.new_entries).remove(&chunk);
         }
         Ok(())
+    }
+
+    /// Raises the term fence for an order carrying `term`, or refuses an older term.
+    fn check_term(&self, term: u64) -> Result<(), StoreError> {
+        let current = self.fence.current();
+        if term < current {
+            return Err(StoreError::StaleTerm { current });
+        }
+        if term > current {
+            self.note_io_result(self.fence.advance(term).map_err(StoreError::from))?;
+        }
+        Ok(())
+    }
+
+    /// Makes `chunk` refuse versions older than `version` (a snapshot now shares it, and
+    /// writers holding older locations must copy instead of writing in place), and makes it
+    /// durable: a snapshot's data must survive what its origin's did. The chunk must exist.
+    pub fn fence(&self, chunk: u64, version: u64, term: u64) -> Result<(), StoreError> {
+        self.check_term(term)?;
+        let slot = self.slot(chunk);
+        let mut guard = lock(&slot);
+        let r = (|| {
+            let cf = self.load(chunk, &mut guard, None)?;
+            if version < cf.version() {
+                return Err(StoreError::StaleVersion {
+                    current: cf.version(),
+                });
+            }
+            if version > cf.version() {
+                cf.set_version(version)?;
+                if let Some(meta) = lock(&self.index).get_mut(&chunk) {
+                    meta.version = version;
+                }
+            }
+            self.sync_file(chunk, cf)
+        })();
+        self.note_io_result(r)
+    }
+
+    /// Copies chunk `src` (at version `src_version`) into the new chunk `dst` at
+    /// `dst_version`: the local half of a copy-on-write. Every block that holds data is read
+    /// and verified against its checksum, then written (with a fresh checksum) to a temporary
+    /// file; unwritten blocks stay holes. The copy is fsynced and renamed into place, so
+    /// `dst` exists only complete, and an existing `dst` means an earlier call made it: done.
+    pub fn clone_chunk(
+        &self,
+        src: u64,
+        src_version: u64,
+        dst: u64,
+        dst_version: u64,
+        term: u64,
+    ) -> Result<(), StoreError> {
+        if src == dst {
+            return Err(StoreError::BadRequest {
+                reason: "a chunk cannot be copied onto itself".into(),
+            });
+        }
+        self.check_term(term)?;
+        if let Some(cap) = self.capacity {
+            if self.used() >= cap {
+                return self.note_io_result(Err(StoreError::NoSpace));
+            }
+        }
+        // Lock order: the new chunk, then the source (a new id is never anyone's source).
+        let dst_slot = self.slot(dst);
+        let mut dst_guard = lock(&dst_slot);
+        if dst_guard.is_some() || lock(&self.index).contains_key(&dst) {
+            return Ok(());
+        }
+        let src_slot = self.slot(src);
+        let mut src_guard = lock(&src_slot);
+        let r = (|| {
+            let from = self.load(src, &mut src_guard, None)?;
+            if src_version < from.version() {
+                return Err(StoreError::StaleVersion {
+                    current: from.version(),
+                });
+            }
+            let path = self.chunk_path(dst);
+            let tmp = path.with_extension(&CLONE_SUFFIX[1..]);
+            match fs::remove_file(&tmp) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            let mut to = ChunkFile::create(&tmp, dst, dst_version)?;
+            let copied = (|| {
+                for offset in from.data_blocks() {
+                    let block =
+                        match from.read(offset, u64::from(rawfs_chunkserver_api::BLOCK_SIZE)) {
+                            Ok(b) => b,
+                            Err(e) => {
+                                if let StoreError::Corrupt { .. } = e {
+                                    self.mark_corrupt(src);
+                                }
+                                return Err(e);
+                            }
+                        };
+                    to.write(offset, &block)?;
+                }
+                to.sync()?;
+                fs::rename(&tmp, &path)?;
+                Ok(())
+            })();
+            if let Err(e) = copied {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+            if let Some(dir) = path.parent() {
+                fsync_dir(dir)?;
+            }
+            let allocated = to.allocated()?;
+            self.used.fetch_add(allocated, Ordering::Relaxed);
+            lock(&self.index).insert(
+                dst,
+                ChunkMeta {
+                    version: dst_version,
+                    allocated,
+                },
+            );
+            *dst_guard = Some(to);
+            tracing::debug!(src, dst, "chunk copied");
+            Ok(())
+        })();
+        self.note_io_result(r)
     }
 
     /// Deletes `chunk` (ordered by the metadata service). A missing chunk is not an error.

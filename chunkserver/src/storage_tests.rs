@@ -253,3 +253,96 @@ fn disk_errors_map_to_protocol_statuses() {
         StoreError::Disk { .. }
     ));
 }
+
+#[test]
+fn fence_refuses_older_versions_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Storage::open(dir.path(), None).unwrap();
+        s.write(5, 1, 1, 0, b"old", false).unwrap();
+        assert_eq!(
+            s.fence(9, 2, 1),
+            Err(StoreError::NotFound),
+            "only existing chunks"
+        );
+        s.fence(5, 2, 1).unwrap();
+        assert_eq!(
+            s.write(5, 1, 1, 0, b"new", false),
+            Err(StoreError::StaleVersion { current: 2 }),
+            "a writer with a pre-snapshot location is refused"
+        );
+        assert_eq!(
+            s.fence(5, 1, 1),
+            Err(StoreError::StaleVersion { current: 2 })
+        );
+        assert_eq!(
+            s.fence(5, 3, 0),
+            Err(StoreError::StaleTerm { current: 1 }),
+            "fenced by term like a write"
+        );
+    }
+    let s = Storage::open(dir.path(), None).unwrap();
+    assert_eq!(s.inventory(), vec![(5, 2)]);
+    assert_eq!(&s.read(5, 2, 0, 3).unwrap()[..], b"old");
+}
+
+#[test]
+fn clone_copies_data_keeps_holes_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(dir.path(), None).unwrap();
+    let a = pattern(100_000, 3);
+    let b = pattern(5_000, 4);
+    s.write(1, 4, 2, 10, &a, false).unwrap();
+    s.write(1, 4, 2, 40 << 20, &b, false).unwrap();
+    let before = s.used();
+    s.clone_chunk(1, 4, 2, 1, 2).unwrap();
+    assert_eq!(s.inventory(), vec![(1, 4), (2, 1)]);
+    assert_eq!(&s.read(2, 1, 10, a.len() as u64).unwrap()[..], &a[..]);
+    assert_eq!(&s.read(2, 1, 40 << 20, b.len() as u64).unwrap()[..], &b[..]);
+    assert!(s.read(2, 1, 1 << 20, 4096).unwrap().iter().all(|&x| x == 0));
+    let copy = s.used() - before;
+    assert!(
+        copy < 4 << 20,
+        "holes stay holes: the copy of ~105 KB of data takes {copy} bytes"
+    );
+    // The copy is independent of its source.
+    s.write(2, 1, 2, 10, b"changed", false).unwrap();
+    assert_eq!(&s.read(1, 4, 10, 7).unwrap()[..], &a[..7]);
+    // Done already: a retry changes nothing.
+    s.clone_chunk(1, 4, 2, 1, 2).unwrap();
+    assert_eq!(&s.read(2, 1, 10, 7).unwrap()[..], b"changed");
+    // Fences: an older source version, an older term, a missing source.
+    assert_eq!(
+        s.clone_chunk(1, 3, 7, 1, 2),
+        Err(StoreError::StaleVersion { current: 4 })
+    );
+    assert_eq!(
+        s.clone_chunk(1, 4, 7, 1, 1),
+        Err(StoreError::StaleTerm { current: 2 })
+    );
+    assert_eq!(s.clone_chunk(99, 1, 7, 1, 2), Err(StoreError::NotFound));
+    assert!(s.read(7, 1, 0, 1).is_err(), "no partial copy left behind");
+    // It survives a restart.
+    drop(s);
+    let s = Storage::open(dir.path(), None).unwrap();
+    assert_eq!(&s.read(2, 1, 40 << 20, b.len() as u64).unwrap()[..], &b[..]);
+}
+
+#[test]
+fn clone_of_a_corrupt_block_fails_and_leaves_no_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(dir.path(), None).unwrap();
+    s.write(1, 1, 1, 0, &pattern(BS as usize, 5), true).unwrap();
+    drop(s);
+    let path = dir.path().join("chunks/01/0000000000000001");
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(b"rot", DATA_OFFSET + 100).unwrap();
+    let s = Storage::open(dir.path(), None).unwrap();
+    assert!(matches!(
+        s.clone_chunk(1, 1, 2, 1, 1),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(s.take_corrupt(), vec![1], "the bad source is reported");
+    assert!(s.read(2, 1, 0, 1).is_err());
+    assert_eq!(s.inventory(), vec![(1, 1)]);
+}

@@ -175,6 +175,7 @@ impl Store for Fake {
                     version: 1,
                     replicas,
                     term: st.term,
+                    shared: false,
                 };
                 st.map.insert((ino, index), l.clone());
                 l
@@ -230,6 +231,47 @@ impl Store for Fake {
             }
         };
         async move { r }.boxed()
+    }
+
+    // The fake cluster never shares a chunk (it has no snapshots), so a copy-on-write call
+    // means the client asked for one it did not need.
+    fn cow_chunk(
+        &self,
+        _ino: Ino,
+        _index: u64,
+        _chunk: ChunkId,
+    ) -> BoxFuture<'_, Result<rawfs_metadata_api::CowLoc, MetaError>> {
+        async {
+            Err(MetaError::Invalid {
+                reason: "the fake shares no chunks".into(),
+            })
+        }
+        .boxed()
+    }
+
+    fn cow_done(
+        &self,
+        _ino: Ino,
+        _index: u64,
+        _chunk: ChunkId,
+        _failed: Vec<ServerId>,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
+        async {
+            Err(MetaError::Invalid {
+                reason: "the fake shares no chunks".into(),
+            })
+        }
+        .boxed()
+    }
+
+    fn clone_chunk<'a>(
+        &'a self,
+        _addr: &'a str,
+        _src: (ChunkId, u64),
+        _dst: (ChunkId, u64),
+        _term: u64,
+    ) -> BoxFuture<'a, Result<(), DataError>> {
+        async { Err(DataError::NotFound) }.boxed()
     }
 
     fn write<'a>(&'a self, addr: &'a str, put: Put) -> BoxFuture<'a, Result<(), DataError>> {

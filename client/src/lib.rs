@@ -33,6 +33,8 @@
 //!   files of a [`Client`]), so a hung server costs one deadline rather than one per read.
 
 mod config;
+mod cow;
+pub mod erasure;
 mod error;
 mod extent;
 mod file_io;
@@ -49,6 +51,7 @@ mod real_tests;
 mod tests;
 
 pub use config::{ClientConfig, DEFAULT_IO_TIMEOUT, DEFAULT_WRITE_BUFFER};
+pub use cow::snapshot;
 pub use error::ClientError;
 pub use extent::MAX_FILE_SIZE;
 pub use file_io::FileIo;

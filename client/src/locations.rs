@@ -30,6 +30,11 @@ pub(crate) struct Locations {
 }
 
 impl Locations {
+    /// The file whose chunks these are.
+    pub fn ino(&self) -> Ino {
+        self.ino
+    }
+
     pub fn new(ino: Ino) -> Self {
         Locations {
             ino,
@@ -142,8 +147,16 @@ impl Locations {
             server,
             "dropping a failed replica"
         );
+        // The answer names the chunk's owner's index (a shared chunk has several); this
+        // file's index is the one that belongs in this cache.
+        let ours = |mut new: ChunkLoc| {
+            new.index = loc.index;
+            new.shared |= loc.shared;
+            new
+        };
         match store.drop_replica(loc.chunk, loc.version, server).await {
             Ok(new) => {
+                let new = ours(new);
                 self.update(&new);
                 Ok(new)
             }
@@ -159,9 +172,11 @@ impl Locations {
                 if fresh.chunk != loc.chunk || !fresh.replicas.iter().any(|r| r.server == server) {
                     return Ok(fresh);
                 }
-                let new = store
-                    .drop_replica(fresh.chunk, fresh.version, server)
-                    .await?;
+                let new = ours(
+                    store
+                        .drop_replica(fresh.chunk, fresh.version, server)
+                        .await?,
+                );
                 self.update(&new);
                 Ok(new)
             }
@@ -181,6 +196,7 @@ mod tests {
             chunk: 100 + index,
             version,
             term: 1,
+            shared: false,
             replicas: vec![Replica {
                 server: 1,
                 data_addr: "a".into(),

@@ -368,6 +368,7 @@ mod tests {
             chunk: 4,
             version: 1,
             term: 1,
+            shared: false,
             replicas: (1..=3)
                 .map(|s| Replica {
                     server: s,

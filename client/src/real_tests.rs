@@ -61,6 +61,34 @@ impl Store for Hybrid {
     ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
         self.meta.drop_replica(chunk, version, server)
     }
+    fn cow_chunk(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+    ) -> BoxFuture<'_, Result<rawfs_metadata_api::CowLoc, MetaError>> {
+        self.meta.cow_chunk(ino, index, chunk)
+    }
+    fn cow_done(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        failed: Vec<ServerId>,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
+        self.meta.cow_done(ino, index, chunk, failed)
+    }
+    fn clone_chunk<'a>(
+        &'a self,
+        addr: &'a str,
+        src: (ChunkId, u64),
+        dst: (ChunkId, u64),
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), DataError>> {
+        self.data
+            .clone_chunk(addr, src.0, src.1, dst.0, dst.1, term)
+            .boxed()
+    }
     fn write<'a>(&'a self, addr: &'a str, put: Put) -> BoxFuture<'a, Result<(), DataError>> {
         let req = WriteReq {
             chunk: put.chunk,

@@ -7,7 +7,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use rawfs_chunkserver_api::{DataClient, DataError, WriteReq};
 use rawfs_metadata_api::client::MetadataClient;
-use rawfs_metadata_api::{Attr, ChunkId, ChunkLoc, Ino, MetaError, ServerId};
+use rawfs_metadata_api::{Attr, ChunkId, ChunkLoc, CowLoc, Ino, MetaError, ServerId};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -53,6 +53,29 @@ pub(crate) trait Store: Send + Sync + 'static {
         version: u64,
         server: ServerId,
     ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>>;
+    /// The private copy of the shared chunk `chunk` at `(ino, index)` (see `cow.rs`).
+    fn cow_chunk(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+    ) -> BoxFuture<'_, Result<CowLoc, MetaError>>;
+    /// Ends a copy-on-write; `failed` replicas could not make the copy.
+    fn cow_done(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        failed: Vec<ServerId>,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>>;
+    /// Copies chunk `src` into the new chunk `dst` on the chunkserver at `addr`.
+    fn clone_chunk<'a>(
+        &'a self,
+        addr: &'a str,
+        src: (ChunkId, u64),
+        dst: (ChunkId, u64),
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), DataError>>;
     fn write<'a>(&'a self, addr: &'a str, put: Put) -> BoxFuture<'a, Result<(), DataError>>;
     fn read<'a>(
         &'a self,
@@ -176,6 +199,42 @@ impl Store for RemoteStore {
         self.meta_call(
             "drop_replica",
             self.meta.drop_replica(chunk, version, server),
+        )
+        .boxed()
+    }
+
+    fn cow_chunk(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+    ) -> BoxFuture<'_, Result<CowLoc, MetaError>> {
+        self.meta_call("cow_chunk", self.meta.cow_chunk(ino, index, chunk))
+            .boxed()
+    }
+
+    fn cow_done(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        failed: Vec<ServerId>,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
+        self.meta_call("cow_done", self.meta.cow_done(ino, index, chunk, failed))
+            .boxed()
+    }
+
+    fn clone_chunk<'a>(
+        &'a self,
+        addr: &'a str,
+        src: (ChunkId, u64),
+        dst: (ChunkId, u64),
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), DataError>> {
+        self.data_call(
+            addr,
+            self.data
+                .clone_chunk(addr, src.0, src.1, dst.0, dst.1, term),
         )
         .boxed()
     }

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  Extent ──split_by_chunk──▶ piece per chunk ──(in parallel)──▶ write_piece
-//!  write_piece: location (allocate_chunk, cached) ──▶ all replicas in parallel, each as
+//!  write_piece: location (allocate_chunk, cached) ──shared?──▶ private copy (cow.rs)
+//!               ──▶ all replicas in parallel, each as
 //!               ≤ FRAME-byte frames with FRAMES_IN_FLIGHT outstanding
 //!     replica failure ──▶ drop_replica (version bump) ──▶ write again to the survivors
 //!     stale version/term ──▶ refresh the location once ──▶ write again
@@ -60,7 +61,7 @@ pub(crate) async fn write_piece(
     off: u32,
     data: Bytes,
 ) -> Result<Dirty, ClientError> {
-    let mut loc = locs.for_write(store, index).await?;
+    let mut loc = crate::cow::writable(store, locs, locs.for_write(store, index).await?).await?;
     let mut refreshed = false;
     let mut last: Option<DataError> = None;
     // Each round either succeeds, drops at least one replica, or refreshes (once): bounded.
@@ -102,6 +103,9 @@ pub(crate) async fn write_piece(
                 // Released meanwhile (a concurrent truncate or punch): allocate it again.
                 None => locs.for_write(store, index).await?,
             };
+            // A snapshot taken since the location was cached fences the old version: the
+            // fresh location says the chunk is shared, and it is copied before writing.
+            loc = crate::cow::writable(store, locs, loc).await?;
             continue;
         }
         if failed.is_empty() {

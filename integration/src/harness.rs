@@ -132,10 +132,23 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
-/// True while `pid` still has open file descriptors (a zombie whose threads are all gone has
-/// none, and a reaped process has no /proc entry).
+/// True while any thread of `pid` still runs, or it still has open file descriptors. A
+/// killed multi-threaded process shows its main thread as a zombie while the others are
+/// still exiting and holding its descriptors (and locks), and /proc/PID/fd may then already
+/// read as empty; so every thread in /proc/PID/task is checked too.
 fn holds_files(pid: u32) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|mut d| d.next().is_some())
+    let threads_alive = std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| {
+        d.filter_map(|e| e.ok())
+            .any(|t| match std::fs::read_to_string(t.path().join("stat")) {
+                Ok(stat) => stat
+                    .rsplit_once(") ")
+                    .and_then(|(_, r)| r.chars().next())
+                    .is_some_and(|s| s != 'Z' && s != 'X'),
+                Err(_) => false,
+            })
+    });
+    threads_alive
+        || std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|mut d| d.next().is_some())
 }
 
 /// True if `path` is exactly a mountpoint (per /proc/self/mountinfo).

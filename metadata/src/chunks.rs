@@ -37,6 +37,7 @@ pub(crate) fn to_loc(
         version: rec.version,
         replicas,
         term,
+        shared: false,
     })
 }
 
@@ -52,10 +53,8 @@ pub(crate) fn release_range(t: &mut Tables, ino: Ino, first: u64, count: u64) ->
     }
     for (index, rec) in &gone {
         t.chunks.remove((ino, *index))?;
-        t.chunk_owner.remove(rec.chunk)?;
-        for &s in &rec.servers {
-            t.deletions.insert((s, rec.chunk), ())?;
-        }
+        // A chunk shared with a snapshot or clone stays until its last reference goes.
+        crate::shares::release_entry(t, ino, *index, rec)?;
     }
     Ok(gone.len() as u64)
 }
@@ -67,13 +66,16 @@ pub(crate) fn truncate(t: &mut Tables, ino: Ino, size: u64) -> Op<()> {
     Ok(())
 }
 
+/// A regular file whose data may change (not a read-only snapshot).
 fn file_rec(t: &Tables, ino: Ino) -> Op<crate::store::InodeRec> {
     let rec = inode(&t.inodes, ino)?;
     match rec.kind {
-        FileKind::File => Ok(rec),
-        FileKind::Dir => Err(MetaError::IsDir.into()),
-        _ => Err(invalid("not a regular file")),
+        FileKind::File => {}
+        FileKind::Dir => return Err(MetaError::IsDir.into()),
+        _ => return Err(invalid("not a regular file")),
     }
+    crate::shares::check_writable(&rec)?;
+    Ok(rec)
 }
 
 pub(crate) fn allocate(
@@ -83,13 +85,21 @@ pub(crate) fn allocate(
     servers: &[ServerId],
     term: u64,
 ) -> Op<ChunkLoc> {
-    file_rec(t, ino)?;
+    let file = file_rec(t, ino)?;
     if index > (i64::MAX as u64) / CHUNK_SIZE {
         return Err(invalid("chunk index past the largest file size"));
     }
     if let Some(rec) = get_chunk(&t.chunks, ino, index)? {
         // Another writer allocated it between the leader's check and this entry.
-        return to_loc(&t.servers, index, &rec, term);
+        return crate::shares::visible_loc(
+            &t.servers,
+            &t.chunk_refs,
+            &t.chunk_owner,
+            &file,
+            (ino, index),
+            &rec,
+            term,
+        );
     }
     if servers.is_empty() {
         return Err(MetaError::NoSpace {
@@ -103,6 +113,7 @@ pub(crate) fn allocate(
         chunk,
         version: 1,
         servers: servers.to_vec(),
+        pending: None,
     };
     t.put_chunk(ino, index, &rec)?;
     t.chunk_owner.insert(chunk, (ino, index))?;
@@ -160,7 +171,9 @@ pub(crate) fn drop_replica(
         .get(chunk)?
         .map(|g| g.value())
         .ok_or(Fail::Meta(MetaError::NotFound))?;
-    let mut rec = get_chunk(&t.chunks, ino, index)?.ok_or(Fail::Meta(MetaError::NotFound))?;
+    let rec = get_chunk(&t.chunks, ino, index)?
+        .and_then(|r| crate::shares::view_of(&r, chunk))
+        .ok_or(Fail::Meta(MetaError::NotFound))?;
     if rec.version != expected_version || !rec.servers.contains(&server) {
         return to_loc(&t.servers, index, &rec, term);
     }
@@ -172,11 +185,18 @@ pub(crate) fn drop_replica(
         );
         return to_loc(&t.servers, index, &rec, term);
     }
+    // Every reference of a shared chunk carries its record: change them all alike.
+    crate::shares::update_chunk(t, chunk, |version, servers| {
+        servers.retain(|&s| s != server);
+        *version += 1;
+    })?;
+    t.deletions.insert((server, chunk), ())?;
+    let mut rec = rec;
     rec.servers.retain(|&s| s != server);
     rec.version += 1;
-    t.put_chunk(ino, index, &rec)?;
-    t.deletions.insert((server, chunk), ())?;
-    to_loc(&t.servers, index, &rec, term)
+    let mut loc = to_loc(&t.servers, index, &rec, term)?;
+    loc.shared = crate::shares::has_extra_refs(&t.chunk_refs, chunk)?;
+    Ok(loc)
 }
 
 pub(crate) fn register_server(

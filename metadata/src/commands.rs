@@ -5,8 +5,8 @@
 //! same log reaches the same state and the same replies.
 
 use rawfs_metadata_api::{
-    Attr, Caller, ChunkId, ChunkLoc, Ino, MetaError, MetaResult, Name, NewNode, RenameFlags, ReqId,
-    ServerId, SetAttr, Timespec, XattrMode,
+    Attr, Caller, ChunkId, ChunkLoc, CowLoc, Ino, MetaError, MetaResult, Name, NewNode,
+    RenameFlags, ReqId, ServerId, SetAttr, Timespec, XattrMode,
 };
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -130,6 +130,29 @@ pub enum Command {
         server: ServerId,
         chunks: Vec<ChunkId>,
     },
+    /// Makes `parent/name` share every chunk of `origin`: a read-only snapshot or a
+    /// writable clone (see `shares.rs`).
+    Snapshot {
+        origin: Ino,
+        parent: Ino,
+        name: Name,
+        read_only: bool,
+        label: ByteBuf,
+        now: Timespec,
+    },
+    /// Starts (or repeats) the copy-on-write of the shared chunk `chunk` at `(ino, index)`.
+    CowChunk {
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+    },
+    /// Ends the copy into `chunk` at `(ino, index)`; `failed` replicas are dropped.
+    CowDone {
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        failed: Vec<ServerId>,
+    },
     /// Several commands that arrived together, applied in order as one log entry (group
     /// commit: one log write for many callers). Replies with [`Reply::Batch`]. Not nested.
     Batch(Vec<Command>),
@@ -150,6 +173,7 @@ pub enum Reply {
     Unit,
     Attr(Attr),
     Chunk(ChunkLoc),
+    Cow(CowLoc),
     /// One result per command of a [`Command::Batch`], in order.
     Batch(Vec<MetaResult<Reply>>),
 }
@@ -203,6 +227,8 @@ impl Command {
                     ..
                 } => data_addr.len() + control_addr.len(),
                 Command::AckDeletes { chunks, .. } => 9 * chunks.len(),
+                Command::Snapshot { name, label, .. } => name.len() + label.len(),
+                Command::CowDone { failed, .. } => 9 * failed.len(),
                 Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum(),
                 Command::Tracked { cmd, .. } => cmd.approx_size(),
                 _ => 0,
@@ -241,6 +267,13 @@ impl Reply {
     pub fn into_chunk(self) -> MetaResult<ChunkLoc> {
         match self {
             Reply::Chunk(c) => Ok(c),
+            other => Err(mismatch(&other)),
+        }
+    }
+
+    pub fn into_cow(self) -> MetaResult<CowLoc> {
+        match self {
+            Reply::Cow(c) => Ok(c),
             other => Err(mismatch(&other)),
         }
     }

@@ -272,7 +272,8 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         | Command::Create { parent, name, .. }
         | Command::Symlink { parent, name, .. }
         | Command::Unlink { parent, name, .. }
-        | Command::Rmdir { parent, name, .. } => {
+        | Command::Rmdir { parent, name, .. }
+        | Command::Snapshot { parent, name, .. } => {
             vec![entry(*parent, name), Inval::Inode(*parent)]
         }
         Command::Link {
@@ -310,7 +311,9 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         | Command::AllocateChunk { .. }
         | Command::DropReplica { .. }
         | Command::RegisterServer { .. }
-        | Command::AckDeletes { .. } => Vec::new(),
+        | Command::AckDeletes { .. }
+        | Command::CowChunk { .. }
+        | Command::CowDone { .. } => Vec::new(),
     };
     out.extend(replaced.inos.iter().map(|i| Inval::Inode(*i)));
     out

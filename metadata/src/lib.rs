@@ -39,6 +39,12 @@
 //!   at the same index must agree.
 //! - Deletions queued for a chunkserver are handed out once, on a heartbeat reply; a lost
 //!   reply is repaired by the next inventory, which names every chunk the server still holds.
+//! - Snapshots and clones share chunks (reference counts: CHUNK_OWNER plus CHUNK_REFS, see
+//!   `shares.rs`). A location with `shared` must not be written in place: the writer asks
+//!   `cow_chunk`, has the replicas CLONE the source, and ends with `cow_done`. A chunk's data
+//!   is queued for deletion only when its last reference goes. Whatever changes a chunk's
+//!   servers or version must change every reference alike (`shares::update_chunk`), and
+//!   whatever looks a chunk up by id must accept a pending copy's source (`shares::view_of`).
 //! - Opens are per `session`; an unlinked inode stays (as an orphan, across restarts) until
 //!   its last open is released or its session ends. A session that dies without
 //!   `end_session` keeps its orphans (no session leases yet).
@@ -52,6 +58,7 @@ mod queries;
 mod registry;
 mod rename;
 mod requests;
+mod shares;
 mod store;
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use crate::commands::{encode_reply, Command, Reply};
 use crate::namespace as ns;
 use crate::rename;
 use crate::requests;
+use crate::shares;
 use crate::store::{Fail, Op, ReadTables, Store, StoreError, Tables};
 
 /// The metadata state machine over a redb file.
@@ -149,6 +150,23 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             control_addr,
         } => unit(chunks::register_server(t, *id, data_addr, control_addr)),
         AckDeletes { server, chunks } => unit(chunks::ack_deletes(t, *server, chunks)),
+        Snapshot {
+            origin,
+            parent,
+            name,
+            read_only,
+            label,
+            now,
+        } => shares::snapshot(t, *origin, *parent, name, *read_only, label, *now).map(Reply::Attr),
+        CowChunk { ino, index, chunk } => {
+            shares::cow(t, *ino, *index, *chunk, term).map(Reply::Cow)
+        }
+        CowDone {
+            ino,
+            index,
+            chunk,
+            failed,
+        } => shares::cow_done(t, *ino, *index, *chunk, failed, term).map(Reply::Chunk),
         Batch(cmds) => {
             let mut out = Vec::with_capacity(cmds.len());
             for c in cmds {

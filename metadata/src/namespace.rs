@@ -88,12 +88,12 @@ pub(crate) fn dir_is_empty(
     Ok(r.next().is_none())
 }
 
-fn touch_dir(prec: &mut InodeRec, now: Timespec) {
+pub(crate) fn touch_dir(prec: &mut InodeRec, now: Timespec) {
     prec.mtime = now;
     prec.ctime = now;
 }
 
-fn alloc_ino(t: &mut Tables) -> Op<Ino> {
+pub(crate) fn alloc_ino(t: &mut Tables) -> Op<Ino> {
     let ino = t.counter(NEXT_INO)?;
     t.set_counter(NEXT_INO, ino + 1)?;
     let n = t.counter(INODE_COUNT)?;
@@ -117,6 +117,7 @@ fn new_rec(kind: FileKind, perm: u32, caller: Caller, gid: u32, now: Timespec) -
         stored: 0,
         parent: 0,
         last_seq: 0,
+        snapshot_of: None,
     }
 }
 
@@ -359,6 +360,9 @@ pub(crate) fn setattr(t: &mut Tables, ino: Ino, set: &SetAttr, now: Timespec) ->
             FileKind::File => {}
             FileKind::Dir => return Err(MetaError::IsDir.into()),
             _ => return Err(invalid("size of a non-regular file")),
+        }
+        if size != rec.size {
+            crate::shares::check_writable(&rec)?;
         }
         if size > i64::MAX as u64 {
             return Err(invalid("size too large"));

@@ -9,7 +9,7 @@ use rawfs_metadata_api::{
 use redb::ReadableTable;
 use serde_bytes::ByteBuf;
 
-use crate::chunks::to_loc;
+use crate::shares::{view_of, visible_loc};
 use crate::store::{
     decode, get_chunk, get_inode, inode, ChunkRec, Fail, Op, ReadTables, ServerRec, INODE_COUNT,
     NEXT_CHUNK,
@@ -120,13 +120,21 @@ pub(crate) fn chunks(
     count: u64,
     term: u64,
 ) -> Op<Vec<ChunkLoc>> {
-    inode(&rt.inodes, ino)?;
+    let file = inode(&rt.inodes, ino)?;
     let end = first.saturating_add(count);
     let mut out = Vec::new();
     for item in rt.chunks.range((ino, first)..(ino, end))? {
         let (k, v) = item?;
         let rec: ChunkRec = decode("chunk", v.value())?;
-        out.push(to_loc(&rt.servers, k.value().1, &rec, term)?);
+        out.push(visible_loc(
+            &rt.servers,
+            &rt.chunk_refs,
+            &rt.chunk_owner,
+            &file,
+            (ino, k.value().1),
+            &rec,
+            term,
+        )?);
     }
     Ok(out)
 }
@@ -134,7 +142,18 @@ pub(crate) fn chunks(
 /// The chunk at `index` if it exists (the fast path of `allocate_chunk`).
 pub(crate) fn chunk_at(rt: &ReadTables, ino: Ino, index: u64, term: u64) -> Op<Option<ChunkLoc>> {
     match get_chunk(&rt.chunks, ino, index)? {
-        Some(rec) => Ok(Some(to_loc(&rt.servers, index, &rec, term)?)),
+        Some(rec) => {
+            let file = inode(&rt.inodes, ino)?;
+            Ok(Some(visible_loc(
+                &rt.servers,
+                &rt.chunk_refs,
+                &rt.chunk_owner,
+                &file,
+                (ino, index),
+                &rec,
+                term,
+            )?))
+        }
         None => Ok(None),
     }
 }
@@ -144,7 +163,8 @@ pub(crate) fn chunk_by_id(rt: &ReadTables, chunk: ChunkId) -> Op<Option<ChunkRec
     let Some((ino, index)) = rt.chunk_owner.get(chunk)?.map(|g| g.value()) else {
         return Ok(None);
     };
-    Ok(get_chunk(&rt.chunks, ino, index)?)
+    // The owner may name it as the source of a pending copy.
+    Ok(get_chunk(&rt.chunks, ino, index)?.and_then(|r| view_of(&r, chunk)))
 }
 
 /// Chunks of a heartbeat's inventory that `server` should delete: unknown ids below the
@@ -211,8 +231,12 @@ pub(crate) fn chunk_counts(
     let mut counts = ChunkCounts::default();
     let mut per_server: HashMap<ServerId, u64> = HashMap::new();
     for item in rt.chunks.iter()? {
-        let (_, v) = item?;
+        let (k, v) = item?;
         let rec: ChunkRec = decode("chunk", v.value())?;
+        // A chunk shared by snapshots or clones is counted once, at its owner.
+        if rt.chunk_owner.get(rec.chunk)?.map(|g| g.value()) != Some(k.value()) {
+            continue;
+        }
         counts.replicated += 1;
         for &s in &rec.servers {
             *per_server.entry(s).or_default() += 1;

@@ -693,6 +693,62 @@ impl MetadataRpc for Server {
             .into_chunk()
     }
 
+    async fn snapshot(
+        self,
+        _: Context,
+        origin: Ino,
+        parent: Ino,
+        name: Name,
+        read_only: bool,
+        label: ByteBuf,
+        req: ReqId,
+    ) -> MetaResult<Attr> {
+        let now = Timespec::now();
+        let cmd = Command::Snapshot {
+            origin,
+            parent,
+            name,
+            read_only,
+            label,
+            now,
+        };
+        self.mutate_once(req, now, cmd).await?.into_attr()
+    }
+
+    async fn cow_chunk(
+        self,
+        _: Context,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        req: ReqId,
+    ) -> MetaResult<CowLoc> {
+        let cmd = Command::CowChunk { ino, index, chunk };
+        self.propose(tracked(req, Timespec::now(), cmd))
+            .await?
+            .into_cow()
+    }
+
+    async fn cow_done(
+        self,
+        _: Context,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        failed: Vec<ServerId>,
+        req: ReqId,
+    ) -> MetaResult<ChunkLoc> {
+        let cmd = Command::CowDone {
+            ino,
+            index,
+            chunk,
+            failed,
+        };
+        self.propose(tracked(req, Timespec::now(), cmd))
+            .await?
+            .into_chunk()
+    }
+
     async fn heartbeat(self, _: Context, hb: Heartbeat) -> MetaResult<HeartbeatReply> {
         self.do_heartbeat(hb).await
     }

@@ -37,6 +37,11 @@ pub(crate) const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::n
 /// chunk -> (ino, index)
 pub(crate) const CHUNK_OWNER: TableDefinition<u64, (u64, u64)> =
     TableDefinition::new("chunk_owner");
+/// (chunk, ino, index) -> (): the references to a shared chunk other than its owner in
+/// CHUNK_OWNER (snapshots, clones, a pending copy-on-write). A chunk's reference count is
+/// one plus its rows here; see `shares.rs`.
+pub(crate) const CHUNK_REFS: TableDefinition<(u64, u64, u64), ()> =
+    TableDefinition::new("chunk_refs");
 /// (ino, session) -> open count
 pub(crate) const OPENS: TableDefinition<(u64, u64), u64> = TableDefinition::new("opens");
 /// (session, ino) -> (): the reverse index of OPENS, for `end_session`.
@@ -179,6 +184,10 @@ pub(crate) struct InodeRec {
     pub parent: Ino,
     /// Directories only: the last sequence number given to an entry (readdir cookie).
     pub last_seq: u64,
+    /// A read-only snapshot of this inode (its data, size and chunk map never change).
+    /// Absent in records written before snapshots existed.
+    #[serde(default)]
+    pub snapshot_of: Option<Ino>,
 }
 
 impl InodeRec {
@@ -211,6 +220,18 @@ pub(crate) struct ChunkRec {
     pub chunk: ChunkId,
     pub version: u64,
     pub servers: Vec<ServerId>,
+    /// A copy-on-write in progress: `chunk` is to be cloned from this shared chunk, which
+    /// this reference keeps alive (and readers are sent to) until the copy is done.
+    #[serde(default)]
+    pub pending: Option<PendingCopy>,
+}
+
+/// The source of a pending copy-on-write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PendingCopy {
+    pub chunk: ChunkId,
+    pub version: u64,
+    pub servers: Vec<ServerId>,
 }
 
 /// A registered chunkserver's addresses.
@@ -229,6 +250,7 @@ pub(crate) struct Tables<'t> {
     pub symlinks: Table<'t, u64, &'static [u8]>,
     pub chunks: Table<'t, (u64, u64), &'static [u8]>,
     pub chunk_owner: Table<'t, u64, (u64, u64)>,
+    pub chunk_refs: Table<'t, (u64, u64, u64), ()>,
     pub opens: Table<'t, (u64, u64), u64>,
     pub sessions: Table<'t, (u64, u64), ()>,
     pub orphans: Table<'t, u64, ()>,
@@ -249,6 +271,7 @@ impl<'t> Tables<'t> {
             symlinks: txn.open_table(SYMLINKS)?,
             chunks: txn.open_table(CHUNKS)?,
             chunk_owner: txn.open_table(CHUNK_OWNER)?,
+            chunk_refs: txn.open_table(CHUNK_REFS)?,
             opens: txn.open_table(OPENS)?,
             sessions: txn.open_table(SESSIONS)?,
             orphans: txn.open_table(ORPHANS)?,
@@ -290,6 +313,7 @@ pub(crate) struct ReadTables {
     pub symlinks: ReadOnlyTable<u64, &'static [u8]>,
     pub chunks: ReadOnlyTable<(u64, u64), &'static [u8]>,
     pub chunk_owner: ReadOnlyTable<u64, (u64, u64)>,
+    pub chunk_refs: ReadOnlyTable<(u64, u64, u64), ()>,
     pub counters: ReadOnlyTable<&'static str, u64>,
     pub servers: ReadOnlyTable<u64, &'static [u8]>,
     pub deletions: ReadOnlyTable<(u64, u64), ()>,
@@ -306,6 +330,7 @@ impl ReadTables {
             symlinks: txn.open_table(SYMLINKS)?,
             chunks: txn.open_table(CHUNKS)?,
             chunk_owner: txn.open_table(CHUNK_OWNER)?,
+            chunk_refs: txn.open_table(CHUNK_REFS)?,
             counters: txn.open_table(COUNTERS)?,
             servers: txn.open_table(SERVERS)?,
             deletions: txn.open_table(DELETIONS)?,
@@ -370,8 +395,10 @@ pub(crate) fn get_server(
 /// `b"RAWFSMS2"`, then per table: name (u32 length + bytes), row count (u64), rows as
 /// (u32 key length, key, u32 value length, value); the replication blob last (u32 length +
 /// bytes, `u32::MAX` for none). Integers are little-endian. Version 1 (`b"RAWFSMS1"`) lacks
-/// the tables of [`for_tables_v2`] and is still restored (with those tables empty).
-const SNAPSHOT_MAGIC: &[u8; 8] = b"RAWFSMS2";
+/// the tables of [`for_tables_v2`] and version 2 those of [`for_tables_v3`]; both are still
+/// restored (with those tables empty).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"RAWFSMS3";
+const SNAPSHOT_MAGIC_V2: &[u8; 8] = b"RAWFSMS2";
 const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"RAWFSMS1";
 
 /// Where table rows are written: a snapshot buffer or the digest's hasher.
@@ -507,6 +534,13 @@ macro_rules! for_tables_v2 {
     };
 }
 
+/// The tables snapshot format 3 adds after those of [`for_tables_v2`].
+macro_rules! for_tables_v3 {
+    ($f:ident) => {
+        $f!(CHUNK_REFS, "chunk_refs");
+    };
+}
+
 /// The redb database with the metadata state.
 pub struct Store {
     db: Database,
@@ -628,6 +662,7 @@ impl Store {
         }
         for_tables!(dump_one);
         for_tables_v2!(dump_one);
+        for_tables_v3!(dump_one);
         match txn.open_table(REPL)?.get(REPL_KEY)? {
             Some(g) => put_bytes(&mut out, g.value()),
             None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
@@ -638,9 +673,10 @@ impl Store {
     /// Replaces every table with the snapshot's rows, durably.
     pub fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
         let mut cur = Cursor { b: snapshot };
-        let v2 = match cur.take(SNAPSHOT_MAGIC.len())? {
-            m if m == SNAPSHOT_MAGIC => true,
-            m if m == SNAPSHOT_MAGIC_V1 => false,
+        let version = match cur.take(SNAPSHOT_MAGIC.len())? {
+            m if m == SNAPSHOT_MAGIC => 3,
+            m if m == SNAPSHOT_MAGIC_V2 => 2,
+            m if m == SNAPSHOT_MAGIC_V1 => 1,
             _ => return Err(Cursor::corrupt("bad magic")),
         };
         let txn = self.db.begin_write()?;
@@ -655,10 +691,15 @@ impl Store {
             };
         }
         for_tables!(load_one);
-        if v2 {
+        if version >= 2 {
             for_tables_v2!(load_one);
         } else {
             for_tables_v2!(clear_one);
+        }
+        if version >= 3 {
+            for_tables_v3!(load_one);
+        } else {
+            for_tables_v3!(clear_one);
         }
         {
             let mut repl = txn.open_table(REPL)?;
@@ -691,6 +732,7 @@ impl Store {
         for_tables!(hash_one);
         hash_one!(REQUESTS, "requests");
         hash_one!(REQUEST_AGES, "request_ages");
+        for_tables_v3!(hash_one);
         let applied = txn
             .open_table(APPLIED)?
             .get(APPLIED_INDEX)?

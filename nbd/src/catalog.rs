@@ -90,25 +90,41 @@ impl VolumeCatalog {
         v
     }
 
-    fn describe(v: &VolumeInfo) -> ExportInfo {
+    fn describe(v: &VolumeInfo, read_only: bool) -> ExportInfo {
+        let what = if read_only { "snapshot" } else { "volume" };
         ExportInfo {
             name: v.name.clone(),
             size: v.size,
-            read_only: false,
+            read_only,
             multi_conn: true,
-            description: format!("rawfs volume {}", v.name),
+            description: format!("rawfs {what} {}", v.name),
         }
+    }
+
+    /// Is volume inode `ino` a (read-only) snapshot?
+    async fn is_snapshot(&self, ino: Ino) -> Result<bool, ExportError> {
+        let origin = self.volumes.origin(ino).await.map_err(volume_error)?;
+        Ok(origin.is_some_and(|o| o.read_only))
     }
 
     /// Looks a volume up by export name; names that cannot be volumes are simply unknown.
-    async fn find(&self, name: &str) -> Result<Option<VolumeInfo>, ExportError> {
+    /// Also says whether it is a read-only snapshot.
+    async fn find(&self, name: &str) -> Result<Option<(VolumeInfo, bool)>, ExportError> {
         if crate::volumes::check_name(name).is_err() {
             return Ok(None);
         }
-        self.volumes.find(name).await.map_err(volume_error)
+        let Some(v) = self.volumes.find(name).await.map_err(volume_error)? else {
+            return Ok(None);
+        };
+        let ro = self.is_snapshot(v.ino).await?;
+        Ok(Some((v, ro)))
     }
 
-    async fn acquire(&self, v: VolumeInfo) -> Result<Arc<VolumeExport>, ExportError> {
+    async fn acquire(
+        &self,
+        v: VolumeInfo,
+        read_only: bool,
+    ) -> Result<Arc<VolumeExport>, ExportError> {
         let mut open = self.open.lock().await;
         if let Some(e) = open.get_mut(&v.ino) {
             e.conns += 1;
@@ -121,7 +137,11 @@ impl VolumeCatalog {
             .await
             .map_err(|e| ExportError::Io(Box::new(e)))?;
         let io = self.client.file(v.ino, attr.size);
-        let export = Arc::new(VolumeExport::new(v.name.clone(), v.ino, io, meta.clone()));
+        let mut export = VolumeExport::new(v.name.clone(), v.ino, io, meta.clone());
+        if read_only {
+            export = export.into_read_only();
+        }
+        let export = Arc::new(export);
         let weak = Arc::downgrade(&export);
         let flusher = tokio::spawn(async move {
             let mut tick = tokio::time::interval(FLUSH_EVERY);
@@ -203,13 +223,24 @@ impl Catalog for VolumeCatalog {
     fn list(&self) -> BoxFuture<'_, Result<Vec<ExportInfo>, ExportError>> {
         async move {
             let all = self.volumes.names().await.map_err(volume_error)?;
-            Ok(all.iter().map(Self::describe).collect())
+            let mut out = Vec::with_capacity(all.len());
+            for v in &all {
+                out.push(Self::describe(v, self.is_snapshot(v.ino).await?));
+            }
+            Ok(out)
         }
         .boxed()
     }
 
     fn info<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<ExportInfo>, ExportError>> {
-        async move { Ok(self.find(name).await?.as_ref().map(Self::describe)) }.boxed()
+        async move {
+            Ok(self
+                .find(name)
+                .await?
+                .as_ref()
+                .map(|(v, ro)| Self::describe(v, *ro)))
+        }
+        .boxed()
     }
 
     fn open<'a>(
@@ -217,10 +248,10 @@ impl Catalog for VolumeCatalog {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Arc<dyn Export>>, ExportError>> {
         async move {
-            let Some(v) = self.find(name).await? else {
+            let Some((v, read_only)) = self.find(name).await? else {
                 return Ok(None);
             };
-            let export: Arc<dyn Export> = self.acquire(v).await?;
+            let export: Arc<dyn Export> = self.acquire(v, read_only).await?;
             Ok(Some(export))
         }
         .boxed()

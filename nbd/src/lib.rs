@@ -42,4 +42,4 @@ pub use export::{Catalog, Export, ExportError, ExportInfo, Extent};
 pub use server::{serve, ServeError, ServerConfig, ServerHandle, DEFAULT_LISTEN};
 pub use transmission::{IN_FLIGHT_BYTES, MAX_IN_FLIGHT};
 pub use volume::VolumeExport;
-pub use volumes::{VolumeError, VolumeInfo, Volumes, VOLUMES_DIR};
+pub use volumes::{Origin, VolumeError, VolumeInfo, Volumes, VOLUMES_DIR};

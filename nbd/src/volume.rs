@@ -29,6 +29,7 @@ pub struct VolumeExport {
     ino: Ino,
     io: FileIo,
     meta: MetadataClient,
+    read_only: bool,
 }
 
 impl std::fmt::Debug for VolumeExport {
@@ -48,6 +49,8 @@ fn export_error(e: ClientError) -> ExportError {
             ExportError::NoSpace
         }
         ClientError::TooLarge { offset, len } => ExportError::OutOfRange { offset, len },
+        // The metadata service refuses changes to a read-only snapshot.
+        ClientError::Meta(MetaError::NotPermitted) => ExportError::ReadOnly,
         other => ExportError::Io(Box::new(other)),
     }
 }
@@ -65,7 +68,15 @@ impl VolumeExport {
             ino,
             io,
             meta,
+            read_only: false,
         }
+    }
+
+    /// The same export, read-only (a snapshot): advertised with `NBD_FLAG_READ_ONLY`, and
+    /// writes are refused with `EPERM` before they reach the volume.
+    pub fn into_read_only(mut self) -> VolumeExport {
+        self.read_only = true;
+        self
     }
 
     /// The volume's name.
@@ -156,7 +167,7 @@ impl Export for VolumeExport {
     }
 
     fn read_only(&self) -> bool {
-        false
+        self.read_only
     }
 
     fn multi_conn(&self) -> bool {

@@ -13,8 +13,19 @@
 //!  rawfs volume resize NAME --size S ─▶ setattr(size), grow only
 //!  rawfs volume delete NAME          ─▶ unlink (an NBD server that has it open keeps the
 //!                                       data until its last client disconnects)
+//!  rawfs volume snapshot NAME SNAP   ─▶ rawfs_client::snapshot (read-only, shares chunks)
+//!  rawfs volume clone SNAP NEW       ─▶ rawfs_client::snapshot (writable, shares chunks)
 //! ```
+//!
+//! Snapshots and clones are volumes too (files in the same directory) whose chunks are shared
+//! copy-on-write with their origin. Each carries the xattr `trusted.rawfs.origin` =
+//! `snapshot:ORIGIN` or `clone:SNAPSHOT`, which `list` shows; a snapshot is read-only (the
+//! metadata service refuses changes to its data and size) and exported read-only over NBD.
+//! A snapshot holds what had reached the chunkservers when it was taken: writes an NBD
+//! client has not flushed may still be buffered in `rawfs nbd` (for at most its flush
+//! interval), so flush (or `sync` in the guest) first for a consistent image.
 
+use rawfs_chunkserver_api::DataClient;
 use rawfs_metadata_api::client::MetadataClient;
 use rawfs_metadata_api::{
     Attr, Caller, FileKind, Ino, MetaError, NewNode, SetAttr, CHUNK_SIZE, ROOT_INO,
@@ -43,6 +54,12 @@ pub enum VolumeError {
     NotFound(String),
     #[error("volume {name:?} has {size} bytes; volumes only grow (asked for {asked})")]
     Shrink { name: String, size: u64, asked: u64 },
+    #[error("volume {0:?} is a read-only snapshot")]
+    ReadOnly(String),
+    #[error("volume {0:?} is not a snapshot (clone a snapshot: rawfs volume snapshot first)")]
+    NotASnapshot(String),
+    #[error("snapshot: {0}")]
+    Client(#[from] rawfs_client::ClientError),
     #[error("/{VOLUMES_DIR} exists but is not a directory")]
     NotADirectory,
     #[error("metadata: {0}")]
@@ -70,6 +87,40 @@ impl VolumeInfo {
             size: a.size,
             used_bytes: 0,
         }
+    }
+}
+
+/// xattr naming where a snapshot or clone came from (set by the metadata service).
+const ORIGIN_XATTR: &[u8] = b"trusted.rawfs.origin";
+
+/// Where a snapshot or clone came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// A snapshot (read-only), rather than a writable clone.
+    pub read_only: bool,
+    /// The volume it was taken from (a snapshot's origin, a clone's snapshot), by name at
+    /// the time; it may have been deleted since.
+    pub from: String,
+}
+
+impl Origin {
+    fn parse(v: &[u8]) -> Option<Origin> {
+        let s = std::str::from_utf8(v).ok()?;
+        let (kind, from) = s.split_once(':')?;
+        let read_only = match kind {
+            "snapshot" => true,
+            "clone" => false,
+            _ => return None,
+        };
+        Some(Origin {
+            read_only,
+            from: from.to_string(),
+        })
+    }
+
+    fn label(&self) -> String {
+        let kind = if self.read_only { "snapshot" } else { "clone" };
+        format!("{kind}:{}", self.from)
     }
 }
 
@@ -273,12 +324,81 @@ impl Volumes {
         if size == v.size {
             return Ok(v);
         }
+        if self.origin(v.ino).await?.is_some_and(|o| o.read_only) {
+            return Err(VolumeError::ReadOnly(name.to_string()));
+        }
         let set = SetAttr {
             size: Some(size),
             ..SetAttr::default()
         };
         let a = self.meta.setattr(v.ino, set).await?;
         Ok(VolumeInfo { size: a.size, ..v })
+    }
+
+    /// Whether volume inode `ino` is a snapshot or a clone, and of what.
+    pub async fn origin(&self, ino: Ino) -> Result<Option<Origin>, VolumeError> {
+        match self
+            .meta
+            .getxattr(ino, ByteBuf::from(ORIGIN_XATTR.to_vec()))
+            .await
+        {
+            Ok(v) => Ok(Origin::parse(&v)),
+            Err(MetaError::NoAttr | MetaError::NotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Takes snapshot `snap` of volume `name`: instant, read-only, sharing every chunk with
+    /// the volume until one of them writes it. `data` reaches the chunkservers, which are
+    /// told to refuse writes through locations older than the snapshot.
+    pub async fn snapshot(
+        &self,
+        data: &DataClient,
+        name: &str,
+        snap: &str,
+    ) -> Result<VolumeInfo, VolumeError> {
+        self.share(data, name, snap, true).await
+    }
+
+    /// Makes `new`, a writable volume sharing every chunk with snapshot `snap` until written.
+    pub async fn clone_snapshot(
+        &self,
+        data: &DataClient,
+        snap: &str,
+        new: &str,
+    ) -> Result<VolumeInfo, VolumeError> {
+        self.share(data, snap, new, false).await
+    }
+
+    async fn share(
+        &self,
+        data: &DataClient,
+        from: &str,
+        to: &str,
+        read_only: bool,
+    ) -> Result<VolumeInfo, VolumeError> {
+        check_name(to)?;
+        let v = self
+            .find(from)
+            .await?
+            .ok_or_else(|| VolumeError::NotFound(from.to_string()))?;
+        if !read_only && !self.origin(v.ino).await?.is_some_and(|o| o.read_only) {
+            return Err(VolumeError::NotASnapshot(from.to_string()));
+        }
+        let dir = self.dir_or_create().await?;
+        let label = Origin {
+            read_only,
+            from: from.to_string(),
+        }
+        .label();
+        match rawfs_client::snapshot(&self.meta, data, v.ino, dir, os(to), read_only, &label).await
+        {
+            Ok(a) => Ok(VolumeInfo::from_attr(to.to_string(), &a)),
+            Err(rawfs_client::ClientError::Meta(MetaError::Exists)) => {
+                Err(VolumeError::Exists(to.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Deletes volume `name`. An NBD server with clients on it keeps serving them (it holds

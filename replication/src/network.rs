@@ -52,9 +52,9 @@ use tokio_serde::formats::MessagePack;
 
 use crate::log_store::LogStore;
 use crate::replica::Contact;
+use crate::types::LogId;
 use crate::types::Raft;
 use crate::types::SnapshotMeta;
-use crate::types::LogId;
 use crate::types::Vote;
 use crate::Node;
 use crate::TypeConfig;
@@ -230,7 +230,12 @@ impl RaftRpc for RaftServer {
         } else {
             None
         };
-        tracing::debug!(id = self.id, candidate = req.candidate, ?refused_by, "pre-vote");
+        tracing::debug!(
+            id = self.id,
+            candidate = req.candidate,
+            ?refused_by,
+            "pre-vote"
+        );
         Ok(PreVoteReply {
             granted: refused_by.is_none(),
             refused_by,

@@ -393,13 +393,8 @@ impl Replica {
         let contact = Arc::new(election::Contact::new());
         // openraft's leader lease is the maximum election timeout.
         let lease = cfg.election_timeout.1;
-        let served = crate::network::serve(
-            listener,
-            raft.clone(),
-            contact.clone(),
-            log.clone(),
-            lease,
-        );
+        let served =
+            crate::network::serve(listener, raft.clone(), contact.clone(), log.clone(), lease);
         let server = match served.await {
             Ok(server) => server,
             Err(source) => {

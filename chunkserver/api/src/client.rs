@@ -204,6 +204,58 @@ impl DataClient {
         self.call(addr, req).await.map(|_| ())
     }
 
+    /// Copies chunk `src` at `src_version` into the new chunk `dst` at `dst_version` on the
+    /// chunkserver at `addr` (its local files; see the CLONE opcode), fenced by `term`.
+    /// Idempotent: a `dst` that exists already is left as it is.
+    pub async fn clone_chunk(
+        &self,
+        addr: &str,
+        src: u64,
+        src_version: u64,
+        dst: u64,
+        dst_version: u64,
+        term: u64,
+    ) -> Result<(), DataError> {
+        let mut payload = Vec::with_capacity(16);
+        payload.extend_from_slice(&src.to_be_bytes());
+        payload.extend_from_slice(&src_version.to_be_bytes());
+        let req = Request {
+            id: 0,
+            op: Opcode::Clone,
+            flags: 0,
+            chunk: dst,
+            version: dst_version,
+            term,
+            offset: 0,
+            length: 16,
+            payload: Bytes::from(payload),
+        };
+        self.call(addr, req).await.map(|_| ())
+    }
+
+    /// Makes the chunkserver at `addr` refuse versions of `chunk` older than `version`, and
+    /// fsync it (see the FENCE opcode), fenced by `term`.
+    pub async fn fence(
+        &self,
+        addr: &str,
+        chunk: u64,
+        version: u64,
+        term: u64,
+    ) -> Result<(), DataError> {
+        let req = Request {
+            id: 0,
+            op: Opcode::Fence,
+            flags: 0,
+            chunk,
+            version,
+            term,
+            offset: 0,
+            length: 0,
+            payload: Bytes::new(),
+        };
+        self.call(addr, req).await.map(|_| ())
+    }
+
     /// Checks that the chunkserver at `addr` answers on its data port.
     pub async fn ping(&self, addr: &str) -> Result<(), DataError> {
         let req = Request {

@@ -9,19 +9,24 @@
 //!  off size field
 //!    0    4 magic        b"RFSQ"
 //!    4    2 version      PROTOCOL_VERSION (1)
-//!    6    1 opcode       1 WRITE, 2 READ, 3 SYNC, 4 PING
+//!    6    1 opcode       1 WRITE, 2 READ, 3 SYNC, 4 PING, 5 CLONE, 6 FENCE
 //!    7    1 flags        bit 0: FLAG_SYNC (fsync the chunk file after a WRITE)
 //!    8    8 request id   chosen by the client, echoed in the response
 //!   16    8 chunk id
 //!   24    8 chunk version
 //!   32    8 term         the metadata leader's term (fencing token)
 //!   40    4 offset       byte offset within the chunk
-//!   44    4 length       READ: bytes wanted; WRITE: equals payload_len; else 0
+//!   44    4 length       READ: bytes wanted; WRITE, CLONE: equals payload_len; else 0
 //!   48    4 payload_len  at most MAX_PAYLOAD
 //!   52    4 payload_crc  crc32c of the payload
 //!   56    4 reserved     zero
 //!   60    4 header_crc   crc32c of bytes 0..60
 //! ```
+//!
+//! CLONE copies another chunk of the same server into a new chunk (the request's chunk and
+//! version; fenced by term like a WRITE); its 16-byte payload is the source chunk id and
+//! version (u64 each). FENCE raises the stored version of an existing chunk to the
+//! request's version and fsyncs it (fenced by term).
 //!
 //! Response frame: a 40-byte header followed by `payload_len` bytes (the data of a READ, or a
 //! UTF-8 explanation for DISK_ERROR and BAD_REQUEST).
@@ -76,6 +81,10 @@ pub enum Opcode {
     Sync = 3,
     /// Liveness check; touches no chunk.
     Ping = 4,
+    /// Copy the source chunk named in the payload into this (new) chunk.
+    Clone = 5,
+    /// Refuse versions older than this one from now on, and fsync the chunk.
+    Fence = 6,
 }
 
 impl Opcode {
@@ -85,6 +94,8 @@ impl Opcode {
             2 => Some(Opcode::Read),
             3 => Some(Opcode::Sync),
             4 => Some(Opcode::Ping),
+            5 => Some(Opcode::Clone),
+            6 => Some(Opcode::Fence),
             _ => None,
         }
     }

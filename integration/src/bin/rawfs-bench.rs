@@ -1,7 +1,10 @@
 //! Helpers of `integration/bench.sh` that shell tools cannot do fast enough.
 //!
 //! ```text
-//!  rawfs-bench meta DIR N          create, stat, unlink N empty files -> ops/s of each
+//!  rawfs-bench meta DIR N [--cold-stat]
+//!                                  create, stat, rename, unlink N empty files -> ops/s of each
+//!                                  (--cold-stat: drop the kernel's dentry and inode caches
+//!                                  first, so every stat reaches the filesystem)
 //!  rawfs-bench million ADDRS N     N files through the metadata client (not FUSE)
 //!  rawfs-bench latency ADDRS N     one-at-a-time getattr and mknod latency of the metadata client
 //! ```
@@ -15,7 +18,14 @@ use serde_bytes::ByteBuf;
 use std::path::Path;
 use std::time::Instant;
 
-fn meta(dir: &Path, n: usize) -> Result<()> {
+/// Drops the kernel's dentry and inode caches (needs root), so that the next lookups and
+/// stats reach the filesystem instead of the cache.
+fn drop_dentries() -> Result<()> {
+    std::fs::write("/proc/sys/vm/drop_caches", b"2")
+        .context("--cold-stat: cannot write /proc/sys/vm/drop_caches (run as root)")
+}
+
+fn meta(dir: &Path, n: usize, cold_stat: bool) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let names: Vec<_> = (0..n).map(|i| dir.join(format!("f{i:06}"))).collect();
     let t = Instant::now();
@@ -23,17 +33,29 @@ fn meta(dir: &Path, n: usize) -> Result<()> {
         std::fs::File::create(p).with_context(|| p.display().to_string())?;
     }
     let create = n as f64 / t.elapsed().as_secs_f64();
+    if cold_stat {
+        drop_dentries()?;
+    }
     let t = Instant::now();
     for p in &names {
         std::fs::metadata(p)?;
     }
     let stat = n as f64 / t.elapsed().as_secs_f64();
+    let renamed: Vec<_> = (0..n).map(|i| dir.join(format!("r{i:06}"))).collect();
     let t = Instant::now();
-    for p in &names {
+    for (from, to) in names.iter().zip(&renamed) {
+        std::fs::rename(from, to).with_context(|| from.display().to_string())?;
+    }
+    let rename = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for p in &renamed {
         std::fs::remove_file(p)?;
     }
     let unlink = n as f64 / t.elapsed().as_secs_f64();
-    println!("create_per_s {create:.0}\nstat_per_s {stat:.0}\nunlink_per_s {unlink:.0}");
+    println!(
+        "create_per_s {create:.0}\nstat_per_s {stat:.0}\nrename_per_s {rename:.0}\n\
+         unlink_per_s {unlink:.0}"
+    );
     Ok(())
 }
 
@@ -149,7 +171,8 @@ fn main() -> Result<()> {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        ["meta", dir, n] => meta(Path::new(dir), n.parse()?),
+        ["meta", dir, n] => meta(Path::new(dir), n.parse()?, false),
+        ["meta", dir, n, "--cold-stat"] => meta(Path::new(dir), n.parse()?, true),
         ["million", addrs, n] => {
             let addrs = addrs.split(',').map(str::to_string).collect();
             tokio::runtime::Runtime::new()?.block_on(million(addrs, n.parse()?))
@@ -161,6 +184,6 @@ fn main() -> Result<()> {
                 .build()?
                 .block_on(latency(addrs, n.parse()?))
         }
-        _ => bail!("usage: rawfs-bench meta DIR N | rawfs-bench million|latency ADDR[,ADDR...] N"),
+        _ => bail!("usage: rawfs-bench meta DIR N [--cold-stat] | rawfs-bench million|latency ADDR[,ADDR...] N"),
     }
 }

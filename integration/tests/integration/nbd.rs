@@ -343,3 +343,222 @@ fn a_chunkserver_killed_during_nbdcopy_loses_nothing() -> Result<()> {
     assert_eq!(file_hash(&src)?, file_hash(&back)?, "every byte survived");
     Ok(())
 }
+
+/// Bytes all chunkservers hold, from their heartbeats (`rawfs status`).
+fn chunkserver_used(c: &Cluster) -> Result<u64> {
+    let st = c.status()?;
+    let servers = st["chunkservers"]
+        .as_array()
+        .context("status lists chunkservers")?;
+    Ok(servers
+        .iter()
+        .filter_map(|s| s["used_bytes"].as_u64())
+        .sum())
+}
+
+/// Runs qemu-io commands against an export; fails unless every command succeeded.
+fn qemu_io(uri: &str, cmds: &[&str]) -> Result<String> {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = run(cmd.arg(uri))?;
+    ensure!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io {cmds:?}: {out}"
+    );
+    Ok(out)
+}
+
+fn volume_entry(c: &Cluster, name: &str) -> Result<Value> {
+    volumes(c)?
+        .into_iter()
+        .find(|v| v["name"] == name)
+        .with_context(|| format!("volume {name} not listed"))
+}
+
+#[test]
+fn snapshots_and_clones_share_chunks_until_written() -> Result<()> {
+    const CHUNK: u64 = 64 << 20;
+    let c = Cluster::start()?;
+    let addr = nbd_addr(&c)?;
+    let size = 3 * CHUNK;
+    c.rawfs_ok(&["volume", "create", "vol", "--size", "192M"])?;
+    let a = random_file(&c, "a.img", size, seed("snapshot a"))?;
+    let mut expect_vol = std::fs::read(&a)?;
+    run(Command::new("nbdcopy")
+        .arg("--flush")
+        .arg(&a)
+        .arg(uri(&addr, "vol")))?;
+    // Three replicas of three chunks, as the chunkservers report them.
+    wait_until(
+        "the volume's data on the chunkservers",
+        Duration::from_secs(30),
+        || Ok(chunkserver_used(&c)? >= 3 * size),
+    )?;
+    let before = chunkserver_used(&c)?;
+
+    // A writer that holds the volume open through the mount caches its chunk locations
+    // across the snapshot: its next write must not land in the snapshot's data.
+    let through_mount = c.path(".rawfs-volumes/vol");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&through_mount)?;
+    {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&expect_vol[..4096], 0)?;
+        f.sync_all()?;
+    }
+
+    c.rawfs_ok(&["volume", "snapshot", "vol", "snap1"])?;
+    let snap = volume_entry(&c, "snap1")?;
+    assert_eq!(snap["read_only"], true, "{snap}");
+    assert_eq!(snap["origin"], "vol", "{snap}");
+    assert_eq!(snap["size"], size);
+    let vol = volume_entry(&c, "vol")?;
+    assert_eq!(vol["read_only"], false);
+    assert_eq!(vol["origin"], Value::Null);
+    let table = c.rawfs_ok(&["volume", "list"])?;
+    assert!(table.contains("snapshot of vol (read-only)"), "{table}");
+    let instant = chunkserver_used(&c)?;
+    ensure!(
+        instant < before + CHUNK,
+        "a snapshot copies nothing: {before} -> {instant} bytes"
+    );
+
+    // Keep writing the origin: through the still-open file (stale cached locations), and
+    // over NBD.
+    {
+        use std::os::unix::fs::FileExt;
+        let fresh = vec![0x5au8; 4096];
+        f.write_all_at(&fresh, 4096)?;
+        f.sync_all()?;
+        expect_vol[4096..8192].copy_from_slice(&fresh);
+    }
+    drop(f);
+    qemu_io(&uri(&addr, "vol"), &["write -P 0xab 64M 4M", "flush"])?;
+    expect_vol[(64 << 20)..(68 << 20)].fill(0xab);
+
+    // The snapshot still reads the old data.
+    let snap_back = c.scratch().join("snap1.img");
+    run(Command::new("nbdcopy")
+        .arg(uri(&addr, "snap1"))
+        .arg(&snap_back))?;
+    assert_eq!(
+        file_hash(&snap_back)?,
+        file_hash(&a)?,
+        "the snapshot kept the data it was taken with"
+    );
+    let vol_back = c.scratch().join("vol.img");
+    run(Command::new("nbdcopy")
+        .arg(uri(&addr, "vol"))
+        .arg(&vol_back))?;
+    assert!(
+        std::fs::read(&vol_back)? == expect_vol,
+        "the origin has its new writes"
+    );
+
+    // Space is shared until written: two chunks were copied (three replicas each), not the
+    // whole volume.
+    wait_until(
+        "the copies on the chunkservers",
+        Duration::from_secs(30),
+        || Ok(chunkserver_used(&c)? >= before + 2 * 3 * CHUNK * 9 / 10),
+    )?;
+    let after = chunkserver_used(&c)?;
+    eprintln!(
+        "chunkserver bytes: {before} before the snapshot, {instant} after it, {after} after \
+         writing 2 of the 3 chunks of the origin"
+    );
+    ensure!(
+        after < before + 3 * 3 * CHUNK,
+        "more than the written chunks were copied: {before} -> {after}"
+    );
+
+    // The snapshot is read-only: over NBD and through the mount.
+    let info: Value = serde_json::from_str(&run(Command::new("nbdinfo")
+        .arg("--json")
+        .arg(uri(&addr, "snap1")))?)?;
+    assert_eq!(info["exports"][0]["is_read_only"], true, "{info}");
+    let refused = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 1 0 4k"])
+        .arg(uri(&addr, "snap1"))
+        .output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    ensure!(
+        !refused.status.success() || said.contains("failed") || said.contains("read-only"),
+        "a write to a snapshot over NBD was accepted: {said}"
+    );
+    let snap_file = c.path(".rawfs-volumes/snap1");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&snap_file.metadata()?.permissions()) & 0o222,
+        0,
+        "a snapshot file has no write bits"
+    );
+    {
+        // Even root (who may open it for writing) cannot change it.
+        use std::os::unix::fs::FileExt;
+        let g = std::fs::OpenOptions::new().write(true).open(&snap_file)?;
+        let w = g.write_all_at(b"nope", 0).and_then(|()| g.sync_all());
+        ensure!(w.is_err(), "a write to the snapshot file succeeded");
+        ensure!(g.set_len(0).is_err(), "the snapshot file was truncated");
+    }
+    match c.rawfs_ok(&["volume", "resize", "snap1", "--size", "256M"]) {
+        Ok(out) => bail!("a snapshot was resized: {out}"),
+        Err(e) => ensure!(format!("{e:#}").contains("read-only snapshot"), "{e:#}"),
+    }
+
+    // A clone is writable and independent of its snapshot and of the origin.
+    c.rawfs_ok(&["volume", "clone", "snap1", "cl"])?;
+    let cl = volume_entry(&c, "cl")?;
+    assert_eq!(cl["read_only"], false);
+    assert_eq!(cl["origin"], "snap1");
+    qemu_io(&uri(&addr, "cl"), &["write -P 0xcd 0 1M", "flush"])?;
+    let mut expect_cl = std::fs::read(&a)?;
+    expect_cl[..1 << 20].fill(0xcd);
+    let cl_back = c.scratch().join("cl.img");
+    run(Command::new("nbdcopy").arg(uri(&addr, "cl")).arg(&cl_back))?;
+    assert!(
+        std::fs::read(&cl_back)? == expect_cl,
+        "the clone has its write"
+    );
+    run(Command::new("nbdcopy")
+        .arg(uri(&addr, "snap1"))
+        .arg(&snap_back))?;
+    assert_eq!(file_hash(&snap_back)?, file_hash(&a)?, "snapshot unchanged");
+    run(Command::new("nbdcopy")
+        .arg(uri(&addr, "vol"))
+        .arg(&vol_back))?;
+    assert!(std::fs::read(&vol_back)? == expect_vol, "origin unchanged");
+
+    // The origin goes; its snapshot stays readable. Then everything goes, and the space
+    // with it (the last reference of each chunk queues its deletion).
+    c.rawfs_ok(&["volume", "delete", "vol"])?;
+    run(Command::new("nbdcopy")
+        .arg(uri(&addr, "snap1"))
+        .arg(&snap_back))?;
+    assert_eq!(
+        file_hash(&snap_back)?,
+        file_hash(&a)?,
+        "snapshot outlives its origin"
+    );
+    c.rawfs_ok(&["volume", "delete", "snap1"])?;
+    run(Command::new("nbdcopy").arg(uri(&addr, "cl")).arg(&cl_back))?;
+    assert!(
+        std::fs::read(&cl_back)? == expect_cl,
+        "clone outlives its snapshot"
+    );
+    c.rawfs_ok(&["volume", "delete", "cl"])?;
+    wait_until(
+        "the chunkservers to free the space",
+        Duration::from_secs(60),
+        || Ok(chunkserver_used(&c)? < CHUNK),
+    )?;
+    Ok(())
+}

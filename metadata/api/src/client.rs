@@ -42,6 +42,10 @@ use crate::types::*;
 /// Largest frame accepted on a metadata connection (a big readdir or status fits easily).
 pub const MAX_FRAME: usize = 64 << 20;
 
+/// How long a replica whose call timed out is passed over when picking one at random: about
+/// the time an election takes to replace a leader that hangs.
+const SUSPECT_FOR: Duration = Duration::from_secs(5);
+
 /// Deadlines of a [`MetadataClient`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientTimeouts {
@@ -53,8 +57,12 @@ pub struct ClientTimeouts {
 
 impl Default for ClientTimeouts {
     fn default() -> Self {
+        // A call the leader does not answer in 3 s is retried (with the same request id, so
+        // it is applied once): a leader that hangs without closing its connections (stopped,
+        // cut off) then costs 3 s, not 10, before the client finds the new leader. Every
+        // metadata call is small; a healthy leader answers in milliseconds.
         ClientTimeouts {
-            call: Duration::from_secs(10),
+            call: Duration::from_secs(3),
             op: Duration::from_secs(30),
         }
     }
@@ -79,6 +87,10 @@ struct Inner {
     /// The replica serving `Consistency::Local` reads. Sticky, so that successive reads do
     /// not go back in time by hopping between replicas at different log positions.
     local: Mutex<Option<String>>,
+    /// Replicas whose last call timed out, until when they are passed over by round robin:
+    /// a replica that hangs without closing its connections (stopped, cut off, swapping)
+    /// would otherwise cost a whole call deadline each time it comes round.
+    suspects: Mutex<HashMap<String, Instant>>,
     /// This client's random id, in every [`ReqId`] it sends.
     client_id: u64,
     /// Last sequence number drawn for a [`ReqId`].
@@ -93,6 +105,13 @@ enum Route {
     /// Any replica (local reads).
     Any,
 }
+
+/// An attempt left unanswered because another replica leads now (its address).
+struct Hedged(String);
+
+/// How long a call to the leader waits for its answer before the client checks whether
+/// another replica leads (see `MetadataClient::wait_attempt`).
+const HEDGE_AFTER: Duration = Duration::from_millis(500);
 
 /// Why an attempt failed in a way worth retrying elsewhere.
 enum Attempt {
@@ -119,6 +138,7 @@ impl MetadataClient {
                 conns: Mutex::new(HashMap::new()),
                 next: AtomicUsize::new(rng.gen_range(0..1 << 16)),
                 local: Mutex::new(None),
+                suspects: Mutex::new(HashMap::new()),
                 client_id: rng.gen(),
                 seq: AtomicU64::new(0),
             }),
@@ -164,13 +184,30 @@ impl MetadataClient {
         }
     }
 
+    /// The next address in turn, passing over suspects unless every address is one.
     fn round_robin(&self) -> Option<String> {
         let addrs = &self.inner.addrs;
         if addrs.is_empty() {
             return None;
         }
+        let now = Instant::now();
+        let mut suspects = lock(&self.inner.suspects);
+        suspects.retain(|_, until| *until > now);
+        for _ in 0..addrs.len() {
+            let i = self.inner.next.fetch_add(1, Ordering::Relaxed);
+            let addr = &addrs[i % addrs.len()];
+            if !suspects.contains_key(addr) {
+                return Some(addr.clone());
+            }
+        }
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed);
         Some(addrs[i % addrs.len()].clone())
+    }
+
+    /// Passes `addr` over for a while (its call timed out).
+    fn suspect(&self, addr: &str) {
+        let until = Instant::now() + SUSPECT_FOR;
+        lock(&self.inner.suspects).insert(addr.to_string(), until);
     }
 
     fn pick(&self, route: Route) -> Option<String> {
@@ -257,23 +294,45 @@ impl MetadataClient {
                     ctx.deadline = Instant::now() + call_timeout;
                     // The tarpc deadline is enforced by the dispatcher; the outer timeout
                     // also covers a dispatcher that is stuck.
-                    match tokio::time::timeout(call_timeout, f(client, ctx)).await {
-                        Err(_) => Attempt::Retry(format!("{name} at {addr}: timed out")),
-                        Ok(Err(e)) => Attempt::Retry(format!("{name} at {addr}: {e}")),
-                        Ok(Ok(Ok(v))) => {
+                    let answer = tokio::time::timeout(call_timeout, f(client, ctx));
+                    match self.wait_attempt(&addr, route, answer).await {
+                        Err(Hedged(l)) => {
+                            // Whatever the silent replica does with the request, it cannot
+                            // commit it in its old term; the same request id goes to `l`.
+                            tracing::debug!(rpc = name, from = %addr, to = %l, "another replica leads; leaving a silent one");
+                            self.suspect(&addr);
+                            *lock(&self.inner.leader) = Some(l.clone());
+                            redirected = (route == Route::Any).then_some(l);
+                            continue;
+                        }
+                        Ok(Err(_)) => {
+                            self.suspect(&addr);
+                            Attempt::Retry(format!("{name} at {addr}: timed out"))
+                        }
+                        Ok(Ok(Err(e))) => {
+                            if matches!(e, RpcError::DeadlineExceeded) {
+                                self.suspect(&addr);
+                            }
+                            Attempt::Retry(format!("{name} at {addr}: {e}"))
+                        }
+                        Ok(Ok(Ok(Ok(v)))) => {
                             if route == Route::Leader {
                                 *lock(&self.inner.leader) = Some(addr);
                             }
                             return Ok(v);
                         }
-                        Ok(Ok(Err(MetaError::NotLeader {
+                        Ok(Ok(Ok(Err(MetaError::NotLeader {
                             leader_addr: Some(l),
                             ..
-                        }))) if l != addr => Attempt::Redirect(l),
-                        Ok(Ok(Err(e))) if e.is_retryable() => {
+                        }))))
+                            if l != addr =>
+                        {
+                            Attempt::Redirect(l)
+                        }
+                        Ok(Ok(Ok(Err(e)))) if e.is_retryable() => {
                             Attempt::Retry(format!("{name} at {addr}: {e}"))
                         }
-                        Ok(Ok(Err(e))) => return Err(e),
+                        Ok(Ok(Ok(Err(e)))) => return Err(e),
                     }
                 }
             };
@@ -300,11 +359,59 @@ impl MetadataClient {
             let left = deadline.saturating_duration_since(Instant::now());
             let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
             tokio::time::sleep((backoff + Duration::from_millis(jitter)).min(left)).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            // Capped low: an election takes about a second, and every retry is one cheap
+            // round trip; waiting longer would only add to the failover users see.
+            backoff = (backoff * 2).min(Duration::from_millis(200));
         }
         Err(MetaError::Unavailable {
             reason: format!("gave up after {:?}: {last}", start.elapsed()),
         })
+    }
+
+    /// Waits for an attempt's answer at `addr`. A call that needs the leader and is not
+    /// answered within [`HEDGE_AFTER`] makes the client ask the other replicas, every
+    /// [`HEDGE_AFTER`], whether one of them leads now: a leader that hangs without closing
+    /// its connections (stopped, cut off) is then left after about an election's time,
+    /// not after the whole call deadline. Mutations carry their request id, so sending one
+    /// again to the new leader applies it once.
+    async fn wait_attempt<R>(
+        &self,
+        addr: &str,
+        route: Route,
+        answer: impl Future<Output = R>,
+    ) -> Result<R, Hedged> {
+        if route != Route::Leader || self.inner.addrs.len() < 2 {
+            return Ok(answer.await);
+        }
+        tokio::pin!(answer);
+        tokio::select! {
+            r = &mut answer => Ok(r),
+            l = self.other_leader(addr) => Err(Hedged(l)),
+        }
+    }
+
+    /// Resolves once a replica other than `addr` says it leads, asking every [`HEDGE_AFTER`].
+    async fn other_leader(&self, addr: &str) -> String {
+        loop {
+            tokio::time::sleep(HEDGE_AFTER).await;
+            let asks = self
+                .inner
+                .addrs
+                .iter()
+                .filter(|a| *a != addr)
+                .map(|other| async move {
+                    let client = self.conn(other, HEDGE_AFTER).await.ok()?;
+                    let mut ctx = tarpc::context::current();
+                    ctx.deadline = Instant::now() + HEDGE_AFTER;
+                    let status = tokio::time::timeout(HEDGE_AFTER, client.replica_status(ctx));
+                    let s = status.await.ok()?.ok()?.ok()?;
+                    (s.role == "leader").then(|| other.clone())
+                });
+            let leaders = futures::future::join_all(asks).await;
+            if let Some(l) = leaders.into_iter().flatten().next() {
+                return l;
+            }
+        }
     }
 
     fn read_route(&self) -> Route {
@@ -412,6 +519,12 @@ rpc_methods! {
         fn release_chunks(ino: Ino, first: u64, count: u64) -> ();
         /// Drops a failed replica from a chunk.
         fn drop_replica(chunk: ChunkId, expected_version: u64, server: ServerId) -> ChunkLoc;
+        /// Makes a snapshot (read-only) or clone sharing every chunk of `origin`.
+        fn snapshot(origin: Ino, parent: Ino, name: Name, read_only: bool, label: ByteBuf) -> Attr;
+        /// The private copy of a shared chunk, for writing.
+        fn cow_chunk(ino: Ino, index: u64, chunk: ChunkId) -> CowLoc;
+        /// Ends a copy-on-write (failed replicas dropped).
+        fn cow_done(ino: Ino, index: u64, chunk: ChunkId, failed: Vec<ServerId>) -> ChunkLoc;
     }
     other {
         /// Records an open of `ino` by `session`.
@@ -552,6 +665,9 @@ mod tests {
             commit_write(ino: Ino, end: u64, stored_delta: i64, req: ReqId) -> Attr;
             release_chunks(ino: Ino, first: u64, count: u64, req: ReqId) -> ();
             drop_replica(chunk: ChunkId, expected_version: u64, server: ServerId, req: ReqId) -> ChunkLoc;
+            snapshot(origin: Ino, parent: Ino, name: Name, read_only: bool, label: ByteBuf, req: ReqId) -> Attr;
+            cow_chunk(ino: Ino, index: u64, chunk: ChunkId, req: ReqId) -> CowLoc;
+            cow_done(ino: Ino, index: u64, chunk: ChunkId, failed: Vec<ServerId>, req: ReqId) -> ChunkLoc;
             heartbeat(hb: Heartbeat) -> HeartbeatReply;
             status() -> ClusterStatus;
             replica_status() -> ReplicaStatus;

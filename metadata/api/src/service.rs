@@ -132,6 +132,36 @@ pub trait MetadataRpc {
         req: ReqId,
     ) -> MetaResult<ChunkLoc>;
 
+    // ---- snapshots and copy-on-write ---------------------------------------------------------
+    /// Makes `parent/name` a new regular file that shares every chunk of `origin` (instant:
+    /// chunks are reference counted and copied on write). With `read_only` the new file is a
+    /// snapshot (mode 0444; its data, size and chunks cannot change); otherwise a writable
+    /// clone. `label` (may be empty) is kept as the xattr `trusted.rawfs.origin`. Every
+    /// chunk of `origin` gets a new version, which the caller must push to the replicas
+    /// (chunkserver FENCE) so that writers holding older locations are refused.
+    async fn snapshot(
+        origin: Ino,
+        parent: Ino,
+        name: Name,
+        read_only: bool,
+        label: ByteBuf,
+        req: ReqId,
+    ) -> MetaResult<Attr>;
+    /// The private copy of chunk `index` of `ino` for writing, when `chunk` (the caller's
+    /// current chunk there) is shared. Not shared: the current location, no source. While a
+    /// copy is pending, every caller gets the same new chunk and source (idempotent);
+    /// `NotPermitted` for a read-only snapshot.
+    async fn cow_chunk(ino: Ino, index: u64, chunk: ChunkId, req: ReqId) -> MetaResult<CowLoc>;
+    /// Ends the copy into `chunk` (from `cow_chunk`): `failed` replicas could not copy and are
+    /// dropped (version bump), and the reference to the source is released.
+    async fn cow_done(
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        failed: Vec<ServerId>,
+        req: ReqId,
+    ) -> MetaResult<ChunkLoc>;
+
     // ---- cluster ------------------------------------------------------------------------------
     /// A chunkserver's heartbeat; the reply carries the leader's term and orders.
     async fn heartbeat(hb: Heartbeat) -> MetaResult<HeartbeatReply>;

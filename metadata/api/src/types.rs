@@ -155,6 +155,28 @@ pub struct ChunkLoc {
     /// put in `WriteReq::term` (a chunkserver refuses terms older than the newest it saw).
     #[serde(default)]
     pub term: u64,
+    /// The chunk must not be written in place: it is shared with a snapshot or a clone, or
+    /// the file is a read-only snapshot. A writer asks `cow_chunk` for a private copy first.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+/// A chunk copy from a shared chunk that the writer must make on the chunkservers before
+/// writing (see `MetadataRpc::cow_chunk`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopySource {
+    pub chunk: ChunkId,
+    pub version: u64,
+}
+
+/// The answer of `cow_chunk`: the chunk to write, and where its content must be copied from
+/// first (each replica copies the source's local file) when the copy is not done yet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CowLoc {
+    pub loc: ChunkLoc,
+    /// `Some` while the copy is pending: clone `source` into `loc.chunk` on every replica of
+    /// `loc`, then report with `cow_done`.
+    pub source: Option<CopySource>,
 }
 
 /// One replica of a chunk.

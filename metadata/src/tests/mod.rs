@@ -3,6 +3,7 @@
 
 mod posix;
 mod requests;
+mod shares;
 mod state;
 
 use rawfs_metadata_api::*;
@@ -214,8 +215,8 @@ impl H {
     }
 }
 
-/// Rewrites a snapshot of the current format (2) as format 1 wrote it: the tables format 2
-/// added (the last three) left out.
+/// Rewrites a snapshot of the current format (3) as format 1 wrote it: the tables formats 2
+/// and 3 added (the last four) left out.
 pub(super) fn to_format_1(snap: &[u8]) -> Vec<u8> {
     fn u32_at(b: &[u8], pos: &mut usize) -> usize {
         let v = u32::from_le_bytes(b[*pos..*pos + 4].try_into().unwrap());
@@ -225,7 +226,7 @@ pub(super) fn to_format_1(snap: &[u8]) -> Vec<u8> {
     const V1_TABLES: usize = 13;
     let mut out = b"RAWFSMS1".to_vec();
     let mut pos = 8;
-    for table in 0..V1_TABLES + 3 {
+    for table in 0..V1_TABLES + 4 {
         let start = pos;
         pos += u32_at(snap, &mut pos);
         let rows = u64::from_le_bytes(snap[pos..pos + 8].try_into().unwrap());

@@ -217,7 +217,9 @@ async fn pre_vote(
                     break;
                 }
             }
-            Ok(r) => tracing::debug!(id = t.id, target, refused_by = ?r.refused_by, "pre-vote refused"),
+            Ok(r) => {
+                tracing::debug!(id = t.id, target, refused_by = ?r.refused_by, "pre-vote refused")
+            }
             Err(e) => tracing::debug!(id = t.id, target, error = %e, "pre-vote unanswered"),
         }
     }
