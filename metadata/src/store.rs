@@ -554,12 +554,34 @@ pub(crate) const DURABLE_EVERY: Duration = Duration::from_secs(1);
 /// A batch at least this long is committed durably right away.
 const LARGE_BATCH: usize = 4096;
 
+/// How long opening waits for the database lock of a predecessor that is still exiting.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens (or creates) the database, waiting up to [`LOCK_WAIT`] while another process holds
+/// its lock: a replica restarted right after `kill -9` (by a supervisor, or by hand) may find
+/// the killed process's threads still exiting and holding the file lock for a moment. A
+/// lock held for longer is a second replica on the same directory, and stays an error.
+fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    let mut warned = false;
+    loop {
+        match Database::builder().set_cache_size(cache_bytes).create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                if !warned {
+                    tracing::warn!(path = %path.display(), "metadata store locked by another process; waiting");
+                    warned = true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the database file with a bounded page cache.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(path)?;
+        let db = open_db(path, cache_bytes)?;
         // Create every table once so that read transactions never see a missing table.
         let txn = db.begin_write()?;
         {

@@ -271,3 +271,21 @@ fn a_batch_applies_each_command_and_keeps_failures_apart() {
     let target = h.sm.read(|rt| queries::readlink(rt, l.ino)).unwrap();
     assert_eq!(target.as_slice(), b"a");
 }
+
+#[test]
+fn a_store_locked_by_an_exiting_predecessor_opens_once_it_is_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("meta.redb");
+    let first = crate::store::Store::open(&path, 1 << 20).expect("first open");
+    let second = std::thread::spawn({
+        let path = path.clone();
+        move || crate::store::Store::open(&path, 1 << 20).map(|_| ())
+    });
+    // The second open meets the lock, waits, and gets the store once the first is closed.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(first);
+    second
+        .join()
+        .expect("the second open panicked")
+        .expect("the second open, after the first closed");
+}
