@@ -113,3 +113,40 @@ pub fn run_chunkserver(args: ChunkserverArgs) -> ExitCode {
         handle.join().await
     })
 }
+
+/// Flags of `rawfs healer`.
+#[derive(clap::Args, Debug)]
+pub struct HealerArgs {
+    /// Metadata client addresses, comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub metadata: Vec<String>,
+    /// This healer's id, distinct per instance (the lease holder).
+    #[arg(long, default_value_t = 1)]
+    pub id: u64,
+    /// Time between scans for chunks short of copies.
+    #[arg(long, default_value = "10s")]
+    pub scan_interval: crate::size::Dur,
+    /// Length of the healer lease (at most 10s); a standby takes over this long after the
+    /// active healer dies.
+    #[arg(long, default_value = "6s")]
+    pub lease_ttl: crate::size::Dur,
+}
+
+/// `rawfs healer`.
+pub fn run_healer(args: HealerArgs) -> ExitCode {
+    let cfg = rawfs_healer::HealerConfig {
+        metadata: args.metadata,
+        id: args.id,
+        scan_interval: args.scan_interval.0,
+        lease_ttl: args.lease_ttl.0,
+    };
+    run_daemon("healer", Threads::PerCore, async move {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let trigger = stop.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            trigger.cancel();
+        });
+        rawfs_healer::run(cfg, stop).await
+    })
+}

@@ -52,8 +52,8 @@ enum Command {
     Chunkserver(config::ChunkserverArgs),
     /// Mount a rawfs filesystem (the same as the `mount.rawfs` helper).
     Mount(MountArgs),
-    /// The healer daemon (issue 6: not implemented yet).
-    Healer(LaterArgs),
+    /// Run one healer: re-replicates chunks left short of copies (one instance holds the lease).
+    Healer(daemon::HealerArgs),
     /// The NBD server: every block volume as an export of its name.
     Nbd(nbd::NbdArgs),
     /// Block volumes (create, list, resize, delete), exported by `rawfs nbd`.
@@ -75,13 +75,6 @@ struct MountArgs {
     foreground: bool,
 }
 
-/// Arguments accepted by roles that arrive in later issues (ignored: they refuse to run).
-#[derive(clap::Args, Debug)]
-struct LaterArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<OsString>,
-}
-
 /// Log filter without RUST_LOG: `info`, but tarpc logs every request at info, which would
 /// bury everything else.
 const DEFAULT_LOG_FILTER: &str = "info,tarpc=warn";
@@ -95,11 +88,6 @@ fn install_tracing() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-}
-
-fn not_implemented(role: &str, issue: u32) -> ExitCode {
-    eprintln!("rawfs {role}: not implemented yet (issue {issue})");
-    ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
@@ -123,7 +111,7 @@ fn main() -> ExitCode {
             }
             exit_code(rawfs_mount::mount_helper_main(args))
         }
-        Command::Healer(_) => not_implemented("healer", 6),
+        Command::Healer(a) => daemon::run_healer(a),
         Command::Nbd(a) => nbd::run(a),
         Command::Volume(v) => volume::run(v),
         Command::Metadata(m) => match m.admin {
@@ -227,9 +215,29 @@ mod tests {
     }
 
     #[test]
-    fn later_roles_accept_any_arguments() {
-        let cli = Cli::try_parse_from(["rawfs", "healer", "--listen", "x"]).expect("parses");
-        assert!(matches!(cli.command, Command::Healer(_)));
+    fn healer_parses() {
+        let cli = Cli::try_parse_from([
+            "rawfs",
+            "healer",
+            "--metadata",
+            "a:1,b:2",
+            "--id",
+            "2",
+            "--scan-interval",
+            "500ms",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Healer(a) => {
+                assert_eq!(a.metadata, vec!["a:1", "b:2"]);
+                assert_eq!((a.id, a.scan_interval.0.as_millis()), (2, 500));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            Cli::try_parse_from(["rawfs", "healer"]).is_err(),
+            "--metadata is required"
+        );
     }
 
     #[test]

@@ -399,7 +399,7 @@ pub fn render_table(v: &Value) -> String {
         "chunks: {} healthy, {} under-replicated, {} degraded, {} lost ({} replicated, {} erasure-coded)",
         ch["healthy"], ch["under_replicated"], ch["degraded"], ch["lost"], ch["replicated"], ch["ec"]
     );
-    let _ = writeln!(out, "healer: not running (arrives with issue 6)");
+    let _ = writeln!(out, "healer: status not shown yet (issue 6)");
     render_volumes(&mut out, v);
     out
 }

@@ -81,7 +81,17 @@ pub struct UpArgs {
     /// 127.0.0.1:10809, or a free port when that is taken).
     #[arg(long)]
     pub nbd_listen: Option<String>,
+    /// Passed to every metadata replica: heartbeat silence after which a chunkserver counts
+    /// as down and its chunks are re-replicated (default: the replicas' 5s).
+    #[arg(long)]
+    pub chunkserver_timeout: Option<Dur>,
+    /// Time between the healers' scans for chunks short of copies.
+    #[arg(long, default_value = "5s")]
+    pub healer_scan_interval: Dur,
 }
+
+/// Healers `rawfs up` starts: one active (the lease holder), one standby.
+const HEALERS: u64 = 2;
 
 /// Why `rawfs up` could not start the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -419,6 +429,12 @@ async fn start_all(
                 if let Some(n) = args.snapshot_every {
                     a.extend(["--snapshot-every".into(), n.to_string()]);
                 }
+                if let Some(t) = &args.chunkserver_timeout {
+                    a.extend([
+                        "--chunkserver-timeout".into(),
+                        format!("{}ms", t.0.as_millis()),
+                    ]);
+                }
                 entry.raft_addr = Some(p.second.clone());
             }
             _ => {
@@ -461,6 +477,32 @@ async fn start_all(
             .into_owned(),
     ]);
     c.start(Role::Nbd, 1, &exe, nbd_args, entry)?;
+    for id in 1..=HEALERS {
+        let data_dir = c.dir.join(format!("healer-{id}"));
+        std::fs::create_dir_all(&data_dir).map_err(io_err("cannot create", &data_dir))?;
+        let entry = ProcessEntry {
+            role: Role::Healer,
+            id,
+            pid: 0,
+            addr: String::new(),
+            data_dir,
+            raft_addr: None,
+            control_addr: None,
+            exe: None,
+            args: vec![],
+            log: None,
+        };
+        let a = vec![
+            "healer".into(),
+            "--id".into(),
+            id.to_string(),
+            "--metadata".into(),
+            meta_addrs.join(","),
+            "--scan-interval".into(),
+            format!("{}ms", args.healer_scan_interval.0.as_millis()),
+        ];
+        c.start(Role::Healer, id, &exe, a, entry)?;
+    }
     // Early, so a harness can clean up even if the rest fails.
     c.cluster_file(false).store(&c.dir)?;
 

@@ -65,6 +65,9 @@ impl MetadataRpc for FakeMetadata {
         snapshot(origin: Ino, parent: Ino, name: Name, read_only: bool, label: Name, req: ReqId) -> Attr;
         cow_chunk(ino: Ino, index: u64, chunk: ChunkId, req: ReqId) -> CowLoc;
         cow_done(ino: Ino, index: u64, chunk: ChunkId, failed: Vec<ServerId>, req: ReqId) -> ChunkLoc;
+        endangered_chunks(after: ChunkId, limit: u32) -> EndangeredPage;
+        add_replica(chunk: ChunkId, version: u64, server: ServerId, term: u64, req: ReqId) -> ChunkLoc;
+        healer_lease(holder: u64, ttl_ms: u64) -> HealerLease;
         status() -> ClusterStatus;
         replica_status() -> ReplicaStatus;
         digest() -> StateDigest;

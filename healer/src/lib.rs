@@ -7,9 +7,14 @@
 //! ```
 //!
 //! Built so far: the repair [`planner`] (which chunks to copy where, most endangered first),
-//! a core without I/O. Not yet: the daemon that runs it (the lease, the copies, the commits),
-//! which arrives with issue 6. Until then chunks left under-replicated by a failed
-//! chunkserver stay so (and `rawfs status` says so), and `rawfs healer` exits with an error
-//! instead of pretending to heal.
+//! the [`daemon`] that runs it under the metadata service's healer lease, and the
+//! re-replication of replicated chunks ([`copy`]: checksummed reads from a live replica,
+//! committed fenced by term and chunk version, verified after the fence). Not yet (issue 6):
+//! EC reconstruction, scrub, tiering, throttling, inventory comparison (orphaned and stale
+//! copies), persisted progress, drain, and the status views.
 
+pub mod copy;
+pub mod daemon;
 pub mod planner;
+
+pub use daemon::{run, HealerConfig, HealerError};

@@ -12,6 +12,8 @@ mod cli;
 mod failover;
 #[path = "integration/faults.rs"]
 mod faults;
+#[path = "integration/healer.rs"]
+mod healer;
 #[path = "integration/integrity.rs"]
 mod integrity;
 #[path = "integration/nbd.rs"]

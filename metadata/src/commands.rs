@@ -153,6 +153,14 @@ pub enum Command {
         chunk: ChunkId,
         failed: Vec<ServerId>,
     },
+    /// Lists `server` as holding a new copy of `chunk` written at `version` (the healer's),
+    /// bumping the version; refused unless the entry's term is `term` (see `healing.rs`).
+    AddReplica {
+        chunk: ChunkId,
+        version: u64,
+        server: ServerId,
+        term: u64,
+    },
     /// Several commands that arrived together, applied in order as one log entry (group
     /// commit: one log write for many callers). Replies with [`Reply::Batch`]. Not nested.
     Batch(Vec<Command>),

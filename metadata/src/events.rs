@@ -310,6 +310,7 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         | Command::EndSession { .. }
         | Command::AllocateChunk { .. }
         | Command::DropReplica { .. }
+        | Command::AddReplica { .. }
         | Command::RegisterServer { .. }
         | Command::AckDeletes { .. }
         | Command::CowChunk { .. }

@@ -14,6 +14,7 @@
 //!                                                               meta.redb  fsync ~1/s)
 //!  chunkserver --heartbeat--> registry.rs (leader soft state) --> placement, deletions
 //!  status / replica_status / digest / add_peer / remove_peer --> cluster.rs
+//!  healer: endangered_chunks / add_replica / healer_lease --> healing.rs
 //! ```
 //!
 //! Apply is deterministic: every input that is not a function of the state (the time, the
@@ -45,6 +46,10 @@
 //!   is queued for deletion only when its last reference goes. Whatever changes a chunk's
 //!   servers or version must change every reference alike (`shares::update_chunk`), and
 //!   whatever looks a chunk up by id must accept a pending copy's source (`shares::view_of`).
+//! - The healer (`healing.rs`): `add_replica` commits a copy only at the chunk's current
+//!   version and in the term it names, and bumps the version (the healer then FENCEs every
+//!   replica so cached locations refresh and include the new copy). The healer lease is the
+//!   leader's soft state; a new leader grants it only once any earlier lease has lapsed.
 //! - Opens are per `session`; an unlinked inode stays (as an orphan, across restarts) until
 //!   its last open is released or its session ends. A session that dies without
 //!   `end_session` keeps its orphans (no session leases yet).
@@ -70,6 +75,7 @@ pub use store::StoreError;
 
 mod daemon;
 mod events;
+mod healing;
 mod proposer;
 mod server;
 

@@ -167,6 +167,13 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             chunk,
             failed,
         } => shares::cow_done(t, *ino, *index, *chunk, failed, term).map(Reply::Chunk),
+        AddReplica {
+            chunk,
+            version,
+            server,
+            term: order_term,
+        } => crate::healing::add_replica(t, *chunk, *version, *server, *order_term, term)
+            .map(Reply::Chunk),
         Batch(cmds) => {
             let mut out = Vec::with_capacity(cmds.len());
             for c in cmds {

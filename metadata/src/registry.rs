@@ -32,6 +32,8 @@ pub(crate) struct Registry {
     /// When this replica last became leader (or started).
     since: Instant,
     term: u64,
+    /// The healer lease granted by this leader (see `healing.rs`).
+    pub lease: Option<crate::healing::Lease>,
 }
 
 impl Registry {
@@ -41,6 +43,7 @@ impl Registry {
             timeout,
             since: now,
             term: 0,
+            lease: None,
         }
     }
 
@@ -94,6 +97,11 @@ impl Registry {
             .collect();
         v.sort_unstable();
         v
+    }
+
+    /// How long this replica has led in its current term (or run, before any term).
+    pub fn in_office(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.since)
     }
 
     /// True while a fresh leader may not have heard every live server yet.

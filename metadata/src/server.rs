@@ -71,7 +71,7 @@ pub(crate) fn propose_error(e: ProposeError) -> MetaError {
 }
 
 /// `cmd` applied at most once for the caller's request `req` (see `requests.rs`).
-fn tracked(req: ReqId, now: Timespec, cmd: Command) -> Command {
+pub(crate) fn tracked(req: ReqId, now: Timespec, cmd: Command) -> Command {
     Command::Tracked {
         req,
         now,
@@ -85,7 +85,7 @@ impl Server {
     }
 
     /// Confirms leadership; returns the term.
-    async fn leader_term(&self) -> MetaResult<u64> {
+    pub(crate) async fn leader_term(&self) -> MetaResult<u64> {
         let term = self
             .0
             .replica
@@ -117,7 +117,7 @@ impl Server {
         Ok(())
     }
 
-    async fn propose(&self, cmd: Command) -> MetaResult<Reply> {
+    pub(crate) async fn propose(&self, cmd: Command) -> MetaResult<Reply> {
         self.0.proposer.propose(cmd).await
     }
 
@@ -747,6 +747,31 @@ impl MetadataRpc for Server {
         self.propose(tracked(req, Timespec::now(), cmd))
             .await?
             .into_chunk()
+    }
+
+    async fn endangered_chunks(
+        self,
+        _: Context,
+        after: ChunkId,
+        limit: u32,
+    ) -> MetaResult<EndangeredPage> {
+        self.do_endangered(after, limit).await
+    }
+
+    async fn add_replica(
+        self,
+        _: Context,
+        chunk: ChunkId,
+        version: u64,
+        server: ServerId,
+        term: u64,
+        req: ReqId,
+    ) -> MetaResult<ChunkLoc> {
+        self.do_add_replica(chunk, version, server, term, req).await
+    }
+
+    async fn healer_lease(self, _: Context, holder: u64, ttl_ms: u64) -> MetaResult<HealerLease> {
+        self.do_healer_lease(holder, ttl_ms).await
     }
 
     async fn heartbeat(self, _: Context, hb: Heartbeat) -> MetaResult<HeartbeatReply> {

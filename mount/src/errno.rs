@@ -21,6 +21,8 @@ pub(crate) fn meta_errno(e: &MetaError) -> Errno {
         MetaError::TooManyLinks => Errno::EMLINK,
         // Everything else means the service could not do it now: an I/O error to the caller.
         MetaError::StaleVersion { .. }
+        | MetaError::StaleTerm { .. }
+        | MetaError::LeaseHeld { .. }
         | MetaError::NotLeader { .. }
         | MetaError::Unavailable { .. }
         | MetaError::Storage { .. } => Errno::EIO,

@@ -103,9 +103,10 @@ fn status_shows_a_killed_chunkserver_as_down_at_once() -> Result<()> {
 
 #[test]
 fn unreachable_cluster_and_later_roles_fail_clearly() -> Result<()> {
+    // `rawfs healer` without a metadata address is a usage error.
     let out = rawfs(&["healer".as_ref()])?;
     assert_eq!(out.status.code(), Some(2), "rawfs healer");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet (issue 6)"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--metadata"));
     // `rawfs nbd` without a cluster to serve is a usage error.
     let out = Command::new(rawfs_bin())
         .arg("nbd")

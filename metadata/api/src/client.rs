@@ -525,6 +525,8 @@ rpc_methods! {
         fn cow_chunk(ino: Ino, index: u64, chunk: ChunkId) -> CowLoc;
         /// Ends a copy-on-write (failed replicas dropped).
         fn cow_done(ino: Ino, index: u64, chunk: ChunkId, failed: Vec<ServerId>) -> ChunkLoc;
+        /// Commits a healer's new copy of a chunk (version bumped).
+        fn add_replica(chunk: ChunkId, version: u64, server: ServerId, term: u64) -> ChunkLoc;
     }
     other {
         /// Records an open of `ino` by `session`.
@@ -541,6 +543,10 @@ rpc_methods! {
         fn heartbeat(hb: Heartbeat) -> HeartbeatReply;
         /// The cluster's state.
         fn status() -> ClusterStatus;
+        /// A page of replicated chunks below their wanted copies, with server liveness.
+        fn endangered_chunks(after: ChunkId, limit: u32) -> EndangeredPage;
+        /// Grants or renews the healer lease.
+        fn healer_lease(holder: u64, ttl_ms: u64) -> HealerLease;
         /// Adds a metadata replica to the group (give the client a long call timeout: the
         /// new replica catches up first).
         fn add_peer(id: u64, addr: String, raft_addr: String) -> ();
@@ -668,6 +674,9 @@ mod tests {
             snapshot(origin: Ino, parent: Ino, name: Name, read_only: bool, label: ByteBuf, req: ReqId) -> Attr;
             cow_chunk(ino: Ino, index: u64, chunk: ChunkId, req: ReqId) -> CowLoc;
             cow_done(ino: Ino, index: u64, chunk: ChunkId, failed: Vec<ServerId>, req: ReqId) -> ChunkLoc;
+            endangered_chunks(after: ChunkId, limit: u32) -> EndangeredPage;
+            add_replica(chunk: ChunkId, version: u64, server: ServerId, term: u64, req: ReqId) -> ChunkLoc;
+            healer_lease(holder: u64, ttl_ms: u64) -> HealerLease;
             heartbeat(hb: Heartbeat) -> HeartbeatReply;
             status() -> ClusterStatus;
             replica_status() -> ReplicaStatus;

@@ -162,6 +162,28 @@ pub trait MetadataRpc {
         req: ReqId,
     ) -> MetaResult<ChunkLoc>;
 
+    // ---- healer -------------------------------------------------------------------------------
+    /// Replicated chunks with fewer live copies than wanted and id above `after`, at most
+    /// `limit` (capped) per page, with every chunkserver's liveness. Leader only (liveness
+    /// is the leader's soft state).
+    async fn endangered_chunks(after: ChunkId, limit: u32) -> MetaResult<EndangeredPage>;
+    /// Commits a new copy of `chunk` on `server`, written at `version` in leader term
+    /// `term`. Refused with `StaleVersion` if the chunk's version moved meanwhile, `Exists`
+    /// if `server` already holds it, `StaleTerm` if the log entry is of another term. The
+    /// version is bumped (every listed replica must then be fenced at the new one, so that
+    /// writers holding the old location refresh and write to the new copy too).
+    async fn add_replica(
+        chunk: ChunkId,
+        version: u64,
+        server: ServerId,
+        term: u64,
+        req: ReqId,
+    ) -> MetaResult<ChunkLoc>;
+    /// Grants or renews the healer lease to `holder` for `ttl_ms` (capped), or refuses with
+    /// `LeaseHeld` while another holder has it. Soft state on the leader: a new leader
+    /// grants nothing until the longest lease has had time to lapse since it took office.
+    async fn healer_lease(holder: u64, ttl_ms: u64) -> MetaResult<HealerLease>;
+
     // ---- cluster ------------------------------------------------------------------------------
     /// A chunkserver's heartbeat; the reply carries the leader's term and orders.
     async fn heartbeat(hb: Heartbeat) -> MetaResult<HeartbeatReply>;

@@ -338,3 +338,53 @@ pub struct ClusterStatus {
     pub chunks: ChunkCounts,
     pub files: u64,
 }
+
+/// Copies per replicated chunk the healer restores (the same as [`REPLICAS`]).
+pub const WANTED_COPIES: u32 = REPLICAS as u32;
+
+/// A replicated chunk with fewer live copies than wanted, as `endangered_chunks` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndangeredChunk {
+    pub chunk: ChunkId,
+    /// The version a new copy is written and committed (`add_replica`) at.
+    pub version: u64,
+    /// Every server the chunk map lists (live or not).
+    pub replicas: Vec<ServerId>,
+    /// How many copies the chunk should have.
+    pub wanted: u32,
+    /// Bytes a copy must hold: the owner file's size within this chunk (at most
+    /// [`CHUNK_SIZE`]); past it the chunk reads as zeros.
+    pub bytes: u64,
+}
+
+/// One chunkserver as the leader's registry sees it now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerLiveness {
+    pub id: ServerId,
+    pub data_addr: String,
+    /// Heartbeating within the timeout and healthy.
+    pub up: bool,
+    pub free_bytes: u64,
+}
+
+/// A page of `endangered_chunks`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndangeredPage {
+    /// By chunk id, all above the `after` asked for.
+    pub chunks: Vec<EndangeredChunk>,
+    /// Where the next page starts (`after` for the next call); `None` on the last page.
+    pub next: Option<ChunkId>,
+    /// Every registered chunkserver.
+    pub servers: Vec<ServerLiveness>,
+    /// The leader's term: the fencing token for copies and `add_replica`.
+    pub term: u64,
+}
+
+/// A granted (or renewed) healer lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealerLease {
+    /// The leader term it was granted in: writes and `add_replica` carry it.
+    pub term: u64,
+    /// Valid this long from the request (the holder renews well before).
+    pub ttl_ms: u64,
+}

@@ -1,6 +1,7 @@
 //! State machine tests: commands go through `StateMachine::apply` exactly as the log
 //! delivers them, on a real redb file in a temporary directory.
 
+mod healing;
 mod posix;
 mod requests;
 mod shares;

@@ -1,0 +1,283 @@
+//! The healer daemon: hold the lease, scan, plan, repair, most endangered first.
+//!
+//! ```text
+//!  lease task: healer_lease(id, ttl) every ttl/3 ─▶ Lease { term, valid until }
+//!  scan loop (every scan interval, while the lease is held):
+//!     endangered_chunks pages ─▶ planner::plan ─▶ repairs (1 copy left first)
+//!        each: copy::re_replicate; a failure backs the chunk off (1 s, 2 s, ... 60 s)
+//! ```
+//!
+//! Any number of healers may run; the one holding the lease works, the others wait for it
+//! to lapse (a dead holder stops renewing). A healer that loses the lease mid-scan stops
+//! before its next repair; one in flight may still commit, fenced by its term: a new leader
+//! refuses it (`StaleTerm`) and the chunk's version refuses a copy made twice.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rawfs_chunkserver_api::DataClient;
+use rawfs_metadata_api::{ChunkId, ClientTimeouts, MetaError, MetadataClient};
+use tokio_util::sync::CancellationToken;
+
+use crate::copy::{self, Ctx, RepairError};
+use crate::planner::{self, ChunkState, ServerState};
+
+/// How the healer runs.
+#[derive(Clone, Debug)]
+pub struct HealerConfig {
+    /// Metadata service client addresses.
+    pub metadata: Vec<String>,
+    /// This healer's lease holder id (distinct per instance).
+    pub id: u64,
+    /// Time between scans of the chunk map.
+    pub scan_interval: Duration,
+    /// Lease length asked for (the service caps it at 10 s).
+    pub lease_ttl: Duration,
+}
+
+/// Why the healer stopped other than on request.
+#[derive(Debug, thiserror::Error)]
+pub enum HealerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Most chunks asked for per `endangered_chunks` page.
+const PAGE: u32 = 1024;
+/// Deadline of one chunkserver call (a 4 MiB piece).
+const DATA_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest back-off of a failing chunk.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The lease as this healer last got it.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    term: u64,
+    until: Instant,
+}
+
+/// A chunk whose repair failed: not tried again before `next`.
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    next: Instant,
+    delay: Duration,
+}
+
+/// Runs the healer until `stop` is cancelled.
+pub async fn run(cfg: HealerConfig, stop: CancellationToken) -> Result<(), HealerError> {
+    if cfg.metadata.is_empty() {
+        return Err(HealerError::Config("no metadata address".into()));
+    }
+    if cfg.scan_interval.is_zero() || cfg.lease_ttl < Duration::from_millis(300) {
+        return Err(HealerError::Config(
+            "scan interval must be > 0 and the lease ttl at least 300ms".into(),
+        ));
+    }
+    let meta = MetadataClient::new(cfg.metadata.clone(), ClientTimeouts::default());
+    let held: Arc<Mutex<Option<Held>>> = Arc::default();
+    let lease_task = tokio::spawn(keep_lease(
+        meta.clone(),
+        cfg.clone(),
+        held.clone(),
+        stop.clone(),
+    ));
+    let data = DataClient::new(DATA_TIMEOUT);
+    let mut backoff: HashMap<ChunkId, Backoff> = HashMap::new();
+    tracing::info!(id = cfg.id, "healer started");
+    loop {
+        if let Some(term) = lease_term(&held) {
+            scan(&meta, &data, term, &held, &stop, &mut backoff).await;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(cfg.scan_interval) => {}
+        }
+    }
+    let _ = lease_task.await;
+    Ok(())
+}
+
+/// The term of a lease still valid for a while (not about to lapse mid-repair).
+fn lease_term(held: &Mutex<Option<Held>>) -> Option<u64> {
+    let h = *held.lock().unwrap_or_else(|p| p.into_inner());
+    h.filter(|h| h.until > Instant::now() + Duration::from_millis(200))
+        .map(|h| h.term)
+}
+
+/// Asks for the lease every ttl/3 and records what was granted.
+async fn keep_lease(
+    meta: MetadataClient,
+    cfg: HealerConfig,
+    held: Arc<Mutex<Option<Held>>>,
+    stop: CancellationToken,
+) {
+    let mut had = false;
+    loop {
+        let asked = Instant::now();
+        let got = meta
+            .healer_lease(cfg.id, cfg.lease_ttl.as_millis() as u64)
+            .await;
+        let now_held = match got {
+            Ok(l) => {
+                if !had {
+                    tracing::info!(id = cfg.id, term = l.term, "healer lease acquired: active");
+                }
+                // Counted from before the request: the leader's lease started later.
+                Some(Held {
+                    term: l.term,
+                    until: asked + Duration::from_millis(l.ttl_ms),
+                })
+            }
+            Err(MetaError::LeaseHeld { holder, .. }) => {
+                if had {
+                    tracing::warn!(id = cfg.id, holder, "healer lease lost: standby");
+                }
+                None
+            }
+            Err(e) => {
+                tracing::warn!(id = cfg.id, error = %e, "cannot renew the healer lease");
+                // Keep what is still valid; it lapses by itself.
+                *held.lock().unwrap_or_else(|p| p.into_inner())
+            }
+        };
+        had = now_held.is_some();
+        *held.lock().unwrap_or_else(|p| p.into_inner()) = now_held;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(cfg.lease_ttl / 3) => {}
+        }
+    }
+}
+
+/// One scan: every endangered chunk, planned and repaired in order of danger.
+async fn scan(
+    meta: &MetadataClient,
+    data: &DataClient,
+    term: u64,
+    held: &Mutex<Option<Held>>,
+    stop: &CancellationToken,
+    backoff: &mut HashMap<ChunkId, Backoff>,
+) {
+    let mut chunks = Vec::new();
+    let mut after = 0;
+    let servers = loop {
+        let page = match meta.endangered_chunks(after, PAGE).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list endangered chunks");
+                return;
+            }
+        };
+        if page.term != term {
+            tracing::info!(
+                lease_term = term,
+                leader_term = page.term,
+                "leader changed: waiting for a new lease"
+            );
+            return;
+        }
+        chunks.extend(page.chunks);
+        match page.next {
+            Some(n) => after = n,
+            None => break page.servers,
+        }
+    };
+    let now = Instant::now();
+    backoff.retain(|c, _| chunks.iter().any(|e| e.chunk == *c));
+    let states: Vec<ChunkState> = chunks
+        .iter()
+        .filter(|c| backoff.get(&c.chunk).map_or(true, |b| b.next <= now))
+        .map(|c| ChunkState {
+            chunk: c.chunk,
+            version: c.version,
+            replicas: c.replicas.clone(),
+            wanted: c.wanted as usize,
+            bytes: c.bytes,
+        })
+        .collect();
+    let bytes: HashMap<ChunkId, u64> = chunks.iter().map(|c| (c.chunk, c.bytes)).collect();
+    let srv: Vec<ServerState> = servers
+        .iter()
+        .map(|s| ServerState {
+            id: s.id,
+            up: s.up,
+            free_bytes: s.free_bytes,
+        })
+        .collect();
+    let addrs: HashMap<u64, String> = servers
+        .iter()
+        .filter(|s| s.up)
+        .map(|s| (s.id, s.data_addr.clone()))
+        .collect();
+    let plan = planner::plan(&states, &srv);
+    if !plan.lost.is_empty() {
+        tracing::error!(chunks = ?plan.lost, "chunks with no live copy: waiting for a holder to return");
+    }
+    if !plan.stuck.is_empty() {
+        tracing::warn!(chunks = ?plan.stuck, "chunks missing copies with no server to copy to");
+    }
+    if plan.repairs.is_empty() {
+        return;
+    }
+    tracing::info!(repairs = plan.repairs.len(), by_danger = ?plan.by_danger(), "repair plan");
+    let stopping = || stop.is_cancelled();
+    let ctx = Ctx {
+        meta,
+        data,
+        addrs: &addrs,
+        term,
+        stopping: &stopping,
+    };
+    // A chunk copied twice in one scan continues from the version the first copy left.
+    let mut moved: HashMap<ChunkId, Option<u64>> = HashMap::new();
+    for mut r in plan.repairs {
+        if stop.is_cancelled() || lease_term(held) != Some(term) {
+            tracing::info!("lease lapsing or stopping: scan abandoned");
+            return;
+        }
+        match moved.get(&r.chunk) {
+            Some(None) => continue,
+            Some(Some(v)) => r.version = *v,
+            None => {}
+        }
+        let b = bytes.get(&r.chunk).copied().unwrap_or(0);
+        let started = Instant::now();
+        match copy::re_replicate(&ctx, &r, b).await {
+            Ok(v) => {
+                tracing::info!(
+                    chunk = r.chunk,
+                    copies_left = r.copies_left,
+                    target = r.target,
+                    bytes = b,
+                    ms = started.elapsed().as_millis() as u64,
+                    "repaired chunk"
+                );
+                backoff.remove(&r.chunk);
+                moved.insert(r.chunk, Some(v));
+            }
+            Err(RepairError::Stopped) => return,
+            Err(e) => {
+                let delay = backoff
+                    .get(&r.chunk)
+                    .map_or(Duration::from_secs(1), |b| (b.delay * 2).min(MAX_BACKOFF));
+                tracing::warn!(
+                    chunk = r.chunk,
+                    copies_left = r.copies_left,
+                    target = r.target,
+                    error = %e,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "repair failed"
+                );
+                backoff.insert(
+                    r.chunk,
+                    Backoff {
+                        next: Instant::now() + delay,
+                        delay,
+                    },
+                );
+                moved.insert(r.chunk, None);
+            }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The healer: a killed chunkserver's chunks are copied back to full redundancy by the
+//! healer `rawfs up` starts, and every file still reads identical.
+
+use anyhow::{bail, Context, Result};
+use rawfs_integration::fsutil::{drop_cache, pattern};
+use rawfs_integration::harness::wait_until;
+use rawfs_integration::{Cluster, Options};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+
+fn write_file(path: &Path, seed: u64, len: usize) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(4 * MIB);
+        f.write_all(&pattern(seed, off as u64, n))?;
+        off += n;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Compares a file with `pattern(seed, ..)` after dropping its cached pages.
+fn verify(path: &Path, seed: u64, len: usize) -> Result<()> {
+    let mut f = File::open(path)?;
+    drop_cache(&f);
+    assert_eq!(
+        f.metadata()?.len(),
+        len as u64,
+        "size of {}",
+        path.display()
+    );
+    let mut buf = vec![0u8; 4 * MIB];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(buf.len());
+        f.read_exact(&mut buf[..n])?;
+        if buf[..n] != pattern(seed, off as u64, n)[..] {
+            bail!("{}: content differs in the piece at {off}", path.display());
+        }
+        off += n;
+    }
+    Ok(())
+}
+
+#[test]
+fn killed_chunkserver_is_re_replicated() -> Result<()> {
+    let mut c = Cluster::start_with(Options {
+        chunkservers: 4,
+        up_args: [
+            "--metadata-replicas",
+            "1",
+            "--chunkserver-timeout",
+            "2s",
+            "--healer-scan-interval",
+            "1s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+    })?;
+    // Five chunks: a two-chunk file and three small ones.
+    let files: Vec<(String, u64, usize)> = vec![
+        ("a".into(), 1, 66 * MIB),
+        ("b".into(), 2, 3 * MIB),
+        ("c".into(), 3, 5 * MIB + 123),
+        ("d".into(), 4, 1),
+    ];
+    for (name, seed, len) in &files {
+        write_file(&c.path(name), *seed, *len)?;
+    }
+    // The chunkserver holding the most chunks.
+    let s = c.status()?;
+    let victim = s["chunkservers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .max_by_key(|cs| cs["chunks"].as_u64().unwrap_or(0))
+        .and_then(|cs| cs["id"].as_u64())
+        .context("no chunkserver in status")?;
+    let total = s["chunks"]["replicated"].as_u64().unwrap_or(0);
+    assert_eq!(total, 5, "{s}");
+    c.kill9("chunkserver", victim)?;
+    let killed = Instant::now();
+    let r = wait_until(
+        "every chunk back at 3 live copies",
+        Duration::from_secs(60),
+        || {
+            let s = c.status()?;
+            // Down for the metadata service (not just a dead pid, which `status` shows at
+            // once): silent for longer than --chunkserver-timeout.
+            let down = s["chunkservers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|cs| cs["id"] == victim && cs["last_seen_ms"].as_u64() > Some(2500));
+            let ch = &s["chunks"];
+            Ok(down
+                && ch["under_replicated"] == 0
+                && ch["lost"] == 0
+                && ch["healthy"].as_u64() == Some(total))
+        },
+    );
+    c.diagnose(r)?;
+    eprintln!(
+        "re-replicated {total} chunks {:.1} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+    // The active healer logged each copy with its danger level (two copies were left).
+    let mut logged = 0;
+    for id in [1, 2] {
+        if let Some(log) = c.process("healer", id)?.log {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            logged += text
+                .lines()
+                .filter(|l| l.contains("repaired chunk") && l.contains("copies_left=2"))
+                .count();
+        }
+    }
+    assert!(logged >= 1, "no repair logged by a healer");
+    for (name, seed, len) in &files {
+        verify(&c.path(name), *seed, *len)?;
+    }
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+    Ok(())
+}

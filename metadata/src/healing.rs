@@ -1,0 +1,331 @@
+//! What the healer needs from the metadata service: the endangered chunks, committing a new
+//! copy, and the lease that lets one healer work at a time.
+//!
+//! ```text
+//!  healer ── healer_lease(holder, ttl) ──▶ leader registry (soft state)
+//!         ── endangered_chunks(after) ───▶ chunk map scan + registry liveness
+//!         ── copy chunk: source ──read (crc checked)──▶ healer ──write (version, term)──▶ target
+//!         ── add_replica(chunk, version, target, term) ─▶ log: version + 1, target listed
+//!         ── FENCE(chunk, version + 1) on every listed replica
+//! ```
+//!
+//! Why `add_replica` bumps the version: writers keep chunk locations cached. One that
+//! fetched the location before the commit would keep writing to the old replicas only,
+//! leaving the new copy behind. After the bump and the FENCE, such a writer is refused, asks
+//! again, and writes to every replica, the new one included. Writes that reached the old
+//! replicas between the healer's read and the FENCE are caught by the healer comparing the
+//! new copy with a source after the FENCE (see `rawfs-healer`).
+//!
+//! The lease is the leader's soft state, not replicated: a new leader does not know who held
+//! it, so it grants nothing until [`LEASE_MAX`] has passed since it took office (any lease
+//! granted by an earlier leader has lapsed by then).
+
+use std::time::{Duration, Instant};
+
+use redb::ReadableTable;
+
+use rawfs_metadata_api::{
+    ChunkId, ChunkLoc, EndangeredChunk, EndangeredPage, HealerLease, MetaError, MetaResult,
+    ServerId, ServerLiveness, CHUNK_SIZE, WANTED_COPIES,
+};
+
+use crate::chunks::to_loc;
+use crate::commands::Command;
+use crate::queries;
+use crate::server::Server;
+use crate::store::{decode, get_chunk, inode, ChunkRec, Fail, Op, ReadTables, Tables};
+
+/// The longest healer lease granted, whatever the holder asks for.
+pub(crate) const LEASE_MAX: Duration = Duration::from_secs(10);
+/// Most chunks one `endangered_chunks` page lists.
+pub(crate) const PAGE_MAX: u32 = 4096;
+
+/// Who holds the healer lease, on the leader.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Lease {
+    pub holder: u64,
+    pub until: Instant,
+    pub term: u64,
+}
+
+/// Decides a lease request: granted (`Ok(ttl)`) or held by another (`Err`).
+/// `in_office` is how long this leader has led in `term`.
+pub(crate) fn decide_lease(
+    current: Option<Lease>,
+    holder: u64,
+    ttl: Duration,
+    term: u64,
+    in_office: Duration,
+    now: Instant,
+) -> Result<Lease, MetaError> {
+    let ttl = ttl.min(LEASE_MAX);
+    let until = now + ttl;
+    match current {
+        Some(l) if l.term == term && l.until > now && l.holder != holder => {
+            Err(MetaError::LeaseHeld {
+                holder: l.holder,
+                remaining_ms: l.until.saturating_duration_since(now).as_millis() as u64,
+            })
+        }
+        Some(l) if l.term == term => Ok(Lease {
+            holder,
+            until,
+            term,
+        }),
+        // No lease granted in this term: one from an earlier leader may still run.
+        _ if in_office < LEASE_MAX => Err(MetaError::LeaseHeld {
+            holder: 0,
+            remaining_ms: (LEASE_MAX - in_office).as_millis() as u64,
+        }),
+        _ => Ok(Lease {
+            holder,
+            until,
+            term,
+        }),
+    }
+}
+
+/// The replicated chunks (counted once, at their owner) with id above `after` and fewer
+/// than [`WANTED_COPIES`] live replicas, at most `limit`, and where the next page starts.
+/// Scans the whole chunk map (like `status`).
+pub(crate) fn endangered(
+    rt: &ReadTables,
+    is_up: &dyn Fn(ServerId) -> bool,
+    after: ChunkId,
+    limit: u32,
+) -> Op<(Vec<EndangeredChunk>, Option<ChunkId>)> {
+    let limit = limit.clamp(1, PAGE_MAX) as usize;
+    let mut out = Vec::new();
+    for item in rt.chunks.iter()? {
+        let (k, v) = item?;
+        let (ino, index) = k.value();
+        let rec: ChunkRec = decode("chunk", v.value())?;
+        // The chunk itself, unless it is a copy-on-write target not written yet; and the
+        // source of a pending copy where this reference owns it.
+        let mut views = Vec::new();
+        if rec.pending.is_none() {
+            views.push(rec.clone());
+        }
+        if let Some(p) = &rec.pending {
+            views.extend(crate::shares::view_of(&rec, p.chunk));
+        }
+        for view in views {
+            if view.chunk <= after
+                || rt.chunk_owner.get(view.chunk)?.map(|g| g.value()) != Some((ino, index))
+            {
+                continue;
+            }
+            let live = view.servers.iter().filter(|&&s| is_up(s)).count();
+            if live >= WANTED_COPIES as usize {
+                continue;
+            }
+            let size = inode(&rt.inodes, ino)?.size;
+            let bytes = size
+                .saturating_sub(index.saturating_mul(CHUNK_SIZE))
+                .min(CHUNK_SIZE);
+            out.push(EndangeredChunk {
+                chunk: view.chunk,
+                version: view.version,
+                replicas: view.servers,
+                wanted: WANTED_COPIES,
+                bytes,
+            });
+        }
+    }
+    out.sort_by_key(|c| c.chunk);
+    let next = if out.len() > limit {
+        out.truncate(limit);
+        out.last().map(|c| c.chunk)
+    } else {
+        None
+    };
+    Ok((out, next))
+}
+
+/// Applies `AddReplica`: lists `server` as a holder of `chunk` at `version` + 1.
+pub(crate) fn add_replica(
+    t: &mut Tables,
+    chunk: ChunkId,
+    version: u64,
+    server: ServerId,
+    order_term: u64,
+    term: u64,
+) -> Op<ChunkLoc> {
+    if order_term != term {
+        return Err(MetaError::StaleTerm { current: term }.into());
+    }
+    let (ino, index) = t
+        .chunk_owner
+        .get(chunk)?
+        .map(|g| g.value())
+        .ok_or(Fail::Meta(MetaError::NotFound))?;
+    let rec = get_chunk(&t.chunks, ino, index)?
+        .and_then(|r| crate::shares::view_of(&r, chunk))
+        .ok_or(Fail::Meta(MetaError::NotFound))?;
+    if rec.version != version {
+        return Err(MetaError::StaleVersion {
+            current: rec.version,
+        }
+        .into());
+    }
+    if rec.servers.contains(&server) {
+        return Err(MetaError::Exists.into());
+    }
+    // Every reference of a shared chunk carries its record: change them all alike.
+    crate::shares::update_chunk(t, chunk, |v, servers| {
+        servers.push(server);
+        *v += 1;
+    })?;
+    // An inventory may have queued the copy's deletion while it was being written.
+    t.deletions.remove((server, chunk))?;
+    let mut rec = rec;
+    rec.servers.push(server);
+    rec.version += 1;
+    let mut loc = to_loc(&t.servers, index, &rec, term)?;
+    loc.shared = crate::shares::has_extra_refs(&t.chunk_refs, chunk)?;
+    Ok(loc)
+}
+
+impl Server {
+    pub(crate) async fn do_endangered(
+        &self,
+        after: ChunkId,
+        limit: u32,
+    ) -> MetaResult<EndangeredPage> {
+        let term = self.leader_term().await?;
+        let me = self.clone();
+        // A full scan of the chunk map: keep it off the async workers.
+        tokio::task::spawn_blocking(move || me.endangered_page(after, limit, term))
+            .await
+            .map_err(|e| MetaError::Unavailable {
+                reason: format!("scan task failed: {e}"),
+            })?
+    }
+
+    fn endangered_page(&self, after: ChunkId, limit: u32, term: u64) -> MetaResult<EndangeredPage> {
+        let now = Instant::now();
+        let (up, free) = {
+            let reg = self.registry();
+            let up = reg.up_servers(now);
+            let free: std::collections::HashMap<ServerId, (bool, u64)> = up
+                .iter()
+                .filter_map(|&id| {
+                    reg.get(id)
+                        .map(|l| (id, (l.healthy, l.total_bytes.saturating_sub(l.used_bytes))))
+                })
+                .collect();
+            (up, free)
+        };
+        let is_up = |s| up.contains(&s);
+        let ((chunks, next), servers) = self
+            .0
+            .sm
+            .read(|rt| Ok((endangered(rt, &is_up, after, limit)?, queries::servers(rt)?)))?;
+        let servers = servers
+            .into_iter()
+            .map(|(id, rec)| {
+                let (healthy, free_bytes) = free.get(&id).copied().unwrap_or((false, 0));
+                ServerLiveness {
+                    id,
+                    data_addr: rec.data_addr,
+                    up: up.contains(&id) && healthy,
+                    free_bytes,
+                }
+            })
+            .collect();
+        Ok(EndangeredPage {
+            chunks,
+            next,
+            servers,
+            term,
+        })
+    }
+
+    pub(crate) async fn do_add_replica(
+        &self,
+        chunk: ChunkId,
+        version: u64,
+        server: ServerId,
+        term: u64,
+        req: rawfs_metadata_api::ReqId,
+    ) -> MetaResult<ChunkLoc> {
+        let cmd = Command::AddReplica {
+            chunk,
+            version,
+            server,
+            term,
+        };
+        self.propose(crate::server::tracked(
+            req,
+            rawfs_metadata_api::Timespec::now(),
+            cmd,
+        ))
+        .await?
+        .into_chunk()
+    }
+
+    pub(crate) async fn do_healer_lease(
+        &self,
+        holder: u64,
+        ttl_ms: u64,
+    ) -> MetaResult<HealerLease> {
+        let term = self.leader_term().await?;
+        let now = Instant::now();
+        let mut reg = self.registry();
+        let in_office = reg.in_office(now);
+        let lease = decide_lease(
+            reg.lease,
+            holder,
+            Duration::from_millis(ttl_ms),
+            term,
+            in_office,
+            now,
+        )?;
+        if reg
+            .lease
+            .map_or(true, |l| l.holder != holder || l.term != term)
+        {
+            tracing::info!(holder, term, "healer lease granted");
+        }
+        reg.lease = Some(lease);
+        Ok(HealerLease {
+            term,
+            ttl_ms: lease.until.saturating_duration_since(now).as_millis() as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_holder_at_a_time_and_a_new_leader_waits() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(3);
+        let settled = LEASE_MAX;
+        // A leader in office long enough grants; the same holder renews; others wait.
+        let l = decide_lease(None, 1, ttl, 5, settled, t0).unwrap();
+        assert_eq!((l.holder, l.term), (1, 5));
+        let l = decide_lease(Some(l), 1, ttl, 5, settled, t0 + Duration::from_secs(2)).unwrap();
+        assert_eq!(l.until, t0 + Duration::from_secs(5));
+        let e = decide_lease(Some(l), 2, ttl, 5, settled, t0 + Duration::from_secs(4));
+        assert!(
+            matches!(e, Err(MetaError::LeaseHeld { holder: 1, .. })),
+            "{e:?}"
+        );
+        // Lapsed: the standby takes over.
+        let l2 = decide_lease(Some(l), 2, ttl, 5, settled, t0 + Duration::from_secs(6)).unwrap();
+        assert_eq!(l2.holder, 2);
+        // Asked for more than the cap: capped.
+        let l3 = decide_lease(None, 3, Duration::from_secs(600), 5, settled, t0).unwrap();
+        assert_eq!(l3.until, t0 + LEASE_MAX);
+        // A new leader (new term) grants nothing until LEASE_MAX in office.
+        let e = decide_lease(Some(l2), 2, ttl, 6, Duration::from_secs(1), t0);
+        assert!(
+            matches!(e, Err(MetaError::LeaseHeld { holder: 0, .. })),
+            "{e:?}"
+        );
+        assert!(decide_lease(None, 2, ttl, 6, LEASE_MAX, t0).is_ok());
+    }
+}
