@@ -282,6 +282,30 @@ pub fn file_hash(p: &Path) -> Result<(u64, u64)> {
     }
 }
 
+/// Compares the file at `path` with `pattern(seed, ..)` 4 MiB at a time, after dropping its
+/// cached pages (so the bytes come from the cluster, not the page cache).
+pub fn verify_pattern(path: &Path, seed: u64, len: usize) -> Result<()> {
+    use std::io::Read;
+    const PIECE: usize = 4 << 20;
+    let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+    drop_cache(&f);
+    let size = f.metadata()?.len();
+    if size != len as u64 {
+        bail!("{}: size {size}, expected {len}", path.display());
+    }
+    let mut buf = vec![0u8; PIECE];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(PIECE);
+        f.read_exact(&mut buf[..n])?;
+        if buf[..n] != pattern(seed, off as u64, n)[..] {
+            bail!("{}: content differs in the piece at {off}", path.display());
+        }
+        off += n;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

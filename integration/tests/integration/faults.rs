@@ -1,44 +1,17 @@
 //! Faults: a chunkserver killed mid-write, a corrupted chunk file, a killed metadata service.
 
-use anyhow::{bail, Context, Result};
-use rawfs_integration::fsutil::{drop_cache, pattern};
+use anyhow::{Context, Result};
+use rawfs_integration::fsutil::{pattern, verify_pattern};
 use rawfs_integration::harness::wait_until;
 use rawfs_integration::Cluster;
 use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const MIB: usize = 1 << 20;
-
-/// Compares a file with `pattern(seed, ..)` piece by piece, after dropping cached pages.
-fn verify_pattern(path: &Path, seed: u64, len: usize) -> Result<()> {
-    let mut f = File::open(path)?;
-    drop_cache(&f);
-    assert_eq!(
-        f.metadata()?.len(),
-        len as u64,
-        "size of {}",
-        path.display()
-    );
-    let mut buf = vec![0u8; 4 * MIB];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(buf.len());
-        f.read_exact(&mut buf[..n])?;
-        if buf[..n] != pattern(seed, off as u64, n)[..] {
-            bail!(
-                "{}: content differs in the {} MiB piece at {off}",
-                path.display(),
-                n / MIB
-            );
-        }
-        off += n;
-    }
-    Ok(())
-}
 
 /// Whether a healer of `c` has re-replicated a chunk already (its log says so): the
 /// under-replicated state a test waits for may be over before the test looks.

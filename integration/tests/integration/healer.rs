@@ -1,12 +1,12 @@
 //! The healer: a killed chunkserver's chunks are copied back to full redundancy by the
 //! healer `rawfs up` starts, and every file still reads identical.
 
-use anyhow::{bail, Context, Result};
-use rawfs_integration::fsutil::{drop_cache, pattern};
+use anyhow::{Context, Result};
+use rawfs_integration::fsutil::{pattern, verify_pattern};
 use rawfs_integration::harness::wait_until;
 use rawfs_integration::{Cluster, Options};
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::OpenOptions;
+use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -25,29 +25,6 @@ fn write_file(path: &Path, seed: u64, len: usize) -> Result<()> {
         off += n;
     }
     f.sync_all()?;
-    Ok(())
-}
-
-/// Compares a file with `pattern(seed, ..)` after dropping its cached pages.
-fn verify(path: &Path, seed: u64, len: usize) -> Result<()> {
-    let mut f = File::open(path)?;
-    drop_cache(&f);
-    assert_eq!(
-        f.metadata()?.len(),
-        len as u64,
-        "size of {}",
-        path.display()
-    );
-    let mut buf = vec![0u8; 4 * MIB];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(buf.len());
-        f.read_exact(&mut buf[..n])?;
-        if buf[..n] != pattern(seed, off as u64, n)[..] {
-            bail!("{}: content differs in the piece at {off}", path.display());
-        }
-        off += n;
-    }
     Ok(())
 }
 
@@ -127,7 +104,7 @@ fn killed_chunkserver_is_re_replicated() -> Result<()> {
     }
     assert!(logged >= 1, "no repair logged by a healer");
     for (name, seed, len) in &files {
-        verify(&c.path(name), *seed, *len)?;
+        verify_pattern(&c.path(name), *seed, *len)?;
     }
     assert!(c.panics().is_empty(), "{:?}", c.panics());
     Ok(())
