@@ -17,6 +17,20 @@ use crate::store::{
     decode, get_chunk, get_server, inode, ChunkRec, Fail, Op, ServerRec, Tables, NEXT_CHUNK,
 };
 
+/// Chunk `chunk` by id: its owning `(ino, index)` and its record as that reference sees it
+/// (`NotFound` if no file holds it).
+pub(crate) fn chunk_by_id(t: &Tables, chunk: ChunkId) -> Op<(Ino, u64, ChunkRec)> {
+    let (ino, index) = t
+        .chunk_owner
+        .get(chunk)?
+        .map(|g| g.value())
+        .ok_or(Fail::Meta(MetaError::NotFound))?;
+    let rec = get_chunk(&t.chunks, ino, index)?
+        .and_then(|r| crate::shares::view_of(&r, chunk))
+        .ok_or(Fail::Meta(MetaError::NotFound))?;
+    Ok((ino, index, rec))
+}
+
 /// Builds the wire form of a chunk record, with each replica's data address.
 pub(crate) fn to_loc(
     servers: &impl ReadableTable<u64, &'static [u8]>,
@@ -166,14 +180,7 @@ pub(crate) fn drop_replica(
     server: ServerId,
     term: u64,
 ) -> Op<ChunkLoc> {
-    let (ino, index) = t
-        .chunk_owner
-        .get(chunk)?
-        .map(|g| g.value())
-        .ok_or(Fail::Meta(MetaError::NotFound))?;
-    let rec = get_chunk(&t.chunks, ino, index)?
-        .and_then(|r| crate::shares::view_of(&r, chunk))
-        .ok_or(Fail::Meta(MetaError::NotFound))?;
+    let (_, index, rec) = chunk_by_id(t, chunk)?;
     if rec.version != expected_version || !rec.servers.contains(&server) {
         return to_loc(&t.servers, index, &rec, term);
     }

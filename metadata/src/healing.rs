@@ -33,7 +33,7 @@ use crate::chunks::to_loc;
 use crate::commands::Command;
 use crate::queries;
 use crate::server::Server;
-use crate::store::{decode, get_chunk, inode, ChunkRec, Fail, Op, ReadTables, Tables};
+use crate::store::{decode, inode, ChunkRec, Op, ReadTables, Tables};
 
 /// The longest healer lease granted, whatever the holder asks for.
 pub(crate) const LEASE_MAX: Duration = Duration::from_secs(10);
@@ -154,14 +154,7 @@ pub(crate) fn add_replica(
     if order_term != term {
         return Err(MetaError::StaleTerm { current: term }.into());
     }
-    let (ino, index) = t
-        .chunk_owner
-        .get(chunk)?
-        .map(|g| g.value())
-        .ok_or(Fail::Meta(MetaError::NotFound))?;
-    let rec = get_chunk(&t.chunks, ino, index)?
-        .and_then(|r| crate::shares::view_of(&r, chunk))
-        .ok_or(Fail::Meta(MetaError::NotFound))?;
+    let (_, index, rec) = crate::chunks::chunk_by_id(t, chunk)?;
     if rec.version != version {
         return Err(MetaError::StaleVersion {
             current: rec.version,

@@ -561,16 +561,20 @@ const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// its lock: a replica restarted right after `kill -9` (by a supervisor, or by hand) may find
 /// the killed process's threads still exiting and holding the file lock for a moment. A
 /// lock held for longer is a second replica on the same directory, and stays an error.
-fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+///
+/// `on_locked` is called each time the lock is found held (the daemon logs the first; a test
+/// learns that the wait began).
+pub(crate) fn open_db(
+    path: &Path,
+    cache_bytes: usize,
+    on_locked: &mut dyn FnMut(),
+) -> Result<Database, StoreError> {
     let deadline = Instant::now() + LOCK_WAIT;
-    let mut warned = false;
     loop {
         match Database::builder().set_cache_size(cache_bytes).create(path) {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
-                if !warned {
-                    tracing::warn!(path = %path.display(), "metadata store locked by another process; waiting");
-                    warned = true;
-                }
+                on_locked();
+                // A file lock gives no notice when it is released: poll it.
                 std::thread::sleep(Duration::from_millis(100));
             }
             other => return Ok(other?),
@@ -581,7 +585,13 @@ fn open_db(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
 impl Store {
     /// Opens (or creates) the database file with a bounded page cache.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
-        let db = open_db(path, cache_bytes)?;
+        let mut warned = false;
+        let db = open_db(path, cache_bytes, &mut || {
+            if !warned {
+                tracing::warn!(path = %path.display(), "metadata store locked by another process; waiting");
+                warned = true;
+            }
+        })?;
         // Create every table once so that read transactions never see a missing table.
         let txn = db.begin_write()?;
         {

@@ -277,12 +277,20 @@ fn a_store_locked_by_an_exiting_predecessor_opens_once_it_is_gone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("meta.redb");
     let first = crate::store::Store::open(&path, 1 << 20).expect("first open");
+    let (waiting, waits) = std::sync::mpsc::channel();
     let second = std::thread::spawn({
         let path = path.clone();
-        move || crate::store::Store::open(&path, 1 << 20).map(|_| ())
+        move || {
+            crate::store::open_db(&path, 1 << 20, &mut || {
+                let _ = waiting.send(());
+            })
+            .map(|_| ())
+        }
     });
-    // The second open meets the lock, waits, and gets the store once the first is closed.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The second open meets the lock and waits; once the first is closed it gets the store.
+    waits
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the second open never found the store locked");
     drop(first);
     second
         .join()
