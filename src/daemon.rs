@@ -130,6 +130,11 @@ pub struct HealerArgs {
     /// active healer dies.
     #[arg(long, default_value = "6s")]
     pub lease_ttl: crate::size::Dur,
+    /// Quiet time (no change to a file's data) after which the chunks of an `auto` file are
+    /// converted to RS 4+2, e.g. `30s`, `5m`, `24h`, `0` (at once). `cold` files are
+    /// converted whatever this says, `hot` ones never.
+    #[arg(long, default_value = "24h")]
+    pub cold_after: crate::size::Dur,
 }
 
 /// `rawfs healer`.
@@ -139,6 +144,7 @@ pub fn run_healer(args: HealerArgs) -> ExitCode {
         id: args.id,
         scan_interval: args.scan_interval.0,
         lease_ttl: args.lease_ttl.0,
+        cold_after: args.cold_after.0,
     };
     run_daemon("healer", Threads::PerCore, async move {
         let stop = tokio_util::sync::CancellationToken::new();

@@ -1,7 +1,7 @@
 //! `rawfs`: the command line of the rawfs distributed filesystem.
 //!
 //! One binary runs every role (`metadata`, `chunkserver`, `mount`) and the operator commands
-//! (`up`, `status`, `metadata add-peer|remove-peer`). `main` only parses arguments, installs tracing and hands over to a module;
+//! (`up`, `status`, `metadata add-peer|remove-peer`, `class set|get`). `main` only parses arguments, installs tracing and hands over to a module;
 //! the daemons themselves are libraries (`rawfs_metadata::serve`, `rawfs_chunkserver::serve`).
 //!
 //! ```text
@@ -15,6 +15,7 @@
 //! ```
 
 mod admin;
+mod class;
 mod cluster_file;
 mod config;
 mod daemon;
@@ -52,12 +53,15 @@ enum Command {
     Chunkserver(config::ChunkserverArgs),
     /// Mount a rawfs filesystem (the same as the `mount.rawfs` helper).
     Mount(MountArgs),
-    /// Run one healer: re-replicates chunks left short of copies (one instance holds the lease).
+    /// Run one healer: re-replicates chunks left short of copies and converts quiet data to
+    /// RS 4+2 (one instance holds the lease).
     Healer(daemon::HealerArgs),
     /// The NBD server: every block volume as an export of its name.
     Nbd(nbd::NbdArgs),
     /// Block volumes (create, list, resize, delete), exported by `rawfs nbd`.
     Volume(volume::VolumeCmd),
+    /// Storage class of a file or directory on a rawfs mount: hot, cold (RS 4+2) or auto.
+    Class(class::ClassCmd),
 }
 
 /// Arguments of `rawfs mount`, passed through to the mount helper unchanged.
@@ -92,7 +96,7 @@ fn install_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Mount(_)) {
+    if !matches!(cli.command, Command::Mount(_) | Command::Class(_)) {
         install_tracing();
     }
     match cli.command {
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
         Command::Healer(a) => daemon::run_healer(a),
         Command::Nbd(a) => nbd::run(a),
         Command::Volume(v) => volume::run(v),
+        Command::Class(c) => class::run(c),
         Command::Metadata(m) => match m.admin {
             Some(admin) => admin::run(admin),
             None => daemon::run_metadata(m.run),
@@ -237,6 +242,93 @@ mod tests {
         assert!(
             Cli::try_parse_from(["rawfs", "healer"]).is_err(),
             "--metadata is required"
+        );
+    }
+
+    #[test]
+    fn healer_cold_after_defaults_to_a_day_and_accepts_zero() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["rawfs", "healer", "--metadata", "a:1"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Healer(a)) => Ok(a.cold_after.0),
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(e) => Err(e),
+            }
+        };
+        let day = std::time::Duration::from_secs(24 * 3600);
+        assert_eq!(parse(&[]).expect("default"), day);
+        for (arg, secs) in [("30s", 30), ("5m", 300), ("24h", 24 * 3600), ("0", 0)] {
+            let got = parse(&["--cold-after", arg]).expect(arg);
+            assert_eq!(got, std::time::Duration::from_secs(secs), "{arg}");
+        }
+        assert!(parse(&["--cold-after", "soon"]).is_err());
+    }
+
+    #[test]
+    fn class_commands_parse_and_refuse_unknown_classes() {
+        let cli = Cli::try_parse_from(["rawfs", "class", "set", "/m/d", "cold"]).expect("parses");
+        match cli.command {
+            Command::Class(class::ClassCmd {
+                verb: class::ClassVerb::Set { path, class },
+            }) => {
+                assert_eq!(path, PathBuf::from("/m/d"));
+                assert_eq!(class, class::ClassName::Cold);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["rawfs", "class", "get", "/m/f"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Class(class::ClassCmd {
+                verb: class::ClassVerb::Get { .. }
+            })
+        ));
+        let err = Cli::try_parse_from(["rawfs", "class", "set", "/m/d", "warm"])
+            .expect_err("warm is no class");
+        let msg = err.to_string();
+        for name in ["hot", "cold", "auto"] {
+            assert!(msg.contains(name), "the error lists {name}: {msg}");
+        }
+        assert!(Cli::try_parse_from(["rawfs", "class", "get"]).is_err());
+    }
+
+    #[test]
+    fn up_passes_cold_after_and_starts_six_chunkservers() {
+        let cli =
+            Cli::try_parse_from(["rawfs", "up", "--dir", "/d", "--mount", "/m"]).expect("parses");
+        match cli.command {
+            Command::Up(a) => {
+                assert_eq!(a.chunkservers, 6);
+                assert_eq!(a.cold_after.0, std::time::Duration::from_secs(24 * 3600));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "rawfs",
+            "up",
+            "--dir",
+            "/d",
+            "--mount",
+            "/m",
+            "--cold-after",
+            "0",
+        ])
+        .expect("parses");
+        assert!(matches!(cli.command, Command::Up(a) if a.cold_after.0.is_zero()));
+        assert!(
+            Cli::try_parse_from([
+                "rawfs",
+                "up",
+                "--dir",
+                "/d",
+                "--mount",
+                "/m",
+                "--chunkservers",
+                "2"
+            ])
+            .is_err(),
+            "at least 3 chunkservers"
         );
     }
 

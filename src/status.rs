@@ -11,6 +11,8 @@
 //!        -> table | JSON in DESIGN.md's stable shape
 //! ```
 
+mod data;
+
 use crate::admin::{ClusterArgs, TargetError};
 use crate::cluster_file::{pid_alive, ClusterFile, Role};
 use crate::size::Human;
@@ -255,7 +257,7 @@ pub fn leaderless_json(replicas: &[ReplicaStatus]) -> Value {
         "chunkservers": [],
         "chunks": {
             "healthy": 0, "under_replicated": 0, "degraded": 0, "lost": 0, "replicated": 0,
-            "ec": 0,
+            "ec": 0, "replicated_bytes": 0, "ec_bytes": 0, "saved_bytes": 0,
         },
         "healer": {"leader": null, "queue": 0, "bytes_at_risk": 0},
         "volumes": [],
@@ -319,13 +321,15 @@ pub fn status_json(
     replicas.sort_by_key(|v| v["id"].as_u64());
     chunkservers.sort_by_key(|v| v["id"].as_u64());
     let ch = &s.chunks;
+    let mut chunks = json!({
+        "healthy": ch.healthy, "under_replicated": ch.under_replicated, "degraded": ch.degraded,
+        "lost": ch.lost, "replicated": ch.replicated, "ec": ch.ec,
+    });
+    data::add_json(&mut chunks, ch);
     json!({
         "metadata": {"leader": s.leader, "term": s.term, "replicas": replicas},
         "chunkservers": chunkservers,
-        "chunks": {
-            "healthy": ch.healthy, "under_replicated": ch.under_replicated, "degraded": ch.degraded,
-            "lost": ch.lost, "replicated": ch.replicated, "ec": ch.ec,
-        },
+        "chunks": chunks,
         // The healer and volumes arrive in later issues (6 and 4); the keys are part of the
         // stable shape already, with values that say "nothing there".
         "healer": {"leader": null, "queue": 0, "bytes_at_risk": 0},
@@ -399,6 +403,7 @@ pub fn render_table(v: &Value) -> String {
         "chunks: {} healthy, {} under-replicated, {} degraded, {} lost ({} replicated, {} erasure-coded)",
         ch["healthy"], ch["under_replicated"], ch["degraded"], ch["lost"], ch["replicated"], ch["ec"]
     );
+    out.push_str(&data::line(ch));
     let _ = writeln!(out, "healer: status not shown yet (issue 6)");
     render_volumes(&mut out, v);
     out
@@ -537,6 +542,9 @@ mod tests {
             "lost",
             "replicated",
             "ec",
+            "replicated_bytes",
+            "ec_bytes",
+            "saved_bytes",
         ] {
             assert!(v["chunks"][k].is_u64(), "chunks key {k}");
         }

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!  lock DIR/up.pid ─> plan ports (reuse DIR/cluster.json; ports.rs) ─> spawn N metadata
-//!     replicas (--metadata-replicas: 1, 3 or 5; --bootstrap on a fresh DIR), chunkservers,
-//!     the NBD server ─> poll `status` until a leader is elected and all chunkservers are up
+//!     replicas (--metadata-replicas: 1, 3 or 5; --bootstrap on a fresh DIR), chunkservers
+//!     (6: one RS 4+2 stripe), the NBD server, two healers (--cold-after) ─> poll `status` until a leader is elected and all chunkservers are up
 //!     ─> spawn mount.rawfs -f (every metadata address), poll mountinfo ─> write cluster.json
 //!     (ready) ─> watch children (never restart them)
 //!     ─> SIGINT/SIGTERM: stop in phases (stop.rs): NBD server and mount (umount) first, so
@@ -60,7 +60,8 @@ pub struct UpArgs {
     /// online with `rawfs metadata add-peer|remove-peer`.
     #[arg(long, value_parser = replicas::parse_metadata_replicas)]
     pub metadata_replicas: Option<u64>,
-    /// Number of chunkservers (at least 3, one per replica).
+    /// Number of chunkservers (at least 3, one per replica; 6 are needed for an RS 4+2
+    /// stripe, so with fewer, cold data stays replicated).
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(3..=64))]
     pub chunkservers: u64,
     /// First port of a fixed layout (metadata replica i: P+2(i-1), P+2(i-1)+1 for i = 1..3,
@@ -88,10 +89,16 @@ pub struct UpArgs {
     /// Time between the healers' scans for chunks short of copies.
     #[arg(long, default_value = "5s")]
     pub healer_scan_interval: Dur,
+    /// Passed to the healers: quiet time after which the chunks of an `auto` file are
+    /// converted to RS 4+2 (e.g. `30s`, `5m`, `24h`, `0` for at once).
+    #[arg(long, default_value = "24h")]
+    pub cold_after: Dur,
 }
 
 /// Healers `rawfs up` starts: one active (the lease holder), one standby.
 const HEALERS: u64 = 2;
+/// Chunkservers one RS 4+2 stripe needs (4 data and 2 parity shards on distinct servers).
+const EC_STRIPE_SERVERS: u64 = 6;
 
 /// Why `rawfs up` could not start the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -359,7 +366,7 @@ async fn up(args: UpArgs) -> Result<(), UpError> {
         cluster.stop().await;
         return Err(e);
     }
-    print_summary(&cluster);
+    print_summary(&cluster, args.chunkservers);
     watch_until_stopped(&mut cluster, stop).await;
     eprintln!("rawfs up: stopping");
     cluster.stop().await;
@@ -500,6 +507,8 @@ async fn start_all(
             meta_addrs.join(","),
             "--scan-interval".into(),
             format!("{}ms", args.healer_scan_interval.0.as_millis()),
+            "--cold-after".into(),
+            format!("{}ms", args.cold_after.0.as_millis()),
         ];
         c.start(Role::Healer, id, &exe, a, entry)?;
     }
@@ -624,7 +633,7 @@ async fn wait_daemons_ready(
     }
 }
 
-fn print_summary(c: &Cluster) {
+fn print_summary(c: &Cluster, chunkservers: u64) {
     println!(
         "rawfs up: cluster in {}, mounted at {}",
         c.dir.display(),
@@ -646,12 +655,26 @@ fn print_summary(c: &Cluster) {
         );
     }
     println!("cluster file: {}", ClusterFile::path(&c.dir).display());
+    if let Some(note) = ec_note(chunkservers) {
+        println!("{note}");
+    }
     println!(
         "status: {} status --dir {}",
         c.exe.display(),
         c.dir.display()
     );
     println!("Ctrl-C (or SIGTERM) unmounts and stops everything.");
+}
+
+/// What the summary says about erasure coding with `chunkservers` servers: nothing when there
+/// are enough for an RS 4+2 stripe.
+fn ec_note(chunkservers: u64) -> Option<String> {
+    (chunkservers < EC_STRIPE_SERVERS).then(|| {
+        format!(
+            "note: {chunkservers} chunkservers: cold data cannot be erasure coded (RS 4+2 needs \
+             {EC_STRIPE_SERVERS}); it stays replicated"
+        )
+    })
 }
 
 /// Stays in the foreground until a signal; a child that dies is reported, never restarted
@@ -684,6 +707,15 @@ mod tests {
         assert!(dir_is_empty(d.path()));
         std::fs::write(d.path().join("meta.redb"), b"x").expect("write");
         assert!(!dir_is_empty(d.path()));
+    }
+
+    #[test]
+    fn fewer_than_six_chunkservers_cannot_erasure_code() {
+        let note = ec_note(3).expect("3 servers get a note");
+        assert!(note.contains("cannot be erasure coded"), "{note}");
+        assert!(ec_note(5).is_some());
+        assert_eq!(ec_note(6), None);
+        assert_eq!(ec_note(64), None);
     }
 
     #[test]

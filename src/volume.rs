@@ -10,7 +10,8 @@
 use crate::admin::ClusterArgs;
 use crate::size::{ByteSize, Human};
 use rawfs_client::{Client, ClientConfig};
-use rawfs_nbd::{Origin, VolumeError, VolumeInfo, Volumes};
+use rawfs_metadata_api::StorageClass;
+use rawfs_nbd::{CreateOptions, Origin, VolumeError, VolumeInfo, Volumes};
 use std::process::ExitCode;
 
 /// `rawfs volume`.
@@ -36,6 +37,8 @@ pub enum VolumeAction {
     Snapshot(SnapshotArgs),
     /// Make a writable volume from a snapshot, sharing its chunks until written.
     Clone(CloneArgs),
+    /// Change a volume's settings (storage class, multi-conn).
+    Set(SetArgs),
 }
 
 /// Flags of `rawfs volume create`.
@@ -46,6 +49,31 @@ pub struct CreateArgs {
     /// Size of the block device: bytes, or with a K/M/G/T suffix; a multiple of 512.
     #[arg(long)]
     pub size: ByteSize,
+    /// Storage class of its data: hot (3 replicas), cold (RS 4+2), auto (replicas, RS 4+2
+    /// once quiet). Default: auto.
+    #[arg(long)]
+    pub class: Option<StorageClass>,
+    /// Let several NBD clients write the volume at once (advertised as multi-conn; for
+    /// clients that coordinate, e.g. nbdcopy's parallel connections). Without it one client
+    /// writes at a time and any other connection gets the volume read-only.
+    #[arg(long)]
+    pub multi_conn: bool,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Flags of `rawfs volume set`.
+#[derive(clap::Args, Debug)]
+pub struct SetArgs {
+    /// Volume name.
+    pub name: String,
+    /// New storage class: hot, cold or auto (applies to its data from now on).
+    #[arg(long)]
+    pub class: Option<StorageClass>,
+    /// Allow several writers (`true`) or one at a time (`false`); applies when the volume
+    /// is next opened with no client connected.
+    #[arg(long)]
+    pub multi_conn: Option<bool>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
 }
@@ -173,6 +201,30 @@ async fn list_with_origins(
     Ok(out)
 }
 
+/// `rawfs volume set`: applies each setting given, and says what it did.
+async fn set(volumes: &Volumes, a: &SetArgs) -> Result<String, VolumeError> {
+    let v = volumes
+        .find(&a.name)
+        .await?
+        .ok_or_else(|| VolumeError::NotFound(a.name.clone()))?;
+    let mut out = String::new();
+    if let Some(class) = a.class {
+        volumes.set_class(v.ino, class).await?;
+        out.push_str(&format!("volume {}: class {class}\n", a.name));
+    }
+    if let Some(on) = a.multi_conn {
+        volumes.set_multi_conn(&a.name, on).await?;
+        out.push_str(&format!("volume {}: multi-conn {on}\n", a.name));
+    }
+    if out.is_empty() {
+        out = format!(
+            "volume {}: nothing to change (give --class or --multi-conn)\n",
+            a.name
+        );
+    }
+    Ok(out)
+}
+
 /// Runs a `rawfs volume` subcommand: exit 0 on success, 1 when it failed, 2 for wrong
 /// arguments.
 pub fn run(cmd: VolumeCmd) -> ExitCode {
@@ -183,6 +235,7 @@ pub fn run(cmd: VolumeCmd) -> ExitCode {
         VolumeAction::Delete(a) => &a.cluster,
         VolumeAction::Snapshot(a) => &a.cluster,
         VolumeAction::Clone(a) => &a.cluster,
+        VolumeAction::Set(a) => &a.cluster,
     };
     let addrs = match cluster.resolve() {
         Ok((addrs, _)) => addrs,
@@ -206,10 +259,17 @@ pub fn run(cmd: VolumeCmd) -> ExitCode {
     let volumes = Volumes::new(client.meta().clone());
     let outcome: Result<String, VolumeError> = rt.block_on(async {
         match cmd.action {
-            VolumeAction::Create(a) => volumes
-                .create(&a.name, a.size.0)
-                .await
-                .map(|v| format!("created volume {} ({})\n", v.name, Human(v.size))),
+            VolumeAction::Create(a) => {
+                let opts = CreateOptions {
+                    class: a.class,
+                    multi_conn: a.multi_conn,
+                };
+                volumes
+                    .create_with(&a.name, a.size.0, opts)
+                    .await
+                    .map(|v| format!("created volume {} ({})\n", v.name, Human(v.size)))
+            }
+            VolumeAction::Set(a) => set(&volumes, &a).await,
             VolumeAction::List(a) => list_with_origins(&volumes).await.map(|list| {
                 if a.json {
                     format!("{}\n", list_json(&list))

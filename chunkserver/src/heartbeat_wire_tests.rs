@@ -68,6 +68,11 @@ impl MetadataRpc for FakeMetadata {
         endangered_chunks(after: ChunkId, limit: u32) -> EndangeredPage;
         add_replica(chunk: ChunkId, version: u64, server: ServerId, term: u64, req: ReqId) -> ChunkLoc;
         healer_lease(holder: u64, ttl_ms: u64) -> HealerLease;
+        set_class(ino: Ino, class: StorageClass, req: ReqId) -> Attr;
+        get_class(ino: Ino, read: Consistency) -> StorageClass;
+        cold_chunks(after: (Ino, u64), quiet_ms: u64, limit: u32, read: Consistency) -> ColdPage;
+        ec_prepare(ino: Ino, index: u64, chunk: ChunkId, version: u64, req: ReqId) -> EcPlan;
+        ec_commit(ino: Ino, index: u64, chunk: ChunkId, version: u64, length: u64, term: u64, req: ReqId) -> ChunkLoc;
         status() -> ClusterStatus;
         replica_status() -> ReplicaStatus;
         digest() -> StateDigest;

@@ -19,6 +19,7 @@ mod data_server;
 mod fence;
 mod heartbeat;
 mod storage;
+mod tombstones;
 
 use std::future::Future;
 use std::net::SocketAddr;

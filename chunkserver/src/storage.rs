@@ -8,6 +8,7 @@
 
 use crate::chunk_file::{ChunkFile, OpenError};
 use crate::fence::{FenceError, TermFence};
+use crate::tombstones::Tombstones;
 use bytes::Bytes;
 use lru::LruCache;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -93,6 +94,8 @@ pub struct Storage {
     /// Chunks created since their directory was last fsynced.
     new_entries: Mutex<HashSet<u64>>,
     healthy: AtomicBool,
+    /// Deleted chunks, refused if a late writer would recreate them.
+    tombstones: Tombstones,
     _lock: nix::fcntl::Flock<File>,
 }
 
@@ -126,6 +129,7 @@ impl Storage {
         fsync_dir(&chunks).map_err(io_err(&chunks))?;
         fsync_dir(root).map_err(io_err(root))?;
         let fence = TermFence::load(root)?;
+        let tombstones = Tombstones::load(root).map_err(io_err(root))?;
         let storage = Storage {
             root: root.to_path_buf(),
             capacity,
@@ -139,6 +143,7 @@ impl Storage {
             corrupt: Mutex::new(BTreeSet::new()),
             new_entries: Mutex::new(HashSet::new()),
             healthy: AtomicBool::new(true),
+            tombstones,
             _lock: flock,
         };
         storage.scan(&chunks).map_err(io_err(&chunks))?;
@@ -257,6 +262,15 @@ impl Storage {
                 Err(OpenError::NotFound) => match create {
                     None => return Err(StoreError::NotFound),
                     Some(version) => {
+                        if let Some(current) = self.tombstones.refuses(chunk, version) {
+                            tracing::info!(
+                                chunk,
+                                version,
+                                deleted_at = current,
+                                "refusing to recreate a deleted chunk"
+                            );
+                            return Err(StoreError::StaleVersion { current });
+                        }
                         let cf = ChunkFile::create(&path, chunk, version)?;
                         lock(&self.new_entries).insert(chunk);
                         lock(&self.index).insert(
@@ -554,6 +568,14 @@ impl Storage {
     pub fn delete(&self, chunk: u64) -> Result<(), StoreError> {
         let slot = self.slot(chunk);
         let mut guard = lock(&slot);
+        let version = match guard.as_ref() {
+            Some(cf) => Some(cf.version()),
+            None => lock(&self.index).get(&chunk).map(|m| m.version),
+        };
+        if let Some(version) = version {
+            // Durable before the file goes, so no crash forgets it.
+            self.tombstones.add(chunk, version)?;
+        }
         *guard = None;
         match fs::remove_file(self.chunk_path(chunk)) {
             Ok(()) => {}

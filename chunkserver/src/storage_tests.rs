@@ -172,10 +172,22 @@ fn delete_frees_space_and_forgets_the_chunk() {
     assert_eq!(s.used(), 0);
     assert_eq!(s.chunk_count(), 0);
     assert_eq!(s.read(3, 1, 0, 1), Err(StoreError::NotFound));
-    // A new write re-creates it from scratch.
-    s.write(3, 1, 1, 10, b"new", false).unwrap();
+    // A late writer holding the old location cannot bring it back (its write would be
+    // acknowledged into a file nobody reads), also after a restart...
     assert_eq!(
-        &s.read(3, 1, 0, 13).unwrap()[..],
+        s.write(3, 1, 1, 0, b"late", false),
+        Err(StoreError::StaleVersion { current: 1 })
+    );
+    drop(s);
+    let s = Storage::open(dir.path(), None).unwrap();
+    assert_eq!(
+        s.write(3, 1, 1, 0, b"late", false),
+        Err(StoreError::StaleVersion { current: 1 })
+    );
+    // ...while a newer copy (the healer's, at a bumped version) starts from scratch.
+    s.write(3, 2, 1, 10, b"new", false).unwrap();
+    assert_eq!(
+        &s.read(3, 2, 0, 13).unwrap()[..],
         b"\0\0\0\0\0\0\0\0\0\0new"
     );
 }

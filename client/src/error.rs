@@ -11,7 +11,9 @@ pub enum ClientError {
     #[error("metadata: {0}")]
     Meta(#[from] MetaError),
     /// Every replica of a chunk failed (or none is left): the data could not be written or
-    /// read. `last` is the last chunkserver error seen, if any.
+    /// read. `last` is the last chunkserver error seen, if any. For an erasure-coded chunk:
+    /// fewer than 4 of its 6 shards could be read (or the erasure-coding kernel cannot run on
+    /// this CPU); the cause is logged where it is found.
     #[error("no usable replica of chunk {chunk} (file chunk index {index}){}", fmt_last(.last))]
     NoReplica {
         index: u64,

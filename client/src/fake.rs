@@ -1,6 +1,8 @@
 //! An in-memory cluster implementing [`Store`] for unit tests: a chunk map like the metadata
 //! service's and chunk contents per server, with switches to take servers down, fill them,
-//! or corrupt a copy.
+//! make them time out, or corrupt a copy. It also plays the metadata side of RS 4+2: conversions
+//! (`ec_prepare`/`ec_commit`), copies of erasure-coded chunks (`cow_chunk` with `from_ec`),
+//! and shards marked lost (`drop_replica` with a shard id).
 
 use crate::store::{Put, Store};
 use bytes::Bytes;
@@ -8,7 +10,8 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use rawfs_chunkserver_api::DataError;
 use rawfs_metadata_api::{
-    Attr, ChunkId, ChunkLoc, FileKind, Ino, MetaError, Replica, ServerId, Timespec, REPLICAS,
+    Attr, ChunkId, ChunkLoc, CowLoc, EcLoc, EcPlan, FileKind, Ino, MetaError, Replica, ServerId,
+    Shard, Timespec, EC_SHARDS, REPLICAS,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -22,7 +25,7 @@ pub(crate) struct Stored {
 }
 
 impl Stored {
-    fn write(&mut self, off: u32, data: &[u8]) {
+    pub fn write(&mut self, off: u32, data: &[u8]) {
         let mut at = off as usize;
         let mut src = data;
         while !src.is_empty() {
@@ -74,6 +77,54 @@ pub(crate) struct State {
     pub term: u64,
     /// Real data addresses by server (tests against real chunkservers); else `s<n>`.
     pub addrs: HashMap<ServerId, String>,
+    /// Servers whose data calls time out.
+    pub timeouts: HashSet<ServerId>,
+    /// Servers that silently store a wrong first byte of every write (a lying disk).
+    pub garble: HashSet<ServerId>,
+    /// Every data read: (server, chunk, offset, len).
+    pub read_log: Vec<(ServerId, ChunkId, u32, u32)>,
+    /// Every fence: (server, chunk, version).
+    pub fences: Vec<(ServerId, ChunkId, u64)>,
+    /// Conversions started by `ec_prepare` and not yet committed or cancelled.
+    pub converting: HashMap<(Ino, u64), EcPlan>,
+    /// Refuse every `ec_commit` (as if a writer had cancelled the conversion).
+    pub refuse_ec_commit: bool,
+    /// Pending copies out of erasure-coded chunks: (new chunk, source).
+    pub cows: HashMap<(Ino, u64), (ChunkLoc, ChunkLoc)>,
+    /// Shards reported lost: (shard id, server).
+    pub lost_reports: Vec<(ChunkId, ServerId)>,
+}
+
+impl State {
+    pub fn addr(&self, server: ServerId) -> String {
+        self.addrs
+            .get(&server)
+            .cloned()
+            .unwrap_or_else(|| format!("s{server}"))
+    }
+
+    fn new_replicated(&mut self, index: u64) -> ChunkLoc {
+        let chunk = self.next_chunk;
+        self.next_chunk += 1;
+        let replicas = self
+            .servers
+            .iter()
+            .take(REPLICAS)
+            .map(|&s| Replica {
+                server: s,
+                data_addr: self.addr(s),
+            })
+            .collect();
+        ChunkLoc {
+            index,
+            chunk,
+            version: 1,
+            replicas,
+            term: self.term,
+            shared: false,
+            ec: None,
+        }
+    }
 }
 
 /// The fake cluster. Server `n` has data address `s<n>`.
@@ -133,6 +184,9 @@ impl Fake {
                 reason: "down".into(),
             });
         }
+        if st.timeouts.contains(&server) {
+            return Err(DataError::Timeout);
+        }
         Ok(server)
     }
 }
@@ -158,25 +212,7 @@ impl Store for Fake {
         let loc = match st.map.get(&(ino, index)) {
             Some(l) => l.clone(),
             None => {
-                let chunk = st.next_chunk;
-                st.next_chunk += 1;
-                let replicas = st
-                    .servers
-                    .iter()
-                    .take(REPLICAS)
-                    .map(|&s| Replica {
-                        server: s,
-                        data_addr: st.addrs.get(&s).cloned().unwrap_or_else(|| format!("s{s}")),
-                    })
-                    .collect();
-                let l = ChunkLoc {
-                    index,
-                    chunk,
-                    version: 1,
-                    replicas,
-                    term: st.term,
-                    shared: false,
-                };
+                let l = st.new_replicated(index);
                 st.map.insert((ino, index), l.clone());
                 l
             }
@@ -217,6 +253,23 @@ impl Store for Fake {
         server: ServerId,
     ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
         let mut st = self.st();
+        let State {
+            map, lost_reports, ..
+        } = &mut *st;
+        let owner = |l: &&mut ChunkLoc| {
+            l.ec.as_ref()
+                .is_some_and(|e| e.shards.iter().any(|s| s.chunk == chunk))
+        };
+        if let Some(l) = map.values_mut().find(owner) {
+            for s in l.ec.iter_mut().flat_map(|e| e.shards.iter_mut()) {
+                if s.chunk == chunk && s.replica.as_ref().is_some_and(|r| r.server == server) {
+                    s.replica = None;
+                    lost_reports.push((chunk, server));
+                }
+            }
+            let l = l.clone();
+            return async move { Ok(l) }.boxed();
+        }
         let r = match st.map.values_mut().find(|l| l.chunk == chunk) {
             None => Err(MetaError::NotFound),
             Some(l) => {
@@ -233,35 +286,225 @@ impl Store for Fake {
         async move { r }.boxed()
     }
 
-    // The fake cluster never shares a chunk (it has no snapshots), so a copy-on-write call
-    // means the client asked for one it did not need.
+    // Only erasure-coded and converting chunks are shared here (the fake has no snapshots).
     fn cow_chunk(
         &self,
-        _ino: Ino,
-        _index: u64,
-        _chunk: ChunkId,
-    ) -> BoxFuture<'_, Result<rawfs_metadata_api::CowLoc, MetaError>> {
-        async {
-            Err(MetaError::Invalid {
-                reason: "the fake shares no chunks".into(),
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+    ) -> BoxFuture<'_, Result<CowLoc, MetaError>> {
+        let r = (|| {
+            let mut st = self.st();
+            let mut loc = st
+                .map
+                .get(&(ino, index))
+                .cloned()
+                .ok_or(MetaError::NotFound)?;
+            let plain = |loc: ChunkLoc| CowLoc {
+                loc,
+                source: None,
+                from_ec: None,
+            };
+            if loc.chunk != chunk {
+                return Ok(plain(loc));
+            }
+            if st.converting.remove(&(ino, index)).is_some() {
+                // A writer cancels the conversion; the version bump voids its commit.
+                loc.version += 1;
+                loc.shared = false;
+                st.map.insert((ino, index), loc.clone());
+                return Ok(plain(loc));
+            }
+            if !loc.shared {
+                return Ok(plain(loc));
+            }
+            if loc.ec.is_none() {
+                return Err(MetaError::Invalid {
+                    reason: "the fake shares no replicated chunks".into(),
+                });
+            }
+            let (new, src) = match st.cows.get(&(ino, index)) {
+                Some(pending) => pending.clone(),
+                None => {
+                    let new = st.new_replicated(index);
+                    st.cows.insert((ino, index), (new.clone(), loc.clone()));
+                    (new, loc)
+                }
+            };
+            Ok(CowLoc {
+                loc: new,
+                source: None,
+                from_ec: Some(src),
             })
-        }
-        .boxed()
+        })();
+        async move { r }.boxed()
     }
 
     fn cow_done(
         &self,
-        _ino: Ino,
-        _index: u64,
-        _chunk: ChunkId,
-        _failed: Vec<ServerId>,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        failed: Vec<ServerId>,
     ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
-        async {
-            Err(MetaError::Invalid {
-                reason: "the fake shares no chunks".into(),
-            })
-        }
-        .boxed()
+        let r = (|| {
+            let mut st = self.st();
+            match st.cows.get(&(ino, index)) {
+                Some((new, _)) if new.chunk == chunk => {}
+                _ => return Err(MetaError::NotFound),
+            }
+            let (mut new, src) = st.cows.remove(&(ino, index)).ok_or(MetaError::NotFound)?;
+            if !failed.is_empty() {
+                new.replicas.retain(|r| !failed.contains(&r.server));
+                new.version += 1;
+            }
+            st.map.insert((ino, index), new.clone());
+            // The source's shards are deleted, as the metadata service's garbage collection
+            // would: nothing can read the old layout any more.
+            for s in src.ec.iter().flat_map(|e| e.shards.iter()) {
+                if let Some(r) = &s.replica {
+                    st.data.remove(&(r.server, s.chunk));
+                }
+            }
+            Ok(new)
+        })();
+        async move { r }.boxed()
+    }
+
+    fn ec_prepare(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+    ) -> BoxFuture<'_, Result<EcPlan, MetaError>> {
+        let r = (|| {
+            let mut st = self.st();
+            let mut loc = st
+                .map
+                .get(&(ino, index))
+                .cloned()
+                .ok_or(MetaError::NotFound)?;
+            if loc.chunk != chunk || loc.version != version {
+                return Err(MetaError::StaleVersion {
+                    current: loc.version,
+                });
+            }
+            if loc.shared || loc.ec.is_some() {
+                return Err(MetaError::Invalid {
+                    reason: "already converting or erasure coded".into(),
+                });
+            }
+            if st.servers.len() < EC_SHARDS {
+                return Err(MetaError::NoSpace {
+                    reason: "fewer than 6 chunkservers".into(),
+                });
+            }
+            loc.version += 1;
+            loc.shared = true;
+            loc.term = st.term;
+            let servers: Vec<ServerId> = st.servers.iter().take(EC_SHARDS).copied().collect();
+            let shards = servers
+                .into_iter()
+                .map(|s| {
+                    let id = st.next_chunk;
+                    st.next_chunk += 1;
+                    Shard {
+                        chunk: id,
+                        replica: Some(Replica {
+                            server: s,
+                            data_addr: st.addr(s),
+                        }),
+                    }
+                })
+                .collect();
+            let plan = EcPlan {
+                loc: loc.clone(),
+                shards,
+            };
+            st.map.insert((ino, index), loc);
+            st.converting.insert((ino, index), plan.clone());
+            Ok(plan)
+        })();
+        async move { r }.boxed()
+    }
+
+    fn ec_commit(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        length: u64,
+        term: u64,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
+        let r = (|| {
+            let mut st = self.st();
+            let loc = st
+                .map
+                .get(&(ino, index))
+                .cloned()
+                .ok_or(MetaError::NotFound)?;
+            let stale = MetaError::StaleVersion {
+                current: loc.version,
+            };
+            if st.refuse_ec_commit || loc.chunk != chunk || loc.version != version {
+                return Err(stale);
+            }
+            let plan = st.converting.get(&(ino, index)).cloned().ok_or(stale)?;
+            if term != plan.loc.term {
+                return Err(MetaError::StaleTerm { current: st.term });
+            }
+            st.converting.remove(&(ino, index));
+            let new = ChunkLoc {
+                index,
+                chunk,
+                version,
+                replicas: Vec::new(),
+                term: st.term,
+                shared: true,
+                ec: Some(EcLoc {
+                    length,
+                    shards: plan.shards,
+                }),
+            };
+            // The replicas are deleted (the real service queues them for deletion).
+            for r in &loc.replicas {
+                st.data.remove(&(r.server, chunk));
+            }
+            st.map.insert((ino, index), new.clone());
+            Ok(new)
+        })();
+        async move { r }.boxed()
+    }
+
+    fn fence<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), DataError>> {
+        let r = (|| {
+            let mut st = self.st();
+            let server = Fake::data_check(&st, addr)?;
+            if term < st.term {
+                return Err(DataError::StaleTerm { current: st.term });
+            }
+            let stored = st
+                .data
+                .get_mut(&(server, chunk))
+                .ok_or(DataError::NotFound)?;
+            if stored.version > version {
+                return Err(DataError::StaleVersion {
+                    current: stored.version,
+                });
+            }
+            stored.version = version;
+            st.fences.push((server, chunk, version));
+            Ok(())
+        })();
+        async move { r }.boxed()
     }
 
     fn clone_chunk<'a>(
@@ -285,6 +528,7 @@ impl Store for Fake {
                 return Err(DataError::StaleTerm { current: st.term });
             }
             st.writes += 1;
+            let garble = st.garble.contains(&server) && !put.data.is_empty();
             let stored = st.data.entry((server, put.chunk)).or_default();
             if stored.version > put.version {
                 return Err(DataError::StaleVersion {
@@ -292,6 +536,12 @@ impl Store for Fake {
                 });
             }
             stored.version = put.version;
+            if garble {
+                let mut data = put.data.to_vec();
+                data[0] ^= 1;
+                stored.write(put.offset, &data);
+                return Ok(());
+            }
             stored.write(put.offset, &put.data);
             Ok(())
         })();
@@ -310,6 +560,7 @@ impl Store for Fake {
             let mut st = self.st();
             let server = Fake::data_check(&st, addr)?;
             st.reads += 1;
+            st.read_log.push((server, chunk, offset, len));
             let stored = st.data.get(&(server, chunk)).ok_or(DataError::NotFound)?;
             if stored.version > version {
                 return Err(DataError::StaleVersion {

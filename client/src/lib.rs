@@ -10,13 +10,28 @@
 //!
 //! ```text
 //!   mount / nbd ──▶ FileIo ──write──▶ WriteBuf ──flush──▶ per chunk: allocate_chunk ─┐
+//!                     │                      shared / RS 4+2? ──▶ cow_chunk: copy first
 //!                     │                                    WRITE ×3 replicas ◀───────┘
 //!                     │                                    commit_write (size, mtime)
 //!                     ├──fsync──▶ SYNC each written replica (≥ 2 durable)
 //!                     └──read───▶ read-ahead windows ──▶ chunks() ──▶ READ one replica
 //!                                                         (next replica on error)
+//!                                                     or, RS 4+2: READ the data shards
+//!                                                         (any 4 of 6 + decode on error)
+//!   healer / cold files ──▶ Client::convert_to_ec: ec_prepare ─▶ FENCE replicas ─▶ READ
+//!                           ─▶ encode ─▶ WRITE+SYNC 6 shards ─▶ verify crcs ─▶ ec_commit
 //!            MetadataClient (tarpc)              DataClient (framed TCP)
 //! ```
+//!
+//! Erasure-coded chunks (RS 4+2, layout and codec in [`erasure`]): a read touches only the
+//! data shards holding the range (one, for a read inside a 1 MiB cell); a shard that is
+//! listed lost, unreachable, slow, corrupt or missing is replaced by others and the range
+//! rebuilt from any 4, and corrupt or missing shards are reported (`drop_replica` with the
+//! shard's id). A write into an erasure-coded chunk first copies it into a new replicated
+//! chunk (`cow_chunk` answers with `from_ec`): read and decoded here, written to the 3
+//! replicas, synced, then `cow_done`. [`Client::convert_to_ec`] turns a replicated chunk
+//! into RS 4+2 without a window of loss: the replicas stay authoritative until every shard
+//! is written, synced and verified and the commit (fenced by term and version) succeeds.
 //!
 //! Design notes:
 //! - Double buffering: when the write buffer fills, it becomes the *pending* extent and is
@@ -33,7 +48,9 @@
 //!   files of a [`Client`]), so a hung server costs one deadline rather than one per read.
 
 mod config;
+mod convert;
 mod cow;
+mod ec_read;
 pub mod erasure;
 mod error;
 mod extent;
@@ -43,6 +60,8 @@ mod read_path;
 mod store;
 mod write_path;
 
+#[cfg(test)]
+mod ec_tests;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
@@ -58,7 +77,7 @@ pub use file_io::FileIo;
 
 use rawfs_chunkserver_api::DataClient;
 use rawfs_metadata_api::client::MetadataClient;
-use rawfs_metadata_api::Ino;
+use rawfs_metadata_api::{ChunkLoc, ColdChunk, Ino};
 use std::sync::Arc;
 use store::{RemoteStore, Store};
 
@@ -118,6 +137,22 @@ impl Client {
     /// The configuration this client was made with.
     pub fn config(&self) -> &ClientConfig {
         &self.cfg
+    }
+
+    /// Converts the replicated chunk `c` (as `cold_chunks` lists it) to RS 4+2 and returns
+    /// its new, erasure-coded location. Steps: `ec_prepare`, fence every replica at the new
+    /// version (any refusal aborts), read `c.length` bytes from a replica, encode, write and
+    /// sync the 6 shards, read every shard back and check its block crc32c, then `ec_commit`
+    /// fenced by the plan's term and version. Until the commit the replicated chunk stays
+    /// authoritative; on an error nothing is undone here (the metadata service collects the
+    /// reserved shards), and the caller may simply try again later. A writer that touches
+    /// the chunk meanwhile cancels the conversion: the commit is then refused with
+    /// `StaleVersion`.
+    ///
+    /// On a CPU the erasure-coding kernel cannot run on (see [`erasure::check_cpu`], worth
+    /// calling at start) it fails before writing anything.
+    pub async fn convert_to_ec(&self, c: &ColdChunk) -> Result<ChunkLoc, ClientError> {
+        convert::convert(&*self.store, c).await
     }
 
     /// I/O on file `ino` whose size is `size` (from the attributes of the open). Make one

@@ -197,6 +197,7 @@ mod tests {
             version,
             term: 1,
             shared: false,
+            ec: None,
             replicas: vec![Replica {
                 server: 1,
                 data_addr: "a".into(),

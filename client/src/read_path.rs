@@ -6,6 +6,7 @@
 //!     corrupt / missing copy ──▶ next replica, then drop_replica for the bad copy
 //!     unreachable / timeout   ──▶ next replica
 //!     stale version           ──▶ refresh the location once
+//!  erasure-coded chunk (`loc.ec`) ──▶ shards, see `ec_read.rs` (same refresh and reporting)
 //! ```
 //!
 //! Read-ahead works on aligned windows of [`WINDOW`] bytes (a chunk is a whole number of
@@ -46,12 +47,19 @@ impl Suspects {
         self.since.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn mark(&self, server: ServerId) {
+    pub(crate) fn mark(&self, server: ServerId) {
         self.map().insert(server, Instant::now());
     }
 
-    fn clear(&self, server: ServerId) {
+    pub(crate) fn clear(&self, server: ServerId) {
         self.map().remove(&server);
+    }
+
+    /// True if `server` recently failed to answer (it is then tried last).
+    pub(crate) fn is_suspect(&self, server: ServerId) -> bool {
+        self.map()
+            .get(&server)
+            .is_some_and(|at| at.elapsed() < SUSPECT_FOR)
     }
 
     /// `replicas` indices in the order to try: rotated by chunk id to spread readers, then
@@ -90,6 +98,26 @@ pub(crate) async fn read_piece(
     };
     let mut refreshed = false;
     loop {
+        if let Some(ec) = &loc.ec {
+            let attempt =
+                crate::ec_read::read(store, suspects, &loc, ec, u64::from(off), u64::from(len))
+                    .await;
+            if attempt.result.is_err() && attempt.stale && !refreshed {
+                refreshed = true;
+                match locs.refresh(store, index).await? {
+                    None => return Ok(zeros()),
+                    Some(fresh) if fresh != loc => {
+                        loc = fresh;
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+            }
+            if let Some(new) = crate::ec_read::report_lost(store, &loc, &attempt.bad).await {
+                locs.update(&new);
+            }
+            return attempt.result;
+        }
         let n = loc.replicas.len();
         let mut last: Option<DataError> = None;
         let mut bad: Vec<ServerId> = Vec::new();
@@ -369,6 +397,7 @@ mod tests {
             version: 1,
             term: 1,
             shared: false,
+            ec: None,
             replicas: (1..=3)
                 .map(|s| Replica {
                     server: s,

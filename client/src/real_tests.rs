@@ -78,6 +78,36 @@ impl Store for Hybrid {
     ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
         self.meta.cow_done(ino, index, chunk, failed)
     }
+    fn ec_prepare(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+    ) -> BoxFuture<'_, Result<rawfs_metadata_api::EcPlan, MetaError>> {
+        self.meta.ec_prepare(ino, index, chunk, version)
+    }
+    fn ec_commit(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        length: u64,
+        term: u64,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
+        self.meta
+            .ec_commit(ino, index, chunk, version, length, term)
+    }
+    fn fence<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), DataError>> {
+        self.data.fence(addr, chunk, version, term).boxed()
+    }
     fn clone_chunk<'a>(
         &'a self,
         addr: &'a str,
@@ -273,6 +303,88 @@ async fn real_chunkservers_keep_data_through_corruption_and_a_dead_server() {
         back[10..].iter().all(|b| *b == 0),
         "bytes past the truncate came back"
     );
+
+    for s in &mut servers {
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_coded_chunks_on_real_chunkservers() {
+    let mut servers = Vec::new();
+    for id in 1..=6 {
+        servers.push(Server::start(id).await);
+    }
+    let fake = Arc::new(Fake::new(6));
+    for s in &servers {
+        let addr = s.handle.as_ref().unwrap().data_addr().to_string();
+        fake.st().addrs.insert(s.id, addr);
+    }
+    let store: Arc<dyn Store> = Arc::new(Hybrid {
+        meta: fake.clone(),
+        data: DataClient::new(Duration::from_secs(5)),
+    });
+    let n = (9 << 20) + 4321;
+    let mut data = pattern(n);
+    let io = FileIo::new(INO, 0, store.clone(), 8 << 20);
+    io.write(0, &data).await.unwrap();
+    io.fsync().await.unwrap();
+    let before = fake.loc(INO, 0).unwrap();
+    let cold = rawfs_metadata_api::ColdChunk {
+        ino: INO,
+        index: 0,
+        chunk: before.chunk,
+        version: before.version,
+        length: n as u64,
+    };
+    let after = crate::convert::convert(&*store, &cold).await.unwrap();
+    let shards = after.ec.clone().unwrap().shards;
+    // The old version is fenced on the replicas: a writer still holding it is refused.
+    let stale = store
+        .write(
+            &before.replicas[0].data_addr,
+            Put {
+                chunk: before.chunk,
+                version: before.version,
+                term: before.term,
+                offset: 0,
+                data: Bytes::from_static(b"late"),
+            },
+        )
+        .await;
+    assert!(
+        matches!(stale, Err(DataError::StaleVersion { .. })),
+        "{stale:?}"
+    );
+    let fresh = FileIo::new(INO, n as u64, store.clone(), 1 << 20);
+    assert!(fresh.read(0, n as u32).await.unwrap() == data);
+
+    // Corrupt block 1 of shard 0 on disk and stop the server of shard 2: reads still return
+    // the right bytes, and only the corrupt shard is reported lost.
+    let s0 = shards[0].replica.clone().unwrap().server;
+    let path = chunk_file(servers[(s0 - 1) as usize].dir.path(), shards[0].chunk);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0x5A; 64], DATA_OFFSET + (64 << 10) + 10)
+            .unwrap();
+    }
+    let s2 = shards[2].replica.clone().unwrap().server;
+    servers[(s2 - 1) as usize].stop().await;
+    let fresh = FileIo::new(INO, n as u64, store.clone(), 1 << 20);
+    assert!(fresh.read(0, n as u32).await.unwrap() == data);
+    assert_eq!(fake.st().lost_reports, vec![(shards[0].chunk, s0)]);
+
+    // A write into the chunk turns it back into replicas (the stopped server's is left out).
+    let at = (4 << 20) + 17;
+    io.write(at, b"fresh bytes").await.unwrap();
+    io.fsync().await.unwrap();
+    data[at as usize..at as usize + 11].copy_from_slice(b"fresh bytes");
+    let now = fake.loc(INO, 0).unwrap();
+    assert!(now.ec.is_none() && !now.replicas.is_empty());
+    assert!(!now.replicas.iter().any(|r| r.server == s2));
+    let fresh = FileIo::new(INO, n as u64, store.clone(), 1 << 20);
+    assert!(fresh.read(0, n as u32).await.unwrap() == data);
 
     for s in &mut servers {
         s.stop().await;

@@ -7,7 +7,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use rawfs_chunkserver_api::{DataClient, DataError, WriteReq};
 use rawfs_metadata_api::client::MetadataClient;
-use rawfs_metadata_api::{Attr, ChunkId, ChunkLoc, CowLoc, Ino, MetaError, ServerId};
+use rawfs_metadata_api::{Attr, ChunkId, ChunkLoc, CowLoc, EcPlan, Ino, MetaError, ServerId};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -68,6 +68,32 @@ pub(crate) trait Store: Send + Sync + 'static {
         chunk: ChunkId,
         failed: Vec<ServerId>,
     ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>>;
+    /// Starts converting chunk `index` of `ino` (at `version`) to RS 4+2 (see `convert.rs`).
+    fn ec_prepare(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+    ) -> BoxFuture<'_, Result<EcPlan, MetaError>>;
+    /// Commits a conversion to RS 4+2 once every shard is written and verified.
+    fn ec_commit(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        length: u64,
+        term: u64,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>>;
+    /// Makes the chunkserver at `addr` refuse versions of `chunk` older than `version`.
+    fn fence<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), DataError>>;
     /// Copies chunk `src` into the new chunk `dst` on the chunkserver at `addr`.
     fn clone_chunk<'a>(
         &'a self,
@@ -221,6 +247,48 @@ impl Store for RemoteStore {
         failed: Vec<ServerId>,
     ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
         self.meta_call("cow_done", self.meta.cow_done(ino, index, chunk, failed))
+            .boxed()
+    }
+
+    fn ec_prepare(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+    ) -> BoxFuture<'_, Result<EcPlan, MetaError>> {
+        self.meta_call(
+            "ec_prepare",
+            self.meta.ec_prepare(ino, index, chunk, version),
+        )
+        .boxed()
+    }
+
+    fn ec_commit(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        length: u64,
+        term: u64,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
+        self.meta_call(
+            "ec_commit",
+            self.meta
+                .ec_commit(ino, index, chunk, version, length, term),
+        )
+        .boxed()
+    }
+
+    fn fence<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+        term: u64,
+    ) -> BoxFuture<'a, Result<(), DataError>> {
+        self.data_call(addr, self.data.fence(addr, chunk, version, term))
             .boxed()
     }
 

@@ -151,7 +151,7 @@ pub(crate) async fn write_piece(
 }
 
 /// Writes `data` to one replica as frames of at most [`FRAME`] bytes, a few in flight.
-async fn write_replica(
+pub(crate) async fn write_replica(
     store: &dyn Store,
     addr: &str,
     loc: &ChunkLoc,

@@ -1,12 +1,15 @@
 //! The client library against a real in-process cluster: 1 metadata replica and 3
 //! chunkservers on 127.0.0.1:0 in tempdirs. Writes across a chunk boundary, holes, a
-//! corrupted chunk file, a chunkserver that stops mid-way, and truncate + extend.
+//! corrupted chunk file, a chunkserver that stops mid-way, and truncate + extend; and RS 4+2
+//! on 6 chunkservers: conversion, degraded reads with 2 servers stopped, and a write into
+//! an erasure-coded chunk.
 
 use rawfs_chunkserver::{ChunkserverConfig, ChunkserverHandle};
-use rawfs_client::{Client, ClientConfig};
+use rawfs_client::{Client, ClientConfig, DEFAULT_WRITE_BUFFER};
 use rawfs_metadata::{MetadataConfig, MetadataHandle};
 use rawfs_metadata_api::{
-    Caller, ChunkLoc, ClientTimeouts, FileKind, Ino, NewNode, SetAttr, CHUNK_SIZE, ROOT_INO,
+    Caller, ChunkLoc, ClientTimeouts, FileKind, Ino, NewNode, SetAttr, StorageClass, CHUNK_SIZE,
+    ROOT_INO,
 };
 use serde_bytes::ByteBuf;
 use std::path::{Path, PathBuf};
@@ -136,16 +139,25 @@ async fn loc(client: &Client, ino: Ino, index: u64) -> ChunkLoc {
     locs.remove(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn file_io_on_a_real_cluster() {
+/// A metadata service and `n` chunkservers in this process, and a client of them (with
+/// `write_buffer` bytes of write buffer) once every chunkserver is up.
+async fn cluster(
+    n: u64,
+    write_buffer: usize,
+) -> (
+    Daemon<MetadataHandle>,
+    Vec<Daemon<ChunkserverHandle>>,
+    Client,
+    String,
+) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let mut meta = start_metadata().await;
+    let meta = start_metadata().await;
     let meta_addr = meta.handle.as_ref().unwrap().addr().to_string();
     let mut servers = Vec::new();
-    for id in 1..=3 {
+    for id in 1..=n {
         servers.push(start_chunkserver(id, &meta_addr).await);
     }
     let client = Client::new(ClientConfig {
@@ -155,16 +167,22 @@ async fn file_io_on_a_real_cluster() {
             op: Duration::from_secs(15),
         },
         io_timeout: Duration::from_secs(5),
-        write_buffer: 1 << 20,
+        write_buffer,
         ..ClientConfig::default()
     });
-    wait_until("3 chunkservers up", Duration::from_secs(30), || async {
+    wait_until("the chunkservers up", Duration::from_secs(30), || async {
         match client.meta().status().await {
-            Ok(st) => st.chunkservers.iter().filter(|c| c.up).count() == 3,
+            Ok(st) => st.chunkservers.iter().filter(|c| c.up).count() == n as usize,
             Err(_) => false,
         }
     })
     .await;
+    (meta, servers, client, meta_addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_io_on_a_real_cluster() {
+    let (mut meta, mut servers, client, meta_addr) = cluster(3, 1 << 20).await;
 
     let attr = client
         .meta()
@@ -303,6 +321,84 @@ async fn file_io_on_a_real_cluster() {
     orphan.write(total, b"lost").await.unwrap();
     assert!(orphan.flush().await.is_err());
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_coded_chunks_on_a_real_cluster() {
+    let (mut meta, mut servers, client, _) = cluster(6, DEFAULT_WRITE_BUFFER).await;
+
+    // Two cold files of one chunk each, written as replicas, then converted.
+    let mut files = Vec::new();
+    for (name, size, seed) in [("a", (9 << 20) + 4321, 5u8), ("b", (5 << 20) + 7, 6)] {
+        let attr = client
+            .meta()
+            .mknod(
+                ROOT_INO,
+                ByteBuf::from(name.as_bytes().to_vec()),
+                NewNode {
+                    kind: FileKind::File,
+                    perm: 0o644,
+                    rdev: 0,
+                    exclusive: true,
+                },
+                Caller { uid: 0, gid: 0 },
+            )
+            .await
+            .unwrap();
+        let data = pattern(seed, size);
+        let io = client.file(attr.ino, 0);
+        io.write(0, &data).await.unwrap();
+        io.fsync().await.unwrap();
+        io.flush().await.unwrap();
+        client
+            .meta()
+            .set_class(attr.ino, StorageClass::Cold)
+            .await
+            .unwrap();
+        files.push((attr.ino, data));
+    }
+    let page = client.meta().cold_chunks((0, 0), 0, 100).await.unwrap();
+    for (ino, data) in &files {
+        let c = page
+            .chunks
+            .iter()
+            .find(|c| c.ino == *ino)
+            .expect("a cold file's chunk is due");
+        assert_eq!(c.length, data.len() as u64);
+        let new = client.convert_to_ec(c).await.unwrap();
+        let ec = new.ec.as_ref().expect("erasure coded");
+        assert_eq!(ec.length, c.length);
+        assert_eq!(loc(&client, *ino, 0).await, new);
+        let fresh = client.file(*ino, data.len() as u64);
+        assert!(fresh.read(0, data.len() as u32).await.unwrap() == *data);
+    }
+
+    // Overwrite a few bytes in the middle of b: right data, replicated again.
+    let (b, mut b_data) = files.pop().unwrap();
+    let io = client.file(b, b_data.len() as u64);
+    io.write(3 << 20, b"overwrite").await.unwrap();
+    io.fsync().await.unwrap();
+    b_data[3 << 20..(3 << 20) + 9].copy_from_slice(b"overwrite");
+    let now = loc(&client, b, 0).await;
+    assert!(now.ec.is_none() && !now.replicas.is_empty(), "{now:?}");
+    let fresh = client.file(b, b_data.len() as u64);
+    assert!(fresh.read(0, b_data.len() as u32).await.unwrap() == b_data);
+
+    // Stop the servers of two data shards of a: it still reads back byte-identical.
+    let (a, a_data) = files.pop().unwrap();
+    let a_loc = loc(&client, a, 0).await;
+    let shards = &a_loc.ec.as_ref().unwrap().shards;
+    for k in [0, 2] {
+        let server = shards[k].replica.as_ref().unwrap().server;
+        servers[(server - 1) as usize].stop().await;
+    }
+    let fresh = client.file(a, a_data.len() as u64);
+    assert!(fresh.read(0, a_data.len() as u32).await.unwrap() == a_data);
+
+    for s in &mut servers {
+        s.stop().await;
+    }
+    meta.stop().await;
 }
 
 /// Throughput of sequential I/O through the library (a benchmark, not a check):

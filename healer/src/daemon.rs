@@ -5,6 +5,8 @@
 //!  scan loop (every scan interval, while the lease is held):
 //!     endangered_chunks pages ─▶ planner::plan ─▶ repairs (1 copy left first)
 //!        each: copy::re_replicate; a failure backs the chunk off (1 s, 2 s, ... 60 s)
+//!     then, if the repair pass completed: tiering::Tiering::pass (quiet chunks to RS 4+2,
+//!        one at a time, for at most TIER_BUDGET)
 //! ```
 //!
 //! Any number of healers may run; the one holding the lease works, the others wait for it
@@ -22,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::copy::{self, Ctx, RepairError};
 use crate::planner::{self, ChunkState, ServerState};
+use crate::tiering::{self, Tiering};
+use rawfs_client::{Client, ClientConfig};
 
 /// How the healer runs.
 #[derive(Clone, Debug)]
@@ -34,6 +38,9 @@ pub struct HealerConfig {
     pub scan_interval: Duration,
     /// Lease length asked for (the service caps it at 10 s).
     pub lease_ttl: Duration,
+    /// Quiet time after which the chunks of an `auto` file are converted to RS 4+2
+    /// (`cold` files are converted whatever this says; see [`crate::tiering`]).
+    pub cold_after: Duration,
 }
 
 /// Why the healer stopped other than on request.
@@ -49,6 +56,9 @@ const PAGE: u32 = 1024;
 const DATA_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest back-off of a failing chunk.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest a scan spends tiering (plus one conversion in flight) before it checks for
+/// repairs again: chunks at risk never wait long behind conversions.
+const TIER_BUDGET: Duration = Duration::from_secs(60);
 
 /// The lease as this healer last got it.
 #[derive(Clone, Copy, Debug)]
@@ -83,11 +93,32 @@ pub async fn run(cfg: HealerConfig, stop: CancellationToken) -> Result<(), Heale
         stop.clone(),
     ));
     let data = DataClient::new(DATA_TIMEOUT);
+    let client = Client::new(ClientConfig::new(cfg.metadata.clone()));
+    // The RS 4+2 kernel has no run-time CPU dispatch: refuse tiering here rather than die of
+    // SIGILL mid-conversion; repairs of replicated chunks still run.
+    let mut tiering = match rawfs_client::erasure::check_cpu() {
+        Ok(()) => Some(Tiering::new(cfg.cold_after, TIER_BUDGET)),
+        Err(e) => {
+            tracing::error!(error = %e, "tiering to RS 4+2 disabled on this CPU");
+            None
+        }
+    };
     let mut backoff: HashMap<ChunkId, Backoff> = HashMap::new();
-    tracing::info!(id = cfg.id, "healer started");
+    tracing::info!(
+        id = cfg.id,
+        cold_after_ms = tiering::quiet_ms(cfg.cold_after),
+        "healer started"
+    );
     loop {
         if let Some(term) = lease_term(&held) {
-            scan(&meta, &data, term, &held, &stop, &mut backoff).await;
+            let repaired = scan(&meta, &data, term, &held, &stop, &mut backoff).await;
+            // Tiering only after a complete repair pass: repairs always go first.
+            if let Some(t) = tiering.as_mut().filter(|_| repaired) {
+                if !stop.is_cancelled() && lease_term(&held) == Some(term) {
+                    let active = || lease_term(&held) == Some(term);
+                    t.pass(&client, &active, &stop).await;
+                }
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -150,7 +181,9 @@ async fn keep_lease(
     }
 }
 
-/// One scan: every endangered chunk, planned and repaired in order of danger.
+/// One scan: every endangered chunk, planned and repaired in order of danger. True when the
+/// pass went through (failed repairs are backed off), false when it was cut short (listing
+/// failed, leader changed, lease lapsing, stopping).
 async fn scan(
     meta: &MetadataClient,
     data: &DataClient,
@@ -158,7 +191,7 @@ async fn scan(
     held: &Mutex<Option<Held>>,
     stop: &CancellationToken,
     backoff: &mut HashMap<ChunkId, Backoff>,
-) {
+) -> bool {
     let mut chunks = Vec::new();
     let mut after = 0;
     let servers = loop {
@@ -166,7 +199,7 @@ async fn scan(
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list endangered chunks");
-                return;
+                return false;
             }
         };
         if page.term != term {
@@ -175,7 +208,7 @@ async fn scan(
                 leader_term = page.term,
                 "leader changed: waiting for a new lease"
             );
-            return;
+            return false;
         }
         chunks.extend(page.chunks);
         match page.next {
@@ -218,7 +251,7 @@ async fn scan(
         tracing::warn!(chunks = ?plan.stuck, "chunks missing copies with no server to copy to");
     }
     if plan.repairs.is_empty() {
-        return;
+        return true;
     }
     tracing::info!(repairs = plan.repairs.len(), by_danger = ?plan.by_danger(), "repair plan");
     let stopping = || stop.is_cancelled();
@@ -234,7 +267,7 @@ async fn scan(
     for mut r in plan.repairs {
         if stop.is_cancelled() || lease_term(held) != Some(term) {
             tracing::info!("lease lapsing or stopping: scan abandoned");
-            return;
+            return false;
         }
         match moved.get(&r.chunk) {
             Some(None) => continue,
@@ -256,7 +289,7 @@ async fn scan(
                 backoff.remove(&r.chunk);
                 moved.insert(r.chunk, Some(v));
             }
-            Err(RepairError::Stopped) => return,
+            Err(RepairError::Stopped) => return false,
             Err(e) => {
                 let delay = backoff
                     .get(&r.chunk)
@@ -280,4 +313,5 @@ async fn scan(
             }
         }
     }
+    true
 }

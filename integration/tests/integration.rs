@@ -8,6 +8,8 @@
 mod bad_input;
 #[path = "integration/cli.rs"]
 mod cli;
+#[path = "integration/erasure.rs"]
+mod erasure;
 #[path = "integration/failover.rs"]
 mod failover;
 #[path = "integration/faults.rs"]

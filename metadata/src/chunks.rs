@@ -31,7 +31,9 @@ pub(crate) fn chunk_by_id(t: &Tables, chunk: ChunkId) -> Op<(Ino, u64, ChunkRec)
     Ok((ino, index, rec))
 }
 
-/// Builds the wire form of a chunk record, with each replica's data address.
+/// Builds the wire form of a chunk record, with each replica's (or shard's) data address.
+/// `shared` is set for a chunk that is being converted or is erasure coded (a writer must
+/// `cow_chunk` first); callers add sharing by references.
 pub(crate) fn to_loc(
     servers: &impl ReadableTable<u64, &'static [u8]>,
     index: u64,
@@ -45,13 +47,18 @@ pub(crate) fn to_loc(
             .unwrap_or_default();
         replicas.push(Replica { server, data_addr });
     }
+    let ec = match &rec.ec {
+        Some(ec) => Some(crate::erasure::ec_loc(servers, ec)?),
+        None => None,
+    };
     Ok(ChunkLoc {
         index,
         chunk: rec.chunk,
         version: rec.version,
         replicas,
         term,
-        shared: false,
+        shared: rec.ec.is_some() || rec.converting.is_some(),
+        ec,
     })
 }
 
@@ -128,6 +135,8 @@ pub(crate) fn allocate(
         version: 1,
         servers: servers.to_vec(),
         pending: None,
+        ec: None,
+        converting: None,
     };
     t.put_chunk(ino, index, &rec)?;
     t.chunk_owner.insert(chunk, (ino, index))?;
@@ -173,6 +182,7 @@ pub(crate) fn release_chunks(
 /// Drops `server` from `chunk`'s replicas if `expected_version` is current, bumping the
 /// version so that the dropped copy is recognisably stale. The last replica is never
 /// dropped (there would be nothing left to read); the location is returned unchanged then.
+/// A shard id marks the shard lost instead (see `erasure::drop_shard`).
 pub(crate) fn drop_replica(
     t: &mut Tables,
     chunk: ChunkId,
@@ -180,6 +190,9 @@ pub(crate) fn drop_replica(
     server: ServerId,
     term: u64,
 ) -> Op<ChunkLoc> {
+    if let Some(loc) = crate::erasure::drop_shard(t, chunk, expected_version, server, term)? {
+        return Ok(loc);
+    }
     let (_, index, rec) = chunk_by_id(t, chunk)?;
     if rec.version != expected_version || !rec.servers.contains(&server) {
         return to_loc(&t.servers, index, &rec, term);
@@ -198,11 +211,10 @@ pub(crate) fn drop_replica(
         *version += 1;
     })?;
     t.deletions.insert((server, chunk), ())?;
-    let mut rec = rec;
-    rec.servers.retain(|&s| s != server);
-    rec.version += 1;
+    // Re-read: the change may also have cancelled a conversion under way.
+    let (_, index, rec) = chunk_by_id(t, chunk)?;
     let mut loc = to_loc(&t.servers, index, &rec, term)?;
-    loc.shared = crate::shares::has_extra_refs(&t.chunk_refs, chunk)?;
+    loc.shared |= crate::shares::has_extra_refs(&t.chunk_refs, chunk)?;
     Ok(loc)
 }
 

@@ -197,7 +197,7 @@ impl Server {
         let up: HashSet<ServerId> = self.registry().up_servers(now);
         let is_up = |s| up.contains(&s);
         let (counts, per_server, servers, files) = self.0.sm.read(|rt| {
-            let (counts, per) = queries::chunk_counts(rt, &is_up)?;
+            let (counts, per) = crate::erasure::chunk_counts(rt, &is_up)?;
             Ok((counts, per, queries::servers(rt)?, queries::files(rt)?))
         })?;
         let reg = self.registry();

@@ -5,7 +5,7 @@
 //! same log reaches the same state and the same replies.
 
 use rawfs_metadata_api::{
-    Attr, Caller, ChunkId, ChunkLoc, CowLoc, Ino, MetaError, MetaResult, Name, NewNode,
+    Attr, Caller, ChunkId, ChunkLoc, CowLoc, EcPlan, Ino, MetaError, MetaResult, Name, NewNode,
     RenameFlags, ReqId, ServerId, SetAttr, Timespec, XattrMode,
 };
 use serde::{Deserialize, Serialize};
@@ -161,6 +161,32 @@ pub enum Command {
         server: ServerId,
         term: u64,
     },
+    /// Starts converting chunk `chunk` (at `version`) of `(ino, index)` to RS 4+2 with one
+    /// shard on each of `servers` (the leader's placement, 6 distinct); see `erasure.rs`.
+    EcPrepare {
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        servers: Vec<ServerId>,
+    },
+    /// Commits the conversion of `chunk` planned at `version` in leader term `term`.
+    EcCommit {
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        length: u64,
+        term: u64,
+    },
+    /// `CowChunk` with the leader's placement of the replicated copy, for an erasure-coded
+    /// chunk (which has no replicas to copy on).
+    CowPlaced {
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        servers: Vec<ServerId>,
+    },
     /// Several commands that arrived together, applied in order as one log entry (group
     /// commit: one log write for many callers). Replies with [`Reply::Batch`]. Not nested.
     Batch(Vec<Command>),
@@ -182,6 +208,8 @@ pub enum Reply {
     Attr(Attr),
     Chunk(ChunkLoc),
     Cow(CowLoc),
+    /// The plan of an RS 4+2 conversion.
+    Plan(EcPlan),
     /// One result per command of a [`Command::Batch`], in order.
     Batch(Vec<MetaResult<Reply>>),
 }
@@ -237,6 +265,9 @@ impl Command {
                 Command::AckDeletes { chunks, .. } => 9 * chunks.len(),
                 Command::Snapshot { name, label, .. } => name.len() + label.len(),
                 Command::CowDone { failed, .. } => 9 * failed.len(),
+                Command::EcPrepare { servers, .. } | Command::CowPlaced { servers, .. } => {
+                    9 * servers.len()
+                }
                 Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum(),
                 Command::Tracked { cmd, .. } => cmd.approx_size(),
                 _ => 0,
@@ -275,6 +306,13 @@ impl Reply {
     pub fn into_chunk(self) -> MetaResult<ChunkLoc> {
         match self {
             Reply::Chunk(c) => Ok(c),
+            other => Err(mismatch(&other)),
+        }
+    }
+
+    pub fn into_plan(self) -> MetaResult<EcPlan> {
+        match self {
+            Reply::Plan(p) => Ok(p),
             other => Err(mismatch(&other)),
         }
     }

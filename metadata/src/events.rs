@@ -314,7 +314,10 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         | Command::RegisterServer { .. }
         | Command::AckDeletes { .. }
         | Command::CowChunk { .. }
-        | Command::CowDone { .. } => Vec::new(),
+        | Command::CowDone { .. }
+        | Command::CowPlaced { .. }
+        | Command::EcPrepare { .. }
+        | Command::EcCommit { .. } => Vec::new(),
     };
     out.extend(replaced.inos.iter().map(|i| Inval::Inode(*i)));
     out

@@ -33,7 +33,7 @@ use crate::chunks::to_loc;
 use crate::commands::Command;
 use crate::queries;
 use crate::server::Server;
-use crate::store::{decode, inode, ChunkRec, Op, ReadTables, Tables};
+use crate::store::{decode, get_chunk, inode, ChunkRec, Op, ReadTables, Tables};
 
 /// The longest healer lease granted, whatever the holder asks for.
 pub(crate) const LEASE_MAX: Duration = Duration::from_secs(10);
@@ -110,6 +110,10 @@ pub(crate) fn endangered(
             views.extend(crate::shares::view_of(&rec, p.chunk));
         }
         for view in views {
+            // Erasure-coded chunks have shards, not copies: the healer does not list them.
+            if view.ec.is_some() {
+                continue;
+            }
             if view.chunk <= after
                 || rt.chunk_owner.get(view.chunk)?.map(|g| g.value()) != Some((ino, index))
             {
@@ -154,7 +158,14 @@ pub(crate) fn add_replica(
     if order_term != term {
         return Err(MetaError::StaleTerm { current: term }.into());
     }
-    let (_, index, rec) = crate::chunks::chunk_by_id(t, chunk)?;
+    let (ino, index, rec) = crate::chunks::chunk_by_id(t, chunk)?;
+    let is_shard = get_chunk(&t.chunks, ino, index)?
+        .is_some_and(|r| crate::erasure::find_shard(&r, chunk).is_some());
+    if is_shard || rec.ec.is_some() {
+        return Err(crate::namespace::invalid(
+            "an erasure-coded chunk or shard has no replicas to add",
+        ));
+    }
     if rec.version != version {
         return Err(MetaError::StaleVersion {
             current: rec.version,
@@ -171,11 +182,10 @@ pub(crate) fn add_replica(
     })?;
     // An inventory may have queued the copy's deletion while it was being written.
     t.deletions.remove((server, chunk))?;
-    let mut rec = rec;
-    rec.servers.push(server);
-    rec.version += 1;
+    // Re-read: the change may also have cancelled a conversion under way.
+    let (_, index, rec) = crate::chunks::chunk_by_id(t, chunk)?;
     let mut loc = to_loc(&t.servers, index, &rec, term)?;
-    loc.shared = crate::shares::has_extra_refs(&t.chunk_refs, chunk)?;
+    loc.shared |= crate::shares::has_extra_refs(&t.chunk_refs, chunk)?;
     Ok(loc)
 }
 

@@ -55,8 +55,11 @@
 //!   `end_session` keeps its orphans (no session leases yet).
 
 mod chunks;
+mod chunkservers;
+mod classes;
 mod cluster;
 mod commands;
+mod erasure;
 mod machine;
 mod namespace;
 mod queries;

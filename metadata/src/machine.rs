@@ -174,6 +174,9 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             term: order_term,
         } => crate::healing::add_replica(t, *chunk, *version, *server, *order_term, term)
             .map(Reply::Chunk),
+        EcPrepare { .. } | EcCommit { .. } | CowPlaced { .. } => {
+            crate::erasure::dispatch(t, cmd, term)
+        }
         Batch(cmds) => {
             let mut out = Vec::with_capacity(cmds.len());
             for c in cmds {

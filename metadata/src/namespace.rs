@@ -6,12 +6,13 @@
 //! removed, an inode's ctime when its link count or attributes change.
 
 use rawfs_metadata_api::{
-    Attr, Caller, FileKind, Ino, MetaError, NewNode, SetAttr, TimeSet, Timespec, XattrMode,
-    NAME_MAX, PATH_MAX, ROOT_INO,
+    Attr, Caller, FileKind, Ino, MetaError, NewNode, SetAttr, StorageClass, TimeSet, Timespec,
+    XattrMode, NAME_MAX, PATH_MAX, ROOT_INO,
 };
 use redb::ReadableTable;
 
 use crate::chunks;
+use crate::classes;
 use crate::store::{inode, Fail, InodeRec, Op, Tables, INODE_COUNT, NEXT_INO};
 
 pub(crate) const S_ISUID: u32 = 0o4000;
@@ -118,6 +119,7 @@ fn new_rec(kind: FileKind, perm: u32, caller: Caller, gid: u32, now: Timespec) -
         parent: 0,
         last_seq: 0,
         snapshot_of: None,
+        class: StorageClass::Auto,
     }
 }
 
@@ -174,6 +176,8 @@ pub(crate) fn mknod(
         inherit_gid(&prec, caller),
         now,
     );
+    // Every new inode takes its directory's class (link and rename keep the inode's own).
+    rec.class = prec.class;
     if matches!(node.kind, FileKind::CharDevice | FileKind::BlockDevice) {
         rec.rdev = node.rdev;
     }
@@ -220,6 +224,7 @@ pub(crate) fn symlink(
         now,
     );
     rec.size = target.len() as u64;
+    rec.class = prec.class;
     let ino = alloc_ino(t)?;
     t.put_inode(ino, &rec)?;
     t.symlinks.insert(ino, target)?;
@@ -487,6 +492,9 @@ pub(crate) fn setxattr(
     if value.len() > XATTR_SIZE_MAX {
         return Err(invalid("xattr value too large"));
     }
+    if classes::is_class_xattr(name) {
+        return classes::set_class_xattr(t, ino, value, mode, now);
+    }
     let mut rec = inode(&t.inodes, ino)?;
     let exists = t.xattrs.get((ino, name))?.is_some();
     match mode {
@@ -502,6 +510,9 @@ pub(crate) fn setxattr(
 
 pub(crate) fn removexattr(t: &mut Tables, ino: Ino, name: &[u8], now: Timespec) -> Op<()> {
     check_xattr_name(name)?;
+    if classes::is_class_xattr(name) {
+        return classes::set_class(t, ino, StorageClass::Auto, now).map(|_| ());
+    }
     let mut rec = inode(&t.inodes, ino)?;
     if t.xattrs.remove((ino, name))?.is_none() {
         return Err(MetaError::NoAttr.into());

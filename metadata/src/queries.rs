@@ -1,10 +1,7 @@
 //! Read-only queries, answered from one redb read transaction.
 
-use std::collections::HashMap;
-
 use rawfs_metadata_api::{
-    Attr, ChunkCounts, ChunkId, ChunkLoc, DirEntry, FileKind, Ino, MetaError, Name, ServerId,
-    NAME_MAX, REPLICAS,
+    Attr, ChunkId, ChunkLoc, DirEntry, FileKind, Ino, MetaError, Name, ServerId, NAME_MAX,
 };
 use redb::ReadableTable;
 use serde_bytes::ByteBuf;
@@ -95,6 +92,9 @@ pub(crate) fn readdir(rt: &ReadTables, ino: Ino, cookie: u64, limit: u32) -> Op<
 }
 
 pub(crate) fn getxattr(rt: &ReadTables, ino: Ino, name: &[u8]) -> Op<ByteBuf> {
+    if crate::classes::is_class_xattr(name) {
+        return crate::classes::class_xattr(rt, ino);
+    }
     inode(&rt.inodes, ino)?;
     rt.xattrs
         .get((ino, name))?
@@ -108,7 +108,12 @@ pub(crate) fn listxattr(rt: &ReadTables, ino: Ino) -> Op<Vec<Name>> {
     let mut out = Vec::new();
     for item in rt.xattrs.range((ino, empty)..(ino + 1, empty))? {
         let (k, _) = item?;
-        out.push(Name::from(k.value().1.to_vec()));
+        let name = k.value().1;
+        // The class xattr is virtual and unlisted (a stored row of that name could only
+        // predate storage classes, and getxattr would not show it).
+        if !crate::classes::is_class_xattr(name) {
+            out.push(Name::from(name.to_vec()));
+        }
     }
     Ok(out)
 }
@@ -221,34 +226,4 @@ pub(crate) fn servers(rt: &ReadTables) -> Op<Vec<(ServerId, ServerRec)>> {
         out.push((k.value(), decode("server", v.value())?));
     }
     Ok(out)
-}
-
-/// Counts chunks by health given which servers are up, and chunks per server.
-pub(crate) fn chunk_counts(
-    rt: &ReadTables,
-    up: &dyn Fn(ServerId) -> bool,
-) -> Op<(ChunkCounts, HashMap<ServerId, u64>)> {
-    let mut counts = ChunkCounts::default();
-    let mut per_server: HashMap<ServerId, u64> = HashMap::new();
-    for item in rt.chunks.iter()? {
-        let (k, v) = item?;
-        let rec: ChunkRec = decode("chunk", v.value())?;
-        // A chunk shared by snapshots or clones is counted once, at its owner.
-        if rt.chunk_owner.get(rec.chunk)?.map(|g| g.value()) != Some(k.value()) {
-            continue;
-        }
-        counts.replicated += 1;
-        for &s in &rec.servers {
-            *per_server.entry(s).or_default() += 1;
-        }
-        let live = rec.servers.iter().filter(|&&s| up(s)).count();
-        if live == 0 {
-            counts.lost += 1;
-        } else if live >= REPLICAS {
-            counts.healthy += 1;
-        } else {
-            counts.under_replicated += 1;
-        }
-    }
-    Ok((counts, per_server))
 }

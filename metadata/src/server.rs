@@ -25,8 +25,8 @@ use crate::events::{self, EventLog};
 use crate::machine::MetaStateMachine;
 use crate::proposer::Proposer;
 use crate::queries;
-use crate::registry::{place, Registry};
-use crate::store::{get_server, Op, ReadTables};
+use crate::registry::Registry;
+use crate::store::{Op, ReadTables};
 
 /// State shared by every connection.
 pub(crate) struct Shared {
@@ -232,125 +232,6 @@ impl Server {
             leader_node: st.leader_node,
             term: st.term,
         })
-    }
-
-    async fn do_allocate(&self, ino: Ino, index: u64, req: ReqId) -> MetaResult<ChunkLoc> {
-        let term = self.leader_term().await?;
-        let (existing, key) = self.0.sm.read(|rt| {
-            Ok((
-                queries::chunk_at(rt, ino, index, term)?,
-                queries::next_chunk_id(rt)?,
-            ))
-        })?;
-        if let Some(loc) = existing {
-            return Ok(loc);
-        }
-        let now = Instant::now();
-        let servers = {
-            let reg = self.registry();
-            let candidates = reg.candidates(now);
-            if candidates.is_empty() {
-                return Err(if reg.warming_up(now) {
-                    MetaError::Unavailable {
-                        reason: "waiting for chunkserver heartbeats".into(),
-                    }
-                } else {
-                    MetaError::NoSpace {
-                        reason: "no live chunkserver with free space".into(),
-                    }
-                });
-            }
-            // The counter alone would give every allocation racing with this one the same
-            // servers; the file and index spread them.
-            let key = key
-                ^ ino.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                ^ index.wrapping_mul(0xc2b2_ae3d_27d4_eb4f).rotate_left(17);
-            place(&candidates, key, REPLICAS)
-        };
-        if servers.len() < REPLICAS {
-            tracing::warn!(
-                ino,
-                index,
-                live = servers.len(),
-                "fewer live chunkservers than replicas: new chunk is under-replicated"
-            );
-        }
-        let cmd = Command::AllocateChunk {
-            ino,
-            index,
-            servers,
-        };
-        self.propose(tracked(req, Timespec::now(), cmd))
-            .await?
-            .into_chunk()
-    }
-
-    async fn do_heartbeat(&self, hb: Heartbeat) -> MetaResult<HeartbeatReply> {
-        let term = self.leader_term().await?;
-        let server = hb.server;
-        let (known, pending, stale, corrupt) = self.0.sm.read(|rt| {
-            let known = get_server(&rt.servers, server)?;
-            let pending = queries::pending_deletes(rt, server)?;
-            let stale = match &hb.inventory {
-                Some(inv) => queries::inventory_deletes(rt, server, inv)?,
-                None => Vec::new(),
-            };
-            let mut corrupt = Vec::new();
-            for &c in &hb.corrupt {
-                if let Some(rec) = queries::chunk_by_id(rt, c)? {
-                    corrupt.push((c, rec));
-                }
-            }
-            Ok((known, pending, stale, corrupt))
-        })?;
-        let addrs_changed = known.as_ref().map_or(true, |k| {
-            k.data_addr != hb.data_addr || k.control_addr != hb.control_addr
-        });
-        if addrs_changed {
-            tracing::info!(server, data = %hb.data_addr, "registering chunkserver");
-            self.propose(Command::RegisterServer {
-                id: server,
-                data_addr: hb.data_addr.clone(),
-                control_addr: hb.control_addr.clone(),
-            })
-            .await?
-            .into_unit()?;
-        }
-        let now = Instant::now();
-        self.registry().heartbeat(&hb, now);
-        for (chunk, rec) in corrupt {
-            // Drop a corrupt copy only while another replica is up to serve (and later
-            // re-replicate) the chunk; a lone corrupt copy is still the best there is.
-            let others_up = {
-                let reg = self.registry();
-                rec.servers
-                    .iter()
-                    .any(|&s| s != server && reg.is_up(s, now))
-            };
-            if rec.servers.contains(&server) && others_up {
-                tracing::warn!(chunk, server, "dropping a corrupt replica");
-                self.propose(Command::DropReplica {
-                    chunk,
-                    expected_version: rec.version,
-                    server,
-                })
-                .await?
-                .into_chunk()?;
-            }
-        }
-        if !pending.is_empty() {
-            self.propose(Command::AckDeletes {
-                server,
-                chunks: pending.clone(),
-            })
-            .await?
-            .into_unit()?;
-        }
-        let mut delete = pending;
-        delete.extend(stale);
-        delete.sort_unstable();
-        delete.dedup();
-        Ok(HeartbeatReply { term, delete })
     }
 }
 
@@ -723,10 +604,7 @@ impl MetadataRpc for Server {
         chunk: ChunkId,
         req: ReqId,
     ) -> MetaResult<CowLoc> {
-        let cmd = Command::CowChunk { ino, index, chunk };
-        self.propose(tracked(req, Timespec::now(), cmd))
-            .await?
-            .into_cow()
+        self.do_cow_chunk(ino, index, chunk, req).await
     }
 
     async fn cow_done(
@@ -768,6 +646,68 @@ impl MetadataRpc for Server {
         req: ReqId,
     ) -> MetaResult<ChunkLoc> {
         self.do_add_replica(chunk, version, server, term, req).await
+    }
+
+    async fn set_class(
+        self,
+        _: Context,
+        ino: Ino,
+        class: StorageClass,
+        req: ReqId,
+    ) -> MetaResult<Attr> {
+        let now = Timespec::now();
+        let cmd = crate::classes::set_class_command(ino, class, now);
+        self.mutate_once(req, now, cmd).await?.into_unit()?;
+        // Applied here before the reply (see `Replica::propose`), so the local state has it.
+        self.0.sm.read(|rt| queries::getattr(rt, ino))
+    }
+
+    async fn get_class(self, _: Context, ino: Ino, read: Consistency) -> MetaResult<StorageClass> {
+        self.query(read, |rt, _| crate::classes::get_class(rt, ino))
+            .await
+    }
+
+    async fn cold_chunks(
+        self,
+        _: Context,
+        after: (Ino, u64),
+        quiet_ms: u64,
+        limit: u32,
+        read: Consistency,
+    ) -> MetaResult<ColdPage> {
+        let now = Timespec::now();
+        self.query(read, |rt, _| {
+            crate::classes::cold_chunks(rt, after, quiet_ms, limit, now)
+        })
+        .await
+    }
+
+    async fn ec_prepare(
+        self,
+        _: Context,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        req: ReqId,
+    ) -> MetaResult<EcPlan> {
+        self.do_ec_prepare(ino, index, chunk, version, req).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn ec_commit(
+        self,
+        _: Context,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        length: u64,
+        term: u64,
+        req: ReqId,
+    ) -> MetaResult<ChunkLoc> {
+        self.do_ec_commit(ino, index, chunk, version, length, term, req)
+            .await
     }
 
     async fn healer_lease(self, _: Context, holder: u64, ttl_ms: u64) -> MetaResult<HealerLease> {

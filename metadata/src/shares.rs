@@ -68,19 +68,27 @@ pub(crate) fn has_extra_refs(
 }
 
 /// The record of `chunk` as seen through the reference `rec` (which names it either as its
-/// chunk or as the source of a pending copy).
+/// chunk or as the source of a pending copy). A shard id of an erasure-coded chunk (or of
+/// a conversion under way) shows as a one-replica chunk on the shard's server.
 pub(crate) fn view_of(rec: &ChunkRec, chunk: ChunkId) -> Option<ChunkRec> {
     if rec.chunk == chunk {
         return Some(rec.clone());
     }
     match &rec.pending {
-        Some(p) if p.chunk == chunk => Some(ChunkRec {
-            chunk,
-            version: p.version,
-            servers: p.servers.clone(),
-            pending: None,
-        }),
-        _ => None,
+        Some(p) if p.chunk == chunk => Some(source_view(p)),
+        _ => crate::erasure::shard_view(rec, chunk),
+    }
+}
+
+/// The source of a pending copy as a chunk record of its own.
+pub(crate) fn source_view(p: &PendingCopy) -> ChunkRec {
+    ChunkRec {
+        chunk: p.chunk,
+        version: p.version,
+        servers: p.servers.clone(),
+        pending: None,
+        ec: p.ec.clone(),
+        converting: None,
     }
 }
 
@@ -97,7 +105,8 @@ pub(crate) fn all_refs(t: &Tables, chunk: ChunkId) -> Op<Vec<(Ino, u64)>> {
 }
 
 /// Applies `f` to (version, servers) of `chunk` in every reference, so that all copies of
-/// its record stay equal (a replica drop, a version bump).
+/// its record stay equal (a replica drop, a version bump). A conversion to RS 4+2 under
+/// way is cancelled: it was planned from the replicas and version that change here.
 pub(crate) fn update_chunk(
     t: &mut Tables,
     chunk: ChunkId,
@@ -109,6 +118,7 @@ pub(crate) fn update_chunk(
         };
         if rec.chunk == chunk {
             f(&mut rec.version, &mut rec.servers);
+            crate::erasure::cancel_conversion(t, &mut rec)?;
         } else if let Some(p) = rec.pending.as_mut().filter(|p| p.chunk == chunk) {
             f(&mut p.version, &mut p.servers);
         } else {
@@ -119,15 +129,12 @@ pub(crate) fn update_chunk(
     Ok(())
 }
 
-/// Drops the reference `(ino, index)` of `chunk`. The last reference queues the chunk's
-/// deletion on `servers`; the owner's going hands ownership to another reference.
-pub(crate) fn unref(
-    t: &mut Tables,
-    chunk: ChunkId,
-    ino: Ino,
-    index: u64,
-    servers: &[ServerId],
-) -> Op<()> {
+/// Drops the reference `(ino, index)` of the chunk `view` (as that reference sees it). The
+/// last reference queues the chunk's deletion on its servers (every shard on its server,
+/// for an erasure-coded chunk); the owner's going hands ownership (with the shards' owner
+/// rows) to another reference.
+pub(crate) fn unref(t: &mut Tables, view: &ChunkRec, ino: Ino, index: u64) -> Op<()> {
+    let chunk = view.chunk;
     if t.chunk_refs.remove((chunk, ino, index))?.is_some() {
         return Ok(());
     }
@@ -140,27 +147,35 @@ pub(crate) fn unref(
         Some(&(i2, x2)) => {
             t.chunk_refs.remove((chunk, i2, x2))?;
             t.chunk_owner.insert(chunk, (i2, x2))?;
+            crate::erasure::move_shard_owners(t, view.ec.as_ref(), (i2, x2))?;
         }
         None => {
             t.chunk_owner.remove(chunk)?;
-            for &s in servers {
+            for &s in &view.servers {
                 t.deletions.insert((s, chunk), ())?;
+            }
+            if let Some(ec) = &view.ec {
+                crate::erasure::drop_shards(t, &ec.shards)?;
             }
         }
     }
     Ok(())
 }
 
-/// Releases everything the chunk map entry `(ino, index) -> rec` references.
+/// Releases everything the chunk map entry `(ino, index) -> rec` references, the shards
+/// reserved by a conversion under way included.
 pub(crate) fn release_entry(t: &mut Tables, ino: Ino, index: u64, rec: &ChunkRec) -> Op<()> {
-    unref(t, rec.chunk, ino, index, &rec.servers)?;
+    let mut rec = rec.clone();
+    crate::erasure::cancel_conversion(t, &mut rec)?;
+    unref(t, &rec, ino, index)?;
     if let Some(p) = &rec.pending {
-        unref(t, p.chunk, ino, index, &p.servers)?;
+        unref(t, &source_view(p), ino, index)?;
     }
     Ok(())
 }
 
-/// Must a writer of `(ino, index)` copy `rec` first?
+/// Must a writer of `(ino, index)` copy `rec` first? Also true while it is being converted
+/// to RS 4+2 (the copy-on-write cancels that) and once it is erasure coded.
 pub(crate) fn is_shared(
     t_refs: &impl ReadableTable<(u64, u64, u64), ()>,
     owner: &impl ReadableTable<u64, (u64, u64)>,
@@ -168,7 +183,11 @@ pub(crate) fn is_shared(
     index: u64,
     rec: &ChunkRec,
 ) -> Op<bool> {
-    if rec.pending.is_some() || has_extra_refs(t_refs, rec.chunk)? {
+    if rec.pending.is_some()
+        || rec.ec.is_some()
+        || rec.converting.is_some()
+        || has_extra_refs(t_refs, rec.chunk)?
+    {
         return Ok(true);
     }
     Ok(owner.get(rec.chunk)?.map(|g| g.value()) != Some((ino, index)))
@@ -187,16 +206,11 @@ pub(crate) fn visible_loc(
 ) -> Op<ChunkLoc> {
     let shared = file.snapshot_of.is_some() || is_shared(refs, owner, ino, index, rec)?;
     let shown = match &rec.pending {
-        Some(p) => ChunkRec {
-            chunk: p.chunk,
-            version: p.version,
-            servers: p.servers.clone(),
-            pending: None,
-        },
+        Some(p) => source_view(p),
         None => rec.clone(),
     };
     let mut loc = to_loc(servers, index, &shown, term)?;
-    loc.shared = shared;
+    loc.shared |= shared;
     Ok(loc)
 }
 
@@ -260,18 +274,17 @@ pub(crate) fn snapshot(
         entries.push((k.value().1, crec));
     }
     for (index, crec) in entries {
-        let shared = match crec.pending {
+        let shared = match &crec.pending {
             // The origin is copying this chunk; its content is still the source's.
-            Some(p) => ChunkRec {
-                chunk: p.chunk,
-                version: p.version,
-                servers: p.servers,
-                pending: None,
-            },
+            Some(p) => source_view(p),
+            // Never written in place, so nothing to fence; its shards keep their version.
+            None if crec.ec.is_some() => crec,
             None => {
+                // Also cancels a conversion under way (its plan would share the chunk).
                 update_chunk(t, crec.chunk, |v, _| *v += 1)?;
                 ChunkRec {
                     version: crec.version + 1,
+                    converting: None,
                     ..crec
                 }
             }
@@ -306,17 +319,57 @@ pub(crate) fn cow(
     expected: ChunkId,
     term: u64,
 ) -> Op<CowLoc> {
+    cow_placed(t, ino, index, expected, None, term)
+}
+
+/// [`cow`], with `servers` (the leader's placement) for the replicated copy of an
+/// erasure-coded chunk; without them, that copy goes to up to 3 of its shards' servers.
+/// A chunk being converted to RS 4+2 is not copied: the conversion is cancelled (its
+/// version bumped again) and the chunk is written as it is.
+pub(crate) fn cow_placed(
+    t: &mut Tables,
+    ino: Ino,
+    index: u64,
+    expected: ChunkId,
+    servers: Option<&[ServerId]>,
+    term: u64,
+) -> Op<CowLoc> {
     let file = writable_file(t, ino)?;
-    let crec = get_chunk(&t.chunks, ino, index)?.ok_or(Fail::Meta(MetaError::NotFound))?;
+    let mut crec = get_chunk(&t.chunks, ino, index)?.ok_or(Fail::Meta(MetaError::NotFound))?;
     if let Some(p) = &crec.pending {
         // A copy already under way (a retry, or a writer that died): hand it out again.
+        let mut loc = to_loc(&t.servers, index, &crec, term)?;
+        loc.shared = false;
+        if p.ec.is_some() {
+            let from = to_loc(&t.servers, index, &source_view(p), term)?;
+            return Ok(CowLoc {
+                loc,
+                source: None,
+                from_ec: Some(from),
+            });
+        }
         let source = Some(CopySource {
             chunk: p.chunk,
             version: p.version,
         });
-        let mut loc = to_loc(&t.servers, index, &crec, term)?;
-        loc.shared = false;
-        return Ok(CowLoc { loc, source });
+        return Ok(CowLoc {
+            loc,
+            source,
+            from_ec: None,
+        });
+    }
+    if crec.chunk == expected && crec.converting.is_some() {
+        // ec_prepare refuses shared chunks and a snapshot cancels conversions, so the chunk
+        // is private once the conversion is gone.
+        crate::erasure::cancel_conversion(t, &mut crec)?;
+        crec.version += 1;
+        t.put_chunk(ino, index, &crec)?;
+        tracing::debug!(
+            ino,
+            index,
+            chunk = expected,
+            "write cancelled an RS 4+2 conversion"
+        );
     }
     let shared = is_shared(&t.chunk_refs, &t.chunk_owner, ino, index, &crec)?;
     if crec.chunk != expected || !shared {
@@ -330,39 +383,73 @@ pub(crate) fn cow(
             &crec,
             term,
         )?;
-        return Ok(CowLoc { loc, source: None });
+        return Ok(CowLoc {
+            loc,
+            source: None,
+            from_ec: None,
+        });
+    }
+    let new = t.counter(NEXT_CHUNK)?.max(1);
+    // An erasure-coded chunk has no replicas to copy on: the copy goes to new servers.
+    let targets = match (&crec.ec, servers) {
+        (None, _) => crec.servers.clone(),
+        (Some(_), Some(s)) if !s.is_empty() => s.to_vec(),
+        (Some(ec), _) => crate::erasure::fallback_servers(ec, new),
+    };
+    if targets.is_empty() {
+        return Err(MetaError::NoSpace {
+            reason: "no chunkserver for the copy".into(),
+        }
+        .into());
     }
     // This reference of the old chunk becomes a row of CHUNK_REFS (kept until `cow_done`).
     if t.chunk_owner.get(crec.chunk)?.map(|g| g.value()) == Some((ino, index)) {
-        let Some(&(i2, x2)) = extra_refs(&t.chunk_refs, crec.chunk)?.first() else {
-            return Err(invalid("shared chunk without other references"));
-        };
-        t.chunk_refs.remove((crec.chunk, i2, x2))?;
-        t.chunk_owner.insert(crec.chunk, (i2, x2))?;
-        t.chunk_refs.insert((crec.chunk, ino, index), ())?;
+        match extra_refs(&t.chunk_refs, crec.chunk)?.first() {
+            Some(&(i2, x2)) => {
+                t.chunk_refs.remove((crec.chunk, i2, x2))?;
+                t.chunk_owner.insert(crec.chunk, (i2, x2))?;
+                crate::erasure::move_shard_owners(t, crec.ec.as_ref(), (i2, x2))?;
+                t.chunk_refs.insert((crec.chunk, ino, index), ())?;
+            }
+            // An erasure-coded chunk of this file alone: it stays owned here, as the source
+            // of the pending copy.
+            None if crec.ec.is_some() => {}
+            None => return Err(invalid("shared chunk without other references")),
+        }
     }
-    let new = t.counter(NEXT_CHUNK)?.max(1);
     t.set_counter(NEXT_CHUNK, new + 1)?;
     let rec = ChunkRec {
         chunk: new,
         version: 1,
-        servers: crec.servers.clone(),
+        servers: targets,
         pending: Some(PendingCopy {
             chunk: crec.chunk,
             version: crec.version,
             servers: crec.servers.clone(),
+            ec: crec.ec.clone(),
         }),
+        ec: None,
+        converting: None,
     };
     t.put_chunk(ino, index, &rec)?;
     t.chunk_owner.insert(new, (ino, index))?;
     let mut loc = to_loc(&t.servers, index, &rec, term)?;
     loc.shared = false;
+    if crec.ec.is_some() {
+        let from = to_loc(&t.servers, index, &crec, term)?;
+        return Ok(CowLoc {
+            loc,
+            source: None,
+            from_ec: Some(from),
+        });
+    }
     Ok(CowLoc {
         loc,
         source: Some(CopySource {
             chunk: crec.chunk,
             version: crec.version,
         }),
+        from_ec: None,
     })
 }
 
@@ -411,7 +498,7 @@ pub(crate) fn cow_done(
     crec.servers = survivors;
     crec.pending = None;
     t.put_chunk(ino, index, &crec)?;
-    unref(t, pending.chunk, ino, index, &pending.servers)?;
+    unref(t, &source_view(&pending), ino, index)?;
     visible_loc(
         &t.servers,
         &t.chunk_refs,

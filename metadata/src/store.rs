@@ -21,6 +21,8 @@ use redb::{
 };
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+pub(crate) use crate::erasure::{Converting, EcRec};
+
 /// ino -> InodeRec
 pub(crate) const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
 /// (parent, name) -> (child, seq)
@@ -34,7 +36,8 @@ pub(crate) const XATTRS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition:
 pub(crate) const SYMLINKS: TableDefinition<u64, &[u8]> = TableDefinition::new("symlinks");
 /// (ino, index) -> ChunkRec
 pub(crate) const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("chunks");
-/// chunk -> (ino, index)
+/// chunk -> (ino, index). Also every shard id of an erasure-coded chunk (committed or
+/// reserved by a conversion) -> the owner of its chunk, so inventories keep shards.
 pub(crate) const CHUNK_OWNER: TableDefinition<u64, (u64, u64)> =
     TableDefinition::new("chunk_owner");
 /// (chunk, ino, index) -> (): the references to a shared chunk other than its owner in
@@ -188,6 +191,11 @@ pub(crate) struct InodeRec {
     /// Absent in records written before snapshots existed.
     #[serde(default)]
     pub snapshot_of: Option<Ino>,
+    /// Storage class (see `classes.rs`). Records are MessagePack arrays, so a record written
+    /// before classes existed simply ends one element early and decodes as `Auto`; this
+    /// field must therefore stay last (add later fields after it, also defaulted).
+    #[serde(default)]
+    pub class: rawfs_metadata_api::StorageClass,
 }
 
 impl InodeRec {
@@ -224,6 +232,12 @@ pub(crate) struct ChunkRec {
     /// this reference keeps alive (and readers are sent to) until the copy is done.
     #[serde(default)]
     pub pending: Option<PendingCopy>,
+    /// Erasure coded (RS 4+2): the chunk's data is in these shards, and `servers` is empty.
+    #[serde(default)]
+    pub ec: Option<EcRec>,
+    /// A conversion to RS 4+2 under way (`ec_prepare`): its reserved shards.
+    #[serde(default)]
+    pub converting: Option<Converting>,
 }
 
 /// The source of a pending copy-on-write.
@@ -232,6 +246,9 @@ pub(crate) struct PendingCopy {
     pub chunk: ChunkId,
     pub version: u64,
     pub servers: Vec<ServerId>,
+    /// The source is erasure coded: the writer decodes it and writes the bytes.
+    #[serde(default)]
+    pub ec: Option<EcRec>,
 }
 
 /// A registered chunkserver's addresses.

@@ -12,6 +12,13 @@
 //!
 //! One [`VolumeExport`] per volume inode while any connection uses it, so every connection
 //! of this server sees the same buffered data and a flush on one covers all (multi-conn).
+//!
+//! Writers: a volume whose multi-conn setting is on ([`crate::volumes::MULTI_CONN_XATTR`],
+//! `rawfs volume create --multi-conn`) takes any number of writing connections and is
+//! advertised with `NBD_FLAG_CAN_MULTI_CONN`. Otherwise one connection writes at a time: a
+//! connection that opens the volume while another writes it gets a read-only view (flagged
+//! `NBD_FLAG_READ_ONLY`, writes refused with `EPERM`), so two VMs never both write one
+//! disk by mistake. Snapshots are read-only for everyone.
 //! The metadata open keeps a volume deleted while in use alive until its last client
 //! leaves. A flusher sends buffered writes to the chunkservers every [`FLUSH_EVERY`], so
 //! data a client never flushed reaches the replicas within seconds, as with a kernel's
@@ -19,6 +26,7 @@
 
 use crate::export::{Catalog, Export, ExportError, ExportInfo};
 use crate::server::{serve, ServeError, ServerConfig, ServerHandle};
+use crate::view::ReadOnlyView;
 use crate::volume::VolumeExport;
 use crate::volumes::{VolumeError, VolumeInfo, Volumes};
 use futures::future::BoxFuture;
@@ -38,7 +46,27 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
 struct Entry {
     export: Arc<VolumeExport>,
     conns: usize,
+    /// Connections that got `export` itself and may write (0 or 1 unless multi-conn).
+    writers: usize,
+    /// Read-only views handed to other connections while a single writer holds it, by
+    /// address (see [`ptr_of`]).
+    views: Vec<usize>,
     flusher: tokio::task::JoinHandle<()>,
+}
+
+/// An export's address, to recognise it when its connection closes (a raw pointer would
+/// make the futures holding it not `Send`).
+fn ptr_of<T: ?Sized>(export: &Arc<T>) -> usize {
+    Arc::as_ptr(export) as *const () as usize
+}
+
+/// How a volume may be opened, from its file.
+#[derive(Clone, Copy, Debug)]
+struct Access {
+    /// A read-only snapshot.
+    snapshot: bool,
+    /// Several writers allowed.
+    multi_conn: bool,
 }
 
 /// Serves the volumes of one cluster.
@@ -90,46 +118,69 @@ impl VolumeCatalog {
         v
     }
 
-    fn describe(v: &VolumeInfo, read_only: bool) -> ExportInfo {
-        let what = if read_only { "snapshot" } else { "volume" };
+    /// What a connection opening `v` now would get: read-only for a snapshot, and for a
+    /// single-writer volume that another connection of this server writes.
+    async fn describe(&self, v: &VolumeInfo, access: Access) -> ExportInfo {
+        let taken = !access.multi_conn
+            && self
+                .open
+                .lock()
+                .await
+                .get(&v.ino)
+                .is_some_and(|e| e.writers > 0);
+        let read_only = access.snapshot || taken;
+        let what = if access.snapshot {
+            "snapshot"
+        } else if taken {
+            "volume (read-only: another client writes it)"
+        } else {
+            "volume"
+        };
         ExportInfo {
             name: v.name.clone(),
             size: v.size,
             read_only,
-            multi_conn: true,
+            multi_conn: access.snapshot || (access.multi_conn && !taken),
             description: format!("rawfs {what} {}", v.name),
         }
     }
 
-    /// Is volume inode `ino` a (read-only) snapshot?
-    async fn is_snapshot(&self, ino: Ino) -> Result<bool, ExportError> {
+    /// How volume inode `ino` may be opened.
+    async fn access(&self, ino: Ino) -> Result<Access, ExportError> {
         let origin = self.volumes.origin(ino).await.map_err(volume_error)?;
-        Ok(origin.is_some_and(|o| o.read_only))
+        let snapshot = origin.is_some_and(|o| o.read_only);
+        let multi_conn = !snapshot && self.volumes.multi_conn(ino).await.map_err(volume_error)?;
+        Ok(Access {
+            snapshot,
+            multi_conn,
+        })
     }
 
     /// Looks a volume up by export name; names that cannot be volumes are simply unknown.
-    /// Also says whether it is a read-only snapshot.
-    async fn find(&self, name: &str) -> Result<Option<(VolumeInfo, bool)>, ExportError> {
+    async fn find(&self, name: &str) -> Result<Option<(VolumeInfo, Access)>, ExportError> {
         if crate::volumes::check_name(name).is_err() {
             return Ok(None);
         }
         let Some(v) = self.volumes.find(name).await.map_err(volume_error)? else {
             return Ok(None);
         };
-        let ro = self.is_snapshot(v.ino).await?;
-        Ok(Some((v, ro)))
+        let access = self.access(v.ino).await?;
+        Ok(Some((v, access)))
     }
 
-    async fn acquire(
-        &self,
-        v: VolumeInfo,
-        read_only: bool,
-    ) -> Result<Arc<VolumeExport>, ExportError> {
+    async fn acquire(&self, v: VolumeInfo, access: Access) -> Result<Arc<dyn Export>, ExportError> {
         let mut open = self.open.lock().await;
         if let Some(e) = open.get_mut(&v.ino) {
             e.conns += 1;
             e.export.grow_to(v.size);
-            return Ok(e.export.clone());
+            if access.snapshot || e.export.multi_conn() || e.writers == 0 {
+                e.writers += usize::from(!access.snapshot);
+                return Ok(e.export.clone());
+            }
+            let view: Arc<dyn Export> = Arc::new(ReadOnlyView::new(e.export.clone()));
+            e.views.push(ptr_of(&view));
+            tracing::info!(volume = %v.name, "volume has a writer; this connection reads only");
+            return Ok(view);
         }
         let meta = self.client.meta();
         let attr = meta
@@ -138,8 +189,10 @@ impl VolumeCatalog {
             .map_err(|e| ExportError::Io(Box::new(e)))?;
         let io = self.client.file(v.ino, attr.size);
         let mut export = VolumeExport::new(v.name.clone(), v.ino, io, meta.clone());
-        if read_only {
+        if access.snapshot {
             export = export.into_read_only();
+        } else if !access.multi_conn {
+            export = export.single_writer();
         }
         let export = Arc::new(export);
         let weak = Arc::downgrade(&export);
@@ -159,6 +212,8 @@ impl VolumeCatalog {
             Entry {
                 export: export.clone(),
                 conns: 1,
+                writers: usize::from(!access.snapshot),
+                views: Vec::new(),
                 flusher,
             },
         );
@@ -167,13 +222,20 @@ impl VolumeCatalog {
     }
 
     async fn release(&self, export: Arc<dyn Export>) {
-        // Compared as an address (a raw pointer would make this future not `Send`).
-        let ptr = Arc::as_ptr(&export) as *const () as usize;
+        let ptr = ptr_of(&export);
         let found = {
-            let open = self.open.lock().await;
-            open.values()
-                .find(|e| Arc::as_ptr(&e.export) as *const () as usize == ptr)
-                .map(|e| e.export.clone())
+            let mut open = self.open.lock().await;
+            open.values_mut().find_map(|e| {
+                if ptr_of(&e.export) == ptr {
+                    e.writers = e.writers.saturating_sub(usize::from(!e.export.read_only()));
+                    Some(e.export.clone())
+                } else if let Some(i) = e.views.iter().position(|&p| p == ptr) {
+                    e.views.swap_remove(i);
+                    Some(e.export.clone())
+                } else {
+                    None
+                }
+            })
         };
         let Some(vol) = found else {
             tracing::error!("closing a connection to a volume that is not open");
@@ -225,7 +287,8 @@ impl Catalog for VolumeCatalog {
             let all = self.volumes.names().await.map_err(volume_error)?;
             let mut out = Vec::with_capacity(all.len());
             for v in &all {
-                out.push(Self::describe(v, self.is_snapshot(v.ino).await?));
+                let access = self.access(v.ino).await?;
+                out.push(self.describe(v, access).await);
             }
             Ok(out)
         }
@@ -234,11 +297,10 @@ impl Catalog for VolumeCatalog {
 
     fn info<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<ExportInfo>, ExportError>> {
         async move {
-            Ok(self
-                .find(name)
-                .await?
-                .as_ref()
-                .map(|(v, ro)| Self::describe(v, *ro)))
+            Ok(match self.find(name).await? {
+                Some((v, access)) => Some(self.describe(&v, access).await),
+                None => None,
+            })
         }
         .boxed()
     }
@@ -248,11 +310,10 @@ impl Catalog for VolumeCatalog {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Arc<dyn Export>>, ExportError>> {
         async move {
-            let Some((v, read_only)) = self.find(name).await? else {
+            let Some((v, access)) = self.find(name).await? else {
                 return Ok(None);
             };
-            let export: Arc<dyn Export> = self.acquire(v, read_only).await?;
-            Ok(Some(export))
+            Ok(Some(self.acquire(v, access).await?))
         }
         .boxed()
     }

@@ -65,6 +65,17 @@ pub(crate) fn transmission_flags(info: &ExportInfo, structured: bool) -> u16 {
     f
 }
 
+/// What a connection that opened `export` gets: the catalog decides read-only and
+/// multi-conn per connection when it opens (a second client of a single-writer volume reads
+/// only), which may differ from what `info` said a moment before.
+fn opened(mut info: ExportInfo, export: Option<&dyn Export>) -> ExportInfo {
+    if let Some(e) = export {
+        info.read_only = e.read_only();
+        info.multi_conn = e.multi_conn();
+    }
+    info
+}
+
 /// A reader over option data that never reads past its end.
 struct Cursor<'a>(&'a [u8]);
 
@@ -207,7 +218,7 @@ where
             None
         };
         let size = export.as_ref().map_or(info.size, |e| e.size());
-        let flags = transmission_flags(&info, self.structured);
+        let flags = transmission_flags(&opened(info.clone(), export.as_deref()), self.structured);
         // All replies in one buffer: once the export is open, a failed write must close it.
         let mut out = Vec::with_capacity(128);
         let mut d = Vec::with_capacity(12);
@@ -321,7 +332,10 @@ where
             .await?
             .ok_or_else(|| HandshakeError::ExportName(name.clone()))?;
         let size = export.size();
-        let flags = transmission_flags(&info, self.structured);
+        let flags = transmission_flags(
+            &opened(info.clone(), Some(export.as_ref())),
+            self.structured,
+        );
         let mut d = Vec::with_capacity(134);
         d.extend_from_slice(&size.to_be_bytes());
         d.extend_from_slice(&flags.to_be_bytes());

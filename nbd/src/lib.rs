@@ -34,6 +34,7 @@ pub mod mem;
 pub mod proto;
 mod server;
 mod transmission;
+mod view;
 pub mod volume;
 pub mod volumes;
 
@@ -42,4 +43,6 @@ pub use export::{Catalog, Export, ExportError, ExportInfo, Extent};
 pub use server::{serve, ServeError, ServerConfig, ServerHandle, DEFAULT_LISTEN};
 pub use transmission::{IN_FLIGHT_BYTES, MAX_IN_FLIGHT};
 pub use volume::VolumeExport;
-pub use volumes::{Origin, VolumeError, VolumeInfo, Volumes, VOLUMES_DIR};
+pub use volumes::{
+    CreateOptions, Origin, VolumeError, VolumeInfo, Volumes, MULTI_CONN_XATTR, VOLUMES_DIR,
+};

@@ -30,6 +30,8 @@ pub struct VolumeExport {
     io: FileIo,
     meta: MetadataClient,
     read_only: bool,
+    /// Several connections may write (the volume's multi-conn setting).
+    multi_conn: bool,
 }
 
 impl std::fmt::Debug for VolumeExport {
@@ -69,7 +71,15 @@ impl VolumeExport {
             io,
             meta,
             read_only: false,
+            multi_conn: true,
         }
+    }
+
+    /// The same export for a volume written by one client at a time: not advertised as
+    /// multi-conn (the catalog gives other connections a read-only view).
+    pub fn single_writer(mut self) -> VolumeExport {
+        self.multi_conn = false;
+        self
     }
 
     /// The same export, read-only (a snapshot): advertised with `NBD_FLAG_READ_ONLY`, and
@@ -171,7 +181,7 @@ impl Export for VolumeExport {
     }
 
     fn multi_conn(&self) -> bool {
-        true
+        self.multi_conn || self.read_only
     }
 
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<u8>, ExportError>> {

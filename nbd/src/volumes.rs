@@ -28,7 +28,8 @@
 use rawfs_chunkserver_api::DataClient;
 use rawfs_metadata_api::client::MetadataClient;
 use rawfs_metadata_api::{
-    Attr, Caller, FileKind, Ino, MetaError, NewNode, SetAttr, CHUNK_SIZE, ROOT_INO,
+    Attr, Caller, FileKind, Ino, MetaError, NewNode, SetAttr, StorageClass, XattrMode, CHUNK_SIZE,
+    ROOT_INO,
 };
 use serde_bytes::ByteBuf;
 
@@ -64,6 +65,20 @@ pub enum VolumeError {
     NotADirectory,
     #[error("metadata: {0}")]
     Meta(#[from] MetaError),
+}
+
+/// The xattr on a volume's file that lets several NBD clients write it at once (`"1"`).
+/// Without it one client writes and any other connection gets the volume read-only, and
+/// `NBD_FLAG_CAN_MULTI_CONN` is not advertised.
+pub const MULTI_CONN_XATTR: &str = "trusted.rawfs.multi-conn";
+
+/// Settings of a new volume beyond its name and size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Storage class of its chunks (`None`: inherited from `/.rawfs-volumes`, i.e. `auto`).
+    pub class: Option<StorageClass>,
+    /// Several clients may write it at once (multi-conn); see [`MULTI_CONN_XATTR`].
+    pub multi_conn: bool,
 }
 
 /// One volume as `list` shows it.
@@ -266,6 +281,71 @@ impl Volumes {
                 }
                 Err(e.into())
             }
+        }
+    }
+
+    /// Creates volume `name` as [`Volumes::create`] does, then applies `opts`: the storage
+    /// class of its chunks and whether several NBD clients may write it at once.
+    pub async fn create_with(
+        &self,
+        name: &str,
+        size: u64,
+        opts: CreateOptions,
+    ) -> Result<VolumeInfo, VolumeError> {
+        let v = self.create(name, size).await?;
+        let applied = async {
+            if let Some(class) = opts.class {
+                self.set_class(v.ino, class).await?;
+            }
+            if opts.multi_conn {
+                self.set_multi_conn(name, true).await?;
+            }
+            Ok::<(), VolumeError>(())
+        }
+        .await;
+        if let Err(e) = applied {
+            // A volume without the asked-for settings would surprise later; remove it.
+            if let Err(d) = self.delete(name).await {
+                tracing::warn!(volume = name, error = %d, "cannot remove a half-made volume");
+            }
+            return Err(e);
+        }
+        Ok(v)
+    }
+
+    /// Sets the storage class of volume inode `ino`'s data.
+    pub async fn set_class(&self, ino: Ino, class: StorageClass) -> Result<(), VolumeError> {
+        self.meta.set_class(ino, class).await?;
+        Ok(())
+    }
+
+    /// Does volume inode `ino` let several clients write it at once (see
+    /// [`MULTI_CONN_XATTR`])?
+    pub async fn multi_conn(&self, ino: Ino) -> Result<bool, VolumeError> {
+        match self.meta.getxattr(ino, os(MULTI_CONN_XATTR)).await {
+            Ok(v) => Ok(v.as_slice() == b"1"),
+            Err(MetaError::NoAttr) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Lets several NBD clients write volume `name` at once (`on`), or only one at a time.
+    /// Takes effect when the volume is next opened by a server with no client on it.
+    pub async fn set_multi_conn(&self, name: &str, on: bool) -> Result<(), VolumeError> {
+        let v = self
+            .find(name)
+            .await?
+            .ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+        let r = if on {
+            self.meta
+                .setxattr(v.ino, os(MULTI_CONN_XATTR), os("1"), XattrMode::Any)
+                .await
+        } else {
+            self.meta.removexattr(v.ino, os(MULTI_CONN_XATTR)).await
+        };
+        match r {
+            Ok(()) | Err(MetaError::NoAttr) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 

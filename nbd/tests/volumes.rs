@@ -5,9 +5,15 @@
 use rawfs_chunkserver::{ChunkserverConfig, ChunkserverHandle};
 use rawfs_metadata::{MetadataConfig, MetadataHandle};
 use rawfs_metadata_api::client::{ClientTimeouts, MetadataClient};
-use rawfs_nbd::{serve_volumes, NbdConfig, NbdHandle, ServerConfig, VolumeError, Volumes};
+mod support;
+
+use rawfs_nbd::proto::{CMD_READ, CMD_WRITE, EPERM, FLAG_CAN_MULTI_CONN, FLAG_READ_ONLY};
+use rawfs_nbd::{
+    serve_volumes, CreateOptions, NbdConfig, NbdHandle, ServerConfig, VolumeError, Volumes,
+};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use support::Raw;
 use tokio::sync::oneshot;
 
 struct Cluster {
@@ -335,6 +341,91 @@ fn a_deleted_volume_stays_usable_by_connected_clients_only() {
         "{text}"
     );
     assert!(!text.contains("Pattern verification failed"), "{text}");
+    let _ = stop.send(());
+    c.rt.block_on(h.join());
+}
+
+/// Writes 512 bytes of `byte` at 0 on `conn`; the NBD error code.
+fn write_sector(conn: &mut Raw, handle: u64, byte: u8) -> u32 {
+    conn.request(CMD_WRITE, 0, handle, 0, 512, &[byte; 512]);
+    let (err, h, _) = conn.simple(0);
+    assert_eq!(h, handle);
+    err
+}
+
+/// The first 512 bytes, as `conn` reads them.
+fn read_sector(conn: &mut Raw, handle: u64) -> Vec<u8> {
+    conn.request(CMD_READ, 0, handle, 0, 512, &[]);
+    let (err, h, data) = conn.simple(512);
+    assert_eq!((err, h), (0, handle));
+    data
+}
+
+#[test]
+fn a_second_writer_reads_only_unless_the_volume_is_multi_conn() {
+    let c = Cluster::start();
+    let v = c.volumes();
+    c.rt.block_on(async {
+        v.create("solo", 1 << 20).await.expect("create");
+        let opts = CreateOptions {
+            multi_conn: true,
+            ..CreateOptions::default()
+        };
+        v.create_with("shared", 1 << 20, opts)
+            .await
+            .expect("create");
+    });
+    let (h, stop) = c.nbd();
+    let addr = h.addr();
+
+    // Single writer: the first connection writes and is not advertised as multi-conn...
+    let mut a = Raw::start(addr);
+    let (_, fa) = a.go("solo");
+    assert_eq!(fa & (FLAG_READ_ONLY | FLAG_CAN_MULTI_CONN), 0, "{fa:#x}");
+    assert_eq!(write_sector(&mut a, 1, 0xa1), 0);
+    // ...a second one gets it read-only: writes refused, the writer's data visible.
+    let mut b = Raw::start(addr);
+    let (_, fb) = b.go("solo");
+    assert_ne!(
+        fb & FLAG_READ_ONLY,
+        0,
+        "second connection must be read-only: {fb:#x}"
+    );
+    assert_eq!(write_sector(&mut b, 2, 0xb2), EPERM);
+    assert_eq!(read_sector(&mut b, 3), vec![0xa1; 512]);
+    assert_eq!(write_sector(&mut a, 4, 0xa4), 0, "the writer keeps writing");
+    // Once the writer leaves, the next connection writes.
+    drop(a);
+    let mut writer = None;
+    support::wait_for(
+        "the volume to take a new writer",
+        Duration::from_secs(10),
+        || {
+            let mut probe = Raw::start(addr);
+            let writable = probe.go("solo").1 & FLAG_READ_ONLY == 0;
+            if writable {
+                writer = Some(probe);
+            }
+            writable
+        },
+    );
+    let mut n = writer.expect("a writable connection");
+    assert_eq!(write_sector(&mut n, 5, 0xc5), 0);
+    assert_eq!(read_sector(&mut b, 6), vec![0xc5; 512]);
+
+    // Multi-conn: every connection writes, and it is advertised.
+    let mut x = Raw::start(addr);
+    let mut y = Raw::start(addr);
+    let (_, fx) = x.go("shared");
+    let (_, fy) = y.go("shared");
+    for f in [fx, fy] {
+        assert_eq!(f & FLAG_READ_ONLY, 0, "{f:#x}");
+        assert_ne!(f & FLAG_CAN_MULTI_CONN, 0, "{f:#x}");
+    }
+    assert_eq!(write_sector(&mut x, 7, 0x77), 0);
+    assert_eq!(write_sector(&mut y, 8, 0x88), 0);
+    assert_eq!(read_sector(&mut x, 9), vec![0x88; 512]);
+    drop((b, n, x, y));
     let _ = stop.send(());
     c.rt.block_on(h.join());
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rand::{Rng, RngCore, SeedableRng};
 use rawfs_integration::fsutil::{file_hash, seed, sh};
 use rawfs_integration::harness::{is_mountpoint, wait_until};
-use rawfs_integration::Cluster;
+use rawfs_integration::{Cluster, Options};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -75,7 +75,8 @@ fn random_file(c: &Cluster, name: &str, len: u64, seed: u64) -> Result<PathBuf> 
 fn volumes_are_served_to_real_nbd_clients() -> Result<()> {
     let c = Cluster::start()?;
     let addr = nbd_addr(&c)?;
-    c.rawfs_ok(&["volume", "create", "vm1", "--size", "1G"])?;
+    // Multi-conn: nbdcopy below writes over 4 connections at once.
+    c.rawfs_ok(&["volume", "create", "vm1", "--size", "1G", "--multi-conn"])?;
     ensure!(
         c.path(".rawfs-volumes/vm1").metadata()?.len() == BIG,
         "the volume is a file in the namespace"
@@ -274,11 +275,32 @@ fn source_tree(c: &Cluster) -> Result<PathBuf> {
 }
 
 #[test]
-fn ext4_on_a_volume_survives_umount_fsck_and_remount() -> Result<()> {
+fn ext4_on_a_hot_volume_survives_umount_fsck_and_remount() -> Result<()> {
     let c = Cluster::start()?;
-    let addr = nbd_addr(&c)?;
-    c.rawfs_ok(&["volume", "create", "fs", "--size", "512M"])?;
-    let src = source_tree(&c)?;
+    ext4_round_trip(&c, "hot")
+}
+
+/// The same on a cold volume: the healer erasure codes its chunks as they are written
+/// (ext4 keeps writing into them, which turns them back into replicas first), and the
+/// second mount reads the tree back from RS 4+2 shards.
+#[test]
+fn ext4_on_a_cold_volume_survives_umount_fsck_and_remount() -> Result<()> {
+    let c = Cluster::start_with(Options {
+        up_args: ["--healer-scan-interval", "1s"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..Options::default()
+    })?;
+    ext4_round_trip(&c, "cold")
+}
+
+/// mkfs.ext4 on a volume of `class` through nbdfuse, copy a source tree in, umount, fsck,
+/// mount again and compare.
+fn ext4_round_trip(c: &Cluster, class: &str) -> Result<()> {
+    let addr = nbd_addr(c)?;
+    c.rawfs_ok(&["volume", "create", "fs", "--size", "512M", "--class", class])?;
+    let src = source_tree(c)?;
     let disk = FuseDisk::attach(c.scratch(), &uri(&addr, "fs"))?;
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F"])
@@ -289,6 +311,19 @@ fn ext4_on_a_volume_survives_umount_fsck_and_remount() -> Result<()> {
         &format!("cp -a '{}' tree && sync", src.display()),
     )?;
     disk.umount()?;
+    if class == "cold" {
+        // Once written, every chunk of the volume becomes RS 4+2.
+        let r = wait_until(
+            "the cold volume erasure coded",
+            Duration::from_secs(180),
+            || {
+                let s = c.status()?;
+                let ch = &s["chunks"];
+                Ok(ch["ec"].as_u64() > Some(0) && ch["replicated"].as_u64() == Some(0))
+            },
+        );
+        c.diagnose(r)?;
+    }
     // -f: check even though it is clean; -n: change nothing. Exit 0 means no problem.
     let fsck = run(Command::new("fsck.ext4").arg("-fn").arg(disk.file()))?;
     assert!(!fsck.contains("UNEXPECTED"), "{fsck}");
@@ -301,7 +336,7 @@ fn ext4_on_a_volume_survives_umount_fsck_and_remount() -> Result<()> {
     drop(disk);
     // What the filesystem wrote is in the cluster: the volume's chunks exist.
     ensure!(
-        used_bytes(&c, "fs")? > 0,
+        used_bytes(c, "fs")? > 0,
         "the filesystem's blocks are allocated"
     );
     Ok(())

@@ -489,6 +489,10 @@ rpc_methods! {
         fn listxattr(ino: Ino) -> Vec<Name>;
         /// Existing chunks with index in `first..first + count`.
         fn chunks(ino: Ino, first: u64, count: u64) -> Vec<ChunkLoc>;
+        /// The storage class of a file or directory.
+        fn get_class(ino: Ino) -> StorageClass;
+        /// Replicated chunks due for RS 4+2, from `after` on.
+        fn cold_chunks(after: (Ino, u64), quiet_ms: u64, limit: u32) -> ColdPage;
     }
     writes {
         /// Changes attributes (a size change truncates or extends).
@@ -527,6 +531,12 @@ rpc_methods! {
         fn cow_done(ino: Ino, index: u64, chunk: ChunkId, failed: Vec<ServerId>) -> ChunkLoc;
         /// Commits a healer's new copy of a chunk (version bumped).
         fn add_replica(chunk: ChunkId, version: u64, server: ServerId, term: u64) -> ChunkLoc;
+        /// Sets the storage class of a file or directory.
+        fn set_class(ino: Ino, class: StorageClass) -> Attr;
+        /// Starts converting a replicated chunk to RS 4+2.
+        fn ec_prepare(ino: Ino, index: u64, chunk: ChunkId, version: u64) -> EcPlan;
+        /// Commits a conversion to RS 4+2.
+        fn ec_commit(ino: Ino, index: u64, chunk: ChunkId, version: u64, length: u64, term: u64) -> ChunkLoc;
     }
     other {
         /// Records an open of `ino` by `session`.
@@ -677,6 +687,11 @@ mod tests {
             endangered_chunks(after: ChunkId, limit: u32) -> EndangeredPage;
             add_replica(chunk: ChunkId, version: u64, server: ServerId, term: u64, req: ReqId) -> ChunkLoc;
             healer_lease(holder: u64, ttl_ms: u64) -> HealerLease;
+            set_class(ino: Ino, class: StorageClass, req: ReqId) -> Attr;
+            get_class(ino: Ino, read: Consistency) -> StorageClass;
+            cold_chunks(after: (Ino, u64), quiet_ms: u64, limit: u32, read: Consistency) -> ColdPage;
+            ec_prepare(ino: Ino, index: u64, chunk: ChunkId, version: u64, req: ReqId) -> EcPlan;
+            ec_commit(ino: Ino, index: u64, chunk: ChunkId, version: u64, length: u64, term: u64, req: ReqId) -> ChunkLoc;
             heartbeat(hb: Heartbeat) -> HeartbeatReply;
             status() -> ClusterStatus;
             replica_status() -> ReplicaStatus;

@@ -125,6 +125,8 @@ pub trait MetadataRpc {
     async fn release_chunks(ino: Ino, first: u64, count: u64, req: ReqId) -> MetaResult<()>;
     /// Removes `server` from the replicas of `chunk` (it failed a write or a checksum),
     /// bumping the version if `expected_version` is current. Returns the new location.
+    /// `chunk` may also be a shard's id: the shard is then marked lost (its `replica`
+    /// becomes `None`) without a version bump, for the healer to rebuild.
     async fn drop_replica(
         chunk: ChunkId,
         expected_version: u64,
@@ -159,6 +161,52 @@ pub trait MetadataRpc {
         index: u64,
         chunk: ChunkId,
         failed: Vec<ServerId>,
+        req: ReqId,
+    ) -> MetaResult<ChunkLoc>;
+
+    // ---- storage classes and erasure coding ----------------------------------------------------
+    /// Sets the storage class of a file or directory (new children of a directory inherit
+    /// it). Also reachable as the xattr [`CLASS_XATTR`].
+    async fn set_class(ino: Ino, class: StorageClass, req: ReqId) -> MetaResult<Attr>;
+    /// The storage class of a file or directory.
+    async fn get_class(ino: Ino, read: Consistency) -> MetaResult<StorageClass>;
+    /// Replicated chunks due for RS 4+2, in `(ino, index)` order from `after` (exclusive) on:
+    /// every chunk of `cold` files, and of `auto` files unchanged (mtime) for `quiet_ms`.
+    /// Shared chunks (snapshots) and chunks being copied are skipped; a chunk still marked
+    /// converting is listed (its converter died or lost the lease: a new `ec_prepare`
+    /// replaces the plan).
+    async fn cold_chunks(
+        after: (Ino, u64),
+        quiet_ms: u64,
+        limit: u32,
+        read: Consistency,
+    ) -> MetaResult<ColdPage>;
+    /// Starts converting chunk `index` of `ino` (replicated, currently `chunk` at `version`)
+    /// to RS 4+2: bumps the version, reserves 6 shard ids on 6 distinct live chunkservers
+    /// (reserved shards are not garbage collected until the conversion ends), and marks the
+    /// chunk converting, which `chunks` reports as `shared`: a writer then calls
+    /// `cow_chunk`, which cancels the conversion and bumps the version again. `StaleVersion`
+    /// if the chunk moved, `NoSpace` with fewer than 6 live chunkservers.
+    async fn ec_prepare(
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        req: ReqId,
+    ) -> MetaResult<EcPlan>;
+    /// Commits the conversion started by `ec_prepare` once every shard is written, synced
+    /// and verified at `version` (the plan's): the chunk becomes erasure coded with logical
+    /// `length`, and its replicas are queued for deletion. In one transaction, fenced by the
+    /// leader term of the plan (`StaleTerm`) and the version (`StaleVersion`, also when a
+    /// writer cancelled the conversion). A conversion that never commits leaves the
+    /// replicated chunk authoritative and its shards garbage.
+    async fn ec_commit(
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        length: u64,
+        term: u64,
         req: ReqId,
     ) -> MetaResult<ChunkLoc>;
 

@@ -156,9 +156,116 @@ pub struct ChunkLoc {
     #[serde(default)]
     pub term: u64,
     /// The chunk must not be written in place: it is shared with a snapshot or a clone, or
-    /// the file is a read-only snapshot. A writer asks `cow_chunk` for a private copy first.
+    /// the file is a read-only snapshot, or it is being converted to RS 4+2 or is erasure
+    /// coded. A writer asks `cow_chunk` for a private (replicated) copy first.
     #[serde(default)]
     pub shared: bool,
+    /// `Some` when the chunk is erasure coded (RS 4+2): read its shards, not `replicas`
+    /// (which is then empty).
+    #[serde(default)]
+    pub ec: Option<EcLoc>,
+}
+
+/// An erasure-coded chunk: 4 data + 2 parity shards in the layout of the client's
+/// `erasure` module (1 MiB cells, 4 MiB stripes). Each shard is stored on one chunkserver as
+/// an ordinary chunk file under its own id, at the chunk's version, with the usual per-block
+/// crc32c.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EcLoc {
+    /// Logical bytes of the chunk at conversion; past them the chunk reads as zeros.
+    pub length: u64,
+    /// Exactly [`EC_SHARDS`], by shard number: 0..4 data, 4 = P, 5 = Q.
+    pub shards: Vec<Shard>,
+}
+
+/// Shards of an erasure-coded chunk (4 data + 2 parity).
+pub const EC_SHARDS: usize = 6;
+
+/// One shard of an erasure-coded chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    /// The shard's own chunk id on its chunkserver (unique, never reused).
+    pub chunk: ChunkId,
+    /// Where it is stored; `None` once it is known lost (its server died, or it failed its
+    /// checksum) until the healer rebuilds it.
+    pub replica: Option<Replica>,
+}
+
+/// A conversion of one replicated chunk to RS 4+2, started by `ec_prepare`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EcPlan {
+    /// The replicated chunk at its new (bumped) version: fence every replica at
+    /// `loc.version` before reading it.
+    pub loc: ChunkLoc,
+    /// Where to write the 6 shards (fresh ids, 6 distinct live chunkservers), at
+    /// `loc.version` and term `loc.term`.
+    pub shards: Vec<Shard>,
+}
+
+/// Storage class of a file or directory; a new file or directory inherits its parent's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StorageClass {
+    /// Replicas only.
+    Hot,
+    /// Erasure coded (RS 4+2) as soon as written.
+    Cold,
+    /// Replicas, converted to RS 4+2 once the file has been quiet for `cold_after`.
+    #[default]
+    Auto,
+}
+
+/// The xattr that shows and sets a file's or directory's [`StorageClass`] (not listed by
+/// `listxattr`, like CephFS's layout xattrs).
+pub const CLASS_XATTR: &str = "rawfs.class";
+
+impl StorageClass {
+    /// The name used by the CLI and the xattr: `hot`, `cold` or `auto`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageClass::Hot => "hot",
+            StorageClass::Cold => "cold",
+            StorageClass::Auto => "auto",
+        }
+    }
+}
+
+impl std::fmt::Display for StorageClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for StorageClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "hot" => Ok(StorageClass::Hot),
+            "cold" => Ok(StorageClass::Cold),
+            "auto" => Ok(StorageClass::Auto),
+            other => Err(format!(
+                "unknown storage class {other:?} (expected hot, cold or auto)"
+            )),
+        }
+    }
+}
+
+/// A replicated chunk that is due for RS 4+2, as `cold_chunks` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColdChunk {
+    pub ino: Ino,
+    pub index: u64,
+    pub chunk: ChunkId,
+    pub version: u64,
+    /// Bytes of the file within this chunk (at most [`CHUNK_SIZE`]).
+    pub length: u64,
+}
+
+/// One page of `cold_chunks`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColdPage {
+    pub chunks: Vec<ColdChunk>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<(Ino, u64)>,
 }
 
 /// A chunk copy from a shared chunk that the writer must make on the chunkservers before
@@ -177,6 +284,11 @@ pub struct CowLoc {
     /// `Some` while the copy is pending: clone `source` into `loc.chunk` on every replica of
     /// `loc`, then report with `cow_done`.
     pub source: Option<CopySource>,
+    /// `Some` while a copy out of an erasure-coded chunk is pending: read this chunk
+    /// (decoding its shards), write its bytes to every replica of `loc`, sync, then report
+    /// with `cow_done`. `source` is `None` then.
+    #[serde(default)]
+    pub from_ec: Option<ChunkLoc>,
 }
 
 /// One replica of a chunk.
@@ -232,6 +344,12 @@ pub struct ChunkCounts {
     pub lost: u64,
     pub replicated: u64,
     pub ec: u64,
+    /// Logical bytes (file bytes) held in replicated chunks.
+    #[serde(default)]
+    pub replicated_bytes: u64,
+    /// Logical bytes held in erasure-coded chunks (stored as 1.5x that).
+    #[serde(default)]
+    pub ec_bytes: u64,
 }
 
 /// One chunkserver as the registry sees it.

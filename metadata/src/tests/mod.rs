@@ -1,6 +1,8 @@
 //! State machine tests: commands go through `StateMachine::apply` exactly as the log
 //! delivers them, on a real redb file in a temporary directory.
 
+mod classes;
+mod erasure;
 mod healing;
 mod posix;
 mod requests;

@@ -94,7 +94,7 @@ fn snapshot_shares_every_chunk_and_bumps_its_version() {
     assert!(all_deletions(&h).is_empty());
     // Counted once in the status, not once per reference.
     let (counts, per) =
-        h.sm.read(|rt| queries::chunk_counts(rt, &|_| true))
+        h.sm.read(|rt| crate::erasure::chunk_counts(rt, &|_| true))
             .unwrap();
     assert_eq!(counts.replicated, 2);
     assert_eq!(per.get(&1), Some(&2));

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# rawfs block-volume benchmark: the same fio jobs over NBD against a rawfs volume (`rawfs up`,
+# 3 replicas) and against nbdkit's file plugin serving a file on the same disk, in the same
+# run, printed as ratios (only same-run ratios mean anything on a shared machine). Not run in
+# CI.
+#
+#   sequential write of SIZE with a flush at the end, and sequential read   (bs 1 MiB, qd 8)
+#   4 KiB random read and random write IOPS                                 (qd 16)
+#
+# fio talks NBD itself (ioengine=nbd, libnbd), so no kernel NBD module is needed.
+#
+# Usage: integration/bench-nbd.sh [--size-mib N] [--fio-seconds S] [--debug]
+# Needs root for drop_caches (the figures are warm otherwise), fio with the nbd engine, nbdkit.
+# RAWFS_BENCH_DIR (default /var/tmp/rawfs-bench-nbd) holds the cluster and nbdkit's file.
+set -euo pipefail
+
+SIZE_MIB=1024
+FIO_SECONDS=20
+PROFILE=release
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --size-mib) SIZE_MIB="$2"; shift ;;
+        --fio-seconds) FIO_SECONDS="$2"; shift ;;
+        --debug) PROFILE=debug ;;
+        *) echo "usage: $0 [--size-mib N] [--fio-seconds S] [--debug]" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+cd "$(dirname "$0")/.."
+fio --enghelp 2>/dev/null | grep -qw nbd || { echo "bench-nbd.sh: fio lacks the nbd engine" >&2; exit 1; }
+command -v nbdkit >/dev/null || { echo "bench-nbd.sh: nbdkit is needed" >&2; exit 1; }
+if [ $PROFILE = release ]; then
+    cargo build --release -p rawfs >&2
+else
+    cargo build -p rawfs >&2
+fi
+BIN="${CARGO_TARGET_DIR:-$(pwd)/target}/$PROFILE"
+
+BASE="${RAWFS_BENCH_DIR:-/var/tmp/rawfs-bench-nbd}"
+rm -rf "$BASE"
+mkdir -p "$BASE/mnt"
+VOL_MIB=$((SIZE_MIB * 2))
+
+"$BIN/rawfs" up --dir "$BASE/cluster" --mount "$BASE/mnt" >"$BASE/up.log" 2>&1 &
+UP=$!
+KIT=""
+cleanup() {
+    [ -n "$KIT" ] && kill "$KIT" 2>/dev/null || true
+    kill -TERM "$UP" 2>/dev/null || true
+    wait "$UP" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+deadline=$((SECONDS + 120))
+until grep -q '"ready": true' "$BASE/cluster/cluster.json" 2>/dev/null; do
+    if ! kill -0 "$UP" 2>/dev/null || [ $SECONDS -gt $deadline ]; then
+        echo "bench-nbd.sh: the cluster did not come up:" >&2
+        tail -30 "$BASE/up.log" >&2
+        exit 1
+    fi
+    sleep 0.2
+done
+NBD_ADDR=$(grep -A3 '"role": "nbd"' "$BASE/cluster/cluster.json" | sed -n 's/.*"addr": "\(.*\)".*/\1/p' | head -1)
+[ -n "$NBD_ADDR" ] || { echo "bench-nbd.sh: no nbd server in cluster.json" >&2; exit 1; }
+# Multi-conn, as nbdkit's file plugin is: fio's jobs may use several connections.
+"$BIN/rawfs" volume create bench --size "${VOL_MIB}M" --multi-conn --dir "$BASE/cluster" >&2
+
+truncate -s "${VOL_MIB}M" "$BASE/nbdkit.img"
+KIT_PORT=10899
+nbdkit --foreground --port "$KIT_PORT" --ipaddr 127.0.0.1 file "$BASE/nbdkit.img" &
+KIT=$!
+deadline=$((SECONDS + 30))
+until nbdinfo --size "nbd://127.0.0.1:$KIT_PORT" >/dev/null 2>&1; do
+    [ $SECONDS -gt $deadline ] && { echo "bench-nbd.sh: nbdkit did not start" >&2; exit 1; }
+    sleep 0.1
+done
+
+drop_caches() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || echo "bench-nbd.sh: cannot drop caches" >&2
+}
+
+# fio over NBD; prints bandwidth in MiB/s (seq) or IOPS (rand) from the terse v3 output
+# (fields: 7 read KiB/s, 8 read IOPS, 48 write KiB/s, 49 write IOPS).
+run_fio() { # uri rw bs iodepth -> figure
+    local uri=$1 rw=$2 bs=$3 qd=$4 extra=() field
+    case $rw in
+        write) field=48; extra=(--size="${SIZE_MIB}M" --end_fsync=1) ;;
+        read) field=7; extra=(--size="${SIZE_MIB}M") ;;
+        randread) field=8; extra=(--size="${SIZE_MIB}M" --time_based --runtime="$FIO_SECONDS") ;;
+        randwrite) field=49; extra=(--size="${SIZE_MIB}M" --time_based --runtime="$FIO_SECONDS") ;;
+    esac
+    fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+        "${extra[@]}" --output-format=terse --terse-version=3 2>/dev/null |
+        awk -F';' -v f=$field '{ if (f == 7 || f == 48) printf "%.1f", $f / 1024; else print $f }'
+}
+
+declare -A R
+for where in nbdkit rawfs; do
+    uri="nbd://127.0.0.1:$KIT_PORT"
+    [ $where = rawfs ] && uri="nbd://$NBD_ADDR/bench"
+    echo "bench-nbd.sh: measuring $where ($uri)" >&2
+    R[$where.seqw]=$(run_fio "$uri" write 1M 8)
+    drop_caches
+    R[$where.seqr]=$(run_fio "$uri" read 1M 8)
+    R[$where.randr]=$(run_fio "$uri" randread 4k 16)
+    R[$where.randw]=$(run_fio "$uri" randwrite 4k 16)
+done
+
+printf '\n%-30s %16s %16s %8s\n' "benchmark (over NBD)" "nbdkit file" "rawfs" "ratio"
+row() { # key label unit
+    local k=${R[nbdkit.$1]} r=${R[rawfs.$1]}
+    printf '%-30s %10s %-5s %10s %-5s %8s\n' "$2" "$k" "$3" "$r" "$3" \
+        "$(awk -v a="$k" -v b="$r" 'BEGIN { if (a > 0) printf "%.3f", b / a; else print "n/a" }')"
+}
+row seqw "seq write ${SIZE_MIB} MiB + flush" "MiB/s"
+row seqr "seq read (cold cache)" "MiB/s"
+row randr "4 KiB random read, qd16" "IOPS"
+row randw "4 KiB random write, qd16" "IOPS"

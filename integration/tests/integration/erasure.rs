@@ -1,0 +1,188 @@
+//! Storage classes and RS 4+2 (issue 5): files in a `cold` directory are erasure coded by
+//! the healer, read back identical through the mount, and still do with any 2 of the 6
+//! chunkservers killed (degraded reads decode from the 4 left).
+
+use anyhow::{ensure, Context, Result};
+use rawfs_integration::fsutil::{getxattr, listxattr, pattern, setxattr, verify_pattern};
+use rawfs_integration::harness::wait_until;
+use rawfs_integration::{Cluster, Options};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+/// One RS stripe: 4 data cells of 1 MiB.
+const STRIPE: usize = 4 * MIB;
+
+fn write_file(path: &Path, seed: u64, len: usize) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| path.display().to_string())?;
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(4 * MIB);
+        f.write_all(&pattern(seed, off as u64, n))?;
+        off += n;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Bytes all chunkservers hold, from their heartbeats (`rawfs status`).
+fn stored_bytes(c: &Cluster) -> Result<u64> {
+    let s = c.status()?;
+    Ok(s["chunkservers"]
+        .as_array()
+        .context("status lists chunkservers")?
+        .iter()
+        .filter_map(|cs| cs["used_bytes"].as_u64())
+        .sum())
+}
+
+/// Compares `path` with `pattern(seed, ..)` overwritten by `patch` at `at`.
+fn verify_patched(path: &Path, seed: u64, len: usize, at: u64, patch: &[u8]) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    rawfs_integration::fsutil::drop_cache(&f);
+    let mut buf = vec![0u8; 4 * MIB];
+    let mut off = 0usize;
+    while off < len {
+        let n = (len - off).min(4 * MIB);
+        f.read_exact(&mut buf[..n])?;
+        let mut want = pattern(seed, off as u64, n);
+        for (i, &b) in patch.iter().enumerate() {
+            let p = at as usize + i;
+            if (off..off + n).contains(&p) {
+                want[p - off] = b;
+            }
+        }
+        ensure!(
+            buf[..n] == want[..],
+            "{}: wrong bytes in the piece at {off}",
+            path.display()
+        );
+        off += n;
+    }
+    Ok(())
+}
+
+/// Chunks a file of `len` bytes has (64 MiB each).
+fn chunks_of(len: usize) -> u64 {
+    len.div_ceil(64 * MIB) as u64
+}
+
+#[test]
+fn cold_files_read_back_with_two_chunkservers_dead() -> Result<()> {
+    let mut c = Cluster::start_with(Options {
+        chunkservers: 6,
+        up_args: ["--metadata-replicas", "1", "--healer-scan-interval", "1s"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    })?;
+    let cold = c.path("cold");
+    let hot = c.path("hot");
+    std::fs::create_dir(&cold)?;
+    std::fs::create_dir(&hot)?;
+    // The class by the CLI on one directory and by the xattr on the other.
+    let set = c.rawfs(&["class", "set", &cold.to_string_lossy(), "cold"])?;
+    ensure!(
+        set.status.success(),
+        "rawfs class set: {}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    setxattr(&hot, "rawfs.class", b"hot", 0)?;
+    let got = c.rawfs(&["class", "get", &cold.to_string_lossy()])?;
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "cold");
+    assert_eq!(getxattr(&hot, "rawfs.class")?, b"hot");
+    assert!(
+        !listxattr(&cold)?.iter().any(|n| n == "rawfs.class"),
+        "the class xattr is not listed"
+    );
+
+    let sizes = [0, 1, STRIPE - 1, STRIPE + 1, 200 * MIB];
+    let files: Vec<(std::path::PathBuf, u64, usize)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| (cold.join(format!("f{len}")), 100 + i as u64, len))
+        .collect();
+    for (path, seed, len) in &files {
+        write_file(path, *seed, *len)?;
+        // Inherited from the directory.
+        assert_eq!(getxattr(path, "rawfs.class")?, b"cold");
+    }
+    let hot_file = hot.join("h");
+    write_file(&hot_file, 7, 3 * MIB)?;
+    let ec_wanted: u64 = sizes.iter().map(|&l| chunks_of(l)).sum();
+
+    let started = Instant::now();
+    let r = wait_until(
+        "every cold chunk erasure coded",
+        Duration::from_secs(240),
+        || {
+            let s = c.status()?;
+            Ok(s["chunks"]["ec"].as_u64() == Some(ec_wanted))
+        },
+    );
+    c.diagnose(r)?;
+    eprintln!(
+        "{ec_wanted} chunks converted to RS 4+2 in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let s = c.status()?;
+    assert_eq!(
+        s["chunks"]["replicated"], 1,
+        "the hot file stays replicated: {s}"
+    );
+    for (path, seed, len) in &files {
+        verify_pattern(path, *seed, *len)?;
+    }
+    // Space: once the replicas of converted chunks are deleted, the cold data takes about
+    // 1.5x its size (plus the hot file's 3 copies and the chunk files' headers).
+    let cold_bytes: u64 = sizes.iter().map(|&l| l as u64).sum();
+    let hot_bytes = 3 * (3 * MIB as u64);
+    let limit = cold_bytes * 16 / 10 + hot_bytes + 4 * MIB as u64;
+    let r = wait_until(
+        "the converted chunks' replicas deleted",
+        Duration::from_secs(60),
+        || Ok(stored_bytes(&c)? <= limit),
+    );
+    c.diagnose(r)?;
+    let stored = stored_bytes(&c)?;
+    eprintln!(
+        "space: {stored} bytes on the chunkservers for {cold_bytes} cold bytes ({:.2}x) and 3 MiB hot",
+        stored.saturating_sub(hot_bytes) as f64 / cold_bytes as f64
+    );
+
+    // Any two of the six: every chunk keeps 4 shards.
+    for id in [2, 5] {
+        c.kill9("chunkserver", id)?;
+    }
+    for (path, seed, len) in &files {
+        c.diagnose(verify_pattern(path, *seed, *len))?;
+    }
+    verify_pattern(&hot_file, 7, 3 * MIB)?;
+
+    // A small overwrite in the middle of a cold file, still with two servers down: the
+    // chunk is decoded into replicas first, and the file reads right.
+    let (big, big_seed, big_len) = files.last().context("files")?.clone();
+    let at = 100 * MIB as u64 + 12345;
+    let patch = b"rawfs was here";
+    let f = OpenOptions::new().write(true).open(&big)?;
+    f.write_all_at(patch, at)?;
+    f.sync_all()?;
+    drop(f);
+    verify_patched(&big, big_seed, big_len, at, patch)?;
+    let s = c.status()?;
+    assert_eq!(
+        s["chunks"]["replicated"], 2,
+        "the rewritten chunk is replicated again: {s}"
+    );
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! Leader-side work for chunkservers: placing a new chunk on live servers, and answering
+//! heartbeats (registration, liveness, the deletions each server owes, corrupt copies
+//! dropped and corrupt shards marked lost).
+
+use std::time::Instant;
+
+use rawfs_metadata_api::*;
+
+use crate::commands::Command;
+use crate::queries;
+use crate::registry::place;
+use crate::server::{tracked, Server};
+use crate::store::get_server;
+
+impl Server {
+    pub(crate) async fn do_allocate(
+        &self,
+        ino: Ino,
+        index: u64,
+        req: ReqId,
+    ) -> MetaResult<ChunkLoc> {
+        let term = self.leader_term().await?;
+        let (existing, key) = self.0.sm.read(|rt| {
+            Ok((
+                queries::chunk_at(rt, ino, index, term)?,
+                queries::next_chunk_id(rt)?,
+            ))
+        })?;
+        if let Some(loc) = existing {
+            return Ok(loc);
+        }
+        let now = Instant::now();
+        let servers = {
+            let reg = self.registry();
+            let candidates = reg.candidates(now);
+            if candidates.is_empty() {
+                return Err(if reg.warming_up(now) {
+                    MetaError::Unavailable {
+                        reason: "waiting for chunkserver heartbeats".into(),
+                    }
+                } else {
+                    MetaError::NoSpace {
+                        reason: "no live chunkserver with free space".into(),
+                    }
+                });
+            }
+            // The counter alone would give every allocation racing with this one the same
+            // servers; the file and index spread them.
+            let key = key
+                ^ ino.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ^ index.wrapping_mul(0xc2b2_ae3d_27d4_eb4f).rotate_left(17);
+            place(&candidates, key, REPLICAS)
+        };
+        if servers.len() < REPLICAS {
+            tracing::warn!(
+                ino,
+                index,
+                live = servers.len(),
+                "fewer live chunkservers than replicas: new chunk is under-replicated"
+            );
+        }
+        let cmd = Command::AllocateChunk {
+            ino,
+            index,
+            servers,
+        };
+        self.propose(tracked(req, Timespec::now(), cmd))
+            .await?
+            .into_chunk()
+    }
+
+    pub(crate) async fn do_heartbeat(&self, hb: Heartbeat) -> MetaResult<HeartbeatReply> {
+        let term = self.leader_term().await?;
+        let server = hb.server;
+        let (known, pending, stale, (corrupt, bad_shards)) = self.0.sm.read(|rt| {
+            let known = get_server(&rt.servers, server)?;
+            let pending = queries::pending_deletes(rt, server)?;
+            let stale = match &hb.inventory {
+                Some(inv) => queries::inventory_deletes(rt, server, inv)?,
+                None => Vec::new(),
+            };
+            let mut corrupt = Vec::new();
+            let mut bad_shards = Vec::new();
+            for &c in &hb.corrupt {
+                if let Some(version) = crate::erasure::shard_held_by(rt, c, server)? {
+                    bad_shards.push((c, version));
+                } else if let Some(rec) = queries::chunk_by_id(rt, c)? {
+                    corrupt.push((c, rec));
+                }
+            }
+            Ok((known, pending, stale, (corrupt, bad_shards)))
+        })?;
+        let addrs_changed = known.as_ref().map_or(true, |k| {
+            k.data_addr != hb.data_addr || k.control_addr != hb.control_addr
+        });
+        if addrs_changed {
+            tracing::info!(server, data = %hb.data_addr, "registering chunkserver");
+            self.propose(Command::RegisterServer {
+                id: server,
+                data_addr: hb.data_addr.clone(),
+                control_addr: hb.control_addr.clone(),
+            })
+            .await?
+            .into_unit()?;
+        }
+        let now = Instant::now();
+        self.registry().heartbeat(&hb, now);
+        for (chunk, rec) in corrupt {
+            // Drop a corrupt copy only while another replica is up to serve (and later
+            // re-replicate) the chunk; a lone corrupt copy is still the best there is.
+            let others_up = {
+                let reg = self.registry();
+                rec.servers
+                    .iter()
+                    .any(|&s| s != server && reg.is_up(s, now))
+            };
+            if rec.servers.contains(&server) && others_up {
+                tracing::warn!(chunk, server, "dropping a corrupt replica");
+                self.propose(Command::DropReplica {
+                    chunk,
+                    expected_version: rec.version,
+                    server,
+                })
+                .await?
+                .into_chunk()?;
+            }
+        }
+        for (chunk, version) in bad_shards {
+            // A shard has no other copy: mark it lost, for reads to decode around it and
+            // the healer to rebuild it from the others.
+            tracing::warn!(chunk, server, "marking a corrupt shard lost");
+            self.propose(Command::DropReplica {
+                chunk,
+                expected_version: version,
+                server,
+            })
+            .await?
+            .into_chunk()?;
+        }
+        if !pending.is_empty() {
+            self.propose(Command::AckDeletes {
+                server,
+                chunks: pending.clone(),
+            })
+            .await?
+            .into_unit()?;
+        }
+        let mut delete = pending;
+        delete.extend(stale);
+        delete.sort_unstable();
+        delete.dedup();
+        Ok(HeartbeatReply { term, delete })
+    }
+}
