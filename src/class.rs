@@ -28,13 +28,17 @@ pub struct ClassCmd {
 #[derive(clap::Subcommand, Debug)]
 pub enum ClassVerb {
     /// Set the storage class of a file or directory on a rawfs mount (new children of a
-    /// directory inherit it; existing files keep theirs).
+    /// directory inherit it; existing files keep theirs unless --recursive).
     Set {
         /// A file or directory on a rawfs mount.
         path: PathBuf,
         /// The class.
         #[arg(value_enum)]
         class: ClassName,
+        /// Also every file and directory below PATH (symbolic links are not followed): the
+        /// healer then converts their data to the new class.
+        #[arg(long, short = 'r')]
+        recursive: bool,
     },
     /// Print the storage class of a file or directory on a rawfs mount.
     Get {
@@ -84,7 +88,21 @@ pub enum ClassError {
 /// `rawfs class`.
 pub fn run(cmd: ClassCmd) -> ExitCode {
     let res = match cmd.verb {
-        ClassVerb::Set { path, class } => set_class(&path, class.into()),
+        ClassVerb::Set {
+            path,
+            class,
+            recursive: false,
+        } => set_class(&path, class.into()),
+        ClassVerb::Set {
+            path,
+            class,
+            recursive: true,
+        } => set_class_tree(&path, class.into()).map(|n| {
+            println!(
+                "{n} files and directories set to {}",
+                StorageClass::from(class)
+            )
+        }),
         ClassVerb::Get { path } => get_class(&path).map(|c| println!("{c}")),
     };
     match res {
@@ -94,6 +112,27 @@ pub fn run(cmd: ClassCmd) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Sets the storage class of `path` and of everything below it (not following symbolic
+/// links, which have no class). Returns how many files and directories were set.
+pub fn set_class_tree(path: &Path, class: StorageClass) -> Result<u64, ClassError> {
+    let io = |e: std::io::Error| ClassError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(io)?;
+    let mut n = 0;
+    if meta.is_dir() || meta.is_file() {
+        set_class(path, class)?;
+        n += 1;
+    }
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).map_err(io)? {
+            n += set_class_tree(&entry.map_err(io)?.path(), class)?;
+        }
+    }
+    Ok(n)
 }
 
 /// Sets the storage class of `path`.

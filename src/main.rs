@@ -270,7 +270,12 @@ mod tests {
         let cli = Cli::try_parse_from(["rawfs", "class", "set", "/m/d", "cold"]).expect("parses");
         match cli.command {
             Command::Class(class::ClassCmd {
-                verb: class::ClassVerb::Set { path, class },
+                verb:
+                    class::ClassVerb::Set {
+                        path,
+                        class,
+                        recursive: false,
+                    },
             }) => {
                 assert_eq!(path, PathBuf::from("/m/d"));
                 assert_eq!(class, class::ClassName::Cold);

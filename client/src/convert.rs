@@ -31,6 +31,34 @@ use futures::{StreamExt, TryStreamExt};
 use rawfs_chunkserver_api::{DataError, MAX_PAYLOAD};
 use rawfs_metadata_api::{ChunkLoc, ColdChunk, MetaError, Shard, CHUNK_SIZE, EC_SHARDS};
 
+/// Converts the erasure-coded chunk `c` back to 3 replicas (its file became `hot`): the same
+/// copy-out a write into an EC chunk makes (`cow_chunk` gives a new replicated chunk, the
+/// client decodes the shards into it, syncs, and `cow_done` switches the file to it and queues
+/// the shards for deletion). Until `cow_done` the EC chunk stays authoritative; a crash leaves
+/// a pending copy that the next writer or conversion finishes. `StaleVersion` if the chunk is
+/// no longer `c.chunk` or no longer erasure coded.
+pub(crate) async fn to_replicas(store: &dyn Store, c: &ColdChunk) -> Result<ChunkLoc, ClientError> {
+    let locs = crate::locations::Locations::new(c.ino);
+    let loc = locs.for_read(store, c.index).await?;
+    match loc {
+        Some(loc) if loc.chunk == c.chunk && loc.ec.is_some() => {
+            let replicated = crate::cow::writable(store, &locs, loc).await?;
+            tracing::info!(
+                ino = c.ino,
+                index = c.index,
+                chunk = c.chunk,
+                new_chunk = replicated.chunk,
+                bytes = c.length,
+                "converted chunk from RS 4+2 to replicas"
+            );
+            Ok(replicated)
+        }
+        other => Err(ClientError::Meta(MetaError::StaleVersion {
+            current: other.map_or(0, |l| l.version),
+        })),
+    }
+}
+
 /// Converts the replicated chunk `c` to RS 4+2; see the module docs. Returns the chunk's new
 /// (erasure-coded) location. On an error before the commit nothing changed for readers and
 /// writers: the replicated chunk stays authoritative.

@@ -309,6 +309,7 @@ fn cold(loc: &ChunkLoc, length: u64) -> ColdChunk {
         chunk: loc.chunk,
         version: loc.version,
         length,
+        to_replicas: false,
     }
 }
 

@@ -155,6 +155,13 @@ impl Client {
         convert::convert(&*self.store, c).await
     }
 
+    /// Converts the erasure-coded chunk `c` (listed by `cold_chunks` with `to_replicas`: its
+    /// file is `hot`) back to 3 replicas, through the same copy-out a write into it makes.
+    /// Returns the new replicated location; the shards are deleted by the metadata service.
+    pub async fn convert_to_replicas(&self, c: &ColdChunk) -> Result<ChunkLoc, ClientError> {
+        convert::to_replicas(&*self.store, c).await
+    }
+
     /// I/O on file `ino` whose size is `size` (from the attributes of the open). Make one
     /// per open inode and share it between that inode's handles.
     pub fn file(&self, ino: Ino, size: u64) -> FileIo {

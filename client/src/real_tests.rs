@@ -336,6 +336,7 @@ async fn erasure_coded_chunks_on_real_chunkservers() {
         chunk: before.chunk,
         version: before.version,
         length: n as u64,
+        to_replicas: false,
     };
     let after = crate::convert::convert(&*store, &cold).await.unwrap();
     let shards = after.ec.clone().unwrap().shards;

@@ -3,7 +3,8 @@
 //! ```text
 //!  each scan, after the repair pass, while the lease is held (and for at most a budget):
 //!     cold_chunks(cursor, cold_after, PAGE) ─▶ [ColdChunk ...] ─▶ Client::convert_to_ec, one by one
-//!        success ─▶ "tiered chunk to RS 4+2"; the chunk leaves the listing
+//!        (an erasure-coded chunk of a file that became `hot`: Client::convert_to_replicas)
+//!        success ─▶ "tiered chunk"; the chunk leaves the listing
 //!        raced (stale version, file gone) ─▶ info, listed again next scan if still due
 //!        no room (fewer than 6 live servers, full) ─▶ the pass ends: the next chunk would fail too
 //!        other failure ─▶ warn, tried again on the next scan
@@ -185,7 +186,8 @@ impl Tiering {
                             version = loc.version,
                             bytes = c.length,
                             ms = started.elapsed().as_millis() as u64,
-                            "tiered chunk to RS 4+2"
+                            to = if c.to_replicas { "replicas" } else { "RS 4+2" },
+                            "tiered chunk"
                         );
                     }
                     Err(e) => {
@@ -243,9 +245,14 @@ impl Tiering {
     }
 }
 
-/// The crash-safe replicas → RS 4+2 conversion of the client library.
+/// The crash-safe replicas → RS 4+2 conversion of the client library, or back to replicas
+/// for an erasure-coded chunk of a file that became `hot`.
 async fn convert(client: &Client, c: &ColdChunk) -> Result<ChunkLoc, ClientError> {
-    client.convert_to_ec(c).await
+    if c.to_replicas {
+        client.convert_to_replicas(c).await
+    } else {
+        client.convert_to_ec(c).await
+    }
 }
 
 #[cfg(test)]
@@ -259,6 +266,7 @@ mod tests {
             chunk: ino * 100 + index,
             version: 1,
             length: 1,
+            to_replicas: false,
         }
     }
 

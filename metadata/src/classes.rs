@@ -21,7 +21,7 @@ use serde_bytes::ByteBuf;
 
 use crate::commands::Command;
 use crate::namespace::invalid;
-use crate::shares::is_shared;
+use crate::shares::{has_extra_refs, is_shared};
 use crate::store::{decode, get_inode, inode, ChunkRec, InodeRec, Op, ReadTables, Tables};
 
 /// Most chunks one `cold_chunks` call returns, whatever the caller asks for.
@@ -128,18 +128,46 @@ fn nanos(t: Timespec) -> i128 {
     i128::from(t.sec) * 1_000_000_000 + i128::from(t.nsec)
 }
 
-/// Is every chunk of this file due for RS 4+2 at `now`? Cold files always, auto files once
-/// their data has not changed (mtime) for `quiet_ms`, hot files never. Read-only snapshots
-/// share all their chunks, and unlinked files are about to go.
-fn file_due(rec: &InodeRec, quiet_ms: u64, now: Timespec) -> bool {
+/// The layout a file's chunks should have at `now`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Due {
+    /// RS 4+2: cold files always, auto files once their data has not changed (mtime) for
+    /// `quiet_ms`.
+    Ec,
+    /// Replicas: hot files.
+    Replicas,
+}
+
+/// What this file's chunks are due for at `now`, if anything. Read-only snapshots share all
+/// their chunks, and unlinked files are about to go.
+fn file_due(rec: &InodeRec, quiet_ms: u64, now: Timespec) -> Option<Due> {
     if rec.kind != FileKind::File || rec.nlink == 0 || rec.snapshot_of.is_some() {
-        return false;
+        return None;
     }
     match rec.class {
-        StorageClass::Hot => false,
-        StorageClass::Cold => true,
-        StorageClass::Auto => nanos(rec.mtime) + i128::from(quiet_ms) * 1_000_000 <= nanos(now),
+        StorageClass::Hot => Some(Due::Replicas),
+        StorageClass::Cold => Some(Due::Ec),
+        StorageClass::Auto => {
+            (nanos(rec.mtime) + i128::from(quiet_ms) * 1_000_000 <= nanos(now)).then_some(Due::Ec)
+        }
     }
+}
+
+/// Is this chunk of `(ino, index)` due for `due`? Never while shared with a snapshot or a
+/// clone (converting it would un-share it) or being copied.
+fn chunk_due(rt: &ReadTables, ino: Ino, index: u64, rec: &ChunkRec, due: Due) -> Op<bool> {
+    Ok(match due {
+        Due::Ec => {
+            eligible(rec)
+                && !is_shared(&rt.chunk_refs, &rt.chunk_owner, ino, index, &unplanned(rec))?
+        }
+        Due::Replicas => {
+            rec.ec.is_some()
+                && rec.pending.is_none()
+                && !has_extra_refs(&rt.chunk_refs, rec.chunk)?
+                && rt.chunk_owner.get(rec.chunk)?.map(|g| g.value()) == Some((ino, index))
+        }
+    })
 }
 
 /// The first `(ino, index)` strictly after `after`, or `None` past the last key.
@@ -180,10 +208,10 @@ pub(crate) fn cold_chunks(
             from = ino.checked_add(1).map(|i| (i, 0));
             continue;
         };
-        if !file_due(&file, quiet_ms, now) {
+        let Some(due) = file_due(&file, quiet_ms, now) else {
             from = ino.checked_add(1).map(|i| (i, 0));
             continue;
-        }
+        };
         for item in rt.chunks.range((ino, index)..=(ino, u64::MAX))? {
             let (k, v) = item?;
             let index = k.value().1;
@@ -192,16 +220,7 @@ pub(crate) fn cold_chunks(
                 .size
                 .saturating_sub(index.saturating_mul(CHUNK_SIZE))
                 .min(CHUNK_SIZE);
-            if length == 0
-                || !eligible(&rec)
-                || is_shared(
-                    &rt.chunk_refs,
-                    &rt.chunk_owner,
-                    ino,
-                    index,
-                    &unplanned(&rec),
-                )?
-            {
+            if length == 0 || !chunk_due(rt, ino, index, &rec, due)? {
                 continue;
             }
             chunks.push(ColdChunk {
@@ -210,6 +229,7 @@ pub(crate) fn cold_chunks(
                 chunk: rec.chunk,
                 version: rec.version,
                 length,
+                to_replicas: due == Due::Replicas,
             });
             if chunks.len() >= limit {
                 return Ok(ColdPage {

@@ -186,3 +186,98 @@ fn cold_files_read_back_with_two_chunkservers_dead() -> Result<()> {
     assert!(c.panics().is_empty(), "{:?}", c.panics());
     Ok(())
 }
+
+/// Chunk counts of `rawfs status`: (replicated, erasure coded, lost).
+fn layout_counts(c: &Cluster) -> Result<(u64, u64, u64)> {
+    let s = c.status()?;
+    let ch = &s["chunks"];
+    let n = |k: &str| ch[k].as_u64().unwrap_or(0);
+    Ok((n("replicated"), n("ec"), n("lost")))
+}
+
+/// Kills both healers (so whichever converts dies mid-way) after a random delay, and starts
+/// them again; the new lease holder takes over once the old lease lapses.
+fn kill_healers(c: &mut Cluster, rng: &mut impl rand::Rng) -> Result<()> {
+    // A random point inside whatever conversion is running: this is the fault injection,
+    // not a wait for readiness.
+    std::thread::sleep(Duration::from_millis(rng.gen_range(0..1500)));
+    for id in [1, 2] {
+        c.kill9("healer", id)?;
+    }
+    for id in [1, 2] {
+        c.restart_process("healer", id)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_directory_goes_cold_and_back_through_kills() -> Result<()> {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rawfs_integration::fsutil::seed(
+        "cold and back through kills",
+    ));
+    let mut c = Cluster::start_with(Options {
+        chunkservers: 6,
+        up_args: [
+            "--metadata-replicas",
+            "1",
+            "--healer-scan-interval",
+            "1s",
+            "--chunkserver-timeout",
+            "3s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+    })?;
+    let dir = c.path("data");
+    std::fs::create_dir(&dir)?;
+    let files: Vec<(std::path::PathBuf, u64, usize)> = [70 * MIB, 5 * MIB, 1, 130 * MIB]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| (dir.join(format!("f{i}")), 200 + i as u64, len))
+        .collect();
+    for (path, seed, len) in &files {
+        write_file(path, *seed, *len)?;
+    }
+    let chunks: u64 = files.iter().map(|f| chunks_of(f.2)).sum();
+    let dir_s = dir.to_string_lossy().into_owned();
+    let to = |c: &Cluster, class: &str| -> Result<()> {
+        let out = c.rawfs(&["class", "set", "--recursive", &dir_s, class])?;
+        ensure!(
+            out.status.success(),
+            "rawfs class set -r {class}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+
+    // Hot to cold, the converting healer killed at random points twice.
+    to(&c, "cold")?;
+    for _ in 0..2 {
+        kill_healers(&mut c, &mut rng)?;
+    }
+    let r = wait_until("every chunk RS 4+2", Duration::from_secs(240), || {
+        Ok(layout_counts(&c)? == (0, chunks, 0))
+    });
+    c.diagnose(r)?;
+    for (path, seed, len) in &files {
+        verify_pattern(path, *seed, *len)?;
+    }
+
+    // And back to replicas, with a healer kill and a chunkserver kill on the way.
+    to(&c, "hot")?;
+    kill_healers(&mut c, &mut rng)?;
+    c.kill9("chunkserver", 3)?;
+    let r = wait_until(
+        "every chunk replicated again",
+        Duration::from_secs(240),
+        || Ok(layout_counts(&c)? == (chunks, 0, 0)),
+    );
+    c.diagnose(r)?;
+    for (path, seed, len) in &files {
+        c.diagnose(verify_pattern(path, *seed, *len))?;
+    }
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+    Ok(())
+}

@@ -170,8 +170,10 @@ pub trait MetadataRpc {
     async fn set_class(ino: Ino, class: StorageClass, req: ReqId) -> MetaResult<Attr>;
     /// The storage class of a file or directory.
     async fn get_class(ino: Ino, read: Consistency) -> MetaResult<StorageClass>;
-    /// Replicated chunks due for RS 4+2, in `(ino, index)` order from `after` (exclusive) on:
-    /// every chunk of `cold` files, and of `auto` files unchanged (mtime) for `quiet_ms`.
+    /// Chunks whose layout disagrees with their file's class, in `(ino, index)` order from
+    /// `after` (exclusive) on: replicated chunks due for RS 4+2 (every chunk of `cold` files,
+    /// and of `auto` files unchanged (mtime) for `quiet_ms`), and erasure-coded chunks of
+    /// `hot` files (`to_replicas`).
     /// Shared chunks (snapshots) and chunks being copied are skipped; a chunk still marked
     /// converting is listed (its converter died or lost the lease: a new `ec_prepare`
     /// replaces the plan).

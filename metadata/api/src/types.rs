@@ -249,7 +249,8 @@ impl std::str::FromStr for StorageClass {
     }
 }
 
-/// A replicated chunk that is due for RS 4+2, as `cold_chunks` lists it.
+/// A chunk whose layout disagrees with its file's class, as `cold_chunks` lists it: a
+/// replicated chunk due for RS 4+2, or (`to_replicas`) an erasure-coded chunk of a `hot` file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ColdChunk {
     pub ino: Ino,
@@ -258,6 +259,9 @@ pub struct ColdChunk {
     pub version: u64,
     /// Bytes of the file within this chunk (at most [`CHUNK_SIZE`]).
     pub length: u64,
+    /// The chunk is erasure coded and its file is `hot`: it is due for replicas.
+    #[serde(default)]
+    pub to_replicas: bool,
 }
 
 /// One page of `cold_chunks`.

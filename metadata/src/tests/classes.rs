@@ -440,4 +440,11 @@ fn cold_chunks_lists_abandoned_conversions_again_but_skips_erasure_coded_chunks(
         vec![(f.ino, 1)],
         "erasure coded"
     );
+    // Once the file is hot, its erasure-coded chunk is due for replicas, the other for nothing.
+    set_class(&mut h, f.ino, StorageClass::Hot).unwrap();
+    let now = h.now();
+    let page = cold(&h, (0, 0), 0, 100, now);
+    assert_eq!(keys(&page), vec![(f.ino, 0)]);
+    assert!(page.chunks[0].to_replicas);
+    assert_eq!(page.chunks[0].chunk, c.chunk);
 }
