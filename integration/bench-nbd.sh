@@ -82,7 +82,8 @@ drop_caches() {
 }
 
 # fio over NBD; prints bandwidth in MiB/s (seq) or IOPS (rand) from the terse v3 output
-# (fields: 7 read KiB/s, 8 read IOPS, 48 write KiB/s, 49 write IOPS).
+# (fields: 7 read KiB/s, 8 read IOPS, 48 write KiB/s, 49 write IOPS; only the job's own
+# line, which starts with the terse version 3 and the job name).
 run_fio() { # uri rw bs iodepth -> figure
     local uri=$1 rw=$2 bs=$3 qd=$4 extra=() field
     case $rw in
@@ -93,7 +94,7 @@ run_fio() { # uri rw bs iodepth -> figure
     esac
     fio --name=bench --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
         "${extra[@]}" --output-format=terse --terse-version=3 2>/dev/null |
-        awk -F';' -v f=$field '{ if (f == 7 || f == 48) printf "%.1f", $f / 1024; else print $f }'
+        awk -F';' -v f=$field '$1 == "3" && $3 == "bench" { v = $f } END { if (f == 7 || f == 48) printf "%.1f\n", v / 1024; else print v }'
 }
 
 declare -A R
