@@ -96,6 +96,14 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// The location of chunk `index` of `ino`, or `NotFound`.
+    fn loc_at(&self, ino: Ino, index: u64) -> Result<ChunkLoc, MetaError> {
+        self.map
+            .get(&(ino, index))
+            .cloned()
+            .ok_or(MetaError::NotFound)
+    }
+
     pub fn addr(&self, server: ServerId) -> String {
         self.addrs
             .get(&server)
@@ -295,11 +303,7 @@ impl Store for Fake {
     ) -> BoxFuture<'_, Result<CowLoc, MetaError>> {
         let r = (|| {
             let mut st = self.st();
-            let mut loc = st
-                .map
-                .get(&(ino, index))
-                .cloned()
-                .ok_or(MetaError::NotFound)?;
+            let mut loc = st.loc_at(ino, index)?;
             let plain = |loc: ChunkLoc| CowLoc {
                 loc,
                 source: None,
@@ -380,11 +384,7 @@ impl Store for Fake {
     ) -> BoxFuture<'_, Result<EcPlan, MetaError>> {
         let r = (|| {
             let mut st = self.st();
-            let mut loc = st
-                .map
-                .get(&(ino, index))
-                .cloned()
-                .ok_or(MetaError::NotFound)?;
+            let mut loc = st.loc_at(ino, index)?;
             if loc.chunk != chunk || loc.version != version {
                 return Err(MetaError::StaleVersion {
                     current: loc.version,
@@ -440,11 +440,7 @@ impl Store for Fake {
     ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
         let r = (|| {
             let mut st = self.st();
-            let loc = st
-                .map
-                .get(&(ino, index))
-                .cloned()
-                .ok_or(MetaError::NotFound)?;
+            let loc = st.loc_at(ino, index)?;
             let stale = MetaError::StaleVersion {
                 current: loc.version,
             };

@@ -3,7 +3,7 @@
 use rawfs_metadata_api::*;
 use serde::{Deserialize, Serialize};
 
-use super::{n, H};
+use super::{n, snapshot, H};
 use crate::classes;
 use crate::commands::Command;
 use crate::queries;
@@ -347,19 +347,7 @@ fn cold_chunks_skips_shared_chunks_and_pending_copies() {
     set_class(&mut h, ROOT_INO, StorageClass::Cold).unwrap();
     let f = file(&mut h, ROOT_INO, "f", 2, 2 * CHUNK_SIZE);
     let other = file(&mut h, ROOT_INO, "other", 1, 10);
-    let now = h.now();
-    let s = h
-        .apply(Command::Snapshot {
-            origin: f.ino,
-            parent: ROOT_INO,
-            name: n("s"),
-            read_only: true,
-            label: n(""),
-            now,
-        })
-        .unwrap()
-        .into_attr()
-        .unwrap();
+    let s = snapshot(&mut h, f.ino, "s", true).unwrap();
     assert_eq!(
         class(&h, s.ino).unwrap(),
         StorageClass::Cold,

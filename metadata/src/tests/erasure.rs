@@ -4,7 +4,7 @@
 use rawfs_metadata_api::*;
 use rawfs_replication::StateMachine;
 
-use super::{n, open_sm, H};
+use super::{open_sm, snapshot, H};
 use crate::commands::Command;
 use crate::{erasure, healing, queries};
 
@@ -261,16 +261,7 @@ fn stale_versions_terms_and_unfit_chunks_are_refused() {
 
     // A chunk shared with a snapshot is not converted.
     let (s, b) = file(&mut h, "s");
-    let now = h.now();
-    h.apply(Command::Snapshot {
-        origin: s.ino,
-        parent: ROOT_INO,
-        name: n("s.snap"),
-        read_only: true,
-        label: n(""),
-        now,
-    })
-    .unwrap();
+    snapshot(&mut h, s.ino, "s.snap", true).unwrap();
     assert!(matches!(
         prepare(&mut h, s.ino, b.chunk, 2, &SHARD_SERVERS),
         Err(MetaError::Invalid { .. })
@@ -282,16 +273,7 @@ fn a_snapshot_cancels_a_conversion() {
     let mut h = setup();
     let (f, a) = file(&mut h, "f");
     let plan = prepare(&mut h, f.ino, a.chunk, 1, &SHARD_SERVERS).unwrap();
-    let now = h.now();
-    h.apply(Command::Snapshot {
-        origin: f.ino,
-        parent: ROOT_INO,
-        name: n("snap"),
-        read_only: true,
-        label: n(""),
-        now,
-    })
-    .unwrap();
+    snapshot(&mut h, f.ino, "snap", true).unwrap();
     assert_eq!(all_deletions(&h), shard_pairs(&plan.shards));
     assert_eq!(
         commit(&mut h, f.ino, a.chunk, 2, TERM),
@@ -418,19 +400,7 @@ fn a_snapshot_shares_an_erasure_coded_chunk_until_its_last_reference() {
     let mut h = setup();
     let (f, ec) = ec_file(&mut h, "f");
     let shards = ec.ec.clone().unwrap().shards;
-    let now = h.now();
-    let s = h
-        .apply(Command::Snapshot {
-            origin: f.ino,
-            parent: ROOT_INO,
-            name: n("snap"),
-            read_only: true,
-            label: n(""),
-            now,
-        })
-        .unwrap()
-        .into_attr()
-        .unwrap();
+    let s = snapshot(&mut h, f.ino, "snap", true).unwrap();
     let seen = chunk0(&h, s.ino);
     assert_eq!(
         seen, ec,
@@ -552,19 +522,7 @@ fn a_clone_keeps_the_shards_when_its_origin_copies_out() {
     let mut h = setup();
     let (f, ec) = ec_file(&mut h, "f");
     let shards = ec.ec.clone().unwrap().shards;
-    let now = h.now();
-    let c = h
-        .apply(Command::Snapshot {
-            origin: f.ino,
-            parent: ROOT_INO,
-            name: n("clone"),
-            read_only: false,
-            label: n(""),
-            now,
-        })
-        .unwrap()
-        .into_attr()
-        .unwrap();
+    let c = snapshot(&mut h, f.ino, "clone", false).unwrap();
     let olds = all_deletions(&h);
     // The origin (the chunk's owner) copies out: ownership, shards included, passes on.
     let w = cow(&mut h, f.ino, ec.chunk).unwrap();

@@ -3,7 +3,7 @@
 
 use rawfs_metadata_api::*;
 
-use super::{n, H};
+use super::{snapshot, H};
 use crate::commands::Command;
 use crate::healing;
 use crate::queries;
@@ -117,19 +117,7 @@ fn a_queued_deletion_of_the_new_copy_is_cancelled() {
 fn shared_chunks_change_in_every_reference() {
     let mut h = H::new();
     let (f, locs) = file(&mut h);
-    let now = h.now();
-    let s = h
-        .apply(Command::Snapshot {
-            origin: f.ino,
-            parent: ROOT_INO,
-            name: n("s"),
-            read_only: true,
-            label: n(""),
-            now,
-        })
-        .unwrap()
-        .into_attr()
-        .unwrap();
+    let s = snapshot(&mut h, f.ino, "s", true).unwrap();
     let c = locs[1].chunk;
     // The snapshot bumped every version.
     let loc = add(&mut h, c, 2, 5, TERM).unwrap();
@@ -147,16 +135,7 @@ fn shared_chunks_change_in_every_reference() {
 fn endangered_lists_chunks_below_their_copies_once_paged() {
     let mut h = H::new();
     let (f, locs) = file(&mut h);
-    let now = h.now();
-    h.apply(Command::Snapshot {
-        origin: f.ino,
-        parent: ROOT_INO,
-        name: n("s"),
-        read_only: true,
-        label: n(""),
-        now,
-    })
-    .unwrap();
+    snapshot(&mut h, f.ino, "s", true).unwrap();
     let all_up = |_| true;
     let none =
         h.sm.read(|rt| healing::endangered(rt, &all_up, 0, 10))

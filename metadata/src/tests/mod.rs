@@ -33,6 +33,25 @@ pub(super) fn n(s: &str) -> Name {
     ByteBuf::from(s.as_bytes().to_vec())
 }
 
+/// A snapshot (`read_only`) or clone of `origin` named `name` in the root directory.
+pub(super) fn snapshot(
+    h: &mut H,
+    origin: Ino,
+    name: &str,
+    read_only: bool,
+) -> rawfs_metadata_api::MetaResult<rawfs_metadata_api::Attr> {
+    let now = h.now();
+    h.apply(crate::commands::Command::Snapshot {
+        origin,
+        parent: rawfs_metadata_api::ROOT_INO,
+        name: n(name),
+        read_only,
+        label: n("snapshot:test"),
+        now,
+    })?
+    .into_attr()
+}
+
 pub(super) fn open_sm(dir: &std::path::Path) -> MetaStateMachine {
     MetaStateMachine::open(&dir.join("meta.redb"), 8 << 20).unwrap()
 }

@@ -2,22 +2,9 @@
 
 use rawfs_metadata_api::*;
 
-use super::{n, H};
+use super::{snapshot, H};
 use crate::commands::Command;
 use crate::queries;
-
-fn snapshot(h: &mut H, origin: Ino, name: &str, read_only: bool) -> MetaResult<Attr> {
-    let now = h.now();
-    h.apply(Command::Snapshot {
-        origin,
-        parent: ROOT_INO,
-        name: n(name),
-        read_only,
-        label: n("snapshot:f"),
-        now,
-    })?
-    .into_attr()
-}
 
 fn chunks(h: &H, ino: Ino) -> Vec<ChunkLoc> {
     h.sm.read(|rt| queries::chunks(rt, ino, 0, 100, 3)).unwrap()
