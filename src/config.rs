@@ -24,10 +24,11 @@
 //! metadata = ["127.0.0.1:7000"]
 //! capacity = "100G"
 //! heartbeat_interval = "1s"
+//! scrub_rate = "4M"         # bytes/s the background scrub reads; 0 turns it off
 //! ```
 
 use crate::size::{ByteSize, Dur};
-use rawfs_chunkserver::ChunkserverConfig;
+use rawfs_chunkserver::{ChunkserverConfig, ChunkserverOptions, DEFAULT_SCRUB_RATE};
 use rawfs_metadata::{MetadataConfig, Peer};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -114,6 +115,7 @@ pub struct ChunkserverSection {
     pub metadata: Option<Vec<String>>,
     pub capacity: Option<ByteSize>,
     pub heartbeat_interval: Option<Dur>,
+    pub scrub_rate: Option<ByteSize>,
 }
 
 /// Reads and parses a config file.
@@ -215,6 +217,10 @@ pub struct ChunkserverArgs {
     /// Interval between heartbeats to the metadata service (default 1s).
     #[arg(long)]
     pub heartbeat_interval: Option<Dur>,
+    /// Bytes per second the background scrub reads to verify every chunk, e.g. 4M
+    /// (default 4M; 0 turns the scrub off).
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    pub scrub_rate: Option<ByteSize>,
     /// TOML config file; its [chunkserver] section supplies what flags do not.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -355,8 +361,9 @@ pub fn metadata_config(args: MetadataArgs) -> Result<MetadataConfig, ConfigError
     })
 }
 
-/// Builds and validates the chunkserver's config from flags and the optional file.
-pub fn chunkserver_config(args: ChunkserverArgs) -> Result<ChunkserverConfig, ConfigError> {
+/// Builds and validates the chunkserver's config (with its scrub rate) from flags and the
+/// optional file.
+pub fn chunkserver_config(args: ChunkserverArgs) -> Result<ChunkserverOptions, ConfigError> {
     const ROLE: &str = "chunkserver";
     let file = file_section(&args.config, |f| f.chunkserver)?.unwrap_or_default();
     let id = required(args.id.or(file.id), ROLE, "id", "id")?;
@@ -388,6 +395,10 @@ pub fn chunkserver_config(args: ChunkserverArgs) -> Result<ChunkserverConfig, Co
         .heartbeat_interval
         .or(file.heartbeat_interval)
         .map_or(DEFAULT_HEARTBEAT_INTERVAL, |d| d.0);
+    let scrub_rate = args
+        .scrub_rate
+        .or(file.scrub_rate)
+        .map_or(DEFAULT_SCRUB_RATE, |r| r.0);
 
     let invalid = |field, reason: String| ConfigError::Invalid {
         role: ROLE,
@@ -419,14 +430,17 @@ pub fn chunkserver_config(args: ChunkserverArgs) -> Result<ChunkserverConfig, Co
             "must be greater than 0".into(),
         ));
     }
-    Ok(ChunkserverConfig {
-        id,
-        data_dir,
-        data_listen,
-        control_listen,
-        metadata,
-        capacity,
-        heartbeat_interval: heartbeat,
+    Ok(ChunkserverOptions {
+        config: ChunkserverConfig {
+            id,
+            data_dir,
+            data_listen,
+            control_listen,
+            metadata,
+            capacity,
+            heartbeat_interval: heartbeat,
+        },
+        scrub_rate,
     })
 }
 
@@ -513,6 +527,31 @@ mod tests {
     }
 
     #[test]
+    fn scrub_rate_comes_from_the_flag_over_the_file() {
+        let f = write_config(
+            "[chunkserver]\nid = 1\ndata_dir = \"/tmp/c\"\nlisten = \"127.0.0.1:7100\"\n\
+             control_listen = \"127.0.0.1:7101\"\nmetadata = [\"127.0.0.1:7000\"]\n\
+             scrub_rate = \"8M\"\n",
+        );
+        let args = || ChunkserverArgs {
+            config: Some(f.path().to_path_buf()),
+            ..Default::default()
+        };
+        assert_eq!(
+            chunkserver_config(args()).expect("valid").scrub_rate,
+            8 << 20
+        );
+        let flag = ChunkserverArgs {
+            scrub_rate: Some("64M".parse().expect("size")),
+            ..args()
+        };
+        assert_eq!(
+            chunkserver_config(flag).expect("valid").scrub_rate,
+            64 << 20
+        );
+    }
+
+    #[test]
     fn chunkserver_config_validates() {
         let base = || ChunkserverArgs {
             id: Some(1),
@@ -526,6 +565,13 @@ mod tests {
         let cfg = chunkserver_config(base()).expect("valid");
         assert_eq!(cfg.capacity, Some(1 << 30));
         assert_eq!(cfg.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+        assert_eq!(cfg.scrub_rate, DEFAULT_SCRUB_RATE);
+        let off = chunkserver_config(ChunkserverArgs {
+            scrub_rate: Some("0".parse().expect("size")),
+            ..base()
+        })
+        .expect("valid");
+        assert_eq!(off.scrub_rate, 0);
         assert!(chunkserver_config(ChunkserverArgs {
             metadata: vec![],
             ..base()

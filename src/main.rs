@@ -1,7 +1,7 @@
 //! `rawfs`: the command line of the rawfs distributed filesystem.
 //!
 //! One binary runs every role (`metadata`, `chunkserver`, `mount`) and the operator commands
-//! (`up`, `status`, `metadata add-peer|remove-peer`, `class set|get`). `main` only parses arguments, installs tracing and hands over to a module;
+//! (`up`, `status`, `metadata add-peer|remove-peer`, `chunkserver drain`, `class set|get`). `main` only parses arguments, installs tracing and hands over to a module;
 //! the daemons themselves are libraries (`rawfs_metadata::serve`, `rawfs_chunkserver::serve`).
 //!
 //! ```text
@@ -19,6 +19,7 @@ mod class;
 mod cluster_file;
 mod config;
 mod daemon;
+mod drain;
 mod nbd;
 mod nbd_status;
 mod procs;
@@ -49,8 +50,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Run one metadata replica, or change the group's members (add-peer, remove-peer).
     Metadata(admin::MetadataCmd),
-    /// Run one chunkserver.
-    Chunkserver(config::ChunkserverArgs),
+    /// Run one chunkserver, or move every chunk off one (drain).
+    Chunkserver(drain::ChunkserverCmd),
     /// Mount a rawfs filesystem (the same as the `mount.rawfs` helper).
     Mount(MountArgs),
     /// Run one healer: re-replicates chunks left short of copies and converts quiet data to
@@ -123,7 +124,10 @@ fn main() -> ExitCode {
             Some(admin) => admin::run(admin),
             None => daemon::run_metadata(m.run),
         },
-        Command::Chunkserver(a) => daemon::run_chunkserver(a),
+        Command::Chunkserver(c) => match c.admin {
+            Some(admin) => drain::run(admin),
+            None => daemon::run_chunkserver(c.run),
+        },
         Command::Status(a) => status::run(a),
         Command::Up(a) => up::run(a),
     }
@@ -170,6 +174,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn chunkserver_runs_a_server_or_drains_one() {
+        let cli = Cli::try_parse_from(["rawfs", "chunkserver", "--id", "3"]).expect("parses");
+        match cli.command {
+            Command::Chunkserver(c) => {
+                assert!(c.admin.is_none());
+                assert_eq!(c.run.id, Some(3));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let args = [
+            "rawfs",
+            "chunkserver",
+            "drain",
+            "4",
+            "--wait",
+            "--dir",
+            "/d",
+        ];
+        match Cli::try_parse_from(args).expect("parses").command {
+            Command::Chunkserver(drain::ChunkserverCmd {
+                admin: Some(drain::ChunkserverAdmin::Drain(d)),
+                ..
+            }) => assert!(d.id == 4 && d.wait && !d.cancel),
+            other => panic!("unexpected {other:?}"),
+        }
+        let both = ["rawfs", "chunkserver", "drain", "4", "--wait", "--cancel"];
+        assert!(Cli::try_parse_from(both).is_err());
+        assert!(Cli::try_parse_from(["rawfs", "chunkserver", "drain", "0"]).is_err());
     }
 
     #[test]

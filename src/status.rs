@@ -292,7 +292,7 @@ pub fn status_json(
                 "id": c.id, "addr": c.data_addr, "up": c.up && !dead(Role::Chunkserver, c.id),
                 "used_bytes": c.used_bytes, "total_bytes": c.total_bytes,
                 "control_addr": c.control_addr, "healthy": c.healthy, "chunks": c.chunks,
-                "last_seen_ms": c.last_seen_ms,
+                "last_seen_ms": c.last_seen_ms, "draining": c.draining,
             })
         })
         .collect();
@@ -377,18 +377,18 @@ pub fn render_table(v: &Value) -> String {
     let _ = writeln!(out, "chunkservers: {up} of {} up", cs.len());
     let _ = writeln!(
         out,
-        "  {:<4} {:<22} {:<5} {:>11} {:>11} {:>8}",
+        "  {:<4} {:<22} {:<8} {:>11} {:>11} {:>8}",
         "ID", "ADDR", "STATE", "USED", "TOTAL", "CHUNKS"
     );
     for c in cs {
-        let state = if c["up"].as_bool() == Some(true) {
-            "up"
-        } else {
-            "down"
+        let state = match (c["up"].as_bool(), c["draining"].as_bool()) {
+            (Some(true), Some(true)) => "draining",
+            (Some(true), _) => "up",
+            _ => "down",
         };
         let _ = writeln!(
             out,
-            "  {:<4} {:<22} {:<5} {:>11} {:>11} {:>8}",
+            "  {:<4} {:<22} {:<8} {:>11} {:>11} {:>8}",
             c["id"].as_u64().unwrap_or(0),
             c["addr"].as_str().unwrap_or("?"),
             state,
@@ -491,6 +491,7 @@ mod tests {
                     total_bytes: 1 << 30,
                     chunks: 3,
                     last_seen_ms: 100,
+                    draining: id == 2,
                 })
                 .collect(),
             chunks: ChunkCounts {
@@ -574,6 +575,10 @@ mod tests {
         assert_eq!(cs.len(), 3);
         assert_eq!(cs[0]["up"], true);
         assert_eq!(cs[1]["up"], false, "dead pid");
+        assert_eq!(
+            cs[1]["draining"], true,
+            "shown down, but still marked draining"
+        );
         assert_eq!(cs[2]["up"], false, "never registered");
         let reps = v["metadata"]["replicas"].as_array().expect("array");
         let roles: Vec<&str> = reps.iter().filter_map(|r| r["role"].as_str()).collect();

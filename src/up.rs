@@ -72,6 +72,10 @@ pub struct UpArgs {
     /// Capacity each chunkserver advertises (default: the disk's).
     #[arg(long)]
     pub capacity: Option<ByteSize>,
+    /// Passed to every chunkserver: bytes per second its background scrub reads, e.g. 4M
+    /// (default: the chunkservers' 4M; 0 turns the scrub off).
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    pub scrub_rate: Option<ByteSize>,
     /// How long to wait for the daemons and the mount to become ready.
     #[arg(long, default_value = "60s")]
     pub ready_timeout: Dur,
@@ -454,6 +458,9 @@ async fn start_all(
                 a.extend(["--metadata".into(), meta_addrs.join(",")]);
                 if let Some(cap) = args.capacity {
                     a.extend(["--capacity".into(), cap.0.to_string()]);
+                }
+                if let Some(rate) = args.scrub_rate {
+                    a.extend(["--scrub-rate".into(), rate.0.to_string()]);
                 }
                 entry.control_addr = Some(p.second.clone());
             }

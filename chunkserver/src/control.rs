@@ -1,8 +1,9 @@
 //! The control port: the tarpc [`ChunkserverControl`] service over MessagePack.
 
+use crate::scrub::Scrubber;
 use crate::storage::Storage;
 use futures::StreamExt;
-use rawfs_chunkserver_api::{ChunkserverControl, ControlStatus};
+use rawfs_chunkserver_api::{ChunkserverControl, ControlStatus, ScrubStatus};
 use std::sync::Arc;
 use tarpc::server::{BaseChannel, Channel};
 use tarpc::tokio_serde::formats::MessagePack;
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 pub(crate) struct ControlServer {
     pub id: u64,
     pub storage: Arc<Storage>,
+    pub scrubber: Arc<Scrubber>,
 }
 
 impl ChunkserverControl for ControlServer {
@@ -31,6 +33,15 @@ impl ChunkserverControl for ControlServer {
 
     async fn list_chunks(self, _: tarpc::context::Context) -> Vec<(u64, u64)> {
         self.storage.inventory()
+    }
+
+    async fn set_scrub_rate(self, _: tarpc::context::Context, bytes_per_sec: u64) -> ScrubStatus {
+        self.scrubber.set_rate(bytes_per_sec);
+        self.scrubber.status()
+    }
+
+    async fn scrub_status(self, _: tarpc::context::Context) -> ScrubStatus {
+        self.scrubber.status()
     }
 }
 

@@ -6,7 +6,7 @@
 
 use crate::storage::{Storage, StoreError};
 use rawfs_chunkserver_api::frame::{self, Opcode, Request, Response, Status, FLAG_SYNC};
-use rawfs_chunkserver_api::MAX_PAYLOAD;
+use rawfs_chunkserver_api::{vector, MAX_PAYLOAD};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,6 +126,7 @@ pub(crate) async fn handle(storage: &Arc<Storage>, req: Request) -> Response {
                     req.flags & FLAG_SYNC != 0,
                 )
                 .map(|()| bytes::Bytes::new()),
+            Opcode::WriteV => write_pieces(&storage, &req),
             Opcode::Read => storage.read(chunk, version, offset, u64::from(req.length)),
             Opcode::Sync => storage.sync(chunk, version).map(|()| bytes::Bytes::new()),
             Opcode::Fence => storage
@@ -160,6 +161,12 @@ fn validate(req: &Request) -> Result<(), &'static str> {
         Opcode::Write if req.length as usize != req.payload.len() => {
             Err("write length differs from payload length")
         }
+        Opcode::WriteV if req.length as usize != req.payload.len() => {
+            Err("writev length differs from payload length")
+        }
+        Opcode::WriteV => vector::decode(&req.payload)
+            .map(|_| ())
+            .map_err(vector::VectorError::reason),
         Opcode::Read if req.length > MAX_PAYLOAD => Err("read length exceeds the payload limit"),
         Opcode::Read | Opcode::Sync | Opcode::Ping | Opcode::Fence if !req.payload.is_empty() => {
             Err("unexpected payload")
@@ -169,6 +176,25 @@ fn validate(req: &Request) -> Result<(), &'static str> {
         }
         _ => Ok(()),
     }
+}
+
+/// Applies a validated WRITEV: each piece as a WRITE of its own, in order, stopping at the
+/// first refusal (the client writes the whole request again; every piece is positional).
+fn write_pieces(storage: &Storage, req: &Request) -> Result<bytes::Bytes, StoreError> {
+    let pieces = vector::decode(&req.payload).map_err(|e| StoreError::BadRequest {
+        reason: e.to_string(),
+    })?;
+    for p in &pieces {
+        storage.write(
+            req.chunk,
+            req.version,
+            req.term,
+            u64::from(p.offset),
+            &p.data,
+            false,
+        )?;
+    }
+    Ok(bytes::Bytes::new())
 }
 
 /// The source (chunk, version) of a CLONE, from its validated 16-byte payload.
@@ -191,5 +217,69 @@ fn error_response(id: u64, e: StoreError) -> Response {
         StoreError::NoSpace => Response::status(id, Status::NoSpace),
         StoreError::Disk { reason } => Response::error(id, Status::DiskError, reason),
         StoreError::BadRequest { reason } => Response::error(id, Status::BadRequest, reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rawfs_chunkserver_api::Piece;
+
+    fn req(op: Opcode, chunk: u64, offset: u32, length: u32, payload: bytes::Bytes) -> Request {
+        Request {
+            id: 9,
+            op,
+            flags: 0,
+            chunk,
+            version: 1,
+            term: 1,
+            offset,
+            length,
+            payload,
+        }
+    }
+
+    fn writev(chunk: u64, pieces: &[Piece]) -> Request {
+        let payload = vector::encode(pieces);
+        req(Opcode::WriteV, chunk, 0, payload.len() as u32, payload)
+    }
+
+    #[tokio::test]
+    async fn a_writev_stores_every_piece_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(dir.path(), None).unwrap());
+        let pieces: Vec<Piece> = [(0u32, 1u8), (70_000, 2), (5 << 20, 3), (4096, 4)]
+            .iter()
+            .map(|&(offset, fill)| Piece {
+                offset,
+                data: bytes::Bytes::from(vec![fill; 4096]),
+            })
+            .collect();
+        let resp = handle(&storage, writev(7, &pieces)).await;
+        assert_eq!(resp.status, Status::Ok, "{resp:?}");
+        for p in &pieces {
+            let read = req(Opcode::Read, 7, p.offset, 4096, bytes::Bytes::new());
+            let resp = handle(&storage, read).await;
+            assert_eq!(resp.status, Status::Ok);
+            assert_eq!(resp.payload, p.data, "piece at {}", p.offset);
+        }
+        // Between the pieces the chunk reads as zeros.
+        let gap = handle(
+            &storage,
+            req(Opcode::Read, 7, 8192, 4096, bytes::Bytes::new()),
+        )
+        .await;
+        assert_eq!(gap.payload, bytes::Bytes::from(vec![0u8; 4096]));
+
+        // A piece table that does not match the payload, and a length that differs from it.
+        let good = vector::encode(&pieces);
+        let cut = good.slice(..good.len() - 1);
+        let bad = handle(&storage, req(Opcode::WriteV, 8, 0, cut.len() as u32, cut)).await;
+        assert!(matches!(bad.status, Status::BadRequest), "{bad:?}");
+        let bad = handle(&storage, req(Opcode::WriteV, 8, 0, 3, good)).await;
+        assert!(matches!(bad.status, Status::BadRequest), "{bad:?}");
+        // Nothing of the refused requests was stored.
+        let none = handle(&storage, req(Opcode::Read, 8, 0, 10, bytes::Bytes::new())).await;
+        assert_eq!(none.status, Status::NotFound);
     }
 }

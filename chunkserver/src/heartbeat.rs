@@ -15,7 +15,7 @@
 //! lower term: it was paused or cut off while a new leader took over) is refused whole and
 //! counts as a failed beat, so the next beat, to the new leader, carries the inventory.
 
-use crate::storage::Storage;
+use crate::storage::{Storage, StoreError};
 use rawfs_metadata_api::{ClientTimeouts, Heartbeat, HeartbeatReply, MetaError, MetadataClient};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -181,6 +181,13 @@ async fn apply(storage: Arc<Storage>, reply: HeartbeatReply) -> Result<(), BeatE
                 tracing::error!(chunk, error = %e, "cannot delete chunk");
             }
         }
+        for (chunk, version) in reply.fence {
+            match storage.fence(chunk, version, reply.term) {
+                // Gone or already newer: nothing older can be written there anyway.
+                Ok(()) | Err(StoreError::NotFound) | Err(StoreError::StaleVersion { .. }) => {}
+                Err(e) => tracing::error!(chunk, version, error = %e, "cannot fence chunk"),
+            }
+        }
         Ok(())
     })
     .await;
@@ -259,15 +266,24 @@ mod tests {
         storage.write(1, 1, 1, 0, b"keep", false).unwrap();
         storage.write(2, 4, 1, 0, b"drop", false).unwrap();
         storage.restore_corrupt(&[77]);
+        storage.write(3, 2, 1, 0, b"fence", false).unwrap();
         let reply = HeartbeatReply {
             term: 12,
             delete: vec![2],
+            // Chunk 3 is fenced at version 5; chunk 9 is not here (ignored).
+            fence: vec![(3, 5), (9, 1)],
         };
         let (link, stop, task) = start_beats(&storage, 2, reply, Duration::from_millis(10));
         wait_until("the fence and the delete", || {
-            storage.term() == 12 && storage.chunk_count() == 1
+            storage.term() == 12 && storage.chunk_count() == 2
         })
         .await;
+        wait_until("the chunk fence", || storage.inventory().contains(&(3, 5))).await;
+        assert_eq!(
+            storage.write(3, 2, 12, 0, b"late", false),
+            Err(StoreError::StaleVersion { current: 5 }),
+            "a writer at the old version is refused"
+        );
         wait_until("a few beats", || link.seen.lock().unwrap().len() >= 4).await;
         stop.cancel();
         task.await.unwrap();
@@ -277,14 +293,14 @@ mod tests {
         for hb in &seen[..3] {
             assert_eq!(hb.server, 3);
             assert_eq!(hb.corrupt, vec![77]);
-            assert_eq!(hb.inventory, Some(vec![(1, 1), (2, 4)]));
+            assert_eq!(hb.inventory, Some(vec![(1, 1), (2, 4), (3, 2)]));
             assert!(hb.healthy);
             assert!(hb.total_bytes > 0);
         }
         // After a successful beat, the corrupt list is empty and the inventory waits a minute.
         assert!(seen[3].corrupt.is_empty());
         assert_eq!(seen[3].inventory, None);
-        assert_eq!(storage.inventory(), vec![(1, 1)]);
+        assert_eq!(storage.inventory(), vec![(1, 1), (3, 5)]);
     }
 
     #[tokio::test]
@@ -296,12 +312,17 @@ mod tests {
         let reply = HeartbeatReply {
             term: 11,
             delete: vec![2],
+            fence: vec![(2, 9)],
         };
         let (link, stop, task) = start_beats(&storage, 0, reply, Duration::from_millis(5));
         wait_until("a few beats", || link.seen.lock().unwrap().len() >= 3).await;
         stop.cancel();
         task.await.unwrap();
-        assert_eq!(storage.inventory(), vec![(2, 1)], "the delete was refused");
+        assert_eq!(
+            storage.inventory(),
+            vec![(2, 1)],
+            "the delete and the fence were refused"
+        );
         assert_eq!(storage.term(), 12);
         // A refused reply counts as a failed beat: the inventory goes out again.
         let seen = link.seen.lock().unwrap();

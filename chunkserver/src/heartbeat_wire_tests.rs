@@ -31,6 +31,7 @@ impl MetadataRpc for FakeMetadata {
         Ok(HeartbeatReply {
             term: 7,
             delete: vec![2],
+            fence: Vec::new(),
         })
     }
 
@@ -67,6 +68,7 @@ impl MetadataRpc for FakeMetadata {
         cow_done(ino: Ino, index: u64, chunk: ChunkId, failed: Vec<ServerId>, req: ReqId) -> ChunkLoc;
         endangered_chunks(after: ChunkId, limit: u32) -> EndangeredPage;
         add_replica(chunk: ChunkId, version: u64, server: ServerId, term: u64, req: ReqId) -> ChunkLoc;
+        replace_shard(chunk: ChunkId, version: u64, shard: ChunkId, server: ServerId, term: u64, req: ReqId) -> ChunkLoc;
         healer_lease(holder: u64, ttl_ms: u64) -> HealerLease;
         set_class(ino: Ino, class: StorageClass, req: ReqId) -> Attr;
         get_class(ino: Ino, read: Consistency) -> StorageClass;
@@ -78,6 +80,7 @@ impl MetadataRpc for FakeMetadata {
         digest() -> StateDigest;
         add_peer(id: u64, addr: String, raft_addr: String) -> ();
         remove_peer(id: u64) -> ();
+        drain_chunkserver(server: ServerId, draining: bool, req: ReqId) -> ();
     }
 }
 

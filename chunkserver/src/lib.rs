@@ -7,22 +7,33 @@
 //!   control client ─tarpc─▶ control ────┘                       └─▶ data_dir/term
 //!   metadata leader ◀─heartbeat (capacity, inventory, corrupt)── heartbeat
 //!                   ──reply (term fence, chunks to delete)──────▶
+//!
+//!   scrub ──(every block of every chunk, paced to --scrub-rate)──▶ Storage ─▶ corrupt set
 //! ```
 //!
 //! Each chunk is one file: a header, a crc32c per 64 KiB block, and a sparse data region (see
 //! `chunk_file`). Writes are fenced by the chunk version and by the highest metadata term seen;
 //! every read is verified and a checksum failure is answered with CORRUPT, never with data.
+//!
+//! Data nobody reads is checked too: the background scrub ([`Scrubber`], module `scrub`)
+//! walks every chunk file (replicas and RS shards alike), block by block, through the same
+//! check as a read, at most `scrub_rate` bytes per second ([`DEFAULT_SCRUB_RATE`], 0 turns it
+//! off; the control service's `set_scrub_rate` changes it at run time and `scrub_status`
+//! shows its progress). A bad block puts the chunk in the corrupt set the heartbeat reports,
+//! so the metadata leader drops that copy and the healer makes a new one from a good copy.
 
 mod chunk_file;
 mod control;
 mod data_server;
 mod fence;
 mod heartbeat;
+mod scrub;
 mod storage;
 mod tombstones;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +41,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use fence::FenceError;
+pub use scrub::{Scrubber, DEFAULT_SCRUB_RATE};
 pub use storage::OpenStorageError;
 
 /// Default pause between heartbeats.
@@ -52,6 +64,36 @@ pub struct ChunkserverConfig {
     pub capacity: Option<u64>,
     /// Pause between heartbeats (default 1 s).
     pub heartbeat_interval: Duration,
+}
+
+/// Everything [`serve`] takes: a [`ChunkserverConfig`] and the scrub rate.
+///
+/// The scrub rate sits beside the config rather than in it so that code building a
+/// `ChunkserverConfig` literally keeps compiling; a plain config converts with the default
+/// rate, and this type derefs to its config.
+#[derive(Clone, Debug)]
+pub struct ChunkserverOptions {
+    /// Identity, addresses, storage and heartbeat settings.
+    pub config: ChunkserverConfig,
+    /// Bytes per second the background scrub may read (0: no scrub).
+    pub scrub_rate: u64,
+}
+
+impl From<ChunkserverConfig> for ChunkserverOptions {
+    fn from(config: ChunkserverConfig) -> Self {
+        ChunkserverOptions {
+            config,
+            scrub_rate: DEFAULT_SCRUB_RATE,
+        }
+    }
+}
+
+impl Deref for ChunkserverOptions {
+    type Target = ChunkserverConfig;
+
+    fn deref(&self) -> &ChunkserverConfig {
+        &self.config
+    }
 }
 
 /// Why a chunkserver could not start or stopped abnormally.
@@ -77,6 +119,7 @@ pub enum ChunkserverError {
 pub struct ChunkserverHandle {
     data_addr: SocketAddr,
     control_addr: SocketAddr,
+    scrubber: Arc<Scrubber>,
     task: tokio::task::JoinHandle<Result<(), ChunkserverError>>,
 }
 
@@ -91,6 +134,11 @@ impl ChunkserverHandle {
         self.control_addr
     }
 
+    /// The background scrub: its status and rate (as the control service has them).
+    pub fn scrubber(&self) -> &Arc<Scrubber> {
+        &self.scrubber
+    }
+
     /// Waits until the chunkserver has shut down (after `shutdown` resolved).
     pub async fn join(self) -> Result<(), ChunkserverError> {
         self.task.await?
@@ -99,9 +147,13 @@ impl ChunkserverHandle {
 
 /// Opens the storage, binds both ports and starts serving; stops when `shutdown` resolves.
 pub async fn serve(
-    cfg: ChunkserverConfig,
+    opts: impl Into<ChunkserverOptions>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ChunkserverHandle, ChunkserverError> {
+    let ChunkserverOptions {
+        config: cfg,
+        scrub_rate,
+    } = opts.into();
     let dir = cfg.data_dir.clone();
     let capacity = cfg.capacity;
     let storage = Arc::new(
@@ -126,6 +178,7 @@ pub async fn serve(
     tracing::info!(id = cfg.id, %data_addr, %control_addr, data_dir = %cfg.data_dir.display(), "chunkserver serving");
 
     let stop = CancellationToken::new();
+    let scrubber = Scrubber::new(scrub_rate);
     let data = tokio::spawn(data_server::run(
         data_listener,
         storage.clone(),
@@ -136,9 +189,11 @@ pub async fn serve(
         control::ControlServer {
             id: cfg.id,
             storage: storage.clone(),
+            scrubber: scrubber.clone(),
         },
         stop.clone(),
     ));
+    let scrub = tokio::spawn(scrub::run(scrubber.clone(), storage.clone(), stop.clone()));
     let me = heartbeat::Identity {
         id: cfg.id,
         data_addr: data_addr.to_string(),
@@ -155,16 +210,18 @@ pub async fn serve(
         shutdown.await;
         tracing::info!("chunkserver shutting down");
         stop.cancel();
-        let (d, c, b) = tokio::join!(data, control, beats);
+        let (d, c, b, s) = tokio::join!(data, control, beats, scrub);
         d?;
         c?;
         b?;
+        s?;
         tracing::info!("chunkserver stopped");
         Ok(())
     });
     Ok(ChunkserverHandle {
         data_addr,
         control_addr,
+        scrubber,
         task,
     })
 }

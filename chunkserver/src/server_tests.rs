@@ -409,3 +409,37 @@ async fn throughput_report() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn scrub_rate_and_status_over_the_control_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let c = DataClient::new(Duration::from_secs(10));
+    let data = pattern(1 << 20, 3);
+    let mut req = w(21, 1, 1, 0, &data);
+    req.sync = true;
+    c.write(&s.data, req).await.unwrap();
+    let ctl = connect_control(&s.control, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let ctx = || deadline(Duration::from_secs(5));
+    assert_eq!(
+        ctl.scrub_status(ctx()).await.unwrap().rate,
+        DEFAULT_SCRUB_RATE
+    );
+    let st = ctl.set_scrub_rate(ctx(), 64 << 20).await.unwrap();
+    assert_eq!(st.rate, 64 << 20);
+    assert_eq!(s.handle.scrubber().status().rate, 64 << 20);
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = ctl.scrub_status(ctx()).await.unwrap();
+        if st.passes >= 1 && st.scrubbed_bytes >= data.len() as u64 {
+            assert_eq!(st.bad_found, 0);
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "no scrub pass: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ctl.set_scrub_rate(ctx(), 0).await.unwrap().rate, 0);
+    s.stop().await;
+}

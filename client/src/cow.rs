@@ -16,6 +16,8 @@
 //!    ──▶ FENCE(chunk, new version) on every replica: writers still holding the old
 //!        location are refused from now on (they refresh, see `shared`, and copy first)
 //!        a replica that cannot be fenced is dropped from the chunk (version bump)
+//!    (the metadata leader also sends these FENCE orders with the servers' next heartbeat
+//!     replies, so a snapshot client that dies before fencing leaves no gap open for long)
 //! ```
 //!
 //! Copying on the chunkservers (rather than reading through the client and writing back)

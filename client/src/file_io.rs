@@ -11,7 +11,7 @@ use crate::extent::{range_end, split_by_chunk, Batch, Extent, WriteBuf};
 use crate::locations::Locations;
 use crate::read_path::{read_piece, window_range, Fetch, Plan, ReadAhead, Suspects, WINDOW};
 use crate::store::Store;
-use crate::write_path::{sync_chunks, write_extent, write_piece, Dirty, FRAME, FRAMES_IN_FLIGHT};
+use crate::write_path::{sync_chunks, write_extents, write_piece, Dirty, FRAME, FRAMES_IN_FLIGHT};
 use bytes::Bytes;
 use futures::future::join_all;
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -423,17 +423,8 @@ impl Inner {
                 {
                     result?;
                 }
-                let written = join_all(
-                    batch
-                        .extents
-                        .iter()
-                        .map(|ext| write_extent(&*self.store, &self.locs, ext)),
-                )
-                .await;
-                for result in written {
-                    for d in result? {
-                        merge_dirty(dirty, d);
-                    }
+                for d in write_extents(&*self.store, &self.locs, &batch.extents).await? {
+                    merge_dirty(dirty, d);
                 }
                 let committed = self.committed.load(Ordering::Acquire);
                 let delta = i64::try_from(batch.growth_past(committed)).unwrap_or(i64::MAX);

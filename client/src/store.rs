@@ -25,6 +25,17 @@ pub(crate) struct Put {
     pub data: Bytes,
 }
 
+/// Several pieces of one chunk written in one request (a WRITEV).
+#[derive(Clone, Debug)]
+pub(crate) struct PutV {
+    pub chunk: ChunkId,
+    pub version: u64,
+    /// The metadata term from the chunk's location (the fencing token).
+    pub term: u64,
+    /// Not overlapping; at most [`rawfs_chunkserver_api::MAX_PIECES`] and one frame's bytes.
+    pub pieces: Vec<rawfs_chunkserver_api::Piece>,
+}
+
 /// Metadata and chunkserver calls used by [`crate::FileIo`]. Every call ends within a
 /// deadline.
 pub(crate) trait Store: Send + Sync + 'static {
@@ -103,6 +114,23 @@ pub(crate) trait Store: Send + Sync + 'static {
         term: u64,
     ) -> BoxFuture<'a, Result<(), DataError>>;
     fn write<'a>(&'a self, addr: &'a str, put: Put) -> BoxFuture<'a, Result<(), DataError>>;
+    /// Writes every piece of `put`; by default one [`Store::write`] after the other.
+    fn write_v<'a>(&'a self, addr: &'a str, put: PutV) -> BoxFuture<'a, Result<(), DataError>> {
+        async move {
+            for p in put.pieces {
+                let one = Put {
+                    chunk: put.chunk,
+                    version: put.version,
+                    term: put.term,
+                    offset: p.offset,
+                    data: p.data,
+                };
+                self.write(addr, one).await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
     fn read<'a>(
         &'a self,
         addr: &'a str,
@@ -317,6 +345,15 @@ impl Store for RemoteStore {
             sync: false,
         };
         self.data_call(addr, self.data.write(addr, req)).boxed()
+    }
+
+    fn write_v<'a>(&'a self, addr: &'a str, put: PutV) -> BoxFuture<'a, Result<(), DataError>> {
+        let call = async move {
+            let data = &self.data;
+            data.write_v(addr, put.chunk, put.version, put.term, &put.pieces)
+                .await
+        };
+        self.data_call(addr, call).boxed()
     }
 
     fn read<'a>(

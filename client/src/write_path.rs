@@ -16,12 +16,13 @@
 use crate::error::ClientError;
 use crate::extent::{frames, split_by_chunk, Extent};
 use crate::locations::Locations;
-use crate::store::{Put, Store};
+use crate::store::{PutV, Store};
 use bytes::Bytes;
 use futures::future::join_all;
 use futures::{StreamExt, TryStreamExt};
-use rawfs_chunkserver_api::DataError;
+use rawfs_chunkserver_api::{DataError, Piece, MAX_PIECES};
 use rawfs_metadata_api::{ChunkId, ChunkLoc, ServerId, REPLICAS};
+use std::collections::BTreeMap;
 
 /// Largest data frame sent in one write request.
 pub(crate) const FRAME: usize = 1 << 20;
@@ -36,21 +37,32 @@ pub(crate) struct Dirty {
     pub servers: Vec<ServerId>,
 }
 
-/// Writes `ext` to the replicas of every chunk it touches, all chunks in parallel. Returns
-/// the replicas written (for fsync). On error nothing is undone: the caller keeps the extent
-/// and may write it again.
-pub(crate) async fn write_extent(
+/// Writes `extents` (not overlapping) to the replicas of every chunk they touch, all chunks
+/// in parallel, the pieces of one chunk together (see [`write_pieces`]). Returns the
+/// replicas written (for fsync). On error nothing is undone: the caller keeps the extents
+/// and may write them again.
+pub(crate) async fn write_extents(
     store: &dyn Store,
     locs: &Locations,
-    ext: &Extent,
+    extents: &[Extent],
 ) -> Result<Vec<Dirty>, ClientError> {
-    let pieces = split_by_chunk(ext.start, ext.data.len() as u64);
-    let results = join_all(pieces.iter().map(|p| {
-        let data = ext.data.slice(p.pos..p.pos + p.len as usize);
-        write_piece(store, locs, p.index, p.off, data)
-    }))
-    .await;
-    results.into_iter().collect()
+    let mut by_chunk: BTreeMap<u64, Vec<Piece>> = BTreeMap::new();
+    for ext in extents {
+        for p in split_by_chunk(ext.start, ext.data.len() as u64) {
+            by_chunk.entry(p.index).or_default().push(Piece {
+                offset: p.off,
+                data: ext.data.slice(p.pos..p.pos + p.len as usize),
+            });
+        }
+    }
+    join_all(
+        by_chunk
+            .into_iter()
+            .map(|(index, pieces)| write_pieces(store, locs, index, pieces)),
+    )
+    .await
+    .into_iter()
+    .collect()
 }
 
 /// Writes `data` at `off` within chunk `index` to all of its live replicas.
@@ -60,6 +72,17 @@ pub(crate) async fn write_piece(
     index: u64,
     off: u32,
     data: Bytes,
+) -> Result<Dirty, ClientError> {
+    let piece = Piece { offset: off, data };
+    write_pieces(store, locs, index, vec![piece]).await
+}
+
+/// Writes `pieces` (not overlapping) of chunk `index` to all of its live replicas.
+pub(crate) async fn write_pieces(
+    store: &dyn Store,
+    locs: &Locations,
+    index: u64,
+    pieces: Vec<Piece>,
 ) -> Result<Dirty, ClientError> {
     let mut loc = crate::cow::writable(store, locs, locs.for_write(store, index).await?).await?;
     let mut refreshed = false;
@@ -72,7 +95,7 @@ pub(crate) async fn write_piece(
         let outcomes = join_all(
             loc.replicas
                 .iter()
-                .map(|r| write_replica(store, &r.data_addr, &loc, off, &data)),
+                .map(|r| write_replica_pieces(store, &r.data_addr, &loc, &pieces)),
         )
         .await;
         let mut failed = Vec::new();
@@ -158,17 +181,30 @@ pub(crate) async fn write_replica(
     off: u32,
     data: &Bytes,
 ) -> Result<(), DataError> {
-    futures::stream::iter(frames(data.len(), FRAME))
-        .map(|(pos, len)| {
-            store.write(
+    let piece = Piece {
+        offset: off,
+        data: data.clone(),
+    };
+    write_replica_pieces(store, addr, loc, std::slice::from_ref(&piece)).await
+}
+
+/// Writes `pieces` to one replica: big pieces as frames of at most [`FRAME`] bytes, runs of
+/// small ones packed together into one WRITEV each, a few requests in flight.
+pub(crate) async fn write_replica_pieces(
+    store: &dyn Store,
+    addr: &str,
+    loc: &ChunkLoc,
+    pieces: &[Piece],
+) -> Result<(), DataError> {
+    futures::stream::iter(pack(pieces))
+        .map(|pieces| {
+            store.write_v(
                 addr,
-                Put {
+                PutV {
                     chunk: loc.chunk,
                     version: loc.version,
                     term: loc.term,
-                    // pos < CHUNK_SIZE, so it fits in u32 with `off`.
-                    offset: off + pos as u32,
-                    data: data.slice(pos..pos + len),
+                    pieces,
                 },
             )
         })
@@ -176,6 +212,36 @@ pub(crate) async fn write_replica(
         .try_collect::<Vec<()>>()
         .await
         .map(|_| ())
+}
+
+/// Groups `pieces` into requests: a piece of [`FRAME`] bytes or more is cut into frames of
+/// its own; smaller ones share a request up to [`FRAME`] bytes and [`MAX_PIECES`] pieces.
+fn pack(pieces: &[Piece]) -> Vec<Vec<Piece>> {
+    let mut out: Vec<Vec<Piece>> = Vec::new();
+    let mut group: Vec<Piece> = Vec::new();
+    let mut group_bytes = 0;
+    for p in pieces.iter().filter(|p| !p.data.is_empty()) {
+        if p.data.len() >= FRAME {
+            for (pos, len) in frames(p.data.len(), FRAME) {
+                out.push(vec![Piece {
+                    // pos < CHUNK_SIZE, so it fits in u32 with the offset.
+                    offset: p.offset + pos as u32,
+                    data: p.data.slice(pos..pos + len),
+                }]);
+            }
+            continue;
+        }
+        if group_bytes + p.data.len() > FRAME || group.len() == MAX_PIECES {
+            out.push(std::mem::take(&mut group));
+            group_bytes = 0;
+        }
+        group_bytes += p.data.len();
+        group.push(p.clone());
+    }
+    if !group.is_empty() {
+        out.push(group);
+    }
+    out
 }
 
 /// Makes every chunk in `dirty` durable: SYNC to each written replica in parallel. A chunk
@@ -271,4 +337,44 @@ async fn sync_chunk(store: &dyn Store, locs: &Locations, d: &Dirty) -> Result<()
         chunk: d.chunk,
         last,
     })
+}
+
+#[cfg(test)]
+mod pack_tests {
+    use super::*;
+
+    fn piece(offset: u32, len: usize) -> Piece {
+        Piece {
+            offset,
+            data: Bytes::from(vec![1u8; len]),
+        }
+    }
+
+    #[test]
+    fn small_pieces_share_requests_and_big_ones_are_framed() {
+        // 300 pieces of 4 KiB: 256 fill one frame's bytes, the rest go in a second request.
+        let small: Vec<Piece> = (0..300).map(|i| piece(i * 8192, 4096)).collect();
+        let groups = pack(&small);
+        assert_eq!(
+            groups.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![256, 44]
+        );
+        // A 2.5 MiB piece is cut into frames; the empty piece sends nothing.
+        let big = vec![
+            piece(0, FRAME * 5 / 2),
+            piece(1 << 24, 0),
+            piece(1 << 25, 10),
+        ];
+        let groups = pack(&big);
+        let shape: Vec<(u32, usize)> = groups
+            .iter()
+            .flat_map(|g| g.iter().map(|p| (p.offset, p.data.len())))
+            .collect();
+        let f = FRAME as u32;
+        assert_eq!(
+            shape,
+            vec![(0, FRAME), (f, FRAME), (2 * f, FRAME / 2), (1 << 25, 10)]
+        );
+        assert_eq!(groups.len(), 4);
+    }
 }

@@ -3,8 +3,10 @@
 //! ```text
 //!  lease task: healer_lease(id, ttl) every ttl/3 ─▶ Lease { term, valid until }
 //!  scan loop (every scan interval, while the lease is held):
-//!     endangered_chunks pages ─▶ planner::plan ─▶ repairs (1 copy left first)
-//!        each: copy::re_replicate; a failure backs the chunk off (1 s, 2 s, ... 60 s)
+//!     endangered_chunks pages ─▶ planner::plan_with ─▶ work, by failures to spare:
+//!        0: RS chunks with 4 live shards and replicated chunks with 1 copy left, then 1, ...
+//!        each: copy::re_replicate or reconstruct::rebuild (missing shards decoded from 4);
+//!        a failure backs the chunk off (1 s, 2 s, ... 60 s), a failed target is avoided
 //!     then, if the repair pass completed: tiering::Tiering::pass (quiet chunks to RS 4+2,
 //!        one at a time, for at most TIER_BUDGET)
 //! ```
@@ -23,8 +25,10 @@ use rawfs_metadata_api::{ChunkId, ClientTimeouts, MetaError, MetadataClient};
 use tokio_util::sync::CancellationToken;
 
 use crate::copy::{self, Ctx, RepairError};
-use crate::planner::{self, ChunkState, ServerState};
+use crate::planner::{self, ChunkState, EcState, ServerId, ServerState, Work};
+use crate::reconstruct::{self, RebuildError};
 use crate::tiering::{self, Tiering};
+use rawfs_client::erasure::{Codec, Layout};
 use rawfs_client::{Client, ClientConfig};
 
 /// How the healer runs.
@@ -74,6 +78,33 @@ struct Backoff {
     delay: Duration,
 }
 
+/// What the healer remembers of failed repairs between scans.
+#[derive(Default)]
+struct Retries {
+    backoff: HashMap<ChunkId, Backoff>,
+    /// Targets a shard rebuild of the chunk failed on (a tombstone of an earlier copy, a
+    /// failing disk): planned elsewhere while the chunk stays listed.
+    avoid: std::collections::BTreeMap<ChunkId, Vec<ServerId>>,
+}
+
+impl Retries {
+    /// Backs `chunk` off after a failure; returns the delay.
+    fn fail(&mut self, chunk: ChunkId) -> Duration {
+        let delay = self
+            .backoff
+            .get(&chunk)
+            .map_or(Duration::from_secs(1), |b| (b.delay * 2).min(MAX_BACKOFF));
+        self.backoff.insert(
+            chunk,
+            Backoff {
+                next: Instant::now() + delay,
+                delay,
+            },
+        );
+        delay
+    }
+}
+
 /// Runs the healer until `stop` is cancelled.
 pub async fn run(cfg: HealerConfig, stop: CancellationToken) -> Result<(), HealerError> {
     if cfg.metadata.is_empty() {
@@ -96,14 +127,14 @@ pub async fn run(cfg: HealerConfig, stop: CancellationToken) -> Result<(), Heale
     let client = Client::new(ClientConfig::new(cfg.metadata.clone()));
     // The RS 4+2 kernel has no run-time CPU dispatch: refuse tiering here rather than die of
     // SIGILL mid-conversion; repairs of replicated chunks still run.
-    let mut tiering = match rawfs_client::erasure::check_cpu() {
-        Ok(()) => Some(Tiering::new(cfg.cold_after, TIER_BUDGET)),
+    let (mut tiering, codec) = match Codec::new(Layout::DEFAULT) {
+        Ok(c) => (Some(Tiering::new(cfg.cold_after, TIER_BUDGET)), Some(c)),
         Err(e) => {
-            tracing::error!(error = %e, "tiering to RS 4+2 disabled on this CPU");
-            None
+            tracing::error!(error = %e, "tiering to RS 4+2 and shard rebuilds disabled on this CPU");
+            (None, None)
         }
     };
-    let mut backoff: HashMap<ChunkId, Backoff> = HashMap::new();
+    let mut retries = Retries::default();
     tracing::info!(
         id = cfg.id,
         cold_after_ms = tiering::quiet_ms(cfg.cold_after),
@@ -111,7 +142,12 @@ pub async fn run(cfg: HealerConfig, stop: CancellationToken) -> Result<(), Heale
     );
     loop {
         if let Some(term) = lease_term(&held) {
-            let repaired = scan(&meta, &data, term, &held, &stop, &mut backoff).await;
+            let io = Io {
+                meta: &meta,
+                data: &data,
+                codec: codec.as_ref(),
+            };
+            let repaired = scan(&io, term, &held, &stop, &mut retries).await;
             // Tiering only after a complete repair pass: repairs always go first.
             if let Some(t) = tiering.as_mut().filter(|_| repaired) {
                 if !stop.is_cancelled() && lease_term(&held) == Some(term) {
@@ -181,17 +217,25 @@ async fn keep_lease(
     }
 }
 
+/// The clients a scan works through.
+struct Io<'a> {
+    meta: &'a MetadataClient,
+    data: &'a DataClient,
+    /// `None` on a CPU the RS kernel cannot run on: no shard rebuilds.
+    codec: Option<&'a Codec>,
+}
+
 /// One scan: every endangered chunk, planned and repaired in order of danger. True when the
 /// pass went through (failed repairs are backed off), false when it was cut short (listing
 /// failed, leader changed, lease lapsing, stopping).
 async fn scan(
-    meta: &MetadataClient,
-    data: &DataClient,
+    io: &Io<'_>,
     term: u64,
     held: &Mutex<Option<Held>>,
     stop: &CancellationToken,
-    backoff: &mut HashMap<ChunkId, Backoff>,
+    retries: &mut Retries,
 ) -> bool {
+    let (meta, data) = (io.meta, io.data);
     let mut chunks = Vec::new();
     let mut after = 0;
     let servers = loop {
@@ -217,10 +261,40 @@ async fn scan(
         }
     };
     let now = Instant::now();
-    backoff.retain(|c, _| chunks.iter().any(|e| e.chunk == *c));
+    retries
+        .backoff
+        .retain(|c, _| chunks.iter().any(|e| e.chunk == *c));
+    retries
+        .avoid
+        .retain(|c, _| chunks.iter().any(|e| e.chunk == *c));
+    let due = |c: &&rawfs_metadata_api::EndangeredChunk| {
+        retries
+            .backoff
+            .get(&c.chunk)
+            .map_or(true, |b| b.next <= now)
+    };
+    let ec_states: Vec<EcState> = chunks
+        .iter()
+        .filter(due)
+        .filter_map(|c| {
+            let ec = c.ec.as_ref()?;
+            Some(EcState {
+                chunk: c.chunk,
+                version: c.version,
+                length: ec.length,
+                shards: ec
+                    .shards
+                    .iter()
+                    .map(|s| (s.chunk, s.replica.as_ref().map(|r| r.server)))
+                    .collect(),
+            })
+        })
+        .filter(|_| io.codec.is_some())
+        .collect();
     let states: Vec<ChunkState> = chunks
         .iter()
-        .filter(|c| backoff.get(&c.chunk).map_or(true, |b| b.next <= now))
+        .filter(due)
+        .filter(|c| c.ec.is_none())
         .map(|c| ChunkState {
             chunk: c.chunk,
             version: c.version,
@@ -243,17 +317,30 @@ async fn scan(
         .filter(|s| s.up)
         .map(|s| (s.id, s.data_addr.clone()))
         .collect();
-    let plan = planner::plan(&states, &srv);
+    let plan = planner::plan_with(&states, &ec_states, &srv, &retries.avoid);
     if !plan.lost.is_empty() {
         tracing::error!(chunks = ?plan.lost, "chunks with no live copy: waiting for a holder to return");
+    }
+    if !plan.ec_lost.is_empty() {
+        tracing::error!(chunks = ?plan.ec_lost, "erasure-coded chunks lost: fewer than 4 live shards, waiting for a holder to return");
     }
     if !plan.stuck.is_empty() {
         tracing::warn!(chunks = ?plan.stuck, "chunks missing copies with no server to copy to");
     }
-    if plan.repairs.is_empty() {
+    // Targets avoided after a failure may be the only ones left: a stuck chunk tries them
+    // again (after its back-off) rather than waiting forever.
+    for c in &plan.stuck {
+        retries.avoid.remove(c);
+    }
+    if plan.repairs.is_empty() && plan.rebuilds.is_empty() {
         return true;
     }
-    tracing::info!(repairs = plan.repairs.len(), by_danger = ?plan.by_danger(), "repair plan");
+    tracing::info!(
+        repairs = plan.repairs.len(),
+        rebuilds = plan.rebuilds.len(),
+        by_danger = ?plan.by_danger(),
+        "repair plan"
+    );
     let stopping = || stop.is_cancelled();
     let ctx = Ctx {
         meta,
@@ -264,11 +351,43 @@ async fn scan(
     };
     // A chunk copied twice in one scan continues from the version the first copy left.
     let mut moved: HashMap<ChunkId, Option<u64>> = HashMap::new();
-    for mut r in plan.repairs {
+    for w in plan.work() {
         if stop.is_cancelled() || lease_term(held) != Some(term) {
             tracing::info!("lease lapsing or stopping: scan abandoned");
             return false;
         }
+        let mut r = match w {
+            Work::Copy(r) => r.clone(),
+            Work::Rebuild(rb) => {
+                let Some(codec) = io.codec else { continue };
+                match reconstruct::rebuild(&ctx, codec, rb).await {
+                    Ok(done) => {
+                        let avoid = retries.avoid.entry(rb.chunk).or_default();
+                        avoid.extend(done.failed.iter().map(|(t, _)| *t));
+                        avoid.extend(&done.reported);
+                        if done.failed.is_empty() {
+                            retries.backoff.remove(&rb.chunk);
+                        }
+                    }
+                    Err(RebuildError::Stopped) => return false,
+                    Err(e) => {
+                        let delay = retries.fail(rb.chunk);
+                        if matches!(e, RebuildError::Targets(_)) {
+                            let avoid = retries.avoid.entry(rb.chunk).or_default();
+                            avoid.extend(rb.targets.iter().map(|(_, t)| *t));
+                        }
+                        tracing::warn!(
+                            chunk = rb.chunk,
+                            live_shards = rb.sources.len(),
+                            error = %e,
+                            retry_in_ms = delay.as_millis() as u64,
+                            "shard rebuild failed"
+                        );
+                    }
+                }
+                continue;
+            }
+        };
         match moved.get(&r.chunk) {
             Some(None) => continue,
             Some(Some(v)) => r.version = *v,
@@ -286,14 +405,12 @@ async fn scan(
                     ms = started.elapsed().as_millis() as u64,
                     "repaired chunk"
                 );
-                backoff.remove(&r.chunk);
+                retries.backoff.remove(&r.chunk);
                 moved.insert(r.chunk, Some(v));
             }
             Err(RepairError::Stopped) => return false,
             Err(e) => {
-                let delay = backoff
-                    .get(&r.chunk)
-                    .map_or(Duration::from_secs(1), |b| (b.delay * 2).min(MAX_BACKOFF));
+                let delay = retries.fail(r.chunk);
                 tracing::warn!(
                     chunk = r.chunk,
                     copies_left = r.copies_left,
@@ -301,13 +418,6 @@ async fn scan(
                     error = %e,
                     retry_in_ms = delay.as_millis() as u64,
                     "repair failed"
-                );
-                backoff.insert(
-                    r.chunk,
-                    Backoff {
-                        next: Instant::now() + delay,
-                        delay,
-                    },
                 );
                 moved.insert(r.chunk, None);
             }

@@ -8,6 +8,10 @@
 mod bad_input;
 #[path = "integration/cli.rs"]
 mod cli;
+#[path = "integration/drain.rs"]
+mod drain;
+#[path = "integration/ec_heal.rs"]
+mod ec_heal;
 #[path = "integration/erasure.rs"]
 mod erasure;
 #[path = "integration/failover.rs"]
@@ -26,5 +30,7 @@ mod posix;
 mod posix_perms;
 #[path = "integration/restart.rs"]
 mod restart;
+#[path = "integration/scrub.rs"]
+mod scrub;
 #[path = "integration/tools.rs"]
 mod tools;

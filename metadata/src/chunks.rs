@@ -224,9 +224,12 @@ pub(crate) fn register_server(
     data_addr: &str,
     control_addr: &str,
 ) -> Op<()> {
+    // A server that moves to new addresses stays draining if it was.
+    let draining = crate::store::get_server(&t.servers, id)?.is_some_and(|r| r.draining);
     let rec = ServerRec {
         data_addr: data_addr.to_string(),
         control_addr: control_addr.to_string(),
+        draining,
     };
     t.servers
         .insert(id, crate::store::encode("server", &rec)?.as_slice())?;

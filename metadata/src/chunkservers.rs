@@ -12,6 +12,9 @@ use crate::registry::place;
 use crate::server::{tracked, Server};
 use crate::store::get_server;
 
+/// Most FENCE orders one heartbeat reply carries from the leader's queue.
+const FENCES_PER_REPLY: usize = 10_000;
+
 impl Server {
     pub(crate) async fn do_allocate(
         &self,
@@ -76,8 +79,11 @@ impl Server {
             let known = get_server(&rt.servers, server)?;
             let pending = queries::pending_deletes(rt, server)?;
             let stale = match &hb.inventory {
-                Some(inv) => queries::inventory_deletes(rt, server, inv)?,
-                None => Vec::new(),
+                Some(inv) => (
+                    queries::inventory_deletes(rt, server, inv)?,
+                    queries::inventory_fences(rt, server, inv)?,
+                ),
+                None => Default::default(),
             };
             let mut corrupt = Vec::new();
             let mut bad_shards = Vec::new();
@@ -104,7 +110,21 @@ impl Server {
             .into_unit()?;
         }
         let now = Instant::now();
-        self.registry().heartbeat(&hb, now);
+        let draining = known.as_ref().is_some_and(|k| k.draining);
+        {
+            let mut reg = self.registry();
+            reg.heartbeat(&hb, now);
+            reg.set_draining(server, draining);
+        }
+        if draining {
+            // In the background: the reply must not wait for a scan and its proposals.
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.drop_drained_copies(server).await {
+                    tracing::warn!(server, error = %e, "dropping drained copies failed");
+                }
+            });
+        }
         for (chunk, rec) in corrupt {
             // Drop a corrupt copy only while another replica is up to serve (and later
             // re-replicate) the chunk; a lone corrupt copy is still the best there is.
@@ -145,10 +165,49 @@ impl Server {
             .await?
             .into_unit()?;
         }
+        let (stale, mut fence) = stale;
         let mut delete = pending;
         delete.extend(stale);
         delete.sort_unstable();
         delete.dedup();
-        Ok(HeartbeatReply { term, delete })
+        fence.extend(self.registry().take_fences(server, FENCES_PER_REPLY));
+        Ok(HeartbeatReply {
+            term,
+            delete,
+            fence,
+        })
+    }
+}
+
+impl Server {
+    /// Queues a FENCE of every replicated chunk of the new snapshot `ino` (at its bumped
+    /// version) for each server holding it, sent with their next heartbeat replies. The
+    /// snapshot's client fences them itself before it reports success; these orders matter
+    /// when it died in between: a writer still holding the old location would otherwise
+    /// keep writing into chunks the snapshot shares.
+    pub(crate) fn queue_snapshot_fences(&self, ino: Ino) {
+        let listed = self.0.sm.read(|rt| {
+            let mut out = Vec::new();
+            for item in rt.chunks.range((ino, 0)..=(ino, u64::MAX))? {
+                let (_, v) = item?;
+                let rec: crate::store::ChunkRec = crate::store::decode("chunk", v.value())?;
+                if rec.ec.is_none() {
+                    out.push((rec.chunk, rec.version, rec.servers));
+                }
+            }
+            Ok(out)
+        });
+        match listed {
+            Ok(chunks) => {
+                let mut reg = self.registry();
+                for (chunk, version, servers) in chunks {
+                    for s in servers {
+                        reg.queue_fence(s, chunk, version);
+                    }
+                }
+            }
+            // The client's own FENCE and the inventory comparison still cover the chunks.
+            Err(e) => tracing::warn!(ino, error = %e, "cannot list a snapshot's chunks to fence"),
+        }
     }
 }

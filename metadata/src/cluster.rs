@@ -217,6 +217,7 @@ impl Server {
                     last_seen_ms: live.map_or(u64::MAX, |l| {
                         now.saturating_duration_since(l.last_seen).as_millis() as u64
                     }),
+                    draining: rec.draining,
                 }
             })
             .collect();

@@ -199,6 +199,22 @@ pub enum Command {
         now: Timespec,
         cmd: Box<Command>,
     },
+    // New variants go last: log entries name variants by index.
+    /// Marks `server` as draining (or not): no new chunks, its copies moved elsewhere.
+    SetDraining {
+        server: ServerId,
+        draining: bool,
+    },
+    /// Lists `server` as holding shard `shard` of the erasure-coded `chunk` at `version` (a
+    /// rebuild by the healer), without a version bump; refused unless the entry's term is
+    /// `term` (see `healing.rs`).
+    ReplaceShard {
+        chunk: ChunkId,
+        version: u64,
+        shard: ChunkId,
+        server: ServerId,
+        term: u64,
+    },
 }
 
 /// What a command returns.

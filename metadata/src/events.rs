@@ -311,7 +311,9 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         | Command::AllocateChunk { .. }
         | Command::DropReplica { .. }
         | Command::AddReplica { .. }
+        | Command::ReplaceShard { .. }
         | Command::RegisterServer { .. }
+        | Command::SetDraining { .. }
         | Command::AckDeletes { .. }
         | Command::CowChunk { .. }
         | Command::CowDone { .. }

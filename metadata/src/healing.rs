@@ -7,6 +7,8 @@
 //!         ── copy chunk: source ──read (crc checked)──▶ healer ──write (version, term)──▶ target
 //!         ── add_replica(chunk, version, target, term) ─▶ log: version + 1, target listed
 //!         ── FENCE(chunk, version + 1) on every listed replica
+//!  erasure coded: read 4 live shards, decode, write the lost shard (same id, same version)
+//!         ── replace_shard(chunk, version, shard, target, term) ─▶ log: shard on target
 //! ```
 //!
 //! Why `add_replica` bumps the version: writers keep chunk locations cached. One that
@@ -26,11 +28,12 @@ use redb::ReadableTable;
 
 use rawfs_metadata_api::{
     ChunkId, ChunkLoc, EndangeredChunk, EndangeredPage, HealerLease, MetaError, MetaResult,
-    ServerId, ServerLiveness, CHUNK_SIZE, WANTED_COPIES,
+    ServerId, ServerLiveness, CHUNK_SIZE, EC_SHARDS, WANTED_COPIES,
 };
 
 use crate::chunks::to_loc;
 use crate::commands::Command;
+use crate::erasure::{update_ec, EcRec};
 use crate::queries;
 use crate::server::Server;
 use crate::store::{decode, get_chunk, inode, ChunkRec, Op, ReadTables, Tables};
@@ -85,9 +88,10 @@ pub(crate) fn decide_lease(
     }
 }
 
-/// The replicated chunks (counted once, at their owner) with id above `after` and fewer
-/// than [`WANTED_COPIES`] live replicas, at most `limit`, and where the next page starts.
-/// Scans the whole chunk map (like `status`).
+/// The chunks (counted once, at their owner) with id above `after` and fewer than
+/// [`WANTED_COPIES`] live replicas or, erasure coded, fewer than [`EC_SHARDS`] live shards,
+/// at most `limit`, and where the next page starts. Scans the whole chunk map (like
+/// `status`).
 pub(crate) fn endangered(
     rt: &ReadTables,
     is_up: &dyn Fn(ServerId) -> bool,
@@ -110,29 +114,45 @@ pub(crate) fn endangered(
             views.extend(crate::shares::view_of(&rec, p.chunk));
         }
         for view in views {
-            // Erasure-coded chunks have shards, not copies: the healer does not list them.
-            if view.ec.is_some() {
-                continue;
-            }
             if view.chunk <= after
                 || rt.chunk_owner.get(view.chunk)?.map(|g| g.value()) != Some((ino, index))
             {
+                continue;
+            }
+            let bytes = || -> Op<u64> {
+                let size = inode(&rt.inodes, ino)?.size;
+                Ok(size
+                    .saturating_sub(index.saturating_mul(CHUNK_SIZE))
+                    .min(CHUNK_SIZE))
+            };
+            // Erasure-coded chunks have shards, not copies: listed while a shard is lost
+            // or on a down server (even with fewer than 4 left, so the healer can report
+            // them lost), with the shards the healer rebuilds from.
+            if let Some(ec) = &view.ec {
+                if live_shards(ec, is_up) >= EC_SHARDS {
+                    continue;
+                }
+                out.push(EndangeredChunk {
+                    chunk: view.chunk,
+                    version: view.version,
+                    replicas: ec.shards.iter().filter_map(|s| s.server).collect(),
+                    wanted: EC_SHARDS as u32,
+                    bytes: bytes()?,
+                    ec: Some(crate::erasure::ec_loc(&rt.servers, ec)?),
+                });
                 continue;
             }
             let live = view.servers.iter().filter(|&&s| is_up(s)).count();
             if live >= WANTED_COPIES as usize {
                 continue;
             }
-            let size = inode(&rt.inodes, ino)?.size;
-            let bytes = size
-                .saturating_sub(index.saturating_mul(CHUNK_SIZE))
-                .min(CHUNK_SIZE);
             out.push(EndangeredChunk {
                 chunk: view.chunk,
                 version: view.version,
                 replicas: view.servers,
                 wanted: WANTED_COPIES,
-                bytes,
+                bytes: bytes()?,
+                ec: None,
             });
         }
     }
@@ -144,6 +164,68 @@ pub(crate) fn endangered(
         None
     };
     Ok((out, next))
+}
+
+/// Shards of `ec` not known lost whose server is up.
+pub(crate) fn live_shards(ec: &EcRec, is_up: &dyn Fn(ServerId) -> bool) -> usize {
+    ec.shards
+        .iter()
+        .filter(|s| s.server.is_some_and(is_up))
+        .count()
+}
+
+/// Applies `ReplaceShard`: shard `shard` of the erasure-coded `chunk` (at `version`) is now
+/// on `server`, where the healer wrote, synced and verified it. No version bump: an
+/// erasure-coded chunk is never written in place, so no writer holds a location to fence.
+pub(crate) fn replace_shard(
+    t: &mut Tables,
+    chunk: ChunkId,
+    version: u64,
+    shard: ChunkId,
+    server: ServerId,
+    (order_term, term): (u64, u64),
+) -> Op<ChunkLoc> {
+    if order_term != term {
+        return Err(MetaError::StaleTerm { current: term }.into());
+    }
+    let (_, _, rec) = crate::chunks::chunk_by_id(t, chunk)?;
+    let stale = MetaError::StaleVersion {
+        current: rec.version,
+    };
+    // Turned back to replicas (or never erasure coded), or converted again: the shard the
+    // healer rebuilt belongs to a layout that is gone.
+    let Some(ec) = rec.ec.as_ref().filter(|_| rec.version == version) else {
+        return Err(stale.into());
+    };
+    let Some(old) = ec
+        .shards
+        .iter()
+        .find(|s| s.chunk == shard)
+        .map(|s| s.server)
+    else {
+        return Err(stale.into());
+    };
+    if old != Some(server) {
+        if ec.shards.iter().any(|s| s.server == Some(server)) {
+            // Two shards on one server: losing it would cost two.
+            return Err(MetaError::Exists.into());
+        }
+        update_ec(t, chunk, |ec| {
+            for s in ec.shards.iter_mut().filter(|s| s.chunk == shard) {
+                s.server = Some(server);
+            }
+        })?;
+        // An inventory may have queued the new copy's deletion while it was being written;
+        // the old copy (on a server that is down, or failing) goes if it ever comes back.
+        t.deletions.remove((server, shard))?;
+        if let Some(old) = old {
+            t.deletions.insert((old, shard), ())?;
+        }
+    }
+    let (_, index, rec) = crate::chunks::chunk_by_id(t, chunk)?;
+    let mut loc = to_loc(&t.servers, index, &rec, term)?;
+    loc.shared |= crate::shares::has_extra_refs(&t.chunk_refs, chunk)?;
+    Ok(loc)
 }
 
 /// Applies `AddReplica`: lists `server` as a holder of `chunk` at `version` + 1.
@@ -209,7 +291,9 @@ impl Server {
         let now = Instant::now();
         let (up, free) = {
             let reg = self.registry();
-            let up = reg.up_servers(now);
+            // A draining server's copies count as missing, and it takes no new ones.
+            let mut up = reg.up_servers(now);
+            up.retain(|&s| !reg.is_draining(s));
             let free: std::collections::HashMap<ServerId, (bool, u64)> = up
                 .iter()
                 .filter_map(|&id| {
@@ -255,6 +339,30 @@ impl Server {
         let cmd = Command::AddReplica {
             chunk,
             version,
+            server,
+            term,
+        };
+        self.propose(crate::server::tracked(
+            req,
+            rawfs_metadata_api::Timespec::now(),
+            cmd,
+        ))
+        .await?
+        .into_chunk()
+    }
+
+    pub(crate) async fn do_replace_shard(
+        &self,
+        chunk: ChunkId,
+        version: u64,
+        shard: ChunkId,
+        server: ServerId,
+        (term, req): (u64, rawfs_metadata_api::ReqId),
+    ) -> MetaResult<ChunkLoc> {
+        let cmd = Command::ReplaceShard {
+            chunk,
+            version,
+            shard,
             server,
             term,
         };

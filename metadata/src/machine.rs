@@ -150,6 +150,7 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             control_addr,
         } => unit(chunks::register_server(t, *id, data_addr, control_addr)),
         AckDeletes { server, chunks } => unit(chunks::ack_deletes(t, *server, chunks)),
+        SetDraining { server, draining } => unit(crate::drain::set_draining(t, *server, *draining)),
         Snapshot {
             origin,
             parent,
@@ -174,6 +175,16 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             term: order_term,
         } => crate::healing::add_replica(t, *chunk, *version, *server, *order_term, term)
             .map(Reply::Chunk),
+        ReplaceShard {
+            chunk,
+            version,
+            shard,
+            server,
+            term: order_term,
+        } => {
+            crate::healing::replace_shard(t, *chunk, *version, *shard, *server, (*order_term, term))
+                .map(Reply::Chunk)
+        }
         EcPrepare { .. } | EcCommit { .. } | CowPlaced { .. } => {
             crate::erasure::dispatch(t, cmd, term)
         }

@@ -197,6 +197,25 @@ pub(crate) fn inventory_deletes(
     Ok(out)
 }
 
+/// Copies in `server`'s inventory stored at an older version than the chunk map's, for a
+/// FENCE at the map's version: a writer holding an old location (one from before a snapshot
+/// whose fencing client died) must not write into a chunk a snapshot now shares.
+pub(crate) fn inventory_fences(
+    rt: &ReadTables,
+    server: ServerId,
+    inventory: &[(ChunkId, u64)],
+) -> Op<Vec<(ChunkId, u64)>> {
+    let mut out = Vec::new();
+    for &(chunk, stored) in inventory {
+        if let Some(rec) = chunk_by_id(rt, chunk)? {
+            if rec.ec.is_none() && rec.servers.contains(&server) && stored < rec.version {
+                out.push((chunk, rec.version));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Queued deletions for `server`.
 pub(crate) fn pending_deletes(rt: &ReadTables, server: ServerId) -> Op<Vec<ChunkId>> {
     let mut out = Vec::new();

@@ -4,16 +4,20 @@
 //! heartbeats (one second). Until `chunkserver_timeout` has passed since it took over, a
 //! leader that knows no live server answers `Unavailable` (retryable) rather than `NoSpace`.
 //!
+//! FENCE orders for a server wait here for its next heartbeat reply (see
+//! `HeartbeatReply::fence`); a new leader starts without them, and the inventory comparison
+//! catches any copy still behind the chunk map.
+//!
 //! Placement is weighted rendezvous hashing: each live, healthy server scores
 //! `free / -ln(h)` with `h` a hash of (chunk key, server) in (0, 1) — the key mixes the
 //! next chunk id with the file and chunk index —, and the top scores win. Servers
 //! with more free space win proportionally more often, and adding a server moves only the
 //! chunks it wins, with no global reshuffle.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use rawfs_metadata_api::{Heartbeat, ServerId};
+use rawfs_metadata_api::{ChunkId, Heartbeat, ServerId};
 
 /// What the leader last heard from one chunkserver.
 #[derive(Clone, Debug)]
@@ -34,6 +38,11 @@ pub(crate) struct Registry {
     term: u64,
     /// The healer lease granted by this leader (see `healing.rs`).
     pub lease: Option<crate::healing::Lease>,
+    /// FENCE orders waiting for each server's next heartbeat: chunk -> version.
+    fences: HashMap<ServerId, BTreeMap<ChunkId, u64>>,
+    /// Draining servers (mirrored from their records, see `drain.rs`) and when their
+    /// surplus copies were last looked for.
+    draining: HashMap<ServerId, Option<Instant>>,
 }
 
 impl Registry {
@@ -44,6 +53,8 @@ impl Registry {
             since: now,
             term: 0,
             lease: None,
+            fences: HashMap::new(),
+            draining: HashMap::new(),
         }
     }
 
@@ -65,6 +76,60 @@ impl Registry {
                 last_seen: now,
             },
         );
+    }
+
+    /// Mirrors a server's draining flag.
+    pub fn set_draining(&mut self, server: ServerId, draining: bool) {
+        if !draining {
+            self.draining.remove(&server);
+        } else {
+            self.draining.entry(server).or_insert(None);
+        }
+    }
+
+    pub fn is_draining(&self, server: ServerId) -> bool {
+        self.draining.contains_key(&server)
+    }
+
+    /// Whether a draining server's surplus copies are due for another look (and if so,
+    /// notes that they are being looked at now).
+    pub fn surplus_scan_due(&mut self, server: ServerId, now: Instant, every: Duration) -> bool {
+        match self.draining.get_mut(&server) {
+            Some(last) if last.map_or(true, |t| now.saturating_duration_since(t) >= every) => {
+                *last = Some(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Queues a FENCE of `chunk` at `version` for `server`'s next heartbeat reply.
+    pub fn queue_fence(&mut self, server: ServerId, chunk: ChunkId, version: u64) {
+        let v = self
+            .fences
+            .entry(server)
+            .or_default()
+            .entry(chunk)
+            .or_insert(0);
+        *v = (*v).max(version);
+    }
+
+    /// Takes up to `max` FENCE orders queued for `server`.
+    pub fn take_fences(&mut self, server: ServerId, max: usize) -> Vec<(ChunkId, u64)> {
+        let Some(queue) = self.fences.get_mut(&server) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        while out.len() < max {
+            match queue.pop_first() {
+                Some(order) => out.push(order),
+                None => break,
+            }
+        }
+        if queue.is_empty() {
+            self.fences.remove(&server);
+        }
+        out
     }
 
     pub fn get(&self, id: ServerId) -> Option<&Live> {
@@ -91,7 +156,7 @@ impl Registry {
         let mut v: Vec<_> = self
             .servers
             .iter()
-            .filter(|(id, l)| l.healthy && self.is_up(**id, now))
+            .filter(|(id, l)| l.healthy && self.is_up(**id, now) && !self.is_draining(**id))
             .map(|(id, l)| (*id, l.total_bytes.saturating_sub(l.used_bytes)))
             .filter(|(_, free)| *free > 0)
             .collect();

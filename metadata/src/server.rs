@@ -26,7 +26,6 @@ use crate::machine::MetaStateMachine;
 use crate::proposer::Proposer;
 use crate::queries;
 use crate::registry::Registry;
-use crate::store::{Op, ReadTables};
 
 /// State shared by every connection.
 pub(crate) struct Shared {
@@ -97,7 +96,7 @@ impl Server {
     }
 
     /// Proposes `Init` once if the root directory is missing (a fresh cluster).
-    async fn ensure_root(&self) -> MetaResult<()> {
+    pub(crate) async fn ensure_root(&self) -> MetaResult<()> {
         if self.0.root_ready.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -169,58 +168,6 @@ impl Server {
             _ => Vec::new(),
         };
         events::Replaced { inos }
-    }
-
-    /// A read at `consistency`; `f` gets the read transaction and the fencing term to put
-    /// in chunk locations.
-    async fn query<T>(
-        &self,
-        consistency: Consistency,
-        f: impl FnOnce(&ReadTables, u64) -> Op<T>,
-    ) -> MetaResult<T> {
-        match consistency {
-            Consistency::Linearizable => {
-                let term = self.leader_term().await?;
-                self.ensure_root().await?;
-                self.0.sm.read(|rt| f(rt, term))
-            }
-            Consistency::Local => {
-                self.local_ready().await?;
-                // The term of the last applied entry: a location read here fences like one
-                // handed out by the leader that wrote this state.
-                self.0.sm.read(|rt| f(rt, rt.applied_term()?))
-            }
-        }
-    }
-
-    /// Checks that this replica may answer a local read: it knows of a leader (a replica
-    /// cut off from the group loses its leader at its next election timeout and stops
-    /// answering, rather than serving an ever older state) and has the root directory.
-    async fn local_ready(&self) -> MetaResult<()> {
-        let st = self.0.replica.status();
-        let following = matches!(st.role, Role::Leader | Role::Follower | Role::Learner);
-        if !following || st.leader.is_none() {
-            return Err(MetaError::Unavailable {
-                reason: "this replica knows no leader; its state may be stale".into(),
-            });
-        }
-        if self.0.root_ready.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        if st.role == Role::Leader {
-            return self.ensure_root().await;
-        }
-        let exists = self
-            .0
-            .sm
-            .read(|rt| Ok(crate::store::get_inode(&rt.inodes, ROOT_INO)?.is_some()))?;
-        if !exists {
-            return Err(MetaError::Unavailable {
-                reason: "this replica has not applied the root directory yet".into(),
-            });
-        }
-        self.0.root_ready.store(true, Ordering::Release);
-        Ok(())
     }
 
     /// A redirect to the leader as this replica knows it (for calls only the leader can
@@ -593,7 +540,9 @@ impl MetadataRpc for Server {
             label,
             now,
         };
-        self.mutate_once(req, now, cmd).await?.into_attr()
+        let attr = self.mutate_once(req, now, cmd).await?.into_attr()?;
+        self.queue_snapshot_fences(attr.ino);
+        Ok(attr)
     }
 
     async fn cow_chunk(
@@ -646,6 +595,20 @@ impl MetadataRpc for Server {
         req: ReqId,
     ) -> MetaResult<ChunkLoc> {
         self.do_add_replica(chunk, version, server, term, req).await
+    }
+
+    async fn replace_shard(
+        self,
+        _: Context,
+        chunk: ChunkId,
+        version: u64,
+        shard: ChunkId,
+        server: ServerId,
+        term: u64,
+        req: ReqId,
+    ) -> MetaResult<ChunkLoc> {
+        self.do_replace_shard(chunk, version, shard, server, (term, req))
+            .await
     }
 
     async fn set_class(
@@ -774,5 +737,17 @@ impl MetadataRpc for Server {
 
     async fn remove_peer(self, _: Context, id: u64) -> MetaResult<()> {
         self.0.replica.remove_peer(id).await.map_err(propose_error)
+    }
+
+    async fn drain_chunkserver(
+        self,
+        _: Context,
+        server: ServerId,
+        draining: bool,
+        req: ReqId,
+    ) -> MetaResult<()> {
+        let cmd = Command::SetDraining { server, draining };
+        let cmd = tracked(req, Timespec::now(), cmd);
+        self.do_drain(server, draining, cmd).await
     }
 }

@@ -256,6 +256,10 @@ pub(crate) struct PendingCopy {
 pub(crate) struct ServerRec {
     pub data_addr: String,
     pub control_addr: String,
+    /// Being drained (`drain.rs`). Last, defaulted: records written before draining
+    /// existed end one element early.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Every table, opened in one write transaction.

@@ -216,6 +216,131 @@ async fn namespace_chunks_and_heartbeats_through_the_client() {
     h.join().await.unwrap();
 }
 
+#[tokio::test]
+async fn heartbeats_fence_a_snapshots_chunks_and_copies_behind_the_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+    c.getattr(ROOT_INO).await.unwrap();
+    for s in 1..=3 {
+        c.heartbeat(hb(s, Some(vec![]))).await.unwrap();
+    }
+    let f = file(&c, ROOT_INO, "vol").await;
+    let loc = c.allocate_chunk(f.ino, 0).await.unwrap();
+    c.commit_write(f.ino, 4096, 4096).await.unwrap();
+    for s in 1..=3 {
+        assert!(c.heartbeat(hb(s, None)).await.unwrap().fence.is_empty());
+    }
+
+    // The snapshot bumps the shared chunk's version; a client that took it and died before
+    // fencing leaves the servers at the old one. Their next heartbeats carry the FENCE.
+    c.snapshot(
+        f.ino,
+        ROOT_INO,
+        n("snap"),
+        true,
+        ByteBuf::from(b"s".to_vec()),
+    )
+    .await
+    .unwrap();
+    let now = c.chunks(f.ino, 0, 1).await.unwrap()[0].clone();
+    assert!(now.version > loc.version && now.shared);
+    for s in 1..=3 {
+        let reply = c.heartbeat(hb(s, None)).await.unwrap();
+        assert_eq!(reply.fence, vec![(loc.chunk, now.version)], "server {s}");
+        // Sent once; the inventory is the backstop.
+        assert!(c.heartbeat(hb(s, None)).await.unwrap().fence.is_empty());
+    }
+    // An inventory showing a copy behind the chunk map gets it fenced too; one at the
+    // map's version does not.
+    let behind = Some(vec![(loc.chunk, loc.version)]);
+    assert_eq!(
+        c.heartbeat(hb(2, behind)).await.unwrap().fence,
+        vec![(loc.chunk, now.version)]
+    );
+    let current = Some(vec![(loc.chunk, now.version)]);
+    assert!(c.heartbeat(hb(2, current)).await.unwrap().fence.is_empty());
+
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_drained_server_takes_no_chunks_and_loses_its_copies_once_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+    c.getattr(ROOT_INO).await.unwrap();
+    for s in 1..=4 {
+        c.heartbeat(hb(s, Some(vec![]))).await.unwrap();
+    }
+    let f = file(&c, ROOT_INO, "f").await;
+    let loc = c.allocate_chunk(f.ino, 0).await.unwrap();
+    c.commit_write(f.ino, 4096, 4096).await.unwrap();
+    let held: Vec<u64> = loc.replicas.iter().map(|r| r.server).collect();
+    let gone = held[0];
+    let spare = (1..=4).find(|s| !held.contains(s)).unwrap();
+    assert_eq!(
+        c.drain_chunkserver(99, true).await,
+        Err(MetaError::NotFound)
+    );
+    c.drain_chunkserver(gone, true).await.unwrap();
+
+    // No new chunk lands on it; its copy counts as missing for the healer.
+    for i in 1..=8 {
+        let l = c.allocate_chunk(f.ino, i).await.unwrap();
+        assert!(l.replicas.iter().all(|r| r.server != gone), "chunk {i}");
+    }
+    let page = c.endangered_chunks(0, 100).await.unwrap();
+    assert_eq!(page.chunks.len(), 1);
+    assert_eq!(page.chunks[0].chunk, loc.chunk);
+    let liveness = page.servers.iter().find(|s| s.id == gone).unwrap();
+    assert!(!liveness.up, "not a copy target");
+    let status = c.status().await.unwrap();
+    assert!(status
+        .chunkservers
+        .iter()
+        .any(|s| s.id == gone && s.draining));
+
+    // The healer's copy on the spare server makes the draining copy surplus: its next
+    // heartbeat gets it dropped, and the one after tells it to delete the file.
+    c.add_replica(loc.chunk, loc.version, spare, page.term)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut deleted = Vec::new();
+    loop {
+        deleted.extend(c.heartbeat(hb(gone, None)).await.unwrap().delete);
+        let now = c.chunks(f.ino, 0, 1).await.unwrap()[0].clone();
+        if now.replicas.iter().all(|r| r.server != gone) && !deleted.is_empty() {
+            assert_eq!(now.replicas.len(), 3);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "copy not dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(deleted, vec![loc.chunk]);
+    let status = c.status().await.unwrap();
+    let drained = status.chunkservers.iter().find(|s| s.id == gone).unwrap();
+    assert_eq!(drained.chunks, 0);
+
+    // Draining survives a restart; cancelling it lets the server take chunks again.
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+    let status = c.status().await.unwrap();
+    assert!(status
+        .chunkservers
+        .iter()
+        .any(|s| s.id == gone && s.draining));
+    c.drain_chunkserver(gone, false).await.unwrap();
+    let status = c.status().await.unwrap();
+    assert!(status.chunkservers.iter().all(|s| !s.draining));
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphan_survives_a_restart_until_released() {
     let dir = tempfile::tempdir().unwrap();

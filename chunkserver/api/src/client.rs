@@ -153,6 +153,52 @@ impl DataClient {
         self.call(addr, req).await.map(|_| ())
     }
 
+    /// Writes several pieces of chunk `chunk` on the chunkserver at `addr` in one request
+    /// (a WRITEV, see [`crate::vector`]); one piece goes as a plain WRITE. The pieces'
+    /// encoding must fit one frame: at most [`crate::MAX_PIECES`] pieces and
+    /// [`MAX_PAYLOAD`] bytes.
+    pub async fn write_v(
+        &self,
+        addr: &str,
+        chunk: u64,
+        version: u64,
+        term: u64,
+        pieces: &[crate::Piece],
+    ) -> Result<(), DataError> {
+        if let [one] = pieces {
+            let w = WriteReq {
+                chunk,
+                version,
+                term,
+                offset: one.offset,
+                data: one.data.clone(),
+                sync: false,
+            };
+            return self.write(addr, w).await;
+        }
+        let len = crate::vector::encoded_len(pieces);
+        if pieces.is_empty() || pieces.len() > crate::MAX_PIECES || len > MAX_PAYLOAD as usize {
+            return Err(DataError::Protocol {
+                reason: format!(
+                    "a writev of {} pieces and {len} bytes does not fit one frame",
+                    pieces.len()
+                ),
+            });
+        }
+        let req = Request {
+            id: 0,
+            op: Opcode::WriteV,
+            flags: 0,
+            chunk,
+            version,
+            term,
+            offset: 0,
+            length: len as u32,
+            payload: crate::vector::encode(pieces),
+        };
+        self.call(addr, req).await.map(|_| ())
+    }
+
     /// Reads `len` bytes at `offset` of `chunk`. Unwritten ranges read as zeros; every byte was
     /// verified against its block checksum by the chunkserver.
     pub async fn read(

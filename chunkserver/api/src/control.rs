@@ -25,6 +25,19 @@ pub struct ControlStatus {
     pub healthy: bool,
 }
 
+/// The background scrub's state (see `rawfs chunkserver --scrub-rate`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubStatus {
+    /// Bytes per second the scrub may read; 0 means it is off.
+    pub rate: u64,
+    /// Bytes of chunk data verified since the chunkserver started.
+    pub scrubbed_bytes: u64,
+    /// Chunks found with a bad block since the chunkserver started (each chunk version once).
+    pub bad_found: u64,
+    /// Full passes over every chunk completed since the chunkserver started.
+    pub passes: u64,
+}
+
 /// Control calls: small, infrequent requests that ride tarpc rather than the data protocol.
 #[tarpc::service]
 pub trait ChunkserverControl {
@@ -32,6 +45,11 @@ pub trait ChunkserverControl {
     async fn status() -> ControlStatus;
     /// Every chunk stored here, with its version, sorted by chunk id.
     async fn list_chunks() -> Vec<(u64, u64)>;
+    /// Changes the scrub's rate in bytes per second (0 stops it) until the next restart;
+    /// returns the status after the change.
+    async fn set_scrub_rate(bytes_per_sec: u64) -> ScrubStatus;
+    /// The scrub's rate, progress and findings.
+    async fn scrub_status() -> ScrubStatus;
 }
 
 /// Failure to reach a chunkserver's control port.

@@ -9,14 +9,14 @@
 //!  off size field
 //!    0    4 magic        b"RFSQ"
 //!    4    2 version      PROTOCOL_VERSION (1)
-//!    6    1 opcode       1 WRITE, 2 READ, 3 SYNC, 4 PING, 5 CLONE, 6 FENCE
+//!    6    1 opcode       1 WRITE, 2 READ, 3 SYNC, 4 PING, 5 CLONE, 6 FENCE, 7 WRITEV
 //!    7    1 flags        bit 0: FLAG_SYNC (fsync the chunk file after a WRITE)
 //!    8    8 request id   chosen by the client, echoed in the response
 //!   16    8 chunk id
 //!   24    8 chunk version
 //!   32    8 term         the metadata leader's term (fencing token)
 //!   40    4 offset       byte offset within the chunk
-//!   44    4 length       READ: bytes wanted; WRITE, CLONE: equals payload_len; else 0
+//!   44    4 length       READ: bytes wanted; WRITE, WRITEV, CLONE: equals payload_len; else 0
 //!   48    4 payload_len  at most MAX_PAYLOAD
 //!   52    4 payload_crc  crc32c of the payload
 //!   56    4 reserved     zero
@@ -85,6 +85,8 @@ pub enum Opcode {
     Clone = 5,
     /// Refuse versions older than this one from now on, and fsync the chunk.
     Fence = 6,
+    /// Store several pieces of the chunk, laid out as in [`crate::vector`].
+    WriteV = 7,
 }
 
 impl Opcode {
@@ -96,6 +98,7 @@ impl Opcode {
             4 => Some(Opcode::Ping),
             5 => Some(Opcode::Clone),
             6 => Some(Opcode::Fence),
+            7 => Some(Opcode::WriteV),
             _ => None,
         }
     }

@@ -1,8 +1,8 @@
 //! The wire contract of a rawfs chunkserver.
 //!
 //! Bulk data moves over a framed binary protocol on plain TCP connections ([`frame`], byte
-//! layout documented there), spoken by [`DataClient`]; control calls (status, inventory) use
-//! tarpc ([`ChunkserverControl`]).
+//! layout documented there), spoken by [`DataClient`]; control calls (status, inventory, scrub
+//! rate and progress) use tarpc ([`ChunkserverControl`]).
 //!
 //! ```text
 //!  DataClient ──WRITE(chunk, version, term, offset, bytes, crc)──▶ chunkserver ──▶ chunk file
@@ -18,13 +18,15 @@
 pub mod client;
 pub mod control;
 pub mod frame;
+pub mod vector;
 
 pub use client::{DataClient, DataError, WriteReq, MAX_CONNS_PER_ADDR};
 pub use control::{
     connect_control, deadline, ChunkserverControl, ChunkserverControlClient, ControlError,
-    ControlStatus, CONTROL_MAX_FRAME,
+    ControlStatus, ScrubStatus, CONTROL_MAX_FRAME,
 };
 pub use frame::{FrameError, MAX_PAYLOAD};
+pub use vector::{Piece, MAX_PIECES};
 
 /// Largest chunk a chunkserver stores: 64 MiB (as `rawfs_metadata_api::CHUNK_SIZE`).
 pub const MAX_CHUNK_SIZE: u64 = 64 << 20;

@@ -531,12 +531,16 @@ rpc_methods! {
         fn cow_done(ino: Ino, index: u64, chunk: ChunkId, failed: Vec<ServerId>) -> ChunkLoc;
         /// Commits a healer's new copy of a chunk (version bumped).
         fn add_replica(chunk: ChunkId, version: u64, server: ServerId, term: u64) -> ChunkLoc;
+        /// Commits a healer's rebuilt shard of an erasure-coded chunk on a new server.
+        fn replace_shard(chunk: ChunkId, version: u64, shard: ChunkId, server: ServerId, term: u64) -> ChunkLoc;
         /// Sets the storage class of a file or directory.
         fn set_class(ino: Ino, class: StorageClass) -> Attr;
         /// Starts converting a replicated chunk to RS 4+2.
         fn ec_prepare(ino: Ino, index: u64, chunk: ChunkId, version: u64) -> EcPlan;
         /// Commits a conversion to RS 4+2.
         fn ec_commit(ino: Ino, index: u64, chunk: ChunkId, version: u64, length: u64, term: u64) -> ChunkLoc;
+        /// Starts or stops draining a chunkserver.
+        fn drain_chunkserver(server: ServerId, draining: bool) -> ();
     }
     other {
         /// Records an open of `ino` by `session`.
@@ -553,7 +557,7 @@ rpc_methods! {
         fn heartbeat(hb: Heartbeat) -> HeartbeatReply;
         /// The cluster's state.
         fn status() -> ClusterStatus;
-        /// A page of replicated chunks below their wanted copies, with server liveness.
+        /// A page of chunks below their wanted copies or shards, with server liveness.
         fn endangered_chunks(after: ChunkId, limit: u32) -> EndangeredPage;
         /// Grants or renews the healer lease.
         fn healer_lease(holder: u64, ttl_ms: u64) -> HealerLease;
@@ -686,6 +690,7 @@ mod tests {
             cow_done(ino: Ino, index: u64, chunk: ChunkId, failed: Vec<ServerId>, req: ReqId) -> ChunkLoc;
             endangered_chunks(after: ChunkId, limit: u32) -> EndangeredPage;
             add_replica(chunk: ChunkId, version: u64, server: ServerId, term: u64, req: ReqId) -> ChunkLoc;
+            replace_shard(chunk: ChunkId, version: u64, shard: ChunkId, server: ServerId, term: u64, req: ReqId) -> ChunkLoc;
             healer_lease(holder: u64, ttl_ms: u64) -> HealerLease;
             set_class(ino: Ino, class: StorageClass, req: ReqId) -> Attr;
             get_class(ino: Ino, read: Consistency) -> StorageClass;
@@ -698,6 +703,7 @@ mod tests {
             digest() -> StateDigest;
             add_peer(id: u64, addr: String, raft_addr: String) -> ();
             remove_peer(id: u64) -> ();
+            drain_chunkserver(server: ServerId, draining: bool, req: ReqId) -> ();
         }
     }
 

@@ -213,9 +213,11 @@ pub trait MetadataRpc {
     ) -> MetaResult<ChunkLoc>;
 
     // ---- healer -------------------------------------------------------------------------------
-    /// Replicated chunks with fewer live copies than wanted and id above `after`, at most
-    /// `limit` (capped) per page, with every chunkserver's liveness. Leader only (liveness
-    /// is the leader's soft state).
+    /// Chunks with id above `after` missing redundancy: replicated chunks with fewer live
+    /// copies than wanted, and erasure-coded chunks with fewer than 6 shards on live servers
+    /// (with their shards in [`EndangeredChunk::ec`]; a shard marked lost counts as
+    /// missing). At most `limit` (capped) per page, with every chunkserver's liveness.
+    /// Leader only (liveness is the leader's soft state).
     async fn endangered_chunks(after: ChunkId, limit: u32) -> MetaResult<EndangeredPage>;
     /// Commits a new copy of `chunk` on `server`, written at `version` in leader term
     /// `term`. Refused with `StaleVersion` if the chunk's version moved meanwhile, `Exists`
@@ -225,6 +227,23 @@ pub trait MetadataRpc {
     async fn add_replica(
         chunk: ChunkId,
         version: u64,
+        server: ServerId,
+        term: u64,
+        req: ReqId,
+    ) -> MetaResult<ChunkLoc>;
+    /// Commits a rebuilt shard of the erasure-coded `chunk`: shard `shard` (its id, kept)
+    /// is now on `server`, written there at `version` in leader term `term`. No version
+    /// bump (an erasure-coded chunk is never written in place). Refused with `StaleTerm` if
+    /// the log entry is of another term, `StaleVersion` if the chunk's version moved or it
+    /// is no longer erasure coded with that shard (a writer turned it back to replicas, or
+    /// it was converted again), `Exists` if `server` holds another shard of the chunk
+    /// (shards must be on distinct servers). A pending deletion of the shard on `server` is
+    /// cancelled, and the shard's previous copy (if its server was still listed) is queued
+    /// for deletion. Returns the chunk's location.
+    async fn replace_shard(
+        chunk: ChunkId,
+        version: u64,
+        shard: ChunkId,
         server: ServerId,
         term: u64,
         req: ReqId,
@@ -257,4 +276,8 @@ pub trait MetadataRpc {
     /// leader itself is allowed (it steps down once the change commits); the last voter
     /// cannot be removed.
     async fn remove_peer(id: u64) -> MetaResult<()>;
+    /// Starts (`draining`) or stops draining chunkserver `server`: it takes no new chunks,
+    /// the healer moves its copies and shards to other servers, and the leader then drops
+    /// them from it. `NotFound` for a server never registered.
+    async fn drain_chunkserver(server: ServerId, draining: bool, req: ReqId) -> MetaResult<()>;
 }

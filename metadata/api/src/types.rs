@@ -337,6 +337,11 @@ pub struct HeartbeatReply {
     pub term: u64,
     /// Chunks to delete (no longer referenced, or a stale version).
     pub delete: Vec<ChunkId>,
+    /// Chunks to FENCE at a version (refuse older versions from now on): chunks shared by a
+    /// new snapshot, and copies the inventory shows behind the chunk map. The snapshot's
+    /// client fences them itself; these orders close the gap when it died before it could.
+    #[serde(default)]
+    pub fence: Vec<(ChunkId, u64)>,
 }
 
 /// Health of one chunk, as counted by `status`.
@@ -369,6 +374,9 @@ pub struct ChunkserverStatus {
     pub chunks: u64,
     /// Milliseconds since the last heartbeat.
     pub last_seen_ms: u64,
+    /// Being drained (`rawfs chunkserver drain`): takes no new chunks, its copies move away.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// One metadata replica's view of the replicated log.
@@ -464,7 +472,8 @@ pub struct ClusterStatus {
 /// Copies per replicated chunk the healer restores (the same as [`REPLICAS`]).
 pub const WANTED_COPIES: u32 = REPLICAS as u32;
 
-/// A replicated chunk with fewer live copies than wanted, as `endangered_chunks` lists it.
+/// A chunk with fewer live copies (or, erasure coded, live shards) than wanted, as
+/// `endangered_chunks` lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndangeredChunk {
     pub chunk: ChunkId,
@@ -477,6 +486,13 @@ pub struct EndangeredChunk {
     /// Bytes a copy must hold: the owner file's size within this chunk (at most
     /// [`CHUNK_SIZE`]); past it the chunk reads as zeros.
     pub bytes: u64,
+    /// `Some` for an erasure-coded chunk with fewer than [`EC_SHARDS`] shards on live
+    /// servers: its shards (a lost one has no `replica`; one on a down server still names
+    /// it), each with its data address, and the logical length to decode with. `replicas`
+    /// then lists the servers of the shards not known lost, `wanted` is [`EC_SHARDS`], and a
+    /// rebuilt shard is written at `version` and committed with `replace_shard`.
+    #[serde(default)]
+    pub ec: Option<EcLoc>,
 }
 
 /// One chunkserver as the leader's registry sees it now.

@@ -164,3 +164,213 @@ fn endangered_lists_chunks_below_their_copies_once_paged() {
             .unwrap();
     assert_eq!((p2[0].chunk, next), (locs[1].chunk, None));
 }
+
+/// Servers 4..=9 hold the shards of [`ec_file`].
+const SHARD_SERVERS: [ServerId; 6] = [4, 5, 6, 7, 8, 9];
+
+/// A file of 10 MiB in one chunk, converted to RS 4+2 on [`SHARD_SERVERS`].
+fn ec_file(h: &mut H) -> (Attr, ChunkLoc) {
+    h.register(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    let f = h.create(ROOT_INO, "cold");
+    let a = h.allocate(f.ino, 0, &[1, 2, 3]).unwrap();
+    let now = h.now();
+    h.apply(Command::CommitWrite {
+        ino: f.ino,
+        end: 10 << 20,
+        stored_delta: 30 << 20,
+        now,
+    })
+    .unwrap();
+    let plan = h
+        .apply(Command::EcPrepare {
+            ino: f.ino,
+            index: 0,
+            chunk: a.chunk,
+            version: a.version,
+            servers: SHARD_SERVERS.to_vec(),
+        })
+        .unwrap()
+        .into_plan()
+        .unwrap();
+    let loc = h
+        .apply(Command::EcCommit {
+            ino: f.ino,
+            index: 0,
+            chunk: a.chunk,
+            version: plan.loc.version,
+            length: 10 << 20,
+            term: plan.loc.term,
+        })
+        .unwrap()
+        .into_chunk()
+        .unwrap();
+    assert!(loc.ec.is_some());
+    (f, loc)
+}
+
+fn replace(
+    h: &mut H,
+    loc: &ChunkLoc,
+    shard: ChunkId,
+    server: ServerId,
+    (version, term): (u64, u64),
+) -> MetaResult<ChunkLoc> {
+    h.apply(Command::ReplaceShard {
+        chunk: loc.chunk,
+        version,
+        shard,
+        server,
+        term,
+    })?
+    .into_chunk()
+}
+
+fn shard_servers(l: &ChunkLoc) -> Vec<Option<ServerId>> {
+    l.ec.as_ref()
+        .unwrap()
+        .shards
+        .iter()
+        .map(|s| s.replica.as_ref().map(|r| r.server))
+        .collect()
+}
+
+#[test]
+fn endangered_lists_ec_chunks_missing_shards_with_their_layout() {
+    let mut h = H::new();
+    let (_, loc) = ec_file(&mut h);
+    let list = |h: &H, up: &dyn Fn(ServerId) -> bool| {
+        h.sm.read(|rt| healing::endangered(rt, up, 0, 10))
+            .unwrap()
+            .0
+    };
+    assert_eq!(list(&h, &|_| true), vec![], "all 6 shards live");
+    // One shard's server down: listed with every shard (the down one still named).
+    let l = list(&h, &|s| s != 5);
+    assert_eq!(l.len(), 1, "{l:?}");
+    let e = &l[0];
+    assert_eq!((e.chunk, e.version), (loc.chunk, loc.version));
+    assert_eq!((e.wanted, e.bytes), (EC_SHARDS as u32, 10 << 20));
+    assert_eq!(e.replicas, SHARD_SERVERS.to_vec());
+    let ec = e.ec.as_ref().unwrap();
+    assert_eq!(ec, loc.ec.as_ref().unwrap(), "shards with their addresses");
+    assert!(ec.shards[1]
+        .replica
+        .as_ref()
+        .unwrap()
+        .data_addr
+        .contains(':'));
+    // A shard marked lost (failed its checksum) counts as missing with every server up.
+    let lost = ec.shards[2].chunk;
+    h.apply(Command::DropReplica {
+        chunk: lost,
+        expected_version: loc.version,
+        server: 6,
+    })
+    .unwrap();
+    let l = list(&h, &|_| true);
+    assert_eq!(l.len(), 1, "{l:?}");
+    assert_eq!(l[0].replicas, vec![4, 5, 7, 8, 9]);
+    assert_eq!(l[0].ec.as_ref().unwrap().shards[2].replica, None);
+    // Fewer than 4 live: still listed, for the healer to report as lost.
+    let l = list(&h, &|s| s != 4 && s != 5);
+    assert_eq!(l.len(), 1);
+    // A replicated chunk beside it is listed as before, without a layout.
+    let g = h.create(ROOT_INO, "hot");
+    let r = h.allocate(g.ino, 0, &[1, 2, 3]).unwrap();
+    let l = list(&h, &|s| s != 1);
+    assert_eq!(l.len(), 2, "{l:?}");
+    let hot = l.iter().find(|c| c.chunk == r.chunk).unwrap();
+    assert_eq!((hot.wanted, hot.ec.is_none()), (3, true));
+}
+
+#[test]
+fn replace_shard_is_fenced_by_term_version_layout_and_distinct_servers() {
+    let mut h = H::new();
+    let (f, loc) = ec_file(&mut h);
+    let v = loc.version;
+    let shards = loc.ec.as_ref().unwrap().shards.clone();
+    let s0 = shards[0].chunk;
+    assert_eq!(
+        replace(&mut h, &loc, s0, 1, (v, TERM - 1)),
+        Err(MetaError::StaleTerm { current: TERM }),
+        "an order of an older leader"
+    );
+    assert_eq!(
+        replace(&mut h, &loc, s0, 1, (v + 1, TERM)),
+        Err(MetaError::StaleVersion { current: v })
+    );
+    assert_eq!(
+        replace(&mut h, &loc, s0, 5, (v, TERM)),
+        Err(MetaError::Exists),
+        "server 5 holds shard 1"
+    );
+    assert_eq!(
+        replace(&mut h, &loc, 999_999, 1, (v, TERM)),
+        Err(MetaError::StaleVersion { current: v }),
+        "not a shard of this chunk"
+    );
+    // Server 4 (shard 0's) died: the rebuilt shard 0 goes to server 1, same id, no bump.
+    let new = replace(&mut h, &loc, s0, 1, (v, TERM)).unwrap();
+    assert_eq!((new.chunk, new.version), (loc.chunk, v));
+    assert_eq!(shard_servers(&new), [1, 5, 6, 7, 8, 9].map(Some).to_vec());
+    assert_eq!(new.ec.as_ref().unwrap().shards[0].chunk, s0);
+    let map =
+        h.sm.read(|rt| queries::chunks(rt, f.ino, 0, 1, TERM))
+            .unwrap();
+    assert_eq!(map[0], new, "the chunk map has it");
+    assert_eq!(h.deletions(4), vec![s0], "the old copy goes if 4 returns");
+    assert!(
+        !h.sm
+            .read(|rt| queries::inventory_deletes(rt, 1, &[(s0, v)]))
+            .unwrap()
+            .contains(&s0),
+        "server 1 keeps it"
+    );
+    // A repeat finds it done.
+    assert_eq!(replace(&mut h, &loc, s0, 1, (v, TERM)), Ok(new.clone()));
+    let listed =
+        h.sm.read(|rt| healing::endangered(rt, &|s| s != 4, 0, 10))
+            .unwrap();
+    assert!(listed.0.is_empty(), "healthy again: {listed:?}");
+
+    // A lost shard rebuilt on its old server: the queued deletion there is cancelled.
+    let s2 = shards[2].chunk;
+    h.apply(Command::DropReplica {
+        chunk: s2,
+        expected_version: v,
+        server: 6,
+    })
+    .unwrap();
+    assert_eq!(h.deletions(6), vec![s2]);
+    let l = replace(&mut h, &loc, s2, 6, (v, TERM)).unwrap();
+    assert_eq!(shard_servers(&l)[2], Some(6));
+    assert!(h.deletions(6).is_empty(), "the rebuilt shard must stay");
+
+    // A writer turned the chunk back to replicas: a rebuild of the old layout is refused.
+    let cow = h
+        .apply(Command::CowPlaced {
+            ino: f.ino,
+            index: 0,
+            chunk: loc.chunk,
+            servers: vec![1, 2, 3],
+        })
+        .unwrap()
+        .into_cow()
+        .unwrap();
+    h.apply(Command::CowDone {
+        ino: f.ino,
+        index: 0,
+        chunk: cow.loc.chunk,
+        failed: vec![],
+    })
+    .unwrap();
+    let s3 = shards[3].chunk;
+    let r = replace(&mut h, &loc, s3, 10, (v, TERM));
+    assert!(
+        matches!(
+            r,
+            Err(MetaError::StaleVersion { .. }) | Err(MetaError::NotFound)
+        ),
+        "{r:?}"
+    );
+}
