@@ -10,6 +10,8 @@
 //!        refresh, and from then on write to the target too
 //!  VERIFY: target == a source, piece by piece; a difference (a write that reached only the
 //!        old replicas before the FENCE) drops the new copy again (drop_replica)
+//!  replicas the FENCE could not reach (their server is down) are dropped: when the server
+//!        returns, its old copy is no longer listed, never read, and its inventory deletes it
 //! ```
 //!
 //! Bitrot never spreads: every byte copied was read through the chunkserver's checksum
@@ -147,23 +149,44 @@ pub async fn re_replicate(ctx: &Ctx<'_>, r: &Repair, bytes: u64) -> Result<u64, 
         .add_replica(chunk, version, target, ctx.term)
         .await?;
     let new_version = loc.version;
-    for rep in loc
-        .replicas
-        .iter()
-        .filter(|r| ctx.addrs.contains_key(&r.server))
-    {
-        if let Err(e) = ctx
-            .data
-            .fence(&rep.data_addr, chunk, new_version, ctx.term)
-            .await
-        {
-            // A replica that cannot be fenced is down or failing: writers fail over it and
-            // drop it, which bumps the version again.
+    let mut unfenced = Vec::new();
+    for rep in &loc.replicas {
+        let fenced = match ctx.addrs.get(&rep.server) {
+            Some(_) => ctx
+                .data
+                .fence(&rep.data_addr, chunk, new_version, ctx.term)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("not up".to_string()),
+        };
+        if let Err(e) = fenced {
             tracing::warn!(chunk, server = rep.server, error = %e, "fence after the copy failed");
+            unfenced.push(rep.server);
         }
     }
     verify(ctx, r, bytes, new_version).await?;
-    Ok(new_version)
+    drop_unfenced(ctx, chunk, new_version, &unfenced).await
+}
+
+/// Drops the replicas the FENCE after a copy could not reach (down or failing), once the
+/// new copy stands in for them. Listed, such a copy would come back with its old data at an
+/// old version when its server returns; unlisted, the server's next inventory has it
+/// deleted. Returns the chunk's version after the drops.
+async fn drop_unfenced(
+    ctx: &Ctx<'_>,
+    chunk: u64,
+    mut version: u64,
+    unfenced: &[ServerId],
+) -> Result<u64, RepairError> {
+    for &server in unfenced {
+        match ctx.meta.drop_replica(chunk, version, server).await {
+            Ok(loc) => version = loc.version,
+            // A writer moved the chunk on meanwhile (and dropped what it could not write).
+            Err(MetaError::StaleVersion { .. }) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(version)
 }
 
 /// Compares the new copy with a source after the FENCE; drops the copy if they differ.

@@ -20,6 +20,8 @@ mod failover;
 mod faults;
 #[path = "integration/healer.rs"]
 mod healer;
+#[path = "integration/healer_order.rs"]
+mod healer_order;
 #[path = "integration/integrity.rs"]
 mod integrity;
 #[path = "integration/nbd.rs"]

@@ -1,0 +1,173 @@
+//! The healer under two losses at once (issue 6): chunks left with one copy are repaired
+//! before those left with two, every chunk gets back to 3 copies, and the dead chunkservers,
+//! once restarted, have their stale copies recognized and deleted (never served).
+
+use anyhow::{ensure, Context, Result};
+use rawfs_integration::fsutil::{pattern, verify_pattern};
+use rawfs_integration::harness::wait_until;
+use rawfs_integration::{Cluster, Options};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+const MIB: usize = 1 << 20;
+/// Chunk files of this size or more belong to the test's files (not an empty chunk).
+const MIN_CHUNK_FILE: u64 = MIB as u64;
+
+fn write_file(path: &Path, seed: u64, len: usize) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    f.write_all(&pattern(seed, 0, len))?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Chunk files of at least [`MIN_CHUNK_FILE`] bytes in chunkserver `id`'s directory.
+fn chunk_files_of(cluster_dir: &Path, id: u64) -> Result<usize> {
+    let mut n = 0;
+    let mut stack = vec![cluster_dir.join(format!("chunkserver-{id}"))];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let md = e.metadata()?;
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.len() >= MIN_CHUNK_FILE && e.path().to_string_lossy().contains("/chunks/")
+            {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// The `copies_left` of every "repaired chunk" line of healer `id`'s log, in order.
+fn repairs_logged(c: &Cluster, id: u64) -> Result<Vec<u64>> {
+    let Some(log) = c.process("healer", id)?.log else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    Ok(text
+        .lines()
+        .filter(|l| l.contains("repaired chunk"))
+        .filter_map(|l| {
+            let v = l.split("copies_left=").nth(1)?;
+            v.split(|ch: char| !ch.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect())
+}
+
+#[test]
+fn two_losses_heal_the_most_endangered_first_and_stale_copies_go() -> Result<()> {
+    let mut c = Cluster::start_with(Options {
+        chunkservers: 5,
+        up_args: [
+            "--metadata-replicas",
+            "1",
+            "--chunkserver-timeout",
+            "2s",
+            "--healer-scan-interval",
+            "1s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+    })?;
+    // 24 one-chunk files on 5 servers: about 3 in 10 have both victims among their 3 copies.
+    let files: Vec<(String, u64, usize)> = (0..24)
+        .map(|i| (format!("f{i}"), 300 + i as u64, MIB + 1000 * i))
+        .collect();
+    for (name, seed, len) in &files {
+        write_file(&c.path(name), *seed, *len)?;
+    }
+    let total = c.status()?["chunks"]["replicated"]
+        .as_u64()
+        .context("no chunk count")?;
+    ensure!(total == 24, "expected 24 chunks, status counts {total}");
+
+    // The healers stop first, so that their first scan afterwards sees both losses at once
+    // (with them running, one loss may be noticed a scan before the other).
+    c.kill9("healer", 1)?;
+    c.kill9("healer", 2)?;
+    let victims = [1u64, 2];
+    for v in victims {
+        c.kill9("chunkserver", v)?;
+    }
+    let r = wait_until(
+        "both victims down for the metadata service",
+        Duration::from_secs(60),
+        || {
+            let s = c.status()?;
+            let down = s["chunkservers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|cs| {
+                    victims.iter().any(|v| cs["id"] == *v)
+                        && cs["last_seen_ms"].as_u64() > Some(2500)
+                })
+                .count();
+            Ok(down == 2 && s["chunks"]["under_replicated"].as_u64() > Some(0))
+        },
+    );
+    c.diagnose(r)?;
+    c.restart_process("healer", 1)?;
+    c.restart_process("healer", 2)?;
+    let r = wait_until(
+        "every chunk back at 3 copies",
+        Duration::from_secs(120),
+        || {
+            let s = c.status()?;
+            let ch = &s["chunks"];
+            Ok(ch["under_replicated"] == 0 && ch["lost"] == 0 && ch["healthy"] == total)
+        },
+    );
+    c.diagnose(r)?;
+
+    // One healer did the work (the other stands by); its first repair is of a chunk that
+    // had one copy left, and every such chunk was repaired before the last two-copy one.
+    let logs = [repairs_logged(&c, 1)?, repairs_logged(&c, 2)?];
+    let order = logs
+        .iter()
+        .max_by_key(|l| l.len())
+        .context("no healer log")?;
+    let ones = order.iter().filter(|&&n| n == 1).count();
+    ensure!(ones >= 1, "no chunk had one copy left: {order:?}");
+    ensure!(
+        order[0] == 1,
+        "the first repair was not a one-copy chunk: {order:?}"
+    );
+    let last_one = order.iter().rposition(|&n| n == 1).unwrap_or(0);
+    let first_two = order.iter().position(|&n| n == 2).unwrap_or(order.len());
+    // Repairs run a few at a time, so completions may interleave at the border.
+    ensure!(
+        last_one < first_two + 4,
+        "two-copy chunks went before one-copy ones: {order:?}"
+    );
+
+    // The victims come back with copies the chunk map no longer lists: deleted, never read.
+    for v in victims {
+        c.start_process("chunkserver", v, |_| {})?;
+    }
+    let r = wait_until(
+        "the returned servers' stale copies deleted",
+        Duration::from_secs(60),
+        || Ok(chunk_files_of(&c.dir, 1)? == 0 && chunk_files_of(&c.dir, 2)? == 0),
+    );
+    c.diagnose(r)?;
+    std::fs::write("/proc/sys/vm/drop_caches", b"3").context("drop_caches (needs root)")?;
+    for (name, seed, len) in &files {
+        verify_pattern(&c.path(name), *seed, *len)?;
+    }
+    let s = c.status()?;
+    ensure!(s["chunks"]["healthy"] == total, "{}", s["chunks"]);
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+    Ok(())
+}
