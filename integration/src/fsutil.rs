@@ -306,6 +306,63 @@ pub fn verify_pattern(path: &Path, seed: u64, len: usize) -> Result<()> {
     Ok(())
 }
 
+/// Writes `pattern(seed, ..)` of `len` bytes to `path` (created or truncated) 4 MiB at a
+/// time, then fsyncs it.
+pub fn write_pattern(path: &Path, seed: u64, len: usize) -> Result<()> {
+    use std::io::Write;
+    const PIECE: usize = 4 << 20;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| path.display().to_string())?;
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(PIECE);
+        f.write_all(&pattern(seed, off as u64, n))?;
+        off += n;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Chunk files of at least `min_len` bytes under every chunkserver's directory of the
+/// cluster directory `dir`, with the id of the chunkserver holding each (copies being
+/// cloned, `*.clone`, left out).
+pub fn chunk_files(dir: &Path, min_len: u64) -> Result<Vec<(u64, std::path::PathBuf)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name
+            .strip_prefix("chunkserver-")
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let mut stack = vec![e.path()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d)? {
+                let e = e?;
+                let md = e.metadata()?;
+                let path = e.path();
+                let text = path.to_string_lossy();
+                if md.is_dir() {
+                    stack.push(path);
+                } else if md.is_file()
+                    && md.len() >= min_len
+                    && text.contains("/chunks/")
+                    && !text.ends_with(".clone")
+                {
+                    out.push((id, path));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,44 +3,13 @@
 //! server holds nothing; its chunk files are then deleted.
 
 use anyhow::{ensure, Context, Result};
-use rawfs_integration::fsutil::{pattern, verify_pattern};
+use rawfs_integration::fsutil::{chunk_files, verify_pattern, write_pattern};
 use rawfs_integration::harness::wait_until;
 use rawfs_integration::{Cluster, Options};
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 const MIB: usize = 1 << 20;
-
-fn write_file(path: &Path, seed: u64, len: usize) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
-    f.write_all(&pattern(seed, 0, len))?;
-    f.sync_all()?;
-    Ok(())
-}
-
-/// Files under chunkserver `id`'s chunk directory.
-fn chunk_files_of(cluster_dir: &Path, id: u64) -> Result<usize> {
-    let mut n = 0;
-    let mut stack = vec![cluster_dir.join(format!("chunkserver-{id}"))];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d)? {
-            let e = e?;
-            let md = e.metadata()?;
-            if md.is_dir() {
-                stack.push(e.path());
-            } else if e.path().to_string_lossy().contains("/chunks/") {
-                n += 1;
-            }
-        }
-    }
-    Ok(n)
-}
 
 #[test]
 fn a_drained_chunkserver_ends_empty_with_everything_at_full_redundancy() -> Result<()> {
@@ -63,7 +32,7 @@ fn a_drained_chunkserver_ends_empty_with_everything_at_full_redundancy() -> Resu
         files.push((cold.join(format!("c{i}")), 800 + i as u64, len));
     }
     for (path, seed, len) in &files {
-        write_file(path, *seed, *len)?;
+        write_pattern(path, *seed, *len)?;
     }
     let r = wait_until(
         "the cold chunks erasure coded",
@@ -106,7 +75,7 @@ fn a_drained_chunkserver_ends_empty_with_everything_at_full_redundancy() -> Resu
     let r = wait_until(
         "the drained server's files deleted",
         Duration::from_secs(30),
-        || Ok(chunk_files_of(&c.dir, victim)? == 0),
+        || Ok(chunk_files(&c.dir, 0)?.iter().all(|(id, _)| *id != victim)),
     );
     c.diagnose(r)?;
     std::fs::write("/proc/sys/vm/drop_caches", b"3").context("drop_caches (needs root)")?;
@@ -114,7 +83,7 @@ fn a_drained_chunkserver_ends_empty_with_everything_at_full_redundancy() -> Resu
         verify_pattern(path, *seed, *len)?;
     }
     // New data avoids it while it stays drained.
-    write_file(&hot.join("after"), 900, 2 * MIB)?;
+    write_pattern(&hot.join("after"), 900, 2 * MIB)?;
     let s = c.status()?;
     let cs = s["chunkservers"]
         .as_array()

@@ -3,13 +3,11 @@
 //! of the chunk, and every chunk is back at 6 shards on live servers; twice in a row.
 
 use anyhow::{ensure, Context, Result};
-use rawfs_integration::fsutil::{pattern, verify_pattern};
+use rawfs_integration::fsutil::{verify_pattern, write_pattern};
 use rawfs_integration::harness::wait_until;
 use rawfs_integration::{Cluster, Options};
 use std::collections::HashSet;
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
@@ -17,22 +15,6 @@ const MIB: usize = 1 << 20;
 const STRIPE: usize = 4 * MIB;
 /// `--chunkserver-timeout`: how long a silent chunkserver stays up for the metadata service.
 const TIMEOUT_MS: u64 = 2000;
-
-fn write_file(path: &Path, seed: u64, len: usize) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(4 * MIB);
-        f.write_all(&pattern(seed, off as u64, n))?;
-        off += n;
-    }
-    f.sync_all()?;
-    Ok(())
-}
 
 /// The live chunkserver holding the most chunks and shards.
 fn busiest(c: &Cluster, dead: &HashSet<u64>) -> Result<u64> {
@@ -143,7 +125,7 @@ fn killed_chunkservers_shards_are_rebuilt_twice() -> Result<()> {
         .map(|(i, &len)| (cold.join(format!("f{len}")), 600 + i as u64, len))
         .collect();
     for (path, seed, len) in &files {
-        write_file(path, *seed, *len)?;
+        write_pattern(path, *seed, *len)?;
     }
     let total: u64 = sizes.iter().map(|&l| l.div_ceil(64 * MIB) as u64).sum();
     let r = wait_until(

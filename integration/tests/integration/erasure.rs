@@ -3,11 +3,12 @@
 //! chunkservers killed (degraded reads decode from the 4 left).
 
 use anyhow::{ensure, Context, Result};
-use rawfs_integration::fsutil::{getxattr, listxattr, pattern, setxattr, verify_pattern};
+use rawfs_integration::fsutil::{
+    getxattr, listxattr, pattern, setxattr, verify_pattern, write_pattern,
+};
 use rawfs_integration::harness::wait_until;
 use rawfs_integration::{Cluster, Options};
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -15,23 +16,6 @@ use std::time::{Duration, Instant};
 const MIB: usize = 1 << 20;
 /// One RS stripe: 4 data cells of 1 MiB.
 const STRIPE: usize = 4 * MIB;
-
-fn write_file(path: &Path, seed: u64, len: usize) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .with_context(|| path.display().to_string())?;
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(4 * MIB);
-        f.write_all(&pattern(seed, off as u64, n))?;
-        off += n;
-    }
-    f.sync_all()?;
-    Ok(())
-}
 
 /// Bytes all chunkservers hold, from their heartbeats (`rawfs status`).
 fn stored_bytes(c: &Cluster) -> Result<u64> {
@@ -112,12 +96,12 @@ fn cold_files_read_back_with_two_chunkservers_dead() -> Result<()> {
         .map(|(i, &len)| (cold.join(format!("f{len}")), 100 + i as u64, len))
         .collect();
     for (path, seed, len) in &files {
-        write_file(path, *seed, *len)?;
+        write_pattern(path, *seed, *len)?;
         // Inherited from the directory.
         assert_eq!(getxattr(path, "rawfs.class")?, b"cold");
     }
     let hot_file = hot.join("h");
-    write_file(&hot_file, 7, 3 * MIB)?;
+    write_pattern(&hot_file, 7, 3 * MIB)?;
     let ec_wanted: u64 = sizes.iter().map(|&l| chunks_of(l)).sum();
 
     let started = Instant::now();
@@ -238,7 +222,7 @@ fn a_directory_goes_cold_and_back_through_kills() -> Result<()> {
         .map(|(i, &len)| (dir.join(format!("f{i}")), 200 + i as u64, len))
         .collect();
     for (path, seed, len) in &files {
-        write_file(path, *seed, *len)?;
+        write_pattern(path, *seed, *len)?;
     }
     let chunks: u64 = files.iter().map(|f| chunks_of(f.2)).sum();
     let dir_s = dir.to_string_lossy().into_owned();

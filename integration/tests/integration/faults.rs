@@ -1,14 +1,14 @@
 //! Faults: a chunkserver killed mid-write, a corrupted chunk file, a killed metadata service.
 
 use anyhow::{Context, Result};
-use rawfs_integration::fsutil::{pattern, verify_pattern};
+use rawfs_integration::fsutil::{chunk_files, pattern, verify_pattern};
 use rawfs_integration::harness::wait_until;
 use rawfs_integration::Cluster;
 use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 const MIB: usize = 1 << 20;
@@ -92,33 +92,6 @@ fn killed_chunkserver_loses_no_acked_write() -> Result<()> {
     Ok(())
 }
 
-/// Chunk files (data) under every chunkserver's directory, largest first.
-fn chunk_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir)? {
-        let e = e?;
-        if !e.file_name().to_string_lossy().starts_with("chunkserver-") {
-            continue;
-        }
-        let mut stack = vec![e.path()];
-        while let Some(d) = stack.pop() {
-            for e in fs::read_dir(&d)? {
-                let e = e?;
-                let md = e.metadata()?;
-                if md.is_dir() {
-                    stack.push(e.path());
-                } else if md.is_file()
-                    && md.len() >= 2 * MIB as u64
-                    && e.path().to_string_lossy().contains("/chunks/")
-                {
-                    out.push(e.path());
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
 #[test]
 fn corrupted_chunk_file_is_detected_and_read_from_another_replica() -> Result<()> {
     let c = Cluster::start()?;
@@ -128,7 +101,10 @@ fn corrupted_chunk_file_is_detected_and_read_from_another_replica() -> Result<()
     f.write_all(&pattern(5, 0, len))?;
     f.sync_all()?;
     drop(f);
-    let files = chunk_files(&c.dir)?;
+    let files: Vec<PathBuf> = chunk_files(&c.dir, 2 * MIB as u64)?
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
     assert_eq!(files.len(), 3, "three replicas of one chunk: {files:?}");
     // Reads try one replica first (which one depends on the chunk), so damage one replica at
     // a time, restoring it if it was not the one read, until the damage is met: within 3 tries.

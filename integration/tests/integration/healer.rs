@@ -2,31 +2,12 @@
 //! healer `rawfs up` starts, and every file still reads identical.
 
 use anyhow::{Context, Result};
-use rawfs_integration::fsutil::{pattern, verify_pattern};
+use rawfs_integration::fsutil::{verify_pattern, write_pattern};
 use rawfs_integration::harness::wait_until;
 use rawfs_integration::{Cluster, Options};
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
-
-fn write_file(path: &Path, seed: u64, len: usize) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(4 * MIB);
-        f.write_all(&pattern(seed, off as u64, n))?;
-        off += n;
-    }
-    f.sync_all()?;
-    Ok(())
-}
 
 #[test]
 fn killed_chunkserver_is_re_replicated() -> Result<()> {
@@ -52,7 +33,7 @@ fn killed_chunkserver_is_re_replicated() -> Result<()> {
         ("d".into(), 4, 1),
     ];
     for (name, seed, len) in &files {
-        write_file(&c.path(name), *seed, *len)?;
+        write_pattern(&c.path(name), *seed, *len)?;
     }
     // The chunkserver holding the most chunks.
     let s = c.status()?;

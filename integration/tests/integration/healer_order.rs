@@ -3,47 +3,14 @@
 //! once restarted, have their stale copies recognized and deleted (never served).
 
 use anyhow::{ensure, Context, Result};
-use rawfs_integration::fsutil::{pattern, verify_pattern};
+use rawfs_integration::fsutil::{chunk_files, verify_pattern, write_pattern};
 use rawfs_integration::harness::wait_until;
 use rawfs_integration::{Cluster, Options};
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::path::Path;
 use std::time::Duration;
 
 const MIB: usize = 1 << 20;
 /// Chunk files of this size or more belong to the test's files (not an empty chunk).
 const MIN_CHUNK_FILE: u64 = MIB as u64;
-
-fn write_file(path: &Path, seed: u64, len: usize) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
-    f.write_all(&pattern(seed, 0, len))?;
-    f.sync_all()?;
-    Ok(())
-}
-
-/// Chunk files of at least [`MIN_CHUNK_FILE`] bytes in chunkserver `id`'s directory.
-fn chunk_files_of(cluster_dir: &Path, id: u64) -> Result<usize> {
-    let mut n = 0;
-    let mut stack = vec![cluster_dir.join(format!("chunkserver-{id}"))];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d)? {
-            let e = e?;
-            let md = e.metadata()?;
-            if md.is_dir() {
-                stack.push(e.path());
-            } else if md.len() >= MIN_CHUNK_FILE && e.path().to_string_lossy().contains("/chunks/")
-            {
-                n += 1;
-            }
-        }
-    }
-    Ok(n)
-}
 
 /// The `copies_left` of every "repaired chunk" line of healer `id`'s log, in order.
 fn repairs_logged(c: &Cluster, id: u64) -> Result<Vec<u64>> {
@@ -85,7 +52,7 @@ fn two_losses_heal_the_most_endangered_first_and_stale_copies_go() -> Result<()>
         .map(|i| (format!("f{i}"), 300 + i as u64, MIB + 1000 * i))
         .collect();
     for (name, seed, len) in &files {
-        write_file(&c.path(name), *seed, *len)?;
+        write_pattern(&c.path(name), *seed, *len)?;
     }
     let total = c.status()?["chunks"]["replicated"]
         .as_u64()
@@ -159,7 +126,10 @@ fn two_losses_heal_the_most_endangered_first_and_stale_copies_go() -> Result<()>
     let r = wait_until(
         "the returned servers' stale copies deleted",
         Duration::from_secs(60),
-        || Ok(chunk_files_of(&c.dir, 1)? == 0 && chunk_files_of(&c.dir, 2)? == 0),
+        || {
+            let left = chunk_files(&c.dir, MIN_CHUNK_FILE)?;
+            Ok(left.iter().all(|(id, _)| !victims.contains(id)))
+        },
     );
     c.diagnose(r)?;
     std::fs::write("/proc/sys/vm/drop_caches", b"3").context("drop_caches (needs root)")?;

@@ -4,52 +4,18 @@
 
 use anyhow::{bail, Context, Result};
 use rawfs_chunkserver_api::{connect_control, deadline, ScrubStatus};
-use rawfs_integration::fsutil::{pattern, setxattr, verify_pattern};
+use rawfs_integration::fsutil::{chunk_files, pattern, setxattr, verify_pattern};
 use rawfs_integration::harness::wait_until;
 use rawfs_integration::replicas::block_on;
 use rawfs_integration::{Cluster, Options};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
 /// Where a chunk file's data region starts (header page and block table before it).
 const DATA_OFFSET: u64 = 12288;
-
-/// Chunk files of at least `min_len` bytes under every chunkserver's directory, with the id of
-/// the chunkserver holding each.
-fn chunk_files(dir: &Path, min_len: u64) -> Result<Vec<(u64, PathBuf)>> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir)? {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(id) = name
-            .strip_prefix("chunkserver-")
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let mut stack = vec![e.path()];
-        while let Some(d) = stack.pop() {
-            for e in fs::read_dir(&d)? {
-                let e = e?;
-                let md = e.metadata()?;
-                if md.is_dir() {
-                    stack.push(e.path());
-                } else if md.is_file()
-                    && md.len() >= min_len
-                    && e.path().to_string_lossy().contains("/chunks/")
-                    && !e.path().to_string_lossy().ends_with(".clone")
-                {
-                    out.push((id, e.path()));
-                }
-            }
-        }
-    }
-    Ok(out)
-}
 
 /// The scrub status of chunkserver `id`, over its control port.
 fn scrub_status(c: &Cluster, id: u64) -> Result<ScrubStatus> {
