@@ -195,6 +195,16 @@ pub struct Options {
     pub up_args: Vec<String>,
 }
 
+impl Options {
+    /// `chunkservers` chunkservers and `up_args` for `rawfs up`.
+    pub fn new(chunkservers: u32, up_args: &[&str]) -> Options {
+        Options {
+            chunkservers,
+            up_args: up_args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {

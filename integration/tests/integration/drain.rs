@@ -14,13 +14,10 @@ const MIB: usize = 1 << 20;
 #[test]
 fn a_drained_chunkserver_ends_empty_with_everything_at_full_redundancy() -> Result<()> {
     // 7 chunkservers: without the drained one, 6 are left for the shards of an RS chunk.
-    let c = Cluster::start_with(Options {
-        chunkservers: 7,
-        up_args: ["--metadata-replicas", "1", "--healer-scan-interval", "1s"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-    })?;
+    let c = Cluster::start_with(Options::new(
+        7,
+        &["--metadata-replicas", "1", "--healer-scan-interval", "1s"],
+    ))?;
     let (hot, cold) = (c.path("hot"), c.path("cold"));
     std::fs::create_dir(&hot)?;
     std::fs::create_dir(&cold)?;

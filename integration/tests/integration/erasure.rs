@@ -62,13 +62,10 @@ fn chunks_of(len: usize) -> u64 {
 
 #[test]
 fn cold_files_read_back_with_two_chunkservers_dead() -> Result<()> {
-    let mut c = Cluster::start_with(Options {
-        chunkservers: 6,
-        up_args: ["--metadata-replicas", "1", "--healer-scan-interval", "1s"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-    })?;
+    let mut c = Cluster::start_with(Options::new(
+        6,
+        &["--metadata-replicas", "1", "--healer-scan-interval", "1s"],
+    ))?;
     let cold = c.path("cold");
     let hot = c.path("hot");
     std::fs::create_dir(&cold)?;
@@ -200,20 +197,17 @@ fn a_directory_goes_cold_and_back_through_kills() -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(rawfs_integration::fsutil::seed(
         "cold and back through kills",
     ));
-    let mut c = Cluster::start_with(Options {
-        chunkservers: 6,
-        up_args: [
+    let mut c = Cluster::start_with(Options::new(
+        6,
+        &[
             "--metadata-replicas",
             "1",
             "--healer-scan-interval",
             "1s",
             "--chunkserver-timeout",
             "3s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-    })?;
+        ],
+    ))?;
     let dir = c.path("data");
     std::fs::create_dir(&dir)?;
     let files: Vec<(std::path::PathBuf, u64, usize)> = [70 * MIB, 5 * MIB, 1, 130 * MIB]

@@ -11,20 +11,17 @@ const MIB: usize = 1 << 20;
 
 #[test]
 fn killed_chunkserver_is_re_replicated() -> Result<()> {
-    let mut c = Cluster::start_with(Options {
-        chunkservers: 4,
-        up_args: [
+    let mut c = Cluster::start_with(Options::new(
+        4,
+        &[
             "--metadata-replicas",
             "1",
             "--chunkserver-timeout",
             "2s",
             "--healer-scan-interval",
             "1s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-    })?;
+        ],
+    ))?;
     // Five chunks: a two-chunk file and three small ones.
     let files: Vec<(String, u64, usize)> = vec![
         ("a".into(), 1, 66 * MIB),

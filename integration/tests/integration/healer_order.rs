@@ -33,20 +33,17 @@ fn repairs_logged(c: &Cluster, id: u64) -> Result<Vec<u64>> {
 
 #[test]
 fn two_losses_heal_the_most_endangered_first_and_stale_copies_go() -> Result<()> {
-    let mut c = Cluster::start_with(Options {
-        chunkservers: 5,
-        up_args: [
+    let mut c = Cluster::start_with(Options::new(
+        5,
+        &[
             "--metadata-replicas",
             "1",
             "--chunkserver-timeout",
             "2s",
             "--healer-scan-interval",
             "1s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-    })?;
+        ],
+    ))?;
     // 24 one-chunk files on 5 servers: about 3 in 10 have both victims among their 3 copies.
     let files: Vec<(String, u64, usize)> = (0..24)
         .map(|i| (format!("f{i}"), 300 + i as u64, MIB + 1000 * i))
