@@ -1,6 +1,7 @@
 //! The healer under two losses at once (issue 6): chunks left with one copy are repaired
 //! before those left with two, every chunk gets back to 3 copies, and the dead chunkservers,
-//! once restarted, have their stale copies recognized and deleted (never served).
+//! once restarted, have their stale copies recognized and deleted (never served); a standby
+//! healer finishes the repairs of a leader killed in the middle of them.
 
 use anyhow::{ensure, Context, Result};
 use rawfs_integration::fsutil::{chunk_files, verify_pattern, write_pattern};
@@ -135,6 +136,80 @@ fn two_losses_heal_the_most_endangered_first_and_stale_copies_go() -> Result<()>
     }
     let s = c.status()?;
     ensure!(s["chunks"]["healthy"] == total, "{}", s["chunks"]);
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
+    Ok(())
+}
+
+#[test]
+fn the_standby_healer_finishes_a_repair_its_killed_leader_began() -> Result<()> {
+    let mut c = Cluster::start_with(Options::new(
+        4,
+        &[
+            "--metadata-replicas",
+            "1",
+            "--chunkserver-timeout",
+            "2s",
+            "--healer-scan-interval",
+            "1s",
+        ],
+    ))?;
+    // Ten full chunks: with 4 servers, about 3 in 4 lose a copy with the victim, and each
+    // copy takes a while, so the leader is killed with most of the work still to do.
+    let files: Vec<(String, u64, usize)> = (0..10)
+        .map(|i| (format!("big{i}"), 400 + i as u64, 64 * MIB))
+        .collect();
+    for (name, seed, len) in &files {
+        write_pattern(&c.path(name), *seed, *len)?;
+    }
+    let total = c.status()?["chunks"]["replicated"]
+        .as_u64()
+        .context("no chunk count")?;
+    c.kill9("chunkserver", 1)?;
+    // The first repair logged names the healer holding the lease: kill it at once.
+    let mut leader = 0;
+    let r = wait_until("a first repair", Duration::from_secs(60), || {
+        for id in [1, 2] {
+            if !repairs_logged(&c, id)?.is_empty() {
+                leader = id;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    });
+    c.diagnose(r)?;
+    c.kill9("healer", leader)?;
+    let standby = 3 - leader;
+    let r = wait_until(
+        "every chunk back at 3 copies",
+        Duration::from_secs(180),
+        || {
+            let ch = &c.status()?["chunks"];
+            Ok(ch["under_replicated"] == 0 && ch["lost"] == 0 && ch["healthy"] == total)
+        },
+    );
+    c.diagnose(r)?;
+    ensure!(
+        !repairs_logged(&c, standby)?.is_empty(),
+        "the standby healer repaired nothing: the leader finished before it was killed"
+    );
+    // No chunk was listed twice on one server or left with extra copies: exactly 3 copies
+    // per chunk across the live servers.
+    let s = c.status()?;
+    let listed: u64 = s["chunkservers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|cs| cs["id"] != 1)
+        .map(|cs| cs["chunks"].as_u64().unwrap_or(0))
+        .sum();
+    ensure!(
+        listed == 3 * total,
+        "{listed} copies listed for {total} chunks: {s}"
+    );
+    std::fs::write("/proc/sys/vm/drop_caches", b"3").context("drop_caches (needs root)")?;
+    for (name, seed, len) in &files {
+        verify_pattern(&c.path(name), *seed, *len)?;
+    }
     assert!(c.panics().is_empty(), "{:?}", c.panics());
     Ok(())
 }
