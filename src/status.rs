@@ -259,7 +259,7 @@ pub fn leaderless_json(replicas: &[ReplicaStatus]) -> Value {
             "healthy": 0, "under_replicated": 0, "degraded": 0, "lost": 0, "replicated": 0,
             "ec": 0, "replicated_bytes": 0, "ec_bytes": 0, "saved_bytes": 0,
         },
-        "healer": {"leader": null, "queue": 0, "bytes_at_risk": 0},
+        "healer": {"leader": null, "queue": 0, "one_loss_from_lost": 0, "bytes_at_risk": 0},
         "volumes": [],
     })
 }
@@ -330,9 +330,12 @@ pub fn status_json(
         "metadata": {"leader": s.leader, "term": s.term, "replicas": replicas},
         "chunkservers": chunkservers,
         "chunks": chunks,
-        // The healer and volumes arrive in later issues (6 and 4); the keys are part of the
-        // stable shape already, with values that say "nothing there".
-        "healer": {"leader": null, "queue": 0, "bytes_at_risk": 0},
+        "healer": {
+            "leader": s.healer,
+            "queue": ch.under_replicated + ch.degraded,
+            "one_loss_from_lost": ch.one_loss_from_lost,
+            "bytes_at_risk": ch.at_risk_bytes,
+        },
         "volumes": [],
         "files": s.files,
     })
@@ -404,9 +407,26 @@ pub fn render_table(v: &Value) -> String {
         ch["healthy"], ch["under_replicated"], ch["degraded"], ch["lost"], ch["replicated"], ch["ec"]
     );
     out.push_str(&data::line(ch));
-    let _ = writeln!(out, "healer: status not shown yet (issue 6)");
+    out.push_str(&healer_line(&v["healer"]));
     render_volumes(&mut out, v);
     out
+}
+
+/// `healer: ...`: who works, and what waits for repair.
+fn healer_line(h: &Value) -> String {
+    let who = match h["leader"].as_u64() {
+        Some(id) => format!("healer {id} holds the lease"),
+        None => "no healer holds the lease".to_string(),
+    };
+    let queue = h["queue"].as_u64().unwrap_or(0);
+    if queue == 0 {
+        return format!("healer: {who}; every chunk at full redundancy\n");
+    }
+    format!(
+        "healer: {who}; {queue} chunks to repair ({} one loss from lost), {} at risk\n",
+        h["one_loss_from_lost"].as_u64().unwrap_or(0),
+        Human(h["bytes_at_risk"].as_u64().unwrap_or(0))
+    )
 }
 
 /// The NBD server and volumes part of the table.
@@ -498,9 +518,12 @@ mod tests {
                 healthy: 3,
                 under_replicated: 1,
                 replicated: 4,
+                one_loss_from_lost: 1,
+                at_risk_bytes: 2 << 20,
                 ..Default::default()
             },
             files: 5,
+            healer: Some(2),
         }
     }
 
@@ -549,9 +572,10 @@ mod tests {
         ] {
             assert!(v["chunks"][k].is_u64(), "chunks key {k}");
         }
-        assert!(v["healer"]["leader"].is_null());
-        assert_eq!(v["healer"]["queue"], 0);
-        assert_eq!(v["healer"]["bytes_at_risk"], 0);
+        assert_eq!(v["healer"]["leader"], 2);
+        assert_eq!(v["healer"]["queue"], 1);
+        assert_eq!(v["healer"]["one_loss_from_lost"], 1);
+        assert_eq!(v["healer"]["bytes_at_risk"], 2 << 20);
         assert_eq!(v["volumes"], json!([]));
     }
 
@@ -592,6 +616,11 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("1.0 MiB"), "{table}");
+        assert!(
+            table.contains("healer 2 holds the lease; 1 chunks to repair (1 one loss from lost), 2.0 MiB at risk"),
+            "{table}"
+        );
+        assert_eq!(v["healer"]["leader"], 2);
     }
 
     #[test]

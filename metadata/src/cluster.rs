@@ -228,6 +228,7 @@ impl Server {
             chunkservers,
             chunks: counts,
             files,
+            healer: reg.lease.filter(|l| l.until > now).map(|l| l.holder),
         })
     }
 }

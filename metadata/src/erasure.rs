@@ -440,6 +440,8 @@ pub(crate) fn chunk_counts(
                     counts.healthy += 1;
                 } else if live >= EC_DATA {
                     counts.degraded += 1;
+                    counts.at_risk_bytes += bytes;
+                    counts.one_loss_from_lost += u64::from(live == EC_DATA);
                 } else {
                     counts.lost += 1;
                 }
@@ -457,6 +459,8 @@ pub(crate) fn chunk_counts(
                     counts.healthy += 1;
                 } else {
                     counts.under_replicated += 1;
+                    counts.at_risk_bytes += bytes;
+                    counts.one_loss_from_lost += u64::from(live == 1);
                 }
             }
         }

@@ -83,6 +83,13 @@ fn two_losses_heal_the_most_endangered_first_and_stale_copies_go() -> Result<()>
         },
     );
     c.diagnose(r)?;
+    let h = &c.status()?["healer"];
+    ensure!(
+        h["queue"].as_u64() > Some(0)
+            && h["one_loss_from_lost"].as_u64() > Some(0)
+            && h["bytes_at_risk"].as_u64() > Some(0),
+        "status shows no repair waiting: {h}"
+    );
     c.restart_process("healer", 1)?;
     c.restart_process("healer", 2)?;
     let r = wait_until(
@@ -95,6 +102,11 @@ fn two_losses_heal_the_most_endangered_first_and_stale_copies_go() -> Result<()>
         },
     );
     c.diagnose(r)?;
+    let h = &c.status()?["healer"];
+    ensure!(
+        h["queue"] == 0 && h["bytes_at_risk"] == 0 && h["leader"].is_u64(),
+        "status after the repairs: {h}"
+    );
 
     // One healer did the work (the other stands by); its first repair is of a chunk that
     // had one copy left, and every such chunk was repaired before the last two-copy one.

@@ -359,6 +359,13 @@ pub struct ChunkCounts {
     /// Logical bytes held in erasure-coded chunks (stored as 1.5x that).
     #[serde(default)]
     pub ec_bytes: u64,
+    /// Chunks one more loss away from being lost: a replicated chunk with one live copy, an
+    /// RS 4+2 chunk with exactly 4 live shards (the healer repairs these first).
+    #[serde(default)]
+    pub one_loss_from_lost: u64,
+    /// Logical bytes of the chunks below full redundancy (under-replicated or degraded).
+    #[serde(default)]
+    pub at_risk_bytes: u64,
 }
 
 /// One chunkserver as the registry sees it.
@@ -467,6 +474,9 @@ pub struct ClusterStatus {
     pub chunkservers: Vec<ChunkserverStatus>,
     pub chunks: ChunkCounts,
     pub files: u64,
+    /// Holder of the healer lease (the working healer), as the leader granted it.
+    #[serde(default)]
+    pub healer: Option<u64>,
 }
 
 /// Copies per replicated chunk the healer restores (the same as [`REPLICAS`]).
