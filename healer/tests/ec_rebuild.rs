@@ -4,94 +4,20 @@
 //! which it reports), places them on servers holding no shard of the chunk, and every shard
 //! then holds exactly what the RS 4+2 encoding of the file says.
 
-use rawfs_chunkserver::{ChunkserverConfig, ChunkserverHandle};
+mod common;
+use common::*;
 use rawfs_chunkserver_api::DataClient;
 use rawfs_client::erasure::{Codec, Layout};
 use rawfs_client::{Client, ClientConfig};
 use rawfs_healer::tiering::Tiering;
 use rawfs_healer::HealerConfig;
-use rawfs_metadata::{MetadataConfig, MetadataHandle};
-use rawfs_metadata_api::{
-    Caller, ChunkLoc, ClientTimeouts, FileKind, Ino, NewNode, ServerId, StorageClass, ROOT_INO,
-};
-use serde_bytes::ByteBuf;
+use rawfs_metadata_api::{ChunkLoc, ClientTimeouts, ServerId, StorageClass};
 use std::collections::HashSet;
 use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-
-/// A running daemon: its directory lives as long as it does.
-struct Daemon<H> {
-    dir: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    handle: Option<H>,
-}
-
-impl<H> Drop for Daemon<H> {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-fn stopper() -> (
-    oneshot::Sender<()>,
-    impl Future<Output = ()> + Send + 'static,
-) {
-    let (tx, rx) = oneshot::channel::<()>();
-    (tx, async move {
-        let _ = rx.await;
-    })
-}
-
-async fn start_metadata() -> Daemon<MetadataHandle> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (tx, shutdown) = stopper();
-    let cfg = MetadataConfig {
-        id: 1,
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        raft_listen: "127.0.0.1:0".parse().expect("addr"),
-        data_dir: dir.path().to_path_buf(),
-        peers: Vec::new(),
-        bootstrap: true,
-        chunkserver_timeout: Duration::from_secs(2),
-        snapshot_every: rawfs_metadata::DEFAULT_SNAPSHOT_EVERY,
-    };
-    let handle = rawfs_metadata::serve(cfg, shutdown)
-        .await
-        .expect("metadata");
-    Daemon {
-        dir,
-        stop: Some(tx),
-        handle: Some(handle),
-    }
-}
-
-async fn start_chunkserver(id: u64, metadata: &str) -> Daemon<ChunkserverHandle> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (tx, shutdown) = stopper();
-    let cfg = ChunkserverConfig {
-        id,
-        data_dir: dir.path().to_path_buf(),
-        data_listen: "127.0.0.1:0".parse().expect("addr"),
-        control_listen: "127.0.0.1:0".parse().expect("addr"),
-        metadata: vec![metadata.to_string()],
-        capacity: Some(4 << 30),
-        heartbeat_interval: Duration::from_millis(200),
-    };
-    let handle = rawfs_chunkserver::serve(cfg, shutdown)
-        .await
-        .expect("chunkserver");
-    Daemon {
-        dir,
-        stop: Some(tx),
-        handle: Some(handle),
-    }
-}
 
 /// Polls `check` every 50 ms until it returns `Some`, for at most `secs`.
 async fn until<T, F: Future<Output = Option<T>>>(
@@ -107,40 +33,6 @@ async fn until<T, F: Future<Output = Option<T>>>(
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i % 251) as u8 ^ (i >> 16) as u8 ^ seed)
-        .collect()
-}
-
-async fn file_with(client: &Client, name: &str, data: &[u8]) -> Ino {
-    let attr = client
-        .meta()
-        .mknod(
-            ROOT_INO,
-            ByteBuf::from(name.as_bytes().to_vec()),
-            NewNode {
-                kind: FileKind::File,
-                perm: 0o644,
-                rdev: 0,
-                exclusive: true,
-            },
-            Caller { uid: 0, gid: 0 },
-        )
-        .await
-        .expect("mknod");
-    let io = client.file(attr.ino, 0);
-    io.write(0, data).await.expect("write");
-    io.fsync().await.expect("fsync");
-    attr.ino
-}
-
-async fn chunk0(client: &Client, ino: Ino) -> ChunkLoc {
-    let mut locs = client.meta().chunks(ino, 0, 1).await.expect("chunks");
-    assert_eq!(locs.len(), 1, "chunk 0 of {ino} exists");
-    locs.remove(0)
 }
 
 fn shard_servers(loc: &ChunkLoc) -> Vec<Option<ServerId>> {
@@ -162,7 +54,7 @@ fn chunk_file(dir: &std::path::Path, chunk: u64) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_down_and_a_corrupt_shard_are_rebuilt_from_the_good_ones() {
-    let meta = start_metadata().await;
+    let meta = start_metadata(Duration::from_secs(2)).await;
     let addr = meta.handle.as_ref().expect("handle").addr().to_string();
     let mut servers = Vec::new();
     for id in 1..=9 {

@@ -1,0 +1,117 @@
+//! The in-process cluster the healer tests share: a metadata replica and chunkservers on
+//! 127.0.0.1:0 in temporary directories, stopped when dropped, and small file helpers.
+
+#![allow(dead_code)] // each test binary uses its own part
+
+use rawfs_chunkserver::{ChunkserverConfig, ChunkserverHandle};
+use rawfs_client::Client;
+use rawfs_metadata::{MetadataConfig, MetadataHandle};
+use rawfs_metadata_api::{Caller, ChunkLoc, FileKind, Ino, NewNode, ROOT_INO};
+use serde_bytes::ByteBuf;
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// A running daemon: its directory lives as long as it does.
+pub struct Daemon<H> {
+    pub dir: tempfile::TempDir,
+    pub stop: Option<oneshot::Sender<()>>,
+    pub handle: Option<H>,
+}
+
+impl<H> Drop for Daemon<H> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn stopper() -> (
+    oneshot::Sender<()>,
+    impl Future<Output = ()> + Send + 'static,
+) {
+    let (tx, rx) = oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
+}
+
+pub async fn start_metadata(chunkserver_timeout: Duration) -> Daemon<MetadataHandle> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (tx, shutdown) = stopper();
+    let cfg = MetadataConfig {
+        id: 1,
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        raft_listen: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.path().to_path_buf(),
+        peers: Vec::new(),
+        bootstrap: true,
+        chunkserver_timeout,
+        snapshot_every: rawfs_metadata::DEFAULT_SNAPSHOT_EVERY,
+    };
+    let handle = rawfs_metadata::serve(cfg, shutdown)
+        .await
+        .expect("metadata");
+    Daemon {
+        dir,
+        stop: Some(tx),
+        handle: Some(handle),
+    }
+}
+
+pub async fn start_chunkserver(id: u64, metadata: &str) -> Daemon<ChunkserverHandle> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (tx, shutdown) = stopper();
+    let cfg = ChunkserverConfig {
+        id,
+        data_dir: dir.path().to_path_buf(),
+        data_listen: "127.0.0.1:0".parse().expect("addr"),
+        control_listen: "127.0.0.1:0".parse().expect("addr"),
+        metadata: vec![metadata.to_string()],
+        capacity: Some(4 << 30),
+        heartbeat_interval: Duration::from_millis(200),
+    };
+    let handle = rawfs_chunkserver::serve(cfg, shutdown)
+        .await
+        .expect("chunkserver");
+    Daemon {
+        dir,
+        stop: Some(tx),
+        handle: Some(handle),
+    }
+}
+
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i % 251) as u8 ^ (i >> 16) as u8 ^ seed)
+        .collect()
+}
+
+pub async fn file_with(client: &Client, name: &str, data: &[u8]) -> Ino {
+    let attr = client
+        .meta()
+        .mknod(
+            ROOT_INO,
+            ByteBuf::from(name.as_bytes().to_vec()),
+            NewNode {
+                kind: FileKind::File,
+                perm: 0o644,
+                rdev: 0,
+                exclusive: true,
+            },
+            Caller { uid: 0, gid: 0 },
+        )
+        .await
+        .expect("mknod");
+    let io = client.file(attr.ino, 0);
+    io.write(0, data).await.expect("write");
+    io.fsync().await.expect("fsync");
+    attr.ino
+}
+
+pub async fn chunk0(client: &Client, ino: Ino) -> ChunkLoc {
+    let mut locs = client.meta().chunks(ino, 0, 1).await.expect("chunks");
+    assert_eq!(locs.len(), 1, "chunk 0 of {ino} exists");
+    locs.remove(0)
+}
