@@ -207,11 +207,11 @@ kill_chunkserver() { # id pid
     kill -9 "$2"
 }
 
-# wait_repair KILL_TIME -> sets T_RISK (first sight of chunks at risk), T_DONE (every
+# wait_repair KILL_TIME [RISK_TIME] -> sets T_RISK (first sight of chunks at risk), T_DONE (every
 # chunk at full redundancy again, none lost) and AT_RISK (bytes at risk at first sight).
 wait_repair() {
     local t h ur dg lost risk start=$SECONDS
-    T_RISK=""
+    T_RISK=${2:-}
     T_DONE=""
     AT_RISK=0
     while [ $((SECONDS - start)) -le $REPAIR_TIMEOUT ]; do
@@ -287,7 +287,8 @@ while :; do
     fi
     sleep 0.5
 done
-B_DETECT=$(secs "$T_KILL" "$(now)")
+B_RISK=$(now)
+B_DETECT=$(secs "$T_KILL" "$B_RISK")
 BUSY_R=$(cold_read "$READ_FILE")
 h=$(health)
 read -r ur dg lost _ <<<"${h:-0 0 0 0}"
@@ -299,27 +300,7 @@ elif [ $((ur + dg)) -eq 0 ]; then
 fi
 echo "bench-repair.sh: B: read during repair $BUSY_R MiB/s (repair still running at its end: $DURING)" >&2
 # Let the repair finish, so that its time under the default throttle is known too.
-deadline=$((SECONDS + REPAIR_TIMEOUT))
-while :; do
-    t=$(now)
-    h=$(health)
-    if [ -n "$h" ]; then
-        read -r ur dg lost _ <<<"$h"
-        if [ "$lost" != 0 ]; then
-            echo "bench-repair.sh: B: status shows $lost lost chunks" >&2
-            exit 1
-        fi
-        if [ $((ur + dg)) -eq 0 ]; then
-            T_DONE=$t
-            break
-        fi
-    fi
-    if [ $SECONDS -gt $deadline ]; then
-        echo "bench-repair.sh: B: redundancy not restored within $REPAIR_TIMEOUT s" >&2
-        exit 1
-    fi
-    sleep 0.5
-done
+wait_repair "$T_KILL" "$B_RISK"
 B_TOTAL=$(secs "$T_KILL" "$T_DONE")
 
 # --- what the logs say --------------------------------------------------------------------------
