@@ -15,6 +15,7 @@
 //! lower term: it was paused or cut off while a new leader took over) is refused whole and
 //! counts as a failed beat, so the next beat, to the new leader, carries the inventory.
 
+use crate::scrub::Scrubber;
 use crate::storage::{Storage, StoreError};
 use rawfs_metadata_api::{ClientTimeouts, Heartbeat, HeartbeatReply, MetaError, MetadataClient};
 use std::sync::Arc;
@@ -85,11 +86,42 @@ pub(crate) struct Identity {
     pub control_addr: String,
 }
 
+/// The scrub rate as heartbeat replies set it: the cluster's setting (`rawfs healer set
+/// --scrub-rate`) when it changes, this server's own rate when the setting is unset again.
+/// Only changes are applied, so a rate set through the control service between two changes
+/// of the cluster setting stays.
+pub(crate) struct ScrubRate {
+    pub scrubber: Arc<Scrubber>,
+    /// The `--scrub-rate` this server started with.
+    pub own: u64,
+    /// The cluster setting last applied (`None` before the first reply).
+    seen: Option<Option<u64>>,
+}
+
+impl ScrubRate {
+    pub fn new(scrubber: Arc<Scrubber>, own: u64) -> Self {
+        ScrubRate {
+            scrubber,
+            own,
+            seen: None,
+        }
+    }
+
+    fn apply(&mut self, cluster: Option<u64>) {
+        let first = self.seen.is_none();
+        if self.seen.replace(cluster) == Some(cluster) || (first && cluster.is_none()) {
+            return;
+        }
+        self.scrubber.set_rate(cluster.unwrap_or(self.own));
+    }
+}
+
 /// Beats every `interval` until `stop` is cancelled.
 pub(crate) async fn run<L: MetaLink>(
     mut link: L,
     me: Identity,
     storage: Arc<Storage>,
+    mut scrub: ScrubRate,
     interval: Duration,
     stop: CancellationToken,
 ) {
@@ -102,7 +134,7 @@ pub(crate) async fn run<L: MetaLink>(
         // short (an undelivered corrupt report is lost with the process anyway).
         let result = tokio::select! {
             _ = stop.cancelled() => break,
-            r = beat(&mut link, &me, &storage, with_inventory) => r,
+            r = beat(&mut link, &me, &storage, &mut scrub, with_inventory) => r,
         };
         let wait = match result {
             Ok(sent_inventory) => {
@@ -141,6 +173,7 @@ async fn beat<L: MetaLink>(
     link: &mut L,
     me: &Identity,
     storage: &Arc<Storage>,
+    scrub: &mut ScrubRate,
     with_inventory: bool,
 ) -> Result<bool, BeatError> {
     let corrupt = storage.take_corrupt();
@@ -161,6 +194,7 @@ async fn beat<L: MetaLink>(
             return Err(e);
         }
     };
+    scrub.apply(reply.scrub_rate);
     apply(storage.clone(), reply).await?;
     Ok(with_inventory)
 }
@@ -255,7 +289,15 @@ mod tests {
             control_addr: "127.0.0.1:2".into(),
         };
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(link.clone(), me, storage.clone(), every, stop.clone()));
+        let scrub = ScrubRate::new(Scrubber::new(0), 0);
+        let task = tokio::spawn(run(
+            link.clone(),
+            me,
+            storage.clone(),
+            scrub,
+            every,
+            stop.clone(),
+        ));
         (link, stop, task)
     }
 
@@ -272,6 +314,7 @@ mod tests {
             delete: vec![2],
             // Chunk 3 is fenced at version 5; chunk 9 is not here (ignored).
             fence: vec![(3, 5), (9, 1)],
+            scrub_rate: None,
         };
         let (link, stop, task) = start_beats(&storage, 2, reply, Duration::from_millis(10));
         wait_until("the fence and the delete", || {
@@ -313,6 +356,7 @@ mod tests {
             term: 11,
             delete: vec![2],
             fence: vec![(2, 9)],
+            scrub_rate: None,
         };
         let (link, stop, task) = start_beats(&storage, 0, reply, Duration::from_millis(5));
         wait_until("a few beats", || link.seen.lock().unwrap().len() >= 3).await;
@@ -327,5 +371,34 @@ mod tests {
         // A refused reply counts as a failed beat: the inventory goes out again.
         let seen = link.seen.lock().unwrap();
         assert!(seen.iter().all(|hb| hb.inventory.is_some()));
+    }
+
+    #[test]
+    fn the_cluster_scrub_rate_applies_when_it_changes() {
+        let scrubber = Scrubber::new(7);
+        let mut rate = ScrubRate::new(scrubber.clone(), 7);
+        let now = |s: &Arc<Scrubber>| s.status().rate;
+        rate.apply(None);
+        assert_eq!(now(&scrubber), 7, "unset: the server's own rate");
+        scrubber.set_rate(9);
+        rate.apply(None);
+        assert_eq!(
+            now(&scrubber),
+            9,
+            "a local change stays while the setting does not move"
+        );
+        rate.apply(Some(100));
+        assert_eq!(now(&scrubber), 100);
+        scrubber.set_rate(5);
+        rate.apply(Some(100));
+        assert_eq!(now(&scrubber), 5);
+        rate.apply(Some(0));
+        assert_eq!(now(&scrubber), 0, "0 pauses the scrub");
+        rate.apply(None);
+        assert_eq!(
+            now(&scrubber),
+            7,
+            "unset again: back to the server's own rate"
+        );
     }
 }

@@ -32,6 +32,7 @@ impl MetadataRpc for FakeMetadata {
             term: 7,
             delete: vec![2],
             fence: Vec::new(),
+            scrub_rate: None,
         })
     }
 
@@ -81,6 +82,8 @@ impl MetadataRpc for FakeMetadata {
         add_peer(id: u64, addr: String, raft_addr: String) -> ();
         remove_peer(id: u64) -> ();
         drain_chunkserver(server: ServerId, draining: bool, req: ReqId) -> ();
+        set_healer_settings(repair_rate: RateChange, scrub_rate: RateChange, req: ReqId) -> HealerSettings;
+        healer_report(holder: u64, report: HealerReport) -> HealerSettings;
     }
 }
 

@@ -203,6 +203,7 @@ pub async fn serve(
         heartbeat::ClientLink::new(cfg.metadata.clone()),
         me,
         storage,
+        heartbeat::ScrubRate::new(scrubber.clone(), scrub_rate),
         cfg.heartbeat_interval,
         stop.clone(),
     ));

@@ -75,8 +75,9 @@ impl Server {
     pub(crate) async fn do_heartbeat(&self, hb: Heartbeat) -> MetaResult<HeartbeatReply> {
         let term = self.leader_term().await?;
         let server = hb.server;
-        let (known, pending, stale, (corrupt, bad_shards)) = self.0.sm.read(|rt| {
+        let (known, pending, stale, (corrupt, bad_shards), scrub_rate) = self.0.sm.read(|rt| {
             let known = get_server(&rt.servers, server)?;
+            let scrub_rate = crate::limits::settings(rt)?.scrub_rate;
             let pending = queries::pending_deletes(rt, server)?;
             let stale = match &hb.inventory {
                 Some(inv) => (
@@ -94,7 +95,7 @@ impl Server {
                     corrupt.push((c, rec));
                 }
             }
-            Ok((known, pending, stale, (corrupt, bad_shards)))
+            Ok((known, pending, stale, (corrupt, bad_shards), scrub_rate))
         })?;
         let addrs_changed = known.as_ref().map_or(true, |k| {
             k.data_addr != hb.data_addr || k.control_addr != hb.control_addr
@@ -175,6 +176,7 @@ impl Server {
             term,
             delete,
             fence,
+            scrub_rate,
         })
     }
 }

@@ -196,11 +196,13 @@ impl Server {
         // One look at the registry, not one lock per replica of every chunk.
         let up: HashSet<ServerId> = self.registry().up_servers(now);
         let is_up = |s| up.contains(&s);
-        let (counts, per_server, servers, files) = self.0.sm.read(|rt| {
+        let (counts, per_server, servers, (files, healer_settings)) = self.0.sm.read(|rt| {
             let (counts, per) = crate::erasure::chunk_counts(rt, &is_up)?;
-            Ok((counts, per, queries::servers(rt)?, queries::files(rt)?))
+            let more = (queries::files(rt)?, crate::limits::settings(rt)?);
+            Ok((counts, per, queries::servers(rt)?, more))
         })?;
         let reg = self.registry();
+        let healer = reg.lease.filter(|l| l.until > now).map(|l| l.holder);
         let chunkservers = servers
             .into_iter()
             .map(|(id, rec)| {
@@ -228,7 +230,9 @@ impl Server {
             chunkservers,
             chunks: counts,
             files,
-            healer: reg.lease.filter(|l| l.until > now).map(|l| l.holder),
+            healer,
+            healers: reg.reports.view(healer, now),
+            healer_settings,
         })
     }
 }

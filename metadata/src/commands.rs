@@ -6,7 +6,7 @@
 
 use rawfs_metadata_api::{
     Attr, Caller, ChunkId, ChunkLoc, CowLoc, EcPlan, Ino, MetaError, MetaResult, Name, NewNode,
-    RenameFlags, ReqId, ServerId, SetAttr, Timespec, XattrMode,
+    RateChange, RenameFlags, ReqId, ServerId, SetAttr, Timespec, XattrMode,
 };
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -214,6 +214,11 @@ pub enum Command {
         shard: ChunkId,
         server: ServerId,
         term: u64,
+    },
+    /// Changes the healer's repair limit and the chunkservers' scrub limit (`limits.rs`).
+    SetHealerSettings {
+        repair_rate: RateChange,
+        scrub_rate: RateChange,
     },
 }
 

@@ -314,6 +314,7 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         | Command::ReplaceShard { .. }
         | Command::RegisterServer { .. }
         | Command::SetDraining { .. }
+        | Command::SetHealerSettings { .. }
         | Command::AckDeletes { .. }
         | Command::CowChunk { .. }
         | Command::CowDone { .. }

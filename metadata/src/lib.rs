@@ -15,6 +15,7 @@
 //!  chunkserver --heartbeat--> registry.rs (leader soft state) --> placement, deletions
 //!  status / replica_status / digest / add_peer / remove_peer --> cluster.rs
 //!  healer: endangered_chunks / add_replica / healer_lease --> healing.rs
+//!  healer limits and reports: set_healer_settings / healer_report --> limits.rs
 //! ```
 //!
 //! Apply is deterministic: every input that is not a function of the state (the time, the
@@ -81,6 +82,7 @@ pub use store::StoreError;
 mod daemon;
 mod events;
 mod healing;
+mod limits;
 mod proposer;
 mod server;
 

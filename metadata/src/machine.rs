@@ -151,6 +151,10 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
         } => unit(chunks::register_server(t, *id, data_addr, control_addr)),
         AckDeletes { server, chunks } => unit(chunks::ack_deletes(t, *server, chunks)),
         SetDraining { server, draining } => unit(crate::drain::set_draining(t, *server, *draining)),
+        SetHealerSettings {
+            repair_rate,
+            scrub_rate,
+        } => unit(crate::limits::set_settings(t, *repair_rate, *scrub_rate)),
         Snapshot {
             origin,
             parent,

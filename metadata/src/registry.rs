@@ -43,6 +43,8 @@ pub(crate) struct Registry {
     /// Draining servers (mirrored from their records, see `drain.rs`) and when their
     /// surplus copies were last looked for.
     draining: HashMap<ServerId, Option<Instant>>,
+    /// The healers' latest progress reports (see `limits.rs`).
+    pub reports: crate::limits::Reports,
 }
 
 impl Registry {
@@ -55,6 +57,7 @@ impl Registry {
             lease: None,
             fences: HashMap::new(),
             draining: HashMap::new(),
+            reports: Default::default(),
         }
     }
 

@@ -750,4 +750,24 @@ impl MetadataRpc for Server {
         let cmd = tracked(req, Timespec::now(), cmd);
         self.do_drain(server, draining, cmd).await
     }
+
+    async fn set_healer_settings(
+        self,
+        _: Context,
+        repair_rate: RateChange,
+        scrub_rate: RateChange,
+        req: ReqId,
+    ) -> MetaResult<HealerSettings> {
+        self.do_set_healer_settings(repair_rate, scrub_rate, req)
+            .await
+    }
+
+    async fn healer_report(
+        self,
+        _: Context,
+        holder: u64,
+        report: HealerReport,
+    ) -> MetaResult<HealerSettings> {
+        self.do_healer_report(holder, report).await
+    }
 }

@@ -36,6 +36,7 @@ use tokio_serde::formats::MessagePack;
 
 use crate::error::MetaError;
 use crate::events::WatchReply;
+use crate::healer::{HealerReport, HealerSettings, RateChange};
 use crate::service::{MetaResult, MetadataRpcClient};
 use crate::types::*;
 
@@ -541,6 +542,8 @@ rpc_methods! {
         fn ec_commit(ino: Ino, index: u64, chunk: ChunkId, version: u64, length: u64, term: u64) -> ChunkLoc;
         /// Starts or stops draining a chunkserver.
         fn drain_chunkserver(server: ServerId, draining: bool) -> ();
+        /// Changes the run-time repair and scrub limits.
+        fn set_healer_settings(repair_rate: RateChange, scrub_rate: RateChange) -> HealerSettings;
     }
     other {
         /// Records an open of `ino` by `session`.
@@ -561,6 +564,8 @@ rpc_methods! {
         fn endangered_chunks(after: ChunkId, limit: u32) -> EndangeredPage;
         /// Grants or renews the healer lease.
         fn healer_lease(holder: u64, ttl_ms: u64) -> HealerLease;
+        /// A healer's progress report; returns the limits to apply.
+        fn healer_report(holder: u64, report: HealerReport) -> HealerSettings;
         /// Adds a metadata replica to the group (give the client a long call timeout: the
         /// new replica catches up first).
         fn add_peer(id: u64, addr: String, raft_addr: String) -> ();
@@ -704,6 +709,8 @@ mod tests {
             add_peer(id: u64, addr: String, raft_addr: String) -> ();
             remove_peer(id: u64) -> ();
             drain_chunkserver(server: ServerId, draining: bool, req: ReqId) -> ();
+            set_healer_settings(repair_rate: RateChange, scrub_rate: RateChange, req: ReqId) -> HealerSettings;
+            healer_report(holder: u64, report: HealerReport) -> HealerSettings;
         }
     }
 

@@ -17,11 +17,13 @@
 pub mod client;
 mod error;
 mod events;
+mod healer;
 mod service;
 mod types;
 
 pub use client::{ClientTimeouts, MetadataClient};
 pub use error::MetaError;
 pub use events::*;
+pub use healer::*;
 pub use service::*;
 pub use types::*;

@@ -6,6 +6,7 @@
 
 use crate::error::MetaError;
 use crate::events::WatchReply;
+use crate::healer::{HealerReport, HealerSettings, RateChange};
 use crate::types::*;
 use serde_bytes::ByteBuf;
 
@@ -280,4 +281,14 @@ pub trait MetadataRpc {
     /// the healer moves its copies and shards to other servers, and the leader then drops
     /// them from it. `NotFound` for a server never registered.
     async fn drain_chunkserver(server: ServerId, draining: bool, req: ReqId) -> MetaResult<()>;
+    /// Changes the run-time repair and scrub limits (replicated); returns them as they are
+    /// now.
+    async fn set_healer_settings(
+        repair_rate: RateChange,
+        scrub_rate: RateChange,
+        req: ReqId,
+    ) -> MetaResult<HealerSettings>;
+    /// A healer's progress report (any healer, active or standby; kept by the leader for
+    /// `status`); returns the limits it must apply.
+    async fn healer_report(holder: u64, report: HealerReport) -> MetaResult<HealerSettings>;
 }

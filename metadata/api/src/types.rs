@@ -342,6 +342,10 @@ pub struct HeartbeatReply {
     /// client fences them itself; these orders close the gap when it died before it could.
     #[serde(default)]
     pub fence: Vec<(ChunkId, u64)>,
+    /// The cluster's scrub rate (`rawfs healer set --scrub-rate`), bytes per second; `None`
+    /// while unset: the chunkserver's own `--scrub-rate` applies.
+    #[serde(default)]
+    pub scrub_rate: Option<u64>,
 }
 
 /// Health of one chunk, as counted by `status`.
@@ -477,6 +481,12 @@ pub struct ClusterStatus {
     /// Holder of the healer lease (the working healer), as the leader granted it.
     #[serde(default)]
     pub healer: Option<u64>,
+    /// Every healer heard from lately (active and standby), with its last report.
+    #[serde(default)]
+    pub healers: Vec<crate::HealerInfo>,
+    /// The run-time repair and scrub limits (`rawfs healer set`).
+    #[serde(default)]
+    pub healer_settings: crate::HealerSettings,
 }
 
 /// Copies per replicated chunk the healer restores (the same as [`REPLICAS`]).
