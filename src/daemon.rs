@@ -135,6 +135,13 @@ pub struct HealerArgs {
     /// converted whatever this says, `hot` ones never.
     #[arg(long, default_value = "24h")]
     pub cold_after: crate::size::Dur,
+    /// Bytes per second repairs move at most (e.g. `64M`; 0 = unlimited), while the cluster
+    /// setting (`rawfs healer set --repair-rate`) is unset.
+    #[arg(long, default_value = "64M")]
+    pub repair_rate: crate::size::ByteSize,
+    /// Repairs run at once.
+    #[arg(long, default_value_t = rawfs_healer::DEFAULT_WORKERS as u64, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub workers: u64,
 }
 
 /// `rawfs healer`.
@@ -145,6 +152,8 @@ pub fn run_healer(args: HealerArgs) -> ExitCode {
         scan_interval: args.scan_interval.0,
         lease_ttl: args.lease_ttl.0,
         cold_after: args.cold_after.0,
+        repair_rate: args.repair_rate.0,
+        workers: args.workers as usize,
     };
     run_daemon("healer", Threads::PerCore, async move {
         let stop = tokio_util::sync::CancellationToken::new();

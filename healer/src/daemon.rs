@@ -45,7 +45,19 @@ pub struct HealerConfig {
     /// Quiet time after which the chunks of an `auto` file are converted to RS 4+2
     /// (`cold` files are converted whatever this says; see [`crate::tiering`]).
     pub cold_after: Duration,
+    /// Bytes per second repairs move at most, while the cluster setting (`rawfs healer set
+    /// --repair-rate`) is unset; 0 = unlimited. See [`DEFAULT_REPAIR_RATE`].
+    pub repair_rate: u64,
+    /// Repairs run at once (at least 1).
+    pub workers: usize,
 }
+
+/// Default repair limit: 64 MiB/s, about a quarter of a disk's sequential bandwidth, so that
+/// foreground I/O keeps most of the disk while a lost server's data is restored.
+pub const DEFAULT_REPAIR_RATE: u64 = 64 << 20;
+/// Default number of repairs in flight: enough to hide per-chunk latency (a copy is read,
+/// written, synced, committed, fenced and verified one after the other).
+pub const DEFAULT_WORKERS: usize = 4;
 
 /// Why the healer stopped other than on request.
 #[derive(Debug, thiserror::Error)]

@@ -26,4 +26,4 @@ pub mod planner;
 pub mod reconstruct;
 pub mod tiering;
 
-pub use daemon::{run, HealerConfig, HealerError};
+pub use daemon::{run, HealerConfig, HealerError, DEFAULT_REPAIR_RATE, DEFAULT_WORKERS};

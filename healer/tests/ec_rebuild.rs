@@ -131,6 +131,8 @@ async fn a_down_and_a_corrupt_shard_are_rebuilt_from_the_good_ones() {
         scan_interval: Duration::from_millis(200),
         lease_ttl: Duration::from_secs(1),
         cold_after: Duration::from_secs(3600),
+        repair_rate: 0,
+        workers: rawfs_healer::DEFAULT_WORKERS,
     };
     let token = stop.clone();
     let healer = std::thread::spawn(move || {
