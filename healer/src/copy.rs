@@ -23,6 +23,7 @@ use bytes::Bytes;
 use rawfs_chunkserver_api::{DataClient, DataError, WriteReq};
 use rawfs_metadata_api::{MetaError, MetadataClient};
 
+use crate::pace::Pace;
 use crate::planner::{Repair, ServerId};
 
 /// Bytes moved per read and write call.
@@ -56,6 +57,8 @@ pub struct Ctx<'a> {
     pub term: u64,
     /// True once the healer must stop (checked between pieces).
     pub stopping: &'a dyn Fn() -> bool,
+    /// The repair throttle and this worker's progress (every piece goes through it).
+    pub pace: Pace<'a>,
 }
 
 impl Ctx<'_> {
@@ -117,6 +120,10 @@ pub async fn re_replicate(ctx: &Ctx<'_>, r: &Repair, bytes: u64) -> Result<u64, 
             return Err(RepairError::Stopped);
         }
         let len = PIECE.min(bytes - offset);
+        ctx.pace.piece(len).await;
+        if (ctx.stopping)() {
+            return Err(RepairError::Stopped);
+        }
         let data = if len == 0 {
             Bytes::new()
         } else {

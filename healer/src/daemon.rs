@@ -24,10 +24,14 @@ use rawfs_chunkserver_api::DataClient;
 use rawfs_metadata_api::{ChunkId, ClientTimeouts, MetaError, MetadataClient};
 use tokio_util::sync::CancellationToken;
 
-use crate::copy::{self, Ctx, RepairError};
-use crate::planner::{self, ChunkState, EcState, ServerId, ServerState, Work};
-use crate::reconstruct::{self, RebuildError};
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use crate::copy::Ctx;
+use crate::pace::{Pace, Progress, Throttle};
+use crate::planner::{self, ChunkState, EcState, ServerId, ServerState};
+use crate::reconstruct::RebuildError;
 use crate::tiering::{self, Tiering};
+use crate::workers::{self, Job, Outcome, Queue};
 use rawfs_client::erasure::{Codec, Layout};
 use rawfs_client::{Client, ClientConfig};
 
@@ -76,6 +80,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// repairs again: chunks at risk never wait long behind conversions.
 const TIER_BUDGET: Duration = Duration::from_secs(60);
 
+/// What the scan loop and the lease task share: the repair throttle (its rate set from the
+/// metadata service's answer to each report) and the progress reported.
+struct Shared {
+    throttle: Throttle,
+    progress: Progress,
+}
+
 /// The lease as this healer last got it.
 #[derive(Clone, Copy, Debug)]
 struct Held {
@@ -115,6 +126,42 @@ impl Retries {
         );
         delay
     }
+
+    /// Notes how a repair job ended: a success clears the chunk's back-off, a failure
+    /// extends it (and a rebuild's failed targets are avoided next time).
+    fn record(&mut self, job: &Job<'_>, outcome: Outcome) {
+        let chunk = job.chunk();
+        match (job, outcome) {
+            (_, Outcome::Copy(Ok(_))) => {
+                self.backoff.remove(&chunk);
+            }
+            (_, Outcome::Copy(Err(_))) => {
+                self.fail(chunk);
+            }
+            (_, Outcome::Rebuild(None)) => {}
+            (_, Outcome::Rebuild(Some(Ok(done)))) => {
+                let avoid = self.avoid.entry(chunk).or_default();
+                avoid.extend(done.failed.iter().map(|(t, _)| *t));
+                avoid.extend(&done.reported);
+                if done.failed.is_empty() {
+                    self.backoff.remove(&chunk);
+                }
+            }
+            (job, Outcome::Rebuild(Some(Err(e)))) => {
+                let delay = self.fail(chunk);
+                if let (Job::Rebuild(rb), RebuildError::Targets(_)) = (job, &e) {
+                    let avoid = self.avoid.entry(chunk).or_default();
+                    avoid.extend(rb.targets.iter().map(|(_, t)| *t));
+                }
+                tracing::warn!(
+                    chunk,
+                    error = %e,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "shard rebuild failed"
+                );
+            }
+        }
+    }
 }
 
 /// Runs the healer until `stop` is cancelled.
@@ -129,10 +176,15 @@ pub async fn run(cfg: HealerConfig, stop: CancellationToken) -> Result<(), Heale
     }
     let meta = MetadataClient::new(cfg.metadata.clone(), ClientTimeouts::default());
     let held: Arc<Mutex<Option<Held>>> = Arc::default();
+    let shared = Arc::new(Shared {
+        throttle: Throttle::new(cfg.repair_rate),
+        progress: Progress::default(),
+    });
     let lease_task = tokio::spawn(keep_lease(
         meta.clone(),
         cfg.clone(),
         held.clone(),
+        shared.clone(),
         stop.clone(),
     ));
     let data = DataClient::new(DATA_TIMEOUT);
@@ -158,15 +210,22 @@ pub async fn run(cfg: HealerConfig, stop: CancellationToken) -> Result<(), Heale
                 meta: &meta,
                 data: &data,
                 codec: codec.as_ref(),
+                shared: &shared,
+                workers: cfg.workers.max(1),
             };
+            shared.progress.set_phase("repairing");
             let repaired = scan(&io, term, &held, &stop, &mut retries).await;
+            shared.progress.end_pass();
             // Tiering only after a complete repair pass: repairs always go first.
             if let Some(t) = tiering.as_mut().filter(|_| repaired) {
                 if !stop.is_cancelled() && lease_term(&held) == Some(term) {
                     let active = || lease_term(&held) == Some(term);
-                    t.pass(&client, &active, &stop).await;
+                    shared.progress.set_phase("tiering");
+                    let done = t.pass(&client, &active, &stop).await;
+                    shared.progress.tiered(done.converted);
                 }
             }
+            shared.progress.set_phase("idle");
         }
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -184,14 +243,17 @@ fn lease_term(held: &Mutex<Option<Held>>) -> Option<u64> {
         .map(|h| h.term)
 }
 
-/// Asks for the lease every ttl/3 and records what was granted.
+/// Asks for the lease every ttl/3 and records what was granted; then reports progress and
+/// applies the repair rate the metadata service answers with.
 async fn keep_lease(
     meta: MetadataClient,
     cfg: HealerConfig,
     held: Arc<Mutex<Option<Held>>>,
+    sh: Arc<Shared>,
     stop: CancellationToken,
 ) {
     let mut had = false;
+    let mut report_failed = false;
     loop {
         let asked = Instant::now();
         let got = meta
@@ -222,6 +284,19 @@ async fn keep_lease(
         };
         had = now_held.is_some();
         *held.lock().unwrap_or_else(|p| p.into_inner()) = now_held;
+        let report = sh.progress.report(had, sh.throttle.rate());
+        match meta.healer_report(cfg.id, report).await {
+            Ok(settings) => {
+                report_failed = false;
+                sh.throttle
+                    .set_rate(settings.repair_rate.unwrap_or(cfg.repair_rate));
+            }
+            Err(e) if !report_failed => {
+                report_failed = true;
+                tracing::warn!(id = cfg.id, error = %e, "cannot report progress; keeping the repair rate");
+            }
+            Err(_) => {}
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(cfg.lease_ttl / 3) => {}
@@ -235,6 +310,9 @@ struct Io<'a> {
     data: &'a DataClient,
     /// `None` on a CPU the RS kernel cannot run on: no shard rebuilds.
     codec: Option<&'a Codec>,
+    shared: &'a Shared,
+    /// Repairs in flight at most.
+    workers: usize,
 }
 
 /// One scan: every endangered chunk, planned and repaired in order of danger. True when the
@@ -247,7 +325,7 @@ async fn scan(
     stop: &CancellationToken,
     retries: &mut Retries,
 ) -> bool {
-    let (meta, data) = (io.meta, io.data);
+    let (meta, data, sh, workers) = (io.meta, io.data, io.shared, io.workers);
     let mut chunks = Vec::new();
     let mut after = 0;
     let servers = loop {
@@ -353,87 +431,62 @@ async fn scan(
         by_danger = ?plan.by_danger(),
         "repair plan"
     );
-    let stopping = || stop.is_cancelled();
-    let ctx = Ctx {
-        meta,
-        data,
-        addrs: &addrs,
-        term,
-        stopping: &stopping,
-    };
-    // A chunk copied twice in one scan continues from the version the first copy left.
-    let mut moved: HashMap<ChunkId, Option<u64>> = HashMap::new();
-    for w in plan.work() {
-        if stop.is_cancelled() || lease_term(held) != Some(term) {
-            tracing::info!("lease lapsing or stopping: scan abandoned");
-            return false;
-        }
-        let mut r = match w {
-            Work::Copy(r) => r.clone(),
-            Work::Rebuild(rb) => {
-                let Some(codec) = io.codec else { continue };
-                match reconstruct::rebuild(&ctx, codec, rb).await {
-                    Ok(done) => {
-                        let avoid = retries.avoid.entry(rb.chunk).or_default();
-                        avoid.extend(done.failed.iter().map(|(t, _)| *t));
-                        avoid.extend(&done.reported);
-                        if done.failed.is_empty() {
-                            retries.backoff.remove(&rb.chunk);
-                        }
-                    }
-                    Err(RebuildError::Stopped) => return false,
-                    Err(e) => {
-                        let delay = retries.fail(rb.chunk);
-                        if matches!(e, RebuildError::Targets(_)) {
-                            let avoid = retries.avoid.entry(rb.chunk).or_default();
-                            avoid.extend(rb.targets.iter().map(|(_, t)| *t));
-                        }
-                        tracing::warn!(
-                            chunk = rb.chunk,
-                            live_shards = rb.sources.len(),
-                            error = %e,
-                            retry_in_ms = delay.as_millis() as u64,
-                            "shard rebuild failed"
-                        );
-                    }
-                }
-                continue;
+    let jobs = workers::jobs(plan.work());
+    let job_bytes = |j: &Job<'_>| bytes.get(&j.chunk()).copied().unwrap_or(0);
+    let queued: u64 = jobs.iter().map(|j| j.info(job_bytes(j)).bytes).sum();
+    sh.progress.queue(jobs.len() as u64, queued);
+    let mut queue = Queue::new(jobs);
+    // Stops between pieces once the lease lapses, not only on shutdown: a repair that goes
+    // on would be refused at its commit anyway (fenced by the term).
+    let stopping = || stop.is_cancelled() || lease_term(held) != Some(term);
+    let mut free: Vec<u32> = (1..=workers as u32).rev().collect();
+    let mut in_flight = FuturesUnordered::new();
+    let mut completed = true;
+    loop {
+        while let Some(&worker) = free.last() {
+            if stopping() {
+                break;
             }
+            let Some(job) = queue.take() else { break };
+            free.pop();
+            let b = job_bytes(&job);
+            sh.progress.start(worker, job.info(b));
+            let ctx = Ctx {
+                meta,
+                data,
+                addrs: &addrs,
+                term,
+                stopping: &stopping,
+                pace: Pace {
+                    throttle: &sh.throttle,
+                    progress: &sh.progress,
+                    worker,
+                },
+            };
+            in_flight.push(async move {
+                let outcome = workers::run(&ctx, io.codec, &job, b).await;
+                (worker, job, outcome)
+            });
+        }
+        let Some((worker, job, outcome)) = in_flight.next().await else {
+            break;
         };
-        match moved.get(&r.chunk) {
-            Some(None) => continue,
-            Some(Some(v)) => r.version = *v,
-            None => {}
+        free.push(worker);
+        sh.progress.finish(worker, outcome.ok());
+        let copied = match &outcome {
+            Outcome::Copy(r) => Some(r.as_ref().ok().copied()),
+            Outcome::Rebuild(_) => None,
+        };
+        queue.done(job.chunk(), copied);
+        if outcome.stopped() {
+            completed = false;
+            continue;
         }
-        let b = bytes.get(&r.chunk).copied().unwrap_or(0);
-        let started = Instant::now();
-        match copy::re_replicate(&ctx, &r, b).await {
-            Ok(v) => {
-                tracing::info!(
-                    chunk = r.chunk,
-                    copies_left = r.copies_left,
-                    target = r.target,
-                    bytes = b,
-                    ms = started.elapsed().as_millis() as u64,
-                    "repaired chunk"
-                );
-                retries.backoff.remove(&r.chunk);
-                moved.insert(r.chunk, Some(v));
-            }
-            Err(RepairError::Stopped) => return false,
-            Err(e) => {
-                let delay = retries.fail(r.chunk);
-                tracing::warn!(
-                    chunk = r.chunk,
-                    copies_left = r.copies_left,
-                    target = r.target,
-                    error = %e,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "repair failed"
-                );
-                moved.insert(r.chunk, None);
-            }
-        }
+        retries.record(&job, outcome);
+    }
+    if !queue.is_empty() || !completed {
+        tracing::info!("lease lapsing or stopping: scan abandoned");
+        return false;
     }
     true
 }

@@ -112,6 +112,7 @@ pub async fn rebuild(ctx: &Ctx<'_>, codec: &Codec, r: &Rebuild) -> Result<Rebuil
         }
         let off = s * stripe;
         let len = stripe.min(n - off);
+        ctx.pace.piece(len).await;
         let data = read_stripe(
             ctx,
             codec,
