@@ -30,7 +30,8 @@ SIZE_MIB=2048
 PROFILE=release
 BUILD=1
 FILES=8
-# The healer's default repair rate: phase B restores it (`healer set` has no "default").
+# The healer's default repair rate (rawfs healer --repair-rate); phase B goes back to it with
+# `rawfs healer set --repair-rate default`.
 DEFAULT_REPAIR_RATE=64M/s
 CHUNKSERVER_TIMEOUT=3s
 REPAIR_TIMEOUT=1200 # seconds, per repair
@@ -263,7 +264,7 @@ REPAIR_RATE=$(rate "$T_RISK" "$T_DONE" "$(mib "$A_USED")")
 echo "bench-repair.sh: A: full redundancy $A_TOTAL s after the kill ($A_REPAIR s of repair)" >&2
 
 # --- phase B: default throttle, a foreground read during the repair ---------------------------
-healer_set --repair-rate "${DEFAULT_REPAIR_RATE%/s}"
+healer_set --repair-rate default
 [ $THROTTLE = 1 ] || DEFAULT_REPAIR_RATE="unthrottled (no healer set)"
 # The idle figure is taken on the cluster as it is right before the kill (5 servers up), so
 # that the ratio shows the repair's cost only.

@@ -114,7 +114,8 @@ pub fn run_chunkserver(args: ChunkserverArgs) -> ExitCode {
     })
 }
 
-/// Flags of `rawfs healer`.
+/// Flags of the `rawfs healer` daemon (flattened into `healer_cmd::HealerCmd`, which also
+/// has the `set` and `status` subcommands).
 #[derive(clap::Args, Debug)]
 pub struct HealerArgs {
     /// Metadata client addresses, comma separated.

@@ -1,7 +1,8 @@
 //! `rawfs`: the command line of the rawfs distributed filesystem.
 //!
 //! One binary runs every role (`metadata`, `chunkserver`, `mount`) and the operator commands
-//! (`up`, `status`, `metadata add-peer|remove-peer`, `chunkserver drain`, `class set|get`). `main` only parses arguments, installs tracing and hands over to a module;
+//! (`up`, `status`, `metadata add-peer|remove-peer`, `chunkserver drain`, `healer set|status`,
+//! `class set|get`). `main` only parses arguments, installs tracing and hands over to a module;
 //! the daemons themselves are libraries (`rawfs_metadata::serve`, `rawfs_chunkserver::serve`).
 //!
 //! ```text
@@ -20,6 +21,7 @@ mod cluster_file;
 mod config;
 mod daemon;
 mod drain;
+mod healer_cmd;
 mod nbd;
 mod nbd_status;
 mod procs;
@@ -54,9 +56,9 @@ enum Command {
     Chunkserver(drain::ChunkserverCmd),
     /// Mount a rawfs filesystem (the same as the `mount.rawfs` helper).
     Mount(MountArgs),
-    /// Run one healer: re-replicates chunks left short of copies and converts quiet data to
-    /// RS 4+2 (one instance holds the lease).
-    Healer(daemon::HealerArgs),
+    /// Run one healer (re-replicates chunks left short of copies and converts quiet data to
+    /// RS 4+2; one instance holds the lease), or set and show the repair and scrub limits.
+    Healer(healer_cmd::HealerCmd),
     /// The NBD server: every block volume as an export of its name.
     Nbd(nbd::NbdArgs),
     /// Block volumes (create, list, resize, delete), exported by `rawfs nbd`.
@@ -116,7 +118,10 @@ fn main() -> ExitCode {
             }
             exit_code(rawfs_mount::mount_helper_main(args))
         }
-        Command::Healer(a) => daemon::run_healer(a),
+        Command::Healer(h) => match h.admin {
+            Some(admin) => healer_cmd::run(admin),
+            None => daemon::run_healer(h.run),
+        },
         Command::Nbd(a) => nbd::run(a),
         Command::Volume(v) => volume::run(v),
         Command::Class(c) => class::run(c),
@@ -268,7 +273,9 @@ mod tests {
         ])
         .expect("parses");
         match cli.command {
-            Command::Healer(a) => {
+            Command::Healer(h) => {
+                assert!(h.admin.is_none(), "no subcommand: the daemon runs");
+                let a = h.run;
                 assert_eq!(a.metadata, vec!["a:1", "b:2"]);
                 assert_eq!((a.id, a.scan_interval.0.as_millis()), (2, 500));
             }
@@ -286,7 +293,7 @@ mod tests {
             let mut argv = vec!["rawfs", "healer", "--metadata", "a:1"];
             argv.extend_from_slice(extra);
             match Cli::try_parse_from(argv).map(|c| c.command) {
-                Ok(Command::Healer(a)) => Ok(a.cold_after.0),
+                Ok(Command::Healer(h)) => Ok(h.run.cold_after.0),
                 Ok(other) => panic!("unexpected {other:?}"),
                 Err(e) => Err(e),
             }
@@ -298,6 +305,71 @@ mod tests {
             assert_eq!(got, std::time::Duration::from_secs(secs), "{arg}");
         }
         assert!(parse(&["--cold-after", "soon"]).is_err());
+    }
+
+    #[test]
+    fn healer_runs_the_daemon_or_sets_and_shows_the_limits() {
+        use healer_cmd::{HealerAdmin, HealerCmd, Rate};
+        let set = |extra: &[&str]| {
+            let mut argv = vec!["rawfs", "healer", "set", "--metadata", "a:1"];
+            argv.extend_from_slice(extra);
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Healer(HealerCmd {
+                    admin: Some(HealerAdmin::Set(s)),
+                    ..
+                })) => Ok((s.repair_rate, s.scrub_rate)),
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(e) => Err(e),
+            }
+        };
+        let err = set(&[]).expect_err("a limit is required");
+        assert_eq!(err.exit_code(), 2, "{err}");
+        assert_eq!(
+            set(&["--repair-rate", "64M/s"]).expect("parses"),
+            (Some(Rate::PerSec(64 << 20)), None)
+        );
+        assert_eq!(
+            set(&["--scrub-rate", "0", "--repair-rate", "default"]).expect("parses"),
+            (Some(Rate::Default), Some(Rate::PerSec(0)))
+        );
+        assert!(set(&["--scrub-rate", "slow"]).is_err());
+        // The daemon still runs with its flags, --repair-rate and --workers among them.
+        let cli = Cli::try_parse_from([
+            "rawfs",
+            "healer",
+            "--metadata",
+            "a:1",
+            "--repair-rate",
+            "0",
+            "--workers",
+            "8",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Healer(h) => {
+                assert!(h.admin.is_none());
+                assert_eq!((h.run.repair_rate.0, h.run.workers), (0, 8));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let defaults = Cli::try_parse_from(["rawfs", "healer", "--metadata", "a:1"]);
+        match defaults.expect("parses").command {
+            Command::Healer(h) => assert_eq!(h.run.repair_rate.0, 64 << 20),
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["rawfs", "healer", "status", "--json", "--dir", "/d"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Healer(HealerCmd {
+                admin: Some(HealerAdmin::Status(s)),
+                ..
+            }) if s.json
+        ));
+        assert!(
+            Cli::try_parse_from(["rawfs", "healer", "--metadata", "a:1", "status"]).is_err(),
+            "daemon flags and a subcommand do not mix"
+        );
     }
 
     #[test]

@@ -10,8 +10,15 @@
 //!             (the NBD server's status file, see crate::nbd_status; only with --dir)
 //!        -> table | JSON in DESIGN.md's stable shape
 //! ```
+//!
+//! The `healer` object (and the table's `healer:` line) comes from `status/healer.rs`: the
+//! lease holder, what waits for repair, and from the working healer's last report its
+//! `throughput`, the `eta_seconds` to full redundancy and its effective `repair_rate`, plus
+//! the cluster's `scrub_rate` setting (null when unset). `rawfs healer status` shows the
+//! reports in full.
 
 mod data;
+pub mod healer;
 
 use crate::admin::{ClusterArgs, TargetError};
 use crate::cluster_file::{pid_alive, ClusterFile, Role};
@@ -259,12 +266,15 @@ pub fn leaderless_json(replicas: &[ReplicaStatus]) -> Value {
             "healthy": 0, "under_replicated": 0, "degraded": 0, "lost": 0, "replicated": 0,
             "ec": 0, "replicated_bytes": 0, "ec_bytes": 0, "saved_bytes": 0,
         },
-        "healer": {"leader": null, "queue": 0, "one_loss_from_lost": 0, "bytes_at_risk": 0},
+        "healer": healer::leaderless_json(),
         "volumes": [],
     })
 }
 
 /// Builds the stable JSON shape, marking processes of `cluster` whose pid is dead as down.
+///
+/// `healer` is `{"leader", "queue", "one_loss_from_lost", "bytes_at_risk", "throughput",
+/// "eta_seconds", "repair_rate", "scrub_rate"}` (see [`healer::status_json`]).
 pub fn status_json(
     s: &ClusterStatus,
     cluster: Option<&ClusterFile>,
@@ -330,12 +340,7 @@ pub fn status_json(
         "metadata": {"leader": s.leader, "term": s.term, "replicas": replicas},
         "chunkservers": chunkservers,
         "chunks": chunks,
-        "healer": {
-            "leader": s.healer,
-            "queue": ch.under_replicated + ch.degraded,
-            "one_loss_from_lost": ch.one_loss_from_lost,
-            "bytes_at_risk": ch.at_risk_bytes,
-        },
+        "healer": healer::status_json(s),
         "volumes": [],
         "files": s.files,
     })
@@ -407,26 +412,9 @@ pub fn render_table(v: &Value) -> String {
         ch["healthy"], ch["under_replicated"], ch["degraded"], ch["lost"], ch["replicated"], ch["ec"]
     );
     out.push_str(&data::line(ch));
-    out.push_str(&healer_line(&v["healer"]));
+    out.push_str(&healer::status_line(&v["healer"]));
     render_volumes(&mut out, v);
     out
-}
-
-/// `healer: ...`: who works, and what waits for repair.
-fn healer_line(h: &Value) -> String {
-    let who = match h["leader"].as_u64() {
-        Some(id) => format!("healer {id} holds the lease"),
-        None => "no healer holds the lease".to_string(),
-    };
-    let queue = h["queue"].as_u64().unwrap_or(0);
-    if queue == 0 {
-        return format!("healer: {who}; every chunk at full redundancy\n");
-    }
-    format!(
-        "healer: {who}; {queue} chunks to repair ({} one loss from lost), {} at risk\n",
-        h["one_loss_from_lost"].as_u64().unwrap_or(0),
-        Human(h["bytes_at_risk"].as_u64().unwrap_or(0))
-    )
 }
 
 /// The NBD server and volumes part of the table.
@@ -524,6 +512,8 @@ mod tests {
             },
             files: 5,
             healer: Some(2),
+            healers: vec![],
+            healer_settings: Default::default(),
         }
     }
 
@@ -576,6 +566,11 @@ mod tests {
         assert_eq!(v["healer"]["queue"], 1);
         assert_eq!(v["healer"]["one_loss_from_lost"], 1);
         assert_eq!(v["healer"]["bytes_at_risk"], 2 << 20);
+        // No healer has reported: nothing moves, no estimate, no known limits.
+        assert_eq!(v["healer"]["throughput"], 0);
+        for k in ["eta_seconds", "repair_rate", "scrub_rate"] {
+            assert!(v["healer"][k].is_null(), "healer key {k}: {}", v["healer"]);
+        }
         assert_eq!(v["volumes"], json!([]));
     }
 

@@ -137,13 +137,16 @@ pub(crate) async fn run<L: MetaLink>(
             r = beat(&mut link, &me, &storage, &mut scrub, with_inventory) => r,
         };
         let wait = match result {
-            Ok(sent_inventory) => {
+            Ok((sent_inventory, want_inventory)) => {
                 if failures > 0 {
                     tracing::info!(failures, "metadata service reachable again");
                 }
                 failures = 0;
                 if sent_inventory {
                     inventory_due = Instant::now() + INVENTORY_EVERY;
+                }
+                if want_inventory {
+                    inventory_due = Instant::now();
                 }
                 backoff = interval;
                 interval
@@ -168,14 +171,15 @@ pub(crate) async fn run<L: MetaLink>(
     }
 }
 
-/// Sends one heartbeat and applies the reply. Returns whether the inventory was included.
+/// Sends one heartbeat and applies the reply. Returns whether the inventory was included,
+/// and whether the leader wants one with the next beat.
 async fn beat<L: MetaLink>(
     link: &mut L,
     me: &Identity,
     storage: &Arc<Storage>,
     scrub: &mut ScrubRate,
     with_inventory: bool,
-) -> Result<bool, BeatError> {
+) -> Result<(bool, bool), BeatError> {
     let corrupt = storage.take_corrupt();
     let hb = Heartbeat {
         server: me.id,
@@ -195,8 +199,9 @@ async fn beat<L: MetaLink>(
         }
     };
     scrub.apply(reply.scrub_rate);
+    let want = reply.want_inventory;
     apply(storage.clone(), reply).await?;
-    Ok(with_inventory)
+    Ok((with_inventory, want))
 }
 
 /// Applies a heartbeat reply: raise the fence (persisted), then, if the reply's term is
@@ -315,6 +320,7 @@ mod tests {
             // Chunk 3 is fenced at version 5; chunk 9 is not here (ignored).
             fence: vec![(3, 5), (9, 1)],
             scrub_rate: None,
+            want_inventory: false,
         };
         let (link, stop, task) = start_beats(&storage, 2, reply, Duration::from_millis(10));
         wait_until("the fence and the delete", || {
@@ -357,6 +363,7 @@ mod tests {
             delete: vec![2],
             fence: vec![(2, 9)],
             scrub_rate: None,
+            want_inventory: false,
         };
         let (link, stop, task) = start_beats(&storage, 0, reply, Duration::from_millis(5));
         wait_until("a few beats", || link.seen.lock().unwrap().len() >= 3).await;

@@ -33,6 +33,7 @@ impl MetadataRpc for FakeMetadata {
             delete: vec![2],
             fence: Vec::new(),
             scrub_rate: None,
+            want_inventory: false,
         })
     }
 

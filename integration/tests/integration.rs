@@ -20,8 +20,12 @@ mod failover;
 mod faults;
 #[path = "integration/healer.rs"]
 mod healer;
+#[path = "integration/healer_limits.rs"]
+mod healer_limits;
 #[path = "integration/healer_order.rs"]
 mod healer_order;
+#[path = "integration/healer_throttle.rs"]
+mod healer_throttle;
 #[path = "integration/integrity.rs"]
 mod integrity;
 #[path = "integration/nbd.rs"]
@@ -36,3 +40,5 @@ mod restart;
 mod scrub;
 #[path = "integration/tools.rs"]
 mod tools;
+#[path = "integration/wiped_disk.rs"]
+mod wiped_disk;

@@ -117,6 +117,11 @@ impl Server {
             reg.heartbeat(&hb, now);
             reg.set_draining(server, draining);
         }
+        if let Some(inv) = hb.inventory.clone() {
+            // In the background: a scan of the chunk map.
+            let me = self.clone();
+            tokio::spawn(async move { me.check_missing(server, inv).await });
+        }
         if draining {
             // In the background: the reply must not wait for a scan and its proposals.
             let me = self.clone();
@@ -171,12 +176,17 @@ impl Server {
         delete.extend(stale);
         delete.sort_unstable();
         delete.dedup();
-        fence.extend(self.registry().take_fences(server, FENCES_PER_REPLY));
+        let want_inventory = {
+            let mut reg = self.registry();
+            fence.extend(reg.take_fences(server, FENCES_PER_REPLY));
+            reg.suspects.want_inventory(server, Instant::now())
+        };
         Ok(HeartbeatReply {
             term,
             delete,
             fence,
             scrub_rate,
+            want_inventory,
         })
     }
 }

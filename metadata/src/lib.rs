@@ -13,6 +13,7 @@
 //!                                                                  v  (durability None,
 //!                                                               meta.redb  fsync ~1/s)
 //!  chunkserver --heartbeat--> registry.rs (leader soft state) --> placement, deletions
+//!              inventories --> missing.rs (listed copies a server lacks: dropped for repair)
 //!  status / replica_status / digest / add_peer / remove_peer --> cluster.rs
 //!  healer: endangered_chunks / add_replica / healer_lease --> healing.rs
 //!  healer limits and reports: set_healer_settings / healer_report --> limits.rs
@@ -83,6 +84,7 @@ mod daemon;
 mod events;
 mod healing;
 mod limits;
+mod missing;
 mod proposer;
 mod server;
 

@@ -87,7 +87,7 @@ impl Reports {
 impl Server {
     /// The limits, read from this replica's applied state.
     pub(crate) fn healer_settings(&self) -> MetaResult<HealerSettings> {
-        Ok(self.0.sm.read(settings)?)
+        self.0.sm.read(settings)
     }
 
     /// `set_healer_settings`: one replicated change, then the limits as they are now.

@@ -45,6 +45,8 @@ pub(crate) struct Registry {
     draining: HashMap<ServerId, Option<Instant>>,
     /// The healers' latest progress reports (see `limits.rs`).
     pub reports: crate::limits::Reports,
+    /// Inventories and copies they lack (see `missing.rs`).
+    pub suspects: crate::missing::Suspects,
 }
 
 impl Registry {
@@ -58,6 +60,7 @@ impl Registry {
             fences: HashMap::new(),
             draining: HashMap::new(),
             reports: Default::default(),
+            suspects: Default::default(),
         }
     }
 

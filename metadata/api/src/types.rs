@@ -346,6 +346,9 @@ pub struct HeartbeatReply {
     /// while unset: the chunkserver's own `--scrub-rate` applies.
     #[serde(default)]
     pub scrub_rate: Option<u64>,
+    /// Send an inventory with the next heartbeat (to confirm copies the last one lacked).
+    #[serde(default)]
+    pub want_inventory: bool,
 }
 
 /// Health of one chunk, as counted by `status`.
