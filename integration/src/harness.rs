@@ -93,6 +93,18 @@ pub fn rawfs_bin() -> PathBuf {
     p
 }
 
+/// The chunkserver listing the most copies in a `rawfs status --json` (a test's victim:
+/// losing it puts the most at risk).
+pub fn busiest_chunkserver(status: &Value) -> Result<u64> {
+    status["chunkservers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .max_by_key(|cs| cs["chunks"].as_u64().unwrap_or(0))
+        .and_then(|cs| cs["id"].as_u64())
+        .context("no chunkserver in status")
+}
+
 /// Polls `cond` every 50–200 ms until it returns true, failing after `timeout`.
 pub fn wait_until(
     what: &str,
@@ -196,6 +208,22 @@ pub struct Options {
 }
 
 impl Options {
+    /// A cluster for healing tests: `chunkservers` chunkservers, one metadata replica, a
+    /// chunkserver counted down after 2 s of silence, a healer scan every second.
+    pub fn healing(chunkservers: u32) -> Options {
+        Options::new(
+            chunkservers,
+            &[
+                "--metadata-replicas",
+                "1",
+                "--chunkserver-timeout",
+                "2s",
+                "--healer-scan-interval",
+                "1s",
+            ],
+        )
+    }
+
     /// `chunkservers` chunkservers and `up_args` for `rawfs up`.
     pub fn new(chunkservers: u32, up_args: &[&str]) -> Options {
         Options {

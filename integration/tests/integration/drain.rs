@@ -4,7 +4,7 @@
 
 use anyhow::{ensure, Context, Result};
 use rawfs_integration::fsutil::{chunk_files, verify_pattern, write_pattern};
-use rawfs_integration::harness::wait_until;
+use rawfs_integration::harness::{busiest_chunkserver, wait_until};
 use rawfs_integration::{Cluster, Options};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,13 +43,7 @@ fn a_drained_chunkserver_ends_empty_with_everything_at_full_redundancy() -> Resu
 
     // The server holding the most copies and shards.
     let s = c.status()?;
-    let victim = s["chunkservers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .max_by_key(|cs| cs["chunks"].as_u64().unwrap_or(0))
-        .and_then(|cs| cs["id"].as_u64())
-        .context("no chunkserver in status")?;
+    let victim = busiest_chunkserver(&s)?;
     let id = victim.to_string();
     let out = c.rawfs_ok(&["chunkserver", "drain", &id, "--wait", "--timeout", "3m"]);
     let out = c.diagnose(out)?;

@@ -95,17 +95,7 @@ fn kill_and_heal(
 #[test]
 fn killed_chunkservers_shards_are_rebuilt_twice() -> Result<()> {
     // 8 chunkservers: after two deaths 6 are left, enough for 6 distinct shards.
-    let mut c = Cluster::start_with(Options::new(
-        8,
-        &[
-            "--metadata-replicas",
-            "1",
-            "--chunkserver-timeout",
-            "2s",
-            "--healer-scan-interval",
-            "1s",
-        ],
-    ))?;
+    let mut c = Cluster::start_with(Options::healing(8))?;
     let cold = c.path("cold");
     std::fs::create_dir(&cold)?;
     let set = c.rawfs(&["class", "set", &cold.to_string_lossy(), "cold"])?;

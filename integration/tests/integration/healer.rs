@@ -1,9 +1,9 @@
 //! The healer: a killed chunkserver's chunks are copied back to full redundancy by the
 //! healer `rawfs up` starts, and every file still reads identical.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rawfs_integration::fsutil::{verify_pattern, write_pattern};
-use rawfs_integration::harness::wait_until;
+use rawfs_integration::harness::{busiest_chunkserver, wait_until};
 use rawfs_integration::{Cluster, Options};
 use std::time::{Duration, Instant};
 
@@ -11,17 +11,7 @@ const MIB: usize = 1 << 20;
 
 #[test]
 fn killed_chunkserver_is_re_replicated() -> Result<()> {
-    let mut c = Cluster::start_with(Options::new(
-        4,
-        &[
-            "--metadata-replicas",
-            "1",
-            "--chunkserver-timeout",
-            "2s",
-            "--healer-scan-interval",
-            "1s",
-        ],
-    ))?;
+    let mut c = Cluster::start_with(Options::healing(4))?;
     // Five chunks: a two-chunk file and three small ones.
     let files: Vec<(String, u64, usize)> = vec![
         ("a".into(), 1, 66 * MIB),
@@ -34,13 +24,7 @@ fn killed_chunkserver_is_re_replicated() -> Result<()> {
     }
     // The chunkserver holding the most chunks.
     let s = c.status()?;
-    let victim = s["chunkservers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .max_by_key(|cs| cs["chunks"].as_u64().unwrap_or(0))
-        .and_then(|cs| cs["id"].as_u64())
-        .context("no chunkserver in status")?;
+    let victim = busiest_chunkserver(&s)?;
     let total = s["chunks"]["replicated"].as_u64().unwrap_or(0);
     assert_eq!(total, 5, "{s}");
     c.kill9("chunkserver", victim)?;

@@ -34,17 +34,7 @@ fn repairs_logged(c: &Cluster, id: u64) -> Result<Vec<u64>> {
 
 #[test]
 fn two_losses_heal_the_most_endangered_first_and_stale_copies_go() -> Result<()> {
-    let mut c = Cluster::start_with(Options::new(
-        5,
-        &[
-            "--metadata-replicas",
-            "1",
-            "--chunkserver-timeout",
-            "2s",
-            "--healer-scan-interval",
-            "1s",
-        ],
-    ))?;
+    let mut c = Cluster::start_with(Options::healing(5))?;
     // 24 one-chunk files on 5 servers: about 3 in 10 have both victims among their 3 copies.
     let files: Vec<(String, u64, usize)> = (0..24)
         .map(|i| (format!("f{i}"), 300 + i as u64, MIB + 1000 * i))
@@ -154,17 +144,7 @@ fn two_losses_heal_the_most_endangered_first_and_stale_copies_go() -> Result<()>
 
 #[test]
 fn the_standby_healer_finishes_a_repair_its_killed_leader_began() -> Result<()> {
-    let mut c = Cluster::start_with(Options::new(
-        4,
-        &[
-            "--metadata-replicas",
-            "1",
-            "--chunkserver-timeout",
-            "2s",
-            "--healer-scan-interval",
-            "1s",
-        ],
-    ))?;
+    let mut c = Cluster::start_with(Options::healing(4))?;
     // Ten full chunks: with 4 servers, about 3 in 4 lose a copy with the victim, and each
     // copy takes a while, so the leader is killed with most of the work still to do.
     let files: Vec<(String, u64, usize)> = (0..10)

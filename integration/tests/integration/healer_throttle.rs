@@ -6,7 +6,7 @@
 
 use anyhow::{ensure, Context, Result};
 use rawfs_integration::fsutil::{verify_pattern, write_pattern};
-use rawfs_integration::harness::wait_until;
+use rawfs_integration::harness::{busiest_chunkserver, wait_until};
 use rawfs_integration::{Cluster, Options};
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -47,17 +47,7 @@ fn working_healer(v: &Value) -> Option<Value> {
 #[test]
 fn a_throttled_repair_keeps_to_its_rate_shows_its_progress_and_speeds_up_when_lifted() -> Result<()>
 {
-    let mut c = Cluster::start_with(Options::new(
-        4,
-        &[
-            "--metadata-replicas",
-            "1",
-            "--chunkserver-timeout",
-            "2s",
-            "--healer-scan-interval",
-            "1s",
-        ],
-    ))?;
+    let mut c = Cluster::start_with(Options::healing(4))?;
     c.rawfs_ok(&["healer", "set", "--repair-rate", "2M"])?;
     // Four one-chunk files of 20 MiB: the victim holds three of them, 60 MiB to copy, about
     // 30 s at the limit.
@@ -68,13 +58,7 @@ fn a_throttled_repair_keeps_to_its_rate_shows_its_progress_and_speeds_up_when_li
         write_pattern(&c.path(name), *seed, *len)?;
     }
     let s = c.status()?;
-    let victim = s["chunkservers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .max_by_key(|cs| cs["chunks"].as_u64().unwrap_or(0))
-        .and_then(|cs| cs["id"].as_u64())
-        .context("no chunkserver in status")?;
+    let victim = busiest_chunkserver(&s)?;
     c.kill9("chunkserver", victim)?;
 
     // The repair runs: workers busy, bytes moving, an estimate in `rawfs status`.

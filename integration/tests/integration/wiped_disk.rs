@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 use rawfs_integration::fsutil::{chunk_files, verify_pattern, write_pattern};
-use rawfs_integration::harness::wait_until;
+use rawfs_integration::harness::{busiest_chunkserver, wait_until};
 use rawfs_integration::{Cluster, Options};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -23,17 +23,7 @@ fn files_on_disk(c: &Cluster) -> Result<BTreeMap<u64, u64>> {
 
 #[test]
 fn copies_missing_from_a_wiped_disk_are_found_and_restored() -> Result<()> {
-    let mut c = Cluster::start_with(Options::new(
-        4,
-        &[
-            "--metadata-replicas",
-            "1",
-            "--chunkserver-timeout",
-            "2s",
-            "--healer-scan-interval",
-            "1s",
-        ],
-    ))?;
+    let mut c = Cluster::start_with(Options::healing(4))?;
     let files: Vec<(String, u64, usize)> = (0..6)
         .map(|i| (format!("f{i}"), 70 + i as u64, MIB + 4096 * i))
         .collect();
@@ -44,13 +34,7 @@ fn copies_missing_from_a_wiped_disk_are_found_and_restored() -> Result<()> {
     let total = s["chunks"]["replicated"]
         .as_u64()
         .context("no chunk count")?;
-    let victim = s["chunkservers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .max_by_key(|cs| cs["chunks"].as_u64().unwrap_or(0))
-        .and_then(|cs| cs["id"].as_u64())
-        .context("no chunkserver in status")?;
+    let victim = busiest_chunkserver(&s)?;
 
     // The disk is replaced while the server is down, and it comes back before the metadata
     // service has even marked it down: only its inventory can tell.
