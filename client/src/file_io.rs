@@ -9,7 +9,7 @@
 use crate::error::ClientError;
 use crate::extent::{range_end, split_by_chunk, Batch, Extent, WriteBuf};
 use crate::locations::Locations;
-use crate::read_path::{read_piece, window_range, Fetch, Plan, ReadAhead, Suspects, WINDOW};
+use crate::read_path::{read_piece, window_range, Fetch, Plan, ReadAhead, Suspects, AHEAD, WINDOW};
 use crate::store::Store;
 use crate::write_path::{sync_chunks, write_extents, write_piece, Dirty, FRAME, FRAMES_IN_FLIGHT};
 use bytes::Bytes;
@@ -503,9 +503,12 @@ impl Inner {
                 _ => dst.copy_from_slice(&self.read_direct(from, to).await?),
             }
         }
-        // One window ahead, in the background.
-        if (last + 1) * WINDOW < size {
-            let _ = self.clone().fetch_window(last + 1, size);
+        // AHEAD windows ahead, in the background.
+        for w in last + 1..=last + AHEAD {
+            if w * WINDOW >= size {
+                break;
+            }
+            let _ = self.clone().fetch_window(w, size);
         }
         Ok(out)
     }

@@ -10,8 +10,8 @@
 //! ```
 //!
 //! Read-ahead works on aligned windows of [`WINDOW`] bytes (a chunk is a whole number of
-//! windows, so a window never spans two chunks). Once reads are sequential, the window after
-//! the one being read is fetched in the background: one request ahead.
+//! windows, so a window never spans two chunks). Once reads are sequential, the [`AHEAD`]
+//! windows after the one being read are fetched in the background.
 
 use crate::error::ClientError;
 use crate::locations::Locations;
@@ -26,9 +26,13 @@ use std::time::{Duration, Instant};
 
 /// Read-ahead window: 4 MiB (divides `CHUNK_SIZE`).
 pub(crate) const WINDOW: u64 = 4 << 20;
-/// Windows kept per file: the one being read, the one fetched ahead, and two for readers
+/// Windows fetched ahead of a sequential reader: two, so that the next chunkserver read is
+/// already on its way while one is being received (a cold disk is then read with two
+/// requests queued rather than one).
+pub(crate) const AHEAD: u64 = 2;
+/// Windows kept per file: the one being read, those fetched ahead, and two for readers
 /// that interleave.
-const MAX_WINDOWS: usize = 4;
+const MAX_WINDOWS: usize = 3 + AHEAD as usize;
 /// How far from the end of the previous read a read may start and still be sequential.
 const SEQ_SLACK: u64 = 1 << 20;
 
