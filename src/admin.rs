@@ -129,15 +129,28 @@ fn admin_client(addrs: Vec<String>, timeout: Duration) -> MetadataClient {
     )
 }
 
-fn runtime(cmd: &str) -> Option<tokio::runtime::Runtime> {
+/// What an operator command needs first: the metadata addresses (`--dir`/`--metadata`) and a
+/// runtime. On failure the error is printed as `rawfs {cmd}: ...` and the exit code returned
+/// (2 for a missing or bad target, 1 if no runtime could be made).
+pub fn prepare(
+    cmd: &str,
+    cluster: &ClusterArgs,
+) -> Result<(Vec<String>, tokio::runtime::Runtime), ExitCode> {
+    let addrs = match cluster.resolve() {
+        Ok((addrs, _)) => addrs,
+        Err(e) => {
+            eprintln!("rawfs {cmd}: {e}");
+            return Err(ExitCode::from(2));
+        }
+    };
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => Some(rt),
+        Ok(rt) => Ok((addrs, rt)),
         Err(e) => {
-            eprintln!("rawfs metadata {cmd}: cannot start the async runtime: {e}");
-            None
+            eprintln!("rawfs {cmd}: cannot start the async runtime: {e}");
+            Err(ExitCode::FAILURE)
         }
     }
 }
@@ -149,15 +162,9 @@ pub fn run(admin: MetadataAdmin) -> ExitCode {
         MetadataAdmin::AddPeer(a) => ("add-peer", &a.cluster),
         MetadataAdmin::RemovePeer(a) => ("remove-peer", &a.cluster),
     };
-    let addrs = match cluster.resolve() {
-        Ok((addrs, _)) => addrs,
-        Err(e) => {
-            eprintln!("rawfs metadata {cmd}: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let Some(rt) = runtime(cmd) else {
-        return ExitCode::FAILURE;
+    let (addrs, rt) = match prepare(&format!("metadata {cmd}"), cluster) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     let outcome = match admin {
         MetadataAdmin::AddPeer(a) => {

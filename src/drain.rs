@@ -60,22 +60,9 @@ const POLL: Duration = Duration::from_secs(1);
 /// empty), 1 on failure or timeout, 2 for wrong arguments.
 pub fn run(admin: ChunkserverAdmin) -> ExitCode {
     let ChunkserverAdmin::Drain(a) = admin;
-    let addrs = match a.cluster.resolve() {
-        Ok((addrs, _)) => addrs,
-        Err(e) => {
-            eprintln!("rawfs chunkserver drain: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("rawfs chunkserver drain: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let (addrs, rt) = match crate::admin::prepare("chunkserver drain", &a.cluster) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     let client = MetadataClient::new(addrs, ClientTimeouts::default());
     match rt.block_on(drain(&client, &a)) {

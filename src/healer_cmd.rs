@@ -147,22 +147,9 @@ pub fn run(admin: HealerAdmin) -> ExitCode {
         HealerAdmin::Set(a) => ("set", &a.cluster),
         HealerAdmin::Status(a) => ("status", &a.cluster),
     };
-    let addrs = match cluster.resolve() {
-        Ok((addrs, _)) => addrs,
-        Err(e) => {
-            eprintln!("rawfs healer {cmd}: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("rawfs healer {cmd}: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let (addrs, rt) = match crate::admin::prepare(&format!("healer {cmd}"), cluster) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     let out = match admin {
         HealerAdmin::Set(a) => {

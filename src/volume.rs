@@ -237,22 +237,9 @@ pub fn run(cmd: VolumeCmd) -> ExitCode {
         VolumeAction::Clone(a) => &a.cluster,
         VolumeAction::Set(a) => &a.cluster,
     };
-    let addrs = match cluster.resolve() {
-        Ok((addrs, _)) => addrs,
-        Err(e) => {
-            eprintln!("rawfs volume: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("rawfs volume: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let (addrs, rt) = match crate::admin::prepare("volume", cluster) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     // Snapshots also talk to the chunkservers (to fence the shared chunks).
     let client = Client::new(ClientConfig::new(addrs));
