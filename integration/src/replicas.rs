@@ -13,6 +13,7 @@
 
 use crate::harness::{pid_alive, signal, wait_until, Cluster};
 use anyhow::{bail, Context, Result};
+use rawfs_chunkserver_api::{connect_control, deadline, ScrubStatus};
 use rawfs_metadata_api::client::{ClientTimeouts, MetadataClient};
 use rawfs_metadata_api::{ReplicaStatus, StateDigest};
 use std::collections::BTreeMap;
@@ -78,6 +79,19 @@ pub fn digest_at(addr: &str) -> Result<StateDigest> {
 }
 
 impl Cluster {
+    /// The scrub status of chunkserver `id` (its rate, bytes verified, bad copies found),
+    /// over its control port.
+    pub fn scrub_status(&self, id: u64) -> Result<ScrubStatus> {
+        let addr = self
+            .process("chunkserver", id)?
+            .control_addr
+            .context("no control address in cluster.json")?;
+        block_on(async {
+            let ctl = connect_control(&addr, Duration::from_secs(5)).await?;
+            Ok(ctl.scrub_status(deadline(Duration::from_secs(5))).await?)
+        })
+    }
+
     /// Ids of the metadata replicas in cluster.json.
     pub fn metadata_ids(&self) -> Result<Vec<u64>> {
         Ok(self

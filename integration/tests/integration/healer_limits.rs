@@ -5,9 +5,7 @@
 //! and `default` gives each chunkserver its own rate back.
 
 use anyhow::{ensure, Context, Result};
-use rawfs_chunkserver_api::{connect_control, deadline};
 use rawfs_integration::harness::wait_until;
-use rawfs_integration::replicas::block_on;
 use rawfs_integration::{Cluster, Options};
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -18,21 +16,6 @@ const START_SCRUB_RATE: u64 = 8 << 20;
 /// How long a chunkserver may take to pick up a changed setting (a few heartbeats).
 const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The scrub rate chunkserver `id` applies now, over its control port.
-fn scrub_rate(c: &Cluster, id: u64) -> Result<u64> {
-    let addr = c
-        .process("chunkserver", id)?
-        .control_addr
-        .context("no control address in cluster.json")?;
-    block_on(async {
-        let ctl = connect_control(&addr, Duration::from_secs(5)).await?;
-        Ok(ctl
-            .scrub_status(deadline(Duration::from_secs(5)))
-            .await?
-            .rate)
-    })
-}
-
 /// Waits until every chunkserver scrubs at `rate` bytes per second.
 fn wait_scrub_rate(c: &Cluster, rate: u64) -> Result<()> {
     let r = wait_until(
@@ -40,7 +23,7 @@ fn wait_scrub_rate(c: &Cluster, rate: u64) -> Result<()> {
         APPLY_TIMEOUT,
         || {
             for id in 1..=CHUNKSERVERS {
-                if scrub_rate(c, id)? != rate {
+                if c.scrub_status(id)?.rate != rate {
                     return Ok(false);
                 }
             }
@@ -65,7 +48,7 @@ fn healer_set_limits_survive_a_leader_kill_and_reach_the_chunkservers() -> Resul
     ))?;
     for id in 1..=CHUNKSERVERS {
         ensure!(
-            scrub_rate(&c, id)? == START_SCRUB_RATE,
+            c.scrub_status(id)?.rate == START_SCRUB_RATE,
             "chunkserver {id} did not start at --scrub-rate"
         );
     }

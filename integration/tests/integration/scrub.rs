@@ -3,10 +3,8 @@
 //! replica, all before any client reads the file.
 
 use anyhow::{bail, Context, Result};
-use rawfs_chunkserver_api::{connect_control, deadline, ScrubStatus};
 use rawfs_integration::fsutil::{chunk_files, pattern, setxattr, verify_pattern};
 use rawfs_integration::harness::wait_until;
-use rawfs_integration::replicas::block_on;
 use rawfs_integration::{Cluster, Options};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -16,18 +14,6 @@ use std::time::{Duration, Instant};
 const MIB: usize = 1 << 20;
 /// Where a chunk file's data region starts (header page and block table before it).
 const DATA_OFFSET: u64 = 12288;
-
-/// The scrub status of chunkserver `id`, over its control port.
-fn scrub_status(c: &Cluster, id: u64) -> Result<ScrubStatus> {
-    let addr = c
-        .process("chunkserver", id)?
-        .control_addr
-        .context("no control address in cluster.json")?;
-    block_on(async {
-        let ctl = connect_control(&addr, Duration::from_secs(5)).await?;
-        Ok(ctl.scrub_status(deadline(Duration::from_secs(5))).await?)
-    })
-}
 
 #[test]
 fn scrub_finds_bitrot_in_an_unread_replica_and_the_healer_repairs_it() -> Result<()> {
@@ -51,7 +37,7 @@ fn scrub_finds_bitrot_in_an_unread_replica_and_the_healer_repairs_it() -> Result
     })?;
     // `rawfs up --scrub-rate` reached every chunkserver.
     for id in 1..=4 {
-        assert_eq!(scrub_status(&c, id)?.rate, rate as u64, "chunkserver {id}");
+        assert_eq!(c.scrub_status(id)?.rate, rate as u64, "chunkserver {id}");
     }
     let hot = c.path("hot");
     fs::create_dir(&hot)?;
@@ -70,7 +56,7 @@ fn scrub_finds_bitrot_in_an_unread_replica_and_the_healer_repairs_it() -> Result
     let files = chunk_files(&c.dir, 2 * MIB as u64)?;
     assert_eq!(files.len(), 3, "three replicas of one chunk: {files:?}");
     let (victim, bad_path) = files[0].clone();
-    let bad_before = scrub_status(&c, victim)?.bad_found;
+    let bad_before = c.scrub_status(victim)?.bad_found;
 
     // Bitrot in block 32 (chunk offset 2 MiB + 1000), behind the chunkserver's back.
     let at = DATA_OFFSET + 2 * MIB as u64 + 1000;
@@ -88,7 +74,7 @@ fn scrub_finds_bitrot_in_an_unread_replica_and_the_healer_repairs_it() -> Result
         "the scrub to find the bad replica and the healer to repair it",
         Duration::from_secs(60),
         || {
-            let found = scrub_status(&c, victim)?.bad_found > bad_before;
+            let found = c.scrub_status(victim)?.bad_found > bad_before;
             let s = c.status()?;
             let ch = &s["chunks"];
             let healthy = ch["healthy"].as_u64() == Some(total)
