@@ -19,8 +19,7 @@
 #   --debug       use the debug build: only to check the script, its figures mean nothing
 #   --no-build    use the binaries already built
 # Needs root (FUSE, drop_caches, kill -9 of the chunkservers) and jq. The repair throttle is set
-# with `rawfs healer set` where the build has it; a build without it runs both phases with the
-# healer unthrottled, and the script says so.
+# with `rawfs healer set --repair-rate`.
 # RAWFS_BENCH_DIR (default /var/tmp/rawfs-bench-repair) holds the cluster and the local
 # directory; it is removed at the end, and the cluster is stopped and unmounted even when the
 # script fails.
@@ -61,13 +60,6 @@ elif [ $BUILD = 1 ]; then
     cargo build -p rawfs -p rawfs-integration >&2
 fi
 BIN="${CARGO_TARGET_DIR:-$(pwd)/target}/$PROFILE"
-# Without `healer set` (not built yet: issue 6) the healer has no throttle: both phases then
-# run unthrottled, and phase B's figure is not the one at the default throttle.
-THROTTLE=1
-if ! "$BIN/rawfs" healer set --help >/dev/null 2>&1; then
-    THROTTLE=0
-    echo "bench-repair.sh: $BIN/rawfs has no \`healer set\`: the healer runs unthrottled in both phases" >&2
-fi
 
 BASE="${RAWFS_BENCH_DIR:-/var/tmp/rawfs-bench-repair}"
 CLUSTER="$BASE/cluster"
@@ -158,7 +150,6 @@ health() {
 }
 
 healer_set() { # --repair-rate RATE
-    [ $THROTTLE = 1 ] || return 0
     if ! "$BIN/rawfs" healer set --dir "$CLUSTER" "$@"; then
         echo "bench-repair.sh: \`rawfs healer set --dir $CLUSTER $*\` failed" >&2
         exit 1
@@ -265,7 +256,6 @@ echo "bench-repair.sh: A: full redundancy $A_TOTAL s after the kill ($A_REPAIR s
 
 # --- phase B: default throttle, a foreground read during the repair ---------------------------
 healer_set --repair-rate default
-[ $THROTTLE = 1 ] || DEFAULT_REPAIR_RATE="unthrottled (no healer set)"
 # The idle figure is taken on the cluster as it is right before the kill (5 servers up), so
 # that the ratio shows the repair's cost only.
 IDLE_R=$(cold_read "$READ_FILE")
