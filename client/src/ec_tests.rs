@@ -534,3 +534,21 @@ async fn a_shard_that_reads_back_wrong_aborts_the_conversion() {
     let fresh = FileIo::new(INO, n, fake.clone(), 1 << 20);
     assert!(fresh.read(0, n as u32).await.unwrap() == data);
 }
+
+#[tokio::test]
+async fn an_fsync_after_the_chunk_was_converted_succeeds() {
+    // Written and flushed (so acknowledged by the replicas) but not yet synced when the healer
+    // converts the chunk and deletes the replicas: the fsync finds the shards, which the
+    // conversion synced, instead of failing on the deleted copies.
+    let fake = Arc::new(Fake::new(9));
+    let n = 5 * MIB;
+    let data = pattern(3, n as usize);
+    let io = FileIo::new(INO, 0, fake.clone(), 8 << 20);
+    io.write(0, &data).await.unwrap();
+    io.flush().await.unwrap();
+    let before = fake.loc(INO, 0).unwrap();
+    let after = convert(&*fake, &cold(&before, n)).await.unwrap();
+    assert!(after.ec.is_some());
+    io.fsync().await.expect("fsync after a conversion");
+    assert!(read(&fake, 0, n).await.unwrap() == data);
+}

@@ -276,11 +276,13 @@ async fn sync_chunk(store: &dyn Store, locs: &Locations, d: &Dirty) -> Result<()
         // Released since it was written (truncate, punch): nothing left to make durable.
         _ => return Ok(()),
     };
+    // The replicas to sync: those written, until the chunk is found to have moved on.
+    let mut written_only = true;
     for _round in 0..REPLICAS + 3 {
         let targets: Vec<_> = loc
             .replicas
             .iter()
-            .filter(|r| d.servers.contains(&r.server))
+            .filter(|r| !written_only || d.servers.contains(&r.server))
             .cloned()
             .collect();
         if targets.is_empty() {
@@ -306,6 +308,9 @@ async fn sync_chunk(store: &dyn Store, locs: &Locations, d: &Dirty) -> Result<()
                 Err(e) => stale = Some((r.data_addr.clone(), e)),
             }
         }
+        let stale_seen = stale.is_some();
+        // A stale answer, or no copy left where it was written (the chunk was converted to
+        // RS 4+2 or copied elsewhere meanwhile, and the old copies deleted): look again once.
         if let Some((addr, e)) = stale {
             if refreshed {
                 return Err(ClientError::Io {
@@ -314,11 +319,25 @@ async fn sync_chunk(store: &dyn Store, locs: &Locations, d: &Dirty) -> Result<()
                     source: e,
                 });
             }
+        }
+        if !refreshed && (stale_seen || durable == 0) {
             refreshed = true;
-            match locs.refresh(store, d.index).await? {
-                Some(fresh) if fresh.chunk == d.chunk => loc = fresh,
+            let fresh = match locs.refresh(store, d.index).await? {
+                Some(fresh) if fresh.chunk == d.chunk => fresh,
                 _ => return Ok(()),
+            };
+            if fresh.ec.is_some() {
+                // Converted: the conversion fenced every replica before reading it, so it
+                // holds every write acknowledged before, and it synced every shard.
+                return Ok(());
             }
+            if fresh.version != loc.version {
+                // A newer version holds every write acknowledged at an older one (each
+                // version bump comes after a fence): sync wherever the chunk is now.
+                written_only = false;
+            }
+            loc = fresh;
+            last = None;
             continue;
         }
         if durable == 0 {

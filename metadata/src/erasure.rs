@@ -311,6 +311,22 @@ pub(crate) fn commit(
         // Committed already (a retry under another request id): the current location.
         return visible(t, ino, index, &rec, term);
     }
+    // A writer holding a location from before the conversion may have put bytes on the
+    // replicas (past `length`, the size when the chunk was listed) before the fence, with
+    // its commit_write still to come: those bytes are not in the shards. Every writer has
+    // the file open until its data is committed, so an open file, or a size that moved
+    // since the listing, refuses the commit (the replicas stay authoritative).
+    let opened = t.opens.range((ino, 0)..=(ino, u64::MAX))?.next().is_some();
+    let size = inode(&t.inodes, ino)?.size;
+    let in_chunk = size
+        .saturating_sub(index.saturating_mul(CHUNK_SIZE))
+        .min(CHUNK_SIZE);
+    if opened || in_chunk != length {
+        return Err(MetaError::StaleVersion {
+            current: rec.version,
+        }
+        .into());
+    }
     let Some(conv) = rec.converting.take() else {
         // Cancelled by a writer (or never prepared).
         return Err(MetaError::StaleVersion {
