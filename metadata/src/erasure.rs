@@ -312,16 +312,18 @@ pub(crate) fn commit(
         return visible(t, ino, index, &rec, term);
     }
     // A writer holding a location from before the conversion may have put bytes on the
-    // replicas (past `length`, the size when the chunk was listed) before the fence, with
-    // its commit_write still to come: those bytes are not in the shards. Every writer has
-    // the file open until its data is committed, so an open file, or a size that moved
-    // since the listing, refuses the commit (the replicas stay authoritative).
+    // replicas past `length` (the size when the chunk was listed) before the fence, with its
+    // commit_write still to come: those bytes are not in the shards. Writes inside `length`
+    // are safe (the fence came before the read), so only a chunk the file ends in can lose
+    // bytes that way. Every writer has the file open until its data is committed: a partial
+    // chunk of an open file, or a size that moved since the listing, refuses the commit
+    // (the replicas stay authoritative; the chunk is converted once the file is closed).
     let opened = t.opens.range((ino, 0)..=(ino, u64::MAX))?.next().is_some();
     let size = inode(&t.inodes, ino)?.size;
     let in_chunk = size
         .saturating_sub(index.saturating_mul(CHUNK_SIZE))
         .min(CHUNK_SIZE);
-    if opened || in_chunk != length {
+    if in_chunk != length || (opened && length < CHUNK_SIZE) {
         return Err(MetaError::StaleVersion {
             current: rec.version,
         }
