@@ -72,7 +72,7 @@ impl Server {
             .into_chunk()
     }
 
-    pub(crate) async fn do_heartbeat(&self, hb: Heartbeat) -> MetaResult<HeartbeatReply> {
+    pub(crate) async fn do_heartbeat(&self, mut hb: Heartbeat) -> MetaResult<HeartbeatReply> {
         let term = self.leader_term().await?;
         let server = hb.server;
         let (known, pending, stale, (corrupt, bad_shards), scrub_rate) = self.0.sm.read(|rt| {
@@ -117,7 +117,7 @@ impl Server {
             reg.heartbeat(&hb, now);
             reg.set_draining(server, draining);
         }
-        if let Some(inv) = hb.inventory.clone() {
+        if let Some(inv) = hb.inventory.take() {
             // In the background: a scan of the chunk map.
             let me = self.clone();
             tokio::spawn(async move { me.check_missing(server, inv).await });

@@ -147,13 +147,15 @@ impl Server {
     pub(crate) async fn check_missing(&self, server: ServerId, inventory: Vec<(ChunkId, u64)>) {
         let inv: HashSet<ChunkId> = inventory.into_iter().map(|(c, _)| c).collect();
         let me = self.clone();
-        let scan = {
-            let inv = inv.clone();
-            tokio::task::spawn_blocking(move || me.0.sm.read(|rt| absent(rt, server, &inv))).await
-        };
-        let found = match scan {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) => return tracing::warn!(server, error = %e, "inventory check failed"),
+        // The set goes to the scan and comes back, to be kept for the "another holder" guard.
+        let scan = tokio::task::spawn_blocking(move || {
+            let found = me.0.sm.read(|rt| absent(rt, server, &inv));
+            (found, inv)
+        })
+        .await;
+        let (found, inv) = match scan {
+            Ok((Ok(f), inv)) => (f, inv),
+            Ok((Err(e), _)) => return tracing::warn!(server, error = %e, "inventory check failed"),
             Err(e) => return tracing::warn!(server, error = %e, "inventory check failed"),
         };
         let now = Instant::now();

@@ -18,23 +18,11 @@ const DATA_OFFSET: u64 = 12288;
 #[test]
 fn scrub_finds_bitrot_in_an_unread_replica_and_the_healer_repairs_it() -> Result<()> {
     let rate = 256 * MIB;
-    let c = Cluster::start_with(Options {
-        // A fourth server, so the healer has somewhere to put the new copy.
-        chunkservers: 4,
-        up_args: [
-            "--metadata-replicas",
-            "1",
-            "--chunkserver-timeout",
-            "2s",
-            "--healer-scan-interval",
-            "1s",
-            "--scrub-rate",
-            &rate.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-    })?;
+    // A fourth server, so the healer has somewhere to put the new copy.
+    let mut opts = Options::healing(4);
+    opts.up_args
+        .extend(["--scrub-rate".to_string(), rate.to_string()]);
+    let c = Cluster::start_with(opts)?;
     // `rawfs up --scrub-rate` reached every chunkserver.
     for id in 1..=4 {
         assert_eq!(c.scrub_status(id)?.rate, rate as u64, "chunkserver {id}");
