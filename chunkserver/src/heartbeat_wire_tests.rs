@@ -85,6 +85,7 @@ impl MetadataRpc for FakeMetadata {
         drain_chunkserver(server: ServerId, draining: bool, req: ReqId) -> ();
         set_healer_settings(repair_rate: RateChange, scrub_rate: RateChange, req: ReqId) -> HealerSettings;
         healer_report(holder: u64, report: HealerReport) -> HealerSettings;
+        ec_extend(ino: Ino, index: u64, chunk: ChunkId, version: u64, shards: Vec<(ChunkId, ServerId)>, from: u64, to: u64, req: ReqId) -> ChunkLoc;
     }
 }
 

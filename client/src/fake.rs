@@ -93,6 +93,12 @@ pub(crate) struct State {
     pub cows: HashMap<(Ino, u64), (ChunkLoc, ChunkLoc)>,
     /// Shards reported lost: (shard id, server).
     pub lost_reports: Vec<(ChunkId, ServerId)>,
+    /// Files whose new chunks are erasure coded from the start (class `cold`).
+    pub cold: HashSet<Ino>,
+    /// Refuse every `ec_extend` (as if a snapshot now shared the chunk).
+    pub refuse_ec_extend: bool,
+    /// `ec_extend` calls that committed.
+    pub extends: u64,
 }
 
 impl State {
@@ -131,6 +137,32 @@ impl State {
             term: self.term,
             shared: false,
             ec: None,
+        }
+    }
+}
+
+impl State {
+    /// An erasure-coded chunk of length 0 with a shard on each of the first 6 servers.
+    fn new_erasure_coded(&mut self, index: u64) -> ChunkLoc {
+        let chunk = self.next_chunk;
+        self.next_chunk += 1 + EC_SHARDS as u64;
+        let shards = (0..EC_SHARDS)
+            .map(|k| Shard {
+                chunk: chunk + 1 + k as u64,
+                replica: Some(Replica {
+                    server: self.servers[k],
+                    data_addr: self.addr(self.servers[k]),
+                }),
+            })
+            .collect();
+        ChunkLoc {
+            index,
+            chunk,
+            version: 1,
+            replicas: Vec::new(),
+            term: self.term,
+            shared: true,
+            ec: Some(EcLoc { length: 0, shards }),
         }
     }
 }
@@ -220,7 +252,11 @@ impl Store for Fake {
         let loc = match st.map.get(&(ino, index)) {
             Some(l) => l.clone(),
             None => {
-                let l = st.new_replicated(index);
+                let l = if st.cold.contains(&ino) && st.servers.len() >= EC_SHARDS {
+                    st.new_erasure_coded(index)
+                } else {
+                    st.new_replicated(index)
+                };
                 st.map.insert((ino, index), l.clone());
                 l
             }
@@ -425,6 +461,50 @@ impl Store for Fake {
             st.map.insert((ino, index), loc);
             st.converting.insert((ino, index), plan.clone());
             Ok(plan)
+        })();
+        async move { r }.boxed()
+    }
+
+    fn ec_extend(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        shards: Vec<(ChunkId, ServerId)>,
+        from: u64,
+        to: u64,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
+        let r = (|| {
+            let mut st = self.st();
+            let mut loc = st.loc_at(ino, index)?;
+            let stale = MetaError::StaleVersion {
+                current: loc.version,
+            };
+            let Some(ec) = loc.ec.as_mut() else {
+                return Err(stale);
+            };
+            let listed: Vec<(ChunkId, ServerId)> = ec
+                .shards
+                .iter()
+                .filter_map(|s| Some((s.chunk, s.replica.as_ref()?.server)))
+                .collect();
+            let all_live = listed.len() == ec.shards.len();
+            if st.refuse_ec_extend
+                || loc.chunk != chunk
+                || loc.version != version
+                || ec.length != from
+                || listed != shards
+                || !all_live
+                || to < from
+            {
+                return Err(stale);
+            }
+            ec.length = to;
+            loc.version += 1;
+            st.extends += 1;
+            st.map.insert((ino, index), loc.clone());
+            Ok(loc)
         })();
         async move { r }.boxed()
     }

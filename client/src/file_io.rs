@@ -321,6 +321,9 @@ impl Drop for FileIo {
 }
 
 fn merge_dirty(dirty: &mut Vec<Dirty>, d: Dirty) {
+    if d.servers.is_empty() {
+        return;
+    }
     match dirty.iter_mut().find(|x| x.chunk == d.chunk) {
         Some(x) => {
             for s in d.servers {
@@ -423,7 +426,8 @@ impl Inner {
                 {
                     result?;
                 }
-                for d in write_extents(&*self.store, &self.locs, &batch.extents).await? {
+                let file_end = self.size.load(Ordering::Acquire).max(batch.end());
+                for d in write_extents(&*self.store, &self.locs, &batch.extents, file_end).await? {
                     merge_dirty(dirty, d);
                 }
                 let committed = self.committed.load(Ordering::Acquire);

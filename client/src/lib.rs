@@ -18,7 +18,9 @@
 //!                                                         (next replica on error)
 //!                                                     or, RS 4+2: READ the data shards
 //!                                                         (any 4 of 6 + decode on error)
-//!   healer / cold files ──▶ Client::convert_to_ec: ec_prepare ─▶ FENCE replicas ─▶ READ
+//!   cold file, new chunk ──▶ allocate_chunk gives RS 4+2 (length 0) ──▶ flush appends whole
+//!      stripes (or the file's tail): encode ─▶ WRITE+SYNC 6 shards ─▶ ec_extend (ec_write.rs)
+//!   healer / quiet files ──▶ Client::convert_to_ec: ec_prepare ─▶ FENCE replicas ─▶ READ
 //!                           ─▶ encode ─▶ WRITE+SYNC 6 shards ─▶ verify crcs ─▶ ec_commit
 //!            MetadataClient (tarpc)              DataClient (framed TCP)
 //! ```
@@ -29,7 +31,9 @@
 //! rebuilt from any 4, and corrupt or missing shards are reported (`drop_replica` with the
 //! shard's id). A write into an erasure-coded chunk first copies it into a new replicated
 //! chunk (`cow_chunk` answers with `from_ec`): read and decoded here, written to the 3
-//! replicas, synced, then `cow_done`. [`Client::convert_to_ec`] turns a replicated chunk
+//! replicas, synced, then `cow_done`. The exception is an append of whole stripes to a chunk
+//! whose length ends on a stripe (every new chunk of a `cold` file starts so): it is encoded
+//! here and written to the 6 shards directly, see `ec_write.rs`. [`Client::convert_to_ec`] turns a replicated chunk
 //! into RS 4+2 without a window of loss: the replicas stay authoritative until every shard
 //! is written, synced and verified and the commit (fenced by term and version) succeeds.
 //!
@@ -51,6 +55,7 @@ mod config;
 mod convert;
 mod cow;
 mod ec_read;
+mod ec_write;
 pub mod erasure;
 mod error;
 mod extent;
@@ -62,6 +67,8 @@ mod write_path;
 
 #[cfg(test)]
 mod ec_tests;
+#[cfg(test)]
+mod ec_write_tests;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]

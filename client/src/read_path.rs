@@ -101,6 +101,19 @@ pub(crate) async fn read_piece(
         return Ok(zeros());
     };
     let mut refreshed = false;
+    // Bytes past an erasure-coded chunk's length inside the file: another client appended to
+    // it since the location was cached (see `ec_write.rs`). Look again once.
+    if loc
+        .ec
+        .as_ref()
+        .is_some_and(|ec| u64::from(off) + u64::from(len) > ec.length)
+    {
+        refreshed = true;
+        match locs.refresh(store, index).await? {
+            Some(fresh) => loc = fresh,
+            None => return Ok(zeros()),
+        }
+    }
     loop {
         if let Some(ec) = &loc.ec {
             let attempt =

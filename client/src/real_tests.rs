@@ -99,6 +99,19 @@ impl Store for Hybrid {
         self.meta
             .ec_commit(ino, index, chunk, version, length, term)
     }
+    fn ec_extend(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        shards: Vec<(ChunkId, ServerId)>,
+        from: u64,
+        to: u64,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
+        self.meta
+            .ec_extend(ino, index, chunk, version, shards, from, to)
+    }
     fn fence<'a>(
         &'a self,
         addr: &'a str,

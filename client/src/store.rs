@@ -97,6 +97,19 @@ pub(crate) trait Store: Send + Sync + 'static {
         length: u64,
         term: u64,
     ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>>;
+    /// Commits an RS 4+2 append to chunk `index` of `ino`: its length goes from `from` to `to`
+    /// (see `ec_write.rs`). Fenced by the chunk, its version and its exact `shards`.
+    #[allow(clippy::too_many_arguments)]
+    fn ec_extend(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        shards: Vec<(ChunkId, ServerId)>,
+        from: u64,
+        to: u64,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>>;
     /// Makes the chunkserver at `addr` refuse versions of `chunk` older than `version`.
     fn fence<'a>(
         &'a self,
@@ -305,6 +318,24 @@ impl Store for RemoteStore {
             "ec_commit",
             self.meta
                 .ec_commit(ino, index, chunk, version, length, term),
+        )
+        .boxed()
+    }
+
+    fn ec_extend(
+        &self,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        shards: Vec<(ChunkId, ServerId)>,
+        from: u64,
+        to: u64,
+    ) -> BoxFuture<'_, Result<ChunkLoc, MetaError>> {
+        self.meta_call(
+            "ec_extend",
+            self.meta
+                .ec_extend(ino, index, chunk, version, shards, from, to),
         )
         .boxed()
     }

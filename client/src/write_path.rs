@@ -13,6 +13,7 @@
 //! refresh is always safe. The survivors are written again with the new version so that the
 //! version they store follows the chunk map.
 
+use crate::ec_write::{try_append, Append};
 use crate::error::ClientError;
 use crate::extent::{frames, split_by_chunk, Extent};
 use crate::locations::Locations;
@@ -21,7 +22,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use futures::{StreamExt, TryStreamExt};
 use rawfs_chunkserver_api::{DataError, Piece, MAX_PIECES};
-use rawfs_metadata_api::{ChunkId, ChunkLoc, ServerId, REPLICAS};
+use rawfs_metadata_api::{ChunkId, ChunkLoc, ServerId, CHUNK_SIZE, REPLICAS};
 use std::collections::BTreeMap;
 
 /// Largest data frame sent in one write request.
@@ -29,7 +30,8 @@ pub(crate) const FRAME: usize = 1 << 20;
 /// Frames outstanding at once per replica: keeps the pipe full without a huge queue.
 pub(crate) const FRAMES_IN_FLIGHT: usize = 8;
 
-/// A chunk whose replicas received data since the last fsync.
+/// A chunk whose replicas received data since the last fsync (none listed: an RS 4+2 append,
+/// durable when written).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Dirty {
     pub index: u64,
@@ -45,6 +47,7 @@ pub(crate) async fn write_extents(
     store: &dyn Store,
     locs: &Locations,
     extents: &[Extent],
+    file_end: u64,
 ) -> Result<Vec<Dirty>, ClientError> {
     let mut by_chunk: BTreeMap<u64, Vec<Piece>> = BTreeMap::new();
     for ext in extents {
@@ -58,7 +61,7 @@ pub(crate) async fn write_extents(
     join_all(
         by_chunk
             .into_iter()
-            .map(|(index, pieces)| write_pieces(store, locs, index, pieces)),
+            .map(|(index, pieces)| write_pieces(store, locs, index, pieces, Some(file_end))),
     )
     .await
     .into_iter()
@@ -74,17 +77,35 @@ pub(crate) async fn write_piece(
     data: Bytes,
 ) -> Result<Dirty, ClientError> {
     let piece = Piece { offset: off, data };
-    write_pieces(store, locs, index, vec![piece]).await
+    write_pieces(store, locs, index, vec![piece], None).await
 }
 
-/// Writes `pieces` (not overlapping) of chunk `index` to all of its live replicas.
+/// Writes `pieces` (sorted, not overlapping) of chunk `index` to all of its live replicas,
+/// or appends them to its RS 4+2 shards when they extend an erasure-coded chunk of a file
+/// that ends at `file_end` (see `ec_write.rs`; `None`: never). An append is durable already:
+/// its [`Dirty`] lists no servers.
 pub(crate) async fn write_pieces(
     store: &dyn Store,
     locs: &Locations,
     index: u64,
     pieces: Vec<Piece>,
+    file_end: Option<u64>,
 ) -> Result<Dirty, ClientError> {
-    let mut loc = crate::cow::writable(store, locs, locs.for_write(store, index).await?).await?;
+    let mut loc = locs.for_write(store, index).await?;
+    if let Some(end) = file_end {
+        let in_chunk = end.saturating_sub(index.saturating_mul(CHUNK_SIZE));
+        match try_append(store, locs, loc, &pieces, in_chunk).await? {
+            Append::Done(new) => {
+                return Ok(Dirty {
+                    index,
+                    chunk: new.chunk,
+                    servers: Vec::new(),
+                })
+            }
+            Append::Fallback(current) => loc = current,
+        }
+    }
+    let mut loc = crate::cow::writable(store, locs, loc).await?;
     let mut refreshed = false;
     let mut last: Option<DataError> = None;
     // Each round either succeeds, drops at least one replica, or refreshes (once): bounded.

@@ -79,6 +79,18 @@ pub fn digest_at(addr: &str) -> Result<StateDigest> {
 }
 
 impl Cluster {
+    /// Lines containing `what` in the logs of every `role` process (e.g. what the healers did).
+    pub fn log_lines(&self, role: &str, what: &str) -> Result<usize> {
+        let mut n = 0;
+        for p in self.info()?.processes.iter().filter(|p| p.role == role) {
+            if let Some(log) = &p.log {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                n += text.lines().filter(|l| l.contains(what)).count();
+            }
+        }
+        Ok(n)
+    }
+
     /// The scrub status of chunkserver `id` (its rate, bytes verified, bad copies found),
     /// over its control port.
     pub fn scrub_status(&self, id: u64) -> Result<ScrubStatus> {

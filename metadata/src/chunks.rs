@@ -88,7 +88,7 @@ pub(crate) fn truncate(t: &mut Tables, ino: Ino, size: u64) -> Op<()> {
 }
 
 /// A regular file whose data may change (not a read-only snapshot).
-fn file_rec(t: &Tables, ino: Ino) -> Op<crate::store::InodeRec> {
+pub(crate) fn file_rec(t: &Tables, ino: Ino) -> Op<crate::store::InodeRec> {
     let rec = inode(&t.inodes, ino)?;
     match rec.kind {
         FileKind::File => {}

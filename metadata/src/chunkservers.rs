@@ -15,6 +15,14 @@ use crate::store::get_server;
 /// Most FENCE orders one heartbeat reply carries from the leader's queue.
 const FENCES_PER_REPLY: usize = 10_000;
 
+/// Where a new chunk goes.
+enum Placement {
+    /// 3 replicas (fewer if fewer servers are live).
+    Replicas(Vec<ServerId>),
+    /// One RS 4+2 shard on each of 6 servers (a `cold` file).
+    Shards(Vec<ServerId>),
+}
+
 impl Server {
     pub(crate) async fn do_allocate(
         &self,
@@ -23,10 +31,11 @@ impl Server {
         req: ReqId,
     ) -> MetaResult<ChunkLoc> {
         let term = self.leader_term().await?;
-        let (existing, key) = self.0.sm.read(|rt| {
+        let (existing, key, cold) = self.0.sm.read(|rt| {
             Ok((
                 queries::chunk_at(rt, ino, index, term)?,
                 queries::next_chunk_id(rt)?,
+                crate::ec_write::is_cold(rt, ino).unwrap_or(false),
             ))
         })?;
         if let Some(loc) = existing {
@@ -52,7 +61,26 @@ impl Server {
             let key = key
                 ^ ino.wrapping_mul(0x9e37_79b9_7f4a_7c15)
                 ^ index.wrapping_mul(0xc2b2_ae3d_27d4_eb4f).rotate_left(17);
-            place(&candidates, key, REPLICAS)
+            if cold && candidates.len() >= EC_SHARDS {
+                // A cold file: RS 4+2 from the first byte (see `ec_write.rs`).
+                Placement::Shards(place(&candidates, key, EC_SHARDS))
+            } else {
+                Placement::Replicas(place(&candidates, key, REPLICAS))
+            }
+        };
+        let servers = match servers {
+            Placement::Replicas(replicas) => replicas,
+            Placement::Shards(shards) => {
+                let cmd = Command::AllocateEc {
+                    ino,
+                    index,
+                    servers: shards,
+                };
+                return self
+                    .propose(tracked(req, Timespec::now(), cmd))
+                    .await?
+                    .into_chunk();
+            }
         };
         if servers.len() < REPLICAS {
             tracing::warn!(

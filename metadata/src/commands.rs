@@ -220,6 +220,24 @@ pub enum Command {
         repair_rate: RateChange,
         scrub_rate: RateChange,
     },
+    /// `AllocateChunk` of a `cold` file: an erasure-coded chunk of length 0 with one shard
+    /// on each of `servers` (the leader's placement, 6 distinct); see `ec_write.rs`.
+    AllocateEc {
+        ino: Ino,
+        index: u64,
+        servers: Vec<ServerId>,
+    },
+    /// Commits an append of logical bytes `from..to` to the erasure-coded chunk `chunk` at
+    /// `version`, written to exactly `shards`; bumps the version (see `ec_write.rs`).
+    EcExtend {
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        shards: Vec<(ChunkId, ServerId)>,
+        from: u64,
+        to: u64,
+    },
 }
 
 /// What a command returns.
@@ -286,9 +304,10 @@ impl Command {
                 Command::AckDeletes { chunks, .. } => 9 * chunks.len(),
                 Command::Snapshot { name, label, .. } => name.len() + label.len(),
                 Command::CowDone { failed, .. } => 9 * failed.len(),
-                Command::EcPrepare { servers, .. } | Command::CowPlaced { servers, .. } => {
-                    9 * servers.len()
-                }
+                Command::EcPrepare { servers, .. }
+                | Command::CowPlaced { servers, .. }
+                | Command::AllocateEc { servers, .. } => 9 * servers.len(),
+                Command::EcExtend { shards, .. } => 9 * shards.len(),
                 Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum(),
                 Command::Tracked { cmd, .. } => cmd.approx_size(),
                 _ => 0,

@@ -219,7 +219,13 @@ pub(crate) fn update_ec(t: &mut Tables, chunk: ChunkId, mut f: impl FnMut(&mut E
 
 /// The chunk at `(ino, index)`, fenced by its id and version: `NotFound` without a chunk
 /// there, `StaleVersion` if another chunk or another version is there now.
-fn fenced(t: &Tables, ino: Ino, index: u64, chunk: ChunkId, version: u64) -> Op<ChunkRec> {
+pub(crate) fn fenced(
+    t: &Tables,
+    ino: Ino,
+    index: u64,
+    chunk: ChunkId,
+    version: u64,
+) -> Op<ChunkRec> {
     inode(&t.inodes, ino)?;
     let rec = get_chunk(&t.chunks, ino, index)?.ok_or(Fail::Meta(MetaError::NotFound))?;
     if rec.chunk != chunk || rec.version != version {
@@ -351,7 +357,7 @@ pub(crate) fn commit(
     visible(t, ino, index, &rec, term)
 }
 
-fn visible(t: &Tables, ino: Ino, index: u64, rec: &ChunkRec, term: u64) -> Op<ChunkLoc> {
+pub(crate) fn visible(t: &Tables, ino: Ino, index: u64, rec: &ChunkRec, term: u64) -> Op<ChunkLoc> {
     let file = inode(&t.inodes, ino)?;
     crate::shares::visible_loc(
         &t.servers,

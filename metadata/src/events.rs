@@ -320,7 +320,9 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         | Command::CowDone { .. }
         | Command::CowPlaced { .. }
         | Command::EcPrepare { .. }
-        | Command::EcCommit { .. } => Vec::new(),
+        | Command::EcCommit { .. }
+        | Command::AllocateEc { .. }
+        | Command::EcExtend { .. } => Vec::new(),
     };
     out.extend(replaced.inos.iter().map(|i| Inval::Inode(*i)));
     out

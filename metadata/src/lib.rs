@@ -17,6 +17,8 @@
 //!  status / replica_status / digest / add_peer / remove_peer --> cluster.rs
 //!  healer: endangered_chunks / add_replica / healer_lease --> healing.rs
 //!  healer limits and reports: set_healer_settings / healer_report --> limits.rs
+//!  RS 4+2: ec_prepare / ec_commit / cow of EC chunks --> erasure.rs;
+//!          cold files' chunks allocated erasure coded, ec_extend --> ec_write.rs
 //! ```
 //!
 //! Apply is deterministic: every input that is not a function of the state (the time, the
@@ -62,6 +64,7 @@ mod classes;
 mod cluster;
 mod commands;
 mod drain;
+mod ec_write;
 mod erasure;
 mod machine;
 mod namespace;

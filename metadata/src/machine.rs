@@ -192,6 +192,29 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
         EcPrepare { .. } | EcCommit { .. } | CowPlaced { .. } => {
             crate::erasure::dispatch(t, cmd, term)
         }
+        AllocateEc {
+            ino,
+            index,
+            servers,
+        } => crate::ec_write::allocate(t, *ino, *index, servers, term).map(Reply::Chunk),
+        EcExtend {
+            ino,
+            index,
+            chunk,
+            version,
+            shards,
+            from,
+            to,
+        } => crate::ec_write::extend(
+            t,
+            (*ino, *index),
+            *chunk,
+            *version,
+            shards,
+            (*from, *to),
+            term,
+        )
+        .map(Reply::Chunk),
         Batch(cmds) => {
             let mut out = Vec::with_capacity(cmds.len());
             for c in cmds {

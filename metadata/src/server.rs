@@ -673,6 +673,23 @@ impl MetadataRpc for Server {
             .await
     }
 
+    #[allow(clippy::too_many_arguments)]
+    async fn ec_extend(
+        self,
+        _: Context,
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        shards: Vec<(ChunkId, ServerId)>,
+        from: u64,
+        to: u64,
+        req: ReqId,
+    ) -> MetaResult<ChunkLoc> {
+        self.do_ec_extend((ino, index), chunk, version, shards, from, to, req)
+            .await
+    }
+
     async fn healer_lease(self, _: Context, holder: u64, ttl_ms: u64) -> MetaResult<HealerLease> {
         self.do_healer_lease(holder, ttl_ms).await
     }

@@ -29,18 +29,6 @@ fn busiest(c: &Cluster, dead: &HashSet<u64>) -> Result<u64> {
         .context("no live chunkserver in status")
 }
 
-/// Lines of the healers' logs containing `what`.
-fn logged(c: &Cluster, what: &str) -> Result<usize> {
-    let mut n = 0;
-    for id in [1, 2] {
-        if let Some(log) = c.process("healer", id)?.log {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            n += text.lines().filter(|l| l.contains(what)).count();
-        }
-    }
-    Ok(n)
-}
-
 /// Drops the kernel's page cache, so that reads through the mount reach the chunkservers.
 fn drop_caches() -> Result<()> {
     std::fs::write("/proc/sys/vm/drop_caches", b"3").context("drop_caches (needs root)")
@@ -54,7 +42,7 @@ fn kill_and_heal(
     total: u64,
     files: &[(PathBuf, u64, usize)],
 ) -> Result<()> {
-    let before = logged(c, "rebuilt shard")?;
+    let before = c.log_lines("healer", "rebuilt shard")?;
     c.kill9("chunkserver", victim)?;
     let killed = Instant::now();
     let r = wait_until(
@@ -83,7 +71,7 @@ fn kill_and_heal(
         "chunkserver {victim} killed: {total} RS chunks healthy again {:.1} s later",
         killed.elapsed().as_secs_f64()
     );
-    let rebuilt = logged(c, "rebuilt shard")? - before;
+    let rebuilt = c.log_lines("healer", "rebuilt shard")? - before;
     ensure!(rebuilt >= 1, "no shard rebuild logged by a healer");
     drop_caches()?;
     for (path, seed, len) in files {

@@ -544,6 +544,8 @@ rpc_methods! {
         fn drain_chunkserver(server: ServerId, draining: bool) -> ();
         /// Changes the run-time repair and scrub limits.
         fn set_healer_settings(repair_rate: RateChange, scrub_rate: RateChange) -> HealerSettings;
+        /// Commits an append to an erasure-coded chunk.
+        fn ec_extend(ino: Ino, index: u64, chunk: ChunkId, version: u64, shards: Vec<(ChunkId, ServerId)>, from: u64, to: u64) -> ChunkLoc;
     }
     other {
         /// Records an open of `ino` by `session`.
@@ -711,6 +713,7 @@ mod tests {
             drain_chunkserver(server: ServerId, draining: bool, req: ReqId) -> ();
             set_healer_settings(repair_rate: RateChange, scrub_rate: RateChange, req: ReqId) -> HealerSettings;
             healer_report(holder: u64, report: HealerReport) -> HealerSettings;
+            ec_extend(ino: Ino, index: u64, chunk: ChunkId, version: u64, shards: Vec<(ChunkId, ServerId)>, from: u64, to: u64, req: ReqId) -> ChunkLoc;
         }
     }
 

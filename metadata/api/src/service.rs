@@ -291,4 +291,24 @@ pub trait MetadataRpc {
     /// A healer's progress report (any healer, active or standby; kept by the leader for
     /// `status`); returns the limits it must apply.
     async fn healer_report(holder: u64, report: HealerReport) -> MetaResult<HealerSettings>;
+    /// Commits an append to the erasure-coded chunk `index` of `ino` (a `cold` file written
+    /// as RS 4+2 directly): the client wrote and synced shard bytes for the chunk's logical
+    /// bytes `from..to` at `version`, to exactly `shards` (shard id and server, by shard
+    /// number). The length
+    /// becomes `to` and the version is bumped, so a shard rebuild that read the old length
+    /// cannot commit. `StaleVersion` if the chunk moved (another chunk, version or length,
+    /// another shard list, a shard lost, a copy pending), `Invalid` if it is shared with a
+    /// snapshot or clone, `NotPermitted` for a read-only snapshot: the writer then copies the
+    /// chunk to replicas and writes there.
+    #[allow(clippy::too_many_arguments)]
+    async fn ec_extend(
+        ino: Ino,
+        index: u64,
+        chunk: ChunkId,
+        version: u64,
+        shards: Vec<(ChunkId, ServerId)>,
+        from: u64,
+        to: u64,
+        req: ReqId,
+    ) -> MetaResult<ChunkLoc>;
 }

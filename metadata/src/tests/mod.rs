@@ -2,6 +2,7 @@
 //! delivers them, on a real redb file in a temporary directory.
 
 mod classes;
+mod ec_write;
 mod erasure;
 mod healing;
 mod posix;
