@@ -86,6 +86,8 @@ impl MetadataRpc for FakeMetadata {
         set_healer_settings(repair_rate: RateChange, scrub_rate: RateChange, req: ReqId) -> HealerSettings;
         healer_report(holder: u64, report: HealerReport) -> HealerSettings;
         ec_extend(ino: Ino, index: u64, chunk: ChunkId, version: u64, shards: Vec<(ChunkId, ServerId)>, from: u64, to: u64, req: ReqId) -> ChunkLoc;
+        volume_lease(ino: Ino, holder: u64, ttl_ms: u64, renew: bool) -> u64;
+        end_volume_lease(ino: Ino, holder: u64) -> ();
     }
 }
 

@@ -90,6 +90,7 @@ mod limits;
 mod missing;
 mod proposer;
 mod server;
+mod volume_lease;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

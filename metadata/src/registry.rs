@@ -47,6 +47,8 @@ pub(crate) struct Registry {
     pub reports: crate::limits::Reports,
     /// Inventories and copies they lack (see `missing.rs`).
     pub suspects: crate::missing::Suspects,
+    /// Volume writer leases granted by this leader (see `volume_lease.rs`).
+    pub volume_leases: crate::volume_lease::VolumeLeases,
 }
 
 impl Registry {
@@ -61,6 +63,7 @@ impl Registry {
             draining: HashMap::new(),
             reports: Default::default(),
             suspects: Default::default(),
+            volume_leases: Default::default(),
         }
     }
 

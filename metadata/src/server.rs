@@ -690,6 +690,21 @@ impl MetadataRpc for Server {
             .await
     }
 
+    async fn volume_lease(
+        self,
+        _: Context,
+        ino: Ino,
+        holder: u64,
+        ttl_ms: u64,
+        renew: bool,
+    ) -> MetaResult<u64> {
+        self.do_volume_lease((ino, holder), ttl_ms, renew).await
+    }
+
+    async fn end_volume_lease(self, _: Context, ino: Ino, holder: u64) -> MetaResult<()> {
+        self.do_end_volume_lease(ino, holder).await
+    }
+
     async fn healer_lease(self, _: Context, holder: u64, ttl_ms: u64) -> MetaResult<HealerLease> {
         self.do_healer_lease(holder, ttl_ms).await
     }

@@ -18,13 +18,17 @@
 //! advertised with `NBD_FLAG_CAN_MULTI_CONN`. Otherwise one connection writes at a time: a
 //! connection that opens the volume while another writes it gets a read-only view (flagged
 //! `NBD_FLAG_READ_ONLY`, writes refused with `EPERM`), so two VMs never both write one
-//! disk by mistake. Snapshots are read-only for everyone.
+//! disk by mistake. The same holds across NBD servers: the server that opens a single-writer
+//! volume for writing holds its writer lease from the metadata leader ([`WriterLease`]) while
+//! any connection uses it, and another server then opens it read-only. Snapshots are
+//! read-only for everyone.
 //! The metadata open keeps a volume deleted while in use alive until its last client
 //! leaves. A flusher sends buffered writes to the chunkservers every [`FLUSH_EVERY`], so
 //! data a client never flushed reaches the replicas within seconds, as with a kernel's
 //! writeback.
 
 use crate::export::{Catalog, Export, ExportError, ExportInfo};
+use crate::lease::WriterLease;
 use crate::server::{serve, ServeError, ServerConfig, ServerHandle};
 use crate::view::ReadOnlyView;
 use crate::volume::VolumeExport;
@@ -32,7 +36,7 @@ use crate::volumes::{VolumeError, VolumeInfo, Volumes};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rawfs_client::{Client, ClientConfig};
-use rawfs_metadata_api::Ino;
+use rawfs_metadata_api::{Ino, MetaError};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -119,15 +123,21 @@ impl VolumeCatalog {
     }
 
     /// What a connection opening `v` now would get: read-only for a snapshot, and for a
-    /// single-writer volume that another connection of this server writes.
+    /// single-writer volume that another connection of this server, or another server,
+    /// writes.
     async fn describe(&self, v: &VolumeInfo, access: Access) -> ExportInfo {
+        let local = self
+            .open
+            .lock()
+            .await
+            .get(&v.ino)
+            .map(|e| e.writers > 0 || e.export.read_only());
         let taken = !access.multi_conn
-            && self
-                .open
-                .lock()
-                .await
-                .get(&v.ino)
-                .is_some_and(|e| e.writers > 0);
+            && !access.snapshot
+            && match local {
+                Some(taken) => taken,
+                None => self.written_elsewhere(v.ino).await,
+            };
         let read_only = access.snapshot || taken;
         let what = if access.snapshot {
             "snapshot"
@@ -143,6 +153,15 @@ impl VolumeCatalog {
             multi_conn: access.snapshot || (access.multi_conn && !taken),
             description: format!("rawfs {what} {}", v.name),
         }
+    }
+
+    /// Whether another NBD server holds the writer lease of `ino` (asked without taking it;
+    /// a metadata leader new in office, or one out of reach, counts as no).
+    async fn written_elsewhere(&self, ino: Ino) -> bool {
+        matches!(
+            self.client.meta().volume_lease(ino, self.session, 0, false).await,
+            Err(MetaError::LeaseHeld { holder, .. }) if holder != 0
+        )
     }
 
     /// How volume inode `ino` may be opened.
@@ -174,7 +193,7 @@ impl VolumeCatalog {
             e.conns += 1;
             e.export.grow_to(v.size);
             if access.snapshot || e.export.multi_conn() || e.writers == 0 {
-                e.writers += usize::from(!access.snapshot);
+                e.writers += usize::from(!e.export.read_only());
                 return Ok(e.export.clone());
             }
             let view: Arc<dyn Export> = Arc::new(ReadOnlyView::new(e.export.clone()));
@@ -193,7 +212,22 @@ impl VolumeCatalog {
             export = export.into_read_only();
         } else if !access.multi_conn {
             export = export.single_writer();
+            // One writer across NBD servers too: the cluster-wide writer lease.
+            match WriterLease::acquire(meta.clone(), v.ino, self.session).await {
+                Ok(lease) => export = export.with_lease(lease),
+                Err(MetaError::LeaseHeld { holder, .. }) => {
+                    tracing::info!(volume = %v.name, holder, "volume is written through another NBD server; this connection reads only");
+                    export = export.into_read_only();
+                }
+                Err(e) => {
+                    if let Err(err) = meta.release(v.ino, self.session).await {
+                        tracing::warn!(volume = %v.name, error = %err, "metadata release failed; the open stays until the session ends");
+                    }
+                    return Err(ExportError::Io(Box::new(e)));
+                }
+            }
         }
+        let writers = usize::from(!export.read_only());
         let export = Arc::new(export);
         let weak = Arc::downgrade(&export);
         let flusher = tokio::spawn(async move {
@@ -212,7 +246,7 @@ impl VolumeCatalog {
             Entry {
                 export: export.clone(),
                 conns: 1,
-                writers: usize::from(!access.snapshot),
+                writers,
                 views: Vec::new(),
                 flusher,
             },
@@ -258,6 +292,9 @@ impl VolumeCatalog {
         }
         if let Some(e) = open.remove(&vol.ino()) {
             e.flusher.abort();
+            if let Some(lease) = e.export.lease() {
+                lease.end().await;
+            }
             if let Err(err) = self.client.meta().release(vol.ino(), self.session).await {
                 tracing::warn!(volume = vol.name(), error = %err, "metadata release failed; the open stays until the session ends");
             }
@@ -273,6 +310,9 @@ impl VolumeCatalog {
             e.flusher.abort();
             if let Err(err) = e.export.flush_buffers().await {
                 tracing::error!(volume = e.export.name(), error = %err, "buffered writes lost at shutdown");
+            }
+            if let Some(lease) = e.export.lease() {
+                lease.end().await;
             }
         }
         if let Err(e) = self.client.meta().end_session(self.session).await {

@@ -30,6 +30,7 @@
 mod catalog;
 mod export;
 mod handshake;
+pub mod lease;
 pub mod mem;
 pub mod proto;
 mod server;

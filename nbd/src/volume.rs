@@ -14,11 +14,13 @@
 //! Allocation is reported at chunk granularity (64 MiB): a chunk that exists is data.
 
 use crate::export::{Export, ExportError, Extent};
+use crate::lease::WriterLease;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rawfs_client::{ClientError, FileIo};
 use rawfs_metadata_api::client::MetadataClient;
 use rawfs_metadata_api::{Ino, MetaError, CHUNK_SIZE};
+use std::sync::Arc;
 
 /// Zeros written per call for `WRITE_ZEROES` with `NO_HOLE`.
 const ZERO_STEP: u64 = 4 << 20;
@@ -32,6 +34,8 @@ pub struct VolumeExport {
     read_only: bool,
     /// Several connections may write (the volume's multi-conn setting).
     multi_conn: bool,
+    /// This server's right to write a single-writer volume (see `lease.rs`).
+    lease: Option<Arc<WriterLease>>,
 }
 
 impl std::fmt::Debug for VolumeExport {
@@ -72,7 +76,24 @@ impl VolumeExport {
             meta,
             read_only: false,
             multi_conn: true,
+            lease: None,
         }
+    }
+
+    /// The same export, written only while `lease` holds.
+    pub fn with_lease(mut self, lease: Arc<WriterLease>) -> VolumeExport {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// The writer lease this export holds, if any.
+    pub fn lease(&self) -> Option<&Arc<WriterLease>> {
+        self.lease.as_ref()
+    }
+
+    /// Refuses a change once the writer lease ran out.
+    fn may_write(&self) -> Result<(), ExportError> {
+        self.lease.as_ref().map_or(Ok(()), |l| l.check())
     }
 
     /// The same export for a volume written by one client at a time: not advertised as
@@ -201,6 +222,7 @@ impl Export for VolumeExport {
         fua: bool,
     ) -> BoxFuture<'_, Result<(), ExportError>> {
         async move {
+            self.may_write()?;
             self.io.write(offset, &data).await.map_err(export_error)?;
             if fua {
                 self.durable().await?;
@@ -216,6 +238,7 @@ impl Export for VolumeExport {
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> BoxFuture<'_, Result<(), ExportError>> {
         async move {
+            self.may_write()?;
             self.io.punch(offset, len).await.map_err(export_error)?;
             if fua {
                 self.durable().await?;
@@ -233,6 +256,7 @@ impl Export for VolumeExport {
         fua: bool,
     ) -> BoxFuture<'_, Result<(), ExportError>> {
         async move {
+            self.may_write()?;
             if may_trim {
                 self.io.punch(offset, len).await.map_err(export_error)?;
             } else {

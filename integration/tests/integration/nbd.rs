@@ -201,9 +201,10 @@ struct FuseDisk {
 }
 
 impl FuseDisk {
-    fn attach(scratch: &Path, uri: &str) -> Result<FuseDisk> {
-        let dir = scratch.join("nbdfuse");
-        let ext = scratch.join("ext4");
+    /// `uri` as the file `nbd` in `scratch/name`.
+    fn attach(scratch: &Path, name: &str, uri: &str) -> Result<FuseDisk> {
+        let dir = scratch.join(name);
+        let ext = scratch.join(format!("{name}.ext4"));
         std::fs::create_dir_all(&dir)?;
         std::fs::create_dir_all(&ext)?;
         let child = Command::new("nbdfuse")
@@ -301,7 +302,7 @@ fn ext4_round_trip(c: &Cluster, class: &str) -> Result<()> {
     let addr = nbd_addr(c)?;
     c.rawfs_ok(&["volume", "create", "fs", "--size", "512M", "--class", class])?;
     let src = source_tree(c)?;
-    let disk = FuseDisk::attach(c.scratch(), &uri(&addr, "fs"))?;
+    let disk = FuseDisk::attach(c.scratch(), "nbdfuse", &uri(&addr, "fs"))?;
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F"])
         .arg(disk.file()))?;
@@ -595,5 +596,139 @@ fn snapshots_and_clones_share_chunks_until_written() -> Result<()> {
         Duration::from_secs(60),
         || Ok(chunkserver_used(&c)? < CHUNK),
     )?;
+    Ok(())
+}
+
+/// A second `rawfs nbd` on the same cluster, killed (SIGKILL) on drop.
+struct SecondServer {
+    addr: String,
+    child: Child,
+}
+
+impl SecondServer {
+    fn start(c: &Cluster) -> Result<SecondServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(rawfs_integration::harness::rawfs_bin())
+            .args(["nbd", "--listen", &addr, "--dir"])
+            .arg(&c.dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(c.scratch().join("nbd2.log"))?)
+            .spawn()?;
+        let s = SecondServer { addr, child };
+        wait_until(
+            "the second NBD server to answer",
+            Duration::from_secs(30),
+            || {
+                Ok(Command::new("nbdinfo")
+                    .arg("--list")
+                    .arg(format!("nbd://{}", s.addr))
+                    .output()?
+                    .status
+                    .success())
+            },
+        )?;
+        Ok(s)
+    }
+}
+
+impl Drop for SecondServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a client connecting now through `addr` gets `volume` read-only.
+fn read_only_via(addr: &str, volume: &str) -> Result<bool> {
+    let info: Value = serde_json::from_str(&run(Command::new("nbdinfo")
+        .arg("--json")
+        .arg(uri(addr, volume)))?)?;
+    info["exports"][0]["is_read_only"]
+        .as_bool()
+        .context("nbdinfo: no is_read_only")
+}
+
+#[test]
+fn one_writer_per_volume_across_nbd_servers() -> Result<()> {
+    let mut c = Cluster::start()?;
+    c.rawfs_ok(&["volume", "create", "shared", "--size", "64M"])?;
+    let a = nbd_addr(&c)?;
+    let mut b = SecondServer::start(&c)?;
+    // A writer attached through server A: server B serves the volume read-only.
+    let disk = FuseDisk::attach(c.scratch(), "via-a", &uri(&a, "shared"))?;
+    let write_a = |fill: u8| -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(disk.file())?;
+        f.write_all_at(&[fill; 65536], 0)?;
+        f.sync_all()?;
+        Ok(())
+    };
+    write_a(0x11)?;
+    // The metadata leader dies: the writer keeps its lease (renewed under the next leader)
+    // and goes on writing.
+    let (leader, term) = c.wait_leader(Duration::from_secs(10), 0, None)?;
+    c.kill9("metadata", leader)?;
+    c.wait_leader(Duration::from_secs(10), term + 1, Some(leader))?;
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    while std::time::Instant::now() < until {
+        write_a(0x22)?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    write_a(0xab)?;
+    ensure!(
+        read_only_via(&b.addr, "shared")?,
+        "B served a volume A writes as writable"
+    );
+    let refused = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 1 0 4k"])
+        .arg(uri(&b.addr, "shared"))
+        .output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    ensure!(
+        !refused.status.success() || said.contains("failed") || said.contains("read-only"),
+        "a second writer through another server was accepted: {said}"
+    );
+    // The writer leaves: B may write (the lease was given back, no waiting for it to lapse).
+    drop(disk);
+    wait_until(
+        "B to serve the volume writable",
+        Duration::from_secs(5),
+        || Ok(!read_only_via(&b.addr, "shared")?),
+    )?;
+    qemu_io(&uri(&b.addr, "shared"), &["write -P 0xcd 0 4k", "flush"])?;
+    // A writer through B, and B killed: A can write once the lease lapses (10 s).
+    let held = FuseDisk::attach(c.scratch(), "via-b", &uri(&b.addr, "shared"))?;
+    ensure!(
+        read_only_via(&a, "shared")?,
+        "A served a volume B writes as writable"
+    );
+    b.child.kill()?;
+    b.child.wait()?;
+    let killed = std::time::Instant::now();
+    drop(held);
+    wait_until(
+        "A to serve the volume writable",
+        Duration::from_secs(30),
+        || Ok(!read_only_via(&a, "shared")?),
+    )?;
+    eprintln!(
+        "writer lease of a killed NBD server taken over after {:.1} s",
+        killed.elapsed().as_secs_f64()
+    );
+    let back = qemu_io(
+        &uri(&a, "shared"),
+        &["read -P 0xcd 0 4k", "read -P 0xab 4k 60k"],
+    )?;
+    ensure!(!back.contains("Pattern verification failed"), "{back}");
+    assert!(c.panics().is_empty(), "{:?}", c.panics());
     Ok(())
 }

@@ -560,6 +560,10 @@ rpc_methods! {
         fn watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
         /// A chunkserver's heartbeat.
         fn heartbeat(hb: Heartbeat) -> HeartbeatReply;
+        /// Grants or renews a volume's writer lease.
+        fn volume_lease(ino: Ino, holder: u64, ttl_ms: u64, renew: bool) -> u64;
+        /// Gives a volume's writer lease back.
+        fn end_volume_lease(ino: Ino, holder: u64) -> ();
         /// The cluster's state.
         fn status() -> ClusterStatus;
         /// A page of chunks below their wanted copies or shards, with server liveness.
@@ -714,6 +718,8 @@ mod tests {
             set_healer_settings(repair_rate: RateChange, scrub_rate: RateChange, req: ReqId) -> HealerSettings;
             healer_report(holder: u64, report: HealerReport) -> HealerSettings;
             ec_extend(ino: Ino, index: u64, chunk: ChunkId, version: u64, shards: Vec<(ChunkId, ServerId)>, from: u64, to: u64, req: ReqId) -> ChunkLoc;
+            volume_lease(ino: Ino, holder: u64, ttl_ms: u64, renew: bool) -> u64;
+            end_volume_lease(ino: Ino, holder: u64) -> ();
         }
     }
 

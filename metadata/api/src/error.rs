@@ -34,8 +34,9 @@ pub enum MetaError {
     /// The caller acted for an older leader term (its healer lease or its order is void).
     #[error("stale leader term (current {current})")]
     StaleTerm { current: u64 },
-    /// Another holder has the healer lease for `remaining_ms` more.
-    #[error("healer lease held by {holder} for {remaining_ms} ms more")]
+    /// Another holder has the lease (the healer's, or a volume's writer lease) for
+    /// `remaining_ms` more; holder 0: one an earlier leader granted may still run.
+    #[error("lease held by {holder} for {remaining_ms} ms more")]
     LeaseHeld { holder: u64, remaining_ms: u64 },
     /// This replica is not the leader; retry at `leader_addr`.
     #[error("not the leader (leader {leader:?} at {leader_addr:?}, term {term})")]

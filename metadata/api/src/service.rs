@@ -311,4 +311,13 @@ pub trait MetadataRpc {
         to: u64,
         req: ReqId,
     ) -> MetaResult<ChunkLoc>;
+    /// Grants or renews to `holder` (an NBD server) the right to write volume `ino` for
+    /// `ttl_ms` (capped at 10 s); returns the granted milliseconds. `LeaseHeld` while another
+    /// holder has it. Soft state on the leader: for its first 10 s in office a leader grants
+    /// only renewals (`renew`: the holder's lease from an earlier leader is still running by
+    /// its own clock), so a lease never has two holders across a failover. `ttl_ms` 0 only
+    /// asks: the answer a claim would get, with nothing taken.
+    async fn volume_lease(ino: Ino, holder: u64, ttl_ms: u64, renew: bool) -> MetaResult<u64>;
+    /// Gives the writer lease of volume `ino` back, if `holder` has it.
+    async fn end_volume_lease(ino: Ino, holder: u64) -> MetaResult<()>;
 }
