@@ -19,7 +19,7 @@
 //! term too: a conversion planned under a deposed leader cannot commit. Only after the commit
 //! are the replicas queued for deletion, by the metadata service.
 
-use crate::ec_read::{codec, erasure_error, read_shard};
+use crate::ec_read::{codec, erasure_error, on_blocking_thread, read_shard};
 use crate::erasure::block_crcs;
 use crate::error::ClientError;
 use crate::extent::frames;
@@ -76,16 +76,8 @@ pub(crate) async fn convert(store: &dyn Store, c: &ColdChunk) -> Result<ChunkLoc
     let shards = plan_shards(&plan.shards)?;
     fence_all(store, loc, c.length).await?;
     let data = read_replicated(store, loc, c.length).await?;
-    let encoded = tokio::task::spawn_blocking(move || codec.encode_chunk(&data))
-        .await
-        .map_err(|e| {
-            if e.is_panic() {
-                std::panic::resume_unwind(e.into_panic());
-            }
-            ClientError::Meta(MetaError::Unavailable {
-                reason: "the client is shutting down".into(),
-            })
-        })?
+    let encoded = on_blocking_thread(move || codec.encode_chunk(&data))
+        .await?
         .map_err(|e| erasure_error(loc, e, None))?;
     let crcs = encoded.crcs;
     let outcomes = join_all(

@@ -28,7 +28,7 @@ use crate::store::Store;
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use rawfs_chunkserver_api::{DataError, MAX_PAYLOAD};
-use rawfs_metadata_api::{ChunkLoc, EcLoc, Replica};
+use rawfs_metadata_api::{ChunkLoc, EcLoc, MetaError, Replica};
 use std::sync::OnceLock;
 
 /// The process-wide codec, made on first use: [`Codec::new`] checks the CPU once.
@@ -40,6 +40,21 @@ pub(crate) fn codec() -> Result<&'static Codec, ErasureError> {
         .get_or_init(|| Codec::new(Layout::DEFAULT))
         .as_ref()
         .map_err(|e| *e)
+}
+
+/// Runs `f` (encoding or decoding a chunk, CPU work) on tokio's blocking threads so that it
+/// does not stall the tasks of other files. A panic in `f` resumes here.
+pub(crate) async fn on_blocking_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ClientError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        ClientError::Meta(MetaError::Unavailable {
+            reason: "the client is shutting down".into(),
+        })
+    })
 }
 
 /// The error for a codec failure on chunk `loc`: logged here with its cause, since the

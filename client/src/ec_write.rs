@@ -29,7 +29,7 @@
 //! (a cold volume's random writes) go to replicas, so they do not turn each chunk into a
 //! partial-stripe EC chunk that the next write must copy out again.
 
-use crate::ec_read::{codec, erasure_error};
+use crate::ec_read::{codec, erasure_error, on_blocking_thread};
 use crate::erasure::{Codec, DATA_SHARDS, TOTAL_SHARDS};
 use crate::error::ClientError;
 use crate::extent::frames;
@@ -162,7 +162,7 @@ async fn encode(
 ) -> Result<Vec<Bytes>, ClientError> {
     let stripe = codec.layout().stripe_size() as usize;
     let cell = codec.layout().cell_size() as usize;
-    let encoded = tokio::task::spawn_blocking(move || {
+    let encoded = on_blocking_thread(move || {
         let stripes = data.len().div_ceil(stripe);
         let mut out: Vec<Vec<u8>> = (0..TOTAL_SHARDS)
             .map(|_| Vec::with_capacity(stripes * cell))
@@ -174,15 +174,7 @@ async fn encode(
         }
         Ok(out)
     })
-    .await
-    .map_err(|e| {
-        if e.is_panic() {
-            std::panic::resume_unwind(e.into_panic());
-        }
-        ClientError::Meta(MetaError::Unavailable {
-            reason: "the client is shutting down".into(),
-        })
-    })?
+    .await?
     .map_err(|e| erasure_error(loc, e, None))?;
     debug_assert_eq!(encoded.len(), DATA_SHARDS + 2);
     Ok(encoded.into_iter().map(Bytes::from).collect())

@@ -106,21 +106,8 @@ pub(crate) fn allocate(
     servers: &[ServerId],
     term: u64,
 ) -> Op<ChunkLoc> {
-    let file = file_rec(t, ino)?;
-    if index > (i64::MAX as u64) / CHUNK_SIZE {
-        return Err(invalid("chunk index past the largest file size"));
-    }
-    if let Some(rec) = get_chunk(&t.chunks, ino, index)? {
-        // Another writer allocated it between the leader's check and this entry.
-        return crate::shares::visible_loc(
-            &t.servers,
-            &t.chunk_refs,
-            &t.chunk_owner,
-            &file,
-            (ino, index),
-            &rec,
-            term,
-        );
+    if let Some(loc) = allocated(t, ino, index, term)? {
+        return Ok(loc);
     }
     if servers.is_empty() {
         return Err(MetaError::NoSpace {
@@ -141,6 +128,28 @@ pub(crate) fn allocate(
     t.put_chunk(ino, index, &rec)?;
     t.chunk_owner.insert(chunk, (ino, index))?;
     to_loc(&t.servers, index, &rec, term)
+}
+
+/// Checks that chunk `index` of `ino` may be allocated; the chunk there already, if any
+/// (another writer allocated it between the leader's check and this entry).
+pub(crate) fn allocated(t: &Tables, ino: Ino, index: u64, term: u64) -> Op<Option<ChunkLoc>> {
+    let file = file_rec(t, ino)?;
+    if index > (i64::MAX as u64) / CHUNK_SIZE {
+        return Err(invalid("chunk index past the largest file size"));
+    }
+    let Some(rec) = get_chunk(&t.chunks, ino, index)? else {
+        return Ok(None);
+    };
+    crate::shares::visible_loc(
+        &t.servers,
+        &t.chunk_refs,
+        &t.chunk_owner,
+        &file,
+        (ino, index),
+        &rec,
+        term,
+    )
+    .map(Some)
 }
 
 pub(crate) fn commit_write(

@@ -27,7 +27,7 @@ use crate::commands::Command;
 use crate::erasure::{fenced, visible, EcRec, ShardRec};
 use crate::namespace::invalid;
 use crate::server::{tracked, Server};
-use crate::store::{get_chunk, Fail, Op, ReadTables, Tables, NEXT_CHUNK};
+use crate::store::{Fail, Op, ReadTables, Tables, NEXT_CHUNK};
 
 /// Applies `AllocateEc`: chunk `index` of `ino` becomes an erasure-coded chunk of length 0
 /// with one shard on each of `servers` (6 distinct). An existing chunk is returned as is.
@@ -38,20 +38,8 @@ pub(crate) fn allocate(
     servers: &[ServerId],
     term: u64,
 ) -> Op<ChunkLoc> {
-    let file = crate::chunks::file_rec(t, ino)?;
-    if index > (i64::MAX as u64) / CHUNK_SIZE {
-        return Err(invalid("chunk index past the largest file size"));
-    }
-    if let Some(rec) = get_chunk(&t.chunks, ino, index)? {
-        return crate::shares::visible_loc(
-            &t.servers,
-            &t.chunk_refs,
-            &t.chunk_owner,
-            &file,
-            (ino, index),
-            &rec,
-            term,
-        );
+    if let Some(loc) = crate::chunks::allocated(t, ino, index, term)? {
+        return Ok(loc);
     }
     let mut distinct = servers.to_vec();
     distinct.sort_unstable();
