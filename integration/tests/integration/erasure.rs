@@ -218,6 +218,12 @@ fn a_directory_goes_cold_and_back_through_kills() -> Result<()> {
         write_pattern(path, *seed, *len)?;
     }
     let chunks: u64 = files.iter().map(|f| chunks_of(f.2)).sum();
+    let file_bytes: u64 = files.iter().map(|f| f.2 as u64).sum();
+    // Space as replicas: 3 copies (heartbeats report it within seconds).
+    let r = wait_until("3 copies counted", Duration::from_secs(30), || {
+        Ok(stored_bytes(&c)? >= file_bytes * 29 / 10)
+    });
+    c.diagnose(r)?;
     let dir_s = dir.to_string_lossy().into_owned();
     let to = |c: &Cluster, class: &str| -> Result<()> {
         let out = c.rawfs(&["class", "set", "--recursive", &dir_s, class])?;
@@ -241,6 +247,15 @@ fn a_directory_goes_cold_and_back_through_kills() -> Result<()> {
     for (path, seed, len) in &files {
         verify_pattern(path, *seed, *len)?;
     }
+    // Converted: within 1.6x once the replicas are deleted (and no copy left over).
+    let r = wait_until("the replicas deleted", Duration::from_secs(60), || {
+        Ok(stored_bytes(&c)? <= file_bytes * 16 / 10)
+    });
+    c.diagnose(r)?;
+    eprintln!(
+        "space after conversion: {:.2}x the file bytes",
+        stored_bytes(&c)? as f64 / file_bytes as f64
+    );
 
     // And back to replicas, with a healer kill and a chunkserver kill on the way.
     to(&c, "hot")?;
