@@ -227,6 +227,14 @@ pub enum Command {
         index: u64,
         servers: Vec<ServerId>,
     },
+    /// `DropReplica` of a copy `server` does not have (its inventories say so, see
+    /// `missing.rs`), without the deletion order a drop queues for the server: an order sent
+    /// after the healer made a new copy there would delete that copy.
+    DropMissing {
+        chunk: ChunkId,
+        expected_version: u64,
+        server: ServerId,
+    },
     /// Commits an append of logical bytes `from..to` to the erasure-coded chunk `chunk` at
     /// `version`, written to exactly `shards`; bumps the version (see `ec_write.rs`).
     EcExtend {

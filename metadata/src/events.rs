@@ -322,6 +322,7 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         | Command::EcPrepare { .. }
         | Command::EcCommit { .. }
         | Command::AllocateEc { .. }
+        | Command::DropMissing { .. }
         | Command::EcExtend { .. } => Vec::new(),
     };
     out.extend(replaced.inos.iter().map(|i| Inval::Inode(*i)));

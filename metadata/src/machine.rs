@@ -192,6 +192,15 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
         EcPrepare { .. } | EcCommit { .. } | CowPlaced { .. } => {
             crate::erasure::dispatch(t, cmd, term)
         }
+        DropMissing {
+            chunk,
+            expected_version,
+            server,
+        } => {
+            let loc = chunks::drop_replica(t, *chunk, *expected_version, *server, term)?;
+            chunks::ack_deletes(t, *server, &[*chunk])?;
+            Ok(Reply::Chunk(loc))
+        }
         AllocateEc {
             ino,
             index,

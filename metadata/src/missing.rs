@@ -196,8 +196,11 @@ impl Server {
         }
     }
 
+    /// Drops the copy `server` lacks (`DropMissing`: no deletion order for a copy that is not
+    /// there, which would otherwise delete, and tombstone, the copy the healer makes there
+    /// next).
     async fn drop_missing(&self, chunk: ChunkId, version: u64, server: ServerId) -> MetaResult<()> {
-        self.propose(Command::DropReplica {
+        self.propose(Command::DropMissing {
             chunk,
             expected_version: version,
             server,
