@@ -29,6 +29,9 @@ use crate::namespace::invalid;
 use crate::server::{tracked, Server};
 use crate::store::{Fail, Op, ReadTables, Tables, NEXT_CHUNK};
 
+/// An RS 4+2 stripe of the client's layout (4 data cells of 1 MiB): appends start on one.
+const STRIPE: u64 = 4 << 20;
+
 /// Applies `AllocateEc`: chunk `index` of `ino` becomes an erasure-coded chunk of length 0
 /// with one shard on each of `servers` (6 distinct). An existing chunk is returned as is.
 pub(crate) fn allocate(
@@ -110,6 +113,10 @@ pub(crate) fn extend(
     match &rec.ec {
         Some(ec) if rec.pending.is_none() && matches(ec) => {}
         _ => return Err(stale()),
+    }
+    if from % STRIPE != 0 {
+        // Appending inside a stripe would rewrite parity that covers committed bytes.
+        return Err(invalid("erasure-coded append inside a stripe"));
     }
     let owned = t.chunk_owner.get(chunk)?.map(|g| g.value()) == Some((ino, index));
     if !owned || crate::shares::has_extra_refs(&t.chunk_refs, chunk)? {

@@ -118,6 +118,11 @@ fn a_cold_chunk_starts_empty_on_six_servers_and_appends_bump_its_version() {
         extend(&mut h, f.ino, &b, 9 * MIB + 3, CHUNK_SIZE + 1),
         Err(MetaError::Invalid { .. })
     ));
+    // The length ends inside a stripe: no more appends (the writer copies it to replicas).
+    assert!(matches!(
+        extend(&mut h, f.ino, &b, 9 * MIB + 3, 10 * MIB),
+        Err(MetaError::Invalid { .. })
+    ));
     assert_eq!(chunk0(&h, f.ino), b, "refusals change nothing");
 }
 
