@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Soft state, like the healer lease: a new leader does not know who held what. For
-//! [`LEASE_MAX`] after taking office (unless it leads the first term) it grants only renewals (a holder whose lease, granted
+//! [`LEASE_MAX`] after taking office (or restarting) it grants only renewals (a holder whose lease, granted
 //! by an earlier leader, is still running by its own clock says `renew`), and the first
 //! renewal of a volume wins. After that every live holder has renewed, so a lease a new
 //! claimant gets can have no other holder. A holder that cannot renew stops writing when
@@ -57,9 +57,9 @@ pub(crate) fn decide(
             });
         }
         Some(l) if l.term == term && l.until > now => {}
-        // Nothing granted in this term: one from an earlier leader may still run (there is
-        // no earlier leader in the first term).
-        _ if in_office < LEASE_MAX && !renew && term > 1 => {
+        // Nothing granted in this term: one from an earlier leader, or from this replica
+        // before a restart (openraft restores a sole leader in its old term), may still run.
+        _ if in_office < LEASE_MAX && !renew => {
             return Err(MetaError::LeaseHeld {
                 holder: 0,
                 remaining_ms: millis(LEASE_MAX - in_office),
@@ -198,8 +198,8 @@ mod tests {
         // A volume nobody renewed is free once the warm-up is over.
         assert!(decide(&mut l, (9, 2), ttl, false, (TERM + 1, early), t0).is_err());
         assert!(decide(&mut l, (9, 2), ttl, false, (TERM + 1, LEASE_MAX), t0).is_ok());
-        // The first leader of a cluster has no one to wait for.
-        let mut fresh = VolumeLeases::new();
-        assert!(decide(&mut fresh, (9, 2), ttl, false, (1, Duration::ZERO), t0).is_ok());
+        // Even in the first term: a replica restarted as leader keeps its term, not its map.
+        let mut restarted = VolumeLeases::new();
+        assert!(decide(&mut restarted, (9, 2), ttl, false, (1, Duration::ZERO), t0).is_err());
     }
 }
