@@ -30,7 +30,7 @@
 //! partial-stripe EC chunk that the next write must copy out again.
 
 use crate::ec_read::{codec, erasure_error, on_blocking_thread};
-use crate::erasure::{Codec, DATA_SHARDS, TOTAL_SHARDS};
+use crate::erasure::{Codec, TOTAL_SHARDS};
 use crate::error::ClientError;
 use crate::extent::frames;
 use crate::locations::Locations;
@@ -153,31 +153,22 @@ fn joined(pieces: &[Piece]) -> Bytes {
     all.freeze()
 }
 
-/// Encodes `data` (starting on a stripe boundary) stripe by stripe, on a blocking thread:
-/// for each shard, its bytes for these stripes, contiguous in the shard.
+/// Encodes `data` (starting on a stripe boundary of the chunk) on a blocking thread: for each
+/// shard, its bytes for these stripes, contiguous in the shard.
 async fn encode(
     codec: &'static Codec,
     data: Bytes,
     loc: &ChunkLoc,
 ) -> Result<Vec<Bytes>, ClientError> {
-    let stripe = codec.layout().stripe_size() as usize;
-    let cell = codec.layout().cell_size() as usize;
-    let encoded = on_blocking_thread(move || {
-        let stripes = data.len().div_ceil(stripe);
-        let mut out: Vec<Vec<u8>> = (0..TOTAL_SHARDS)
-            .map(|_| Vec::with_capacity(stripes * cell))
-            .collect();
-        for part in data.chunks(stripe) {
-            for (shard, c) in out.iter_mut().zip(codec.encode_stripe(part)?) {
-                shard.extend_from_slice(&c);
-            }
-        }
-        Ok(out)
+    let shards = on_blocking_thread(move || {
+        let mut shards: [Vec<u8>; TOTAL_SHARDS] = Default::default();
+        codec
+            .encode_shards_into(&data, &mut shards)
+            .map(|()| shards)
     })
     .await?
     .map_err(|e| erasure_error(loc, e, None))?;
-    debug_assert_eq!(encoded.len(), DATA_SHARDS + 2);
-    Ok(encoded.into_iter().map(Bytes::from).collect())
+    Ok(shards.into_iter().map(Bytes::from).collect())
 }
 
 /// Writes `data` at `offset` of shard `id` (at the chunk's version and term) and syncs it. An

@@ -123,6 +123,24 @@ impl Codec {
         data: &[u8],
         out: &mut EncodedChunk,
     ) -> Result<(), ErasureError> {
+        self.encode_shards_into(data, &mut out.shards)?;
+        for (crcs, shard) in out.crcs.iter_mut().zip(out.shards.iter()) {
+            crcs.clear();
+            crcs.extend(shard.chunks(BLOCK as usize).map(block_crc));
+        }
+        out.logical_len = data.len() as u64;
+        Ok(())
+    }
+
+    /// The 6 shards of `data` (≤ chunk size) into `shards`, without their crcs: for a writer
+    /// whose chunkservers compute the crcs as they store the shards. `data` may also be the
+    /// stripes appended at a stripe boundary of a chunk: the shards are then the bytes that
+    /// go at shard offset `first_stripe * cell_size`.
+    pub fn encode_shards_into(
+        &self,
+        data: &[u8],
+        shards: &mut [Vec<u8>; TOTAL_SHARDS],
+    ) -> Result<(), ErasureError> {
         let l = &self.layout;
         let n = data.len() as u64;
         if n > l.chunk_size() {
@@ -132,7 +150,6 @@ impl Codec {
             });
         }
         let lens = l.shard_lens(n);
-        let shards = &mut out.shards;
         // Data shards are appended stripe by stripe; parity is computed into place.
         for (k, s) in shards.iter_mut().enumerate() {
             s.clear();
@@ -169,11 +186,6 @@ impl Codec {
             )?;
         }
         debug_assert!((0..TOTAL_SHARDS).all(|k| shards[k].len() as u64 == lens[k]));
-        for (crcs, shard) in out.crcs.iter_mut().zip(shards.iter()) {
-            crcs.clear();
-            crcs.extend(shard.chunks(BLOCK as usize).map(block_crc));
-        }
-        out.logical_len = n;
         Ok(())
     }
 
