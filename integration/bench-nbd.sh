@@ -9,7 +9,8 @@
 #
 # fio talks NBD itself (ioengine=nbd, libnbd), so no kernel NBD module is needed.
 #
-# Usage: integration/bench-nbd.sh [--size-mib N] [--fio-seconds S] [--debug]
+# Usage: integration/bench-nbd.sh [--size-mib N] [--fio-seconds S] [--debug] [--no-build]
+#   --no-build   use the binaries already built
 # Needs root for drop_caches (the figures are warm otherwise), fio with the nbd engine, nbdkit.
 # RAWFS_BENCH_DIR (default /var/tmp/rawfs-bench-nbd) holds the cluster and nbdkit's file.
 set -euo pipefail
@@ -17,12 +18,14 @@ set -euo pipefail
 SIZE_MIB=1024
 FIO_SECONDS=20
 PROFILE=release
+BUILD=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --size-mib) SIZE_MIB="$2"; shift ;;
         --fio-seconds) FIO_SECONDS="$2"; shift ;;
         --debug) PROFILE=debug ;;
-        *) echo "usage: $0 [--size-mib N] [--fio-seconds S] [--debug]" >&2; exit 2 ;;
+        --no-build) BUILD=0 ;;
+        *) echo "usage: $0 [--size-mib N] [--fio-seconds S] [--debug] [--no-build]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -30,10 +33,11 @@ done
 cd "$(dirname "$0")/.."
 fio --enghelp 2>/dev/null | grep -qw nbd || { echo "bench-nbd.sh: fio lacks the nbd engine" >&2; exit 1; }
 command -v nbdkit >/dev/null || { echo "bench-nbd.sh: nbdkit is needed" >&2; exit 1; }
-if [ $PROFILE = release ]; then
-    cargo build --release -p rawfs >&2
-else
-    cargo build -p rawfs >&2
+# The same package set as the other benchmarks, so that they share one build.
+if [ $BUILD = 1 ] && [ $PROFILE = release ]; then
+    cargo build --release -p rawfs -p rawfs-integration >&2
+elif [ $BUILD = 1 ]; then
+    cargo build -p rawfs -p rawfs-integration >&2
 fi
 BIN="${CARGO_TARGET_DIR:-$(pwd)/target}/$PROFILE"
 

@@ -131,6 +131,21 @@ impl FileIo {
         self.inner.set_size(size);
     }
 
+    /// Takes `data` at `offset` into the write buffer if it fits there now, without waiting
+    /// for anything; returns false (and changes nothing) when [`FileIo::write`] is needed.
+    /// Lets a caller on a thread that must not block (a FUSE reader) answer most small
+    /// writes at once instead of handing each one to another thread.
+    pub fn write_if_buffered(&self, offset: u64, data: &[u8]) -> bool {
+        let Some(end) = range_end(offset, data.len() as u64) else {
+            return false;
+        };
+        if data.is_empty() || !lock(&self.inner.bufs).buffer.try_absorb(offset, data) {
+            return false;
+        }
+        self.inner.grew(end);
+        true
+    }
+
     /// Writes `data` at `offset` (buffered). The data is stored on the replicas by a later
     /// flush; errors of that flush may surface here when the buffer has to make room.
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {

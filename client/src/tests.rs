@@ -21,6 +21,32 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn writes_that_fit_are_buffered_at_once_and_others_are_left_to_write() {
+    let (fake, io) = setup(3, 16);
+    assert!(io.write_if_buffered(0, b"0123456789"));
+    assert!(
+        io.write_if_buffered(4, b"ab"),
+        "an overwrite inside the buffer"
+    );
+    assert_eq!(io.size(), 10);
+    assert!(
+        !io.write_if_buffered(10, b"0123456789"),
+        "past the buffer's room"
+    );
+    assert!(
+        !io.write_if_buffered(u64::MAX - 1, b"xyz"),
+        "past the largest offset"
+    );
+    assert!(!io.write_if_buffered(3, b""), "nothing to buffer");
+    assert_eq!(io.size(), 10, "a refused write changes nothing");
+    assert_eq!(fake.st().writes, 0);
+    // The refused write goes the usual way (the full buffer is flushed to make room).
+    io.write(10, b"0123456789").await.unwrap();
+    io.flush().await.unwrap();
+    assert_eq!(io.read(0, 100).await.unwrap(), b"0123ab67890123456789");
+}
+
+#[tokio::test]
 async fn buffered_writes_are_read_back_before_and_after_flush() {
     let (fake, io) = setup(3, 1 << 20);
     io.write(0, b"hello ").await.unwrap();

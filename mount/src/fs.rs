@@ -424,7 +424,17 @@ impl Filesystem for RawFs {
     ) {
         // Writes are keyed by inode, not handle: page-cache writeback (mmap) may come with
         // another handle's fh, and all handles of an inode share one buffer anyway.
-        let (inner, ino, data) = (self.inner.clone(), self.ino(ino), data.to_vec());
+        let ino = self.ino(ino);
+        // Most small writes only enter the buffer: answer them here rather than paying a
+        // hop to a runtime thread and back (measured: 4 KiB random writes ~1.4x).
+        if let Some(io) = self.inner.io_if_open(ino) {
+            if io.write_if_buffered(offset, data) {
+                // FUSE writes are at most max_write (1 MiB) long.
+                reply.written(data.len() as u32);
+                return;
+            }
+        }
+        let (inner, data) = (self.inner.clone(), data.to_vec());
         self.spawn(reply, async move { inner.write(ino, offset, data).await });
     }
 

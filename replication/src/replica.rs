@@ -390,6 +390,10 @@ impl Replica {
             sm_store,
         )
         .await?;
+        tokio::spawn({
+            let (sm, server) = (sm.clone(), raft.server_metrics());
+            async move { sm.follow_role(server).await }
+        });
         let contact = Arc::new(election::Contact::new());
         // openraft's leader lease is the maximum election timeout.
         let lease = cfg.election_timeout.1;

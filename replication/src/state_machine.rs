@@ -11,8 +11,9 @@
 //! The replication state blob is MessagePack of [`ReplicationState`]; the state machine
 //! stores it in the same transaction as the entries it describes, so the two never diverge.
 //!
-//! Small batches are applied inline on openraft's state machine task, big ones and every
-//! snapshot operation on tokio's blocking pool (see [`INLINE_MAX_BYTES`]).
+//! On the leader, small batches are applied inline on openraft's state machine task; big
+//! ones, every batch on a follower, and every snapshot operation go to tokio's blocking pool
+//! (see [`INLINE_MAX_ENTRIES`]).
 //!
 //! One async mutex serializes `apply`, `build_snapshot` and `install_snapshot`: openraft
 //! builds snapshots on a separate task while it keeps applying, and the snapshot bytes must
@@ -54,7 +55,7 @@ const FORMAT_VERSION: u8 = 1;
 /// Batches up to this many entries and command bytes are applied inline on the async task:
 /// a hop to the blocking pool (waking an idle thread and back, ~40 µs each way on a small VM)
 /// costs more than applying a few small commands. Bigger batches go to the blocking pool.
-pub const INLINE_MAX_ENTRIES: usize = 1024;
+pub const INLINE_MAX_ENTRIES: usize = 0;
 /// See [`INLINE_MAX_ENTRIES`].
 pub const INLINE_MAX_BYTES: usize = 256 << 10;
 
@@ -168,6 +169,8 @@ struct Shared {
     snapshot_seq: AtomicU64,
     /// Set by [`SmStore::close`] under the lock: later operations fail instead of running.
     closed: AtomicBool,
+    /// This replica leads (kept by [`SmStore::follow_role`]): small batches apply inline.
+    leading: AtomicBool,
 }
 
 impl SmStore {
@@ -196,12 +199,31 @@ impl SmStore {
                 applied: tokio::sync::Mutex::new(applied),
                 snapshot_seq: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
+                leading: AtomicBool::new(false),
             }),
         })
     }
 }
 
 impl SmStore {
+    /// Keeps the leader flag that chooses where batches are applied in step with `server`
+    /// (openraft's server metrics, which change only with the role, vote or membership).
+    /// Returns when the replica shuts down.
+    pub(crate) async fn follow_role(
+        &self,
+        mut server: tokio::sync::watch::Receiver<
+            openraft::metrics::RaftServerMetrics<u64, crate::Node>,
+        >,
+    ) {
+        loop {
+            let leading = server.borrow_and_update().state == openraft::ServerState::Leader;
+            self.inner.leading.store(leading, Ordering::Relaxed);
+            if server.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Waits for the operation in progress (an apply, a snapshot being built or installed,
     /// possibly on a task openraft leaves running after its shutdown) and refuses every later
     /// one: once this returns the application may use its state machine alone.
@@ -352,7 +374,10 @@ impl RaftStateMachine<TypeConfig> for SmStore {
             .iter()
             .map(|e| command_of(e).map_or(0, <[u8]>::len))
             .sum();
-        let responses = if n <= INLINE_MAX_ENTRIES && bytes <= INLINE_MAX_BYTES {
+        let inline = self.inner.leading.load(Ordering::Relaxed)
+            && n <= INLINE_MAX_ENTRIES
+            && bytes <= INLINE_MAX_BYTES;
+        let responses = if inline {
             apply_batch(&*sm, &entries, &blob).map_err(SmError::from)
         } else {
             tokio::task::spawn_blocking(move || apply_batch(&*sm, &entries, &blob))
