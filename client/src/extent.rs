@@ -114,7 +114,8 @@ fn overlay(start: u64, data: &[u8], offset: u64, out: &mut [u8]) -> usize {
 }
 
 /// Most separate extents a write buffer holds: each costs its own requests when flushed.
-pub(crate) const MAX_EXTENTS: usize = 1024;
+/// 2048 lets 4 KiB random writes fill the default 8 MiB buffer (1024: ~10-15% fewer IOPS).
+pub(crate) const MAX_EXTENTS: usize = 2048;
 
 /// Extents to be stored together: sorted by offset, disjoint. One flush writes them all in
 /// parallel and records them with a single `commit_write`.

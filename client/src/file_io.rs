@@ -45,7 +45,7 @@ struct Inner {
 
 /// Buffered I/O on one file, shared by every handle of the inode in a mount (wrap it in an
 /// `Arc`). Writes are collected in a buffer of up to `write_buffer` bytes (overlapping and
-/// adjacent writes merge; up to 1024 separate ranges) and sent to all replicas by
+/// adjacent writes merge; up to 2048 separate ranges) and sent to all replicas by
 /// [`FileIo::flush`], or in the background when the buffer fills; reads see the buffered
 /// data. Dropping a `FileIo` with unflushed data loses that data: flush on release.
 pub struct FileIo {
