@@ -1,6 +1,7 @@
 //! The replicated state machine: decodes committed commands and applies them to the store.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rawfs_metadata_api::{MetaError, MetaResult};
@@ -17,6 +18,14 @@ use crate::store::{Fail, Op, ReadTables, Store, StoreError, Tables};
 /// The metadata state machine over a redb file.
 pub struct MetaStateMachine {
     store: Arc<Store>,
+    /// This replica leads: its applies commit at once (see [`Store::apply_with`]).
+    leading: AtomicBool,
+}
+
+impl From<StoreError> for StorageError {
+    fn from(e: StoreError) -> Self {
+        storage(e)
+    }
 }
 
 fn storage(e: impl std::fmt::Display) -> StorageError {
@@ -30,6 +39,7 @@ impl MetaStateMachine {
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         Ok(MetaStateMachine {
             store: Arc::new(Store::open(path, cache_bytes)?),
+            leading: AtomicBool::new(false),
         })
     }
 
@@ -253,46 +263,49 @@ impl StateMachine for MetaStateMachine {
         entries: &[Entry<'_>],
         replication_state: &[u8],
     ) -> Result<Vec<Vec<u8>>, StorageError> {
-        let txn = self.store.begin_write().map_err(storage)?;
-        let mut out = Vec::with_capacity(entries.len());
-        {
-            let mut t = Tables::open(&txn).map_err(storage)?;
-            for e in entries {
-                let Some(bytes) = e.command else {
-                    out.push(Vec::new());
-                    continue;
-                };
-                let reply: MetaResult<Reply> = match Command::decode(bytes) {
-                    Ok(cmd) => match dispatch(&mut t, &cmd, e.term) {
-                        Ok(r) => Ok(r),
-                        Err(Fail::Meta(m)) => Err(m),
-                        Err(Fail::Store(s)) => {
-                            // Dropping the transaction discards the whole batch; the log
-                            // still has it, so nothing acknowledged is lost.
-                            tracing::error!(index = e.index, error = %s, "applying entry failed");
-                            return Err(storage(s));
+        let defer = !self.leading.load(Ordering::Relaxed);
+        self.store.apply_with(entries.len(), defer, |txn| {
+            let mut out = Vec::with_capacity(entries.len());
+            {
+                let mut t = Tables::open(txn).map_err(storage)?;
+                for e in entries {
+                    let Some(bytes) = e.command else {
+                        out.push(Vec::new());
+                        continue;
+                    };
+                    let reply: MetaResult<Reply> = match Command::decode(bytes) {
+                        Ok(cmd) => match dispatch(&mut t, &cmd, e.term) {
+                            Ok(r) => Ok(r),
+                            Err(Fail::Meta(m)) => Err(m),
+                            Err(Fail::Store(s)) => {
+                                // Dropping the transaction discards the whole batch; the log
+                                // still has it, so nothing acknowledged is lost.
+                                tracing::error!(index = e.index, error = %s, "applying entry failed");
+                                return Err(storage(s));
+                            }
+                        },
+                        Err(err) => {
+                            // Every replica decodes the same bytes the same way, so refusing
+                            // the entry keeps them in step.
+                            tracing::error!(index = e.index, error = %err, "undecodable command");
+                            Err(MetaError::Invalid {
+                                reason: "undecodable command".into(),
+                            })
                         }
-                    },
-                    Err(err) => {
-                        // Every replica decodes the same bytes the same way, so refusing
-                        // the entry keeps them in step.
-                        tracing::error!(index = e.index, error = %err, "undecodable command");
-                        Err(MetaError::Invalid {
-                            reason: "undecodable command".into(),
-                        })
-                    }
-                };
-                out.push(encode_reply(&reply).map_err(storage)?);
+                    };
+                    out.push(encode_reply(&reply).map_err(storage)?);
+                }
             }
-        }
-        if let Some(last) = entries.last() {
-            Store::put_applied(&txn, last.index, last.term).map_err(storage)?;
-        }
-        Store::put_replication_state(&txn, replication_state).map_err(storage)?;
-        self.store
-            .commit_applied(txn, entries.len())
-            .map_err(storage)?;
-        Ok(out)
+            if let Some(last) = entries.last() {
+                Store::put_applied(txn, last.index, last.term).map_err(storage)?;
+            }
+            Store::put_replication_state(txn, replication_state).map_err(storage)?;
+            Ok(out)
+        })
+    }
+
+    fn set_leading(&self, leading: bool) {
+        self.leading.store(leading, Ordering::Relaxed);
     }
 
     fn replication_state(&self) -> Result<Option<Vec<u8>>, StorageError> {

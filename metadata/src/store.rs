@@ -7,7 +7,8 @@
 //! Commits made while applying log entries use `Durability::None`: the replicated log is the
 //! durable record and re-applies whatever a crash lost. [`Store::flush_durable`] makes
 //! everything committed so far durable; the server calls it about once a second, and before
-//! snapshots and shutdown.
+//! snapshots and shutdown. A follower goes further and leaves its applies uncommitted for up
+//! to 20 ms or 256 entries ([`Store::apply_with`]); any read commits them first.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -412,163 +413,41 @@ pub(crate) fn get_server(
     }
 }
 
-/// Snapshot layout (one flat buffer, so a large state does not fragment the heap):
-/// `b"RAWFSMS2"`, then per table: name (u32 length + bytes), row count (u64), rows as
-/// (u32 key length, key, u32 value length, value); the replication blob last (u32 length +
-/// bytes, `u32::MAX` for none). Integers are little-endian. Version 1 (`b"RAWFSMS1"`) lacks
-/// the tables of [`for_tables_v2`] and version 2 those of [`for_tables_v3`]; both are still
-/// restored (with those tables empty).
-const SNAPSHOT_MAGIC: &[u8; 8] = b"RAWFSMS3";
-const SNAPSHOT_MAGIC_V2: &[u8; 8] = b"RAWFSMS2";
-const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"RAWFSMS1";
-
-/// Where table rows are written: a snapshot buffer or the digest's hasher.
-trait Sink {
-    fn put(&mut self, b: &[u8]);
-}
-
-impl Sink for Vec<u8> {
-    fn put(&mut self, b: &[u8]) {
-        self.extend_from_slice(b);
-    }
-}
-
-/// FNV-1a 64: a fixed, documented hash, so digests compare across processes and builds.
-struct Digest(fnv::FnvHasher);
-
-impl Sink for Digest {
-    fn put(&mut self, b: &[u8]) {
-        std::hash::Hasher::write(&mut self.0, b);
-    }
-}
-
-fn put_bytes(out: &mut impl Sink, b: &[u8]) {
-    out.put(&(b.len() as u32).to_le_bytes());
-    out.put(b);
-}
-
-fn dump<K: redb::Key + 'static, V: redb::Value + 'static>(
-    txn: &ReadTransaction,
-    def: TableDefinition<K, V>,
-    name: &str,
-    out: &mut impl Sink,
-) -> Result<(), StoreError> {
-    let table = txn.open_table(def)?;
-    put_bytes(out, name.as_bytes());
-    out.put(&table.len()?.to_le_bytes());
-    for item in table.iter()? {
-        let (k, v) = item?;
-        put_bytes(out, K::as_bytes(&k.value()).as_ref());
-        put_bytes(out, V::as_bytes(&v.value()).as_ref());
-    }
-    Ok(())
-}
-
-/// A bounds-checked reader over a snapshot buffer.
-struct Cursor<'a> {
-    b: &'a [u8],
-}
-
-impl<'a> Cursor<'a> {
-    fn corrupt(reason: &str) -> StoreError {
-        StoreError::Corrupt {
-            what: "snapshot",
-            reason: reason.into(),
-        }
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
-        if self.b.len() < n {
-            return Err(Self::corrupt("truncated"));
-        }
-        let (head, rest) = self.b.split_at(n);
-        self.b = rest;
-        Ok(head)
-    }
-
-    fn u32(&mut self) -> Result<u32, StoreError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    fn u64(&mut self) -> Result<u64, StoreError> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_le_bytes(a))
-    }
-
-    fn bytes(&mut self) -> Result<&'a [u8], StoreError> {
-        let n = self.u32()? as usize;
-        self.take(n)
-    }
-}
-
-fn load<K: redb::Key + 'static, V: redb::Value + 'static>(
-    txn: &WriteTransaction,
-    def: TableDefinition<K, V>,
-    name: &str,
-    cur: &mut Cursor<'_>,
-) -> Result<(), StoreError> {
-    if cur.bytes()? != name.as_bytes() {
-        return Err(Cursor::corrupt("tables out of order"));
-    }
-    let mut table = txn.open_table(def)?;
-    table.retain(|_, _| false)?;
-    let rows = cur.u64()?;
-    for _ in 0..rows {
-        let k = cur.bytes()?;
-        let v = cur.bytes()?;
-        table.insert(K::from_bytes(k), V::from_bytes(v))?;
-    }
-    Ok(())
-}
-
-/// Calls `$f!(def, "name")` for every table of snapshot format 1, so that dump, load and
-/// the digest cannot miss one.
-macro_rules! for_tables {
-    ($f:ident) => {
-        $f!(INODES, "inodes");
-        $f!(DIRENTS, "dirents");
-        $f!(DIR_ORDER, "dir_order");
-        $f!(XATTRS, "xattrs");
-        $f!(SYMLINKS, "symlinks");
-        $f!(CHUNKS, "chunks");
-        $f!(CHUNK_OWNER, "chunk_owner");
-        $f!(OPENS, "opens");
-        $f!(SESSIONS, "sessions");
-        $f!(ORPHANS, "orphans");
-        $f!(COUNTERS, "counters");
-        $f!(SERVERS, "servers");
-        $f!(DELETIONS, "deletions");
-    };
-}
-
-/// The tables snapshot format 2 adds after those of [`for_tables`]. The request table is
-/// state (a replica restored from a snapshot must still recognise a retried request);
-/// `applied` is bookkeeping, left out of the digest.
-macro_rules! for_tables_v2 {
-    ($f:ident) => {
-        $f!(REQUESTS, "requests");
-        $f!(REQUEST_AGES, "request_ages");
-        $f!(APPLIED, "applied");
-    };
-}
-
-/// The tables snapshot format 3 adds after those of [`for_tables_v2`].
-macro_rules! for_tables_v3 {
-    ($f:ident) => {
-        $f!(CHUNK_REFS, "chunk_refs");
-    };
-}
+mod snapshot;
 
 /// The redb database with the metadata state.
 pub struct Store {
     db: Database,
-    /// Something was committed with `Durability::None` since the last durable commit.
+    /// Something was committed with `Durability::None` (or deferred) since the last durable
+    /// commit.
     dirty: AtomicBool,
     last_durable: Mutex<Instant>,
+    /// A follower's applied entries not committed yet (see [`Store::apply_with`]). Every
+    /// read transaction commits it first, so nothing applied is ever invisible.
+    deferred: Mutex<Option<Deferred>>,
 }
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Before the database: its drop waits for every write transaction to end. Committing
+        // (rather than dropping) keeps what was applied, as the immediate commits did.
+        if let Err(e) = self.commit_deferred() {
+            tracing::warn!(error = %e, "committing deferred entries at close failed");
+        }
+    }
+}
+
+/// An open write transaction holding applied entries.
+struct Deferred {
+    txn: WriteTransaction,
+    entries: usize,
+    since: Instant,
+}
+
+/// A follower commits its applied entries once this many are deferred...
+const DEFER_MAX_ENTRIES: usize = 256;
+/// ... or the oldest has waited this long (or a read, the durable tick, a snapshot comes).
+const DEFER_MAX_AGE: Duration = Duration::from_millis(20);
 
 /// How long non-durable commits may pile up before one durable commit.
 pub(crate) const DURABLE_EVERY: Duration = Duration::from_secs(1);
@@ -629,23 +508,66 @@ impl Store {
             db,
             dirty: AtomicBool::new(false),
             last_durable: Mutex::new(Instant::now()),
+            deferred: Mutex::new(None),
         })
     }
 
-    pub(crate) fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
-        Ok(self.db.begin_write()?)
-    }
-
+    /// A read transaction that sees everything applied so far.
     pub(crate) fn begin_read(&self) -> Result<ReadTransaction, StoreError> {
+        self.commit_deferred()?;
         Ok(self.db.begin_read()?)
     }
 
-    /// Commits a batch of applied entries: not durable unless the batch is large.
-    pub(crate) fn commit_applied(
+    /// Runs `apply` (a batch of `entries` log entries) in a write transaction and commits it,
+    /// not durably unless the batch is large. With `defer` (a follower: nobody waits for its
+    /// applies) the commit may wait for later batches, up to [`DEFER_MAX_ENTRIES`] entries or
+    /// [`DEFER_MAX_AGE`]: a redb commit costs more than applying a small command, and on a
+    /// small machine the followers' commits compete with the leader for the CPU. A crash
+    /// loses deferred entries exactly as it loses non-durable commits: the replica re-applies
+    /// them from its log. If `apply` fails, the deferred entries are dropped with the batch
+    /// and the replica, whose state machine failed, stops; a restart re-applies them.
+    pub(crate) fn apply_with<R, E: From<StoreError>>(
         &self,
-        mut txn: WriteTransaction,
         entries: usize,
-    ) -> Result<(), StoreError> {
+        defer: bool,
+        apply: impl FnOnce(&WriteTransaction) -> Result<R, E>,
+    ) -> Result<R, E> {
+        // Held throughout, so a reader cannot find the deferred entries neither committed
+        // nor pending.
+        let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        let (txn, total, since) = match deferred.take() {
+            Some(d) => (d.txn, d.entries + entries, d.since),
+            None => (
+                self.db.begin_write().map_err(StoreError::from)?,
+                entries,
+                Instant::now(),
+            ),
+        };
+        let out = apply(&txn)?;
+        if defer && total < DEFER_MAX_ENTRIES && since.elapsed() < DEFER_MAX_AGE {
+            self.dirty.store(true, Ordering::SeqCst);
+            *deferred = Some(Deferred {
+                txn,
+                entries: total,
+                since,
+            });
+        } else {
+            self.commit_applied(txn, total)?;
+        }
+        Ok(out)
+    }
+
+    /// Commits the deferred entries, if any.
+    fn commit_deferred(&self) -> Result<(), StoreError> {
+        let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+        match deferred.take() {
+            Some(d) => self.commit_applied(d.txn, d.entries),
+            None => Ok(()),
+        }
+    }
+
+    /// Commits a batch of applied entries: not durable unless the batch is large.
+    fn commit_applied(&self, mut txn: WriteTransaction, entries: usize) -> Result<(), StoreError> {
         let durable = entries >= LARGE_BATCH;
         if !durable {
             txn.set_durability(Durability::None);
@@ -662,10 +584,15 @@ impl Store {
 
     /// Makes every commit so far durable (fsync), if anything is pending.
     pub fn flush_durable(&self) -> Result<(), StoreError> {
+        let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
         if !self.dirty.swap(false, Ordering::SeqCst) {
             return Ok(());
         }
-        let txn = self.db.begin_write()?;
+        // Deferred entries become durable with this commit (redb's default durability).
+        let txn = match deferred.take() {
+            Some(d) => d.txn,
+            None => self.db.begin_write()?,
+        };
         if let Err(e) = txn.commit() {
             self.dirty.store(true, Ordering::SeqCst);
             return Err(e.into());
@@ -696,102 +623,10 @@ impl Store {
 
     /// The replication crate's blob, as last stored.
     pub fn replication_state(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(REPL)?;
         let v = t.get(REPL_KEY)?.map(|g| g.value().to_vec());
         Ok(v)
-    }
-
-    /// A consistent copy of every table (after making the state durable).
-    pub fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
-        self.dirty.store(true, Ordering::SeqCst);
-        self.flush_durable()?;
-        let txn = self.db.begin_read()?;
-        let mut out = SNAPSHOT_MAGIC.to_vec();
-        macro_rules! dump_one {
-            ($def:expr, $name:expr) => {
-                dump(&txn, $def, $name, &mut out)?;
-            };
-        }
-        for_tables!(dump_one);
-        for_tables_v2!(dump_one);
-        for_tables_v3!(dump_one);
-        match txn.open_table(REPL)?.get(REPL_KEY)? {
-            Some(g) => put_bytes(&mut out, g.value()),
-            None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
-        }
-        Ok(out)
-    }
-
-    /// Replaces every table with the snapshot's rows, durably.
-    pub fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
-        let mut cur = Cursor { b: snapshot };
-        let version = match cur.take(SNAPSHOT_MAGIC.len())? {
-            m if m == SNAPSHOT_MAGIC => 3,
-            m if m == SNAPSHOT_MAGIC_V2 => 2,
-            m if m == SNAPSHOT_MAGIC_V1 => 1,
-            _ => return Err(Cursor::corrupt("bad magic")),
-        };
-        let txn = self.db.begin_write()?;
-        macro_rules! load_one {
-            ($def:expr, $name:expr) => {
-                load(&txn, $def, $name, &mut cur)?;
-            };
-        }
-        macro_rules! clear_one {
-            ($def:expr, $name:expr) => {
-                txn.open_table($def)?.retain(|_, _| false)?;
-            };
-        }
-        for_tables!(load_one);
-        if version >= 2 {
-            for_tables_v2!(load_one);
-        } else {
-            for_tables_v2!(clear_one);
-        }
-        if version >= 3 {
-            for_tables_v3!(load_one);
-        } else {
-            for_tables_v3!(clear_one);
-        }
-        {
-            let mut repl = txn.open_table(REPL)?;
-            repl.retain(|_, _| false)?;
-            let n = cur.u32()?;
-            if n != u32::MAX {
-                let blob = cur.take(n as usize)?;
-                repl.insert(REPL_KEY, blob)?;
-            }
-        }
-        if !cur.b.is_empty() {
-            return Err(Cursor::corrupt("trailing bytes"));
-        }
-        txn.commit()?;
-        self.dirty.store(false, Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// `(applied index, digest)`: a hash of every state table (all but `applied` and the
-    /// replication blob) and the index of the last entry applied to it, from one read
-    /// transaction, so the two belong together.
-    pub fn digest(&self) -> Result<(u64, u64), StoreError> {
-        let txn = self.db.begin_read()?;
-        let mut h = Digest(fnv::FnvHasher::default());
-        macro_rules! hash_one {
-            ($def:expr, $name:expr) => {
-                dump(&txn, $def, $name, &mut h)?;
-            };
-        }
-        for_tables!(hash_one);
-        hash_one!(REQUESTS, "requests");
-        hash_one!(REQUEST_AGES, "request_ages");
-        for_tables_v3!(hash_one);
-        let applied = txn
-            .open_table(APPLIED)?
-            .get(APPLIED_INDEX)?
-            .map(|g| g.value())
-            .unwrap_or(0);
-        Ok((applied, std::hash::Hasher::finish(&h.0)))
     }
 
     /// Records the last applied entry inside the write transaction that applied it.

@@ -144,6 +144,11 @@ pub trait StateMachine: Send + Sync + 'static {
 
     /// Replaces the whole state with a snapshot taken by [`StateMachine::snapshot`].
     fn restore(&self, snapshot: &[u8]) -> Result<(), StorageError>;
+
+    /// Told when this replica becomes leader (`true`) or stops being leader. A follower's
+    /// applies have nobody waiting on them, so the state machine may gather several before
+    /// it commits them (its own reads must still see every applied entry).
+    fn set_leading(&self, _leading: bool) {}
 }
 
 /// A member of the replication group as openraft sees it: where its raft RPCs go and where

@@ -52,10 +52,15 @@ use crate::TypeConfig;
 pub const SNAPSHOT_FILE: &str = "snapshot.bin";
 const SNAPSHOT_TMP: &str = "snapshot.bin.tmp";
 const FORMAT_VERSION: u8 = 1;
-/// Batches up to this many entries and command bytes are applied inline on the async task:
-/// a hop to the blocking pool (waking an idle thread and back, ~40 µs each way on a small VM)
-/// costs more than applying a few small commands. Bigger batches go to the blocking pool.
-pub const INLINE_MAX_ENTRIES: usize = 0;
+/// On the leader, batches up to this many entries and command bytes are applied inline on
+/// the async task: a hop to the blocking pool (waking an idle thread and back, ~40 µs each
+/// way on a small VM) costs more than applying a few small commands, and the proposer waits
+/// for the apply anyway. Bigger batches go to the blocking pool.
+///
+/// A follower always applies on the blocking pool: nobody waits for its apply, but the
+/// leader waits for its answer to the next AppendEntries, which an inline apply would hold
+/// up behind a whole state machine commit.
+pub const INLINE_MAX_ENTRIES: usize = 1024;
 /// See [`INLINE_MAX_ENTRIES`].
 pub const INLINE_MAX_BYTES: usize = 256 << 10;
 
@@ -217,7 +222,9 @@ impl SmStore {
     ) {
         loop {
             let leading = server.borrow_and_update().state == openraft::ServerState::Leader;
-            self.inner.leading.store(leading, Ordering::Relaxed);
+            if self.inner.leading.swap(leading, Ordering::Relaxed) != leading {
+                self.inner.sm.set_leading(leading);
+            }
             if server.changed().await.is_err() {
                 return;
             }

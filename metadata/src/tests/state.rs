@@ -297,3 +297,31 @@ fn a_store_locked_by_an_exiting_predecessor_opens_once_it_is_gone() {
         .expect("the second open panicked")
         .expect("the second open, after the first closed");
 }
+
+#[test]
+fn a_followers_deferred_applies_are_seen_by_reads_digests_and_a_reopen() {
+    // Nobody told these state machines that they lead: they defer their commits.
+    let mut follower = H::new();
+    let mut leader = H::new();
+    leader.sm.set_leading(true);
+    for h in [&mut follower, &mut leader] {
+        for i in 0..40 {
+            h.mknod(ROOT_INO, &format!("f{i}"), FileKind::File, 0o644)
+                .unwrap();
+            // Every entry is visible to the next read, deferred or not.
+            h.lookup(ROOT_INO, &format!("f{i}")).unwrap();
+        }
+    }
+    assert_eq!(
+        follower.sm.digest().unwrap(),
+        leader.sm.digest().unwrap(),
+        "same entries, same state"
+    );
+    follower
+        .mknod(ROOT_INO, "last", FileKind::File, 0o644)
+        .unwrap();
+    let follower = follower.reopen();
+    follower.lookup(ROOT_INO, "last").unwrap();
+    follower.sm.store().flush_durable().unwrap();
+    assert!(!follower.sm.store().durable_due());
+}
