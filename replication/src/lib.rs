@@ -120,13 +120,13 @@ pub struct StorageError {
 /// - [`StateMachine::snapshot`] must contain the replication state, and
 ///   [`StateMachine::restore`] must bring it back (the replica checks it) and be durable.
 /// - The replica calls the methods one at a time (the application's own reads may of course
-///   run alongside). `snapshot`, `restore` and `apply` of a big batch run on tokio's blocking
-///   pool and may block as long as they need. `apply` of a small batch (up to
-///   [`state_machine::INLINE_MAX_ENTRIES`] entries and [`state_machine::INLINE_MAX_BYTES`]
-///   bytes of commands) runs inline on an async worker thread, which saves two thread hops
-///   per commit: it should do memory work and a non-durable commit, not wait for an fsync
-///   or the network (an occasional short wait, e.g. on a lock held by a durable commit, is
-///   tolerable).
+///   run alongside). `snapshot`, `restore`, every `apply` on a follower and `apply` of a big
+///   batch run on tokio's blocking pool and may block as long as they need. On the leader,
+///   `apply` of a small batch (up to [`state_machine::INLINE_MAX_ENTRIES`] entries and
+///   [`state_machine::INLINE_MAX_BYTES`] bytes of commands) runs inline on an async worker
+///   thread, which saves two thread hops per commit: it should do memory work and a
+///   non-durable commit, not wait for an fsync or the network (an occasional short wait,
+///   e.g. on a lock held by a durable commit, is tolerable).
 pub trait StateMachine: Send + Sync + 'static {
     /// Applies `entries` in order and stores `replication_state` in the same durable
     /// transaction. Returns one response per entry (empty for entries without a command).
