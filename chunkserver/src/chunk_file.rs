@@ -28,6 +28,7 @@ use bytes::{Bytes, BytesMut};
 use rawfs_chunkserver_api::{BLOCK_SIZE, MAX_CHUNK_SIZE};
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
@@ -111,6 +112,14 @@ pub struct ChunkFile {
 /// writes overlap the disk work with the transfer instead (as RocksDB's `bytes_per_sync`).
 /// It also bounds how long a later fsync takes.
 const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// A read at least this long is taken as part of a stream (clients read sequential data
+/// in frames of 1 MiB; random readers ask for a few KiB).
+const STREAM_READ: u64 = 512 << 10;
+/// How far past a streaming read the kernel is asked to read ahead. The chunk file is read
+/// by several requests at once, from different threads and out of order, which defeats
+/// the kernel's own read-ahead on a cold disk; this keeps the disk busy meanwhile.
+const READ_AHEAD_HINT: u64 = 8 << 20;
 
 impl ChunkFile {
     /// Creates a new, empty chunk file at `path`; fails if it exists.
@@ -300,6 +309,24 @@ impl ChunkFile {
         Ok(())
     }
 
+    /// Asks the kernel to start reading chunk bytes `offset..offset + len` (clipped at the
+    /// chunk's end) into the page cache, without waiting. Only a hint: errors are ignored.
+    fn advise_will_need(&self, offset: u64, len: u64) {
+        let len = len.min(MAX_CHUNK_SIZE.saturating_sub(offset));
+        if len == 0 {
+            return;
+        }
+        // SAFETY: a plain syscall on a descriptor this ChunkFile owns; no memory is passed.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                (DATA_OFFSET + offset) as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
+
     /// Notes that file bytes `from..to` were written, and starts their writeback once
     /// [`WRITEBACK_EVERY`] bytes are pending (see there). Only a hint to the kernel: an error
     /// here is reported again by the fsync that durability actually rests on.
@@ -313,7 +340,6 @@ impl ChunkFile {
             return;
         }
         self.unflushed = None;
-        use std::os::fd::AsRawFd;
         // SAFETY: a plain syscall on a descriptor this ChunkFile owns; no memory is passed.
         let rc = unsafe {
             libc::sync_file_range(
@@ -337,11 +363,15 @@ impl ChunkFile {
         let first = (offset / BS) as usize;
         let last = ((end - 1) / BS) as usize;
         let base = first as u64 * BS;
-        let mut buf = BytesMut::zeroed((last - first + 1) * BLOCK_SIZE as usize);
+        // Filled in order, never zeroed first: a read of megabytes should cost one copy.
+        let mut buf = BytesMut::with_capacity((last - first + 1) * BLOCK_SIZE as usize);
         let mut b = first;
         while b <= last {
             match self.blocks[b] {
-                Block::Unwritten => b += 1,
+                Block::Unwritten => {
+                    buf.resize(buf.len() + BLOCK_SIZE as usize, 0);
+                    b += 1;
+                }
                 Block::Bad => {
                     return Err(StoreError::Corrupt {
                         offset: b as u64 * BS,
@@ -353,11 +383,11 @@ impl ChunkFile {
                     while run_end <= last && self.blocks[run_end] != Block::Unwritten {
                         run_end += 1;
                     }
-                    let from = (b - first) * BLOCK_SIZE as usize;
-                    let to = (run_end - first) * BLOCK_SIZE as usize;
-                    read_full_at(&self.file, &mut buf[from..to], DATA_OFFSET + b as u64 * BS)?;
+                    let from = buf.len();
+                    let run = (run_end - b) * BLOCK_SIZE as usize;
+                    read_append_at(&self.file, &mut buf, run, DATA_OFFSET + b as u64 * BS)?;
                     for i in b..run_end {
-                        let at = (i - first) * BLOCK_SIZE as usize;
+                        let at = from + (i - b) * BLOCK_SIZE as usize;
                         let ok = match self.blocks[i] {
                             Block::Written(crc) => {
                                 crc32c::crc32c(&buf[at..at + BLOCK_SIZE as usize]) == crc
@@ -373,6 +403,9 @@ impl ChunkFile {
                     b = run_end;
                 }
             }
+        }
+        if len >= STREAM_READ {
+            self.advise_will_need(end, READ_AHEAD_HINT);
         }
         let from = (offset - base) as usize;
         Ok(buf.freeze().slice(from..from + len as usize))
@@ -443,6 +476,45 @@ fn read_full_at(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
         }
     }
     Ok(filled)
+}
+
+/// Appends `len` bytes of `file` at `at` to `buf`, read straight into its spare capacity;
+/// bytes past the end of the file are zeros (as [`read_full_at`] leaves them).
+fn read_append_at(file: &File, buf: &mut BytesMut, len: usize, at: u64) -> io::Result<()> {
+    let start = buf.len();
+    buf.reserve(len);
+    let mut filled = 0;
+    while filled < len {
+        let spare = &mut buf.spare_capacity_mut()[..len - filled];
+        let pos = libc::off_t::try_from(at + filled as u64)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: pread writes at most `spare.len()` bytes into memory this buffer owns and
+        // does not read it; the bytes it reports written are then initialized.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                pos,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => {
+                // SAFETY: pread initialized the first `n` bytes of the spare capacity.
+                unsafe { buf.set_len(buf.len() + n as usize) };
+                filled += n as usize;
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    buf.resize(start + len, 0);
+    Ok(())
 }
 
 fn be_u32(b: &[u8]) -> u32 {

@@ -413,7 +413,10 @@ async fn writing_into_an_empty_ec_chunk_works() {
     let now = fake.loc(INO, 0).unwrap();
     assert!(now.ec.is_none());
     let fresh = FileIo::new(INO, 13, fake.clone(), 1 << 20);
-    assert_eq!(fresh.read(0, 13).await.unwrap(), b"\0\0\0\0\0\0\0\0\0\0abc");
+    assert_eq!(
+        fresh.read(0, 13).await.unwrap().to_vec(),
+        b"\0\0\0\0\0\0\0\0\0\0abc"
+    );
 }
 
 #[tokio::test]

@@ -9,10 +9,12 @@
 use crate::error::ClientError;
 use crate::extent::{range_end, split_by_chunk, Batch, Extent, WriteBuf};
 use crate::locations::Locations;
-use crate::read_path::{read_piece, window_range, Fetch, Plan, ReadAhead, Suspects, AHEAD, WINDOW};
+use crate::read_path::{
+    concat, read_piece, window_range, Fetch, Frames, Plan, ReadAhead, Suspects, AHEAD, WINDOW,
+};
 use crate::store::Store;
 use crate::write_path::{sync_chunks, write_extents, write_piece, Dirty, FRAME, FRAMES_IN_FLIGHT};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use rawfs_metadata_api::{Attr, Ino, CHUNK_SIZE};
@@ -232,12 +234,13 @@ impl FileIo {
     }
 
     /// Reads up to `len` bytes at `offset`: clipped at [`FileIo::size`], holes read as zeros,
-    /// buffered writes are visible.
-    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
+    /// buffered writes are visible. A read inside one read-ahead window or one frame is a
+    /// slice of what was received, not a copy.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
         let inner = &self.inner;
         let size = self.size();
         if offset >= size || len == 0 {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         }
         let end = size.min(offset + u64::from(len));
         // Snapshot what is buffered in the range (pending first: the buffer is newer).
@@ -246,7 +249,7 @@ impl FileIo {
             if b.buffer.covers(offset, end) {
                 let mut out = vec![0u8; (end - offset) as usize];
                 b.buffer.overlay(offset, &mut out);
-                return Ok(out);
+                return Ok(out.into());
             }
             let pending = b
                 .pending
@@ -255,14 +258,18 @@ impl FileIo {
                 .cloned();
             (pending, b.buffer.snapshot(offset, end))
         };
-        let mut out = match &pending {
-            Some(p) if p.covers(offset, end) => vec![0u8; (end - offset) as usize],
+        let stored = match &pending {
+            Some(p) if p.covers(offset, end) => Bytes::from(vec![0u8; (end - offset) as usize]),
             _ => inner.clone().read_stored(offset, end, size).await?,
         };
+        if pending.is_none() && buffered.is_none() {
+            return Ok(stored);
+        }
+        let mut out = stored.to_vec();
         for batch in pending.iter().chain(buffered.iter()) {
             batch.overlay(offset, &mut out);
         }
-        Ok(out)
+        Ok(out.into())
     }
 
     /// Zeroes `offset..offset + len` without changing the size: chunks wholly inside are
@@ -502,25 +509,25 @@ impl Inner {
         offset: u64,
         end: u64,
         size: u64,
-    ) -> Result<Vec<u8>, ClientError> {
+    ) -> Result<Bytes, ClientError> {
         let plan = lock(&self.ra).plan(offset, end);
         let Plan::Windows { first, last } = plan else {
             return self.read_direct(offset, end).await;
         };
-        let mut out = vec![0u8; (end - offset) as usize];
+        let mut pieces = Vec::new();
         for w in first..=last {
             let from = offset.max(w * WINDOW);
             let to = end.min((w + 1) * WINDOW);
-            let dst = &mut out[(from - offset) as usize..(to - offset) as usize];
-            match self.clone().window(w, size).await {
+            let piece = match self.clone().window(w, size).await {
                 Some(data) if w * WINDOW + data.len() as u64 >= to => {
                     let src = (from - w * WINDOW) as usize;
-                    dst.copy_from_slice(&data[src..src + dst.len()]);
+                    data.slice(src, src + (to - from) as usize)
                 }
                 // Fetch failed or the window is shorter than the file now is: read directly
                 // (and get the real error, if any).
-                _ => dst.copy_from_slice(&self.read_direct(from, to).await?),
-            }
+                _ => self.read_direct(from, to).await?,
+            };
+            pieces.push(piece);
         }
         // AHEAD windows ahead, in the background.
         for w in last + 1..=last + AHEAD {
@@ -529,11 +536,11 @@ impl Inner {
             }
             let _ = self.clone().fetch_window(w, size);
         }
-        Ok(out)
+        Ok(concat(pieces))
     }
 
     /// Window `w` from the cache, from a fetch in flight, or fetched now.
-    async fn window(self: Arc<Self>, w: u64, size: u64) -> Option<Bytes> {
+    async fn window(self: Arc<Self>, w: u64, size: u64) -> Option<Frames> {
         if let Some(data) = lock(&self.ra).window(w) {
             return Some(data);
         }
@@ -553,8 +560,8 @@ impl Inner {
         let generation = ra.generation;
         let inner = self.clone();
         let fetch: Fetch = async move {
-            let data = match inner.read_direct(start, start + u64::from(len)).await {
-                Ok(v) => Some(Bytes::from(v)),
+            let data = match inner.read_frames(start, start + u64::from(len)).await {
+                Ok(frames) => Some(frames),
                 Err(e) => {
                     tracing::debug!(ino = inner.ino, window = w, error = %e, "read-ahead failed");
                     None
@@ -576,8 +583,13 @@ impl Inner {
     }
 
     /// Reads `offset..end` from the replicas: every chunk in parallel, each in frames.
-    async fn read_direct(&self, offset: u64, end: u64) -> Result<Vec<u8>, ClientError> {
-        let mut out = vec![0u8; (end - offset) as usize];
+    async fn read_direct(&self, offset: u64, end: u64) -> Result<Bytes, ClientError> {
+        let frames = self.read_frames(offset, end).await?;
+        Ok(frames.slice(0, (end - offset) as usize))
+    }
+
+    /// [`Inner::read_direct`], as the frames received.
+    async fn read_frames(&self, offset: u64, end: u64) -> Result<Frames, ClientError> {
         let mut parts = Vec::new();
         for p in split_by_chunk(offset, end - offset) {
             let mut at = 0u32;
@@ -590,18 +602,28 @@ impl Inner {
         let store = &*self.store;
         let locs = &self.locs;
         let suspects = &*self.suspects;
-        let results: Vec<(usize, Bytes)> = futures::stream::iter(parts)
+        let mut results: Vec<(usize, Bytes)> = futures::stream::iter(parts)
             .map(|(index, off, n, pos)| async move {
-                read_piece(store, locs, suspects, index, off, n)
-                    .await
-                    .map(|b| (pos, b))
+                let data = read_piece(store, locs, suspects, index, off, n).await?;
+                Ok::<_, ClientError>((pos, exactly(data, n as usize)))
             })
             .buffer_unordered(FRAMES_IN_FLIGHT)
             .try_collect()
             .await?;
-        for (pos, data) in results {
-            out[pos..pos + data.len()].copy_from_slice(&data);
-        }
-        Ok(out)
+        results.sort_unstable_by_key(|(pos, _)| *pos);
+        Ok(Frames::new(results.into_iter().map(|(_, b)| b).collect()))
     }
+}
+
+/// `data` made exactly `len` bytes long. A replica never sends more than asked; a short
+/// answer (a chunk file shorter than its data claims) reads as zeros past its end, as the
+/// hole it is.
+fn exactly(data: Bytes, len: usize) -> Bytes {
+    if data.len() >= len {
+        return data.slice(..len);
+    }
+    let mut out = BytesMut::with_capacity(len);
+    out.extend_from_slice(&data);
+    out.resize(len, 0);
+    out.freeze()
 }

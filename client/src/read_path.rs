@@ -16,7 +16,7 @@
 use crate::error::ClientError;
 use crate::locations::Locations;
 use crate::store::Store;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, Shared};
 use rawfs_chunkserver_api::DataError;
 use rawfs_metadata_api::{ChunkLoc, ServerId, CHUNK_SIZE};
@@ -218,7 +218,7 @@ async fn report_bad(store: &dyn Store, locs: &Locations, loc: &ChunkLoc, bad: &[
 /// A window being fetched: shared so that a reader waiting for it and the prefetch task see
 /// the same result. `None` means the fetch failed (the reader then reads directly and gets
 /// the real error).
-pub(crate) type Fetch = Shared<BoxFuture<'static, Option<Bytes>>>;
+pub(crate) type Fetch = Shared<BoxFuture<'static, Option<Frames>>>;
 
 /// What a read should do about read-ahead.
 pub(crate) enum Plan {
@@ -236,7 +236,7 @@ pub(crate) struct ReadAhead {
     /// Consecutive sequential reads seen.
     streak: u32,
     /// Cached windows by window number, each clipped at the file size when fetched.
-    windows: BTreeMap<u64, Bytes>,
+    windows: BTreeMap<u64, Frames>,
     /// Windows being fetched.
     inflight: HashMap<u64, Fetch>,
     /// Bumped by every invalidation; a fetch started under an older generation is discarded.
@@ -266,7 +266,7 @@ impl ReadAhead {
         }
     }
 
-    pub fn window(&self, w: u64) -> Option<Bytes> {
+    pub fn window(&self, w: u64) -> Option<Frames> {
         self.windows.get(&w).cloned()
     }
 
@@ -279,7 +279,7 @@ impl ReadAhead {
     }
 
     /// Stores a fetched window if no invalidation happened since the fetch began.
-    pub fn finish_fetch(&mut self, w: u64, generation: u64, data: Option<Bytes>) {
+    pub fn finish_fetch(&mut self, w: u64, generation: u64, data: Option<Frames>) {
         if generation != self.generation {
             return;
         }
@@ -316,6 +316,59 @@ impl ReadAhead {
     }
 }
 
+/// Bytes as they were received, one [`Bytes`] per frame, in order and without gaps. A
+/// window is kept this way so that a read inside one frame (as the kernel's read-ahead
+/// requests are) is answered with a slice of the received buffer rather than a copy.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Frames(Vec<Bytes>);
+
+impl Frames {
+    pub fn new(frames: Vec<Bytes>) -> Frames {
+        Frames(frames)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.iter().map(Bytes::len).sum()
+    }
+
+    /// Bytes `from..to` (within [`Frames::len`]): a slice when one frame holds them all.
+    pub fn slice(&self, from: usize, to: usize) -> Bytes {
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for f in &self.0 {
+            let end = at + f.len();
+            if at < to && from < end {
+                pieces.push(f.slice(from.max(at) - at..to.min(end) - at));
+            }
+            at = end;
+        }
+        concat(pieces)
+    }
+
+    /// Keeps the first `len` bytes.
+    pub fn truncate(&mut self, len: usize) {
+        let mut left = len;
+        for f in &mut self.0 {
+            let keep = left.min(f.len());
+            f.truncate(keep);
+            left -= keep;
+        }
+        self.0.retain(|f| !f.is_empty());
+    }
+}
+
+/// `pieces` one after another: the piece itself when there is one (no copy).
+pub(crate) fn concat(mut pieces: Vec<Bytes>) -> Bytes {
+    if pieces.len() == 1 {
+        return pieces.pop().unwrap_or_default();
+    }
+    let mut out = BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+    for p in &pieces {
+        out.extend_from_slice(p);
+    }
+    out.freeze()
+}
+
 /// The file range of window `w`, clipped at `size`: `(offset, len)`; None if empty.
 pub(crate) fn window_range(w: u64, size: u64) -> Option<(u64, u32)> {
     let start = w.checked_mul(WINDOW)?;
@@ -330,6 +383,32 @@ pub(crate) fn window_range(w: u64, size: u64) -> Option<(u64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frames(b: &[u8]) -> Frames {
+        Frames::new(vec![Bytes::copy_from_slice(b)])
+    }
+
+    #[test]
+    fn frames_slice_without_copying_inside_a_frame_and_join_across() {
+        let (a, b) = (Bytes::from(vec![1u8; 100]), Bytes::from(vec![2u8; 50]));
+        let mut f = Frames::new(vec![a.clone(), b.clone()]);
+        assert_eq!(f.len(), 150);
+        let inside = f.slice(10, 90);
+        assert_eq!(
+            inside.as_ptr(),
+            a[10..].as_ptr(),
+            "a slice of the frame, not a copy"
+        );
+        assert_eq!(f.slice(100, 150).as_ptr(), b.as_ptr());
+        let across = f.slice(95, 105);
+        assert_eq!(&across[..], &[1, 1, 1, 1, 1, 2, 2, 2, 2, 2]);
+        assert!(f.slice(20, 20).is_empty());
+        f.truncate(120);
+        assert_eq!(f.len(), 120);
+        assert_eq!(&f.slice(98, 120)[..4], &[1, 1, 2, 2]);
+        f.truncate(60);
+        assert_eq!((f.len(), f.0.len()), (60, 1));
+    }
 
     #[test]
     fn sequential_reads_switch_to_windows() {
@@ -364,7 +443,7 @@ mod tests {
     fn cached_windows_serve_random_reads() {
         let mut ra = ReadAhead::default();
         let g = ra.generation;
-        ra.finish_fetch(3, g, Some(Bytes::from_static(b"x")));
+        ra.finish_fetch(3, g, Some(frames(b"x")));
         assert!(matches!(
             ra.plan(3 * WINDOW + 10, 3 * WINDOW + 20),
             Plan::Windows { first: 3, last: 3 }
@@ -384,11 +463,11 @@ mod tests {
         let mut ra = ReadAhead::default();
         let g = ra.generation;
         ra.invalidate();
-        ra.finish_fetch(0, g, Some(Bytes::from_static(b"old")));
+        ra.finish_fetch(0, g, Some(frames(b"old")));
         assert!(ra.window(0).is_none());
         let g = ra.generation;
         for w in 0..10 {
-            ra.finish_fetch(w, g, Some(Bytes::from_static(b"x")));
+            ra.finish_fetch(w, g, Some(frames(b"x")));
         }
         assert_eq!(ra.windows.len(), MAX_WINDOWS);
         assert!(ra.window(9).is_some() && ra.window(0).is_none());
@@ -398,8 +477,8 @@ mod tests {
     fn clip_cuts_and_drops_windows_past_the_size() {
         let mut ra = ReadAhead::default();
         let g = ra.generation;
-        ra.finish_fetch(0, g, Some(Bytes::from(vec![1u8; WINDOW as usize])));
-        ra.finish_fetch(1, g, Some(Bytes::from(vec![2u8; WINDOW as usize])));
+        ra.finish_fetch(0, g, Some(frames(&[1u8; WINDOW as usize])));
+        ra.finish_fetch(1, g, Some(frames(&[2u8; WINDOW as usize])));
         ra.clip(100);
         assert_eq!(ra.window(0).map(|b| b.len()), Some(100));
         assert!(ra.window(1).is_none());

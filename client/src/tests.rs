@@ -43,7 +43,10 @@ async fn writes_that_fit_are_buffered_at_once_and_others_are_left_to_write() {
     // The refused write goes the usual way (the full buffer is flushed to make room).
     io.write(10, b"0123456789").await.unwrap();
     io.flush().await.unwrap();
-    assert_eq!(io.read(0, 100).await.unwrap(), b"0123ab67890123456789");
+    assert_eq!(
+        io.read(0, 100).await.unwrap().to_vec(),
+        b"0123ab67890123456789"
+    );
 }
 
 #[tokio::test]
@@ -53,13 +56,17 @@ async fn buffered_writes_are_read_back_before_and_after_flush() {
     io.write(6, b"world").await.unwrap();
     assert_eq!(io.size(), 11);
     assert_eq!(fake.st().writes, 0, "nothing sent before a flush");
-    assert_eq!(io.read(0, 100).await.unwrap(), b"hello world");
+    assert_eq!(io.read(0, 100).await.unwrap().to_vec(), b"hello world");
     let attr = io.flush().await.unwrap().expect("a commit");
     assert_eq!(attr.size, 11);
     assert_eq!(fake.st().commits, 1);
     assert!(io.flush().await.unwrap().is_none(), "nothing left to flush");
-    assert_eq!(io.read(6, 5).await.unwrap(), b"world");
-    assert_eq!(io.read(11, 5).await.unwrap(), b"", "clipped at the size");
+    assert_eq!(io.read(6, 5).await.unwrap().to_vec(), b"world");
+    assert_eq!(
+        io.read(11, 5).await.unwrap().to_vec(),
+        b"",
+        "clipped at the size"
+    );
 }
 
 #[tokio::test]
@@ -97,7 +104,10 @@ async fn a_sparse_file_reads_zeros_between_its_chunks() {
     io.flush().await.unwrap();
     assert_eq!(io.size(), 3 * CHUNK_SIZE + 1);
     assert_eq!(io.read(CHUNK_SIZE + 5, 10).await.unwrap(), vec![0u8; 10]);
-    assert_eq!(io.read(3 * CHUNK_SIZE - 1, 2).await.unwrap(), b"\0z");
+    assert_eq!(
+        io.read(3 * CHUNK_SIZE - 1, 2).await.unwrap().to_vec(),
+        b"\0z"
+    );
 }
 
 #[tokio::test]
@@ -142,11 +152,15 @@ async fn with_every_replica_down_flush_fails_and_keeps_the_data() {
         3,
         "nothing dropped"
     );
-    assert_eq!(io.read(1, 7).await.unwrap(), b"keep me", "still buffered");
+    assert_eq!(
+        io.read(1, 7).await.unwrap().to_vec(),
+        b"keep me",
+        "still buffered"
+    );
     fake.st().down.clear();
     assert_eq!(io.flush().await.unwrap().unwrap().size, 8);
     let fresh = FileIo::new(INO, 8, fake.clone(), 1 << 20);
-    assert_eq!(fresh.read(0, 8).await.unwrap(), b"xkeep me");
+    assert_eq!(fresh.read(0, 8).await.unwrap().to_vec(), b"xkeep me");
 }
 
 #[tokio::test]
@@ -189,7 +203,7 @@ async fn a_read_fails_over_to_a_live_replica() {
     fake.st()
         .down
         .insert(loc.replicas[(loc.chunk % 3) as usize].server);
-    assert_eq!(io.read(0, 7).await.unwrap(), b"payload");
+    assert_eq!(io.read(0, 7).await.unwrap().to_vec(), b"payload");
     // An unreachable server is not reported as a bad copy (the heartbeat timeout handles it).
     assert_eq!(fake.loc(INO, 0).unwrap().replicas.len(), 3);
     fake.st().down.extend([1, 2, 3]);
@@ -236,7 +250,7 @@ async fn a_stale_location_is_refreshed_once() {
     }
     io.write(3, b"two").await.unwrap();
     io.flush().await.unwrap();
-    assert_eq!(io.read(0, 6).await.unwrap(), b"onetwo");
+    assert_eq!(io.read(0, 6).await.unwrap().to_vec(), b"onetwo");
     // A new metadata term: the location is refreshed and carries it.
     fake.st().term = 5;
     fake.st().map.get_mut(&(INO, 0)).unwrap().term = 5;
@@ -252,7 +266,7 @@ async fn scattered_and_oversized_writes_are_batched() {
     io.write(CHUNK_SIZE + 7, &[4u8; 10]).await.unwrap();
     assert_eq!(fake.st().writes, 0, "separate ranges share the buffer");
     assert_eq!(
-        io.read(95, 10).await.unwrap(),
+        io.read(95, 10).await.unwrap().to_vec(),
         [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]
     );
     // Bigger than the buffer: the buffer goes first (in the background), then this.
@@ -313,13 +327,16 @@ async fn punch_releases_whole_chunks_and_zeroes_the_edges() {
     io.punch(15, 2 * CHUNK_SIZE + 2).await.unwrap();
     assert!(fake.loc(INO, 1).is_none(), "chunk 1 released");
     assert!(fake.loc(INO, 0).is_some() && fake.loc(INO, 2).is_some());
-    assert_eq!(io.read(10, 10).await.unwrap(), b"01234\0\0\0\0\0");
+    assert_eq!(io.read(10, 10).await.unwrap().to_vec(), b"01234\0\0\0\0\0");
     assert_eq!(io.read(CHUNK_SIZE + 10, 10).await.unwrap(), vec![0u8; 10]);
     assert_eq!(
-        io.read(2 * CHUNK_SIZE + 10, 10).await.unwrap(),
+        io.read(2 * CHUNK_SIZE + 10, 10).await.unwrap().to_vec(),
         b"\x00\x00\x00\x00\x00\x00\x00789"
     );
-    assert_eq!(io.read(3 * CHUNK_SIZE - 5, 5).await.unwrap(), b"tail!");
+    assert_eq!(
+        io.read(3 * CHUNK_SIZE - 5, 5).await.unwrap().to_vec(),
+        b"tail!"
+    );
     assert_eq!(io.size(), 3 * CHUNK_SIZE);
 }
 
@@ -342,7 +359,7 @@ async fn truncate_then_extend_reads_zeros() {
     // Writing again past the end allocates a new chunk 1.
     io.write(CHUNK_SIZE + 2, b"x").await.unwrap();
     io.flush().await.unwrap();
-    assert_eq!(io.read(CHUNK_SIZE, 3).await.unwrap(), b"\0\0x");
+    assert_eq!(io.read(CHUNK_SIZE, 3).await.unwrap().to_vec(), b"\0\0x");
 }
 
 #[tokio::test]
@@ -378,7 +395,7 @@ async fn a_write_invalidates_read_ahead() {
     io.write(250_000, &[9u8; 10]).await.unwrap();
     assert_eq!(io.read(249_995, 20).await.unwrap()[5..15], [9u8; 10]);
     io.flush().await.unwrap();
-    assert_eq!(io.read(250_000, 10).await.unwrap(), [9u8; 10]);
+    assert_eq!(io.read(250_000, 10).await.unwrap().to_vec(), [9u8; 10]);
 }
 
 #[tokio::test]

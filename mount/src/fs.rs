@@ -2,6 +2,7 @@
 //! moves the reply into a task on the mount's tokio runtime and returns at once, so the FUSE
 //! loop never waits on the network. The work itself is in `ops_*.rs`.
 
+use bytes::Bytes;
 use std::ffi::OsStr;
 use std::future::Future;
 use std::io;
@@ -88,8 +89,9 @@ impl Respond for ReplyEmpty {
 }
 
 impl Respond for ReplyData {
-    type Value = Vec<u8>;
-    fn ok(self, d: Vec<u8>) {
+    /// `Bytes`, so that a read is answered from the client's buffers without a copy.
+    type Value = Bytes;
+    fn ok(self, d: Bytes) {
         self.data(&d);
     }
     fn err(self, e: Errno) {
@@ -293,7 +295,10 @@ impl Filesystem for RawFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
-        self.spawn_meta(reply, async move { inner.readlink(ino).await });
+        self.spawn_meta(
+            reply,
+            async move { inner.readlink(ino).await.map(Bytes::from) },
+        );
     }
 
     fn mknod(

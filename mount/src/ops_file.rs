@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use fuser::{Errno, FopenFlags, OpenFlags};
 use rawfs_client::FileIo;
 use rawfs_metadata_api::{Attr, Caller, FileKind, Ino, Name, NewNode, SetAttr};
@@ -85,7 +86,7 @@ impl Inner {
         Ok((self.entry(parent, &name, &attr), opened))
     }
 
-    pub(crate) async fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    pub(crate) async fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Bytes, Errno> {
         let io = self.io(ino)?;
         io.read(offset, size).await.map_err(errno::client)
     }

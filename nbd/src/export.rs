@@ -3,6 +3,7 @@
 //! implementations see only well-formed requests inside `0..size`.
 
 use crate::proto;
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use std::sync::Arc;
 
@@ -91,7 +92,7 @@ pub trait Export: Send + Sync + 'static {
     /// writes acknowledged on all durable (`NBD_FLAG_CAN_MULTI_CONN`).
     fn multi_conn(&self) -> bool;
     /// `len` bytes at `offset` (exactly `len`).
-    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<u8>, ExportError>>;
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, ExportError>>;
     /// Writes `data` at `offset`; with `fua`, durable before returning.
     fn write(
         &self,

@@ -6,6 +6,7 @@
 //! and shows as a hole in `base:allocation`. Trimming or zeroing whole blocks frees them.
 
 use crate::export::{Catalog, Export, ExportError, ExportInfo, Extent};
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::collections::BTreeMap;
@@ -146,8 +147,8 @@ impl Export for MemExport {
         true
     }
 
-    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<u8>, ExportError>> {
-        let out = self.get(offset, len);
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, ExportError>> {
+        let out = Bytes::from(self.get(offset, len));
         async move { Ok(out) }.boxed()
     }
 

@@ -252,7 +252,10 @@ async fn serve<W: AsyncWrite + Unpin + Send>(
     };
     match op {
         Op::Read { offset, len } => match export.read(offset, len).await {
-            Ok(mut data) => {
+            Ok(data) if data.len() == len as usize => rep.data(handle, offset, &data).await,
+            Ok(short) => {
+                // The export ended early (a volume shrank behind our back): zeros.
+                let mut data = short.to_vec();
                 data.resize(len as usize, 0);
                 rep.data(handle, offset, &data).await;
             }

@@ -6,6 +6,7 @@
 //! refused with `EPERM` by the server before they reach the volume.
 
 use crate::export::{Export, ExportError, Extent};
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::sync::Arc;
@@ -39,7 +40,7 @@ impl Export for ReadOnlyView {
         false
     }
 
-    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<u8>, ExportError>> {
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, ExportError>> {
         self.inner.read(offset, len)
     }
 

@@ -15,6 +15,7 @@
 
 use crate::export::{Export, ExportError, Extent};
 use crate::lease::WriterLease;
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rawfs_client::{ClientError, FileIo};
@@ -205,12 +206,11 @@ impl Export for VolumeExport {
         self.multi_conn || self.read_only
     }
 
-    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Vec<u8>, ExportError>> {
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, ExportError>> {
         async move {
-            let mut data = self.io.read(offset, len).await.map_err(export_error)?;
-            // Short only if the file shrank behind our back; what is gone reads as zeros.
-            data.resize(len as usize, 0);
-            Ok(data)
+            // Short only if the file shrank behind our back; the transmission layer answers
+            // what is gone as zeros.
+            self.io.read(offset, len).await.map_err(export_error)
         }
         .boxed()
     }

@@ -406,6 +406,22 @@ async fn read_first<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> std::io:
 /// big frame and then stalls holds at most this much memory.
 const FIRST_READ: usize = 64 << 10;
 
+/// Reads from `r` until `buf` holds `upto` bytes, straight into its spare capacity (a
+/// payload buffer is not zeroed first: megabytes per frame add up), never past `upto`.
+async fn read_up_to<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    upto: usize,
+) -> std::io::Result<()> {
+    while buf.len() < upto {
+        let want = (upto - buf.len()) as u64;
+        if (&mut *r).take(want).read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
 async fn read_payload<R: AsyncRead + Unpin>(
     r: &mut R,
     len: u32,
@@ -415,18 +431,12 @@ async fn read_payload<R: AsyncRead + Unpin>(
     // `len` was bounded by MAX_PAYLOAD when the header was decoded.
     let len = len as usize;
     let first = len.min(FIRST_READ);
-    let mut head = BytesMut::zeroed(first);
-    r.read_exact(&mut head).await?;
-    let buf = if first == len {
-        head
-    } else {
-        let mut buf = BytesMut::with_capacity(len);
-        buf.extend_from_slice(&head);
-        drop(head);
-        buf.resize(len, 0);
-        r.read_exact(&mut buf[first..]).await?;
-        buf
-    };
+    let mut buf = BytesMut::with_capacity(first);
+    read_up_to(r, &mut buf, first).await?;
+    if first < len {
+        buf.reserve(len - first);
+        read_up_to(r, &mut buf, len).await?;
+    }
     if crc32c::crc32c(&buf) != crc {
         return Err(FrameError::PayloadCrc { request_id });
     }
@@ -581,6 +591,32 @@ mod tests {
         write_request(&mut buf, &req).await.unwrap();
         let mut r = &buf[..];
         assert_eq!(read_request(&mut r).await.unwrap(), Some(req));
+    }
+
+    #[tokio::test]
+    async fn frames_arriving_a_few_bytes_at_a_time_are_read_whole_and_apart() {
+        // A payload bigger than the first read, then a second frame right behind it: the
+        // reader must stop exactly at each frame's end however the bytes arrive.
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let first = Response {
+            id: 1,
+            status: Status::Ok,
+            payload: Bytes::from(big),
+        };
+        let second = Response {
+            id: 2,
+            status: Status::Ok,
+            payload: Bytes::from_static(b"tail"),
+        };
+        let (mut w, mut r) = tokio::io::duplex(7);
+        let sent = (first.clone(), second.clone());
+        let writer = tokio::spawn(async move {
+            write_response(&mut w, &sent.0).await.unwrap();
+            write_response(&mut w, &sent.1).await.unwrap();
+        });
+        assert_eq!(read_response(&mut r).await.unwrap(), first);
+        assert_eq!(read_response(&mut r).await.unwrap(), second);
+        writer.await.unwrap();
     }
 
     #[tokio::test]
