@@ -83,19 +83,25 @@ async fn serve_conn(
                 Err(e) => Err(e),
             },
         };
-        let resp = match next {
+        let (resp, crc) = match next {
             Ok(None) => break,
-            Ok(Some(req)) => handle(&storage, req).await,
+            Ok(Some(req)) => answer(&storage, req).await,
             Err(frame::FrameError::PayloadCrc { request_id }) => {
                 tracing::warn!(%peer, request_id, "request payload failed its checksum");
-                Response::error(request_id, Status::BadRequest, "payload checksum mismatch")
+                let resp =
+                    Response::error(request_id, Status::BadRequest, "payload checksum mismatch");
+                (resp, None)
             }
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "closing data connection after a bad frame");
                 break;
             }
         };
-        if let Err(e) = frame::write_response(&mut w, &resp).await {
+        let written = match crc {
+            Some(crc) => frame::write_response_with_crc(&mut w, &resp, crc).await,
+            None => frame::write_response(&mut w, &resp).await,
+        };
+        if let Err(e) = written {
             tracing::debug!(%peer, error = %e, "data connection lost while answering");
             break;
         }
@@ -103,18 +109,26 @@ async fn serve_conn(
 }
 
 /// Runs one request and builds its response.
+#[cfg(test)]
 pub(crate) async fn handle(storage: &Arc<Storage>, req: Request) -> Response {
+    answer(storage, req).await.0
+}
+
+/// Runs one request and builds its response, with the payload's crc32c when the storage
+/// already knows it (a read of whole blocks), which saves the frame a second pass.
+async fn answer(storage: &Arc<Storage>, req: Request) -> (Response, Option<u32>) {
     let id = req.id;
     if let Err(reason) = validate(&req) {
         tracing::warn!(request_id = id, reason, "refusing malformed request");
-        return Response::error(id, Status::BadRequest, reason);
+        return (Response::error(id, Status::BadRequest, reason), None);
     }
     if req.op == Opcode::Ping {
-        return Response::status(id, Status::Ok);
+        return (Response::status(id, Status::Ok), None);
     }
     let storage = storage.clone();
     let result = tokio::task::spawn_blocking(move || {
         let (chunk, version, offset) = (req.chunk, req.version, u64::from(req.offset));
+        let none = |r: Result<bytes::Bytes, StoreError>| r.map(|b| (b, None));
         match req.op {
             Opcode::Write => storage
                 .write(
@@ -125,33 +139,39 @@ pub(crate) async fn handle(storage: &Arc<Storage>, req: Request) -> Response {
                     &req.payload,
                     req.flags & FLAG_SYNC != 0,
                 )
-                .map(|()| bytes::Bytes::new()),
-            Opcode::WriteV => write_pieces(&storage, &req),
-            Opcode::Read => storage.read(chunk, version, offset, u64::from(req.length)),
-            Opcode::Sync => storage.sync(chunk, version).map(|()| bytes::Bytes::new()),
+                .map(|()| (bytes::Bytes::new(), None)),
+            Opcode::WriteV => none(write_pieces(&storage, &req)),
+            Opcode::Read => storage.read_checked(chunk, version, offset, u64::from(req.length)),
+            Opcode::Sync => storage
+                .sync(chunk, version)
+                .map(|()| (bytes::Bytes::new(), None)),
             Opcode::Fence => storage
                 .fence(chunk, version, req.term)
-                .map(|()| bytes::Bytes::new()),
+                .map(|()| (bytes::Bytes::new(), None)),
             Opcode::Clone => {
                 let (src, src_version) = clone_source(&req.payload);
                 storage
                     .clone_chunk(src, src_version, chunk, version, req.term)
-                    .map(|()| bytes::Bytes::new())
+                    .map(|()| (bytes::Bytes::new(), None))
             }
-            Opcode::Ping => Ok(bytes::Bytes::new()),
+            Opcode::Ping => Ok((bytes::Bytes::new(), None)),
         }
     })
     .await;
     match result {
-        Ok(Ok(payload)) => Response {
-            id,
-            status: Status::Ok,
-            payload,
-        },
-        Ok(Err(e)) => error_response(id, e),
+        Ok(Ok((payload, crc))) => (
+            Response {
+                id,
+                status: Status::Ok,
+                payload,
+            },
+            crc,
+        ),
+        Ok(Err(e)) => (error_response(id, e), None),
         Err(e) => {
             tracing::error!(request_id = id, error = %e, "storage task failed");
-            Response::error(id, Status::DiskError, "internal error in storage task")
+            let resp = Response::error(id, Status::DiskError, "internal error in storage task");
+            (resp, None)
         }
     }
 }

@@ -392,6 +392,7 @@ impl Storage {
 
     /// Reads `len` bytes at `offset` of `chunk`, verified. A version newer than the stored one
     /// is served: replicas learn of a version bump only on their next write.
+    #[cfg(test)]
     pub fn read(
         &self,
         chunk: u64,
@@ -399,6 +400,19 @@ impl Storage {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, StoreError> {
+        self.read_checked(chunk, version, offset, len)
+            .map(|(data, _)| data)
+    }
+
+    /// [`Storage::read`], with the data's crc32c when the range is whole blocks (derived
+    /// from the verified block checksums; see [`ChunkFile::read_checked`]).
+    pub fn read_checked(
+        &self,
+        chunk: u64,
+        version: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Bytes, Option<u32>), StoreError> {
         let slot = self.slot(chunk);
         let mut guard = lock(&slot);
         let cf = self.load(chunk, &mut guard, None)?;
@@ -407,7 +421,7 @@ impl Storage {
                 current: cf.version(),
             });
         }
-        let r = cf.read(offset, len);
+        let r = cf.read_checked(offset, len);
         if let Err(StoreError::Corrupt { .. }) = r {
             self.mark_corrupt(chunk);
         }

@@ -358,3 +358,33 @@ fn clone_of_a_corrupt_block_fails_and_leaves_no_copy() {
     assert!(s.read(2, 1, 0, 1).is_err());
     assert_eq!(s.inventory(), vec![(1, 1)]);
 }
+
+#[test]
+fn whole_block_reads_carry_the_crc_of_their_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(dir.path(), None).unwrap();
+    // Written blocks, a hole of unwritten blocks, a block written in part, and the file's
+    // end inside a block.
+    s.write(9, 1, 1, 0, &pattern(3 * BS as usize, 5), false)
+        .unwrap();
+    s.write(9, 1, 1, 6 * BS + 100, &pattern(1000, 6), false)
+        .unwrap();
+    s.write(9, 1, 1, 9 * BS, &pattern(70_000, 7), false)
+        .unwrap();
+    for (offset, len) in [
+        (0, BS),
+        (0, 3 * BS),
+        (BS, 8 * BS),
+        (2 * BS, 9 * BS),
+        (0, 16 * BS),
+        (20 * BS, 2 * BS),
+    ] {
+        let (data, crc) = s.read_checked(9, 1, offset, len).unwrap();
+        assert_eq!(data.len() as u64, len);
+        assert_eq!(crc, Some(crc32c::crc32c(&data)), "range {offset}+{len}");
+    }
+    for (offset, len) in [(1, BS), (0, BS + 1), (100, 4096)] {
+        let (_, crc) = s.read_checked(9, 1, offset, len).unwrap();
+        assert_eq!(crc, None, "range {offset}+{len} is not whole blocks");
+    }
+}

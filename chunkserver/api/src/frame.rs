@@ -527,12 +527,22 @@ pub async fn write_response<W: AsyncWrite + Unpin>(
     w: &mut W,
     resp: &Response,
 ) -> Result<(), FrameError> {
+    write_response_with_crc(w, resp, crc32c::crc32c(&resp.payload)).await
+}
+
+/// [`write_response`] for a payload whose crc32c the caller already has (a chunkserver
+/// derives a whole-block read's from the block checksums it verified).
+pub async fn write_response_with_crc<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    resp: &Response,
+    payload_crc: u32,
+) -> Result<(), FrameError> {
     let len = frame_len(&resp.payload)?;
     let h = ResponseHeader {
         id: resp.id,
         status: resp.status,
         payload_len: len,
-        payload_crc: crc32c::crc32c(&resp.payload),
+        payload_crc,
     };
     w.write_all(&h.encode()).await?;
     w.write_all(&resp.payload).await?;
