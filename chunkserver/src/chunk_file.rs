@@ -368,7 +368,8 @@ impl ChunkFile {
         if len == 0 {
             return Ok((Bytes::new(), None));
         }
-        let whole_blocks = offset % BS == 0 && end % BS == 0;
+        // The crc of the blocks read, block by block (32 steps each); it is the data's crc
+        // only if the data is exactly those blocks.
         let mut crc: Option<u32> = None;
         let mut add_block = |block_crc: u32| {
             crc = Some(match crc {
@@ -386,9 +387,7 @@ impl ChunkFile {
             match self.blocks[b] {
                 Block::Unwritten => {
                     buf.resize(buf.len() + BLOCK_SIZE as usize, 0);
-                    if whole_blocks {
-                        add_block(zero_block_crc());
-                    }
+                    add_block(zero_block_crc());
                     b += 1;
                 }
                 Block::Bad => {
@@ -407,16 +406,10 @@ impl ChunkFile {
                     read_append_at(&self.file, &mut buf, run, DATA_OFFSET + b as u64 * BS)?;
                     for i in b..run_end {
                         let at = from + (i - b) * BLOCK_SIZE as usize;
-                        let stored = match self.blocks[i] {
-                            Block::Written(stored) => Some(stored),
-                            _ => None,
-                        };
                         let block = &buf[at..at + BLOCK_SIZE as usize];
-                        match stored {
-                            Some(stored) if crc32c::crc32c(block) == stored => {
-                                if whole_blocks {
-                                    add_block(stored);
-                                }
+                        match self.blocks[i] {
+                            Block::Written(stored) if crc32c::crc32c(block) == stored => {
+                                add_block(stored)
                             }
                             _ => {
                                 return Err(StoreError::Corrupt {
@@ -434,6 +427,7 @@ impl ChunkFile {
         }
         let from = (offset - base) as usize;
         let data = buf.freeze().slice(from..from + len as usize);
+        let whole_blocks = offset % BS == 0 && end % BS == 0;
         Ok((data, crc.filter(|_| whole_blocks)))
     }
 }

@@ -97,11 +97,8 @@ async fn serve_conn(
                 break;
             }
         };
-        let written = match crc {
-            Some(crc) => frame::write_response_with_crc(&mut w, &resp, crc).await,
-            None => frame::write_response(&mut w, &resp).await,
-        };
-        if let Err(e) = written {
+        let crc = crc.unwrap_or_else(|| crc32c::crc32c(&resp.payload));
+        if let Err(e) = frame::write_response_with_crc(&mut w, &resp, crc).await {
             tracing::debug!(%peer, error = %e, "data connection lost while answering");
             break;
         }

@@ -258,14 +258,14 @@ impl FileIo {
                 .cloned();
             (pending, b.buffer.snapshot(offset, end))
         };
-        let stored = match &pending {
-            Some(p) if p.covers(offset, end) => Bytes::from(vec![0u8; (end - offset) as usize]),
-            _ => inner.clone().read_stored(offset, end, size).await?,
-        };
         if pending.is_none() && buffered.is_none() {
-            return Ok(stored);
+            return inner.clone().read_stored(offset, end, size).await;
         }
-        let mut out = stored.to_vec();
+        // Buffered bytes overlay what is stored: one owned copy to write them into.
+        let mut out = match &pending {
+            Some(p) if p.covers(offset, end) => vec![0u8; (end - offset) as usize],
+            _ => inner.clone().read_stored(offset, end, size).await?.to_vec(),
+        };
         for batch in pending.iter().chain(buffered.iter()) {
             batch.overlay(offset, &mut out);
         }
