@@ -1,30 +1,16 @@
 //! One chunk on disk: a header, a block checksum table, and a sparse data region.
 //!
-//! ```text
-//!  file offset  contents
-//!  0            header (36 bytes used of a 4 KiB page)
-//!                 0  magic          b"RAWFSCHK"
-//!                 8  format version u32 (1)
-//!                12  block size     u32 (65536)
-//!                16  chunk id       u64
-//!                24  chunk version  u64
-//!                32  crc32c of bytes 0..32
-//!  4096         block table: 1024 entries of 8 bytes, one per 64 KiB block
-//!                 0  crc32c of the block's 64 KiB (zeros past what was written)
-//!                 4  flags u8 (bit 0: written)
-//!                 5  reserved (zero)
-//!                 6  check u16 = low 16 bits of crc32c(entry bytes 0..6)
-//!               an all-zero entry is an unwritten block (the table starts as a hole)
-//!  12288        data region: block i at 12288 + i * 65536 (4 KiB aligned)
-//! ```
-//!
-//! All integers are big-endian. Unwritten blocks are never stored, so they take no space and
-//! read as zeros. A block's bytes and its table entry are written by separate `pwrite`s: if a
-//! crash tears them apart, the block fails its checksum and reads as CORRUPT (the client then
-//! uses another replica) rather than returning wrong bytes.
+//! The layout (header, block checksum table, data region) is
+//! [`rawfs_chunkserver_api::layout`]: clients on the same host read chunk files directly
+//! through descriptors this server hands them (see `local_server`), so the format is part of
+//! the wire contract.
 
 use crate::storage::StoreError;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use rawfs_chunkserver_api::layout::{
+    read_blocks, read_full_at, BlockEntry as Block, BlockReadError, Wait, Header, BLOCKS, DATA_OFFSET, ENTRY_LEN,
+    HEADER_LEN, TABLE_LEN, TABLE_OFFSET,
+};
 use rawfs_chunkserver_api::{BLOCK_SIZE, MAX_CHUNK_SIZE};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -33,51 +19,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::OnceLock;
 
-const MAGIC: [u8; 8] = *b"RAWFSCHK";
-const FORMAT_VERSION: u32 = 1;
-/// Bytes of the header that carry data (the rest of its page is reserved).
-pub const HEADER_LEN: usize = 36;
-const TABLE_OFFSET: u64 = 4096;
-const ENTRY_LEN: usize = 8;
-/// Blocks in a chunk of the largest size.
-pub const BLOCKS: usize = (MAX_CHUNK_SIZE / BLOCK_SIZE as u64) as usize;
-const TABLE_LEN: usize = BLOCKS * ENTRY_LEN;
-/// Where the data region starts.
-pub const DATA_OFFSET: u64 = TABLE_OFFSET + TABLE_LEN as u64;
 const BS: u64 = BLOCK_SIZE as u64;
-
-/// The checksum state of one block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Block {
-    Unwritten,
-    Written(u32),
-    /// Its table entry failed its own check: nothing about the block can be trusted.
-    Bad,
-}
-
-impl Block {
-    fn encode(self) -> [u8; ENTRY_LEN] {
-        let mut e = [0u8; ENTRY_LEN];
-        if let Block::Written(crc) = self {
-            e[0..4].copy_from_slice(&crc.to_be_bytes());
-            e[4] = 1;
-            let check = (crc32c::crc32c(&e[0..6]) & 0xffff) as u16;
-            e[6..8].copy_from_slice(&check.to_be_bytes());
-        }
-        e
-    }
-
-    fn decode(e: &[u8]) -> Block {
-        if e.iter().all(|&b| b == 0) {
-            return Block::Unwritten;
-        }
-        let check = (crc32c::crc32c(&e[0..6]) & 0xffff) as u16;
-        if e[4] != 1 || e[5] != 0 || u16::from_be_bytes([e[6], e[7]]) != check {
-            return Block::Bad;
-        }
-        Block::Written(u32::from_be_bytes([e[0], e[1], e[2], e[3]]))
-    }
-}
 
 /// Why a chunk file could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -114,14 +56,6 @@ pub struct ChunkFile {
 /// It also bounds how long a later fsync takes.
 const WRITEBACK_EVERY: u64 = 8 << 20;
 
-/// A read at least this long is taken as part of a stream (clients read sequential data
-/// in frames of 1 MiB; random readers ask for a few KiB).
-const STREAM_READ: u64 = 512 << 10;
-/// How far past a streaming read the kernel is asked to read ahead. The chunk file is read
-/// by several requests at once, from different threads and out of order, which defeats
-/// the kernel's own read-ahead on a cold disk; this keeps the disk busy meanwhile.
-const READ_AHEAD_HINT: u64 = 8 << 20;
-
 impl ChunkFile {
     /// Creates a new, empty chunk file at `path`; fails if it exists.
     pub fn create(path: &Path, id: u64, version: u64) -> io::Result<ChunkFile> {
@@ -150,27 +84,11 @@ impl ChunkFile {
         };
         let mut header = [0u8; HEADER_LEN];
         let n = read_full_at(&file, &mut header, 0)?;
-        let bad = |reason| OpenError::BadHeader {
-            reason,
-            complete: n == HEADER_LEN,
-        };
-        if n < HEADER_LEN {
-            return Err(bad("short header"));
-        }
-        if header[0..8] != MAGIC {
-            return Err(bad("bad magic"));
-        }
-        if crc32c::crc32c(&header[0..32]) != be_u32(&header[32..36]) {
-            return Err(bad("header checksum mismatch"));
-        }
-        if be_u32(&header[8..12]) != FORMAT_VERSION {
-            return Err(bad("unsupported format version"));
-        }
-        if be_u32(&header[12..16]) != BLOCK_SIZE {
-            return Err(bad("unsupported block size"));
-        }
-        let id = be_u64(&header[16..24]);
-        let version = be_u64(&header[24..32]);
+        let Header { id, version } =
+            Header::parse(&header).map_err(|reason| OpenError::BadHeader {
+                reason,
+                complete: n == HEADER_LEN,
+            })?;
         // The table may be a hole or past the end of the file: both read as zeros (unwritten).
         let mut table = vec![0u8; TABLE_LEN];
         read_full_at(&file, &mut table, TABLE_OFFSET)?;
@@ -195,15 +113,11 @@ impl ChunkFile {
     }
 
     fn write_header(&self) -> io::Result<()> {
-        let mut h = [0u8; HEADER_LEN];
-        h[0..8].copy_from_slice(&MAGIC);
-        h[8..12].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
-        h[12..16].copy_from_slice(&BLOCK_SIZE.to_be_bytes());
-        h[16..24].copy_from_slice(&self.id.to_be_bytes());
-        h[24..32].copy_from_slice(&self.version.to_be_bytes());
-        let crc = crc32c::crc32c(&h[0..32]);
-        h[32..36].copy_from_slice(&crc.to_be_bytes());
-        self.file.write_all_at(&h, 0)
+        let h = Header {
+            id: self.id,
+            version: self.version,
+        };
+        self.file.write_all_at(&h.encode(), 0)
     }
 
     /// Records a newer version durably (the header is fsynced: a replica must not forget that
@@ -310,24 +224,6 @@ impl ChunkFile {
         Ok(())
     }
 
-    /// Asks the kernel to start reading chunk bytes `offset..offset + len` (clipped at the
-    /// chunk's end) into the page cache, without waiting. Only a hint: errors are ignored.
-    fn advise_will_need(&self, offset: u64, len: u64) {
-        let len = len.min(MAX_CHUNK_SIZE.saturating_sub(offset));
-        if len == 0 {
-            return;
-        }
-        // SAFETY: a plain syscall on a descriptor this ChunkFile owns; no memory is passed.
-        unsafe {
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                (DATA_OFFSET + offset) as libc::off_t,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            );
-        }
-    }
-
     /// Notes that file bytes `from..to` were written, and starts their writeback once
     /// [`WRITEBACK_EVERY`] bytes are pending (see there). Only a hint to the kernel: an error
     /// here is reported again by the fsync that durability actually rests on.
@@ -371,62 +267,19 @@ impl ChunkFile {
         // The crc of the blocks read, block by block (32 steps each); it is the data's crc
         // only if the data is exactly those blocks.
         let mut crc: Option<u32> = None;
-        let mut add_block = |block_crc: u32| {
+        let add_block = |block_crc: u32| {
             crc = Some(match crc {
                 None => block_crc,
                 Some(c) => crc_then_block(c, block_crc),
             });
         };
-        let first = (offset / BS) as usize;
-        let last = ((end - 1) / BS) as usize;
-        let base = first as u64 * BS;
-        // Filled in order, never zeroed first: a read of megabytes should cost one copy.
-        let mut buf = BytesMut::with_capacity((last - first + 1) * BLOCK_SIZE as usize);
-        let mut b = first;
-        while b <= last {
-            match self.blocks[b] {
-                Block::Unwritten => {
-                    buf.resize(buf.len() + BLOCK_SIZE as usize, 0);
-                    add_block(zero_block_crc());
-                    b += 1;
-                }
-                Block::Bad => {
-                    return Err(StoreError::Corrupt {
-                        offset: b as u64 * BS,
-                    })
-                }
-                Block::Written(_) => {
-                    // Read a run of written blocks with one pread, then verify each.
-                    let mut run_end = b + 1;
-                    while run_end <= last && self.blocks[run_end] != Block::Unwritten {
-                        run_end += 1;
-                    }
-                    let from = buf.len();
-                    let run = (run_end - b) * BLOCK_SIZE as usize;
-                    read_append_at(&self.file, &mut buf, run, DATA_OFFSET + b as u64 * BS)?;
-                    for i in b..run_end {
-                        let at = from + (i - b) * BLOCK_SIZE as usize;
-                        let block = &buf[at..at + BLOCK_SIZE as usize];
-                        match self.blocks[i] {
-                            Block::Written(stored) if crc32c::crc32c(block) == stored => {
-                                add_block(stored)
-                            }
-                            _ => {
-                                return Err(StoreError::Corrupt {
-                                    offset: i as u64 * BS,
-                                })
-                            }
-                        }
-                    }
-                    b = run_end;
-                }
-            }
-        }
-        if len >= STREAM_READ {
-            self.advise_will_need(end, READ_AHEAD_HINT);
-        }
-        let from = (offset - base) as usize;
-        let data = buf.freeze().slice(from..from + len as usize);
+        let data = read_blocks(&self.file, offset, len, Wait::Disk, |b| self.blocks[b], add_block)
+            .map_err(|e| match e {
+                BlockReadError::Io(e) => StoreError::from(e),
+                BlockReadError::Corrupt { block } => StoreError::Corrupt {
+                    offset: block as u64 * BS,
+                },
+            })?;
         let whole_blocks = offset % BS == 0 && end % BS == 0;
         Ok((data, crc.filter(|_| whole_blocks)))
     }
@@ -483,66 +336,6 @@ fn check_range(offset: u64, len: u64) -> Result<u64, StoreError> {
     }
 }
 
-/// Fills `buf` from `at`; bytes past the end of the file are left as they are (zeros in every
-/// caller). Returns how many bytes came from the file.
-fn read_full_at(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read_at(&mut buf[filled..], at + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
-
-/// Appends `len` bytes of `file` at `at` to `buf`, read straight into its spare capacity;
-/// bytes past the end of the file are zeros (as [`read_full_at`] leaves them).
-fn read_append_at(file: &File, buf: &mut BytesMut, len: usize, at: u64) -> io::Result<()> {
-    let start = buf.len();
-    buf.reserve(len);
-    let mut filled = 0;
-    while filled < len {
-        let spare = &mut buf.spare_capacity_mut()[..len - filled];
-        let pos = libc::off_t::try_from(at + filled as u64)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: pread writes at most `spare.len()` bytes into memory this buffer owns and
-        // does not read it; the bytes it reports written are then initialized.
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                pos,
-            )
-        };
-        match n {
-            0 => break,
-            n if n > 0 => {
-                // SAFETY: pread initialized the first `n` bytes of the spare capacity.
-                unsafe { buf.set_len(buf.len() + n as usize) };
-                filled += n as usize;
-            }
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    buf.resize(start + len, 0);
-    Ok(())
-}
-
-/// The crc32c of a block of zeros.
-fn zero_block_crc() -> u32 {
-    static CRC: OnceLock<u32> = OnceLock::new();
-    *CRC.get_or_init(|| crc32c::crc32c(&[0u8; BLOCK_SIZE as usize]))
-}
-
 /// The crc32c of `a` followed by one block `b`, from `crc(a)` and `crc(b)`: `crc(a)` shifted
 /// past a block of zeros, xor `crc(b)`. The shift is linear over GF(2), so it is a 32x32 bit
 /// matrix, built once (its columns are the shifts of each single bit); applying it costs 32
@@ -559,16 +352,6 @@ fn crc_then_block(crc_a: u32, crc_b: u32) -> u32 {
         }
     }
     shifted ^ crc_b
-}
-
-fn be_u32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn be_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
 }
 
 /// The crc32c of a block whose crc was `old` after `before` (followed by `after` more bytes

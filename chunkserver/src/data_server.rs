@@ -4,6 +4,7 @@
 //! response, and repeats; parallelism comes from clients opening several connections. A frame
 //! that cannot be parsed closes only its own connection.
 
+use crate::local_server::LocalSocket;
 use crate::storage::{Storage, StoreError};
 use rawfs_chunkserver_api::frame::{self, Opcode, Request, Response, Status, FLAG_SYNC};
 use rawfs_chunkserver_api::{vector, MAX_PAYLOAD};
@@ -22,14 +23,20 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Serves the data protocol on `listener` until `stop` is cancelled.
-pub(crate) async fn run(listener: TcpListener, storage: Arc<Storage>, stop: CancellationToken) {
+/// `local` is the local socket to tell clients about (LOCAL_SOCKET), if there is one.
+pub(crate) async fn run(
+    listener: TcpListener,
+    storage: Arc<Storage>,
+    local: Option<Arc<LocalSocket>>,
+    stop: CancellationToken,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    conns.spawn(serve_conn(stream, peer, storage.clone(), stop.clone()));
+                    conns.spawn(serve_conn(stream, peer, storage.clone(), local.clone(), stop.clone()));
                 }
                 Err(e) => {
                     // Typically EMFILE: back off briefly instead of spinning on the error.
@@ -56,6 +63,7 @@ async fn serve_conn(
     stream: TcpStream,
     peer: SocketAddr,
     storage: Arc<Storage>,
+    local: Option<Arc<LocalSocket>>,
     stop: CancellationToken,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
@@ -85,7 +93,7 @@ async fn serve_conn(
         };
         let (resp, crc) = match next {
             Ok(None) => break,
-            Ok(Some(req)) => answer(&storage, req).await,
+            Ok(Some(req)) => answer(&storage, local.as_deref(), req).await,
             Err(frame::FrameError::PayloadCrc { request_id }) => {
                 tracing::warn!(%peer, request_id, "request payload failed its checksum");
                 let resp =
@@ -108,19 +116,33 @@ async fn serve_conn(
 /// Runs one request and builds its response.
 #[cfg(test)]
 pub(crate) async fn handle(storage: &Arc<Storage>, req: Request) -> Response {
-    answer(storage, req).await.0
+    answer(storage, None, req).await.0
 }
 
 /// Runs one request and builds its response, with the payload's crc32c when the storage
 /// already knows it (a read of whole blocks), which saves the frame a second pass.
-async fn answer(storage: &Arc<Storage>, req: Request) -> (Response, Option<u32>) {
+async fn answer(
+    storage: &Arc<Storage>,
+    local: Option<&LocalSocket>,
+    req: Request,
+) -> (Response, Option<u32>) {
     let id = req.id;
     if let Err(reason) = validate(&req) {
         tracing::warn!(request_id = id, reason, "refusing malformed request");
         return (Response::error(id, Status::BadRequest, reason), None);
     }
-    if req.op == Opcode::Ping {
-        return (Response::status(id, Status::Ok), None);
+    match (req.op, local) {
+        (Opcode::Ping, _) => return (Response::status(id, Status::Ok), None),
+        (Opcode::LocalSocket, None) => return (Response::status(id, Status::NotFound), None),
+        (Opcode::LocalSocket, Some(local)) => {
+            let resp = Response {
+                id,
+                status: Status::Ok,
+                payload: local.answer(),
+            };
+            return (resp, None);
+        }
+        _ => {}
     }
     let storage = storage.clone();
     let result = tokio::task::spawn_blocking(move || {
@@ -151,7 +173,7 @@ async fn answer(storage: &Arc<Storage>, req: Request) -> (Response, Option<u32>)
                     .clone_chunk(src, src_version, chunk, version, req.term)
                     .map(|()| (bytes::Bytes::new(), None))
             }
-            Opcode::Ping => Ok((bytes::Bytes::new(), None)),
+            Opcode::Ping | Opcode::LocalSocket => Ok((bytes::Bytes::new(), None)),
         }
     })
     .await;
@@ -185,7 +207,9 @@ fn validate(req: &Request) -> Result<(), &'static str> {
             .map(|_| ())
             .map_err(vector::VectorError::reason),
         Opcode::Read if req.length > MAX_PAYLOAD => Err("read length exceeds the payload limit"),
-        Opcode::Read | Opcode::Sync | Opcode::Ping | Opcode::Fence if !req.payload.is_empty() => {
+        Opcode::Read | Opcode::Sync | Opcode::Ping | Opcode::Fence | Opcode::LocalSocket
+            if !req.payload.is_empty() =>
+        {
             Err("unexpected payload")
         }
         Opcode::Clone if req.payload.len() != 16 || req.length != 16 => {

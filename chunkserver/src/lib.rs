@@ -27,6 +27,7 @@ mod control;
 mod data_server;
 mod fence;
 mod heartbeat;
+mod local_server;
 mod scrub;
 mod storage;
 mod tombstones;
@@ -179,9 +180,22 @@ pub async fn serve(
 
     let stop = CancellationToken::new();
     let scrubber = Scrubber::new(scrub_rate);
+    let (local_task, local) = match local_server::bind(&cfg.data_dir) {
+        Some((listener, socket)) => {
+            let task = tokio::spawn(local_server::run(
+                listener,
+                socket.token,
+                storage.clone(),
+                stop.clone(),
+            ));
+            (Some(task), Some(Arc::new(socket)))
+        }
+        None => (None, None),
+    };
     let data = tokio::spawn(data_server::run(
         data_listener,
         storage.clone(),
+        local,
         stop.clone(),
     ));
     let control = tokio::spawn(control::run(
@@ -212,6 +226,9 @@ pub async fn serve(
         tracing::info!("chunkserver shutting down");
         stop.cancel();
         let (d, c, b, s) = tokio::join!(data, control, beats, scrub);
+        if let Some(local) = local_task {
+            local.await?;
+        }
         d?;
         c?;
         b?;
@@ -232,3 +249,6 @@ mod server_tests;
 
 #[cfg(test)]
 mod heartbeat_wire_tests;
+
+#[cfg(test)]
+mod local_tests;

@@ -16,7 +16,7 @@
 //! at the version the pass started with, is reported. The rate can change at run time (the
 //! control service's `set_scrub_rate`); 0 pauses the scrub where it is.
 
-use crate::chunk_file::DATA_OFFSET;
+use rawfs_chunkserver_api::layout::DATA_OFFSET;
 use crate::storage::{ScrubStep, Storage};
 use rawfs_chunkserver_api::{ScrubStatus, BLOCK_SIZE};
 use std::collections::HashSet;

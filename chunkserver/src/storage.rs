@@ -428,6 +428,22 @@ impl Storage {
         r
     }
 
+    /// A new read-only descriptor of `chunk`'s file, for a client on this host that reads
+    /// it directly; refused like a read (`version` older than the stored one).
+    pub fn open_read_only(&self, chunk: u64, version: u64) -> Result<fs::File, StoreError> {
+        let slot = self.slot(chunk);
+        let mut guard = lock(&slot);
+        let cf = self.load(chunk, &mut guard, None)?;
+        if version < cf.version() {
+            return Err(StoreError::StaleVersion {
+                current: cf.version(),
+            });
+        }
+        // A descriptor of its own: the client's reads keep their own position and
+        // read-ahead state.
+        Ok(fs::File::open(self.chunk_path(chunk))?)
+    }
+
     /// fsyncs `chunk` (and its directory entry if it is new).
     pub fn sync(&self, chunk: u64, version: u64) -> Result<(), StoreError> {
         let slot = self.slot(chunk);

@@ -1,5 +1,5 @@
 use super::*;
-use crate::chunk_file::DATA_OFFSET;
+use rawfs_chunkserver_api::layout::DATA_OFFSET;
 use rawfs_chunkserver_api::BLOCK_SIZE;
 use std::os::unix::fs::FileExt;
 

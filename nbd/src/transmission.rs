@@ -421,10 +421,16 @@ where
         };
         let export = session.export.clone();
         let rep = rep.clone();
-        tasks.spawn(async move {
+        let mut request = Box::pin(async move {
             serve(export, rep, req.handle, op).await;
             drop((slot, budget));
         });
+        // Polled once here: a read the page cache answers (see the client's local reads)
+        // completes at once, and handing it to another task would cost two thread wakeups
+        // for nothing. Whatever has to wait becomes a task of its own, so requests overlap.
+        if futures::poll!(request.as_mut()).is_pending() {
+            tasks.spawn(request);
+        }
     };
     // Requests already read are answered before the connection closes (for DISC the
     // protocol requires it; otherwise the client may still be reading).

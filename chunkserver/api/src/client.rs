@@ -93,6 +93,8 @@ struct Pool {
 
 struct Inner {
     timeout: Duration,
+    /// Reads from chunkservers on this host go to their files directly (`None`: never).
+    local: Option<crate::local::LocalReads>,
     next_id: AtomicU64,
     pools: Mutex<HashMap<String, Arc<Pool>>>,
 }
@@ -115,11 +117,19 @@ impl std::fmt::Debug for DataClient {
 
 impl DataClient {
     /// A client whose every call (including connecting and waiting for a pool slot) must finish
-    /// within `timeout`.
+    /// within `timeout`. Reads from chunkservers on this host read their chunk files directly
+    /// (see [`crate::local`]).
     pub fn new(timeout: Duration) -> Self {
+        Self::with_local_reads(timeout, true)
+    }
+
+    /// [`DataClient::new`], with local reads on or off (off: every read crosses the data
+    /// port, as it must from another host).
+    pub fn with_local_reads(timeout: Duration, local_reads: bool) -> Self {
         DataClient {
             inner: Arc::new(Inner {
                 timeout,
+                local: local_reads.then(|| crate::local::LocalReads::new(timeout)),
                 next_id: AtomicU64::new(1),
                 pools: Mutex::new(HashMap::new()),
             }),
@@ -214,6 +224,11 @@ impl DataClient {
                 reason: format!("read of {len} bytes exceeds the {MAX_PAYLOAD}-byte frame limit"),
             });
         }
+        if let Some(local) = &self.inner.local {
+            if let Some(data) = local.read(self, addr, chunk, version, offset, len).await {
+                return Ok(data);
+            }
+        }
         let req = Request {
             id: 0,
             op: Opcode::Read,
@@ -300,6 +315,35 @@ impl DataClient {
             payload: Bytes::new(),
         };
         self.call(addr, req).await.map(|_| ())
+    }
+
+    /// How many reads this client answered from chunk files on this host (local reads).
+    pub fn local_reads(&self) -> u64 {
+        self.inner.local.as_ref().map_or(0, |l| l.served())
+    }
+
+    /// The token and path of the local socket of the chunkserver at `addr` (see
+    /// [`crate::local`]).
+    pub async fn local_socket(&self, addr: &str) -> Result<(u64, String), DataError> {
+        let req = Request {
+            id: 0,
+            op: Opcode::LocalSocket,
+            flags: 0,
+            chunk: 0,
+            version: 0,
+            term: 0,
+            offset: 0,
+            length: 0,
+            payload: Bytes::new(),
+        };
+        let payload = self.call(addr, req).await?;
+        let bad = || DataError::Protocol {
+            reason: "malformed local socket answer".to_string(),
+        };
+        let (token, path) = payload.split_at_checked(8).ok_or_else(bad)?;
+        let token = u64::from_be_bytes(token.try_into().map_err(|_| bad())?);
+        let path = std::str::from_utf8(path).map_err(|_| bad())?;
+        Ok((token, path.to_string()))
     }
 
     /// Checks that the chunkserver at `addr` answers on its data port.

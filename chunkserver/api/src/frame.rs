@@ -9,7 +9,8 @@
 //!  off size field
 //!    0    4 magic        b"RFSQ"
 //!    4    2 version      PROTOCOL_VERSION (1)
-//!    6    1 opcode       1 WRITE, 2 READ, 3 SYNC, 4 PING, 5 CLONE, 6 FENCE, 7 WRITEV
+//!    6    1 opcode       1 WRITE, 2 READ, 3 SYNC, 4 PING, 5 CLONE, 6 FENCE, 7 WRITEV,
+//!                        8 LOCAL_SOCKET
 //!    7    1 flags        bit 0: FLAG_SYNC (fsync the chunk file after a WRITE)
 //!    8    8 request id   chosen by the client, echoed in the response
 //!   16    8 chunk id
@@ -87,6 +88,10 @@ pub enum Opcode {
     Fence = 6,
     /// Store several pieces of the chunk, laid out as in [`crate::vector`].
     WriteV = 7,
+    /// Where this server's local socket is (see [`crate::local`]); touches no chunk. The
+    /// response payload is the socket's token (u64) and its path (UTF-8); NOT_FOUND if the
+    /// server has none.
+    LocalSocket = 8,
 }
 
 impl Opcode {
@@ -99,6 +104,7 @@ impl Opcode {
             5 => Some(Opcode::Clone),
             6 => Some(Opcode::Fence),
             7 => Some(Opcode::WriteV),
+            8 => Some(Opcode::LocalSocket),
             _ => None,
         }
     }

@@ -18,6 +18,8 @@
 pub mod client;
 pub mod control;
 pub mod frame;
+pub mod layout;
+pub mod local;
 pub mod vector;
 
 pub use client::{DataClient, DataError, WriteReq, MAX_CONNS_PER_ADDR};

@@ -1,0 +1,350 @@
+//! The on-disk layout of a chunk file, shared by the chunkserver that writes it and by
+//! clients on the same host that read it directly (see [`crate::local`]).
+//!
+//! ```text
+//!  file offset  contents
+//!  0            header (36 bytes used of a 4 KiB page)
+//!                 0  magic          b"RAWFSCHK"
+//!                 8  format version u32 (1)
+//!                12  block size     u32 (65536)
+//!                16  chunk id       u64
+//!                24  chunk version  u64
+//!                32  crc32c of bytes 0..32
+//!  4096         block table: 1024 entries of 8 bytes, one per 64 KiB block
+//!                 0  crc32c of the block's 64 KiB (zeros past what was written)
+//!                 4  flags u8 (bit 0: written)
+//!                 5  reserved (zero)
+//!                 6  check u16 = low 16 bits of crc32c(entry bytes 0..6)
+//!               an all-zero entry is an unwritten block (the table starts as a hole)
+//!  12288        data region: block i at 12288 + i * 65536 (4 KiB aligned)
+//! ```
+//!
+//! All integers are big-endian. Unwritten blocks are never stored, so they take no space and
+//! read as zeros. A block's bytes and its table entry are written by separate `pwrite`s: if a
+//! crash tears them apart, the block fails its checksum and reads as CORRUPT rather than
+//! returning wrong bytes (and a reader racing a writer sees a mismatch, never wrong data).
+
+use crate::{BLOCK_SIZE, MAX_CHUNK_SIZE};
+use bytes::BytesMut;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::OnceLock;
+
+const MAGIC: [u8; 8] = *b"RAWFSCHK";
+const FORMAT_VERSION: u32 = 1;
+/// Bytes of the header that carry data (the rest of its page is reserved).
+pub const HEADER_LEN: usize = 36;
+/// Where the block table starts.
+pub const TABLE_OFFSET: u64 = 4096;
+/// Bytes of one block table entry.
+pub const ENTRY_LEN: usize = 8;
+/// Blocks in a chunk of the largest size.
+pub const BLOCKS: usize = (MAX_CHUNK_SIZE / BLOCK_SIZE as u64) as usize;
+/// Bytes of the whole block table.
+pub const TABLE_LEN: usize = BLOCKS * ENTRY_LEN;
+/// Where the data region starts.
+pub const DATA_OFFSET: u64 = TABLE_OFFSET + TABLE_LEN as u64;
+
+/// The checksum state of one block, as its table entry records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockEntry {
+    Unwritten,
+    /// Written, with the crc32c of its 64 KiB.
+    Written(u32),
+    /// The entry failed its own check: nothing about the block can be trusted.
+    Bad,
+}
+
+impl BlockEntry {
+    /// The entry's bytes in the table.
+    pub fn encode(self) -> [u8; ENTRY_LEN] {
+        let mut e = [0u8; ENTRY_LEN];
+        if let BlockEntry::Written(crc) = self {
+            e[0..4].copy_from_slice(&crc.to_be_bytes());
+            e[4] = 1;
+            let check = (crc32c::crc32c(&e[0..6]) & 0xffff) as u16;
+            e[6..8].copy_from_slice(&check.to_be_bytes());
+        }
+        e
+    }
+
+    /// The entry stored in `e` (`ENTRY_LEN` bytes).
+    pub fn decode(e: &[u8]) -> BlockEntry {
+        if e.iter().all(|&b| b == 0) {
+            return BlockEntry::Unwritten;
+        }
+        let check = (crc32c::crc32c(&e[0..6]) & 0xffff) as u16;
+        if e.len() != ENTRY_LEN || e[4] != 1 || e[5] != 0 || be_u16(&e[6..8]) != check {
+            return BlockEntry::Bad;
+        }
+        BlockEntry::Written(be_u32(&e[0..4]))
+    }
+}
+
+/// What a chunk file's header records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub id: u64,
+    pub version: u64,
+}
+
+impl Header {
+    /// The header's bytes.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..8].copy_from_slice(&MAGIC);
+        h[8..12].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
+        h[12..16].copy_from_slice(&BLOCK_SIZE.to_be_bytes());
+        h[16..24].copy_from_slice(&self.id.to_be_bytes());
+        h[24..32].copy_from_slice(&self.version.to_be_bytes());
+        let crc = crc32c::crc32c(&h[0..32]);
+        h[32..36].copy_from_slice(&crc.to_be_bytes());
+        h
+    }
+
+    /// Parses a complete header (`HEADER_LEN` bytes); the error says what is wrong.
+    pub fn parse(h: &[u8]) -> Result<Header, &'static str> {
+        if h.len() < HEADER_LEN {
+            return Err("short header");
+        }
+        if h[0..8] != MAGIC {
+            return Err("bad magic");
+        }
+        if crc32c::crc32c(&h[0..32]) != be_u32(&h[32..36]) {
+            return Err("header checksum mismatch");
+        }
+        if be_u32(&h[8..12]) != FORMAT_VERSION {
+            return Err("unsupported format version");
+        }
+        if be_u32(&h[12..16]) != BLOCK_SIZE {
+            return Err("unsupported block size");
+        }
+        Ok(Header {
+            id: be_u64(&h[16..24]),
+            version: be_u64(&h[24..32]),
+        })
+    }
+}
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+/// A read at least this long is taken as part of a stream (clients read sequential data
+/// in frames of 1 MiB; random readers ask for a few KiB).
+const STREAM_READ: u64 = 512 << 10;
+/// How far past a streaming read the kernel is asked to read ahead. A chunk file is read by
+/// several requests at once, from different threads and out of order, which defeats the
+/// kernel's own read-ahead on a cold disk; this keeps the disk busy meanwhile.
+const READ_AHEAD_HINT: u64 = 8 << 20;
+
+/// Why [`read_blocks`] failed.
+#[derive(Debug)]
+pub enum BlockReadError {
+    Io(io::Error),
+    /// Block `block` failed its checksum, or its table entry is damaged.
+    Corrupt { block: usize },
+}
+
+impl From<io::Error> for BlockReadError {
+    fn from(e: io::Error) -> Self {
+        BlockReadError::Io(e)
+    }
+}
+
+/// Whether a read may wait for the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    Disk,
+    /// Only what the page cache holds: a read that would wait for the disk fails with
+    /// `WouldBlock` instead (`RWF_NOWAIT`), so an async task can read inline when the data
+    /// is cached and go to a blocking thread only when it is not.
+    CacheOnly,
+}
+
+/// Reads chunk bytes `offset..offset + len` (inside the chunk, `len > 0`) from the chunk
+/// file `file`, verifying every block it touches against `entry(block)`; unwritten blocks
+/// read as zeros. `verified` is called with each touched block's crc, in order (the crc of
+/// zeros for an unwritten block), so a caller can combine them into the data's crc.
+///
+/// Runs of written blocks are read with one `pread` each, straight into the buffer; a read of
+/// [`STREAM_READ`] or more asks the kernel to read ahead past it.
+pub fn read_blocks(
+    file: &File,
+    offset: u64,
+    len: u64,
+    wait: Wait,
+    entry: impl Fn(usize) -> BlockEntry,
+    mut verified: impl FnMut(u32),
+) -> Result<bytes::Bytes, BlockReadError> {
+    let end = offset + len;
+    let first = (offset / BS) as usize;
+    let last = ((end - 1) / BS) as usize;
+    let base = first as u64 * BS;
+    let mut buf = BytesMut::with_capacity((last - first + 1) * BLOCK_SIZE as usize);
+    let mut b = first;
+    while b <= last {
+        match entry(b) {
+            BlockEntry::Unwritten => {
+                buf.resize(buf.len() + BLOCK_SIZE as usize, 0);
+                verified(zero_block_crc());
+                b += 1;
+            }
+            BlockEntry::Bad => return Err(BlockReadError::Corrupt { block: b }),
+            BlockEntry::Written(_) => {
+                let mut run_end = b + 1;
+                while run_end <= last && entry(run_end) != BlockEntry::Unwritten {
+                    run_end += 1;
+                }
+                let from = buf.len();
+                let run = (run_end - b) * BLOCK_SIZE as usize;
+                read_append_at(file, &mut buf, run, DATA_OFFSET + b as u64 * BS, wait)?;
+                for i in b..run_end {
+                    let at = from + (i - b) * BLOCK_SIZE as usize;
+                    let block = &buf[at..at + BLOCK_SIZE as usize];
+                    match entry(i) {
+                        BlockEntry::Written(stored) if crc32c::crc32c(block) == stored => {
+                            verified(stored)
+                        }
+                        _ => return Err(BlockReadError::Corrupt { block: i }),
+                    }
+                }
+                b = run_end;
+            }
+        }
+    }
+    if len >= STREAM_READ {
+        will_need(file, end, READ_AHEAD_HINT);
+    }
+    let from = (offset - base) as usize;
+    Ok(buf.freeze().slice(from..from + len as usize))
+}
+
+/// Asks the kernel to start reading chunk bytes `offset..offset + len` (clipped at the
+/// chunk's end) into the page cache, without waiting. Only a hint: errors are ignored.
+pub fn will_need(file: &File, offset: u64, len: u64) {
+    let len = len.min(MAX_CHUNK_SIZE.saturating_sub(offset));
+    if len == 0 {
+        return;
+    }
+    // SAFETY: a plain syscall on a descriptor the caller owns; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            (DATA_OFFSET + offset) as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        );
+    }
+}
+
+/// The crc32c of a block of zeros (an unwritten block reads as one).
+pub fn zero_block_crc() -> u32 {
+    static CRC: OnceLock<u32> = OnceLock::new();
+    *CRC.get_or_init(|| crc32c::crc32c(&[0u8; BLOCK_SIZE as usize]))
+}
+
+/// Fills `buf` from `at`; bytes past the end of the file are left as they are (zeros in every
+/// caller). Returns how many bytes came from the file.
+pub fn read_full_at(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    read_full_at_waiting(file, buf, at, Wait::Disk)
+}
+
+/// [`read_full_at`], waiting for the disk only if `wait` allows.
+pub fn read_full_at_waiting(
+    file: &File,
+    buf: &mut [u8],
+    at: u64,
+    wait: Wait,
+) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        match pread(file, rest.as_mut_ptr(), rest.len(), at + filled as u64, wait)? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Appends `len` bytes of `file` at `at` to `buf`, read straight into its spare capacity (a
+/// read of megabytes costs one copy, no zeroing first); bytes past the end of the file are
+/// zeros.
+pub fn read_append_at(
+    file: &File,
+    buf: &mut BytesMut,
+    len: usize,
+    at: u64,
+    wait: Wait,
+) -> io::Result<()> {
+    let start = buf.len();
+    buf.reserve(len);
+    let mut filled = 0;
+    while filled < len {
+        let spare = &mut buf.spare_capacity_mut()[..len - filled];
+        let n = pread(
+            file,
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            at + filled as u64,
+            wait,
+        )?;
+        if n == 0 {
+            break;
+        }
+        // SAFETY: pread initialized the first `n` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+        filled += n;
+    }
+    buf.resize(start + len, 0);
+    Ok(())
+}
+
+/// One `pread` (`preadv2` with `RWF_NOWAIT` for [`Wait::CacheOnly`]) of at most `len` bytes
+/// into `dst`, retried on EINTR; 0 at the end of the file. A cache-only read that would wait
+/// fails with `WouldBlock` (so does one on a filesystem without `RWF_NOWAIT`).
+fn pread(file: &File, dst: *mut u8, len: usize, at: u64, wait: Wait) -> io::Result<usize> {
+    let pos =
+        libc::off_t::try_from(at).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    loop {
+        // SAFETY: the callers pass `dst` valid for writes of `len` bytes, which the kernel
+        // writes at most and never reads.
+        let n = unsafe {
+            match wait {
+                Wait::Disk => libc::pread(file.as_raw_fd(), dst.cast(), len, pos),
+                Wait::CacheOnly => {
+                    let iov = libc::iovec {
+                        iov_base: dst.cast(),
+                        iov_len: len,
+                    };
+                    libc::preadv2(file.as_raw_fd(), &iov, 1, pos, libc::RWF_NOWAIT)
+                }
+            }
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EAGAIN | libc::EOPNOTSUPP) if wait == Wait::CacheOnly => {
+                return Err(io::ErrorKind::WouldBlock.into())
+            }
+            _ => return Err(e),
+        }
+    }
+}
+
+fn be_u16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
