@@ -8,18 +8,15 @@
 use crate::storage::StoreError;
 use bytes::Bytes;
 use rawfs_chunkserver_api::layout::{
-    read_blocks, read_full_at, BlockEntry as Block, BlockReadError, Wait, Header, BLOCKS, DATA_OFFSET, ENTRY_LEN,
-    HEADER_LEN, TABLE_LEN, TABLE_OFFSET,
+    crc_then_block, read_blocks, read_full_at, BlockEntry as Block, BlockReadError, Geometry,
+    Header, Wait, ENTRY_LEN, HEADER_LEN, TABLE_OFFSET,
 };
-use rawfs_chunkserver_api::{BLOCK_SIZE, MAX_CHUNK_SIZE};
+use rawfs_chunkserver_api::MAX_CHUNK_SIZE;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::sync::OnceLock;
-
-const BS: u64 = BLOCK_SIZE as u64;
 
 /// Why a chunk file could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +39,8 @@ pub struct ChunkFile {
     file: File,
     id: u64,
     version: u64,
+    /// Its checksum block size and where its data starts.
+    geo: Geometry,
     blocks: Vec<Block>,
     /// Data written since writeback was last started: (lowest, highest) file offsets and
     /// the number of bytes.
@@ -57,8 +56,13 @@ pub struct ChunkFile {
 const WRITEBACK_EVERY: u64 = 8 << 20;
 
 impl ChunkFile {
-    /// Creates a new, empty chunk file at `path`; fails if it exists.
+    /// Creates a new, empty chunk file at `path` in the current geometry; fails if it exists.
     pub fn create(path: &Path, id: u64, version: u64) -> io::Result<ChunkFile> {
+        Self::create_in(path, id, version, Geometry::current())
+    }
+
+    /// [`ChunkFile::create`] with the given geometry (older geometries for tests).
+    pub fn create_in(path: &Path, id: u64, version: u64, geo: Geometry) -> io::Result<ChunkFile> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -68,7 +72,8 @@ impl ChunkFile {
             file,
             id,
             version,
-            blocks: vec![Block::Unwritten; BLOCKS],
+            geo,
+            blocks: vec![Block::Unwritten; geo.blocks],
             unflushed: None,
         };
         cf.write_header()?;
@@ -77,6 +82,34 @@ impl ChunkFile {
 
     /// Opens the chunk file at `path`, checking its header and loading its table.
     pub fn open(path: &Path) -> Result<ChunkFile, OpenError> {
+        let (file, header) = Self::open_header(path)?;
+        let Header {
+            id,
+            version,
+            geometry: geo,
+        } = header;
+        // The table may be a hole or past the end of the file: both read as zeros (unwritten).
+        let mut table = vec![0u8; geo.table_len()];
+        read_full_at(&file, &mut table, TABLE_OFFSET)?;
+        let blocks = table.chunks_exact(ENTRY_LEN).map(Block::decode).collect();
+        Ok(ChunkFile {
+            file,
+            id,
+            version,
+            geo,
+            blocks,
+            unflushed: None,
+        })
+    }
+
+    /// The header of the chunk file at `path` and the bytes the file occupies on disk,
+    /// without loading its table (a startup scan needs no more).
+    pub fn peek(path: &Path) -> Result<(Header, u64), OpenError> {
+        let (file, header) = Self::open_header(path)?;
+        Ok((header, file.metadata()?.blocks() * 512))
+    }
+
+    fn open_header(path: &Path) -> Result<(File, Header), OpenError> {
         let file = match OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(OpenError::NotFound),
@@ -84,22 +117,11 @@ impl ChunkFile {
         };
         let mut header = [0u8; HEADER_LEN];
         let n = read_full_at(&file, &mut header, 0)?;
-        let Header { id, version } =
-            Header::parse(&header).map_err(|reason| OpenError::BadHeader {
-                reason,
-                complete: n == HEADER_LEN,
-            })?;
-        // The table may be a hole or past the end of the file: both read as zeros (unwritten).
-        let mut table = vec![0u8; TABLE_LEN];
-        read_full_at(&file, &mut table, TABLE_OFFSET)?;
-        let blocks = table.chunks_exact(ENTRY_LEN).map(Block::decode).collect();
-        Ok(ChunkFile {
-            file,
-            id,
-            version,
-            blocks,
-            unflushed: None,
-        })
+        let header = Header::parse(&header).map_err(|reason| OpenError::BadHeader {
+            reason,
+            complete: n == HEADER_LEN,
+        })?;
+        Ok((file, header))
     }
 
     /// The chunk id recorded in the header.
@@ -116,6 +138,7 @@ impl ChunkFile {
         let h = Header {
             id: self.id,
             version: self.version,
+            geometry: self.geo,
         };
         self.file.write_all_at(&h.encode(), 0)
     }
@@ -139,8 +162,13 @@ impl ChunkFile {
             .iter()
             .enumerate()
             .filter(|(_, b)| **b != Block::Unwritten)
-            .map(|(i, _)| i as u64 * BS)
+            .map(|(i, _)| i as u64 * self.geo.block)
             .collect()
+    }
+
+    /// Bytes per checksummed block of this file.
+    pub fn block_size(&self) -> u64 {
+        self.geo.block
     }
 
     /// Bytes the file occupies on disk.
@@ -160,23 +188,24 @@ impl ChunkFile {
         if data.is_empty() {
             return Ok(());
         }
-        let first = (offset / BS) as usize;
-        let last = ((end - 1) / BS) as usize;
+        let (bs, data_offset) = (self.geo.block, self.geo.data_offset);
+        let first = (offset / bs) as usize;
+        let last = ((end - 1) / bs) as usize;
         // Pieces to write, as (file offset, bytes); a run of whole blocks stays borrowed.
         let mut owned: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut whole: Option<(u64, usize, usize)> = None; // (file offset, data start, data end)
         let mut crcs = Vec::with_capacity(last - first + 1);
         for b in first..=last {
-            let bstart = b as u64 * BS;
+            let bstart = b as u64 * bs;
             let s = offset.max(bstart);
-            let e = end.min(bstart + BS);
+            let e = end.min(bstart + bs);
             let piece = &data[(s - offset) as usize..(e - offset) as usize];
-            if s == bstart && e == bstart + BS {
+            if s == bstart && e == bstart + bs {
                 crcs.push(crc32c::crc32c(piece));
                 let (ds, de) = ((s - offset) as usize, (e - offset) as usize);
                 whole = Some(match whole {
                     Some((fo, start, _)) => (fo, start, de),
-                    None => (DATA_OFFSET + s, ds, de),
+                    None => (data_offset + s, ds, de),
                 });
                 continue;
             }
@@ -188,19 +217,19 @@ impl ChunkFile {
                     // does not read and hash 64 KiB twice. Damage elsewhere in the block
                     // still fails the new crc, as it failed the old one.
                     let mut before = vec![0u8; piece.len()];
-                    read_full_at(&self.file, &mut before, DATA_OFFSET + s)?;
-                    let after = BLOCK_SIZE as usize - at - piece.len();
+                    read_full_at(&self.file, &mut before, data_offset + s)?;
+                    let after = bs as usize - at - piece.len();
                     crcs.push(patched_crc(old, &before, piece, after));
                     // Only the changed bytes go to disk; the rest are already there.
-                    owned.push((DATA_OFFSET + s, piece.to_vec()));
+                    owned.push((data_offset + s, piece.to_vec()));
                 }
                 Block::Unwritten => {
                     // The whole block is written, zeros included: bytes left on disk by a
                     // write whose table entry was lost must not survive under the new crc.
-                    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+                    let mut buf = vec![0u8; bs as usize];
                     buf[at..at + piece.len()].copy_from_slice(piece);
                     crcs.push(crc32c::crc32c(&buf));
-                    owned.push((DATA_OFFSET + bstart, buf));
+                    owned.push((data_offset + bstart, buf));
                 }
                 Block::Bad => return Err(StoreError::Corrupt { offset: bstart }),
             }
@@ -220,7 +249,7 @@ impl ChunkFile {
         for (i, crc) in crcs.into_iter().enumerate() {
             self.blocks[first + i] = Block::Written(crc);
         }
-        self.start_writeback_if_due(DATA_OFFSET + first as u64 * BS, DATA_OFFSET + end);
+        self.start_writeback_if_due(data_offset + first as u64 * bs, data_offset + end);
         Ok(())
     }
 
@@ -270,17 +299,18 @@ impl ChunkFile {
         let add_block = |block_crc: u32| {
             crc = Some(match crc {
                 None => block_crc,
-                Some(c) => crc_then_block(c, block_crc),
+                Some(c) => crc_then_block(self.geo, c, block_crc),
             });
         };
-        let data = read_blocks(&self.file, offset, len, Wait::Disk, |b| self.blocks[b], add_block)
+        let (geo, bs) = (self.geo, self.geo.block);
+        let data = read_blocks(&self.file, geo, offset, len, Wait::Disk, |b| self.blocks[b], add_block)
             .map_err(|e| match e {
                 BlockReadError::Io(e) => StoreError::from(e),
                 BlockReadError::Corrupt { block } => StoreError::Corrupt {
-                    offset: block as u64 * BS,
+                    offset: block as u64 * bs,
                 },
             })?;
-        let whole_blocks = offset % BS == 0 && end % BS == 0;
+        let whole_blocks = offset % bs == 0 && end % bs == 0;
         Ok((data, crc.filter(|_| whole_blocks)))
     }
 }
@@ -299,28 +329,29 @@ impl ChunkFile {
     /// them (at least one block), through [`ChunkFile::read`]: the scrub checks exactly what a
     /// read checks. The first bad block is returned as [`StoreError::Corrupt`].
     pub fn verify(&self, from: u64, budget: u64) -> Result<Verified, StoreError> {
-        let want = (budget / BS).max(1) as usize;
-        let mut b = (from / BS) as usize;
+        let (bs, blocks) = (self.geo.block, self.geo.blocks);
+        let want = (budget / bs).max(1) as usize;
+        let mut b = (from / bs) as usize;
         let mut done = 0usize;
-        while b < BLOCKS && done < want {
+        while b < blocks && done < want {
             if self.blocks[b] == Block::Unwritten {
                 b += 1;
                 continue;
             }
             // One read per run of blocks with data, as a client read would do.
             let mut end = b + 1;
-            while end < BLOCKS && end - b < want - done && self.blocks[end] != Block::Unwritten {
+            while end < blocks && end - b < want - done && self.blocks[end] != Block::Unwritten {
                 end += 1;
             }
-            self.read(b as u64 * BS, (end - b) as u64 * BS)?;
+            self.read(b as u64 * bs, (end - b) as u64 * bs)?;
             done += end - b;
             b = end;
         }
-        let next = (b..BLOCKS)
+        let next = (b..blocks)
             .find(|&i| self.blocks[i] != Block::Unwritten)
-            .map(|i| i as u64 * BS);
+            .map(|i| i as u64 * bs);
         Ok(Verified {
-            bytes: done as u64 * BS,
+            bytes: done as u64 * bs,
             next,
         })
     }
@@ -334,24 +365,6 @@ fn check_range(offset: u64, len: u64) -> Result<u64, StoreError> {
             reason: format!("range {offset}+{len} exceeds the chunk size {MAX_CHUNK_SIZE}"),
         }),
     }
-}
-
-/// The crc32c of `a` followed by one block `b`, from `crc(a)` and `crc(b)`: `crc(a)` shifted
-/// past a block of zeros, xor `crc(b)`. The shift is linear over GF(2), so it is a 32x32 bit
-/// matrix, built once (its columns are the shifts of each single bit); applying it costs 32
-/// steps, where `crc32c_combine` would build it again on every call.
-fn crc_then_block(crc_a: u32, crc_b: u32) -> u32 {
-    static SHIFT: OnceLock<[u32; 32]> = OnceLock::new();
-    let columns = SHIFT.get_or_init(|| {
-        std::array::from_fn(|bit| crc32c::crc32c_combine(1 << bit, 0, BLOCK_SIZE as usize))
-    });
-    let mut shifted = 0;
-    for (bit, column) in columns.iter().enumerate() {
-        if crc_a >> bit & 1 == 1 {
-            shifted ^= column;
-        }
-    }
-    shifted ^ crc_b
 }
 
 /// The crc32c of a block whose crc was `old` after `before` (followed by `after` more bytes
@@ -368,6 +381,11 @@ fn patched_crc(old: u32, before: &[u8], now: &[u8], after: usize) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    /// The tests step in 64 KiB: byte offsets, whatever the checksum block.
+    const BLOCK_SIZE: u32 = 64 << 10;
+    const BS: u64 = BLOCK_SIZE as u64;
+    const DATA_OFFSET: u64 = Geometry::current().data_offset;
+
     #[test]
     fn a_patched_crc_equals_the_crc_of_the_patched_block() {
         let mut block: Vec<u8> = (0..BLOCK_SIZE as usize)
@@ -406,11 +424,25 @@ mod tests {
         assert_eq!(Block::decode(&damaged), Block::Bad);
     }
 
+    /// Both geometries: the current 4 KiB checksum blocks and files made with 64 KiB ones.
+    fn geometries() -> [Geometry; 2] {
+        [
+            Geometry::current(),
+            Geometry::of(rawfs_chunkserver_api::layout::LEGACY_CSUM_BLOCK).unwrap(),
+        ]
+    }
+
     #[test]
     fn partial_writes_holes_and_reopen() {
+        for geo in geometries() {
+            partial_writes_holes_and_reopen_in(geo);
+        }
+    }
+
+    fn partial_writes_holes_and_reopen_in(geo: Geometry) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c");
-        let mut cf = ChunkFile::create(&path, 9, 1).unwrap();
+        let mut cf = ChunkFile::create_in(&path, 9, 1, geo).unwrap();
         let a = pattern(100, 1);
         cf.write(10, &a).unwrap();
         // A write spanning a partial head, two whole blocks and a partial tail.
@@ -439,7 +471,7 @@ mod tests {
         assert_eq!(cf.version(), 1);
         drop(cf);
         let cf = ChunkFile::open(&path).unwrap();
-        assert_eq!((cf.id(), cf.version()), (9, 1));
+        assert_eq!((cf.id(), cf.version(), cf.block_size()), (9, 1, geo.block));
         check(&cf);
     }
 
@@ -462,14 +494,20 @@ mod tests {
 
     #[test]
     fn corruption_on_disk_is_detected() {
+        for geo in geometries() {
+            corruption_on_disk_is_detected_in(geo);
+        }
+    }
+
+    fn corruption_on_disk_is_detected_in(geo: Geometry) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c");
-        let mut cf = ChunkFile::create(&path, 1, 1).unwrap();
+        let mut cf = ChunkFile::create_in(&path, 1, 1, geo).unwrap();
         cf.write(0, &pattern(4 * BLOCK_SIZE as usize, 7)).unwrap();
         drop(cf);
         // Flip one byte inside block 2.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0xff], DATA_OFFSET + 2 * BS + 77).unwrap();
+        f.write_all_at(&[0xff], geo.data_offset + 2 * BS + 77).unwrap();
         drop(f);
         let mut cf = ChunkFile::open(&path).unwrap();
         assert!(cf.read(0, 2 * BS).is_ok());

@@ -4,7 +4,7 @@
 use super::*;
 use bytes::Bytes;
 use rawfs_chunkserver_api::frame::{self, Opcode, Request};
-use rawfs_chunkserver_api::layout::DATA_OFFSET;
+use rawfs_chunkserver_api::layout::Geometry;
 use rawfs_chunkserver_api::{DataClient, DataError, WriteReq};
 use std::os::unix::fs::FileExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,6 +12,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::oneshot;
 
 const T: Duration = Duration::from_secs(10);
+const DATA_OFFSET: u64 = Geometry::current().data_offset;
 
 struct Server {
     handle: ChunkserverHandle,
@@ -124,8 +125,8 @@ async fn local_reads_give_way_to_corruption_newer_versions_deletion_and_a_dead_s
     f.write_all_at(b"rot", DATA_OFFSET + 70_000).unwrap();
     drop(f);
     assert_eq!(
-        c.read(&s.data, 0x21, 1, 65_536, 4096).await,
-        Err(DataError::Corrupt { offset: 65_536 })
+        c.read(&s.data, 0x21, 1, 65_536, 8192).await,
+        Err(DataError::Corrupt { offset: 69_632 })
     );
     assert_eq!(c.local_reads(), 1);
 
@@ -200,5 +201,36 @@ async fn garbage_on_the_local_socket_does_not_stop_the_server() {
     let got = c.read(&s.data, 5, 1, 0, 8).await.unwrap();
     assert_eq!(&got[..], b"precious");
     assert_eq!(c.local_reads(), 1);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn chunk_files_with_64_kib_checksum_blocks_are_read_locally_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = Geometry::of(rawfs_chunkserver_api::layout::LEGACY_CSUM_BLOCK).unwrap();
+    std::fs::create_dir_all(dir.path().join("chunks/33")).unwrap();
+    let path = dir.path().join("chunks/33/0000000000000033");
+    let mut cf = crate::chunk_file::ChunkFile::create_in(&path, 0x33, 1, legacy).unwrap();
+    cf.write(1000, &pattern(300_000, 6)).unwrap();
+    cf.sync().unwrap();
+    drop(cf);
+    let s = start(dir.path()).await;
+    let local = DataClient::new(T);
+    let remote = DataClient::with_local_reads(T, false);
+    for (offset, len) in [(0u32, 4096u32), (1000, 300_000), (65_000, 1_000), (280_000, 70_000)] {
+        let a = local.read(&s.data, 0x33, 1, offset, len).await.unwrap();
+        let b = remote.read(&s.data, 0x33, 1, offset, len).await.unwrap();
+        assert_eq!(a, b, "range {offset}+{len}");
+    }
+    assert_eq!(local.local_reads(), 4);
+    // Written in its own geometry: a 4 KiB write patches a 64 KiB block.
+    local
+        .write(&s.data, write(0x33, 1, 4096, pattern(4096, 7)))
+        .await
+        .unwrap();
+    let got = local.read(&s.data, 0x33, 1, 0, 12_288).await.unwrap();
+    assert_eq!(&got[4096..8192], &pattern(4096, 7)[..]);
+    assert_eq!(&got[8192..], &pattern(300_000, 6)[7192..11_288]);
+    assert_eq!(local.local_reads(), 5);
     s.stop().await;
 }

@@ -16,7 +16,7 @@
 //! at the version the pass started with, is reported. The rate can change at run time (the
 //! control service's `set_scrub_rate`); 0 pauses the scrub where it is.
 
-use rawfs_chunkserver_api::layout::DATA_OFFSET;
+use rawfs_chunkserver_api::layout::Geometry;
 use crate::storage::{ScrubStep, Storage};
 use rawfs_chunkserver_api::{ScrubStatus, BLOCK_SIZE};
 use std::collections::HashSet;
@@ -204,7 +204,7 @@ async fn scrub_chunk(
     };
     let mut from = 0;
     // Opening the chunk reads its header and block table: paid like data.
-    let mut overhead = DATA_OFFSET;
+    let mut overhead = Geometry::current().data_offset;
     loop {
         let rate = pacer.enabled(stop).await?;
         // About four pieces a second, whole blocks, at most MAX_PIECE under the lock.

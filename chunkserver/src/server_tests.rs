@@ -193,10 +193,11 @@ async fn corrupt_block_is_reported_not_returned() {
     c.write(&s.data, req).await.unwrap();
     let path = dir.path().join("chunks/77/0000000000000077");
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, b"rot", rawfs_chunkserver_api::layout::DATA_OFFSET + 70_000).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"rot", rawfs_chunkserver_api::layout::Geometry::current().data_offset + 70_000).unwrap();
     drop(f);
     let e = c.read(&s.data, 0x77, 1, 0, 256 << 10).await.unwrap_err();
-    assert_eq!(e, DataError::Corrupt { offset: 65536 });
+    // The checksum block holding byte 70,000.
+    assert_eq!(e, DataError::Corrupt { offset: 69_632 });
     assert!(e.is_replica_failure());
     // Other blocks are still served.
     c.read(&s.data, 0x77, 1, 131_072, 1000).await.unwrap();

@@ -173,22 +173,21 @@ impl Storage {
                     tracing::warn!(path = %path.display(), "ignoring unexpected file in chunk directory");
                     continue;
                 };
-                match ChunkFile::open(&path) {
-                    Ok(cf) if cf.id() == id => {
-                        let allocated = cf.allocated()?;
+                match ChunkFile::peek(&path) {
+                    Ok((header, allocated)) if header.id == id => {
                         self.used.fetch_add(allocated, Ordering::Relaxed);
                         index.insert(
                             id,
                             ChunkMeta {
-                                version: cf.version(),
+                                version: header.version,
                                 allocated,
                             },
                         );
                     }
-                    Ok(cf) => {
+                    Ok((header, _)) => {
                         tracing::error!(
                             chunk = id,
-                            header_id = cf.id(),
+                            header_id = header.id,
                             "chunk file header names another chunk"
                         );
                         corrupt.insert(id);
@@ -556,7 +555,7 @@ impl Storage {
             let copied = (|| {
                 for offset in from.data_blocks() {
                     let block =
-                        match from.read(offset, u64::from(rawfs_chunkserver_api::BLOCK_SIZE)) {
+                        match from.read(offset, from.block_size()) {
                             Ok(b) => b,
                             Err(e) => {
                                 if let StoreError::Corrupt { .. } = e {

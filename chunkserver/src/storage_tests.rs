@@ -1,5 +1,7 @@
 use super::*;
-use rawfs_chunkserver_api::layout::DATA_OFFSET;
+use rawfs_chunkserver_api::layout::Geometry;
+
+const DATA_OFFSET: u64 = Geometry::current().data_offset;
 use rawfs_chunkserver_api::BLOCK_SIZE;
 use std::os::unix::fs::FileExt;
 

@@ -6,25 +6,33 @@
 //!  0            header (36 bytes used of a 4 KiB page)
 //!                 0  magic          b"RAWFSCHK"
 //!                 8  format version u32 (1)
-//!                12  block size     u32 (65536)
+//!                12  block size     u32: 4096 (files this version makes) or 65536 (older)
 //!                16  chunk id       u64
 //!                24  chunk version  u64
 //!                32  crc32c of bytes 0..32
-//!  4096         block table: 1024 entries of 8 bytes, one per 64 KiB block
-//!                 0  crc32c of the block's 64 KiB (zeros past what was written)
+//!  4096         block table: one 8-byte entry per block (16384 of 4 KiB, or 1024 of 64 KiB)
+//!                 0  crc32c of the block (zeros past what was written)
 //!                 4  flags u8 (bit 0: written)
 //!                 5  reserved (zero)
 //!                 6  check u16 = low 16 bits of crc32c(entry bytes 0..6)
 //!               an all-zero entry is an unwritten block (the table starts as a hole)
-//!  12288        data region: block i at 12288 + i * 65536 (4 KiB aligned)
+//!  D            data region: block i at D + i * block size; D is the end of the table
+//!               rounded up to 4 KiB (135168 for 4 KiB blocks, 12288 for 64 KiB blocks)
 //! ```
+//!
+//! The checksum block is 4 KiB since this version (as BlueStore's default): a 4 KiB random
+//! read then reads and hashes 4 KiB, not 64 KiB. Files made with 64 KiB blocks are read and
+//! written in their own geometry ([`Geometry`]); the wire protocol's [`BLOCK_SIZE`] is
+//! unrelated to either.
 //!
 //! All integers are big-endian. Unwritten blocks are never stored, so they take no space and
 //! read as zeros. A block's bytes and its table entry are written by separate `pwrite`s: if a
 //! crash tears them apart, the block fails its checksum and reads as CORRUPT rather than
 //! returning wrong bytes (and a reader racing a writer sees a mismatch, never wrong data).
 
-use crate::{BLOCK_SIZE, MAX_CHUNK_SIZE};
+#[cfg(doc)]
+use crate::BLOCK_SIZE;
+use crate::MAX_CHUNK_SIZE;
 use bytes::BytesMut;
 use std::fs::File;
 use std::io;
@@ -39,12 +47,50 @@ pub const HEADER_LEN: usize = 36;
 pub const TABLE_OFFSET: u64 = 4096;
 /// Bytes of one block table entry.
 pub const ENTRY_LEN: usize = 8;
-/// Blocks in a chunk of the largest size.
-pub const BLOCKS: usize = (MAX_CHUNK_SIZE / BLOCK_SIZE as u64) as usize;
-/// Bytes of the whole block table.
-pub const TABLE_LEN: usize = BLOCKS * ENTRY_LEN;
-/// Where the data region starts.
-pub const DATA_OFFSET: u64 = TABLE_OFFSET + TABLE_LEN as u64;
+/// The checksum block of the chunk files this version makes.
+pub const CSUM_BLOCK: u32 = 4096;
+/// The checksum block of chunk files made before 4 KiB blocks (still read and written).
+pub const LEGACY_CSUM_BLOCK: u32 = 64 << 10;
+
+/// Where things are in a chunk file with a given checksum block size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Bytes per checksummed block.
+    pub block: u64,
+    /// Blocks in a chunk of the largest size (entries in the table).
+    pub blocks: usize,
+    /// Where the data region starts.
+    pub data_offset: u64,
+}
+
+impl Geometry {
+    /// The geometry for checksum blocks of `block_size` bytes, if that is a supported size.
+    pub const fn of(block_size: u32) -> Option<Geometry> {
+        if block_size != CSUM_BLOCK && block_size != LEGACY_CSUM_BLOCK {
+            return None;
+        }
+        let blocks = (MAX_CHUNK_SIZE / block_size as u64) as usize;
+        let table = (blocks * ENTRY_LEN) as u64;
+        Some(Geometry {
+            block: block_size as u64,
+            blocks,
+            data_offset: TABLE_OFFSET + table.next_multiple_of(4096),
+        })
+    }
+
+    /// The geometry of the chunk files this version makes.
+    pub const fn current() -> Geometry {
+        match Geometry::of(CSUM_BLOCK) {
+            Some(g) => g,
+            None => panic!("CSUM_BLOCK is a supported block size"),
+        }
+    }
+
+    /// Bytes of the block table.
+    pub fn table_len(&self) -> usize {
+        self.blocks * ENTRY_LEN
+    }
+}
 
 /// The checksum state of one block, as its table entry records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +133,8 @@ impl BlockEntry {
 pub struct Header {
     pub id: u64,
     pub version: u64,
+    /// The file's layout (from its checksum block size).
+    pub geometry: Geometry,
 }
 
 impl Header {
@@ -95,7 +143,7 @@ impl Header {
         let mut h = [0u8; HEADER_LEN];
         h[0..8].copy_from_slice(&MAGIC);
         h[8..12].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
-        h[12..16].copy_from_slice(&BLOCK_SIZE.to_be_bytes());
+        h[12..16].copy_from_slice(&(self.geometry.block as u32).to_be_bytes());
         h[16..24].copy_from_slice(&self.id.to_be_bytes());
         h[24..32].copy_from_slice(&self.version.to_be_bytes());
         let crc = crc32c::crc32c(&h[0..32]);
@@ -117,17 +165,14 @@ impl Header {
         if be_u32(&h[8..12]) != FORMAT_VERSION {
             return Err("unsupported format version");
         }
-        if be_u32(&h[12..16]) != BLOCK_SIZE {
-            return Err("unsupported block size");
-        }
+        let geometry = Geometry::of(be_u32(&h[12..16])).ok_or("unsupported block size")?;
         Ok(Header {
             id: be_u64(&h[16..24]),
             version: be_u64(&h[24..32]),
+            geometry,
         })
     }
 }
-
-const BS: u64 = BLOCK_SIZE as u64;
 
 /// A read at least this long is taken as part of a stream (clients read sequential data
 /// in frames of 1 MiB; random readers ask for a few KiB).
@@ -170,6 +215,7 @@ pub enum Wait {
 /// [`STREAM_READ`] or more asks the kernel to read ahead past it.
 pub fn read_blocks(
     file: &File,
+    geo: Geometry,
     offset: u64,
     len: u64,
     wait: Wait,
@@ -177,16 +223,18 @@ pub fn read_blocks(
     mut verified: impl FnMut(u32),
 ) -> Result<bytes::Bytes, BlockReadError> {
     let end = offset + len;
-    let first = (offset / BS) as usize;
-    let last = ((end - 1) / BS) as usize;
-    let base = first as u64 * BS;
-    let mut buf = BytesMut::with_capacity((last - first + 1) * BLOCK_SIZE as usize);
+    let bs = geo.block;
+    let first = (offset / bs) as usize;
+    let last = ((end - 1) / bs) as usize;
+    let base = first as u64 * bs;
+    let block = bs as usize;
+    let mut buf = BytesMut::with_capacity((last - first + 1) * block);
     let mut b = first;
     while b <= last {
         match entry(b) {
             BlockEntry::Unwritten => {
-                buf.resize(buf.len() + BLOCK_SIZE as usize, 0);
-                verified(zero_block_crc());
+                buf.resize(buf.len() + block, 0);
+                verified(zero_block_crc(geo));
                 b += 1;
             }
             BlockEntry::Bad => return Err(BlockReadError::Corrupt { block: b }),
@@ -196,13 +244,12 @@ pub fn read_blocks(
                     run_end += 1;
                 }
                 let from = buf.len();
-                let run = (run_end - b) * BLOCK_SIZE as usize;
-                read_append_at(file, &mut buf, run, DATA_OFFSET + b as u64 * BS, wait)?;
+                let at = geo.data_offset + b as u64 * bs;
+                read_append_at(file, &mut buf, (run_end - b) * block, at, wait)?;
                 for i in b..run_end {
-                    let at = from + (i - b) * BLOCK_SIZE as usize;
-                    let block = &buf[at..at + BLOCK_SIZE as usize];
+                    let data = &buf[from + (i - b) * block..][..block];
                     match entry(i) {
-                        BlockEntry::Written(stored) if crc32c::crc32c(block) == stored => {
+                        BlockEntry::Written(stored) if crc32c::crc32c(data) == stored => {
                             verified(stored)
                         }
                         _ => return Err(BlockReadError::Corrupt { block: i }),
@@ -213,7 +260,7 @@ pub fn read_blocks(
         }
     }
     if len >= STREAM_READ {
-        will_need(file, end, READ_AHEAD_HINT);
+        will_need(file, geo, end, READ_AHEAD_HINT);
     }
     let from = (offset - base) as usize;
     Ok(buf.freeze().slice(from..from + len as usize))
@@ -221,7 +268,7 @@ pub fn read_blocks(
 
 /// Asks the kernel to start reading chunk bytes `offset..offset + len` (clipped at the
 /// chunk's end) into the page cache, without waiting. Only a hint: errors are ignored.
-pub fn will_need(file: &File, offset: u64, len: u64) {
+pub fn will_need(file: &File, geo: Geometry, offset: u64, len: u64) {
     let len = len.min(MAX_CHUNK_SIZE.saturating_sub(offset));
     if len == 0 {
         return;
@@ -230,7 +277,7 @@ pub fn will_need(file: &File, offset: u64, len: u64) {
     unsafe {
         libc::posix_fadvise(
             file.as_raw_fd(),
-            (DATA_OFFSET + offset) as libc::off_t,
+            (geo.data_offset + offset) as libc::off_t,
             len as libc::off_t,
             libc::POSIX_FADV_WILLNEED,
         );
@@ -238,9 +285,40 @@ pub fn will_need(file: &File, offset: u64, len: u64) {
 }
 
 /// The crc32c of a block of zeros (an unwritten block reads as one).
-pub fn zero_block_crc() -> u32 {
-    static CRC: OnceLock<u32> = OnceLock::new();
-    *CRC.get_or_init(|| crc32c::crc32c(&[0u8; BLOCK_SIZE as usize]))
+pub fn zero_block_crc(geo: Geometry) -> u32 {
+    static SMALL: OnceLock<u32> = OnceLock::new();
+    static LEGACY: OnceLock<u32> = OnceLock::new();
+    let cell = if geo.block == u64::from(CSUM_BLOCK) {
+        &SMALL
+    } else {
+        &LEGACY
+    };
+    *cell.get_or_init(|| crc32c::crc32c(&vec![0u8; geo.block as usize]))
+}
+
+/// The crc32c of `a` followed by one block `b` of `geo`'s size, from `crc(a)` and `crc(b)`:
+/// `crc(a)` shifted past a block of zeros, xor `crc(b)`. The shift is linear over GF(2), so
+/// it is a 32x32 bit matrix, built once per block size (its columns are the shifts of each
+/// single bit); applying it costs 32 steps, where `crc32c_combine` would build it again on
+/// every call.
+pub fn crc_then_block(geo: Geometry, crc_a: u32, crc_b: u32) -> u32 {
+    static SMALL: OnceLock<[u32; 32]> = OnceLock::new();
+    static LEGACY: OnceLock<[u32; 32]> = OnceLock::new();
+    let cell = if geo.block == u64::from(CSUM_BLOCK) {
+        &SMALL
+    } else {
+        &LEGACY
+    };
+    let columns = cell.get_or_init(|| {
+        std::array::from_fn(|bit| crc32c::crc32c_combine(1 << bit, 0, geo.block as usize))
+    });
+    let mut shifted = 0;
+    for (bit, column) in columns.iter().enumerate() {
+        if crc_a >> bit & 1 == 1 {
+            shifted ^= column;
+        }
+    }
+    shifted ^ crc_b
 }
 
 /// Fills `buf` from `at`; bytes past the end of the file are left as they are (zeros in every

@@ -31,7 +31,7 @@
 use crate::layout::{
     self, BlockEntry, BlockReadError, Header, Wait, ENTRY_LEN, HEADER_LEN, TABLE_OFFSET,
 };
-use crate::{DataClient, BLOCK_SIZE};
+use crate::DataClient;
 use bytes::Bytes;
 use lru::LruCache;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
@@ -476,19 +476,18 @@ fn read_verified(
     };
     let mut header = [0u8; HEADER_LEN];
     layout::read_full_at_waiting(file, &mut header, 0, wait).map_err(miss)?;
-    match Header::parse(&header) {
-        Ok(h) if h.id == chunk && h.version <= version => {}
+    let geo = match Header::parse(&header) {
+        Ok(h) if h.id == chunk && h.version <= version => h.geometry,
         Ok(h) if h.id == chunk => return Err(Miss::Ask),
         _ => return Err(Miss::Gone),
-    }
-    let bs = u64::from(BLOCK_SIZE);
-    let first = (offset / bs) as usize;
-    let last = ((offset + len - 1) / bs) as usize;
+    };
+    let first = (offset / geo.block) as usize;
+    let last = ((offset + len - 1) / geo.block) as usize;
     let mut table = vec![0u8; (last - first + 1) * ENTRY_LEN];
     let at = TABLE_OFFSET + (first * ENTRY_LEN) as u64;
     layout::read_full_at_waiting(file, &mut table, at, wait).map_err(miss)?;
     let entry = |b: usize| BlockEntry::decode(&table[(b - first) * ENTRY_LEN..][..ENTRY_LEN]);
-    layout::read_blocks(file, offset, len, wait, entry, |_| {}).map_err(|e| match e {
+    layout::read_blocks(file, geo, offset, len, wait, entry, |_| {}).map_err(|e| match e {
         BlockReadError::Io(e) => miss(e),
         BlockReadError::Corrupt { .. } => Miss::Ask,
     })
