@@ -303,13 +303,21 @@ impl ChunkFile {
             });
         };
         let (geo, bs) = (self.geo, self.geo.block);
-        let data = read_blocks(&self.file, geo, offset, len, Wait::Disk, |b| self.blocks[b], add_block)
-            .map_err(|e| match e {
-                BlockReadError::Io(e) => StoreError::from(e),
-                BlockReadError::Corrupt { block } => StoreError::Corrupt {
-                    offset: block as u64 * bs,
-                },
-            })?;
+        let data = read_blocks(
+            &self.file,
+            geo,
+            offset,
+            len,
+            Wait::Disk,
+            |b| self.blocks[b],
+            add_block,
+        )
+        .map_err(|e| match e {
+            BlockReadError::Io(e) => StoreError::from(e),
+            BlockReadError::Corrupt { block } => StoreError::Corrupt {
+                offset: block as u64 * bs,
+            },
+        })?;
         let whole_blocks = offset % bs == 0 && end % bs == 0;
         Ok((data, crc.filter(|_| whole_blocks)))
     }
@@ -507,7 +515,8 @@ mod tests {
         drop(cf);
         // Flip one byte inside block 2.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0xff], geo.data_offset + 2 * BS + 77).unwrap();
+        f.write_all_at(&[0xff], geo.data_offset + 2 * BS + 77)
+            .unwrap();
         drop(f);
         let mut cf = ChunkFile::open(&path).unwrap();
         assert!(cf.read(0, 2 * BS).is_ok());

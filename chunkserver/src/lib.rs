@@ -5,14 +5,17 @@
 //!   DataClient ──frames──▶ data_server ─┐                       ┌─▶ data_dir/chunks/xx/<id>
 //!                                       ├─ spawn_blocking ─▶ Storage (fences, LRU of files)
 //!   control client ─tarpc─▶ control ────┘                       └─▶ data_dir/term
+//!   client on this host ─unix─▶ local_server ─▶ read-only fd of a chunk file (SCM_RIGHTS)
 //!   metadata leader ◀─heartbeat (capacity, inventory, corrupt)── heartbeat
 //!                   ──reply (term fence, chunks to delete)──────▶
 //!
 //!   scrub ──(every block of every chunk, paced to --scrub-rate)──▶ Storage ─▶ corrupt set
 //! ```
 //!
-//! Each chunk is one file: a header, a crc32c per 64 KiB block, and a sparse data region (see
-//! `chunk_file`). Writes are fenced by the chunk version and by the highest metadata term seen;
+//! Each chunk is one file: a header, a crc32c per 4 KiB block, and a sparse data region (the
+//! layout is `rawfs_chunkserver_api::layout`; files made with 64 KiB blocks keep them). Clients
+//! on the same host read chunk files through descriptors handed out on `DATA_DIR/local.sock`
+//! (module `local_server`), checking the same checksums. Writes are fenced by the chunk version and by the highest metadata term seen;
 //! every read is verified and a checksum failure is answered with CORRUPT, never with data.
 //!
 //! Data nobody reads is checked too: the background scrub ([`Scrubber`], module `scrub`)

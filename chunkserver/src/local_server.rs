@@ -92,7 +92,12 @@ pub(crate) async fn run(
     while conns.join_next().await.is_some() {}
 }
 
-async fn serve_conn(stream: UnixStream, token: u64, storage: Arc<Storage>, stop: CancellationToken) {
+async fn serve_conn(
+    stream: UnixStream,
+    token: u64,
+    storage: Arc<Storage>,
+    stop: CancellationToken,
+) {
     if let Err(e) = send_with_fd(&stream, &encode_greeting(token), None).await {
         tracing::debug!(error = %e, "local client left before the greeting");
         return;
@@ -133,9 +138,9 @@ async fn serve_conn(stream: UnixStream, token: u64, storage: Arc<Storage>, stop:
             Ok(file) => send_with_fd(&stream, &OpenReply::Ok.encode(), Some(file.as_fd())).await,
             Err(e) => {
                 let reply = match e {
-                    StoreError::StaleVersion { current } => OpenReply::StaleVersion {
-                        current: *current,
-                    },
+                    StoreError::StaleVersion { current } => {
+                        OpenReply::StaleVersion { current: *current }
+                    }
                     StoreError::NotFound => OpenReply::NotFound,
                     _ => OpenReply::Failed,
                 };

@@ -65,7 +65,9 @@ fn write(chunk: u64, version: u64, offset: u32, data: Vec<u8>) -> WriteReq {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(13) ^ seed).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13) ^ seed)
+        .collect()
 }
 
 #[tokio::test]
@@ -100,11 +102,18 @@ async fn local_reads_return_what_the_data_port_returns() {
         let a = local.read(&s.data, 3, 1, offset, len).await.unwrap();
         let b = remote.read(&s.data, 3, 1, offset, len).await.unwrap();
         assert_eq!(a, b, "range {offset}+{len}");
-        assert_eq!(local.local_reads(), before + 1, "range {offset}+{len} read locally");
+        assert_eq!(
+            local.local_reads(),
+            before + 1,
+            "range {offset}+{len} read locally"
+        );
     }
     assert_eq!(remote.local_reads(), 0);
     // A chunk this server does not have: the data port's answer.
-    assert_eq!(local.read(&s.data, 4, 1, 0, 10).await, Err(DataError::NotFound));
+    assert_eq!(
+        local.read(&s.data, 4, 1, 0, 10).await,
+        Err(DataError::NotFound)
+    );
     s.stop().await;
 }
 
@@ -217,7 +226,12 @@ async fn chunk_files_with_64_kib_checksum_blocks_are_read_locally_too() {
     let s = start(dir.path()).await;
     let local = DataClient::new(T);
     let remote = DataClient::with_local_reads(T, false);
-    for (offset, len) in [(0u32, 4096u32), (1000, 300_000), (65_000, 1_000), (280_000, 70_000)] {
+    for (offset, len) in [
+        (0u32, 4096u32),
+        (1000, 300_000),
+        (65_000, 1_000),
+        (280_000, 70_000),
+    ] {
         let a = local.read(&s.data, 0x33, 1, offset, len).await.unwrap();
         let b = remote.read(&s.data, 0x33, 1, offset, len).await.unwrap();
         assert_eq!(a, b, "range {offset}+{len}");

@@ -16,8 +16,8 @@
 //! at the version the pass started with, is reported. The rate can change at run time (the
 //! control service's `set_scrub_rate`); 0 pauses the scrub where it is.
 
-use rawfs_chunkserver_api::layout::Geometry;
 use crate::storage::{ScrubStep, Storage};
+use rawfs_chunkserver_api::layout::Geometry;
 use rawfs_chunkserver_api::{ScrubStatus, BLOCK_SIZE};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -193,7 +193,12 @@ async fn corrupt_block_is_reported_not_returned() {
     c.write(&s.data, req).await.unwrap();
     let path = dir.path().join("chunks/77/0000000000000077");
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, b"rot", rawfs_chunkserver_api::layout::Geometry::current().data_offset + 70_000).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &f,
+        b"rot",
+        rawfs_chunkserver_api::layout::Geometry::current().data_offset + 70_000,
+    )
+    .unwrap();
     drop(f);
     let e = c.read(&s.data, 0x77, 1, 0, 256 << 10).await.unwrap_err();
     // The checksum block holding byte 70,000.

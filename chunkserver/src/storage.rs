@@ -554,16 +554,15 @@ impl Storage {
             let mut to = ChunkFile::create(&tmp, dst, dst_version)?;
             let copied = (|| {
                 for offset in from.data_blocks() {
-                    let block =
-                        match from.read(offset, from.block_size()) {
-                            Ok(b) => b,
-                            Err(e) => {
-                                if let StoreError::Corrupt { .. } = e {
-                                    self.mark_corrupt(src);
-                                }
-                                return Err(e);
+                    let block = match from.read(offset, from.block_size()) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            if let StoreError::Corrupt { .. } = e {
+                                self.mark_corrupt(src);
                             }
-                        };
+                            return Err(e);
+                        }
+                    };
                     to.write(offset, &block)?;
                 }
                 to.sync()?;

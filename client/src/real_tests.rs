@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 /// Start of the data region in a chunk file (see the chunkserver's `chunk_file.rs`).
-const DATA_OFFSET: u64 = 12288;
+const DATA_OFFSET: u64 = rawfs_chunkserver_api::layout::Geometry::current().data_offset;
 const INO: u64 = 9;
 
 struct Hybrid {

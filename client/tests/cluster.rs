@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Start of the data region in a chunk file (the chunkserver's `chunk_file.rs` layout).
-const DATA_OFFSET: u64 = 12288;
+const DATA_OFFSET: u64 = rawfs_chunkserver_api::layout::Geometry::current().data_offset;
 
 struct Daemon<H> {
     dir: tempfile::TempDir,

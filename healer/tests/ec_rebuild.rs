@@ -109,9 +109,9 @@ async fn a_down_and_a_corrupt_shard_are_rebuilt_from_the_good_ones() {
         .open(chunk_file(&bad_dir, ec.shards[0].chunk))
         .expect("shard 0's file");
     let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, 12288 + 100).expect("read");
-    f.write_all_at(&[b[0] ^ 0xff], 12288 + 100)
-        .expect("corrupt");
+    let at = rawfs_chunkserver_api::layout::Geometry::current().data_offset + 100;
+    f.read_exact_at(&mut b, at).expect("read");
+    f.write_all_at(&[b[0] ^ 0xff], at).expect("corrupt");
     f.sync_all().expect("sync");
     drop(f);
     until("the stopped chunkserver seen down", 30, || async {

@@ -187,7 +187,9 @@ const READ_AHEAD_HINT: u64 = 8 << 20;
 pub enum BlockReadError {
     Io(io::Error),
     /// Block `block` failed its checksum, or its table entry is damaged.
-    Corrupt { block: usize },
+    Corrupt {
+        block: usize,
+    },
 }
 
 impl From<io::Error> for BlockReadError {
@@ -328,16 +330,17 @@ pub fn read_full_at(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
 }
 
 /// [`read_full_at`], waiting for the disk only if `wait` allows.
-pub fn read_full_at_waiting(
-    file: &File,
-    buf: &mut [u8],
-    at: u64,
-    wait: Wait,
-) -> io::Result<usize> {
+pub fn read_full_at_waiting(file: &File, buf: &mut [u8], at: u64, wait: Wait) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];
-        match pread(file, rest.as_mut_ptr(), rest.len(), at + filled as u64, wait)? {
+        match pread(
+            file,
+            rest.as_mut_ptr(),
+            rest.len(),
+            at + filled as u64,
+            wait,
+        )? {
             0 => break,
             n => filled += n,
         }

@@ -10,6 +10,10 @@
 //!   address)  ──READ / SYNC / PING──▶  ◀── data (block-verified) + crc
 //! ```
 //!
+//! A client on the same host as a chunkserver reads its chunk files directly ([`local`]),
+//! through descriptors the chunkserver passes over a unix socket; the file format it then
+//! reads is [`layout`].
+//!
 //! Every request carries `(chunk, version)`, and a WRITE also the metadata leader's term: a
 //! chunkserver refuses a version older than the one it stores and a write whose term is older
 //! than the highest it has seen, so a client with a stale chunk map or a deposed metadata

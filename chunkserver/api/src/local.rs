@@ -62,6 +62,13 @@ pub const SOCKET_NAME: &str = "local.sock";
 /// How long a chunkserver whose local socket could not be used is left alone before the
 /// next try (it may be on another host, or restarting).
 const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// A chunkserver's descriptors are used without asking it again for this long after it last
+/// answered. A server that stopped (SIGSTOP, a hung disk) still looks alive to the kernel,
+/// and the replica it holds may meanwhile be dropped by a writer that timed out on it (which
+/// takes the data call deadline, seconds): asking again every second makes a read of a
+/// stopped server wait for it, as a read through its data port would, instead of returning
+/// what its files held.
+const FRESH_FOR: Duration = Duration::from_secs(1);
 /// Reads up to this long are first tried inline, from the page cache only (see
 /// [`Wait::CacheOnly`]); longer ones, and those that would wait, run on a blocking thread.
 const INLINE_READ: u32 = 128 << 10;
@@ -78,8 +85,7 @@ pub fn encode_greeting(token: u64) -> [u8; GREETING_LEN] {
 }
 
 fn parse_greeting(g: &[u8; GREETING_LEN]) -> Option<u64> {
-    (g[0..4] == GREETING_MAGIC && g[4..6] == LOCAL_VERSION.to_be_bytes())
-        .then(|| be_u64(&g[8..16]))
+    (g[0..4] == GREETING_MAGIC && g[4..6] == LOCAL_VERSION.to_be_bytes()).then(|| be_u64(&g[8..16]))
 }
 
 fn encode_open(chunk: u64, version: u64) -> [u8; OPEN_LEN] {
@@ -101,7 +107,9 @@ pub enum OpenReply {
     /// The descriptor is attached.
     Ok,
     /// The server stores a newer version than the one asked for.
-    StaleVersion { current: u64 },
+    StaleVersion {
+        current: u64,
+    },
     NotFound,
     /// Anything else (a malformed request, an I/O error): use the data port.
     Failed,
@@ -248,6 +256,8 @@ struct Link {
     /// descriptors are no longer used.
     alive: AtomicBool,
     files: Mutex<LruCache<u64, Arc<File>>>,
+    /// When the server last answered a request here (see [`FRESH_FOR`]).
+    answered: Mutex<Instant>,
 }
 
 impl Link {
@@ -279,13 +289,26 @@ impl Link {
         runs
     }
 
+    /// The descriptor of `chunk` handed out before, unless the server has not answered for
+    /// [`FRESH_FOR`].
+    fn cached(&self, chunk: u64) -> Option<Arc<File>> {
+        if lock(&self.answered).elapsed() >= FRESH_FOR {
+            return None;
+        }
+        lock(&self.files).get(&chunk).cloned()
+    }
+
     /// The chunkserver's descriptor of `chunk` at `version` or newer, or `None` if it
     /// refuses (the data port then gives the real answer) or the link broke.
     async fn open(&self, chunk: u64, version: u64, timeout: Duration) -> Option<Arc<File>> {
-        if let Some(f) = lock(&self.files).get(&chunk) {
-            return Some(f.clone());
+        if let Some(f) = self.cached(chunk) {
+            return Some(f);
         }
         let conn = self.conn.lock().await;
+        // Another read may have asked while this one waited.
+        if let Some(f) = self.cached(chunk) {
+            return Some(f);
+        }
         let exchange = async {
             send_with_fd(&conn, &encode_open(chunk, version), None).await?;
             let mut reply = [0u8; REPLY_LEN];
@@ -294,6 +317,7 @@ impl Link {
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok((Some(OpenReply::Ok), Some(fd)))) => {
+                *lock(&self.answered) = Instant::now();
                 let file = Arc::new(File::from(fd));
                 lock(&self.files).put(chunk, file.clone());
                 Some(file)
@@ -427,10 +451,7 @@ impl LocalReads {
 /// connection for requests, one whose end tells that the chunkserver is gone. Both must
 /// greet with the token the data port gave, which proves the socket is that server's.
 async fn connect(client: &DataClient, addr: &str) -> Result<Link, String> {
-    let (token, path) = client
-        .local_socket(addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (token, path) = client.local_socket(addr).await.map_err(|e| e.to_string())?;
     let open = |path: String| async move {
         let stream = UnixStream::connect(&path)
             .await
@@ -453,6 +474,7 @@ async fn connect(client: &DataClient, addr: &str) -> Result<Link, String> {
         files: Mutex::new(LruCache::new(
             NonZeroUsize::new(FILES_PER_SERVER).expect("nonzero"),
         )),
+        answered: Mutex::new(Instant::now()),
     })
 }
 

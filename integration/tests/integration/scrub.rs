@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
 /// Where a chunk file's data region starts (header page and block table before it).
-const DATA_OFFSET: u64 = 12288;
+const DATA_OFFSET: u64 = rawfs_chunkserver_api::layout::Geometry::current().data_offset;
 
 #[test]
 fn scrub_finds_bitrot_in_an_unread_replica_and_the_healer_repairs_it() -> Result<()> {
