@@ -2,6 +2,7 @@
 //! data port's answer whenever the chunk file cannot be trusted as it is.
 
 use super::*;
+use crate::server_tests::start;
 use bytes::Bytes;
 use rawfs_chunkserver_api::frame::{self, Opcode, Request};
 use rawfs_chunkserver_api::layout::Geometry;
@@ -9,49 +10,9 @@ use rawfs_chunkserver_api::{DataClient, DataError, WriteReq};
 use std::os::unix::fs::FileExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::oneshot;
 
 const T: Duration = Duration::from_secs(10);
 const DATA_OFFSET: u64 = Geometry::current().data_offset;
-
-struct Server {
-    handle: ChunkserverHandle,
-    stop: oneshot::Sender<()>,
-    data: String,
-}
-
-async fn start(dir: &std::path::Path) -> Server {
-    let cfg = ChunkserverConfig {
-        id: 9,
-        data_dir: dir.to_path_buf(),
-        data_listen: "127.0.0.1:0".parse().unwrap(),
-        control_listen: "127.0.0.1:0".parse().unwrap(),
-        metadata: vec!["127.0.0.1:1".to_string()],
-        capacity: None,
-        heartbeat_interval: Duration::from_millis(50),
-    };
-    let (stop, rx) = oneshot::channel::<()>();
-    let handle = serve(cfg, async {
-        let _ = rx.await;
-    })
-    .await
-    .unwrap();
-    Server {
-        data: handle.data_addr().to_string(),
-        handle,
-        stop,
-    }
-}
-
-impl Server {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(T, self.handle.join())
-            .await
-            .expect("shutdown took too long")
-            .unwrap();
-    }
-}
 
 fn write(chunk: u64, version: u64, offset: u32, data: Vec<u8>) -> WriteReq {
     WriteReq {

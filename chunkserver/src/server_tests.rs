@@ -8,14 +8,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-struct TestServer {
+/// A chunkserver serving in this process (also used by `local_tests`).
+pub(crate) struct TestServer {
     handle: ChunkserverHandle,
     stop: oneshot::Sender<()>,
-    data: String,
+    /// The data port's address.
+    pub(crate) data: String,
     control: String,
 }
 
-async fn start(dir: &std::path::Path) -> TestServer {
+pub(crate) async fn start(dir: &std::path::Path) -> TestServer {
     start_at(dir, "127.0.0.1:0".parse().unwrap()).await
 }
 
@@ -45,7 +47,7 @@ async fn start_at(dir: &std::path::Path, data_listen: SocketAddr) -> TestServer 
 }
 
 impl TestServer {
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let _ = self.stop.send(());
         tokio::time::timeout(Duration::from_secs(10), self.handle.join())
             .await

@@ -412,24 +412,21 @@ impl Storage {
         offset: u64,
         len: u64,
     ) -> Result<(Bytes, Option<u32>), StoreError> {
-        let slot = self.slot(chunk);
-        let mut guard = lock(&slot);
-        let cf = self.load(chunk, &mut guard, None)?;
-        if version < cf.version() {
-            return Err(StoreError::StaleVersion {
-                current: cf.version(),
-            });
-        }
-        let r = cf.read_checked(offset, len);
+        let r = self.with_existing(chunk, version, |cf| cf.read_checked(offset, len));
         if let Err(StoreError::Corrupt { .. }) = r {
             self.mark_corrupt(chunk);
         }
         r
     }
 
-    /// A new read-only descriptor of `chunk`'s file, for a client on this host that reads
-    /// it directly; refused like a read (`version` older than the stored one).
-    pub fn open_read_only(&self, chunk: u64, version: u64) -> Result<fs::File, StoreError> {
+    /// Runs `f` on `chunk` under its lock, if the chunk exists here and `version` is not
+    /// older than the stored one (which is what reads, syncs and local opens ask).
+    fn with_existing<T>(
+        &self,
+        chunk: u64,
+        version: u64,
+        f: impl FnOnce(&ChunkFile) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let slot = self.slot(chunk);
         let mut guard = lock(&slot);
         let cf = self.load(chunk, &mut guard, None)?;
@@ -438,22 +435,22 @@ impl Storage {
                 current: cf.version(),
             });
         }
+        f(cf)
+    }
+
+    /// A new read-only descriptor of `chunk`'s file, for a client on this host that reads
+    /// it directly; refused like a read (`version` older than the stored one).
+    pub fn open_read_only(&self, chunk: u64, version: u64) -> Result<fs::File, StoreError> {
         // A descriptor of its own: the client's reads keep their own position and
         // read-ahead state.
-        Ok(fs::File::open(self.chunk_path(chunk))?)
+        self.with_existing(chunk, version, |_| {
+            Ok(fs::File::open(self.chunk_path(chunk))?)
+        })
     }
 
     /// fsyncs `chunk` (and its directory entry if it is new).
     pub fn sync(&self, chunk: u64, version: u64) -> Result<(), StoreError> {
-        let slot = self.slot(chunk);
-        let mut guard = lock(&slot);
-        let cf = self.load(chunk, &mut guard, None)?;
-        if version < cf.version() {
-            return Err(StoreError::StaleVersion {
-                current: cf.version(),
-            });
-        }
-        let r = self.sync_file(chunk, cf);
+        let r = self.with_existing(chunk, version, |cf| self.sync_file(chunk, cf));
         self.note_io_result(r)
     }
 

@@ -325,17 +325,7 @@ impl DataClient {
     /// The token and path of the local socket of the chunkserver at `addr` (see
     /// [`crate::local`]).
     pub async fn local_socket(&self, addr: &str) -> Result<(u64, String), DataError> {
-        let req = Request {
-            id: 0,
-            op: Opcode::LocalSocket,
-            flags: 0,
-            chunk: 0,
-            version: 0,
-            term: 0,
-            offset: 0,
-            length: 0,
-            payload: Bytes::new(),
-        };
+        let req = Request::bare(Opcode::LocalSocket);
         let payload = self.call(addr, req).await?;
         let bad = || DataError::Protocol {
             reason: "malformed local socket answer".to_string(),
@@ -348,17 +338,7 @@ impl DataClient {
 
     /// Checks that the chunkserver at `addr` answers on its data port.
     pub async fn ping(&self, addr: &str) -> Result<(), DataError> {
-        let req = Request {
-            id: 0,
-            op: Opcode::Ping,
-            flags: 0,
-            chunk: 0,
-            version: 0,
-            term: 0,
-            offset: 0,
-            length: 0,
-            payload: Bytes::new(),
-        };
+        let req = Request::bare(Opcode::Ping);
         self.call(addr, req).await.map(|_| ())
     }
 

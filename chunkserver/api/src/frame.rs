@@ -131,6 +131,23 @@ pub struct Request {
     pub payload: Bytes,
 }
 
+impl Request {
+    /// A request of `op` that names no chunk and carries nothing (PING, LOCAL_SOCKET).
+    pub fn bare(op: Opcode) -> Request {
+        Request {
+            id: 0,
+            op,
+            flags: 0,
+            chunk: 0,
+            version: 0,
+            term: 0,
+            offset: 0,
+            length: 0,
+            payload: Bytes::new(),
+        }
+    }
+}
+
 /// The outcome of a request, as carried in a response header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
