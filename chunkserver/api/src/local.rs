@@ -304,6 +304,8 @@ impl Link {
         if let Some(f) = self.cached(chunk) {
             return Some(f);
         }
+        // One request at a time on the connection (the lock is held across the exchange):
+        // opens are rare, since descriptors are kept.
         let conn = self.conn.lock().await;
         // Another read may have asked while this one waited.
         if let Some(f) = self.cached(chunk) {
@@ -508,7 +510,12 @@ fn read_verified(
     let mut table = vec![0u8; (last - first + 1) * ENTRY_LEN];
     let at = TABLE_OFFSET + (first * ENTRY_LEN) as u64;
     layout::read_full_at_waiting(file, &mut table, at, wait).map_err(miss)?;
-    let entry = |b: usize| BlockEntry::decode(&table[(b - first) * ENTRY_LEN..][..ENTRY_LEN]);
+    // Decoded once: the block reader looks at each entry more than once.
+    let entries: Vec<BlockEntry> = table
+        .chunks_exact(ENTRY_LEN)
+        .map(BlockEntry::decode)
+        .collect();
+    let entry = |b: usize| entries[b - first];
     layout::read_blocks(file, geo, offset, len, wait, entry, |_| {}).map_err(|e| match e {
         BlockReadError::Io(e) => miss(e),
         BlockReadError::Corrupt { .. } => Miss::Ask,
