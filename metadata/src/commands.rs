@@ -246,6 +246,11 @@ pub enum Command {
         from: u64,
         to: u64,
     },
+    /// Records that a lease (the healer's, or a volume writer's) may be granted in `term`
+    /// (see `leases.rs`): written before the first grant of each term.
+    RecordLeaseTerm {
+        term: u64,
+    },
 }
 
 /// What a command returns.

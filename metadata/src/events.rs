@@ -51,7 +51,8 @@ struct Ring {
     epoch: u64,
     /// Sequence number of `events[0]`.
     first: u64,
-    events: VecDeque<InvalEvent>,
+    /// Each event with whether its origin is spared it (see [`stale`]).
+    events: VecDeque<(InvalEvent, bool)>,
     /// Clients watching this epoch, by client id.
     watchers: HashMap<u64, Watcher>,
 }
@@ -103,11 +104,11 @@ impl EventLog {
 
     /// Publishes what a change applied in `term` by client `origin` made stale; returns the
     /// sequence number just past its events.
-    pub(crate) fn publish(&self, term: u64, origin: u64, invals: Vec<Inval>) -> u64 {
+    pub(crate) fn publish(&self, term: u64, origin: u64, invals: Vec<(Inval, bool)>) -> u64 {
         let end = {
             let mut r = self.lock(term);
-            for inval in invals {
-                r.events.push_back(InvalEvent { origin, inval });
+            for (inval, known) in invals {
+                r.events.push_back((InvalEvent { origin, inval }, known));
             }
             while r.events.len() > CAPACITY {
                 r.events.pop_front();
@@ -155,13 +156,14 @@ impl EventLog {
     }
 
     /// The events from `from` on in `epoch` for client `watcher` (which acknowledges those
-    /// before `from`), waiting up to `wait` for one to arrive.
+    /// before `from`), waiting up to `wait` for one to arrive. Events of the watcher's own
+    /// changes that its kernel already knows are passed over (see [`stale`]).
     pub(crate) async fn watch(
         &self,
         term: u64,
         watcher: u64,
         epoch: u64,
-        from: u64,
+        mut from: u64,
         wait: Duration,
     ) -> WatchReply {
         self.ack(term, watcher, epoch, from);
@@ -185,19 +187,25 @@ impl EventLog {
                 }
                 if from < end {
                     let skip = (from - r.first) as usize;
-                    let events: Vec<InvalEvent> = r
-                        .events
-                        .iter()
-                        .skip(skip)
-                        .take(MAX_EVENTS)
-                        .cloned()
-                        .collect();
-                    return WatchReply {
-                        epoch: r.epoch,
-                        next: from + events.len() as u64,
-                        lost: false,
-                        events,
-                    };
+                    let mut events = Vec::new();
+                    for (e, known) in r.events.iter().skip(skip) {
+                        if events.len() == MAX_EVENTS {
+                            break;
+                        }
+                        from += 1;
+                        if !(*known && e.origin == watcher) {
+                            events.push(e.clone());
+                        }
+                    }
+                    if !events.is_empty() {
+                        return WatchReply {
+                            epoch: r.epoch,
+                            next: from,
+                            lost: false,
+                            events,
+                        };
+                    }
+                    // Only the watcher's own, already known: keep waiting past them.
                 }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -254,6 +262,38 @@ fn epoch_of(nonce: u64, term: u64) -> u64 {
 #[derive(Default)]
 pub(crate) struct Replaced {
     pub(crate) inos: Vec<Ino>,
+}
+
+/// What `cmd` (applied successfully) made stale, each with whether the origin's own kernel
+/// already knows: the FUSE kernel module drops the names a request of its own changes and
+/// the attributes of their directories (`fuse_dir_changed`) by itself, so those events are
+/// not sent back to the client that caused them (a mount creating files in a directory is
+/// not woken once per file). Attribute changes of other inodes are always sent: the kernel
+/// does not know, for example, the link count an unlink left on another name's inode.
+pub(crate) fn stale(cmd: &Command, replaced: &Replaced) -> Vec<(Inval, bool)> {
+    match cmd {
+        Command::Tracked { cmd, .. } => return stale(cmd, replaced),
+        Command::Batch(cmds) => return cmds.iter().flat_map(|c| stale(c, replaced)).collect(),
+        _ => {}
+    }
+    let invals = invals(cmd, replaced);
+    let changed_dirs: Vec<Ino> = invals
+        .iter()
+        .filter_map(|i| match i {
+            Inval::Entry { parent, .. } => Some(*parent),
+            Inval::Inode(_) => None,
+        })
+        .collect();
+    invals
+        .into_iter()
+        .map(|i| {
+            let known = match &i {
+                Inval::Entry { .. } => true,
+                Inval::Inode(ino) => changed_dirs.contains(ino) && !replaced.inos.contains(ino),
+            };
+            (i, known)
+        })
+        .collect()
 }
 
 /// What `cmd` (applied successfully) made stale in clients' caches.
@@ -323,7 +363,8 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         | Command::EcCommit { .. }
         | Command::AllocateEc { .. }
         | Command::DropMissing { .. }
-        | Command::EcExtend { .. } => Vec::new(),
+        | Command::EcExtend { .. }
+        | Command::RecordLeaseTerm { .. } => Vec::new(),
     };
     out.extend(replaced.inos.iter().map(|i| Inval::Inode(*i)));
     out
@@ -348,7 +389,7 @@ mod tests {
         let log = EventLog::new();
         let first = log.watch(3, 1, 0, 0, Duration::ZERO).await;
         assert!(first.lost, "a client without an epoch starts over");
-        log.publish(3, 7, invals(&unlink("a"), &Replaced { inos: vec![9] }));
+        log.publish(3, 7, stale(&unlink("a"), &Replaced { inos: vec![9] }));
         let r = log
             .watch(3, 1, first.epoch, first.next, Duration::ZERO)
             .await;
@@ -363,16 +404,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_is_not_sent_the_name_changes_its_kernel_made_itself() {
+        let log = EventLog::new();
+        let me = log.watch(3, 7, 0, 0, Duration::ZERO).await;
+        let other = log.watch(3, 8, 0, 0, Duration::ZERO).await;
+        // My unlink: the name and the directory's attributes are known to my kernel, the
+        // unlinked inode's link count is not.
+        let stale = stale(&unlink("a"), &Replaced { inos: vec![9] });
+        assert_eq!(
+            stale.iter().map(|(_, known)| *known).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+        log.publish(3, 7, stale);
+        let mine = log.watch(3, 7, me.epoch, me.next, Duration::ZERO).await;
+        assert_eq!(mine.events.len(), 1);
+        assert_eq!(mine.events[0].inval, Inval::Inode(9));
+        let theirs = log
+            .watch(3, 8, other.epoch, other.next, Duration::ZERO)
+            .await;
+        assert_eq!(theirs.events.len(), 3);
+        assert_eq!(mine.next, theirs.next);
+        // Only known events of mine: the watch waits past them, and ends where they end.
+        let end = log.publish(3, 7, stale_unlink_without_replaced());
+        let t = Instant::now();
+        let quiet = log
+            .watch(3, 7, mine.epoch, mine.next, Duration::from_millis(50))
+            .await;
+        assert!(quiet.events.is_empty() && !quiet.lost);
+        assert_eq!(quiet.next, end);
+        assert!(t.elapsed() >= Duration::from_millis(50));
+    }
+
+    fn stale_unlink_without_replaced() -> Vec<(Inval, bool)> {
+        stale(&unlink("b"), &Replaced::default())
+    }
+
+    #[tokio::test]
     async fn a_new_term_or_a_client_left_behind_is_told_it_lost_events() {
         let log = EventLog::new();
         let start = log.watch(3, 1, 0, 0, Duration::ZERO).await;
-        log.publish(4, 1, vec![Inval::Inode(5)]);
+        log.publish(4, 1, vec![(Inval::Inode(5), false)]);
         let r = log
             .watch(4, 1, start.epoch, start.next, Duration::ZERO)
             .await;
         assert!(r.lost && r.epoch != start.epoch);
         for i in 0..(CAPACITY as u64 + 10) {
-            log.publish(4, 1, vec![Inval::Inode(i)]);
+            log.publish(4, 1, vec![(Inval::Inode(i), false)]);
         }
         let behind = log.watch(4, 1, r.epoch, r.next, Duration::ZERO).await;
         assert!(behind.lost);
@@ -385,7 +462,7 @@ mod tests {
         let registered = log
             .watch(2, 5, start.epoch, start.next, Duration::ZERO)
             .await;
-        let end = log.publish(2, 9, vec![Inval::Inode(3)]);
+        let end = log.publish(2, 9, vec![(Inval::Inode(3), false)]);
         // The origin itself is not waited for.
         tokio::time::timeout(Duration::from_millis(100), log.wait_acked(2, 5, end))
             .await
@@ -413,11 +490,11 @@ mod tests {
         let start = log.watch(2, 5, 0, 0, Duration::ZERO).await;
         log.watch(2, 5, start.epoch, start.next, Duration::ZERO)
             .await;
-        let end = log.publish(2, 9, vec![Inval::Inode(3)]);
+        let end = log.publish(2, 9, vec![(Inval::Inode(3), false)]);
         let t = Instant::now();
         log.wait_acked(2, 9, end).await;
         assert!(t.elapsed() >= ACK_WAIT);
-        let end = log.publish(2, 9, vec![Inval::Inode(4)]);
+        let end = log.publish(2, 9, vec![(Inval::Inode(4), false)]);
         tokio::time::timeout(Duration::from_millis(100), log.wait_acked(2, 9, end))
             .await
             .expect("a lagging watcher is not waited for");
@@ -433,7 +510,7 @@ mod tests {
                 .await
         });
         // Whether the watch is already waiting or not, it must return this event.
-        log.publish(2, 1, vec![Inval::Inode(3)]);
+        log.publish(2, 1, vec![(Inval::Inode(3), false)]);
         let r = waiter.await.expect("join");
         assert_eq!(r.events.len(), 1);
     }

@@ -20,7 +20,8 @@
 //!
 //! The lease is the leader's soft state, not replicated: a new leader does not know who held
 //! it, so it grants nothing until [`LEASE_MAX`] has passed since it took office (any lease
-//! granted by an earlier leader has lapsed by then).
+//! granted by an earlier leader has lapsed by then), unless no lease was ever granted
+//! (`leases.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -381,9 +382,9 @@ impl Server {
         ttl_ms: u64,
     ) -> MetaResult<HealerLease> {
         let term = self.leader_term().await?;
+        let in_office = self.lease_office(term, ttl_ms > 0).await?;
         let now = Instant::now();
         let mut reg = self.registry();
-        let in_office = reg.in_office(now);
         let lease = decide_lease(
             reg.lease,
             holder,

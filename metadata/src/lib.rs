@@ -66,6 +66,7 @@ mod commands;
 mod drain;
 mod ec_write;
 mod erasure;
+mod leases;
 mod machine;
 mod namespace;
 mod queries;

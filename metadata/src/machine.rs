@@ -234,6 +234,7 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             term,
         )
         .map(Reply::Chunk),
+        RecordLeaseTerm { term } => unit(crate::leases::record(t, *term)),
         Batch(cmds) => {
             let mut out = Vec::with_capacity(cmds.len());
             for c in cmds {

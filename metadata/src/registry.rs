@@ -49,6 +49,10 @@ pub(crate) struct Registry {
     pub suspects: crate::missing::Suspects,
     /// Volume writer leases granted by this leader (see `volume_lease.rs`).
     pub volume_leases: crate::volume_lease::VolumeLeases,
+    /// The highest term this process has recorded as granting leases (see `leases.rs`).
+    pub lease_term_recorded: u64,
+    /// Whether a lease may have been granted before this leader's first look in the term.
+    pub leases_before: Option<(u64, bool)>,
 }
 
 impl Registry {
@@ -63,6 +67,8 @@ impl Registry {
             draining: HashMap::new(),
             reports: Default::default(),
             suspects: Default::default(),
+            lease_term_recorded: 0,
+            leases_before: None,
             volume_leases: Default::default(),
         }
     }

@@ -129,7 +129,7 @@ impl Server {
     /// A namespace mutation on behalf of request `req`, applied at most once.
     async fn mutate_once(&self, req: ReqId, now: Timespec, cmd: Command) -> MetaResult<Reply> {
         let replaced = self.replaced_by(&cmd);
-        let invals = events::invals(&cmd, &replaced);
+        let invals = events::stale(&cmd, &replaced);
         let reply = self.mutate(tracked(req, now, cmd)).await?;
         // Published, and acknowledged by the other watching mounts, before the caller hears
         // back: once it has, no other mount still shows the old state (see `events`). A

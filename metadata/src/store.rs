@@ -72,6 +72,8 @@ pub(crate) const REPL: TableDefinition<&str, &[u8]> = TableDefinition::new("repl
 pub(crate) const NEXT_INO: &str = "next_ino";
 pub(crate) const NEXT_CHUNK: &str = "next_chunk";
 pub(crate) const INODE_COUNT: &str = "inode_count";
+/// The highest leader term that may have granted a lease (see `leases.rs`); 0: none ever.
+pub(crate) const LEASE_TERM: &str = "lease_term";
 const REPL_KEY: &str = "state";
 pub(crate) const APPLIED_INDEX: &str = "index";
 pub(crate) const APPLIED_TERM: &str = "term";

@@ -14,7 +14,8 @@
 //! by an earlier leader, is still running by its own clock says `renew`), and the first
 //! renewal of a volume wins. After that every live holder has renewed, so a lease a new
 //! claimant gets can have no other holder. A holder that cannot renew stops writing when
-//! its own clock says the lease ran out.
+//! its own clock says the lease ran out. A cluster that never granted a lease skips the
+//! wait (`leases.rs`), so the first attach after `rawfs up` is not held up.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -102,9 +103,9 @@ impl Server {
         renew: bool,
     ) -> MetaResult<u64> {
         let term = self.leader_term().await?;
+        let in_office = self.lease_office(term, ttl_ms > 0).await?;
         let now = Instant::now();
         let mut reg = self.registry();
-        let in_office = reg.in_office(now);
         // Expired leases go, so the map holds only volumes in use.
         reg.volume_leases.retain(|_, l| l.until > now);
         let granted = decide(

@@ -371,6 +371,43 @@ async fn orphan_survives_a_restart_until_released() {
     h.join().await.unwrap();
 }
 
+/// A cluster that never granted a lease grants one at once; once one was granted, a
+/// restarted leader (same term: a sole replica keeps it) grants only renewals at first,
+/// since the old process's leases may still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_wait_after_a_restart_only_if_one_was_ever_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+    let vol = file(&c, ROOT_INO, "vol").await;
+    // Probes take nothing and record nothing.
+    assert_eq!(c.volume_lease(vol.ino, 1, 0, false).await, Ok(0));
+    assert_eq!(c.volume_lease(vol.ino, 1, 5000, false).await, Ok(5000));
+    assert!(c.healer_lease(7, 3000).await.is_ok());
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+    let refused = c.volume_lease(vol.ino, 2, 5000, false).await;
+    assert!(
+        matches!(refused, Err(MetaError::LeaseHeld { holder: 0, .. })),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        c.healer_lease(8, 3000).await,
+        Err(MetaError::LeaseHeld { holder: 0, .. })
+    ));
+    // The holder from before the restart renews, and keeps it.
+    assert_eq!(c.volume_lease(vol.ino, 1, 5000, true).await, Ok(5000));
+    assert!(matches!(
+        c.volume_lease(vol.ino, 2, 5000, false).await,
+        Err(MetaError::LeaseHeld { holder: 1, .. })
+    ));
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+}
+
 #[cfg(rawfs_bench)]
 fn rss_mib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
