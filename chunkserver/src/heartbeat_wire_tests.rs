@@ -52,6 +52,7 @@ impl MetadataRpc for FakeMetadata {
         readdir(ino: Ino, cookie: u64, limit: u32, read: Consistency) -> Vec<DirEntry>;
         open(ino: Ino, session: u64) -> Attr;
         release(ino: Ino, session: u64) -> ();
+        release_many(inos: Vec<Ino>, session: u64) -> ();
         end_session(session: u64) -> ();
         statfs(read: Consistency) -> StatFs;
         sync() -> ();

@@ -251,6 +251,11 @@ pub enum Command {
     RecordLeaseTerm {
         term: u64,
     },
+    /// `Release` of each inode.
+    ReleaseMany {
+        inos: Vec<Ino>,
+        session: u64,
+    },
 }
 
 /// What a command returns.
@@ -321,6 +326,7 @@ impl Command {
                 | Command::CowPlaced { servers, .. }
                 | Command::AllocateEc { servers, .. } => 9 * servers.len(),
                 Command::EcExtend { shards, .. } => 9 * shards.len(),
+                Command::ReleaseMany { inos, .. } => 9 * inos.len(),
                 Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum(),
                 Command::Tracked { cmd, .. } => cmd.approx_size(),
                 _ => 0,

@@ -347,6 +347,7 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         Command::Init { .. }
         | Command::Open { .. }
         | Command::Release { .. }
+        | Command::ReleaseMany { .. }
         | Command::EndSession { .. }
         | Command::AllocateChunk { .. }
         | Command::DropReplica { .. }

@@ -123,6 +123,10 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
         )),
         Open { ino, session } => ns::open(t, *ino, *session).map(Reply::Attr),
         Release { ino, session } => unit(ns::release(t, *ino, *session)),
+        ReleaseMany { inos, session } => unit(
+            inos.iter()
+                .try_for_each(|&ino| ns::release(t, ino, *session)),
+        ),
         EndSession { session } => unit(ns::end_session(t, *session)),
         SetXattr {
             ino,

@@ -349,6 +349,12 @@ impl MetadataRpc for Server {
             .into_unit()
     }
 
+    async fn release_many(self, _: Context, inos: Vec<Ino>, session: u64) -> MetaResult<()> {
+        self.mutate(Command::ReleaseMany { inos, session })
+            .await?
+            .into_unit()
+    }
+
     async fn end_session(self, _: Context, session: u64) -> MetaResult<()> {
         self.mutate(Command::EndSession { session })
             .await?

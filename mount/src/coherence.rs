@@ -18,8 +18,10 @@
 //!
 //! Name changes made through this mount are skipped: the kernel already applied them to its
 //! own dentries (and taking back a name this mount just created would cost a lookup per
-//! `stat`). Attribute changes are never skipped: the kernel does not know, for example, the
-//! mtime a background flush stamped.
+//! `stat`). The leader does not even send them, nor the attribute changes of the directories
+//! they touched (the kernel drops those itself), so a mount creating many files is not woken
+//! once per file. Other attribute changes are never skipped: the kernel does not know, for
+//! example, the mtime a background flush stamped.
 //!
 //! The kernel calls run on their own thread: invalidating a name takes the directory's lock,
 //! which a request of ours may hold while it waits for an answer from the metadata thread.

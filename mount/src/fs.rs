@@ -8,7 +8,7 @@ use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -194,7 +194,7 @@ impl RawFs {
         let mut fut = Box::pin(fut);
         {
             let _runtime = rt.enter();
-            let mut cx = Context::from_waker(Waker::noop());
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
             if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
                 respond(reply, out);
                 return;

@@ -25,6 +25,8 @@ use crate::ops_dir::DirCursor;
 
 /// How long the releaser gathers releases before sending them.
 const RELEASE_DELAY: Duration = Duration::from_millis(10);
+/// Most releases in one call.
+const RELEASE_MAX: usize = 4096;
 /// Caches of "this inode has no `security.capability`" are dropped past this many inodes.
 const NO_CAPS_LIMIT: usize = 100_000;
 
@@ -111,8 +113,8 @@ impl Inner {
 
     /// Starts the task that gives server-side opens back. A release only ends the protection
     /// of an unlinked inode, so nobody waits for it: the task gathers the releases of up to
-    /// `RELEASE_DELAY` and sends them together, which the metadata service commits as one log
-    /// entry instead of one per closed file.
+    /// `RELEASE_DELAY` and sends them in one call, which the metadata service commits as one
+    /// log entry instead of one per closed file.
     pub(crate) fn start_releaser(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Ino>();
         *lock(&self.releases) = Some(tx);
@@ -126,13 +128,17 @@ impl Inner {
                     batch.push(ino);
                 }
                 let Some(me) = me.upgrade() else { return };
-                // Concurrent calls: the service's group commit puts them in one log entry.
-                let mut sends = tokio::task::JoinSet::new();
-                for ino in batch {
-                    let me = me.clone();
-                    sends.spawn(async move { me.release_server_open(ino).await });
+                for piece in batch.chunks(RELEASE_MAX) {
+                    if let Err(e) = me
+                        .client
+                        .meta()
+                        .release_many(piece.to_vec(), me.session)
+                        .await
+                    {
+                        // The opens stay recorded until end_session; unlinked inodes live that long.
+                        warn!(inodes = piece.len(), error = %e, "metadata release failed");
+                    }
                 }
-                while sends.join_next().await.is_some() {}
             }
         });
     }

@@ -552,6 +552,8 @@ rpc_methods! {
         fn open(ino: Ino, session: u64) -> Attr;
         /// Drops one open of `ino` by `session`.
         fn release(ino: Ino, session: u64) -> ();
+        /// Drops one open of each of `inos` by `session`.
+        fn release_many(inos: Vec<Ino>, session: u64) -> ();
         /// Drops every open held by `session`.
         fn end_session(session: u64) -> ();
         /// Waits until every acknowledged change is on the leader's disk.
@@ -683,6 +685,7 @@ mod tests {
             readdir(ino: Ino, cookie: u64, limit: u32, read: Consistency) -> Vec<DirEntry>;
             open(ino: Ino, session: u64) -> Attr;
             release(ino: Ino, session: u64) -> ();
+            release_many(inos: Vec<Ino>, session: u64) -> ();
             end_session(session: u64) -> ();
             statfs(read: Consistency) -> StatFs;
             sync() -> ();

@@ -81,6 +81,9 @@ pub trait MetadataRpc {
     async fn open(ino: Ino, session: u64) -> MetaResult<Attr>;
     /// Drops one open of `ino` by `session`; frees an orphaned inode on its last release.
     async fn release(ino: Ino, session: u64) -> MetaResult<()>;
+    /// `release` of each of `inos` by `session`, in one log entry (a mount gives back the
+    /// opens of many closed files at once).
+    async fn release_many(inos: Vec<Ino>, session: u64) -> MetaResult<()>;
     /// Drops every open held by `session` (on unmount).
     async fn end_session(session: u64) -> MetaResult<()>;
     /// Filesystem totals. Capacity is the leader's soft state (from heartbeats): with
