@@ -31,6 +31,11 @@ impl ExtraMount {
         self.path.join(rel)
     }
 
+    /// The mount process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The end of the mount's log.
     pub fn log_tail(&self) -> String {
         tail(&self.log, 20)

@@ -1,7 +1,7 @@
 //! Faults: a chunkserver killed mid-write, a corrupted chunk file, a killed metadata service.
 
 use anyhow::{Context, Result};
-use rawfs_integration::fsutil::{chunk_files, pattern, verify_pattern};
+use rawfs_integration::fsutil::{chunk_files, drop_cache, pattern, verify_pattern};
 use rawfs_integration::harness::wait_until;
 use rawfs_integration::Cluster;
 use serde_json::Value;
@@ -181,5 +181,54 @@ fn killed_metadata_restarts_with_every_acked_op() -> Result<()> {
     assert!(m.join("empty").is_dir());
     fs::write(m.join("after"), b"new op after the restart")?;
     assert_eq!(fs::read(m.join("after"))?, b"new op after the restart");
+    Ok(())
+}
+
+/// The chunkserver whose chunk files the process `pid` holds open (local reads keep the
+/// descriptors the chunkserver passed), if any.
+fn chunkserver_read_locally(c: &Cluster, pid: u32) -> Result<Option<u64>> {
+    let held: Vec<PathBuf> = fs::read_dir(format!("/proc/{pid}/fd"))?
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .collect();
+    for p in c.info()?.processes {
+        if p.role == "chunkserver" && held.iter().any(|h| h.starts_with(&p.data_dir)) {
+            return Ok(Some(p.id));
+        }
+    }
+    Ok(None)
+}
+
+/// Local reads go through chunk file descriptors that stay readable while their chunkserver
+/// is stopped (SIGSTOP), so a reader could return a replica's old bytes after a writer
+/// dropped that replica and moved on. The reader asks the chunkserver again once it has
+/// been silent for a second, gets no answer, and reads another replica: it sees the new data.
+#[test]
+fn a_reader_does_not_read_a_stopped_chunkservers_old_copy() -> Result<()> {
+    let mut c = Cluster::start()?;
+    let writer = c.mount_extra("writer", "io_timeout=2s")?;
+    let reader = c.mount_extra("reader", "io_timeout=2s")?;
+    let (old, new) = (pattern(31, 0, MIB), pattern(32, 0, MIB));
+    let mut w = File::create(writer.join("f"))?;
+    w.write_all(&old)?;
+    w.sync_all()?;
+    // The reader keeps the file open: its cached location names the replica it reads.
+    let r = File::open(reader.join("f"))?;
+    let mut got = vec![0u8; MIB];
+    r.read_exact_at(&mut got, 0)?;
+    assert!(got == old, "first read");
+    let victim = chunkserver_read_locally(&c, reader.pid())?
+        .context("the reader holds no chunk file open: local reads are off")?;
+    c.sigstop("chunkserver", victim)?;
+    // The write to the stopped replica times out; the writer drops it and goes on.
+    w.write_all_at(&new, 0)?;
+    w.sync_all()?;
+    drop_cache(&r);
+    r.read_exact_at(&mut got, 0)?;
+    c.sigcont("chunkserver", victim)?;
+    assert!(
+        got == new,
+        "the reader returned the stopped chunkserver's old copy; reader log:\n{}",
+        reader.log_tail()
+    );
     Ok(())
 }
