@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 const CONN_BUFFER: usize = 64 << 10;
@@ -30,27 +29,13 @@ pub(crate) async fn run(
     local: Option<Arc<LocalSocket>>,
     stop: CancellationToken,
 ) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    conns.spawn(serve_conn(stream, peer, storage.clone(), local.clone(), stop.clone()));
-                }
-                Err(e) => {
-                    // Typically EMFILE: back off briefly instead of spinning on the error.
-                    tracing::warn!(error = %e, "data port accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(done) = conns.join_next(), if !conns.is_empty() => {
-                if let Err(e) = done {
-                    tracing::error!(error = %e, "data connection task failed");
-                }
-            }
-        }
-    }
+    let mut conns = crate::accept::until_stopped(
+        "data port",
+        &stop,
+        || listener.accept(),
+        |(stream, peer)| serve_conn(stream, peer, storage.clone(), local.clone(), stop.clone()),
+    )
+    .await;
     drop(listener);
     let drain = async { while conns.join_next().await.is_some() {} };
     if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {

@@ -25,6 +25,7 @@
 //! shows its progress). A bad block puts the chunk in the corrupt set the heartbeat reports,
 //! so the metadata leader drops that copy and the healer makes a new one from a good copy.
 
+mod accept;
 mod chunk_file;
 mod control;
 mod data_server;

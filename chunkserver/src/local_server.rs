@@ -18,9 +18,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Where this server's local socket is, as the data port tells clients.
@@ -70,22 +68,13 @@ pub(crate) async fn run(
     storage: Arc<Storage>,
     stop: CancellationToken,
 ) {
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    conns.spawn(serve_conn(stream, token, storage.clone(), stop.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "local socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
+    let mut conns = crate::accept::until_stopped(
+        "local socket",
+        &stop,
+        || async { listener.accept().await.map(|(stream, _)| stream) },
+        |stream| serve_conn(stream, token, storage.clone(), stop.clone()),
+    )
+    .await;
     // Every connection closed before this returns: clients see the end of a server that
     // stopped, as they see a killed one's.
     conns.abort_all();
