@@ -44,6 +44,9 @@ impl MetadataRpc for FakeMetadata {
         mknod(parent: Ino, name: Name, node: NewNode, caller: Caller, req: ReqId) -> Attr;
         create(parent: Ino, name: Name, node: NewNode, caller: Caller, session: u64, req: ReqId) -> Attr;
         symlink(parent: Ino, name: Name, target: Name, caller: Caller, req: ReqId) -> Attr;
+        mkdir_held(parent: Ino, name: Name, node: NewNode, caller: Caller, holder: u64, req: ReqId) -> Attr;
+        reserve_inodes(count: u32, req: ReqId) -> Ino;
+        commit_creates(dir: Ino, holder: u64, entries: Vec<HeldCreate>, give_back: bool, req: ReqId) -> ();
         readlink(ino: Ino, read: Consistency) -> Name;
         link(ino: Ino, newparent: Ino, newname: Name, req: ReqId) -> Attr;
         unlink(parent: Ino, name: Name, req: ReqId) -> ();

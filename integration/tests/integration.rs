@@ -26,6 +26,8 @@ mod healer_limits;
 mod healer_order;
 #[path = "integration/healer_throttle.rs"]
 mod healer_throttle;
+#[path = "integration/held.rs"]
+mod held;
 #[path = "integration/integrity.rs"]
 mod integrity;
 #[path = "integration/nbd.rs"]

@@ -5,8 +5,8 @@
 //! same log reaches the same state and the same replies.
 
 use rawfs_metadata_api::{
-    Attr, Caller, ChunkId, ChunkLoc, CowLoc, EcPlan, Ino, MetaError, MetaResult, Name, NewNode,
-    RateChange, RenameFlags, ReqId, ServerId, SetAttr, Timespec, XattrMode,
+    Attr, Caller, ChunkId, ChunkLoc, CowLoc, EcPlan, HeldCreate, Ino, MetaError, MetaResult, Name,
+    NewNode, RateChange, RenameFlags, ReqId, ServerId, SetAttr, Timespec, XattrMode,
 };
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -256,6 +256,33 @@ pub enum Command {
         inos: Vec<Ino>,
         session: u64,
     },
+    /// `Mknod` of a directory whose creates are delegated to mount session `holder`
+    /// (see `delegation.rs`).
+    MkdirHeld {
+        parent: Ino,
+        name: Name,
+        node: NewNode,
+        caller: Caller,
+        holder: u64,
+        now: Timespec,
+    },
+    /// Reserves `count` inode numbers; replies with the first ([`Reply::Number`]).
+    ReserveInodes {
+        count: u64,
+    },
+    /// The creates `holder` made in its delegated directory `dir`; `give_back` ends the
+    /// delegation.
+    CommitCreates {
+        dir: Ino,
+        holder: u64,
+        entries: Vec<HeldCreate>,
+        give_back: bool,
+    },
+    /// Takes the delegation of `dir` back from `holder`, which did not answer a recall.
+    Revoke {
+        dir: Ino,
+        holder: u64,
+    },
 }
 
 /// What a command returns.
@@ -269,6 +296,8 @@ pub enum Reply {
     Plan(EcPlan),
     /// One result per command of a [`Command::Batch`], in order.
     Batch(Vec<MetaResult<Reply>>),
+    /// A number (the first of reserved inodes).
+    Number(u64),
 }
 
 /// Why an encoded command or reply could not be used.
@@ -327,6 +356,10 @@ impl Command {
                 | Command::AllocateEc { servers, .. } => 9 * servers.len(),
                 Command::EcExtend { shards, .. } => 9 * shards.len(),
                 Command::ReleaseMany { inos, .. } => 9 * inos.len(),
+                Command::MkdirHeld { name, .. } => name.len(),
+                Command::CommitCreates { entries, .. } => {
+                    entries.iter().map(|e| 64 + e.name.len()).sum()
+                }
                 Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum(),
                 Command::Tracked { cmd, .. } => cmd.approx_size(),
                 _ => 0,
@@ -379,6 +412,13 @@ impl Reply {
     pub fn into_cow(self) -> MetaResult<CowLoc> {
         match self {
             Reply::Cow(c) => Ok(c),
+            other => Err(mismatch(&other)),
+        }
+    }
+
+    pub fn into_number(self) -> MetaResult<u64> {
+        match self {
+            Reply::Number(n) => Ok(n),
             other => Err(mismatch(&other)),
         }
     }

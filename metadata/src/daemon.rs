@@ -97,6 +97,8 @@ pub(crate) async fn serve(
         addr: addr.to_string(),
         members: Arc::default(),
         events: crate::events::EventLog::new(),
+        delegations_changed: tokio::sync::Notify::new(),
+        recalling: Mutex::default(),
     });
     let stop = CancellationToken::new();
     let accept = tokio::spawn(accept_loop(listener, Server(shared), stop.clone()));

@@ -281,7 +281,7 @@ pub(crate) fn stale(cmd: &Command, replaced: &Replaced) -> Vec<(Inval, bool)> {
         .iter()
         .filter_map(|i| match i {
             Inval::Entry { parent, .. } => Some(*parent),
-            Inval::Inode(_) => None,
+            Inval::Inode(_) | Inval::Recall { .. } => None,
         })
         .collect();
     invals
@@ -290,6 +290,7 @@ pub(crate) fn stale(cmd: &Command, replaced: &Replaced) -> Vec<(Inval, bool)> {
             let known = match &i {
                 Inval::Entry { .. } => true,
                 Inval::Inode(ino) => changed_dirs.contains(ino) && !replaced.inos.contains(ino),
+                Inval::Recall { .. } => false,
             };
             (i, known)
         })
@@ -309,6 +310,7 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         | Command::CommitWrite { ino, .. }
         | Command::ReleaseChunks { ino, .. } => vec![Inval::Inode(*ino)],
         Command::Mknod { parent, name, .. }
+        | Command::MkdirHeld { parent, name, .. }
         | Command::Create { parent, name, .. }
         | Command::Symlink { parent, name, .. }
         | Command::Unlink { parent, name, .. }
@@ -342,6 +344,9 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
             }
             v
         }
+        // Only the holder could have looked in the directory (anyone else recalls first),
+        // and its kernel has what it was told; others may hold the directory's times.
+        Command::CommitCreates { dir, .. } => vec![Inval::Inode(*dir)],
         Command::Tracked { cmd, .. } => return invals(cmd, replaced),
         Command::Batch(cmds) => cmds.iter().flat_map(|c| invals(c, replaced)).collect(),
         Command::Init { .. }
@@ -365,7 +370,9 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         | Command::AllocateEc { .. }
         | Command::DropMissing { .. }
         | Command::EcExtend { .. }
-        | Command::RecordLeaseTerm { .. } => Vec::new(),
+        | Command::RecordLeaseTerm { .. }
+        | Command::ReserveInodes { .. }
+        | Command::Revoke { .. } => Vec::new(),
     };
     out.extend(replaced.inos.iter().map(|i| Inval::Inode(*i)));
     out

@@ -63,6 +63,7 @@ mod chunkservers;
 mod classes;
 mod cluster;
 mod commands;
+mod delegation;
 mod drain;
 mod ec_write;
 mod erasure;
@@ -90,6 +91,7 @@ mod healing;
 mod limits;
 mod missing;
 mod proposer;
+mod recall;
 mod server;
 mod volume_lease;
 

@@ -9,6 +9,7 @@ use rawfs_replication::{Entry, StateMachine, StorageError};
 
 use crate::chunks;
 use crate::commands::{encode_reply, Command, Reply};
+use crate::delegation;
 use crate::namespace as ns;
 use crate::rename;
 use crate::requests;
@@ -127,7 +128,9 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             inos.iter()
                 .try_for_each(|&ino| ns::release(t, ino, *session)),
         ),
-        EndSession { session } => unit(ns::end_session(t, *session)),
+        EndSession { session } => {
+            unit(ns::end_session(t, *session).and_then(|()| delegation::end_session(t, *session)))
+        }
         SetXattr {
             ino,
             name,
@@ -239,6 +242,23 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
         )
         .map(Reply::Chunk),
         RecordLeaseTerm { term } => unit(crate::leases::record(t, *term)),
+        MkdirHeld {
+            parent,
+            name,
+            node,
+            caller,
+            holder,
+            now,
+        } => delegation::mkdir_held(t, (*parent, name), node, *caller, *holder, *now)
+            .map(Reply::Attr),
+        ReserveInodes { count } => delegation::reserve(t, *count).map(Reply::Number),
+        CommitCreates {
+            dir,
+            holder,
+            entries,
+            give_back,
+        } => unit(delegation::commit(t, *dir, *holder, entries, *give_back)),
+        Revoke { dir, holder } => unit(delegation::revoke(t, *dir, *holder)),
         Batch(cmds) => {
             let mut out = Vec::with_capacity(cmds.len());
             for c in cmds {

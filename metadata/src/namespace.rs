@@ -102,7 +102,13 @@ pub(crate) fn alloc_ino(t: &mut Tables) -> Op<Ino> {
     Ok(ino)
 }
 
-fn new_rec(kind: FileKind, perm: u32, caller: Caller, gid: u32, now: Timespec) -> InodeRec {
+pub(crate) fn new_rec(
+    kind: FileKind,
+    perm: u32,
+    caller: Caller,
+    gid: u32,
+    now: Timespec,
+) -> InodeRec {
     InodeRec {
         kind,
         perm: perm & 0o7777,
@@ -292,6 +298,8 @@ pub(crate) fn free_inode(t: &mut Tables, ino: Ino) -> Op<()> {
         .retain_in((ino, empty)..(ino + 1, empty), |_, _| false)?;
     t.symlinks.remove(ino)?;
     t.orphans.remove(ino)?;
+    // A removed directory's delegation (if its holder removed it) goes with it.
+    t.delegations.remove(ino)?;
     if t.inodes.remove(ino)?.is_some() {
         let n = t.counter(INODE_COUNT)?;
         t.set_counter(INODE_COUNT, n.saturating_sub(1))?;

@@ -42,6 +42,10 @@ pub(crate) struct Shared {
     pub members: Arc<Members>,
     /// Cache invalidations published to watching clients while this replica leads.
     pub events: EventLog,
+    /// Woken when this leader ends a directory delegation (`recall.rs` waits on it).
+    pub delegations_changed: tokio::sync::Notify,
+    /// When each recall in progress started: (directory, holder) -> start.
+    pub recalling: Mutex<std::collections::HashMap<(Ino, u64), Instant>>,
 }
 
 /// One handle on the shared state per request (cheap clone).
@@ -128,6 +132,7 @@ impl Server {
 
     /// A namespace mutation on behalf of request `req`, applied at most once.
     async fn mutate_once(&self, req: ReqId, now: Timespec, cmd: Command) -> MetaResult<Reply> {
+        self.recall_for(&cmd).await?;
         let replaced = self.replaced_by(&cmd);
         let invals = events::stale(&cmd, &replaced);
         let reply = self.mutate(tracked(req, now, cmd)).await?;
@@ -190,6 +195,9 @@ impl MetadataRpc for Server {
         name: Name,
         read: Consistency,
     ) -> MetaResult<Attr> {
+        if read == Consistency::Linearizable {
+            self.recall_dir(parent).await?;
+        }
         self.query(read, |rt, _| queries::lookup(rt, parent, &name))
             .await
     }
@@ -267,6 +275,60 @@ impl MetadataRpc for Server {
         self.mutate_once(req, now, cmd).await?.into_attr()
     }
 
+    async fn mkdir_held(
+        self,
+        _: Context,
+        parent: Ino,
+        name: Name,
+        node: NewNode,
+        caller: Caller,
+        holder: u64,
+        req: ReqId,
+    ) -> MetaResult<Attr> {
+        let now = Timespec::now();
+        let cmd = Command::MkdirHeld {
+            parent,
+            name,
+            node,
+            caller,
+            holder,
+            now,
+        };
+        self.mutate_once(req, now, cmd).await?.into_attr()
+    }
+
+    async fn reserve_inodes(self, _: Context, count: u32, req: ReqId) -> MetaResult<Ino> {
+        let cmd = Command::ReserveInodes {
+            count: u64::from(count),
+        };
+        self.mutate(tracked(req, Timespec::now(), cmd))
+            .await?
+            .into_number()
+    }
+
+    async fn commit_creates(
+        self,
+        _: Context,
+        dir: Ino,
+        holder: u64,
+        entries: Vec<HeldCreate>,
+        give_back: bool,
+        req: ReqId,
+    ) -> MetaResult<()> {
+        let now = Timespec::now();
+        let cmd = Command::CommitCreates {
+            dir,
+            holder,
+            entries,
+            give_back,
+        };
+        let done = self.mutate_once(req, now, cmd).await;
+        if give_back {
+            self.0.delegations_changed.notify_waiters();
+        }
+        done?.into_unit()
+    }
+
     async fn readlink(self, _: Context, ino: Ino, read: Consistency) -> MetaResult<ByteBuf> {
         self.query(read, |rt, _| queries::readlink(rt, ino)).await
     }
@@ -333,6 +395,9 @@ impl MetadataRpc for Server {
         limit: u32,
         read: Consistency,
     ) -> MetaResult<Vec<DirEntry>> {
+        if read == Consistency::Linearizable {
+            self.recall_dir(ino).await?;
+        }
         self.query(read, |rt, _| queries::readdir(rt, ino, cookie, limit))
             .await
     }
@@ -356,9 +421,10 @@ impl MetadataRpc for Server {
     }
 
     async fn end_session(self, _: Context, session: u64) -> MetaResult<()> {
-        self.mutate(Command::EndSession { session })
-            .await?
-            .into_unit()
+        let done = self.mutate(Command::EndSession { session }).await;
+        // It also ended the session's delegations.
+        self.0.delegations_changed.notify_waiters();
+        done?.into_unit()
     }
 
     async fn statfs(self, _: Context, read: Consistency) -> MetaResult<StatFs> {

@@ -58,6 +58,8 @@ pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("co
 pub(crate) const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
 /// (server, chunk) -> (): chunks the server should delete, handed out on heartbeat replies.
 pub(crate) const DELETIONS: TableDefinition<(u64, u64), ()> = TableDefinition::new("deletions");
+/// directory -> mount session: directories whose creates are delegated (`delegation.rs`).
+pub(crate) const DELEGATIONS: TableDefinition<u64, u64> = TableDefinition::new("delegations");
 /// (client, seq) -> encoded reply of a mutation that carried that request id.
 pub(crate) const REQUESTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("requests");
 /// (leader time in seconds, client, seq) -> (): REQUESTS by age, for pruning.
@@ -283,6 +285,7 @@ pub(crate) struct Tables<'t> {
     pub deletions: Table<'t, (u64, u64), ()>,
     pub requests: Table<'t, (u64, u64), &'static [u8]>,
     pub request_ages: Table<'t, (u64, u64, u64), ()>,
+    pub delegations: Table<'t, u64, u64>,
 }
 
 impl<'t> Tables<'t> {
@@ -304,6 +307,7 @@ impl<'t> Tables<'t> {
             deletions: txn.open_table(DELETIONS)?,
             requests: txn.open_table(REQUESTS)?,
             request_ages: txn.open_table(REQUEST_AGES)?,
+            delegations: txn.open_table(DELEGATIONS)?,
         })
     }
 
@@ -342,6 +346,7 @@ pub(crate) struct ReadTables {
     pub servers: ReadOnlyTable<u64, &'static [u8]>,
     pub deletions: ReadOnlyTable<(u64, u64), ()>,
     pub applied: ReadOnlyTable<&'static str, u64>,
+    pub delegations: ReadOnlyTable<u64, u64>,
 }
 
 impl ReadTables {
@@ -359,6 +364,7 @@ impl ReadTables {
             servers: txn.open_table(SERVERS)?,
             deletions: txn.open_table(DELETIONS)?,
             applied: txn.open_table(APPLIED)?,
+            delegations: txn.open_table(DELEGATIONS)?,
         })
     }
 

@@ -408,6 +408,134 @@ async fn leases_wait_after_a_restart_only_if_one_was_ever_granted() {
     h.join().await.unwrap();
 }
 
+fn held_create(first: Ino, i: u64, name: &str) -> HeldCreate {
+    HeldCreate {
+        name: n(name),
+        ino: first + i,
+        perm: 0o640,
+        uid: 5,
+        gid: 6,
+        time: Timespec {
+            sec: 1000 + i as i64,
+            nsec: 0,
+        },
+        open: false,
+    }
+}
+
+/// Waits for a recall of `dir` from `session` on `c`'s watch stream.
+async fn recall_of(c: &MetadataClient, dir: Ino, session: u64) {
+    let (mut epoch, mut from) = (0, 0);
+    loop {
+        let r = c.watch(c.client_id(), epoch, from, 1000).await.unwrap();
+        let recall = Inval::Recall {
+            dir,
+            holder: session,
+        };
+        if r.epoch == epoch && r.events.iter().any(|e| e.inval == recall) {
+            return;
+        }
+        (epoch, from) = (r.epoch, r.next);
+    }
+}
+
+/// A directory made with `mkdir_held` takes creates only from its holder; another client's
+/// lookup or listing recalls it first: it sees what the holder commits with the give-back,
+/// or, if the holder stays silent, the leader takes the directory back and refuses the
+/// holder's late commit. Ending the session ends its delegations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_directories_are_recalled_before_another_client_looks_in() {
+    const SESSION: u64 = 77;
+    let dir = tempfile::tempdir().unwrap();
+    let (h, stop) = start(dir.path()).await;
+    let holder = client(h.addr());
+    let other = client(h.addr());
+    let node = NewNode {
+        kind: FileKind::Dir,
+        perm: 0o755,
+        rdev: 0,
+        exclusive: true,
+    };
+    let d = holder
+        .mkdir_held(ROOT_INO, n("d"), node.clone(), ME, SESSION)
+        .await
+        .unwrap();
+    let first = holder.reserve_inodes(10).await.unwrap();
+    let next = holder.reserve_inodes(10).await.unwrap();
+    assert_eq!(next, first + 10, "ranges do not overlap");
+    let commit = |entries: Vec<HeldCreate>, session: u64, give_back: bool| {
+        holder.commit_creates(d.ino, session, entries, give_back)
+    };
+    commit(vec![held_create(first, 0, "a")], SESSION, false)
+        .await
+        .unwrap();
+    // Refused as a whole: a name taken, an inode number never reserved, another holder.
+    let taken = vec![held_create(first, 1, "b"), held_create(first, 2, "a")];
+    assert_eq!(commit(taken, SESSION, false).await, Err(MetaError::Exists));
+    let unreserved = vec![held_create(first, 1_000_000, "c")];
+    assert!(matches!(
+        commit(unreserved, SESSION, false).await,
+        Err(MetaError::Invalid { .. })
+    ));
+    let stranger = vec![held_create(first, 3, "e")];
+    assert_eq!(
+        commit(stranger, SESSION + 1, false).await,
+        Err(MetaError::NotPermitted)
+    );
+
+    // The holder answers the recall by committing "b" and giving the directory back.
+    let answer = tokio::spawn({
+        let holder = holder.clone();
+        let d = d.ino;
+        async move {
+            recall_of(&holder, d, SESSION).await;
+            let b = vec![held_create(first, 1, "b")];
+            holder.commit_creates(d, SESSION, b, true).await
+        }
+    });
+    let b = other.lookup(d.ino, n("b")).await.unwrap();
+    assert_eq!(answer.await.unwrap(), Ok(()));
+    assert_eq!((b.ino, b.perm, b.uid, b.gid), (first + 1, 0o640, 5, 6));
+    assert_eq!(b.kind, FileKind::File);
+    let names: Vec<_> = other.readdir(d.ino, 0, 10).await.unwrap();
+    let names: Vec<_> = names.iter().map(|e| e.name.to_vec()).collect();
+    assert_eq!(names, vec![b"a".to_vec(), b"b".to_vec()]);
+    // Given back: the holder's creates are refused, everyone else's go through.
+    let late = vec![held_create(first, 4, "f")];
+    assert_eq!(
+        commit(late, SESSION, false).await,
+        Err(MetaError::NotPermitted)
+    );
+    file(&other, d.ino, "g").await;
+
+    // A silent holder: the listing waits for the recall, then the leader takes it back.
+    let quiet = holder
+        .mkdir_held(ROOT_INO, n("quiet"), node.clone(), ME, SESSION)
+        .await
+        .unwrap();
+    assert_eq!(other.readdir(quiet.ino, 0, 10).await.unwrap(), vec![]);
+    let late = vec![held_create(first, 5, "h")];
+    assert_eq!(
+        holder.commit_creates(quiet.ino, SESSION, late, false).await,
+        Err(MetaError::NotPermitted)
+    );
+
+    // Ending the session ends its delegations: nothing is recalled any more.
+    let ended = holder
+        .mkdir_held(ROOT_INO, n("ended"), node, ME, SESSION)
+        .await
+        .unwrap();
+    holder.end_session(SESSION).await.unwrap();
+    let late = vec![held_create(first, 6, "i")];
+    assert_eq!(
+        holder.commit_creates(ended.ino, SESSION, late, false).await,
+        Err(MetaError::NotPermitted)
+    );
+    file(&other, ended.ino, "j").await;
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+}
+
 #[cfg(rawfs_bench)]
 fn rss_mib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

@@ -70,6 +70,8 @@ pub(crate) struct Coherence {
     attr_ttl: Duration,
     handed: Mutex<Handed>,
     notices: Mutex<Option<std_mpsc::Sender<Notice>>>,
+    /// Where recalls of this mount's held directories go: (its session, the channel).
+    recalls: Mutex<Option<(u64, tokio::sync::mpsc::UnboundedSender<Ino>)>>,
 }
 
 impl Coherence {
@@ -80,7 +82,13 @@ impl Coherence {
             attr_ttl,
             handed: Mutex::new(Handed::default()),
             notices: Mutex::new(None),
+            recalls: Mutex::new(None),
         }
+    }
+
+    /// Sends the directories the leader recalls from mount session `session` to `tx`.
+    pub(crate) fn on_recall(&self, session: u64, tx: tokio::sync::mpsc::UnboundedSender<Ino>) {
+        *lock(&self.recalls) = Some((session, tx));
     }
 
     /// Records that the kernel was given `parent/name` (and the attributes of `ino`).
@@ -129,6 +137,13 @@ impl Coherence {
             Inval::Entry { parent, name } => {
                 lock(&self.handed).entries.remove(&(parent, name.clone()));
                 self.send(Notice::Entry(self.map.fuse(parent), name));
+            }
+            Inval::Recall { dir, holder } => {
+                if let Some((session, tx)) = lock(&self.recalls).as_ref() {
+                    if *session == holder {
+                        let _ = tx.send(dir);
+                    }
+                }
             }
         }
     }

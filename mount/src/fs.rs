@@ -541,15 +541,18 @@ impl Filesystem for RawFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Namespace changes survive a crash once acknowledged; fsync makes them survive a
-        // power loss too.
-        let inner = self.inner.clone();
-        self.spawn_meta(reply, async move { inner.sync_metadata().await });
+        // Namespace changes survive a crash once acknowledged (creates in a held directory
+        // once committed); fsync makes them survive a power loss too.
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn_meta(reply, async move {
+            inner.commit_dir(ino).await?;
+            inner.sync_metadata().await
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

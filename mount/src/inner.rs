@@ -43,6 +43,9 @@ pub(crate) struct Entry {
 struct OpenFile {
     io: Arc<FileIo>,
     handles: u32,
+    /// The metadata service has this mount's open of it recorded (false for a file created
+    /// in a held directory until its create is committed with the open; see `held`).
+    server_open: bool,
 }
 
 /// Per-mount state shared by all callbacks and their tasks.
@@ -69,6 +72,10 @@ pub(crate) struct Inner {
     pub(crate) coherence: Arc<Coherence>,
     /// Server-side opens to give back, sent in batches by the releaser task.
     releases: Mutex<Option<mpsc::UnboundedSender<Ino>>>,
+    /// Directories whose creates this mount makes itself.
+    pub(crate) held: crate::held::Held,
+    /// New directories are made held (`-o delegate`).
+    pub(crate) delegate: bool,
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: the tables stay
@@ -108,6 +115,8 @@ impl Inner {
             next_fh: AtomicU64::new(1),
             tasks: TaskTracker::new(),
             releases: Mutex::new(None),
+            held: crate::held::Held::default(),
+            delegate: true,
         }
     }
 
@@ -139,6 +148,19 @@ impl Inner {
                         warn!(inodes = piece.len(), error = %e, "metadata release failed");
                     }
                 }
+            }
+        });
+    }
+
+    /// Starts the task that gives held directories back when the leader recalls them.
+    pub(crate) fn start_recalls(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Ino>();
+        self.coherence.on_recall(self.session, tx);
+        let me = Arc::downgrade(self);
+        rt.spawn(async move {
+            while let Some(dir) = rx.recv().await {
+                let Some(me) = me.upgrade() else { return };
+                me.give_back(dir).await;
             }
         });
     }
@@ -242,7 +264,7 @@ impl Inner {
             self.release_server_open(ino).await;
             return Err(Errno::EISDIR);
         }
-        if !self.insert(&attr) {
+        if !self.insert(&attr, true) {
             // Another open of the same inode won; it holds the one server-side open this
             // mount keeps per inode, so give ours back.
             self.release_server_open(ino).await;
@@ -253,14 +275,44 @@ impl Inner {
     /// Takes a handle on a file this mount just created with `create`, which also recorded
     /// the server-side open (so no other client's unlink can free it from under us).
     pub(crate) async fn open_created(&self, attr: &Attr) {
-        if !self.insert(attr) {
+        if !self.insert(attr, true) {
             // It was already open here: the mount keeps one server-side open per inode.
             self.release_server_open(attr.ino).await;
         }
     }
 
+    /// Takes the first handle on a file created in a held directory: its open is recorded
+    /// by the leader only when the create is committed (`created_open_recorded`).
+    pub(crate) fn open_fresh(&self, attr: &Attr) {
+        self.insert(attr, false);
+        self.set_no_caps(attr.ino, true);
+    }
+
+    /// Whether this mount has `ino` open.
+    pub(crate) fn is_open_here(&self, ino: Ino) -> bool {
+        lock(&self.files).contains_key(&ino)
+    }
+
+    /// A committed create recorded this mount's open of `ino` (if `recorded`): the file's
+    /// last close releases it, or, if it is closed already, it is released now.
+    pub(crate) fn created_open_recorded(&self, ino: Ino, recorded: bool) {
+        if !recorded {
+            return;
+        }
+        let closed = match lock(&self.files).get_mut(&ino) {
+            Some(f) => {
+                f.server_open = true;
+                false
+            }
+            None => true,
+        };
+        if closed {
+            self.queue_release(ino);
+        }
+    }
+
     /// Adds a new entry for `attr`'s inode, or a handle to the existing one (returns false).
-    fn insert(&self, attr: &Attr) -> bool {
+    fn insert(&self, attr: &Attr, server_open: bool) -> bool {
         let mut files = lock(&self.files);
         match files.entry(attr.ino) {
             MapEntry::Occupied(mut e) => {
@@ -271,6 +323,7 @@ impl Inner {
                 v.insert(OpenFile {
                     io: Arc::new(self.client.file(attr.ino, attr.size)),
                     handles: 1,
+                    server_open,
                 });
                 true
             }
@@ -302,31 +355,47 @@ impl Inner {
             }
             f.io.clone()
         };
-        let flushed = io.flush().await;
+        let flushed = if io.size() > 0 {
+            // Data of a file created in a held directory needs the create committed first.
+            match self.settle(ino).await {
+                Ok(()) => io.flush().await.map_err(errno::client),
+                Err(e) => Err(e),
+            }
+        } else {
+            io.flush().await.map_err(errno::client)
+        };
         // An open that arrived during the flush reuses the entry; only remove it if nobody did.
         let last = {
             let mut files = lock(&self.files);
             match files.get(&ino) {
                 Some(f) if f.handles == 0 && Arc::ptr_eq(&f.io, &io) => {
-                    files.remove(&ino).is_some()
+                    files.remove(&ino).is_some_and(|f| f.server_open)
                 }
                 _ => false,
             }
         };
         if last {
-            // The release only ends the protection of an unlinked inode: nobody waits on it,
-            // so it leaves the close path (batched by the releaser; unmount ends the session,
-            // which drops whatever is still queued).
-            let queued = lock(&self.releases)
-                .as_ref()
-                .is_some_and(|tx| tx.send(ino).is_ok());
-            if !queued {
-                let me = self.clone();
-                self.tasks
-                    .spawn(async move { me.release_server_open(ino).await });
-            }
+            self.queue_release(ino);
         }
-        flushed.map(|_| ()).map_err(errno::client)
+        flushed.map(|_| ())
+    }
+
+    /// Gives this mount's server-side open of `ino` back. It only ends the protection of an
+    /// unlinked inode: nobody waits on it, so it leaves the close path (batched by the
+    /// releaser; unmount ends the session, which drops whatever is still queued).
+    fn queue_release(&self, ino: Ino) {
+        let queued = lock(&self.releases)
+            .as_ref()
+            .is_some_and(|tx| tx.send(ino).is_ok());
+        if !queued {
+            let client = self.client.clone();
+            let session = self.session;
+            self.tasks.spawn(async move {
+                if let Err(e) = client.meta().release(ino, session).await {
+                    warn!(ino, error = %e, "metadata release failed");
+                }
+            });
+        }
     }
 
     async fn release_server_open(&self, ino: Ino) {

@@ -61,6 +61,7 @@ mod attr;
 mod coherence;
 mod errno;
 mod fs;
+mod held;
 mod helper;
 mod inner;
 mod ops_dir;

@@ -116,6 +116,8 @@ fn dot_attr(ino: INodeNo) -> FileAttr {
 
 impl Inner {
     pub(crate) async fn opendir(&self, ino: Ino) -> Result<Opened, Errno> {
+        // Listing goes through the leader, which would recall a held directory anyway.
+        self.give_back(ino).await;
         // Fail now for a non-directory or a missing inode rather than at the first readdir.
         let a = self.client.meta().getattr(ino).await.map_err(errno::meta)?;
         if a.kind != FileKind::Dir {

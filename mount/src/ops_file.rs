@@ -11,6 +11,7 @@ use tracing::warn;
 
 use crate::errno;
 use crate::fs::Opened;
+use crate::held::Made;
 use crate::inner::{Entry, Inner};
 
 /// `copy_file_range` moves data in pieces of this size.
@@ -30,6 +31,7 @@ fn fopen_flags(flags: i32) -> FopenFlags {
 
 impl Inner {
     pub(crate) async fn open(&self, ino: Ino, flags: OpenFlags) -> Result<Opened, Errno> {
+        self.settle(ino).await?;
         self.open_file(ino).await?;
         Ok(Opened {
             fh: self.next_fh(),
@@ -52,6 +54,21 @@ impl Inner {
             rdev: 0,
             exclusive: flags & libc::O_EXCL != 0,
         };
+        match self
+            .held_create(parent, &name, node.perm, caller, node.exclusive)
+            .await?
+        {
+            Made::Created(attr) => {
+                self.open_fresh(&attr);
+                let opened = Opened {
+                    fh: self.next_fh(),
+                    flags: fopen_flags(flags),
+                };
+                return Ok((self.entry(parent, &name, &attr), opened));
+            }
+            Made::Exists => self.give_back(parent).await,
+            Made::NotHeld => {}
+        }
         let meta = self.client.meta();
         let made = meta
             .create(parent, name.clone(), node, caller, self.session)
@@ -88,12 +105,14 @@ impl Inner {
 
     pub(crate) async fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Bytes, Errno> {
         let io = self.io(ino)?;
+        self.settle(ino).await?;
         io.read(offset, size).await.map_err(errno::client)
     }
 
     pub(crate) async fn write(&self, ino: Ino, offset: u64, data: Vec<u8>) -> Result<u32, Errno> {
         let io = self.io(ino)?;
         let n = u32::try_from(data.len()).map_err(|_| Errno::EINVAL)?;
+        self.settle(ino).await?;
         io.write(offset, &data).await.map_err(errno::client)?;
         Ok(n)
     }
@@ -101,7 +120,12 @@ impl Inner {
     /// `close(2)` of one descriptor: send the buffer so that errors reach the caller.
     pub(crate) async fn flush(&self, ino: Ino) -> Result<(), Errno> {
         match self.io_if_open(ino) {
-            Some(io) => io.flush().await.map(|_| ()).map_err(errno::client),
+            Some(io) => {
+                if io.size() > 0 {
+                    self.settle(ino).await?;
+                }
+                io.flush().await.map(|_| ()).map_err(errno::client)
+            }
             None => Ok(()),
         }
     }
@@ -109,6 +133,7 @@ impl Inner {
     /// `fsync(2)`: the data on at least 2 replicas' disks, then the metadata (size, chunk
     /// map) on the metadata leader's disk.
     pub(crate) async fn fsync(&self, ino: Ino) -> Result<(), Errno> {
+        self.settle(ino).await?;
         if let Some(io) = self.io_if_open(ino) {
             io.fsync().await.map_err(errno::client)?;
         }
@@ -124,6 +149,7 @@ impl Inner {
     /// Buffered writes go out first (they must not land past the new end afterwards); after
     /// a shrink the rest of the last chunk is zeroed, so that a later extension reads zeros.
     pub(crate) async fn truncate(&self, ino: Ino, size: u64, set: SetAttr) -> Result<Attr, Errno> {
+        self.settle(ino).await?;
         let meta = self.client.meta();
         let (io, old): (Arc<FileIo>, u64) = match self.io_if_open(ino) {
             Some(io) => {
@@ -159,6 +185,7 @@ impl Inner {
         const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+        self.settle(ino).await?;
         match mode {
             // Space is not reserved ahead (chunks are placed when first written), so plain
             // fallocate only extends the size; KEEP_SIZE alone has nothing left to do.
@@ -198,6 +225,8 @@ impl Inner {
     ) -> Result<u32, Errno> {
         let src = self.io(ino_in)?;
         let dst = self.io(ino_out)?;
+        self.settle(ino_in).await?;
+        self.settle(ino_out).await?;
         let total = len.min(COPY_MAX);
         let mut done = 0u64;
         while done < total {

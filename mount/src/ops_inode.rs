@@ -1,6 +1,7 @@
 //! Namespace and attribute operations: lookup, getattr/setattr, node creation and removal,
 //! links, rename, statfs and access.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{AccessFlags, Errno, FileAttr, RenameFlags, TimeOrNow};
@@ -13,6 +14,7 @@ use serde_bytes::ByteBuf;
 use crate::attr::{kind_from_mode, to_time_set};
 use crate::errno;
 use crate::fs::StatfsOut;
+use crate::held::Found;
 use crate::inner::{Entry, Inner};
 
 /// Block size reported by `statfs` (`df` counts in these).
@@ -88,11 +90,23 @@ pub(crate) fn may_access(
 
 impl Inner {
     pub(crate) async fn getattr(&self, ino: Ino) -> Result<(FileAttr, Duration), Errno> {
+        if let Some(a) = self.held_attr(ino) {
+            return Ok((self.attr(&a), self.attr_ttl));
+        }
         let a = self.client.meta().getattr(ino).await.map_err(errno::meta)?;
         Ok((self.attr(&a), self.attr_ttl))
     }
 
     pub(crate) async fn lookup(&self, parent: Ino, name: Name) -> Result<Entry, Errno> {
+        match self.held_lookup(parent, &name) {
+            None => {}
+            Some(Found::Missing) => return Err(Errno::ENOENT),
+            Some(Found::Fresh(a)) => return Ok(self.entry(parent, &name, &a)),
+            Some(Found::Committed(ino)) => {
+                let a = self.client.meta().getattr(ino).await.map_err(errno::meta)?;
+                return Ok(self.entry(parent, &name, &a));
+            }
+        }
         let a = self
             .client
             .meta()
@@ -111,6 +125,8 @@ impl Inner {
             // Only fields rawfs does not keep (ctime alone, BSD flags): report as is.
             return self.getattr(ino).await;
         }
+        self.settle(ino).await?;
+        self.give_back(ino).await;
         let Some(size) = set.size else {
             if set.mtime.is_some() || set.atime.is_some() {
                 // Buffered data flushed later would stamp mtime with the flush time, undoing
@@ -145,7 +161,7 @@ impl Inner {
     /// already applied the umask to `mode`; applying it again is harmless and keeps us right
     /// if that ever changes.
     pub(crate) async fn mknod(
-        &self,
+        self: &Arc<Self>,
         parent: Ino,
         name: Name,
         mode: u32,
@@ -167,16 +183,21 @@ impl Inner {
             },
             exclusive: true,
         };
-        let a = self
-            .client
-            .meta()
-            .mknod(parent, name.clone(), node, caller)
-            .await
-            .map_err(errno::meta)?;
+        let a = if kind == FileKind::Dir && self.delegate {
+            self.mkdir_held(parent, name.clone(), node, caller).await?
+        } else {
+            self.give_back(parent).await;
+            self.client
+                .meta()
+                .mknod(parent, name.clone(), node, caller)
+                .await
+                .map_err(errno::meta)?
+        };
         Ok(self.entry(parent, &name, &a))
     }
 
     pub(crate) async fn unlink(&self, parent: Ino, name: Name) -> Result<(), Errno> {
+        self.give_back(parent).await;
         self.client
             .meta()
             .unlink(parent, name)
@@ -185,6 +206,7 @@ impl Inner {
     }
 
     pub(crate) async fn rmdir(&self, parent: Ino, name: Name) -> Result<(), Errno> {
+        self.give_back(parent).await;
         self.client
             .meta()
             .rmdir(parent, name)
@@ -202,6 +224,7 @@ impl Inner {
         if target.len() >= PATH_MAX {
             return Err(Errno::ENAMETOOLONG);
         }
+        self.give_back(parent).await;
         let a = self
             .client
             .meta()
@@ -231,6 +254,8 @@ impl Inner {
         if f.noreplace && f.exchange {
             return Err(Errno::EINVAL);
         }
+        self.give_back(parent).await;
+        self.give_back(newparent).await;
         self.client
             .meta()
             .rename(parent, name, newparent, newname, f)
@@ -244,6 +269,8 @@ impl Inner {
         newparent: Ino,
         newname: Name,
     ) -> Result<Entry, Errno> {
+        self.settle(ino).await?;
+        self.give_back(newparent).await;
         let a = self
             .client
             .meta()
@@ -269,7 +296,10 @@ impl Inner {
         caller: Caller,
         mask: AccessFlags,
     ) -> Result<(), Errno> {
-        let a = self.client.meta().getattr(ino).await.map_err(errno::meta)?;
+        let a = match self.held_attr(ino) {
+            Some(a) => a,
+            None => self.client.meta().getattr(ino).await.map_err(errno::meta)?,
+        };
         if may_access(caller, a.perm, a.uid, a.gid, a.kind, mask.bits()) {
             Ok(())
         } else {

@@ -53,6 +53,8 @@ impl Inner {
             return Err(Errno::EOPNOTSUPP);
         }
         let mode = xattr_mode(flags)?;
+        self.settle(ino).await?;
+        self.give_back(ino).await;
         let caps = name == CAPABILITY;
         let r = self
             .client
@@ -80,6 +82,7 @@ impl Inner {
         if caps && self.knows_no_caps(ino) {
             return Err(Errno::NO_XATTR);
         }
+        self.settle(ino).await?;
         match self.client.meta().getxattr(ino, ByteBuf::from(name)).await {
             Ok(v) => sized(v.into_vec(), size),
             Err(e) => {
@@ -93,6 +96,7 @@ impl Inner {
     }
 
     pub(crate) async fn listxattr(&self, ino: Ino, size: u32) -> Result<XattrOut, Errno> {
+        self.settle(ino).await?;
         let names = self
             .client
             .meta()
@@ -111,6 +115,8 @@ impl Inner {
         if is_system(&name) {
             return Err(Errno::NO_XATTR);
         }
+        self.settle(ino).await?;
+        self.give_back(ino).await;
         let caps = name == CAPABILITY;
         let r = self
             .client

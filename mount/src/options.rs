@@ -52,6 +52,10 @@ pub struct MountOptions {
     /// `local` lets any replica answer lookups, stats and listings from its own state,
     /// which may lag the leader: see `mount.rawfs(8)`.
     pub consistency: Consistency,
+    /// `delegate` (default) / `nodelegate`: directories this mount makes are delegated to
+    /// it, and it creates files in them without a metadata round trip per file (committed
+    /// in batches; see `mount.rawfs(8)`).
+    pub delegate: bool,
 }
 
 impl Default for MountOptions {
@@ -71,6 +75,7 @@ impl Default for MountOptions {
             noatime: false,
             allow_other: None,
             consistency: Consistency::Linearizable,
+            delegate: true,
         }
     }
 }
@@ -192,6 +197,8 @@ impl MountOptions {
                 "noexec" => self.noexec = true,
                 "exec" => self.noexec = false,
                 "noatime" => self.noatime = true,
+                "delegate" => self.delegate = true,
+                "nodelegate" => self.delegate = false,
                 "atime" | "relatime" | "strictatime" => self.noatime = false,
                 "allow_other" => self.allow_other = Some(true),
                 // Options that only mean something to mount(8), fstab or systemd.
@@ -347,6 +354,9 @@ mod tests {
         assert_eq!(o, MountOptions::default());
         o.apply("ro,nosuid,nodev,noexec,noatime").unwrap();
         assert!(o.read_only && o.nosuid && o.nodev && o.noexec && o.noatime);
+        assert!(o.delegate);
+        o.apply("nodelegate").unwrap();
+        assert!(!o.delegate);
     }
 
     #[test]

@@ -151,14 +151,18 @@ pub(crate) fn run(
             break s;
         }
     };
-    let inner = Arc::new(Inner::new(
+    let mut inner = Inner::new(
         client.clone(),
         session,
         root,
         opts.attr_timeout,
         opts.entry_timeout,
-    ));
+    );
+    // A read-only mount makes no directories; `nodelegate` asks for none.
+    inner.delegate = opts.delegate && !opts.read_only;
+    let inner = Arc::new(inner);
     inner.start_releaser(&meta_rt.handle);
+    inner.start_recalls(&meta_rt.handle);
     let fs = RawFs::new(inner.clone(), rt.handle().clone(), meta_rt.handle.clone());
 
     // Catch signals from before the mount exists, so none can kill us between mount(2) and
@@ -209,6 +213,7 @@ pub(crate) fn run(
     let failed = rt.block_on(async {
         inner.tasks.close();
         inner.tasks.wait().await;
+        inner.give_back_all().await;
         let failed = inner.flush_all().await;
         match tokio::time::timeout(END_SESSION_TIMEOUT, client.meta().end_session(session)).await {
             Ok(Ok(())) => {}

@@ -502,6 +502,12 @@ rpc_methods! {
         fn mknod(parent: Ino, name: Name, node: NewNode, caller: Caller) -> Attr;
         /// Creates a node and records an open of it by `session`, atomically.
         fn create(parent: Ino, name: Name, node: NewNode, caller: Caller, session: u64) -> Attr;
+        /// Creates a directory whose creates are delegated to mount session `holder`.
+        fn mkdir_held(parent: Ino, name: Name, node: NewNode, caller: Caller, holder: u64) -> Attr;
+        /// Reserves `count` inode numbers; returns the first.
+        fn reserve_inodes(count: u32) -> Ino;
+        /// Commits a delegation holder's creates (and with `give_back` ends the delegation).
+        fn commit_creates(dir: Ino, holder: u64, entries: Vec<HeldCreate>, give_back: bool) -> ();
         /// Creates a symbolic link.
         fn symlink(parent: Ino, name: Name, target: ByteBuf, caller: Caller) -> Attr;
         /// Adds a hard link.
@@ -678,6 +684,9 @@ mod tests {
             mknod(parent: Ino, name: Name, node: NewNode, caller: Caller, req: ReqId) -> Attr;
             create(parent: Ino, name: Name, node: NewNode, caller: Caller, session: u64, req: ReqId) -> Attr;
             symlink(parent: Ino, name: Name, target: ByteBuf, caller: Caller, req: ReqId) -> Attr;
+            mkdir_held(parent: Ino, name: Name, node: NewNode, caller: Caller, holder: u64, req: ReqId) -> Attr;
+            reserve_inodes(count: u32, req: ReqId) -> Ino;
+            commit_creates(dir: Ino, holder: u64, entries: Vec<HeldCreate>, give_back: bool, req: ReqId) -> ();
             readlink(ino: Ino, read: Consistency) -> ByteBuf;
             link(ino: Ino, newparent: Ino, newname: Name, req: ReqId) -> Attr;
             rmdir(parent: Ino, name: Name, req: ReqId) -> ();

@@ -12,6 +12,10 @@ pub enum Inval {
     Inode(Ino),
     /// The entry `name` of directory `parent` was added, removed or now names another inode.
     Entry { parent: Ino, name: Name },
+    /// Another client needs directory `dir`, whose creates are delegated to mount session
+    /// `holder`: the holder must commit them and give the delegation back (see
+    /// `MetadataRpc::mkdir_held`). Appended last: older encodings stay readable.
+    Recall { dir: Ino, holder: u64 },
 }
 
 /// One published event.

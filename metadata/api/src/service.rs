@@ -77,6 +77,35 @@ pub trait MetadataRpc {
         limit: u32,
         read: Consistency,
     ) -> MetaResult<Vec<DirEntry>>;
+    /// `mknod` of a directory whose creates are then delegated to mount session `holder`:
+    /// until the delegation is given back, `holder` alone adds entries to it, with
+    /// `commit_creates`, and answers lookups in it from what it knows (the directory starts
+    /// empty). Any other client's operation on the directory (a lookup or listing of it, a
+    /// change in it, a change of it) first recalls the delegation: the leader publishes
+    /// [`Inval::Recall`](crate::Inval::Recall), waits for the holder to commit and give it
+    /// back, and takes it back itself if the holder stays silent.
+    async fn mkdir_held(
+        parent: Ino,
+        name: Name,
+        node: NewNode,
+        caller: Caller,
+        holder: u64,
+        req: ReqId,
+    ) -> MetaResult<Attr>;
+    /// Reserves `count` inode numbers for creates a mount makes on its own (in a delegated
+    /// directory); returns the first. Unused numbers are never reused.
+    async fn reserve_inodes(count: u32, req: ReqId) -> MetaResult<Ino>;
+    /// Commits the creates `holder` made in delegated directory `dir` (each an exclusive
+    /// create of an empty regular file, opened by `holder` if `open` says so), and with
+    /// `give_back` ends the delegation. Fails with `NotPermitted` if `dir`
+    /// is no longer delegated to `holder` (the leader took it back), with nothing applied.
+    async fn commit_creates(
+        dir: Ino,
+        holder: u64,
+        entries: Vec<HeldCreate>,
+        give_back: bool,
+        req: ReqId,
+    ) -> MetaResult<()>;
     /// Records that `session` has `ino` open (keeps an unlinked inode alive).
     async fn open(ino: Ino, session: u64) -> MetaResult<Attr>;
     /// Drops one open of `ino` by `session`; frees an orphaned inode on its last release.

@@ -123,6 +123,23 @@ pub struct NewNode {
     pub exclusive: bool,
 }
 
+/// One create a mount made in a directory delegated to it (see `MetadataRpc::mkdir_held`):
+/// an empty regular file, with the inode number from a `reserve_inodes` range and the
+/// attributes the mount already gave its kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldCreate {
+    pub name: Name,
+    pub ino: Ino,
+    /// Permission bits (`0o7777`).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Its birth, change, modification and access time.
+    pub time: Timespec,
+    /// Record an open of it by the holder's session (the file is still open there).
+    pub open: bool,
+}
+
 /// `rename` flags (Linux renameat2).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RenameFlags {

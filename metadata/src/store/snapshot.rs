@@ -4,12 +4,13 @@
 use super::*;
 
 /// Snapshot layout (one flat buffer, so a large state does not fragment the heap):
-/// `b"RAWFSMS2"`, then per table: name (u32 length + bytes), row count (u64), rows as
+/// `b"RAWFSMS4"`, then per table: name (u32 length + bytes), row count (u64), rows as
 /// (u32 key length, key, u32 value length, value); the replication blob last (u32 length +
 /// bytes, `u32::MAX` for none). Integers are little-endian. Version 1 (`b"RAWFSMS1"`) lacks
-/// the tables of [`for_tables_v2`] and version 2 those of [`for_tables_v3`]; both are still
-/// restored (with those tables empty).
-const SNAPSHOT_MAGIC: &[u8; 8] = b"RAWFSMS3";
+/// the tables of [`for_tables_v2`], version 2 those of [`for_tables_v3`] and version 3 those
+/// of [`for_tables_v4`]; all are still restored (with those tables empty).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"RAWFSMS4";
+const SNAPSHOT_MAGIC_V3: &[u8; 8] = b"RAWFSMS3";
 const SNAPSHOT_MAGIC_V2: &[u8; 8] = b"RAWFSMS2";
 const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"RAWFSMS1";
 
@@ -153,6 +154,13 @@ macro_rules! for_tables_v3 {
     };
 }
 
+/// The tables snapshot format 4 adds after those of [`for_tables_v3`].
+macro_rules! for_tables_v4 {
+    ($f:ident) => {
+        $f!(DELEGATIONS, "delegations");
+    };
+}
+
 impl Store {
     /// A consistent copy of every table (after making the state durable).
     pub fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
@@ -168,6 +176,7 @@ impl Store {
         for_tables!(dump_one);
         for_tables_v2!(dump_one);
         for_tables_v3!(dump_one);
+        for_tables_v4!(dump_one);
         match txn.open_table(REPL)?.get(REPL_KEY)? {
             Some(g) => put_bytes(&mut out, g.value()),
             None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
@@ -179,7 +188,8 @@ impl Store {
     pub fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
         let mut cur = Cursor { b: snapshot };
         let version = match cur.take(SNAPSHOT_MAGIC.len())? {
-            m if m == SNAPSHOT_MAGIC => 3,
+            m if m == SNAPSHOT_MAGIC => 4,
+            m if m == SNAPSHOT_MAGIC_V3 => 3,
             m if m == SNAPSHOT_MAGIC_V2 => 2,
             m if m == SNAPSHOT_MAGIC_V1 => 1,
             _ => return Err(Cursor::corrupt("bad magic")),
@@ -206,6 +216,11 @@ impl Store {
             for_tables_v3!(load_one);
         } else {
             for_tables_v3!(clear_one);
+        }
+        if version >= 4 {
+            for_tables_v4!(load_one);
+        } else {
+            for_tables_v4!(clear_one);
         }
         {
             let mut repl = txn.open_table(REPL)?;
@@ -239,6 +254,7 @@ impl Store {
         hash_one!(REQUESTS, "requests");
         hash_one!(REQUEST_AGES, "request_ages");
         for_tables_v3!(hash_one);
+        for_tables_v4!(hash_one);
         let applied = txn
             .open_table(APPLIED)?
             .get(APPLIED_INDEX)?

@@ -1,0 +1,122 @@
+//! Held directories (delegated creates, mount.rawfs(8) `delegate`): a mount answers creates
+//! in a directory it made on its own and commits them in batches. Another mount must still
+//! see every file as soon as it looks; what was fsynced survives the holder's SIGKILL.
+
+use anyhow::{ensure, Context, Result};
+use rawfs_integration::fsutil::pattern;
+use rawfs_integration::harness::{pid_alive, wait_until};
+use rawfs_integration::Cluster;
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+fn names(dir: &Path) -> Result<BTreeSet<String>> {
+    let mut out = BTreeSet::new();
+    for e in fs::read_dir(dir).with_context(|| dir.display().to_string())? {
+        out.insert(e?.file_name().to_string_lossy().into_owned());
+    }
+    Ok(out)
+}
+
+#[test]
+fn another_mount_sees_every_create_of_a_held_directory() -> Result<()> {
+    let c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    let b = c.path("");
+    fs::create_dir(a.join("d"))?;
+    let mut want = BTreeSet::new();
+    for i in 0..500u64 {
+        let name = format!("f{i:03}");
+        let mut f = File::create(a.join(&format!("d/{name}")))?;
+        if i % 50 == 0 {
+            f.write_all(&pattern(i, 0, 10_000))?;
+        }
+        want.insert(name);
+    }
+    // The other mount's first look recalls the directory: everything is there at once.
+    ensure!(names(&b.join("d"))? == want, "listing from the other mount");
+    for i in (0..500u64).step_by(50) {
+        let got = fs::read(b.join(format!("d/f{i:03}")))?;
+        ensure!(got == pattern(i, 0, 10_000), "data of f{i:03}");
+    }
+    // Handed back: each mount now sees the other's changes.
+    File::create(b.join("d/from_b"))?;
+    ensure!(
+        a.join("d/from_b").exists(),
+        "the holder sees the other mount's create"
+    );
+    fs::remove_file(a.join("d/f000"))?;
+    ensure!(!b.join("d/f000").exists(), "unlink through the first mount");
+
+    // A file created held and still open is protected like any open file: an unlink by
+    // the other mount leaves it readable through the descriptor.
+    fs::create_dir(a.join("open"))?;
+    let mut f = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(a.join("open/f"))?;
+    f.write_all(b"still here")?;
+    fs::remove_file(b.join("open/f"))?;
+    ensure!(!a.join("open/f").exists(), "gone from the namespace");
+    let mut got = String::new();
+    f.read_to_string(&mut got)?;
+    ensure!(got.is_empty(), "read at the end of what was written");
+    let mut buf = [0u8; 10];
+    f.read_exact_at(&mut buf, 0)?;
+    ensure!(&buf == b"still here", "the unlinked file's data");
+    drop(f);
+
+    // O_EXCL on a held name, and a non-exclusive open of one.
+    fs::create_dir(a.join("x"))?;
+    File::create(a.join("x/f"))?;
+    let again = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(a.join("x/f"));
+    ensure!(
+        again.as_ref().err().map(|e| e.kind()) == Some(ErrorKind::AlreadyExists),
+        "O_EXCL on an existing name: {again:?}"
+    );
+    fs::write(a.join("x/f"), b"second open")?;
+    ensure!(fs::read(b.join("x/f"))? == b"second open", "rewritten file");
+    Ok(())
+}
+
+#[test]
+fn fsynced_creates_survive_a_killed_holder() -> Result<()> {
+    let c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    fs::create_dir(a.join("d"))?;
+    for i in 0..100 {
+        File::create(a.join(&format!("d/f{i:03}")))?;
+    }
+    let f = File::create(a.join("d/synced"))?;
+    f.sync_all()?;
+    for i in 0..50 {
+        File::create(a.join(&format!("d/late{i:03}")))?;
+    }
+    let pid = a.pid();
+    // SAFETY: kill(2) on a child process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_until("the holder to die", Duration::from_secs(10), || {
+        Ok(!pid_alive(pid))
+    })?;
+    // The other mount's listing waits for the dead holder's recall, then the leader
+    // takes the directory back: what was fsynced (and everything created before it) is
+    // there.
+    let seen = names(&c.path("d"))?;
+    for i in 0..100 {
+        ensure!(seen.contains(&format!("f{i:03}")), "f{i:03} lost: {seen:?}");
+    }
+    ensure!(seen.contains("synced"), "the fsynced file was lost");
+    File::create(c.path("d/after"))?;
+    ensure!(
+        c.path("d/after").exists(),
+        "the directory takes creates again"
+    );
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! The leader's side of directory delegations (`delegation.rs`): before it answers another
+//! client's operation on a delegated directory, it recalls the delegation.
+//!
+//! ```text
+//!  request touching dir D ──► DELEGATIONS[D] = holder? ── no ──► go on
+//!                                   │ yes
+//!                                   ▼
+//!        publish Recall{D, holder} on the watch stream (again every REPUBLISH)
+//!        wait for the row to go (the holder's commit_creates with give_back)
+//!        RECALL_WAIT passed ──► propose Revoke{D, holder} ──► go on
+//! ```
+//!
+//! Which operations touch D: a lookup or listing in D (linearizable reads; local reads on a
+//! follower may lag by the holder's commit interval, as they lag the log), every change of
+//! D's entries (mknod, create, symlink, link, unlink, rmdir, rename in or out of D), and
+//! every change of D itself (setattr, xattrs, rmdir of D, rename of D or over D). A plain
+//! getattr of D does not: the only thing the holder changes about D is its times, which the
+//! next commit brings (within the mount's commit interval).
+//!
+//! Requests carry no identity that says they come from the holder, so the holder's own
+//! operations recall too; the mount gives the delegation back before it sends any of them
+//! (it then costs nothing), and one it missed is still correct, only slower.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rawfs_metadata_api::{Ino, Inval, MetaResult};
+use redb::ReadableTableMetadata;
+
+use crate::commands::Command;
+use crate::delegation;
+use crate::queries;
+use crate::server::Server;
+
+/// How long the leader waits for a holder to give a recalled delegation back before it
+/// takes it back itself (a mount that was killed, or cut off).
+pub(crate) const RECALL_WAIT: Duration = Duration::from_secs(5);
+/// How often a recall is published again while it waits (a holder that missed events, for
+/// example across a leader change, sees the next one).
+const REPUBLISH: Duration = Duration::from_millis(500);
+
+impl Server {
+    fn recalling(&self) -> std::sync::MutexGuard<'_, HashMap<(Ino, u64), Instant>> {
+        self.0.recalling.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Recalls the delegations of every directory `cmd` touches (see the module docs).
+    pub(crate) async fn recall_for(&self, cmd: &Command) -> MetaResult<()> {
+        let dirs = self.0.sm.read(|rt| {
+            if rt.delegations.is_empty()? {
+                return Ok(Vec::new());
+            }
+            let at =
+                |parent: Ino, name: &[u8]| queries::lookup(rt, parent, name).ok().map(|a| a.ino);
+            let mut inos = match cmd {
+                Command::Mknod { parent, .. }
+                | Command::Create { parent, .. }
+                | Command::Symlink { parent, .. }
+                | Command::MkdirHeld { parent, .. }
+                | Command::Unlink { parent, .. }
+                | Command::Snapshot { parent, .. } => vec![*parent],
+                Command::Link { newparent, .. } => vec![*newparent],
+                Command::Rmdir { parent, name, .. } => {
+                    vec![*parent].into_iter().chain(at(*parent, name)).collect()
+                }
+                Command::Rename {
+                    parent,
+                    name,
+                    newparent,
+                    newname,
+                    ..
+                } => vec![*parent, *newparent]
+                    .into_iter()
+                    .chain(at(*parent, name))
+                    .chain(at(*newparent, newname))
+                    .collect(),
+                Command::SetAttr { ino, .. }
+                | Command::SetXattr { ino, .. }
+                | Command::RemoveXattr { ino, .. } => vec![*ino],
+                _ => Vec::new(),
+            };
+            inos.sort_unstable();
+            inos.dedup();
+            let mut held = Vec::new();
+            for ino in inos {
+                if let Some(h) = delegation::holder(&rt.delegations, ino)? {
+                    held.push((ino, h));
+                }
+            }
+            Ok(held)
+        })?;
+        for (dir, holder) in dirs {
+            self.recall(dir, holder).await?;
+        }
+        Ok(())
+    }
+
+    /// Recalls the delegation of `dir` if it has one (for reads in it).
+    pub(crate) async fn recall_dir(&self, dir: Ino) -> MetaResult<()> {
+        let held = self
+            .0
+            .sm
+            .read(|rt| delegation::holder(&rt.delegations, dir))?;
+        match held {
+            Some(holder) => self.recall(dir, holder).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until `holder` gave `dir` back, publishing the recall; takes it back after
+    /// [`RECALL_WAIT`] from the first recall of it. That start is kept across calls: a
+    /// client whose call timed out (its deadline is shorter than the wait) retries, and the
+    /// retry must not start the wait over.
+    async fn recall(&self, dir: Ino, holder: u64) -> MetaResult<()> {
+        let start = *self
+            .recalling()
+            .entry((dir, holder))
+            .or_insert_with(Instant::now);
+        let mut published: Option<Instant> = None;
+        loop {
+            let changed = self.0.delegations_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let now_held = self
+                .0
+                .sm
+                .read(|rt| delegation::holder(&rt.delegations, dir))?;
+            if now_held != Some(holder) {
+                self.recalling().remove(&(dir, holder));
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= start + RECALL_WAIT {
+                tracing::warn!(
+                    dir,
+                    holder,
+                    "delegation not given back in time; taking it back"
+                );
+                self.propose(Command::Revoke { dir, holder })
+                    .await?
+                    .into_unit()?;
+                self.recalling().remove(&(dir, holder));
+                self.0.delegations_changed.notify_waiters();
+                return Ok(());
+            }
+            if published.map_or(true, |at| now >= at + REPUBLISH) {
+                let (term, _) = self.0.replica.term_and_leading();
+                let recall = (Inval::Recall { dir, holder }, false);
+                self.0.events.publish(term, 0, vec![recall]);
+                published = Some(now);
+            }
+            let wake = (start + RECALL_WAIT).min(published.unwrap_or(now) + REPUBLISH);
+            let _ = tokio::time::timeout(wake.saturating_duration_since(now), changed).await;
+        }
+    }
+}
