@@ -22,6 +22,7 @@
 //! gone, and the error is logged.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,9 +44,12 @@ const RETRY: Duration = Duration::from_secs(1);
 const RESERVE: u32 = 8192;
 /// A new reservation starts when fewer numbers than this are left.
 const RESERVE_LOW: u64 = 4096;
-/// Most names one held directory keeps here (each costs memory in the mount); a bigger
-/// directory is given back and grows through the leader.
-const HELD_NAMES_MAX: usize = 100_000;
+/// Most names all held directories keep here together (each costs memory in the mount,
+/// about 100 bytes); past it, a directory that gets another create is given back and grows
+/// through the leader.
+const HELD_NAMES_MAX: usize = 1_000_000;
+/// Most directories held at once; the one held longest is given back for a new one.
+const HELD_DIRS_MAX: usize = 4096;
 /// Setgid bit of a directory (new entries take its group).
 const S_ISGID: u32 = 0o2000;
 
@@ -72,6 +76,10 @@ pub(crate) enum Made {
 #[derive(Default)]
 pub(crate) struct Held {
     dirs: Mutex<HashMap<Ino, Arc<HeldDir>>>,
+    /// Held directories, oldest first (some may have been given back since).
+    order: Mutex<VecDeque<Ino>>,
+    /// Names kept by all held directories.
+    names: std::sync::atomic::AtomicUsize,
     /// Fresh (uncommitted) inode -> its directory.
     fresh: Mutex<HashMap<Ino, Ino>>,
     pool: Mutex<Pool>,
@@ -152,6 +160,20 @@ impl Inner {
             commits: tokio::sync::Mutex::new(()),
         };
         lock(&self.held.dirs).insert(a.ino, Arc::new(dir));
+        let oldest = {
+            let mut order = lock(&self.held.order);
+            order.push_back(a.ino);
+            let dirs = lock(&self.held.dirs);
+            order.retain(|d| dirs.contains_key(d));
+            if order.len() > HELD_DIRS_MAX {
+                order.pop_front()
+            } else {
+                None
+            }
+        };
+        if let Some(old) = oldest {
+            self.give_back(old).await;
+        }
         Ok(a)
     }
 
@@ -201,7 +223,7 @@ impl Inner {
         let Some(d) = self.held_dir(dir) else {
             return Ok(Made::NotHeld);
         };
-        if lock(&d.state).names.len() >= HELD_NAMES_MAX {
+        if self.held.names.load(Ordering::Relaxed) >= HELD_NAMES_MAX {
             self.give_back(dir).await;
             return Ok(Made::NotHeld);
         }
@@ -249,6 +271,7 @@ impl Inner {
                 stored: 0,
             };
             st.names.insert(name.to_vec(), ino);
+            self.held.names.fetch_add(1, Ordering::Relaxed);
             st.fresh.insert(ino, attr.clone());
             st.queue.push(HeldCreate {
                 name: name.clone(),
@@ -361,12 +384,14 @@ impl Inner {
             for e in &entries {
                 st.fresh.remove(&e.ino);
                 fresh.remove(&e.ino);
-                if failed {
-                    st.names.remove(e.name.as_slice());
+                if failed && st.names.remove(e.name.as_slice()).is_some() {
+                    self.held.names.fetch_sub(1, Ordering::Relaxed);
                 }
             }
             if failed || give_back {
                 st.gone = true;
+                self.held.names.fetch_sub(st.names.len(), Ordering::Relaxed);
+                st.names.clear();
             }
         }
         if failed || give_back {

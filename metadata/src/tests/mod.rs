@@ -2,6 +2,7 @@
 //! delivers them, on a real redb file in a temporary directory.
 
 mod classes;
+mod delegation;
 mod ec_write;
 mod erasure;
 mod healing;
@@ -238,8 +239,8 @@ impl H {
     }
 }
 
-/// Rewrites a snapshot of the current format (3) as format 1 wrote it: the tables formats 2
-/// and 3 added (the last four) left out.
+/// Rewrites a snapshot of the current format (4) as format 1 wrote it: the tables formats 2,
+/// 3 and 4 added (the last five) left out.
 pub(super) fn to_format_1(snap: &[u8]) -> Vec<u8> {
     fn u32_at(b: &[u8], pos: &mut usize) -> usize {
         let v = u32::from_le_bytes(b[*pos..*pos + 4].try_into().unwrap());
@@ -249,7 +250,7 @@ pub(super) fn to_format_1(snap: &[u8]) -> Vec<u8> {
     const V1_TABLES: usize = 13;
     let mut out = b"RAWFSMS1".to_vec();
     let mut pos = 8;
-    for table in 0..V1_TABLES + 4 {
+    for table in 0..V1_TABLES + 5 {
         let start = pos;
         pos += u32_at(snap, &mut pos);
         let rows = u64::from_le_bytes(snap[pos..pos + 8].try_into().unwrap());
