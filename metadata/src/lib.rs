@@ -54,6 +54,11 @@
 //!   version and in the term it names, and bumps the version (the healer then FENCEs every
 //!   replica so cached locations refresh and include the new copy). The healer lease is the
 //!   leader's soft state; a new leader grants it only once any earlier lease has lapsed.
+//! - Directory delegations (`delegation.rs`, `recall.rs`): a directory made with
+//!   `mkdir_held` takes creates only from its holder's `commit_creates` until the holder
+//!   gives it back; any other client's lookup, listing or change of it recalls it first
+//!   (published as an event, waited for, taken back after 5 s of silence). Rows are
+//!   replicated state; they end with the holder's session.
 //! - Opens are per `session`; an unlinked inode stays (as an orphan, across restarts) until
 //!   its last open is released or its session ends. A session that dies without
 //!   `end_session` keeps its orphans (no session leases yet).

@@ -24,6 +24,11 @@
 //! mounts by the leader's invalidation events (see `coherence`): a change made elsewhere is
 //! taken back before that change is acknowledged.
 //!
+//! Directories this mount makes are delegated to it (`held`; `-o nodelegate` turns it
+//! off): it answers lookups, creates and stats of new empty files in them on the FUSE
+//! thread and commits the creates in batches, so a create costs FUSE round trips only; the
+//! leader recalls the directory before any other client looks into it or changes it.
+//!
 //! Deliberate gaps:
 //! - No writeback cache yet: with it the kernel owns mtime and size and merges writes from
 //!   all handles into page-cache writeback, which needs care with `O_APPEND`, truncate and
@@ -39,7 +44,9 @@
 //!   lives until its last close), one registration per inode per mount. `create` makes the
 //!   file and registers the open in one replicated command; the release after the last
 //!   close runs in the background (it only ends that protection) and is batched with other
-//!   releases for 10 ms, so a create-write-close costs about one replicated write.
+//!   releases for 10 ms, so a create-write-close costs about one replicated write (in a
+//!   held directory the open is recorded with the batched create if the file is still
+//!   open then).
 //!
 //! Installing the helper makes `mount -t rawfs` and fstab work (mount(8) runs
 //! `/sbin/mount.rawfs SPEC MNT -o OPTIONS`):
