@@ -20,13 +20,19 @@ const COPY_PIECE: u64 = 4 << 20;
 /// carries a 32-bit count, and a bounded request keeps one call from holding a task for long).
 const COPY_MAX: u64 = 1 << 30;
 
-/// Kernel flags for a new file handle. `O_DIRECT` opens bypass the page cache.
+/// Kernel flags for a new file handle. `O_DIRECT` opens bypass the page cache. A read-only
+/// handle has nothing to flush at `close` (the write buffer is flushed by the handles that
+/// wrote, and locks stay in the kernel), so the kernel is told not to send FLUSH for it: one
+/// round trip less per `open`/`close` of a file that is only read.
 fn fopen_flags(flags: i32) -> FopenFlags {
+    let mut out = FopenFlags::empty();
     if flags & libc::O_DIRECT != 0 {
-        FopenFlags::FOPEN_DIRECT_IO
-    } else {
-        FopenFlags::empty()
+        out |= FopenFlags::FOPEN_DIRECT_IO;
     }
+    if flags & libc::O_ACCMODE == libc::O_RDONLY {
+        out |= FopenFlags::FOPEN_NOFLUSH;
+    }
+    out
 }
 
 impl Inner {
@@ -267,5 +273,15 @@ mod tests {
             FopenFlags::FOPEN_DIRECT_IO
         );
         assert_eq!(fopen_flags(libc::O_RDWR), FopenFlags::empty());
+        assert_eq!(fopen_flags(libc::O_WRONLY), FopenFlags::empty());
+    }
+
+    #[test]
+    fn read_only_handles_are_not_flushed() {
+        assert_eq!(fopen_flags(libc::O_RDONLY), FopenFlags::FOPEN_NOFLUSH);
+        assert_eq!(
+            fopen_flags(libc::O_RDONLY | libc::O_DIRECT),
+            FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_DIRECT_IO
+        );
     }
 }
