@@ -46,7 +46,7 @@ impl MetadataRpc for FakeMetadata {
         symlink(parent: Ino, name: Name, target: Name, caller: Caller, req: ReqId) -> Attr;
         mkdir_held(parent: Ino, name: Name, node: NewNode, caller: Caller, holder: u64, req: ReqId) -> Attr;
         reserve_inodes(count: u32, req: ReqId) -> Ino;
-        commit_creates(dir: Ino, holder: u64, entries: Vec<HeldCreate>, give_back: bool, req: ReqId) -> ();
+        commit_held(dir: Ino, holder: u64, ops: Vec<HeldOp>, give_back: bool, req: ReqId) -> ();
         readlink(ino: Ino, read: Consistency) -> Name;
         link(ino: Ino, newparent: Ino, newname: Name, req: ReqId) -> Attr;
         unlink(parent: Ino, name: Name, req: ReqId) -> ();

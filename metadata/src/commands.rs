@@ -5,7 +5,7 @@
 //! same log reaches the same state and the same replies.
 
 use rawfs_metadata_api::{
-    Attr, Caller, ChunkId, ChunkLoc, CowLoc, EcPlan, HeldCreate, Ino, MetaError, MetaResult, Name,
+    Attr, Caller, ChunkId, ChunkLoc, CowLoc, EcPlan, HeldOp, Ino, MetaError, MetaResult, Name,
     NewNode, RateChange, RenameFlags, ReqId, ServerId, SetAttr, Timespec, XattrMode,
 };
 use serde::{Deserialize, Serialize};
@@ -270,12 +270,12 @@ pub enum Command {
     ReserveInodes {
         count: u64,
     },
-    /// The creates `holder` made in its delegated directory `dir`; `give_back` ends the
-    /// delegation.
-    CommitCreates {
+    /// The changes `holder` made in its delegated directory `dir`, in order; `give_back`
+    /// ends the delegation.
+    CommitHeld {
         dir: Ino,
         holder: u64,
-        entries: Vec<HeldCreate>,
+        ops: Vec<HeldOp>,
         give_back: bool,
     },
     /// Takes the delegation of `dir` back from `holder`, which did not answer a recall.
@@ -357,9 +357,7 @@ impl Command {
                 Command::EcExtend { shards, .. } => 9 * shards.len(),
                 Command::ReleaseMany { inos, .. } => 9 * inos.len(),
                 Command::MkdirHeld { name, .. } => name.len(),
-                Command::CommitCreates { entries, .. } => {
-                    entries.iter().map(|e| 64 + e.name.len()).sum()
-                }
+                Command::CommitHeld { ops, .. } => ops.iter().map(held_op_size).sum(),
                 Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum(),
                 Command::Tracked { cmd, .. } => cmd.approx_size(),
                 _ => 0,
@@ -372,6 +370,14 @@ impl Command {
 
     pub fn decode(b: &[u8]) -> Result<Command, CodecError> {
         from_bytes(b)
+    }
+}
+
+fn held_op_size(op: &HeldOp) -> usize {
+    match op {
+        HeldOp::Create(c) => 64 + c.name.len(),
+        HeldOp::Unlink { name, .. } => 32 + name.len(),
+        HeldOp::Rename { from, to, .. } => 48 + from.len() + to.len(),
     }
 }
 

@@ -4,24 +4,29 @@
 //! ```text
 //!  mount: mkdir_held(P, "d")  ──► MkdirHeld: d created (empty), DELEGATIONS[d] = session
 //!  mount: creates in d answered locally (inodes from reserve_inodes ranges)
-//!  mount: commit_creates(d, entries)      ──► CommitCreates: entries added (fenced by the row)
+//!  mount: unlinks and renames of its files in d, also answered locally
+//!  mount: commit_held(d, ops)             ──► CommitHeld: changes applied (fenced by the row)
 //!  other client: lookup(d, x) / readdir(d) / a change in or of d
 //!        └─► leader: Recall{d} published ──► holder commits, give_back ──► row removed
 //!            (no answer in RECALL_WAIT: Revoke; the holder's late commit is refused)
 //! ```
 //!
 //! Why it is safe to answer in the mount: the directory was empty when the row was written,
-//! and while the row exists only the holder adds entries, so the holder's own list is the
+//! and while the row exists only the holder changes its entries, so the holder's own list is the
 //! directory's whole content. Every other client's operation that could see or change that
 //! content waits for the row to go (`recall.rs`), and the holder stops answering on its own
 //! before it gives the row back. The row is replicated state, so a new leader honours it.
 //! A delegation is granted only at `mkdir_held` and never again for the same directory.
 
-use rawfs_metadata_api::{Attr, Caller, FileKind, HeldCreate, Ino, MetaError, Name, NewNode};
+use std::collections::{HashMap, HashSet};
+
+use rawfs_metadata_api::{
+    Attr, Caller, FileKind, HeldCreate, HeldOp, Ino, MetaError, Name, NewNode, RenameFlags,
+};
 use redb::ReadableTable;
 
 use crate::namespace::{self as ns, check_name, invalid};
-use crate::store::{Op, Tables, INODE_COUNT, NEXT_INO};
+use crate::store::{inode, Op, Tables, INODE_COUNT, NEXT_INO};
 
 /// Most inode numbers one `reserve_inodes` may take.
 pub(crate) const RESERVE_MAX: u64 = 1 << 16;
@@ -58,54 +63,117 @@ pub(crate) fn holder(t: &impl ReadableTable<u64, u64>, dir: Ino) -> Op<Option<u6
     Ok(t.get(dir)?.map(|g| g.value()))
 }
 
-/// Adds `holder`'s creates to `dir` (all or nothing), and with `give_back` ends the
-/// delegation.
+/// Applies `holder`'s changes to `dir` in order (all or nothing), and with `give_back`
+/// ends the delegation.
 pub(crate) fn commit(
     t: &mut Tables,
     dir: Ino,
     holder: u64,
-    entries: &[HeldCreate],
+    ops: &[HeldOp],
     give_back: bool,
 ) -> Op<()> {
     if self::holder(&t.delegations, dir)? != Some(holder) {
         return Err(MetaError::NotPermitted.into());
     }
-    let mut prec = ns::live_dir(t, dir)?;
+    ns::live_dir(t, dir)?;
     // Check everything before writing anything: a refused command changes nothing.
-    let next_ino = t.counter(NEXT_INO)?;
-    let mut names = std::collections::HashSet::new();
-    let mut inos = std::collections::HashSet::new();
-    for e in entries {
-        check_name(&e.name)?;
-        if !names.insert(&e.name) || ns::entry(t, dir, &e.name)?.is_some() {
-            return Err(MetaError::Exists.into());
-        }
-        let reserved = e.ino > rawfs_metadata_api::ROOT_INO && e.ino < next_ino;
-        if !reserved || !inos.insert(e.ino) || t.inodes.get(e.ino)?.is_some() {
-            return Err(invalid(
-                "held create with an inode number not reserved or in use",
-            ));
-        }
-    }
-    for e in entries {
-        let caller = Caller {
-            uid: e.uid,
-            gid: e.gid,
-        };
-        let mut rec = ns::new_rec(FileKind::File, e.perm, caller, e.gid, e.time);
-        rec.class = prec.class;
-        t.put_inode(e.ino, &rec)?;
-        ns::add_entry(t, dir, &mut prec, &e.name, e.ino)?;
-        ns::touch_dir(&mut prec, e.time);
-        if e.open {
-            ns::open(t, e.ino, holder)?;
+    check(t, dir, ops)?;
+    let mut created = 0;
+    for op in ops {
+        match op {
+            HeldOp::Create(e) => {
+                create(t, dir, holder, e)?;
+                created += 1;
+            }
+            HeldOp::Unlink { name, time, .. } => ns::unlink(t, dir, name, *time)?,
+            HeldOp::Rename { from, to, time, .. } => {
+                let flags = RenameFlags::default();
+                crate::rename::rename(t, dir, from, dir, to, flags, *time)?
+            }
         }
     }
     let n = t.counter(INODE_COUNT)?;
-    t.set_counter(INODE_COUNT, n + entries.len() as u64)?;
-    t.put_inode(dir, &prec)?;
+    t.set_counter(INODE_COUNT, n + created)?;
     if give_back {
         t.delegations.remove(dir)?;
+    }
+    Ok(())
+}
+
+/// Checks that every change of `ops` applies after those before it: created names are
+/// free and their inode numbers reserved and unused, unlinked and renamed names are files.
+fn check(t: &Tables, dir: Ino, ops: &[HeldOp]) -> Op<()> {
+    // What the batch has done to a name so far: Some(true) a file, Some(false) gone.
+    let mut names: HashMap<&[u8], bool> = HashMap::new();
+    let is_file = |names: &HashMap<&[u8], bool>, name: &[u8]| -> Op<Option<bool>> {
+        if let Some(&file) = names.get(name) {
+            return Ok(file.then_some(true));
+        }
+        match ns::entry(t, dir, name)? {
+            None => Ok(None),
+            Some((child, _)) => Ok(Some(!inode(&t.inodes, child)?.is_dir())),
+        }
+    };
+    let next_ino = t.counter(NEXT_INO)?;
+    let mut inos = HashSet::new();
+    for op in ops {
+        match op {
+            HeldOp::Create(e) => {
+                check_name(&e.name)?;
+                if is_file(&names, &e.name)?.is_some() {
+                    return Err(MetaError::Exists.into());
+                }
+                let reserved = e.ino > rawfs_metadata_api::ROOT_INO && e.ino < next_ino;
+                if !reserved || !inos.insert(e.ino) || t.inodes.get(e.ino)?.is_some() {
+                    return Err(invalid(
+                        "held create with an inode number not reserved or in use",
+                    ));
+                }
+                names.insert(&e.name, true);
+            }
+            HeldOp::Unlink { name, .. } => {
+                match is_file(&names, name)? {
+                    None => return Err(MetaError::NotFound.into()),
+                    Some(false) => return Err(MetaError::IsDir.into()),
+                    Some(true) => {}
+                }
+                names.insert(name, false);
+            }
+            HeldOp::Rename { from, to, .. } => {
+                check_name(to)?;
+                match is_file(&names, from)? {
+                    None => return Err(MetaError::NotFound.into()),
+                    Some(false) => return Err(MetaError::IsDir.into()),
+                    Some(true) => {}
+                }
+                if is_file(&names, to)? == Some(false) {
+                    return Err(MetaError::IsDir.into());
+                }
+                if from != to {
+                    names.insert(from, false);
+                    names.insert(to, true);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds one held create to `dir`.
+fn create(t: &mut Tables, dir: Ino, holder: u64, e: &HeldCreate) -> Op<()> {
+    let mut prec = ns::live_dir(t, dir)?;
+    let caller = Caller {
+        uid: e.uid,
+        gid: e.gid,
+    };
+    let mut rec = ns::new_rec(FileKind::File, e.perm, caller, e.gid, e.time);
+    rec.class = prec.class;
+    t.put_inode(e.ino, &rec)?;
+    ns::add_entry(t, dir, &mut prec, &e.name, e.ino)?;
+    ns::touch_dir(&mut prec, e.time);
+    t.put_inode(dir, &prec)?;
+    if e.open {
+        ns::open(t, e.ino, holder)?;
     }
     Ok(())
 }

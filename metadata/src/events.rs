@@ -22,7 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rawfs_metadata_api::{Ino, Inval, InvalEvent, Name, WatchReply};
+use rawfs_metadata_api::{HeldOp, Ino, Inval, InvalEvent, Name, WatchReply};
 
 use crate::commands::Command;
 
@@ -345,8 +345,18 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
             v
         }
         // Only the holder could have looked in the directory (anyone else recalls first),
-        // and its kernel has what it was told; others may hold the directory's times.
-        Command::CommitCreates { dir, .. } => vec![Inval::Inode(*dir)],
+        // and its kernel has what it was told; others may hold the directory's times, and
+        // the attributes of files unlinked or renamed there (open elsewhere, or linked).
+        Command::CommitHeld { dir, ops, .. } => std::iter::once(*dir)
+            .chain(ops.iter().flat_map(|op| match op {
+                HeldOp::Create(_) => vec![],
+                HeldOp::Unlink { ino, .. } => vec![*ino],
+                HeldOp::Rename { ino, replaced, .. } => {
+                    std::iter::once(*ino).chain(*replaced).collect()
+                }
+            }))
+            .map(Inval::Inode)
+            .collect(),
         Command::Tracked { cmd, .. } => return invals(cmd, replaced),
         Command::Batch(cmds) => cmds.iter().flat_map(|c| invals(c, replaced)).collect(),
         Command::Init { .. }

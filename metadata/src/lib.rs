@@ -55,7 +55,8 @@
 //!   replica so cached locations refresh and include the new copy). The healer lease is the
 //!   leader's soft state; a new leader grants it only once any earlier lease has lapsed.
 //! - Directory delegations (`delegation.rs`, `recall.rs`): a directory made with
-//!   `mkdir_held` takes creates only from its holder's `commit_creates` until the holder
+//!   `mkdir_held` takes changes (creates, unlinks and renames of the holder's files, in
+//!   order) only from its holder's `commit_held` until the holder
 //!   gives it back; any other client's lookup, listing or change of it recalls it first
 //!   (published as an event, waited for, taken back after 5 s of silence). Rows are
 //!   replicated state; they end with the holder's session.

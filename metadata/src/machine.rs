@@ -252,12 +252,12 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
         } => delegation::mkdir_held(t, (*parent, name), node, *caller, *holder, *now)
             .map(Reply::Attr),
         ReserveInodes { count } => delegation::reserve(t, *count).map(Reply::Number),
-        CommitCreates {
+        CommitHeld {
             dir,
             holder,
-            entries,
+            ops,
             give_back,
-        } => unit(delegation::commit(t, *dir, *holder, entries, *give_back)),
+        } => unit(delegation::commit(t, *dir, *holder, ops, *give_back)),
         Revoke { dir, holder } => unit(delegation::revoke(t, *dir, *holder)),
         Batch(cmds) => {
             let mut out = Vec::with_capacity(cmds.len());

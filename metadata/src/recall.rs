@@ -6,7 +6,7 @@
 //!                                   │ yes
 //!                                   ▼
 //!        publish Recall{D, holder} on the watch stream (again every REPUBLISH)
-//!        wait for the row to go (the holder's commit_creates with give_back)
+//!        wait for the row to go (the holder's commit_held with give_back)
 //!        RECALL_WAIT passed ──► propose Revoke{D, holder} ──► go on
 //! ```
 //!

@@ -306,20 +306,20 @@ impl MetadataRpc for Server {
             .into_number()
     }
 
-    async fn commit_creates(
+    async fn commit_held(
         self,
         _: Context,
         dir: Ino,
         holder: u64,
-        entries: Vec<HeldCreate>,
+        ops: Vec<HeldOp>,
         give_back: bool,
         req: ReqId,
     ) -> MetaResult<()> {
         let now = Timespec::now();
-        let cmd = Command::CommitCreates {
+        let cmd = Command::CommitHeld {
             dir,
             holder,
-            entries,
+            ops,
             give_back,
         };
         let done = self.mutate_once(req, now, cmd).await;

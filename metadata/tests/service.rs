@@ -464,7 +464,8 @@ async fn held_directories_are_recalled_before_another_client_looks_in() {
     let next = holder.reserve_inodes(10).await.unwrap();
     assert_eq!(next, first + 10, "ranges do not overlap");
     let commit = |entries: Vec<HeldCreate>, session: u64, give_back: bool| {
-        holder.commit_creates(d.ino, session, entries, give_back)
+        let ops = entries.into_iter().map(HeldOp::Create).collect();
+        holder.commit_held(d.ino, session, ops, give_back)
     };
     commit(vec![held_create(first, 0, "a")], SESSION, false)
         .await
@@ -489,8 +490,8 @@ async fn held_directories_are_recalled_before_another_client_looks_in() {
         let d = d.ino;
         async move {
             recall_of(&holder, d, SESSION).await;
-            let b = vec![held_create(first, 1, "b")];
-            holder.commit_creates(d, SESSION, b, true).await
+            let b = vec![HeldOp::Create(held_create(first, 1, "b"))];
+            holder.commit_held(d, SESSION, b, true).await
         }
     });
     let b = other.lookup(d.ino, n("b")).await.unwrap();
@@ -514,9 +515,9 @@ async fn held_directories_are_recalled_before_another_client_looks_in() {
         .await
         .unwrap();
     assert_eq!(other.readdir(quiet.ino, 0, 10).await.unwrap(), vec![]);
-    let late = vec![held_create(first, 5, "h")];
+    let late = vec![HeldOp::Create(held_create(first, 5, "h"))];
     assert_eq!(
-        holder.commit_creates(quiet.ino, SESSION, late, false).await,
+        holder.commit_held(quiet.ino, SESSION, late, false).await,
         Err(MetaError::NotPermitted)
     );
 
@@ -526,9 +527,9 @@ async fn held_directories_are_recalled_before_another_client_looks_in() {
         .await
         .unwrap();
     holder.end_session(SESSION).await.unwrap();
-    let late = vec![held_create(first, 6, "i")];
+    let late = vec![HeldOp::Create(held_create(first, 6, "i"))];
     assert_eq!(
-        holder.commit_creates(ended.ino, SESSION, late, false).await,
+        holder.commit_held(ended.ino, SESSION, late, false).await,
         Err(MetaError::NotPermitted)
     );
     file(&other, ended.ino, "j").await;

@@ -7,10 +7,11 @@
 //!  mkdir ──► mkdir_held ──► HeldDir { names: {}, attr }
 //!  LOOKUP(dir, x)  ──► answered here (ENOENT, or the fresh file's attributes)
 //!  CREATE(dir, x)  ──► inode from a reserved range, answered here, queued
+//!  UNLINK(dir, x), RENAME(dir, x, dir, y) ──► answered here, queued
 //!  GETATTR(dir | fresh file) ──► answered here
-//!  every COMMIT_DELAY (or COMMIT_MAX queued) ──► commit_creates(dir, queue): one log entry
-//!  anything else on a fresh file ──► its directory's queue committed first ("settle")
-//!  a change in or of dir, a listing, a recall from the leader, unmount ──► give_back
+//!  every COMMIT_DELAY (or COMMIT_MAX queued) ──► commit_held(dir, queue): one log entry
+//!  anything else on a file with a queued change ──► the queue committed first ("settle")
+//!  other changes in or of dir, a listing, a recall, unmount ──► give_back
 //! ```
 //!
 //! Why a create can be answered before the leader has it: nobody else can see the
@@ -27,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuser::Errno;
-use rawfs_metadata_api::{Attr, Caller, FileKind, HeldCreate, Ino, Name, Timespec};
+use rawfs_metadata_api::{Attr, Caller, FileKind, HeldCreate, HeldOp, Ino, Name, Timespec};
 use tracing::warn;
 
 use crate::errno;
@@ -80,8 +81,9 @@ pub(crate) struct Held {
     order: Mutex<VecDeque<Ino>>,
     /// Names kept by all held directories.
     names: std::sync::atomic::AtomicUsize,
-    /// Fresh (uncommitted) inode -> its directory.
-    fresh: Mutex<HashMap<Ino, Ino>>,
+    /// Inode with a change in a queue (a fresh file, or one unlinked, renamed or replaced
+    /// here since the last commit) -> the directory whose queue has it.
+    queued: Mutex<HashMap<Ino, Ino>>,
     pool: Mutex<Pool>,
     /// Woken when a reservation arrives.
     refilled: tokio::sync::Notify,
@@ -122,12 +124,36 @@ struct DirState {
     names: HashMap<Vec<u8>, Ino>,
     /// Children not committed yet, with the attributes the kernel was given.
     fresh: HashMap<Ino, Attr>,
-    /// Creates not sent yet.
-    queue: Vec<HeldCreate>,
+    /// Changes not sent yet, in order.
+    queue: Vec<HeldOp>,
     /// Being given back (or lost): nothing more is answered here.
     gone: bool,
     /// A commit of the queue is scheduled.
     commit_due: bool,
+}
+
+/// Whether `op` changes inode `ino` (creates, unlinks, renames or replaces it).
+fn touches(op: &HeldOp, ino: Ino) -> bool {
+    match op {
+        HeldOp::Create(e) => e.ino == ino,
+        HeldOp::Unlink { ino: i, .. } => *i == ino,
+        HeldOp::Rename {
+            ino: i, replaced, ..
+        } => *i == ino || *replaced == Some(ino),
+    }
+}
+
+impl DirState {
+    /// Queues `op` made at `now` (the directory's times follow); returns whether the queue
+    /// is full and whether a commit must be scheduled.
+    fn push(&mut self, op: HeldOp, now: Timespec) -> (bool, bool) {
+        self.queue.push(op);
+        self.attr.mtime = now;
+        self.attr.ctime = now;
+        let schedule = !self.commit_due;
+        self.commit_due = true;
+        (self.queue.len() >= COMMIT_MAX, schedule)
+    }
 }
 
 impl Inner {
@@ -205,7 +231,7 @@ impl Inner {
                 return Some(st.attr.clone());
             }
         }
-        let dir = *lock(&self.held.fresh).get(&ino)?;
+        let dir = *lock(&self.held.queued).get(&ino)?;
         let d = self.held_dir(dir)?;
         let st = lock(&d.state);
         st.fresh.get(&ino).cloned()
@@ -273,7 +299,7 @@ impl Inner {
             st.names.insert(name.to_vec(), ino);
             self.held.names.fetch_add(1, Ordering::Relaxed);
             st.fresh.insert(ino, attr.clone());
-            st.queue.push(HeldCreate {
+            let op = HeldOp::Create(HeldCreate {
                 name: name.clone(),
                 ino,
                 perm: attr.perm,
@@ -282,31 +308,127 @@ impl Inner {
                 time: now,
                 open: false,
             });
-            st.attr.mtime = now;
-            st.attr.ctime = now;
-            let schedule = !st.commit_due;
-            st.commit_due = true;
-            (attr, st.queue.len() >= COMMIT_MAX, schedule)
+            let (commit_now, schedule) = st.push(op, now);
+            (attr, commit_now, schedule)
         };
-        lock(&self.held.fresh).insert(ino, dir);
-        if commit_now || schedule {
-            let me = self.clone();
-            self.tasks.spawn(async move {
-                if !commit_now {
-                    tokio::time::sleep(COMMIT_DELAY).await;
-                }
-                while me.commit_held(dir, false).await.is_err() && me.has_queue(dir) {
-                    tokio::time::sleep(RETRY).await;
-                }
-            });
-        }
+        lock(&self.held.queued).insert(ino, dir);
+        self.commit_later(dir, commit_now, schedule);
         Ok(Made::Created(attr))
     }
 
-    /// Commits the queue of `ino`'s directory if `ino` is a fresh file, so that the leader
-    /// knows it before anything else is asked about it.
+    /// Unlinks `dir/name` here if `dir` is held (every entry there is a file this mount
+    /// created); `None` if it is not.
+    pub(crate) fn held_unlink(
+        self: &Arc<Self>,
+        dir: Ino,
+        name: &Name,
+    ) -> Option<Result<(), Errno>> {
+        let d = self.held_dir(dir)?;
+        let now = Timespec::now();
+        let (commit_now, schedule) = {
+            let mut st = lock(&d.state);
+            if st.gone {
+                return None;
+            }
+            let Some(ino) = st.names.remove(name.as_slice()) else {
+                return Some(Err(Errno::ENOENT));
+            };
+            self.held.names.fetch_sub(1, Ordering::Relaxed);
+            if let Some(a) = st.fresh.get_mut(&ino) {
+                a.nlink = 0;
+                a.ctime = now;
+            }
+            let op = HeldOp::Unlink {
+                name: name.clone(),
+                ino,
+                time: now,
+            };
+            let pushed = st.push(op, now);
+            lock(&self.held.queued).insert(ino, dir);
+            pushed
+        };
+        self.commit_later(dir, commit_now, schedule);
+        Some(Ok(()))
+    }
+
+    /// Renames `dir/from` to `dir/to` here if `dir` is held (replacing the file `to`
+    /// names, unless `noreplace`); `None` if it is not.
+    pub(crate) fn held_rename(
+        self: &Arc<Self>,
+        dir: Ino,
+        from: &Name,
+        to: &Name,
+        noreplace: bool,
+    ) -> Option<Result<(), Errno>> {
+        let d = self.held_dir(dir)?;
+        let now = Timespec::now();
+        let (commit_now, schedule) = {
+            let mut st = lock(&d.state);
+            if st.gone {
+                return None;
+            }
+            let Some(&ino) = st.names.get(from.as_slice()) else {
+                return Some(Err(Errno::ENOENT));
+            };
+            let replaced = st.names.get(to.as_slice()).copied();
+            if replaced.is_some() && noreplace {
+                return Some(Err(Errno::EEXIST));
+            }
+            if from == to || replaced == Some(ino) {
+                return Some(Ok(()));
+            }
+            st.names.remove(from.as_slice());
+            st.names.insert(to.to_vec(), ino);
+            if let Some(r) = replaced {
+                self.held.names.fetch_sub(1, Ordering::Relaxed);
+                if let Some(a) = st.fresh.get_mut(&r) {
+                    a.nlink = 0;
+                    a.ctime = now;
+                }
+            }
+            if let Some(a) = st.fresh.get_mut(&ino) {
+                a.ctime = now;
+            }
+            let op = HeldOp::Rename {
+                from: from.clone(),
+                to: to.clone(),
+                ino,
+                replaced,
+                time: now,
+            };
+            let pushed = st.push(op, now);
+            let mut queued = lock(&self.held.queued);
+            queued.insert(ino, dir);
+            if let Some(r) = replaced {
+                queued.insert(r, dir);
+            }
+            pushed
+        };
+        self.commit_later(dir, commit_now, schedule);
+        Some(Ok(()))
+    }
+
+    /// Starts the commit of `dir`'s queue: now if it is full, after [`COMMIT_DELAY`] if
+    /// none is scheduled yet; retried while the leader cannot be reached.
+    fn commit_later(self: &Arc<Self>, dir: Ino, now: bool, schedule: bool) {
+        if !now && !schedule {
+            return;
+        }
+        let me = self.clone();
+        self.tasks.spawn(async move {
+            if !now {
+                tokio::time::sleep(COMMIT_DELAY).await;
+            }
+            while me.commit_held(dir, false).await.is_err() && me.has_queue(dir) {
+                tokio::time::sleep(RETRY).await;
+            }
+        });
+    }
+
+    /// Commits the queue that has a change of `ino` (its create, an unlink or a rename), so
+    /// that the leader knows it before anything else is asked about it.
     pub(crate) async fn settle(&self, ino: Ino) -> Result<(), Errno> {
-        let dir = lock(&self.held.fresh).get(&ino).copied();
+        let dir = lock(&self.held.queued).get(&ino).copied();
         match dir {
             Some(dir) => self.commit_held(dir, false).await,
             None => Ok(()),
@@ -347,45 +469,62 @@ impl Inner {
             // Given back while this waited: its queue went with it.
             return Ok(());
         }
-        let mut entries = {
+        let mut ops = {
             let mut st = lock(&d.state);
             st.commit_due = false;
             std::mem::take(&mut st.queue)
         };
-        if entries.is_empty() && !give_back {
+        if ops.is_empty() && !give_back {
             return Ok(());
         }
-        for e in &mut entries {
-            // Still open here: the leader records the open with the create, so that the
-            // file outlives an unlink while this mount has it open.
-            e.open = self.is_open_here(e.ino);
+        for op in &mut ops {
+            if let HeldOp::Create(e) = op {
+                // Still open here: the leader records the open with the create, so that the
+                // file outlives an unlink while this mount has it open.
+                e.open = self.is_open_here(e.ino);
+            }
         }
         let sent = self
             .client
             .meta()
-            .commit_creates(dir, self.session, entries.clone(), give_back)
+            .commit_held(dir, self.session, ops.clone(), give_back)
             .await;
         if let Err(e) = &sent {
             if e.is_retryable() && !give_back {
                 // The leader cannot be reached (the client already retried for its whole
-                // operation timeout). Keep the creates queued and the directory held: the
+                // operation timeout). Keep the changes queued and the directory held: the
                 // delegation outlives an outage, and the next commit sends them again.
                 let mut st = lock(&d.state);
-                entries.append(&mut st.queue);
-                st.queue = entries;
-                warn!(dir, error = %e, "committing creates failed; will retry");
+                ops.append(&mut st.queue);
+                st.queue = ops;
+                warn!(dir, error = %e, "committing a held directory failed; will retry");
                 return Err(Errno::EIO);
             }
         }
         let failed = sent.is_err();
+        // (inode, recorded open) of each create sent.
+        let created: Vec<(Ino, bool)> = ops
+            .iter()
+            .filter_map(|op| match op {
+                HeldOp::Create(e) => Some((e.ino, e.open)),
+                _ => None,
+            })
+            .collect();
         {
             let mut st = lock(&d.state);
-            let mut fresh = lock(&self.held.fresh);
-            for e in &entries {
-                st.fresh.remove(&e.ino);
-                fresh.remove(&e.ino);
-                if failed && st.names.remove(e.name.as_slice()).is_some() {
-                    self.held.names.fetch_sub(1, Ordering::Relaxed);
+            let mut queued = lock(&self.held.queued);
+            for op in &ops {
+                let (ino, other) = match op {
+                    HeldOp::Create(e) => (e.ino, None),
+                    HeldOp::Unlink { ino, .. } => (*ino, None),
+                    HeldOp::Rename { ino, replaced, .. } => (*ino, *replaced),
+                };
+                for ino in std::iter::once(ino).chain(other) {
+                    st.fresh.remove(&ino);
+                    // Unless a later change (queued meanwhile) still has it.
+                    if !st.queue.iter().any(|q| touches(q, ino)) {
+                        queued.remove(&ino);
+                    }
                 }
             }
             if failed || give_back {
@@ -400,19 +539,19 @@ impl Inner {
                 dirs.remove(&dir);
             }
         }
-        for e in entries.iter().filter(|e| e.open) {
-            self.created_open_recorded(e.ino, !failed);
+        for (ino, _) in created.iter().filter(|(_, open)| *open) {
+            self.created_open_recorded(*ino, !failed);
         }
         if let Err(e) = sent {
             // The leader took the directory back (this mount did not answer a recall in
-            // time) or cannot be reached: these creates are lost, like unsynced data.
-            warn!(dir, files = entries.len(), error = %e, "creates in a held directory were not committed; they are lost");
+            // time) or cannot be reached: these changes are lost, like unsynced data.
+            warn!(dir, changes = ops.len(), error = %e, "changes in a held directory were not committed; they are lost");
             return Err(errno::meta(e));
         }
         Ok(())
     }
 
-    /// Whether `dir` is held here with creates still to commit.
+    /// Whether `dir` is held here with changes still to commit.
     fn has_queue(&self, dir: Ino) -> bool {
         self.held_dir(dir)
             .is_some_and(|d| !lock(&d.state).queue.is_empty())

@@ -25,8 +25,9 @@
 //! taken back before that change is acknowledged.
 //!
 //! Directories this mount makes are delegated to it (`held`; `-o nodelegate` turns it
-//! off): it answers lookups, creates and stats of new empty files in them on the FUSE
-//! thread and commits the creates in batches, so a create costs FUSE round trips only; the
+//! off): it answers lookups, creates and stats of new empty files in them, and unlinks and
+//! renames of its files there, on the FUSE thread and commits them in order in batches, so
+//! such an operation costs FUSE round trips only; the
 //! leader recalls the directory before any other client looks into it or changes it.
 //!
 //! Deliberate gaps:

@@ -93,6 +93,8 @@ impl Inner {
         if let Some(a) = self.held_attr(ino) {
             return Ok((self.attr(&a), self.attr_ttl));
         }
+        // An unlink or rename of it still queued here: the leader must have it first.
+        self.settle(ino).await?;
         let a = self.client.meta().getattr(ino).await.map_err(errno::meta)?;
         Ok((self.attr(&a), self.attr_ttl))
     }
@@ -103,6 +105,7 @@ impl Inner {
             Some(Found::Missing) => return Err(Errno::ENOENT),
             Some(Found::Fresh(a)) => return Ok(self.entry(parent, &name, &a)),
             Some(Found::Committed(ino)) => {
+                self.settle(ino).await?;
                 let a = self.client.meta().getattr(ino).await.map_err(errno::meta)?;
                 return Ok(self.entry(parent, &name, &a));
             }
@@ -196,7 +199,10 @@ impl Inner {
         Ok(self.entry(parent, &name, &a))
     }
 
-    pub(crate) async fn unlink(&self, parent: Ino, name: Name) -> Result<(), Errno> {
+    pub(crate) async fn unlink(self: &Arc<Self>, parent: Ino, name: Name) -> Result<(), Errno> {
+        if let Some(done) = self.held_unlink(parent, &name) {
+            return done;
+        }
         self.give_back(parent).await;
         self.client
             .meta()
@@ -235,7 +241,7 @@ impl Inner {
     }
 
     pub(crate) async fn rename(
-        &self,
+        self: &Arc<Self>,
         parent: Ino,
         name: Name,
         newparent: Ino,
@@ -253,6 +259,11 @@ impl Inner {
         };
         if f.noreplace && f.exchange {
             return Err(Errno::EINVAL);
+        }
+        if parent == newparent && !f.exchange {
+            if let Some(done) = self.held_rename(parent, &name, &newname, f.noreplace) {
+                return done;
+            }
         }
         self.give_back(parent).await;
         self.give_back(newparent).await;

@@ -83,6 +83,46 @@ fn another_mount_sees_every_create_of_a_held_directory() -> Result<()> {
     );
     fs::write(a.join("x/f"), b"second open")?;
     ensure!(fs::read(b.join("x/f"))? == b"second open", "rewritten file");
+
+    // Unlinks and renames in a held directory are made there too, in order with the
+    // creates: the other mount sees the result, and an open file renamed over or unlinked
+    // stays readable through its descriptor.
+    fs::create_dir(a.join("u"))?;
+    for i in 0..100 {
+        File::create(a.join(&format!("u/f{i:02}")))?;
+    }
+    let mut kept = File::create(a.join("u/kept"))?;
+    kept.write_all(b"kept data")?;
+    let reader = File::open(a.join("u/kept"))?;
+    for i in 0..50 {
+        fs::rename(a.join(&format!("u/f{i:02}")), a.join(&format!("u/r{i:02}")))?;
+    }
+    for i in 50..100 {
+        fs::remove_file(a.join(&format!("u/f{i:02}")))?;
+    }
+    fs::rename(a.join("u/r00"), a.join("u/kept"))?;
+    ensure!(
+        fs::remove_file(a.join("u/nothing")).map_err(|e| e.kind()) == Err(ErrorKind::NotFound),
+        "unlink of a missing name"
+    );
+    // A link gives the directory back first; the leader refuses the taken name.
+    let taken = fs::hard_link(a.join("u/r01"), a.join("u/r02"));
+    ensure!(taken.is_err(), "link over an existing name");
+    let mut want: BTreeSet<String> = (1..50).map(|i| format!("r{i:02}")).collect();
+    want.insert("kept".into());
+    ensure!(names(&a.join("u"))? == want, "listing on the holder");
+    ensure!(names(&b.join("u"))? == want, "listing from the other mount");
+    ensure!(
+        fs::metadata(b.join("u/kept"))?.len() == 0,
+        "kept is the renamed empty file"
+    );
+    let mut buf = [0u8; 9];
+    reader.read_exact_at(&mut buf, 0)?;
+    ensure!(
+        &buf == b"kept data",
+        "the replaced file, still open, keeps its data"
+    );
+    drop((kept, reader));
     Ok(())
 }
 

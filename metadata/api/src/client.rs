@@ -506,8 +506,8 @@ rpc_methods! {
         fn mkdir_held(parent: Ino, name: Name, node: NewNode, caller: Caller, holder: u64) -> Attr;
         /// Reserves `count` inode numbers; returns the first.
         fn reserve_inodes(count: u32) -> Ino;
-        /// Commits a delegation holder's creates (and with `give_back` ends the delegation).
-        fn commit_creates(dir: Ino, holder: u64, entries: Vec<HeldCreate>, give_back: bool) -> ();
+        /// Commits a delegation holder's changes (and with `give_back` ends the delegation).
+        fn commit_held(dir: Ino, holder: u64, ops: Vec<HeldOp>, give_back: bool) -> ();
         /// Creates a symbolic link.
         fn symlink(parent: Ino, name: Name, target: ByteBuf, caller: Caller) -> Attr;
         /// Adds a hard link.
@@ -686,7 +686,7 @@ mod tests {
             symlink(parent: Ino, name: Name, target: ByteBuf, caller: Caller, req: ReqId) -> Attr;
             mkdir_held(parent: Ino, name: Name, node: NewNode, caller: Caller, holder: u64, req: ReqId) -> Attr;
             reserve_inodes(count: u32, req: ReqId) -> Ino;
-            commit_creates(dir: Ino, holder: u64, entries: Vec<HeldCreate>, give_back: bool, req: ReqId) -> ();
+            commit_held(dir: Ino, holder: u64, ops: Vec<HeldOp>, give_back: bool, req: ReqId) -> ();
             readlink(ino: Ino, read: Consistency) -> ByteBuf;
             link(ino: Ino, newparent: Ino, newname: Name, req: ReqId) -> Attr;
             rmdir(parent: Ino, name: Name, req: ReqId) -> ();

@@ -78,8 +78,8 @@ pub trait MetadataRpc {
         read: Consistency,
     ) -> MetaResult<Vec<DirEntry>>;
     /// `mknod` of a directory whose creates are then delegated to mount session `holder`:
-    /// until the delegation is given back, `holder` alone adds entries to it, with
-    /// `commit_creates`, and answers lookups in it from what it knows (the directory starts
+    /// until the delegation is given back, `holder` alone changes its entries, with
+    /// `commit_held`, and answers lookups in it from what it knows (the directory starts
     /// empty). Any other client's operation on the directory (a lookup or listing of it, a
     /// change in it, a change of it) first recalls the delegation: the leader publishes
     /// [`Inval::Recall`](crate::Inval::Recall), waits for the holder to commit and give it
@@ -95,14 +95,15 @@ pub trait MetadataRpc {
     /// Reserves `count` inode numbers for creates a mount makes on its own (in a delegated
     /// directory); returns the first. Unused numbers are never reused.
     async fn reserve_inodes(count: u32, req: ReqId) -> MetaResult<Ino>;
-    /// Commits the creates `holder` made in delegated directory `dir` (each an exclusive
-    /// create of an empty regular file, opened by `holder` if `open` says so), and with
-    /// `give_back` ends the delegation. Fails with `NotPermitted` if `dir`
-    /// is no longer delegated to `holder` (the leader took it back), with nothing applied.
-    async fn commit_creates(
+    /// Commits, in order, the changes `holder` made in delegated directory `dir` (exclusive
+    /// creates of empty regular files, opened by `holder` if `open` says so; unlinks and
+    /// renames of its files), and with `give_back` ends the delegation. All or nothing:
+    /// fails with `NotPermitted` if `dir` is no longer delegated to `holder` (the leader
+    /// took it back), or with the error of the first change that cannot apply.
+    async fn commit_held(
         dir: Ino,
         holder: u64,
-        entries: Vec<HeldCreate>,
+        ops: Vec<HeldOp>,
         give_back: bool,
         req: ReqId,
     ) -> MetaResult<()>;

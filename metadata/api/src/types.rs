@@ -140,6 +140,28 @@ pub struct HeldCreate {
     pub open: bool,
 }
 
+/// One change a mount made on its own in a directory delegated to it, in the order made.
+/// Every entry of such a directory is a regular file the holder created.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HeldOp {
+    Create(HeldCreate),
+    /// Removes the entry `name` (file `ino`).
+    Unlink {
+        name: Name,
+        ino: Ino,
+        time: Timespec,
+    },
+    /// Renames the entry `from` (file `ino`) to `to`, replacing the file `replaced` that
+    /// `to` named, if any.
+    Rename {
+        from: Name,
+        to: Name,
+        ino: Ino,
+        replaced: Option<Ino>,
+        time: Timespec,
+    },
+}
+
 /// `rename` flags (Linux renameat2).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RenameFlags {

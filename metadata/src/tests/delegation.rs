@@ -1,5 +1,5 @@
-//! Directory delegations in the state machine: held creates, their checks, and the rows in
-//! snapshots.
+//! Directory delegations in the state machine: held creates, unlinks and renames, their
+//! checks, and the rows in snapshots.
 
 use super::*;
 
@@ -16,10 +16,15 @@ fn held(name: &str, ino: Ino, at: i64) -> HeldCreate {
 }
 
 fn commit(h: &mut H, dir: Ino, holder: u64, entries: Vec<HeldCreate>) -> MetaResult<Reply> {
-    h.apply(Command::CommitCreates {
+    let ops = entries.into_iter().map(HeldOp::Create).collect();
+    commit_ops(h, dir, holder, ops)
+}
+
+fn commit_ops(h: &mut H, dir: Ino, holder: u64, ops: Vec<HeldOp>) -> MetaResult<Reply> {
+    h.apply(Command::CommitHeld {
         dir,
         holder,
-        entries,
+        ops,
         give_back: false,
     })
 }
@@ -99,5 +104,99 @@ fn held_creates_are_checked_whole_and_delegations_travel_in_snapshots() {
     assert_eq!(
         commit(&mut h2, d.ino, 9, vec![held("c", first + 2, 53)]),
         Err(MetaError::NotPermitted)
+    );
+}
+
+#[test]
+fn held_unlinks_and_renames_apply_in_order_after_the_creates() {
+    let mut h = H::new();
+    let now = h.now();
+    let node = NewNode {
+        kind: FileKind::Dir,
+        perm: 0o755,
+        rdev: 0,
+        exclusive: true,
+    };
+    let mkdir = Command::MkdirHeld {
+        parent: ROOT_INO,
+        name: n("d"),
+        node,
+        caller: ME,
+        holder: 9,
+        now,
+    };
+    let Ok(Reply::Attr(d)) = h.apply(mkdir) else {
+        panic!("mkdir_held")
+    };
+    let Ok(Reply::Number(first)) = h.apply(Command::ReserveInodes { count: 8 }) else {
+        panic!("reserve")
+    };
+    let t = |sec| Timespec { sec, nsec: 0 };
+    let mut a = held("a", first, 60);
+    a.open = false;
+    let mut b = held("b", first + 1, 60);
+    b.open = false;
+    commit(&mut h, d.ino, 9, vec![a]).unwrap();
+    // Create b, rename a over b's name... in one batch, in order: a -> c, b created,
+    // b -> c replaces the old a (freed: not open), then c unlinked, then a new a.
+    let ops = vec![
+        HeldOp::Rename {
+            from: n("a"),
+            to: n("c"),
+            ino: first,
+            replaced: None,
+            time: t(61),
+        },
+        HeldOp::Create(b),
+        HeldOp::Rename {
+            from: n("b"),
+            to: n("c"),
+            ino: first + 1,
+            replaced: Some(first),
+            time: t(62),
+        },
+        HeldOp::Create(held("a", first + 2, 63)),
+        HeldOp::Unlink {
+            name: n("c"),
+            ino: first + 1,
+            time: t(64),
+        },
+    ];
+    let ok = ops.clone();
+    // Refused as a whole: unlinking a name the batch has already removed.
+    let mut bad = ops;
+    bad.push(HeldOp::Unlink {
+        name: n("c"),
+        ino: first + 1,
+        time: t(65),
+    });
+    assert_eq!(commit_ops(&mut h, d.ino, 9, bad), Err(MetaError::NotFound));
+    assert_eq!(h.names(d.ino), vec!["a".to_string()]);
+    assert_eq!(h.lookup(d.ino, "a").unwrap().ino, first);
+    commit_ops(&mut h, d.ino, 9, ok).unwrap();
+    assert_eq!(h.names(d.ino), vec!["a".to_string()]);
+    assert_eq!(h.lookup(d.ino, "a").unwrap().ino, first + 2);
+    assert_eq!(
+        h.getattr(first),
+        Err(MetaError::NotFound),
+        "replaced, freed"
+    );
+    assert_eq!(
+        h.getattr(first + 1),
+        Err(MetaError::NotFound),
+        "unlinked, freed"
+    );
+    assert_eq!(h.getattr(d.ino).unwrap().mtime, t(64));
+    // A rename over a directory, or of a name that is not there, is refused.
+    let missing = vec![HeldOp::Rename {
+        from: n("zz"),
+        to: n("a"),
+        ino: first + 3,
+        replaced: None,
+        time: t(66),
+    }];
+    assert_eq!(
+        commit_ops(&mut h, d.ino, 9, missing),
+        Err(MetaError::NotFound)
     );
 }
