@@ -15,6 +15,32 @@ fn held(name: &str, ino: Ino, at: i64) -> HeldCreate {
     }
 }
 
+/// Directory "d" held by session 9, and the first of `count` reserved inode numbers.
+fn held_dir(h: &mut H, count: u64) -> (Attr, Ino) {
+    let now = h.now();
+    let node = NewNode {
+        kind: FileKind::Dir,
+        perm: 0o755,
+        rdev: 0,
+        exclusive: true,
+    };
+    let mkdir = Command::MkdirHeld {
+        parent: ROOT_INO,
+        name: n("d"),
+        node,
+        caller: ME,
+        holder: 9,
+        now,
+    };
+    let Ok(Reply::Attr(d)) = h.apply(mkdir) else {
+        panic!("mkdir_held")
+    };
+    let Ok(Reply::Number(first)) = h.apply(Command::ReserveInodes { count }) else {
+        panic!("reserve")
+    };
+    (d, first)
+}
+
 fn commit(h: &mut H, dir: Ino, holder: u64, entries: Vec<HeldCreate>) -> MetaResult<Reply> {
     let ops = entries.into_iter().map(HeldOp::Create).collect();
     commit_ops(h, dir, holder, ops)
@@ -32,27 +58,7 @@ fn commit_ops(h: &mut H, dir: Ino, holder: u64, ops: Vec<HeldOp>) -> MetaResult<
 #[test]
 fn held_creates_are_checked_whole_and_delegations_travel_in_snapshots() {
     let mut h = H::new();
-    let now = h.now();
-    let node = NewNode {
-        kind: FileKind::Dir,
-        perm: 0o2775,
-        rdev: 0,
-        exclusive: true,
-    };
-    let mkdir = Command::MkdirHeld {
-        parent: ROOT_INO,
-        name: n("d"),
-        node,
-        caller: ME,
-        holder: 9,
-        now,
-    };
-    let Ok(Reply::Attr(d)) = h.apply(mkdir) else {
-        panic!("mkdir_held")
-    };
-    let Ok(Reply::Number(first)) = h.apply(Command::ReserveInodes { count: 4 }) else {
-        panic!("reserve")
-    };
+    let (d, first) = held_dir(&mut h, 4);
     // The server's own next inode comes after the reserved range.
     assert!(h.mkdir(ROOT_INO, "other").ino >= first + 4);
     let files_before = h.sm.read(queries::files).unwrap();
@@ -110,27 +116,7 @@ fn held_creates_are_checked_whole_and_delegations_travel_in_snapshots() {
 #[test]
 fn held_unlinks_and_renames_apply_in_order_after_the_creates() {
     let mut h = H::new();
-    let now = h.now();
-    let node = NewNode {
-        kind: FileKind::Dir,
-        perm: 0o755,
-        rdev: 0,
-        exclusive: true,
-    };
-    let mkdir = Command::MkdirHeld {
-        parent: ROOT_INO,
-        name: n("d"),
-        node,
-        caller: ME,
-        holder: 9,
-        now,
-    };
-    let Ok(Reply::Attr(d)) = h.apply(mkdir) else {
-        panic!("mkdir_held")
-    };
-    let Ok(Reply::Number(first)) = h.apply(Command::ReserveInodes { count: 8 }) else {
-        panic!("reserve")
-    };
+    let (d, first) = held_dir(&mut h, 8);
     let t = |sec| Timespec { sec, nsec: 0 };
     let mut a = held("a", first, 60);
     a.open = false;
