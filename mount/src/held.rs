@@ -22,7 +22,7 @@
 //! recall wait loses its delegation; its late commit is refused, the files it had shown are
 //! gone, and the error is logged.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -132,18 +132,25 @@ struct DirState {
     commit_due: bool,
 }
 
-/// Whether `op` changes inode `ino` (creates, unlinks, renames or replaces it).
-fn touches(op: &HeldOp, ino: Ino) -> bool {
-    match op {
-        HeldOp::Create(e) => e.ino == ino,
-        HeldOp::Unlink { ino: i, .. } => *i == ino,
-        HeldOp::Rename {
-            ino: i, replaced, ..
-        } => *i == ino || *replaced == Some(ino),
-    }
+/// The inodes `op` changes (creates, unlinks, renames or replaces).
+fn op_inos(op: &HeldOp) -> impl Iterator<Item = Ino> {
+    let (ino, other) = match op {
+        HeldOp::Create(e) => (e.ino, None),
+        HeldOp::Unlink { ino, .. } => (*ino, None),
+        HeldOp::Rename { ino, replaced, .. } => (*ino, *replaced),
+    };
+    std::iter::once(ino).chain(other)
 }
 
 impl DirState {
+    /// A fresh file lost its name at `now` (unlinked or renamed over).
+    fn unlinked(&mut self, ino: Ino, now: Timespec) {
+        if let Some(a) = self.fresh.get_mut(&ino) {
+            a.nlink = 0;
+            a.ctime = now;
+        }
+    }
+
     /// Queues `op` made at `now` (the directory's times follow); returns whether the queue
     /// is full and whether a commit must be scheduled.
     fn push(&mut self, op: HeldOp, now: Timespec) -> (bool, bool) {
@@ -323,32 +330,16 @@ impl Inner {
         dir: Ino,
         name: &Name,
     ) -> Option<Result<(), Errno>> {
-        let d = self.held_dir(dir)?;
-        let now = Timespec::now();
-        let (commit_now, schedule) = {
-            let mut st = lock(&d.state);
-            if st.gone {
-                return None;
-            }
-            let Some(ino) = st.names.remove(name.as_slice()) else {
-                return Some(Err(Errno::ENOENT));
-            };
+        self.held_change(dir, |st, now| {
+            let ino = st.names.remove(name.as_slice()).ok_or(Errno::ENOENT)?;
             self.held.names.fetch_sub(1, Ordering::Relaxed);
-            if let Some(a) = st.fresh.get_mut(&ino) {
-                a.nlink = 0;
-                a.ctime = now;
-            }
-            let op = HeldOp::Unlink {
+            st.unlinked(ino, now);
+            Ok(Some(HeldOp::Unlink {
                 name: name.clone(),
                 ino,
                 time: now,
-            };
-            let pushed = st.push(op, now);
-            lock(&self.held.queued).insert(ino, dir);
-            pushed
-        };
-        self.commit_later(dir, commit_now, schedule);
-        Some(Ok(()))
+            }))
+        })
     }
 
     /// Renames `dir/from` to `dir/to` here if `dir` is held (replacing the file `to`
@@ -360,6 +351,42 @@ impl Inner {
         to: &Name,
         noreplace: bool,
     ) -> Option<Result<(), Errno>> {
+        self.held_change(dir, |st, now| {
+            let ino = *st.names.get(from.as_slice()).ok_or(Errno::ENOENT)?;
+            let replaced = st.names.get(to.as_slice()).copied();
+            if replaced.is_some() && noreplace {
+                return Err(Errno::EEXIST);
+            }
+            if from == to || replaced == Some(ino) {
+                return Ok(None);
+            }
+            st.names.remove(from.as_slice());
+            st.names.insert(to.to_vec(), ino);
+            if let Some(r) = replaced {
+                self.held.names.fetch_sub(1, Ordering::Relaxed);
+                st.unlinked(r, now);
+            }
+            if let Some(a) = st.fresh.get_mut(&ino) {
+                a.ctime = now;
+            }
+            Ok(Some(HeldOp::Rename {
+                from: from.clone(),
+                to: to.clone(),
+                ino,
+                replaced,
+                time: now,
+            }))
+        })
+    }
+
+    /// Makes a change in `dir` here if `dir` is held (and not being given back): `change`
+    /// updates the listing and returns the operation to queue (`None`: nothing to do), or
+    /// the error for the caller. `None` if `dir` is not held.
+    fn held_change(
+        self: &Arc<Self>,
+        dir: Ino,
+        change: impl FnOnce(&mut DirState, Timespec) -> Result<Option<HeldOp>, Errno>,
+    ) -> Option<Result<(), Errno>> {
         let d = self.held_dir(dir)?;
         let now = Timespec::now();
         let (commit_now, schedule) = {
@@ -367,42 +394,16 @@ impl Inner {
             if st.gone {
                 return None;
             }
-            let Some(&ino) = st.names.get(from.as_slice()) else {
-                return Some(Err(Errno::ENOENT));
+            let op = match change(&mut st, now) {
+                Ok(Some(op)) => op,
+                Ok(None) => return Some(Ok(())),
+                Err(e) => return Some(Err(e)),
             };
-            let replaced = st.names.get(to.as_slice()).copied();
-            if replaced.is_some() && noreplace {
-                return Some(Err(Errno::EEXIST));
-            }
-            if from == to || replaced == Some(ino) {
-                return Some(Ok(()));
-            }
-            st.names.remove(from.as_slice());
-            st.names.insert(to.to_vec(), ino);
-            if let Some(r) = replaced {
-                self.held.names.fetch_sub(1, Ordering::Relaxed);
-                if let Some(a) = st.fresh.get_mut(&r) {
-                    a.nlink = 0;
-                    a.ctime = now;
-                }
-            }
-            if let Some(a) = st.fresh.get_mut(&ino) {
-                a.ctime = now;
-            }
-            let op = HeldOp::Rename {
-                from: from.clone(),
-                to: to.clone(),
-                ino,
-                replaced,
-                time: now,
-            };
-            let pushed = st.push(op, now);
             let mut queued = lock(&self.held.queued);
-            queued.insert(ino, dir);
-            if let Some(r) = replaced {
-                queued.insert(r, dir);
+            for ino in op_inos(&op) {
+                queued.insert(ino, dir);
             }
-            pushed
+            st.push(op, now)
         };
         self.commit_later(dir, commit_now, schedule);
         Some(Ok(()))
@@ -513,18 +514,12 @@ impl Inner {
         {
             let mut st = lock(&d.state);
             let mut queued = lock(&self.held.queued);
-            for op in &ops {
-                let (ino, other) = match op {
-                    HeldOp::Create(e) => (e.ino, None),
-                    HeldOp::Unlink { ino, .. } => (*ino, None),
-                    HeldOp::Rename { ino, replaced, .. } => (*ino, *replaced),
-                };
-                for ino in std::iter::once(ino).chain(other) {
-                    st.fresh.remove(&ino);
-                    // Unless a later change (queued meanwhile) still has it.
-                    if !st.queue.iter().any(|q| touches(q, ino)) {
-                        queued.remove(&ino);
-                    }
+            // Inodes a change queued meanwhile still has (to commit with the next batch).
+            let later: HashSet<Ino> = st.queue.iter().flat_map(op_inos).collect();
+            for ino in ops.iter().flat_map(op_inos) {
+                st.fresh.remove(&ino);
+                if !later.contains(&ino) {
+                    queued.remove(&ino);
                 }
             }
             if failed || give_back {
