@@ -199,6 +199,7 @@ pub async fn run(cfg: HealerConfig, stop: CancellationToken) -> Result<(), Heale
         }
     };
     let mut retries = Retries::default();
+    let mut report_failed = false;
     tracing::info!(
         id = cfg.id,
         cold_after_ms = tiering::quiet_ms(cfg.cold_after),
@@ -214,6 +215,9 @@ pub async fn run(cfg: HealerConfig, stop: CancellationToken) -> Result<(), Heale
                 workers: cfg.workers.max(1),
             };
             shared.progress.set_phase("repairing");
+            // The limits as they are now: one set since the last report (a lease renewal
+            // away) applies to this pass from its start.
+            report_and_apply(&meta, &cfg, &shared, true, &mut report_failed).await;
             let repaired = scan(&io, term, &held, &stop, &mut retries).await;
             shared.progress.end_pass();
             // Tiering only after a complete repair pass: repairs always go first.
@@ -241,6 +245,30 @@ fn lease_term(held: &Mutex<Option<Held>>) -> Option<u64> {
     let h = *held.lock().unwrap_or_else(|p| p.into_inner());
     h.filter(|h| h.until > Instant::now() + Duration::from_millis(200))
         .map(|h| h.term)
+}
+
+/// Reports progress (`active`: this healer holds the lease) and applies the repair rate the
+/// metadata service answers with; the first failure in a row is logged.
+async fn report_and_apply(
+    meta: &MetadataClient,
+    cfg: &HealerConfig,
+    sh: &Shared,
+    active: bool,
+    failed: &mut bool,
+) {
+    let report = sh.progress.report(active, sh.throttle.rate());
+    match meta.healer_report(cfg.id, report).await {
+        Ok(settings) => {
+            *failed = false;
+            sh.throttle
+                .set_rate(settings.repair_rate.unwrap_or(cfg.repair_rate));
+        }
+        Err(e) if !*failed => {
+            *failed = true;
+            tracing::warn!(id = cfg.id, error = %e, "cannot report progress; keeping the repair rate");
+        }
+        Err(_) => {}
+    }
 }
 
 /// Asks for the lease every ttl/3 and records what was granted; then reports progress and
@@ -284,19 +312,7 @@ async fn keep_lease(
         };
         had = now_held.is_some();
         *held.lock().unwrap_or_else(|p| p.into_inner()) = now_held;
-        let report = sh.progress.report(had, sh.throttle.rate());
-        match meta.healer_report(cfg.id, report).await {
-            Ok(settings) => {
-                report_failed = false;
-                sh.throttle
-                    .set_rate(settings.repair_rate.unwrap_or(cfg.repair_rate));
-            }
-            Err(e) if !report_failed => {
-                report_failed = true;
-                tracing::warn!(id = cfg.id, error = %e, "cannot report progress; keeping the repair rate");
-            }
-            Err(_) => {}
-        }
+        report_and_apply(&meta, &cfg, &sh, had, &mut report_failed).await;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(cfg.lease_ttl / 3) => {}
