@@ -78,6 +78,33 @@ async fn local_reads_return_what_the_data_port_returns() {
     s.stop().await;
 }
 
+/// Reads of 512 KiB and more go through a memory map of the chunk file: the same bytes, and
+/// damage is still caught (and then reported by the data port).
+#[tokio::test]
+async fn large_local_reads_are_checked_like_small_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let c = DataClient::new(T);
+    let data = pattern(4 << 20, 5);
+    c.write(&s.data, write(0x31, 1, 0, data.clone()))
+        .await
+        .unwrap();
+    let got = c.read(&s.data, 0x31, 1, 4096, 3 << 20).await.unwrap();
+    assert_eq!(&got[..], &data[4096..4096 + (3 << 20)]);
+    assert_eq!(c.local_reads(), 1);
+
+    let path = dir.path().join("chunks/31/0000000000000031");
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(b"rot", DATA_OFFSET + (2 << 20) + 5).unwrap();
+    drop(f);
+    assert_eq!(
+        c.read(&s.data, 0x31, 1, 0, 4 << 20).await,
+        Err(DataError::Corrupt { offset: 2 << 20 })
+    );
+    assert_eq!(c.local_reads(), 1);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn local_reads_give_way_to_corruption_newer_versions_deletion_and_a_dead_server() {
     let dir = tempfile::tempdir().unwrap();

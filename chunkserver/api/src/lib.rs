@@ -24,6 +24,7 @@ pub mod control;
 pub mod frame;
 pub mod layout;
 pub mod local;
+mod mapped;
 pub mod vector;
 
 pub use client::{DataClient, DataError, WriteReq, MAX_CONNS_PER_ADDR};

@@ -1,7 +1,8 @@
 //! Local reads: a client on the same host as a chunkserver reads chunk files itself, through
 //! read-only descriptors the chunkserver passes over a unix socket (as HDFS's short-circuit
-//! reads do). A read then costs a few `pread`s instead of two socket hops and the server's
-//! copy; it is checked against the block checksums exactly as the server checks it.
+//! reads do). A read then costs a few `pread`s (a memory map for large ones, see
+//! `mapped.rs`) instead of two socket hops and the server's copy; it is checked
+//! against the block checksums exactly as the server checks it.
 //!
 //! ```text
 //!  DataClient ──TCP: LOCAL──▶ chunkserver        (once per server: socket path + token)
@@ -72,6 +73,9 @@ const FRESH_FOR: Duration = Duration::from_secs(1);
 /// Reads up to this long are first tried inline, from the page cache only (see
 /// [`Wait::CacheOnly`]); longer ones, and those that would wait, run on a blocking thread.
 const INLINE_READ: u32 = 128 << 10;
+/// Reads this long or longer are made through a memory map (see [`crate::mapped`]): one copy
+/// fewer, for more than the map costs.
+const MAP_READ: u32 = 512 << 10;
 /// Chunk files kept open per chunkserver.
 const FILES_PER_SERVER: usize = 128;
 
@@ -516,6 +520,14 @@ fn read_verified(
         .map(BlockEntry::decode)
         .collect();
     let entry = |b: usize| entries[b - first];
+    if wait == Wait::Disk && len >= u64::from(MAP_READ) {
+        layout::read_ahead_from(file, geo, offset, len);
+        match crate::mapped::read_blocks_mapped(file, geo, offset, len, entry) {
+            Ok(Some(data)) => return Ok(data),
+            Ok(None) => {}
+            Err(_) => return Err(Miss::Ask),
+        }
+    }
     layout::read_blocks(file, geo, offset, len, wait, entry, |_| {}).map_err(|e| match e {
         BlockReadError::Io(e) => miss(e),
         BlockReadError::Corrupt { .. } => Miss::Ask,
