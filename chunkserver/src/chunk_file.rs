@@ -5,6 +5,7 @@
 //! through descriptors this server hands them (see `local_server`), so the format is part of
 //! the wire contract.
 
+use crate::direct::DirectFile;
 use crate::storage::StoreError;
 use bytes::Bytes;
 use rawfs_chunkserver_api::layout::{
@@ -45,6 +46,8 @@ pub struct ChunkFile {
     /// Data written since writeback was last started: (lowest, highest) file offsets and
     /// the number of bytes.
     unflushed: Option<(u64, u64, u64)>,
+    /// Where long runs of whole blocks are written (see `direct.rs`).
+    direct: DirectFile,
 }
 
 /// Once this much data has been written to a chunk file since the last time, its writeback
@@ -75,6 +78,7 @@ impl ChunkFile {
             geo,
             blocks: vec![Block::Unwritten; geo.blocks],
             unflushed: None,
+            direct: DirectFile::default(),
         };
         cf.write_header()?;
         Ok(cf)
@@ -99,6 +103,7 @@ impl ChunkFile {
             geo,
             blocks,
             unflushed: None,
+            direct: DirectFile::default(),
         })
     }
 
@@ -238,7 +243,10 @@ impl ChunkFile {
             self.file.write_all_at(buf, *at)?;
         }
         if let Some((at, ds, de)) = whole {
-            self.file.write_all_at(&data[ds..de], at)?;
+            let run = &data[ds..de];
+            if !self.direct.write(&self.file, run, at)? {
+                self.file.write_all_at(run, at)?;
+            }
         }
         let mut table = Vec::with_capacity((last - first + 1) * ENTRY_LEN);
         for crc in &crcs {
@@ -481,6 +489,40 @@ mod tests {
         let cf = ChunkFile::open(&path).unwrap();
         assert_eq!((cf.id(), cf.version(), cf.block_size()), (9, 1, geo.block));
         check(&cf);
+    }
+
+    /// Long runs of whole blocks go to the disk direct (see `direct.rs`); what is read
+    /// after them, cached before them, or written around them in the same call is right.
+    #[test]
+    fn long_runs_are_written_direct_and_read_back_with_their_neighbours() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let mut cf = ChunkFile::create(&path, 4, 1).unwrap();
+        let (before, _) = crate::direct::written();
+        // A partial head, 2.5 MiB of whole blocks (more than one staging buffer), a tail.
+        let a = pattern((5 << 19) + 5000, 1);
+        cf.write(3000, &a).unwrap();
+        assert_eq!(&cf.read(3000, a.len() as u64).unwrap()[..], &a[..]);
+        // Overwrite cached data direct: the cache must not keep the old bytes.
+        let b = pattern(1 << 20, 2);
+        cf.write(1 << 20, &b).unwrap();
+        let check = |cf: &ChunkFile| {
+            let got = cf.read(0, 3000 + a.len() as u64).unwrap();
+            assert!(got[..3000].iter().all(|&x| x == 0));
+            assert_eq!(&got[3000..1 << 20], &a[..(1 << 20) - 3000]);
+            assert_eq!(&got[1 << 20..2 << 20], &b[..]);
+            assert_eq!(&got[2 << 20..], &a[(2 << 20) - 3000..]);
+        };
+        check(&cf);
+        cf.sync().unwrap();
+        drop(cf);
+        check(&ChunkFile::open(&path).unwrap());
+        let (after, refused) = crate::direct::written();
+        assert!(
+            refused || after - before >= (3 << 20),
+            "{} bytes went direct",
+            after - before
+        );
     }
 
     #[test]

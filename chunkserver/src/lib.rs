@@ -29,6 +29,7 @@ mod accept;
 mod chunk_file;
 mod control;
 mod data_server;
+mod direct;
 mod fence;
 mod heartbeat;
 mod local_server;

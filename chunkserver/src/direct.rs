@@ -1,0 +1,152 @@
+//! Large writes of whole blocks bypass the page cache (`O_DIRECT`).
+//!
+//! A buffered write copies every byte into a page-cache page that the kernel must first
+//! allocate (and, in a VM, the host must often back afresh), and the data is written to the
+//! disk later anyway, at the client's flush at the latest. With three replicas on a host that
+//! is three copies into fresh pages per byte the client writes. A direct write instead hands
+//! the disk a buffer this thread reuses. Measured on this 2-core VM: three 1 GiB streams with
+//! a final fsync take 2.2-2.7 s buffered and 1.7 s direct.
+//!
+//! Only runs of at least [`DIRECT_MIN`] bytes go direct: a small random write would wait for
+//! the disk where a buffered one returns at once and is merged with its neighbours before
+//! the flush. Durability is unchanged: the data is on the device when the write returns, and
+//! the flush's `fdatasync` still commits the block allocation and flushes the device cache.
+//! Reads stay buffered; the kernel drops cached pages a direct write overwrites.
+//!
+//! A filesystem without `O_DIRECT` (tmpfs) or with stricter alignment refuses with EINVAL:
+//! then this process writes through the page cache from there on.
+
+use std::alloc::{alloc, dealloc, Layout};
+use std::cell::RefCell;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Runs of whole blocks this long or longer are written direct.
+pub(crate) const DIRECT_MIN: usize = 256 << 10;
+/// Alignment of the buffer, the file offset and the length of a direct write.
+const ALIGN: usize = 4096;
+/// The staging buffer each thread keeps: a longer run is written in pieces of this size.
+const STAGE: usize = 1 << 20;
+
+/// Set when the filesystem refuses direct I/O: everything is buffered from then on.
+static REFUSED: AtomicBool = AtomicBool::new(false);
+/// Bytes written direct by this process (for tests).
+static WRITTEN: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes written direct by this process so far, and whether direct I/O was refused.
+#[cfg(test)]
+pub(crate) fn written() -> (u64, bool) {
+    (
+        WRITTEN.load(Ordering::Relaxed),
+        REFUSED.load(Ordering::Relaxed),
+    )
+}
+
+/// A page-aligned buffer of [`STAGE`] bytes, allocated once per thread and kept (its pages
+/// stay backed, which is the point).
+struct Stage(*mut u8);
+
+impl Stage {
+    fn layout() -> Layout {
+        Layout::from_size_align(STAGE, ALIGN).expect("valid layout")
+    }
+
+    fn new() -> Option<Stage> {
+        // SAFETY: the layout has a nonzero size.
+        let p = unsafe { alloc(Self::layout()) };
+        (!p.is_null()).then_some(Stage(p))
+    }
+
+    fn fill(&mut self, bytes: &[u8]) -> &[u8] {
+        assert!(bytes.len() <= STAGE);
+        // SAFETY: `self.0` is valid for STAGE bytes, owned by this thread, and `bytes` is
+        // another allocation.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.0, bytes.len());
+            std::slice::from_raw_parts(self.0, bytes.len())
+        }
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `Stage::new` with this layout.
+        unsafe { dealloc(self.0, Self::layout()) };
+    }
+}
+
+thread_local! {
+    static STAGED: RefCell<Option<Stage>> = const { RefCell::new(None) };
+}
+
+/// A chunk file's second descriptor, opened with `O_DIRECT` when first needed.
+#[derive(Default)]
+pub(crate) struct DirectFile(Option<File>);
+
+impl DirectFile {
+    /// Writes `bytes` at `at` of `file` (both multiples of 4 KiB) without the page cache.
+    /// `Ok(false)` when direct I/O is not possible here (nothing was written: the caller
+    /// writes through the page cache); `Err` on any other failure.
+    pub(crate) fn write(&mut self, file: &File, bytes: &[u8], at: u64) -> io::Result<bool> {
+        if REFUSED.load(Ordering::Relaxed)
+            || bytes.len() < DIRECT_MIN
+            || bytes.len() % ALIGN != 0
+            || at % ALIGN as u64 != 0
+        {
+            return Ok(false);
+        }
+        if self.0.is_none() {
+            match reopen_direct(file) {
+                Ok(f) => self.0 = Some(f),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(refuse(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(direct) = &self.0 else {
+            return Ok(false);
+        };
+        STAGED.with(|cell| {
+            let mut staged = cell.borrow_mut();
+            if staged.is_none() {
+                *staged = Stage::new();
+            }
+            let Some(stage) = staged.as_mut() else {
+                return Ok(false);
+            };
+            let mut done = 0;
+            for piece in bytes.chunks(STAGE) {
+                match direct.write_all_at(stage.fill(piece), at + done as u64) {
+                    Ok(()) => {
+                        done += piece.len();
+                        WRITTEN.fetch_add(piece.len() as u64, Ordering::Relaxed);
+                    }
+                    // Refused before anything was written: the caller writes it all buffered.
+                    Err(e) if done == 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                        return Ok(refuse(e));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(true)
+        })
+    }
+}
+
+fn refuse(e: io::Error) -> bool {
+    if !REFUSED.swap(true, Ordering::Relaxed) {
+        tracing::info!(error = %e, "the filesystem refuses direct I/O; chunk writes go through the page cache");
+    }
+    false
+}
+
+/// The same file opened again for writing with `O_DIRECT` (through `/proc/self/fd`, so no
+/// path is kept).
+fn reopen_direct(file: &File) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
