@@ -17,6 +17,9 @@
 //! on the same host read chunk files through descriptors handed out on `DATA_DIR/local.sock`
 //! (module `local_server`), checking the same checksums. Writes are fenced by the chunk version and by the highest metadata term seen;
 //! every read is verified and a checksum failure is answered with CORRUPT, never with data.
+//! Long runs of whole blocks (256 KiB or more, as streaming writers send) are written with
+//! `O_DIRECT` from a reused aligned buffer rather than through fresh page-cache pages (module
+//! `direct`); short writes stay buffered until the client's flush.
 //!
 //! Data nobody reads is checked too: the background scrub ([`Scrubber`], module `scrub`)
 //! walks every chunk file (replicas and RS shards alike), block by block, through the same
