@@ -13,8 +13,9 @@
 //! the flush's `fdatasync` still commits the block allocation and flushes the device cache.
 //! Reads stay buffered; the kernel drops cached pages a direct write overwrites.
 //!
-//! A filesystem without `O_DIRECT` (tmpfs) or with stricter alignment refuses with EINVAL:
-//! then this process writes through the page cache from there on.
+//! A filesystem without `O_DIRECT` or with stricter alignment refuses it (EINVAL), and a host
+//! without `/proc` cannot open the second descriptor: either way this process then writes
+//! through the page cache from there on.
 
 use std::alloc::{alloc, dealloc, Layout};
 use std::cell::RefCell;
@@ -101,8 +102,12 @@ impl DirectFile {
         if self.0.is_none() {
             match reopen_direct(file) {
                 Ok(f) => self.0 = Some(f),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(refuse(e)),
-                Err(e) => return Err(e),
+                // No O_DIRECT here, or no /proc: not a failure of the write.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {
+                    return Ok(refuse(e))
+                }
+                // Out of descriptors, say: buffered this time.
+                Err(_) => return Ok(false),
             }
         }
         let Some(direct) = &self.0 else {
@@ -137,7 +142,7 @@ impl DirectFile {
 
 fn refuse(e: io::Error) -> bool {
     if !REFUSED.swap(true, Ordering::Relaxed) {
-        tracing::info!(error = %e, "the filesystem refuses direct I/O; chunk writes go through the page cache");
+        tracing::info!(error = %e, "no direct I/O here; chunk writes go through the page cache");
     }
     false
 }
