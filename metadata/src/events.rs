@@ -277,6 +277,14 @@ pub(crate) fn stale(cmd: &Command, replaced: &Replaced) -> Vec<(Inval, bool)> {
         _ => {}
     }
     let invals = invals(cmd, replaced);
+    if let Command::CommitHeld { .. } = cmd {
+        // The holder made every one of these changes through its own kernel (creates,
+        // unlinks and renames in the held directory), which dropped what they made stale;
+        // sending them back cost it one invalidation per file and one of the directory per
+        // batch, queued behind its next operations (measured: a second run of 10,000
+        // creates in a new held directory fell from 31,000/s to 3,000-15,000/s).
+        return invals.into_iter().map(|i| (i, true)).collect();
+    }
     let changed_dirs: Vec<Ino> = invals
         .iter()
         .filter_map(|i| match i {
@@ -451,6 +459,56 @@ mod tests {
         assert!(quiet.events.is_empty() && !quiet.lost);
         assert_eq!(quiet.next, end);
         assert!(t.elapsed() >= Duration::from_millis(50));
+    }
+
+    /// A held directory's changes are all the holder's own: its kernel is told nothing back,
+    /// other mounts everything.
+    #[tokio::test]
+    async fn a_holder_is_not_sent_back_the_changes_of_its_held_directory() {
+        let log = EventLog::new();
+        let me = log.watch(3, 7, 0, 0, Duration::ZERO).await;
+        let other = log.watch(3, 8, 0, 0, Duration::ZERO).await;
+        let name = |n: &str| ByteBuf::from(n.as_bytes().to_vec());
+        let commit = Command::CommitHeld {
+            dir: 5,
+            holder: 7,
+            ops: vec![
+                HeldOp::Unlink {
+                    name: name("a"),
+                    ino: 9,
+                    time: Timespec::default(),
+                },
+                HeldOp::Rename {
+                    from: name("b"),
+                    to: name("c"),
+                    ino: 10,
+                    replaced: Some(11),
+                    time: Timespec::default(),
+                },
+            ],
+            give_back: false,
+        };
+        let stale = stale(&commit, &Replaced::default());
+        assert_eq!(stale.len(), 4);
+        assert!(stale.iter().all(|(_, known)| *known));
+        log.publish(3, 7, stale);
+        let mine = log
+            .watch(3, 7, me.epoch, me.next, Duration::from_millis(10))
+            .await;
+        assert!(mine.events.is_empty() && !mine.lost);
+        let theirs = log
+            .watch(3, 8, other.epoch, other.next, Duration::ZERO)
+            .await;
+        let invals: Vec<Inval> = theirs.events.into_iter().map(|e| e.inval).collect();
+        assert_eq!(
+            invals,
+            [
+                Inval::Inode(5),
+                Inval::Inode(9),
+                Inval::Inode(10),
+                Inval::Inode(11)
+            ]
+        );
     }
 
     fn stale_unlink_without_replaced() -> Vec<(Inval, bool)> {
