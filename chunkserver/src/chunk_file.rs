@@ -242,10 +242,12 @@ impl ChunkFile {
         for (at, buf) in &owned {
             self.file.write_all_at(buf, *at)?;
         }
+        let mut all_direct = owned.is_empty();
         if let Some((at, ds, de)) = whole {
             let run = &data[ds..de];
             if !self.direct.write(&self.file, run, at)? {
                 self.file.write_all_at(run, at)?;
+                all_direct = false;
             }
         }
         let mut table = Vec::with_capacity((last - first + 1) * ENTRY_LEN);
@@ -257,7 +259,10 @@ impl ChunkFile {
         for (i, crc) in crcs.into_iter().enumerate() {
             self.blocks[first + i] = Block::Written(crc);
         }
-        self.start_writeback_if_due(data_offset + first as u64 * bs, data_offset + end);
+        // Data written direct left nothing dirty to start writing back.
+        if !all_direct {
+            self.start_writeback_if_due(data_offset + first as u64 * bs, data_offset + end);
+        }
         Ok(())
     }
 

@@ -214,7 +214,7 @@ pub enum Wait {
 /// zeros for an unwritten block), so a caller can combine them into the data's crc.
 ///
 /// Runs of written blocks are read with one `pread` each, straight into the buffer; a read of
-/// `STREAM_READ` (512 KiB) or more asks the kernel to read ahead past it.
+/// `STREAM_READ` (512 KiB) or more first asks the kernel for it and what follows it.
 pub fn read_blocks(
     file: &File,
     geo: Geometry,
@@ -224,6 +224,7 @@ pub fn read_blocks(
     entry: impl Fn(usize) -> BlockEntry,
     mut verified: impl FnMut(u32),
 ) -> Result<bytes::Bytes, BlockReadError> {
+    read_ahead(file, geo, offset, len);
     let end = offset + len;
     let bs = geo.block;
     let first = (offset / bs) as usize;
@@ -261,22 +262,13 @@ pub fn read_blocks(
             }
         }
     }
-    read_ahead_after(file, geo, offset, len);
     let from = (offset - base) as usize;
     Ok(buf.freeze().slice(from..from + len as usize))
 }
 
-/// After a read of `offset..offset + len`: if it looks like part of a stream, asks the kernel
-/// to read ahead past it.
-fn read_ahead_after(file: &File, geo: Geometry, offset: u64, len: u64) {
-    if len >= STREAM_READ {
-        will_need(file, geo, offset + len, READ_AHEAD_HINT);
-    }
-}
-
 /// Before a read of `offset..offset + len`: if it looks like part of a stream, asks the
 /// kernel to read it and what follows it, so that the disk works on all of it at once.
-pub fn read_ahead_from(file: &File, geo: Geometry, offset: u64, len: u64) {
+pub(crate) fn read_ahead(file: &File, geo: Geometry, offset: u64, len: u64) {
     if len >= STREAM_READ {
         will_need(file, geo, offset, len + READ_AHEAD_HINT);
     }

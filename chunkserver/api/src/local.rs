@@ -521,7 +521,6 @@ fn read_verified(
         .collect();
     let entry = |b: usize| entries[b - first];
     if wait == Wait::Disk && len >= u64::from(MAP_READ) {
-        layout::read_ahead_from(file, geo, offset, len);
         match crate::mapped::read_blocks_mapped(file, geo, offset, len, entry) {
             Ok(Some(data)) => return Ok(data),
             Ok(None) => {}

@@ -116,6 +116,7 @@ pub fn read_blocks_mapped(
             BlockEntry::Bad => return Err(BlockReadError::Corrupt { block: b }),
         }
     }
+    crate::layout::read_ahead(file, geo, offset, len);
     let Some(map) = map(file, start, map_len as usize) else {
         return Ok(None);
     };
