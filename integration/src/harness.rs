@@ -283,6 +283,13 @@ fn next_base_port() -> u16 {
 }
 
 impl Cluster {
+    /// A port in this cluster's range that `rawfs up`'s layout leaves unused (it takes
+    /// `P..=P+6` and `P+10` on), for a test's own extra daemon. Not one from the kernel's
+    /// ephemeral range, which an outgoing connection could take before the daemon binds it.
+    pub fn spare_port(&self) -> u16 {
+        self.base_port + 7
+    }
+
     /// Starts a cluster with 6 chunkservers and waits until it is ready.
     pub fn start() -> Result<Cluster> {
         Self::start_with(Options::default())

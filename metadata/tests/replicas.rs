@@ -1,6 +1,9 @@
 //! Request ids across lost replies, local reads, replica status, digests and membership
 //! changes: `serve` on loopback ports, driven through `MetadataClient` over real TCP.
 
+mod common;
+use common::free_ports;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -157,14 +160,6 @@ async fn a_rename_retried_after_a_lost_reply_is_applied_once() {
     assert_eq!(a.stored, 4096);
     assert_eq!(c.getattr(f.ino).await.unwrap().stored, 4096, "applied once");
     node.stop().await;
-}
-
-/// Free loopback ports for replicas that must know each other's addresses up front.
-fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

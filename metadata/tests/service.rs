@@ -1,5 +1,8 @@
 //! End to end: `serve` on loopback ports, driven through `MetadataClient` over real TCP.
 
+mod common;
+use common::free_ports;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -608,14 +611,6 @@ async fn creates_per_second() {
     );
     stop.send(()).unwrap();
     h.join().await.unwrap();
-}
-
-/// Free loopback ports for replicas that must know each other's addresses up front.
-fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -607,10 +607,7 @@ struct SecondServer {
 
 impl SecondServer {
     fn start(c: &Cluster) -> Result<SecondServer> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("127.0.0.1:{}", c.spare_port());
         let child = Command::new(rawfs_integration::harness::rawfs_bin())
             .args(["nbd", "--listen", &addr, "--dir"])
             .arg(&c.dir)
