@@ -26,7 +26,7 @@ use rawfs_metadata_api::{
 use redb::ReadableTable;
 
 use crate::namespace::{self as ns, check_name, invalid};
-use crate::store::{inode, Op, Tables, INODE_COUNT, NEXT_INO};
+use crate::store::{inode, InodeRec, Op, Tables, INODE_COUNT, NEXT_INO};
 
 /// Most inode numbers one `reserve_inodes` may take.
 pub(crate) const RESERVE_MAX: u64 = 1 << 16;
@@ -75,22 +75,40 @@ pub(crate) fn commit(
     if self::holder(&t.delegations, dir)? != Some(holder) {
         return Err(MetaError::NotPermitted.into());
     }
-    ns::live_dir(t, dir)?;
+    // The directory's record, read once and written back once for each run of creates and
+    // unlinks (a rename reads and writes it itself).
+    let mut prec = Some(ns::live_dir(t, dir)?);
     // Check everything before writing anything: a refused command changes nothing.
     check(t, dir, ops)?;
     let mut created = 0;
     for op in ops {
         match op {
             HeldOp::Create(e) => {
-                create(t, dir, holder, e)?;
+                let prec = match &mut prec {
+                    Some(p) => p,
+                    None => prec.insert(ns::live_dir(t, dir)?),
+                };
+                create(t, (dir, prec), holder, e)?;
                 created += 1;
             }
-            HeldOp::Unlink { name, time, .. } => ns::unlink(t, dir, name, *time)?,
+            HeldOp::Unlink { name, time, .. } => {
+                let prec = match &mut prec {
+                    Some(p) => p,
+                    None => prec.insert(ns::live_dir(t, dir)?),
+                };
+                ns::unlink_in(t, (dir, prec), name, *time)?
+            }
             HeldOp::Rename { from, to, time, .. } => {
+                if let Some(p) = prec.take() {
+                    t.put_inode(dir, &p)?;
+                }
                 let flags = RenameFlags::default();
                 crate::rename::rename(t, dir, from, dir, to, flags, *time)?
             }
         }
+    }
+    if let Some(p) = prec {
+        t.put_inode(dir, &p)?;
     }
     let n = t.counter(INODE_COUNT)?;
     t.set_counter(INODE_COUNT, n + created)?;
@@ -160,8 +178,12 @@ fn check(t: &Tables, dir: Ino, ops: &[HeldOp]) -> Op<()> {
 }
 
 /// Adds one held create to `dir`.
-fn create(t: &mut Tables, dir: Ino, holder: u64, e: &HeldCreate) -> Op<()> {
-    let mut prec = ns::live_dir(t, dir)?;
+fn create(
+    t: &mut Tables,
+    (dir, prec): (Ino, &mut InodeRec),
+    holder: u64,
+    e: &HeldCreate,
+) -> Op<()> {
     let caller = Caller {
         uid: e.uid,
         gid: e.gid,
@@ -169,9 +191,8 @@ fn create(t: &mut Tables, dir: Ino, holder: u64, e: &HeldCreate) -> Op<()> {
     let mut rec = ns::new_rec(FileKind::File, e.perm, caller, e.gid, e.time);
     rec.class = prec.class;
     t.put_inode(e.ino, &rec)?;
-    ns::add_entry(t, dir, &mut prec, &e.name, e.ino)?;
-    ns::touch_dir(&mut prec, e.time);
-    t.put_inode(dir, &prec)?;
+    ns::add_entry(t, dir, prec, &e.name, e.ino)?;
+    ns::touch_dir(prec, e.time);
     if e.open {
         ns::open(t, e.ino, holder)?;
     }

@@ -285,21 +285,26 @@ pub(crate) fn after_unlink(t: &mut Tables, ino: Ino, rec: &InodeRec) -> Op<()> {
         t.put_inode(ino, rec)?;
         t.orphans.insert(ino, ())?;
     } else {
-        free_inode(t, ino)?;
+        free_inode(t, ino, rec.kind)?;
     }
     Ok(())
 }
 
-/// Deletes an inode with no links and no opens: its record, xattrs, target and chunks.
-pub(crate) fn free_inode(t: &mut Tables, ino: Ino) -> Op<()> {
+/// Deletes an inode of `kind` with no links and no opens: its record, xattrs, target and
+/// chunks. (Only symlinks have targets and only directories delegations: a file's unlink
+/// skips those two lookups.)
+pub(crate) fn free_inode(t: &mut Tables, ino: Ino, kind: FileKind) -> Op<()> {
     chunks::release_range(t, ino, 0, u64::MAX)?;
     let empty: &[u8] = &[];
     t.xattrs
         .retain_in((ino, empty)..(ino + 1, empty), |_, _| false)?;
-    t.symlinks.remove(ino)?;
+    match kind {
+        FileKind::Symlink => drop(t.symlinks.remove(ino)?),
+        // A removed directory's delegation (if its holder removed it) goes with it.
+        FileKind::Dir => drop(t.delegations.remove(ino)?),
+        _ => {}
+    }
     t.orphans.remove(ino)?;
-    // A removed directory's delegation (if its holder removed it) goes with it.
-    t.delegations.remove(ino)?;
     if t.inodes.remove(ino)?.is_some() {
         let n = t.counter(INODE_COUNT)?;
         t.set_counter(INODE_COUNT, n.saturating_sub(1))?;
@@ -315,14 +320,26 @@ pub(crate) fn unlink(t: &mut Tables, parent: Ino, name: &[u8], now: Timespec) ->
     if !prec.is_dir() {
         return Err(MetaError::NotDir.into());
     }
+    unlink_in(t, (parent, &mut prec), name, now)?;
+    t.put_inode(parent, &prec)?;
+    Ok(())
+}
+
+/// `unlink` of `name` in `parent` whose record `prec` the caller has read and will write
+/// back (so a batch of changes to one directory reads and writes its record once).
+pub(crate) fn unlink_in(
+    t: &mut Tables,
+    (parent, prec): (Ino, &mut InodeRec),
+    name: &[u8],
+    now: Timespec,
+) -> Op<()> {
     let (child, seq) = entry(t, parent, name)?.ok_or(Fail::Meta(MetaError::NotFound))?;
     let mut rec = inode(&t.inodes, child)?;
     if rec.is_dir() {
         return Err(MetaError::IsDir.into());
     }
     remove_entry(t, parent, name, seq)?;
-    touch_dir(&mut prec, now);
-    t.put_inode(parent, &prec)?;
+    touch_dir(prec, now);
     rec.nlink = rec.nlink.saturating_sub(1);
     rec.ctime = now;
     after_unlink(t, child, &rec)
@@ -458,7 +475,7 @@ fn collect_orphan(t: &mut Tables, ino: Ino) -> Op<()> {
     }
     if let Some(rec) = crate::store::get_inode(&t.inodes, ino)? {
         if rec.nlink == 0 {
-            free_inode(t, ino)?;
+            free_inode(t, ino, rec.kind)?;
         }
     }
     Ok(())

@@ -186,3 +186,45 @@ fn held_unlinks_and_renames_apply_in_order_after_the_creates() {
         Err(MetaError::NotFound)
     );
 }
+
+#[test]
+fn a_batch_mixing_creates_renames_and_unlinks_keeps_every_name_listed_once() {
+    let mut h = H::new();
+    let (d, first) = held_dir(&mut h, 8);
+    let t = |sec| Timespec { sec, nsec: 0 };
+    let closed = |name, ino, at| HeldCreate {
+        open: false,
+        ..held(name, ino, at)
+    };
+    // The directory's record is kept in memory across runs of creates and unlinks and
+    // written back before each rename: a stale copy would hand out a listing position twice.
+    let ops = vec![
+        HeldOp::Create(closed("p", first, 70)),
+        HeldOp::Create(closed("q", first + 1, 71)),
+        HeldOp::Rename {
+            from: n("p"),
+            to: n("r"),
+            ino: first,
+            replaced: None,
+            time: t(72),
+        },
+        HeldOp::Create(closed("s", first + 2, 73)),
+        HeldOp::Unlink {
+            name: n("q"),
+            ino: first + 1,
+            time: t(74),
+        },
+    ];
+    commit_ops(&mut h, d.ino, 9, ops).unwrap();
+    let more = vec![
+        HeldOp::Create(closed("t", first + 3, 75)),
+        HeldOp::Create(closed("u", first + 4, 76)),
+    ];
+    commit_ops(&mut h, d.ino, 9, more).unwrap();
+    let mut names = h.names(d.ino);
+    names.sort();
+    assert_eq!(names, ["r", "s", "t", "u"]);
+    assert_eq!(h.getattr(d.ino).unwrap().mtime, t(76));
+    assert_eq!(h.getattr(first + 1), Err(MetaError::NotFound), "unlinked");
+    assert_eq!(h.lookup(d.ino, "r").unwrap().ino, first);
+}
