@@ -16,6 +16,8 @@
 //! directory's whole content. Every other client's operation that could see or change that
 //! content waits for the row to go (`recall.rs`), and the holder stops answering on its own
 //! before it gives the row back. The row is replicated state, so a new leader honours it.
+//! The holder may also make subdirectories in it through the leader (`mkdir_held`, after
+//! committing its queue), so its entries are files it created and directories it made.
 //! A delegation is granted only at `mkdir_held` and never again for the same directory.
 
 use std::collections::{HashMap, HashSet};
@@ -42,6 +44,10 @@ pub(crate) fn mkdir_held(
 ) -> Op<Attr> {
     if node.kind != FileKind::Dir || !node.exclusive {
         return Err(invalid("mkdir_held makes new directories only"));
+    }
+    // In a held directory only its holder adds entries (others have recalled it first).
+    if self::holder(&t.delegations, parent)?.is_some_and(|h| h != holder) {
+        return Err(MetaError::NotPermitted.into());
     }
     let attr = ns::mknod(t, parent, name, node, caller, now)?;
     t.delegations.insert(attr.ino, holder)?;

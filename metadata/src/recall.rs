@@ -53,6 +53,13 @@ impl Server {
             let at =
                 |parent: Ino, name: &[u8]| queries::lookup(rt, parent, name).ok().map(|a| a.ino);
             let mut inos = match cmd {
+                // The holder itself may make a subdirectory in a directory it holds (it
+                // committed its queue first); anyone else recalls it.
+                Command::MkdirHeld { parent, holder, .. }
+                    if delegation::holder(&rt.delegations, *parent)? == Some(*holder) =>
+                {
+                    Vec::new()
+                }
                 Command::Mknod { parent, .. }
                 | Command::Create { parent, .. }
                 | Command::Symlink { parent, .. }

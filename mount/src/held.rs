@@ -28,7 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuser::Errno;
-use rawfs_metadata_api::{Attr, Caller, FileKind, HeldCreate, HeldOp, Ino, Name, Timespec};
+use rawfs_metadata_api::{
+    Attr, Caller, FileKind, HeldCreate, HeldOp, Ino, Name, SetAttr, Timespec,
+};
 use tracing::warn;
 
 use crate::errno;
@@ -51,8 +53,11 @@ const RESERVE_LOW: u64 = 4096;
 const HELD_NAMES_MAX: usize = 1_000_000;
 /// Most directories held at once; the one held longest is given back for a new one.
 const HELD_DIRS_MAX: usize = 4096;
-/// Setgid bit of a directory (new entries take its group).
+/// Setgid: on a directory new entries take its group; on a file with group-execute, the
+/// file runs as its group (dropped with setuid when the owner changes).
 const S_ISGID: u32 = 0o2000;
+const S_ISUID: u32 = 0o4000;
+const S_IXGRP: u32 = 0o010;
 
 /// What a held directory says about a name.
 pub(crate) enum Found {
@@ -124,6 +129,10 @@ struct DirState {
     names: HashMap<Vec<u8>, Ino>,
     /// Children not committed yet, with the attributes the kernel was given.
     fresh: HashMap<Ino, Attr>,
+    /// Directories made in it through the leader while it was held (every other entry is a
+    /// file made here): the leader refuses a held unlink or rename of a directory, so
+    /// those go through the leader too.
+    subdirs: HashSet<Ino>,
     /// Changes not sent yet, in order.
     queue: Vec<HeldOp>,
     /// Being given back (or lost): nothing more is answered here.
@@ -166,6 +175,10 @@ impl DirState {
 impl Inner {
     /// Makes directory `parent/name` as a held one: the leader records the delegation with
     /// the directory. Reserves inode numbers first if none are left.
+    ///
+    /// A `parent` held here stays held (its queue goes first, so the leader has every name
+    /// the new one could clash with): a tree unpacked by `tar` or `cp -r` keeps answering
+    /// the creates of each directory here, though it makes subdirectories in between.
     pub(crate) async fn mkdir_held(
         self: &Arc<Self>,
         parent: Ino,
@@ -173,19 +186,39 @@ impl Inner {
         node: rawfs_metadata_api::NewNode,
         caller: Caller,
     ) -> Result<Attr, Errno> {
-        self.give_back(parent).await;
+        let held_parent = self.held_dir(parent).filter(|d| !lock(&d.state).gone);
+        match &held_parent {
+            Some(d) => {
+                if lock(&d.state).names.contains_key(name.as_slice()) {
+                    return Err(Errno::EEXIST);
+                }
+                self.commit_held(parent, false).await?;
+            }
+            None => self.give_back(parent).await,
+        }
         self.reserve().await;
         let a = self
             .client
             .meta()
-            .mkdir_held(parent, name, node, caller, self.session)
+            .mkdir_held(parent, name.clone(), node, caller, self.session)
             .await
             .map_err(errno::meta)?;
+        if let Some(d) = held_parent {
+            let mut st = lock(&d.state);
+            if !st.gone {
+                st.names.insert(name.into_vec(), a.ino);
+                self.held.names.fetch_add(1, Ordering::Relaxed);
+                st.subdirs.insert(a.ino);
+                st.attr.nlink += 1;
+                (st.attr.mtime, st.attr.ctime) = (a.ctime, a.ctime);
+            }
+        }
         let dir = HeldDir {
             state: Mutex::new(DirState {
                 attr: a.clone(),
                 names: HashMap::new(),
                 fresh: HashMap::new(),
+                subdirs: HashSet::new(),
                 queue: Vec::new(),
                 gone: false,
                 commit_due: false,
@@ -242,6 +275,57 @@ impl Inner {
         let d = self.held_dir(dir)?;
         let st = lock(&d.state);
         st.fresh.get(&ino).cloned()
+    }
+
+    /// A change of mode and owner (`chmod`, `chown`: no size, no times) of a fresh file whose
+    /// create is still queued, made in that create: the file reaches the leader with them,
+    /// in the same log entry, so that `tar` and `cp -a` setting owner and mode right after a
+    /// create wait for no round trip. `None` when the create has been sent already (or `ino`
+    /// is no fresh file): ask the leader. The kernel has checked the caller's rights
+    /// (`default_permissions`).
+    ///
+    /// The times stay the create's: the create is at most a commit delay old, so a ctime
+    /// that does not move is what a file system with coarse timestamps shows too, while
+    /// restamping the create would move mtime, which a chmod must not.
+    pub(crate) fn held_chmod_chown(&self, ino: Ino, set: &SetAttr) -> Option<Attr> {
+        let only_owner_mode = SetAttr {
+            perm: None,
+            uid: None,
+            gid: None,
+            ..set.clone()
+        } == SetAttr::default();
+        if !only_owner_mode {
+            return None;
+        }
+        let dir = *lock(&self.held.queued).get(&ino)?;
+        let d = self.held_dir(dir)?;
+        let mut st = lock(&d.state);
+        if st.gone {
+            return None;
+        }
+        let DirState { queue, fresh, .. } = &mut *st;
+        let e = queue.iter_mut().rev().find_map(|op| match op {
+            HeldOp::Create(e) if e.ino == ino => Some(e),
+            _ => None,
+        })?;
+        let a = fresh.get_mut(&ino)?;
+        let chown = set.uid.is_some_and(|u| u != e.uid) || set.gid.is_some_and(|g| g != e.gid);
+        e.uid = set.uid.unwrap_or(e.uid);
+        e.gid = set.gid.unwrap_or(e.gid);
+        match set.perm {
+            Some(perm) => e.perm = perm & 0o7777,
+            // Like the leader's setattr (and Linux): a new owner drops setuid, and setgid
+            // where it means "execute as group".
+            None if chown => {
+                e.perm &= !S_ISUID;
+                if e.perm & S_IXGRP != 0 {
+                    e.perm &= !S_ISGID;
+                }
+            }
+            None => {}
+        }
+        (a.perm, a.uid, a.gid) = (e.perm, e.uid, e.gid);
+        Some(a.clone())
     }
 
     /// Creates the empty file `dir/name` here if `dir` is held.
@@ -331,7 +415,11 @@ impl Inner {
         name: &Name,
     ) -> Option<Result<(), Errno>> {
         self.held_change(dir, |st, now| {
-            let ino = st.names.remove(name.as_slice()).ok_or(Errno::ENOENT)?;
+            let ino = *st.names.get(name.as_slice()).ok_or(Errno::ENOENT)?;
+            if st.subdirs.contains(&ino) {
+                return Err(Errno::EISDIR);
+            }
+            st.names.remove(name.as_slice());
             self.held.names.fetch_sub(1, Ordering::Relaxed);
             st.unlinked(ino, now);
             Ok(Some(HeldOp::Unlink {
@@ -351,6 +439,19 @@ impl Inner {
         to: &Name,
         noreplace: bool,
     ) -> Option<Result<(), Errno>> {
+        let d = self.held_dir(dir)?;
+        {
+            let st = lock(&d.state);
+            let subdir = |n: &Name| {
+                st.names
+                    .get(n.as_slice())
+                    .is_some_and(|i| st.subdirs.contains(i))
+            };
+            if subdir(from) || subdir(to) {
+                // The leader's rules (and its checks of the subtree) decide.
+                return None;
+            }
+        }
         self.held_change(dir, |st, now| {
             let ino = *st.names.get(from.as_slice()).ok_or(Errno::ENOENT)?;
             let replaced = st.names.get(to.as_slice()).copied();

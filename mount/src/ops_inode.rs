@@ -128,6 +128,9 @@ impl Inner {
             // Only fields rawfs does not keep (ctime alone, BSD flags): report as is.
             return self.getattr(ino).await;
         }
+        if let Some(a) = self.held_chmod_chown(ino, &set) {
+            return Ok((self.attr(&a), self.attr_ttl));
+        }
         self.settle(ino).await?;
         self.give_back(ino).await;
         let Some(size) = set.size else {

@@ -127,6 +127,73 @@ fn another_mount_sees_every_create_of_a_held_directory() -> Result<()> {
 }
 
 #[test]
+fn a_held_directory_stays_held_across_its_subdirectories() -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    let b = c.path("");
+    // A tree made the way tar and cp -r make it: files, a subdirectory, more files, files
+    // in the subdirectory, owner and mode set right after each create.
+    fs::create_dir(a.join("t"))?;
+    let mut want = BTreeSet::new();
+    for (i, name) in ["f1", "sub", "f2", "f3"].iter().enumerate() {
+        if *name == "sub" {
+            fs::create_dir(a.join("t/sub"))?;
+        } else {
+            let mut f = File::create(a.join(&format!("t/{name}")))?;
+            f.write_all(&pattern(i as u64, 0, 5000))?;
+            std::os::unix::fs::fchown(&f, Some(1234), Some(5678))?;
+            f.set_permissions(fs::Permissions::from_mode(0o4750))?;
+        }
+        want.insert(name.to_string());
+    }
+    fs::write(a.join("t/sub/inner"), b"inner")?;
+    // The holder refuses what the leader would: unlink of a directory, a file renamed over
+    // it, a mkdir of a taken name; a rename of the subdirectory goes through the leader.
+    let kind = |r: std::io::Result<()>| r.map_err(|e| e.raw_os_error());
+    ensure!(
+        kind(fs::remove_file(a.join("t/sub"))) == Err(Some(libc::EISDIR)),
+        "unlink of a subdirectory"
+    );
+    ensure!(
+        kind(fs::rename(a.join("t/f3"), a.join("t/sub"))) == Err(Some(libc::EISDIR)),
+        "a file renamed over a subdirectory"
+    );
+    ensure!(
+        kind(fs::create_dir(a.join("t/f1"))) == Err(Some(libc::EEXIST)),
+        "mkdir of a file's name"
+    );
+    fs::rename(a.join("t/sub"), a.join("t/moved"))?;
+    want.remove("sub");
+    want.insert("moved".into());
+    File::create(a.join("t/f4"))?;
+    want.insert("f4".into());
+    ensure!(names(&a.join("t"))? == want, "listing on the holder");
+    ensure!(names(&b.join("t"))? == want, "listing from the other mount");
+    ensure!(
+        fs::read(b.join("t/moved/inner"))? == b"inner",
+        "file in the subdirectory"
+    );
+    ensure!(
+        fs::metadata(b.join("t"))?.nlink() == 3,
+        "the subdirectory's link"
+    );
+    for (i, name) in [(0, "f1"), (2, "f2"), (3, "f3")] {
+        let p = b.join(format!("t/{name}"));
+        let m = fs::metadata(&p)?;
+        ensure!(
+            (m.uid(), m.gid(), m.mode() & 0o7777) == (1234, 5678, 0o4750),
+            "{name}: owner and mode set after the create: {} {} {:o}",
+            m.uid(),
+            m.gid(),
+            m.mode()
+        );
+        ensure!(fs::read(&p)? == pattern(i, 0, 5000), "{name}: data");
+    }
+    Ok(())
+}
+
+#[test]
 fn fsynced_creates_survive_a_killed_holder() -> Result<()> {
     let c = Cluster::start()?;
     let a = c.mount_extra("a", "")?;

@@ -141,7 +141,8 @@ pub struct HeldCreate {
 }
 
 /// One change a mount made on its own in a directory delegated to it, in the order made.
-/// Every entry of such a directory is a regular file the holder created.
+/// Every entry of such a directory is a regular file the holder created or a directory it
+/// made through the leader; these changes concern files only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HeldOp {
     Create(HeldCreate),

@@ -228,3 +228,42 @@ fn a_batch_mixing_creates_renames_and_unlinks_keeps_every_name_listed_once() {
     assert_eq!(h.getattr(first + 1), Err(MetaError::NotFound), "unlinked");
     assert_eq!(h.lookup(d.ino, "r").unwrap().ino, first);
 }
+
+#[test]
+fn only_the_holder_makes_subdirectories_in_a_held_directory_and_keeps_it() {
+    let mut h = H::new();
+    let (d, first) = held_dir(&mut h, 4);
+    let now = h.now();
+    let mkdir = |name: &str, holder| Command::MkdirHeld {
+        parent: d.ino,
+        name: n(name),
+        node: NewNode {
+            kind: FileKind::Dir,
+            perm: 0o755,
+            rdev: 0,
+            exclusive: true,
+        },
+        caller: ME,
+        holder,
+        now,
+    };
+    assert_eq!(h.apply(mkdir("other", 7)), Err(MetaError::NotPermitted));
+    let Ok(Reply::Attr(sub)) = h.apply(mkdir("sub", 9)) else {
+        panic!("the holder's mkdir_held")
+    };
+    // Both stay held by the holder: its creates commit in either.
+    commit(&mut h, d.ino, 9, vec![held("f", first, 80)]).unwrap();
+    commit(&mut h, sub.ino, 9, vec![held("g", first + 1, 81)]).unwrap();
+    let mut names = h.names(d.ino);
+    names.sort();
+    assert_eq!(names, ["f", "sub"]);
+    assert_eq!(h.names(sub.ino), ["g"]);
+    assert_eq!(h.getattr(d.ino).unwrap().nlink, 3);
+    // A held batch never unlinks a directory: refused whole.
+    let rm = vec![HeldOp::Unlink {
+        name: n("sub"),
+        ino: sub.ino,
+        time: now,
+    }];
+    assert_eq!(commit_ops(&mut h, d.ino, 9, rm), Err(MetaError::IsDir));
+}
