@@ -17,7 +17,7 @@ use crate::write_path::{sync_chunks, write_extents, write_piece, Dirty, FRAME, F
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use futures::{FutureExt, StreamExt, TryStreamExt};
-use rawfs_metadata_api::{Attr, Ino, CHUNK_SIZE};
+use rawfs_metadata_api::{Attr, ChunkLoc, Ino, CHUNK_SIZE};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -117,6 +117,12 @@ impl FileIo {
     /// The inode this `FileIo` writes.
     pub fn ino(&self) -> Ino {
         self.inner.ino
+    }
+
+    /// Takes `loc`, a chunk of this file allocated on its behalf (with the commit of its
+    /// create, say), so that the next flush writes there without asking for it.
+    pub fn learn_location(&self, loc: &ChunkLoc) {
+        self.inner.locs.update(loc);
     }
 
     /// The file size, including buffered writes.

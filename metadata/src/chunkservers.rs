@@ -41,34 +41,7 @@ impl Server {
         if let Some(loc) = existing {
             return Ok(loc);
         }
-        let now = Instant::now();
-        let servers = {
-            let reg = self.registry();
-            let candidates = reg.candidates(now);
-            if candidates.is_empty() {
-                return Err(if reg.warming_up(now) {
-                    MetaError::Unavailable {
-                        reason: "waiting for chunkserver heartbeats".into(),
-                    }
-                } else {
-                    MetaError::NoSpace {
-                        reason: "no live chunkserver with free space".into(),
-                    }
-                });
-            }
-            // The counter alone would give every allocation racing with this one the same
-            // servers; the file and index spread them.
-            let key = key
-                ^ ino.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                ^ index.wrapping_mul(0xc2b2_ae3d_27d4_eb4f).rotate_left(17);
-            if cold && candidates.len() >= EC_SHARDS {
-                // A cold file: RS 4+2 from the first byte (see `ec_write.rs`).
-                Placement::Shards(place(&candidates, key, EC_SHARDS))
-            } else {
-                Placement::Replicas(place(&candidates, key, REPLICAS))
-            }
-        };
-        let servers = match servers {
+        let servers = match self.placement(ino, index, key, cold)? {
             Placement::Replicas(replicas) => replicas,
             Placement::Shards(shards) => {
                 let cmd = Command::AllocateEc {
@@ -82,14 +55,6 @@ impl Server {
                     .into_chunk();
             }
         };
-        if servers.len() < REPLICAS {
-            tracing::warn!(
-                ino,
-                index,
-                live = servers.len(),
-                "fewer live chunkservers than replicas: new chunk is under-replicated"
-            );
-        }
         let cmd = Command::AllocateChunk {
             ino,
             index,
@@ -98,6 +63,65 @@ impl Server {
         self.propose(tracked(req, Timespec::now(), cmd))
             .await?
             .into_chunk()
+    }
+
+    /// Replicas for chunk `index` of `ino`, a file a delegation holder created in `dir` and
+    /// is committing with this (see `Command::CommitHeld`'s `allocate`). `None` where the
+    /// chunk needs the general path: a cold directory's files are RS 4+2 from the first byte.
+    pub(crate) fn held_placement(
+        &self,
+        dir: Ino,
+        ino: Ino,
+        index: u64,
+    ) -> MetaResult<Option<Vec<ServerId>>> {
+        let (key, cold) = self.0.sm.read(|rt| {
+            Ok((
+                queries::next_chunk_id(rt)?,
+                crate::ec_write::is_cold(rt, dir).unwrap_or(false),
+            ))
+        })?;
+        Ok(match self.placement(ino, index, key, cold)? {
+            Placement::Replicas(replicas) => Some(replicas),
+            Placement::Shards(_) => None,
+        })
+    }
+
+    /// Where a new chunk `index` of `ino` goes: live servers with free space, spread by
+    /// `key` (the next chunk id) and the chunk's place; 6 shards for a `cold` file.
+    fn placement(&self, ino: Ino, index: u64, key: u64, cold: bool) -> MetaResult<Placement> {
+        let now = Instant::now();
+        let reg = self.registry();
+        let candidates = reg.candidates(now);
+        if candidates.is_empty() {
+            return Err(if reg.warming_up(now) {
+                MetaError::Unavailable {
+                    reason: "waiting for chunkserver heartbeats".into(),
+                }
+            } else {
+                MetaError::NoSpace {
+                    reason: "no live chunkserver with free space".into(),
+                }
+            });
+        }
+        // The counter alone would give every allocation racing with this one the same
+        // servers; the file and index spread them.
+        let key = key
+            ^ ino.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ index.wrapping_mul(0xc2b2_ae3d_27d4_eb4f).rotate_left(17);
+        if cold && candidates.len() >= EC_SHARDS {
+            // A cold file: RS 4+2 from the first byte (see `ec_write.rs`).
+            return Ok(Placement::Shards(place(&candidates, key, EC_SHARDS)));
+        }
+        let replicas = place(&candidates, key, REPLICAS);
+        if replicas.len() < REPLICAS {
+            tracing::warn!(
+                ino,
+                index,
+                live = replicas.len(),
+                "fewer live chunkservers than replicas: new chunk is under-replicated"
+            );
+        }
+        Ok(Placement::Replicas(replicas))
     }
 
     pub(crate) async fn do_heartbeat(&self, mut hb: Heartbeat) -> MetaResult<HeartbeatReply> {

@@ -271,12 +271,17 @@ pub enum Command {
         count: u64,
     },
     /// The changes `holder` made in its delegated directory `dir`, in order; `give_back`
-    /// ends the delegation.
+    /// ends the delegation. With `allocate` (file, index, servers chosen by the leader),
+    /// then also the chunk at that index of one of the files (a new file's first flush needs
+    /// both): the reply is that chunk, or `Unit` if it could not be allocated (the changes
+    /// are applied either way; the writer then asks `AllocateChunk` itself).
     CommitHeld {
         dir: Ino,
         holder: u64,
         ops: Vec<HeldOp>,
         give_back: bool,
+        #[serde(default)]
+        allocate: Option<(Ino, u64, Vec<ServerId>)>,
     },
     /// Takes the delegation of `dir` back from `holder`, which did not answer a recall.
     Revoke {

@@ -257,7 +257,20 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             holder,
             ops,
             give_back,
-        } => unit(delegation::commit(t, *dir, *holder, ops, *give_back)),
+            allocate,
+        } => {
+            delegation::commit(t, *dir, *holder, ops, *give_back)?;
+            match allocate {
+                None => Ok(Reply::Unit),
+                Some((ino, index, servers)) => {
+                    match chunks::allocate(t, *ino, *index, servers, term) {
+                        Ok(loc) => Ok(Reply::Chunk(loc)),
+                        Err(Fail::Meta(_)) => Ok(Reply::Unit),
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+        }
         Revoke { dir, holder } => unit(delegation::revoke(t, *dir, *holder)),
         Batch(cmds) => {
             let mut out = Vec::with_capacity(cmds.len());

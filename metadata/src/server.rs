@@ -321,12 +321,46 @@ impl MetadataRpc for Server {
             holder,
             ops,
             give_back,
+            allocate: None,
         };
         let done = self.mutate_once(req, now, cmd).await;
         if give_back {
             self.0.delegations_changed.notify_waiters();
         }
         done?.into_unit()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_held_allocating(
+        self,
+        _: Context,
+        dir: Ino,
+        holder: u64,
+        ops: Vec<HeldOp>,
+        (ino, index): (Ino, u64),
+        req: ReqId,
+    ) -> MetaResult<Option<ChunkLoc>> {
+        let now = Timespec::now();
+        // No servers to be had is the general path's to report: commit alone.
+        let allocate = self
+            .held_placement(dir, ino, index)
+            .ok()
+            .flatten()
+            .map(|servers| (ino, index, servers));
+        let cmd = Command::CommitHeld {
+            dir,
+            holder,
+            ops,
+            give_back: false,
+            allocate,
+        };
+        match self.mutate_once(req, now, cmd).await? {
+            Reply::Chunk(loc) => Ok(Some(loc)),
+            Reply::Unit => Ok(None),
+            other => Err(MetaError::Storage {
+                reason: format!("commit_held_allocating: unexpected reply {other:?}"),
+            }),
+        }
     }
 
     async fn readlink(self, _: Context, ino: Ino, read: Consistency) -> MetaResult<ByteBuf> {

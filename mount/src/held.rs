@@ -28,8 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuser::Errno;
+use rawfs_client::FileIo;
 use rawfs_metadata_api::{
-    Attr, Caller, FileKind, HeldCreate, HeldOp, Ino, Name, SetAttr, Timespec,
+    Attr, Caller, ChunkLoc, FileKind, HeldCreate, HeldOp, Ino, Name, SetAttr, Timespec, CHUNK_SIZE,
 };
 use tracing::warn;
 
@@ -561,15 +562,44 @@ impl Inner {
         }
     }
 
+    /// `settle` before `io`'s data goes out: if `ino` is a fresh file (its create still
+    /// queued) that fits one chunk, its chunk is allocated with the commit, in the same log
+    /// entry, and `io` learns where it is (a new file's first flush then costs two log
+    /// entries, the commit and the write's, instead of three).
+    pub(crate) async fn settle_to_write(&self, ino: Ino, io: &FileIo) -> Result<(), Errno> {
+        let Some(dir) = lock(&self.held.queued).get(&ino).copied() else {
+            return Ok(());
+        };
+        let fresh = self
+            .held_dir(dir)
+            .is_some_and(|d| lock(&d.state).fresh.contains_key(&ino));
+        let alloc = (fresh && io.size() > 0 && io.size() <= CHUNK_SIZE).then_some(ino);
+        if let Some(loc) = self.commit_held_with(dir, false, alloc).await? {
+            io.learn_location(&loc);
+        }
+        Ok(())
+    }
+
     /// Sends `dir`'s queue to the leader (with `give_back`, ending the delegation).
     async fn commit_held(&self, dir: Ino, give_back: bool) -> Result<(), Errno> {
+        self.commit_held_with(dir, give_back, None).await.map(drop)
+    }
+
+    /// [`Inner::commit_held`], allocating chunk 0 of `alloc` (a file created in this
+    /// queue) with it when `alloc` is given; returns that chunk if it was allocated.
+    async fn commit_held_with(
+        &self,
+        dir: Ino,
+        give_back: bool,
+        alloc: Option<Ino>,
+    ) -> Result<Option<ChunkLoc>, Errno> {
         let Some(d) = self.held_dir(dir) else {
-            return Ok(());
+            return Ok(None);
         };
         let _one_at_a_time = d.commits.lock().await;
         if !self.held_dir(dir).is_some_and(|x| Arc::ptr_eq(&x, &d)) {
             // Given back while this waited: its queue went with it.
-            return Ok(());
+            return Ok(None);
         }
         let mut ops = {
             let mut st = lock(&d.state);
@@ -577,7 +607,7 @@ impl Inner {
             std::mem::take(&mut st.queue)
         };
         if ops.is_empty() && !give_back {
-            return Ok(());
+            return Ok(None);
         }
         for op in &mut ops {
             if let HeldOp::Create(e) = op {
@@ -586,11 +616,21 @@ impl Inner {
                 e.open = self.is_open_here(e.ino);
             }
         }
-        let sent = self
-            .client
-            .meta()
-            .commit_held(dir, self.session, ops.clone(), give_back)
-            .await;
+        let creates = |ino| {
+            ops.iter()
+                .any(|op| matches!(op, HeldOp::Create(e) if e.ino == ino))
+        };
+        let meta = self.client.meta();
+        let sent = match alloc.filter(|&ino| !give_back && creates(ino)) {
+            Some(ino) => {
+                meta.commit_held_allocating(dir, self.session, ops.clone(), (ino, 0))
+                    .await
+            }
+            None => meta
+                .commit_held(dir, self.session, ops.clone(), give_back)
+                .await
+                .map(|()| None),
+        };
         if let Err(e) = &sent {
             if e.is_retryable() && !give_back {
                 // The leader cannot be reached (the client already retried for its whole
@@ -644,7 +684,7 @@ impl Inner {
             warn!(dir, changes = ops.len(), error = %e, "changes in a held directory were not committed; they are lost");
             return Err(errno::meta(e));
         }
-        Ok(())
+        Ok(sent.ok().flatten())
     }
 
     /// Whether `dir` is held here with changes still to commit.

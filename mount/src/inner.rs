@@ -357,7 +357,7 @@ impl Inner {
         };
         let flushed = if io.size() > 0 {
             // Data of a file created in a held directory needs the create committed first.
-            match self.settle(ino).await {
+            match self.settle_to_write(ino, &io).await {
                 Ok(()) => io.flush().await.map_err(errno::client),
                 Err(e) => Err(e),
             }

@@ -118,7 +118,7 @@ impl Inner {
     pub(crate) async fn write(&self, ino: Ino, offset: u64, data: Vec<u8>) -> Result<u32, Errno> {
         let io = self.io(ino)?;
         let n = u32::try_from(data.len()).map_err(|_| Errno::EINVAL)?;
-        self.settle(ino).await?;
+        self.settle_to_write(ino, &io).await?;
         io.write(offset, &data).await.map_err(errno::client)?;
         Ok(n)
     }
@@ -128,7 +128,7 @@ impl Inner {
         match self.io_if_open(ino) {
             Some(io) => {
                 if io.size() > 0 {
-                    self.settle(ino).await?;
+                    self.settle_to_write(ino, &io).await?;
                 }
                 io.flush().await.map(|_| ()).map_err(errno::client)
             }
@@ -139,9 +139,12 @@ impl Inner {
     /// `fsync(2)`: the data on at least 2 replicas' disks, then the metadata (size, chunk
     /// map) on the metadata leader's disk.
     pub(crate) async fn fsync(&self, ino: Ino) -> Result<(), Errno> {
-        self.settle(ino).await?;
-        if let Some(io) = self.io_if_open(ino) {
-            io.fsync().await.map_err(errno::client)?;
+        match self.io_if_open(ino) {
+            Some(io) => {
+                self.settle_to_write(ino, &io).await?;
+                io.fsync().await.map_err(errno::client)?;
+            }
+            None => self.settle(ino).await?,
         }
         self.sync_metadata().await
     }

@@ -131,7 +131,10 @@ impl Inner {
         if let Some(a) = self.held_chmod_chown(ino, &set) {
             return Ok((self.attr(&a), self.attr_ttl));
         }
-        self.settle(ino).await?;
+        match self.io_if_open(ino) {
+            Some(io) => self.settle_to_write(ino, &io).await?,
+            None => self.settle(ino).await?,
+        }
         self.give_back(ino).await;
         let Some(size) = set.size else {
             if set.mtime.is_some() || set.atime.is_some() {

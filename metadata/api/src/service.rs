@@ -107,6 +107,17 @@ pub trait MetadataRpc {
         give_back: bool,
         req: ReqId,
     ) -> MetaResult<()>;
+    /// `commit_held` (without giving the directory back), then the chunk at `index` of
+    /// `ino`, one of the files the changes create, in one log entry: a new file's first
+    /// flush needs both. `None`: the changes are committed but the chunk was not allocated
+    /// (no servers, or a cold directory's RS 4+2 layout): ask `allocate_chunk`.
+    async fn commit_held_allocating(
+        dir: Ino,
+        holder: u64,
+        ops: Vec<HeldOp>,
+        chunk: (Ino, u64),
+        req: ReqId,
+    ) -> MetaResult<Option<ChunkLoc>>;
     /// Records that `session` has `ino` open (keeps an unlinked inode alive).
     async fn open(ino: Ino, session: u64) -> MetaResult<Attr>;
     /// Drops one open of `ino` by `session`; frees an orphaned inode on its last release.

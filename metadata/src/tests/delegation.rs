@@ -48,6 +48,7 @@ fn commit(h: &mut H, dir: Ino, holder: u64, entries: Vec<HeldCreate>) -> MetaRes
 
 fn commit_ops(h: &mut H, dir: Ino, holder: u64, ops: Vec<HeldOp>) -> MetaResult<Reply> {
     h.apply(Command::CommitHeld {
+        allocate: None,
         dir,
         holder,
         ops,
@@ -266,4 +267,34 @@ fn only_the_holder_makes_subdirectories_in_a_held_directory_and_keeps_it() {
         time: now,
     }];
     assert_eq!(commit_ops(&mut h, d.ino, 9, rm), Err(MetaError::IsDir));
+}
+
+#[test]
+fn a_commit_allocates_the_first_chunk_of_a_new_file_with_it() {
+    let mut h = H::new();
+    h.register(&[1, 2, 3]);
+    let (d, first) = held_dir(&mut h, 4);
+    let with_chunk = |ops, ino| Command::CommitHeld {
+        dir: d.ino,
+        holder: 9,
+        ops,
+        give_back: false,
+        allocate: Some((ino, 0, vec![1, 2, 3])),
+    };
+    let mut a = held("a", first, 90);
+    a.open = false;
+    let Ok(Reply::Chunk(loc)) = h.apply(with_chunk(vec![HeldOp::Create(a)], first)) else {
+        panic!("the create and its chunk in one command")
+    };
+    assert_eq!((loc.index, loc.version), (0, 1));
+    let mut servers: Vec<_> = loc.replicas.iter().map(|r| r.server).collect();
+    servers.sort();
+    assert_eq!(servers, [1, 2, 3]);
+    assert_eq!(h.lookup(d.ino, "a").unwrap().ino, first);
+    // A chunk that cannot be allocated (no such file) leaves the changes applied.
+    let mut b = held("b", first + 1, 91);
+    b.open = false;
+    let reply = h.apply(with_chunk(vec![HeldOp::Create(b)], first + 3));
+    assert_eq!(reply, Ok(Reply::Unit));
+    assert_eq!(h.lookup(d.ino, "b").unwrap().ino, first + 1);
 }
