@@ -28,7 +28,7 @@ use rawfs_metadata_api::{
 use redb::ReadableTable;
 
 use crate::namespace::{self as ns, check_name, invalid};
-use crate::store::{inode, InodeRec, Op, Tables, INODE_COUNT, NEXT_INO};
+use crate::store::{inode, Fail, InodeRec, Op, Tables, INODE_COUNT, NEXT_INO};
 
 /// Most inode numbers one `reserve_inodes` may take.
 pub(crate) const RESERVE_MAX: u64 = 1 << 16;
@@ -111,6 +111,13 @@ pub(crate) fn commit(
                 let flags = RenameFlags::default();
                 crate::rename::rename(t, dir, from, dir, to, flags, *time)?
             }
+            HeldOp::SetAttr { ino, set, time } => match ns::setattr(t, *ino, set, *time) {
+                // Unlinked in this batch and closed before it arrived: nothing to change.
+                Err(Fail::Meta(MetaError::NotFound)) => {}
+                r => {
+                    r?;
+                }
+            },
         }
     }
     if let Some(p) = prec {
@@ -176,6 +183,14 @@ fn check(t: &Tables, dir: Ino, ops: &[HeldOp]) -> Op<()> {
                 if from != to {
                     names.insert(from, false);
                     names.insert(to, true);
+                }
+            }
+            HeldOp::SetAttr { ino, set, .. } => {
+                if set.size.is_some() {
+                    return Err(invalid("a held setattr changes no size"));
+                }
+                if t.inodes.get(*ino)?.is_some() && inode(&t.inodes, *ino)?.is_dir() {
+                    return Err(MetaError::IsDir.into());
                 }
             }
         }

@@ -361,6 +361,7 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
                 HeldOp::Rename { ino, replaced, .. } => {
                     std::iter::once(*ino).chain(*replaced).collect()
                 }
+                HeldOp::SetAttr { ino, .. } => vec![*ino],
             }))
             .map(Inval::Inode)
             .collect(),

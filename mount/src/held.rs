@@ -30,7 +30,7 @@ use std::time::Duration;
 use fuser::Errno;
 use rawfs_client::FileIo;
 use rawfs_metadata_api::{
-    Attr, Caller, ChunkLoc, FileKind, HeldCreate, HeldOp, Ino, Name, SetAttr, Timespec, CHUNK_SIZE,
+    Attr, Caller, ChunkLoc, FileKind, HeldCreate, HeldOp, Ino, Name, Timespec, CHUNK_SIZE,
 };
 use tracing::warn;
 
@@ -56,9 +56,7 @@ const HELD_NAMES_MAX: usize = 1_000_000;
 const HELD_DIRS_MAX: usize = 4096;
 /// Setgid: on a directory new entries take its group; on a file with group-execute, the
 /// file runs as its group (dropped with setuid when the owner changes).
-const S_ISGID: u32 = 0o2000;
-const S_ISUID: u32 = 0o4000;
-const S_IXGRP: u32 = 0o010;
+pub(crate) const S_ISGID: u32 = 0o2000;
 
 /// What a held directory says about a name.
 pub(crate) enum Found {
@@ -87,9 +85,11 @@ pub(crate) struct Held {
     order: Mutex<VecDeque<Ino>>,
     /// Names kept by all held directories.
     names: std::sync::atomic::AtomicUsize,
-    /// Inode with a change in a queue (a fresh file, or one unlinked, renamed or replaced
-    /// here since the last commit) -> the directory whose queue has it.
-    queued: Mutex<HashMap<Ino, Ino>>,
+    /// Inode with a change in a queue (a fresh file, or one unlinked, renamed, replaced or
+    /// given new attributes here since the last commit) -> the directory whose queue has it.
+    pub(crate) queued: Mutex<HashMap<Ino, Ino>>,
+    /// File named in a held directory -> that directory (for attribute changes made here).
+    pub(crate) files: Mutex<HashMap<Ino, Ino>>,
     pool: Mutex<Pool>,
     /// Woken when a reservation arrives.
     refilled: tokio::sync::Notify,
@@ -118,26 +118,28 @@ impl Pool {
     }
 }
 
-struct HeldDir {
-    state: Mutex<DirState>,
+pub(crate) struct HeldDir {
+    pub(crate) state: Mutex<DirState>,
     /// Commits of one directory go one at a time, in order.
     commits: tokio::sync::Mutex<()>,
 }
 
-struct DirState {
+pub(crate) struct DirState {
     /// The directory's attributes as this mount shows them.
     attr: Attr,
     names: HashMap<Vec<u8>, Ino>,
     /// Children not committed yet, with the attributes the kernel was given.
-    fresh: HashMap<Ino, Attr>,
+    pub(crate) fresh: HashMap<Ino, Attr>,
+    /// Committed files with an attribute change queued, with their attributes after it.
+    pub(crate) pending: HashMap<Ino, Attr>,
     /// Directories made in it through the leader while it was held (every other entry is a
     /// file made here): the leader refuses a held unlink or rename of a directory, so
     /// those go through the leader too.
     subdirs: HashSet<Ino>,
     /// Changes not sent yet, in order.
-    queue: Vec<HeldOp>,
+    pub(crate) queue: Vec<HeldOp>,
     /// Being given back (or lost): nothing more is answered here.
-    gone: bool,
+    pub(crate) gone: bool,
     /// A commit of the queue is scheduled.
     commit_due: bool,
 }
@@ -148,6 +150,7 @@ fn op_inos(op: &HeldOp) -> impl Iterator<Item = Ino> {
         HeldOp::Create(e) => (e.ino, None),
         HeldOp::Unlink { ino, .. } => (*ino, None),
         HeldOp::Rename { ino, replaced, .. } => (*ino, *replaced),
+        HeldOp::SetAttr { ino, .. } => (*ino, None),
     };
     std::iter::once(ino).chain(other)
 }
@@ -219,6 +222,7 @@ impl Inner {
                 attr: a.clone(),
                 names: HashMap::new(),
                 fresh: HashMap::new(),
+                pending: HashMap::new(),
                 subdirs: HashSet::new(),
                 queue: Vec::new(),
                 gone: false,
@@ -244,7 +248,7 @@ impl Inner {
         Ok(a)
     }
 
-    fn held_dir(&self, dir: Ino) -> Option<Arc<HeldDir>> {
+    pub(crate) fn held_dir(&self, dir: Ino) -> Option<Arc<HeldDir>> {
         lock(&self.held.dirs).get(&dir).cloned()
     }
 
@@ -275,58 +279,7 @@ impl Inner {
         let dir = *lock(&self.held.queued).get(&ino)?;
         let d = self.held_dir(dir)?;
         let st = lock(&d.state);
-        st.fresh.get(&ino).cloned()
-    }
-
-    /// A change of mode and owner (`chmod`, `chown`: no size, no times) of a fresh file whose
-    /// create is still queued, made in that create: the file reaches the leader with them,
-    /// in the same log entry, so that `tar` and `cp -a` setting owner and mode right after a
-    /// create wait for no round trip. `None` when the create has been sent already (or `ino`
-    /// is no fresh file): ask the leader. The kernel has checked the caller's rights
-    /// (`default_permissions`).
-    ///
-    /// The times stay the create's: the create is at most a commit delay old, so a ctime
-    /// that does not move is what a file system with coarse timestamps shows too, while
-    /// restamping the create would move mtime, which a chmod must not.
-    pub(crate) fn held_chmod_chown(&self, ino: Ino, set: &SetAttr) -> Option<Attr> {
-        let only_owner_mode = SetAttr {
-            perm: None,
-            uid: None,
-            gid: None,
-            ..set.clone()
-        } == SetAttr::default();
-        if !only_owner_mode {
-            return None;
-        }
-        let dir = *lock(&self.held.queued).get(&ino)?;
-        let d = self.held_dir(dir)?;
-        let mut st = lock(&d.state);
-        if st.gone {
-            return None;
-        }
-        let DirState { queue, fresh, .. } = &mut *st;
-        let e = queue.iter_mut().rev().find_map(|op| match op {
-            HeldOp::Create(e) if e.ino == ino => Some(e),
-            _ => None,
-        })?;
-        let a = fresh.get_mut(&ino)?;
-        let chown = set.uid.is_some_and(|u| u != e.uid) || set.gid.is_some_and(|g| g != e.gid);
-        e.uid = set.uid.unwrap_or(e.uid);
-        e.gid = set.gid.unwrap_or(e.gid);
-        match set.perm {
-            Some(perm) => e.perm = perm & 0o7777,
-            // Like the leader's setattr (and Linux): a new owner drops setuid, and setgid
-            // where it means "execute as group".
-            None if chown => {
-                e.perm &= !S_ISUID;
-                if e.perm & S_IXGRP != 0 {
-                    e.perm &= !S_ISGID;
-                }
-            }
-            None => {}
-        }
-        (a.perm, a.uid, a.gid) = (e.perm, e.uid, e.gid);
-        Some(a.clone())
+        st.fresh.get(&ino).or(st.pending.get(&ino)).cloned()
     }
 
     /// Creates the empty file `dir/name` here if `dir` is held.
@@ -404,6 +357,7 @@ impl Inner {
             (attr, commit_now, schedule)
         };
         lock(&self.held.queued).insert(ino, dir);
+        lock(&self.held.files).insert(ino, dir);
         self.commit_later(dir, commit_now, schedule);
         Ok(Made::Created(attr))
     }
@@ -422,6 +376,7 @@ impl Inner {
             }
             st.names.remove(name.as_slice());
             self.held.names.fetch_sub(1, Ordering::Relaxed);
+            lock(&self.held.files).remove(&ino);
             st.unlinked(ino, now);
             Ok(Some(HeldOp::Unlink {
                 name: name.clone(),
@@ -466,6 +421,7 @@ impl Inner {
             st.names.insert(to.to_vec(), ino);
             if let Some(r) = replaced {
                 self.held.names.fetch_sub(1, Ordering::Relaxed);
+                lock(&self.held.files).remove(&r);
                 st.unlinked(r, now);
             }
             if let Some(a) = st.fresh.get_mut(&ino) {
@@ -484,7 +440,7 @@ impl Inner {
     /// Makes a change in `dir` here if `dir` is held (and not being given back): `change`
     /// updates the listing and returns the operation to queue (`None`: nothing to do), or
     /// the error for the caller. `None` if `dir` is not held.
-    fn held_change(
+    pub(crate) fn held_change(
         self: &Arc<Self>,
         dir: Ino,
         change: impl FnOnce(&mut DirState, Timespec) -> Result<Option<HeldOp>, Errno>,
@@ -661,11 +617,18 @@ impl Inner {
                 st.fresh.remove(&ino);
                 if !later.contains(&ino) {
                     queued.remove(&ino);
+                    st.pending.remove(&ino);
                 }
             }
             if failed || give_back {
                 st.gone = true;
                 self.held.names.fetch_sub(st.names.len(), Ordering::Relaxed);
+                let mut files = lock(&self.held.files);
+                for ino in st.names.values() {
+                    if files.get(ino) == Some(&dir) {
+                        files.remove(ino);
+                    }
+                }
                 st.names.clear();
             }
         }

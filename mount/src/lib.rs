@@ -70,6 +70,7 @@ mod coherence;
 mod errno;
 mod fs;
 mod held;
+mod held_attrs;
 mod helper;
 mod inner;
 mod ops_dir;

@@ -120,7 +120,7 @@ impl Inner {
     }
 
     pub(crate) async fn setattr(
-        &self,
+        self: &Arc<Self>,
         ino: Ino,
         set: SetAttr,
     ) -> Result<(FileAttr, Duration), Errno> {
@@ -130,6 +130,9 @@ impl Inner {
         }
         if let Some(a) = self.held_chmod_chown(ino, &set) {
             return Ok((self.attr(&a), self.attr_ttl));
+        }
+        if let Some(done) = self.held_setattr(ino, &set).await {
+            return done.map(|a| (self.attr(&a), self.attr_ttl));
         }
         match self.io_if_open(ino) {
             Some(io) => self.settle_to_write(ino, &io).await?,

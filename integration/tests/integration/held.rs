@@ -194,6 +194,73 @@ fn a_held_directory_stays_held_across_its_subdirectories() -> Result<()> {
 }
 
 #[test]
+fn attributes_set_in_a_held_directory_are_what_every_mount_sees() -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::time::{Duration as D, SystemTime};
+    let c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    let b = c.path("");
+    fs::create_dir(a.join("t"))?;
+    let old = SystemTime::UNIX_EPOCH + D::from_secs(1_600_000_000);
+    // As tar does: data, then times, owner and mode through the descriptor; the times
+    // outlast the data's own commit, and later changes of one file stack up.
+    for i in 0..20u64 {
+        let p = a.join(&format!("t/f{i}"));
+        let mut f = File::create(&p)?;
+        f.write_all(&pattern(i, 0, 3000))?;
+        f.set_modified(old + D::from_secs(i))?;
+        std::os::unix::fs::fchown(&f, Some(100 + i as u32), Some(200))?;
+        f.set_permissions(fs::Permissions::from_mode(0o640))?;
+        drop(f);
+        if i % 2 == 0 {
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    // A file renamed after its changes, and one unlinked while open and changed after.
+    fs::rename(a.join("t/f1"), a.join("t/g1"))?;
+    let open = File::open(a.join("t/f3"))?;
+    fs::remove_file(a.join("t/f3"))?;
+    open.set_permissions(fs::Permissions::from_mode(0o444))?;
+    ensure!(
+        open.metadata()?.mode() & 0o777 == 0o444,
+        "the unlinked file's mode"
+    );
+    drop(open);
+    for mnt in [a.join("t"), b.join("t")] {
+        for i in (0..20u64).filter(|i| *i != 3) {
+            let name = if i == 1 {
+                "g1".to_string()
+            } else {
+                format!("f{i}")
+            };
+            let p = mnt.join(&name);
+            let m = fs::metadata(&p)?;
+            let mode = if i % 2 == 0 { 0o600 } else { 0o640 };
+            ensure!(
+                (m.mode() & 0o7777, m.uid(), m.gid()) == (mode, 100 + i as u32, 200),
+                "{}: mode {:o} owner {}:{}",
+                p.display(),
+                m.mode(),
+                m.uid(),
+                m.gid()
+            );
+            ensure!(
+                m.modified()? == old + D::from_secs(i),
+                "{}: mtime",
+                p.display()
+            );
+            ensure!(
+                fs::read(&p)? == pattern(i, 0, 3000),
+                "{}: data",
+                p.display()
+            );
+        }
+        ensure!(!mnt.join("f3").exists(), "f3 unlinked");
+    }
+    Ok(())
+}
+
+#[test]
 fn fsynced_creates_survive_a_killed_holder() -> Result<()> {
     let c = Cluster::start()?;
     let a = c.mount_extra("a", "")?;

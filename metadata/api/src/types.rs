@@ -161,6 +161,14 @@ pub enum HeldOp {
         replaced: Option<Ino>,
         time: Timespec,
     },
+    /// `setattr` of file `ino` (one of its entries; never a size) at `time`, which is also
+    /// what `TimeSet::Now` means. A file gone meanwhile (unlinked here and closed since)
+    /// is skipped.
+    SetAttr {
+        ino: Ino,
+        set: SetAttr,
+        time: Timespec,
+    },
 }
 
 /// `rename` flags (Linux renameat2).

@@ -298,3 +298,62 @@ fn a_commit_allocates_the_first_chunk_of_a_new_file_with_it() {
     assert_eq!(reply, Ok(Reply::Unit));
     assert_eq!(h.lookup(d.ino, "b").unwrap().ino, first + 1);
 }
+
+#[test]
+fn held_setattrs_apply_in_order_and_skip_files_gone_meanwhile() {
+    let mut h = H::new();
+    let (d, first) = held_dir(&mut h, 4);
+    let t = |sec| Timespec { sec, nsec: 0 };
+    let set = |perm, mtime| SetAttr {
+        perm: Some(perm),
+        uid: Some(7),
+        mtime: Some(TimeSet::At(mtime)),
+        ..SetAttr::default()
+    };
+    let mut a = held("a", first, 100);
+    a.open = false;
+    let ops = vec![
+        HeldOp::Create(a),
+        HeldOp::SetAttr {
+            ino: first,
+            set: set(0o640, t(5)),
+            time: t(101),
+        },
+        HeldOp::SetAttr {
+            ino: first,
+            set: set(0o600, t(6)),
+            time: t(102),
+        },
+        // An inode freed before the batch arrived: skipped, the rest applies.
+        HeldOp::SetAttr {
+            ino: first + 3,
+            set: set(0o600, t(6)),
+            time: t(103),
+        },
+    ];
+    commit_ops(&mut h, d.ino, 9, ops).unwrap();
+    let got = h.getattr(first).unwrap();
+    assert_eq!(
+        (got.perm, got.uid, got.mtime, got.ctime),
+        (0o600, 7, t(6), t(102))
+    );
+    // Sizes and directories are the leader's own.
+    let sized = vec![HeldOp::SetAttr {
+        ino: first,
+        set: SetAttr {
+            size: Some(1),
+            ..SetAttr::default()
+        },
+        time: t(104),
+    }];
+    assert!(matches!(
+        commit_ops(&mut h, d.ino, 9, sized),
+        Err(MetaError::Invalid { .. })
+    ));
+    let dir = vec![HeldOp::SetAttr {
+        ino: d.ino,
+        set: set(0o700, t(7)),
+        time: t(105),
+    }];
+    assert_eq!(commit_ops(&mut h, d.ino, 9, dir), Err(MetaError::IsDir));
+}

@@ -1,0 +1,164 @@
+//! Attribute changes of files in held directories, made here and queued with the
+//! directory's other changes (see `held.rs`): `tar`, `cp -a` and `rsync` set each file's
+//! owner, mode and times right after writing it, and each of those would otherwise be a
+//! replicated log entry of its own.
+//!
+//! A file whose create is still queued takes a chmod or chown into the create itself. A
+//! committed file named in a held directory gets a `SetAttr` queued; its attributes after
+//! the change are kept here (`pending`) until the commit, and the leader's are not asked
+//! for meanwhile (anything else that needs the leader commits the queue first). Sizes
+//! always go through the leader, and so does a file with an unlink or rename queued.
+
+use rawfs_metadata_api::{Attr, FileKind, HeldOp, Ino, SetAttr, TimeSet, Timespec};
+
+use crate::errno;
+use crate::held::{DirState, S_ISGID};
+use crate::inner::{lock, Inner};
+use fuser::Errno;
+use std::sync::Arc;
+
+const S_ISUID: u32 = 0o4000;
+const S_IXGRP: u32 = 0o010;
+
+/// `a` after `set` at `now`, by the leader's rules (`namespace::setattr`): a new owner of a
+/// non-directory drops setuid, and setgid where it means "execute as group"; ctime moves.
+fn apply_set(mut a: Attr, set: &SetAttr, now: Timespec) -> Attr {
+    if let Some(perm) = set.perm {
+        a.perm = perm & 0o7777;
+    }
+    let chown = set.uid.is_some_and(|u| u != a.uid) || set.gid.is_some_and(|g| g != a.gid);
+    a.uid = set.uid.unwrap_or(a.uid);
+    a.gid = set.gid.unwrap_or(a.gid);
+    if chown && set.perm.is_none() && a.kind != FileKind::Dir {
+        a.perm &= !S_ISUID;
+        if a.perm & S_IXGRP != 0 {
+            a.perm &= !S_ISGID;
+        }
+    }
+    let at = |t: TimeSet| match t {
+        TimeSet::Now => now,
+        TimeSet::At(t) => t,
+    };
+    if let Some(t) = set.atime {
+        a.atime = at(t);
+    }
+    if let Some(t) = set.mtime {
+        a.mtime = at(t);
+    }
+    a.ctime = now;
+    a
+}
+
+impl Inner {
+    /// A change of mode and owner (`chmod`, `chown`: no size, no times) of a fresh file whose
+    /// create is still queued, made in that create: the file reaches the leader with them,
+    /// in the same log entry, so that `tar` and `cp -a` setting owner and mode right after a
+    /// create wait for no round trip. `None` when the create has been sent already (or `ino`
+    /// is no fresh file): ask the leader. The kernel has checked the caller's rights
+    /// (`default_permissions`).
+    ///
+    /// The times stay the create's: the create is at most a commit delay old, so a ctime
+    /// that does not move is what a file system with coarse timestamps shows too, while
+    /// restamping the create would move mtime, which a chmod must not.
+    pub(crate) fn held_chmod_chown(&self, ino: Ino, set: &SetAttr) -> Option<Attr> {
+        let only_owner_mode = SetAttr {
+            perm: None,
+            uid: None,
+            gid: None,
+            ..set.clone()
+        } == SetAttr::default();
+        if !only_owner_mode {
+            return None;
+        }
+        let dir = *lock(&self.held.queued).get(&ino)?;
+        let d = self.held_dir(dir)?;
+        let mut st = lock(&d.state);
+        if st.gone {
+            return None;
+        }
+        let DirState { queue, fresh, .. } = &mut *st;
+        let e = queue.iter_mut().rev().find_map(|op| match op {
+            HeldOp::Create(e) if e.ino == ino => Some(e),
+            _ => None,
+        })?;
+        let a = fresh.get_mut(&ino)?;
+        let chown = set.uid.is_some_and(|u| u != e.uid) || set.gid.is_some_and(|g| g != e.gid);
+        e.uid = set.uid.unwrap_or(e.uid);
+        e.gid = set.gid.unwrap_or(e.gid);
+        match set.perm {
+            Some(perm) => e.perm = perm & 0o7777,
+            // Like the leader's setattr (and Linux): a new owner drops setuid, and setgid
+            // where it means "execute as group".
+            None if chown => {
+                e.perm &= !S_ISUID;
+                if e.perm & S_IXGRP != 0 {
+                    e.perm &= !S_ISGID;
+                }
+            }
+            None => {}
+        }
+        (a.perm, a.uid, a.gid) = (e.perm, e.uid, e.gid);
+        Some(a.clone())
+    }
+
+    /// `setattr` (no size) of a file named in a directory held here, queued with the
+    /// directory's changes (see the module docs); `None`: not such a file, ask the leader.
+    /// Times go after any data still buffered, which would restamp mtime when sent later.
+    pub(crate) async fn held_setattr(
+        self: &Arc<Self>,
+        ino: Ino,
+        set: &SetAttr,
+    ) -> Option<Result<Attr, Errno>> {
+        if set.size.is_some() {
+            return None;
+        }
+        let dir = *lock(&self.held.files).get(&ino)?;
+        let d = self.held_dir(dir)?;
+        if set.atime.is_some() || set.mtime.is_some() {
+            if let Some(io) = self.io_if_open(ino) {
+                if let Err(e) = self.settle_to_write(ino, &io).await {
+                    return Some(Err(e));
+                }
+                if let Err(e) = io.flush().await {
+                    return Some(Err(errno::client(e)));
+                }
+            }
+        }
+        let known = {
+            let st = lock(&d.state);
+            if st.gone {
+                return None;
+            }
+            st.fresh.get(&ino).or(st.pending.get(&ino)).cloned()
+        };
+        let base = match known {
+            Some(a) => a,
+            // An unlink or rename of it is queued: the leader's attributes are behind.
+            None if lock(&self.held.queued).contains_key(&ino) => return None,
+            None => match self.client.meta().getattr(ino).await {
+                Ok(a) => a,
+                Err(e) => return Some(Err(errno::meta(e))),
+            },
+        };
+        if base.kind == FileKind::Dir || base.nlink != 1 {
+            // A directory is no file of this one; a file linked elsewhere too may be cached
+            // by other clients that would not see a queued change: both go to the leader.
+            return None;
+        }
+        let mut out = None;
+        let done = self.held_change(dir, |st: &mut DirState, now| {
+            let a = apply_set(base, set, now);
+            match st.fresh.get_mut(&ino) {
+                Some(f) => *f = a.clone(),
+                None => drop(st.pending.insert(ino, a.clone())),
+            }
+            out = Some(a);
+            Ok(Some(HeldOp::SetAttr {
+                ino,
+                set: set.clone(),
+                time: now,
+            }))
+        })?;
+        Some(done.map(|()| out.expect("set by the change")))
+    }
+}
