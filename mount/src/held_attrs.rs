@@ -82,22 +82,9 @@ impl Inner {
             _ => None,
         })?;
         let a = fresh.get_mut(&ino)?;
-        let chown = set.uid.is_some_and(|u| u != e.uid) || set.gid.is_some_and(|g| g != e.gid);
-        e.uid = set.uid.unwrap_or(e.uid);
-        e.gid = set.gid.unwrap_or(e.gid);
-        match set.perm {
-            Some(perm) => e.perm = perm & 0o7777,
-            // Like the leader's setattr (and Linux): a new owner drops setuid, and setgid
-            // where it means "execute as group".
-            None if chown => {
-                e.perm &= !S_ISUID;
-                if e.perm & S_IXGRP != 0 {
-                    e.perm &= !S_ISGID;
-                }
-            }
-            None => {}
-        }
-        (a.perm, a.uid, a.gid) = (e.perm, e.uid, e.gid);
+        // The create's own ctime: the times do not move (see above).
+        *a = apply_set(a.clone(), set, a.ctime);
+        (e.perm, e.uid, e.gid) = (a.perm, a.uid, a.gid);
         Some(a.clone())
     }
 
