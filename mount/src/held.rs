@@ -156,9 +156,10 @@ fn op_inos(op: &HeldOp) -> impl Iterator<Item = Ino> {
 }
 
 impl DirState {
-    /// A fresh file lost its name at `now` (unlinked or renamed over).
+    /// A file lost its name at `now` (unlinked or renamed over): the attributes kept here
+    /// for it (fresh, or with a change queued) say so until the commit.
     fn unlinked(&mut self, ino: Ino, now: Timespec) {
-        if let Some(a) = self.fresh.get_mut(&ino) {
+        if let Some(a) = self.fresh.get_mut(&ino).or(self.pending.get_mut(&ino)) {
             a.nlink = 0;
             a.ctime = now;
         }
@@ -424,7 +425,7 @@ impl Inner {
                 lock(&self.held.files).remove(&r);
                 st.unlinked(r, now);
             }
-            if let Some(a) = st.fresh.get_mut(&ino) {
+            if let Some(a) = st.fresh.get_mut(&ino).or(st.pending.get_mut(&ino)) {
                 a.ctime = now;
             }
             Ok(Some(HeldOp::Rename {

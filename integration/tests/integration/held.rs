@@ -226,6 +226,19 @@ fn attributes_set_in_a_held_directory_are_what_every_mount_sees() -> Result<()> 
         "the unlinked file's mode"
     );
     drop(open);
+    // A file with a change queued, then unlinked while open: its descriptor says so.
+    fs::write(a.join("t/h"), b"h")?;
+    let h = File::open(a.join("t/h"))?;
+    fs::set_permissions(a.join("t/h"), fs::Permissions::from_mode(0o604))?;
+    fs::remove_file(a.join("t/h"))?;
+    let m = h.metadata()?;
+    ensure!(
+        (m.nlink(), m.mode() & 0o777) == (0, 0o604),
+        "unlinked with a change queued: nlink {} mode {:o}",
+        m.nlink(),
+        m.mode()
+    );
+    drop(h);
     for mnt in [a.join("t"), b.join("t")] {
         for i in (0..20u64).filter(|i| *i != 3) {
             let name = if i == 1 {
