@@ -189,7 +189,7 @@ fn check(t: &Tables, dir: Ino, ops: &[HeldOp]) -> Op<()> {
                 if set.size.is_some() {
                     return Err(invalid("a held setattr changes no size"));
                 }
-                if t.inodes.get(*ino)?.is_some() && inode(&t.inodes, *ino)?.is_dir() {
+                if crate::store::get_inode(&t.inodes, *ino)?.is_some_and(|r| r.is_dir()) {
                     return Err(MetaError::IsDir.into());
                 }
             }

@@ -3,10 +3,10 @@
 //! owner, mode and times right after writing it, and each of those would otherwise be a
 //! replicated log entry of its own.
 //!
-//! A file whose create is still queued takes a chmod or chown into the create itself. A
-//! committed file named in a held directory gets a `SetAttr` queued; its attributes after
-//! the change are kept here (`pending`) until the commit, and the leader's are not asked
-//! for meanwhile (anything else that needs the leader commits the queue first). Sizes
+//! A file named in a held directory gets a `SetAttr` queued; its attributes after the
+//! change are kept here (a fresh file's in `fresh`, a committed one's in `pending`) until
+//! the commit, and the leader's are not asked for meanwhile (anything else that needs the
+//! leader commits the queue first). Sizes
 //! always go through the leader, and so does a file with an unlink or rename queued.
 
 use rawfs_metadata_api::{Attr, FileKind, HeldOp, Ino, SetAttr, TimeSet, Timespec};
@@ -50,44 +50,6 @@ fn apply_set(mut a: Attr, set: &SetAttr, now: Timespec) -> Attr {
 }
 
 impl Inner {
-    /// A change of mode and owner (`chmod`, `chown`: no size, no times) of a fresh file whose
-    /// create is still queued, made in that create: the file reaches the leader with them,
-    /// in the same log entry, so that `tar` and `cp -a` setting owner and mode right after a
-    /// create wait for no round trip. `None` when the create has been sent already (or `ino`
-    /// is no fresh file): ask the leader. The kernel has checked the caller's rights
-    /// (`default_permissions`).
-    ///
-    /// The times stay the create's: the create is at most a commit delay old, so a ctime
-    /// that does not move is what a file system with coarse timestamps shows too, while
-    /// restamping the create would move mtime, which a chmod must not.
-    pub(crate) fn held_chmod_chown(&self, ino: Ino, set: &SetAttr) -> Option<Attr> {
-        let only_owner_mode = SetAttr {
-            perm: None,
-            uid: None,
-            gid: None,
-            ..set.clone()
-        } == SetAttr::default();
-        if !only_owner_mode {
-            return None;
-        }
-        let dir = *lock(&self.held.queued).get(&ino)?;
-        let d = self.held_dir(dir)?;
-        let mut st = lock(&d.state);
-        if st.gone {
-            return None;
-        }
-        let DirState { queue, fresh, .. } = &mut *st;
-        let e = queue.iter_mut().rev().find_map(|op| match op {
-            HeldOp::Create(e) if e.ino == ino => Some(e),
-            _ => None,
-        })?;
-        let a = fresh.get_mut(&ino)?;
-        // The create's own ctime: the times do not move (see above).
-        *a = apply_set(a.clone(), set, a.ctime);
-        (e.perm, e.uid, e.gid) = (a.perm, a.uid, a.gid);
-        Some(a.clone())
-    }
-
     /// `setattr` (no size) of a file named in a directory held here, queued with the
     /// directory's changes (see the module docs); `None`: not such a file, ask the leader.
     /// Times go after any data still buffered, which would restamp mtime when sent later.

@@ -128,9 +128,6 @@ impl Inner {
             // Only fields rawfs does not keep (ctime alone, BSD flags): report as is.
             return self.getattr(ino).await;
         }
-        if let Some(a) = self.held_chmod_chown(ino, &set) {
-            return Ok((self.attr(&a), self.attr_ttl));
-        }
         if let Some(done) = self.held_setattr(ino, &set).await {
             return done.map(|a| (self.attr(&a), self.attr_ttl));
         }
