@@ -4,7 +4,8 @@
 //! allocate (and, in a VM, the host must often back afresh), and the data is written to the
 //! disk later anyway, at the client's flush at the latest. With three replicas on a host that
 //! is three copies into fresh pages per byte the client writes. A direct write instead hands
-//! the disk a buffer this thread reuses. Measured on this 2-core VM: three 1 GiB streams with
+//! the disk the payload itself when it is page aligned (write payloads are read into aligned
+//! buffers for this), else a staging buffer this thread reuses. Measured on this 2-core VM: three 1 GiB streams with
 //! a final fsync take 2.2-2.7 s buffered and 1.7 s direct.
 //!
 //! Only runs of at least [`DIRECT_MIN`] bytes go direct: a small random write would wait for
@@ -113,6 +114,18 @@ impl DirectFile {
         let Some(direct) = &self.0 else {
             return Ok(false);
         };
+        if bytes.as_ptr() as usize % ALIGN == 0 {
+            // Already aligned (a write payload read into an aligned buffer, see
+            // `rawfs_chunkserver_api::aligned`): no staging copy.
+            return match direct.write_all_at(bytes, at) {
+                Ok(()) => {
+                    WRITTEN.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    Ok(true)
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(refuse(e)),
+                Err(e) => Err(e),
+            };
+        }
         STAGED.with(|cell| {
             let mut staged = cell.borrow_mut();
             if staged.is_none() {

@@ -19,6 +19,7 @@
 //! than the highest it has seen, so a client with a stale chunk map or a deposed metadata
 //! leader cannot change data. Reads and syncs change nothing, so only their version is checked.
 
+pub mod aligned;
 pub mod client;
 pub mod control;
 pub mod frame;
