@@ -4,8 +4,13 @@ use rawfs_metadata_api::client::ClientTimeouts;
 use rawfs_metadata_api::Consistency;
 use std::time::Duration;
 
-/// Default size of a [`crate::FileIo`] write buffer: 8 MiB.
-pub const DEFAULT_WRITE_BUFFER: usize = 8 << 20;
+/// Default size of a [`crate::FileIo`] write buffer: 32 MiB (a sequential writer's flushes
+/// then pause the stream to the replicas a quarter as often as with 8 MiB: 10-20% faster
+/// sequential writes on a 2-core VM).
+pub const DEFAULT_WRITE_BUFFER: usize = 32 << 20;
+/// All files of one [`crate::Client`] together buffer at most this many times
+/// `write_buffer` before a file's buffer of 8 MiB or more is flushed rather than grown.
+pub const WRITE_BUDGET_BUFFERS: u64 = 8;
 /// Default deadline of one chunkserver data call.
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -19,7 +24,8 @@ pub struct ClientConfig {
     pub timeouts: ClientTimeouts,
     /// Deadline of one chunkserver data call (read, write frame, sync).
     pub io_timeout: Duration,
-    /// Bytes of contiguous writes a [`crate::FileIo`] collects before it sends them.
+    /// Bytes of contiguous writes a [`crate::FileIo`] collects before it sends them (all
+    /// files together: [`WRITE_BUDGET_BUFFERS`] times this).
     pub write_buffer: usize,
     /// Freshness of metadata reads: linearizable (the leader, the default) or local (any
     /// replica, possibly stale; see [`Consistency`]). Mutations always go to the leader.

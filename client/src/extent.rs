@@ -156,6 +156,11 @@ impl Batch {
     pub fn growth_past(&self, committed: u64) -> u64 {
         self.extents.iter().map(|e| e.growth_past(committed)).sum()
     }
+
+    /// Bytes of data held.
+    pub fn bytes(&self) -> u64 {
+        self.extents.iter().map(|e| e.data.len() as u64).sum()
+    }
 }
 
 /// The write buffer of one file: writes collected until they total `cap` bytes (or
@@ -180,6 +185,11 @@ impl WriteBuf {
 
     pub fn is_empty(&self) -> bool {
         self.extents.is_empty()
+    }
+
+    /// Bytes buffered.
+    pub fn bytes(&self) -> u64 {
+        self.bytes as u64
     }
 
     /// Extents that overlap or touch `offset..end`, as `(start, end)`.

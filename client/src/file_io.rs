@@ -6,6 +6,7 @@
 //! for the duration of their I/O: they snapshot the buffered bytes they overlap, read the
 //! replicas, and lay the snapshot over the result, so parallel reads never queue on a lock.
 
+use crate::budget::WriteBudget;
 use crate::error::ClientError;
 use crate::extent::{range_end, split_by_chunk, Batch, Extent, WriteBuf};
 use crate::locations::Locations;
@@ -26,6 +27,25 @@ use std::sync::{Arc, Mutex, MutexGuard};
 struct Bufs {
     buffer: WriteBuf,
     pending: Option<Batch>,
+    /// Bytes of `buffer` and `pending` as last counted in `budget`.
+    charged: u64,
+    budget: Arc<WriteBudget>,
+}
+
+impl Bufs {
+    /// Brings this file's share of the client's write budget up to date; called after every
+    /// change of `buffer` or `pending`.
+    fn recount(&mut self) {
+        let now = self.buffer.bytes() + self.pending.as_ref().map_or(0, Batch::bytes);
+        self.budget.moved(self.charged, now);
+        self.charged = now;
+    }
+}
+
+impl Drop for Bufs {
+    fn drop(&mut self) {
+        self.budget.moved(self.charged, 0);
+    }
 }
 
 struct Inner {
@@ -85,15 +105,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl FileIo {
     #[cfg(test)]
     pub(crate) fn new(ino: Ino, size: u64, store: Arc<dyn Store>, write_buffer: usize) -> Self {
-        Self::with_suspects(ino, size, store, write_buffer, Arc::default())
+        Self::with_shared(
+            ino,
+            size,
+            store,
+            write_buffer,
+            Arc::default(),
+            Arc::default(),
+        )
     }
 
-    pub(crate) fn with_suspects(
+    /// A `FileIo` that shares the client's suspect replicas and write budget.
+    pub(crate) fn with_shared(
         ino: Ino,
         size: u64,
         store: Arc<dyn Store>,
         write_buffer: usize,
         suspects: Arc<Suspects>,
+        budget: Arc<WriteBudget>,
     ) -> Self {
         FileIo {
             inner: Arc::new(Inner {
@@ -105,6 +134,8 @@ impl FileIo {
                 bufs: Mutex::new(Bufs {
                     buffer: WriteBuf::new(write_buffer),
                     pending: None,
+                    charged: 0,
+                    budget,
                 }),
                 flush: tokio::sync::Mutex::new(Vec::new()),
                 locs: Locations::new(ino),
@@ -147,8 +178,15 @@ impl FileIo {
         let Some(end) = range_end(offset, data.len() as u64) else {
             return false;
         };
-        if data.is_empty() || !lock(&self.inner.bufs).buffer.try_absorb(offset, data) {
+        if data.is_empty() {
             return false;
+        }
+        {
+            let mut b = lock(&self.inner.bufs);
+            if b.budget.tight(b.buffer.bytes()) || !b.buffer.try_absorb(offset, data) {
+                return false;
+            }
+            b.recount();
         }
         self.inner.grew(end);
         true
@@ -168,7 +206,9 @@ impl FileIo {
         loop {
             let step = {
                 let mut b = lock(&inner.bufs);
-                if b.buffer.try_absorb(offset, data) {
+                // Past the client's budget, a buffer of a fair share is full.
+                let full = b.budget.tight(b.buffer.bytes());
+                let step = if !full && b.buffer.try_absorb(offset, data) {
                     Step::Absorbed
                 } else if b.pending.is_some() {
                     Step::WaitPending
@@ -188,7 +228,9 @@ impl FileIo {
                     Step::Background {
                         absorbed: b.buffer.try_absorb(offset, data),
                     }
-                }
+                };
+                b.recount();
+                step
             };
             match step {
                 Step::Absorbed => {
@@ -381,6 +423,7 @@ impl Inner {
             if let Some(p) = &mut b.pending {
                 p.truncate(size);
             }
+            b.recount();
         }
         lock(&self.ra).clip(size);
         self.locs.forget_from(size.div_ceil(CHUNK_SIZE));
@@ -471,7 +514,9 @@ impl Inner {
             // Invalidate before dropping `pending`: a reader that no longer sees the pending
             // bytes must not find a window fetched before they were stored.
             lock(&self.ra).invalidate();
-            lock(&self.bufs).pending = None;
+            let mut b = lock(&self.bufs);
+            b.pending = None;
+            b.recount();
         }
         Ok(attr)
     }

@@ -51,6 +51,7 @@
 //! - Chunkservers that did not answer a read are tried last for a while (shared by all
 //!   files of a [`Client`]), so a hung server costs one deadline rather than one per read.
 
+mod budget;
 mod config;
 mod convert;
 mod cow;
@@ -76,7 +77,7 @@ mod real_tests;
 #[cfg(test)]
 mod tests;
 
-pub use config::{ClientConfig, DEFAULT_IO_TIMEOUT, DEFAULT_WRITE_BUFFER};
+pub use config::{ClientConfig, DEFAULT_IO_TIMEOUT, DEFAULT_WRITE_BUFFER, WRITE_BUDGET_BUFFERS};
 pub use cow::snapshot;
 pub use error::ClientError;
 pub use extent::MAX_FILE_SIZE;
@@ -96,6 +97,7 @@ pub struct Client {
     data: DataClient,
     store: Arc<dyn Store>,
     suspects: Arc<read_path::Suspects>,
+    budget: Arc<budget::WriteBudget>,
 }
 
 impl std::fmt::Debug for Client {
@@ -122,12 +124,14 @@ impl Client {
             io_deadline: cfg.io_timeout + cfg.io_timeout / 2,
             slots: Default::default(),
         });
+        let budget = (cfg.write_buffer as u64).saturating_mul(WRITE_BUDGET_BUFFERS);
         Client {
             cfg: Arc::new(cfg),
             meta,
             data,
             store,
             suspects: Arc::default(),
+            budget: Arc::new(budget::WriteBudget::new(budget)),
         }
     }
 
@@ -172,12 +176,13 @@ impl Client {
     /// I/O on file `ino` whose size is `size` (from the attributes of the open). Make one
     /// per open inode and share it between that inode's handles.
     pub fn file(&self, ino: Ino, size: u64) -> FileIo {
-        FileIo::with_suspects(
+        FileIo::with_shared(
             ino,
             size,
             self.store.clone(),
             self.cfg.write_buffer,
             self.suspects.clone(),
+            self.budget.clone(),
         )
     }
 }

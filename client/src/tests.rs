@@ -50,6 +50,39 @@ async fn writes_that_fit_are_buffered_at_once_and_others_are_left_to_write() {
 }
 
 #[tokio::test]
+async fn files_share_the_clients_write_budget() {
+    use crate::budget::{WriteBudget, FAIR_SHARE};
+    let fake = Arc::new(Fake::new(3));
+    let share = FAIR_SHARE as usize;
+    let budget = Arc::new(WriteBudget::new(FAIR_SHARE * 2));
+    let file = |ino| {
+        let (suspects, budget) = (Arc::default(), budget.clone());
+        FileIo::with_shared(ino, 0, fake.clone(), share * 4, suspects, budget)
+    };
+    let (a, b) = (file(INO), file(INO + 1));
+    // Within the budget, a buffer grows past a fair share.
+    assert!(a.write_if_buffered(0, &pattern(1, share * 2)));
+    assert!(a.write_if_buffered((share * 2) as u64, &pattern(2, 1 << 20)));
+    assert_eq!(budget.used(), (share * 2 + (1 << 20)) as u64);
+    // Past it, a buffer that holds a fair share stops growing; a smaller one still grows.
+    assert!(!a.write_if_buffered((share * 2 + (1 << 20)) as u64, b"x"));
+    assert!(b.write_if_buffered(0, &pattern(3, 1 << 20)));
+    assert_eq!(fake.st().writes, 0);
+    // The refused write flushes the full buffer in the background; the bytes are counted
+    // until they are stored, and uncounted once they are.
+    a.write((share * 2 + (1 << 20)) as u64, b"x").await.unwrap();
+    a.flush().await.unwrap();
+    b.flush().await.unwrap();
+    assert_eq!(budget.used(), 0);
+    let want: Vec<u8> = [pattern(1, share * 2), pattern(2, 1 << 20), b"x".to_vec()].concat();
+    assert_eq!(a.read(0, want.len() as u32).await.unwrap().to_vec(), want);
+    // A dropped FileIo gives back what it held.
+    assert!(b.write_if_buffered(0, b"y"));
+    drop(b);
+    assert_eq!(budget.used(), 0);
+}
+
+#[tokio::test]
 async fn buffered_writes_are_read_back_before_and_after_flush() {
     let (fake, io) = setup(3, 1 << 20);
     io.write(0, b"hello ").await.unwrap();

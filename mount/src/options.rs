@@ -32,7 +32,8 @@ pub struct MountOptions {
     pub io_timeout: Duration,
     /// How long one metadata operation may retry before `EIO` (`op_timeout=`, default 30 s).
     pub op_timeout: Duration,
-    /// Write buffer per open file in bytes (`write_buffer=SIZE`, default 8 MiB).
+    /// Write buffer per open file in bytes (`write_buffer=SIZE`, default
+    /// [`rawfs_client::DEFAULT_WRITE_BUFFER`]: 32 MiB).
     pub write_buffer: usize,
     /// Log at debug level (`debug`).
     pub debug: bool,
@@ -66,7 +67,7 @@ impl Default for MountOptions {
             entry_timeout: Duration::from_secs(30),
             io_timeout: Duration::from_secs(10),
             op_timeout: Duration::from_secs(30),
-            write_buffer: 8 << 20,
+            write_buffer: rawfs_client::DEFAULT_WRITE_BUFFER,
             debug: false,
             log: None,
             nosuid: false,
