@@ -189,6 +189,18 @@ impl ChunkFile {
     /// Writes `data` at chunk offset `offset`, touching only the blocks it covers. A partially
     /// covered block that was written before is read and verified first.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.write_with_crcs(offset, data, None)
+    }
+
+    /// [`ChunkFile::write`] with the crcs of the whole 4 KiB blocks `data` covers already
+    /// computed (see `payload_crc`); used only if this file has 4 KiB blocks.
+    pub fn write_with_crcs(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        known: Option<&[u32]>,
+    ) -> Result<(), StoreError> {
+        let known = known.filter(|_| self.geo == Geometry::current());
         let end = check_range(offset, data.len() as u64)?;
         if data.is_empty() {
             return Ok(());
@@ -200,13 +212,19 @@ impl ChunkFile {
         let mut owned: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut whole: Option<(u64, usize, usize)> = None; // (file offset, data start, data end)
         let mut crcs = Vec::with_capacity(last - first + 1);
+        let mut whole_blocks = 0;
         for b in first..=last {
             let bstart = b as u64 * bs;
             let s = offset.max(bstart);
             let e = end.min(bstart + bs);
             let piece = &data[(s - offset) as usize..(e - offset) as usize];
             if s == bstart && e == bstart + bs {
-                crcs.push(crc32c::crc32c(piece));
+                let nth = whole_blocks;
+                whole_blocks += 1;
+                crcs.push(match known.and_then(|k| k.get(nth)) {
+                    Some(crc) => *crc,
+                    None => crc32c::crc32c(piece),
+                });
                 let (ds, de) = ((s - offset) as usize, (e - offset) as usize);
                 whole = Some(match whole {
                     Some((fo, start, _)) => (fo, start, de),

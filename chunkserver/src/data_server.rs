@@ -64,7 +64,8 @@ async fn serve_conn(
                 Ok(Some(h)) => {
                     // Once a frame has begun, its payload must follow promptly: a peer that
                     // stalls mid-frame would otherwise pin a payload buffer forever.
-                    match tokio::time::timeout(BODY_TIMEOUT, frame::read_request_body(&mut r, h)).await {
+                    let body = frame::read_request_body_leaving_write_crc(&mut r, h);
+                    match tokio::time::timeout(BODY_TIMEOUT, body).await {
                         Ok(body) => body.map(Some),
                         Err(_) => {
                             tracing::warn!(%peer, request_id = h.id, "request payload stalled; closing connection");
@@ -78,7 +79,7 @@ async fn serve_conn(
         };
         let (resp, crc) = match next {
             Ok(None) => break,
-            Ok(Some(req)) => answer(&storage, local.as_deref(), req).await,
+            Ok(Some((req, write_crc))) => answer(&storage, local.as_deref(), req, write_crc).await,
             Err(frame::FrameError::PayloadCrc { request_id }) => {
                 tracing::warn!(%peer, request_id, "request payload failed its checksum");
                 let resp =
@@ -101,15 +102,17 @@ async fn serve_conn(
 /// Runs one request and builds its response.
 #[cfg(test)]
 pub(crate) async fn handle(storage: &Arc<Storage>, req: Request) -> Response {
-    answer(storage, None, req).await.0
+    answer(storage, None, req, None).await.0
 }
 
 /// Runs one request and builds its response, with the payload's crc32c when the storage
 /// already knows it (a read of whole blocks), which saves the frame a second pass.
+/// `write_crc` is the unchecked payload crc of a WRITE, checked by the storage.
 async fn answer(
     storage: &Arc<Storage>,
     local: Option<&LocalSocket>,
     req: Request,
+    write_crc: Option<u32>,
 ) -> (Response, Option<u32>) {
     let id = req.id;
     if let Err(reason) = validate(&req) {
@@ -134,16 +137,16 @@ async fn answer(
         let (chunk, version, offset) = (req.chunk, req.version, u64::from(req.offset));
         let none = |r: Result<bytes::Bytes, StoreError>| r.map(|b| (b, None));
         match req.op {
-            Opcode::Write => storage
-                .write(
-                    chunk,
-                    version,
-                    req.term,
-                    offset,
-                    &req.payload,
-                    req.flags & FLAG_SYNC != 0,
-                )
-                .map(|()| (bytes::Bytes::new(), None)),
+            Opcode::Write => {
+                let (term, data, sync) = (req.term, &req.payload, req.flags & FLAG_SYNC != 0);
+                match write_crc {
+                    Some(crc) => {
+                        storage.write_verifying(chunk, version, term, offset, data, sync, crc)
+                    }
+                    None => storage.write(chunk, version, term, offset, data, sync),
+                }
+                .map(|()| (bytes::Bytes::new(), None))
+            }
             Opcode::WriteV => none(write_pieces(&storage, &req)),
             Opcode::Read => storage.read_checked(chunk, version, offset, u64::from(req.length)),
             Opcode::Sync => storage
@@ -171,7 +174,12 @@ async fn answer(
             },
             crc,
         ),
-        Ok(Err(e)) => (error_response(id, e), None),
+        Ok(Err(e)) => {
+            if let StoreError::BadRequest { reason } = &e {
+                tracing::warn!(request_id = id, reason, "refusing request");
+            }
+            (error_response(id, e), None)
+        }
         Err(e) => {
             tracing::error!(request_id = id, error = %e, "storage task failed");
             let resp = Response::error(id, Status::DiskError, "internal error in storage task");

@@ -36,6 +36,7 @@ mod direct;
 mod fence;
 mod heartbeat;
 mod local_server;
+mod payload_crc;
 mod scrub;
 mod storage;
 mod tombstones;

@@ -342,6 +342,38 @@ impl Storage {
         data: &[u8],
         sync: bool,
     ) -> Result<(), StoreError> {
+        self.write_with_crcs(chunk, version, term, offset, data, sync, None)
+    }
+
+    /// [`Storage::write`] of a payload whose crc32c the frame gave but nobody checked yet:
+    /// checked here from its block checksums (see `payload_crc`) before anything is touched;
+    /// a mismatch is a `BadRequest`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_verifying(
+        &self,
+        chunk: u64,
+        version: u64,
+        term: u64,
+        offset: u64,
+        data: &[u8],
+        sync: bool,
+        payload_crc: u32,
+    ) -> Result<(), StoreError> {
+        let crcs = crate::payload_crc::whole_block_crcs(offset, data, payload_crc)?;
+        self.write_with_crcs(chunk, version, term, offset, data, sync, Some(&crcs))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_with_crcs(
+        &self,
+        chunk: u64,
+        version: u64,
+        term: u64,
+        offset: u64,
+        data: &[u8],
+        sync: bool,
+        known: Option<&[u32]>,
+    ) -> Result<(), StoreError> {
         let current = self.fence.current();
         if term < current {
             return Err(StoreError::StaleTerm { current });
@@ -375,7 +407,7 @@ impl Storage {
                     meta.version = version;
                 }
             }
-            let r = cf.write(offset, data);
+            let r = cf.write_with_crcs(offset, data, known);
             if let Err(StoreError::Corrupt { .. }) = r {
                 self.mark_corrupt(chunk);
             }

@@ -453,15 +453,16 @@ async fn read_payload<R: AsyncRead + Unpin>(
     request_id: u64,
 ) -> Result<Bytes, FrameError> {
     // `len` was bounded by MAX_PAYLOAD when the header was decoded.
-    read_payload_after(r, &[], len as usize, crc, request_id).await
+    read_payload_after(r, &[], len as usize, Some(crc), request_id).await
 }
 
-/// [`read_payload`] of a payload whose first bytes, `prefix`, were read already.
+/// [`read_payload`] of a payload whose first bytes, `prefix`, were read already; `crc`, if
+/// given, is checked.
 async fn read_payload_after<R: AsyncRead + Unpin>(
     r: &mut R,
     prefix: &[u8],
     len: usize,
-    crc: u32,
+    crc: Option<u32>,
     request_id: u64,
 ) -> Result<Bytes, FrameError> {
     let first = len.min(FIRST_READ);
@@ -472,7 +473,7 @@ async fn read_payload_after<R: AsyncRead + Unpin>(
         buf.reserve(len - first);
         read_up_to(r, &mut buf, len).await?;
     }
-    if crc32c::crc32c(&buf) != crc {
+    if crc.is_some_and(|crc| crc32c::crc32c(&buf) != crc) {
         return Err(FrameError::PayloadCrc { request_id });
     }
     Ok(buf.freeze())
@@ -480,10 +481,11 @@ async fn read_payload_after<R: AsyncRead + Unpin>(
 
 /// Reads the payload of a WRITE or WRITEV into a page-aligned pooled buffer with its first
 /// piece's data on a page boundary (see [`crate::aligned`]), or as any other payload when it
-/// does not fit one.
+/// does not fit one. Its crc is checked if `verify`.
 async fn read_write_payload<R: AsyncRead + Unpin>(
     r: &mut R,
     h: &RequestHeader,
+    verify: bool,
 ) -> Result<Bytes, FrameError> {
     let len = h.payload_len as usize;
     let mut count = [0u8; 4];
@@ -496,8 +498,9 @@ async fn read_write_payload<R: AsyncRead + Unpin>(
     } else {
         (&count[..0], 0)
     };
+    let crc = verify.then_some(h.payload_crc);
     let Some(mut buf) = AlignedPayload::new(len, head) else {
-        return read_payload_after(r, prefix, len, h.payload_crc, h.id).await;
+        return read_payload_after(r, prefix, len, crc, h.id).await;
     };
     buf.put_slice(prefix);
     while buf.missing() > 0 {
@@ -506,7 +509,7 @@ async fn read_write_payload<R: AsyncRead + Unpin>(
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
     }
-    if crc32c::crc32c(buf.as_ref()) != h.payload_crc {
+    if crc.is_some_and(|crc| crc32c::crc32c(buf.as_ref()) != crc) {
         return Err(FrameError::PayloadCrc { request_id: h.id });
     }
     Ok(Bytes::from_owner(buf))
@@ -531,10 +534,29 @@ pub async fn read_request_body<R: AsyncRead + Unpin>(
     h: RequestHeader,
 ) -> Result<Request, FrameError> {
     let payload = match h.op {
-        Opcode::Write | Opcode::WriteV => read_write_payload(r, &h).await?,
+        Opcode::Write | Opcode::WriteV => read_write_payload(r, &h, true).await?,
         _ => read_payload(r, h.payload_len, h.payload_crc, h.id).await?,
     };
-    Ok(Request {
+    Ok(request(h, payload))
+}
+
+/// [`read_request_body`] that leaves the payload crc of a WRITE to the caller: returns it
+/// (unchecked) with the request, or `None` for any other request (checked here). A
+/// chunkserver checks it from the block checksums it computes anyway, one pass instead of
+/// two; a WRITE whose check is skipped must not be stored.
+pub async fn read_request_body_leaving_write_crc<R: AsyncRead + Unpin>(
+    r: &mut R,
+    h: RequestHeader,
+) -> Result<(Request, Option<u32>), FrameError> {
+    if h.op != Opcode::Write {
+        return read_request_body(r, h).await.map(|req| (req, None));
+    }
+    let payload = read_write_payload(r, &h, false).await?;
+    Ok((request(h, payload), Some(h.payload_crc)))
+}
+
+fn request(h: RequestHeader, payload: Bytes) -> Request {
+    Request {
         id: h.id,
         op: h.op,
         flags: h.flags,
@@ -544,7 +566,7 @@ pub async fn read_request_body<R: AsyncRead + Unpin>(
         offset: h.offset,
         length: h.length,
         payload,
-    })
+    }
 }
 
 /// Reads one request frame. `Ok(None)` means the peer closed the stream between frames.
