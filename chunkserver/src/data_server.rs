@@ -5,6 +5,7 @@
 //! that cannot be parsed closes only its own connection.
 
 use crate::local_server::LocalSocket;
+use crate::payload_crc;
 use crate::storage::{Storage, StoreError};
 use rawfs_chunkserver_api::frame::{self, Opcode, Request, Response, Status, FLAG_SYNC};
 use rawfs_chunkserver_api::{vector, MAX_PAYLOAD};
@@ -139,13 +140,15 @@ async fn answer(
         match req.op {
             Opcode::Write => {
                 let (term, data, sync) = (req.term, &req.payload, req.flags & FLAG_SYNC != 0);
-                match write_crc {
-                    Some(crc) => {
-                        storage.write_verifying(chunk, version, term, offset, data, sync, crc)
-                    }
-                    None => storage.write(chunk, version, term, offset, data, sync),
-                }
-                .map(|()| (bytes::Bytes::new(), None))
+                // The payload is checked before anything is touched: a damaged one changes
+                // nothing, not even by creating the chunk.
+                let crcs = match write_crc {
+                    Some(crc) => Some(payload_crc::whole_block_crcs(offset, data, crc)?),
+                    None => None,
+                };
+                storage
+                    .write_with_crcs(chunk, version, term, offset, data, sync, crcs.as_deref())
+                    .map(|()| (bytes::Bytes::new(), None))
             }
             Opcode::WriteV => none(write_pieces(&storage, &req)),
             Opcode::Read => storage.read_checked(chunk, version, offset, u64::from(req.length)),

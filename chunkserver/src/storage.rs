@@ -345,26 +345,10 @@ impl Storage {
         self.write_with_crcs(chunk, version, term, offset, data, sync, None)
     }
 
-    /// [`Storage::write`] of a payload whose crc32c the frame gave but nobody checked yet:
-    /// checked here from its block checksums (see `payload_crc`) before anything is touched;
-    /// a mismatch is a `BadRequest`.
+    /// [`Storage::write`] with the crcs of the whole 4 KiB blocks `data` covers already
+    /// computed (by `payload_crc::whole_block_crcs`, which also checked the payload).
     #[allow(clippy::too_many_arguments)]
-    pub fn write_verifying(
-        &self,
-        chunk: u64,
-        version: u64,
-        term: u64,
-        offset: u64,
-        data: &[u8],
-        sync: bool,
-        payload_crc: u32,
-    ) -> Result<(), StoreError> {
-        let crcs = crate::payload_crc::whole_block_crcs(offset, data, payload_crc)?;
-        self.write_with_crcs(chunk, version, term, offset, data, sync, Some(&crcs))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn write_with_crcs(
+    pub fn write_with_crcs(
         &self,
         chunk: u64,
         version: u64,
