@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use rawfs_chunkserver_api::{DataClient, DataError, WriteReq};
+use rawfs_chunkserver_api::{DataClient, DataError, EncodedWrite, WriteReq};
 use rawfs_metadata_api::client::MetadataClient;
 use rawfs_metadata_api::{Attr, ChunkId, ChunkLoc, CowLoc, EcPlan, Ino, MetaError, ServerId};
 use std::collections::HashMap;
@@ -32,8 +32,16 @@ pub(crate) struct PutV {
     pub version: u64,
     /// The metadata term from the chunk's location (the fencing token).
     pub term: u64,
-    /// Not overlapping; at most [`rawfs_chunkserver_api::MAX_PIECES`] and one frame's bytes.
+    /// The pieces and their encoding, made once for every replica.
+    pub frame: Arc<Frame>,
+}
+
+/// The pieces of one write request (not overlapping; at most
+/// [`rawfs_chunkserver_api::MAX_PIECES`] and one frame's bytes) and their encoding.
+#[derive(Debug)]
+pub(crate) struct Frame {
     pub pieces: Vec<rawfs_chunkserver_api::Piece>,
+    pub encoded: EncodedWrite,
 }
 
 /// Metadata and chunkserver calls used by [`crate::FileIo`]. Every call ends within a
@@ -130,13 +138,13 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Writes every piece of `put`; by default one [`Store::write`] after the other.
     fn write_v<'a>(&'a self, addr: &'a str, put: PutV) -> BoxFuture<'a, Result<(), DataError>> {
         async move {
-            for p in put.pieces {
+            for p in &put.frame.pieces {
                 let one = Put {
                     chunk: put.chunk,
                     version: put.version,
                     term: put.term,
                     offset: p.offset,
-                    data: p.data,
+                    data: p.data.clone(),
                 };
                 self.write(addr, one).await?;
             }
@@ -381,7 +389,8 @@ impl Store for RemoteStore {
     fn write_v<'a>(&'a self, addr: &'a str, put: PutV) -> BoxFuture<'a, Result<(), DataError>> {
         let call = async move {
             let data = &self.data;
-            data.write_v(addr, put.chunk, put.version, put.term, &put.pieces)
+            let encoded = &put.frame.encoded;
+            data.write_encoded(addr, put.chunk, put.version, put.term, encoded)
                 .await
         };
         self.data_call(addr, call).boxed()

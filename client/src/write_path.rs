@@ -17,13 +17,14 @@ use crate::ec_write::{try_append, Append};
 use crate::error::ClientError;
 use crate::extent::{frames, split_by_chunk, Extent};
 use crate::locations::Locations;
-use crate::store::{PutV, Store};
+use crate::store::{Frame, PutV, Store};
 use bytes::Bytes;
 use futures::future::join_all;
 use futures::{StreamExt, TryStreamExt};
-use rawfs_chunkserver_api::{DataError, Piece, MAX_PIECES};
+use rawfs_chunkserver_api::{DataError, EncodedWrite, Piece, MAX_PIECES};
 use rawfs_metadata_api::{ChunkId, ChunkLoc, ServerId, CHUNK_SIZE, REPLICAS};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Largest data frame sent in one write request.
 pub(crate) const FRAME: usize = 1 << 20;
@@ -106,6 +107,12 @@ pub(crate) async fn write_pieces(
         }
     }
     let mut loc = crate::cow::writable(store, locs, loc).await?;
+    // Encoded and hashed once for all replicas (and every round).
+    let frames = frames_of(&pieces).map_err(|source| ClientError::Io {
+        chunk: loc.chunk,
+        addr: String::new(),
+        source,
+    })?;
     let mut refreshed = false;
     let mut last: Option<DataError> = None;
     // Each round either succeeds, drops at least one replica, or refreshes (once): bounded.
@@ -116,7 +123,7 @@ pub(crate) async fn write_pieces(
         let outcomes = join_all(
             loc.replicas
                 .iter()
-                .map(|r| write_replica_pieces(store, &r.data_addr, &loc, &pieces)),
+                .map(|r| write_replica_frames(store, &r.data_addr, &loc, &frames)),
         )
         .await;
         let mut failed = Vec::new();
@@ -206,26 +213,26 @@ pub(crate) async fn write_replica(
         offset: off,
         data: data.clone(),
     };
-    write_replica_pieces(store, addr, loc, std::slice::from_ref(&piece)).await
+    let frames = frames_of(std::slice::from_ref(&piece))?;
+    write_replica_frames(store, addr, loc, &frames).await
 }
 
-/// Writes `pieces` to one replica: big pieces as frames of at most [`FRAME`] bytes, runs of
-/// small ones packed together into one WRITEV each, a few requests in flight.
-pub(crate) async fn write_replica_pieces(
+/// Writes `frames` to one replica, a few requests in flight.
+async fn write_replica_frames(
     store: &dyn Store,
     addr: &str,
     loc: &ChunkLoc,
-    pieces: &[Piece],
+    frames: &[Arc<Frame>],
 ) -> Result<(), DataError> {
-    futures::stream::iter(pack(pieces))
-        .map(|pieces| {
+    futures::stream::iter(frames.to_vec())
+        .map(|frame| {
             store.write_v(
                 addr,
                 PutV {
                     chunk: loc.chunk,
                     version: loc.version,
                     term: loc.term,
-                    pieces,
+                    frame,
                 },
             )
         })
@@ -233,6 +240,17 @@ pub(crate) async fn write_replica_pieces(
         .try_collect::<Vec<()>>()
         .await
         .map(|_| ())
+}
+
+/// `pieces` as requests ([`pack`]), each encoded once for every replica.
+fn frames_of(pieces: &[Piece]) -> Result<Vec<Arc<Frame>>, DataError> {
+    pack(pieces)
+        .into_iter()
+        .map(|pieces| {
+            let encoded = EncodedWrite::new(&pieces)?;
+            Ok(Arc::new(Frame { pieces, encoded }))
+        })
+        .collect()
 }
 
 /// Groups `pieces` into requests: a piece of [`FRAME`] bytes or more is cut into frames of

@@ -38,6 +38,51 @@ pub struct WriteReq {
     pub sync: bool,
 }
 
+/// The pieces of one write request encoded once, with the payload's crc32c, to be sent to
+/// every replica as it is ([`DataClient::write_encoded`]).
+#[derive(Clone, Debug)]
+pub struct EncodedWrite {
+    op: Opcode,
+    offset: u32,
+    payload: Bytes,
+    crc: u32,
+}
+
+impl EncodedWrite {
+    /// One piece as a WRITE (its data as it is), several as a WRITEV; the encoding must fit
+    /// one frame: at most [`crate::MAX_PIECES`] pieces and [`MAX_PAYLOAD`] bytes.
+    pub fn new(pieces: &[crate::Piece]) -> Result<EncodedWrite, DataError> {
+        let len = crate::vector::encoded_len(pieces);
+        let fits = match pieces {
+            [one] => one.data.len() <= MAX_PAYLOAD as usize,
+            _ => {
+                !pieces.is_empty()
+                    && pieces.len() <= crate::MAX_PIECES
+                    && len <= MAX_PAYLOAD as usize
+            }
+        };
+        if !fits {
+            return Err(DataError::Protocol {
+                reason: format!(
+                    "a write of {} pieces and {len} bytes does not fit one frame",
+                    pieces.len()
+                ),
+            });
+        }
+        let (op, offset, payload) = match pieces {
+            [one] => (Opcode::Write, one.offset, one.data.clone()),
+            _ => (Opcode::WriteV, 0, crate::vector::encode(pieces)),
+        };
+        let crc = crc32c::crc32c(&payload);
+        Ok(EncodedWrite {
+            op,
+            offset,
+            payload,
+            crc,
+        })
+    }
+}
+
 /// Why a data call failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DataError {
@@ -175,38 +220,35 @@ impl DataClient {
         term: u64,
         pieces: &[crate::Piece],
     ) -> Result<(), DataError> {
-        if let [one] = pieces {
-            let w = WriteReq {
-                chunk,
-                version,
-                term,
-                offset: one.offset,
-                data: one.data.clone(),
-                sync: false,
-            };
-            return self.write(addr, w).await;
-        }
-        let len = crate::vector::encoded_len(pieces);
-        if pieces.is_empty() || pieces.len() > crate::MAX_PIECES || len > MAX_PAYLOAD as usize {
-            return Err(DataError::Protocol {
-                reason: format!(
-                    "a writev of {} pieces and {len} bytes does not fit one frame",
-                    pieces.len()
-                ),
-            });
-        }
+        let frame = EncodedWrite::new(pieces)?;
+        self.write_encoded(addr, chunk, version, term, &frame).await
+    }
+
+    /// Sends a write encoded once by [`EncodedWrite::new`] (the same frame goes to every
+    /// replica: encoded and hashed once, not once per replica).
+    pub async fn write_encoded(
+        &self,
+        addr: &str,
+        chunk: u64,
+        version: u64,
+        term: u64,
+        frame: &EncodedWrite,
+    ) -> Result<(), DataError> {
         let req = Request {
             id: 0,
-            op: Opcode::WriteV,
+            op: frame.op,
             flags: 0,
             chunk,
             version,
             term,
-            offset: 0,
-            length: len as u32,
-            payload: crate::vector::encode(pieces),
+            offset: frame.offset,
+            // Bounded by MAX_PAYLOAD in `EncodedWrite::new`.
+            length: frame.payload.len() as u32,
+            payload: frame.payload.clone(),
         };
-        self.call(addr, req).await.map(|_| ())
+        self.call_with_crc(addr, req, Some(frame.crc))
+            .await
+            .map(|_| ())
     }
 
     /// Reads `len` bytes at `offset` of `chunk`. Unwritten ranges read as zeros; every byte was
@@ -360,15 +402,30 @@ impl DataClient {
     }
 
     /// Sends `req` (with a fresh request id) and returns the payload of an OK response.
-    async fn call(&self, addr: &str, mut req: Request) -> Result<Bytes, DataError> {
+    async fn call(&self, addr: &str, req: Request) -> Result<Bytes, DataError> {
+        self.call_with_crc(addr, req, None).await
+    }
+
+    /// [`DataClient::call`] with the payload's crc32c, if the caller has it already.
+    async fn call_with_crc(
+        &self,
+        addr: &str,
+        mut req: Request,
+        crc: Option<u32>,
+    ) -> Result<Bytes, DataError> {
         req.id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let resp = tokio::time::timeout(self.inner.timeout, self.exchange(addr, &req))
+        let resp = tokio::time::timeout(self.inner.timeout, self.exchange(addr, &req, crc))
             .await
             .map_err(|_| DataError::Timeout)??;
         status_to_result(resp)
     }
 
-    async fn exchange(&self, addr: &str, req: &Request) -> Result<Response, DataError> {
+    async fn exchange(
+        &self,
+        addr: &str,
+        req: &Request,
+        crc: Option<u32>,
+    ) -> Result<Response, DataError> {
         let pool = self.pool(addr);
         let _permit = pool
             .permits
@@ -384,14 +441,14 @@ impl DataClient {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .pop();
         let (resp, conn) = match pooled {
-            Some(conn) => match round_trip(conn, req).await {
+            Some(conn) => match round_trip(conn, req, crc).await {
                 Ok(done) => done,
                 // An idle connection may have been closed by a restarted server; every request
                 // is idempotent (positional writes), so retry once on a fresh connection.
                 Err(FrameError::Io(e)) => {
                     tracing::debug!(addr, error = %e, "pooled connection failed; reconnecting");
                     let conn = connect(addr).await?;
-                    round_trip(conn, req)
+                    round_trip(conn, req, crc)
                         .await
                         .map_err(|e| frame_error(addr, e))?
                 }
@@ -399,7 +456,7 @@ impl DataClient {
             },
             None => {
                 let conn = connect(addr).await?;
-                round_trip(conn, req)
+                round_trip(conn, req, crc)
                     .await
                     .map_err(|e| frame_error(addr, e))?
             }
@@ -437,8 +494,13 @@ async fn connect(addr: &str) -> Result<Conn, DataError> {
     })
 }
 
-async fn round_trip(mut conn: Conn, req: &Request) -> Result<(Response, Conn), FrameError> {
-    frame::write_request(&mut conn.stream, req).await?;
+async fn round_trip(
+    mut conn: Conn,
+    req: &Request,
+    crc: Option<u32>,
+) -> Result<(Response, Conn), FrameError> {
+    let crc = crc.unwrap_or_else(|| crc32c::crc32c(&req.payload));
+    frame::write_request_with_crc(&mut conn.stream, req, crc).await?;
     let resp = frame::read_response(&mut conn.stream).await?;
     Ok((resp, conn))
 }
@@ -475,6 +537,32 @@ fn status_to_result(resp: Response) -> Result<Bytes, DataError> {
 mod tests {
     use super::*;
     use tokio::net::TcpListener;
+
+    #[test]
+    fn a_write_is_encoded_once_as_a_write_or_a_writev() {
+        use crate::Piece;
+        let piece = |offset, data: &'static [u8]| Piece {
+            offset,
+            data: Bytes::from_static(data),
+        };
+        let one = EncodedWrite::new(&[piece(4096, b"block")]).unwrap();
+        assert_eq!(
+            (one.op, one.offset, &one.payload[..]),
+            (Opcode::Write, 4096, &b"block"[..])
+        );
+        assert_eq!(one.crc, crc32c::crc32c(b"block"));
+        let two = [piece(0, b"a"), piece(10, b"b")];
+        let many = EncodedWrite::new(&two).unwrap();
+        assert_eq!((many.op, many.offset), (Opcode::WriteV, 0));
+        assert_eq!(many.payload, crate::vector::encode(&two));
+        assert_eq!(many.crc, crc32c::crc32c(&many.payload));
+        assert!(EncodedWrite::new(&[]).is_err());
+        let big = Piece {
+            offset: 0,
+            data: Bytes::from(vec![0u8; MAX_PAYLOAD as usize + 1]),
+        };
+        assert!(EncodedWrite::new(&[big]).is_err());
+    }
 
     #[test]
     fn stale_fences_are_not_replica_failures() {

@@ -582,6 +582,16 @@ pub async fn write_request<W: AsyncWrite + Unpin>(
     w: &mut W,
     req: &Request,
 ) -> Result<(), FrameError> {
+    write_request_with_crc(w, req, crc32c::crc32c(&req.payload)).await
+}
+
+/// [`write_request`] for a payload whose crc32c the caller already has (the same frame sent
+/// to every replica is hashed once).
+pub async fn write_request_with_crc<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    req: &Request,
+    payload_crc: u32,
+) -> Result<(), FrameError> {
     let len = frame_len(&req.payload)?;
     let h = RequestHeader {
         id: req.id,
@@ -593,7 +603,7 @@ pub async fn write_request<W: AsyncWrite + Unpin>(
         offset: req.offset,
         length: req.length,
         payload_len: len,
-        payload_crc: crc32c::crc32c(&req.payload),
+        payload_crc,
     };
     w.write_all(&h.encode()).await?;
     w.write_all(&req.payload).await?;

@@ -28,7 +28,7 @@ pub mod local;
 mod mapped;
 pub mod vector;
 
-pub use client::{DataClient, DataError, WriteReq, MAX_CONNS_PER_ADDR};
+pub use client::{DataClient, DataError, EncodedWrite, WriteReq, MAX_CONNS_PER_ADDR};
 pub use control::{
     connect_control, deadline, ChunkserverControl, ChunkserverControlClient, ControlError,
     ControlStatus, ScrubStatus, CONTROL_MAX_FRAME,
