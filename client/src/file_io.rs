@@ -27,6 +27,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 struct Bufs {
     buffer: WriteBuf,
     pending: Option<Batch>,
+    /// Bytes of `pending` (summed once per change of it, not per write).
+    pending_bytes: u64,
     /// Bytes of `buffer` and `pending` as last counted in `budget`.
     charged: u64,
     budget: Arc<WriteBudget>,
@@ -34,11 +36,16 @@ struct Bufs {
 
 impl Bufs {
     /// Brings this file's share of the client's write budget up to date; called after every
-    /// change of `buffer` or `pending`.
+    /// change of `buffer` (after a change of `pending`: [`Bufs::pending_changed`]).
     fn recount(&mut self) {
-        let now = self.buffer.bytes() + self.pending.as_ref().map_or(0, Batch::bytes);
+        let now = self.buffer.bytes() + self.pending_bytes;
         self.budget.moved(self.charged, now);
         self.charged = now;
+    }
+
+    fn pending_changed(&mut self) {
+        self.pending_bytes = self.pending.as_ref().map_or(0, Batch::bytes);
+        self.recount();
     }
 }
 
@@ -134,6 +141,7 @@ impl FileIo {
                 bufs: Mutex::new(Bufs {
                     buffer: WriteBuf::new(write_buffer),
                     pending: None,
+                    pending_bytes: 0,
                     charged: 0,
                     budget,
                 }),
@@ -208,7 +216,8 @@ impl FileIo {
                 let mut b = lock(&inner.bufs);
                 // Past the client's budget, a buffer of a fair share is full.
                 let full = b.budget.tight(b.buffer.bytes());
-                let step = if !full && b.buffer.try_absorb(offset, data) {
+                if !full && b.buffer.try_absorb(offset, data) {
+                    b.recount();
                     Step::Absorbed
                 } else if b.pending.is_some() {
                     Step::WaitPending
@@ -220,17 +229,16 @@ impl FileIo {
                             data: Bytes::copy_from_slice(data),
                         }],
                     });
+                    b.pending_changed();
                     Step::HandedOver
                 } else {
                     // Double buffering: the full buffer is sent in the background while
                     // this write starts the next one.
                     b.pending = b.buffer.take();
-                    Step::Background {
-                        absorbed: b.buffer.try_absorb(offset, data),
-                    }
-                };
-                b.recount();
-                step
+                    let absorbed = b.buffer.try_absorb(offset, data);
+                    b.pending_changed();
+                    Step::Background { absorbed }
+                }
             };
             match step {
                 Step::Absorbed => {
@@ -423,7 +431,7 @@ impl Inner {
             if let Some(p) = &mut b.pending {
                 p.truncate(size);
             }
-            b.recount();
+            b.pending_changed();
         }
         lock(&self.ra).clip(size);
         self.locs.forget_from(size.div_ceil(CHUNK_SIZE));
@@ -472,6 +480,7 @@ impl Inner {
                     None => match b.buffer.take() {
                         Some(e) => {
                             b.pending = Some(e.clone());
+                            b.pending_changed();
                             e
                         }
                         None => break,
@@ -516,7 +525,7 @@ impl Inner {
             lock(&self.ra).invalidate();
             let mut b = lock(&self.bufs);
             b.pending = None;
-            b.recount();
+            b.pending_changed();
         }
         Ok(attr)
     }
