@@ -7,6 +7,11 @@
 //! into a buffer taken from a small pool, placed so that the data of its first piece starts
 //! on a page boundary: a WRITE's payload at the buffer's start, a WRITEV's after its piece
 //! table. Buffers go back to the pool when the last [`bytes::Bytes`] over them is dropped.
+//!
+//! A peer that announces a frame and stalls holds a whole buffer, not only the first 64 KiB
+//! as an ordinary payload read does; but a fresh buffer's pages are only backed as bytes
+//! arrive, so what it costs in memory is still what it sent (and the data port's body
+//! deadline ends it).
 
 use bytes::buf::UninitSlice;
 use bytes::BufMut;
