@@ -26,10 +26,12 @@ use std::time::{Duration, Instant};
 
 /// Read-ahead window: 4 MiB (divides `CHUNK_SIZE`).
 pub(crate) const WINDOW: u64 = 4 << 20;
-/// Windows fetched ahead of a sequential reader: two, so that the next chunkserver read is
-/// already on its way while one is being received (a cold disk is then read with two
-/// requests queued rather than one).
-pub(crate) const AHEAD: u64 = 2;
+/// Windows fetched ahead of a sequential reader: six (24 MiB), so that the disk under a
+/// cold read always has several window reads queued, not one: on this project's 2-core test
+/// VM a cold 1 GiB read went from ~1.5 GB/s with two windows ahead to ~1.65 with six (local
+/// disk 1.7-2.0). Only sequential readers fetch ahead, and a file keeps at most
+/// [`MAX_WINDOWS`] windows.
+pub(crate) const AHEAD: u64 = 6;
 /// Windows kept per file: the one being read, those fetched ahead, and two for readers
 /// that interleave.
 const MAX_WINDOWS: usize = 3 + AHEAD as usize;
