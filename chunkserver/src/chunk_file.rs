@@ -6,6 +6,7 @@
 //! the wire contract.
 
 use crate::direct::DirectFile;
+use crate::inflight::{InFlight, Registered};
 use crate::storage::StoreError;
 use bytes::Bytes;
 use rawfs_chunkserver_api::layout::{
@@ -18,6 +19,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Why a chunk file could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,34 @@ pub struct ChunkFile {
     unflushed: Option<(u64, u64, u64)>,
     /// Where long runs of whole blocks are written (see `direct.rs`).
     direct: DirectFile,
+    /// Spans being written outside the chunk's lock (see `inflight.rs`).
+    inflight: Arc<InFlight>,
+}
+
+/// Writes recorded by [`ChunkFile::finish_unlocked`] in this process (for tests).
+#[cfg(test)]
+pub(crate) static UNLOCKED_WRITES: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// A write of whole blocks from a page-aligned payload, planned under the chunk's lock
+/// ([`ChunkFile::plan_unlocked`]), carried out without it ([`UnlockedWrite::write`]) and
+/// recorded under it again ([`ChunkFile::finish_unlocked`]). Its span stays registered until
+/// it is dropped.
+pub struct UnlockedWrite {
+    direct: Arc<File>,
+    /// File offset of the data.
+    at: u64,
+    first: usize,
+    crcs: Vec<u32>,
+    _span: Registered,
+}
+
+impl UnlockedWrite {
+    /// Writes the data; `Ok(false)` when direct I/O was refused before anything was written
+    /// (write it the locked way then).
+    pub fn write(&self, data: &[u8]) -> io::Result<bool> {
+        crate::direct::write_aligned(&self.direct, data, self.at)
+    }
 }
 
 /// Once this much data has been written to a chunk file since the last time, its writeback
@@ -79,6 +109,7 @@ impl ChunkFile {
             blocks: vec![Block::Unwritten; geo.blocks],
             unflushed: None,
             direct: DirectFile::default(),
+            inflight: Arc::default(),
         };
         cf.write_header()?;
         Ok(cf)
@@ -104,6 +135,7 @@ impl ChunkFile {
             blocks,
             unflushed: None,
             direct: DirectFile::default(),
+            inflight: Arc::default(),
         })
     }
 
@@ -268,19 +300,70 @@ impl ChunkFile {
                 all_direct = false;
             }
         }
-        let mut table = Vec::with_capacity((last - first + 1) * ENTRY_LEN);
-        for crc in &crcs {
-            table.extend_from_slice(&Block::Written(*crc).encode());
-        }
-        self.file
-            .write_all_at(&table, TABLE_OFFSET + (first * ENTRY_LEN) as u64)?;
-        for (i, crc) in crcs.into_iter().enumerate() {
-            self.blocks[first + i] = Block::Written(crc);
-        }
+        self.record(first, &crcs)?;
         // Data written direct left nothing dirty to start writing back.
         if !all_direct {
             self.start_writeback_if_due(data_offset + first as u64 * bs, data_offset + end);
         }
+        Ok(())
+    }
+
+    /// Records the checksums of the blocks from `first` on, in the table on disk and here.
+    fn record(&mut self, first: usize, crcs: &[u32]) -> Result<(), StoreError> {
+        let mut table = Vec::with_capacity(crcs.len() * ENTRY_LEN);
+        for crc in crcs {
+            table.extend_from_slice(&Block::Written(*crc).encode());
+        }
+        self.file
+            .write_all_at(&table, TABLE_OFFSET + (first * ENTRY_LEN) as u64)?;
+        for (i, crc) in crcs.iter().enumerate() {
+            self.blocks[first + i] = Block::Written(*crc);
+        }
+        Ok(())
+    }
+
+    /// The spans being written outside the lock.
+    pub(crate) fn inflight(&self) -> &Arc<InFlight> {
+        &self.inflight
+    }
+
+    /// Plans writing `data` at `offset` without the chunk's lock, when it can be: whole
+    /// 4 KiB blocks whose crcs are `known`, a page-aligned payload, long enough to go direct.
+    /// Registers the span (the caller has made sure nothing registered overlaps it). Not
+    /// while an operation waits for spans to end (see `inflight.rs`).
+    pub fn plan_unlocked(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        known: Option<&[u32]>,
+    ) -> Option<UnlockedWrite> {
+        let known = known.filter(|_| self.geo == Geometry::current())?;
+        let (bs, len) = (self.geo.block, data.len() as u64);
+        let end = check_range(offset, len).ok()?;
+        if len == 0
+            || offset % bs != 0
+            || len % bs != 0
+            || known.len() as u64 != len / bs
+            || self.inflight.has_waiters()
+        {
+            return None;
+        }
+        let at = self.geo.data_offset + offset;
+        let direct = self.direct.for_aligned(&self.file, data, at)?;
+        Some(UnlockedWrite {
+            direct,
+            at,
+            first: (offset / bs) as usize,
+            crcs: known.to_vec(),
+            _span: self.inflight.begin(offset, end),
+        })
+    }
+
+    /// Records a write done by [`UnlockedWrite::write`] (call with the chunk's lock again).
+    pub fn finish_unlocked(&mut self, w: UnlockedWrite) -> Result<(), StoreError> {
+        self.record(w.first, &w.crcs)?;
+        #[cfg(test)]
+        UNLOCKED_WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

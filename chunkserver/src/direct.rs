@@ -25,6 +25,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Runs of whole blocks this long or longer are written direct.
 pub(crate) const DIRECT_MIN: usize = 256 << 10;
@@ -84,40 +85,26 @@ thread_local! {
     static STAGED: RefCell<Option<Stage>> = const { RefCell::new(None) };
 }
 
-/// A chunk file's second descriptor, opened with `O_DIRECT` when first needed.
+/// A chunk file's second descriptor, opened with `O_DIRECT` when first needed (shared with
+/// writes running outside the chunk's lock, see [`DirectFile::for_aligned`]).
 #[derive(Default)]
-pub(crate) struct DirectFile(Option<File>);
+pub(crate) struct DirectFile(Option<Arc<File>>);
 
 impl DirectFile {
     /// Writes `bytes` at `at` of `file` (both multiples of 4 KiB) without the page cache.
     /// `Ok(false)` when direct I/O is not possible here (nothing was written: the caller
     /// writes through the page cache); `Err` on any other failure.
     pub(crate) fn write(&mut self, file: &File, bytes: &[u8], at: u64) -> io::Result<bool> {
-        if REFUSED.load(Ordering::Relaxed)
-            || bytes.len() < DIRECT_MIN
-            || bytes.len() % ALIGN != 0
-            || at % ALIGN as u64 != 0
-        {
+        if !fits(bytes, at) {
             return Ok(false);
         }
-        if self.0.is_none() {
-            match reopen_direct(file) {
-                Ok(f) => self.0 = Some(f),
-                // No O_DIRECT here, or no /proc: not a failure of the write.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {
-                    return Ok(refuse(e))
-                }
-                // Out of descriptors, say: buffered this time.
-                Err(_) => return Ok(false),
-            }
-        }
-        let Some(direct) = &self.0 else {
+        let Some(direct) = self.descriptor(file) else {
             return Ok(false);
         };
         if bytes.as_ptr() as usize % ALIGN == 0 {
             // Already aligned (a write payload read into an aligned buffer, see
             // `rawfs_chunkserver_api::aligned`): no staging copy.
-            return write_run(direct, bytes, at, None);
+            return write_run(&direct, bytes, at, None);
         }
         STAGED.with(|cell| {
             let mut staged = cell.borrow_mut();
@@ -125,11 +112,51 @@ impl DirectFile {
                 *staged = Stage::new();
             }
             match staged.as_mut() {
-                Some(stage) => write_run(direct, bytes, at, Some(stage)),
+                Some(stage) => write_run(&direct, bytes, at, Some(stage)),
                 None => Ok(false),
             }
         })
     }
+
+    /// The direct descriptor for writing `bytes` (page aligned in memory) at `at` with
+    /// [`write_aligned`], which needs nothing else of this file and so can run outside the
+    /// chunk's lock; `None` when that write would not go direct.
+    pub(crate) fn for_aligned(&mut self, file: &File, bytes: &[u8], at: u64) -> Option<Arc<File>> {
+        if !fits(bytes, at) || bytes.as_ptr() as usize % ALIGN != 0 {
+            return None;
+        }
+        self.descriptor(file)
+    }
+
+    fn descriptor(&mut self, file: &File) -> Option<Arc<File>> {
+        if self.0.is_none() {
+            match reopen_direct(file) {
+                Ok(f) => self.0 = Some(Arc::new(f)),
+                // No O_DIRECT here, or no /proc: not a failure of the write.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {
+                    refuse(e);
+                    return None;
+                }
+                // Out of descriptors, say: buffered this time.
+                Err(_) => return None,
+            }
+        }
+        self.0.clone()
+    }
+}
+
+/// Whether a write of `bytes` at `at` may go direct at all.
+fn fits(bytes: &[u8], at: u64) -> bool {
+    !REFUSED.load(Ordering::Relaxed)
+        && bytes.len() >= DIRECT_MIN
+        && bytes.len() % ALIGN == 0
+        && at % ALIGN as u64 == 0
+}
+
+/// Writes page-aligned `bytes` at `at` through a descriptor from [`DirectFile::for_aligned`].
+/// `Ok(false)` when direct I/O was refused before anything was written.
+pub(crate) fn write_aligned(direct: &File, bytes: &[u8], at: u64) -> io::Result<bool> {
+    write_run(direct, bytes, at, None)
 }
 
 /// Writes `bytes` (aligned, or copied through `stage` a piece at a time) at `at` of the

@@ -35,6 +35,7 @@ mod data_server;
 mod direct;
 mod fence;
 mod heartbeat;
+mod inflight;
 mod local_server;
 mod payload_crc;
 mod scrub;

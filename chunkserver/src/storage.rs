@@ -6,8 +6,9 @@
 //! recently used chunks stay in an LRU so their files stay open; a slot in use is also found
 //! through a weak map, so eviction never lets two open copies of one chunk's table coexist.
 
-use crate::chunk_file::{ChunkFile, OpenError, Verified};
+use crate::chunk_file::{ChunkFile, OpenError};
 use crate::fence::{FenceError, TermFence};
+use crate::inflight::Quiet;
 use crate::tombstones::Tombstones;
 use bytes::Bytes;
 use lru::LruCache;
@@ -103,6 +104,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks cannot leave the data half-updated in a way
     // that matters more than stopping the server would, so a poisoned lock is taken over.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Locks `slot` once no write running outside the lock blocks what `quiet` asks of the
+/// loaded chunk (see `inflight.rs`); an unloaded chunk has none running.
+fn lock_quiet(
+    slot: &Slot,
+    quiet: impl Fn(&ChunkFile) -> Quiet,
+) -> MutexGuard<'_, Option<ChunkFile>> {
+    loop {
+        let guard = lock(slot);
+        let blocked = guard.as_ref().and_then(|cf| {
+            let q = quiet(cf);
+            cf.inflight().blocks(q).then(|| (cf.inflight().clone(), q))
+        });
+        let Some((inflight, q)) = blocked else {
+            return guard;
+        };
+        drop(guard);
+        inflight.wait(q);
+    }
 }
 
 impl Storage {
@@ -358,51 +379,84 @@ impl Storage {
         sync: bool,
         known: Option<&[u32]>,
     ) -> Result<(), StoreError> {
-        let current = self.fence.current();
-        if term < current {
-            return Err(StoreError::StaleTerm { current });
-        }
-        if term > current {
-            self.note_io_result(self.fence.advance(term).map_err(StoreError::from))?;
-        }
+        self.check_term(term)?;
         if let Some(cap) = self.capacity {
             if self.used() >= cap {
                 return self.note_io_result(Err(StoreError::NoSpace));
             }
         }
         let slot = self.slot(chunk);
-        let mut guard = lock(&slot);
-        let r = (|| {
-            let cf = self.load(chunk, &mut guard, Some(version))?;
-            if version < cf.version() {
-                return Err(StoreError::StaleVersion {
-                    current: cf.version(),
-                });
-            }
+        let r = self.write_in(&slot, chunk, version, offset, data, sync, known);
+        self.note_io_result(r)
+    }
+
+    /// [`Storage::write_with_crcs`] past the term and space checks. A large write of whole
+    /// blocks writes its data without the chunk's lock (see `inflight.rs`).
+    #[allow(clippy::too_many_arguments)]
+    fn write_in(
+        &self,
+        slot: &Slot,
+        chunk: u64,
+        version: u64,
+        offset: u64,
+        data: &[u8],
+        sync: bool,
+        known: Option<&[u32]>,
+    ) -> Result<(), StoreError> {
+        let span = Quiet::around(offset, data.len() as u64);
+        // A new version waits for every write still running under the old one.
+        let mut guard = lock_quiet(slot, |cf| {
             if version > cf.version() {
-                tracing::debug!(
-                    chunk,
-                    from = cf.version(),
-                    to = version,
-                    "adopting newer chunk version"
-                );
-                cf.set_version(version)?;
-                if let Some(meta) = lock(&self.index).get_mut(&chunk) {
-                    meta.version = version;
-                }
+                Quiet::All
+            } else {
+                span
             }
-            let r = cf.write_with_crcs(offset, data, known);
-            if let Err(StoreError::Corrupt { .. }) = r {
-                self.mark_corrupt(chunk);
+        });
+        let cf = self.load(chunk, &mut guard, Some(version))?;
+        if version < cf.version() {
+            return Err(StoreError::StaleVersion {
+                current: cf.version(),
+            });
+        }
+        if version > cf.version() {
+            tracing::debug!(
+                chunk,
+                from = cf.version(),
+                to = version,
+                "adopting newer chunk version"
+            );
+            cf.set_version(version)?;
+            if let Some(meta) = lock(&self.index).get_mut(&chunk) {
+                meta.version = version;
             }
-            r?;
-            if sync {
-                self.sync_file(chunk, cf)?;
+        }
+        // A sync write wants the fsync right after: it keeps the lock.
+        if let Some(plan) = cf.plan_unlocked(offset, data, known).filter(|_| !sync) {
+            drop(guard);
+            let written = plan.write(data);
+            let mut guard = lock(slot);
+            // Still loaded: whatever unloads a chunk waits for its spans first.
+            let Some(cf) = guard.as_mut() else {
+                return Err(StoreError::NotFound);
+            };
+            match written? {
+                true => cf.finish_unlocked(plan)?,
+                // Refused before anything was written: the locked way (span still held).
+                false => cf.write_with_crcs(offset, data, known)?,
             }
             self.update_allocation(chunk, cf);
-            Ok(())
-        })();
-        self.note_io_result(r)
+            return Ok(());
+        }
+        let r = cf.write_with_crcs(offset, data, known);
+        if let Err(StoreError::Corrupt { .. }) = r {
+            self.mark_corrupt(chunk);
+        }
+        r?;
+        if sync {
+            self.sync_file(chunk, cf)?;
+        }
+        self.update_allocation(chunk, cf);
+        Ok(())
     }
 
     /// Reads `len` bytes at `offset` of `chunk`, verified. A version newer than the stored one
@@ -428,7 +482,8 @@ impl Storage {
         offset: u64,
         len: u64,
     ) -> Result<(Bytes, Option<u32>), StoreError> {
-        let r = self.with_existing(chunk, version, |cf| cf.read_checked(offset, len));
+        let quiet = Some(Quiet::around(offset, len));
+        let r = self.with_existing(chunk, version, quiet, |cf| cf.read_checked(offset, len));
         if let Err(StoreError::Corrupt { .. }) = r {
             self.mark_corrupt(chunk);
         }
@@ -436,15 +491,20 @@ impl Storage {
     }
 
     /// Runs `f` on `chunk` under its lock, if the chunk exists here and `version` is not
-    /// older than the stored one (which is what reads, syncs and local opens ask).
+    /// older than the stored one (which is what reads, syncs and local opens ask); once no
+    /// write running outside the lock blocks `quiet`, if given.
     fn with_existing<T>(
         &self,
         chunk: u64,
         version: u64,
+        quiet: Option<Quiet>,
         f: impl FnOnce(&ChunkFile) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let slot = self.slot(chunk);
-        let mut guard = lock(&slot);
+        let mut guard = match quiet {
+            Some(quiet) => lock_quiet(&slot, |_| quiet),
+            None => lock(&slot),
+        };
         let cf = self.load(chunk, &mut guard, None)?;
         if version < cf.version() {
             return Err(StoreError::StaleVersion {
@@ -459,14 +519,14 @@ impl Storage {
     pub fn open_read_only(&self, chunk: u64, version: u64) -> Result<fs::File, StoreError> {
         // A descriptor of its own: the client's reads keep their own position and
         // read-ahead state.
-        self.with_existing(chunk, version, |_| {
+        self.with_existing(chunk, version, None, |_| {
             Ok(fs::File::open(self.chunk_path(chunk))?)
         })
     }
 
     /// fsyncs `chunk` (and its directory entry if it is new).
     pub fn sync(&self, chunk: u64, version: u64) -> Result<(), StoreError> {
-        let r = self.with_existing(chunk, version, |cf| self.sync_file(chunk, cf));
+        let r = self.with_existing(chunk, version, None, |cf| self.sync_file(chunk, cf));
         self.note_io_result(r)
     }
 
@@ -499,7 +559,7 @@ impl Storage {
     pub fn fence(&self, chunk: u64, version: u64, term: u64) -> Result<(), StoreError> {
         self.check_term(term)?;
         let slot = self.slot(chunk);
-        let mut guard = lock(&slot);
+        let mut guard = lock_quiet(&slot, |_| Quiet::All);
         let r = (|| {
             let cf = self.load(chunk, &mut guard, None)?;
             if version < cf.version() {
@@ -549,7 +609,7 @@ impl Storage {
             return Ok(());
         }
         let src_slot = self.slot(src);
-        let mut src_guard = lock(&src_slot);
+        let mut src_guard = lock_quiet(&src_slot, |_| Quiet::All);
         let r = (|| {
             let from = self.load(src, &mut src_guard, None)?;
             if src_version < from.version() {
@@ -608,7 +668,7 @@ impl Storage {
     /// Deletes `chunk` (ordered by the metadata service). A missing chunk is not an error.
     pub fn delete(&self, chunk: u64) -> Result<(), StoreError> {
         let slot = self.slot(chunk);
-        let mut guard = lock(&slot);
+        let mut guard = lock_quiet(&slot, |_| Quiet::All);
         let version = match guard.as_ref() {
             Some(cf) => Some(cf.version()),
             None => lock(&self.index).get(&chunk).map(|m| m.version),
@@ -696,84 +756,13 @@ impl Storage {
     }
 }
 
-/// A chunk the scrubber is walking. It keeps the chunk's slot alive between pieces, so the
-/// file stays open without the scrub pushing hot chunks out of the open-file cache.
-pub(crate) struct ScrubTarget {
-    chunk: u64,
-    version: u64,
-    slot: Arc<Slot>,
-}
-
-/// The outcome of one scrubbed piece of a chunk.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum ScrubStep {
-    /// These blocks checked out.
-    Verified(Verified),
-    /// A block failed its checksum; the chunk is now in the corrupt set.
-    Bad { offset: u64 },
-    /// The chunk was deleted or moved to another version since the pass began: skipped.
-    Gone,
-}
-
-impl Storage {
-    /// Starts scrubbing `chunk` as of `version` (from [`Storage::inventory`]). No I/O.
-    pub(crate) fn scrub_target(&self, chunk: u64, version: u64) -> ScrubTarget {
-        let mut slots = lock(&self.slots);
-        // `peek`, not `get`: a scrub must not make a cold chunk look recently used.
-        let existing = slots
-            .lru
-            .peek(&chunk)
-            .cloned()
-            .or_else(|| slots.live.get(&chunk).and_then(Weak::upgrade));
-        let slot = existing.unwrap_or_else(|| {
-            // Registered as live only, so a foreground call finds this same slot (one table
-            // in memory per chunk) and the file closes when the scrub lets go of it.
-            let s = Arc::new(Mutex::new(None));
-            slots.live.insert(chunk, Arc::downgrade(&s));
-            s
-        });
-        ScrubTarget {
-            chunk,
-            version,
-            slot,
-        }
-    }
-
-    /// Verifies up to `budget` bytes of `t`'s blocks holding data from chunk offset `from` on,
-    /// under the chunk's lock (so no write is half seen) but only for this piece. A bad block
-    /// marks the chunk corrupt, as a failed read does; a chunk deleted or rewritten at another
-    /// version since the pass began is [`ScrubStep::Gone`], never reported.
-    pub(crate) fn scrub_piece(
-        &self,
-        t: &ScrubTarget,
-        from: u64,
-        budget: u64,
-    ) -> Result<ScrubStep, StoreError> {
-        let mut guard = lock(&t.slot);
-        let cf = match self.load(t.chunk, &mut guard, None) {
-            Ok(cf) => cf,
-            Err(StoreError::NotFound) => return Ok(ScrubStep::Gone),
-            // An unreadable header: `load` has marked the chunk corrupt already.
-            Err(StoreError::Corrupt { offset }) => return Ok(ScrubStep::Bad { offset }),
-            Err(e) => return Err(e),
-        };
-        if cf.version() != t.version {
-            return Ok(ScrubStep::Gone);
-        }
-        match cf.verify(from, budget) {
-            Ok(v) => Ok(ScrubStep::Verified(v)),
-            Err(StoreError::Corrupt { offset }) => {
-                self.mark_corrupt(t.chunk);
-                Ok(ScrubStep::Bad { offset })
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
+
+#[path = "storage_scrub.rs"]
+mod scrub_side;
+pub(crate) use scrub_side::ScrubStep;
 
 #[cfg(test)]
 #[path = "storage_tests.rs"]

@@ -238,6 +238,128 @@ fn concurrent_writers_to_one_chunk_and_many_chunks() {
     }
 }
 
+/// A page-aligned copy of `data` (as the data port reads a WRITE payload) and its 4 KiB
+/// block crcs (as `payload_crc` derives them).
+fn aligned_with_crcs(data: &[u8]) -> (Bytes, Vec<u32>) {
+    let mut a = rawfs_chunkserver_api::aligned::AlignedPayload::new(data.len(), 0).unwrap();
+    bytes::BufMut::put_slice(&mut a, data);
+    let crcs = data.chunks(4096).map(crc32c::crc32c).collect();
+    (Bytes::from_owner(a), crcs)
+}
+
+fn unlocked_writes() -> u64 {
+    crate::chunk_file::UNLOCKED_WRITES.load(Ordering::Relaxed)
+}
+
+/// Writes 16 aligned 1 MiB runs of chunk 9 from 4 threads, run `r` holding
+/// `pattern(RUN, r + seed)`.
+fn write_runs(s: &Arc<Storage>, seed: u8) {
+    let writers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for run in (t..16).step_by(4) {
+                    let data = pattern(RUN, run as u8 + seed);
+                    let (data, crcs) = aligned_with_crcs(&data);
+                    s.write_with_crcs(9, 1, 1, run * RUN as u64, &data, false, Some(&crcs))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+}
+
+const RUN: usize = 1 << 20;
+
+/// Large aligned writes of one chunk run outside its lock, side by side, and read back; a
+/// reader of the same chunk while they are rewritten sees every run whole, old or new, never
+/// a checksum failure (it waits for a run being written).
+#[test]
+fn aligned_writes_of_one_chunk_run_unlocked_and_reads_never_see_them_half_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(Storage::open(dir.path(), None).unwrap());
+    let before = unlocked_writes();
+    write_runs(&s, 0);
+    let (_, refused) = crate::direct::written();
+    if !refused {
+        assert!(
+            unlocked_writes() - before >= 16,
+            "the writes took the chunk's lock"
+        );
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (s, done) = (s.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut passes = 0;
+            while !done.load(Ordering::Relaxed) || passes == 0 {
+                for run in 0..16u64 {
+                    let got = match s.read(9, 1, run * RUN as u64, RUN as u64) {
+                        Ok(got) => got,
+                        Err(e) => panic!("read of run {run} failed: {e}"),
+                    };
+                    let (old, new) = (pattern(RUN, run as u8), pattern(RUN, run as u8 + 100));
+                    assert!(
+                        got[..] == old[..] || got[..] == new[..],
+                        "run {run} half written"
+                    );
+                }
+                passes += 1;
+            }
+        })
+    };
+    write_runs(&s, 100);
+    done.store(true, Ordering::Relaxed);
+    reader.join().unwrap();
+    for run in 0..16u64 {
+        let got = s.read(9, 1, run * RUN as u64, RUN as u64).unwrap();
+        assert_eq!(&got[..], &pattern(RUN, run as u8 + 100)[..], "run {run}");
+    }
+    assert!(s.take_corrupt().is_empty());
+}
+
+/// While a write runs outside the chunk's lock, a read of its blocks and a fence wait for
+/// it; a read of other blocks and a sync go ahead.
+#[test]
+fn reads_of_its_blocks_and_fences_wait_for_an_unlocked_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(Storage::open(dir.path(), None).unwrap());
+    s.write(6, 1, 1, 0, &pattern(256 << 10, 1), false).unwrap();
+    let span = {
+        let slot = s.slot(6);
+        let guard = lock(&slot);
+        guard.as_ref().unwrap().inflight().begin(0, 64 << 10)
+    };
+    assert_eq!(s.read(6, 1, 128 << 10, 10).unwrap().len(), 10);
+    s.sync(6, 1).unwrap();
+    let read = {
+        let s = s.clone();
+        std::thread::spawn(move || s.read(6, 1, 100, 10))
+    };
+    let fence = {
+        let s = s.clone();
+        std::thread::spawn(move || s.fence(6, 1, 1))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        !read.is_finished(),
+        "a read went ahead of a write of its blocks"
+    );
+    assert!(
+        !fence.is_finished(),
+        "a fence went ahead of a running write"
+    );
+    drop(span);
+    assert_eq!(
+        &read.join().unwrap().unwrap()[..],
+        &pattern(256 << 10, 1)[100..110]
+    );
+    fence.join().unwrap().unwrap();
+}
+
 #[test]
 fn many_chunks_beyond_the_open_file_cache() {
     let dir = tempfile::tempdir().unwrap();
