@@ -163,6 +163,9 @@ impl Batch {
     }
 }
 
+/// An extent this long that grows is a streaming write (see [`WriteBuf::try_absorb`]).
+const STREAMING: usize = 1 << 20;
+
 /// The write buffer of one file: writes collected until they total `cap` bytes (or
 /// [`MAX_EXTENTS`] separate ranges). Overlapping and adjacent writes merge, the newest bytes
 /// winning, so sequential writers build one large extent and random writers many small ones.
@@ -228,6 +231,13 @@ impl WriteBuf {
                 let pos = (offset - s) as usize;
                 let overlap = (e.min(end) - offset) as usize;
                 buf[pos..pos + overlap].copy_from_slice(&data[..overlap]);
+                let grow = data.len() - overlap;
+                if grow > buf.capacity() - buf.len() && buf.len() >= STREAMING {
+                    // A streaming writer: room at once for all the buffer can still take.
+                    // Growing by doubling would copy every byte again and fault in about
+                    // twice the pages of a full buffer.
+                    buf.reserve(grow + (self.cap - bytes as usize));
+                }
                 buf.extend_from_slice(&data[overlap..]);
                 self.bytes = bytes as usize;
                 return true;
@@ -317,6 +327,23 @@ impl WriteBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A streaming writer's extent takes room for the whole buffer once it is 1 MiB long:
+    /// later appends neither move nor copy it.
+    #[test]
+    fn a_streaming_extent_grows_in_place() {
+        let mut b = WriteBuf::new(32 << 20);
+        let mib = vec![5u8; 1 << 20];
+        assert!(b.try_absorb(0, &mib));
+        assert!(b.try_absorb(1 << 20, &mib));
+        let at = b.extents[&0].as_ptr();
+        for i in 2..32u64 {
+            assert!(b.try_absorb(i << 20, &mib));
+        }
+        assert_eq!(b.extents[&0].as_ptr(), at, "the extent was moved");
+        assert_eq!(b.bytes(), 32 << 20);
+        assert!(!b.try_absorb(32 << 20, b"x"));
+    }
 
     #[test]
     fn split_within_one_chunk() {

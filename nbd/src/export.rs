@@ -94,12 +94,12 @@ pub trait Export: Send + Sync + 'static {
     /// `len` bytes at `offset` (exactly `len`).
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, ExportError>>;
     /// Writes `data` at `offset`; with `fua`, durable before returning.
-    fn write(
-        &self,
+    fn write<'a>(
+        &'a self,
         offset: u64,
-        data: Vec<u8>,
+        data: &'a [u8],
         fua: bool,
-    ) -> BoxFuture<'_, Result<(), ExportError>>;
+    ) -> BoxFuture<'a, Result<(), ExportError>>;
     /// Makes every write acknowledged so far (on any connection) durable.
     fn flush(&self) -> BoxFuture<'_, Result<(), ExportError>>;
     /// The client no longer needs `offset..offset + len`; it may read back as anything

@@ -32,6 +32,7 @@ mod export;
 mod handshake;
 pub mod lease;
 pub mod mem;
+mod payload;
 pub mod proto;
 mod server;
 mod transmission;

@@ -152,13 +152,13 @@ impl Export for MemExport {
         async move { Ok(out) }.boxed()
     }
 
-    fn write(
-        &self,
+    fn write<'a>(
+        &'a self,
         offset: u64,
-        data: Vec<u8>,
+        data: &'a [u8],
         fua: bool,
-    ) -> BoxFuture<'_, Result<(), ExportError>> {
-        self.put(offset, &data);
+    ) -> BoxFuture<'a, Result<(), ExportError>> {
+        self.put(offset, data);
         self.acked_write(fua);
         async { Ok(()) }.boxed()
     }
@@ -300,7 +300,7 @@ mod tests {
             e.block_status(0, 4 * MEM_BLOCK).await.unwrap(),
             vec![Extent::hole(4 * MEM_BLOCK)]
         );
-        e.write(MEM_BLOCK - 2, vec![7u8; 4], false).await.unwrap();
+        e.write(MEM_BLOCK - 2, &[7u8; 4], false).await.unwrap();
         assert_eq!(e.unflushed(), 1);
         let r = e.read(MEM_BLOCK - 4, 8).await.unwrap();
         assert_eq!(r, vec![0, 0, 7, 7, 7, 7, 0, 0]);

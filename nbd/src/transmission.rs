@@ -15,6 +15,7 @@
 
 use crate::export::{Export, ExportError};
 use crate::handshake::Session;
+use crate::payload::{Payload, PayloadPool};
 use crate::proto::*;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,7 +62,7 @@ enum Op {
     },
     Write {
         offset: u64,
-        data: Vec<u8>,
+        data: Payload,
         fua: bool,
     },
     Flush,
@@ -278,7 +279,7 @@ async fn serve<W: AsyncWrite + Unpin + Send>(
         }
         op => {
             let r = match op {
-                Op::Write { offset, data, fua } => export.write(offset, data, fua).await,
+                Op::Write { offset, data, fua } => export.write(offset, &data, fua).await,
                 Op::Flush => export.flush().await,
                 Op::Trim { offset, len, fua } => export.trim(offset, len, fua).await,
                 Op::Zeroes {
@@ -321,6 +322,7 @@ where
         broken: broken_tx,
     });
     let requests = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let payloads = Arc::new(PayloadPool::default());
     let bytes = Arc::new(Semaphore::new(IN_FLIGHT_BYTES >> 10));
     let mut tasks = JoinSet::new();
     let result = loop {
@@ -384,7 +386,7 @@ where
                 len: req.len,
             },
             CMD_WRITE => {
-                let mut data = vec![0u8; payload];
+                let mut data = payloads.take(payload);
                 match tokio::time::timeout(io_timeout, r.read_exact(&mut data)).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {

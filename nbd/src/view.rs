@@ -44,7 +44,7 @@ impl Export for ReadOnlyView {
         self.inner.read(offset, len)
     }
 
-    fn write(&self, _: u64, _: Vec<u8>, _: bool) -> BoxFuture<'_, Result<(), ExportError>> {
+    fn write<'a>(&'a self, _: u64, _: &'a [u8], _: bool) -> BoxFuture<'a, Result<(), ExportError>> {
         refused()
     }
 

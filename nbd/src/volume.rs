@@ -215,15 +215,15 @@ impl Export for VolumeExport {
         .boxed()
     }
 
-    fn write(
-        &self,
+    fn write<'a>(
+        &'a self,
         offset: u64,
-        data: Vec<u8>,
+        data: &'a [u8],
         fua: bool,
-    ) -> BoxFuture<'_, Result<(), ExportError>> {
+    ) -> BoxFuture<'a, Result<(), ExportError>> {
         async move {
             self.may_write()?;
-            self.io.write(offset, &data).await.map_err(export_error)?;
+            self.io.write(offset, data).await.map_err(export_error)?;
             if fua {
                 self.durable().await?;
             }
