@@ -431,7 +431,11 @@ impl Storage {
             }
         }
         // A sync write wants the fsync right after: it keeps the lock.
-        if let Some(plan) = cf.plan_unlocked(offset, data, known).filter(|_| !sync) {
+        let plan = match sync {
+            false => cf.plan_unlocked(offset, data, known),
+            true => None,
+        };
+        if let Some(plan) = plan {
             drop(guard);
             let written = plan.write(data);
             let mut guard = lock(slot);
