@@ -85,7 +85,12 @@ impl InFlight {
 
     /// Whether an operation is waiting for spans to end (no new span may start then).
     pub(crate) fn has_waiters(&self) -> bool {
-        self.waiters.load(Ordering::Acquire) > 0
+        self.waiting() > 0
+    }
+
+    /// How many operations are waiting for spans to end.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiters.load(Ordering::Acquire)
     }
 
     /// Registers `start..end` (call with the chunk's lock, after [`InFlight::blocks`] said
@@ -117,9 +122,18 @@ impl Drop for Registered {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
+
+    /// Waits until `n` operations wait on `f` (they then stay until a span ends).
+    pub(crate) fn wait_for_waiters(f: &InFlight, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while f.waiting() < n {
+            assert!(Instant::now() < deadline, "{n} waiters never came");
+            std::thread::yield_now();
+        }
+    }
 
     #[test]
     fn spans_block_what_overlaps_them_and_all() {
@@ -142,12 +156,11 @@ mod tests {
             let f = f.clone();
             std::thread::spawn(move || f.wait(Quiet::Span(0, 1)))
         };
-        std::thread::sleep(Duration::from_millis(50));
+        wait_for_waiters(&f, 1);
         assert!(
             !waiter.is_finished(),
             "the waiter went ahead of a registered span"
         );
-        assert!(f.has_waiters());
         drop(r);
         waiter.join().expect("waiter");
         assert!(!f.has_waiters());

@@ -328,11 +328,8 @@ fn reads_of_its_blocks_and_fences_wait_for_an_unlocked_write() {
     let dir = tempfile::tempdir().unwrap();
     let s = Arc::new(Storage::open(dir.path(), None).unwrap());
     s.write(6, 1, 1, 0, &pattern(256 << 10, 1), false).unwrap();
-    let span = {
-        let slot = s.slot(6);
-        let guard = lock(&slot);
-        guard.as_ref().unwrap().inflight().begin(0, 64 << 10)
-    };
+    let inflight = lock(&s.slot(6)).as_ref().unwrap().inflight().clone();
+    let span = inflight.begin(0, 64 << 10);
     assert_eq!(s.read(6, 1, 128 << 10, 10).unwrap().len(), 10);
     s.sync(6, 1).unwrap();
     let read = {
@@ -343,7 +340,7 @@ fn reads_of_its_blocks_and_fences_wait_for_an_unlocked_write() {
         let s = s.clone();
         std::thread::spawn(move || s.fence(6, 1, 1))
     };
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    crate::inflight::tests::wait_for_waiters(&inflight, 2);
     assert!(
         !read.is_finished(),
         "a read went ahead of a write of its blocks"
