@@ -385,82 +385,70 @@ impl Storage {
                 return self.note_io_result(Err(StoreError::NoSpace));
             }
         }
+        // A large write of whole blocks writes its data without the chunk's lock (see
+        // `inflight.rs`).
         let slot = self.slot(chunk);
-        let r = self.write_in(&slot, chunk, version, offset, data, sync, known);
-        self.note_io_result(r)
-    }
-
-    /// [`Storage::write_with_crcs`] past the term and space checks. A large write of whole
-    /// blocks writes its data without the chunk's lock (see `inflight.rs`).
-    #[allow(clippy::too_many_arguments)]
-    fn write_in(
-        &self,
-        slot: &Slot,
-        chunk: u64,
-        version: u64,
-        offset: u64,
-        data: &[u8],
-        sync: bool,
-        known: Option<&[u32]>,
-    ) -> Result<(), StoreError> {
-        let span = Quiet::around(offset, data.len() as u64);
-        // A new version waits for every write still running under the old one.
-        let mut guard = lock_quiet(slot, |cf| {
-            if version > cf.version() {
-                Quiet::All
-            } else {
-                span
-            }
-        });
-        let cf = self.load(chunk, &mut guard, Some(version))?;
-        if version < cf.version() {
-            return Err(StoreError::StaleVersion {
-                current: cf.version(),
+        let r = (|| {
+            let span = Quiet::around(offset, data.len() as u64);
+            // A new version waits for every write still running under the old one.
+            let mut guard = lock_quiet(&slot, |cf| {
+                if version > cf.version() {
+                    Quiet::All
+                } else {
+                    span
+                }
             });
-        }
-        if version > cf.version() {
-            tracing::debug!(
-                chunk,
-                from = cf.version(),
-                to = version,
-                "adopting newer chunk version"
-            );
-            cf.set_version(version)?;
-            if let Some(meta) = lock(&self.index).get_mut(&chunk) {
-                meta.version = version;
+            let cf = self.load(chunk, &mut guard, Some(version))?;
+            if version < cf.version() {
+                return Err(StoreError::StaleVersion {
+                    current: cf.version(),
+                });
             }
-        }
-        // A sync write wants the fsync right after: it keeps the lock.
-        let plan = match sync {
-            false => cf.plan_unlocked(offset, data, known),
-            true => None,
-        };
-        if let Some(plan) = plan {
-            drop(guard);
-            let written = plan.write(data);
-            let mut guard = lock(slot);
-            // Still loaded: whatever unloads a chunk waits for its spans first.
-            let Some(cf) = guard.as_mut() else {
-                return Err(StoreError::NotFound);
+            if version > cf.version() {
+                tracing::debug!(
+                    chunk,
+                    from = cf.version(),
+                    to = version,
+                    "adopting newer chunk version"
+                );
+                cf.set_version(version)?;
+                if let Some(meta) = lock(&self.index).get_mut(&chunk) {
+                    meta.version = version;
+                }
+            }
+            // A sync write wants the fsync right after: it keeps the lock.
+            let plan = match sync {
+                false => cf.plan_unlocked(offset, data, known),
+                true => None,
             };
-            match written? {
-                true => cf.finish_unlocked(plan)?,
-                // Refused before anything was written: the locked way (span still held).
-                false => cf.write_with_crcs(offset, data, known)?,
+            if let Some(plan) = plan {
+                drop(guard);
+                let written = plan.write(data);
+                let mut guard = lock(&slot);
+                // Still loaded: whatever unloads a chunk waits for its spans first.
+                let Some(cf) = guard.as_mut() else {
+                    return Err(StoreError::NotFound);
+                };
+                match written? {
+                    true => cf.finish_unlocked(plan)?,
+                    // Refused before anything was written: the locked way (span still held).
+                    false => cf.write_with_crcs(offset, data, known)?,
+                }
+                self.update_allocation(chunk, cf);
+                return Ok(());
+            }
+            let r = cf.write_with_crcs(offset, data, known);
+            if let Err(StoreError::Corrupt { .. }) = r {
+                self.mark_corrupt(chunk);
+            }
+            r?;
+            if sync {
+                self.sync_file(chunk, cf)?;
             }
             self.update_allocation(chunk, cf);
-            return Ok(());
-        }
-        let r = cf.write_with_crcs(offset, data, known);
-        if let Err(StoreError::Corrupt { .. }) = r {
-            self.mark_corrupt(chunk);
-        }
-        r?;
-        if sync {
-            self.sync_file(chunk, cf)?;
-        }
-        self.update_allocation(chunk, cf);
-        Ok(())
+            Ok(())
+        })();
+        self.note_io_result(r)
     }
 
     /// Reads `len` bytes at `offset` of `chunk`, verified. A version newer than the stored one
