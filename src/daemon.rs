@@ -4,8 +4,12 @@
 //! 2 when its configuration is wrong (nothing was started).
 
 use crate::config::{self, ChunkserverArgs, MetadataArgs};
+use rawfs_metadata::MetadataError;
 use std::future::Future;
+use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Resolves on the first SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
@@ -69,7 +73,9 @@ fn run_daemon<E: std::fmt::Display>(
         }
         Err(e) => {
             tracing::error!(error = %e, "{role} failed");
-            eprintln!("rawfs {role}: {e}");
+            // Not eprintln!: stderr is a log file, and one on a full disk must not turn a
+            // clean failure into a panic.
+            let _ = writeln!(std::io::stderr(), "rawfs {role}: {e}");
             ExitCode::FAILURE
         }
     }
@@ -84,12 +90,53 @@ pub fn run_metadata(args: MetadataArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    run_daemon("metadata", Threads::One, async move {
-        let id = cfg.id;
-        let handle = rawfs_metadata::serve(cfg, shutdown_signal()).await?;
-        tracing::info!(id, addr = %handle.addr(), raft_addr = %handle.raft_addr(), "metadata replica serving");
-        handle.join().await
-    })
+    run_daemon("metadata", Threads::One, serve_metadata(cfg))
+}
+
+/// Pause before a metadata replica that stopped on a storage error is started again.
+const METADATA_RESTART_AFTER: Duration = Duration::from_secs(5);
+
+/// Serves a metadata replica until SIGINT/SIGTERM. A replica whose storage failed (a full
+/// or failing disk stops a replicated log for good) is started again from its files, as a
+/// restart of the process would, every [`METADATA_RESTART_AFTER`] until it runs: the
+/// cluster comes back by itself once the disk has room again, and the process never lingers
+/// as a replica that answers nothing.
+async fn serve_metadata(mut cfg: rawfs_metadata::MetadataConfig) -> Result<(), MetadataError> {
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            stop.cancel();
+        }
+    });
+    let id = cfg.id;
+    let mut restarting = false;
+    loop {
+        match rawfs_metadata::serve(cfg.clone(), stop.clone().cancelled_owned()).await {
+            Ok(handle) => {
+                tracing::info!(id, addr = %handle.addr(), raft_addr = %handle.raft_addr(), "metadata replica serving");
+                // A restart binds the same ports, which peers and clients know.
+                cfg.listen = handle.addr();
+                cfg.raft_listen = handle.raft_addr();
+                match handle.join().await {
+                    Err(e @ MetadataError::ReplicaFailed { .. }) if !stop.is_cancelled() => {
+                        tracing::error!(error = %e, "metadata replica failed; starting it again in {METADATA_RESTART_AFTER:?}");
+                    }
+                    done => return done,
+                }
+            }
+            Err(e) if restarting => {
+                tracing::error!(error = %e, "metadata replica cannot start yet; trying again in {METADATA_RESTART_AFTER:?}");
+            }
+            Err(e) => return Err(e),
+        }
+        restarting = true;
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            () = tokio::time::sleep(METADATA_RESTART_AFTER) => {}
+        }
+    }
 }
 
 /// `rawfs chunkserver`.

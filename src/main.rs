@@ -87,12 +87,17 @@ struct MountArgs {
 const DEFAULT_LOG_FILTER: &str = "info,tarpc=warn";
 
 /// Installs the `tracing` subscriber: RUST_LOG filters (default [`DEFAULT_LOG_FILTER`]), output to stderr.
+///
+/// A log line that cannot be written (stderr is a log file on a full disk) is dropped:
+/// by default the subscriber reports that with `eprintln!`, which panics when stderr
+/// fails, so a full disk would have made every daemon panic on its next log line.
 fn install_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

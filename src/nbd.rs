@@ -87,7 +87,11 @@ pub fn run(args: NbdArgs) -> ExitCode {
             }
             Err(e) => {
                 tracing::error!(error = %e, "nbd failed");
-                eprintln!("rawfs nbd: {e}");
+                // Not eprintln!: a log file on a full disk must not turn this into a panic.
+                let _ = std::io::Write::write_fmt(
+                    &mut std::io::stderr(),
+                    format_args!("rawfs nbd: {e}\n"),
+                );
                 ExitCode::FAILURE
             }
         }

@@ -39,6 +39,7 @@ mod inflight;
 mod local_server;
 mod payload_crc;
 mod scrub;
+mod space;
 mod storage;
 mod tombstones;
 

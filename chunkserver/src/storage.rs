@@ -9,6 +9,7 @@
 use crate::chunk_file::{ChunkFile, OpenError};
 use crate::fence::{FenceError, TermFence};
 use crate::inflight::Quiet;
+use crate::space::Space;
 use crate::tombstones::Tombstones;
 use bytes::Bytes;
 use lru::LruCache;
@@ -86,7 +87,8 @@ struct ChunkMeta {
 /// The chunks of one chunkserver.
 pub struct Storage {
     root: PathBuf,
-    capacity: Option<u64>,
+    /// The capacity and the filesystem's reserve (see `space.rs`).
+    space: Space,
     fence: TermFence,
     slots: Mutex<Slots>,
     index: Mutex<HashMap<u64, ChunkMeta>>,
@@ -95,6 +97,8 @@ pub struct Storage {
     /// Chunks created since their directory was last fsynced.
     new_entries: Mutex<HashSet<u64>>,
     healthy: AtomicBool,
+    /// Writes were last refused for want of space (for logging the change only).
+    full: AtomicBool,
     /// Deleted chunks, refused if a late writer would recreate them.
     tombstones: Tombstones,
     _lock: nix::fcntl::Flock<File>,
@@ -153,7 +157,7 @@ impl Storage {
         let tombstones = Tombstones::load(root).map_err(io_err(root))?;
         let storage = Storage {
             root: root.to_path_buf(),
-            capacity,
+            space: Space::new(root, capacity),
             fence,
             slots: Mutex::new(Slots {
                 lru: LruCache::new(NonZeroUsize::new(OPEN_FILES).unwrap_or(NonZeroUsize::MIN)),
@@ -164,6 +168,7 @@ impl Storage {
             corrupt: Mutex::new(BTreeSet::new()),
             new_entries: Mutex::new(HashSet::new()),
             healthy: AtomicBool::new(true),
+            full: AtomicBool::new(false),
             tombstones,
             _lock: flock,
         };
@@ -325,7 +330,10 @@ impl Storage {
                     tracing::info!("disk accepts writes again");
                 }
             }
-            Err(e @ (StoreError::NoSpace | StoreError::Disk { .. })) => {
+            // A full filesystem is seen by `space` (which looks again now); the health flag
+            // is for a disk that fails.
+            Err(StoreError::NoSpace) => self.space.look(),
+            Err(e @ StoreError::Disk { .. }) => {
                 // Logged on the transition only; the heartbeat carries the state from here.
                 if self.healthy.swap(false, Ordering::Relaxed) {
                     tracing::error!(error = %e, "disk refused a write; reporting unhealthy");
@@ -334,6 +342,25 @@ impl Storage {
             Err(_) => {}
         }
         r
+    }
+
+    /// Refuses a write of `bytes` when the capacity is reached or the filesystem is down to
+    /// its reserve (see `space.rs`).
+    fn admit(&self, bytes: u64) -> Result<(), StoreError> {
+        if self.space.admits(self.used(), bytes) {
+            if self.full.swap(false, Ordering::Relaxed) {
+                tracing::info!("room for chunks again; accepting writes");
+            }
+            return Ok(());
+        }
+        if !self.full.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                reserve = self.space.reserve(),
+                used = self.used(),
+                "capacity reached or the filesystem is down to its reserve; refusing writes"
+            );
+        }
+        Err(StoreError::NoSpace)
     }
 
     fn update_allocation(&self, chunk: u64, cf: &ChunkFile) {
@@ -380,11 +407,7 @@ impl Storage {
         known: Option<&[u32]>,
     ) -> Result<(), StoreError> {
         self.check_term(term)?;
-        if let Some(cap) = self.capacity {
-            if self.used() >= cap {
-                return self.note_io_result(Err(StoreError::NoSpace));
-            }
-        }
+        self.admit(data.len() as u64)?;
         // A large write of whole blocks writes its data without the chunk's lock (see
         // `inflight.rs`).
         let slot = self.slot(chunk);
@@ -589,11 +612,8 @@ impl Storage {
             });
         }
         self.check_term(term)?;
-        if let Some(cap) = self.capacity {
-            if self.used() >= cap {
-                return self.note_io_result(Err(StoreError::NoSpace));
-            }
-        }
+        // A copy takes at most a chunk's worth (unwritten blocks stay holes).
+        self.admit(rawfs_chunkserver_api::MAX_CHUNK_SIZE)?;
         // Lock order: the new chunk, then the source (a new id is never anyone's source).
         let dst_slot = self.slot(dst);
         let mut dst_guard = lock(&dst_slot);
@@ -714,25 +734,19 @@ impl Storage {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// The configured capacity, or the size of the data directory's filesystem.
+    /// What this server can hold: the bytes its chunks take and the room they may still
+    /// take (the capacity left, or the filesystem's free space above the reserve, whichever
+    /// is less). So placement and `statfs` see a server with room to spare, not a disk size
+    /// that other files or a reserve may already have taken.
     pub fn total(&self) -> u64 {
-        if let Some(cap) = self.capacity {
-            return cap;
-        }
-        match nix::sys::statvfs::statvfs(&self.root) {
-            // The field types differ between platforms (u32 on 32-bit); widen portably.
-            #[allow(clippy::useless_conversion)]
-            Ok(st) => u64::from(st.blocks()).saturating_mul(u64::from(st.fragment_size())),
-            Err(e) => {
-                tracing::warn!(error = %e, "statvfs failed");
-                0
-            }
-        }
+        let used = self.used();
+        used + self.space.room(used)
     }
 
-    /// False since the disk last refused a write, until one succeeds.
+    /// False while the disk refuses writes: after an I/O error until a write succeeds, and
+    /// while there is no room left (see [`Storage::total`]).
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed) && self.space.room(self.used()) > 0
     }
 
     /// Takes the chunks that failed a checksum since the last call.

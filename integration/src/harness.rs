@@ -205,6 +205,9 @@ pub struct Options {
     pub chunkservers: u32,
     /// Extra arguments for `rawfs up`.
     pub up_args: Vec<String>,
+    /// Where `rawfs up --dir` keeps the cluster, for a test that needs it on a filesystem
+    /// of its own; by default a directory in the test's temporary root.
+    pub dir: Option<PathBuf>,
 }
 
 impl Options {
@@ -229,6 +232,7 @@ impl Options {
         Options {
             chunkservers,
             up_args: up_args.iter().map(|s| s.to_string()).collect(),
+            dir: None,
         }
     }
 }
@@ -238,6 +242,7 @@ impl Default for Options {
         Options {
             chunkservers: 6,
             up_args: Vec::new(),
+            dir: None,
         }
     }
 }
@@ -306,7 +311,10 @@ impl Cluster {
             .with_context(|| {
                 format!("cannot create a temporary directory in {}", base.display())
             })?;
-        let dir = root.path().join("cluster");
+        let dir = opts
+            .dir
+            .clone()
+            .unwrap_or_else(|| root.path().join("cluster"));
         let mnt = root.path().join("mnt");
         std::fs::create_dir_all(&mnt)?;
         let mut c = Cluster {

@@ -18,6 +18,8 @@ mod erasure;
 mod failover;
 #[path = "integration/faults.rs"]
 mod faults;
+#[path = "integration/full_disk.rs"]
+mod full_disk;
 #[path = "integration/healer.rs"]
 mod healer;
 #[path = "integration/healer_limits.rs"]

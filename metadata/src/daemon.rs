@@ -105,9 +105,22 @@ pub(crate) async fn serve(
     let tick = tokio::spawn(durability_tick(sm.clone()));
     tracing::info!(id = cfg.id, %addr, %raft_addr, "metadata service listening");
 
+    let failed = {
+        let replica = replica.clone();
+        async move { replica.failed().await }
+    };
     let task = tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("metadata service shutting down");
+        let failure = tokio::select! {
+            () = shutdown => None,
+            cause = failed => Some(cause),
+        };
+        match &failure {
+            None => tracing::info!("metadata service shutting down"),
+            Some(cause) => tracing::error!(
+                cause,
+                "replica stopped on its own (storage error); stopping the service"
+            ),
+        }
         // Connections first (they wait for their requests), so that nothing uses the
         // replica or the store once they stop.
         stop.cancel();
@@ -124,6 +137,11 @@ pub(crate) async fn serve(
         drop(replica);
         let store = sm.store().clone();
         let flushed = tokio::task::spawn_blocking(move || store.flush_durable()).await;
+        if let Some(reason) = failure {
+            // The storage already failed: what else failed on the way down adds nothing.
+            tracing::debug!(?stopped, ?flushed, "stopped after a replica failure");
+            return Err(MetadataError::ReplicaFailed { reason });
+        }
         stopped?;
         flushed??;
         tracing::info!("metadata service stopped");

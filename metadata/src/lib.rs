@@ -171,6 +171,10 @@ pub enum MetadataError {
     Replication(#[from] rawfs_replication::ReplicationError),
     #[error("metadata task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The replica stopped on its own (its storage failed: a full or failing disk); the
+    /// service stopped with it. Starting it again reopens its files as a restart would.
+    #[error("replica stopped: {reason}")]
+    ReplicaFailed { reason: String },
 }
 
 /// A running metadata replica.
@@ -192,7 +196,8 @@ impl MetadataHandle {
         self.raft_addr
     }
 
-    /// Waits until the service has stopped (after the shutdown future resolved).
+    /// Waits until the service has stopped: after the shutdown future resolved, or with
+    /// [`MetadataError::ReplicaFailed`] after its replica stopped on its own.
     pub async fn join(self) -> Result<(), MetadataError> {
         self.task.await?
     }

@@ -205,6 +205,8 @@ fn init_logging(opts: &MountOptions) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log file on a full disk must not make the mount panic (see rawfs's main.rs).
+        .log_internal_errors(false)
         .with_ansi(false)
         .try_init();
 }

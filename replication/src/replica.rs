@@ -615,6 +615,22 @@ impl Replica {
         }
     }
 
+    /// Resolves when the replica's core stops on its own, with the cause: a storage error (a
+    /// full or failing disk) is fatal to it, and it does not start again by itself. Pending
+    /// forever while the core runs; a stop asked for with [`Replica::shutdown`] resolves it
+    /// too (the cause then says so).
+    pub async fn failed(&self) -> String {
+        let mut metrics = self.inner.raft.metrics();
+        loop {
+            if let Err(cause) = &metrics.borrow_and_update().running_state {
+                return cause.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "the replica's core is gone".to_string();
+            }
+        }
+    }
+
     /// The newest term this replica knows, and whether it leads in it: the cheap part of
     /// [`Replica::status`] (no copy of the membership), for per-request use.
     pub fn term_and_leading(&self) -> (u64, bool) {

@@ -204,6 +204,7 @@ fn one_replica_cluster_with_volumes_in_status_stops_in_order() -> Result<()> {
     let mut c = Cluster::start_with(rawfs_integration::Options {
         chunkservers: 3,
         up_args: vec!["--metadata-replicas".into(), "1".into()],
+        dir: None,
     })?;
     let r = (|| -> Result<()> {
         let s = c.status()?;

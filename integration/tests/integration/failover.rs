@@ -39,6 +39,7 @@ fn small_cluster(extra: &[&str]) -> Options {
     Options {
         chunkservers: 3,
         up_args: extra.iter().map(|s| s.to_string()).collect(),
+        dir: None,
     }
 }
 

@@ -1,0 +1,164 @@
+//! How much more a chunkserver may store: its configured capacity, and a reserve of free
+//! space on the data directory's filesystem that chunk writes never take.
+//!
+//! Why a reserve: a chunkserver's disk is often shared, with the metadata service's log and
+//! database (`rawfs up` puts every daemon on one disk), with logs, with the system. A
+//! chunkserver that wrote until the filesystem was full would leave the metadata service no
+//! room for its next log entry, and a replicated log that cannot append stops: the whole
+//! cluster would then refuse everything, even the deletes that would free space. With the
+//! reserve, chunk writes get `NoSpace` (ENOSPC to the application) while the filesystem still
+//! has [`Space::reserve`] bytes free, and everything else keeps working.
+//!
+//! The filesystem's free space is looked up (statvfs) at most every [`LOOK_EVERY`], and on
+//! every write once it comes within twice the reserve; in between, each write's length is
+//! taken off the last figure, so a burst of writes cannot run past the reserve between looks
+//! (overwrites in place count too until the next look: cautious, never lax).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The default reserve: this fraction of the filesystem, within [`RESERVE_MIN`, `RESERVE_MAX`].
+const RESERVE_PER_MILLE: u64 = 20;
+const RESERVE_MIN: u64 = 64 << 20;
+const RESERVE_MAX: u64 = 4 << 30;
+/// Longest time between two looks at the filesystem's free space.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// The space a chunkserver may still fill.
+pub(crate) struct Space {
+    root: PathBuf,
+    capacity: Option<u64>,
+    reserve: u64,
+    /// The filesystem's free bytes at the last look, less what writes were admitted since.
+    free: AtomicI64,
+    /// When the filesystem was last looked at.
+    looked: Mutex<Instant>,
+}
+
+/// (size, free bytes) of the filesystem holding `root`; free as an unprivileged user sees it
+/// (root's own reserved blocks are left for the system).
+fn statvfs(root: &Path) -> Option<(u64, u64)> {
+    match nix::sys::statvfs::statvfs(root) {
+        // The field types differ between platforms (u32 on 32-bit); widen portably.
+        #[allow(clippy::useless_conversion)]
+        Ok(st) => {
+            let unit = u64::from(st.fragment_size());
+            Some((
+                u64::from(st.blocks()).saturating_mul(unit),
+                u64::from(st.blocks_available()).saturating_mul(unit),
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(path = %root.display(), error = %e, "statvfs failed");
+            None
+        }
+    }
+}
+
+fn signed(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+impl Space {
+    /// The space under `root`, with the default reserve for its filesystem.
+    pub(crate) fn new(root: &Path, capacity: Option<u64>) -> Space {
+        let (size, free) = statvfs(root).unwrap_or((0, 0));
+        let reserve = (size / 1000 * RESERVE_PER_MILLE).clamp(RESERVE_MIN, RESERVE_MAX);
+        Space {
+            root: root.to_path_buf(),
+            capacity,
+            reserve,
+            free: AtomicI64::new(signed(free)),
+            looked: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Free bytes of the filesystem that chunk writes leave alone.
+    pub(crate) fn reserve(&self) -> u64 {
+        self.reserve
+    }
+
+    /// Looks at the filesystem's free space now.
+    pub(crate) fn look(&self) {
+        let mut looked = self.looked.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, free)) = statvfs(&self.root) {
+            self.free.store(signed(free), Ordering::Relaxed);
+        }
+        *looked = Instant::now();
+    }
+
+    /// The filesystem's free bytes, looked up again if the last figure is old or close to
+    /// the reserve.
+    fn free(&self) -> i64 {
+        let free = self.free.load(Ordering::Relaxed);
+        let stale = self
+            .looked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+            >= LOOK_EVERY;
+        if stale || free < signed(self.reserve).saturating_mul(2) {
+            self.look();
+            return self.free.load(Ordering::Relaxed);
+        }
+        free
+    }
+
+    /// Whether a write of `bytes` may go ahead while chunks take `used` bytes; if it may,
+    /// its length is counted as taken until the next look.
+    pub(crate) fn admits(&self, used: u64, bytes: u64) -> bool {
+        if self.capacity.is_some_and(|cap| used >= cap) {
+            return false;
+        }
+        if self.free() - signed(bytes) < signed(self.reserve) {
+            return false;
+        }
+        self.free.fetch_sub(signed(bytes), Ordering::Relaxed);
+        true
+    }
+
+    /// Bytes chunks may still take while they take `used`: the capacity left and the free
+    /// space above the reserve, whichever is less.
+    pub(crate) fn room(&self, used: u64) -> u64 {
+        let above_reserve = u64::try_from(self.free() - signed(self.reserve)).unwrap_or(0);
+        match self.capacity {
+            Some(cap) => cap.saturating_sub(used).min(above_reserve),
+            None => above_reserve,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reserve_is_a_fiftieth_of_the_filesystem_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let space = Space::new(dir.path(), None);
+        let (size, _) = statvfs(dir.path()).unwrap();
+        assert_eq!(
+            space.reserve(),
+            (size / 50).clamp(RESERVE_MIN, RESERVE_MAX),
+            "filesystem of {size} bytes"
+        );
+    }
+
+    #[test]
+    fn writes_stop_at_the_reserve_and_the_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let space = Space::new(dir.path(), Some(1 << 30));
+        let room = space.room(0);
+        assert!(room > 0 && room <= 1 << 30, "room {room}");
+        assert!(space.admits(0, 4096));
+        // More than the filesystem has above the reserve: refused, and nothing is counted.
+        let (_, free) = statvfs(dir.path()).unwrap();
+        assert!(!space.admits(0, free));
+        assert!(space.admits(0, 4096));
+        // At the capacity: refused whatever the filesystem has.
+        assert!(!space.admits(1 << 30, 1));
+        assert_eq!(space.room(1 << 30), 0);
+    }
+}
