@@ -49,11 +49,14 @@ pub(crate) enum HandshakeError {
 /// Transmission flags of `info` for a client that did (or did not) negotiate structured
 /// replies.
 pub(crate) fn transmission_flags(info: &ExportInfo, structured: bool) -> u16 {
-    let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA;
+    // CACHE reads the range ahead (warming the chunkservers' caches) and drops it.
+    let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
     if info.read_only {
         f |= FLAG_READ_ONLY;
     } else {
-        f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES;
+        // A fast zero is a punched range; one that must not leave a hole is written as
+        // data, so a FAST_ZERO request that also says NO_HOLE fails at once (ENOTSUP).
+        f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
     }
     if info.multi_conn {
         f |= FLAG_CAN_MULTI_CONN;
@@ -537,14 +540,20 @@ mod tests {
             FLAG_HAS_FLAGS
                 | FLAG_SEND_FLUSH
                 | FLAG_SEND_FUA
+                | FLAG_SEND_CACHE
                 | FLAG_SEND_TRIM
                 | FLAG_SEND_WRITE_ZEROES
+                | FLAG_SEND_FAST_ZERO
                 | FLAG_CAN_MULTI_CONN
         );
         assert_ne!(transmission_flags(&info, true) & FLAG_SEND_DF, 0);
         info.read_only = true;
         let f = transmission_flags(&info, false);
         assert_ne!(f & FLAG_READ_ONLY, 0);
-        assert_eq!(f & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES), 0);
+        assert_eq!(
+            f & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO),
+            0
+        );
+        assert_ne!(f & FLAG_SEND_CACHE, 0, "a snapshot can be read ahead too");
     }
 }

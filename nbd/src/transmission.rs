@@ -82,6 +82,10 @@ enum Op {
         len: u32,
         one: bool,
     },
+    Cache {
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// A request the server refuses: NBD error value and a message for humans.
@@ -92,9 +96,9 @@ type Refusal = (u32, &'static str);
 fn check(req: &Request, s: &Session) -> Result<(), Refusal> {
     let allowed = match req.kind {
         CMD_READ if s.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
         CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
-        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE => CMD_FLAG_FUA,
         _ => return Err((EINVAL, "unknown command")),
     };
     if req.flags & !allowed != 0 {
@@ -123,6 +127,10 @@ fn check(req: &Request, s: &Session) -> Result<(), Refusal> {
         } else {
             (EINVAL, "range past the end of the export")
         });
+    }
+    let fast_zero = CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE;
+    if req.kind == CMD_WRITE_ZEROES && req.flags & fast_zero == fast_zero {
+        return Err((ENOTSUP, "zeroes that must not leave a hole are written as data: not fast"));
     }
     if req.kind == CMD_BLOCK_STATUS {
         if !s.base_allocation {
@@ -277,6 +285,13 @@ async fn serve<W: AsyncWrite + Unpin + Send>(
                 }
             }
         }
+        Op::Cache { offset, len } => match cache(&*export, offset, len).await {
+            Ok(()) => rep.ok(handle).await,
+            Err(e) => {
+                let e = failed(e);
+                rep.error(handle, e.nbd_error(), &e.to_string()).await
+            }
+        },
         op => {
             let r = match op {
                 Op::Write { offset, data, fua } => export.write(offset, &data, fua).await,
@@ -288,7 +303,7 @@ async fn serve<W: AsyncWrite + Unpin + Send>(
                     may_trim,
                     fua,
                 } => export.write_zeroes(offset, len, may_trim, fua).await,
-                Op::Read { .. } | Op::BlockStatus { .. } => Ok(()),
+                Op::Read { .. } | Op::BlockStatus { .. } | Op::Cache { .. } => Ok(()),
             };
             match r {
                 Ok(()) => rep.ok(handle).await,
@@ -299,6 +314,22 @@ async fn serve<W: AsyncWrite + Unpin + Send>(
             }
         }
     }
+}
+
+/// Bytes one CACHE request reads at a time.
+const CACHE_PIECE: u32 = 4 << 20;
+
+/// NBD_CMD_CACHE: reads `len` bytes at `offset` a piece at a time and drops them, so that
+/// the chunkservers' page caches hold them for the reads the client announced. Errors are
+/// the read's (a range that cannot be read now will not be read later either).
+async fn cache(export: &dyn Export, offset: u64, len: u32) -> Result<(), ExportError> {
+    let mut done = 0;
+    while done < len {
+        let piece = CACHE_PIECE.min(len - done);
+        export.read(offset + u64::from(done), piece).await?;
+        done += piece;
+    }
+    Ok(())
 }
 
 /// Serves requests until the client disconnects, the connection breaks or `shutdown`
@@ -413,6 +444,10 @@ where
                 len: u64::from(req.len),
                 may_trim: req.flags & CMD_FLAG_NO_HOLE == 0,
                 fua,
+            },
+            CMD_CACHE => Op::Cache {
+                offset: req.offset,
+                len: req.len,
             },
             // `check` let through only the commands above and BLOCK_STATUS.
             _ => Op::BlockStatus {

@@ -111,6 +111,8 @@ fn simple_replies_serve_reads_writes_and_errors() {
         FLAG_SEND_TRIM,
         FLAG_SEND_WRITE_ZEROES,
         FLAG_CAN_MULTI_CONN,
+        FLAG_SEND_CACHE,
+        FLAG_SEND_FAST_ZERO,
     ] {
         assert_ne!(flags & f, 0, "flag {f:#x}");
     }
@@ -149,6 +151,24 @@ fn simple_replies_serve_reads_writes_and_errors() {
         &[],
     );
     assert_eq!(c.simple(0).0, 0);
+    // A fast zero punches; one that must not leave a hole would be written as data: refused
+    // at once, and the data stays.
+    c.request(CMD_WRITE, 0, 19, 1 << 20, 8192, &data);
+    assert_eq!(c.simple(0).0, 0);
+    c.request(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 20, 1 << 20, 4096, &[]);
+    assert_eq!(c.simple(0).0, 0);
+    c.request(CMD_READ, 0, 21, (1 << 20) + 4090, 12, &[]);
+    assert_eq!(c.simple(12).2, [&[0u8; 6][..], &data[4096..4102]].concat());
+    let fast_no_hole = CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE;
+    c.request(CMD_WRITE_ZEROES, fast_no_hole, 22, (1 << 20) + 4096, 4096, &[]);
+    assert_eq!(c.simple(0).0, ENOTSUP);
+    c.request(CMD_READ, 0, 23, (1 << 20) + 4096, 8, &[]);
+    assert_eq!(c.simple(8).2, &data[4096..4104]);
+    // CACHE reads ahead and answers like a read would: fine in range, EINVAL past the end.
+    c.request(CMD_CACHE, 0, 24, 0, 16 << 20, &[]);
+    assert_eq!(c.simple(0), (0, 24, vec![]));
+    c.request(CMD_CACHE, 0, 25, DISK_SIZE - 1, 2, &[]);
+    assert_eq!(c.simple(0).0, EINVAL);
     c.request(CMD_FLUSH, 0, 11, 0, 0, &[]);
     assert_eq!(c.simple(0), (0, 11, vec![]));
     c.request(CMD_DISC, 0, 12, 0, 0, &[]);

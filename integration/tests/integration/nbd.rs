@@ -93,6 +93,8 @@ fn volumes_are_served_to_real_nbd_clients() -> Result<()> {
         "can_fua",
         "can_trim",
         "can_zero",
+        "can_fast_zero",
+        "can_cache",
         "can_multi_conn",
     ] {
         assert_eq!(e[cap], true, "{cap}: {e}");
