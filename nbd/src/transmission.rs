@@ -130,7 +130,10 @@ fn check(req: &Request, s: &Session) -> Result<(), Refusal> {
     }
     let fast_zero = CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE;
     if req.kind == CMD_WRITE_ZEROES && req.flags & fast_zero == fast_zero {
-        return Err((ENOTSUP, "zeroes that must not leave a hole are written as data: not fast"));
+        return Err((
+            ENOTSUP,
+            "zeroes that must not leave a hole are written as data: not fast",
+        ));
     }
     if req.kind == CMD_BLOCK_STATUS {
         if !s.base_allocation {
@@ -539,10 +542,27 @@ mod tests {
             EINVAL
         );
         assert_eq!(check(&req(99, 0, 0, 0), &s).unwrap_err().0, EINVAL);
+        assert!(check(&req(CMD_CACHE, 0, 0, 1 << 20), &s).is_ok());
         assert_eq!(
-            check(&req(5, 0, 0, 0), &s).unwrap_err().0,
+            check(&req(CMD_CACHE, 0, 1 << 20, 1), &s).unwrap_err().0,
             EINVAL,
-            "CACHE is not offered"
+            "CACHE past the end"
+        );
+        assert!(check(&req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 1), &s).is_ok());
+        assert_eq!(
+            check(
+                &req(
+                    CMD_WRITE_ZEROES,
+                    CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE,
+                    0,
+                    1
+                ),
+                &s
+            )
+            .unwrap_err()
+            .0,
+            ENOTSUP,
+            "a zero that must not leave a hole is not fast"
         );
         assert_eq!(
             check(&req(CMD_BLOCK_STATUS, 0, 0, 1), &s).unwrap_err().0,

@@ -160,7 +160,14 @@ fn simple_replies_serve_reads_writes_and_errors() {
     c.request(CMD_READ, 0, 21, (1 << 20) + 4090, 12, &[]);
     assert_eq!(c.simple(12).2, [&[0u8; 6][..], &data[4096..4102]].concat());
     let fast_no_hole = CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE;
-    c.request(CMD_WRITE_ZEROES, fast_no_hole, 22, (1 << 20) + 4096, 4096, &[]);
+    c.request(
+        CMD_WRITE_ZEROES,
+        fast_no_hole,
+        22,
+        (1 << 20) + 4096,
+        4096,
+        &[],
+    );
     assert_eq!(c.simple(0).0, ENOTSUP);
     c.request(CMD_READ, 0, 23, (1 << 20) + 4096, 8, &[]);
     assert_eq!(c.simple(8).2, &data[4096..4104]);
