@@ -389,9 +389,18 @@ pub fn render_table(v: &Value) -> String {
         "ID", "ADDR", "STATE", "USED", "TOTAL", "CHUNKS"
     );
     for c in cs {
-        let state = match (c["up"].as_bool(), c["draining"].as_bool()) {
-            (Some(true), Some(true)) => "draining",
-            (Some(true), _) => "up",
+        let room = c["total_bytes"].as_u64() > c["used_bytes"].as_u64();
+        let state = match (
+            c["up"].as_bool(),
+            c["draining"].as_bool(),
+            c["healthy"].as_bool(),
+        ) {
+            (Some(true), Some(true), _) => "draining",
+            // Its disk refuses writes: for want of room (its filesystem is down to the
+            // chunkserver's reserve, or the capacity is reached), or because a write failed.
+            (Some(true), _, Some(false)) if !room => "full",
+            (Some(true), _, Some(false)) => "failing",
+            (Some(true), ..) => "up",
             _ => "down",
         };
         let _ = writeln!(
@@ -643,6 +652,26 @@ mod tests {
         assert_eq!(v["metadata"]["replicas"][1]["up"], false);
         let table = render_table(&v);
         assert!(table.contains("leader none, term 7"), "{table}");
+    }
+
+    #[test]
+    fn a_chunkserver_refusing_writes_shows_as_full_or_failing() {
+        let mut s = sample();
+        for c in &mut s.chunkservers {
+            c.healthy = false;
+            c.draining = false;
+        }
+        s.chunkservers[0].total_bytes = s.chunkservers[0].used_bytes;
+        let table = render_table(&status_json(&s, None, &|_| true));
+        let state = |addr: &str| {
+            table
+                .lines()
+                .find(|l| l.contains(addr))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .map(str::to_string)
+        };
+        assert_eq!(state(":7101").as_deref(), Some("full"), "{table}");
+        assert_eq!(state(":7102").as_deref(), Some("failing"), "{table}");
     }
 
     fn volume(name: &str, size: u64, used_bytes: u64) -> VolumeInfo {

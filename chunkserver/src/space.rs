@@ -9,10 +9,11 @@
 //! reserve, chunk writes get `NoSpace` (ENOSPC to the application) while the filesystem still
 //! has [`Space::reserve`] bytes free, and everything else keeps working.
 //!
-//! The filesystem's free space is looked up (statvfs) at most every [`LOOK_EVERY`], and on
-//! every write once it comes within twice the reserve; in between, each write's length is
-//! taken off the last figure, so a burst of writes cannot run past the reserve between looks
-//! (overwrites in place count too until the next look: cautious, never lax).
+//! The filesystem's free space is looked up (statvfs, about a microsecond) at least every
+//! [`LOOK_EVERY`], and on every write once it is within [`NEAR`] of the reserve; in between,
+//! each write's length is taken off the last figure (overwrites in place count too until the
+//! next look: cautious, never lax). Looking often matters because the disk is shared: the
+//! other chunkservers on it write too, and only a fresh look sees what they took.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -24,7 +25,10 @@ const RESERVE_PER_MILLE: u64 = 20;
 const RESERVE_MIN: u64 = 64 << 20;
 const RESERVE_MAX: u64 = 4 << 30;
 /// Longest time between two looks at the filesystem's free space.
-const LOOK_EVERY: Duration = Duration::from_secs(1);
+const LOOK_EVERY: Duration = Duration::from_millis(200);
+/// Within this much of the reserve, every write looks: more than everything on the disk
+/// can write in [`LOOK_EVERY`].
+const NEAR: u64 = 2 << 30;
 
 /// The space a chunkserver may still fill.
 pub(crate) struct Space {
@@ -89,8 +93,8 @@ impl Space {
         *looked = Instant::now();
     }
 
-    /// The filesystem's free bytes, looked up again if the last figure is old or close to
-    /// the reserve.
+    /// The filesystem's free bytes, looked up again if the last figure is old or near the
+    /// reserve.
     fn free(&self) -> i64 {
         let free = self.free.load(Ordering::Relaxed);
         let stale = self
@@ -99,7 +103,7 @@ impl Space {
             .unwrap_or_else(|p| p.into_inner())
             .elapsed()
             >= LOOK_EVERY;
-        if stale || free < signed(self.reserve).saturating_mul(2) {
+        if stale || free < signed(self.reserve.saturating_add(NEAR)) {
             self.look();
             return self.free.load(Ordering::Relaxed);
         }

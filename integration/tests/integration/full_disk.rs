@@ -128,8 +128,23 @@ fn writes_past_a_full_disk_fail_with_enospc_and_the_cluster_keeps_serving() -> R
         );
 
         // The chunkservers stopped short of the disk's end: the metadata replicas kept room
-        // for their logs, and the namespace still changes.
+        // for their logs, and the namespace still changes. Status says why writes fail.
         all_alive(&c)?;
+        wait_until("a chunkserver shown full", Duration::from_secs(30), || {
+            Ok(c.status()?["chunkservers"].as_array().is_some_and(|cs| {
+                cs.iter().any(|s| {
+                    s["healthy"] == false && s["used_bytes"].as_u64() >= s["total_bytes"].as_u64()
+                })
+            }))
+        })?;
+        let table = rawfs_integration::fsutil::sh(
+            &c.dir,
+            &format!(
+                "{} status --dir .",
+                rawfs_integration::harness::rawfs_bin().display()
+            ),
+        )?;
+        ensure!(table.contains(" full "), "status table:\n{table}");
         let s = c.status()?;
         ensure!(s["metadata"]["leader"].is_u64(), "no leader once full: {s}");
         std::fs::create_dir(c.path("d"))?;
