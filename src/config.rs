@@ -25,6 +25,7 @@
 //! capacity = "100G"
 //! heartbeat_interval = "1s"
 //! scrub_rate = "4M"         # bytes/s the background scrub reads; 0 turns it off
+//! reserve = "1G"            # free space chunk writes leave (default 2%, 64M..4G)
 //! ```
 
 use crate::size::{ByteSize, Dur};
@@ -114,6 +115,7 @@ pub struct ChunkserverSection {
     pub control_listen: Option<SocketAddr>,
     pub metadata: Option<Vec<String>>,
     pub capacity: Option<ByteSize>,
+    pub reserve: Option<ByteSize>,
     pub heartbeat_interval: Option<Dur>,
     pub scrub_rate: Option<ByteSize>,
 }
@@ -214,6 +216,10 @@ pub struct ChunkserverArgs {
     /// Capacity to advertise, e.g. 100G (default: the disk's).
     #[arg(long)]
     pub capacity: Option<ByteSize>,
+    /// Free space of the data directory's filesystem that chunk writes leave alone, e.g. 1G
+    /// (default: 2% of the filesystem, at least 64M and at most 4G).
+    #[arg(long)]
+    pub reserve: Option<ByteSize>,
     /// Interval between heartbeats to the metadata service (default 1s).
     #[arg(long)]
     pub heartbeat_interval: Option<Dur>,
@@ -391,6 +397,7 @@ pub fn chunkserver_config(args: ChunkserverArgs) -> Result<ChunkserverOptions, C
         .filter(|a| !a.is_empty())
         .collect();
     let capacity = args.capacity.or(file.capacity).map(|c| c.0);
+    let reserve = args.reserve.or(file.reserve).map(|r| r.0);
     let heartbeat = args
         .heartbeat_interval
         .or(file.heartbeat_interval)
@@ -441,6 +448,7 @@ pub fn chunkserver_config(args: ChunkserverArgs) -> Result<ChunkserverOptions, C
             heartbeat_interval: heartbeat,
         },
         scrub_rate,
+        reserve,
     })
 }
 
@@ -572,6 +580,16 @@ mod tests {
         })
         .expect("valid");
         assert_eq!(off.scrub_rate, 0);
+        assert_eq!(
+            cfg.reserve, None,
+            "the default reserve is the storage's to pick"
+        );
+        let reserved = chunkserver_config(ChunkserverArgs {
+            reserve: Some("1G".parse().expect("size")),
+            ..base()
+        })
+        .expect("valid");
+        assert_eq!(reserved.reserve, Some(1 << 30));
         assert!(chunkserver_config(ChunkserverArgs {
             metadata: vec![],
             ..base()

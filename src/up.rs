@@ -72,6 +72,10 @@ pub struct UpArgs {
     /// Capacity each chunkserver advertises (default: the disk's).
     #[arg(long)]
     pub capacity: Option<ByteSize>,
+    /// Passed to every chunkserver: free space of the disk its chunk writes leave alone
+    /// (default: 2% of the disk, at least 64M and at most 4G).
+    #[arg(long)]
+    pub reserve: Option<ByteSize>,
     /// Passed to every chunkserver: bytes per second its background scrub reads, e.g. 4M
     /// (default: the chunkservers' 4M; 0 turns the scrub off).
     #[arg(long, value_name = "BYTES_PER_SEC")]
@@ -458,6 +462,9 @@ async fn start_all(
                 a.extend(["--metadata".into(), meta_addrs.join(",")]);
                 if let Some(cap) = args.capacity {
                     a.extend(["--capacity".into(), cap.0.to_string()]);
+                }
+                if let Some(reserve) = args.reserve {
+                    a.extend(["--reserve".into(), reserve.0.to_string()]);
                 }
                 if let Some(rate) = args.scrub_rate {
                     a.extend(["--scrub-rate".into(), rate.0.to_string()]);

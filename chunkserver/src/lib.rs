@@ -89,6 +89,9 @@ pub struct ChunkserverOptions {
     pub config: ChunkserverConfig,
     /// Bytes per second the background scrub may read (0: no scrub).
     pub scrub_rate: u64,
+    /// Free bytes of the data directory's filesystem that chunk writes leave alone; `None`:
+    /// 2% of the filesystem, within 64 MiB and 4 GiB.
+    pub reserve: Option<u64>,
 }
 
 impl From<ChunkserverConfig> for ChunkserverOptions {
@@ -96,6 +99,7 @@ impl From<ChunkserverConfig> for ChunkserverOptions {
         ChunkserverOptions {
             config,
             scrub_rate: DEFAULT_SCRUB_RATE,
+            reserve: None,
         }
     }
 }
@@ -165,11 +169,13 @@ pub async fn serve(
     let ChunkserverOptions {
         config: cfg,
         scrub_rate,
+        reserve,
     } = opts.into();
     let dir = cfg.data_dir.clone();
     let capacity = cfg.capacity;
     let storage = Arc::new(
-        tokio::task::spawn_blocking(move || storage::Storage::open(&dir, capacity)).await??,
+        tokio::task::spawn_blocking(move || storage::Storage::open_with(&dir, capacity, reserve))
+            .await??,
     );
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)

@@ -66,10 +66,12 @@ fn signed(bytes: u64) -> i64 {
 }
 
 impl Space {
-    /// The space under `root`, with the default reserve for its filesystem.
-    pub(crate) fn new(root: &Path, capacity: Option<u64>) -> Space {
+    /// The space under `root`, keeping `reserve` bytes of its filesystem free (`None`: the
+    /// default for its size).
+    pub(crate) fn new(root: &Path, capacity: Option<u64>, reserve: Option<u64>) -> Space {
         let (size, free) = statvfs(root).unwrap_or((0, 0));
-        let reserve = (size / 1000 * RESERVE_PER_MILLE).clamp(RESERVE_MIN, RESERVE_MAX);
+        let reserve = reserve
+            .unwrap_or_else(|| (size / 1000 * RESERVE_PER_MILLE).clamp(RESERVE_MIN, RESERVE_MAX));
         Space {
             root: root.to_path_buf(),
             capacity,
@@ -141,7 +143,7 @@ mod tests {
     #[test]
     fn the_reserve_is_a_fiftieth_of_the_filesystem_within_bounds() {
         let dir = tempfile::tempdir().unwrap();
-        let space = Space::new(dir.path(), None);
+        let space = Space::new(dir.path(), None, None);
         let (size, _) = statvfs(dir.path()).unwrap();
         assert_eq!(
             space.reserve(),
@@ -153,7 +155,7 @@ mod tests {
     #[test]
     fn writes_stop_at_the_reserve_and_the_capacity() {
         let dir = tempfile::tempdir().unwrap();
-        let space = Space::new(dir.path(), Some(1 << 30));
+        let space = Space::new(dir.path(), Some(1 << 30), None);
         let room = space.room(0);
         assert!(room > 0 && room <= 1 << 30, "room {room}");
         assert!(space.admits(0, 4096));

@@ -131,8 +131,20 @@ fn lock_quiet(
 }
 
 impl Storage {
-    /// Opens (creating if needed) the storage under `root`, scanning existing chunks.
+    /// Opens (creating if needed) the storage under `root`, scanning existing chunks, with
+    /// the default reserve.
+    #[cfg(test)]
     pub fn open(root: &Path, capacity: Option<u64>) -> Result<Storage, OpenStorageError> {
+        Self::open_with(root, capacity, None)
+    }
+
+    /// Opens (creating if needed) the storage under `root`, scanning existing chunks, keeping
+    /// `reserve` bytes of the filesystem free (`None`: the default, see `space.rs`).
+    pub fn open_with(
+        root: &Path,
+        capacity: Option<u64>,
+        reserve: Option<u64>,
+    ) -> Result<Storage, OpenStorageError> {
         let io_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| OpenStorageError::Io { path, source }
@@ -157,7 +169,7 @@ impl Storage {
         let tombstones = Tombstones::load(root).map_err(io_err(root))?;
         let storage = Storage {
             root: root.to_path_buf(),
-            space: Space::new(root, capacity),
+            space: Space::new(root, capacity, reserve),
             fence,
             slots: Mutex::new(Slots {
                 lru: LruCache::new(NonZeroUsize::new(OPEN_FILES).unwrap_or(NonZeroUsize::MIN)),

@@ -509,3 +509,15 @@ fn whole_block_reads_carry_the_crc_of_their_data() {
         assert_eq!(crc, None, "range {offset}+{len} is not whole blocks");
     }
 }
+
+#[test]
+fn a_reserve_beyond_the_free_space_refuses_writes_and_reports_no_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open_with(dir.path(), None, Some(u64::MAX / 4)).unwrap();
+    assert_eq!(s.write(1, 1, 1, 0, b"x", false), Err(StoreError::NoSpace));
+    assert!(!s.healthy(), "a server with no room reports it");
+    assert_eq!(s.total(), 0);
+    let roomy = Storage::open_with(&dir.path().join("b"), None, Some(0)).unwrap();
+    roomy.write(1, 1, 1, 0, b"x", false).unwrap();
+    assert!(roomy.healthy());
+}

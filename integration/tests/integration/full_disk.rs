@@ -76,11 +76,23 @@ impl Drop for SmallFs {
 }
 
 /// A cluster of 3 metadata replicas and 6 chunkservers kept on `fs`.
-fn cluster_on(fs: &SmallFs) -> Result<Cluster> {
+fn cluster_on(fs: &SmallFs, up_args: &[&str]) -> Result<Cluster> {
     Cluster::start_with(Options {
         dir: Some(fs.mnt.join("cluster")),
-        ..Options::default()
+        ..Options::new(6, up_args)
     })
+}
+
+/// Bytes of `path`'s filesystem free for an unprivileged writer (what a chunkserver counts).
+fn available(path: &Path) -> Result<u64> {
+    // SAFETY: statvfs fills the struct it is given; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let p = rawfs_integration::fsutil::cpath(path);
+    ensure!(
+        unsafe { libc::statvfs(p.as_ptr(), &mut st) } == 0,
+        "statvfs failed"
+    );
+    Ok(st.f_bavail * st.f_frsize)
 }
 
 /// Every daemon of the cluster still runs.
@@ -117,7 +129,9 @@ fn write_until_refused(path: &Path, limit: usize) -> Result<i32> {
 fn writes_past_a_full_disk_fail_with_enospc_and_the_cluster_keeps_serving() -> Result<()> {
     let scratch = tempfile::tempdir_in("/var/tmp")?;
     let fs = SmallFs::new(scratch.path(), 1024)?;
-    let mut c = cluster_on(&fs)?;
+    // A reserve above the default (64 MiB on this disk), to see that the flag reaches the
+    // chunkservers.
+    let mut c = cluster_on(&fs, &["--reserve", "200M"])?;
     let r = (|| -> Result<()> {
         write_pattern(&c.path("keep"), 91, 8 * MIB)?;
         // Three copies of 1 GiB cannot fit on a 1 GiB disk.
@@ -125,6 +139,11 @@ fn writes_past_a_full_disk_fail_with_enospc_and_the_cluster_keeps_serving() -> R
         ensure!(
             refused == libc::ENOSPC,
             "a full disk gave errno {refused}, not ENOSPC"
+        );
+        let left = available(&fs.mnt)?;
+        ensure!(
+            left > 150 << 20,
+            "only {left} bytes left free with a 200 MiB reserve"
         );
 
         // The chunkservers stopped short of the disk's end: the metadata replicas kept room
@@ -176,7 +195,7 @@ fn writes_past_a_full_disk_fail_with_enospc_and_the_cluster_keeps_serving() -> R
 fn metadata_replicas_stopped_by_a_disk_filled_by_others_come_back_when_it_has_room() -> Result<()> {
     let scratch = tempfile::tempdir_in("/var/tmp")?;
     let fs = SmallFs::new(scratch.path(), 512)?;
-    let mut c = cluster_on(&fs)?;
+    let mut c = cluster_on(&fs, &[])?;
     let r = (|| -> Result<()> {
         write_pattern(&c.path("keep"), 92, 4 * MIB)?;
         std::fs::create_dir(c.path("before"))?;
