@@ -26,6 +26,9 @@ const RESERVE_MIN: u64 = 64 << 20;
 const RESERVE_MAX: u64 = 4 << 30;
 /// Longest time between two looks at the filesystem's free space.
 const LOOK_EVERY: Duration = Duration::from_millis(200);
+/// Room above the reserve smaller than this is reported as none: a write of a few MiB is
+/// refused there already, so the server shows as full and gets no new chunks.
+const SLACK: u64 = 16 << 20;
 /// Within this much of the reserve, every write looks: more than everything on the disk
 /// can write in [`LOOK_EVERY`].
 const NEAR: u64 = 2 << 30;
@@ -126,9 +129,11 @@ impl Space {
     }
 
     /// Bytes chunks may still take while they take `used`: the capacity left and the free
-    /// space above the reserve, whichever is less.
+    /// space above the reserve, whichever is less (none once that is under [`SLACK`]).
     pub(crate) fn room(&self, used: u64) -> u64 {
-        let above_reserve = u64::try_from(self.free() - signed(self.reserve)).unwrap_or(0);
+        let above_reserve = u64::try_from(self.free() - signed(self.reserve))
+            .unwrap_or(0)
+            .saturating_sub(SLACK);
         match self.capacity {
             Some(cap) => cap.saturating_sub(used).min(above_reserve),
             None => above_reserve,

@@ -50,16 +50,7 @@ impl SmallFs {
         let path = self.mnt.join(name);
         let mut f = std::fs::File::create(&path)?;
         // Most of it at once, the last blocks one by one until the disk refuses.
-        let free = {
-            // SAFETY: statvfs fills the struct it is given; the path is a valid C string.
-            let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-            let p = rawfs_integration::fsutil::cpath(&self.mnt);
-            ensure!(
-                unsafe { libc::statvfs(p.as_ptr(), &mut st) } == 0,
-                "statvfs failed"
-            );
-            st.f_bfree * st.f_frsize
-        };
+        let free = free_bytes(&self.mnt)?.for_root;
         let _ = fallocate(&f, 0, 0, free.saturating_sub(4 * MIB as u64));
         f.seek(std::io::SeekFrom::End(0))?;
         let block = [0u8; 4096];
@@ -83,8 +74,15 @@ fn cluster_on(fs: &SmallFs, up_args: &[&str]) -> Result<Cluster> {
     })
 }
 
-/// Bytes of `path`'s filesystem free for an unprivileged writer (what a chunkserver counts).
-fn available(path: &Path) -> Result<u64> {
+/// Free bytes of a filesystem.
+struct Free {
+    /// For root, the filesystem's reserved blocks included.
+    for_root: u64,
+    /// For anyone else: what a chunkserver counts.
+    for_users: u64,
+}
+
+fn free_bytes(path: &Path) -> Result<Free> {
     // SAFETY: statvfs fills the struct it is given; the path is a valid C string.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     let p = rawfs_integration::fsutil::cpath(path);
@@ -92,7 +90,10 @@ fn available(path: &Path) -> Result<u64> {
         unsafe { libc::statvfs(p.as_ptr(), &mut st) } == 0,
         "statvfs failed"
     );
-    Ok(st.f_bavail * st.f_frsize)
+    Ok(Free {
+        for_root: st.f_bfree * st.f_frsize,
+        for_users: st.f_bavail * st.f_frsize,
+    })
 }
 
 /// Every daemon of the cluster still runs.
@@ -140,7 +141,7 @@ fn writes_past_a_full_disk_fail_with_enospc_and_the_cluster_keeps_serving() -> R
             refused == libc::ENOSPC,
             "a full disk gave errno {refused}, not ENOSPC"
         );
-        let left = available(&fs.mnt)?;
+        let left = free_bytes(&fs.mnt)?.for_users;
         ensure!(
             left > 150 << 20,
             "only {left} bytes left free with a 200 MiB reserve"
