@@ -72,13 +72,18 @@ fn run_daemon<E: std::fmt::Display>(
             ExitCode::SUCCESS
         }
         Err(e) => {
-            tracing::error!(error = %e, "{role} failed");
-            // Not eprintln!: stderr is a log file, and one on a full disk must not turn a
-            // clean failure into a panic.
-            let _ = writeln!(std::io::stderr(), "rawfs {role}: {e}");
+            report_failure(role, &e);
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs that the daemon `role` failed with `e` and says so on stderr, which for a daemon
+/// under `rawfs up` is its log file: written with `writeln!`, not `eprintln!`, so that a log
+/// on a full disk does not turn a clean failure into a panic.
+pub(crate) fn report_failure(role: &str, e: &dyn std::fmt::Display) {
+    tracing::error!(error = %e, "{role} failed");
+    let _ = writeln!(std::io::stderr(), "rawfs {role}: {e}");
 }
 
 /// `rawfs metadata`.

@@ -86,12 +86,7 @@ pub fn run(args: NbdArgs) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                tracing::error!(error = %e, "nbd failed");
-                // Not eprintln!: a log file on a full disk must not turn this into a panic.
-                let _ = std::io::Write::write_fmt(
-                    &mut std::io::stderr(),
-                    format_args!("rawfs nbd: {e}\n"),
-                );
+                crate::daemon::report_failure("nbd", &e);
                 ExitCode::FAILURE
             }
         }

@@ -16,8 +16,7 @@
 //! other chunkservers on it write too, and only a fresh look sees what they took.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The default reserve: this fraction of the filesystem, within [`RESERVE_MIN`, `RESERVE_MAX`].
@@ -40,8 +39,11 @@ pub(crate) struct Space {
     reserve: u64,
     /// The filesystem's free bytes at the last look, less what writes were admitted since.
     free: AtomicI64,
-    /// When the filesystem was last looked at.
-    looked: Mutex<Instant>,
+    /// When this value was made: the clock `looked_ms` counts from.
+    born: Instant,
+    /// Milliseconds after `born` of the last look. Atomic, not a lock, since every write
+    /// reads it; two writes that look at once both store a fresh figure, which is harmless.
+    looked_ms: AtomicU64,
 }
 
 /// (size, free bytes) of the filesystem holding `root`; free as an unprivileged user sees it
@@ -80,7 +82,8 @@ impl Space {
             capacity,
             reserve,
             free: AtomicI64::new(signed(free)),
-            looked: Mutex::new(Instant::now()),
+            born: Instant::now(),
+            looked_ms: AtomicU64::new(0),
         }
     }
 
@@ -91,23 +94,24 @@ impl Space {
 
     /// Looks at the filesystem's free space now.
     pub(crate) fn look(&self) {
-        let mut looked = self.looked.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, free)) = statvfs(&self.root) {
             self.free.store(signed(free), Ordering::Relaxed);
         }
-        *looked = Instant::now();
+        self.looked_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The filesystem's free bytes, looked up again if the last figure is old or near the
     /// reserve.
     fn free(&self) -> i64 {
         let free = self.free.load(Ordering::Relaxed);
-        let stale = self
-            .looked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed()
-            >= LOOK_EVERY;
+        let since = self
+            .now_ms()
+            .saturating_sub(self.looked_ms.load(Ordering::Relaxed));
+        let stale = since >= LOOK_EVERY.as_millis() as u64;
         if stale || free < signed(self.reserve.saturating_add(NEAR)) {
             self.look();
             return self.free.load(Ordering::Relaxed);

@@ -288,13 +288,6 @@ async fn serve<W: AsyncWrite + Unpin + Send>(
                 }
             }
         }
-        Op::Cache { offset, len } => match cache(&*export, offset, len).await {
-            Ok(()) => rep.ok(handle).await,
-            Err(e) => {
-                let e = failed(e);
-                rep.error(handle, e.nbd_error(), &e.to_string()).await
-            }
-        },
         op => {
             let r = match op {
                 Op::Write { offset, data, fua } => export.write(offset, &data, fua).await,
@@ -306,7 +299,8 @@ async fn serve<W: AsyncWrite + Unpin + Send>(
                     may_trim,
                     fua,
                 } => export.write_zeroes(offset, len, may_trim, fua).await,
-                Op::Read { .. } | Op::BlockStatus { .. } | Op::Cache { .. } => Ok(()),
+                Op::Cache { offset, len } => cache(&*export, offset, len).await,
+                Op::Read { .. } | Op::BlockStatus { .. } => Ok(()),
             };
             match r {
                 Ok(()) => rep.ok(handle).await,
