@@ -169,6 +169,13 @@ impl FileIo {
         self.inner.size.load(Ordering::Acquire)
     }
 
+    /// Whether written bytes are not stored yet: buffered, or in a flush that is under way
+    /// or failed. When false, a flush has nothing to do.
+    pub fn has_unwritten(&self) -> bool {
+        let b = lock(&self.inner.bufs);
+        b.pending.is_some() || b.buffer.bytes() > 0
+    }
+
     /// Sets the size after a truncate or extension done through `meta().setattr`: buffered
     /// bytes and cached read-ahead data past it are dropped, and so are cached locations of
     /// chunks wholly past it (the metadata service released them). Flush before the

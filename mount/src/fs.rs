@@ -265,6 +265,9 @@ impl Filesystem for RawFs {
         want(config, InitFlags::FUSE_DO_READDIRPLUS);
         want(config, InitFlags::FUSE_READDIRPLUS_AUTO);
         want(config, InitFlags::FUSE_PARALLEL_DIROPS);
+        // O_DIRECT handles bypass the page cache (FOPEN_DIRECT_IO); without this a shared
+        // mmap of such a handle fails with ENODEV, where a local filesystem allows it.
+        want(config, InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         // Not requested: FUSE_WRITEBACK_CACHE (the kernel would then own mtime and size and
         // merge writes across handles; see the crate docs), FUSE_POSIX_LOCKS and
         // FUSE_FLOCK_LOCKS (without them the kernel keeps locks local to this mount).

@@ -355,7 +355,10 @@ impl Inner {
             }
             f.io.clone()
         };
-        let flushed = if io.size() > 0 {
+        let flushed = if !io.has_unwritten() {
+            // Nothing to write: a queued change of the file (a held setattr) stays queued.
+            Ok(None)
+        } else if io.size() > 0 {
             // Data of a file created in a held directory needs the create committed first.
             match self.settle_to_write(ino, &io).await {
                 Ok(()) => io.flush().await.map_err(errno::client),

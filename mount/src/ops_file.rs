@@ -126,6 +126,8 @@ impl Inner {
     /// `close(2)` of one descriptor: send the buffer so that errors reach the caller.
     pub(crate) async fn flush(&self, ino: Ino) -> Result<(), Errno> {
         match self.io_if_open(ino) {
+            // Nothing to write: a queued change of the file (a held setattr) stays queued.
+            Some(io) if !io.has_unwritten() => Ok(()),
             Some(io) => {
                 if io.size() > 0 {
                     self.settle_to_write(ino, &io).await?;
