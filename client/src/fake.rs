@@ -211,6 +211,7 @@ impl Fake {
             ctime: Timespec::default(),
             crtime: Timespec::default(),
             stored: 0,
+            no_xattrs: true,
         }
     }
 

@@ -126,6 +126,7 @@ pub(crate) fn new_rec(
         last_seq: 0,
         snapshot_of: None,
         class: StorageClass::Auto,
+        xattrs: Some(0),
     }
 }
 
@@ -528,6 +529,9 @@ pub(crate) fn setxattr(
         _ => {}
     }
     t.xattrs.insert((ino, name), value)?;
+    if !exists {
+        rec.xattrs = rec.xattrs.map(|n| n.saturating_add(1));
+    }
     rec.ctime = now;
     t.put_inode(ino, &rec)?;
     Ok(())
@@ -542,6 +546,7 @@ pub(crate) fn removexattr(t: &mut Tables, ino: Ino, name: &[u8], now: Timespec) 
     if t.xattrs.remove((ino, name))?.is_none() {
         return Err(MetaError::NoAttr.into());
     }
+    rec.xattrs = rec.xattrs.map(|n| n.saturating_sub(1));
     rec.ctime = now;
     t.put_inode(ino, &rec)?;
     Ok(())

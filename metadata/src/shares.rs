@@ -259,6 +259,8 @@ pub(crate) fn snapshot(
     rec.crtime = now;
     rec.atime = now;
     rec.snapshot_of = read_only.then_some(origin);
+    // The origin's xattrs are not copied; only the label is set.
+    rec.xattrs = Some(u32::from(!label.is_empty()));
     // A snapshot cannot be written (not even by root: the service refuses); a clone is an
     // ordinary writable file, also when made from a snapshot.
     rec.perm = if read_only {

@@ -197,10 +197,14 @@ pub(crate) struct InodeRec {
     #[serde(default)]
     pub snapshot_of: Option<Ino>,
     /// Storage class (see `classes.rs`). Records are MessagePack arrays, so a record written
-    /// before classes existed simply ends one element early and decodes as `Auto`; this
-    /// field must therefore stay last (add later fields after it, also defaulted).
+    /// before classes existed simply ends one element early and decodes as `Auto`; later
+    /// fields go after it, also defaulted.
     #[serde(default)]
     pub class: rawfs_metadata_api::StorageClass,
+    /// How many rows of the xattr table the inode has; `None` (records written before the
+    /// count existed) when unknown. Keep last.
+    #[serde(default)]
+    pub xattrs: Option<u32>,
 }
 
 impl InodeRec {
@@ -219,6 +223,7 @@ impl InodeRec {
             ctime: self.ctime,
             crtime: self.crtime,
             stored: self.stored,
+            no_xattrs: self.xattrs == Some(0),
         }
     }
 

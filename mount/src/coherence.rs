@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{INodeNo, Notifier};
 use rawfs_metadata_api::client::MetadataClient;
-use rawfs_metadata_api::{Ino, Inval, Name};
+use rawfs_metadata_api::{Attr, Ino, Inval, Name};
 use tracing::{debug, info, warn};
 
 use crate::attr::InoMap;
@@ -47,12 +47,34 @@ const WATCH_WAIT_MS: u32 = 1000;
 const RETRY: Duration = Duration::from_millis(200);
 /// How often expired records are dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// After an inode's attributes change, attributes of it that arrive within this time may
+/// have been read before the change, so their "no xattrs" is not believed.
+const SPOIL: Duration = Duration::from_secs(1);
 
 /// What the kernel may have cached, with when its lifetime ends.
 #[derive(Default)]
 struct Handed {
     entries: HashMap<(Ino, Name), Instant>,
     inodes: HashMap<Ino, Instant>,
+    /// Inodes last reported to have no xattrs, until when that may be believed (the
+    /// attribute lifetime): `getxattr` and `listxattr` of them are answered here.
+    no_xattrs: HashMap<Ino, Instant>,
+    /// When each inode last changed (an event, or this mount's own xattr change).
+    spoiled: HashMap<Ino, Instant>,
+    /// When every cached attribute was last taken back.
+    spoiled_all: Option<Instant>,
+}
+
+impl Handed {
+    fn spoiled_lately(&self, ino: Ino, now: Instant) -> bool {
+        let lately = |t: &Instant| now.saturating_duration_since(*t) < SPOIL;
+        self.spoiled_all.as_ref().is_some_and(lately) || self.spoiled.get(&ino).is_some_and(lately)
+    }
+
+    fn spoil(&mut self, ino: Ino, now: Instant) {
+        self.no_xattrs.remove(&ino);
+        self.spoiled.insert(ino, now);
+    }
 }
 
 /// One kernel cache invalidation, in kernel inode numbers.
@@ -100,10 +122,37 @@ impl Coherence {
         h.inodes.insert(ino, now + self.attr_ttl);
     }
 
-    /// Records that the kernel was given the attributes of `ino`.
-    pub(crate) fn handed_attr(&self, ino: Ino) {
-        let until = Instant::now() + self.attr_ttl;
-        lock(&self.handed).inodes.insert(ino, until);
+    /// Records that the kernel was given the attributes `a`, and whether `a.ino` has no
+    /// xattrs.
+    pub(crate) fn handed_attr(&self, a: &Attr) {
+        let now = Instant::now();
+        let until = now + self.attr_ttl;
+        let mut h = lock(&self.handed);
+        h.inodes.insert(a.ino, until);
+        if a.no_xattrs && !h.spoiled_lately(a.ino, now) {
+            h.no_xattrs.insert(a.ino, until);
+        } else {
+            h.no_xattrs.remove(&a.ino);
+        }
+    }
+
+    /// True if `ino` is known to have no xattrs (as coherent as the kernel's attributes).
+    pub(crate) fn knows_no_xattrs(&self, ino: Ino) -> bool {
+        let now = Instant::now();
+        lock(&self.handed)
+            .no_xattrs
+            .get(&ino)
+            .is_some_and(|until| *until > now)
+    }
+
+    /// Forgets what is known of `ino`'s xattrs (before and after this mount changes them).
+    pub(crate) fn xattrs_changed(&self, ino: Ino) {
+        lock(&self.handed).spoil(ino, Instant::now());
+    }
+
+    /// The kernel forgot `ino`.
+    pub(crate) fn forget(&self, ino: Ino) {
+        lock(&self.handed).no_xattrs.remove(&ino);
     }
 
     /// Starts the invalidation thread and the watch task (on `rt`, the metadata runtime).
@@ -128,10 +177,19 @@ impl Coherence {
         }
     }
 
-    fn apply(&self, inval: Inval) {
+    /// Takes back what `inval` names; `foreign`: another client's change.
+    fn apply(&self, inval: Inval, foreign: bool) {
         match inval {
             Inval::Inode(ino) => {
-                lock(&self.handed).inodes.remove(&ino);
+                {
+                    let mut h = lock(&self.handed);
+                    h.inodes.remove(&ino);
+                    // This mount's own xattr changes spoil the inode themselves; its other
+                    // changes leave the xattrs as they were.
+                    if foreign {
+                        h.spoil(ino, Instant::now());
+                    }
+                }
                 self.send(Notice::Inode(self.map.fuse(ino)));
             }
             Inval::Entry { parent, name } => {
@@ -148,11 +206,17 @@ impl Coherence {
         }
     }
 
-    /// Takes back everything the kernel may still hold.
-    fn invalidate_all(&self) {
+    /// Takes back everything the kernel may still hold; `missed`: events were lost (not the
+    /// first sync), so attributes read before now are suspect a while longer.
+    fn invalidate_all(&self, missed: bool) {
         let now = Instant::now();
         let (entries, inodes) = {
             let mut h = lock(&self.handed);
+            h.no_xattrs.clear();
+            h.spoiled.clear();
+            if missed {
+                h.spoiled_all = Some(now);
+            }
             let entries: Vec<(Ino, Name)> = h
                 .entries
                 .drain()
@@ -192,6 +256,9 @@ impl Coherence {
         let mut h = lock(&self.handed);
         h.entries.retain(|_, until| *until > now);
         h.inodes.retain(|_, until| *until > now);
+        h.no_xattrs.retain(|_, until| *until > now);
+        h.spoiled
+            .retain(|_, t| now.saturating_duration_since(*t) < SPOIL);
     }
 }
 
@@ -213,7 +280,7 @@ async fn watch_loop(me: std::sync::Weak<Coherence>, meta: MetadataClient) {
                         "cache events missed; dropping the kernel caches"
                     );
                 }
-                c.invalidate_all();
+                c.invalidate_all(in_sync);
                 epoch = r.epoch;
                 next = r.next;
                 in_sync = true;
@@ -224,7 +291,7 @@ async fn watch_loop(me: std::sync::Weak<Coherence>, meta: MetadataClient) {
                     if ev.origin == own && matches!(ev.inval, Inval::Entry { .. }) {
                         continue;
                     }
-                    c.apply(ev.inval);
+                    c.apply(ev.inval, ev.origin != own);
                 }
                 if any {
                     // The next call acknowledges these events: only once the kernel has
@@ -236,7 +303,7 @@ async fn watch_loop(me: std::sync::Weak<Coherence>, meta: MetadataClient) {
             Err(e) => {
                 if in_sync {
                     warn!(error = %e, "cache event watch failed; dropping the kernel caches");
-                    c.invalidate_all();
+                    c.invalidate_all(true);
                     in_sync = false;
                 }
                 epoch = 0;

@@ -341,6 +341,7 @@ impl Inner {
                 ctime: now,
                 crtime: now,
                 stored: 0,
+                no_xattrs: true,
             };
             st.names.insert(name.to_vec(), ino);
             self.held.names.fetch_add(1, Ordering::Relaxed);

@@ -110,4 +110,21 @@ impl Inner {
         })?;
         Some(done.map(|()| out.expect("set by the change")))
     }
+
+    /// This mount changed `ino`'s xattrs: attributes of it kept for a held directory no
+    /// longer say it has none.
+    pub(crate) fn held_xattrs_changed(&self, ino: Ino) {
+        let Some(dir) = lock(&self.held.files).get(&ino).copied() else {
+            return;
+        };
+        let Some(d) = self.held_dir(dir) else { return };
+        let mut guard = lock(&d.state);
+        let st = &mut *guard;
+        for a in [st.fresh.get_mut(&ino), st.pending.get_mut(&ino)]
+            .into_iter()
+            .flatten()
+        {
+            a.no_xattrs = false;
+        }
+    }
 }

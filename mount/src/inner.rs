@@ -183,7 +183,7 @@ impl Inner {
 
     /// Kernel attributes for `a`, with the size of buffered writes if the file is open here.
     pub(crate) fn attr(&self, a: &Attr) -> FileAttr {
-        self.coherence.handed_attr(a.ino);
+        self.coherence.handed_attr(a);
         let size = if a.kind == FileKind::File {
             self.open_size(a.ino)
         } else {
@@ -219,6 +219,7 @@ impl Inner {
     pub(crate) fn forget(&self, ino: Ino) {
         lock(&self.parents).remove(&ino);
         lock(&self.no_caps).remove(&ino);
+        self.coherence.forget(ino);
     }
 
     pub(crate) fn knows_no_caps(&self, ino: Ino) -> bool {

@@ -2,7 +2,7 @@
 //! bytes the answer needs; a non-zero size too small for it is `ERANGE`.
 
 use fuser::Errno;
-use rawfs_metadata_api::{Ino, XattrMode};
+use rawfs_metadata_api::{Ino, XattrMode, CLASS_XATTR};
 use serde_bytes::ByteBuf;
 
 use crate::errno;
@@ -42,6 +42,12 @@ fn is_system(name: &[u8]) -> bool {
 }
 
 impl Inner {
+    /// Forgets that `ino` has no xattrs, here and in a held directory's attributes of it.
+    fn xattrs_changed(&self, ino: Ino) {
+        self.coherence.xattrs_changed(ino);
+        self.held_xattrs_changed(ino);
+    }
+
     pub(crate) async fn setxattr(
         &self,
         ino: Ino,
@@ -56,17 +62,28 @@ impl Inner {
         self.settle(ino).await?;
         self.give_back(ino).await;
         let caps = name == CAPABILITY;
+        self.xattrs_changed(ino);
         let r = self
             .client
             .meta()
             .setxattr(ino, ByteBuf::from(name), ByteBuf::from(value), mode)
             .await
             .map_err(errno::meta);
+        self.xattrs_changed(ino);
         if caps {
             // Whatever happened, the cached "no capability" answer may be wrong now.
             self.set_no_caps(ino, false);
         }
         r
+    }
+
+    /// True if `ino` surely has no xattr `name`, known here without asking the leader:
+    /// `system.*` names, a capability found missing before, or an inode whose attributes
+    /// say it has no xattrs (the virtual class xattr exists anyway).
+    pub(crate) fn surely_no_xattr(&self, ino: Ino, name: &[u8]) -> bool {
+        is_system(name)
+            || (name == CAPABILITY && self.knows_no_caps(ino))
+            || (name != CLASS_XATTR.as_bytes() && self.coherence.knows_no_xattrs(ino))
     }
 
     pub(crate) async fn getxattr(
@@ -75,13 +92,10 @@ impl Inner {
         name: Vec<u8>,
         size: u32,
     ) -> Result<XattrOut, Errno> {
-        if is_system(&name) {
+        if self.surely_no_xattr(ino, &name) {
             return Err(Errno::NO_XATTR);
         }
         let caps = name == CAPABILITY;
-        if caps && self.knows_no_caps(ino) {
-            return Err(Errno::NO_XATTR);
-        }
         self.settle(ino).await?;
         match self.client.meta().getxattr(ino, ByteBuf::from(name)).await {
             Ok(v) => sized(v.into_vec(), size),
@@ -96,6 +110,9 @@ impl Inner {
     }
 
     pub(crate) async fn listxattr(&self, ino: Ino, size: u32) -> Result<XattrOut, Errno> {
+        if self.coherence.knows_no_xattrs(ino) {
+            return sized(Vec::new(), size);
+        }
         self.settle(ino).await?;
         let names = self
             .client
@@ -118,12 +135,14 @@ impl Inner {
         self.settle(ino).await?;
         self.give_back(ino).await;
         let caps = name == CAPABILITY;
+        self.xattrs_changed(ino);
         let r = self
             .client
             .meta()
             .removexattr(ino, ByteBuf::from(name))
             .await
             .map_err(errno::meta);
+        self.xattrs_changed(ino);
         if caps {
             self.set_no_caps(ino, false);
         }

@@ -568,3 +568,81 @@ fn o_direct_handles_write_read_and_map_shared() -> Result<()> {
     assert!(fs::read(&p)? == want, "content after close");
     Ok(())
 }
+
+#[test]
+fn a_mount_that_saw_no_xattrs_sees_another_mounts_xattrs_at_once() -> Result<()> {
+    use rawfs_integration::harness::wait_until;
+    use std::time::Duration;
+    let c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    fs::create_dir(c.path("d"))?;
+    for i in 0..10 {
+        fs::write(c.path(&format!("d/f{i}")), b"x")?;
+    }
+    let seen = |name: &str| a.join(&format!("d/{name}"));
+    // Wait until mount a follows the change events: a chmod through the main mount shows in
+    // a's cached attributes.
+    fs::symlink_metadata(seen("f0"))?;
+    fs::set_permissions(c.path("d/f0"), fs::Permissions::from_mode(0o600))?;
+    wait_until("a follows events", Duration::from_secs(10), || {
+        Ok(fs::symlink_metadata(seen("f0"))?.mode() & 0o777 == 0o600)
+    })?;
+    // A mount does not trust "no xattrs" in attributes read within a second of another
+    // client's change of the inode (the creates here): let that pass, so that a's answers
+    // below come from what it cached.
+    std::thread::sleep(Duration::from_millis(1500));
+    // As `ls -l` does through mount a: list, stat, ask for an xattr of every file.
+    for e in fs::read_dir(a.join("d"))? {
+        let p = e?.path();
+        fs::symlink_metadata(&p)?;
+        assert_eq!(errno(getxattr(&p, "security.selinux")), libc::ENODATA);
+        assert_eq!(listxattr(&p)?, Vec::<String>::new());
+    }
+    // Another mount's set shows through a as soon as its event arrives (not after the
+    // attribute timeout of 30 s), in getxattr and in listxattr, also through a descriptor
+    // opened before. A security.* name: reading one needs no permission check, so the
+    // kernel does not refresh the attributes first (for user.* it would).
+    let open = File::open(seen("f3"))?;
+    let fgetxattr = |f: &File| -> std::io::Result<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let mut buf = [0u8; 64];
+        // SAFETY: valid descriptor, NUL-terminated name, buffer of the given length.
+        let n = unsafe {
+            libc::fgetxattr(
+                f.as_raw_fd(),
+                c"security.x".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(buf[..n as usize].to_vec())
+    };
+    assert_eq!(errno(fgetxattr(&open)), libc::ENODATA);
+    setxattr(&c.path("d/f3"), "security.x", b"1", 0)?;
+    wait_until("a sees security.x", Duration::from_secs(5), || {
+        Ok(fgetxattr(&open).ok().as_deref() == Some(&b"1"[..]))
+    })?;
+    assert_eq!(getxattr(&seen("f3"), "security.x")?, b"1");
+    assert_eq!(listxattr(&seen("f3"))?, ["security.x"]);
+    removexattr(&c.path("d/f3"), "security.x")?;
+    wait_until("a sees security.x gone", Duration::from_secs(5), || {
+        Ok(listxattr(&seen("f3"))?.is_empty())
+    })?;
+    // A's own changes show at once.
+    setxattr(&seen("f5"), "user.y", b"2", 0)?;
+    assert_eq!(getxattr(&seen("f5"), "user.y")?, b"2");
+    assert_eq!(getxattr(&c.path("d/f5"), "user.y")?, b"2");
+    removexattr(&seen("f5"), "user.y")?;
+    assert_eq!(errno(getxattr(&seen("f5"), "user.y")), libc::ENODATA);
+    // A file this mount creates has none, and then gets one.
+    let fresh = seen("new");
+    fs::write(&fresh, b"n")?;
+    assert_eq!(errno(getxattr(&fresh, "user.z")), libc::ENODATA);
+    setxattr(&fresh, "user.z", b"3", 0)?;
+    assert_eq!(getxattr(&fresh, "user.z")?, b"3");
+    assert_eq!(listxattr(&fresh)?, ["user.z"]);
+    Ok(())
+}

@@ -74,6 +74,12 @@ pub struct Attr {
     pub crtime: Timespec,
     /// Bytes actually stored (one replica), for `st_blocks`.
     pub stored: u64,
+    /// The inode has no extended attributes: a client may answer `getxattr` and `listxattr`
+    /// itself (`ls -l` asks for `security.selinux` of every file it lists). False when it
+    /// has some, or when the server has not counted them (inodes made before the count).
+    /// Last and defaulted, so older encodings decode.
+    #[serde(default)]
+    pub no_xattrs: bool,
 }
 
 /// One entry returned by `readdir`, with the child's attributes (for READDIRPLUS).

@@ -324,11 +324,15 @@ fn xattrs_honour_create_and_replace() {
         })
         .and_then(Reply::into_unit)
     };
+    let no_xattrs = |h: &H| h.getattr(f.ino).unwrap().no_xattrs;
+    assert!(f.no_xattrs && no_xattrs(&h), "a new file has no xattrs");
     assert_eq!(
         set(&mut h, "user.a", "1", XattrMode::Replace),
         Err(MetaError::NoAttr)
     );
+    assert!(no_xattrs(&h), "a refused set adds none");
     set(&mut h, "user.a", "1", XattrMode::Create).unwrap();
+    assert!(!no_xattrs(&h));
     assert_eq!(
         set(&mut h, "user.a", "2", XattrMode::Create),
         Err(MetaError::Exists)
@@ -352,6 +356,53 @@ fn xattrs_honour_create_and_replace() {
         h.sm.read(|rt| queries::getxattr(rt, f.ino, b"user.a")),
         Err(MetaError::NoAttr)
     );
+    // Replacing user.b's value counts it once; removing it leaves none.
+    set(&mut h, "user.b", "again", XattrMode::Any).unwrap();
+    assert!(!no_xattrs(&h));
+    let now = h.now();
+    h.apply(Command::RemoveXattr {
+        ino: f.ino,
+        name: n("user.b"),
+        now,
+    })
+    .unwrap();
+    assert!(no_xattrs(&h), "every xattr removed");
+    // The virtual class xattr is not counted (it is not listed either).
+    set(&mut h, CLASS_XATTR, "cold", XattrMode::Any).unwrap();
+    assert!(no_xattrs(&h));
+}
+
+#[test]
+fn snapshots_count_only_their_label_and_old_records_do_not_claim_no_xattrs() {
+    let mut h = H::new();
+    let f = h.create(ROOT_INO, "f");
+    let now = h.now();
+    h.apply(Command::SetXattr {
+        ino: f.ino,
+        name: n("user.a"),
+        value: ByteBuf::from(b"1".to_vec()),
+        mode: XattrMode::Any,
+        now,
+    })
+    .unwrap();
+    // The origin's user.a is not copied; the label is the snapshot's one xattr.
+    let s = super::snapshot(&mut h, f.ino, "s", true).unwrap();
+    assert!(!s.no_xattrs);
+    assert_eq!(
+        h.sm.read(|rt| queries::listxattr(rt, s.ino)).unwrap().len(),
+        1
+    );
+    // A record written before the count existed ends one element early: unknown, so its
+    // attributes never say "no xattrs".
+    let rec = crate::namespace::new_rec(FileKind::File, 0o644, ME, 0, now);
+    assert!(rec.attr(99).no_xattrs);
+    let mut bytes = rmp_serde::to_vec(&rec).unwrap();
+    assert_eq!(&bytes[..3], &[0xdc, 0, 17], "an array of 17 fields");
+    bytes[2] = 16;
+    assert_eq!(bytes.pop(), Some(0), "xattrs: Some(0) is the last byte");
+    let old: crate::store::InodeRec = rmp_serde::from_slice(&bytes).unwrap();
+    assert_eq!(old.xattrs, None);
+    assert!(!old.attr(99).no_xattrs);
 }
 
 #[test]
