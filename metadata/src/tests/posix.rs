@@ -345,13 +345,16 @@ fn xattrs_honour_create_and_replace() {
     assert_eq!(v.as_slice(), b"3");
     let names = h.sm.read(|rt| queries::listxattr(rt, f.ino)).unwrap();
     assert_eq!(names, vec![n("user.a"), n("user.b")]);
-    let now = h.now();
-    h.apply(Command::RemoveXattr {
-        ino: f.ino,
-        name: n("user.a"),
-        now,
-    })
-    .unwrap();
+    let remove = |h: &mut H, name: &str| {
+        let now = h.now();
+        h.apply(Command::RemoveXattr {
+            ino: f.ino,
+            name: n(name),
+            now,
+        })
+        .unwrap();
+    };
+    remove(&mut h, "user.a");
     assert_eq!(
         h.sm.read(|rt| queries::getxattr(rt, f.ino, b"user.a")),
         Err(MetaError::NoAttr)
@@ -359,13 +362,7 @@ fn xattrs_honour_create_and_replace() {
     // Replacing user.b's value counts it once; removing it leaves none.
     set(&mut h, "user.b", "again", XattrMode::Any).unwrap();
     assert!(!no_xattrs(&h));
-    let now = h.now();
-    h.apply(Command::RemoveXattr {
-        ino: f.ino,
-        name: n("user.b"),
-        now,
-    })
-    .unwrap();
+    remove(&mut h, "user.b");
     assert!(no_xattrs(&h), "every xattr removed");
     // The virtual class xattr is not counted (it is not listed either).
     set(&mut h, CLASS_XATTR, "cold", XattrMode::Any).unwrap();
