@@ -596,13 +596,10 @@ impl Filesystem for RawFs {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
         if inner.coherence.knows_no_xattrs(ino) {
-            // An empty list fits any buffer.
-            let empty = if size == 0 {
-                XattrOut::Size(0)
-            } else {
-                XattrOut::Data(Vec::new())
-            };
-            Respond::ok(reply, empty);
+            match crate::ops_xattr::sized(Vec::new(), size) {
+                Ok(empty) => Respond::ok(reply, empty),
+                Err(e) => Respond::err(reply, e),
+            }
             return;
         }
         self.spawn_meta(reply, async move { inner.listxattr(ino, size).await });

@@ -110,9 +110,6 @@ impl Inner {
     }
 
     pub(crate) async fn listxattr(&self, ino: Ino, size: u32) -> Result<XattrOut, Errno> {
-        if self.coherence.knows_no_xattrs(ino) {
-            return sized(Vec::new(), size);
-        }
         self.settle(ino).await?;
         let names = self
             .client
