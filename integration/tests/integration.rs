@@ -6,6 +6,8 @@
 
 #[path = "integration/bad_input.rs"]
 mod bad_input;
+#[path = "integration/caching.rs"]
+mod caching;
 #[path = "integration/cli.rs"]
 mod cli;
 #[path = "integration/drain.rs"]

@@ -76,6 +76,8 @@ pub(crate) struct Inner {
     pub(crate) held: crate::held::Held,
     /// New directories are made held (`-o delegate`).
     pub(crate) delegate: bool,
+    /// Which files' kernel page cache survives the next open.
+    pub(crate) page_cache: crate::page_cache::PageCache,
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: the tables stay
@@ -117,6 +119,7 @@ impl Inner {
             releases: Mutex::new(None),
             held: crate::held::Held::default(),
             delegate: true,
+            page_cache: Default::default(),
         }
     }
 
@@ -220,6 +223,7 @@ impl Inner {
         lock(&self.parents).remove(&ino);
         lock(&self.no_caps).remove(&ino);
         self.coherence.forget(ino);
+        self.page_cache.forget(ino);
     }
 
     pub(crate) fn knows_no_caps(&self, ino: Ino) -> bool {
@@ -249,10 +253,11 @@ impl Inner {
 
     /// Takes one handle on `ino`: reuses the inode's `FileIo` if it is open here, else
     /// registers the open with the metadata service (which keeps an unlinked inode alive
-    /// until we release it; the reply also gives the size) and creates one.
-    pub(crate) async fn open_file(&self, ino: Ino) -> Result<(), Errno> {
+    /// until we release it; the reply also gives the size) and creates one. Returns the
+    /// attributes the metadata service gave for a new entry (None when it reused one).
+    pub(crate) async fn open_file(&self, ino: Ino) -> Result<Option<Attr>, Errno> {
         if self.attach(ino) {
-            return Ok(());
+            return Ok(None);
         }
         let attr = self
             .client
@@ -269,8 +274,9 @@ impl Inner {
             // Another open of the same inode won; it holds the one server-side open this
             // mount keeps per inode, so give ours back.
             self.release_server_open(ino).await;
+            return Ok(None);
         }
-        Ok(())
+        Ok(Some(attr))
     }
 
     /// Takes a handle on a file this mount just created with `create`, which also recorded

@@ -22,7 +22,9 @@
 //! including sticky directories) and `allow_other` when mounted by root. Attributes and
 //! names are cached for 30 s (`attr_timeout=`, `entry_timeout=`) and kept coherent between
 //! mounts by the leader's invalidation events (see `coherence`): a change made elsewhere is
-//! taken back before that change is acknowledged.
+//! taken back before that change is acknowledged. A file's pages stay cached across opens
+//! while its version (size, mtime, ctime) is unchanged (`page_cache`), so a file read again
+//! is read from memory.
 //!
 //! Directories this mount makes are delegated to it (`held`; `-o nodelegate` turns it
 //! off): it answers lookups, creates and stats of new empty files in them, and unlinks and
@@ -78,6 +80,7 @@ mod ops_file;
 mod ops_inode;
 mod ops_xattr;
 mod options;
+mod page_cache;
 mod session;
 
 pub use helper::mount_helper_main;

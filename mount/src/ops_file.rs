@@ -37,11 +37,20 @@ fn fopen_flags(flags: i32) -> FopenFlags {
 
 impl Inner {
     pub(crate) async fn open(&self, ino: Ino, flags: OpenFlags) -> Result<Opened, Errno> {
+        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
+        if !read_only {
+            // This mount's writes are not tracked (see page_cache.rs).
+            self.page_cache.forget(ino);
+        }
         self.settle(ino).await?;
-        self.open_file(ino).await?;
+        let fresh = self.open_file(ino).await?;
+        let mut flags = fopen_flags(flags.0);
+        if read_only && fresh.is_some_and(|a| self.page_cache.reopened(&a)) {
+            flags |= FopenFlags::FOPEN_KEEP_CACHE;
+        }
         Ok(Opened {
             fh: self.next_fh(),
-            flags: fopen_flags(flags.0),
+            flags,
         })
     }
 
@@ -160,6 +169,7 @@ impl Inner {
     /// Buffered writes go out first (they must not land past the new end afterwards); after
     /// a shrink the rest of the last chunk is zeroed, so that a later extension reads zeros.
     pub(crate) async fn truncate(&self, ino: Ino, size: u64, set: SetAttr) -> Result<Attr, Errno> {
+        self.page_cache.forget(ino);
         self.settle(ino).await?;
         let meta = self.client.meta();
         let (io, old): (Arc<FileIo>, u64) = match self.io_if_open(ino) {
@@ -220,7 +230,16 @@ impl Inner {
             KEEP_SIZE => Ok(()),
             PUNCH => {
                 let io = self.io(ino)?;
-                io.punch(offset, length).await.map_err(errno::client)
+                io.punch(offset, length).await.map_err(errno::client)?;
+                // A punch changes the content, so mtime and ctime move (zeros written inside
+                // a chunk change no metadata by themselves); that is also how other mounts
+                // learn that the pages they cached are stale (see page_cache.rs).
+                self.client
+                    .meta()
+                    .commit_write(ino, 0, 0)
+                    .await
+                    .map(drop)
+                    .map_err(errno::meta)
             }
             _ => Err(Errno::EOPNOTSUPP),
         }

@@ -18,8 +18,8 @@
 //! `doc/proto.md`): fixed newstyle negotiation with `NBD_OPT_GO`, `INFO`, `LIST`, `ABORT`,
 //! `EXPORT_NAME`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`/`SET_META_CONTEXT`
 //! (`base:allocation`); block size constraints (1 / 64 KiB / 32 MiB); READ, WRITE, FLUSH, FUA,
-//! TRIM, WRITE_ZEROES (with `NO_HOLE`), BLOCK_STATUS, DISC; read-only exports; multi-conn.
-//! Not implemented: TLS, extended headers, `NBD_CMD_CACHE`, fast zero, resize.
+//! TRIM, WRITE_ZEROES (with `NO_HOLE` and `FAST_ZERO`), CACHE, BLOCK_STATUS, DISC;
+//! read-only exports; multi-conn. Not implemented: TLS, extended headers, resize.
 //!
 //! The protocol sits behind two small traits so it can be tested without a cluster:
 //! [`Export`] (one block device) and [`Catalog`] (exports by name); [`mem`] has in-memory

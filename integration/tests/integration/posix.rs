@@ -276,6 +276,7 @@ fn fallocate_punches_holes_and_copy_file_range_copies() -> Result<()> {
     fs::write(&p, &data)?;
     let f = OpenOptions::new().read(true).write(true).open(&p)?;
     let (off, len) = ((1 << 20) + 100, 500 << 10);
+    let before = f.metadata()?;
     fallocate(
         &f,
         libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -284,7 +285,13 @@ fn fallocate_punches_holes_and_copy_file_range_copies() -> Result<()> {
     )?;
     let mut want = data.clone();
     want[off as usize..(off + len) as usize].fill(0);
-    assert_eq!(f.metadata()?.len(), 3 << 20);
+    let after = f.metadata()?;
+    assert_eq!(after.len(), 3 << 20);
+    assert!(
+        after.modified()? > before.modified()?
+            && (after.ctime(), after.ctime_nsec()) > (before.ctime(), before.ctime_nsec()),
+        "a punch moves mtime and ctime"
+    );
     drop_cache(&f);
     assert_eq!(fs::read(&p)?, want);
     // Plain fallocate extends with zeros.
