@@ -103,6 +103,16 @@ enum Step {
     WaitPending,
 }
 
+/// A write stored on its replicas whose `commit_write` is left to the caller
+/// ([`FileIo::flush_deferred`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Deferred {
+    /// The file is at least this long.
+    pub end: u64,
+    /// More bytes stored (one replica).
+    pub stored_delta: i64,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded state is updated in single steps, so a panic elsewhere cannot leave it
     // half-changed; keep going rather than poisoning every later call.
@@ -276,7 +286,22 @@ impl FileIo {
     /// buffered. On error the data stays buffered and a later flush tries again.
     pub async fn flush(&self) -> Result<Option<Attr>, ClientError> {
         let mut dirty = self.inner.flush.lock().await;
-        self.inner.flush_locked(&mut dirty, true).await
+        self.inner.flush_locked(&mut dirty, true, None).await
+    }
+
+    /// Like [`FileIo::flush`], but a write stored on replicas is not recorded with
+    /// `commit_write`: what it would have recorded is returned, for the caller to commit
+    /// itself (a mount queues it with the changes of the directory it holds). Writes that
+    /// need their commit at once (appends to RS 4+2 shards, fenced by their length) are
+    /// committed as usual. Until the caller's commit, the metadata service has the file
+    /// shorter than it is: only for a file nobody else can see yet.
+    pub async fn flush_deferred(&self) -> Result<Option<Deferred>, ClientError> {
+        let mut dirty = self.inner.flush.lock().await;
+        let mut deferred = None;
+        self.inner
+            .flush_locked(&mut dirty, true, Some(&mut deferred))
+            .await?;
+        Ok(deferred)
     }
 
     /// Flushes, then makes every chunk written since the last fsync durable: SYNC on each
@@ -285,7 +310,7 @@ impl FileIo {
     pub async fn fsync(&self) -> Result<(), ClientError> {
         let inner = &self.inner;
         let mut dirty = inner.flush.lock().await;
-        inner.flush_locked(&mut dirty, true).await?;
+        inner.flush_locked(&mut dirty, true, None).await?;
         let todo = std::mem::take(&mut *dirty);
         if let Err((failed, e)) = sync_chunks(&*inner.store, &inner.locs, todo).await {
             for d in failed {
@@ -341,7 +366,7 @@ impl FileIo {
         let end = range_end(offset, len).ok_or(ClientError::TooLarge { offset, len })?;
         let inner = &self.inner;
         let mut dirty = inner.flush.lock().await;
-        inner.flush_locked(&mut dirty, true).await?;
+        inner.flush_locked(&mut dirty, true, None).await?;
         // Past the size every stored byte is already zero.
         let end = end.min(self.size());
         if offset >= end {
@@ -447,7 +472,7 @@ impl Inner {
     /// Flushes the pending extent only (a write waiting for room).
     async fn flush_pending(&self) -> Result<(), ClientError> {
         let mut dirty = self.flush.lock().await;
-        self.flush_locked(&mut dirty, false).await.map(|_| ())
+        self.flush_locked(&mut dirty, false, None).await.map(|_| ())
     }
 
     /// Flushes the pending extent in a background task when there is a runtime to run it
@@ -468,12 +493,14 @@ impl Inner {
     }
 
     /// Writes the pending extent (being flushed, or left by a failed flush) and then, if
-    /// `buffer`, the write buffer; each followed by one `commit_write`. Called with the flush
+    /// `buffer`, the write buffer; each followed by one `commit_write`, or, with `defer`,
+    /// added to what `defer` returns (if every copy went to replicas). Called with the flush
     /// lock held.
     async fn flush_locked(
         &self,
         dirty: &mut Vec<Dirty>,
         buffer: bool,
+        mut defer: Option<&mut Option<Deferred>>,
     ) -> Result<Option<Attr>, ClientError> {
         let mut attr = None;
         // At most the pending extent and the buffer as it is now: data written meanwhile by
@@ -514,18 +541,33 @@ impl Inner {
                     result?;
                 }
                 let file_end = self.size.load(Ordering::Acquire).max(batch.end());
-                for d in write_extents(&*self.store, &self.locs, &batch.extents, file_end).await? {
+                let written =
+                    write_extents(&*self.store, &self.locs, &batch.extents, file_end).await?;
+                // An RS append lists no servers: its length commit is its fence.
+                let replicated = written.iter().all(|d| !d.servers.is_empty());
+                for d in written {
                     merge_dirty(dirty, d);
                 }
                 let committed = self.committed.load(Ordering::Acquire);
                 let delta = i64::try_from(batch.growth_past(committed)).unwrap_or(i64::MAX);
-                let a = self
-                    .store
-                    .commit_write(self.ino, batch.end(), delta)
-                    .await?;
-                self.committed.fetch_max(a.size, Ordering::AcqRel);
-                self.size.fetch_max(a.size, Ordering::AcqRel);
-                attr = Some(a);
+                match defer.as_deref_mut() {
+                    Some(d) if replicated => {
+                        let d = d.get_or_insert_with(Deferred::default);
+                        d.end = d.end.max(batch.end());
+                        d.stored_delta = d.stored_delta.saturating_add(delta);
+                        self.committed.fetch_max(batch.end(), Ordering::AcqRel);
+                        self.size.fetch_max(batch.end(), Ordering::AcqRel);
+                    }
+                    _ => {
+                        let a = self
+                            .store
+                            .commit_write(self.ino, batch.end(), delta)
+                            .await?;
+                        self.committed.fetch_max(a.size, Ordering::AcqRel);
+                        self.size.fetch_max(a.size, Ordering::AcqRel);
+                        attr = Some(a);
+                    }
+                }
             }
             // Invalidate before dropping `pending`: a reader that no longer sees the pending
             // bytes must not find a window fetched before they were stored.

@@ -81,7 +81,7 @@ pub use config::{ClientConfig, DEFAULT_IO_TIMEOUT, DEFAULT_WRITE_BUFFER, WRITE_B
 pub use cow::snapshot;
 pub use error::ClientError;
 pub use extent::MAX_FILE_SIZE;
-pub use file_io::FileIo;
+pub use file_io::{Deferred, FileIo};
 
 use rawfs_chunkserver_api::DataClient;
 use rawfs_metadata_api::client::MetadataClient;

@@ -83,6 +83,40 @@ async fn files_share_the_clients_write_budget() {
 }
 
 #[tokio::test]
+async fn a_deferred_flush_stores_the_data_and_leaves_its_commit_to_the_caller() {
+    use crate::Deferred;
+    let (fake, io) = setup(3, 1 << 20);
+    io.write(0, b"hello ").await.unwrap();
+    let d = io.flush_deferred().await.unwrap();
+    assert_eq!(
+        d,
+        Some(Deferred {
+            end: 6,
+            stored_delta: 6
+        })
+    );
+    assert_eq!(fake.st().commits, 0, "the caller commits it");
+    assert!(fake.st().writes > 0, "the data is on the replicas");
+    io.write(6, b"world").await.unwrap();
+    let d = io.flush_deferred().await.unwrap();
+    assert_eq!(
+        d,
+        Some(Deferred {
+            end: 11,
+            stored_delta: 5
+        }),
+        "counted from the deferred end"
+    );
+    assert_eq!(io.flush_deferred().await.unwrap(), None, "nothing left");
+    assert_eq!(io.read(0, 100).await.unwrap().to_vec(), b"hello world");
+    // A plain flush commits as usual.
+    io.write(11, b"!").await.unwrap();
+    let attr = io.flush().await.unwrap().expect("a commit");
+    assert_eq!(fake.st().commits, 1);
+    assert_eq!(attr.size, 12);
+}
+
+#[tokio::test]
 async fn buffered_writes_are_read_back_before_and_after_flush() {
     let (fake, io) = setup(3, 1 << 20);
     io.write(0, b"hello ").await.unwrap();

@@ -383,7 +383,7 @@ fn held_op_size(op: &HeldOp) -> usize {
         HeldOp::Create(c) => 64 + c.name.len(),
         HeldOp::Unlink { name, .. } => 32 + name.len(),
         HeldOp::Rename { from, to, .. } => 48 + from.len() + to.len(),
-        HeldOp::SetAttr { .. } => 64,
+        HeldOp::SetAttr { .. } | HeldOp::Wrote { .. } => 64,
     }
 }
 

@@ -111,13 +111,19 @@ pub(crate) fn commit(
                 let flags = RenameFlags::default();
                 crate::rename::rename(t, dir, from, dir, to, flags, *time)?
             }
-            HeldOp::SetAttr { ino, set, time } => match ns::setattr(t, *ino, set, *time) {
-                // Unlinked in this batch and closed before it arrived: nothing to change.
-                Err(Fail::Meta(MetaError::NotFound)) => {}
-                r => {
-                    r?;
-                }
-            },
+            HeldOp::SetAttr { ino, set, time } => skip_gone(ns::setattr(t, *ino, set, *time))?,
+            HeldOp::Wrote {
+                ino,
+                end,
+                stored_delta,
+                time,
+            } => skip_gone(crate::chunks::commit_write(
+                t,
+                *ino,
+                *end,
+                *stored_delta,
+                *time,
+            ))?,
         }
     }
     if let Some(p) = prec {
@@ -189,11 +195,27 @@ fn check(t: &Tables, dir: Ino, ops: &[HeldOp]) -> Op<()> {
                 if set.size.is_some() {
                     return Err(invalid("a held setattr changes no size"));
                 }
-                if crate::store::get_inode(&t.inodes, *ino)?.is_some_and(|r| r.is_dir()) {
-                    return Err(MetaError::IsDir.into());
-                }
+                not_a_dir(t, *ino)?;
             }
+            HeldOp::Wrote { ino, .. } => not_a_dir(t, *ino)?,
         }
+    }
+    Ok(())
+}
+
+/// A change of a file that may be gone by the time its batch arrives (unlinked in the batch
+/// and closed before it was committed): nothing to change then.
+fn skip_gone<T>(r: Op<T>) -> Op<()> {
+    match r {
+        Err(Fail::Meta(MetaError::NotFound)) => Ok(()),
+        r => r.map(drop),
+    }
+}
+
+/// Refuses a held change of a file that names a directory.
+fn not_a_dir(t: &Tables, ino: Ino) -> Op<()> {
+    if crate::store::get_inode(&t.inodes, ino)?.is_some_and(|r| r.is_dir()) {
+        return Err(MetaError::IsDir.into());
     }
     Ok(())
 }

@@ -361,7 +361,7 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
                 HeldOp::Rename { ino, replaced, .. } => {
                     std::iter::once(*ino).chain(*replaced).collect()
                 }
-                HeldOp::SetAttr { ino, .. } => vec![*ino],
+                HeldOp::SetAttr { ino, .. } | HeldOp::Wrote { ino, .. } => vec![*ino],
             }))
             .map(Inval::Inode)
             .collect(),

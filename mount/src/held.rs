@@ -150,7 +150,7 @@ fn op_inos(op: &HeldOp) -> impl Iterator<Item = Ino> {
         HeldOp::Create(e) => (e.ino, None),
         HeldOp::Unlink { ino, .. } => (*ino, None),
         HeldOp::Rename { ino, replaced, .. } => (*ino, *replaced),
-        HeldOp::SetAttr { ino, .. } => (*ino, None),
+        HeldOp::SetAttr { ino, .. } | HeldOp::Wrote { ino, .. } => (*ino, None),
     };
     std::iter::once(ino).chain(other)
 }
@@ -522,20 +522,31 @@ impl Inner {
 
     /// `settle` before `io`'s data goes out: if `ino` is a fresh file (its create still
     /// queued) that fits one chunk, its chunk is allocated with the commit, in the same log
-    /// entry, and `io` learns where it is (a new file's first flush then costs two log
-    /// entries, the commit and the write's, instead of three).
-    pub(crate) async fn settle_to_write(&self, ino: Ino, io: &FileIo) -> Result<(), Errno> {
+    /// entry, and `io` learns where it is. Returns the directory and the file's attributes
+    /// as committed when it did that: the write's own commit can then be queued in that
+    /// directory (see `flush_file`), and a new file's first flush costs one log entry.
+    pub(crate) async fn settle_to_write(
+        &self,
+        ino: Ino,
+        io: &FileIo,
+    ) -> Result<Option<(Ino, Attr)>, Errno> {
         let Some(dir) = lock(&self.held.queued).get(&ino).copied() else {
-            return Ok(());
+            return Ok(None);
         };
         let fresh = self
             .held_dir(dir)
-            .is_some_and(|d| lock(&d.state).fresh.contains_key(&ino));
-        let alloc = (fresh && io.size() > 0 && io.size() <= CHUNK_SIZE).then_some(ino);
-        if let Some(loc) = self.commit_held_with(dir, false, alloc).await? {
-            io.learn_location(&loc);
+            .and_then(|d| lock(&d.state).fresh.get(&ino).cloned());
+        let alloc = fresh
+            .as_ref()
+            .filter(|_| io.size() > 0 && io.size() <= CHUNK_SIZE)
+            .map(|a| a.ino);
+        match self.commit_held_with(dir, false, alloc).await? {
+            Some(loc) => {
+                io.learn_location(&loc);
+                Ok(fresh.map(|a| (dir, a)))
+            }
+            None => Ok(None),
         }
-        Ok(())
     }
 
     /// Sends `dir`'s queue to the leader (with `give_back`, ending the delegation).

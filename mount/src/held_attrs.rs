@@ -9,6 +9,7 @@
 //! leader commits the queue first). Sizes
 //! always go through the leader, and so does a file with an unlink or rename queued.
 
+use rawfs_client::Deferred;
 use rawfs_metadata_api::{Attr, FileKind, HeldOp, Ino, SetAttr, TimeSet, Timespec};
 
 use crate::errno;
@@ -65,11 +66,8 @@ impl Inner {
         let d = self.held_dir(dir)?;
         if set.atime.is_some() || set.mtime.is_some() {
             if let Some(io) = self.io_if_open(ino) {
-                if let Err(e) = self.settle_to_write(ino, &io).await {
+                if let Err(e) = self.flush_file(ino, &io).await {
                     return Some(Err(e));
-                }
-                if let Err(e) = io.flush().await {
-                    return Some(Err(errno::client(e)));
                 }
             }
         }
@@ -109,6 +107,43 @@ impl Inner {
             }))
         })?;
         Some(done.map(|()| out.expect("set by the change")))
+    }
+
+    /// Queues the commit of a file's first write `w` in `dir`, the held directory whose
+    /// commit just created the file (with `base`, its attributes then) and placed its first
+    /// chunk: the data is on the replicas, and nobody else can see the file before the queue
+    /// is committed. Commits it through the leader if `dir` was given back meanwhile.
+    pub(crate) async fn held_wrote(
+        self: &Arc<Self>,
+        dir: Ino,
+        base: Attr,
+        w: Deferred,
+    ) -> Result<(), Errno> {
+        let ino = base.ino;
+        let queued = self.held_change(dir, |st: &mut DirState, now| {
+            let mut a = st.pending.remove(&ino).unwrap_or(base);
+            a.size = a.size.max(w.end);
+            a.stored = a.stored.saturating_add_signed(w.stored_delta);
+            a.mtime = now;
+            a.ctime = now;
+            st.pending.insert(ino, a);
+            Ok(Some(HeldOp::Wrote {
+                ino,
+                end: w.end,
+                stored_delta: w.stored_delta,
+                time: now,
+            }))
+        });
+        match queued {
+            Some(done) => done,
+            None => self
+                .client
+                .meta()
+                .commit_write(ino, w.end, w.stored_delta)
+                .await
+                .map(drop)
+                .map_err(errno::meta),
+        }
     }
 
     /// This mount changed `ino`'s xattrs: attributes of it kept for a held directory no

@@ -364,15 +364,9 @@ impl Inner {
         };
         let flushed = if !io.has_unwritten() {
             // Nothing to write: a queued change of the file (a held setattr) stays queued.
-            Ok(None)
-        } else if io.size() > 0 {
-            // Data of a file created in a held directory needs the create committed first.
-            match self.settle_to_write(ino, &io).await {
-                Ok(()) => io.flush().await.map_err(errno::client),
-                Err(e) => Err(e),
-            }
+            Ok(())
         } else {
-            io.flush().await.map_err(errno::client)
+            self.flush_file(ino, &io).await
         };
         // An open that arrived during the flush reuses the entry; only remove it if nobody did.
         let last = {

@@ -133,16 +133,30 @@ impl Inner {
     }
 
     /// `close(2)` of one descriptor: send the buffer so that errors reach the caller.
-    pub(crate) async fn flush(&self, ino: Ino) -> Result<(), Errno> {
+    pub(crate) async fn flush(self: &Arc<Self>, ino: Ino) -> Result<(), Errno> {
         match self.io_if_open(ino) {
             // Nothing to write: a queued change of the file (a held setattr) stays queued.
             Some(io) if !io.has_unwritten() => Ok(()),
-            Some(io) => {
-                if io.size() > 0 {
-                    self.settle_to_write(ino, &io).await?;
-                }
-                io.flush().await.map(|_| ()).map_err(errno::client)
-            }
+            Some(io) => self.flush_file(ino, &io).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Sends `io`'s buffered writes (at `close`, or before times are set). The first flush
+    /// of a file created in a held directory commits its create together with its first
+    /// chunk; the write's own commit (size, mtime) is then queued in that directory instead
+    /// of being a log entry of its own (`HeldOp::Wrote`), so such a file costs one entry.
+    pub(crate) async fn flush_file(self: &Arc<Self>, ino: Ino, io: &FileIo) -> Result<(), Errno> {
+        // Data of a file created in a held directory needs the create committed first.
+        let held = match io.size() {
+            0 => None,
+            _ => self.settle_to_write(ino, io).await?,
+        };
+        let Some((dir, attr)) = held else {
+            return io.flush().await.map(drop).map_err(errno::client);
+        };
+        match io.flush_deferred().await.map_err(errno::client)? {
+            Some(w) => self.held_wrote(dir, attr, w).await,
             None => Ok(()),
         }
     }
@@ -154,6 +168,8 @@ impl Inner {
             Some(io) => {
                 self.settle_to_write(ino, &io).await?;
                 io.fsync().await.map_err(errno::client)?;
+                // A write queued by an earlier flush (see `flush_file`) goes with the rest.
+                self.settle(ino).await?;
             }
             None => self.settle(ino).await?,
         }

@@ -132,7 +132,9 @@ impl Inner {
             return done.map(|a| (self.attr(&a), self.attr_ttl));
         }
         match self.io_if_open(ino) {
-            Some(io) => self.settle_to_write(ino, &io).await?,
+            Some(io) => {
+                self.settle_to_write(ino, &io).await?;
+            }
             None => self.settle(ino).await?,
         }
         self.give_back(ino).await;

@@ -307,3 +307,56 @@ fn fsynced_creates_survive_a_killed_holder() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn new_files_written_in_a_held_directory_keep_data_size_and_times() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::SystemTime;
+    let c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    fs::create_dir(a.join("d"))?;
+    let when = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let len = |i: u64| 1000 + i as usize * 300;
+    for i in 0..30u64 {
+        // As `tar x` does: the data, then mode and times, then close. The write's commit
+        // waits in the directory's queue; the holder answers for the file at once.
+        let p = a.join(&format!("d/f{i:02}"));
+        let mut f = File::create(&p)?;
+        f.write_all(&pattern(i, 0, len(i)))?;
+        f.set_permissions(fs::Permissions::from_mode(0o640))?;
+        f.set_modified(when)?;
+        drop(f);
+        let m = fs::metadata(&p)?;
+        ensure!(
+            m.len() == len(i) as u64 && m.modified()? == when,
+            "f{i:02} as its holder sees it: {m:?}"
+        );
+    }
+    // The other mount's look recalls the directory and its queue: every file whole.
+    for i in 0..30u64 {
+        let p = c.path(&format!("d/f{i:02}"));
+        let m = fs::metadata(&p)?;
+        ensure!(
+            m.len() == len(i) as u64
+                && m.modified()? == when
+                && m.permissions().mode() & 0o777 == 0o640,
+            "f{i:02} as the other mount sees it: {m:?}"
+        );
+        ensure!(fs::read(&p)? == pattern(i, 0, len(i)), "data of f{i:02}");
+    }
+    // A file closed and then fsynced through another descriptor survives its holder.
+    fs::create_dir(a.join("e"))?;
+    fs::write(a.join("e/synced"), pattern(99, 0, 5000))?;
+    File::open(a.join("e/synced"))?.sync_all()?;
+    let pid = a.pid();
+    // SAFETY: kill(2) on a child process this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_until("the holder to die", Duration::from_secs(10), || {
+        Ok(!pid_alive(pid))
+    })?;
+    ensure!(
+        fs::read(c.path("e/synced"))? == pattern(99, 0, 5000),
+        "the fsynced file after its holder's SIGKILL"
+    );
+    Ok(())
+}

@@ -175,6 +175,17 @@ pub enum HeldOp {
         set: SetAttr,
         time: Timespec,
     },
+    /// Data of file `ino` is on its replicas up to `end`, with `stored_delta` more bytes
+    /// stored: what `commit_write` records, at `time`. Queued by the mount that created the
+    /// file in this directory, so that the file's first write costs no log entry of its own
+    /// (nobody else sees the file before the queue is committed). Skipped if the file is
+    /// gone (unlinked and closed) when it arrives.
+    Wrote {
+        ino: Ino,
+        end: u64,
+        stored_delta: i64,
+        time: Timespec,
+    },
 }
 
 /// `rename` flags (Linux renameat2).

@@ -357,3 +357,45 @@ fn held_setattrs_apply_in_order_and_skip_files_gone_meanwhile() {
     }];
     assert_eq!(commit_ops(&mut h, d.ino, 9, dir), Err(MetaError::IsDir));
 }
+
+#[test]
+fn a_queued_write_records_size_and_times_in_order_and_skips_files_gone_meanwhile() {
+    let mut h = H::new();
+    let (d, first) = held_dir(&mut h, 4);
+    let t = |sec| Timespec { sec, nsec: 0 };
+    let wrote = |ino, end, stored_delta, sec| HeldOp::Wrote {
+        ino,
+        end,
+        stored_delta,
+        time: t(sec),
+    };
+    let mut a = held("a", first, 100);
+    a.open = false;
+    let ops = vec![
+        HeldOp::Create(a),
+        wrote(first, 4096, 4096, 101),
+        // tar's futimens after the data: the explicit mtime wins, ctime moves.
+        HeldOp::SetAttr {
+            ino: first,
+            set: SetAttr {
+                mtime: Some(TimeSet::At(t(5))),
+                ..SetAttr::default()
+            },
+            time: t(102),
+        },
+        // A later, shorter write never shrinks the file.
+        wrote(first, 100, 0, 103),
+        // An inode freed before the batch arrived: skipped, the rest applies.
+        wrote(first + 3, 10, 10, 104),
+    ];
+    commit_ops(&mut h, d.ino, 9, ops).unwrap();
+    let got = h.getattr(first).unwrap();
+    assert_eq!(
+        (got.size, got.stored, got.mtime, got.ctime),
+        (4096, 4096, t(103), t(103))
+    );
+    assert_eq!(
+        commit_ops(&mut h, d.ino, 9, vec![wrote(d.ino, 1, 1, 105)]),
+        Err(MetaError::IsDir)
+    );
+}
