@@ -14,6 +14,7 @@ use crate::read_path::{
     concat, read_piece, window_range, Fetch, Frames, Plan, ReadAhead, Suspects, AHEAD, WINDOW,
 };
 use crate::store::Store;
+use crate::unsynced::Unsynced;
 use crate::write_path::{sync_chunks, write_extents, write_piece, Dirty, FRAME, FRAMES_IN_FLIGHT};
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
@@ -67,6 +68,8 @@ struct Inner {
     high_water: AtomicU64,
     bufs: Mutex<Bufs>,
     flush: tokio::sync::Mutex<Vec<Dirty>>,
+    /// Where the unsynced chunks go when this file's last `FileIo` is dropped.
+    unsynced: Arc<Unsynced>,
     locs: Locations,
     suspects: Arc<Suspects>,
     ra: Mutex<ReadAhead>,
@@ -113,7 +116,7 @@ pub struct Deferred {
     pub stored_delta: i64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded state is updated in single steps, so a panic elsewhere cannot leave it
     // half-changed; keep going rather than poisoning every later call.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -129,10 +132,12 @@ impl FileIo {
             write_buffer,
             Arc::default(),
             Arc::default(),
+            Arc::default(),
         )
     }
 
-    /// A `FileIo` that shares the client's suspect replicas and write budget.
+    /// A `FileIo` that shares the client's suspect replicas, write budget and the unsynced
+    /// chunks of closed files (it takes those of `ino`).
     pub(crate) fn with_shared(
         ino: Ino,
         size: u64,
@@ -140,6 +145,7 @@ impl FileIo {
         write_buffer: usize,
         suspects: Arc<Suspects>,
         budget: Arc<WriteBudget>,
+        unsynced: Arc<Unsynced>,
     ) -> Self {
         FileIo {
             inner: Arc::new(Inner {
@@ -155,7 +161,8 @@ impl FileIo {
                     charged: 0,
                     budget,
                 }),
-                flush: tokio::sync::Mutex::new(Vec::new()),
+                flush: tokio::sync::Mutex::new(unsynced.take(ino)),
+                unsynced,
                 locs: Locations::new(ino),
                 suspects,
                 ra: Mutex::new(ReadAhead::default()),
@@ -430,7 +437,15 @@ impl Drop for FileIo {
     }
 }
 
-fn merge_dirty(dirty: &mut Vec<Dirty>, d: Dirty) {
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A later open's fsync must still sync what this one wrote (see unsynced.rs).
+        let dirty = std::mem::take(self.flush.get_mut());
+        self.unsynced.park(self.ino, dirty);
+    }
+}
+
+pub(crate) fn merge_dirty(dirty: &mut Vec<Dirty>, d: Dirty) {
     if d.servers.is_empty() {
         return;
     }

@@ -64,6 +64,7 @@ mod file_io;
 mod locations;
 mod read_path;
 mod store;
+mod unsynced;
 mod write_path;
 
 #[cfg(test)]
@@ -98,6 +99,7 @@ pub struct Client {
     store: Arc<dyn Store>,
     suspects: Arc<read_path::Suspects>,
     budget: Arc<budget::WriteBudget>,
+    unsynced: Arc<unsynced::Unsynced>,
 }
 
 impl std::fmt::Debug for Client {
@@ -132,6 +134,7 @@ impl Client {
             store,
             suspects: Arc::default(),
             budget: Arc::new(budget::WriteBudget::new(budget)),
+            unsynced: Arc::default(),
         }
     }
 
@@ -183,6 +186,7 @@ impl Client {
             self.cfg.write_buffer,
             self.suspects.clone(),
             self.budget.clone(),
+            self.unsynced.clone(),
         )
     }
 }

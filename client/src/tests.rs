@@ -57,7 +57,15 @@ async fn files_share_the_clients_write_budget() {
     let budget = Arc::new(WriteBudget::new(FAIR_SHARE * 2));
     let file = |ino| {
         let (suspects, budget) = (Arc::default(), budget.clone());
-        FileIo::with_shared(ino, 0, fake.clone(), share * 4, suspects, budget)
+        FileIo::with_shared(
+            ino,
+            0,
+            fake.clone(),
+            share * 4,
+            suspects,
+            budget,
+            Arc::default(),
+        )
     };
     let (a, b) = (file(INO), file(INO + 1));
     // Within the budget, a buffer grows past a fair share.
@@ -114,6 +122,40 @@ async fn a_deferred_flush_stores_the_data_and_leaves_its_commit_to_the_caller() 
     let attr = io.flush().await.unwrap().expect("a commit");
     assert_eq!(fake.st().commits, 1);
     assert_eq!(attr.size, 12);
+}
+
+#[tokio::test]
+async fn an_fsync_through_a_later_open_syncs_what_a_closed_one_wrote() {
+    use crate::unsynced::Unsynced;
+    let fake = Arc::new(Fake::new(3));
+    let unsynced: Arc<Unsynced> = Arc::default();
+    let open = |size| {
+        let shared = (Arc::default(), Arc::default(), unsynced.clone());
+        FileIo::with_shared(
+            INO,
+            size,
+            fake.clone(),
+            1 << 20,
+            shared.0,
+            shared.1,
+            shared.2,
+        )
+    };
+    let a = open(0);
+    a.write(0, b"data").await.unwrap();
+    a.flush().await.unwrap();
+    drop(a);
+    assert!(fake.st().synced.is_empty(), "a close syncs nothing");
+    let b = open(4);
+    b.fsync().await.unwrap();
+    assert_eq!(
+        fake.st().synced.len(),
+        3,
+        "the later open's fsync syncs every replica the closed one wrote"
+    );
+    drop(b);
+    open(4).fsync().await.unwrap();
+    assert_eq!(fake.st().synced.len(), 3, "nothing is left to sync");
 }
 
 #[tokio::test]
