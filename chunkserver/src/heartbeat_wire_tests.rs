@@ -47,7 +47,7 @@ impl MetadataRpc for FakeMetadata {
         mkdir_held(parent: Ino, name: Name, node: NewNode, caller: Caller, holder: u64, req: ReqId) -> Attr;
         reserve_inodes(count: u32, req: ReqId) -> Ino;
         commit_held(dir: Ino, holder: u64, ops: Vec<HeldOp>, give_back: bool, req: ReqId) -> ();
-        commit_held_allocating(dir: Ino, holder: u64, ops: Vec<HeldOp>, chunk: (Ino, u64), req: ReqId) -> Option<ChunkLoc>;
+        commit_held_allocating(dir: Ino, holder: u64, ops: Vec<HeldOp>, files: Vec<Ino>, req: ReqId) -> Vec<Option<ChunkLoc>>;
         readlink(ino: Ino, read: Consistency) -> Name;
         link(ino: Ino, newparent: Ino, newname: Name, req: ReqId) -> Attr;
         unlink(parent: Ino, name: Name, req: ReqId) -> ();

@@ -272,16 +272,17 @@ pub enum Command {
     },
     /// The changes `holder` made in its delegated directory `dir`, in order; `give_back`
     /// ends the delegation. With `allocate` (file, index, servers chosen by the leader),
-    /// then also the chunk at that index of one of the files (a new file's first flush needs
-    /// both): the reply is that chunk, or `Unit` if it could not be allocated (the changes
-    /// are applied either way; the writer then asks `AllocateChunk` itself).
+    /// then also the chunk at that index of each of those files (new files' first flushes
+    /// need both): the reply is a [`Reply::Batch`] with each chunk, or `Unit` for one that
+    /// could not be allocated (the changes are applied either way; that writer then asks
+    /// `AllocateChunk` itself). Without `allocate` the reply is `Unit`.
     CommitHeld {
         dir: Ino,
         holder: u64,
         ops: Vec<HeldOp>,
         give_back: bool,
         #[serde(default)]
-        allocate: Option<(Ino, u64, Vec<ServerId>)>,
+        allocate: Vec<(Ino, u64, Vec<ServerId>)>,
     },
     /// Takes the delegation of `dir` back from `holder`, which did not answer a recall.
     Revoke {

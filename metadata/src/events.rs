@@ -470,7 +470,7 @@ mod tests {
         let other = log.watch(3, 8, 0, 0, Duration::ZERO).await;
         let name = |n: &str| ByteBuf::from(n.as_bytes().to_vec());
         let commit = Command::CommitHeld {
-            allocate: None,
+            allocate: Vec::new(),
             dir: 5,
             holder: 7,
             ops: vec![

@@ -260,16 +260,18 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             allocate,
         } => {
             delegation::commit(t, *dir, *holder, ops, *give_back)?;
-            match allocate {
-                None => Ok(Reply::Unit),
-                Some((ino, index, servers)) => {
-                    match chunks::allocate(t, *ino, *index, servers, term) {
-                        Ok(loc) => Ok(Reply::Chunk(loc)),
-                        Err(Fail::Meta(_)) => Ok(Reply::Unit),
-                        Err(e) => Err(e),
-                    }
-                }
+            if allocate.is_empty() {
+                return Ok(Reply::Unit);
             }
+            let mut out = Vec::with_capacity(allocate.len());
+            for (ino, index, servers) in allocate {
+                out.push(Ok(match chunks::allocate(t, *ino, *index, servers, term) {
+                    Ok(loc) => Reply::Chunk(loc),
+                    Err(Fail::Meta(_)) => Reply::Unit,
+                    Err(e) => return Err(e),
+                }));
+            }
+            Ok(Reply::Batch(out))
         }
         Revoke { dir, holder } => unit(delegation::revoke(t, *dir, *holder)),
         Batch(cmds) => {

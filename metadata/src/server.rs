@@ -321,7 +321,7 @@ impl MetadataRpc for Server {
             holder,
             ops,
             give_back,
-            allocate: None,
+            allocate: Vec::new(),
         };
         let done = self.mutate_once(req, now, cmd).await;
         if give_back {
@@ -337,16 +337,23 @@ impl MetadataRpc for Server {
         dir: Ino,
         holder: u64,
         ops: Vec<HeldOp>,
-        (ino, index): (Ino, u64),
+        files: Vec<Ino>,
         req: ReqId,
-    ) -> MetaResult<Option<ChunkLoc>> {
+    ) -> MetaResult<Vec<Option<ChunkLoc>>> {
+        if files.len() > MAX_HELD_ALLOCATIONS {
+            return Err(MetaError::Invalid {
+                reason: format!("more than {MAX_HELD_ALLOCATIONS} chunks in one commit"),
+            });
+        }
         let now = Timespec::now();
-        // No servers to be had is the general path's to report: commit alone.
-        let allocate = self
-            .held_placement(dir, ino, index)
-            .ok()
-            .flatten()
-            .map(|servers| (ino, index, servers));
+        // No servers to be had is the general path's to report: those files get `None`.
+        let mut allocate = Vec::with_capacity(files.len());
+        let mut placed = Vec::with_capacity(files.len());
+        for &ino in &files {
+            let servers = self.held_placement(dir, ino, 0).ok().flatten();
+            placed.push(servers.is_some());
+            allocate.extend(servers.map(|s| (ino, 0, s)));
+        }
         let cmd = Command::CommitHeld {
             dir,
             holder,
@@ -354,13 +361,24 @@ impl MetadataRpc for Server {
             give_back: false,
             allocate,
         };
-        match self.mutate_once(req, now, cmd).await? {
-            Reply::Chunk(loc) => Ok(Some(loc)),
-            Reply::Unit => Ok(None),
-            other => Err(MetaError::Storage {
-                reason: format!("commit_held_allocating: unexpected reply {other:?}"),
-            }),
+        let unexpected = |other: &Reply| MetaError::Storage {
+            reason: format!("commit_held_allocating: unexpected reply {other:?}"),
+        };
+        let mut chunks = match self.mutate_once(req, now, cmd).await? {
+            Reply::Batch(replies) => replies.into_iter(),
+            Reply::Unit => Vec::new().into_iter(),
+            other => return Err(unexpected(&other)),
+        };
+        let mut out = Vec::with_capacity(files.len());
+        for was_placed in placed {
+            out.push(match was_placed.then(|| chunks.next()).flatten() {
+                Some(Ok(Reply::Chunk(loc))) => Some(loc),
+                Some(Ok(Reply::Unit)) | None => None,
+                Some(Err(e)) => return Err(e),
+                Some(Ok(other)) => return Err(unexpected(&other)),
+            });
         }
+        Ok(out)
     }
 
     async fn readlink(self, _: Context, ino: Ino, read: Consistency) -> MetaResult<ByteBuf> {

@@ -31,6 +31,7 @@ use fuser::Errno;
 use rawfs_client::FileIo;
 use rawfs_metadata_api::{
     Attr, Caller, ChunkLoc, FileKind, HeldCreate, HeldOp, Ino, Name, Timespec, CHUNK_SIZE,
+    MAX_HELD_ALLOCATIONS,
 };
 use tracing::warn;
 
@@ -507,6 +508,8 @@ impl Inner {
     pub(crate) async fn give_back(&self, dir: Ino) {
         let Some(d) = self.held_dir(dir) else { return };
         lock(&d.state).gone = true;
+        // Others see the directory after this: the data of its files closed here first.
+        self.written_in(dir).await;
         if let Err(e) = self.commit_held(dir, true).await {
             warn!(dir, error = ?e, "giving a held directory back failed");
         }
@@ -525,28 +528,37 @@ impl Inner {
     /// entry, and `io` learns where it is. Returns the directory and the file's attributes
     /// as committed when it did that: the write's own commit can then be queued in that
     /// directory (see `flush_file`), and a new file's first flush costs one log entry.
+    /// A file being written behind may find its chunk placed by an earlier commit of the
+    /// directory (see `write_behind`).
     pub(crate) async fn settle_to_write(
         &self,
         ino: Ino,
         io: &FileIo,
     ) -> Result<Option<(Ino, Attr)>, Errno> {
+        if let Some(placed) = self.write_behind.take_placed(ino) {
+            return Ok(Some(placed));
+        }
         let Some(dir) = lock(&self.held.queued).get(&ino).copied() else {
             return Ok(None);
         };
-        let fresh = self
-            .held_dir(dir)
-            .and_then(|d| lock(&d.state).fresh.get(&ino).cloned());
-        let alloc = fresh
-            .as_ref()
-            .filter(|_| io.size() > 0 && io.size() <= CHUNK_SIZE)
-            .map(|a| a.ino);
+        let alloc =
+            (io.size() > 0 && io.size() <= CHUNK_SIZE && self.is_fresh_in(dir, ino)).then_some(ino);
         match self.commit_held_with(dir, false, alloc).await? {
-            Some(loc) => {
+            Some((loc, attr)) => {
                 io.learn_location(&loc);
-                Ok(fresh.map(|a| (dir, a)))
+                Ok(Some((dir, attr)))
             }
-            None => Ok(None),
+            // Placed by the commit another task sent while this one waited for it.
+            None => Ok(self.write_behind.take_placed(ino)),
         }
+    }
+
+    /// Whether `ino` was created in `dir`, held here, and its create is not committed yet.
+    pub(crate) fn is_fresh_in(&self, dir: Ino, ino: Ino) -> bool {
+        self.held_dir(dir).is_some_and(|d| {
+            let st = lock(&d.state);
+            !st.gone && st.fresh.contains_key(&ino)
+        })
     }
 
     /// Sends `dir`'s queue to the leader (with `give_back`, ending the delegation).
@@ -555,13 +567,15 @@ impl Inner {
     }
 
     /// [`Inner::commit_held`], allocating chunk 0 of `alloc` (a file created in this
-    /// queue) with it when `alloc` is given; returns that chunk if it was allocated.
+    /// queue) with it when `alloc` is given; returns that chunk and the file's attributes
+    /// as committed if it was allocated. The chunks of the directory's files being written
+    /// behind are placed with it too (see `write_behind`).
     async fn commit_held_with(
         &self,
         dir: Ino,
         give_back: bool,
         alloc: Option<Ino>,
-    ) -> Result<Option<ChunkLoc>, Errno> {
+    ) -> Result<Option<(ChunkLoc, Attr)>, Errno> {
         let Some(d) = self.held_dir(dir) else {
             return Ok(None);
         };
@@ -570,10 +584,25 @@ impl Inner {
             // Given back while this waited: its queue went with it.
             return Ok(None);
         }
-        let mut ops = {
+        if alloc.is_some_and(|ino| !lock(&d.state).fresh.contains_key(&ino)) {
+            // The commit this waited for created the file (and placed its chunk if it was
+            // being written behind): nothing else needs to go before its data.
+            return Ok(None);
+        }
+        let behind = match give_back {
+            true => Vec::new(),
+            false => self.write_behind.waiting_in(dir),
+        };
+        let (mut ops, fresh) = {
             let mut st = lock(&d.state);
             st.commit_due = false;
-            std::mem::take(&mut st.queue)
+            // The attributes of the files whose chunks this may place, as the queue has them.
+            let fresh: HashMap<Ino, Attr> = alloc
+                .into_iter()
+                .chain(behind.iter().map(|(ino, _)| *ino))
+                .filter_map(|ino| st.fresh.get(&ino).map(|a| (ino, a.clone())))
+                .collect();
+            (std::mem::take(&mut st.queue), fresh)
         };
         if ops.is_empty() && !give_back {
             return Ok(None);
@@ -589,16 +618,25 @@ impl Inner {
             ops.iter()
                 .any(|op| matches!(op, HeldOp::Create(e) if e.ino == ino))
         };
+        let mut seen = HashSet::new();
+        let files: Vec<Ino> = alloc
+            .into_iter()
+            .chain(behind.iter().map(|(ino, _)| *ino))
+            .filter(|ino| !give_back && fresh.contains_key(ino) && creates(*ino))
+            .filter(|ino| seen.insert(*ino))
+            .take(MAX_HELD_ALLOCATIONS)
+            .collect();
         let meta = self.client.meta();
-        let sent = match alloc.filter(|&ino| !give_back && creates(ino)) {
-            Some(ino) => {
-                meta.commit_held_allocating(dir, self.session, ops.clone(), (ino, 0))
+        let sent = match files.is_empty() {
+            false => {
+                let ops = ops.clone();
+                meta.commit_held_allocating(dir, self.session, ops, files.clone())
                     .await
             }
-            None => meta
+            true => meta
                 .commit_held(dir, self.session, ops.clone(), give_back)
                 .await
-                .map(|()| None),
+                .map(|()| Vec::new()),
         };
         if let Err(e) = &sent {
             if e.is_retryable() && !give_back {
@@ -660,7 +698,20 @@ impl Inner {
             warn!(dir, changes = ops.len(), error = %e, "changes in a held directory were not committed; they are lost");
             return Err(errno::meta(e));
         }
-        Ok(sent.ok().flatten())
+        let mut mine = None;
+        let placed = files.iter().zip(sent.unwrap_or_default());
+        for (&ino, loc) in placed {
+            let (Some(loc), Some(attr)) = (loc, fresh.get(&ino)) else {
+                continue;
+            };
+            if Some(ino) == alloc {
+                mine = Some((loc, attr.clone()));
+            } else if let Some((_, io)) = behind.iter().find(|(i, _)| *i == ino) {
+                io.learn_location(&loc);
+                self.write_behind.set_placed(ino, dir, attr.clone());
+            }
+        }
+        Ok(mine)
     }
 
     /// Whether `dir` is held here with changes still to commit.

@@ -63,14 +63,28 @@ impl Inner {
             return None;
         }
         let dir = *lock(&self.held.files).get(&ino)?;
-        let d = self.held_dir(dir)?;
+        self.held_dir(dir)?;
         if set.atime.is_some() || set.mtime.is_some() {
             if let Some(io) = self.io_if_open(ino) {
-                if let Err(e) = self.flush_file(ino, &io).await {
+                if let Err(e) = self.data_before_times(ino, &io, set).await {
                     return Some(Err(e));
                 }
             }
         }
+        self.held_setattr_queued(ino, set).await
+    }
+
+    /// [`Inner::held_setattr`] once buffered data is out of the way.
+    pub(crate) async fn held_setattr_queued(
+        self: &Arc<Self>,
+        ino: Ino,
+        set: &SetAttr,
+    ) -> Option<Result<Attr, Errno>> {
+        if set.size.is_some() {
+            return None;
+        }
+        let dir = *lock(&self.held.files).get(&ino)?;
+        let d = self.held_dir(dir)?;
         let known = {
             let st = lock(&d.state);
             if st.gone {

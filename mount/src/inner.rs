@@ -78,6 +78,8 @@ pub(crate) struct Inner {
     pub(crate) delegate: bool,
     /// Which files' kernel page cache survives the next open.
     pub(crate) page_cache: crate::page_cache::PageCache,
+    /// New small files whose data goes out after their `close` returned.
+    pub(crate) write_behind: crate::write_behind::WriteBehind,
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: the tables stay
@@ -120,6 +122,7 @@ impl Inner {
             held: crate::held::Held::default(),
             delegate: true,
             page_cache: Default::default(),
+            write_behind: Default::default(),
         }
     }
 
@@ -362,6 +365,7 @@ impl Inner {
             }
             f.io.clone()
         };
+        self.behind_done(ino).await;
         let flushed = if !io.has_unwritten() {
             // Nothing to write: a queued change of the file (a held setattr) stays queued.
             Ok(())

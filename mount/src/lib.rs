@@ -82,6 +82,7 @@ mod ops_xattr;
 mod options;
 mod page_cache;
 mod session;
+mod write_behind;
 
 pub use helper::mount_helper_main;
 pub use options::{

@@ -127,19 +127,28 @@ impl Inner {
     pub(crate) async fn write(&self, ino: Ino, offset: u64, data: Vec<u8>) -> Result<u32, Errno> {
         let io = self.io(ino)?;
         let n = u32::try_from(data.len()).map_err(|_| Errno::EINVAL)?;
+        // After a write behind (`set_times_again` must not undo this write's mtime).
+        self.written(ino).await?;
         self.settle_to_write(ino, &io).await?;
         io.write(offset, &data).await.map_err(errno::client)?;
         Ok(n)
     }
 
-    /// `close(2)` of one descriptor: send the buffer so that errors reach the caller.
+    /// `close(2)` of one descriptor: send the buffer so that errors reach the caller (a new
+    /// small file in a held directory is written behind instead: see `write_behind`).
     pub(crate) async fn flush(self: &Arc<Self>, ino: Ino) -> Result<(), Errno> {
-        match self.io_if_open(ino) {
-            // Nothing to write: a queued change of the file (a held setattr) stays queued.
-            Some(io) if !io.has_unwritten() => Ok(()),
-            Some(io) => self.flush_file(ino, &io).await,
-            None => Ok(()),
+        let Some(io) = self.io_if_open(ino) else {
+            return Ok(());
+        };
+        // Writes wait for a flush behind to end, so all there is to write is that flush's.
+        if self.writing_behind(ino)? {
+            return Ok(());
         }
+        if !io.has_unwritten() || self.write_behind(ino, &io, None) {
+            // Nothing to write: a queued change of the file (a held setattr) stays queued.
+            return Ok(());
+        }
+        self.flush_file(ino, &io).await
     }
 
     /// Sends `io`'s buffered writes (at `close`, or before times are set). The first flush
@@ -164,6 +173,7 @@ impl Inner {
     /// `fsync(2)`: the data on at least 2 replicas' disks, then the metadata (size, chunk
     /// map) on the metadata leader's disk.
     pub(crate) async fn fsync(&self, ino: Ino) -> Result<(), Errno> {
+        self.written(ino).await?;
         match self.io_if_open(ino) {
             Some(io) => {
                 self.settle_to_write(ino, &io).await?;
@@ -186,6 +196,7 @@ impl Inner {
     /// a shrink the rest of the last chunk is zeroed, so that a later extension reads zeros.
     pub(crate) async fn truncate(&self, ino: Ino, size: u64, set: SetAttr) -> Result<Attr, Errno> {
         self.page_cache.forget(ino);
+        self.written(ino).await?;
         self.settle(ino).await?;
         let meta = self.client.meta();
         let (io, old): (Arc<FileIo>, u64) = match self.io_if_open(ino) {
@@ -222,6 +233,7 @@ impl Inner {
         const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+        self.written(ino).await?;
         self.settle(ino).await?;
         match mode {
             // Space is not reserved ahead (chunks are placed when first written), so plain
@@ -271,6 +283,8 @@ impl Inner {
     ) -> Result<u32, Errno> {
         let src = self.io(ino_in)?;
         let dst = self.io(ino_out)?;
+        self.written(ino_in).await?;
+        self.written(ino_out).await?;
         self.settle(ino_in).await?;
         self.settle(ino_out).await?;
         let total = len.min(COPY_MAX);

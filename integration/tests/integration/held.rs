@@ -360,3 +360,82 @@ fn new_files_written_in_a_held_directory_keep_data_size_and_times() -> Result<()
     );
     Ok(())
 }
+
+#[test]
+fn files_closed_by_their_holder_are_whole_when_another_mount_looks_at_once() -> Result<()> {
+    let c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    fs::create_dir(a.join("d"))?;
+    // Small files are written behind their close (mount.rawfs(8), write-behind); the
+    // larger ones, and a file written again after its close, are not, or wait for it.
+    let len = |i: u64| match i % 50 {
+        0 => (1 << 20) + 4096,
+        _ if i >= 280 => 900_000,
+        _ => 1 + (i as usize * 7919) % 200_000,
+    };
+    for i in 0..300u64 {
+        fs::write(a.join(&format!("d/f{i:03}")), pattern(i, 0, len(i)))?;
+        if i == 1 {
+            // Written again at once, while its data may still be on its way.
+            let mut again = OpenOptions::new().append(true).open(a.join("d/f001"))?;
+            again.write_all(&pattern(1, len(1) as u64, 5000))?;
+        }
+    }
+    // No wait: the other mount's first look (at the file closed last) recalls the
+    // directory, and the recall waits for the data of every file closed in it.
+    for i in (0..300u64).rev() {
+        let p = c.path(&format!("d/f{i:03}"));
+        let want = match i {
+            1 => pattern(1, 0, len(1) + 5000),
+            _ => pattern(i, 0, len(i)),
+        };
+        let got = fs::read(&p).with_context(|| format!("f{i:03}"))?;
+        ensure!(
+            got.len() == want.len() && got == want,
+            "f{i:03}: {} bytes read, {} written",
+            got.len(),
+            want.len()
+        );
+    }
+    Ok(())
+}
+
+/// `fs::write`, but with the result of `close(2)` (dropping a `File` ignores it).
+fn write_and_close(p: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    let mut f = File::create(p)?;
+    f.write_all(data)?;
+    // SAFETY: closes the descriptor `into_raw_fd` just gave up.
+    match unsafe { libc::close(f.into_raw_fd()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[test]
+fn a_file_whose_data_could_not_be_written_behind_reports_it() -> Result<()> {
+    let mut c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    fs::create_dir(a.join("d"))?;
+    fs::write(a.join("d/before"), b"fine")?;
+    for id in 1..=6 {
+        c.kill9("chunkserver", id)?;
+    }
+    // Its close may return before the data is sent (it is written behind); then the
+    // failure comes back from the file's next fsync, and closes stop returning early.
+    let p = a.join("d/lost");
+    let closed = write_and_close(&p, &pattern(5, 0, 10_000));
+    if closed.is_ok() {
+        let synced = File::open(&p).and_then(|f| f.sync_all());
+        ensure!(
+            synced.is_err(),
+            "fsync of a file whose data reached no chunkserver succeeded"
+        );
+        let next = write_and_close(&a.join("d/next"), &pattern(6, 0, 10_000));
+        ensure!(
+            next.is_err(),
+            "a close after a failed write-behind returned before its data was sent"
+        );
+    }
+    Ok(())
+}

@@ -508,8 +508,8 @@ rpc_methods! {
         fn reserve_inodes(count: u32) -> Ino;
         /// Commits a delegation holder's changes (and with `give_back` ends the delegation).
         fn commit_held(dir: Ino, holder: u64, ops: Vec<HeldOp>, give_back: bool) -> ();
-        /// Commits a holder's changes and allocates a chunk of one of its new files.
-        fn commit_held_allocating(dir: Ino, holder: u64, ops: Vec<HeldOp>, chunk: (Ino, u64)) -> Option<ChunkLoc>;
+        /// Commits a holder's changes and allocates the first chunk of some of its new files.
+        fn commit_held_allocating(dir: Ino, holder: u64, ops: Vec<HeldOp>, files: Vec<Ino>) -> Vec<Option<ChunkLoc>>;
         /// Creates a symbolic link.
         fn symlink(parent: Ino, name: Name, target: ByteBuf, caller: Caller) -> Attr;
         /// Adds a hard link.
@@ -689,7 +689,7 @@ mod tests {
             mkdir_held(parent: Ino, name: Name, node: NewNode, caller: Caller, holder: u64, req: ReqId) -> Attr;
             reserve_inodes(count: u32, req: ReqId) -> Ino;
             commit_held(dir: Ino, holder: u64, ops: Vec<HeldOp>, give_back: bool, req: ReqId) -> ();
-            commit_held_allocating(dir: Ino, holder: u64, ops: Vec<HeldOp>, chunk: (Ino, u64), req: ReqId) -> Option<ChunkLoc>;
+            commit_held_allocating(dir: Ino, holder: u64, ops: Vec<HeldOp>, files: Vec<Ino>, req: ReqId) -> Vec<Option<ChunkLoc>>;
             readlink(ino: Ino, read: Consistency) -> ByteBuf;
             link(ino: Ino, newparent: Ino, newname: Name, req: ReqId) -> Attr;
             rmdir(parent: Ino, name: Name, req: ReqId) -> ();

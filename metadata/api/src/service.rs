@@ -107,17 +107,18 @@ pub trait MetadataRpc {
         give_back: bool,
         req: ReqId,
     ) -> MetaResult<()>;
-    /// `commit_held` (without giving the directory back), then the chunk at `index` of
-    /// `ino`, one of the files the changes create, in one log entry: a new file's first
-    /// flush needs both. `None`: the changes are committed but the chunk was not allocated
-    /// (no servers, or a cold directory's RS 4+2 layout): ask `allocate_chunk`.
+    /// `commit_held` (without giving the directory back), then chunk 0 of each of `files`
+    /// (at most [`MAX_HELD_ALLOCATIONS`] new files the changes create), in one log entry:
+    /// new files' first flushes need both. One answer per file, in order; `None`: the
+    /// changes are committed but that chunk was not allocated (no servers, or a cold
+    /// directory's RS 4+2 layout): ask `allocate_chunk`.
     async fn commit_held_allocating(
         dir: Ino,
         holder: u64,
         ops: Vec<HeldOp>,
-        chunk: (Ino, u64),
+        files: Vec<Ino>,
         req: ReqId,
-    ) -> MetaResult<Option<ChunkLoc>>;
+    ) -> MetaResult<Vec<Option<ChunkLoc>>>;
     /// Records that `session` has `ino` open (keeps an unlinked inode alive).
     async fn open(ino: Ino, session: u64) -> MetaResult<Attr>;
     /// Drops one open of `ino` by `session`; frees an orphaned inode on its last release.

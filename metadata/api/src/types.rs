@@ -22,6 +22,8 @@ pub const NAME_MAX: usize = 255;
 pub const PATH_MAX: usize = 4096;
 /// Replicas kept of each hot chunk.
 pub const REPLICAS: usize = 3;
+/// Most new files whose first chunks one `commit_held_allocating` places.
+pub const MAX_HELD_ALLOCATIONS: usize = 256;
 
 /// Seconds and nanoseconds since the Unix epoch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

@@ -48,7 +48,7 @@ fn commit(h: &mut H, dir: Ino, holder: u64, entries: Vec<HeldCreate>) -> MetaRes
 
 fn commit_ops(h: &mut H, dir: Ino, holder: u64, ops: Vec<HeldOp>) -> MetaResult<Reply> {
     h.apply(Command::CommitHeld {
-        allocate: None,
+        allocate: Vec::new(),
         dir,
         holder,
         ops,
@@ -274,29 +274,50 @@ fn a_commit_allocates_the_first_chunk_of_a_new_file_with_it() {
     let mut h = H::new();
     h.register(&[1, 2, 3]);
     let (d, first) = held_dir(&mut h, 4);
-    let with_chunk = |ops, ino| Command::CommitHeld {
+    let with_chunks = |ops, inos: &[Ino]| Command::CommitHeld {
         dir: d.ino,
         holder: 9,
         ops,
         give_back: false,
-        allocate: Some((ino, 0, vec![1, 2, 3])),
+        allocate: inos.iter().map(|&i| (i, 0, vec![1, 2, 3])).collect(),
     };
-    let mut a = held("a", first, 90);
-    a.open = false;
-    let Ok(Reply::Chunk(loc)) = h.apply(with_chunk(vec![HeldOp::Create(a)], first)) else {
-        panic!("the create and its chunk in one command")
+    let creates = |names: &[(&str, Ino)]| {
+        let ops = names.iter().map(|&(n, ino)| {
+            let mut c = held(n, ino, 90);
+            c.open = false;
+            HeldOp::Create(c)
+        });
+        ops.collect::<Vec<_>>()
     };
-    assert_eq!((loc.index, loc.version), (0, 1));
-    let mut servers: Vec<_> = loc.replicas.iter().map(|r| r.server).collect();
-    servers.sort();
-    assert_eq!(servers, [1, 2, 3]);
+    let ops = creates(&[("a", first), ("b", first + 1)]);
+    let Ok(Reply::Batch(chunks)) = h.apply(with_chunks(ops, &[first, first + 1])) else {
+        panic!("the creates and their chunks in one command")
+    };
+    let mut ids = Vec::new();
+    for (reply, ino) in chunks.into_iter().zip([first, first + 1]) {
+        let Ok(Reply::Chunk(loc)) = reply else {
+            panic!("a chunk for each file")
+        };
+        assert_eq!((loc.index, loc.version), (0, 1));
+        let mut servers: Vec<_> = loc.replicas.iter().map(|r| r.server).collect();
+        servers.sort();
+        assert_eq!(servers, [1, 2, 3]);
+        let mapped = h.sm.read(|rt| queries::chunk_at(rt, ino, 0, 1)).unwrap();
+        assert_eq!(mapped.map(|c| c.chunk), Some(loc.chunk));
+        ids.push(loc.chunk);
+    }
+    assert_ne!(ids[0], ids[1], "each file its own chunk");
     assert_eq!(h.lookup(d.ino, "a").unwrap().ino, first);
-    // A chunk that cannot be allocated (no such file) leaves the changes applied.
-    let mut b = held("b", first + 1, 91);
-    b.open = false;
-    let reply = h.apply(with_chunk(vec![HeldOp::Create(b)], first + 3));
-    assert_eq!(reply, Ok(Reply::Unit));
-    assert_eq!(h.lookup(d.ino, "b").unwrap().ino, first + 1);
+    // A chunk that cannot be allocated (no such file) leaves the changes and the other
+    // chunks applied.
+    let ops = creates(&[("c", first + 2)]);
+    let reply = h.apply(with_chunks(ops, &[first + 3, first + 2]));
+    let Ok(Reply::Batch(chunks)) = reply else {
+        panic!("one answer per file: {reply:?}")
+    };
+    assert_eq!(chunks[0], Ok(Reply::Unit));
+    assert!(matches!(chunks[1], Ok(Reply::Chunk(_))));
+    assert_eq!(h.lookup(d.ino, "c").unwrap().ino, first + 2);
 }
 
 #[test]

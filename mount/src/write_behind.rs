@@ -1,0 +1,259 @@
+//! Write-behind of new small files in held directories: `close` returns once the data is
+//! handed to a background flush, and the next commit of the directory places the first
+//! chunks of every file waiting so, in its one log entry.
+//!
+//! ```text
+//!  close(f) ─► FLUSH: f fresh in held dir D, ≤ 1 MiB, a slot free ─► task: flush_file(f) ─► reply
+//!  commit of D's queue (timer, or the first waiting task) ─► commit_held_allocating(D, ops,
+//!      [every waiting fresh file]) ─► each FileIo learns its chunk; `placed` remembers them
+//!  task of f ─► settle_to_write finds f placed ─► data to 3 replicas ─► HeldOp::Wrote queued
+//! ```
+//!
+//! Unpacking a tree (`tar x`, `cp -r`, `rsync`) used to wait at each close for a log entry
+//! (the create with the file's chunk) and the replicas' answers; now those overlap with the
+//! next files, and one log entry places the chunks of many files.
+//!
+//! Why a close may return first: nobody but this mount can see a file created in a held
+//! directory until its queue is committed, and the queue goes to the leader for others
+//! only when the directory is given back, which first waits for these flushes
+//! (`give_back`). So another client's open after this close still finds the data. Until
+//! then the file is like its queued create: `fsync` makes it durable (it waits for the
+//! flush, and returns its error); a mount killed before that loses it.
+//!
+//! Errors: a failed flush is logged, and the file's next `close`, `fsync` or `write` here
+//! returns the error. After a failure no close is written behind for
+//! [`PAUSE_AFTER_FAILURE`], so that a full or unreachable cluster reaches the next files'
+//! `close` calls at once. Every operation that orders itself after the data (truncate,
+//! fallocate, copy, setting times) waits for the file's flush first.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fuser::Errno;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use rawfs_client::FileIo;
+use rawfs_metadata_api::{Attr, Ino, SetAttr, CHUNK_SIZE};
+use tokio::sync::Semaphore;
+use tracing::warn;
+
+use crate::inner::{lock, Inner};
+
+/// Files written behind at once; a close past it flushes before it returns.
+const SLOTS: usize = 64;
+/// Largest file written behind (so at most `SLOTS` MiB wait in memory).
+const MAX_BYTES: u64 = 1 << 20;
+/// After a failed flush, closes flush before they return for this long.
+const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(30);
+/// Errors kept for files not opened again; past it the oldest are only in the log.
+const ERRORS_MAX: usize = 4096;
+
+const _: () = assert!(
+    MAX_BYTES <= CHUNK_SIZE,
+    "a file written behind fits one chunk"
+);
+
+/// A flush in the background.
+struct Pending {
+    /// The held directory the file was created in.
+    dir: Ino,
+    io: Arc<FileIo>,
+    done: Shared<BoxFuture<'static, ()>>,
+}
+
+/// The mount's write-behind flushes (see the module docs).
+pub(crate) struct WriteBehind {
+    slots: Arc<Semaphore>,
+    pending: Mutex<HashMap<Ino, Pending>>,
+    /// Files whose first chunk a commit placed while their flush waited: the directory and
+    /// the file's attributes as committed (what `settle_to_write` would have returned).
+    placed: Mutex<HashMap<Ino, (Ino, Attr)>>,
+    /// Errors of failed flushes, for the file's next close, fsync or write.
+    failed: Mutex<HashMap<Ino, Errno>>,
+    last_failure: Mutex<Option<Instant>>,
+}
+
+impl Default for WriteBehind {
+    fn default() -> Self {
+        WriteBehind {
+            slots: Arc::new(Semaphore::new(SLOTS)),
+            pending: Mutex::default(),
+            placed: Mutex::default(),
+            failed: Mutex::default(),
+            last_failure: Mutex::default(),
+        }
+    }
+}
+
+impl WriteBehind {
+    /// The fresh files of `dir` being written behind, with their I/O objects (for a commit
+    /// to place their first chunks).
+    pub(crate) fn waiting_in(&self, dir: Ino) -> Vec<(Ino, Arc<FileIo>)> {
+        lock(&self.pending)
+            .iter()
+            .filter(|(_, p)| p.dir == dir)
+            .map(|(&ino, p)| (ino, p.io.clone()))
+            .collect()
+    }
+
+    /// A commit placed `ino`'s first chunk for its waiting flush.
+    pub(crate) fn set_placed(&self, ino: Ino, dir: Ino, attr: Attr) {
+        lock(&self.placed).insert(ino, (dir, attr));
+    }
+
+    pub(crate) fn take_placed(&self, ino: Ino) -> Option<(Ino, Attr)> {
+        lock(&self.placed).remove(&ino)
+    }
+
+    fn record_failure(&self, ino: Ino, e: Errno) {
+        *lock(&self.last_failure) = Some(Instant::now());
+        let mut failed = lock(&self.failed);
+        if failed.len() >= ERRORS_MAX {
+            failed.clear();
+        }
+        failed.insert(ino, e);
+    }
+
+    fn paused(&self) -> bool {
+        lock(&self.last_failure).is_some_and(|t| t.elapsed() < PAUSE_AFTER_FAILURE)
+    }
+}
+
+impl Inner {
+    /// Starts writing `io`'s buffer behind if `ino` may be (see the module docs), with
+    /// `times` to set again after the data's commit; false if the caller must flush it.
+    pub(crate) fn write_behind(
+        self: &Arc<Self>,
+        ino: Ino,
+        io: &Arc<FileIo>,
+        times: Option<SetAttr>,
+    ) -> bool {
+        let wb = &self.write_behind;
+        if io.size() == 0 || io.size() > MAX_BYTES || wb.paused() {
+            return false;
+        }
+        let Some(dir) = lock(&self.held.queued).get(&ino).copied() else {
+            return false;
+        };
+        if !self.is_fresh_in(dir, ino) {
+            return false;
+        }
+        let Ok(slot) = wb.slots.clone().try_acquire_owned() else {
+            return false;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        {
+            let mut pending = lock(&wb.pending);
+            if pending.contains_key(&ino) {
+                return false;
+            }
+            let done = rx.map(drop).boxed().shared();
+            let io = io.clone();
+            pending.insert(ino, Pending { dir, io, done });
+        }
+        let (me, io) = (self.clone(), io.clone());
+        self.tasks.spawn(async move {
+            let mut flushed = me.flush_file(ino, &io).await;
+            lock(&me.write_behind.placed).remove(&ino);
+            if let (Ok(()), Some(times)) = (flushed, times) {
+                // After the data's commit (queued by `flush_file`), whose mtime is now.
+                flushed = me.set_times_again(ino, &times).await;
+            }
+            let wb = &me.write_behind;
+            if let Err(e) = flushed {
+                warn!(ino, error = ?e, "writing a closed file behind failed; its next close or fsync reports it");
+                wb.record_failure(ino, e);
+            }
+            lock(&wb.pending).remove(&ino);
+            drop(slot);
+            let _ = tx.send(());
+        });
+        true
+    }
+
+    /// Times set by `setattr` while `ino`'s data was buffered, set again after the data:
+    /// queued in its held directory, else through the leader.
+    async fn set_times_again(self: &Arc<Self>, ino: Ino, times: &SetAttr) -> Result<(), Errno> {
+        if let Some(done) = self.held_setattr_queued(ino, times).await {
+            return done.map(drop);
+        }
+        let meta = self.client.meta();
+        meta.setattr(ino, times.clone())
+            .await
+            .map(drop)
+            .map_err(crate::errno::meta)
+    }
+
+    /// Before `set`'s times (setattr of a file in a held directory): `io`'s buffer is
+    /// written behind if it may be, and the times are set again after its commit;
+    /// otherwise it is flushed first.
+    pub(crate) async fn data_before_times(
+        self: &Arc<Self>,
+        ino: Ino,
+        io: &Arc<FileIo>,
+        set: &SetAttr,
+    ) -> Result<(), Errno> {
+        self.written(ino).await?;
+        if !io.has_unwritten() {
+            return Ok(());
+        }
+        let times = SetAttr {
+            atime: set.atime,
+            mtime: set.mtime,
+            ..SetAttr::default()
+        };
+        if self.write_behind(ino, io, Some(times)) {
+            return Ok(());
+        }
+        self.flush_file(ino, io).await
+    }
+
+    /// Waits until nothing of `ino` is being written behind; the error of a failed flush
+    /// (reported once).
+    pub(crate) async fn written(&self, ino: Ino) -> Result<(), Errno> {
+        self.behind_done(ino).await;
+        self.writing_behind(ino).map(drop)
+    }
+
+    /// Waits until nothing of `ino` is being written behind, leaving the error of a failed
+    /// flush for the next caller that can report it (`release` cannot).
+    pub(crate) async fn behind_done(&self, ino: Ino) {
+        loop {
+            let done = lock(&self.write_behind.pending)
+                .get(&ino)
+                .map(|p| p.done.clone());
+            match done {
+                Some(done) => done.await,
+                None => return,
+            }
+        }
+    }
+
+    /// Whether `ino` is being written behind; if not, the error of a failed flush of it
+    /// (reported once).
+    pub(crate) fn writing_behind(&self, ino: Ino) -> Result<bool, Errno> {
+        let wb = &self.write_behind;
+        if lock(&wb.pending).contains_key(&ino) {
+            return Ok(true);
+        }
+        match lock(&wb.failed).remove(&ino) {
+            Some(e) => Err(e),
+            None => Ok(false),
+        }
+    }
+
+    /// Waits for every file of `dir` being written behind (before `dir` is given back).
+    pub(crate) async fn written_in(&self, dir: Ino) {
+        loop {
+            let waits: Vec<_> = lock(&self.write_behind.pending)
+                .values()
+                .filter(|p| p.dir == dir)
+                .map(|p| p.done.clone())
+                .collect();
+            if waits.is_empty() {
+                return;
+            }
+            futures::future::join_all(waits).await;
+        }
+    }
+}
