@@ -141,6 +141,8 @@ pub(crate) struct DirState {
     pub(crate) queue: Vec<HeldOp>,
     /// Being given back (or lost): nothing more is answered here.
     pub(crate) gone: bool,
+    /// Being given back once the flushes behind its files end: no more start.
+    pub(crate) draining: bool,
     /// A commit of the queue is scheduled.
     commit_due: bool,
 }
@@ -228,6 +230,7 @@ impl Inner {
                 subdirs: HashSet::new(),
                 queue: Vec::new(),
                 gone: false,
+                draining: false,
                 commit_due: false,
             }),
             commits: tokio::sync::Mutex::new(()),
@@ -507,9 +510,12 @@ impl Inner {
     /// `dir` is not held.
     pub(crate) async fn give_back(&self, dir: Ino) {
         let Some(d) = self.held_dir(dir) else { return };
-        lock(&d.state).gone = true;
-        // Others see the directory after this: the data of its files closed here first.
+        // Others see the directory after this: the data of its files closed here first,
+        // committed with its queue (so no more writes behind start, and the directory is
+        // held until they end).
+        lock(&d.state).draining = true;
         self.written_in(dir).await;
+        lock(&d.state).gone = true;
         if let Err(e) = self.commit_held(dir, true).await {
             warn!(dir, error = ?e, "giving a held directory back failed");
         }
@@ -561,6 +567,15 @@ impl Inner {
         })
     }
 
+    /// Whether `ino` is fresh in `dir` and `dir` is not about to be given back (see
+    /// `write_behind`).
+    pub(crate) fn may_write_behind_in(&self, dir: Ino, ino: Ino) -> bool {
+        self.held_dir(dir).is_some_and(|d| {
+            let st = lock(&d.state);
+            !st.gone && !st.draining && st.fresh.contains_key(&ino)
+        })
+    }
+
     /// Sends `dir`'s queue to the leader (with `give_back`, ending the delegation).
     async fn commit_held(&self, dir: Ino, give_back: bool) -> Result<(), Errno> {
         self.commit_held_with(dir, give_back, None).await.map(drop)
@@ -589,20 +604,19 @@ impl Inner {
             // being written behind): nothing else needs to go before its data.
             return Ok(None);
         }
-        let behind = match give_back {
-            true => Vec::new(),
-            false => self.write_behind.waiting_in(dir),
-        };
         let (mut ops, fresh) = {
             let mut st = lock(&d.state);
             st.commit_due = false;
-            // The attributes of the files whose chunks this may place, as the queue has them.
-            let fresh: HashMap<Ino, Attr> = alloc
-                .into_iter()
-                .chain(behind.iter().map(|(ino, _)| *ino))
-                .filter_map(|ino| st.fresh.get(&ino).map(|a| (ino, a.clone())))
+            let ops = std::mem::take(&mut st.queue);
+            // The files this creates, with their attributes as the queue leaves them.
+            let fresh: HashMap<Ino, Attr> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    HeldOp::Create(e) => st.fresh.get(&e.ino).map(|a| (e.ino, a.clone())),
+                    _ => None,
+                })
                 .collect();
-            (std::mem::take(&mut st.queue), fresh)
+            (ops, fresh)
         };
         if ops.is_empty() && !give_back {
             return Ok(None);
@@ -614,18 +628,11 @@ impl Inner {
                 e.open = self.is_open_here(e.ino);
             }
         }
-        let creates = |ino| {
-            ops.iter()
-                .any(|op| matches!(op, HeldOp::Create(e) if e.ino == ino))
+        let placing = match give_back {
+            true => Vec::new(),
+            false => self.first_chunks_to_place(alloc, &fresh),
         };
-        let mut seen = HashSet::new();
-        let files: Vec<Ino> = alloc
-            .into_iter()
-            .chain(behind.iter().map(|(ino, _)| *ino))
-            .filter(|ino| !give_back && fresh.contains_key(ino) && creates(*ino))
-            .filter(|ino| seen.insert(*ino))
-            .take(MAX_HELD_ALLOCATIONS)
-            .collect();
+        let files: Vec<Ino> = placing.iter().map(|(ino, _)| *ino).collect();
         let meta = self.client.meta();
         let sent = match files.is_empty() {
             false => {
@@ -665,10 +672,14 @@ impl Inner {
             // Inodes a change queued meanwhile still has (to commit with the next batch).
             let later: HashSet<Ino> = st.queue.iter().flat_map(op_inos).collect();
             for ino in ops.iter().flat_map(op_inos) {
-                st.fresh.remove(&ino);
+                let fresh = st.fresh.remove(&ino);
                 if !later.contains(&ino) {
                     queued.remove(&ino);
                     st.pending.remove(&ino);
+                } else if let Some(a) = fresh {
+                    // Created now, changed again since: its attributes stay known here until
+                    // those changes are committed too (the leader's lag behind them).
+                    st.pending.entry(ino).or_insert(a);
                 }
             }
             if failed || give_back {
@@ -699,19 +710,49 @@ impl Inner {
             return Err(errno::meta(e));
         }
         let mut mine = None;
-        let placed = files.iter().zip(sent.unwrap_or_default());
-        for (&ino, loc) in placed {
+        for ((ino, io), loc) in placing.into_iter().zip(sent.unwrap_or_default()) {
             let (Some(loc), Some(attr)) = (loc, fresh.get(&ino)) else {
                 continue;
             };
-            if Some(ino) == alloc {
-                mine = Some((loc, attr.clone()));
-            } else if let Some((_, io)) = behind.iter().find(|(i, _)| *i == ino) {
-                io.learn_location(&loc);
-                self.write_behind.set_placed(ino, dir, attr.clone());
+            match io {
+                None => mine = Some((loc, attr.clone())),
+                Some(io) => {
+                    io.learn_location(&loc);
+                    self.write_behind.set_placed(ino, dir, attr.clone());
+                }
             }
         }
         Ok(mine)
+    }
+
+    /// The new files of a commit (`fresh`) whose first chunks it places: `alloc`'s (no
+    /// `FileIo`: the caller's), then every other one open here with data buffered (being
+    /// written behind, or still being written). Their flushes find the chunk placed
+    /// (`settle_to_write`) instead of costing two log entries of their own (the chunk, then
+    /// the write's commit): with write-behind, commits overlap the next files' writes.
+    fn first_chunks_to_place(
+        &self,
+        alloc: Option<Ino>,
+        fresh: &HashMap<Ino, Attr>,
+    ) -> Vec<(Ino, Option<Arc<FileIo>>)> {
+        let mut out: Vec<(Ino, Option<Arc<FileIo>>)> = alloc
+            .filter(|ino| fresh.contains_key(ino))
+            .map(|ino| (ino, None))
+            .into_iter()
+            .collect();
+        for &ino in fresh.keys() {
+            if out.len() >= MAX_HELD_ALLOCATIONS {
+                break;
+            }
+            if Some(ino) == alloc {
+                continue;
+            }
+            let io = self.io_if_open(ino);
+            if let Some(io) = io.filter(|io| io.size() > 0 && io.size() <= CHUNK_SIZE) {
+                out.push((ino, Some(io)));
+            }
+        }
+        out
     }
 
     /// Whether `dir` is held here with changes still to commit.

@@ -377,6 +377,8 @@ impl Inner {
             let mut files = lock(&self.files);
             match files.get(&ino) {
                 Some(f) if f.handles == 0 && Arc::ptr_eq(&f.io, &io) => {
+                    // A chunk placed for data that never went out (see `write_behind`).
+                    self.write_behind.take_placed(ino);
                     files.remove(&ino).is_some_and(|f| f.server_open)
                 }
                 _ => false,

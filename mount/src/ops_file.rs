@@ -129,7 +129,9 @@ impl Inner {
         let n = u32::try_from(data.len()).map_err(|_| Errno::EINVAL)?;
         // After a write behind (`set_times_again` must not undo this write's mtime).
         self.written(ino).await?;
-        self.settle_to_write(ino, &io).await?;
+        if !self.write_behind.is_placed(ino) {
+            self.settle_to_write(ino, &io).await?;
+        }
         io.write(offset, &data).await.map_err(errno::client)?;
         Ok(n)
     }
@@ -197,6 +199,8 @@ impl Inner {
     pub(crate) async fn truncate(&self, ino: Ino, size: u64, set: SetAttr) -> Result<Attr, Errno> {
         self.page_cache.forget(ino);
         self.written(ino).await?;
+        // A chunk placed for the data (see `first_chunks_to_place`) may be released now.
+        self.write_behind.take_placed(ino);
         self.settle(ino).await?;
         let meta = self.client.meta();
         let (io, old): (Arc<FileIo>, u64) = match self.io_if_open(ino) {

@@ -27,6 +27,7 @@
 //! fallocate, copy, setting times) waits for the file's flush first.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,7 +58,6 @@ const _: () = assert!(
 struct Pending {
     /// The held directory the file was created in.
     dir: Ino,
-    io: Arc<FileIo>,
     done: Shared<BoxFuture<'static, ()>>,
 }
 
@@ -65,6 +65,8 @@ struct Pending {
 pub(crate) struct WriteBehind {
     slots: Arc<Semaphore>,
     pending: Mutex<HashMap<Ino, Pending>>,
+    /// `pending.len()`, read without the lock by every write on the FUSE thread.
+    running: AtomicUsize,
     /// Files whose first chunk a commit placed while their flush waited: the directory and
     /// the file's attributes as committed (what `settle_to_write` would have returned).
     placed: Mutex<HashMap<Ino, (Ino, Attr)>>,
@@ -78,6 +80,7 @@ impl Default for WriteBehind {
         WriteBehind {
             slots: Arc::new(Semaphore::new(SLOTS)),
             pending: Mutex::default(),
+            running: AtomicUsize::new(0),
             placed: Mutex::default(),
             failed: Mutex::default(),
             last_failure: Mutex::default(),
@@ -86,23 +89,22 @@ impl Default for WriteBehind {
 }
 
 impl WriteBehind {
-    /// The fresh files of `dir` being written behind, with their I/O objects (for a commit
-    /// to place their first chunks).
-    pub(crate) fn waiting_in(&self, dir: Ino) -> Vec<(Ino, Arc<FileIo>)> {
-        lock(&self.pending)
-            .iter()
-            .filter(|(_, p)| p.dir == dir)
-            .map(|(&ino, p)| (ino, p.io.clone()))
-            .collect()
+    /// Whether `ino` is being written behind (a write must then wait for it to end).
+    pub(crate) fn is_pending(&self, ino: Ino) -> bool {
+        self.running.load(Ordering::Relaxed) > 0 && lock(&self.pending).contains_key(&ino)
     }
 
-    /// A commit placed `ino`'s first chunk for its waiting flush.
+    /// A commit placed `ino`'s first chunk, for its next flush.
     pub(crate) fn set_placed(&self, ino: Ino, dir: Ino, attr: Attr) {
         lock(&self.placed).insert(ino, (dir, attr));
     }
 
     pub(crate) fn take_placed(&self, ino: Ino) -> Option<(Ino, Attr)> {
         lock(&self.placed).remove(&ino)
+    }
+
+    pub(crate) fn is_placed(&self, ino: Ino) -> bool {
+        lock(&self.placed).contains_key(&ino)
     }
 
     fn record_failure(&self, ino: Ino, e: Errno) {
@@ -135,7 +137,7 @@ impl Inner {
         let Some(dir) = lock(&self.held.queued).get(&ino).copied() else {
             return false;
         };
-        if !self.is_fresh_in(dir, ino) {
+        if !self.may_write_behind_in(dir, ino) {
             return false;
         }
         let Ok(slot) = wb.slots.clone().try_acquire_owned() else {
@@ -148,8 +150,8 @@ impl Inner {
                 return false;
             }
             let done = rx.map(drop).boxed().shared();
-            let io = io.clone();
-            pending.insert(ino, Pending { dir, io, done });
+            pending.insert(ino, Pending { dir, done });
+            wb.running.fetch_add(1, Ordering::Relaxed);
         }
         let (me, io) = (self.clone(), io.clone());
         self.tasks.spawn(async move {
@@ -165,6 +167,7 @@ impl Inner {
                 wb.record_failure(ino, e);
             }
             lock(&wb.pending).remove(&ino);
+            wb.running.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
             let _ = tx.send(());
         });

@@ -381,6 +381,18 @@ fn files_closed_by_their_holder_are_whole_when_another_mount_looks_at_once() -> 
             again.write_all(&pattern(1, len(1) as u64, 5000))?;
         }
     }
+    // As `tar x` does on leaving a directory: its mode is set right after its last files
+    // were closed, which gives the directory back while their data may be on its way.
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir(a.join("d/s"))?;
+    for i in 0..20u64 {
+        fs::write(a.join(&format!("d/s/g{i:02}")), pattern(500 + i, 0, 300_000))?;
+    }
+    fs::set_permissions(a.join("d/s"), fs::Permissions::from_mode(0o750))?;
+    for i in 0..20u64 {
+        let got = fs::read(c.path(&format!("d/s/g{i:02}")))?;
+        ensure!(got == pattern(500 + i, 0, 300_000), "d/s/g{i:02}: {} bytes", got.len());
+    }
     // No wait: the other mount's first look (at the file closed last) recalls the
     // directory, and the recall waits for the data of every file closed in it.
     for i in (0..300u64).rev() {
