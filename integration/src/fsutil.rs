@@ -235,6 +235,20 @@ pub fn flock(f: &std::fs::File, op: i32) -> io::Result<()> {
     check(unsafe { libc::flock(f.as_raw_fd(), op) })
 }
 
+/// `fs::write`, but with the result of `close(2)` (dropping a `File` ignores it), where a
+/// filesystem reports what it could not write.
+pub fn write_and_close(p: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    let mut f = std::fs::File::create(p)?;
+    f.write_all(data)?;
+    // SAFETY: closes the descriptor `into_raw_fd` just gave up.
+    match unsafe { libc::close(f.into_raw_fd()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 /// Deterministic pseudo-random bytes (splitmix64), so large files need no reference copy.
 pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 8);

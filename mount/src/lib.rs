@@ -30,7 +30,9 @@
 //! off): it answers lookups, creates and stats of new empty files in them, and unlinks and
 //! renames of its files there, on the FUSE thread and commits them in order in batches, so
 //! such an operation costs FUSE round trips only; the
-//! leader recalls the directory before any other client looks into it or changes it.
+//! leader recalls the directory before any other client looks into it or changes it. A new
+//! file of up to 1 MiB there is written behind its close (`write_behind`): the recall waits
+//! for those flushes, and `fsync` returns their errors.
 //!
 //! Deliberate gaps:
 //! - No writeback cache yet: with it the kernel owns mtime and size and merges writes from

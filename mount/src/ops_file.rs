@@ -146,7 +146,7 @@ impl Inner {
         if self.writing_behind(ino)? {
             return Ok(());
         }
-        if !io.has_unwritten() || self.write_behind(ino, &io, None) {
+        if !io.has_unwritten() || self.write_behind(ino, &io, None).await {
             // Nothing to write: a queued change of the file (a held setattr) stays queued.
             return Ok(());
         }

@@ -27,7 +27,7 @@
 //! fallocate, copy, setting times) waits for the file's flush first.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,10 @@ const MAX_BYTES: u64 = 1 << 20;
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(30);
 /// Errors kept for files not opened again; past it the oldest are only in the log.
 const ERRORS_MAX: usize = 4096;
+/// Nothing is written behind while the cluster has less free space than this per copy, so
+/// that a full cluster's ENOSPC reaches `close` (the figure is at most this old).
+const MIN_FREE_PER_COPY: u64 = 1 << 30;
+const SPACE_EVERY: Duration = Duration::from_secs(1);
 
 const _: () = assert!(
     MAX_BYTES <= CHUNK_SIZE,
@@ -73,6 +77,10 @@ pub(crate) struct WriteBehind {
     /// Errors of failed flushes, for the file's next close, fsync or write.
     failed: Mutex<HashMap<Ino, Errno>>,
     last_failure: Mutex<Option<Instant>>,
+    /// The cluster had room at the last look (`MIN_FREE_PER_COPY`); none until it is known.
+    room: AtomicBool,
+    /// When free space was last asked for.
+    space_asked: Mutex<Option<Instant>>,
 }
 
 impl Default for WriteBehind {
@@ -84,6 +92,8 @@ impl Default for WriteBehind {
             placed: Mutex::default(),
             failed: Mutex::default(),
             last_failure: Mutex::default(),
+            room: AtomicBool::new(false),
+            space_asked: Mutex::default(),
         }
     }
 }
@@ -124,14 +134,15 @@ impl WriteBehind {
 impl Inner {
     /// Starts writing `io`'s buffer behind if `ino` may be (see the module docs), with
     /// `times` to set again after the data's commit; false if the caller must flush it.
-    pub(crate) fn write_behind(
+    pub(crate) async fn write_behind(
         self: &Arc<Self>,
         ino: Ino,
         io: &Arc<FileIo>,
         times: Option<SetAttr>,
     ) -> bool {
         let wb = &self.write_behind;
-        if io.size() == 0 || io.size() > MAX_BYTES || wb.paused() {
+        if io.size() == 0 || io.size() > MAX_BYTES || wb.paused() || !self.cluster_has_room().await
+        {
             return false;
         }
         let Some(dir) = lock(&self.held.queued).get(&ino).copied() else {
@@ -174,6 +185,29 @@ impl Inner {
         true
     }
 
+    /// Whether the cluster has room for writes behind, as last seen; looks again once that
+    /// look is [`SPACE_EVERY`] old (this caller waits for it, the others meanwhile use the
+    /// last answer).
+    async fn cluster_has_room(&self) -> bool {
+        let wb = &self.write_behind;
+        let due = {
+            let mut asked = lock(&wb.space_asked);
+            let due = asked.is_none_or(|t| t.elapsed() >= SPACE_EVERY);
+            if due {
+                *asked = Some(Instant::now());
+            }
+            due
+        };
+        if due {
+            let room = match self.client.meta().statfs().await {
+                Ok(s) => s.free_bytes / u64::from(s.replicas.max(1)) >= MIN_FREE_PER_COPY,
+                Err(_) => false,
+            };
+            wb.room.store(room, Ordering::Relaxed);
+        }
+        wb.room.load(Ordering::Relaxed)
+    }
+
     /// Times set by `setattr` while `ino`'s data was buffered, set again after the data:
     /// queued in its held directory, else through the leader.
     async fn set_times_again(self: &Arc<Self>, ino: Ino, times: &SetAttr) -> Result<(), Errno> {
@@ -205,7 +239,7 @@ impl Inner {
             mtime: set.mtime,
             ..SetAttr::default()
         };
-        if self.write_behind(ino, io, Some(times)) {
+        if self.write_behind(ino, io, Some(times)).await {
             return Ok(());
         }
         self.flush_file(ino, io).await

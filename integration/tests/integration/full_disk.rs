@@ -135,6 +135,12 @@ fn writes_past_a_full_disk_fail_with_enospc_and_the_cluster_keeps_serving() -> R
     let mut c = cluster_on(&fs, &["--reserve", "200M"])?;
     let r = (|| -> Result<()> {
         write_pattern(&c.path("keep"), 91, 8 * MIB)?;
+        // New small files, written behind their close while the cluster has room.
+        std::fs::create_dir(c.path("pre"))?;
+        for i in 0..3 {
+            let p = c.path(&format!("pre/f{i}"));
+            rawfs_integration::fsutil::write_and_close(&p, &[i; 100_000])?;
+        }
         // Three copies of 1 GiB cannot fit on a 1 GiB disk.
         let refused = write_until_refused(&c.path("big"), 1024 * MIB)?;
         ensure!(
@@ -169,6 +175,18 @@ fn writes_past_a_full_disk_fail_with_enospc_and_the_cluster_keeps_serving() -> R
         ensure!(s["metadata"]["leader"].is_u64(), "no leader once full: {s}");
         std::fs::create_dir(c.path("d"))?;
         std::fs::File::create(c.path("d/empty"))?.sync_all()?;
+        // A new small file's close reports a refusal too (nothing is written behind a close
+        // then); if it took the data, an fsync says it is stored.
+        let small = c.path("d/small");
+        match rawfs_integration::fsutil::write_and_close(&small, &[3; 100_000]) {
+            Err(e) => ensure!(
+                e.raw_os_error() == Some(libc::ENOSPC),
+                "close of a new file on a full cluster: {e}"
+            ),
+            Ok(()) => std::fs::File::open(&small)?
+                .sync_all()
+                .context("fsync of a new file whose close returned 0 on a full cluster")?,
+        }
         verify_pattern(&c.path("keep"), 91, 8 * MIB)?;
 
         // Deleting the big file gives its space back and writes go in again.

@@ -3,7 +3,7 @@
 //! see every file as soon as it looks; what was fsynced survives the holder's SIGKILL.
 
 use anyhow::{ensure, Context, Result};
-use rawfs_integration::fsutil::pattern;
+use rawfs_integration::fsutil::{pattern, write_and_close};
 use rawfs_integration::harness::{pid_alive, wait_until};
 use rawfs_integration::Cluster;
 use std::collections::BTreeSet;
@@ -386,12 +386,19 @@ fn files_closed_by_their_holder_are_whole_when_another_mount_looks_at_once() -> 
     use std::os::unix::fs::PermissionsExt;
     fs::create_dir(a.join("d/s"))?;
     for i in 0..20u64 {
-        fs::write(a.join(&format!("d/s/g{i:02}")), pattern(500 + i, 0, 300_000))?;
+        fs::write(
+            a.join(&format!("d/s/g{i:02}")),
+            pattern(500 + i, 0, 300_000),
+        )?;
     }
     fs::set_permissions(a.join("d/s"), fs::Permissions::from_mode(0o750))?;
     for i in 0..20u64 {
         let got = fs::read(c.path(&format!("d/s/g{i:02}")))?;
-        ensure!(got == pattern(500 + i, 0, 300_000), "d/s/g{i:02}: {} bytes", got.len());
+        ensure!(
+            got == pattern(500 + i, 0, 300_000),
+            "d/s/g{i:02}: {} bytes",
+            got.len()
+        );
     }
     // No wait: the other mount's first look (at the file closed last) recalls the
     // directory, and the recall waits for the data of every file closed in it.
@@ -410,18 +417,6 @@ fn files_closed_by_their_holder_are_whole_when_another_mount_looks_at_once() -> 
         );
     }
     Ok(())
-}
-
-/// `fs::write`, but with the result of `close(2)` (dropping a `File` ignores it).
-fn write_and_close(p: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::os::fd::IntoRawFd;
-    let mut f = File::create(p)?;
-    f.write_all(data)?;
-    // SAFETY: closes the descriptor `into_raw_fd` just gave up.
-    match unsafe { libc::close(f.into_raw_fd()) } {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error()),
-    }
 }
 
 #[test]
