@@ -192,7 +192,7 @@ impl Inner {
         let wb = &self.write_behind;
         let due = {
             let mut asked = lock(&wb.space_asked);
-            let due = asked.is_none_or(|t| t.elapsed() >= SPACE_EVERY);
+            let due = !asked.is_some_and(|t| t.elapsed() < SPACE_EVERY);
             if due {
                 *asked = Some(Instant::now());
             }
