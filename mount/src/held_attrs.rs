@@ -13,7 +13,7 @@ use rawfs_client::Deferred;
 use rawfs_metadata_api::{Attr, FileKind, HeldOp, Ino, SetAttr, TimeSet, Timespec};
 
 use crate::errno;
-use crate::held::{DirState, S_ISGID};
+use crate::held::{DirState, HeldDir, S_ISGID};
 use crate::inner::{lock, Inner};
 use fuser::Errno;
 use std::sync::Arc;
@@ -59,11 +59,7 @@ impl Inner {
         ino: Ino,
         set: &SetAttr,
     ) -> Option<Result<Attr, Errno>> {
-        if set.size.is_some() {
-            return None;
-        }
-        let dir = *lock(&self.held.files).get(&ino)?;
-        self.held_dir(dir)?;
+        self.held_dir_of(ino, set)?;
         if set.atime.is_some() || set.mtime.is_some() {
             if let Some(io) = self.io_if_open(ino) {
                 if let Err(e) = self.data_before_times(ino, &io, set).await {
@@ -74,17 +70,23 @@ impl Inner {
         self.held_setattr_queued(ino, set).await
     }
 
+    /// The held directory `ino` is named in, if `set` may be queued there (sizes go to the
+    /// leader).
+    fn held_dir_of(&self, ino: Ino, set: &SetAttr) -> Option<(Ino, Arc<HeldDir>)> {
+        if set.size.is_some() {
+            return None;
+        }
+        let dir = *lock(&self.held.files).get(&ino)?;
+        Some((dir, self.held_dir(dir)?))
+    }
+
     /// [`Inner::held_setattr`] once buffered data is out of the way.
     pub(crate) async fn held_setattr_queued(
         self: &Arc<Self>,
         ino: Ino,
         set: &SetAttr,
     ) -> Option<Result<Attr, Errno>> {
-        if set.size.is_some() {
-            return None;
-        }
-        let dir = *lock(&self.held.files).get(&ino)?;
-        let d = self.held_dir(dir)?;
+        let (dir, d) = self.held_dir_of(ino, set)?;
         let known = {
             let st = lock(&d.state);
             if st.gone {
