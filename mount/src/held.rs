@@ -547,8 +547,8 @@ impl Inner {
         let Some(dir) = lock(&self.held.queued).get(&ino).copied() else {
             return Ok(None);
         };
-        let alloc =
-            (io.size() > 0 && io.size() <= CHUNK_SIZE && self.is_fresh_in(dir, ino)).then_some(ino);
+        let alloc = (io.size() > 0 && io.size() <= CHUNK_SIZE && self.fresh_in(dir, ino).is_some())
+            .then_some(ino);
         match self.commit_held_with(dir, false, alloc).await? {
             Some((loc, attr)) => {
                 io.learn_location(&loc);
@@ -559,21 +559,12 @@ impl Inner {
         }
     }
 
-    /// Whether `ino` was created in `dir`, held here, and its create is not committed yet.
-    pub(crate) fn is_fresh_in(&self, dir: Ino, ino: Ino) -> bool {
-        self.held_dir(dir).is_some_and(|d| {
-            let st = lock(&d.state);
-            !st.gone && st.fresh.contains_key(&ino)
-        })
-    }
-
-    /// Whether `ino` is fresh in `dir` and `dir` is not about to be given back (see
-    /// `write_behind`).
-    pub(crate) fn may_write_behind_in(&self, dir: Ino, ino: Ino) -> bool {
-        self.held_dir(dir).is_some_and(|d| {
-            let st = lock(&d.state);
-            !st.gone && !st.draining && st.fresh.contains_key(&ino)
-        })
+    /// If `ino` was created in `dir`, held here, and its create is not committed yet:
+    /// whether `dir` is draining (about to be given back; see `write_behind`).
+    pub(crate) fn fresh_in(&self, dir: Ino, ino: Ino) -> Option<bool> {
+        let d = self.held_dir(dir)?;
+        let st = lock(&d.state);
+        (!st.gone && st.fresh.contains_key(&ino)).then_some(st.draining)
     }
 
     /// Sends `dir`'s queue to the leader (with `give_back`, ending the delegation).
@@ -636,8 +627,7 @@ impl Inner {
         let meta = self.client.meta();
         let sent = match files.is_empty() {
             false => {
-                let ops = ops.clone();
-                meta.commit_held_allocating(dir, self.session, ops, files.clone())
+                meta.commit_held_allocating(dir, self.session, ops.clone(), files)
                     .await
             }
             true => meta

@@ -148,7 +148,8 @@ impl Inner {
         let Some(dir) = lock(&self.held.queued).get(&ino).copied() else {
             return false;
         };
-        if !self.may_write_behind_in(dir, ino) {
+        // Not in a directory about to be given back: its give-back waits for these.
+        if self.fresh_in(dir, ino) != Some(false) {
             return false;
         }
         let Ok(slot) = wb.slots.clone().try_acquire_owned() else {
