@@ -12,6 +12,15 @@
 //! with EIO to the reader. Measured on a 1 GiB sequential read from the page cache through
 //! the mount: 1,500-1,600 MiB/s with `pread`, 1,900-2,050 with maps.
 //!
+//! A map is advised `MADV_HUGEPAGE` before it is populated, so that the faults read the file
+//! the way the kernel reads a file for `read(2)`: in large (2 MiB) page-cache folios, with
+//! readahead past the map. `posix_fadvise(WILLNEED)`, used before, fills the page cache one
+//! 4 KiB page at a time, and that page-by-page work (allocation, LRU, cgroup charge) was a
+//! quarter of all CPU time in a cold sequential read through the mount. Measured on this
+//! 2-core VM, 1 GiB through the mount with dropped caches: 1,170-1,390 MiB/s with the
+//! advice, 1,930-2,030 MiB/s with huge-page maps. A kernel without transparent huge pages
+//! refuses the advice, and the read then asks for its range and what follows it the old way.
+//!
 //! Bytes handed out may change after the check if the chunkserver writes the same blocks
 //! later (a map shows the file as it is); a window cached by a client is dropped when that
 //! client writes, and another client's concurrent write is a race either way.
@@ -56,7 +65,8 @@ impl Drop for Map {
 }
 
 /// Maps `len` bytes of `file` at `at` (page aligned) and faults them in; `None` if that fails.
-fn map(file: &File, at: u64, len: usize) -> Option<Map> {
+/// `read_ahead` runs before the faults if the kernel cannot read through huge pages.
+fn map(file: &File, at: u64, len: usize, read_ahead: impl FnOnce()) -> Option<Map> {
     let offset = libc::off_t::try_from(at).ok()?;
     // SAFETY: a fresh read-only shared mapping chosen by the kernel; nothing aliases it.
     let ptr = unsafe {
@@ -76,6 +86,10 @@ fn map(file: &File, at: u64, len: usize) -> Option<Map> {
         at: NonNull::new(ptr.cast())?,
         len,
     };
+    // SAFETY: advice on the mapping just made (only a hint: it may be refused).
+    if unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) } != 0 {
+        read_ahead();
+    }
     // SAFETY: advice on the mapping just made.
     if unsafe { libc::madvise(ptr, len, MADV_POPULATE_READ) } != 0 {
         if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
@@ -116,8 +130,8 @@ pub fn read_blocks_mapped(
             BlockEntry::Bad => return Err(BlockReadError::Corrupt { block: b }),
         }
     }
-    crate::layout::read_ahead(file, geo, offset, len);
-    let Some(map) = map(file, start, map_len as usize) else {
+    let read_ahead = || crate::layout::read_ahead(file, geo, offset, len);
+    let Some(map) = map(file, start, map_len as usize, read_ahead) else {
         return Ok(None);
     };
     for (i, block) in map.as_ref().chunks_exact(bs as usize).enumerate() {
