@@ -289,6 +289,18 @@ pub enum Command {
         dir: Ino,
         holder: u64,
     },
+    /// Opens the leader kept in memory (`open_leased`, see `open_table.rs`), logged with a
+    /// command that may remove links: a leased open of each (inode, session) whose inode
+    /// still exists, then `then` (whose reply this is; `Unit` without one).
+    OpenMany {
+        opens: Vec<(Ino, u64)>,
+        then: Option<Box<Command>>,
+    },
+    /// Drops one logged leased open (`OpenMany`) of each inode by `session`.
+    ReleaseLeased {
+        inos: Vec<Ino>,
+        session: u64,
+    },
 }
 
 /// What a command returns.
@@ -361,7 +373,12 @@ impl Command {
                 | Command::CowPlaced { servers, .. }
                 | Command::AllocateEc { servers, .. } => 9 * servers.len(),
                 Command::EcExtend { shards, .. } => 9 * shards.len(),
-                Command::ReleaseMany { inos, .. } => 9 * inos.len(),
+                Command::ReleaseMany { inos, .. } | Command::ReleaseLeased { inos, .. } => {
+                    9 * inos.len()
+                }
+                Command::OpenMany { opens, then } => {
+                    18 * opens.len() + then.as_ref().map_or(0, |c| c.approx_size())
+                }
                 Command::MkdirHeld { name, .. } => name.len(),
                 Command::CommitHeld { ops, .. } => ops.iter().map(held_op_size).sum(),
                 Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum(),

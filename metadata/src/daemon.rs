@@ -99,6 +99,7 @@ pub(crate) async fn serve(
         events: crate::events::EventLog::new(),
         delegations_changed: tokio::sync::Notify::new(),
         recalling: Mutex::default(),
+        opens: Default::default(),
     });
     let stop = CancellationToken::new();
     let accept = tokio::spawn(accept_loop(listener, Server(shared), stop.clone()));

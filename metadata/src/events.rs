@@ -102,6 +102,11 @@ impl EventLog {
         r
     }
 
+    /// The epoch of this replica's leadership in `term` (what `watch` reports).
+    pub(crate) fn epoch(&self, term: u64) -> u64 {
+        self.lock(term).epoch
+    }
+
     /// Publishes what a change applied in `term` by client `origin` made stale; returns the
     /// sequence number just past its events.
     pub(crate) fn publish(&self, term: u64, origin: u64, invals: Vec<(Inval, bool)>) -> u64 {
@@ -272,7 +277,10 @@ pub(crate) struct Replaced {
 /// does not know, for example, the link count an unlink left on another name's inode.
 pub(crate) fn stale(cmd: &Command, replaced: &Replaced) -> Vec<(Inval, bool)> {
     match cmd {
-        Command::Tracked { cmd, .. } => return stale(cmd, replaced),
+        Command::Tracked { cmd, .. }
+        | Command::OpenMany {
+            then: Some(cmd), ..
+        } => return stale(cmd, replaced),
         Command::Batch(cmds) => return cmds.iter().flat_map(|c| stale(c, replaced)).collect(),
         _ => {}
     }
@@ -365,12 +373,17 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
             }))
             .map(Inval::Inode)
             .collect(),
-        Command::Tracked { cmd, .. } => return invals(cmd, replaced),
+        Command::Tracked { cmd, .. }
+        | Command::OpenMany {
+            then: Some(cmd), ..
+        } => return invals(cmd, replaced),
         Command::Batch(cmds) => cmds.iter().flat_map(|c| invals(c, replaced)).collect(),
         Command::Init { .. }
         | Command::Open { .. }
+        | Command::OpenMany { .. }
         | Command::Release { .. }
         | Command::ReleaseMany { .. }
+        | Command::ReleaseLeased { .. }
         | Command::EndSession { .. }
         | Command::AllocateChunk { .. }
         | Command::DropReplica { .. }

@@ -14,6 +14,7 @@
 //!                                                               meta.redb  fsync ~1/s)
 //!  chunkserver --heartbeat--> registry.rs (leader soft state) --> placement, deletions
 //!              inventories --> missing.rs (listed copies a server lacks: dropped for repair)
+//!  open_leased / reopen / release_leased --> open_table.rs (readers' opens in memory)
 //!  status / replica_status / digest / add_peer / remove_peer --> cluster.rs
 //!  healer: endangered_chunks / add_replica / healer_lease --> healing.rs
 //!  healer limits and reports: set_healer_settings / healer_report --> limits.rs
@@ -62,7 +63,11 @@
 //!   replicated state; they end with the holder's session.
 //! - Opens are per `session`; an unlinked inode stays (as an orphan, across restarts) until
 //!   its last open is released or its session ends. A session that dies without
-//!   `end_session` keeps its orphans (no session leases yet).
+//!   `end_session` keeps its orphans (no session leases yet). A reader's `open_leased` is
+//!   kept in the leader's memory and logged only with the next command that may remove a
+//!   link (`open_table.rs`); its session sends it again to each new leader (`reopen`), which
+//!   removes no link for 5 s after taking office. Leased opens are given back with
+//!   `release_leased`, logged ones with `release`.
 
 mod chunks;
 mod chunkservers;
@@ -96,6 +101,7 @@ mod events;
 mod healing;
 mod limits;
 mod missing;
+mod open_table;
 mod proposer;
 mod recall;
 mod server;

@@ -10,7 +10,7 @@ use rawfs_replication::{Entry, StateMachine, StorageError};
 use crate::chunks;
 use crate::commands::{encode_reply, Command, Reply};
 use crate::delegation;
-use crate::namespace as ns;
+use crate::namespace::{self as ns, OpenKind};
 use crate::rename;
 use crate::requests;
 use crate::shares;
@@ -123,10 +123,26 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             t, *parent, name, *newparent, newname, *flags, *now,
         )),
         Open { ino, session } => ns::open(t, *ino, *session).map(Reply::Attr),
-        Release { ino, session } => unit(ns::release(t, *ino, *session)),
+        OpenMany { opens, then } => {
+            for &(ino, session) in opens {
+                ns::open_leased(t, ino, session)?;
+            }
+            match then.as_deref() {
+                Some(OpenMany { .. } | Batch(_)) => Err(Fail::Meta(MetaError::Invalid {
+                    reason: "nested open batch".into(),
+                })),
+                Some(cmd) => dispatch(t, cmd, term),
+                None => Ok(Reply::Unit),
+            }
+        }
+        Release { ino, session } => unit(ns::release(t, *ino, *session, OpenKind::Logged)),
         ReleaseMany { inos, session } => unit(
             inos.iter()
-                .try_for_each(|&ino| ns::release(t, ino, *session)),
+                .try_for_each(|&ino| ns::release(t, ino, *session, OpenKind::Logged)),
+        ),
+        ReleaseLeased { inos, session } => unit(
+            inos.iter()
+                .try_for_each(|&ino| ns::release(t, ino, *session, OpenKind::Leased)),
         ),
         EndSession { session } => {
             unit(ns::end_session(t, *session).and_then(|()| delegation::end_session(t, *session)))

@@ -444,28 +444,68 @@ pub(crate) fn setattr(t: &mut Tables, ino: Ino, set: &SetAttr, now: Timespec) ->
     Ok(rec.attr(ino))
 }
 
+/// One open in an OPENS count: opens logged by `open` count in the low 32 bits, leased
+/// opens the leader logged (`OpenMany`, see `open_table.rs`) in the high 32 bits. Each kind
+/// is given back by its own release, so that a reader's leased open is never taken for a
+/// writer's logged one (which would leave the reader unprotected after a failover).
+#[derive(Clone, Copy)]
+pub(crate) enum OpenKind {
+    Logged,
+    Leased,
+}
+
+impl OpenKind {
+    fn one(self) -> u64 {
+        match self {
+            OpenKind::Logged => 1,
+            OpenKind::Leased => 1 << 32,
+        }
+    }
+
+    /// How many opens of this kind `count` (an OPENS value) holds.
+    pub(crate) fn of(self, count: u64) -> u64 {
+        match self {
+            OpenKind::Logged => count & 0xffff_ffff,
+            OpenKind::Leased => count >> 32,
+        }
+    }
+}
+
 pub(crate) fn open(t: &mut Tables, ino: Ino, session: u64) -> Op<Attr> {
     let rec = inode(&t.inodes, ino)?;
-    let n = t.opens.get((ino, session))?.map(|g| g.value()).unwrap_or(0);
-    t.opens.insert((ino, session), n + 1)?;
-    t.sessions.insert((session, ino), ())?;
+    add_open(t, ino, session, OpenKind::Logged)?;
     Ok(rec.attr(ino))
 }
 
-/// Drops one open; frees the inode if that was the last open of an unlinked inode.
-pub(crate) fn release(t: &mut Tables, ino: Ino, session: u64) -> Op<()> {
+fn add_open(t: &mut Tables, ino: Ino, session: u64, kind: OpenKind) -> Op<()> {
     let n = t.opens.get((ino, session))?.map(|g| g.value()).unwrap_or(0);
-    match n {
-        0 => return Ok(()),
-        1 => {
-            t.opens.remove((ino, session))?;
-            t.sessions.remove((session, ino))?;
-        }
-        _ => {
-            t.opens.insert((ino, session), n - 1)?;
-            return Ok(());
-        }
+    t.opens.insert((ino, session), n + kind.one())?;
+    t.sessions.insert((session, ino), ())?;
+    Ok(())
+}
+
+/// Logs a leased open, if the inode still exists (the leader logs them when a link may go,
+/// when the inode may be gone already): nothing to record otherwise.
+pub(crate) fn open_leased(t: &mut Tables, ino: Ino, session: u64) -> Op<()> {
+    if crate::store::get_inode(&t.inodes, ino)?.is_some() {
+        add_open(t, ino, session, OpenKind::Leased)?;
     }
+    Ok(())
+}
+
+/// Drops one open of `kind`; frees the inode if that was the last open of an unlinked inode.
+pub(crate) fn release(t: &mut Tables, ino: Ino, session: u64, kind: OpenKind) -> Op<()> {
+    let n = t.opens.get((ino, session))?.map(|g| g.value()).unwrap_or(0);
+    if kind.of(n) == 0 {
+        return Ok(());
+    }
+    let left = n - kind.one();
+    if left > 0 {
+        t.opens.insert((ino, session), left)?;
+        return Ok(());
+    }
+    t.opens.remove((ino, session))?;
+    t.sessions.remove((session, ino))?;
     collect_orphan(t, ino)
 }
 

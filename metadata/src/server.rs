@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     pub delegations_changed: tokio::sync::Notify,
     /// When each recall in progress started: (directory, holder) -> start.
     pub recalling: Mutex<std::collections::HashMap<(Ino, u64), Instant>>,
+    /// Opens this leader keeps in memory (`open_table.rs`).
+    pub opens: crate::open_table::OpenTable,
 }
 
 /// One handle on the shared state per request (cheap clone).
@@ -125,7 +127,7 @@ impl Server {
     }
 
     /// A namespace mutation: root check, then the log.
-    async fn mutate(&self, cmd: Command) -> MetaResult<Reply> {
+    pub(crate) async fn mutate(&self, cmd: Command) -> MetaResult<Reply> {
         self.ensure_root().await?;
         self.propose(cmd).await
     }
@@ -135,7 +137,11 @@ impl Server {
         self.recall_for(&cmd).await?;
         let replaced = self.replaced_by(&cmd);
         let invals = events::stale(&cmd, &replaced);
-        let reply = self.mutate(tracked(req, now, cmd)).await?;
+        let reply = if crate::open_table::removes_links(&cmd) {
+            self.propose_removing_links(tracked(req, now, cmd)).await?
+        } else {
+            self.mutate(tracked(req, now, cmd)).await?
+        };
         // Published, and acknowledged by the other watching mounts, before the caller hears
         // back: once it has, no other mount still shows the old state (see `events`). A
         // failed change publishes nothing.
@@ -460,6 +466,19 @@ impl MetadataRpc for Server {
             .into_attr()
     }
 
+    async fn open_leased(self, _: Context, ino: Ino, session: u64) -> MetaResult<(Attr, u64)> {
+        self.ensure_root().await?;
+        Server::open_leased(&self, ino, session).await
+    }
+
+    async fn reopen(self, _: Context, opens: Vec<(Ino, u64)>, session: u64) -> MetaResult<u64> {
+        Server::reopen(&self, opens, session).await
+    }
+
+    async fn release_leased(self, _: Context, inos: Vec<Ino>, session: u64) -> MetaResult<()> {
+        Server::release_leased(&self, inos, session).await
+    }
+
     async fn release(self, _: Context, ino: Ino, session: u64) -> MetaResult<()> {
         self.mutate(Command::Release { ino, session })
             .await?
@@ -473,6 +492,7 @@ impl MetadataRpc for Server {
     }
 
     async fn end_session(self, _: Context, session: u64) -> MetaResult<()> {
+        self.0.opens.end_session(session);
         let done = self.mutate(Command::EndSession { session }).await;
         // It also ended the session's delegations.
         self.0.delegations_changed.notify_waiters();

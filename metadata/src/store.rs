@@ -352,6 +352,7 @@ pub(crate) struct ReadTables {
     pub deletions: ReadOnlyTable<(u64, u64), ()>,
     pub applied: ReadOnlyTable<&'static str, u64>,
     pub delegations: ReadOnlyTable<u64, u64>,
+    pub opens: ReadOnlyTable<(u64, u64), u64>,
 }
 
 impl ReadTables {
@@ -370,6 +371,7 @@ impl ReadTables {
             deletions: txn.open_table(DELETIONS)?,
             applied: txn.open_table(APPLIED)?,
             delegations: txn.open_table(DELEGATIONS)?,
+            opens: txn.open_table(OPENS)?,
         })
     }
 

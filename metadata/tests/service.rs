@@ -374,6 +374,72 @@ async fn orphan_survives_a_restart_until_released() {
     h.join().await.unwrap();
 }
 
+/// A reader's leased open costs no log entry, yet keeps an unlinked file as an orphan until
+/// released, also across a restart once the reader sent it again (`reopen`); an orphan's
+/// open, and every leased open when a link goes, reach the log. Logged and leased opens
+/// are released each by their own call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_opens_keep_unlinked_files_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+    let f = file(&c, ROOT_INO, "f").await;
+    let g = file(&c, ROOT_INO, "g").await;
+    // The first leased open of a term records the term (a later leader then waits for its
+    // mounts); the others cost nothing in the log.
+    c.open_leased(f.ino, 42).await.unwrap();
+    c.release_leased(vec![f.ino], 42).await.unwrap();
+    let before = c.replica_status().await.unwrap().last_log_index;
+    let mut epochs = Vec::new();
+    for _ in 0..20 {
+        let (a, epoch) = c.open_leased(f.ino, 42).await.unwrap();
+        assert_eq!((a.ino, a.nlink), (f.ino, 1));
+        epochs.push(epoch);
+        c.release_leased(vec![f.ino], 42).await.unwrap();
+    }
+    assert_eq!(c.replica_status().await.unwrap().last_log_index, before);
+    let epoch = epochs[0];
+    assert!(epochs.iter().all(|e| *e == epoch && *e != 0));
+
+    // Released: the unlink frees it. Open: the unlink keeps it, also when a logged open
+    // of the same session is released (a writer's, say).
+    c.unlink(ROOT_INO, n("f")).await.unwrap();
+    assert_eq!(c.getattr(f.ino).await, Err(MetaError::NotFound));
+    c.open(g.ino, 42).await.unwrap();
+    c.open_leased(g.ino, 42).await.unwrap();
+    c.release(g.ino, 42).await.unwrap();
+    c.unlink(ROOT_INO, n("g")).await.unwrap();
+    c.release(g.ino, 42).await.unwrap();
+    assert_eq!(c.getattr(g.ino).await.unwrap().nlink, 0);
+    // An orphan's open is logged, so it survives a restart nobody reports it in.
+    let (orphan, _) = c.open_leased(g.ino, 7).await.unwrap();
+    assert_eq!(orphan.nlink, 0);
+    let k = file(&c, ROOT_INO, "k").await;
+    c.open_leased(k.ino, 42).await.unwrap();
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+    let opens = vec![(k.ino, epoch), (g.ino, epoch), (999_999, epoch)];
+    let now = c.reopen(opens, 42).await.unwrap();
+    assert!(now != epoch, "a restarted leader is a new epoch");
+    // The first removal of a link waits for the mounts to report their leased opens.
+    c.unlink(ROOT_INO, n("k")).await.unwrap();
+    assert_eq!(c.getattr(k.ino).await.unwrap().nlink, 0);
+    c.release_leased(vec![g.ino], 42).await.unwrap();
+    assert_eq!(c.getattr(g.ino).await.unwrap().nlink, 0, "session 7 has it");
+    c.release_leased(vec![g.ino], 7).await.unwrap();
+    assert_eq!(c.getattr(g.ino).await, Err(MetaError::NotFound));
+    // Reopened in this epoch already: nothing more to record (a second release would
+    // otherwise be needed).
+    c.reopen(vec![(k.ino, now)], 42).await.unwrap();
+    c.release_leased(vec![k.ino], 42).await.unwrap();
+    assert_eq!(c.getattr(k.ino).await, Err(MetaError::NotFound));
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+}
+
 /// A cluster that never granted a lease grants one at once; once one was granted, a
 /// restarted leader (same term: a sole replica keeps it) grants only renewals at first,
 /// since the old process's leases may still run.

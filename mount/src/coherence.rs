@@ -29,6 +29,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -94,6 +95,10 @@ pub(crate) struct Coherence {
     notices: Mutex<Option<std_mpsc::Sender<Notice>>>,
     /// Where recalls of this mount's held directories go: (its session, the channel).
     recalls: Mutex<Option<(u64, tokio::sync::mpsc::UnboundedSender<Ino>)>>,
+    /// The leader's epoch the watch follows (0 before the first answer).
+    epoch: AtomicU64,
+    /// Told of each new epoch (leased opens are sent to the new leader).
+    epochs: Mutex<Option<tokio::sync::mpsc::UnboundedSender<()>>>,
 }
 
 impl Coherence {
@@ -105,6 +110,25 @@ impl Coherence {
             handed: Mutex::new(Handed::default()),
             notices: Mutex::new(None),
             recalls: Mutex::new(None),
+            epoch: AtomicU64::new(0),
+            epochs: Mutex::new(None),
+        }
+    }
+
+    /// Tells `tx` whenever the watch reaches a leader of a new epoch.
+    pub(crate) fn on_new_epoch(&self, tx: tokio::sync::mpsc::UnboundedSender<()>) {
+        *lock(&self.epochs) = Some(tx);
+    }
+
+    /// The epoch of the leader the watch last reached (0: none yet).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    fn new_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
+        if let Some(tx) = lock(&self.epochs).as_ref() {
+            let _ = tx.send(());
         }
     }
 
@@ -281,6 +305,9 @@ async fn watch_loop(me: std::sync::Weak<Coherence>, meta: MetadataClient) {
                     );
                 }
                 c.invalidate_all(in_sync);
+                if r.epoch != epoch {
+                    c.new_epoch(r.epoch);
+                }
                 epoch = r.epoch;
                 next = r.next;
                 in_sync = true;

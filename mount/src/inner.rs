@@ -2,7 +2,6 @@
 //! [`FileIo`] per open inode, shared by every handle), directory cursors, and small caches.
 //! Every lock here is a short synchronous critical section, never held across an `.await`.
 
-use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -20,13 +19,9 @@ use tracing::warn;
 
 use crate::attr::{file_attr, InoMap};
 use crate::coherence::Coherence;
-use crate::errno;
+use crate::opens::{OpenFile, ReleaseMsg};
 use crate::ops_dir::DirCursor;
 
-/// How long the releaser gathers releases before sending them.
-const RELEASE_DELAY: Duration = Duration::from_millis(10);
-/// Most releases in one call.
-const RELEASE_MAX: usize = 4096;
 /// Caches of "this inode has no `security.capability`" are dropped past this many inodes.
 const NO_CAPS_LIMIT: usize = 100_000;
 
@@ -38,16 +33,6 @@ pub(crate) struct Entry {
     pub(crate) entry_ttl: Duration,
 }
 
-/// One open inode: the shared I/O object and how many kernel handles use it. The mount holds
-/// one server-side open per inode for all of them (taken by `open` or `create`).
-struct OpenFile {
-    io: Arc<FileIo>,
-    handles: u32,
-    /// The metadata service has this mount's open of it recorded (false for a file created
-    /// in a held directory until its create is committed with the open; see `held`).
-    server_open: bool,
-}
-
 /// Per-mount state shared by all callbacks and their tasks.
 pub(crate) struct Inner {
     pub(crate) client: Client,
@@ -56,7 +41,7 @@ pub(crate) struct Inner {
     pub(crate) map: InoMap,
     pub(crate) attr_ttl: Duration,
     pub(crate) entry_ttl: Duration,
-    files: Mutex<HashMap<Ino, OpenFile>>,
+    pub(crate) files: Mutex<HashMap<Ino, OpenFile>>,
     pub(crate) dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<DirCursor>>>>,
     /// Parent of each directory seen, for the `..` entry of `readdir` (cosmetic: the kernel
     /// resolves `..` itself).
@@ -71,7 +56,9 @@ pub(crate) struct Inner {
     /// Takes back what the kernel caches when other clients change it.
     pub(crate) coherence: Arc<Coherence>,
     /// Server-side opens to give back, sent in batches by the releaser task.
-    releases: Mutex<Option<mpsc::UnboundedSender<Ino>>>,
+    pub(crate) releases: Mutex<Option<mpsc::UnboundedSender<ReleaseMsg>>>,
+    /// Wakes the task that sends leased opens to a new leader.
+    pub(crate) reopens: Mutex<Option<mpsc::UnboundedSender<()>>>,
     /// Directories whose creates this mount makes itself.
     pub(crate) held: crate::held::Held,
     /// New directories are made held (`-o delegate`).
@@ -119,43 +106,12 @@ impl Inner {
             next_fh: AtomicU64::new(1),
             tasks: TaskTracker::new(),
             releases: Mutex::new(None),
+            reopens: Mutex::new(None),
             held: crate::held::Held::default(),
             delegate: true,
             page_cache: Default::default(),
             write_behind: Default::default(),
         }
-    }
-
-    /// Starts the task that gives server-side opens back. A release only ends the protection
-    /// of an unlinked inode, so nobody waits for it: the task gathers the releases of up to
-    /// `RELEASE_DELAY` and sends them in one call, which the metadata service commits as one
-    /// log entry instead of one per closed file.
-    pub(crate) fn start_releaser(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Ino>();
-        *lock(&self.releases) = Some(tx);
-        // Weak: the task must not keep the mount's state alive; it ends with the channel.
-        let me = Arc::downgrade(self);
-        rt.spawn(async move {
-            while let Some(first) = rx.recv().await {
-                tokio::time::sleep(RELEASE_DELAY).await;
-                let mut batch = vec![first];
-                while let Ok(ino) = rx.try_recv() {
-                    batch.push(ino);
-                }
-                let Some(me) = me.upgrade() else { return };
-                for piece in batch.chunks(RELEASE_MAX) {
-                    if let Err(e) = me
-                        .client
-                        .meta()
-                        .release_many(piece.to_vec(), me.session)
-                        .await
-                    {
-                        // The opens stay recorded until end_session; unlinked inodes live that long.
-                        warn!(inodes = piece.len(), error = %e, "metadata release failed");
-                    }
-                }
-            }
-        });
     }
 
     /// Starts the task that gives held directories back when the leader recalls them.
@@ -252,167 +208,6 @@ impl Inner {
 
     pub(crate) fn io_if_open(&self, ino: Ino) -> Option<Arc<FileIo>> {
         lock(&self.files).get(&ino).map(|f| f.io.clone())
-    }
-
-    /// Takes one handle on `ino`: reuses the inode's `FileIo` if it is open here, else
-    /// registers the open with the metadata service (which keeps an unlinked inode alive
-    /// until we release it; the reply also gives the size) and creates one. Returns the
-    /// attributes the metadata service gave for a new entry (None when it reused one).
-    pub(crate) async fn open_file(&self, ino: Ino) -> Result<Option<Attr>, Errno> {
-        if self.attach(ino) {
-            return Ok(None);
-        }
-        let attr = self
-            .client
-            .meta()
-            .open(ino, self.session)
-            .await
-            .map_err(errno::meta)?;
-        if attr.kind == FileKind::Dir {
-            // Not reached through the kernel (it uses opendir), but never cache a directory.
-            self.release_server_open(ino).await;
-            return Err(Errno::EISDIR);
-        }
-        if !self.insert(&attr, true) {
-            // Another open of the same inode won; it holds the one server-side open this
-            // mount keeps per inode, so give ours back.
-            self.release_server_open(ino).await;
-            return Ok(None);
-        }
-        Ok(Some(attr))
-    }
-
-    /// Takes a handle on a file this mount just created with `create`, which also recorded
-    /// the server-side open (so no other client's unlink can free it from under us).
-    pub(crate) async fn open_created(&self, attr: &Attr) {
-        if !self.insert(attr, true) {
-            // It was already open here: the mount keeps one server-side open per inode.
-            self.release_server_open(attr.ino).await;
-        }
-    }
-
-    /// Takes the first handle on a file created in a held directory: its open is recorded
-    /// by the leader only when the create is committed (`created_open_recorded`).
-    pub(crate) fn open_fresh(&self, attr: &Attr) {
-        self.insert(attr, false);
-        self.set_no_caps(attr.ino, true);
-    }
-
-    /// Whether this mount has `ino` open.
-    pub(crate) fn is_open_here(&self, ino: Ino) -> bool {
-        lock(&self.files).contains_key(&ino)
-    }
-
-    /// A committed create recorded this mount's open of `ino` (if `recorded`): the file's
-    /// last close releases it, or, if it is closed already, it is released now.
-    pub(crate) fn created_open_recorded(&self, ino: Ino, recorded: bool) {
-        if !recorded {
-            return;
-        }
-        let closed = match lock(&self.files).get_mut(&ino) {
-            Some(f) => {
-                f.server_open = true;
-                false
-            }
-            None => true,
-        };
-        if closed {
-            self.queue_release(ino);
-        }
-    }
-
-    /// Adds a new entry for `attr`'s inode, or a handle to the existing one (returns false).
-    fn insert(&self, attr: &Attr, server_open: bool) -> bool {
-        let mut files = lock(&self.files);
-        match files.entry(attr.ino) {
-            MapEntry::Occupied(mut e) => {
-                e.get_mut().handles += 1;
-                false
-            }
-            MapEntry::Vacant(v) => {
-                v.insert(OpenFile {
-                    io: Arc::new(self.client.file(attr.ino, attr.size)),
-                    handles: 1,
-                    server_open,
-                });
-                true
-            }
-        }
-    }
-
-    /// Adds a handle to an inode already open here; false if it is not.
-    fn attach(&self, ino: Ino) -> bool {
-        match lock(&self.files).get_mut(&ino) {
-            Some(f) => {
-                f.handles += 1;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Drops one handle of `ino`. The last one flushes the buffer, forgets the `FileIo` and
-    /// releases the server-side open (which frees an unlinked inode).
-    pub(crate) async fn close_file(self: &Arc<Self>, ino: Ino) -> Result<(), Errno> {
-        let io = {
-            let mut files = lock(&self.files);
-            let Some(f) = files.get_mut(&ino) else {
-                return Ok(());
-            };
-            f.handles = f.handles.saturating_sub(1);
-            if f.handles > 0 {
-                return Ok(());
-            }
-            f.io.clone()
-        };
-        self.behind_done(ino).await;
-        let flushed = if !io.has_unwritten() {
-            // Nothing to write: a queued change of the file (a held setattr) stays queued.
-            Ok(())
-        } else {
-            self.flush_file(ino, &io).await
-        };
-        // An open that arrived during the flush reuses the entry; only remove it if nobody did.
-        let last = {
-            let mut files = lock(&self.files);
-            match files.get(&ino) {
-                Some(f) if f.handles == 0 && Arc::ptr_eq(&f.io, &io) => {
-                    // A chunk placed for data that never went out (see `write_behind`).
-                    self.write_behind.take_placed(ino);
-                    files.remove(&ino).is_some_and(|f| f.server_open)
-                }
-                _ => false,
-            }
-        };
-        if last {
-            self.queue_release(ino);
-        }
-        flushed.map(|_| ())
-    }
-
-    /// Gives this mount's server-side open of `ino` back. It only ends the protection of an
-    /// unlinked inode: nobody waits on it, so it leaves the close path (batched by the
-    /// releaser; unmount ends the session, which drops whatever is still queued).
-    fn queue_release(&self, ino: Ino) {
-        let queued = lock(&self.releases)
-            .as_ref()
-            .is_some_and(|tx| tx.send(ino).is_ok());
-        if !queued {
-            let client = self.client.clone();
-            let session = self.session;
-            self.tasks.spawn(async move {
-                if let Err(e) = client.meta().release(ino, session).await {
-                    warn!(ino, error = %e, "metadata release failed");
-                }
-            });
-        }
-    }
-
-    async fn release_server_open(&self, ino: Ino) {
-        if let Err(e) = self.client.meta().release(ino, self.session).await {
-            // The open stays recorded until end_session; an unlinked inode lives that long.
-            warn!(ino, error = %e, "metadata release failed");
-        }
     }
 
     /// Flushes every open file (on unmount), returning how many failed.

@@ -51,7 +51,10 @@
 //!   close runs in the background (it only ends that protection) and is batched with other
 //!   releases for 10 ms, so a create-write-close costs about one replicated write (in a
 //!   held directory the open is recorded with the batched create if the file is still
-//!   open then).
+//!   open then). A read-only open is leased: the leader keeps it in memory (no log entry)
+//!   and the mount sends it again to each new leader (see `opens`). A reader that cannot
+//!   reach a new leader within 5 s of its election may lose the protection of a file that
+//!   another client unlinks meanwhile (its reads of it then fail).
 //!
 //! Installing the helper makes `mount -t rawfs` and fstab work (mount(8) runs
 //! `/sbin/mount.rawfs SPEC MNT -o OPTIONS`):
@@ -77,6 +80,7 @@ mod held;
 mod held_attrs;
 mod helper;
 mod inner;
+mod opens;
 mod ops_dir;
 mod ops_file;
 mod ops_inode;

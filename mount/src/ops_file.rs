@@ -43,7 +43,7 @@ impl Inner {
             self.page_cache.forget(ino);
         }
         self.settle(ino).await?;
-        let fresh = self.open_file(ino).await?;
+        let fresh = self.open_file(ino, read_only).await?;
         let mut flags = fopen_flags(flags.0);
         if read_only && fresh.is_some_and(|a| self.page_cache.reopened(&a)) {
             flags |= FopenFlags::FOPEN_KEEP_CACHE;

@@ -163,6 +163,7 @@ pub(crate) fn run(
     let inner = Arc::new(inner);
     inner.start_releaser(&meta_rt.handle);
     inner.start_recalls(&meta_rt.handle);
+    inner.start_reopener(&meta_rt.handle);
     let fs = RawFs::new(inner.clone(), rt.handle().clone(), meta_rt.handle.clone());
 
     // Catch signals from before the mount exists, so none can kill us between mount(2) and

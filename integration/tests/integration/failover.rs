@@ -152,6 +152,53 @@ fn kill_the_leader_in_a_loop(c: &mut Cluster, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// A reader's open lives in the leader's memory (it costs no log entry): the mount sends it
+/// to the next leader, which removes no link before its mounts could. So a file that
+/// another mount unlinks right after the leader's SIGKILL stays readable through the
+/// reader's descriptor, and is freed when that closes.
+#[test]
+fn a_readers_open_outlives_the_leader() -> Result<()> {
+    let mut c = Cluster::start_with(small_cluster(&[]))?;
+    let r = reader_across_failover(&mut c);
+    c.diagnose(r)
+}
+
+fn reader_across_failover(c: &mut Cluster) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = c.meta_client()?;
+    let other = c.mount_extra("other", "")?;
+    let data = pattern(7, 0, 3 << 20);
+    let p = c.path("kept");
+    fs::write(&p, &data)?;
+    let ino = fs::metadata(&p)?.ino();
+    let mut reader = File::open(&p)?;
+    let (leader, term) = c.wait_leader(Duration::from_secs(30), 0, None)?;
+    c.kill9("metadata", leader)?;
+    fs::remove_file(other.join("kept")).context("unlink through the other mount")?;
+    ensure!(!p.exists(), "the name is gone");
+    let (_, new_term) = c.wait_leader(Duration::from_secs(30), term + 1, Some(leader))?;
+    ensure!(new_term > term, "a new leader");
+    let orphan = block_on(meta.getattr(ino)).context("the unlinked file while open")?;
+    ensure!(orphan.nlink == 0, "nlink {}", orphan.nlink);
+    drop_cache(&reader);
+    let mut got = Vec::new();
+    reader.read_to_end(&mut got)?;
+    ensure!(got == data, "the unlinked file's data through the reader");
+    drop(reader);
+    wait_until(
+        "the orphan freed after its close",
+        Duration::from_secs(20),
+        || {
+            Ok(matches!(
+                block_on(meta.getattr(ino)),
+                Err(rawfs_metadata_api::MetaError::NotFound)
+            ))
+        },
+    )?;
+    c.restart_process("metadata", leader)?;
+    Ok(())
+}
+
 /// Makes directories under `dir` through the mount from 4 threads, 50 at a time each, until
 /// `done` says enough; returns how many were made.
 fn bulk_mkdirs(dir: &Path, done: impl Fn() -> bool + Sync) -> Result<u64> {

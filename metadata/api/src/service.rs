@@ -121,6 +121,20 @@ pub trait MetadataRpc {
     ) -> MetaResult<Vec<Option<ChunkLoc>>>;
     /// Records that `session` has `ino` open (keeps an unlinked inode alive).
     async fn open(ino: Ino, session: u64) -> MetaResult<Attr>;
+    /// Like `open`, for a reader: the leader keeps the open in memory and logs it only
+    /// when a link of the inode may be removed, so it costs no log entry. Returns the
+    /// attributes and the leader's epoch (as `watch` reports it): the caller must send its
+    /// leased opens again (`reopen`) to each leader of another epoch, and those who cannot
+    /// within 5 s of that leader's election may lose the protection of an unlinked file.
+    /// Writers use `open` (the erasure coder relies on their opens being logged).
+    async fn open_leased(ino: Ino, session: u64) -> MetaResult<(Attr, u64)>;
+    /// Records again, at the current leader, the opens `session` took with `open_leased`,
+    /// each given with the epoch it was taken in (one per inode); those of this epoch, of
+    /// inodes that are gone, and those the leader already logged are skipped. Returns the
+    /// leader's epoch.
+    async fn reopen(opens: Vec<(Ino, u64)>, session: u64) -> MetaResult<u64>;
+    /// Gives back opens `session` took with `open_leased` (one of each of `inos`).
+    async fn release_leased(inos: Vec<Ino>, session: u64) -> MetaResult<()>;
     /// Drops one open of `ino` by `session`; frees an orphaned inode on its last release.
     async fn release(ino: Ino, session: u64) -> MetaResult<()>;
     /// `release` of each of `inos` by `session`, in one log entry (a mount gives back the

@@ -1,0 +1,403 @@
+//! The open-file table and the mount's opens at the metadata service.
+//!
+//! One entry per open inode, shared by every kernel handle of it, holding the one
+//! server-side open that keeps the inode alive if another client unlinks it. A writer's
+//! open is logged (`open`, or `create`); a reader's is leased (`open_leased`): the leader
+//! keeps it in memory and logs it only when a link may go, so opening a file to read it
+//! costs no log entry.
+//!
+//! ```text
+//!  open (read-only) ──► open_leased ──► entry { leased: epoch of that leader }
+//!  open (write)     ──► open        ──► entry { server_open }   (a writer joining a
+//!                                        reader's entry adds a logged open to it)
+//!  last close ──► releaser: release_many (logged) / release_leased, batched for 10 ms
+//!  watch sees a new epoch ──► reopener: releases queued so far go first, then
+//!                             reopen(every leased open of another epoch)
+//! ```
+//!
+//! A new leader removes no link until its mounts had time to reopen (5 s after it takes
+//! office), so a reader keeps an unlinked file across a failover.
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use fuser::Errno;
+use rawfs_client::FileIo;
+use rawfs_metadata_api::{Attr, FileKind, Ino};
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use crate::errno;
+use crate::inner::{lock, Inner};
+
+/// How long the releaser gathers releases before sending them.
+const RELEASE_DELAY: Duration = Duration::from_millis(10);
+/// Most releases (or reopens) in one call.
+const RELEASE_MAX: usize = 4096;
+/// Pause before sending leased opens to a new leader again after a failure.
+const REOPEN_RETRY: Duration = Duration::from_millis(300);
+
+/// One open inode: the shared I/O object and how many kernel handles use it.
+pub(crate) struct OpenFile {
+    pub(crate) io: Arc<FileIo>,
+    handles: u32,
+    /// The metadata service has a logged open of it by this mount (false for a file
+    /// created in a held directory until its create is committed with the open; see
+    /// `held`, and for a file only read).
+    server_open: bool,
+    /// The epoch of the leader holding this mount's leased open of it, if it has one.
+    leased: Option<u64>,
+}
+
+/// What `insert` did with an open the metadata service recorded for us.
+enum Inserted {
+    /// A new entry holds it.
+    New,
+    /// An entry with only a leased open took it (a writer's open must be logged).
+    Adopted,
+    /// The inode was open here already: it is one too many.
+    Extra,
+}
+
+/// A server-side open to give back, of either kind.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Release {
+    Logged(Ino),
+    Leased(Ino),
+}
+
+/// What the releaser task is sent.
+pub(crate) enum ReleaseMsg {
+    Give(Release),
+    /// Answered once every release queued before it was sent.
+    Barrier(oneshot::Sender<()>),
+}
+
+impl Inner {
+    /// Starts the task that gives server-side opens back. A release only ends the protection
+    /// of an unlinked inode, so nobody waits for it: the task gathers the releases of up to
+    /// `RELEASE_DELAY` and sends them in one call per kind, which the metadata service
+    /// commits as one log entry (none for leased opens still in its memory).
+    pub(crate) fn start_releaser(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<ReleaseMsg>();
+        *lock(&self.releases) = Some(tx);
+        // Weak: the task must not keep the mount's state alive; it ends with the channel.
+        let me = Arc::downgrade(self);
+        rt.spawn(async move {
+            while let Some(first) = rx.recv().await {
+                if let ReleaseMsg::Give(_) = first {
+                    tokio::time::sleep(RELEASE_DELAY).await;
+                }
+                let mut batch = vec![first];
+                while let Ok(m) = rx.try_recv() {
+                    batch.push(m);
+                }
+                let Some(me) = me.upgrade() else { return };
+                let (mut logged, mut leased, mut barriers) = (Vec::new(), Vec::new(), Vec::new());
+                for m in batch {
+                    match m {
+                        ReleaseMsg::Give(Release::Logged(ino)) => logged.push(ino),
+                        ReleaseMsg::Give(Release::Leased(ino)) => leased.push(ino),
+                        ReleaseMsg::Barrier(done) => barriers.push(done),
+                    }
+                }
+                me.release_all(logged, leased).await;
+                for done in barriers {
+                    let _ = done.send(());
+                }
+            }
+        });
+    }
+
+    async fn release_all(&self, logged: Vec<Ino>, leased: Vec<Ino>) {
+        let meta = self.client.meta();
+        for piece in logged.chunks(RELEASE_MAX) {
+            if let Err(e) = meta.release_many(piece.to_vec(), self.session).await {
+                // The opens stay recorded until end_session; unlinked inodes live that long.
+                warn!(inodes = piece.len(), error = %e, "metadata release failed");
+            }
+        }
+        for piece in leased.chunks(RELEASE_MAX) {
+            if let Err(e) = meta.release_leased(piece.to_vec(), self.session).await {
+                warn!(inodes = piece.len(), error = %e, "metadata release failed");
+            }
+        }
+    }
+
+    /// Starts the task that sends this mount's leased opens to each new leader (which
+    /// starts with none of them).
+    pub(crate) fn start_reopener(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        self.coherence.on_new_epoch(tx.clone());
+        *lock(&self.reopens) = Some(tx);
+        let me = Arc::downgrade(self);
+        rt.spawn(async move {
+            while rx.recv().await.is_some() {
+                while rx.try_recv().is_ok() {}
+                if !reopen_leased(&me).await {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Takes one handle on `ino`: reuses the inode's `FileIo` if it is open here, else
+    /// registers the open with the metadata service (which keeps an unlinked inode alive
+    /// until we release it; the reply also gives the size) and creates one. Returns the
+    /// attributes the metadata service gave for a new entry (None when it reused one).
+    pub(crate) async fn open_file(&self, ino: Ino, read_only: bool) -> Result<Option<Attr>, Errno> {
+        if self.attach(ino, read_only) {
+            return Ok(None);
+        }
+        let meta = self.client.meta();
+        let (attr, leased) = if read_only {
+            let (attr, epoch) = meta
+                .open_leased(ino, self.session)
+                .await
+                .map_err(errno::meta)?;
+            (attr, Some(epoch))
+        } else {
+            let attr = meta.open(ino, self.session).await.map_err(errno::meta)?;
+            (attr, None)
+        };
+        let ours = match leased {
+            Some(_) => Release::Leased(ino),
+            None => Release::Logged(ino),
+        };
+        if attr.kind == FileKind::Dir {
+            // Not reached through the kernel (it uses opendir), but never cache a directory.
+            self.release_now(ours).await;
+            return Err(Errno::EISDIR);
+        }
+        match self.insert(&attr, leased.is_none(), leased) {
+            Inserted::New => {
+                let known = self.coherence.epoch();
+                if leased.is_some_and(|e| known != 0 && e != known) {
+                    // Perhaps leased from a leader the watch has left behind already.
+                    if let Some(tx) = lock(&self.reopens).as_ref() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Some(attr))
+            }
+            Inserted::Adopted => Ok(None),
+            Inserted::Extra => {
+                // Another open of the same inode won; it holds the server-side open this
+                // mount keeps per inode, so give ours back.
+                self.release_now(ours).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Takes a handle on a file this mount just created with `create`, which also recorded
+    /// the server-side open (so no other client's unlink can free it from under us).
+    pub(crate) async fn open_created(&self, attr: &Attr) {
+        if let Inserted::Extra = self.insert(attr, true, None) {
+            // It was already open here: the mount keeps one server-side open per inode.
+            self.release_now(Release::Logged(attr.ino)).await;
+        }
+    }
+
+    /// Takes the first handle on a file created in a held directory: its open is recorded
+    /// by the leader only when the create is committed (`created_open_recorded`).
+    pub(crate) fn open_fresh(&self, attr: &Attr) {
+        self.insert(attr, false, None);
+        self.set_no_caps(attr.ino, true);
+    }
+
+    /// Whether this mount has `ino` open.
+    pub(crate) fn is_open_here(&self, ino: Ino) -> bool {
+        lock(&self.files).contains_key(&ino)
+    }
+
+    /// A committed create recorded this mount's open of `ino` (if `recorded`): the file's
+    /// last close releases it, or, if it is closed already, it is released now.
+    pub(crate) fn created_open_recorded(&self, ino: Ino, recorded: bool) {
+        if !recorded {
+            return;
+        }
+        let closed = match lock(&self.files).get_mut(&ino) {
+            Some(f) => {
+                f.server_open = true;
+                false
+            }
+            None => true,
+        };
+        if closed {
+            self.queue_release(Release::Logged(ino));
+        }
+    }
+
+    /// Adds a new entry for `attr`'s inode, or a handle to the existing one.
+    fn insert(&self, attr: &Attr, server_open: bool, leased: Option<u64>) -> Inserted {
+        let mut files = lock(&self.files);
+        match files.entry(attr.ino) {
+            MapEntry::Occupied(mut e) => {
+                let f = e.get_mut();
+                f.handles += 1;
+                if server_open && !f.server_open && f.leased.is_some() {
+                    f.server_open = true;
+                    return Inserted::Adopted;
+                }
+                Inserted::Extra
+            }
+            MapEntry::Vacant(v) => {
+                v.insert(OpenFile {
+                    io: Arc::new(self.client.file(attr.ino, attr.size)),
+                    handles: 1,
+                    server_open,
+                    leased,
+                });
+                Inserted::New
+            }
+        }
+    }
+
+    /// Adds a handle to an inode already open here; false if it is not, or if a writer
+    /// would share a reader's leased open (it logs one: see `open_file`).
+    fn attach(&self, ino: Ino, read_only: bool) -> bool {
+        match lock(&self.files).get_mut(&ino) {
+            Some(f) if read_only || f.server_open || f.leased.is_none() => {
+                f.handles += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops one handle of `ino`. The last one flushes the buffer, forgets the `FileIo` and
+    /// releases the server-side opens (which frees an unlinked inode).
+    pub(crate) async fn close_file(self: &Arc<Self>, ino: Ino) -> Result<(), Errno> {
+        let io = {
+            let mut files = lock(&self.files);
+            let Some(f) = files.get_mut(&ino) else {
+                return Ok(());
+            };
+            f.handles = f.handles.saturating_sub(1);
+            if f.handles > 0 {
+                return Ok(());
+            }
+            f.io.clone()
+        };
+        self.behind_done(ino).await;
+        let flushed = if !io.has_unwritten() {
+            // Nothing to write: a queued change of the file (a held setattr) stays queued.
+            Ok(())
+        } else {
+            self.flush_file(ino, &io).await
+        };
+        // An open that arrived during the flush reuses the entry; only remove it if nobody did.
+        let gone = {
+            let mut files = lock(&self.files);
+            match files.get(&ino) {
+                Some(f) if f.handles == 0 && Arc::ptr_eq(&f.io, &io) => {
+                    // A chunk placed for data that never went out (see `write_behind`).
+                    self.write_behind.take_placed(ino);
+                    files.remove(&ino)
+                }
+                _ => None,
+            }
+        };
+        if let Some(f) = gone {
+            if f.server_open {
+                self.queue_release(Release::Logged(ino));
+            }
+            if f.leased.is_some() {
+                self.queue_release(Release::Leased(ino));
+            }
+        }
+        flushed.map(|_| ())
+    }
+
+    /// Gives a server-side open back. It only ends the protection of an unlinked inode:
+    /// nobody waits on it, so it leaves the close path (batched by the releaser; unmount
+    /// ends the session, which drops whatever is still queued).
+    fn queue_release(&self, r: Release) {
+        let queued = lock(&self.releases)
+            .as_ref()
+            .is_some_and(|tx| tx.send(ReleaseMsg::Give(r)).is_ok());
+        if !queued {
+            let me = (self.client.clone(), self.session);
+            self.tasks
+                .spawn(async move { release(&me.0, me.1, r).await });
+        }
+    }
+
+    /// Gives a server-side open back at once.
+    async fn release_now(&self, r: Release) {
+        release(&self.client, self.session, r).await;
+    }
+
+    /// Returns once the releases queued so far were sent.
+    async fn releases_sent(&self) {
+        let (tx, rx) = oneshot::channel();
+        let sent = lock(&self.releases)
+            .as_ref()
+            .is_some_and(|q| q.send(ReleaseMsg::Barrier(tx)).is_ok());
+        if sent {
+            let _ = rx.await;
+        }
+    }
+}
+
+async fn release(client: &rawfs_client::Client, session: u64, r: Release) {
+    let meta = client.meta();
+    let done = match r {
+        Release::Logged(ino) => meta.release(ino, session).await,
+        Release::Leased(ino) => meta.release_leased(vec![ino], session).await,
+    };
+    if let Err(e) = done {
+        // The open stays recorded until end_session; an unlinked inode lives that long.
+        warn!(release = ?r, error = %e, "metadata release failed");
+    }
+}
+
+/// Sends the leased opens this mount took from leaders of other epochs than the one the
+/// watch follows to the current leader; retries until that works. False once the mount
+/// is gone.
+async fn reopen_leased(me: &Weak<Inner>) -> bool {
+    loop {
+        let Some(inner) = me.upgrade() else {
+            return false;
+        };
+        // Releases queued before go first: a leased open of an inode released after its
+        // successor's reopen could be taken for the successor's.
+        inner.releases_sent().await;
+        let epoch = inner.coherence.epoch();
+        let stale: Vec<(Ino, u64)> = lock(&inner.files)
+            .iter()
+            .filter_map(|(ino, f)| f.leased.filter(|e| *e != epoch).map(|e| (*ino, e)))
+            .collect();
+        let mut failed = false;
+        for piece in stale.chunks(RELEASE_MAX) {
+            match inner
+                .client
+                .meta()
+                .reopen(piece.to_vec(), inner.session)
+                .await
+            {
+                Ok(now) => {
+                    let mut files = lock(&inner.files);
+                    for (ino, from) in piece {
+                        // (Not a later entry of the inode, whose open may be of another epoch.)
+                        if let Some(f) = files.get_mut(ino).filter(|f| f.leased == Some(*from)) {
+                            f.leased = Some(now);
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(opens = piece.len(), error = %e, "sending leased opens to the new leader failed");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if !failed {
+            return true;
+        }
+        drop(inner);
+        tokio::time::sleep(REOPEN_RETRY).await;
+    }
+}
