@@ -55,7 +55,7 @@ impl MetadataRpc for FakeMetadata {
         rename(parent: Ino, name: Name, newparent: Ino, newname: Name, flags: RenameFlags, req: ReqId) -> ();
         readdir(ino: Ino, cookie: u64, limit: u32, read: Consistency) -> Vec<DirEntry>;
         open(ino: Ino, session: u64) -> Attr;
-        open_leased(ino: Ino, session: u64) -> (Attr, u64);
+        open_leased(ino: Ino, session: u64) -> LeasedOpen;
         reopen(opens: Vec<(Ino, u64)>, session: u64) -> u64;
         release_leased(inos: Vec<Ino>, session: u64) -> ();
         release(ino: Ino, session: u64) -> ();

@@ -181,6 +181,12 @@ impl FileIo {
         self.inner.locs.update(loc);
     }
 
+    /// Takes the locations of chunks `first..first + count` the metadata service gave with
+    /// an open (`found`; a missing index is a hole), so that reads there ask for none.
+    pub fn learn_chunks(&self, first: u64, count: u64, found: Vec<ChunkLoc>) {
+        self.inner.locs.learn(first, count, found);
+    }
+
     /// The file size, including buffered writes.
     pub fn size(&self) -> u64 {
         self.inner.size.load(Ordering::Acquire)

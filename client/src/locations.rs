@@ -87,21 +87,24 @@ impl Locations {
             return Ok(hit);
         }
         let found = store.chunks(self.ino, index, LOOKUP_BATCH).await?;
+        let result = found.iter().find(|l| l.index == index).cloned();
+        self.learn(index, LOOKUP_BATCH, found);
+        Ok(result)
+    }
+
+    /// Takes what the metadata service answered for chunks `first..first + count`: the
+    /// locations `found`, and holes at the other indexes.
+    pub fn learn(&self, first: u64, count: u64, found: Vec<ChunkLoc>) {
         let now = Instant::now();
         let mut map = self.map();
-        for i in index..index.saturating_add(LOOKUP_BATCH) {
+        for i in first..first.saturating_add(count) {
             if !matches!(map.get(&i), Some(Entry::Present(_))) {
                 map.insert(i, Entry::Hole(now));
             }
         }
-        let mut result = None;
         for loc in found {
-            if loc.index == index {
-                result = Some(loc.clone());
-            }
             map.insert(loc.index, Entry::Present(loc));
         }
-        Ok(result)
     }
 
     /// Asks the metadata service again for chunk `index` (after a stale version or a missing

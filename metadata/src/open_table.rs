@@ -30,7 +30,9 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use rawfs_metadata_api::{Attr, FileKind, HeldOp, Ino, MetaError, MetaResult};
+use rawfs_metadata_api::{
+    Attr, FileKind, HeldOp, Ino, LeasedOpen, MetaError, MetaResult, OPEN_CHUNKS,
+};
 
 use crate::commands::{Command, Reply};
 use crate::namespace::OpenKind;
@@ -137,17 +139,28 @@ impl Drop for Unlinking<'_> {
 }
 
 impl Server {
-    /// `open_leased`: the attributes and the epoch of the leader that recorded the open.
-    pub(crate) async fn open_leased(&self, ino: Ino, session: u64) -> MetaResult<(Attr, u64)> {
+    /// `open_leased`: the attributes, the epoch of the leader that recorded the open, and
+    /// where the first chunks are.
+    pub(crate) async fn open_leased(&self, ino: Ino, session: u64) -> MetaResult<LeasedOpen> {
         let term = self.leader_term().await?;
         let epoch = self.0.events.epoch(term);
-        if let Some(attr) = self.lease(term, ino, session).await? {
-            return Ok((attr, epoch));
+        if self.lease(term, ino, session).await?.is_none() {
+            self.log_leased(vec![(ino, session)]).await?;
         }
-        self.log_leased(vec![(ino, session)]).await?;
-        // Recorded if the inode still existed, which then it still does.
-        let attr = self.0.sm.read(|rt| queries::getattr(rt, ino))?;
-        Ok((attr, epoch))
+        // Recorded (if the inode still existed, which then it still does): read after.
+        let (attr, chunks) = self.0.sm.read(|rt| {
+            let attr = queries::getattr(rt, ino)?;
+            let chunks = match attr.kind {
+                FileKind::File => queries::chunks(rt, ino, 0, OPEN_CHUNKS, term)?,
+                _ => Vec::new(),
+            };
+            Ok((attr, chunks))
+        })?;
+        Ok(LeasedOpen {
+            attr,
+            epoch,
+            chunks,
+        })
     }
 
     /// `reopen`: records again, in this leader's term, the leased opens a mount took from

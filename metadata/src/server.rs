@@ -466,7 +466,7 @@ impl MetadataRpc for Server {
             .into_attr()
     }
 
-    async fn open_leased(self, _: Context, ino: Ino, session: u64) -> MetaResult<(Attr, u64)> {
+    async fn open_leased(self, _: Context, ino: Ino, session: u64) -> MetaResult<LeasedOpen> {
         self.ensure_root().await?;
         Server::open_leased(&self, ino, session).await
     }

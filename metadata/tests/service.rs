@@ -392,9 +392,10 @@ async fn leased_opens_keep_unlinked_files_across_a_restart() {
     let before = c.replica_status().await.unwrap().last_log_index;
     let mut epochs = Vec::new();
     for _ in 0..20 {
-        let (a, epoch) = c.open_leased(f.ino, 42).await.unwrap();
-        assert_eq!((a.ino, a.nlink), (f.ino, 1));
-        epochs.push(epoch);
+        let o = c.open_leased(f.ino, 42).await.unwrap();
+        assert_eq!((o.attr.ino, o.attr.nlink), (f.ino, 1));
+        assert!(o.chunks.is_empty(), "an empty file has no chunks");
+        epochs.push(o.epoch);
         c.release_leased(vec![f.ino], 42).await.unwrap();
     }
     assert_eq!(c.replica_status().await.unwrap().last_log_index, before);
@@ -412,7 +413,7 @@ async fn leased_opens_keep_unlinked_files_across_a_restart() {
     c.release(g.ino, 42).await.unwrap();
     assert_eq!(c.getattr(g.ino).await.unwrap().nlink, 0);
     // An orphan's open is logged, so it survives a restart nobody reports it in.
-    let (orphan, _) = c.open_leased(g.ino, 7).await.unwrap();
+    let orphan = c.open_leased(g.ino, 7).await.unwrap().attr;
     assert_eq!(orphan.nlink, 0);
     let k = file(&c, ROOT_INO, "k").await;
     c.open_leased(k.ino, 42).await.unwrap();

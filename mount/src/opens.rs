@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use fuser::Errno;
 use rawfs_client::FileIo;
-use rawfs_metadata_api::{Attr, FileKind, Ino};
+use rawfs_metadata_api::{Attr, FileKind, Ino, OPEN_CHUNKS};
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
@@ -151,15 +151,15 @@ impl Inner {
             return Ok(None);
         }
         let meta = self.client.meta();
-        let (attr, leased) = if read_only {
-            let (attr, epoch) = meta
+        let (attr, leased, chunks) = if read_only {
+            let o = meta
                 .open_leased(ino, self.session)
                 .await
                 .map_err(errno::meta)?;
-            (attr, Some(epoch))
+            (o.attr, Some(o.epoch), Some(o.chunks))
         } else {
             let attr = meta.open(ino, self.session).await.map_err(errno::meta)?;
-            (attr, None)
+            (attr, None, None)
         };
         let ours = match leased {
             Some(_) => Release::Leased(ino),
@@ -172,6 +172,9 @@ impl Inner {
         }
         match self.insert(&attr, leased.is_none(), leased) {
             Inserted::New => {
+                if let (Some(found), Some(io)) = (chunks, self.io_if_open(ino)) {
+                    io.learn_chunks(0, OPEN_CHUNKS, found);
+                }
                 let known = self.coherence.epoch();
                 if leased.is_some_and(|e| known != 0 && e != known) {
                     // Perhaps leased from a leader the watch has left behind already.

@@ -559,7 +559,7 @@ rpc_methods! {
         /// Records an open of `ino` by `session`.
         fn open(ino: Ino, session: u64) -> Attr;
         /// Records an open of `ino` by `session` in the leader's memory (see the service).
-        fn open_leased(ino: Ino, session: u64) -> (Attr, u64);
+        fn open_leased(ino: Ino, session: u64) -> LeasedOpen;
         /// Sends `session`'s leased opens to a new leader.
         fn reopen(opens: Vec<(Ino, u64)>, session: u64) -> u64;
         /// Drops leased opens of `inos` by `session`.
@@ -702,7 +702,7 @@ mod tests {
             rename(parent: Ino, name: Name, newparent: Ino, newname: Name, flags: RenameFlags, req: ReqId) -> ();
             readdir(ino: Ino, cookie: u64, limit: u32, read: Consistency) -> Vec<DirEntry>;
             open(ino: Ino, session: u64) -> Attr;
-            open_leased(ino: Ino, session: u64) -> (Attr, u64);
+            open_leased(ino: Ino, session: u64) -> LeasedOpen;
             reopen(opens: Vec<(Ino, u64)>, session: u64) -> u64;
             release_leased(inos: Vec<Ino>, session: u64) -> ();
             release(ino: Ino, session: u64) -> ();

@@ -123,11 +123,12 @@ pub trait MetadataRpc {
     async fn open(ino: Ino, session: u64) -> MetaResult<Attr>;
     /// Like `open`, for a reader: the leader keeps the open in memory and logs it only
     /// when a link of the inode may be removed, so it costs no log entry. Returns the
-    /// attributes and the leader's epoch (as `watch` reports it): the caller must send its
-    /// leased opens again (`reopen`) to each leader of another epoch, and those who cannot
-    /// within 5 s of that leader's election may lose the protection of an unlinked file.
-    /// Writers use `open` (the erasure coder relies on their opens being logged).
-    async fn open_leased(ino: Ino, session: u64) -> MetaResult<(Attr, u64)>;
+    /// attributes, the leader's epoch (as `watch` reports it) and the first chunks'
+    /// locations: the caller must send its leased opens again (`reopen`) to each leader of
+    /// another epoch, and those who cannot within 5 s of that leader's election may lose
+    /// the protection of an unlinked file. Writers use `open` (the erasure coder relies on
+    /// their opens being logged).
+    async fn open_leased(ino: Ino, session: u64) -> MetaResult<LeasedOpen>;
     /// Records again, at the current leader, the opens `session` took with `open_leased`,
     /// each given with the epoch it was taken in (one per inode); those of this epoch, of
     /// inodes that are gone, and those the leader already logged are skipped. Returns the

@@ -57,6 +57,20 @@ pub enum FileKind {
     BlockDevice,
 }
 
+/// What `open_leased` answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeasedOpen {
+    pub attr: Attr,
+    /// The epoch of the leader that keeps the open (as `watch` reports it).
+    pub epoch: u64,
+    /// Where the file's first [`OPEN_CHUNKS`] chunks are (a hole is a missing index), so
+    /// that a small file is read with no further lookup.
+    pub chunks: Vec<ChunkLoc>,
+}
+
+/// Chunks whose locations `open_leased` answers with.
+pub const OPEN_CHUNKS: u64 = 16;
+
 /// The attributes of one inode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attr {
