@@ -144,12 +144,16 @@ impl Server {
     pub(crate) async fn open_leased(&self, ino: Ino, session: u64) -> MetaResult<LeasedOpen> {
         let term = self.leader_term().await?;
         let epoch = self.0.events.epoch(term);
-        if self.lease(term, ino, session).await?.is_none() {
+        let leased = self.lease(term, ino, session).await?;
+        if leased.is_none() {
             self.log_leased(vec![(ino, session)]).await?;
         }
         // Recorded (if the inode still existed, which then it still does): read after.
         let (attr, chunks) = self.0.sm.read(|rt| {
-            let attr = queries::getattr(rt, ino)?;
+            let attr = match leased {
+                Some(attr) => attr,
+                None => queries::getattr(rt, ino)?,
+            };
             let chunks = match attr.kind {
                 FileKind::File => queries::chunks(rt, ino, 0, OPEN_CHUNKS, term)?,
                 _ => Vec::new(),
