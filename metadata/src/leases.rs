@@ -1,5 +1,6 @@
 //! The warm-up shared by the leader's leases (the healer lease, `healing.rs`; volume writer
-//! leases, `volume_lease.rs`).
+//! leases, `volume_lease.rs`; readers' leased opens, `open_table.rs`, whose removals of
+//! links wait in place of grants).
 //!
 //! Leases are the leader's soft state. A new leader, or a sole leader restarted in its old
 //! term, cannot know what its predecessor granted, so for [`LEASE_MAX`] after taking office

@@ -56,11 +56,15 @@ impl MetaStateMachine {
 
     /// Runs a read-only query in a fresh read transaction.
     pub(crate) fn read<T>(&self, f: impl FnOnce(&ReadTables) -> Op<T>) -> MetaResult<T> {
-        let run = || -> Op<T> {
-            let txn = self.store.begin_read()?;
-            let rt = ReadTables::open(&txn)?;
-            f(&rt)
-        };
+        self.read_txn(|txn| f(&ReadTables::open(txn)?))
+    }
+
+    /// Runs a read-only query that opens the tables it needs (those `ReadTables` leaves out).
+    pub(crate) fn read_txn<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Op<T>,
+    ) -> MetaResult<T> {
+        let run = || -> Op<T> { f(&self.store.begin_read()?) };
         run().map_err(|e| match e {
             Fail::Meta(m) => m,
             Fail::Store(s) => {

@@ -178,9 +178,11 @@ impl Server {
                 // Recorded by this leader already.
                 continue;
             }
-            let (exists, logged) = self.0.sm.read(|rt| {
-                let exists = crate::store::get_inode(&rt.inodes, ino)?.is_some();
-                let count = rt.opens.get((ino, session))?.map_or(0, |g| g.value());
+            let (exists, logged) = self.0.sm.read_txn(|txn| {
+                let inodes = txn.open_table(crate::store::INODES)?;
+                let exists = crate::store::get_inode(&inodes, ino)?.is_some();
+                let opens = txn.open_table(crate::store::OPENS)?;
+                let count = opens.get((ino, session))?.map_or(0, |g| g.value());
                 Ok((exists, OpenKind::Leased.of(count) > 0))
             })?;
             if !exists || logged {

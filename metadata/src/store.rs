@@ -46,7 +46,9 @@ pub(crate) const CHUNK_OWNER: TableDefinition<u64, (u64, u64)> =
 /// one plus its rows here; see `shares.rs`.
 pub(crate) const CHUNK_REFS: TableDefinition<(u64, u64, u64), ()> =
     TableDefinition::new("chunk_refs");
-/// (ino, session) -> open count
+/// (ino, session) -> open count: opens logged by `open` in the low 32 bits, leased opens
+/// the leader logged in the high 32 bits (`namespace::OpenKind`). Not in `ReadTables`:
+/// only `reopen` reads it outside the apply.
 pub(crate) const OPENS: TableDefinition<(u64, u64), u64> = TableDefinition::new("opens");
 /// (session, ino) -> (): the reverse index of OPENS, for `end_session`.
 pub(crate) const SESSIONS: TableDefinition<(u64, u64), ()> = TableDefinition::new("sessions");
@@ -352,7 +354,6 @@ pub(crate) struct ReadTables {
     pub deletions: ReadOnlyTable<(u64, u64), ()>,
     pub applied: ReadOnlyTable<&'static str, u64>,
     pub delegations: ReadOnlyTable<u64, u64>,
-    pub opens: ReadOnlyTable<(u64, u64), u64>,
 }
 
 impl ReadTables {
@@ -371,7 +372,6 @@ impl ReadTables {
             deletions: txn.open_table(DELETIONS)?,
             applied: txn.open_table(APPLIED)?,
             delegations: txn.open_table(DELEGATIONS)?,
-            opens: txn.open_table(OPENS)?,
         })
     }
 

@@ -1,5 +1,6 @@
 //! The state one mount shares between its callbacks: the client, the open-file table (one
-//! [`FileIo`] per open inode, shared by every handle), directory cursors, and small caches.
+//! [`FileIo`] per open inode, shared by every handle; kept by `opens.rs`), directory
+//! cursors, and small caches.
 //! Every lock here is a short synchronous critical section, never held across an `.await`.
 
 use std::collections::{HashMap, HashSet};
