@@ -190,6 +190,7 @@ async fn beat<L: MetaLink>(
         healthy: storage.healthy(),
         inventory: with_inventory.then(|| storage.inventory()),
         corrupt: corrupt.clone(),
+        disk: storage.disk_id(),
     };
     let reply = match link.heartbeat(hb).await {
         Ok(r) => r,

@@ -44,6 +44,28 @@ pub(crate) struct Space {
     /// Milliseconds after `born` of the last look. Atomic, not a lock, since every write
     /// reads it; two writes that look at once both store a fresh figure, which is harmless.
     looked_ms: AtomicU64,
+    /// See [`disk_id`].
+    disk: u64,
+}
+
+/// An id of the filesystem holding `root`: a hash of the host's identity and the
+/// filesystem's device number, so equal for every chunkserver on that filesystem of this
+/// host; 0 when either is unknown. FNV-1a, so that every build hashes alike.
+fn disk_id(root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let host = ["/etc/machine-id", "/proc/sys/kernel/hostname"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+        .find(|s| !s.is_empty());
+    let (Some(host), Ok(meta)) = (host, std::fs::metadata(root)) else {
+        return 0;
+    };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in host.bytes().chain(meta.dev().to_le_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
 }
 
 /// (size, free bytes) of the filesystem holding `root`; free as an unprivileged user sees it
@@ -84,7 +106,13 @@ impl Space {
             free: AtomicI64::new(signed(free)),
             born: Instant::now(),
             looked_ms: AtomicU64::new(0),
+            disk: disk_id(root),
         }
+    }
+
+    /// The filesystem holding the chunks (see [`disk_id`]).
+    pub(crate) fn disk_id(&self) -> u64 {
+        self.disk
     }
 
     /// Free bytes of the filesystem that chunk writes leave alone.
@@ -159,6 +187,16 @@ mod tests {
             (size / 50).clamp(RESERVE_MIN, RESERVE_MAX),
             "filesystem of {size} bytes"
         );
+    }
+
+    #[test]
+    fn directories_of_one_filesystem_share_a_disk_id() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir_in(a.path()).unwrap();
+        assert_ne!(disk_id(a.path()), 0);
+        assert_eq!(disk_id(a.path()), disk_id(b.path()));
+        // /proc is another filesystem.
+        assert_ne!(disk_id(a.path()), disk_id(Path::new("/proc")));
     }
 
     #[test]

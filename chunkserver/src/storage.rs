@@ -755,6 +755,11 @@ impl Storage {
         used + self.space.room(used)
     }
 
+    /// The filesystem holding the chunks (see `Heartbeat::disk`).
+    pub fn disk_id(&self) -> u64 {
+        self.space.disk_id()
+    }
+
     /// False while the disk refuses writes: after an I/O error until a write succeeds, and
     /// while there is no room left (see [`Storage::total`]).
     pub fn healthy(&self) -> bool {

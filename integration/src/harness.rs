@@ -667,8 +667,10 @@ impl Cluster {
     /// A test that passed still fails if a daemon panicked on the way (a panic in a task
     /// does not stop the process, so nothing else would notice it).
     pub fn diagnose<T>(&self, r: Result<T>) -> Result<T> {
-        if r.is_err() {
-            eprintln!("{}", self.diagnostics());
+        if let Err(e) = &r {
+            // The error first: a CI log that keeps only the head of a long output still
+            // shows why the test failed.
+            eprintln!("test failed: {e:#}\n{}", self.diagnostics());
             return r;
         }
         let panics = self.panics();

@@ -26,6 +26,8 @@ pub(crate) struct Live {
     pub used_bytes: u64,
     pub healthy: bool,
     pub last_seen: Instant,
+    /// The server's filesystem (`Heartbeat::disk`).
+    pub disk: u64,
 }
 
 /// Soft state about chunkservers, kept by the leader.
@@ -89,6 +91,7 @@ impl Registry {
                 used_bytes: hb.used_bytes,
                 healthy: hb.healthy,
                 last_seen: now,
+                disk: hb.disk,
             },
         );
     }
@@ -189,17 +192,26 @@ impl Registry {
         now.saturating_duration_since(self.since) < self.timeout
     }
 
-    /// (total, free) bytes over up servers.
+    /// (total, free) bytes over up servers. Servers on one disk (`rawfs up` puts all of
+    /// them on one) share its free space: it counts once, as the largest figure among them,
+    /// or `df` would show the disk as many times as it has servers.
     pub fn capacity(&self, now: Instant) -> (u64, u64) {
-        self.servers
-            .iter()
-            .filter(|(id, _)| self.is_up(**id, now))
-            .fold((0, 0), |(t, f), (_, l)| {
-                (
-                    t + l.total_bytes,
-                    f + l.total_bytes.saturating_sub(l.used_bytes),
-                )
-            })
+        let mut used = 0u64;
+        let mut free = 0u64;
+        let mut shared: HashMap<u64, u64> = HashMap::new();
+        for (_, l) in self.servers.iter().filter(|(id, _)| self.is_up(**id, now)) {
+            let room = l.total_bytes.saturating_sub(l.used_bytes);
+            used = used.saturating_add(l.used_bytes);
+            match l.disk {
+                0 => free = free.saturating_add(room),
+                disk => {
+                    let most = shared.entry(disk).or_default();
+                    *most = (*most).max(room);
+                }
+            }
+        }
+        let free = free.saturating_add(shared.values().sum::<u64>());
+        (used.saturating_add(free), free)
     }
 }
 
@@ -242,6 +254,7 @@ mod tests {
             healthy: true,
             inventory: None,
             corrupt: vec![],
+            disk: 0,
         }
     }
 
@@ -291,6 +304,22 @@ mod tests {
             "full server is no candidate"
         );
         assert_eq!(r.capacity(t0), (200, 90));
+        // Two more on one disk: its free space counts once.
+        r.heartbeat(
+            &Heartbeat {
+                disk: 7,
+                ..hb(3, 150, 50)
+            },
+            t0,
+        );
+        r.heartbeat(
+            &Heartbeat {
+                disk: 7,
+                ..hb(4, 120, 30)
+            },
+            t0,
+        );
+        assert_eq!(r.capacity(t0), (200 + 80 + 100, 90 + 100));
         assert!(r.warming_up(t0));
         assert!(!r.warming_up(t0 + Duration::from_secs(6)));
     }

@@ -59,6 +59,7 @@ fn hb(server: u64, inventory: Option<Vec<(ChunkId, u64)>>) -> Heartbeat {
         healthy: true,
         inventory,
         corrupt: vec![],
+        disk: 0,
     }
 }
 

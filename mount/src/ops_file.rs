@@ -121,7 +121,7 @@ impl Inner {
     pub(crate) async fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Bytes, Errno> {
         let io = self.io(ino)?;
         self.settle(ino).await?;
-        io.read(offset, size).await.map_err(errno::client)
+        io.read(offset, size).await.map_err(|e| self.data_errno(e))
     }
 
     pub(crate) async fn write(&self, ino: Ino, offset: u64, data: Vec<u8>) -> Result<u32, Errno> {
@@ -132,7 +132,9 @@ impl Inner {
         if !self.write_behind.is_placed(ino) {
             self.settle_to_write(ino, &io).await?;
         }
-        io.write(offset, &data).await.map_err(errno::client)?;
+        io.write(offset, &data)
+            .await
+            .map_err(|e| self.data_errno(e))?;
         Ok(n)
     }
 
@@ -164,9 +166,9 @@ impl Inner {
             _ => self.settle_to_write(ino, io).await?,
         };
         let Some((dir, attr)) = held else {
-            return io.flush().await.map(drop).map_err(errno::client);
+            return io.flush().await.map(drop).map_err(|e| self.data_errno(e));
         };
-        match io.flush_deferred().await.map_err(errno::client)? {
+        match io.flush_deferred().await.map_err(|e| self.data_errno(e))? {
             Some(w) => self.held_wrote(dir, attr, w).await,
             None => Ok(()),
         }
@@ -179,7 +181,7 @@ impl Inner {
         match self.io_if_open(ino) {
             Some(io) => {
                 self.settle_to_write(ino, &io).await?;
-                io.fsync().await.map_err(errno::client)?;
+                io.fsync().await.map_err(|e| self.data_errno(e))?;
                 // A write queued by an earlier flush (see `flush_file`) goes with the rest.
                 self.settle(ino).await?;
             }
@@ -205,7 +207,7 @@ impl Inner {
         let meta = self.client.meta();
         let (io, old): (Arc<FileIo>, u64) = match self.io_if_open(ino) {
             Some(io) => {
-                io.flush().await.map_err(errno::client)?;
+                io.flush().await.map_err(|e| self.data_errno(e))?;
                 let old = io.size();
                 (io, old)
             }
@@ -219,7 +221,9 @@ impl Inner {
         };
         let mut a = meta.setattr(ino, set).await.map_err(errno::meta)?;
         if size < old {
-            io.truncate_tail(size).await.map_err(errno::client)?;
+            io.truncate_tail(size)
+                .await
+                .map_err(|e| self.data_errno(e))?;
         } else {
             io.set_size(size);
         }
@@ -245,7 +249,7 @@ impl Inner {
             0 => {
                 let io = self.io(ino)?;
                 if end > io.size() {
-                    io.flush().await.map_err(errno::client)?;
+                    io.flush().await.map_err(|e| self.data_errno(e))?;
                     let set = SetAttr {
                         size: Some(end),
                         ..SetAttr::default()
@@ -262,7 +266,9 @@ impl Inner {
             KEEP_SIZE => Ok(()),
             PUNCH => {
                 let io = self.io(ino)?;
-                io.punch(offset, length).await.map_err(errno::client)?;
+                io.punch(offset, length)
+                    .await
+                    .map_err(|e| self.data_errno(e))?;
                 // A punch changes the content, so mtime and ctime move (zeros written inside
                 // a chunk change no metadata by themselves); that is also how other mounts
                 // learn that the pages they cached are stale (see page_cache.rs).
@@ -298,7 +304,7 @@ impl Inner {
             let data = src
                 .read(offset_in + done, want as u32)
                 .await
-                .map_err(errno::client)?;
+                .map_err(|e| self.data_errno(e))?;
             if data.is_empty() {
                 break;
             }
@@ -308,7 +314,7 @@ impl Inner {
                     warn!(ino_out, error = %e, "copy_file_range stopped early");
                     break;
                 }
-                return Err(errno::client(e));
+                return Err(self.data_errno(e));
             }
             done += data.len() as u64;
             if (data.len() as u64) < want {

@@ -143,7 +143,7 @@ impl Inner {
                 // Buffered data flushed later would stamp mtime with the flush time, undoing
                 // `cp -p`'s futimens before close: send it first.
                 if let Some(io) = self.io_if_open(ino) {
-                    io.flush().await.map_err(errno::client)?;
+                    io.flush().await.map_err(|e| self.data_errno(e))?;
                 }
             }
             let a = self

@@ -21,9 +21,9 @@
 //! flush, and returns its error); a mount killed before that loses it.
 //!
 //! Errors: a failed flush is logged, and the file's next `close`, `fsync` or `write` here
-//! returns the error. After a failure no close is written behind for
-//! [`PAUSE_AFTER_FAILURE`], so that a full or unreachable cluster reaches the next files'
-//! `close` calls at once. Every operation that orders itself after the data (truncate,
+//! returns the error. After a failure, and after any write of this mount that found the
+//! cluster full, no close is written behind for [`PAUSE_AFTER_FAILURE`], so that a full or
+//! unreachable cluster reaches the next files' `close` calls at once. Every operation that orders itself after the data (truncate,
 //! fallocate, copy, setting times) waits for the file's flush first.
 
 use std::collections::HashMap;
@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use fuser::Errno;
 use futures::future::{BoxFuture, FutureExt, Shared};
-use rawfs_client::FileIo;
+use rawfs_client::{ClientError, FileIo};
 use rawfs_metadata_api::{Attr, Ino, SetAttr, CHUNK_SIZE};
 use tokio::sync::Semaphore;
 use tracing::warn;
@@ -126,6 +126,14 @@ impl WriteBehind {
         failed.insert(ino, e);
     }
 
+    /// A data write of this mount found the cluster full: closes flush before they return
+    /// for [`PAUSE_AFTER_FAILURE`], as after a failed write-behind. The free-space figure
+    /// alone can be too old to see a cluster that just filled up (it lags by a heartbeat
+    /// and a statfs), and a close that returned 0 must not lose its data to ENOSPC.
+    fn saw_no_space(&self) {
+        *lock(&self.last_failure) = Some(Instant::now());
+    }
+
     fn paused(&self) -> bool {
         lock(&self.last_failure).is_some_and(|t| t.elapsed() < PAUSE_AFTER_FAILURE)
     }
@@ -184,6 +192,16 @@ impl Inner {
             let _ = tx.send(());
         });
         true
+    }
+
+    /// The errno of a failed data call (see [`crate::errno::client`]); an ENOSPC pauses
+    /// write-behind.
+    pub(crate) fn data_errno(&self, e: ClientError) -> Errno {
+        let errno = crate::errno::client(e);
+        if errno == Errno::ENOSPC {
+            self.write_behind.saw_no_space();
+        }
+        errno
     }
 
     /// Whether the cluster has room for writes behind, as last seen; looks again once that

@@ -135,7 +135,7 @@ fn writes_past_a_full_disk_fail_with_enospc_and_the_cluster_keeps_serving() -> R
     let mut c = cluster_on(&fs, &["--reserve", "200M"])?;
     let r = (|| -> Result<()> {
         write_pattern(&c.path("keep"), 91, 8 * MIB)?;
-        // New small files, written behind their close while the cluster has room.
+        // New small files while the cluster has room.
         std::fs::create_dir(c.path("pre"))?;
         for i in 0..3 {
             let p = c.path(&format!("pre/f{i}"));

@@ -507,6 +507,18 @@ fn statfs_reports_real_capacity() -> Result<()> {
     assert!(st.f_namemax >= 255 || st.f_namemax == 0);
     let out = sh(&c.mnt, "df -P .")?;
     assert!(out.contains(&*c.mnt.to_string_lossy()), "{out}");
+    // Every chunkserver of this cluster is on the disk that holds its directory: the free
+    // space shown, 3 copies of it, fits in that disk's free space (counted once, not once
+    // per chunkserver).
+    let mut local: libc::statvfs = unsafe { std::mem::zeroed() };
+    let dir = cpath(&c.dir);
+    assert_eq!(unsafe { libc::statvfs(dir.as_ptr(), &mut local) }, 0);
+    let shown = st.f_bavail * st.f_frsize * 3;
+    let disk_free = local.f_bavail * local.f_frsize;
+    assert!(
+        shown <= disk_free + (64 << 20),
+        "the mount shows {shown} bytes free for 3 copies; the disk has {disk_free}"
+    );
     Ok(())
 }
 

@@ -409,6 +409,11 @@ pub struct Heartbeat {
     pub inventory: Option<Vec<(ChunkId, u64)>>,
     /// Chunks whose reads failed their checksum since the last heartbeat.
     pub corrupt: Vec<ChunkId>,
+    /// The filesystem holding the chunks: the same for every chunkserver on it, different
+    /// across filesystems and hosts; 0 when unknown. Chunkservers on one disk share its
+    /// free space, so the cluster's free space counts it once.
+    #[serde(default)]
+    pub disk: u64,
 }
 
 /// Orders for a chunkserver, carried on the heartbeat reply (the metadata service never calls out).
