@@ -20,6 +20,7 @@ use fuser::{
 };
 use tracing::debug;
 
+use crate::busy_poll::BusyPoll;
 use crate::inner::{name, Entry, Inner};
 
 /// Largest write the kernel sends us (and the size of a FUSE read).
@@ -169,6 +170,8 @@ pub(crate) struct RawFs {
     rt: tokio::runtime::Handle,
     /// One thread: pure metadata operations (see `session::MetaRuntime` for why).
     meta_rt: tokio::runtime::Handle,
+    /// Polling for the next request after one is answered here (see `busy_poll.rs`).
+    busy_poll: Option<Arc<BusyPoll>>,
 }
 
 impl RawFs {
@@ -176,8 +179,14 @@ impl RawFs {
         inner: Arc<Inner>,
         rt: tokio::runtime::Handle,
         meta_rt: tokio::runtime::Handle,
+        busy_poll: Option<Arc<BusyPoll>>,
     ) -> Self {
-        RawFs { inner, rt, meta_rt }
+        RawFs {
+            inner,
+            rt,
+            meta_rt,
+            busy_poll,
+        }
     }
 
     /// Runs `fut` on `rt` and answers `reply` with its result.
@@ -197,12 +206,25 @@ impl RawFs {
             let mut cx = Context::from_waker(futures::task::noop_waker_ref());
             if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
                 respond(reply, out);
+                if let Some(b) = &self.busy_poll {
+                    b.answered();
+                }
                 return;
             }
         }
-        self.inner
-            .tasks
-            .spawn_on(async move { respond(reply, fut.await) }, rt);
+        let busy_poll = self.busy_poll.clone();
+        if let Some(b) = &busy_poll {
+            b.waits();
+        }
+        self.inner.tasks.spawn_on(
+            async move {
+                respond(reply, fut.await);
+                if let Some(b) = busy_poll {
+                    b.replied();
+                }
+            },
+            rt,
+        );
     }
 
     /// A data operation: on the multi-threaded runtime.
@@ -225,7 +247,19 @@ impl RawFs {
 
     /// A metadata task that answers its reply itself (directory listings fill a buffer).
     fn spawn_raw_meta<F: Future<Output = ()> + Send + 'static>(&self, fut: F) {
-        self.inner.tasks.spawn_on(fut, &self.meta_rt);
+        let busy_poll = self.busy_poll.clone();
+        if let Some(b) = &busy_poll {
+            b.waits();
+        }
+        self.inner.tasks.spawn_on(
+            async move {
+                fut.await;
+                if let Some(b) = busy_poll {
+                    b.replied();
+                }
+            },
+            &self.meta_rt,
+        );
     }
 
     fn ino(&self, ino: INodeNo) -> u64 {

@@ -73,6 +73,7 @@
 //! [`run_foreground`] (mount and serve in the calling thread, for tests and embedding).
 
 mod attr;
+mod busy_poll;
 mod coherence;
 mod errno;
 mod fs;

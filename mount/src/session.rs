@@ -19,6 +19,7 @@ use rawfs_metadata_api::{FileKind, Ino, MetaError, ROOT_INO};
 use serde_bytes::ByteBuf;
 use tracing::{debug, info, warn};
 
+use crate::busy_poll::BusyPoll;
 use crate::fs::RawFs;
 use crate::inner::Inner;
 use crate::options::{parse_spec, MountOptions, UsageError};
@@ -164,7 +165,6 @@ pub(crate) fn run(
     inner.start_releaser(&meta_rt.handle);
     inner.start_recalls(&meta_rt.handle);
     inner.start_reopener(&meta_rt.handle);
-    let fs = RawFs::new(inner.clone(), rt.handle().clone(), meta_rt.handle.clone());
 
     // Catch signals from before the mount exists, so none can kill us between mount(2) and
     // serving (which would leave a dead mount behind); they are acted on once mounted.
@@ -176,6 +176,13 @@ pub(crate) fn run(
     };
     let allow_other = opts.allow_other.unwrap_or(nix::unistd::geteuid().is_root());
     let fd = mount_fuse(spec, &mnt, md.mode(), opts, allow_other)?;
+    let busy_poll = BusyPoll::start(&fd, opts.busy_poll);
+    let fs = RawFs::new(
+        inner.clone(),
+        rt.handle().clone(),
+        meta_rt.handle.clone(),
+        busy_poll,
+    );
     let mut config = Config::default();
     config.acl = if allow_other {
         SessionACL::All
