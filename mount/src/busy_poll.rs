@@ -10,11 +10,12 @@
 //!
 //! How, without a hook in fuser's read loop: the device's file description is switched to
 //! `O_NONBLOCK` (fuser's loop retries `EAGAIN` at once, which is the spin) when a request
-//! is answered on the FUSE thread, and back to blocking by a small thread of ours once no
-//! request came for the window, or at once when a request had to wait for the network (the
-//! reply then comes from a runtime thread, and the CPU is better left to that work than
-//! burnt here). Idle mounts therefore cost nothing; a busy one costs at most one core while
-//! requests keep coming.
+//! is answered on the FUSE thread within the window of the one before, and back to
+//! blocking by a small thread of ours once no request came for the window, or at once when
+//! a request had to wait for the network (the reply then comes from a runtime thread, and
+//! the CPU is better left to that work than burnt here). Idle mounts therefore cost
+//! nothing, nor does a lone request now and then; a busy mount costs at most one core
+//! while requests keep coming.
 //!
 //! [`MountOptions::busy_poll`]: crate::MountOptions::busy_poll
 
@@ -25,6 +26,9 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use tracing::warn;
+
+/// `BusyPoll::last_us` before the first request.
+const NEVER: u64 = u64::MAX;
 
 /// The busy-poll switch of one mount's `/dev/fuse`.
 pub(crate) struct BusyPoll {
@@ -62,7 +66,7 @@ impl BusyPoll {
             fd,
             window,
             born: Instant::now(),
-            last_us: AtomicU64::new(0),
+            last_us: AtomicU64::new(NEVER),
             spinning: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             state: Mutex::new(()),
@@ -80,15 +84,25 @@ impl BusyPoll {
         Some(me)
     }
 
+    fn window_us(&self) -> u64 {
+        u64::try_from(self.window.as_micros()).unwrap_or(u64::MAX)
+    }
+
     fn now_us(&self) -> u64 {
         u64::try_from(self.born.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
-    /// A request was answered on the FUSE thread: poll for the next one, unless others
-    /// are still waiting.
+    /// A request was answered on the FUSE thread: poll for the next one if requests come
+    /// in quick succession (this one within the window of the last), unless others are
+    /// still waiting. A lone request now and then costs no polling.
     pub(crate) fn answered(&self) {
-        self.last_us.store(self.now_us(), Ordering::Relaxed);
-        if self.spinning.load(Ordering::Relaxed) || self.waiting.load(Ordering::Relaxed) > 0 {
+        let now = self.now_us();
+        let last = self.last_us.swap(now, Ordering::Relaxed);
+        if self.spinning.load(Ordering::Relaxed)
+            || self.waiting.load(Ordering::Relaxed) > 0
+            || last == NEVER
+            || now.saturating_sub(last) > self.window_us()
+        {
             return;
         }
         let _state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -139,7 +153,7 @@ impl BusyPoll {
 
     /// The cooler thread: back to a blocking read once no request came for the window.
     fn cool(self: Arc<Self>) {
-        let window_us = u64::try_from(self.window.as_micros()).unwrap_or(u64::MAX);
+        let window_us = self.window_us();
         loop {
             {
                 let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -169,5 +183,59 @@ impl BusyPoll {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nonblocking(fd: &OwnedFd) -> bool {
+        let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).unwrap();
+        OFlag::from_bits_truncate(flags).contains(OFlag::O_NONBLOCK)
+    }
+
+    /// Waits up to 5 s for the descriptor's flag to become `want`.
+    fn settles(fd: &OwnedFd, want: bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if nonblocking(fd) == want {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    #[test]
+    fn polls_while_requests_come_quickly_and_stops_when_they_stop_or_wait() {
+        let (rx, _tx) = nix::unistd::pipe().unwrap();
+        let busy = BusyPoll::start(&rx, Duration::from_millis(200)).unwrap();
+        // A lone request does not start polling; a second one soon after does.
+        busy.answered();
+        assert!(!nonblocking(&rx));
+        busy.answered();
+        assert!(nonblocking(&rx));
+        // No request for the window: back to blocking.
+        assert!(settles(&rx, false), "still polling after the window");
+        // A request that waits stops the polling at once, and none starts until it is
+        // answered.
+        busy.answered();
+        busy.answered();
+        assert!(nonblocking(&rx));
+        busy.waits();
+        assert!(!nonblocking(&rx));
+        busy.answered();
+        assert!(!nonblocking(&rx));
+        busy.replied();
+        busy.answered();
+        assert!(nonblocking(&rx));
+        assert!(settles(&rx, false));
+    }
+
+    #[test]
+    fn a_zero_window_is_off() {
+        let (rx, _tx) = nix::unistd::pipe().unwrap();
+        assert!(BusyPoll::start(&rx, Duration::ZERO).is_none());
     }
 }
