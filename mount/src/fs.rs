@@ -488,7 +488,9 @@ impl Filesystem for RawFs {
         if let Some(io) = self.inner.io_if_open(ino) {
             // A write after a close written behind waits for that flush (`Inner::write`).
             if !self.inner.write_behind.is_pending(ino) && io.write_if_buffered(offset, data) {
-                // FUSE writes are at most max_write (1 MiB) long.
+                // FUSE writes are at most max_write (1 MiB) long. No busy-polling after
+                // these: a streaming writer's buffer goes out on runtime threads meanwhile,
+                // and they need the CPU more than the next write needs a quick pick-up.
                 reply.written(data.len() as u32);
                 return;
             }
