@@ -509,14 +509,15 @@ fn statfs_reports_real_capacity() -> Result<()> {
     assert!(out.contains(&*c.mnt.to_string_lossy()), "{out}");
     // Every chunkserver of this cluster is on the disk that holds its directory: the free
     // space shown, 3 copies of it, fits in that disk's free space (counted once, not once
-    // per chunkserver).
+    // per chunkserver, which showed it 6 times). The figure shown is up to a heartbeat old
+    // and other tests write to the same disk meanwhile: half of it again is allowed.
     let mut local: libc::statvfs = unsafe { std::mem::zeroed() };
     let dir = cpath(&c.dir);
     assert_eq!(unsafe { libc::statvfs(dir.as_ptr(), &mut local) }, 0);
     let shown = st.f_bavail * st.f_frsize * 3;
     let disk_free = local.f_bavail * local.f_frsize;
     assert!(
-        shown <= disk_free + (64 << 20),
+        shown <= disk_free / 2 * 3 + (256 << 20),
         "the mount shows {shown} bytes free for 3 copies; the disk has {disk_free}"
     );
     Ok(())
