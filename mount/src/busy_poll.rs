@@ -13,9 +13,9 @@
 //! is answered on the FUSE thread within the window of the one before, and back to
 //! blocking by a small thread of ours once no request came for the window, or at once when
 //! a request had to wait for the network (the reply then comes from a runtime thread, and
-//! the CPU is better left to that work than burnt here). Idle mounts therefore cost
-//! nothing, nor does a lone request now and then; a busy mount costs at most one core
-//! while requests keep coming.
+//! the CPU is better left to that work than burnt here). An idle mount therefore costs
+//! only the small thread's check once a second, and a lone request now and then starts no
+//! polling; a busy mount costs at most one core while requests keep coming.
 //!
 //! [`MountOptions::busy_poll`]: crate::MountOptions::busy_poll
 
