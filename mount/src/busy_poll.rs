@@ -112,18 +112,14 @@ impl BusyPoll {
         }
     }
 
-    /// A request has to wait (its reply will come from another thread): stop polling
-    /// until it is answered ([`BusyPoll::replied`]).
-    pub(crate) fn waits(&self) {
+    /// A request has to wait (its reply will come from another thread): no polling until
+    /// the returned guard is dropped with its task (answered, failed or cancelled alike).
+    pub(crate) fn waits(self: &Arc<Self>) -> Waiting {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         if self.spinning.load(Ordering::Relaxed) {
             self.stop();
         }
-    }
-
-    /// A request that waited was answered.
-    pub(crate) fn replied(&self) {
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        Waiting(self.clone())
     }
 
     fn stop(&self) {
@@ -186,6 +182,15 @@ impl BusyPoll {
     }
 }
 
+/// A request whose reply a runtime thread will send (see [`BusyPoll::waits`]).
+pub(crate) struct Waiting(Arc<BusyPoll>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,11 +228,11 @@ mod tests {
         busy.answered();
         busy.answered();
         assert!(nonblocking(&rx));
-        busy.waits();
+        let waiting = busy.waits();
         assert!(!nonblocking(&rx));
         busy.answered();
         assert!(!nonblocking(&rx));
-        busy.replied();
+        drop(waiting);
         busy.answered();
         assert!(nonblocking(&rx));
         assert!(settles(&rx, false));

@@ -212,16 +212,19 @@ impl RawFs {
                 return;
             }
         }
-        let busy_poll = self.busy_poll.clone();
-        if let Some(b) = &busy_poll {
-            b.waits();
-        }
+        self.spawn_waiting(async move { respond(reply, fut.await) }, rt);
+    }
+
+    /// Runs `fut`, which answers a request, as a task on `rt`; no busy-polling meanwhile.
+    fn spawn_waiting<F>(&self, fut: F, rt: &tokio::runtime::Handle)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let waiting = self.busy_poll.as_ref().map(BusyPoll::waits);
         self.inner.tasks.spawn_on(
             async move {
-                respond(reply, fut.await);
-                if let Some(b) = busy_poll {
-                    b.replied();
-                }
+                let _waiting = waiting;
+                fut.await
             },
             rt,
         );
@@ -247,19 +250,7 @@ impl RawFs {
 
     /// A metadata task that answers its reply itself (directory listings fill a buffer).
     fn spawn_raw_meta<F: Future<Output = ()> + Send + 'static>(&self, fut: F) {
-        let busy_poll = self.busy_poll.clone();
-        if let Some(b) = &busy_poll {
-            b.waits();
-        }
-        self.inner.tasks.spawn_on(
-            async move {
-                fut.await;
-                if let Some(b) = busy_poll {
-                    b.replied();
-                }
-            },
-            &self.meta_rt,
-        );
+        self.spawn_waiting(fut, &self.meta_rt);
     }
 
     fn ino(&self, ino: INodeNo) -> u64 {

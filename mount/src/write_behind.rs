@@ -23,8 +23,9 @@
 //! Errors: a failed flush is logged, and the file's next `close`, `fsync` or `write` here
 //! returns the error. After a failure, and after any write of this mount that found the
 //! cluster full, no close is written behind for [`PAUSE_AFTER_FAILURE`], so that a full or
-//! unreachable cluster reaches the next files' `close` calls at once. Every operation that orders itself after the data (truncate,
-//! fallocate, copy, setting times) waits for the file's flush first.
+//! unreachable cluster reaches the next files' `close` calls at once. Every operation that
+//! orders itself after the data (truncate, fallocate, copy, setting times) waits for the
+//! file's flush first.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
