@@ -13,9 +13,10 @@ use rawfs_chunkserver_api::layout::{
     crc_then_block, read_blocks, read_full_at, BlockEntry as Block, BlockReadError, Geometry,
     Header, Wait, ENTRY_LEN, HEADER_LEN, TABLE_OFFSET,
 };
-use rawfs_chunkserver_api::MAX_CHUNK_SIZE;
+use rawfs_chunkserver_api::{written, MAX_CHUNK_SIZE};
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
@@ -201,6 +202,16 @@ impl ChunkFile {
             .filter(|(_, b)| **b != Block::Unwritten)
             .map(|(i, _)| i as u64 * self.geo.block)
             .collect()
+    }
+
+    /// The runs of written blocks within `offset..offset + len` (clipped to it), for a
+    /// WRITTEN request. A damaged entry counts as written (see `data_blocks`).
+    pub fn written(&self, offset: u64, len: u64) -> Result<Vec<Range<u32>>, StoreError> {
+        let end = check_range(offset, len)?;
+        let flags: Vec<bool> = self.blocks.iter().map(|b| *b != Block::Unwritten).collect();
+        // Casts: check_range keeps both within a chunk, whose size fits u32.
+        let range = offset as u32..end as u32;
+        Ok(written::runs_of(&flags, self.geo.block as u32, range))
     }
 
     /// Bytes per checksummed block of this file.

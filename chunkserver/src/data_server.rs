@@ -8,7 +8,7 @@ use crate::local_server::LocalSocket;
 use crate::payload_crc;
 use crate::storage::{Storage, StoreError};
 use rawfs_chunkserver_api::frame::{self, Opcode, Request, Response, Status, FLAG_SYNC};
-use rawfs_chunkserver_api::{vector, MAX_PAYLOAD};
+use rawfs_chunkserver_api::{vector, written, MAX_PAYLOAD};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -152,6 +152,9 @@ async fn answer(
             }
             Opcode::WriteV => none(write_pieces(&storage, &req)),
             Opcode::Read => storage.read_checked(chunk, version, offset, u64::from(req.length)),
+            Opcode::Written => storage
+                .written(chunk, version, offset, u64::from(req.length))
+                .map(|runs| (written::encode(&runs), None)),
             Opcode::Sync => storage
                 .sync(chunk, version)
                 .map(|()| (bytes::Bytes::new(), None)),
@@ -203,7 +206,12 @@ fn validate(req: &Request) -> Result<(), &'static str> {
             .map(|_| ())
             .map_err(vector::VectorError::reason),
         Opcode::Read if req.length > MAX_PAYLOAD => Err("read length exceeds the payload limit"),
-        Opcode::Read | Opcode::Sync | Opcode::Ping | Opcode::Fence | Opcode::LocalSocket
+        Opcode::Read
+        | Opcode::Sync
+        | Opcode::Ping
+        | Opcode::Fence
+        | Opcode::LocalSocket
+        | Opcode::Written
             if !req.payload.is_empty() =>
         {
             Err("unexpected payload")

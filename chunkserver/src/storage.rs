@@ -517,6 +517,20 @@ impl Storage {
         r
     }
 
+    /// The runs of written blocks of `chunk` within `offset..offset + len` (a WRITTEN
+    /// request), once no write running outside the lock covers the range: a write that was
+    /// acknowledged shows.
+    pub fn written(
+        &self,
+        chunk: u64,
+        version: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<std::ops::Range<u32>>, StoreError> {
+        let quiet = Some(Quiet::around(offset, len));
+        self.with_existing(chunk, version, quiet, |cf| cf.written(offset, len))
+    }
+
     /// Runs `f` on `chunk` under its lock, if the chunk exists here and `version` is not
     /// older than the stored one (which is what reads, syncs and local opens ask); once no
     /// write running outside the lock blocks `quiet`, if given.

@@ -42,6 +42,16 @@ impl Stored {
         }
     }
 
+    /// The runs of pages ever written within `off..off + len`.
+    pub fn written(&self, off: u32, len: u32) -> Vec<std::ops::Range<u32>> {
+        let end = off + len;
+        let pages = end.div_ceil(PAGE as u32) as usize;
+        let flags: Vec<bool> = (0..pages)
+            .map(|p| self.pages.contains_key(&(p as u32)))
+            .collect();
+        rawfs_chunkserver_api::written::runs_of(&flags, PAGE as u32, off..end)
+    }
+
     pub fn read(&self, off: u32, len: u32) -> Vec<u8> {
         let mut out = vec![0u8; len as usize];
         let mut at = off as usize;
@@ -650,6 +660,28 @@ impl Store for Fake {
                 });
             }
             Ok(Bytes::from(stored.read(offset, len)))
+        })();
+        async move { r }.boxed()
+    }
+
+    fn written<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+        offset: u32,
+        len: u32,
+    ) -> BoxFuture<'a, Result<Vec<std::ops::Range<u32>>, DataError>> {
+        let r = (|| {
+            let st = self.st();
+            let server = Fake::data_check(&st, addr)?;
+            let stored = st.data.get(&(server, chunk)).ok_or(DataError::NotFound)?;
+            if stored.version > version {
+                return Err(DataError::StaleVersion {
+                    current: stored.version,
+                });
+            }
+            Ok(stored.written(offset, len))
         })();
         async move { r }.boxed()
     }

@@ -13,6 +13,7 @@ use crate::locations::Locations;
 use crate::read_path::{
     concat, read_piece, window_range, Fetch, Frames, Plan, ReadAhead, Suspects, AHEAD, WINDOW,
 };
+use crate::seek::Scan;
 use crate::store::Store;
 use crate::unsynced::Unsynced;
 use crate::write_path::{sync_chunks, write_extents, write_piece, Dirty, FRAME, FRAMES_IN_FLIGHT};
@@ -371,6 +372,24 @@ impl FileIo {
             batch.overlay(offset, &mut out);
         }
         Ok(out.into())
+    }
+
+    /// One step of a scan for data in `offset..end` (clipped to the size), after flushing
+    /// buffered writes: see [`crate::seek`]. What the step does not list as data up to its
+    /// `covered` offset reads as zeros.
+    pub async fn data_ranges(&self, offset: u64, end: u64) -> Result<Scan, ClientError> {
+        self.flush().await?;
+        let inner = &self.inner;
+        let end = end.min(self.size());
+        crate::seek::scan(
+            &*inner.store,
+            &inner.locs,
+            &inner.suspects,
+            inner.ino,
+            offset,
+            end,
+        )
+        .await
     }
 
     /// Zeroes `offset..offset + len` without changing the size: chunks wholly inside are

@@ -63,6 +63,7 @@ mod extent;
 mod file_io;
 mod locations;
 mod read_path;
+mod seek;
 mod store;
 mod unsynced;
 mod write_path;
@@ -76,6 +77,8 @@ mod fake;
 #[cfg(test)]
 mod real_tests;
 #[cfg(test)]
+mod seek_tests;
+#[cfg(test)]
 mod tests;
 
 pub use config::{ClientConfig, DEFAULT_IO_TIMEOUT, DEFAULT_WRITE_BUFFER, WRITE_BUDGET_BUFFERS};
@@ -83,6 +86,7 @@ pub use cow::snapshot;
 pub use error::ClientError;
 pub use extent::MAX_FILE_SIZE;
 pub use file_io::{Deferred, FileIo};
+pub use seek::Scan;
 
 use rawfs_chunkserver_api::DataClient;
 use rawfs_metadata_api::client::MetadataClient;

@@ -70,7 +70,7 @@ impl Suspects {
 
     /// `replicas` indices in the order to try: rotated by chunk id to spread readers, then
     /// recent suspects moved to the end.
-    fn order(&self, loc: &ChunkLoc) -> Vec<usize> {
+    pub(crate) fn order(&self, loc: &ChunkLoc) -> Vec<usize> {
         let n = loc.replicas.len();
         if n == 0 {
             return Vec::new();

@@ -161,6 +161,16 @@ impl Store for Hybrid {
     ) -> BoxFuture<'a, Result<(), DataError>> {
         self.data.sync(addr, chunk, version).boxed()
     }
+    fn written<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+        offset: u32,
+        len: u32,
+    ) -> BoxFuture<'a, Result<Vec<std::ops::Range<u32>>, DataError>> {
+        self.data.written(addr, chunk, version, offset, len).boxed()
+    }
 }
 
 struct Server {
@@ -400,6 +410,41 @@ async fn erasure_coded_chunks_on_real_chunkservers() {
     let fresh = FileIo::new(INO, n as u64, store.clone(), 1 << 20);
     assert!(fresh.read(0, n as u32).await.unwrap() == data);
 
+    for s in &mut servers {
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_chunkservers_tell_written_blocks_apart_from_holes() {
+    let mut servers = Vec::new();
+    for id in 1..=3 {
+        servers.push(Server::start(id).await);
+    }
+    let fake = Arc::new(Fake::new(3));
+    for s in &servers {
+        let addr = s.handle.as_ref().unwrap().data_addr().to_string();
+        fake.st().addrs.insert(s.id, addr);
+    }
+    let store: Arc<dyn Store> = Arc::new(Hybrid {
+        meta: fake.clone(),
+        data: DataClient::new(Duration::from_secs(5)),
+    });
+    let io = FileIo::new(INO, 0, store, 1 << 20);
+    let block = rawfs_chunkserver_api::layout::Geometry::current().block;
+    // Two blocks and a byte of the next, well inside chunk 1; the file ends 2 chunks on.
+    let at = CHUNK_SIZE + 40 * block;
+    io.write(at, &pattern(2 * block as usize + 1))
+        .await
+        .unwrap();
+    io.set_size(3 * CHUNK_SIZE);
+    io.flush().await.unwrap();
+    assert_eq!(io.seek_data(0).await.unwrap(), Some(at));
+    assert_eq!(io.seek_hole(at).await.unwrap(), Some(at + 3 * block));
+    assert_eq!(io.seek_data(at + 3 * block).await.unwrap(), None);
+    let step = io.data_ranges(0, 3 * CHUNK_SIZE).await.unwrap();
+    assert_eq!(step.data, vec![at..at + 3 * block]);
+    assert_eq!(step.covered, 3 * CHUNK_SIZE);
     for s in &mut servers {
         s.stop().await;
     }

@@ -166,6 +166,16 @@ pub(crate) trait Store: Send + Sync + 'static {
         chunk: ChunkId,
         version: u64,
     ) -> BoxFuture<'a, Result<(), DataError>>;
+    /// Which parts of `offset..offset + len` of `chunk` hold data on the server at `addr`
+    /// (WRITTEN; chunk byte ranges, ascending).
+    fn written<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+        offset: u32,
+        len: u32,
+    ) -> BoxFuture<'a, Result<Vec<std::ops::Range<u32>>, DataError>>;
 }
 
 /// The real store: a [`MetadataClient`] and a [`DataClient`].
@@ -415,6 +425,18 @@ impl Store for RemoteStore {
         version: u64,
     ) -> BoxFuture<'a, Result<(), DataError>> {
         self.data_call(addr, self.data.sync(addr, chunk, version))
+            .boxed()
+    }
+
+    fn written<'a>(
+        &'a self,
+        addr: &'a str,
+        chunk: ChunkId,
+        version: u64,
+        offset: u32,
+        len: u32,
+    ) -> BoxFuture<'a, Result<Vec<std::ops::Range<u32>>, DataError>> {
+        self.data_call(addr, self.data.written(addr, chunk, version, offset, len))
             .boxed()
     }
 }

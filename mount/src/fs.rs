@@ -121,6 +121,16 @@ impl Respond for ReplyWrite {
     }
 }
 
+impl Respond for ReplyLseek {
+    type Value = i64;
+    fn ok(self, offset: i64) {
+        self.offset(offset);
+    }
+    fn err(self, e: Errno) {
+        self.error(e);
+    }
+}
+
 impl Respond for ReplyStatfs {
     type Value = StatfsOut;
     fn ok(self, s: StatfsOut) {
@@ -705,15 +715,15 @@ impl Filesystem for RawFs {
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
-        _offset: i64,
-        _whence: i32,
+        offset: i64,
+        whence: i32,
         reply: ReplyLseek,
     ) {
-        // ENOSYS makes the kernel use its own lseek from now on, which treats the whole file
-        // as data for SEEK_DATA/SEEK_HOLE (correct, if not sparse-aware).
-        reply.error(Errno::ENOSYS);
+        // The kernel asks only for SEEK_DATA and SEEK_HOLE; it does the others itself.
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        self.spawn(reply, async move { inner.seek(ino, offset, whence).await });
     }
 
     fn ioctl(

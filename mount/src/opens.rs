@@ -210,6 +210,14 @@ impl Inner {
         self.set_no_caps(attr.ino, true);
     }
 
+    /// Whether every handle of `ino` open here was opened read-only (its entry holds only a
+    /// leased open: a writer's open is logged, see `open_file`).
+    pub(crate) fn only_read_here(&self, ino: Ino) -> bool {
+        lock(&self.files)
+            .get(&ino)
+            .is_some_and(|f| f.leased.is_some() && !f.server_open)
+    }
+
     /// Whether this mount has `ino` open.
     pub(crate) fn is_open_here(&self, ino: Ino) -> bool {
         lock(&self.files).contains_key(&ino)

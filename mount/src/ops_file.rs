@@ -283,6 +283,29 @@ impl Inner {
         }
     }
 
+    /// `SEEK_DATA` / `SEEK_HOLE` at chunkserver block granularity (see `rawfs_client`'s
+    /// `seek`), so that `cp`, `tar -S` and `rsync -S` keep a sparse file sparse. While a
+    /// handle that may write is open here, the answer is the plain one (all data, a hole at
+    /// the end): pages written through a shared map sit in the kernel's page cache until
+    /// written back, unseen by us, and must not be reported as a hole.
+    pub(crate) async fn seek(&self, ino: Ino, offset: i64, whence: i32) -> Result<i64, Errno> {
+        let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
+        self.written(ino).await?;
+        self.settle(ino).await?;
+        let io = self.io(ino)?;
+        let found = match whence {
+            libc::SEEK_DATA if self.only_read_here(ino) => io.seek_data(offset).await,
+            libc::SEEK_HOLE if self.only_read_here(ino) => io.seek_hole(offset).await,
+            libc::SEEK_DATA => Ok((offset < io.size()).then_some(offset)),
+            libc::SEEK_HOLE => Ok((offset < io.size()).then(|| io.size())),
+            _ => return Err(Errno::EINVAL),
+        };
+        let found = found.map_err(|e| self.data_errno(e))?;
+        found
+            .and_then(|o| i64::try_from(o).ok())
+            .ok_or(Errno::ENXIO)
+    }
+
     pub(crate) async fn copy_file_range(
         &self,
         ino_in: Ino,

@@ -6,12 +6,13 @@
 //!  WRITE ─────────▶ FileIo::write (buffered) ──FUA──▶ durable()
 //!  FLUSH ─────────▶ durable(): FileIo::fsync (≥ 2 replicas on disk) + metadata sync
 //!  TRIM / ZEROES ─▶ FileIo::punch (whole chunks released, edges zeroed) or written zeros
-//!  BLOCK_STATUS ──▶ FileIo::flush, then the chunk map: a missing chunk is a hole
+//!  BLOCK_STATUS ──▶ FileIo::data_ranges: missing chunks and never-written blocks are holes
 //! ```
 //!
 //! Because all connections share the `FileIo` (and its write buffer), a flush on any of them
 //! covers writes acknowledged on all: multi-conn holds within one `rawfs nbd` process.
-//! Allocation is reported at chunk granularity (64 MiB): a chunk that exists is data.
+//! Allocation is reported at the chunkservers' block granularity (4 KiB): what was never
+//! written, or was trimmed as whole chunks, is a hole; zeros written are data.
 
 use crate::export::{Export, ExportError, Extent};
 use crate::lease::WriterLease;
@@ -20,7 +21,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use rawfs_client::{ClientError, FileIo};
 use rawfs_metadata_api::client::MetadataClient;
-use rawfs_metadata_api::{Ino, MetaError, CHUNK_SIZE};
+use rawfs_metadata_api::{Ino, MetaError};
 use std::sync::Arc;
 
 /// Zeros written per call for `WRITE_ZEROES` with `NO_HOLE`.
@@ -161,33 +162,25 @@ impl VolumeExport {
             return Ok(Vec::new());
         }
         // Buffered writes have no chunk yet: store them first, or they would show as holes
-        // (and a sparse copy would skip them).
+        // (and a sparse copy would skip them). One scan step may cover less than asked,
+        // which the protocol allows (the client asks again from where the reply ended).
         self.flush_buffers().await?;
-        let first = offset / CHUNK_SIZE;
-        let last = (end - 1) / CHUNK_SIZE;
-        let present: std::collections::BTreeSet<u64> = self
-            .meta
-            .chunks(self.ino, first, last - first + 1)
+        let step = self
+            .io
+            .data_ranges(offset, end)
             .await
-            .map_err(meta_error)?
-            .into_iter()
-            .map(|c| c.index)
-            .collect();
+            .map_err(export_error)?;
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = offset;
-        while pos < end {
-            let index = pos / CHUNK_SIZE;
-            let n = ((index + 1) * CHUNK_SIZE).min(end) - pos;
-            let e = if present.contains(&index) {
-                Extent::data(n)
-            } else {
-                Extent::hole(n)
-            };
-            match out.last_mut() {
-                Some(l) if l.hole == e.hole => l.len += n,
-                _ => out.push(e),
+        for r in &step.data {
+            if r.start > pos {
+                out.push(Extent::hole(r.start - pos));
             }
-            pos += n;
+            out.push(Extent::data(r.end - r.start));
+            pos = r.end;
+        }
+        if pos < step.covered {
+            out.push(Extent::hole(step.covered - pos));
         }
         Ok(out)
     }

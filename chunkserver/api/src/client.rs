@@ -291,6 +291,35 @@ impl DataClient {
         Ok(data)
     }
 
+    /// Which parts of `offset..offset + len` of `chunk` hold data on the chunkserver at
+    /// `addr`, as ascending chunk byte ranges (whole checksummed blocks, clipped to the
+    /// range). What is not listed was never written and reads as zeros there.
+    pub async fn written(
+        &self,
+        addr: &str,
+        chunk: u64,
+        version: u64,
+        offset: u32,
+        len: u32,
+    ) -> Result<Vec<std::ops::Range<u32>>, DataError> {
+        let asked = offset..offset.checked_add(len).ok_or_else(|| DataError::Protocol {
+            reason: format!("range {offset}+{len} overflows"),
+        })?;
+        let req = Request {
+            id: 0,
+            op: Opcode::Written,
+            flags: 0,
+            chunk,
+            version,
+            term: 0,
+            offset,
+            length: len,
+            payload: Bytes::new(),
+        };
+        let payload = self.call(addr, req).await?;
+        crate::written::decode(&payload, asked).map_err(|reason| DataError::Protocol { reason })
+    }
+
     /// fsyncs the file of `chunk` on the chunkserver at `addr`.
     pub async fn sync(&self, addr: &str, chunk: u64, version: u64) -> Result<(), DataError> {
         let req = Request {

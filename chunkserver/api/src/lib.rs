@@ -27,6 +27,7 @@ pub mod layout;
 pub mod local;
 mod mapped;
 pub mod vector;
+pub mod written;
 
 pub use client::{DataClient, DataError, EncodedWrite, WriteReq, MAX_CONNS_PER_ADDR};
 pub use control::{

@@ -112,6 +112,32 @@ fn volumes_are_served_to_real_nbd_clients() -> Result<()> {
     assert!(map.contains("hole,zero"), "{map}");
     assert_eq!(used_bytes(&c, "vm1")?, 0);
 
+    // Block status follows the blocks written (4 KiB), not the 64 MiB chunks holding them.
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x11 10M 4k"])
+        .args(["-c", "write -P 0x22 200M 8k"])
+        .arg(uri(&addr, "vm1")))?;
+    let map = run(Command::new("nbdinfo").arg("--map").arg(uri(&addr, "vm1")))?;
+    let extents: Vec<(u64, u64, bool)> = map
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2] == "0")
+        })
+        .collect();
+    let (m, k) = (1u64 << 20, 4096u64);
+    assert_eq!(
+        extents,
+        vec![
+            (0, 10 * m, false),
+            (10 * m, k, true),
+            (10 * m + k, 190 * m - k, false),
+            (200 * m, 2 * k, true),
+            (200 * m + 2 * k, BIG - 200 * m - 2 * k, false),
+        ],
+        "{map}"
+    );
+
     // 1 GiB of random data in over 4 connections, and out again.
     let src = random_file(&c, "src.img", BIG, seed("nbdcopy"))?;
     let back = c.scratch().join("back.img");

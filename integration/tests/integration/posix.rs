@@ -414,7 +414,53 @@ fn files_past_4gib_are_sparse_and_holes_read_zero() -> Result<()> {
     let mut end = Vec::new();
     f.read_to_end(&mut end)?;
     assert_eq!(end, b"tail");
+
+    // While a handle that may write is open, SEEK_DATA/SEEK_HOLE give the plain answer
+    // (pages written through a map may not have reached the mount yet).
+    let size = md.len();
+    assert_eq!(seek(&f, 7, libc::SEEK_DATA), Ok(7));
+    assert_eq!(seek(&f, 7, libc::SEEK_HOLE), Ok(size));
+    drop(f);
+    // Read-only, they see the blocks (4 KiB) written: "abcd" straddles 4 GiB.
+    let f = File::open(&p)?;
+    let block = 4096;
+    assert_eq!(seek(&f, 0, libc::SEEK_DATA), Ok(four - block));
+    assert_eq!(seek(&f, 0, libc::SEEK_HOLE), Ok(0));
+    assert_eq!(seek(&f, four - block, libc::SEEK_HOLE), Ok(four + block));
+    assert_eq!(seek(&f, four + block, libc::SEEK_DATA), Ok(5 << 30));
+    assert_eq!(seek(&f, 5 << 30, libc::SEEK_HOLE), Ok(size));
+    assert_eq!(seek(&f, size, libc::SEEK_DATA), Err(libc::ENXIO));
+    assert_eq!(seek(&f, size, libc::SEEK_HOLE), Err(libc::ENXIO));
+    // So `cp` keeps the copy sparse (it walks the file with SEEK_DATA/SEEK_HOLE).
+    let copy = c.scratch().join("big-copy");
+    sh(&c.mnt, &format!("cp --sparse=auto big {}", copy.display()))?;
+    let cmd = fs::metadata(&copy)?;
+    assert_eq!(cmd.len(), size);
+    assert!(
+        cmd.blocks() * 512 < 1 << 20,
+        "copy not sparse: {} blocks",
+        cmd.blocks()
+    );
+    let copied = File::open(&copy)?;
+    copied.read_exact_at(&mut buf, four - 4)?;
+    assert_eq!(&buf, b"\0\0abcd\0\0");
+    let mut tail = [0u8; 4];
+    copied.read_exact_at(&mut tail, (5 << 30) + 3)?;
+    assert_eq!(&tail, b"tail");
+    fs::remove_file(&copy)?;
     Ok(())
+}
+
+/// `lseek(f, offset, whence)`: the new offset, or the errno.
+fn seek(f: &File, offset: u64, whence: i32) -> std::result::Result<u64, i32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor this File owns.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(r as u64)
+    }
 }
 
 #[test]
