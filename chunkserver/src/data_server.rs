@@ -151,6 +151,9 @@ async fn answer(
                     .map(|()| (bytes::Bytes::new(), None))
             }
             Opcode::WriteV => none(write_pieces(&storage, &req)),
+            Opcode::Zero => storage
+                .zero(chunk, version, req.term, offset, u64::from(req.length))
+                .map(|()| (bytes::Bytes::new(), None)),
             Opcode::Read => storage.read_checked(chunk, version, offset, u64::from(req.length)),
             Opcode::Written => storage
                 .written(chunk, version, offset, u64::from(req.length))
@@ -212,6 +215,7 @@ fn validate(req: &Request) -> Result<(), &'static str> {
         | Opcode::Fence
         | Opcode::LocalSocket
         | Opcode::Written
+        | Opcode::Zero
             if !req.payload.is_empty() =>
         {
             Err("unexpected payload")

@@ -439,18 +439,7 @@ impl Storage {
                     current: cf.version(),
                 });
             }
-            if version > cf.version() {
-                tracing::debug!(
-                    chunk,
-                    from = cf.version(),
-                    to = version,
-                    "adopting newer chunk version"
-                );
-                cf.set_version(version)?;
-                if let Some(meta) = lock(&self.index).get_mut(&chunk) {
-                    meta.version = version;
-                }
-            }
+            self.adopt_version(chunk, cf, version)?;
             // A sync write wants the fsync right after: it keeps the lock.
             let plan = match sync {
                 false => cf.plan_unlocked(offset, data, known),
@@ -480,6 +469,69 @@ impl Storage {
             if sync {
                 self.sync_file(chunk, cf)?;
             }
+            self.update_allocation(chunk, cf);
+            Ok(())
+        })();
+        self.note_io_result(r)
+    }
+
+    /// Takes `version` for `chunk` if it is newer than the stored one (a writer's map is ahead
+    /// of this replica after a version bump).
+    fn adopt_version(
+        &self,
+        chunk: u64,
+        cf: &mut ChunkFile,
+        version: u64,
+    ) -> Result<(), StoreError> {
+        if version > cf.version() {
+            tracing::debug!(
+                chunk,
+                from = cf.version(),
+                to = version,
+                "adopting newer chunk version"
+            );
+            cf.set_version(version)?;
+            if let Some(meta) = lock(&self.index).get_mut(&chunk) {
+                meta.version = version;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `offset..offset + len` of `chunk` read as zeros (a ZERO request), fenced like a
+    /// write; the space of whole blocks goes back to the filesystem. Not refused on a full
+    /// disk: it writes at most two blocks and frees the rest.
+    pub fn zero(
+        &self,
+        chunk: u64,
+        version: u64,
+        term: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), StoreError> {
+        self.check_term(term)?;
+        let slot = self.slot(chunk);
+        let r = (|| {
+            let span = Quiet::around(offset, len);
+            let mut guard = lock_quiet(&slot, |cf| {
+                if version > cf.version() {
+                    Quiet::All
+                } else {
+                    span
+                }
+            });
+            let cf = self.load(chunk, &mut guard, Some(version))?;
+            if version < cf.version() {
+                return Err(StoreError::StaleVersion {
+                    current: cf.version(),
+                });
+            }
+            self.adopt_version(chunk, cf, version)?;
+            let r = cf.zero(offset, len);
+            if let Err(StoreError::Corrupt { .. }) = r {
+                self.mark_corrupt(chunk);
+            }
+            r?;
             self.update_allocation(chunk, cf);
             Ok(())
         })();

@@ -16,7 +16,7 @@ use crate::read_path::{
 use crate::seek::Scan;
 use crate::store::Store;
 use crate::unsynced::Unsynced;
-use crate::write_path::{sync_chunks, write_extents, write_piece, Dirty, FRAME, FRAMES_IN_FLIGHT};
+use crate::write_path::{sync_chunks, write_extents, zero_piece, Dirty, FRAME, FRAMES_IN_FLIGHT};
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -393,7 +393,8 @@ impl FileIo {
     }
 
     /// Zeroes `offset..offset + len` without changing the size: chunks wholly inside are
-    /// released, the partial chunks at the edges get zeros written.
+    /// released, the partial chunks at the edges get a ZERO (their whole 4 KiB blocks are
+    /// freed by the chunkservers and read as holes afterwards).
     pub async fn punch(&self, offset: u64, len: u64) -> Result<(), ClientError> {
         let end = range_end(offset, len).ok_or(ClientError::TooLarge { offset, len })?;
         let inner = &self.inner;
@@ -631,22 +632,8 @@ impl Inner {
         if from >= to || self.locs.refresh(&*self.store, index).await?.is_none() {
             return Ok(());
         }
-        let step = (FRAME * FRAMES_IN_FLIGHT) as u32;
-        let zeros = Bytes::from(vec![0u8; step.min(to - from) as usize]);
-        let mut at = from;
-        while at < to {
-            let n = step.min(to - at);
-            let d = write_piece(
-                &*self.store,
-                &self.locs,
-                index,
-                at,
-                zeros.slice(..n as usize),
-            )
-            .await?;
-            merge_dirty(dirty, d);
-            at += n;
-        }
+        let d = zero_piece(&*self.store, &self.locs, index, from, to - from).await?;
+        merge_dirty(dirty, d);
         lock(&self.ra).invalidate();
         Ok(())
     }

@@ -1,8 +1,8 @@
 //! The write path: one extent of file data -> every live replica of each chunk it touches.
 //!
 //! ```text
-//!  Extent ──split_by_chunk──▶ piece per chunk ──(in parallel)──▶ write_piece
-//!  write_piece: location (allocate_chunk, cached) ──shared?──▶ private copy (cow.rs)
+//!  Extent ──split_by_chunk──▶ pieces per chunk ──(in parallel)──▶ write_pieces
+//!  write_pieces: location (allocate_chunk, cached) ──shared?──▶ private copy (cow.rs)
 //!               ──▶ all replicas in parallel, each as
 //!               ≤ FRAME-byte frames with FRAMES_IN_FLIGHT outstanding
 //!     replica failure ──▶ drop_replica (version bump) ──▶ write again to the survivors
@@ -69,18 +69,6 @@ pub(crate) async fn write_extents(
     .collect()
 }
 
-/// Writes `data` at `off` within chunk `index` to all of its live replicas.
-pub(crate) async fn write_piece(
-    store: &dyn Store,
-    locs: &Locations,
-    index: u64,
-    off: u32,
-    data: Bytes,
-) -> Result<Dirty, ClientError> {
-    let piece = Piece { offset: off, data };
-    write_pieces(store, locs, index, vec![piece], None).await
-}
-
 /// Writes `pieces` (sorted, not overlapping) of chunk `index` to all of its live replicas,
 /// or appends them to its RS 4+2 shards when they extend an erasure-coded chunk of a file
 /// that ends at `file_end` (see `ec_write.rs`; `None`: never). An append is durable already:
@@ -106,13 +94,51 @@ pub(crate) async fn write_pieces(
             Append::Fallback(current) => loc = current,
         }
     }
-    let mut loc = crate::cow::writable(store, locs, loc).await?;
+    let loc = crate::cow::writable(store, locs, loc).await?;
     // Encoded and hashed once for all replicas (and every round).
     let frames = frames_of(&pieces).map_err(|source| ClientError::Io {
         chunk: loc.chunk,
         addr: String::new(),
         source,
     })?;
+    write_frames(store, locs, index, loc, &frames).await
+}
+
+/// Zeroes `off..off + len` of chunk `index` on all of its live replicas, as a write of zeros
+/// would, but with one ZERO request per replica and no payload: the chunkservers give the
+/// space of whole blocks back (they read as holes afterwards; see `seek.rs`).
+pub(crate) async fn zero_piece(
+    store: &dyn Store,
+    locs: &Locations,
+    index: u64,
+    off: u32,
+    len: u32,
+) -> Result<Dirty, ClientError> {
+    /// What a ZERO leaves behind, for stores that only know writes (the tests' in-memory
+    /// cluster): never touched by real ones, so it stays zero pages of the binary's bss.
+    static ZEROS: [u8; CHUNK_SIZE as usize] = [0; CHUNK_SIZE as usize];
+    let loc = locs.for_write(store, index).await?;
+    let loc = crate::cow::writable(store, locs, loc).await?;
+    let end = (off as usize).saturating_add(len as usize).min(ZEROS.len());
+    let frame = Frame {
+        pieces: vec![Piece {
+            offset: off,
+            data: Bytes::from_static(&ZEROS[(off as usize).min(end)..end]),
+        }],
+        encoded: EncodedWrite::zero(off, len),
+    };
+    write_frames(store, locs, index, loc, &[Arc::new(frame)]).await
+}
+
+/// Writes `frames` to every live replica of chunk `index` (at `loc`), dropping replicas that
+/// fail and refreshing a stale location once (see the module docs).
+async fn write_frames(
+    store: &dyn Store,
+    locs: &Locations,
+    index: u64,
+    mut loc: ChunkLoc,
+    frames: &[Arc<Frame>],
+) -> Result<Dirty, ClientError> {
     let mut refreshed = false;
     let mut last: Option<DataError> = None;
     // Each round either succeeds, drops at least one replica, or refreshes (once): bounded.
@@ -123,7 +149,7 @@ pub(crate) async fn write_pieces(
         let outcomes = join_all(
             loc.replicas
                 .iter()
-                .map(|r| write_replica_frames(store, &r.data_addr, &loc, &frames)),
+                .map(|r| write_replica_frames(store, &r.data_addr, &loc, frames)),
         )
         .await;
         let mut failed = Vec::new();

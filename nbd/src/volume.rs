@@ -5,14 +5,14 @@
 //!  READ ──────────▶ FileIo::read (buffered writes visible; holes read as zeros)
 //!  WRITE ─────────▶ FileIo::write (buffered) ──FUA──▶ durable()
 //!  FLUSH ─────────▶ durable(): FileIo::fsync (≥ 2 replicas on disk) + metadata sync
-//!  TRIM / ZEROES ─▶ FileIo::punch (whole chunks released, edges zeroed) or written zeros
+//!  TRIM / ZEROES ─▶ FileIo::punch (whole chunks released, ZERO inside them) or written zeros
 //!  BLOCK_STATUS ──▶ FileIo::data_ranges: missing chunks and never-written blocks are holes
 //! ```
 //!
 //! Because all connections share the `FileIo` (and its write buffer), a flush on any of them
 //! covers writes acknowledged on all: multi-conn holds within one `rawfs nbd` process.
 //! Allocation is reported at the chunkservers' block granularity (4 KiB): what was never
-//! written, or was trimmed as whole chunks, is a hole; zeros written are data.
+//! written, or was trimmed, is a hole; zeros written are data.
 
 use crate::export::{Export, ExportError, Extent};
 use crate::lease::WriterLease;

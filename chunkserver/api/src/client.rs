@@ -44,6 +44,8 @@ pub struct WriteReq {
 pub struct EncodedWrite {
     op: Opcode,
     offset: u32,
+    /// The request's `length`: the payload's, or the bytes a ZERO clears.
+    length: u32,
     payload: Bytes,
     crc: u32,
 }
@@ -77,9 +79,23 @@ impl EncodedWrite {
         Ok(EncodedWrite {
             op,
             offset,
+            // Bounded by MAX_PAYLOAD above.
+            length: payload.len() as u32,
             payload,
             crc,
         })
+    }
+
+    /// A ZERO of `len` bytes at `offset`: they read as zeros afterwards, and the chunkserver
+    /// gives the space of whole blocks back to its filesystem (see [`Opcode::Zero`]).
+    pub fn zero(offset: u32, len: u32) -> EncodedWrite {
+        EncodedWrite {
+            op: Opcode::Zero,
+            offset,
+            length: len,
+            payload: Bytes::new(),
+            crc: crc32c::crc32c(&[]),
+        }
     }
 }
 
@@ -242,8 +258,7 @@ impl DataClient {
             version,
             term,
             offset: frame.offset,
-            // Bounded by MAX_PAYLOAD in `EncodedWrite::new`.
-            length: frame.payload.len() as u32,
+            length: frame.length,
             payload: frame.payload.clone(),
         };
         self.call_with_crc(addr, req, Some(frame.crc))

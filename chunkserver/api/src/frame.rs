@@ -10,15 +10,15 @@
 //!    0    4 magic        b"RFSQ"
 //!    4    2 version      PROTOCOL_VERSION (1)
 //!    6    1 opcode       1 WRITE, 2 READ, 3 SYNC, 4 PING, 5 CLONE, 6 FENCE, 7 WRITEV,
-//!                        8 LOCAL_SOCKET, 9 WRITTEN
+//!                        8 LOCAL_SOCKET, 9 WRITTEN, 10 ZERO
 //!    7    1 flags        bit 0: FLAG_SYNC (fsync the chunk file after a WRITE)
 //!    8    8 request id   chosen by the client, echoed in the response
 //!   16    8 chunk id
 //!   24    8 chunk version
 //!   32    8 term         the metadata leader's term (fencing token)
 //!   40    4 offset       byte offset within the chunk
-//!   44    4 length       READ, WRITTEN: bytes asked about; WRITE, WRITEV, CLONE: equals
-//!                        payload_len; else 0
+//!   44    4 length       READ, WRITTEN, ZERO: bytes of the range; WRITE, WRITEV, CLONE:
+//!                        equals payload_len; else 0
 //!   48    4 payload_len  at most MAX_PAYLOAD
 //!   52    4 payload_crc  crc32c of the payload
 //!   56    4 reserved     zero
@@ -30,6 +30,8 @@
 //! version (u64 each). FENCE raises the stored version of an existing chunk to the
 //! request's version and fsyncs it (fenced by term). WRITTEN asks which blocks of
 //! `offset..offset + length` hold data; the answer is [`crate::written`]'s list of runs.
+//! ZERO makes `offset..offset + length` read as zeros (fenced by term like a WRITE, no
+//! payload).
 //!
 //! Response frame: a 40-byte header followed by `payload_len` bytes (the data of a READ, or a
 //! UTF-8 explanation for DISK_ERROR and BAD_REQUEST).
@@ -99,6 +101,10 @@ pub enum Opcode {
     /// status); the response payload is a list of runs (see [`crate::written`]). Fenced by
     /// version like a READ.
     Written = 9,
+    /// Make `offset..offset + length` of the chunk read as zeros (creating the chunk if
+    /// needed): whole blocks become unwritten and their space is punched out of the chunk
+    /// file; zeros are written into partly covered blocks that hold data. Fenced like a WRITE.
+    Zero = 10,
 }
 
 impl Opcode {
@@ -113,6 +119,7 @@ impl Opcode {
             7 => Some(Opcode::WriteV),
             8 => Some(Opcode::LocalSocket),
             9 => Some(Opcode::Written),
+            10 => Some(Opcode::Zero),
             _ => None,
         }
     }

@@ -137,6 +137,14 @@ fn volumes_are_served_to_real_nbd_clients() -> Result<()> {
         ],
         "{map}"
     );
+    // Trimmed blocks are holes again, though their chunks stay.
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-d", "unmap", "-c", "discard 10M 4k"])
+        .args(["-c", "discard 200M 8k"])
+        .arg(uri(&addr, "vm1")))?;
+    let map = run(Command::new("nbdinfo").arg("--map").arg(uri(&addr, "vm1")))?;
+    assert_eq!(map.lines().count(), 1, "{map}");
+    assert!(map.contains("hole,zero"), "{map}");
 
     // 1 GiB of random data in over 4 connections, and out again.
     let src = random_file(&c, "src.img", BIG, seed("nbdcopy"))?;

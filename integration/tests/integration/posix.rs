@@ -339,6 +339,17 @@ fn fallocate_punches_holes_and_copy_file_range_copies() -> Result<()> {
     let mut got = vec![0u8; 2 << 20];
     dst.read_exact_at(&mut got, 4096)?;
     assert!(got == want_prefix(&data, off, len), "copied range");
+
+    // Punched whole blocks (4 KiB) are holes again, as is the range fallocate added.
+    drop((f, s, dst));
+    let f = File::open(&p)?;
+    let (hole, data_again) = (off.div_ceil(4096) * 4096, (off + len) / 4096 * 4096);
+    assert_eq!(seek(&f, 0, libc::SEEK_HOLE), Ok(hole));
+    assert_eq!(seek(&f, hole, libc::SEEK_DATA), Ok(data_again));
+    assert_eq!(seek(&f, data_again, libc::SEEK_HOLE), Ok(3 << 20));
+    let s = File::open(c.path("sparse"))?;
+    assert_eq!(seek(&s, edge - (1 << 20), libc::SEEK_HOLE), Ok(edge - 4096));
+    assert_eq!(seek(&s, edge - 4096, libc::SEEK_DATA), Ok(edge + 4096));
     Ok(())
 }
 
