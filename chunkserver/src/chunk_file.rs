@@ -320,8 +320,9 @@ impl ChunkFile {
     }
 
     /// Makes chunk bytes `offset..offset + len` read as zeros (a ZERO request). Whole blocks
-    /// become unwritten: their table entries are cleared first, then their space is punched
-    /// out of the file, so a crash between the two leaves blocks that read as zeros. Blocks
+    /// become unwritten: their table entries are cleared and made durable first, then their
+    /// space is punched out of the file, so a crash between the two leaves blocks that read
+    /// as zeros. Blocks
     /// covered only in part get zeros written, unless they hold no data.
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<(), StoreError> {
         let end = check_range(offset, len)?;
@@ -344,6 +345,10 @@ impl ChunkFile {
         self.file
             .write_all_at(&cleared, TABLE_OFFSET + (first * ENTRY_LEN) as u64)?;
         self.blocks[first..last].fill(Block::Unwritten);
+        // The cleared entries reach the disk before the hole does: a punch is a filesystem
+        // change that may be committed before our table page, and a power loss between them
+        // would leave checksums over zeros (a block that reads as damaged on every replica).
+        self.file.sync_data()?;
         let (at, n) = (
             self.geo.data_offset + whole_from * bs,
             (whole_to - whole_from) * bs,

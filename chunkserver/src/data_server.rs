@@ -8,7 +8,7 @@ use crate::local_server::LocalSocket;
 use crate::payload_crc;
 use crate::storage::{Storage, StoreError};
 use rawfs_chunkserver_api::frame::{self, Opcode, Request, Response, Status, FLAG_SYNC};
-use rawfs_chunkserver_api::{vector, written, MAX_PAYLOAD};
+use rawfs_chunkserver_api::{vector, written, MAX_CHUNK_SIZE, MAX_PAYLOAD};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -223,6 +223,12 @@ fn validate(req: &Request) -> Result<(), &'static str> {
         Opcode::Clone if req.payload.len() != 16 || req.length != 16 => {
             Err("a clone names its source in 16 bytes")
         }
+        // Checked before anything is touched: a ZERO past the chunk must not create it.
+        Opcode::Read | Opcode::Written | Opcode::Zero | Opcode::Write
+            if u64::from(req.offset) + u64::from(req.length) > MAX_CHUNK_SIZE =>
+        {
+            Err("range past the end of a chunk")
+        }
         _ => Ok(()),
     }
 }
@@ -329,6 +335,57 @@ mod tests {
         assert!(matches!(bad.status, Status::BadRequest), "{bad:?}");
         // Nothing of the refused requests was stored.
         let none = handle(&storage, req(Opcode::Read, 8, 0, 10, bytes::Bytes::new())).await;
+        assert_eq!(none.status, Status::NotFound);
+    }
+
+    #[tokio::test]
+    async fn written_and_zero_answer_per_block_and_refuse_bad_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(dir.path(), None).unwrap());
+        let data = bytes::Bytes::from(vec![5u8; 5 * 4096]);
+        let write = req(Opcode::Write, 3, 8192, data.len() as u32, data);
+        assert_eq!(handle(&storage, write).await.status, Status::Ok);
+        let written = |offset, length| req(Opcode::Written, 3, offset, length, bytes::Bytes::new());
+        let runs = handle(&storage, written(0, 1 << 20)).await;
+        assert_eq!(runs.status, Status::Ok);
+        assert_eq!(
+            written::decode(&runs.payload, 0..1 << 20).unwrap(),
+            vec![8192..8192 + 5 * 4096]
+        );
+        // Zero the middle three blocks and a piece of the first: they go, the rest stays.
+        let zero = req(
+            Opcode::Zero,
+            3,
+            8192 + 100,
+            4 * 4096 - 100,
+            bytes::Bytes::new(),
+        );
+        assert_eq!(handle(&storage, zero).await.status, Status::Ok);
+        let runs = handle(&storage, written(0, 1 << 20)).await;
+        assert_eq!(
+            written::decode(&runs.payload, 0..1 << 20).unwrap(),
+            vec![8192..8192 + 4096, 8192 + 4 * 4096..8192 + 5 * 4096]
+        );
+        let read = handle(
+            &storage,
+            req(Opcode::Read, 3, 8192, 5 * 4096, bytes::Bytes::new()),
+        )
+        .await;
+        let mut want = vec![0u8; 5 * 4096];
+        want[..100].fill(5);
+        want[4 * 4096..].fill(5);
+        assert_eq!(read.payload, bytes::Bytes::from(want));
+
+        // Past the chunk's end, or with a payload: refused, and no chunk made for them.
+        let past = req(Opcode::Zero, 4, (64 << 20) - 10, 11, bytes::Bytes::new());
+        assert_eq!(handle(&storage, past).await.status, Status::BadRequest);
+        let past = req(Opcode::Written, 3, 1 << 20, u32::MAX, bytes::Bytes::new());
+        assert_eq!(handle(&storage, past).await.status, Status::BadRequest);
+        let loaded = req(Opcode::Written, 3, 0, 10, bytes::Bytes::from_static(b"x"));
+        assert_eq!(handle(&storage, loaded).await.status, Status::BadRequest);
+        let none = handle(&storage, written(0, 10)).await;
+        assert_eq!(none.status, Status::Ok);
+        let none = handle(&storage, req(Opcode::Read, 4, 0, 10, bytes::Bytes::new())).await;
         assert_eq!(none.status, Status::NotFound);
     }
 }

@@ -82,6 +82,8 @@ pub(crate) struct State {
     pub synced: Vec<(ServerId, ChunkId)>,
     pub sizes: HashMap<Ino, u64>,
     pub reads: u64,
+    /// `chunks` lookups answered.
+    pub lookups: u64,
     pub writes: u64,
     pub commits: u64,
     pub term: u64,
@@ -249,7 +251,8 @@ impl Store for Fake {
         first: u64,
         count: u64,
     ) -> BoxFuture<'_, Result<Vec<ChunkLoc>, MetaError>> {
-        let st = self.st();
+        let mut st = self.st();
+        st.lookups += 1;
         let v = st
             .map
             .range((ino, first)..(ino, first.saturating_add(count)))

@@ -55,6 +55,18 @@ impl Locations {
         }
     }
 
+    /// The cached locations of chunks `first..end`: chunks this client knows to exist (it may
+    /// have allocated them moments ago, before a lagging metadata replica heard of them).
+    pub fn present(&self, first: u64, end: u64) -> Vec<ChunkLoc> {
+        self.map()
+            .iter()
+            .filter_map(|(i, e)| match e {
+                Entry::Present(loc) if (first..end).contains(i) => Some(loc.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Records `loc` (an answer from the metadata service) unless a newer version is cached.
     pub fn update(&self, loc: &ChunkLoc) {
         let mut map = self.map();

@@ -23,8 +23,12 @@ use rawfs_chunkserver_api::DataError;
 use rawfs_metadata_api::{ChunkLoc, Ino, CHUNK_SIZE};
 use std::ops::Range;
 
-/// Chunk indexes looked up at the metadata service per scan step (64 GiB of file).
-const SCAN_INDEXES: u64 = 1024;
+/// Chunk indexes first looked up at the metadata service per scan step (16 GiB of file).
+const SCAN_INDEXES: u64 = 256;
+/// While lookups find no chunk, each asks for 4 times as many indexes, up to this (1 TiB).
+const SCAN_INDEXES_MAX: u64 = 16384;
+/// A scan step that finds no chunk ends after this many indexes (64 TiB) all the same.
+const SCAN_EMPTY_MAX: u64 = 1 << 20;
 /// Existing chunks whose replicas are asked per scan step.
 const SCAN_CHUNKS: usize = 16;
 
@@ -39,7 +43,7 @@ pub struct Scan {
 }
 
 /// Scans `from..end` of file `ino`, stopping early after [`SCAN_CHUNKS`] existing chunks or
-/// [`SCAN_INDEXES`] chunk indexes.
+/// [`SCAN_EMPTY_MAX`] chunk indexes without one.
 pub(crate) async fn scan(
     store: &dyn Store,
     locs: &Locations,
@@ -54,24 +58,40 @@ pub(crate) async fn scan(
             covered: end,
         });
     }
-    let first = from / CHUNK_SIZE;
+    let start = from / CHUNK_SIZE;
     let last = (end - 1) / CHUNK_SIZE;
-    let count = (last - first + 1).min(SCAN_INDEXES);
-    let mut found = store.chunks(ino, first, count).await?;
-    locs.learn(first, count, found.clone());
-    found.retain(|l| l.index >= first && l.index < first + count);
+    // Look up growing windows of indexes until one holds a chunk (a sparse file of
+    // terabytes takes a few lookups, not one per 16 GiB). `next` is the first index not
+    // looked at yet.
+    let (mut next, mut window) = (start, SCAN_INDEXES);
+    let mut found = loop {
+        let count = (last - next + 1).min(window);
+        let found = store.chunks(ino, next, count).await?;
+        next += count;
+        if !found.is_empty() || next > last || next - start >= SCAN_EMPTY_MAX {
+            break found;
+        }
+        window = (window * 4).min(SCAN_INDEXES_MAX);
+    };
+    // Chunks this client has in its cache count too (a `consistency=local` lookup may come
+    // from a replica that has not heard of a chunk just allocated here); the cached location
+    // is the one reads use.
+    found.retain(|l| (start..next).contains(&l.index));
+    let cached = locs.present(start, next);
+    found.retain(|l| !cached.iter().any(|c| c.index == l.index));
+    found.extend(cached);
     found.sort_by_key(|l| l.index);
-    let mut covered = ((first + count) * CHUNK_SIZE).min(end);
+    let mut covered = (next * CHUNK_SIZE).min(end);
     if found.len() > SCAN_CHUNKS {
         found.truncate(SCAN_CHUNKS);
         covered = ((found[SCAN_CHUNKS - 1].index + 1) * CHUNK_SIZE).min(end);
     }
-    let asks = found.iter().map(|loc| {
+    let asks = found.into_iter().map(|loc| {
         let base = loc.index * CHUNK_SIZE;
         // Casts: both ends lie within this chunk (< 64 MiB).
         let within = (from.max(base) - base) as u32..(covered.min(base + CHUNK_SIZE) - base) as u32;
         async move {
-            let runs = chunk_data(store, suspects, loc, within).await;
+            let runs = chunk_data(store, locs, suspects, loc, within).await;
             runs.into_iter()
                 .map(move |r| base + u64::from(r.start)..base + u64::from(r.end))
         }
@@ -89,46 +109,62 @@ pub(crate) async fn scan(
 }
 
 /// The data in `within` (chunk byte offsets) of the existing chunk `loc`: what its first
-/// replica that answers says, the whole range if none does, nothing if none has the chunk
-/// (allocated but never written: it reads as zeros, see `read_path`).
+/// replica that answers says, the whole range if none does, nothing if the chunk is gone
+/// (released meanwhile, or allocated but never written: it reads as zeros, see `read_path`).
 async fn chunk_data(
     store: &dyn Store,
+    locs: &Locations,
     suspects: &Suspects,
-    loc: &ChunkLoc,
+    mut loc: ChunkLoc,
     within: Range<u32>,
 ) -> Vec<Range<u32>> {
     if within.is_empty() {
         return Vec::new();
     }
-    if let Some(ec) = &loc.ec {
-        // Shards are not asked: data up to the chunk's length, as a read would see it.
-        let length = u32::try_from(ec.length.min(CHUNK_SIZE)).unwrap_or(u32::MAX);
-        let data = within.start..within.end.min(length);
-        return if data.is_empty() {
-            Vec::new()
-        } else {
-            vec![data]
-        };
-    }
-    let mut missing = 0;
-    for i in suspects.order(loc) {
-        let r = &loc.replicas[i];
-        let len = within.end - within.start;
-        match store
-            .written(&r.data_addr, loc.chunk, loc.version, within.start, len)
-            .await
-        {
-            Ok(runs) => return runs,
-            Err(DataError::NotFound) => missing += 1,
-            Err(e) => {
-                tracing::debug!(chunk = loc.chunk, addr = %r.data_addr, error = %e, "WRITTEN failed; trying the next replica");
+    let mut refreshed = false;
+    loop {
+        if let Some(ec) = &loc.ec {
+            // Shards are not asked: data up to the chunk's length, as a read would see it.
+            let length = u32::try_from(ec.length.min(CHUNK_SIZE)).unwrap_or(u32::MAX);
+            let data = within.start..within.end.min(length);
+            return if data.is_empty() {
+                Vec::new()
+            } else {
+                vec![data]
+            };
+        }
+        let mut missing = 0;
+        for i in suspects.order(&loc) {
+            let r = &loc.replicas[i];
+            let len = within.end - within.start;
+            match store
+                .written(&r.data_addr, loc.chunk, loc.version, within.start, len)
+                .await
+            {
+                Ok(runs) => return runs,
+                Err(DataError::NotFound) => missing += 1,
+                Err(e) => {
+                    tracing::debug!(chunk = loc.chunk, addr = %r.data_addr, error = %e, "WRITTEN failed; trying the next replica");
+                }
             }
         }
+        if loc.replicas.is_empty() || missing < loc.replicas.len() {
+            // Nobody could say: data, to be safe.
+            return vec![within];
+        }
+        // No replica has it: it may have moved (a drain) since the location was looked up.
+        // Look once more, as a read does, before calling it empty.
+        if refreshed {
+            return Vec::new();
+        }
+        refreshed = true;
+        match locs.refresh(store, loc.index).await {
+            Ok(None) => return Vec::new(),
+            Ok(Some(fresh)) if fresh != loc => loc = fresh,
+            Ok(Some(_)) => return Vec::new(),
+            Err(_) => return vec![within],
+        }
     }
-    if !loc.replicas.is_empty() && missing == loc.replicas.len() {
-        return Vec::new();
-    }
-    vec![within]
 }
 
 impl FileIo {

@@ -96,3 +96,31 @@ async fn scans_step_over_many_chunks() {
     assert_eq!(found, want);
     assert_eq!(pos, io.size());
 }
+
+#[tokio::test]
+async fn a_chunk_known_here_counts_though_the_metadata_answer_lacks_it() {
+    let (fake, io) = setup();
+    io.write(2 * CHUNK_SIZE + 7, b"fresh").await.unwrap();
+    io.flush().await.unwrap();
+    // A lagging metadata replica (consistency=local) that has not heard of the chunk yet.
+    let loc = fake.st().map.remove(&(INO, 2)).unwrap();
+    assert_eq!(io.seek_data(0).await.unwrap(), Some(2 * CHUNK_SIZE));
+    fake.st().map.insert((INO, 2), loc);
+}
+
+#[tokio::test]
+async fn a_seek_across_terabytes_of_hole_takes_few_lookups() {
+    let (fake, io) = setup();
+    let far = 100u64 << 40;
+    io.write(far, b"end").await.unwrap();
+    io.flush().await.unwrap();
+    let writes = fake.st().writes;
+    let lookups = fake.st().lookups;
+    assert_eq!(io.seek_data(0).await.unwrap(), Some(far));
+    // 1.6 million chunk indexes of hole: windows that grow, not 6,400 of 16 GiB.
+    let used = fake.st().lookups - lookups;
+    assert!(used < 200, "{used} lookups");
+    assert_eq!(io.seek_hole(0).await.unwrap(), Some(0));
+    assert_eq!(io.seek_hole(far).await.unwrap(), Some(far + 3));
+    assert_eq!(fake.st().writes, writes, "seeks write nothing");
+}
