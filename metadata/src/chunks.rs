@@ -8,7 +8,8 @@
 //! extension reads zeros there.
 
 use rawfs_metadata_api::{
-    Attr, ChunkId, ChunkLoc, FileKind, Ino, MetaError, Replica, ServerId, Timespec, CHUNK_SIZE,
+    stored_after_write, Attr, ChunkId, ChunkLoc, FileKind, Ino, MetaError, Replica, ServerId,
+    Timespec, CHUNK_SIZE,
 };
 use redb::ReadableTable;
 
@@ -161,7 +162,7 @@ pub(crate) fn commit_write(
 ) -> Op<Attr> {
     let mut rec = file_rec(t, ino)?;
     rec.size = rec.size.max(end);
-    rec.stored = rec.stored.saturating_add_signed(stored_delta);
+    rec.stored = stored_after_write(rec.stored, stored_delta, rec.size, end);
     rec.mtime = now;
     rec.ctime = now;
     t.put_inode(ino, &rec)?;

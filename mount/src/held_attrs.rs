@@ -10,7 +10,9 @@
 //! always go through the leader, and so does a file with an unlink or rename queued.
 
 use rawfs_client::Deferred;
-use rawfs_metadata_api::{Attr, FileKind, HeldOp, Ino, SetAttr, TimeSet, Timespec};
+use rawfs_metadata_api::{
+    stored_after_write, Attr, FileKind, HeldOp, Ino, SetAttr, TimeSet, Timespec,
+};
 
 use crate::errno;
 use crate::held::{DirState, HeldDir, S_ISGID};
@@ -139,7 +141,7 @@ impl Inner {
         let queued = self.held_change(dir, |st: &mut DirState, now| {
             let mut a = st.pending.remove(&ino).unwrap_or(base);
             a.size = a.size.max(w.end);
-            a.stored = a.stored.saturating_add_signed(w.stored_delta);
+            a.stored = stored_after_write(a.stored, w.stored_delta, a.size, w.end);
             a.mtime = now;
             a.ctime = now;
             st.pending.insert(ino, a);

@@ -459,6 +459,28 @@ fn files_past_4gib_are_sparse_and_holes_read_zero() -> Result<()> {
     copied.read_exact_at(&mut tail, (5 << 30) + 3)?;
     assert_eq!(&tail, b"tail");
     fs::remove_file(&copy)?;
+
+    // A file filled in below its size (made long first, written into later) takes space as
+    // far as `stat` says: with st_blocks 0 it would be "all hole" to `tar --sparse`.
+    let holey = c.path("holey");
+    File::create(&holey)?.set_len(100 << 20)?;
+    let piece = pattern(7, 0, 1 << 20);
+    OpenOptions::new()
+        .write(true)
+        .open(&holey)?
+        .write_all_at(&piece, 50 << 20)?;
+    assert!(fs::metadata(&holey)?.blocks() > 0, "no blocks for a file with data");
+    let out = c.scratch().join("holey-out");
+    fs::create_dir_all(&out)?;
+    sh(
+        &c.mnt,
+        &format!("tar -S -cf {0}/h.tar holey && tar -C {0} -xf {0}/h.tar", out.display()),
+    )?;
+    let mut back = vec![0u8; 1 << 20];
+    File::open(out.join("holey"))?.read_exact_at(&mut back, 50 << 20)?;
+    assert!(back == piece, "tar --sparse kept the data");
+    assert_eq!(fs::metadata(out.join("holey"))?.len(), 100 << 20);
+    fs::remove_dir_all(&out)?;
     Ok(())
 }
 

@@ -71,6 +71,19 @@ pub struct LeasedOpen {
 /// Chunks whose locations `open_leased` answers with.
 pub const OPEN_CHUNKS: u64 = 16;
 
+/// `Attr::stored` after a write of data up to `end` that stored `delta` more bytes, the file
+/// being `size` long afterwards. Writers count only the growth past the size they knew (a
+/// write below it may overwrite), so a file filled in below its size would show no space
+/// taken; it shows at least one 4 KiB block. A file of some size with `st_blocks` 0 is taken
+/// for "all hole" (GNU tar's `--sparse` archives it empty).
+pub fn stored_after_write(stored: u64, delta: i64, size: u64, end: u64) -> u64 {
+    let stored = stored.saturating_add_signed(delta);
+    if end == 0 {
+        return stored;
+    }
+    stored.max(size.min(4096))
+}
+
 /// The attributes of one inode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attr {
