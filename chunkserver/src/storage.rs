@@ -112,6 +112,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Locks `slot` once no write running outside the lock blocks what `quiet` asks of the
 /// loaded chunk (see `inflight.rs`); an unloaded chunk has none running.
+/// The lock of a chunk's `slot` for a change of `offset..offset + len` at `version`, once no
+/// write running outside the lock overlaps it; a new version waits for every such write still
+/// running under the old one.
+fn lock_for_change(
+    slot: &Slot,
+    version: u64,
+    offset: u64,
+    len: u64,
+) -> MutexGuard<'_, Option<ChunkFile>> {
+    let span = Quiet::around(offset, len);
+    lock_quiet(slot, |cf| {
+        if version > cf.version() {
+            Quiet::All
+        } else {
+            span
+        }
+    })
+}
+
 fn lock_quiet(
     slot: &Slot,
     quiet: impl Fn(&ChunkFile) -> Quiet,
@@ -424,22 +443,8 @@ impl Storage {
         // `inflight.rs`).
         let slot = self.slot(chunk);
         let r = (|| {
-            let span = Quiet::around(offset, data.len() as u64);
-            // A new version waits for every write still running under the old one.
-            let mut guard = lock_quiet(&slot, |cf| {
-                if version > cf.version() {
-                    Quiet::All
-                } else {
-                    span
-                }
-            });
-            let cf = self.load(chunk, &mut guard, Some(version))?;
-            if version < cf.version() {
-                return Err(StoreError::StaleVersion {
-                    current: cf.version(),
-                });
-            }
-            self.adopt_version(chunk, cf, version)?;
+            let mut guard = lock_for_change(&slot, version, offset, data.len() as u64);
+            let cf = self.load_for_change(chunk, &mut guard, version)?;
             // A sync write wants the fsync right after: it keeps the lock.
             let plan = match sync {
                 false => cf.plan_unlocked(offset, data, known),
@@ -475,14 +480,21 @@ impl Storage {
         self.note_io_result(r)
     }
 
-    /// Takes `version` for `chunk` if it is newer than the stored one (a writer's map is ahead
-    /// of this replica after a version bump).
-    fn adopt_version(
+    /// `chunk` (created if missing) for a change at `version`: refused if that is older than
+    /// the stored version, taken if it is newer (a writer's map is ahead of this replica after
+    /// a version bump).
+    fn load_for_change<'a>(
         &self,
         chunk: u64,
-        cf: &mut ChunkFile,
+        guard: &'a mut Option<ChunkFile>,
         version: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<&'a mut ChunkFile, StoreError> {
+        let cf = self.load(chunk, guard, Some(version))?;
+        if version < cf.version() {
+            return Err(StoreError::StaleVersion {
+                current: cf.version(),
+            });
+        }
         if version > cf.version() {
             tracing::debug!(
                 chunk,
@@ -495,7 +507,7 @@ impl Storage {
                 meta.version = version;
             }
         }
-        Ok(())
+        Ok(cf)
     }
 
     /// Makes `offset..offset + len` of `chunk` read as zeros (a ZERO request), fenced like a
@@ -512,21 +524,8 @@ impl Storage {
         self.check_term(term)?;
         let slot = self.slot(chunk);
         let r = (|| {
-            let span = Quiet::around(offset, len);
-            let mut guard = lock_quiet(&slot, |cf| {
-                if version > cf.version() {
-                    Quiet::All
-                } else {
-                    span
-                }
-            });
-            let cf = self.load(chunk, &mut guard, Some(version))?;
-            if version < cf.version() {
-                return Err(StoreError::StaleVersion {
-                    current: cf.version(),
-                });
-            }
-            self.adopt_version(chunk, cf, version)?;
+            let mut guard = lock_for_change(&slot, version, offset, len);
+            let cf = self.load_for_change(chunk, &mut guard, version)?;
             let r = cf.zero(offset, len);
             if let Err(StoreError::Corrupt { .. }) = r {
                 self.mark_corrupt(chunk);

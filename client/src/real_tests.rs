@@ -234,14 +234,8 @@ fn chunk_file(dir: &Path, chunk: ChunkId) -> PathBuf {
     panic!("no file for chunk {chunk} under {}", dir.display());
 }
 
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i % 253) as u8 ^ (i >> 12) as u8)
-        .collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_chunkservers_keep_data_through_corruption_and_a_dead_server() {
+/// Three real chunkservers, the in-memory chunk map naming them, and a store over both.
+async fn three_servers() -> (Vec<Server>, Arc<Fake>, Arc<dyn Store>) {
     let mut servers = Vec::new();
     for id in 1..=3 {
         servers.push(Server::start(id).await);
@@ -255,6 +249,18 @@ async fn real_chunkservers_keep_data_through_corruption_and_a_dead_server() {
         meta: fake.clone(),
         data: DataClient::new(Duration::from_secs(5)),
     });
+    (servers, fake, store)
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i % 253) as u8 ^ (i >> 12) as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_chunkservers_keep_data_through_corruption_and_a_dead_server() {
+    let (mut servers, fake, store) = three_servers().await;
 
     // 3 MiB across the boundary between chunks 0 and 1, in 128 KiB writes.
     let start = CHUNK_SIZE - (1 << 20);
@@ -417,19 +423,7 @@ async fn erasure_coded_chunks_on_real_chunkservers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_chunkservers_tell_written_blocks_apart_from_holes() {
-    let mut servers = Vec::new();
-    for id in 1..=3 {
-        servers.push(Server::start(id).await);
-    }
-    let fake = Arc::new(Fake::new(3));
-    for s in &servers {
-        let addr = s.handle.as_ref().unwrap().data_addr().to_string();
-        fake.st().addrs.insert(s.id, addr);
-    }
-    let store: Arc<dyn Store> = Arc::new(Hybrid {
-        meta: fake.clone(),
-        data: DataClient::new(Duration::from_secs(5)),
-    });
+    let (mut servers, _fake, store) = three_servers().await;
     let io = FileIo::new(INO, 0, store, 1 << 20);
     let block = rawfs_chunkserver_api::layout::Geometry::current().block;
     // Two blocks and a byte of the next, well inside chunk 1; the file ends 2 chunks on.

@@ -469,12 +469,18 @@ fn files_past_4gib_are_sparse_and_holes_read_zero() -> Result<()> {
         .write(true)
         .open(&holey)?
         .write_all_at(&piece, 50 << 20)?;
-    assert!(fs::metadata(&holey)?.blocks() > 0, "no blocks for a file with data");
+    assert!(
+        fs::metadata(&holey)?.blocks() > 0,
+        "no blocks for a file with data"
+    );
     let out = c.scratch().join("holey-out");
     fs::create_dir_all(&out)?;
     sh(
         &c.mnt,
-        &format!("tar -S -cf {0}/h.tar holey && tar -C {0} -xf {0}/h.tar", out.display()),
+        &format!(
+            "tar -S -cf {0}/h.tar holey && tar -C {0} -xf {0}/h.tar",
+            out.display()
+        ),
     )?;
     let mut back = vec![0u8; 1 << 20];
     File::open(out.join("holey"))?.read_exact_at(&mut back, 50 << 20)?;
