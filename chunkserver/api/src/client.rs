@@ -286,17 +286,7 @@ impl DataClient {
                 return Ok(data);
             }
         }
-        let req = Request {
-            id: 0,
-            op: Opcode::Read,
-            flags: 0,
-            chunk,
-            version,
-            term: 0,
-            offset,
-            length: len,
-            payload: Bytes::new(),
-        };
+        let req = Request::about(Opcode::Read, chunk, version, offset, len);
         let data = self.call(addr, req).await?;
         if data.len() != len as usize {
             return Err(DataError::Protocol {
@@ -320,34 +310,14 @@ impl DataClient {
         let asked = offset..offset.checked_add(len).ok_or_else(|| DataError::Protocol {
             reason: format!("range {offset}+{len} overflows"),
         })?;
-        let req = Request {
-            id: 0,
-            op: Opcode::Written,
-            flags: 0,
-            chunk,
-            version,
-            term: 0,
-            offset,
-            length: len,
-            payload: Bytes::new(),
-        };
+        let req = Request::about(Opcode::Written, chunk, version, offset, len);
         let payload = self.call(addr, req).await?;
         crate::written::decode(&payload, asked).map_err(|reason| DataError::Protocol { reason })
     }
 
     /// fsyncs the file of `chunk` on the chunkserver at `addr`.
     pub async fn sync(&self, addr: &str, chunk: u64, version: u64) -> Result<(), DataError> {
-        let req = Request {
-            id: 0,
-            op: Opcode::Sync,
-            flags: 0,
-            chunk,
-            version,
-            term: 0,
-            offset: 0,
-            length: 0,
-            payload: Bytes::new(),
-        };
+        let req = Request::about(Opcode::Sync, chunk, version, 0, 0);
         self.call(addr, req).await.map(|_| ())
     }
 

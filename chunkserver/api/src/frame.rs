@@ -147,6 +147,22 @@ pub struct Request {
 }
 
 impl Request {
+    /// A request of `op` about `offset..offset + length` of chunk `chunk` at `version` that
+    /// carries nothing and needs no term (READ, WRITTEN, SYNC).
+    pub fn about(op: Opcode, chunk: u64, version: u64, offset: u32, length: u32) -> Request {
+        Request {
+            id: 0,
+            op,
+            flags: 0,
+            chunk,
+            version,
+            term: 0,
+            offset,
+            length,
+            payload: Bytes::new(),
+        }
+    }
+
     /// A request of `op` that names no chunk and carries nothing (PING, LOCAL_SOCKET).
     pub fn bare(op: Opcode) -> Request {
         Request {
