@@ -122,6 +122,23 @@ impl State {
             .ok_or(MetaError::NotFound)
     }
 
+    /// `server`'s copy of `chunk`, for a caller at `version` (refused like a chunkserver
+    /// refuses an older version).
+    fn stored_at(
+        &self,
+        server: ServerId,
+        chunk: ChunkId,
+        version: u64,
+    ) -> Result<&Stored, DataError> {
+        let stored = self.data.get(&(server, chunk)).ok_or(DataError::NotFound)?;
+        if stored.version > version {
+            return Err(DataError::StaleVersion {
+                current: stored.version,
+            });
+        }
+        Ok(stored)
+    }
+
     pub fn addr(&self, server: ServerId) -> String {
         self.addrs
             .get(&server)
@@ -651,12 +668,7 @@ impl Store for Fake {
             let server = Fake::data_check(&st, addr)?;
             st.reads += 1;
             st.read_log.push((server, chunk, offset, len));
-            let stored = st.data.get(&(server, chunk)).ok_or(DataError::NotFound)?;
-            if stored.version > version {
-                return Err(DataError::StaleVersion {
-                    current: stored.version,
-                });
-            }
+            let stored = st.stored_at(server, chunk, version)?;
             if st.corrupt.contains(&(server, chunk)) {
                 return Err(DataError::Corrupt {
                     offset: u64::from(offset),
@@ -678,13 +690,7 @@ impl Store for Fake {
         let r = (|| {
             let st = self.st();
             let server = Fake::data_check(&st, addr)?;
-            let stored = st.data.get(&(server, chunk)).ok_or(DataError::NotFound)?;
-            if stored.version > version {
-                return Err(DataError::StaleVersion {
-                    current: stored.version,
-                });
-            }
-            Ok(stored.written(offset, len))
+            Ok(st.stored_at(server, chunk, version)?.written(offset, len))
         })();
         async move { r }.boxed()
     }

@@ -135,9 +135,20 @@ pub(crate) trait Store: Send + Sync + 'static {
         term: u64,
     ) -> BoxFuture<'a, Result<(), DataError>>;
     fn write<'a>(&'a self, addr: &'a str, put: Put) -> BoxFuture<'a, Result<(), DataError>>;
-    /// Writes every piece of `put`; by default one [`Store::write`] after the other.
+    /// Writes every piece of `put`; by default one [`Store::write`] after the other (and a
+    /// ZERO as a write of zeros).
     fn write_v<'a>(&'a self, addr: &'a str, put: PutV) -> BoxFuture<'a, Result<(), DataError>> {
         async move {
+            if let Some((offset, len)) = put.frame.encoded.zeroes() {
+                let zeros = Put {
+                    chunk: put.chunk,
+                    version: put.version,
+                    term: put.term,
+                    offset,
+                    data: Bytes::from(vec![0u8; len as usize]),
+                };
+                return self.write(addr, zeros).await;
+            }
             for p in &put.frame.pieces {
                 let one = Put {
                     chunk: put.chunk,

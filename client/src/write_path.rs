@@ -114,17 +114,10 @@ pub(crate) async fn zero_piece(
     off: u32,
     len: u32,
 ) -> Result<Dirty, ClientError> {
-    /// What a ZERO leaves behind, for stores that only know writes (the tests' in-memory
-    /// cluster): never touched by real ones, so it stays zero pages of the binary's bss.
-    static ZEROS: [u8; CHUNK_SIZE as usize] = [0; CHUNK_SIZE as usize];
     let loc = locs.for_write(store, index).await?;
     let loc = crate::cow::writable(store, locs, loc).await?;
-    let end = (off as usize).saturating_add(len as usize).min(ZEROS.len());
     let frame = Frame {
-        pieces: vec![Piece {
-            offset: off,
-            data: Bytes::from_static(&ZEROS[(off as usize).min(end)..end]),
-        }],
+        pieces: Vec::new(),
         encoded: EncodedWrite::zero(off, len),
     };
     write_frames(store, locs, index, loc, &[Arc::new(frame)]).await

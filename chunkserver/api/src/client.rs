@@ -86,6 +86,11 @@ impl EncodedWrite {
         })
     }
 
+    /// `(offset, len)` if this is a ZERO.
+    pub fn zeroes(&self) -> Option<(u32, u32)> {
+        (self.op == Opcode::Zero).then_some((self.offset, self.length))
+    }
+
     /// A ZERO of `len` bytes at `offset`: they read as zeros afterwards, and the chunkserver
     /// gives the space of whole blocks back to its filesystem (see [`Opcode::Zero`]).
     pub fn zero(offset: u32, len: u32) -> EncodedWrite {
