@@ -6,7 +6,9 @@
 //! bytes buffered or being flushed by all its files; past the budget, a file whose buffer
 //! already holds [`FAIR_SHARE`] flushes it instead of growing it.
 
+use crate::spares::Spares;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// What a file may buffer whatever the others hold (the write buffer before budgets).
 pub(crate) const FAIR_SHARE: u64 = 8 << 20;
@@ -16,6 +18,8 @@ pub(crate) const FAIR_SHARE: u64 = 8 << 20;
 pub(crate) struct WriteBudget {
     limit: u64,
     used: AtomicU64,
+    /// Memory of flushed buffers, shared by the files like the limit.
+    spares: Arc<Spares>,
 }
 
 impl WriteBudget {
@@ -23,7 +27,13 @@ impl WriteBudget {
         WriteBudget {
             limit,
             used: AtomicU64::new(0),
+            spares: Arc::default(),
         }
+    }
+
+    /// The buffer memory kept for reuse by this client's files.
+    pub fn spares(&self) -> Arc<Spares> {
+        self.spares.clone()
     }
 
     /// True when a buffer of `held` bytes should be flushed before it grows further.

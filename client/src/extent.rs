@@ -1,9 +1,11 @@
 //! Pure offset arithmetic: splitting a file range into per-chunk pieces and frames, and the
 //! write buffer's bookkeeping. No I/O here, so all of it is unit-tested directly.
 
+use crate::spares::Spares;
 use bytes::{Bytes, BytesMut};
 use rawfs_metadata_api::CHUNK_SIZE;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Largest file size the client accepts: offsets must fit the kernel's `loff_t` (i64).
 pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
@@ -175,15 +177,29 @@ pub(crate) struct WriteBuf {
     extents: BTreeMap<u64, BytesMut>,
     bytes: usize,
     cap: usize,
+    /// Where a streaming extent finds room, and flushed batches leave theirs.
+    spares: Arc<Spares>,
 }
 
 impl WriteBuf {
+    #[cfg(test)]
     pub fn new(cap: usize) -> Self {
+        Self::with_spares(cap, Arc::default())
+    }
+
+    /// A buffer of up to `cap` bytes that reuses the memory kept in `spares`.
+    pub fn with_spares(cap: usize, spares: Arc<Spares>) -> Self {
         WriteBuf {
             extents: BTreeMap::new(),
             bytes: 0,
             cap: cap.max(1),
+            spares,
         }
+    }
+
+    /// Hands the memory of a flushed batch back for later buffers.
+    pub fn recycle(&self, batch: Batch) {
+        self.spares.give(batch);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -235,8 +251,15 @@ impl WriteBuf {
                 if grow > buf.capacity() - buf.len() && buf.len() >= STREAMING {
                     // A streaming writer: room at once for all the buffer can still take.
                     // Growing by doubling would copy every byte again and fault in about
-                    // twice the pages of a full buffer.
-                    buf.reserve(grow + (self.cap - bytes as usize));
+                    // twice the pages of a full buffer; a kept buffer faults in none.
+                    let room = grow + (self.cap - bytes as usize);
+                    match self.spares.take(buf.len() + room) {
+                        Some(mut spare) => {
+                            spare.extend_from_slice(buf);
+                            *buf = spare;
+                        }
+                        None => buf.reserve(room),
+                    }
                 }
                 buf.extend_from_slice(&data[overlap..]);
                 self.bytes = bytes as usize;

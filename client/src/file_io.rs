@@ -156,7 +156,7 @@ impl FileIo {
                 committed: AtomicU64::new(size),
                 high_water: AtomicU64::new(size),
                 bufs: Mutex::new(Bufs {
-                    buffer: WriteBuf::new(write_buffer),
+                    buffer: WriteBuf::with_spares(write_buffer, budget.spares()),
                     pending: None,
                     pending_bytes: 0,
                     charged: 0,
@@ -616,6 +616,7 @@ impl Inner {
             let mut b = lock(&self.bufs);
             b.pending = None;
             b.pending_changed();
+            b.buffer.recycle(batch);
         }
         Ok(attr)
     }

@@ -64,6 +64,7 @@ mod file_io;
 mod locations;
 mod read_path;
 mod seek;
+mod spares;
 mod store;
 mod unsynced;
 mod write_path;

@@ -81,7 +81,11 @@ impl Handed {
 /// One kernel cache invalidation, in kernel inode numbers.
 enum Notice {
     Entry(INodeNo, Name),
-    Inode(INodeNo),
+    /// An inode's attributes, and its cached pages too when `pages`.
+    Inode {
+        ino: INodeNo,
+        pages: bool,
+    },
     /// Answered once every notice before it is done.
     Barrier(tokio::sync::oneshot::Sender<()>),
 }
@@ -214,7 +218,14 @@ impl Coherence {
                         h.spoil(ino, Instant::now());
                     }
                 }
-                self.send(Notice::Inode(self.map.fuse(ino)));
+                // This mount's own content changes came through the kernel, which updated
+                // (or, for truncates, punches and copies, dropped) the pages itself: only
+                // the attributes are stale (the leader stamped the times). Dropping the pages
+                // too cost a sequential writer its whole page cache at every flush.
+                self.send(Notice::Inode {
+                    ino: self.map.fuse(ino),
+                    pages: foreign,
+                });
             }
             Inval::Entry { parent, name } => {
                 lock(&self.handed).entries.remove(&(parent, name.clone()));
@@ -264,7 +275,10 @@ impl Coherence {
             self.send(Notice::Entry(self.map.fuse(parent), name));
         }
         for ino in inodes {
-            self.send(Notice::Inode(self.map.fuse(ino)));
+            self.send(Notice::Inode {
+                ino: self.map.fuse(ino),
+                pages: true,
+            });
         }
     }
 
@@ -350,7 +364,10 @@ fn invalidate_loop(notifier: Notifier, rx: std_mpsc::Receiver<Notice>) {
     for n in rx {
         let r = match n {
             Notice::Entry(parent, name) => notifier.inval_entry(parent, OsStr::from_bytes(&name)),
-            Notice::Inode(ino) => notifier.inval_inode(ino, 0, 0),
+            // A negative offset takes back the attributes only.
+            Notice::Inode { ino, pages } => {
+                notifier.inval_inode(ino, if pages { 0 } else { -1 }, 0)
+            }
             Notice::Barrier(done) => {
                 let _ = done.send(());
                 continue;

@@ -113,3 +113,49 @@ fn an_open_after_another_mounts_change_reads_the_change() -> Result<()> {
     ensure!(fs::read(c.path("f"))? == b"short");
     Ok(())
 }
+
+#[test]
+fn a_writer_keeps_the_pages_it_wrote() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    fs::write(c.path("marker"), b"m")?;
+    let mode =
+        |p: &std::path::Path| -> Result<u32> { Ok(fs::metadata(p)?.permissions().mode() & 0o777) };
+    ensure!(mode(&c.path("marker"))? == 0o644, "marker starts at 0644");
+    let len = 8 << 20;
+    let data = pattern(3, 0, len);
+    let f = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(true)
+        .open(c.path("written"))?;
+    for (i, piece) in data.chunks(1 << 20).enumerate() {
+        f.write_all_at(piece, (i << 20) as u64)?;
+    }
+    f.sync_all()?;
+    // A change from the other mount, seen here once the events before it (the writer's own
+    // commits) have been handled: the order of the change events is the leader's.
+    fs::set_permissions(a.join("marker"), fs::Permissions::from_mode(0o600))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while mode(&c.path("marker"))? != 0o600 {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the other mount's chmod never showed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The kernel cached what it wrote; the commits of this mount's own writes must not have
+    // thrown it away (a sequential writer lost its whole page cache at every flush).
+    let kept = resident_pages(&f, len)?;
+    ensure!(
+        kept == len / 4096,
+        "the writer's own commits dropped its pages ({kept} of {} left)",
+        len / 4096
+    );
+    let mut back = vec![0u8; len];
+    f.read_exact_at(&mut back, 0)?;
+    ensure!(back == data, "read back differs");
+    Ok(())
+}
