@@ -164,6 +164,10 @@ async fn latency(addrs: Vec<String>, n: u64) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // Die quietly when the reader of our output goes away (`| head -1`), as command-line
+    // tools do, instead of panicking in println!: Rust ignores SIGPIPE by default.
+    // SAFETY: restores the default action of one signal before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
         .iter()
