@@ -230,8 +230,9 @@ impl ChunkFile {
     }
 
     /// Writes `data` at chunk offset `offset`, touching only the blocks it covers. A partially
-    /// covered block that was written before is read and verified first.
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+    /// covered block that was written before is read and verified first. Returns the bytes of
+    /// the blocks that held no data before (what the write added to the space stored).
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<u64, StoreError> {
         self.write_with_crcs(offset, data, None)
     }
 
@@ -242,11 +243,11 @@ impl ChunkFile {
         offset: u64,
         data: &[u8],
         known: Option<&[u32]>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         let known = known.filter(|_| self.geo == Geometry::current());
         let end = check_range(offset, data.len() as u64)?;
         if data.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let (bs, data_offset) = (self.geo.block, self.geo.data_offset);
         let first = (offset / bs) as usize;
@@ -311,12 +312,12 @@ impl ChunkFile {
                 all_direct = false;
             }
         }
-        self.record(first, &crcs)?;
+        let fresh = self.record(first, &crcs)?;
         // Data written direct left nothing dirty to start writing back.
         if !all_direct {
             self.start_writeback_if_due(data_offset + first as u64 * bs, data_offset + end);
         }
-        Ok(())
+        Ok(fresh)
     }
 
     /// Makes chunk bytes `offset..offset + len` read as zeros (a ZERO request). Whole blocks
@@ -386,17 +387,23 @@ impl ChunkFile {
     }
 
     /// Records the checksums of the blocks from `first` on, in the table on disk and here.
-    fn record(&mut self, first: usize, crcs: &[u32]) -> Result<(), StoreError> {
+    /// Returns the bytes of those blocks that were unwritten before.
+    fn record(&mut self, first: usize, crcs: &[u32]) -> Result<u64, StoreError> {
         let mut table = Vec::with_capacity(crcs.len() * ENTRY_LEN);
         for crc in crcs {
             table.extend_from_slice(&Block::Written(*crc).encode());
         }
         self.file
             .write_all_at(&table, TABLE_OFFSET + (first * ENTRY_LEN) as u64)?;
+        let mut fresh = 0;
         for (i, crc) in crcs.iter().enumerate() {
-            self.blocks[first + i] = Block::Written(*crc);
+            let block = &mut self.blocks[first + i];
+            if *block == Block::Unwritten {
+                fresh += self.geo.block;
+            }
+            *block = Block::Written(*crc);
         }
-        Ok(())
+        Ok(fresh)
     }
 
     /// The spans being written outside the lock.
@@ -437,11 +444,11 @@ impl ChunkFile {
     }
 
     /// Records a write done by [`UnlockedWrite::write`] (call with the chunk's lock again).
-    pub fn finish_unlocked(&mut self, w: UnlockedWrite) -> Result<(), StoreError> {
-        self.record(w.first, &w.crcs)?;
+    pub fn finish_unlocked(&mut self, w: UnlockedWrite) -> Result<u64, StoreError> {
+        let fresh = self.record(w.first, &w.crcs)?;
         #[cfg(test)]
         UNLOCKED_WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        Ok(fresh)
     }
 
     /// Notes that file bytes `from..to` were written, and starts their writeback once

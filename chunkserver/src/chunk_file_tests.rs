@@ -140,6 +140,25 @@ fn long_runs_are_written_direct_and_read_back_with_their_neighbours() {
 }
 
 #[test]
+fn a_write_returns_the_bytes_of_blocks_it_filled_for_the_first_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cf = ChunkFile::create(&dir.path().join("c"), 1, 1).unwrap();
+    let block = cf.geo.block;
+    assert_eq!(cf.write(10, b"abc").unwrap(), block, "one new block");
+    assert_eq!(cf.write(100, b"def").unwrap(), 0, "the same block again");
+    // Straddling the written block and two new ones, in pieces and whole.
+    let long = pattern(2 * block as usize, 1);
+    assert_eq!(cf.write(block - 5, &long).unwrap(), 2 * block);
+    // A long run of whole blocks (the direct path), half of it over written blocks.
+    let run = pattern(64 * block as usize, 2);
+    assert_eq!(cf.write(2 * block, &run).unwrap(), 63 * block);
+    // Zeroed blocks are holes again: writing them counts once more.
+    cf.zero(4 * block, 2 * block).unwrap();
+    assert_eq!(cf.write(4 * block, &long).unwrap(), 2 * block);
+    assert_eq!(cf.write(MAX_CHUNK_SIZE - 1, b"z").unwrap(), block);
+}
+
+#[test]
 fn holes_take_no_space() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c");

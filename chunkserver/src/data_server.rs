@@ -148,7 +148,7 @@ async fn answer(
                 };
                 storage
                     .write_with_crcs(chunk, version, term, offset, data, sync, crcs.as_deref())
-                    .map(|()| (bytes::Bytes::new(), None))
+                    .map(|added| (frame::added_payload(added), None))
             }
             Opcode::WriteV => none(write_pieces(&storage, &req)),
             Opcode::Zero => storage
@@ -239,8 +239,9 @@ fn write_pieces(storage: &Storage, req: &Request) -> Result<bytes::Bytes, StoreE
     let pieces = vector::decode(&req.payload).map_err(|e| StoreError::BadRequest {
         reason: e.to_string(),
     })?;
+    let mut added = 0;
     for p in &pieces {
-        storage.write(
+        added += storage.write(
             req.chunk,
             req.version,
             req.term,
@@ -249,7 +250,7 @@ fn write_pieces(storage: &Storage, req: &Request) -> Result<bytes::Bytes, StoreE
             false,
         )?;
     }
-    Ok(bytes::Bytes::new())
+    Ok(frame::added_payload(added))
 }
 
 /// The source (chunk, version) of a CLONE, from its validated 16-byte payload.
@@ -312,6 +313,10 @@ mod tests {
             .collect();
         let resp = handle(&storage, writev(7, &pieces)).await;
         assert_eq!(resp.status, Status::Ok, "{resp:?}");
+        // 5 blocks filled for the first time (the piece at 70,000 straddles two).
+        assert_eq!(frame::added(&resp.payload), Some(5 * 4096));
+        let again = handle(&storage, writev(7, &pieces[..1])).await;
+        assert_eq!(frame::added(&again.payload), Some(0));
         for p in &pieces {
             let read = req(Opcode::Read, 7, p.offset, 4096, bytes::Bytes::new());
             let resp = handle(&storage, read).await;
@@ -344,7 +349,9 @@ mod tests {
         let storage = Arc::new(Storage::open(dir.path(), None).unwrap());
         let data = bytes::Bytes::from(vec![5u8; 5 * 4096]);
         let write = req(Opcode::Write, 3, 8192, data.len() as u32, data);
-        assert_eq!(handle(&storage, write).await.status, Status::Ok);
+        let resp = handle(&storage, write).await;
+        assert_eq!(resp.status, Status::Ok);
+        assert_eq!(frame::added(&resp.payload), Some(5 * 4096));
         let written = |offset, length| req(Opcode::Written, 3, offset, length, bytes::Bytes::new());
         let runs = handle(&storage, written(0, 1 << 20)).await;
         assert_eq!(runs.status, Status::Ok);

@@ -411,7 +411,8 @@ impl Storage {
     }
 
     /// Writes `data` at `offset` of `chunk`, creating the chunk if needed, under the
-    /// `(version, term)` fences; with `sync`, the chunk is durable on return.
+    /// `(version, term)` fences; with `sync`, the chunk is durable on return. Returns the
+    /// bytes of blocks that held no data before ([`ChunkFile::write`]).
     pub fn write(
         &self,
         chunk: u64,
@@ -420,7 +421,7 @@ impl Storage {
         offset: u64,
         data: &[u8],
         sync: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         self.write_with_crcs(chunk, version, term, offset, data, sync, None)
     }
 
@@ -436,7 +437,7 @@ impl Storage {
         data: &[u8],
         sync: bool,
         known: Option<&[u32]>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         self.check_term(term)?;
         self.admit(data.len() as u64)?;
         // A large write of whole blocks writes its data without the chunk's lock (see
@@ -458,24 +459,24 @@ impl Storage {
                 let Some(cf) = guard.as_mut() else {
                     return Err(StoreError::NotFound);
                 };
-                match written? {
+                let fresh = match written? {
                     true => cf.finish_unlocked(plan)?,
                     // Refused before anything was written: the locked way (span still held).
                     false => cf.write_with_crcs(offset, data, known)?,
-                }
+                };
                 self.update_allocation(chunk, cf);
-                return Ok(());
+                return Ok(fresh);
             }
             let r = cf.write_with_crcs(offset, data, known);
             if let Err(StoreError::Corrupt { .. }) = r {
                 self.mark_corrupt(chunk);
             }
-            r?;
+            let fresh = r?;
             if sync {
                 self.sync_file(chunk, cf)?;
             }
             self.update_allocation(chunk, cf);
-            Ok(())
+            Ok(fresh)
         })();
         self.note_io_result(r)
     }

@@ -2,6 +2,7 @@
 //! write buffer's bookkeeping. No I/O here, so all of it is unit-tested directly.
 
 use crate::spares::Spares;
+use crate::write_path::Dirty;
 use bytes::{Bytes, BytesMut};
 use rawfs_metadata_api::CHUNK_SIZE;
 use std::collections::BTreeMap;
@@ -95,10 +96,15 @@ impl Extent {
         }
     }
 
-    /// Bytes of this extent that lie past `committed` (the size the metadata service knows):
-    /// a cheap estimate of newly stored bytes for `st_blocks` (overwrites add nothing).
-    pub fn growth_past(&self, committed: u64) -> u64 {
-        self.end().saturating_sub(self.start.max(committed))
+    /// Bytes of this extent in chunk `index` that lie past `committed` (the size the metadata
+    /// service knows): the estimate of newly stored bytes for `st_blocks` where no chunkserver
+    /// counted them (overwrites and writes into holes below the size add nothing).
+    pub fn growth_in_chunk(&self, index: u64, committed: u64) -> u64 {
+        let chunk_start = index.saturating_mul(CHUNK_SIZE);
+        let chunk_end = chunk_start.saturating_add(CHUNK_SIZE);
+        self.end()
+            .min(chunk_end)
+            .saturating_sub(self.start.max(committed).max(chunk_start))
     }
 }
 
@@ -154,9 +160,20 @@ impl Batch {
         self.extents.retain(|e| !e.data.is_empty());
     }
 
-    /// Sum of [`Extent::growth_past`] over the extents.
-    pub fn growth_past(&self, committed: u64) -> u64 {
-        self.extents.iter().map(|e| e.growth_past(committed)).sum()
+    /// Bytes this batch adds to the file's stored space, once written as `written`: what the
+    /// chunkservers counted, or for a chunk they did not count, its growth past `committed`.
+    pub fn added(&self, written: &[Dirty], committed: u64) -> u64 {
+        written
+            .iter()
+            .map(|d| {
+                d.added.unwrap_or_else(|| {
+                    self.extents
+                        .iter()
+                        .map(|e| e.growth_in_chunk(d.index, committed))
+                        .sum()
+                })
+            })
+            .sum()
     }
 
     /// Bytes of data held.
@@ -518,9 +535,17 @@ mod tests {
             start: 10,
             data: Bytes::from_static(b"abcdef"),
         };
-        assert_eq!(e.growth_past(0), 6);
-        assert_eq!(e.growth_past(12), 4);
-        assert_eq!(e.growth_past(100), 0);
+        assert_eq!(e.growth_in_chunk(0, 0), 6);
+        assert_eq!(e.growth_in_chunk(0, 12), 4);
+        assert_eq!(e.growth_in_chunk(0, 100), 0);
+        assert_eq!(e.growth_in_chunk(1, 0), 0, "not in chunk 1");
+        let across = Extent {
+            start: CHUNK_SIZE - 4,
+            data: Bytes::from_static(b"abcdefgh"),
+        };
+        assert_eq!(across.growth_in_chunk(0, 0), 4);
+        assert_eq!(across.growth_in_chunk(1, 0), 4);
+        assert_eq!(across.growth_in_chunk(1, CHUNK_SIZE + 1), 3);
         e.truncate(12);
         assert_eq!(e.end(), 12);
     }

@@ -86,6 +86,8 @@ pub(crate) struct State {
     pub lookups: u64,
     pub writes: u64,
     pub commits: u64,
+    /// Sum of the stored-bytes deltas committed per file.
+    pub stored: HashMap<Ino, i64>,
     pub term: u64,
     /// Real data addresses by server (tests against real chunkservers); else `s<n>`.
     pub addrs: HashMap<ServerId, String>,
@@ -299,10 +301,11 @@ impl Store for Fake {
         &self,
         ino: Ino,
         end: u64,
-        _delta: i64,
+        delta: i64,
     ) -> BoxFuture<'_, Result<Attr, MetaError>> {
         let mut st = self.st();
         st.commits += 1;
+        *st.stored.entry(ino).or_default() += delta;
         let size = st.sizes.entry(ino).or_default();
         *size = (*size).max(end);
         let a = Fake::attr(ino, *size);

@@ -586,11 +586,11 @@ impl Inner {
                     write_extents(&*self.store, &self.locs, &batch.extents, file_end).await?;
                 // An RS append lists no servers: its length commit is its fence.
                 let replicated = written.iter().all(|d| !d.servers.is_empty());
+                let committed = self.committed.load(Ordering::Acquire);
+                let delta = i64::try_from(batch.added(&written, committed)).unwrap_or(i64::MAX);
                 for d in written {
                     merge_dirty(dirty, d);
                 }
-                let committed = self.committed.load(Ordering::Acquire);
-                let delta = i64::try_from(batch.growth_past(committed)).unwrap_or(i64::MAX);
                 match defer.as_deref_mut() {
                     Some(d) if replicated => {
                         let d = d.get_or_insert_with(Deferred::default);

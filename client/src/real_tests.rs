@@ -3,7 +3,7 @@
 //! protocol, on-disk checksums, version fences and a server that goes away.
 
 use crate::fake::Fake;
-use crate::store::{Put, Store};
+use crate::store::{Put, PutV, Store};
 use crate::FileIo;
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -142,6 +142,18 @@ impl Store for Hybrid {
             sync: false,
         };
         self.data.write(addr, req).boxed()
+    }
+    fn write_v<'a>(
+        &'a self,
+        addr: &'a str,
+        put: PutV,
+    ) -> BoxFuture<'a, Result<Option<u64>, DataError>> {
+        async move {
+            self.data
+                .write_encoded(addr, put.chunk, put.version, put.term, &put.frame.encoded)
+                .await
+        }
+        .boxed()
     }
     fn read<'a>(
         &'a self,
@@ -439,6 +451,34 @@ async fn real_chunkservers_tell_written_blocks_apart_from_holes() {
     let step = io.data_ranges(0, 3 * CHUNK_SIZE).await.unwrap();
     assert_eq!(step.data, vec![at..at + 3 * block]);
     assert_eq!(step.covered, 3 * CHUNK_SIZE);
+    for s in &mut servers {
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_bytes_count_blocks_filled_below_the_size() {
+    let (mut servers, fake, store) = three_servers().await;
+    let io = FileIo::new(INO, 0, store, 1 << 20);
+    let block = rawfs_chunkserver_api::layout::Geometry::current().block;
+    let stored = || fake.st().stored.get(&INO).copied().unwrap_or(0);
+    // Appending: 10 bytes take one block.
+    io.write(0, b"0123456789").await.unwrap();
+    io.flush().await.unwrap();
+    assert_eq!(stored(), block as i64);
+    // The file is made long first, then filled in below its size (a VM image, a database
+    // that preallocates): every block written for the first time counts, as tar --sparse
+    // and du expect. Growth past the size would count nothing here.
+    io.set_size(3 * CHUNK_SIZE);
+    let at = CHUNK_SIZE + 40 * block + 100;
+    io.write(at, &pattern(2 * block as usize)).await.unwrap();
+    io.flush().await.unwrap();
+    assert_eq!(stored(), 4 * block as i64, "3 new blocks");
+    // Overwrites add nothing, a neighbouring block of a new chunk does.
+    io.write(at + 5, b"again").await.unwrap();
+    io.write(2 * CHUNK_SIZE, &pattern(1 << 20)).await.unwrap();
+    io.flush().await.unwrap();
+    assert_eq!(stored(), 4 * block as i64 + (1 << 20));
     for s in &mut servers {
         s.stop().await;
     }

@@ -136,8 +136,13 @@ pub(crate) trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), DataError>>;
     fn write<'a>(&'a self, addr: &'a str, put: Put) -> BoxFuture<'a, Result<(), DataError>>;
     /// Writes every piece of `put`; by default one [`Store::write`] after the other (and a
-    /// ZERO as a write of zeros).
-    fn write_v<'a>(&'a self, addr: &'a str, put: PutV) -> BoxFuture<'a, Result<(), DataError>> {
+    /// ZERO as a write of zeros). Returns the bytes of checksum blocks that held no data
+    /// before, when the chunkserver says (`None`: not known; always for a ZERO).
+    fn write_v<'a>(
+        &'a self,
+        addr: &'a str,
+        put: PutV,
+    ) -> BoxFuture<'a, Result<Option<u64>, DataError>> {
         async move {
             if let Some((offset, len)) = put.frame.encoded.zeroes() {
                 let zeros = Put {
@@ -147,7 +152,7 @@ pub(crate) trait Store: Send + Sync + 'static {
                     offset,
                     data: Bytes::from(vec![0u8; len as usize]),
                 };
-                return self.write(addr, zeros).await;
+                return self.write(addr, zeros).await.map(|()| None);
             }
             for p in &put.frame.pieces {
                 let one = Put {
@@ -159,7 +164,7 @@ pub(crate) trait Store: Send + Sync + 'static {
                 };
                 self.write(addr, one).await?;
             }
-            Ok(())
+            Ok(None)
         }
         .boxed()
     }
@@ -407,7 +412,11 @@ impl Store for RemoteStore {
         self.data_call(addr, self.data.write(addr, req)).boxed()
     }
 
-    fn write_v<'a>(&'a self, addr: &'a str, put: PutV) -> BoxFuture<'a, Result<(), DataError>> {
+    fn write_v<'a>(
+        &'a self,
+        addr: &'a str,
+        put: PutV,
+    ) -> BoxFuture<'a, Result<Option<u64>, DataError>> {
         let call = async move {
             let data = &self.data;
             let encoded = &put.frame.encoded;

@@ -38,6 +38,9 @@ pub(crate) struct Dirty {
     pub index: u64,
     pub chunk: ChunkId,
     pub servers: Vec<ServerId>,
+    /// Bytes the write added to the chunk's stored space (one replica), if every replica
+    /// said: blocks that held no data before, wherever they are in the chunk.
+    pub added: Option<u64>,
 }
 
 /// Writes `extents` (not overlapping) to the replicas of every chunk they touch, all chunks
@@ -89,6 +92,7 @@ pub(crate) async fn write_pieces(
                     index,
                     chunk: new.chunk,
                     servers: Vec::new(),
+                    added: None,
                 })
             }
             Append::Fallback(current) => loc = current,
@@ -134,6 +138,9 @@ async fn write_frames(
 ) -> Result<Dirty, ClientError> {
     let mut refreshed = false;
     let mut last: Option<DataError> = None;
+    // The most any replica reported over all rounds: a replica written again after another
+    // one failed reports nothing new the second time, and copies that agree report the same.
+    let mut added = Some(0u64);
     // Each round either succeeds, drops at least one replica, or refreshes (once): bounded.
     for _round in 0..REPLICAS + 3 {
         if loc.replicas.is_empty() {
@@ -149,7 +156,7 @@ async fn write_frames(
         let mut stale = None;
         for (r, outcome) in loc.replicas.iter().zip(outcomes) {
             match outcome {
-                Ok(()) => {}
+                Ok(said) => added = added.zip(said).map(|(a, b)| a.max(b)),
                 Err(e) if e.is_replica_failure() => {
                     tracing::warn!(chunk = loc.chunk, addr = %r.data_addr, error = %e, "replica write failed");
                     failed.push((r.server, e.clone()));
@@ -183,6 +190,7 @@ async fn write_frames(
                 index,
                 chunk: loc.chunk,
                 servers: loc.replicas.iter().map(|r| r.server).collect(),
+                added,
             });
         }
         if failed.len() == loc.replicas.len() {
@@ -233,16 +241,19 @@ pub(crate) async fn write_replica(
         data: data.clone(),
     };
     let frames = frames_of(std::slice::from_ref(&piece))?;
-    write_replica_frames(store, addr, loc, &frames).await
+    write_replica_frames(store, addr, loc, &frames)
+        .await
+        .map(|_| ())
 }
 
-/// Writes `frames` to one replica, a few requests in flight.
+/// Writes `frames` to one replica, a few requests in flight. Returns the bytes they added to
+/// the replica's stored space, if it said for every frame.
 async fn write_replica_frames(
     store: &dyn Store,
     addr: &str,
     loc: &ChunkLoc,
     frames: &[Arc<Frame>],
-) -> Result<(), DataError> {
+) -> Result<Option<u64>, DataError> {
     futures::stream::iter(frames.to_vec())
         .map(|frame| {
             store.write_v(
@@ -256,9 +267,10 @@ async fn write_replica_frames(
             )
         })
         .buffer_unordered(FRAMES_IN_FLIGHT)
-        .try_collect::<Vec<()>>()
+        .try_fold(Some(0u64), |sum, added| async move {
+            Ok(sum.zip(added).map(|(a, b)| a + b))
+        })
         .await
-        .map(|_| ())
 }
 
 /// `pieces` as requests ([`pack`]), each encoded once for every replica.

@@ -240,13 +240,15 @@ impl DataClient {
         version: u64,
         term: u64,
         pieces: &[crate::Piece],
-    ) -> Result<(), DataError> {
+    ) -> Result<Option<u64>, DataError> {
         let frame = EncodedWrite::new(pieces)?;
         self.write_encoded(addr, chunk, version, term, &frame).await
     }
 
     /// Sends a write encoded once by [`EncodedWrite::new`] (the same frame goes to every
-    /// replica: encoded and hashed once, not once per replica).
+    /// replica: encoded and hashed once, not once per replica). Returns the bytes the write
+    /// added to the chunk's stored space ([`crate::frame::added`]; `None` for a ZERO, or from a
+    /// chunkserver that does not say).
     pub async fn write_encoded(
         &self,
         addr: &str,
@@ -254,7 +256,7 @@ impl DataClient {
         version: u64,
         term: u64,
         frame: &EncodedWrite,
-    ) -> Result<(), DataError> {
+    ) -> Result<Option<u64>, DataError> {
         let req = Request {
             id: 0,
             op: frame.op,
@@ -266,9 +268,10 @@ impl DataClient {
             length: frame.length,
             payload: frame.payload.clone(),
         };
+        let zero = frame.zeroes().is_some();
         self.call_with_crc(addr, req, Some(frame.crc))
             .await
-            .map(|_| ())
+            .map(|payload| crate::frame::added(&payload).filter(|_| !zero))
     }
 
     /// Reads `len` bytes at `offset` of `chunk`. Unwritten ranges read as zeros; every byte was

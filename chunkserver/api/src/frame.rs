@@ -79,7 +79,8 @@ pub const FLAG_SYNC: u8 = 1;
 /// What a request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Opcode {
-    /// Store the payload at `offset` of the chunk (creating the chunk if needed).
+    /// Store the payload at `offset` of the chunk (creating the chunk if needed). The answer
+    /// says how many bytes of blocks held no data before ([`added_payload`]).
     Write = 1,
     /// Return `length` bytes at `offset` of the chunk, verified against block checksums.
     Read = 2,
@@ -91,7 +92,8 @@ pub enum Opcode {
     Clone = 5,
     /// Refuse versions older than this one from now on, and fsync the chunk.
     Fence = 6,
-    /// Store several pieces of the chunk, laid out as in [`crate::vector`].
+    /// Store several pieces of the chunk, laid out as in [`crate::vector`]; answered like a
+    /// WRITE.
     WriteV = 7,
     /// Where this server's local socket is (see [`crate::local`]); touches no chunk. The
     /// response payload is the socket's token (u64) and its path (UTF-8); NOT_FOUND if the
@@ -240,8 +242,23 @@ pub struct Response {
     /// The request's id.
     pub id: u64,
     pub status: Status,
-    /// READ: the data; DISK_ERROR / BAD_REQUEST: a UTF-8 explanation; otherwise empty.
+    /// READ: the data; WRITE / WRITEV: [`added_payload`] (empty from chunkservers before
+    /// it); DISK_ERROR / BAD_REQUEST: a UTF-8 explanation; otherwise empty.
     pub payload: Bytes,
+}
+
+/// The payload of a successful WRITE or WRITEV: the bytes of the chunk's checksum blocks that
+/// held no data before the request (8 bytes, big-endian), which is what the write added to
+/// the space the chunk takes. Clients sum it into the file's stored bytes (`st_blocks`).
+pub fn added_payload(bytes: u64) -> Bytes {
+    Bytes::copy_from_slice(&bytes.to_be_bytes())
+}
+
+/// The bytes a successful WRITE or WRITEV added, from its payload ([`added_payload`]);
+/// `None` from a chunkserver that does not say.
+pub fn added(payload: &[u8]) -> Option<u64> {
+    let b: [u8; 8] = payload.try_into().ok()?;
+    Some(u64::from_be_bytes(b))
 }
 
 impl Response {
