@@ -160,18 +160,20 @@ impl Batch {
         self.extents.retain(|e| !e.data.is_empty());
     }
 
-    /// Bytes this batch adds to the file's stored space, once written as `written`: what the
-    /// chunkservers counted, or for a chunk they did not count, its growth past `committed`.
+    /// Bytes this batch adds to the file's stored space, once written as `written`: per
+    /// chunk, what the chunkservers counted, and at least its growth past `committed` (a
+    /// batch written again after a failed flush finds its blocks already filled, and a
+    /// chunkserver before this count says nothing).
     pub fn added(&self, written: &[Dirty], committed: u64) -> u64 {
         written
             .iter()
             .map(|d| {
-                d.added.unwrap_or_else(|| {
-                    self.extents
-                        .iter()
-                        .map(|e| e.growth_in_chunk(d.index, committed))
-                        .sum()
-                })
+                let growth: u64 = self
+                    .extents
+                    .iter()
+                    .map(|e| e.growth_in_chunk(d.index, committed))
+                    .sum();
+                d.added.unwrap_or(0).max(growth)
             })
             .sum()
     }
@@ -214,9 +216,16 @@ impl WriteBuf {
         }
     }
 
-    /// Hands the memory of a flushed batch back for later buffers.
-    pub fn recycle(&self, batch: Batch) {
-        self.spares.give(batch);
+    /// Where the memory of this buffer's flushed batches goes ([`Spares::give`] them there
+    /// without holding a lock: buffers not kept are freed then).
+    pub fn spares(&self) -> Arc<Spares> {
+        self.spares.clone()
+    }
+
+    /// The largest buffer worth keeping for this one: a streaming extent is reserved at
+    /// about `cap`, and a write longer than the buffer goes out in a buffer of its own.
+    pub fn largest_spare(&self) -> usize {
+        self.cap.saturating_mul(2)
     }
 
     pub fn is_empty(&self) -> bool {

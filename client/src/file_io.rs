@@ -613,10 +613,13 @@ impl Inner {
             // Invalidate before dropping `pending`: a reader that no longer sees the pending
             // bytes must not find a window fetched before they were stored.
             lock(&self.ra).invalidate();
-            let mut b = lock(&self.bufs);
-            b.pending = None;
-            b.pending_changed();
-            b.buffer.recycle(batch);
+            let (spares, largest) = {
+                let mut b = lock(&self.bufs);
+                b.pending = None;
+                b.pending_changed();
+                (b.buffer.spares(), b.buffer.largest_spare())
+            };
+            spares.give(batch, largest);
         }
         Ok(attr)
     }

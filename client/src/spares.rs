@@ -5,16 +5,18 @@
 //! when freed), so every byte of every buffer first took a page fault and a page clearing:
 //! measured on a 1 GiB write through the mount, about 5% of all CPU time went to faulting
 //! in buffer pages on the FUSE thread. Reusing the memory of a buffer whose flush is done
-//! skips both. A client keeps at most [`KEPT`] such buffers; only buffers whose data is no
-//! longer shared (every frame sent from it dropped) can be taken back.
+//! skips both. A client keeps at most [`KEPT`] such buffer, no larger than twice a file's
+//! write buffer (32 MiB by default: that much stays resident once a file was streamed);
+//! only buffers whose data is no longer shared (every frame sent from it dropped) can be
+//! taken back.
 
 use crate::extent::Batch;
 use bytes::BytesMut;
 use std::sync::Mutex;
 
-/// Buffers kept at most: one per stream of two streaming writers. A single writer needs
-/// one: its next buffer starts while the previous one is still being sent.
-const KEPT: usize = 2;
+/// Buffers kept at most. A streaming writer needs one: its next buffer starts while the
+/// previous one is still being sent, and takes the memory of the one before.
+const KEPT: usize = 1;
 /// Smallest buffer worth keeping (smaller ones are cheap to allocate).
 const WORTH_KEEPING: usize = 1 << 20;
 
@@ -32,13 +34,17 @@ impl Spares {
         Some(kept.swap_remove(i))
     }
 
-    /// Keeps the memory of `batch`'s large extents whose data is no longer shared.
-    pub fn give(&self, batch: Batch) {
+    /// Keeps the memory of `batch`'s large extents whose data is no longer shared, up to
+    /// `largest` bytes each; the rest is freed.
+    pub fn give(&self, batch: Batch, largest: usize) {
         for e in batch.extents {
-            if e.data.len() < WORTH_KEEPING {
+            if e.data.len() < WORTH_KEEPING || e.data.len() > largest {
                 continue;
             }
             if let Ok(mut buf) = e.data.try_into_mut() {
+                if buf.capacity() > largest {
+                    continue;
+                }
                 buf.clear();
                 let mut kept = crate::file_io::lock(&self.kept);
                 if kept.len() < KEPT {
@@ -74,10 +80,10 @@ mod tests {
         let data = buf.freeze();
         let frame = data.slice(0..4096);
         // Still shared with a frame in flight: not taken.
-        spares.give(batch_of(data.clone()));
+        spares.give(batch_of(data.clone()), 8 << 20);
         assert_eq!(spares.kept(), 0);
         drop(frame);
-        spares.give(batch_of(data));
+        spares.give(batch_of(data), 8 << 20);
         assert_eq!(spares.kept(), 1);
         assert!(spares.take(16 << 20).is_none(), "too small for this");
         let again = spares.take(8 << 20).expect("the buffer comes back");
@@ -87,12 +93,18 @@ mod tests {
     }
 
     #[test]
-    fn small_buffers_and_more_than_kept_are_dropped() {
+    fn small_huge_and_more_than_kept_buffers_are_dropped() {
         let spares = Spares::default();
-        spares.give(batch_of(Bytes::from(vec![1u8; 4096])));
+        // Room for more than a buffer of this client should hold (a write longer than the
+        // buffer goes out in a buffer of its own): freed.
+        let mut huge = BytesMut::with_capacity(8 << 20);
+        huge.extend_from_slice(&vec![1u8; 2 << 20]);
+        spares.give(batch_of(huge.freeze()), 4 << 20);
+        assert_eq!(spares.kept(), 0);
+        spares.give(batch_of(Bytes::from(vec![1u8; 4096])), 8 << 20);
         assert_eq!(spares.kept(), 0);
         for _ in 0..KEPT + 2 {
-            spares.give(batch_of(Bytes::from(vec![1u8; 2 << 20])));
+            spares.give(batch_of(Bytes::from(vec![1u8; 2 << 20])), 8 << 20);
         }
         assert_eq!(spares.kept(), KEPT);
     }

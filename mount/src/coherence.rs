@@ -26,7 +26,7 @@
 //! The kernel calls run on their own thread: invalidating a name takes the directory's lock,
 //! which a request of ours may hold while it waits for an answer from the metadata thread.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,6 +64,10 @@ struct Handed {
     spoiled: HashMap<Ino, Instant>,
     /// When every cached attribute was last taken back.
     spoiled_all: Option<Instant>,
+    /// Inodes this mount opened for writing with `O_DIRECT`, until the kernel forgets them:
+    /// such writes bypass the kernel's pages, which only kernels from 6.6 on drop for them,
+    /// so this mount's own changes to these take back the pages too.
+    direct: HashSet<Ino>,
 }
 
 impl Handed {
@@ -180,7 +184,14 @@ impl Coherence {
 
     /// The kernel forgot `ino`.
     pub(crate) fn forget(&self, ino: Ino) {
-        lock(&self.handed).no_xattrs.remove(&ino);
+        let mut h = lock(&self.handed);
+        h.no_xattrs.remove(&ino);
+        h.direct.remove(&ino);
+    }
+
+    /// This mount opened `ino` for writing with `O_DIRECT` (see `Handed::direct`).
+    pub(crate) fn direct_writer(&self, ino: Ino) {
+        lock(&self.handed).direct.insert(ino);
     }
 
     /// Starts the invalidation thread and the watch task (on `rt`, the metadata runtime).
@@ -209,7 +220,7 @@ impl Coherence {
     fn apply(&self, inval: Inval, foreign: bool) {
         match inval {
             Inval::Inode(ino) => {
-                {
+                let pages = {
                     let mut h = lock(&self.handed);
                     h.inodes.remove(&ino);
                     // This mount's own xattr changes spoil the inode themselves; its other
@@ -217,14 +228,15 @@ impl Coherence {
                     if foreign {
                         h.spoil(ino, Instant::now());
                     }
-                }
+                    foreign || h.direct.contains(&ino)
+                };
                 // This mount's own content changes came through the kernel, which updated
                 // (or, for truncates, punches and copies, dropped) the pages itself: only
                 // the attributes are stale (the leader stamped the times). Dropping the pages
                 // too cost a sequential writer its whole page cache at every flush.
                 self.send(Notice::Inode {
                     ino: self.map.fuse(ino),
-                    pages: foreign,
+                    pages,
                 });
             }
             Inval::Entry { parent, name } => {

@@ -36,6 +36,15 @@ fn fopen_flags(flags: i32) -> FopenFlags {
 }
 
 impl Inner {
+    /// The kernel flags for a handle of `ino` opened with `flags`. A direct-I/O writer's
+    /// writes bypass the kernel's pages: noted for cache coherence (see coherence.rs).
+    fn handle_flags(&self, ino: Ino, flags: i32) -> FopenFlags {
+        if flags & libc::O_DIRECT != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.coherence.direct_writer(ino);
+        }
+        fopen_flags(flags)
+    }
+
     pub(crate) async fn open(&self, ino: Ino, flags: OpenFlags) -> Result<Opened, Errno> {
         let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
         if !read_only {
@@ -44,7 +53,7 @@ impl Inner {
         }
         self.settle(ino).await?;
         let fresh = self.open_file(ino, read_only).await?;
-        let mut flags = fopen_flags(flags.0);
+        let mut flags = self.handle_flags(ino, flags.0);
         if read_only && fresh.is_some_and(|a| self.page_cache.reopened(&a)) {
             flags |= FopenFlags::FOPEN_KEEP_CACHE;
         }
@@ -77,7 +86,7 @@ impl Inner {
                 self.open_fresh(&attr);
                 let opened = Opened {
                     fh: self.next_fh(),
-                    flags: fopen_flags(flags),
+                    flags: self.handle_flags(attr.ino, flags),
                 };
                 return Ok((self.entry(parent, &name, &attr), opened));
             }
@@ -113,7 +122,7 @@ impl Inner {
         }
         let opened = Opened {
             fh: self.next_fh(),
-            flags: fopen_flags(flags),
+            flags: self.handle_flags(attr.ino, flags),
         };
         Ok((self.entry(parent, &name, &attr), opened))
     }

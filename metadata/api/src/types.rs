@@ -72,16 +72,43 @@ pub struct LeasedOpen {
 pub const OPEN_CHUNKS: u64 = 16;
 
 /// `Attr::stored` after a write of data up to `end` that stored `delta` more bytes, the file
-/// being `size` long afterwards. Writers count only the growth past the size they knew (a
-/// write below it may overwrite), so a file filled in below its size would show no space
-/// taken; it shows at least one 4 KiB block. A file of some size with `st_blocks` 0 is taken
-/// for "all hole" (GNU tar's `--sparse` archives it empty).
+/// being `size` long afterwards. Writers count the blocks the chunkservers say they filled
+/// for the first time (growth past the size they knew where a chunkserver does not say);
+/// the result is kept between these bounds:
+/// - at least one 4 KiB block for a file with data: a file of some size with `st_blocks` 0
+///   is taken for "all hole" (GNU tar's `--sparse` archives it empty);
+/// - at most the size rounded up to a block: the counts are not exact (blocks a punch freed
+///   inside a chunk are not subtracted, two writers filling the same block may both count
+///   it), and must never grow without bound.
 pub fn stored_after_write(stored: u64, delta: i64, size: u64, end: u64) -> u64 {
+    const BLOCK: u64 = 4096;
     let stored = stored.saturating_add_signed(delta);
-    if end == 0 {
-        return stored;
+    let stored = if end == 0 {
+        stored
+    } else {
+        stored.max(size.min(BLOCK))
+    };
+    stored.min(size.div_ceil(BLOCK).saturating_mul(BLOCK))
+}
+
+#[cfg(test)]
+mod stored_tests {
+    use super::stored_after_write;
+
+    #[test]
+    fn stored_bytes_stay_between_one_block_and_the_size() {
+        assert_eq!(
+            stored_after_write(0, 10, 10, 10),
+            4096,
+            "one block for data"
+        );
+        assert_eq!(stored_after_write(0, 0, 1 << 20, 1 << 20), 4096);
+        assert_eq!(stored_after_write(0, 0, 0, 0), 0, "no data, no blocks");
+        assert_eq!(stored_after_write(8192, 4096, 1 << 30, 20), 12_288);
+        // Counted twice or never freed: no more than the size.
+        assert_eq!(stored_after_write(12_288, 8192, 10_000, 10_000), 12_288);
+        assert_eq!(stored_after_write(4096, -8192, 100, 0), 0);
     }
-    stored.max(size.min(4096))
 }
 
 /// The attributes of one inode.

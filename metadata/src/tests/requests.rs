@@ -40,7 +40,7 @@ fn a_repeated_request_is_applied_once_with_the_same_reply() {
     let now = h.now();
     let write = Command::CommitWrite {
         ino: f.ino,
-        end: 10,
+        end: 1 << 20,
         stored_delta: 4096,
         now,
     };
