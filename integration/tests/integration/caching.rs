@@ -3,6 +3,7 @@
 
 use anyhow::{ensure, Result};
 use rawfs_integration::fsutil::*;
+use rawfs_integration::harness::wait_until;
 use rawfs_integration::Cluster;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -138,14 +139,11 @@ fn a_writer_keeps_the_pages_it_wrote() -> Result<()> {
     // A change from the other mount, seen here once the events before it (the writer's own
     // commits) have been handled: the order of the change events is the leader's.
     fs::set_permissions(a.join("marker"), fs::Permissions::from_mode(0o600))?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while mode(&c.path("marker"))? != 0o600 {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "the other mount's chmod never showed"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until(
+        "the other mount's chmod to show here",
+        std::time::Duration::from_secs(10),
+        || Ok(mode(&c.path("marker"))? == 0o600),
+    )?;
     // The kernel cached what it wrote; the commits of this mount's own writes must not have
     // thrown it away (a sequential writer lost its whole page cache at every flush).
     let kept = resident_pages(&f, len)?;
