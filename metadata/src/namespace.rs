@@ -425,8 +425,10 @@ pub(crate) fn setattr(t: &mut Tables, ino: Ino, set: &SetAttr, now: Timespec) ->
                 rec.stored = rec.stored.min(size);
             }
             rec.size = size;
-            rec.mtime = now;
         }
+        // Like Linux filesystems: truncate(2), ftruncate(2) and open(O_TRUNC) stamp mtime
+        // even when the size stays (the kernel sends no mtime for the last two).
+        rec.mtime = now;
         changed = true;
     }
     if let Some(a) = set.atime {
@@ -437,7 +439,7 @@ pub(crate) fn setattr(t: &mut Tables, ino: Ino, set: &SetAttr, now: Timespec) ->
         rec.mtime = resolve(m, now);
         changed = true;
     }
-    if changed {
+    if changed || set.stamp_ctime {
         rec.ctime = now;
         t.put_inode(ino, &rec)?;
     }

@@ -69,10 +69,24 @@ pub(crate) fn to_timespec(t: SystemTime) -> Timespec {
     }
 }
 
+/// A time the kernel asked `setattr` for, as fuser 0.18 hands it over.
 pub(crate) fn to_time_set(t: TimeOrNow) -> TimeSet {
     match t {
         TimeOrNow::Now => TimeSet::Now,
-        TimeOrNow::SpecificTime(t) => TimeSet::At(to_timespec(t)),
+        TimeOrNow::SpecificTime(t) => TimeSet::At(from_kernel(t)),
+    }
+}
+
+/// Undoes fuser 0.18's conversion of a kernel time before 1970: it turns (-s, ns) into
+/// `UNIX_EPOCH - (s + ns)` where `UNIX_EPOCH - s + ns` is meant, so -1.5 s (-2 s + 0.5 s)
+/// would arrive as -2.5 s. Times from 1970 on convert right.
+fn from_kernel(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(_) => to_timespec(t),
+        Err(e) => Timespec {
+            sec: -(e.duration().as_secs() as i64),
+            nsec: e.duration().subsec_nanos(),
+        },
     }
 }
 
@@ -128,6 +142,26 @@ pub(crate) fn file_attr(map: &InoMap, a: &Attr, size: Option<u64>) -> FileAttr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_times_before_1970_keep_their_nanoseconds() {
+        // fuser 0.18 hands (-2 s, 0.5 s), which is -1.5 s, over as EPOCH - 2.5 s.
+        let fuser_made = UNIX_EPOCH - Duration::new(2, 500_000_000);
+        let set = to_time_set(TimeOrNow::SpecificTime(fuser_made));
+        assert_eq!(
+            set,
+            TimeSet::At(Timespec {
+                sec: -2,
+                nsec: 500_000_000
+            })
+        );
+        let whole = UNIX_EPOCH - Duration::from_secs(7);
+        let set = to_time_set(TimeOrNow::SpecificTime(whole));
+        assert_eq!(set, TimeSet::At(Timespec { sec: -7, nsec: 0 }));
+        let after = UNIX_EPOCH + Duration::new(5, 6);
+        let set = to_time_set(TimeOrNow::SpecificTime(after));
+        assert_eq!(set, TimeSet::At(Timespec { sec: 5, nsec: 6 }));
+    }
 
     #[test]
     fn times_round_trip_including_before_epoch() {

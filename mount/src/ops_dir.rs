@@ -15,7 +15,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileType, FopenFlags, Generation, INodeNo, ReplyDirectory, ReplyDirectoryPlus,
 };
-use rawfs_metadata_api::{DirEntry, FileKind, Ino};
+use rawfs_metadata_api::{DirEntry, FileKind, Ino, MetaError};
 
 use crate::attr::{file_type, BLKSIZE};
 use crate::errno;
@@ -205,12 +205,12 @@ impl Inner {
                     0 => 0,
                     _ => *cur.after.get(i - 1).ok_or(Errno::EINVAL)?,
                 };
-                let page = self
-                    .client
-                    .meta()
-                    .readdir(ino, cookie, PAGE)
-                    .await
-                    .map_err(errno::meta)?;
+                let page = match self.client.meta().readdir(ino, cookie, PAGE).await {
+                    Ok(page) => page,
+                    // Removed while open: it lists as empty, as on local filesystems.
+                    Err(MetaError::NotFound) => Vec::new(),
+                    Err(e) => return Err(errno::meta(e)),
+                };
                 cur.buf_is_last = page.len() < PAGE as usize;
                 cur.buf = page;
                 cur.buf_start = i;

@@ -249,47 +249,60 @@ impl Inner {
     ) -> Result<(), Errno> {
         const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
         let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
         self.written(ino).await?;
         self.settle(ino).await?;
         match mode {
             // Space is not reserved ahead (chunks are placed when first written), so plain
             // fallocate only extends the size; KEEP_SIZE alone has nothing left to do.
-            0 => {
-                let io = self.io(ino)?;
-                if end > io.size() {
-                    io.flush().await.map_err(|e| self.data_errno(e))?;
-                    let set = SetAttr {
-                        size: Some(end),
-                        ..SetAttr::default()
-                    };
-                    self.client
-                        .meta()
-                        .setattr(ino, set)
-                        .await
-                        .map_err(errno::meta)?;
-                    io.set_size(end);
-                }
-                Ok(())
-            }
+            0 => self.extend(ino, end).await,
             KEEP_SIZE => Ok(()),
-            PUNCH => {
-                let io = self.io(ino)?;
-                io.punch(offset, length)
-                    .await
-                    .map_err(|e| self.data_errno(e))?;
-                // A punch changes the content, so mtime and ctime move (zeros written inside
-                // a chunk change no metadata by themselves); that is also how other mounts
-                // learn that the pages they cached are stale (see page_cache.rs).
-                self.client
-                    .meta()
-                    .commit_write(ino, 0, 0)
-                    .await
-                    .map(drop)
-                    .map_err(errno::meta)
+            PUNCH => self.zero(ino, offset, length).await,
+            // Zeros, which thin storage keeps as a hole; the size grows unless KEEP_SIZE.
+            ZERO => {
+                self.zero(ino, offset, length).await?;
+                self.extend(ino, end).await
             }
+            m if m == ZERO | KEEP_SIZE => self.zero(ino, offset, length).await,
             _ => Err(Errno::EOPNOTSUPP),
         }
+    }
+
+    /// Grows the file to `end` bytes if it is shorter.
+    async fn extend(&self, ino: Ino, end: u64) -> Result<(), Errno> {
+        let io = self.io(ino)?;
+        if end > io.size() {
+            io.flush().await.map_err(|e| self.data_errno(e))?;
+            let set = SetAttr {
+                size: Some(end),
+                ..SetAttr::default()
+            };
+            self.client
+                .meta()
+                .setattr(ino, set)
+                .await
+                .map_err(errno::meta)?;
+            io.set_size(end);
+        }
+        Ok(())
+    }
+
+    /// Punches `offset..offset + length` (within the size) to a hole.
+    async fn zero(&self, ino: Ino, offset: u64, length: u64) -> Result<(), Errno> {
+        let io = self.io(ino)?;
+        io.punch(offset, length)
+            .await
+            .map_err(|e| self.data_errno(e))?;
+        // A punch changes the content, so mtime and ctime move (zeros written inside a chunk
+        // change no metadata by themselves); that is also how other mounts learn that the
+        // pages they cached are stale (see page_cache.rs).
+        self.client
+            .meta()
+            .commit_write(ino, 0, 0)
+            .await
+            .map(drop)
+            .map_err(errno::meta)
     }
 
     /// `SEEK_DATA` / `SEEK_HOLE` at chunkserver block granularity (see `rawfs_client`'s

@@ -36,6 +36,7 @@ pub(crate) fn set_attr(
         size,
         atime: atime.map(to_time_set),
         mtime: mtime.map(to_time_set),
+        stamp_ctime: false,
     }
 }
 
@@ -124,9 +125,11 @@ impl Inner {
         ino: Ino,
         set: SetAttr,
     ) -> Result<(FileAttr, Duration), Errno> {
+        let mut set = set;
         if set == SetAttr::default() {
-            // Only fields rawfs does not keep (ctime alone, BSD flags): report as is.
-            return self.getattr(ino).await;
+            // Nothing to set: `chown(2)` to -1, -1, which Linux filesystems answer by
+            // stamping the change time (the kernel sends no ctime without writeback cache).
+            set.stamp_ctime = true;
         }
         if let Some(done) = self.held_setattr(ino, &set).await {
             return done.map(|a| (self.attr(&a), self.attr_ttl));

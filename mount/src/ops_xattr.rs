@@ -41,6 +41,14 @@ fn is_system(name: &[u8]) -> bool {
     name.starts_with(b"system.")
 }
 
+/// Whether `name` is in a namespace Linux knows (`user.`, `trusted.`, `security.`,
+/// `system.`): local filesystems refuse any other with EOPNOTSUPP, and so does rawfs.
+fn known_namespace(name: &[u8]) -> bool {
+    [&b"user."[..], b"trusted.", b"security.", b"system."]
+        .iter()
+        .any(|ns| name.starts_with(ns))
+}
+
 impl Inner {
     /// Forgets that `ino` has no xattrs, here and in a held directory's attributes of it.
     fn xattrs_changed(&self, ino: Ino) {
@@ -55,7 +63,7 @@ impl Inner {
         value: Vec<u8>,
         flags: i32,
     ) -> Result<(), Errno> {
-        if is_system(&name) {
+        if is_system(&name) || !known_namespace(&name) {
             return Err(Errno::EOPNOTSUPP);
         }
         let mode = xattr_mode(flags)?;
@@ -92,6 +100,9 @@ impl Inner {
         name: Vec<u8>,
         size: u32,
     ) -> Result<XattrOut, Errno> {
+        if !known_namespace(&name) {
+            return Err(Errno::EOPNOTSUPP);
+        }
         if self.surely_no_xattr(ino, &name) {
             return Err(Errno::NO_XATTR);
         }
@@ -126,6 +137,9 @@ impl Inner {
     }
 
     pub(crate) async fn removexattr(&self, ino: Ino, name: Vec<u8>) -> Result<(), Errno> {
+        if !known_namespace(&name) {
+            return Err(Errno::EOPNOTSUPP);
+        }
         if is_system(&name) {
             return Err(Errno::NO_XATTR);
         }

@@ -127,6 +127,46 @@ fn setattr_changes_mode_owner_times_and_size() -> Result<()> {
     fs::write(&p, b"new")?;
     let md = fs::metadata(&p)?;
     assert!((md.mtime(), md.mtime_nsec()) > old, "a write updates mtime");
+
+    // As on Linux filesystems: ftruncate to the same size still stamps mtime and ctime,
+    // and chown to -1, -1 stamps ctime.
+    let stamp = |m: &fs::Metadata| ((m.mtime(), m.mtime_nsec()), (m.ctime(), m.ctime_nsec()));
+    let (m0, c0) = stamp(&fs::metadata(&p)?);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    OpenOptions::new().write(true).open(&p)?.set_len(3)?;
+    let (m1, c1) = stamp(&fs::metadata(&p)?);
+    assert!(
+        m1 > m0 && c1 > c0,
+        "same-size ftruncate: {m0:?} {c0:?} -> {m1:?} {c1:?}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    // SAFETY: valid path; -1 (as uid_t/gid_t) leaves owner and group as they are.
+    assert_eq!(unsafe { libc::chown(cp.as_ptr(), u32::MAX, u32::MAX) }, 0);
+    let (m2, c2) = stamp(&fs::metadata(&p)?);
+    assert!(
+        m2 == m1 && c2 > c1,
+        "chown -1 -1: ctime {c1:?} -> {c2:?}, mtime kept"
+    );
+
+    // Times before 1970 keep their nanoseconds (-1.5 s is -2 s + 0.5 s).
+    let old_times = [
+        libc::timespec {
+            tv_sec: -2,
+            tv_nsec: 500_000_000,
+        },
+        libc::timespec {
+            tv_sec: -100,
+            tv_nsec: 1,
+        },
+    ];
+    // SAFETY: valid path and two timespecs.
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), old_times.as_ptr(), 0) },
+        0
+    );
+    let md = fs::metadata(&p)?;
+    assert_eq!((md.atime(), md.atime_nsec()), (-2, 500_000_000));
+    assert_eq!((md.mtime(), md.mtime_nsec()), (-100, 1));
     Ok(())
 }
 
@@ -265,6 +305,13 @@ fn xattrs_set_get_list_and_remove() -> Result<()> {
     fs::create_dir(&d)?;
     setxattr(&d, "user.dir", b"yes", 0)?;
     assert_eq!(getxattr(&d, "user.dir")?, b"yes");
+    // A namespace Linux does not know is refused, as local filesystems refuse it.
+    assert_eq!(errno(setxattr(&p, "osx.a", b"1", 0)), libc::EOPNOTSUPP);
+    assert_eq!(errno(getxattr(&p, "osx.a")), libc::EOPNOTSUPP);
+    assert_eq!(errno(removexattr(&p, "osx.a")), libc::EOPNOTSUPP);
+    setxattr(&p, "trusted.t", b"t", 0)?;
+    setxattr(&p, "security.s", b"s", 0)?;
+    assert_eq!(getxattr(&p, "trusted.t")?, b"t");
     Ok(())
 }
 
@@ -300,6 +347,28 @@ fn fallocate_punches_holes_and_copy_file_range_copies() -> Result<()> {
     let mut tail = vec![1u8; 1 << 20];
     f.read_exact_at(&mut tail, 3 << 20)?;
     assert!(tail.iter().all(|b| *b == 0));
+    // ZERO_RANGE zeros inside the size; without KEEP_SIZE it also extends.
+    f.write_all_at(&[7u8; 8192], 4 << 20)?;
+    fallocate(
+        &f,
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        (4 << 20) + 1000,
+        100_000,
+    )?;
+    assert_eq!(f.metadata()?.len(), (4 << 20) + 8192, "KEEP_SIZE keeps it");
+    fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, 4 << 20, 10_000)?;
+    assert_eq!(
+        f.metadata()?.len(),
+        (4 << 20) + 10_000,
+        "grown to the range's end"
+    );
+    drop_cache(&f);
+    let mut zeroed = vec![1u8; 10_000];
+    f.read_exact_at(&mut zeroed, 4 << 20)?;
+    assert!(
+        zeroed.iter().all(|b| *b == 0),
+        "zeroed range reads as zeros"
+    );
 
     // A hole punched across a chunk boundary (64 MiB) of a sparse file.
     let s = OpenOptions::new()

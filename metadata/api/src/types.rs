@@ -161,6 +161,11 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub atime: Option<TimeSet>,
     pub mtime: Option<TimeSet>,
+    /// Stamp the change time even if nothing else is set, as Linux does for `chown(2)` to
+    /// -1, -1. Last and left out when false, so that servers from before it still decode
+    /// every other request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stamp_ctime: bool,
 }
 
 /// Who is asking: used for ownership of new inodes and setgid inheritance.

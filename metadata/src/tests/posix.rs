@@ -424,3 +424,64 @@ fn a_removed_directory_takes_no_new_entries() {
     .unwrap();
     assert_eq!(h.getattr(d.ino), Err(MetaError::NotFound));
 }
+
+#[test]
+fn a_truncate_stamps_mtime_even_at_the_same_size_and_an_empty_set_stamps_ctime() {
+    let mut h = H::new();
+    let f = h.create(ROOT_INO, "f");
+    let set = |h: &mut H, set: SetAttr| {
+        let now = h.now();
+        h.apply(Command::SetAttr {
+            ino: f.ino,
+            set,
+            now,
+        })
+        .unwrap()
+        .into_attr()
+        .unwrap()
+    };
+    let same_size = SetAttr {
+        size: Some(f.size),
+        ..Default::default()
+    };
+    let a = set(&mut h, same_size);
+    assert!(
+        a.mtime > f.mtime && a.ctime > f.ctime,
+        "ftruncate(2) to the same size"
+    );
+    let b = set(&mut h, SetAttr::default());
+    assert_eq!(
+        (b.mtime, b.ctime),
+        (a.mtime, a.ctime),
+        "nothing asked, nothing stamped"
+    );
+    let touch = SetAttr {
+        stamp_ctime: true,
+        ..Default::default()
+    };
+    let c = set(&mut h, touch);
+    assert!(
+        c.mtime == a.mtime && c.ctime > a.ctime,
+        "chown(2) to -1, -1"
+    );
+}
+
+#[test]
+fn a_set_attr_without_stamp_ctime_encodes_as_before_it_existed() {
+    // Servers from before `stamp_ctime` decode six fields; a request that leaves it false
+    // must still be six, and a six-field one from an older client must decode.
+    let plain = SetAttr {
+        size: Some(3),
+        ..Default::default()
+    };
+    let bytes = rmp_serde::to_vec(&plain).unwrap();
+    assert_eq!(bytes[0], 0x96, "an array of 6 fields");
+    assert_eq!(rmp_serde::from_slice::<SetAttr>(&bytes).unwrap(), plain);
+    let touch = SetAttr {
+        stamp_ctime: true,
+        ..Default::default()
+    };
+    let bytes = rmp_serde::to_vec(&touch).unwrap();
+    assert_eq!(bytes[0], 0x97, "an array of 7 fields");
+    assert_eq!(rmp_serde::from_slice::<SetAttr>(&bytes).unwrap(), touch);
+}
