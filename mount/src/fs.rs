@@ -58,6 +58,10 @@ pub(crate) trait Respond: Send + 'static {
     type Value: Send + 'static;
     fn ok(self, v: Self::Value);
     fn err(self, e: Errno);
+    /// Whether answering with `v` at once should start busy-polling (see `busy_poll.rs`).
+    fn poll_after(_v: &Self::Value) -> bool {
+        true
+    }
 }
 
 impl Respond for ReplyEntry {
@@ -99,7 +103,18 @@ impl Respond for ReplyData {
     fn err(self, e: Errno) {
         self.error(e);
     }
+    /// Not after a large read: that is a sequential reader, whose next requests are
+    /// readahead the kernel has queued already, and the CPU a spin takes is the one that
+    /// copies and checks the data. Measured on a cold 1 GiB read through the mount, 4 runs
+    /// each way: the mount used 0.48-0.78 CPU s/GiB without the spin and 0.64-1.11 with it,
+    /// and read faster every time (1,434-2,162 MiB/s against 1,125-1,944).
+    fn poll_after(d: &Bytes) -> bool {
+        d.len() < STREAMING_READ
+    }
 }
+
+/// A read reply at least this long comes from a sequential stream (kernel readahead).
+const STREAMING_READ: usize = 128 << 10;
 
 impl Respond for ReplyOpen {
     type Value = Opened;
@@ -215,8 +230,9 @@ impl RawFs {
             let _runtime = rt.enter();
             let mut cx = Context::from_waker(futures::task::noop_waker_ref());
             if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+                let poll = out.as_ref().map_or(true, R::poll_after);
                 respond(reply, out);
-                if let Some(b) = &self.busy_poll {
+                if let (Some(b), true) = (&self.busy_poll, poll) {
                     b.answered();
                 }
                 return;
