@@ -21,7 +21,7 @@ use tracing::warn;
 use crate::attr::{file_attr, InoMap};
 use crate::coherence::Coherence;
 use crate::opens::{OpenFile, ReleaseMsg};
-use crate::ops_dir::DirCursor;
+use crate::ops_dir::OpenDir;
 
 /// Caches of "this inode has no `security.capability`" are dropped past this many inodes.
 const NO_CAPS_LIMIT: usize = 100_000;
@@ -43,7 +43,7 @@ pub(crate) struct Inner {
     pub(crate) attr_ttl: Duration,
     pub(crate) entry_ttl: Duration,
     pub(crate) files: Mutex<HashMap<Ino, OpenFile>>,
-    pub(crate) dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<DirCursor>>>>,
+    pub(crate) dirs: Mutex<HashMap<u64, OpenDir>>,
     /// Parent of each directory seen, for the `..` entry of `readdir` (cosmetic: the kernel
     /// resolves `..` itself).
     parents: Mutex<HashMap<Ino, Ino>>,

@@ -15,7 +15,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileType, FopenFlags, Generation, INodeNo, ReplyDirectory, ReplyDirectoryPlus,
 };
-use rawfs_metadata_api::{DirEntry, FileKind, Ino, MetaError};
+use rawfs_metadata_api::{Attr, DirEntry, FileKind, Ino, MetaError};
 
 use crate::attr::{file_type, BLKSIZE};
 use crate::errno;
@@ -24,6 +24,15 @@ use crate::inner::{lock, Inner};
 
 /// Entries fetched from the metadata service per call.
 const PAGE: u32 = 512;
+
+/// One open directory handle.
+pub(crate) struct OpenDir {
+    ino: Ino,
+    /// Its attributes when opened: what `fstat` shows once it is removed (see
+    /// [`Inner::removed_open_dir`]).
+    attr: Attr,
+    cursor: Arc<tokio::sync::Mutex<DirCursor>>,
+}
 
 /// One open directory's listing state.
 pub(crate) struct DirCursor {
@@ -130,7 +139,12 @@ impl Inner {
             buf_start: 0,
             buf_is_last: false,
         };
-        lock(&self.dirs).insert(fh, Arc::new(tokio::sync::Mutex::new(cursor)));
+        let dir = OpenDir {
+            ino,
+            attr: a,
+            cursor: Arc::new(tokio::sync::Mutex::new(cursor)),
+        };
+        lock(&self.dirs).insert(fh, dir);
         Ok(Opened {
             fh,
             flags: FopenFlags::empty(),
@@ -139,6 +153,20 @@ impl Inner {
 
     pub(crate) fn releasedir(&self, fh: u64) {
         lock(&self.dirs).remove(&fh);
+    }
+
+    /// The attributes of `ino`, removed (the metadata service no longer has it), if it is a
+    /// directory open here: a directory lives on while open, with no links, and `fstat`
+    /// of a handle of it works as on local filesystems (xfstests' rename-overwrite check).
+    /// The metadata service keeps no open of a directory (it would cost a log entry per
+    /// `opendir`), so these are the attributes it had when opened.
+    pub(crate) fn removed_open_dir(&self, ino: Ino) -> Option<Attr> {
+        let dirs = lock(&self.dirs);
+        let d = dirs.values().find(|d| d.ino == ino)?;
+        Some(Attr {
+            nlink: 0,
+            ..d.attr.clone()
+        })
     }
 
     /// Fills one kernel readdir(plus) buffer starting at position `offset`.
@@ -156,7 +184,10 @@ impl Inner {
         offset: u64,
         sink: &mut S,
     ) -> Result<(), Errno> {
-        let cursor = lock(&self.dirs).get(&fh).cloned().ok_or(Errno::EBADF)?;
+        let cursor = lock(&self.dirs)
+            .get(&fh)
+            .map(|d| d.cursor.clone())
+            .ok_or(Errno::EBADF)?;
         // The kernel serializes readdir on one open directory; the lock only guards against
         // a misbehaving caller.
         let mut cur = cursor.lock().await;

@@ -5,6 +5,7 @@ use rawfs_integration::fsutil::*;
 use rawfs_integration::Cluster;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
@@ -647,6 +648,31 @@ fn unlinked_file_stays_readable_until_close() -> Result<()> {
     drop(r);
     fs::write(&p, b"new")?;
     assert_eq!(fs::read(&p)?, b"new");
+
+    // Replaced by a rename, an open file or directory still stats, with no links
+    // (xfstests generic/035); a removed open directory lists as empty.
+    fs::write(c.path("src"), b"src")?;
+    let target = File::open(&p)?;
+    fs::rename(c.path("src"), &p)?;
+    assert_eq!(target.metadata()?.nlink(), 0);
+    assert_eq!(fs::read(&p)?, b"src");
+    fs::create_dir(c.path("d1"))?;
+    fs::create_dir(c.path("d2"))?;
+    let d2 = File::open(c.path("d2"))?;
+    let mode = d2.metadata()?.mode();
+    fs::rename(c.path("d1"), c.path("d2"))?;
+    let md = d2.metadata()?;
+    assert_eq!((md.nlink(), md.mode(), md.is_dir()), (0, mode, true));
+    fs::create_dir(c.path("d3"))?;
+    let d3 = File::open(c.path("d3"))?;
+    fs::remove_dir(c.path("d3"))?;
+    assert_eq!(d3.metadata()?.nlink(), 0);
+    let fd = d3.as_raw_fd();
+    let listed = fs::read_dir(format!("/proc/self/fd/{fd}"));
+    assert!(
+        listed.map_or(true, |mut l| l.next().is_none()),
+        "nothing listed"
+    );
     Ok(())
 }
 
