@@ -67,6 +67,10 @@ struct Inner {
     /// Highest end of data this client may have stored: bytes of the last chunk past this
     /// are known to be zero, so a truncate only has to zero up to here.
     high_water: AtomicU64,
+    /// Counts the sizes set here ([`FileIo::set_size`], truncates), so that a size read
+    /// from the metadata service before one is not taken after it (see
+    /// [`FileIo::grown_elsewhere`]).
+    size_changes: AtomicU64,
     bufs: Mutex<Bufs>,
     flush: tokio::sync::Mutex<Vec<Dirty>>,
     /// Where the unsynced chunks go when this file's last `FileIo` is dropped.
@@ -155,6 +159,7 @@ impl FileIo {
                 size: AtomicU64::new(size),
                 committed: AtomicU64::new(size),
                 high_water: AtomicU64::new(size),
+                size_changes: AtomicU64::new(0),
                 bufs: Mutex::new(Bufs {
                     buffer: WriteBuf::with_spares(write_buffer, budget.spares()),
                     pending: None,
@@ -191,6 +196,33 @@ impl FileIo {
     /// The file size, including buffered writes.
     pub fn size(&self) -> u64 {
         self.inner.size.load(Ordering::Acquire)
+    }
+
+    /// A token for [`FileIo::grown_elsewhere`]: take it before asking the metadata service
+    /// for the size.
+    pub fn size_changes(&self) -> u64 {
+        self.inner.size_changes.load(Ordering::Acquire)
+    }
+
+    /// The metadata service reported `size` (asked after `changes` was taken from
+    /// [`FileIo::size_changes`]): a size that another client's writes reached. Reads here
+    /// then reach it too, and a truncate zeroes up to it. Only ever grows the size, and is
+    /// ignored if a size was set here since the token (that report may predate a truncate).
+    pub fn grown_elsewhere(&self, size: u64, changes: u64) {
+        let inner = &self.inner;
+        let grew = {
+            let _b = lock(&inner.bufs);
+            if inner.size_changes.load(Ordering::Acquire) != changes {
+                return;
+            }
+            inner.committed.fetch_max(size, Ordering::AcqRel);
+            inner.high_water.fetch_max(size, Ordering::AcqRel);
+            inner.size.fetch_max(size, Ordering::AcqRel) < size
+        };
+        if grew {
+            // A window fetched before may end at the old end of file.
+            lock(&inner.ra).invalidate();
+        }
     }
 
     /// Whether written bytes are not stored yet: buffered, or in a flush that is under way
@@ -496,10 +528,13 @@ impl Inner {
     }
 
     fn set_size(&self, size: u64) {
-        self.size.store(size, Ordering::Release);
-        self.committed.store(size, Ordering::Release);
         {
+            // Under the buffer lock, as `grown_elsewhere` checks the count: a size it read
+            // before this one cannot be applied after it.
             let mut b = lock(&self.bufs);
+            self.size_changes.fetch_add(1, Ordering::AcqRel);
+            self.size.store(size, Ordering::Release);
+            self.committed.store(size, Ordering::Release);
             b.buffer.truncate(size);
             if let Some(p) = &mut b.pending {
                 p.truncate(size);

@@ -472,6 +472,42 @@ async fn truncate_then_extend_reads_zeros() {
 }
 
 #[tokio::test]
+async fn another_clients_growth_is_read_and_zeroed_by_a_truncate_here() {
+    let (fake, io) = setup(3, 1 << 20);
+    io.write(0, &pattern(1, 10_000)).await.unwrap();
+    io.flush().await.unwrap();
+    // Another client appends to the same file (its own FileIo, the same cluster).
+    let other = FileIo::new(INO, 10_000, fake.clone(), 1 << 20);
+    other.write(10_000, &pattern(2, 5_000)).await.unwrap();
+    other.flush().await.unwrap();
+    // A size read before a truncate here is not applied after it.
+    let stale = io.size_changes();
+    io.set_size(10_000);
+    io.grown_elsewhere(15_000, stale);
+    assert_eq!(
+        io.size(),
+        10_000,
+        "a report older than this client's own size"
+    );
+    let token = io.size_changes();
+    io.grown_elsewhere(15_000, token);
+    assert_eq!(io.size(), 15_000);
+    assert_eq!(io.read(10_000, 5_000).await.unwrap(), pattern(2, 5_000));
+    io.grown_elsewhere(12_000, io.size_changes());
+    assert_eq!(io.size(), 15_000, "sizes reported elsewhere only grow it");
+    // A truncate here zeroes the other client's bytes too, so an extension reads zeros.
+    io.set_size(11_000);
+    io.truncate_tail(11_000).await.unwrap();
+    io.set_size(15_000);
+    let back = io.read(10_000, 5_000).await.unwrap();
+    assert_eq!(back[..1_000], pattern(2, 5_000)[..1_000]);
+    assert!(
+        back[1_000..].iter().all(|b| *b == 0),
+        "the other client's bytes came back"
+    );
+}
+
+#[tokio::test]
 async fn sequential_reads_are_served_by_read_ahead() {
     let (fake, io) = setup(3, 8 << 20);
     let data = pattern(6, 12 << 20);

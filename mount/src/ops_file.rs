@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use fuser::{Errno, FopenFlags, OpenFlags};
 use rawfs_client::FileIo;
-use rawfs_metadata_api::{Attr, Caller, FileKind, Ino, Name, NewNode, SetAttr};
+use rawfs_metadata_api::{Attr, Caller, FileKind, Ino, Name, NewNode, SetAttr, CHUNK_SIZE};
 use tracing::warn;
 
 use crate::errno;
@@ -217,6 +217,13 @@ impl Inner {
         let (io, old): (Arc<FileIo>, u64) = match self.io_if_open(ino) {
             Some(io) => {
                 io.flush().await.map_err(|e| self.data_errno(e))?;
+                if size % CHUNK_SIZE != 0 {
+                    // The new end's chunk is zeroed past it up to the old end: learn how far
+                    // other clients' writes took that, which this open may not have seen.
+                    let changes = io.size_changes();
+                    let a = meta.getattr(ino).await.map_err(errno::meta)?;
+                    io.grown_elsewhere(a.size, changes);
+                }
                 let old = io.size();
                 (io, old)
             }

@@ -96,11 +96,16 @@ impl Inner {
         }
         // An unlink or rename of it still queued here: the leader must have it first.
         self.settle(ino).await?;
+        let open = self.io_if_open(ino).map(|io| (io.size_changes(), io));
         let a = match self.client.meta().getattr(ino).await {
             Ok(a) => a,
             Err(MetaError::NotFound) => self.removed_open_dir(ino).ok_or(Errno::ENOENT)?,
             Err(e) => return Err(errno::meta(e)),
         };
+        if let Some((changes, io)) = open {
+            // Another client's writes may have grown it while open here.
+            io.grown_elsewhere(a.size, changes);
+        }
         Ok((self.attr(&a), self.attr_ttl))
     }
 

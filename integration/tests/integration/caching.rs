@@ -157,3 +157,60 @@ fn a_writer_keeps_the_pages_it_wrote() -> Result<()> {
     ensure!(back == data, "read back differs");
     Ok(())
 }
+
+#[test]
+fn a_handle_open_here_sees_another_mounts_append() -> Result<()> {
+    let c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    let first = pattern(4, 0, 100_000);
+    fs::write(c.path("log"), &first)?;
+    // Open on mount a before the append, and read to the end there.
+    let reader = File::open(a.join("log"))?;
+    let mut got = vec![0u8; first.len()];
+    reader.read_exact_at(&mut got, 0)?;
+    ensure!(got == first, "first part");
+    let more = pattern(5, first.len() as u64, 70_000);
+    {
+        let mut w = OpenOptions::new().append(true).open(c.path("log"))?;
+        std::io::Write::write_all(&mut w, &more)?;
+        w.sync_all()?;
+    }
+    let total = (first.len() + more.len()) as u64;
+    // The handle opened before the append sees the new size and reads the new bytes (it
+    // kept the size it opened with for good).
+    wait_until(
+        "the append's size to show on the open handle",
+        std::time::Duration::from_secs(10),
+        || Ok(reader.metadata()?.len() == total),
+    )?;
+    let mut tail = vec![0u8; more.len()];
+    reader.read_exact_at(&mut tail, first.len() as u64)?;
+    ensure!(tail == more, "appended bytes read through the old handle");
+    drop(reader);
+
+    // Cut into another mount's appended bytes through a handle opened before them (and
+    // never asked for the size since), then extend: what was past the cut reads as zeros,
+    // so the truncate zeroed the other mount's bytes too.
+    fs::write(c.path("cut"), &first)?;
+    let writer = OpenOptions::new().write(true).open(a.join("cut"))?;
+    {
+        let mut w = OpenOptions::new().append(true).open(c.path("cut"))?;
+        std::io::Write::write_all(&mut w, &more)?;
+        w.sync_all()?;
+    }
+    let cut = first.len() + 10;
+    writer.set_len(cut as u64)?;
+    writer.set_len(total)?;
+    drop(writer);
+    let back = fs::read(c.path("cut"))?;
+    ensure!(back.len() as u64 == total, "size {}", back.len());
+    ensure!(
+        back[..cut] == [&first[..], &more[..10]].concat()[..],
+        "bytes before the cut"
+    );
+    ensure!(
+        back[cut..].iter().all(|b| *b == 0),
+        "bytes past the cut came back"
+    );
+    Ok(())
+}
