@@ -43,8 +43,17 @@
 //!   handles them locally, so they are exclusive between processes on this mount only.
 //!   Cluster-wide locks are a later issue.
 //! - `fallocate` mode 0 extends the size but reserves no space (chunks are placed when
-//!   first written); `SEEK_DATA`/`SEEK_HOLE` use the kernel default (the whole file is data).
-//! - ACLs are not supported (`system.*` xattrs are refused).
+//!   first written); `FALLOC_FL_ZERO_RANGE` punches (thin storage keeps zeros as holes);
+//!   collapse and insert ranges are refused. `SEEK_DATA`/`SEEK_HOLE` see written blocks
+//!   while no handle here may write the file, else the plain answer (the whole file is data).
+//! - ACLs are not supported (`system.*` xattrs are refused), nor are xattr namespaces Linux
+//!   does not know (EOPNOTSUPP, as on local filesystems).
+//! - A file open here learns the growth that other clients' writes made whenever its
+//!   attributes are asked for, and before a truncate; a shrink by another client is not
+//!   taken while it is open here (the size this mount knows stays until the last close).
+//! - A directory removed while open here keeps answering `fstat` (no links, its attributes
+//!   when opened); the metadata service keeps no open of a directory, which would cost a
+//!   log entry per `opendir`.
 //! - Open files are registered with the metadata service (so that an unlinked open file
 //!   lives until its last close), one registration per inode per mount. `create` makes the
 //!   file and registers the open in one replicated command; the release after the last
