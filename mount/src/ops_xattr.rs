@@ -42,11 +42,13 @@ fn is_system(name: &[u8]) -> bool {
 }
 
 /// Whether `name` is in a namespace Linux knows (`user.`, `trusted.`, `security.`,
-/// `system.`): local filesystems refuse any other with EOPNOTSUPP, and so does rawfs.
+/// `system.`), or is rawfs's own storage class (`rawfs.class`, which `rawfs class` sets):
+/// local filesystems refuse any other with EOPNOTSUPP, and so does rawfs.
 fn known_namespace(name: &[u8]) -> bool {
-    [&b"user."[..], b"trusted.", b"security.", b"system."]
-        .iter()
-        .any(|ns| name.starts_with(ns))
+    name == CLASS_XATTR.as_bytes()
+        || [&b"user."[..], b"trusted.", b"security.", b"system."]
+            .iter()
+            .any(|ns| name.starts_with(ns))
 }
 
 impl Inner {
@@ -179,5 +181,7 @@ mod tests {
         assert_eq!(xattr_mode(libc::XATTR_CREATE), Ok(XattrMode::Create));
         assert_eq!(xattr_mode(libc::XATTR_REPLACE), Ok(XattrMode::Replace));
         assert_eq!(xattr_mode(3), Err(Errno::EINVAL));
+        assert!(known_namespace(b"user.a") && known_namespace(CLASS_XATTR.as_bytes()));
+        assert!(!known_namespace(b"osx.a") && !known_namespace(b"rawfs.other"));
     }
 }
