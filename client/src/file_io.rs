@@ -217,11 +217,14 @@ impl FileIo {
             }
             inner.committed.fetch_max(size, Ordering::AcqRel);
             inner.high_water.fetch_max(size, Ordering::AcqRel);
-            inner.size.fetch_max(size, Ordering::AcqRel) < size
+            let old = inner.size.fetch_max(size, Ordering::AcqRel);
+            (old < size).then_some(old)
         };
-        if grew {
-            // A window fetched before may end at the old end of file.
+        if let Some(old) = grew {
+            // A window fetched before may end at the old end of file, and chunks past it
+            // may be cached as holes that the other client has written since.
             lock(&inner.ra).invalidate();
+            inner.locs.forget_from(old / CHUNK_SIZE);
         }
     }
 

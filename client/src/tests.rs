@@ -508,6 +508,31 @@ async fn another_clients_growth_is_read_and_zeroed_by_a_truncate_here() {
 }
 
 #[tokio::test]
+async fn growth_elsewhere_into_a_new_chunk_is_not_read_as_a_cached_hole() {
+    let (fake, io) = setup(3, 1 << 20);
+    io.write(0, b"first").await.unwrap();
+    io.flush().await.unwrap();
+    // A sparse extension here, read once: chunk 1 is looked up and cached as a hole.
+    let first_size = CHUNK_SIZE + 100;
+    io.set_size(first_size);
+    assert!(io
+        .read(CHUNK_SIZE, 100)
+        .await
+        .unwrap()
+        .iter()
+        .all(|b| *b == 0));
+    // Another client writes there and past the end.
+    let other = FileIo::new(INO, first_size, fake.clone(), 1 << 20);
+    other.write(CHUNK_SIZE + 50, b"other").await.unwrap();
+    other.write(CHUNK_SIZE + 200, b"tail").await.unwrap();
+    other.flush().await.unwrap();
+    io.grown_elsewhere(CHUNK_SIZE + 204, io.size_changes());
+    let back = io.read(CHUNK_SIZE + 50, 154).await.unwrap();
+    assert_eq!(&back[..5], b"other", "the cached hole was read");
+    assert_eq!(&back[150..], b"tail");
+}
+
+#[tokio::test]
 async fn sequential_reads_are_served_by_read_ahead() {
     let (fake, io) = setup(3, 8 << 20);
     let data = pattern(6, 12 << 20);

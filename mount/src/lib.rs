@@ -46,11 +46,12 @@
 //!   first written); `FALLOC_FL_ZERO_RANGE` punches (thin storage keeps zeros as holes);
 //!   collapse and insert ranges are refused. `SEEK_DATA`/`SEEK_HOLE` see written blocks
 //!   while no handle here may write the file, else the plain answer (the whole file is data).
-//! - ACLs are not supported (`system.*` xattrs are refused), nor are xattr namespaces Linux
-//!   does not know (EOPNOTSUPP, as on local filesystems).
+//! - ACLs are not supported (`system.*` xattrs are refused), and xattrs cannot be set in
+//!   namespaces Linux does not know (EOPNOTSUPP, as on local filesystems).
 //! - A file open here learns the growth that other clients' writes made whenever its
-//!   attributes are asked for, and before a truncate; a shrink by another client is not
-//!   taken while it is open here (the size this mount knows stays until the last close).
+//!   attributes are asked for, and before a truncate or an extension (from the leader only:
+//!   not with `consistency=local`); a shrink by another client is not taken while it is
+//!   open here (the size this mount knows stays until the last close).
 //! - A directory removed while open here keeps answering `fstat` (no links, its attributes
 //!   when opened); the metadata service keeps no open of a directory, which would cost a
 //!   log entry per `opendir`.

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use fuser::{Errno, FopenFlags, OpenFlags};
 use rawfs_client::FileIo;
-use rawfs_metadata_api::{Attr, Caller, FileKind, Ino, Name, NewNode, SetAttr, CHUNK_SIZE};
+use rawfs_metadata_api::{
+    Attr, Caller, Consistency, FileKind, Ino, Name, NewNode, SetAttr, CHUNK_SIZE,
+};
 use tracing::warn;
 
 use crate::errno;
@@ -220,9 +222,7 @@ impl Inner {
                 if size % CHUNK_SIZE != 0 {
                     // The new end's chunk is zeroed past it up to the old end: learn how far
                     // other clients' writes took that, which this open may not have seen.
-                    let changes = io.size_changes();
-                    let a = meta.getattr(ino).await.map_err(errno::meta)?;
-                    io.grown_elsewhere(a.size, changes);
+                    self.learn_growth(ino, &io).await?;
                 }
                 let old = io.size();
                 (io, old)
@@ -276,9 +276,13 @@ impl Inner {
         }
     }
 
-    /// Grows the file to `end` bytes if it is shorter.
+    /// Grows the file to `end` bytes if it is shorter (never shorter than another client's
+    /// writes made it).
     async fn extend(&self, ino: Ino, end: u64) -> Result<(), Errno> {
         let io = self.io(ino)?;
+        if end > io.size() {
+            self.learn_growth(ino, &io).await?;
+        }
         if end > io.size() {
             io.flush().await.map_err(|e| self.data_errno(e))?;
             let set = SetAttr {
@@ -292,6 +296,20 @@ impl Inner {
                 .map_err(errno::meta)?;
             io.set_size(end);
         }
+        Ok(())
+    }
+
+    /// Learns from the leader how far other clients' writes grew `ino`, open here as `io`
+    /// (see [`FileIo::grown_elsewhere`]). Not from a replica that may lag
+    /// (`consistency=local`): its size may predate this client's own truncate.
+    pub(crate) async fn learn_growth(&self, ino: Ino, io: &FileIo) -> Result<(), Errno> {
+        let meta = self.client.meta();
+        if meta.consistency() != Consistency::Linearizable {
+            return Ok(());
+        }
+        let changes = io.size_changes();
+        let a = meta.getattr(ino).await.map_err(errno::meta)?;
+        io.grown_elsewhere(a.size, changes);
         Ok(())
     }
 

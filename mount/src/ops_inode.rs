@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use fuser::{AccessFlags, Errno, FileAttr, RenameFlags, TimeOrNow};
 use rawfs_metadata_api::{
-    Caller, FileKind, Ino, MetaError, Name, NewNode, RenameFlags as MetaRenameFlags, SetAttr,
-    PATH_MAX, REPLICAS,
+    Caller, Consistency, FileKind, Ino, MetaError, Name, NewNode, RenameFlags as MetaRenameFlags,
+    SetAttr, PATH_MAX, REPLICAS,
 };
 use serde_bytes::ByteBuf;
 
@@ -96,7 +96,11 @@ impl Inner {
         }
         // An unlink or rename of it still queued here: the leader must have it first.
         self.settle(ino).await?;
-        let open = self.io_if_open(ino).map(|io| (io.size_changes(), io));
+        // Growth is learnt only from the leader (see `learn_growth`).
+        let open = self
+            .io_if_open(ino)
+            .filter(|_| self.client.meta().consistency() == Consistency::Linearizable)
+            .map(|io| (io.size_changes(), io));
         let a = match self.client.meta().getattr(ino).await {
             Ok(a) => a,
             Err(MetaError::NotFound) => self.removed_open_dir(ino).ok_or(Errno::ENOENT)?,

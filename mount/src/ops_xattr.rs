@@ -43,7 +43,8 @@ fn is_system(name: &[u8]) -> bool {
 
 /// Whether `name` is in a namespace Linux knows (`user.`, `trusted.`, `security.`,
 /// `system.`), or is rawfs's own storage class (`rawfs.class`, which `rawfs class` sets):
-/// local filesystems refuse any other with EOPNOTSUPP, and so does rawfs.
+/// local filesystems refuse to set any other with EOPNOTSUPP, and so does rawfs. Such names
+/// stored before are still listed, read and removable.
 fn known_namespace(name: &[u8]) -> bool {
     name == CLASS_XATTR.as_bytes()
         || [&b"user."[..], b"trusted.", b"security.", b"system."]
@@ -102,9 +103,6 @@ impl Inner {
         name: Vec<u8>,
         size: u32,
     ) -> Result<XattrOut, Errno> {
-        if !known_namespace(&name) {
-            return Err(Errno::EOPNOTSUPP);
-        }
         if self.surely_no_xattr(ino, &name) {
             return Err(Errno::NO_XATTR);
         }
@@ -139,9 +137,6 @@ impl Inner {
     }
 
     pub(crate) async fn removexattr(&self, ino: Ino, name: Vec<u8>) -> Result<(), Errno> {
-        if !known_namespace(&name) {
-            return Err(Errno::EOPNOTSUPP);
-        }
         if is_system(&name) {
             return Err(Errno::NO_XATTR);
         }
