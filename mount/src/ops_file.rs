@@ -222,7 +222,7 @@ impl Inner {
                 if size % CHUNK_SIZE != 0 {
                     // The new end's chunk is zeroed past it up to the old end: learn how far
                     // other clients' writes took that, which this open may not have seen.
-                    self.learn_growth(ino, &io).await?;
+                    self.learn_growth(ino).await?;
                 }
                 let old = io.size();
                 (io, old)
@@ -281,7 +281,7 @@ impl Inner {
     async fn extend(&self, ino: Ino, end: u64) -> Result<(), Errno> {
         let io = self.io(ino)?;
         if end > io.size() {
-            self.learn_growth(ino, &io).await?;
+            self.learn_growth(ino).await?;
         }
         if end > io.size() {
             io.flush().await.map_err(|e| self.data_errno(e))?;
@@ -299,18 +299,13 @@ impl Inner {
         Ok(())
     }
 
-    /// Learns from the leader how far other clients' writes grew `ino`, open here as `io`
-    /// (see [`FileIo::grown_elsewhere`]). Not from a replica that may lag
-    /// (`consistency=local`): its size may predate this client's own truncate.
-    pub(crate) async fn learn_growth(&self, ino: Ino, io: &FileIo) -> Result<(), Errno> {
-        let meta = self.client.meta();
-        if meta.consistency() != Consistency::Linearizable {
+    /// Learns how far other clients' writes grew `ino`, open here (see `fetch_attr`; with
+    /// `consistency=local` nothing is learnt, so nothing is asked).
+    async fn learn_growth(&self, ino: Ino) -> Result<(), Errno> {
+        if self.client.meta().consistency() != Consistency::Linearizable {
             return Ok(());
         }
-        let changes = io.size_changes();
-        let a = meta.getattr(ino).await.map_err(errno::meta)?;
-        io.grown_elsewhere(a.size, changes);
-        Ok(())
+        self.fetch_attr(ino).await.map(drop).map_err(errno::meta)
     }
 
     /// Punches `offset..offset + length` (within the size) to a hole.

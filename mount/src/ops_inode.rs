@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use fuser::{AccessFlags, Errno, FileAttr, RenameFlags, TimeOrNow};
 use rawfs_metadata_api::{
-    Caller, Consistency, FileKind, Ino, MetaError, Name, NewNode, RenameFlags as MetaRenameFlags,
-    SetAttr, PATH_MAX, REPLICAS,
+    Attr, Caller, Consistency, FileKind, Ino, MetaError, Name, NewNode,
+    RenameFlags as MetaRenameFlags, SetAttr, PATH_MAX, REPLICAS,
 };
 use serde_bytes::ByteBuf;
 
@@ -96,21 +96,29 @@ impl Inner {
         }
         // An unlink or rename of it still queued here: the leader must have it first.
         self.settle(ino).await?;
-        // Growth is learnt only from the leader (see `learn_growth`).
-        let open = self
-            .io_if_open(ino)
-            .filter(|_| self.client.meta().consistency() == Consistency::Linearizable)
-            .map(|io| (io.size_changes(), io));
-        let a = match self.client.meta().getattr(ino).await {
+        let a = match self.fetch_attr(ino).await {
             Ok(a) => a,
             Err(MetaError::NotFound) => self.removed_open_dir(ino).ok_or(Errno::ENOENT)?,
             Err(e) => return Err(errno::meta(e)),
         };
+        Ok((self.attr(&a), self.attr_ttl))
+    }
+
+    /// The metadata service's attributes of `ino`. If it is open here, its `FileIo` learns
+    /// the growth other clients' writes made (see [`rawfs_client::FileIo::grown_elsewhere`]),
+    /// but only from the leader: a replica that may lag (`consistency=local`) may answer
+    /// with a size from before this client's own truncate.
+    pub(crate) async fn fetch_attr(&self, ino: Ino) -> Result<Attr, MetaError> {
+        let meta = self.client.meta();
+        let open = self
+            .io_if_open(ino)
+            .filter(|_| meta.consistency() == Consistency::Linearizable)
+            .map(|io| (io.size_changes(), io));
+        let a = meta.getattr(ino).await?;
         if let Some((changes, io)) = open {
-            // Another client's writes may have grown it while open here.
             io.grown_elsewhere(a.size, changes);
         }
-        Ok((self.attr(&a), self.attr_ttl))
+        Ok(a)
     }
 
     pub(crate) async fn lookup(&self, parent: Ino, name: Name) -> Result<Entry, Errno> {
@@ -136,9 +144,8 @@ impl Inner {
     pub(crate) async fn setattr(
         self: &Arc<Self>,
         ino: Ino,
-        set: SetAttr,
+        mut set: SetAttr,
     ) -> Result<(FileAttr, Duration), Errno> {
-        let mut set = set;
         if set == SetAttr::default() {
             // Nothing to set: `chown(2)` to -1, -1, which Linux filesystems answer by
             // stamping the change time (the kernel sends no ctime without writeback cache).
