@@ -23,6 +23,13 @@ pub(crate) const LINK_MAX: u32 = 65_000;
 /// Longest xattr name and value (Linux's XATTR_NAME_MAX and XATTR_SIZE_MAX).
 const XATTR_NAME_MAX: usize = 255;
 const XATTR_SIZE_MAX: usize = 64 * 1024;
+/// Longest list of one inode's xattr names, each with its NUL (Linux's XATTR_LIST_MAX):
+/// past it `listxattr(2)` fails with E2BIG, and `cp -a`, `rsync -X` and `tar --xattrs`
+/// could no longer copy the file.
+const XATTR_LIST_MAX: usize = 64 * 1024;
+/// Most bytes of names and values one inode may hold, so that no single inode can grow
+/// the metadata without bound (ext4 allows one block, CephFS 64 KiB).
+const XATTR_TOTAL_MAX: usize = 1024 * 1024;
 
 /// Rejects names that cannot be a directory entry.
 pub(crate) fn check_name(name: &[u8]) -> Op<()> {
@@ -570,12 +577,38 @@ pub(crate) fn setxattr(
         XattrMode::Replace if !exists => return Err(MetaError::NoAttr.into()),
         _ => {}
     }
+    check_xattr_room(t, ino, name, value.len())?;
     t.xattrs.insert((ino, name), value)?;
     if !exists {
         rec.xattrs = rec.xattrs.map(|n| n.saturating_add(1));
     }
     rec.ctime = now;
     t.put_inode(ino, &rec)?;
+    Ok(())
+}
+
+/// Refuses with ENOSPC a set that would take `ino`'s names past XATTR_LIST_MAX or its
+/// names and values past XATTR_TOTAL_MAX. A replaced value counts at its new size.
+fn check_xattr_room(t: &Tables, ino: Ino, name: &[u8], value_len: usize) -> Op<()> {
+    let (mut list, mut total) = (name.len() + 1, name.len() + value_len);
+    let empty: &[u8] = &[];
+    for item in t.xattrs.range((ino, empty)..(ino + 1, empty))? {
+        let (k, v) = item?;
+        let other = k.value().1;
+        if other != name {
+            list += other.len() + 1;
+            total += other.len() + v.value().len();
+        }
+    }
+    if list > XATTR_LIST_MAX || total > XATTR_TOTAL_MAX {
+        return Err(MetaError::NoSpace {
+            reason: format!(
+                "no room for another xattr: names {list} of {XATTR_LIST_MAX} bytes, \
+                 names and values {total} of {XATTR_TOTAL_MAX}"
+            ),
+        }
+        .into());
+    }
     Ok(())
 }
 

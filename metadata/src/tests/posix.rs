@@ -370,6 +370,50 @@ fn xattrs_honour_create_and_replace() {
 }
 
 #[test]
+fn xattrs_stop_at_a_listable_size_and_a_bounded_total() {
+    let mut h = H::new();
+    let f = h.create(ROOT_INO, "f");
+    let set = |h: &mut H, ino: Ino, name: &str, len: usize| {
+        let now = h.now();
+        h.apply(Command::SetXattr {
+            ino,
+            name: n(name),
+            value: ByteBuf::from(vec![7; len]),
+            mode: XattrMode::Any,
+            now,
+        })
+        .and_then(Reply::into_unit)
+    };
+    let no_space = |r: MetaResult<()>| matches!(r, Err(MetaError::NoSpace { .. }));
+    // Names of 250 bytes: 262 of them fit in 64 KiB of list (each with its NUL).
+    let name = |i: usize| format!("user.{i:0>245}");
+    let mut stored = 0;
+    while set(&mut h, f.ino, &name(stored), 0).is_ok() {
+        stored += 1;
+        assert!(stored < 1000, "names past XATTR_LIST_MAX are refused");
+    }
+    assert_eq!(stored, 65536 / 251);
+    assert!(no_space(set(&mut h, f.ino, &name(stored), 0)));
+    let names = h.sm.read(|rt| queries::listxattr(rt, f.ino)).unwrap();
+    let listed: usize = names.iter().map(|n| n.len() + 1).sum();
+    assert!(listed <= 65536, "the list fits listxattr(2): {listed}");
+    // Values: 64 KiB each, about 1 MiB in all; a replace counts at its new size.
+    let g = h.create(ROOT_INO, "g");
+    let set_g = |h: &mut H, name: &str, len: usize| set(h, g.ino, name, len);
+    for i in 0..15 {
+        set_g(&mut h, &format!("user.v{i}"), 65536).unwrap();
+    }
+    assert!(no_space(set_g(&mut h, "user.v15", 65536)));
+    set_g(&mut h, "user.v15", 60000).unwrap();
+    assert!(
+        no_space(set_g(&mut h, "user.v15", 65536)),
+        "a grown replace"
+    );
+    set_g(&mut h, "user.v14", 100).unwrap();
+    set_g(&mut h, "user.v15", 65536).unwrap();
+}
+
+#[test]
 fn snapshots_count_only_their_label_and_old_records_do_not_claim_no_xattrs() {
     let mut h = H::new();
     let f = h.create(ROOT_INO, "f");
