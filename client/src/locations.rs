@@ -4,6 +4,13 @@
 //! short while; writes allocate (`allocate_chunk`). An entry is refreshed after a chunkserver
 //! says the version is stale or the chunk is missing, and replaced by the answer of
 //! `drop_replica` when a replica is dropped.
+//!
+//! A chunk can be allocated before any replica holds it: a file created in a held directory
+//! gets its first chunk with its create, and its data arrives with the first flush. Reads
+//! of such a chunk find it on no replica and read zeros. That answer is remembered for as
+//! long as a hole is ([`HOLE_TTL`]), so that reads of the rest of a sparse file being
+//! written do not ask every replica each time. A write of the chunk through this cache
+//! forgets it, and so does one that ends meanwhile (see [`Locations::write_epoch`]).
 
 use crate::error::ClientError;
 use crate::store::Store;
@@ -27,6 +34,15 @@ enum Entry {
 pub(crate) struct Locations {
     ino: Ino,
     map: Mutex<HashMap<u64, Entry>>,
+    unwritten: Mutex<Unwritten>,
+}
+
+/// Chunks that no replica held when last read: index -> (chunk id, when seen).
+#[derive(Default)]
+struct Unwritten {
+    /// Bumped when a write of any chunk starts and when it ends.
+    epoch: u64,
+    seen: HashMap<u64, (u64, Instant)>,
 }
 
 impl Locations {
@@ -39,7 +55,39 @@ impl Locations {
         Locations {
             ino,
             map: Mutex::new(HashMap::new()),
+            unwritten: Mutex::new(Unwritten::default()),
         }
+    }
+
+    fn unwritten_lock(&self) -> std::sync::MutexGuard<'_, Unwritten> {
+        self.unwritten.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Taken by a read before it asks the replicas; [`Locations::mark_unwritten`] needs it.
+    pub fn write_epoch(&self) -> u64 {
+        self.unwritten_lock().epoch
+    }
+
+    /// Remembers that no replica holds `chunk` at `index`, unless a write started or ended
+    /// since `epoch` was taken: its data may have landed after the replicas answered.
+    pub fn mark_unwritten(&self, index: u64, chunk: u64, epoch: u64) {
+        let mut u = self.unwritten_lock();
+        if u.epoch == epoch {
+            u.seen.insert(index, (chunk, Instant::now()));
+        }
+    }
+
+    /// True if `chunk` at `index` was found on no replica less than [`HOLE_TTL`] ago.
+    pub fn is_unwritten(&self, index: u64, chunk: u64) -> bool {
+        let u = self.unwritten_lock();
+        matches!(u.seen.get(&index), Some((c, at)) if *c == chunk && at.elapsed() < HOLE_TTL)
+    }
+
+    /// Called when a write of chunk `index` starts and again when it ends.
+    pub fn writing(&self, index: u64) {
+        let mut u = self.unwritten_lock();
+        u.epoch += 1;
+        u.seen.remove(&index);
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
@@ -228,6 +276,22 @@ mod tests {
         assert_eq!(l.cached(0), Some(Some(loc(0, 5))));
         l.update(&loc(0, 6));
         assert_eq!(l.cached(0).unwrap().unwrap().version, 6);
+    }
+
+    #[test]
+    fn an_unwritten_chunk_is_not_remembered_across_a_write() {
+        let l = Locations::new(7);
+        let before = l.write_epoch();
+        l.mark_unwritten(0, 100, before);
+        assert!(l.is_unwritten(0, 100));
+        assert!(!l.is_unwritten(0, 101), "another chunk at the same index");
+        l.writing(0);
+        assert!(!l.is_unwritten(0, 100), "a write forgets it");
+        // A read that asked the replicas before a write started or ended marks nothing.
+        let stale = l.write_epoch();
+        l.writing(1);
+        l.mark_unwritten(0, 100, stale);
+        assert!(!l.is_unwritten(0, 100));
     }
 
     #[test]

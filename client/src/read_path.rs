@@ -137,6 +137,10 @@ pub(crate) async fn read_piece(
             }
             return attempt.result;
         }
+        if locs.is_unwritten(index, loc.chunk) {
+            return Ok(zeros());
+        }
+        let epoch = locs.write_epoch();
         let n = loc.replicas.len();
         let mut last: Option<DataError> = None;
         let mut bad: Vec<ServerId> = Vec::new();
@@ -154,7 +158,13 @@ pub(crate) async fn read_piece(
                     return Ok(data);
                 }
                 Err(e) => {
-                    tracing::warn!(chunk = loc.chunk, addr = %r.data_addr, error = %e, "replica read failed; trying the next");
+                    if e == DataError::NotFound {
+                        // Normal for a chunk allocated but not written yet; a copy lost
+                        // while others hold the chunk is reported once another serves.
+                        tracing::debug!(chunk = loc.chunk, addr = %r.data_addr, "replica has no such chunk; trying the next");
+                    } else {
+                        tracing::warn!(chunk = loc.chunk, addr = %r.data_addr, error = %e, "replica read failed; trying the next");
+                    }
                     match e {
                         DataError::Corrupt { .. } => bad.push(r.server),
                         DataError::NotFound => {
@@ -186,12 +196,14 @@ pub(crate) async fn read_piece(
             }
         }
         if n > 0 && missing == n {
-            // Allocated but never written on any replica (a writer died between allocating
-            // and writing): the chunk has no data, which reads as a hole.
-            tracing::warn!(
+            // Allocated but not written on any replica yet (a file created in a held
+            // directory, or a writer that died between allocating and writing): the chunk
+            // has no data, which reads as a hole.
+            tracing::debug!(
                 chunk = loc.chunk,
                 "no replica holds the chunk; reading zeros"
             );
+            locs.mark_unwritten(index, loc.chunk, epoch);
             return Ok(zeros());
         }
         return Err(ClientError::NoReplica {

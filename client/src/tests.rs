@@ -722,3 +722,22 @@ async fn random_operations_match_a_reference() {
         "seed {seed}: final contents differ"
     );
 }
+
+#[tokio::test]
+async fn a_chunk_allocated_but_not_yet_written_reads_as_zeros_and_is_not_asked_again() {
+    use crate::store::Store;
+    let (fake, io) = setup(3, 1 << 20);
+    // As a create in a held directory does: the chunk comes with the create, no data yet.
+    let loc = fake.allocate_chunk(INO, 0).await.unwrap();
+    io.learn_location(&loc);
+    io.write(1 << 20, b"late").await.unwrap();
+    assert_eq!(io.read(0, 4096).await.unwrap().to_vec(), vec![0; 4096]);
+    let asked = fake.st().reads;
+    assert_eq!(asked, 3, "every replica was asked once");
+    assert_eq!(io.read(8192, 4096).await.unwrap().to_vec(), vec![0; 4096]);
+    assert_eq!(fake.st().reads, asked, "the unwritten chunk was remembered");
+    // Its first write forgets that: what is stored now is read from the replicas.
+    io.flush().await.unwrap();
+    assert_eq!(io.read(1 << 20, 4).await.unwrap().to_vec(), b"late");
+    assert!(fake.st().reads > asked);
+}

@@ -133,6 +133,20 @@ async fn write_frames(
     store: &dyn Store,
     locs: &Locations,
     index: u64,
+    loc: ChunkLoc,
+    frames: &[Arc<Frame>],
+) -> Result<Dirty, ClientError> {
+    // A read that found the chunk on no replica must not remember that past this write.
+    locs.writing(index);
+    let result = write_frames_to_replicas(store, locs, index, loc, frames).await;
+    locs.writing(index);
+    result
+}
+
+async fn write_frames_to_replicas(
+    store: &dyn Store,
+    locs: &Locations,
+    index: u64,
     mut loc: ChunkLoc,
     frames: &[Arc<Frame>],
 ) -> Result<Dirty, ClientError> {
