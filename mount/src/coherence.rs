@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{INodeNo, Notifier};
 use rawfs_metadata_api::client::MetadataClient;
-use rawfs_metadata_api::{Attr, Ino, Inval, Name};
+use rawfs_metadata_api::{Attr, FileKind, Ino, Inval, Name};
 use tracing::{debug, info, warn};
 
 use crate::attr::InoMap;
@@ -60,6 +60,10 @@ struct Handed {
     /// Inodes last reported to have no xattrs, until when that may be believed (the
     /// attribute lifetime): `getxattr` and `listxattr` of them are answered here.
     no_xattrs: HashMap<Ino, Instant>,
+    /// Permission bits and group of regular files as handed to the kernel, until when they
+    /// may be believed: a write that would not drop setuid or setgid is answered without
+    /// asking.
+    modes: HashMap<Ino, (u32, u32, Instant)>,
     /// When each inode last changed (an event, or this mount's own xattr change).
     spoiled: HashMap<Ino, Instant>,
     /// When every cached attribute was last taken back.
@@ -78,6 +82,7 @@ impl Handed {
 
     fn spoil(&mut self, ino: Ino, now: Instant) {
         self.no_xattrs.remove(&ino);
+        self.modes.remove(&ino);
         self.spoiled.insert(ino, now);
     }
 }
@@ -161,6 +166,11 @@ impl Coherence {
         let until = now + self.attr_ttl;
         let mut h = lock(&self.handed);
         h.inodes.insert(a.ino, until);
+        if a.kind != FileKind::File || h.spoiled_lately(a.ino, now) {
+            h.modes.remove(&a.ino);
+        } else {
+            h.modes.insert(a.ino, (a.perm, a.gid, until));
+        }
         if a.no_xattrs && !h.spoiled_lately(a.ino, now) {
             h.no_xattrs.insert(a.ino, until);
         } else {
@@ -177,6 +187,16 @@ impl Coherence {
             .is_some_and(|until| *until > now)
     }
 
+    /// The permission bits and group of `ino`, a regular file, as the kernel has them, if
+    /// still believed (`None` for other kinds of inode).
+    pub(crate) fn mode(&self, ino: Ino) -> Option<(u32, u32)> {
+        let now = Instant::now();
+        match lock(&self.handed).modes.get(&ino) {
+            Some(&(perm, gid, until)) if until > now => Some((perm, gid)),
+            _ => None,
+        }
+    }
+
     /// Forgets what is known of `ino`'s xattrs (before and after this mount changes them).
     pub(crate) fn xattrs_changed(&self, ino: Ino) {
         lock(&self.handed).spoil(ino, Instant::now());
@@ -186,6 +206,7 @@ impl Coherence {
     pub(crate) fn forget(&self, ino: Ino) {
         let mut h = lock(&self.handed);
         h.no_xattrs.remove(&ino);
+        h.modes.remove(&ino);
         h.direct.remove(&ino);
     }
 
@@ -260,6 +281,7 @@ impl Coherence {
         let (entries, inodes) = {
             let mut h = lock(&self.handed);
             h.no_xattrs.clear();
+            h.modes.clear();
             h.spoiled.clear();
             if missed {
                 h.spoiled_all = Some(now);
@@ -307,6 +329,7 @@ impl Coherence {
         h.entries.retain(|_, until| *until > now);
         h.inodes.retain(|_, until| *until > now);
         h.no_xattrs.retain(|_, until| *until > now);
+        h.modes.retain(|_, (_, _, until)| *until > now);
         h.spoiled
             .retain(|_, t| now.saturating_duration_since(*t) < SPOIL);
     }

@@ -319,6 +319,9 @@ impl Filesystem for RawFs {
         // O_DIRECT handles bypass the page cache (FOPEN_DIRECT_IO); without this a shared
         // mmap of such a handle fails with ENODEV, where a local filesystem allows it.
         want(config, InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        // The mount drops setuid, setgid and capabilities on write, truncate and chown
+        // itself (see `privs`): the kernel then skips a getxattr before every write.
+        want(config, InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         // Not requested: FUSE_WRITEBACK_CACHE (the kernel would then own mtime and size and
         // merge writes across handles; see the crate docs), FUSE_POSIX_LOCKS and
         // FUSE_FLOCK_LOCKS (without them the kernel keeps locks local to this mount).
@@ -337,7 +340,7 @@ impl Filesystem for RawFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -355,7 +358,11 @@ impl Filesystem for RawFs {
     ) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
         let set = crate::ops_inode::set_attr(mode, uid, gid, size, atime, mtime);
-        self.spawn(reply, async move { inner.setattr(ino, set).await });
+        let caller = Inner::caller(req);
+        self.spawn(reply, async move {
+            let set = inner.with_privs_dropped(ino, set, caller).await?;
+            inner.setattr(ino, set).await
+        });
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
@@ -487,12 +494,12 @@ impl Filesystem for RawFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -500,9 +507,14 @@ impl Filesystem for RawFs {
         // Writes are keyed by inode, not handle: page-cache writeback (mmap) may come with
         // another handle's fh, and all handles of an inode share one buffer anyway.
         let ino = self.ino(ino);
+        let (caller, kill_suid) = (
+            Inner::caller(req),
+            write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID),
+        );
+        let keeps_privs = self.inner.write_keeps_privs(ino, kill_suid, caller);
         // Most small writes only enter the buffer: answer them here rather than paying a
         // hop to a runtime thread and back (measured: 4 KiB random writes ~1.4x).
-        if let Some(io) = self.inner.io_if_open(ino) {
+        if let Some(io) = self.inner.io_if_open(ino).filter(|_| keeps_privs) {
             // A write after a close written behind waits for that flush (`Inner::write`).
             if !self.inner.write_behind.is_pending(ino) && io.write_if_buffered(offset, data) {
                 // FUSE writes are at most max_write (1 MiB) long. No busy-polling after
@@ -513,7 +525,12 @@ impl Filesystem for RawFs {
             }
         }
         let (inner, data) = (self.inner.clone(), data.to_vec());
-        self.spawn(reply, async move { inner.write(ino, offset, data).await });
+        self.spawn(reply, async move {
+            if !keeps_privs {
+                inner.drop_privs_for_write(ino, kill_suid, caller).await?;
+            }
+            inner.write(ino, offset, data).await
+        });
     }
 
     fn flush(
@@ -689,7 +706,7 @@ impl Filesystem for RawFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -698,14 +715,16 @@ impl Filesystem for RawFs {
         reply: ReplyEmpty,
     ) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        let caller = Inner::caller(req);
         self.spawn(reply, async move {
+            inner.drop_privs_as_modified(ino, caller).await?;
             inner.fallocate(ino, offset, length, mode).await
         });
     }
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         ino_in: INodeNo,
         _fh_in: FileHandle,
         offset_in: u64,
@@ -718,10 +737,12 @@ impl Filesystem for RawFs {
     ) {
         let inner = self.inner.clone();
         let (ino_in, ino_out) = (self.ino(ino_in), self.ino(ino_out));
+        let caller = Inner::caller(req);
         self.spawn(reply, async move {
             if !flags.is_empty() {
                 return Err(Errno::EINVAL);
             }
+            inner.drop_privs_as_modified(ino_out, caller).await?;
             inner
                 .copy_file_range(ino_in, offset_in, ino_out, offset_out, len)
                 .await

@@ -98,6 +98,7 @@ mod ops_inode;
 mod ops_xattr;
 mod options;
 mod page_cache;
+mod privs;
 mod session;
 mod write_behind;
 

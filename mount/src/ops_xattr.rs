@@ -10,7 +10,7 @@ use crate::fs::XattrOut;
 use crate::inner::Inner;
 
 /// The xattr the kernel reads before every write to a file (to drop file capabilities).
-const CAPABILITY: &[u8] = b"security.capability";
+pub(crate) const CAPABILITY: &[u8] = b"security.capability";
 
 /// Answers a getxattr/listxattr of `data` for a caller buffer of `size` bytes.
 pub(crate) fn sized(data: Vec<u8>, size: u32) -> Result<XattrOut, Errno> {

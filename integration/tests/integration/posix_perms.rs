@@ -118,3 +118,66 @@ fn umask_applies_to_new_files_and_directories() -> Result<()> {
     assert_eq!(fs::metadata(c.path("g"))?.mode() & 0o777, 0o600);
     Ok(())
 }
+
+#[test]
+fn writes_truncates_and_chowns_drop_setuid_setgid_and_capabilities() -> Result<()> {
+    use std::io::Write;
+    let c = Cluster::start()?;
+    let d = c.path("d");
+    fs::create_dir(&d)?;
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o777))?;
+    let mode = |n: &str| -> Result<u32> { Ok(fs::metadata(d.join(n))?.mode() & 0o7777) };
+    let privileged = |n: &str, m: u32| -> Result<()> {
+        fs::write(d.join(n), b"")?;
+        fs::set_permissions(d.join(n), fs::Permissions::from_mode(m))?;
+        Ok(())
+    };
+    for n in ["write", "truncate", "o_trunc", "fallocate"] {
+        privileged(n, 0o6777)?;
+    }
+    // Setgid without group-execute marks locking, not privilege: kept for a group member
+    // (root), dropped for a writer outside the group (nobody).
+    privileged("sgid_outside", 0o2766)?;
+    let out = sh_as_nobody(
+        &d,
+        "printf x >> write && truncate -s 3 truncate && : > o_trunc \
+         && fallocate -l 8192 fallocate && printf x >> sgid_outside",
+    )?;
+    assert!(out.status.success(), "{out:?}");
+    for n in ["write", "truncate", "o_trunc", "fallocate"] {
+        assert_eq!(mode(n)?, 0o777, "{n} by an unprivileged user");
+    }
+    assert_eq!(mode("sgid_outside")?, 0o766);
+    // Root (CAP_FSETID) keeps them through writes and truncates, not through a chown, even
+    // one to the same owner.
+    privileged("root", 0o6777)?;
+    let mut f = fs::OpenOptions::new().append(true).open(d.join("root"))?;
+    f.write_all(b"root writes")?;
+    f.set_len(4)?;
+    drop(f);
+    assert_eq!(mode("root")?, 0o6777, "root's write and truncate");
+    std::os::unix::fs::chown(d.join("root"), Some(0), Some(0))?;
+    assert_eq!(mode("root")?, 0o777, "a chown");
+    // File capabilities go with any write, root's too.
+    let caps = d.join("caps");
+    fs::write(&caps, b"")?;
+    let v2_no_caps = [[0x01, 0, 0, 0x02].as_slice(), &[0; 16]].concat();
+    setxattr(&caps, "security.capability", &v2_no_caps, 0)?;
+    assert_eq!(getxattr(&caps, "security.capability")?, v2_no_caps);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&caps)?
+        .write_all(b"x")?;
+    assert_eq!(errno(getxattr(&caps, "security.capability")), libc::ENODATA);
+    // A file with nothing to drop keeps its mode and data through many writes.
+    let plain = d.join("plain");
+    fs::write(&plain, b"")?;
+    fs::set_permissions(&plain, fs::Permissions::from_mode(0o666))?;
+    let out = sh_as_nobody(&d, "for i in 1 2 3 4 5; do printf $i >> plain; done")?;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        (mode("plain")?, fs::read(&plain)?),
+        (0o666, b"12345".to_vec())
+    );
+    Ok(())
+}
