@@ -310,6 +310,21 @@ fn xattrs_set_get_list_and_remove() -> Result<()> {
     setxattr(&p, "trusted.t", b"t", 0)?;
     setxattr(&p, "security.s", b"s", 0)?;
     assert_eq!(getxattr(&p, "trusted.t")?, b"t");
+    // Names stop with ENOSPC where listxattr(2) could no longer return them all (64 KiB).
+    let many = c.path("many");
+    fs::write(&many, b"")?;
+    let name = |i: usize| format!("user.{i:0>200}");
+    let mut set = 0;
+    let refused = loop {
+        match setxattr(&many, &name(set), b"", 0) {
+            Ok(()) => set += 1,
+            Err(e) => break e,
+        }
+        assert!(set < 1000, "no limit on names");
+    };
+    assert_eq!(refused.raw_os_error(), Some(libc::ENOSPC));
+    assert_eq!(listxattr(&many)?.len(), set, "every name is listed");
+    assert!(set * 206 <= 65536 && (set + 1) * 206 > 65536, "{set} names fit");
     Ok(())
 }
 
