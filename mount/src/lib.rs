@@ -19,7 +19,10 @@
 //!
 //! Kernel setup: 1 MiB `max_write`, up to 4 MiB readahead, async reads, READDIRPLUS (auto),
 //! parallel directory operations, `default_permissions` (the kernel checks permissions,
-//! including sticky directories) and `allow_other` when mounted by root. Attributes and
+//! including sticky directories) and `allow_other` when mounted by root. The mount drops
+//! setuid, setgid and file capabilities on write, truncate and chown itself
+//! (`FUSE_HANDLE_KILLPRIV_V2`, see `privs`), which spares the kernel's getxattr before
+//! every write. Attributes and
 //! names are cached for 30 s (`attr_timeout=`, `entry_timeout=`) and kept coherent between
 //! mounts by the leader's invalidation events (see `coherence`): a change made elsewhere is
 //! taken back before that change is acknowledged. A file's pages stay cached across opens
@@ -47,7 +50,12 @@
 //!   collapse and insert ranges are refused. `SEEK_DATA`/`SEEK_HOLE` see written blocks
 //!   while no handle here may write the file, else the plain answer (the whole file is data).
 //! - ACLs are not supported (`system.*` xattrs are refused), and xattrs cannot be set in
-//!   namespaces Linux does not know (EOPNOTSUPP, as on local filesystems).
+//!   namespaces Linux does not know (EOPNOTSUPP, as on local filesystems). One inode holds
+//!   at most 64 KiB of names (what `listxattr(2)` can return) and 1 MiB of names and
+//!   values; past that a set fails with ENOSPC.
+//! - Whether a writer may keep a file's setgid bit (no group-execute) is judged by its
+//!   primary group and root: a writer that is in the file's group only through a
+//!   supplementary group loses it, where Linux would keep it.
 //! - A file open here learns the growth that other clients' writes made whenever its
 //!   attributes are asked for, and before a truncate or an extension (from the leader only:
 //!   not with `consistency=local`); a shrink by another client is not taken while it is

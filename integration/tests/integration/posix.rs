@@ -324,7 +324,10 @@ fn xattrs_set_get_list_and_remove() -> Result<()> {
     };
     assert_eq!(refused.raw_os_error(), Some(libc::ENOSPC));
     assert_eq!(listxattr(&many)?.len(), set, "every name is listed");
-    assert!(set * 206 <= 65536 && (set + 1) * 206 > 65536, "{set} names fit");
+    assert!(
+        set * 206 <= 65536 && (set + 1) * 206 > 65536,
+        "{set} names fit"
+    );
     Ok(())
 }
 
