@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  read_piece: location (cached; hole ⇒ zeros) ──▶ replica[(chunk + i) % n], i = 0, 1, ...
-//!     corrupt / missing copy ──▶ next replica, then drop_replica for the bad copy
+//!     corrupt copy            ──▶ next replica, then drop_replica for the bad copy
+//!     missing copy            ──▶ next replica (none has it: zeros, remembered a while)
 //!     unreachable / timeout   ──▶ next replica
 //!     stale version           ──▶ refresh the location once
 //!  erasure-coded chunk (`loc.ec`) ──▶ shards, see `ec_read.rs` (same refresh and reporting)
@@ -159,18 +160,21 @@ pub(crate) async fn read_piece(
                 }
                 Err(e) => {
                     if e == DataError::NotFound {
-                        // Normal for a chunk allocated but not written yet; a copy lost
-                        // while others hold the chunk is reported once another serves.
+                        // Normal for a chunk allocated but not written yet, or whose first
+                        // write is still on its way to this replica.
                         tracing::debug!(chunk = loc.chunk, addr = %r.data_addr, "replica has no such chunk; trying the next");
                     } else {
                         tracing::warn!(chunk = loc.chunk, addr = %r.data_addr, error = %e, "replica read failed; trying the next");
                     }
                     match e {
                         DataError::Corrupt { .. } => bad.push(r.server),
+                        // Not reported as bad even when another replica serves: the
+                        // first write of a chunk reaches its replicas one by one, and a
+                        // read in between would drop healthy copies. A copy really lost
+                        // is found by its chunkserver's inventory (confirmed twice).
                         DataError::NotFound => {
                             missing += 1;
                             stale = true;
-                            bad.push(r.server);
                         }
                         DataError::StaleVersion { .. } | DataError::StaleTerm { .. } => {
                             stale = true
@@ -214,7 +218,7 @@ pub(crate) async fn read_piece(
     }
 }
 
-/// Reports copies that failed their checksum or were missing, once another replica served
+/// Reports copies that failed their checksum, once another replica served
 /// the read. Failures to report are only logged: the read itself succeeded.
 async fn report_bad(store: &dyn Store, locs: &Locations, loc: &ChunkLoc, bad: &[ServerId]) {
     let mut loc = loc.clone();

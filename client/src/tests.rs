@@ -741,3 +741,22 @@ async fn a_chunk_allocated_but_not_yet_written_reads_as_zeros_and_is_not_asked_a
     assert_eq!(io.read(1 << 20, 4).await.unwrap().to_vec(), b"late");
     assert!(fake.st().reads > asked);
 }
+
+#[tokio::test]
+async fn a_read_while_the_first_write_reaches_some_replicas_keeps_every_replica() {
+    let (fake, io) = setup(3, 0);
+    io.write(0, &pattern(9, 4096)).await.unwrap();
+    io.flush().await.unwrap();
+    let loc = fake.loc(INO, 0).unwrap();
+    // As if the chunk's first write had reached only the last replica so far.
+    for r in &loc.replicas[..2] {
+        fake.st().data.remove(&(r.server, loc.chunk));
+    }
+    assert_eq!(io.read(0, 4096).await.unwrap().to_vec(), pattern(9, 4096));
+    let after = fake.loc(INO, 0).unwrap();
+    assert_eq!(
+        (after.version, after.replicas.len()),
+        (loc.version, 3),
+        "no replica dropped for not having the chunk yet"
+    );
+}
