@@ -65,6 +65,9 @@ impl Inner {
     ) -> Result<(), Errno> {
         if kill_suid {
             let a = self.current_attr(ino).await?;
+            // The kernel does not ask for attributes while a file is written: without this,
+            // once the mode it was given expires, every later write would come here.
+            self.coherence.handed_attr(&a);
             if let Some(perm) = dropped(a.perm, a.gid, caller).filter(|_| a.kind == FileKind::File)
             {
                 let set = SetAttr {
