@@ -55,9 +55,6 @@ const RESERVE_LOW: u64 = 4096;
 const HELD_NAMES_MAX: usize = 1_000_000;
 /// Most directories held at once; the one held longest is given back for a new one.
 const HELD_DIRS_MAX: usize = 4096;
-/// Setgid: on a directory new entries take its group; on a file with group-execute, the
-/// file runs as its group (dropped with setuid when the owner changes).
-pub(crate) const S_ISGID: u32 = 0o2000;
 
 /// What a held directory says about a name.
 pub(crate) enum Found {
@@ -326,7 +323,7 @@ impl Inner {
                     Ok(Made::Exists)
                 };
             }
-            let gid = if st.attr.perm & S_ISGID != 0 {
+            let gid = if st.attr.perm & crate::privs::S_ISGID != 0 {
                 st.attr.gid
             } else {
                 caller.gid

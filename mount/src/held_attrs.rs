@@ -15,13 +15,12 @@ use rawfs_metadata_api::{
 };
 
 use crate::errno;
-use crate::held::{DirState, HeldDir, S_ISGID};
+use crate::held::{DirState, HeldDir};
 use crate::inner::{lock, Inner};
 use fuser::Errno;
 use std::sync::Arc;
 
-const S_ISUID: u32 = 0o4000;
-const S_IXGRP: u32 = 0o010;
+use crate::privs::{S_ISGID, S_ISUID, S_IXGRP};
 
 /// `a` after `set` at `now`, by the leader's rules (`namespace::setattr`): a new owner of a
 /// non-directory drops setuid, and setgid where it means "execute as group"; ctime moves.

@@ -26,9 +26,12 @@ use crate::errno;
 use crate::inner::Inner;
 use crate::ops_xattr::CAPABILITY;
 
-const S_ISUID: u32 = 0o4000;
-const S_ISGID: u32 = 0o2000;
-const S_IXGRP: u32 = 0o010;
+/// Setuid: the file runs as its owner.
+pub(crate) const S_ISUID: u32 = 0o4000;
+/// Setgid: on a directory new entries take its group; on a file with group-execute, the
+/// file runs as its group (without it, it marks mandatory locking).
+pub(crate) const S_ISGID: u32 = 0o2000;
+pub(crate) const S_IXGRP: u32 = 0o010;
 
 /// The permission bits left once `caller` drops the privileges of a file with `perm` and
 /// group `gid` (Linux's `should_remove_suid` and `setattr_should_drop_sgid`), or `None`
