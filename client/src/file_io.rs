@@ -228,6 +228,13 @@ impl FileIo {
         }
     }
 
+    /// Another client changed the file: data read ahead and where its chunks are (holes,
+    /// chunks not written yet) are forgotten, so that the next read asks again.
+    pub fn changed_elsewhere(&self) {
+        lock(&self.inner.ra).invalidate();
+        self.inner.locs.forget_all();
+    }
+
     /// Whether written bytes are not stored yet: buffered, or in a flush that is under way
     /// or failed. When false, a flush has nothing to do.
     pub fn has_unwritten(&self) -> bool {

@@ -131,6 +131,15 @@ impl Locations {
         self.map().retain(|index, _| *index < first);
     }
 
+    /// Forgets everything: locations, holes and chunks seen unwritten (another client
+    /// changed the file).
+    pub fn forget_all(&self) {
+        self.map().clear();
+        let mut u = self.unwritten_lock();
+        u.epoch += 1;
+        u.seen.clear();
+    }
+
     /// Forgets chunks `first..first + count` (after a punch released them).
     pub fn forget_range(&self, first: u64, count: u64) {
         self.map()

@@ -5,8 +5,9 @@
 //! same log reaches the same state and the same replies.
 
 use rawfs_metadata_api::{
-    Attr, Caller, ChunkId, ChunkLoc, CowLoc, EcPlan, HeldOp, Ino, MetaError, MetaResult, Name,
-    NewNode, RateChange, RenameFlags, ReqId, ServerId, SetAttr, Timespec, XattrMode,
+    Attr, Caller, ChunkId, ChunkLoc, CowLoc, EcPlan, HeldOp, Ino, LockConflict, LockRequest,
+    MetaError, MetaResult, Name, NewNode, RateChange, RenameFlags, ReqId, ServerId, SetAttr,
+    Timespec, XattrMode,
 };
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -301,6 +302,16 @@ pub enum Command {
         inos: Vec<Ino>,
         session: u64,
     },
+    /// Takes, changes or drops a byte-range lock (`locks.rs`).
+    SetLock {
+        ino: Ino,
+        session: u64,
+        lock: LockRequest,
+    },
+    /// Drops every lock of a session whose lease ran out.
+    DropLocks {
+        session: u64,
+    },
 }
 
 /// What a command returns.
@@ -316,6 +327,8 @@ pub enum Reply {
     Batch(Vec<MetaResult<Reply>>),
     /// A number (the first of reserved inodes).
     Number(u64),
+    /// `SetLock`: the conflicting lock, or `None` when done.
+    Lock(Option<LockConflict>),
 }
 
 /// Why an encoded command or reply could not be used.
@@ -449,6 +462,13 @@ impl Reply {
     pub fn into_number(self) -> MetaResult<u64> {
         match self {
             Reply::Number(n) => Ok(n),
+            other => Err(mismatch(&other)),
+        }
+    }
+
+    pub fn into_lock(self) -> MetaResult<Option<LockConflict>> {
+        match self {
+            Reply::Lock(c) => Ok(c),
             other => Err(mismatch(&other)),
         }
     }

@@ -100,8 +100,10 @@ pub(crate) async fn serve(
         delegations_changed: tokio::sync::Notify::new(),
         recalling: Mutex::default(),
         opens: Default::default(),
+        locks: Default::default(),
     });
     let stop = CancellationToken::new();
+    let expiry = tokio::spawn(Server(shared.clone()).expire_locks());
     let accept = tokio::spawn(accept_loop(listener, Server(shared), stop.clone()));
     let tick = tokio::spawn(durability_tick(sm.clone()));
     tracing::info!(id = cfg.id, %addr, %raft_addr, "metadata service listening");
@@ -128,6 +130,9 @@ pub(crate) async fn serve(
         if let Err(e) = accept.await {
             tracing::error!(error = %e, "accept task failed");
         }
+        // The lock expiry holds the shared state (and so a sender) too.
+        expiry.abort();
+        let _ = expiry.await;
         // Every sender is gone with the connections: the proposer drains and ends.
         if let Err(e) = proposer_task.await {
             tracing::error!(error = %e, "proposer task failed");

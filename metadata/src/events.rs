@@ -385,6 +385,8 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         | Command::ReleaseMany { .. }
         | Command::ReleaseLeased { .. }
         | Command::EndSession { .. }
+        | Command::SetLock { .. }
+        | Command::DropLocks { .. }
         | Command::AllocateChunk { .. }
         | Command::DropReplica { .. }
         | Command::AddReplica { .. }

@@ -79,6 +79,7 @@ mod drain;
 mod ec_write;
 mod erasure;
 mod leases;
+mod locks;
 mod machine;
 mod namespace;
 mod queries;

@@ -10,6 +10,7 @@ use rawfs_replication::{Entry, StateMachine, StorageError};
 use crate::chunks;
 use crate::commands::{encode_reply, Command, Reply};
 use crate::delegation;
+use crate::locks;
 use crate::namespace::{self as ns, OpenKind};
 use crate::rename;
 use crate::requests;
@@ -148,9 +149,13 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
             inos.iter()
                 .try_for_each(|&ino| ns::release(t, ino, *session, OpenKind::Leased)),
         ),
-        EndSession { session } => {
-            unit(ns::end_session(t, *session).and_then(|()| delegation::end_session(t, *session)))
-        }
+        EndSession { session } => unit(
+            ns::end_session(t, *session)
+                .and_then(|()| delegation::end_session(t, *session))
+                .and_then(|()| locks::drop_session(t, *session)),
+        ),
+        SetLock { ino, session, lock } => locks::set(t, *ino, *session, lock).map(Reply::Lock),
+        DropLocks { session } => unit(locks::drop_session(t, *session)),
         SetXattr {
             ino,
             name,

@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     pub recalling: Mutex<std::collections::HashMap<(Ino, u64), Instant>>,
     /// Opens this leader keeps in memory (`open_table.rs`).
     pub opens: crate::open_table::OpenTable,
+    /// Lock sessions' liveness and lock waiters (`locks.rs`).
+    pub locks: crate::locks::LockState,
 }
 
 /// One handle on the shared state per request (cheap clone).
@@ -494,9 +496,35 @@ impl MetadataRpc for Server {
     async fn end_session(self, _: Context, session: u64) -> MetaResult<()> {
         self.0.opens.end_session(session);
         let done = self.mutate(Command::EndSession { session }).await;
-        // It also ended the session's delegations.
+        // It also ended the session's delegations and dropped its locks.
         self.0.delegations_changed.notify_waiters();
+        self.0.locks.changed.notify_waiters();
         done?.into_unit()
+    }
+
+    async fn set_lock(
+        self,
+        _: Context,
+        ino: Ino,
+        session: u64,
+        lock: LockRequest,
+        wait_ms: u32,
+    ) -> MetaResult<Option<LockConflict>> {
+        Server::set_lock(&self, ino, session, lock, wait_ms).await
+    }
+
+    async fn test_lock(
+        self,
+        _: Context,
+        ino: Ino,
+        session: u64,
+        lock: LockRequest,
+    ) -> MetaResult<Option<LockConflict>> {
+        Server::test_lock(&self, ino, session, lock).await
+    }
+
+    async fn renew_locks(self, _: Context, session: u64) -> MetaResult<u32> {
+        Server::renew_locks(&self, session).await
     }
 
     async fn statfs(self, _: Context, read: Consistency) -> MetaResult<StatFs> {

@@ -62,6 +62,9 @@ pub(crate) const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("se
 pub(crate) const DELETIONS: TableDefinition<(u64, u64), ()> = TableDefinition::new("deletions");
 /// directory -> mount session: directories whose creates are delegated (`delegation.rs`).
 pub(crate) const DELEGATIONS: TableDefinition<u64, u64> = TableDefinition::new("delegations");
+/// (ino, session, owner, start) -> (end, write, pid): byte-range locks (`locks.rs`).
+pub(crate) const LOCKS: TableDefinition<(u64, u64, u64, u64), (u64, bool, u32)> =
+    TableDefinition::new("locks");
 /// (client, seq) -> encoded reply of a mutation that carried that request id.
 pub(crate) const REQUESTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("requests");
 /// (leader time in seconds, client, seq) -> (): REQUESTS by age, for pruning.
@@ -293,6 +296,7 @@ pub(crate) struct Tables<'t> {
     pub requests: Table<'t, (u64, u64), &'static [u8]>,
     pub request_ages: Table<'t, (u64, u64, u64), ()>,
     pub delegations: Table<'t, u64, u64>,
+    pub locks: Table<'t, (u64, u64, u64, u64), (u64, bool, u32)>,
 }
 
 impl<'t> Tables<'t> {
@@ -315,6 +319,7 @@ impl<'t> Tables<'t> {
             requests: txn.open_table(REQUESTS)?,
             request_ages: txn.open_table(REQUEST_AGES)?,
             delegations: txn.open_table(DELEGATIONS)?,
+            locks: txn.open_table(LOCKS)?,
         })
     }
 

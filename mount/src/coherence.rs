@@ -112,7 +112,13 @@ pub(crate) struct Coherence {
     epoch: AtomicU64,
     /// Told of each new epoch (leased opens are sent to the new leader).
     epochs: Mutex<Option<tokio::sync::mpsc::UnboundedSender<()>>>,
+    /// Called with an inode another client changed (`None`: any may have changed), before
+    /// the change is acknowledged, to drop what open files read ahead of it.
+    foreign_data: Mutex<Option<DataHook>>,
 }
+
+/// See [`Coherence::on_foreign_data`].
+pub(crate) type DataHook = Arc<dyn Fn(Option<Ino>) + Send + Sync>;
 
 impl Coherence {
     pub(crate) fn new(map: InoMap, entry_ttl: Duration, attr_ttl: Duration) -> Self {
@@ -125,6 +131,20 @@ impl Coherence {
             recalls: Mutex::new(None),
             epoch: AtomicU64::new(0),
             epochs: Mutex::new(None),
+            foreign_data: Mutex::new(None),
+        }
+    }
+
+    /// Calls `hook` for every inode whose data or size another client changes (`None`
+    /// when events were missed), before the change is acknowledged to the leader.
+    pub(crate) fn on_foreign_data(&self, hook: DataHook) {
+        *lock(&self.foreign_data) = Some(hook);
+    }
+
+    fn foreign_data(&self, ino: Option<Ino>) {
+        let hook = lock(&self.foreign_data).clone();
+        if let Some(hook) = hook {
+            hook(ino);
         }
     }
 
@@ -251,6 +271,9 @@ impl Coherence {
                     }
                     foreign || h.direct.contains(&ino)
                 };
+                if foreign {
+                    self.foreign_data(Some(ino));
+                }
                 // This mount's own content changes came through the kernel, which updated
                 // (or, for truncates, punches and copies, dropped) the pages itself: only
                 // the attributes are stale (the leader stamped the times). Dropping the pages
@@ -305,6 +328,7 @@ impl Coherence {
             inodes = inodes.len(),
             "taking back every cached name and attribute"
         );
+        self.foreign_data(None);
         for (parent, name) in entries {
             self.send(Notice::Entry(self.map.fuse(parent), name));
         }

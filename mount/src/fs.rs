@@ -15,13 +15,14 @@ use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags,
     RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    ReplyEntry, ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 use tracing::debug;
 
 use crate::busy_poll::BusyPoll;
 use crate::inner::{name, Entry, Inner};
+use crate::locks::KernelLock;
 
 /// Largest write the kernel sends us (and the size of a FUSE read).
 pub(crate) const MAX_WRITE: u32 = 1 << 20;
@@ -78,6 +79,16 @@ impl Respond for ReplyAttr {
     type Value = (FileAttr, Duration);
     fn ok(self, (attr, ttl): (FileAttr, Duration)) {
         self.attr(&ttl, &attr);
+    }
+    fn err(self, e: Errno) {
+        self.error(e);
+    }
+}
+
+impl Respond for ReplyLock {
+    type Value = crate::locks::LockReport;
+    fn ok(self, (start, end, typ, pid): crate::locks::LockReport) {
+        self.locked(start, end, typ, pid);
     }
     fn err(self, e: Errno) {
         self.error(e);
@@ -322,9 +333,11 @@ impl Filesystem for RawFs {
         // The mount drops setuid, setgid and capabilities on write, truncate and chown
         // itself (see `privs`): the kernel then skips a getxattr before every write.
         want(config, InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        // Locks are the cluster's, not this kernel's (`locks.rs`).
+        want(config, InitFlags::FUSE_POSIX_LOCKS);
+        want(config, InitFlags::FUSE_FLOCK_LOCKS);
         // Not requested: FUSE_WRITEBACK_CACHE (the kernel would then own mtime and size and
-        // merge writes across handles; see the crate docs), FUSE_POSIX_LOCKS and
-        // FUSE_FLOCK_LOCKS (without them the kernel keeps locks local to this mount).
+        // merge writes across handles; see the crate docs).
         Ok(())
     }
 
@@ -538,25 +551,94 @@ impl Filesystem for RawFs {
         _req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
-        self.spawn(reply, async move { inner.flush(ino).await });
+        if inner.nothing_to_flush(ino) && !inner.locks.may_hold(ino, lock_owner.0) {
+            // Most closes (every read-only one): no task, no wait.
+            reply.ok();
+            return;
+        }
+        self.spawn(reply, async move {
+            let flushed = inner.flush(ino).await;
+            // A close gives up the closing process's POSIX locks on the file, always.
+            let unlocked = inner.unlock_owner(ino, lock_owner.0, None).await;
+            flushed.and(unlocked)
+        });
     }
 
     fn release(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
-        self.spawn(reply, async move { inner.close_file(ino).await });
+        self.spawn(reply, async move {
+            // Set when the file was flock'ed: the open file's lock goes with it.
+            let unlocked = match lock_owner {
+                Some(owner) => inner.unlock_owner(ino, owner.0, Some(fh.0)).await,
+                None => Ok(()),
+            };
+            inner.close_file(ino).await.and(unlocked)
+        });
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let (inner, ino) = (self.inner.clone(), self.ino(ino));
+        let asked = KernelLock {
+            fh: fh.0,
+            owner: lock_owner.0,
+            start,
+            end,
+            typ,
+            pid,
+        };
+        self.spawn_meta(reply, async move { inner.getlk(ino, asked).await });
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (inner, ino, tid) = (self.inner.clone(), self.ino(ino), req.pid());
+        let asked = KernelLock {
+            fh: fh.0,
+            owner: lock_owner.0,
+            start,
+            end,
+            typ,
+            pid,
+        };
+        self.spawn(
+            reply,
+            async move { inner.setlk(ino, asked, sleep, tid).await },
+        );
     }
 
     fn fsync(

@@ -68,6 +68,8 @@ pub(crate) struct Inner {
     pub(crate) page_cache: crate::page_cache::PageCache,
     /// New small files whose data goes out after their `close` returned.
     pub(crate) write_behind: crate::write_behind::WriteBehind,
+    /// Byte-range locks this mount may hold at the leader.
+    pub(crate) locks: crate::locks::Locks,
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: the tables stay
@@ -112,6 +114,7 @@ impl Inner {
             delegate: true,
             page_cache: Default::default(),
             write_behind: Default::default(),
+            locks: Default::default(),
         }
     }
 

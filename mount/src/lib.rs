@@ -99,6 +99,7 @@ mod held;
 mod held_attrs;
 mod helper;
 mod inner;
+mod locks;
 mod opens;
 mod ops_dir;
 mod ops_file;

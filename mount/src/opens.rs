@@ -125,6 +125,23 @@ impl Inner {
         }
     }
 
+    /// Drops what files open here read ahead (and where their chunks are) whenever another
+    /// client changes them, so that a read after such a change sees it: after another
+    /// mount's lock was handed over, say, with the file open here all along.
+    pub(crate) fn watch_foreign_writes(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        self.coherence.on_foreign_data(Arc::new(move |ino| {
+            let Some(inner) = me.upgrade() else { return };
+            let ios: Vec<_> = match ino {
+                Some(ino) => inner.io_if_open(ino).into_iter().collect(),
+                None => lock(&inner.files).values().map(|f| f.io.clone()).collect(),
+            };
+            for io in ios {
+                io.changed_elsewhere();
+            }
+        }));
+    }
+
     /// Starts the task that sends this mount's leased opens to each new leader (which
     /// starts with none of them).
     pub(crate) fn start_reopener(self: &Arc<Self>, rt: &tokio::runtime::Handle) {

@@ -22,17 +22,14 @@ const COPY_PIECE: u64 = 4 << 20;
 /// carries a 32-bit count, and a bounded request keeps one call from holding a task for long).
 const COPY_MAX: u64 = 1 << 30;
 
-/// Kernel flags for a new file handle. `O_DIRECT` opens bypass the page cache. A read-only
-/// handle has nothing to flush at `close` (the write buffer is flushed by the handles that
-/// wrote, and locks stay in the kernel), so the kernel is told not to send FLUSH for it: one
-/// round trip less per `open`/`close` of a file that is only read.
+/// Kernel flags for a new file handle. `O_DIRECT` opens bypass the page cache. Every
+/// handle is flushed at `close`, read-only ones too (no `FOPEN_NOFLUSH`): the FLUSH is what
+/// gives up the closing process's POSIX locks (`locks.rs`), and one with nothing to do is
+/// answered on the FUSE thread.
 fn fopen_flags(flags: i32) -> FopenFlags {
     let mut out = FopenFlags::empty();
     if flags & libc::O_DIRECT != 0 {
         out |= FopenFlags::FOPEN_DIRECT_IO;
-    }
-    if flags & libc::O_ACCMODE == libc::O_RDONLY {
-        out |= FopenFlags::FOPEN_NOFLUSH;
     }
     out
 }
@@ -164,6 +161,15 @@ impl Inner {
             return Ok(());
         }
         self.flush_file(ino, &io).await
+    }
+
+    /// Whether `flush` of `ino` would find nothing to send and no error to report (then
+    /// the kernel is answered at once).
+    pub(crate) fn nothing_to_flush(&self, ino: Ino) -> bool {
+        match self.io_if_open(ino) {
+            Some(io) => !io.has_unwritten() && !self.write_behind_failed(ino),
+            None => true,
+        }
     }
 
     /// Sends `io`'s buffered writes (at `close`, or before times are set). The first flush
@@ -406,11 +412,11 @@ mod tests {
     }
 
     #[test]
-    fn read_only_handles_are_not_flushed() {
-        assert_eq!(fopen_flags(libc::O_RDONLY), FopenFlags::FOPEN_NOFLUSH);
+    fn read_only_handles_are_flushed_too() {
+        assert_eq!(fopen_flags(libc::O_RDONLY), FopenFlags::empty());
         assert_eq!(
             fopen_flags(libc::O_RDONLY | libc::O_DIRECT),
-            FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_DIRECT_IO
+            FopenFlags::FOPEN_DIRECT_IO
         );
     }
 }

@@ -165,6 +165,8 @@ pub(crate) fn run(
     inner.start_releaser(&meta_rt.handle);
     inner.start_recalls(&meta_rt.handle);
     inner.start_reopener(&meta_rt.handle);
+    inner.start_lock_renewer(&meta_rt.handle);
+    inner.watch_foreign_writes();
 
     // Catch signals from before the mount exists, so none can kill us between mount(2) and
     // serving (which would leave a dead mount behind); they are acted on once mounted.

@@ -299,6 +299,11 @@ impl Inner {
         }
     }
 
+    /// Whether a flush behind of `ino` failed with an error not reported yet.
+    pub(crate) fn write_behind_failed(&self, ino: Ino) -> bool {
+        lock(&self.write_behind.failed).contains_key(&ino)
+    }
+
     /// Waits for every file of `dir` being written behind (before `dir` is given back).
     pub(crate) async fn written_in(&self, dir: Ino) {
         loop {

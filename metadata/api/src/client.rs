@@ -572,6 +572,12 @@ rpc_methods! {
         fn end_session(session: u64) -> ();
         /// Waits until every acknowledged change is on the leader's disk.
         fn sync() -> ();
+        /// Takes, changes or drops a byte-range lock (waiting up to `wait_ms` at the leader).
+        fn set_lock(ino: Ino, session: u64, lock: LockRequest, wait_ms: u32) -> Option<LockConflict>;
+        /// The lock of another owner that would conflict with `lock`.
+        fn test_lock(ino: Ino, session: u64, lock: LockRequest) -> Option<LockConflict>;
+        /// Keeps `session`'s locks alive; returns how many ranges it holds.
+        fn renew_locks(session: u64) -> u32;
         /// Cache invalidation events (long poll; give it a call timeout above `wait_ms`).
         fn watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
         /// A chunkserver's heartbeat.
@@ -708,6 +714,9 @@ mod tests {
             release(ino: Ino, session: u64) -> ();
             release_many(inos: Vec<Ino>, session: u64) -> ();
             end_session(session: u64) -> ();
+            set_lock(ino: Ino, session: u64, lock: LockRequest, wait_ms: u32) -> Option<LockConflict>;
+            test_lock(ino: Ino, session: u64, lock: LockRequest) -> Option<LockConflict>;
+            renew_locks(session: u64) -> u32;
             statfs(read: Consistency) -> StatFs;
             sync() -> ();
             watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> WatchReply;

@@ -157,6 +157,31 @@ pub trait MetadataRpc {
     /// changes by other clients wait for that (briefly) before they are answered. Leader only.
     async fn watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> MetaResult<WatchReply>;
 
+    // ---- byte-range locks ------------------------------------------------------------------
+    /// Takes, changes or drops (`LockKind::Unlock`) a lock of `session`'s owner `lock.owner`
+    /// on `ino`, as `fcntl(F_SETLK)` does: the owner's locks in the range are replaced, and
+    /// its adjacent locks of the same kind merge. `None` when done; otherwise the
+    /// conflicting lock of another owner, once it has stood for up to `wait_ms` (at most
+    /// [`LOCK_WAIT_MAX_MS`]) of waiting at the leader. Locks are in the log, so they survive
+    /// a failover; the leader drops a session's locks when it has not heard from it for
+    /// [`LOCK_LEASE_MS`] (see `renew_locks`), and at `end_session`. Idempotent: a retry
+    /// finds the lock already taken or dropped. Leader only.
+    async fn set_lock(
+        ino: Ino,
+        session: u64,
+        lock: LockRequest,
+        wait_ms: u32,
+    ) -> MetaResult<Option<LockConflict>>;
+    /// The first lock of another owner that would conflict with `lock` (`F_GETLK`).
+    async fn test_lock(
+        ino: Ino,
+        session: u64,
+        lock: LockRequest,
+    ) -> MetaResult<Option<LockConflict>>;
+    /// Keeps `session`'s locks for another [`LOCK_LEASE_MS`]; returns how many ranges it
+    /// holds. Leader only.
+    async fn renew_locks(session: u64) -> MetaResult<u32>;
+
     // ---- extended attributes ----------------------------------------------------------------
     async fn setxattr(
         ino: Ino,

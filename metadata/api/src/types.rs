@@ -676,3 +676,49 @@ pub struct HealerLease {
     /// Valid this long from the request (the holder renews well before).
     pub ttl_ms: u64,
 }
+
+/// What a byte-range lock request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockKind {
+    /// Shared: other owners may read-lock the range too.
+    Read,
+    /// Exclusive.
+    Write,
+    /// Drops the owner's locks in the range (splitting a lock that reaches past it).
+    Unlock,
+}
+
+/// A byte-range lock request of one lock owner of a mount session: POSIX `fcntl` locks,
+/// and `flock`, which the kernel sends as a whole-file range owned by the open file (as
+/// NFS does, the two kinds therefore see each other).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRequest {
+    /// The owner within the session (the kernel's opaque lock owner id).
+    pub owner: u64,
+    /// The process asking: `test_lock` reports it to other processes of the same session.
+    pub pid: u32,
+    /// First byte of the range.
+    pub start: u64,
+    /// Last byte of the range (inclusive; the kernel's OFFSET_MAX means "to the end").
+    pub end: u64,
+    pub kind: LockKind,
+}
+
+/// A lock that stands in the way of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockConflict {
+    /// `Read` or `Write`.
+    pub kind: LockKind,
+    pub start: u64,
+    pub end: u64,
+    /// The holder's process when it is of the asking session; 0 for another mount's.
+    pub pid: u32,
+}
+
+/// How long the leader keeps a session's locks without hearing from it (`set_lock`,
+/// `test_lock` or `renew_locks`): a mount that holds locks renews well within this, so
+/// the locks of a mount that died are free again after it.
+pub const LOCK_LEASE_MS: u64 = 10_000;
+
+/// The longest a `set_lock` call waits at the leader for a conflicting lock to go.
+pub const LOCK_WAIT_MAX_MS: u32 = 5_000;

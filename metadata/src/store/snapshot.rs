@@ -7,9 +7,11 @@ use super::*;
 /// `b"RAWFSMS4"`, then per table: name (u32 length + bytes), row count (u64), rows as
 /// (u32 key length, key, u32 value length, value); the replication blob last (u32 length +
 /// bytes, `u32::MAX` for none). Integers are little-endian. Version 1 (`b"RAWFSMS1"`) lacks
-/// the tables of [`for_tables_v2`], version 2 those of [`for_tables_v3`] and version 3 those
-/// of [`for_tables_v4`]; all are still restored (with those tables empty).
-const SNAPSHOT_MAGIC: &[u8; 8] = b"RAWFSMS4";
+/// the tables of [`for_tables_v2`], version 2 those of [`for_tables_v3`], version 3 those
+/// of [`for_tables_v4`] and version 4 those of [`for_tables_v5`]; all are still restored
+/// (with those tables empty).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"RAWFSMS5";
+const SNAPSHOT_MAGIC_V4: &[u8; 8] = b"RAWFSMS4";
 const SNAPSHOT_MAGIC_V3: &[u8; 8] = b"RAWFSMS3";
 const SNAPSHOT_MAGIC_V2: &[u8; 8] = b"RAWFSMS2";
 const SNAPSHOT_MAGIC_V1: &[u8; 8] = b"RAWFSMS1";
@@ -161,6 +163,13 @@ macro_rules! for_tables_v4 {
     };
 }
 
+/// The tables snapshot format 5 adds after those of [`for_tables_v4`].
+macro_rules! for_tables_v5 {
+    ($f:ident) => {
+        $f!(LOCKS, "locks");
+    };
+}
+
 impl Store {
     /// A consistent copy of every table (after making the state durable).
     pub fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
@@ -177,6 +186,7 @@ impl Store {
         for_tables_v2!(dump_one);
         for_tables_v3!(dump_one);
         for_tables_v4!(dump_one);
+        for_tables_v5!(dump_one);
         match txn.open_table(REPL)?.get(REPL_KEY)? {
             Some(g) => put_bytes(&mut out, g.value()),
             None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
@@ -188,7 +198,8 @@ impl Store {
     pub fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
         let mut cur = Cursor { b: snapshot };
         let version = match cur.take(SNAPSHOT_MAGIC.len())? {
-            m if m == SNAPSHOT_MAGIC => 4,
+            m if m == SNAPSHOT_MAGIC => 5,
+            m if m == SNAPSHOT_MAGIC_V4 => 4,
             m if m == SNAPSHOT_MAGIC_V3 => 3,
             m if m == SNAPSHOT_MAGIC_V2 => 2,
             m if m == SNAPSHOT_MAGIC_V1 => 1,
@@ -221,6 +232,11 @@ impl Store {
             for_tables_v4!(load_one);
         } else {
             for_tables_v4!(clear_one);
+        }
+        if version >= 5 {
+            for_tables_v5!(load_one);
+        } else {
+            for_tables_v5!(clear_one);
         }
         {
             let mut repl = txn.open_table(REPL)?;
@@ -255,6 +271,7 @@ impl Store {
         hash_one!(REQUEST_AGES, "request_ages");
         for_tables_v3!(hash_one);
         for_tables_v4!(hash_one);
+        for_tables_v5!(hash_one);
         let applied = txn
             .open_table(APPLIED)?
             .get(APPLIED_INDEX)?

@@ -6,6 +6,7 @@ mod delegation;
 mod ec_write;
 mod erasure;
 mod healing;
+mod locks;
 mod posix;
 mod requests;
 mod shares;

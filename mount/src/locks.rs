@@ -1,0 +1,296 @@
+//! Byte-range locks held at the metadata leader, so that processes on different mounts
+//! exclude each other: POSIX `fcntl` locks, and `flock`, which the kernel sends as a
+//! whole-file lock owned by the open file (as NFS does, the two kinds therefore conflict
+//! with each other, where a local Linux filesystem keeps them apart).
+//!
+//! ```text
+//!  fcntl/flock ──► setlk ──► set_lock (leader: conflict, or logged) ──► EAGAIN / done
+//!     F_SETLKW: set_lock waiting up to WAIT_SLICE at the leader, again and again, until
+//!               granted or the caller has a signal pending (EINTR)
+//!  close(fd) ──► flush(owner) ──► unlock of the owner's locks on the file (POSIX rule)
+//!  last close of a flock'ed file ──► release(owner) ──► unlock
+//!  renewer: renew_locks every RENEW_EVERY while any lock may be held here
+//! ```
+//!
+//! fuser answers the kernel's `FUSE_INTERRUPT` with ENOSYS, so a process waiting in
+//! `F_SETLKW` is not told about its signals; the waiting loop looks for a pending signal
+//! in `/proc` between slices instead, so `kill`, Ctrl-C and `flock -w`'s alarm still end
+//! the wait within a slice.
+//!
+//! Data written under a lock is sent before the lock is given up or downgraded: the other
+//! mounts' caches of the file are then taken back (the coherence events) before it can be
+//! locked elsewhere.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use fuser::Errno;
+use rawfs_metadata_api::{Ino, LockConflict, LockKind, LockRequest, LOCK_LEASE_MS};
+use tracing::{error, warn};
+
+use crate::errno;
+use crate::inner::{lock, Inner};
+
+/// How long one `set_lock` call of a blocking request waits at the leader.
+const WAIT_SLICE_MS: u32 = 500;
+/// How often a mount holding locks renews them (a lease lasts [`LOCK_LEASE_MS`]).
+const RENEW_EVERY: Duration = Duration::from_secs(2);
+
+/// (inode, lock owner) pairs that may hold locks at the leader, with the handle that last
+/// asked for one.
+///
+/// The handle matters for `flock`: its owner is the kernel's open file, whose address a new
+/// open may get as soon as the old one is closed, and the old one's RELEASE (which gives the
+/// lock up) reaches us after `close` returned, possibly after the new open locked. A release
+/// therefore gives up the owner's locks only if its handle is the one that took them.
+#[derive(Default)]
+pub(crate) struct Locks {
+    held: Mutex<HashMap<(Ino, u64), u64>>,
+}
+
+impl Locks {
+    /// Whether `owner` may hold a lock on `ino` here.
+    pub(crate) fn may_hold(&self, ino: Ino, owner: u64) -> bool {
+        lock(&self.held).contains_key(&(ino, owner))
+    }
+}
+
+/// A lock as the kernel describes it.
+pub(crate) struct KernelLock {
+    /// The handle it comes through.
+    pub fh: u64,
+    pub owner: u64,
+    pub start: u64,
+    pub end: u64,
+    pub typ: i32,
+    pub pid: u32,
+}
+
+impl KernelLock {
+    fn request(&self) -> Result<LockRequest, Errno> {
+        let kind = match self.typ {
+            libc::F_RDLCK => LockKind::Read,
+            libc::F_WRLCK => LockKind::Write,
+            libc::F_UNLCK => LockKind::Unlock,
+            _ => return Err(Errno::EINVAL),
+        };
+        if self.start > self.end {
+            return Err(Errno::EINVAL);
+        }
+        Ok(LockRequest {
+            owner: self.owner,
+            pid: self.pid,
+            start: self.start,
+            end: self.end,
+            kind,
+        })
+    }
+}
+
+/// What `getlk` answers: (start, end, type, pid).
+pub(crate) type LockReport = (u64, u64, i32, u32);
+
+fn report(c: Option<LockConflict>, asked: &KernelLock) -> LockReport {
+    match c {
+        None => (asked.start, asked.end, libc::F_UNLCK, 0),
+        Some(c) => {
+            let typ = if c.kind == LockKind::Write {
+                libc::F_WRLCK
+            } else {
+                libc::F_RDLCK
+            };
+            (c.start, c.end, typ, c.pid)
+        }
+    }
+}
+
+impl Inner {
+    /// `F_GETLK`: the first lock of another owner that would stand in the way.
+    pub(crate) async fn getlk(&self, ino: Ino, asked: KernelLock) -> Result<LockReport, Errno> {
+        let req = asked.request()?;
+        let c = self
+            .client
+            .meta()
+            .test_lock(ino, self.session, req)
+            .await
+            .map_err(errno::meta)?;
+        Ok(report(c, &asked))
+    }
+
+    /// `F_SETLK` (`sleep`: `F_SETLKW`) for thread `tid`. A conflict is EAGAIN; a wait ends
+    /// with EINTR once the thread has a signal to handle.
+    pub(crate) async fn setlk(
+        self: &Arc<Self>,
+        ino: Ino,
+        asked: KernelLock,
+        sleep: bool,
+        tid: u32,
+    ) -> Result<(), Errno> {
+        let req = asked.request()?;
+        if req.kind != LockKind::Write {
+            // Giving up (part of) an exclusive lock: what was written under it goes first.
+            self.flush(ino).await?;
+        }
+        if req.kind != LockKind::Unlock {
+            // Before asking: a release racing the answer then gives it back.
+            lock(&self.locks.held).insert((ino, req.owner), asked.fh);
+        }
+        let meta = self.client.meta();
+        loop {
+            let wait = if sleep { WAIT_SLICE_MS } else { 0 };
+            let c = meta
+                .set_lock(ino, self.session, req, wait)
+                .await
+                .map_err(errno::meta)?;
+            match c {
+                None => return Ok(()),
+                Some(_) if !sleep => return Err(Errno::EAGAIN),
+                Some(_) if signal_pending(tid) => return Err(Errno::EINTR),
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Gives back every lock `owner` may hold on `ino`, after sending what was written
+    /// under them: at `close` for POSIX locks (any handle), at the last release of handle
+    /// `fh` for `flock` (only if that handle took them).
+    pub(crate) async fn unlock_owner(
+        self: &Arc<Self>,
+        ino: Ino,
+        owner: u64,
+        fh: Option<u64>,
+    ) -> Result<(), Errno> {
+        let taken_by = lock(&self.locks.held).get(&(ino, owner)).copied();
+        match (taken_by, fh) {
+            (None, _) => return Ok(()),
+            (Some(by), Some(fh)) if by != fh => return Ok(()),
+            _ => {}
+        }
+        let all = KernelLock {
+            fh: taken_by.unwrap_or(0),
+            owner,
+            start: 0,
+            end: u64::MAX,
+            typ: libc::F_UNLCK,
+            pid: 0,
+        };
+        self.setlk(ino, all, false, 0).await?;
+        let mut held = lock(&self.locks.held);
+        // Unless a new lock was asked for meanwhile.
+        if held.get(&(ino, owner)) == taken_by.as_ref() {
+            held.remove(&(ino, owner));
+        }
+        Ok(())
+    }
+
+    /// Renews this session's locks at the leader while any may be held here.
+    pub(crate) fn start_lock_renewer(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
+        let me: Weak<Inner> = Arc::downgrade(self);
+        rt.spawn(async move {
+            let lease = Duration::from_millis(LOCK_LEASE_MS);
+            let mut renewed = Instant::now();
+            let mut lost_reported = false;
+            loop {
+                tokio::time::sleep(RENEW_EVERY).await;
+                let Some(inner) = me.upgrade() else { return };
+                if lock(&inner.locks.held).is_empty() {
+                    renewed = Instant::now();
+                    continue;
+                }
+                match inner.client.meta().renew_locks(inner.session).await {
+                    Ok(_) => {
+                        renewed = Instant::now();
+                        lost_reported = false;
+                    }
+                    Err(e) if renewed.elapsed() < lease => {
+                        warn!(error = %e, "cannot renew this mount's locks")
+                    }
+                    Err(e) if !lost_reported => {
+                        lost_reported = true;
+                        error!(error = %e, "locks not renewed for {lease:?}: the leader may \
+                               have dropped them, and other mounts may take them")
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+}
+
+/// Whether thread `tid` has a signal pending that it neither blocks nor ignores (what
+/// would have interrupted a local `F_SETLKW`), from `/proc/<tid>/status`.
+fn signal_pending(tid: u32) -> bool {
+    if tid == 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{tid}/status")) {
+        Ok(status) => pending_in_status(&status),
+        // The thread is gone: nobody waits any more.
+        Err(_) => true,
+    }
+}
+
+fn pending_in_status(status: &str) -> bool {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let pending = field("SigPnd:") | field("ShdPnd:");
+    pending & !field("SigBlk:") & !field("SigIgn:") != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_signal_counts_unless_blocked_or_ignored() {
+        let status = |pnd: &str, shd: &str, blk: &str, ign: &str| {
+            format!(
+                "Name:\tsleep\nSigQ:\t0/1\nSigPnd:\t{pnd}\nShdPnd:\t{shd}\n\
+                 SigBlk:\t{blk}\nSigIgn:\t{ign}\nSigCgt:\t0\n"
+            )
+        };
+        let none = "0000000000000000";
+        let kill = "0000000000000100"; // SIGKILL (9): bit 8
+        let alarm = "0000000000002000"; // SIGALRM (14): bit 13
+        assert!(!pending_in_status(&status(none, none, none, none)));
+        assert!(pending_in_status(&status(kill, none, none, none)));
+        assert!(pending_in_status(&status(none, alarm, none, none)));
+        assert!(!pending_in_status(&status(none, alarm, alarm, none)));
+        assert!(!pending_in_status(&status(alarm, none, none, alarm)));
+        assert!(!signal_pending(0));
+        assert!(!signal_pending(std::process::id()));
+    }
+
+    #[test]
+    fn kernel_locks_map_to_requests_and_reports() {
+        let k = |typ| KernelLock {
+            fh: 3,
+            owner: 5,
+            start: 10,
+            end: 19,
+            typ,
+            pid: 77,
+        };
+        assert_eq!(k(libc::F_RDLCK).request().unwrap().kind, LockKind::Read);
+        assert_eq!(k(libc::F_WRLCK).request().unwrap().kind, LockKind::Write);
+        assert_eq!(k(libc::F_UNLCK).request().unwrap().kind, LockKind::Unlock);
+        assert_eq!(k(99).request().unwrap_err(), Errno::EINVAL);
+        assert_eq!(report(None, &k(libc::F_WRLCK)), (10, 19, libc::F_UNLCK, 0));
+        let held = LockConflict {
+            kind: LockKind::Read,
+            start: 0,
+            end: 99,
+            pid: 0,
+        };
+        assert_eq!(
+            report(Some(held), &k(libc::F_WRLCK)),
+            (0, 99, libc::F_RDLCK, 0)
+        );
+    }
+}
