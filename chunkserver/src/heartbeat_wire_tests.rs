@@ -61,6 +61,9 @@ impl MetadataRpc for FakeMetadata {
         release(ino: Ino, session: u64) -> ();
         release_many(inos: Vec<Ino>, session: u64) -> ();
         end_session(session: u64) -> ();
+        set_lock(ino: Ino, session: u64, lock: LockRequest, wait_ms: u32) -> Option<LockConflict>;
+        test_lock(ino: Ino, session: u64, lock: LockRequest) -> Option<LockConflict>;
+        renew_locks(session: u64) -> u32;
         statfs(read: Consistency) -> StatFs;
         sync() -> ();
         watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> WatchReply;

@@ -34,6 +34,8 @@ mod healer_throttle;
 mod held;
 #[path = "integration/integrity.rs"]
 mod integrity;
+#[path = "integration/locks.rs"]
+mod locks;
 #[path = "integration/nbd.rs"]
 mod nbd;
 #[path = "integration/posix.rs"]

@@ -68,6 +68,10 @@
 //!   link (`open_table.rs`); its session sends it again to each new leader (`reopen`), which
 //!   removes no link for 5 s after taking office. Leased opens are given back with
 //!   `release_leased`, logged ones with `release`.
+//! - Byte-range locks (`locks.rs`, `set_lock`/`test_lock`/`renew_locks`) are replicated
+//!   state judged at apply; the leader drops a session's locks when it has not heard from
+//!   it for 10 s (soft state: a new leader starts every session's lease afresh) and at
+//!   `end_session`. A conflict seen in the applied state costs no log entry.
 
 mod chunks;
 mod chunkservers;

@@ -33,10 +33,7 @@ use redb::ReadableTable;
 
 use crate::commands::Command;
 use crate::server::Server;
-use crate::store::{Op, StoreError, Tables, LOCKS};
-
-type Key = (u64, u64, u64, u64);
-type Val = (u64, bool, u32);
+use crate::store::{LockKey as Key, LockVal as Val, Op, StoreError, Tables, LOCKS};
 
 /// One stored lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

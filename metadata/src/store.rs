@@ -62,9 +62,12 @@ pub(crate) const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("se
 pub(crate) const DELETIONS: TableDefinition<(u64, u64), ()> = TableDefinition::new("deletions");
 /// directory -> mount session: directories whose creates are delegated (`delegation.rs`).
 pub(crate) const DELEGATIONS: TableDefinition<u64, u64> = TableDefinition::new("delegations");
-/// (ino, session, owner, start) -> (end, write, pid): byte-range locks (`locks.rs`).
-pub(crate) const LOCKS: TableDefinition<(u64, u64, u64, u64), (u64, bool, u32)> =
-    TableDefinition::new("locks");
+/// (ino, session, owner, start): a lock's key.
+pub(crate) type LockKey = (u64, u64, u64, u64);
+/// (end, write, pid): the rest of a lock.
+pub(crate) type LockVal = (u64, bool, u32);
+/// [`LockKey`] -> [`LockVal`]: byte-range locks (`locks.rs`).
+pub(crate) const LOCKS: TableDefinition<LockKey, LockVal> = TableDefinition::new("locks");
 /// (client, seq) -> encoded reply of a mutation that carried that request id.
 pub(crate) const REQUESTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("requests");
 /// (leader time in seconds, client, seq) -> (): REQUESTS by age, for pruning.
@@ -296,7 +299,7 @@ pub(crate) struct Tables<'t> {
     pub requests: Table<'t, (u64, u64), &'static [u8]>,
     pub request_ages: Table<'t, (u64, u64, u64), ()>,
     pub delegations: Table<'t, u64, u64>,
-    pub locks: Table<'t, (u64, u64, u64, u64), (u64, bool, u32)>,
+    pub locks: Table<'t, LockKey, LockVal>,
 }
 
 impl<'t> Tables<'t> {

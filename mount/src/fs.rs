@@ -574,17 +574,14 @@ impl Filesystem for RawFs {
         ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        lock_owner: Option<LockOwner>,
+        _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
         self.spawn(reply, async move {
-            // Set when the file was flock'ed: the open file's lock goes with it.
-            let unlocked = match lock_owner {
-                Some(owner) => inner.unlock_owner(ino, owner.0, Some(fh.0)).await,
-                None => Ok(()),
-            };
+            // The open file's `flock` and OFD locks go with it.
+            let unlocked = inner.unlock_handle(ino, fh.0).await;
             inner.close_file(ino).await.and(unlocked)
         });
     }

@@ -27,7 +27,9 @@
 //! mounts by the leader's invalidation events (see `coherence`): a change made elsewhere is
 //! taken back before that change is acknowledged. A file's pages stay cached across opens
 //! while its version (size, mtime, ctime) is unchanged (`page_cache`), so a file read again
-//! is read from memory.
+//! is read from memory. Another client's change of a file open here also drops what the
+//! mount read ahead of it. `fcntl` and `flock` locks are held at the metadata leader and
+//! exclude processes on every mount (`locks`).
 //!
 //! Directories this mount makes are delegated to it (`held`; `-o nodelegate` turns it
 //! off): it answers lookups, creates and stats of new empty files in them, and unlinks and
@@ -42,9 +44,9 @@
 //!   all handles into page-cache writeback, which needs care with `O_APPEND`, truncate and
 //!   close-to-open semantics across mounts. Writes are write-through to the `FileIo`
 //!   buffer, which batches them anyway.
-//! - `flock` and POSIX byte-range locks are not forwarded (no getlk/setlk): the kernel then
-//!   handles them locally, so they are exclusive between processes on this mount only.
-//!   Cluster-wide locks are a later issue.
+//! - Locks (`fcntl` and `flock`) are the cluster's (`locks`): `flock` is a whole-file
+//!   byte-range lock of the open file, so it conflicts with other processes' `fcntl`
+//!   locks (as on NFS), and waiters' deadlocks are not detected (no `EDEADLK`).
 //! - `fallocate` mode 0 extends the size but reserves no space (chunks are placed when
 //!   first written); `FALLOC_FL_ZERO_RANGE` punches (thin storage keeps zeros as holes);
 //!   collapse and insert ranges are refused. `SEEK_DATA`/`SEEK_HOLE` see written blocks

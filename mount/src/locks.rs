@@ -40,13 +40,18 @@ const RENEW_EVERY: Duration = Duration::from_secs(2);
 /// (inode, lock owner) pairs that may hold locks at the leader, with the handle that last
 /// asked for one.
 ///
-/// The handle matters for `flock`: its owner is the kernel's open file, whose address a new
-/// open may get as soon as the old one is closed, and the old one's RELEASE (which gives the
-/// lock up) reaches us after `close` returned, possibly after the new open locked. A release
-/// therefore gives up the owner's locks only if its handle is the one that took them.
+/// The last release of a handle gives up the locks taken through it and still held: those
+/// of `flock` and of open file description (`F_OFD_SETLK`) locks, whose owner is the
+/// kernel's open file (POSIX locks went at each `close`). The handle matters because a new
+/// open may get the old open file's address, and so its owner id, as soon as the old one
+/// is closed, and the old one's RELEASE reaches us after `close` returned, possibly after
+/// the new open locked: a release gives up only what its own handle took.
 #[derive(Default)]
 pub(crate) struct Locks {
     held: Mutex<HashMap<(Ino, u64), u64>>,
+    /// Owners whose unlock failed (leader unreachable), with their handle: the renewer
+    /// tries again, so that a lock given up by a close does not stay forever.
+    retry: Mutex<HashMap<(Ino, u64), u64>>,
 }
 
 impl Locks {
@@ -152,9 +157,23 @@ impl Inner {
         }
     }
 
+    /// The last release of handle `fh`: gives back what was locked through it.
+    pub(crate) async fn unlock_handle(self: &Arc<Self>, ino: Ino, fh: u64) -> Result<(), Errno> {
+        let owners: Vec<u64> = lock(&self.locks.held)
+            .iter()
+            .filter(|((i, _), by)| *i == ino && **by == fh)
+            .map(|((_, owner), _)| *owner)
+            .collect();
+        let mut out = Ok(());
+        for owner in owners {
+            out = out.and(self.unlock_owner(ino, owner, Some(fh)).await);
+        }
+        out
+    }
+
     /// Gives back every lock `owner` may hold on `ino`, after sending what was written
     /// under them: at `close` for POSIX locks (any handle), at the last release of handle
-    /// `fh` for `flock` (only if that handle took them).
+    /// `fh` for the others (only if that handle took them).
     pub(crate) async fn unlock_owner(
         self: &Arc<Self>,
         ino: Ino,
@@ -175,7 +194,13 @@ impl Inner {
             typ: libc::F_UNLCK,
             pid: 0,
         };
-        self.setlk(ino, all, false, 0).await?;
+        if let Err(e) = self.setlk(ino, all, false, 0).await {
+            if let Some(by) = taken_by {
+                lock(&self.locks.retry).insert((ino, owner), by);
+            }
+            return Err(e);
+        }
+        lock(&self.locks.retry).remove(&(ino, owner));
         let mut held = lock(&self.locks.held);
         // Unless a new lock was asked for meanwhile.
         if held.get(&(ino, owner)) == taken_by.as_ref() {
@@ -194,6 +219,13 @@ impl Inner {
             loop {
                 tokio::time::sleep(RENEW_EVERY).await;
                 let Some(inner) = me.upgrade() else { return };
+                let retry: Vec<_> = lock(&inner.locks.retry).drain().collect();
+                for ((ino, owner), fh) in retry {
+                    // Unless the owner locked again through the handle since.
+                    if lock(&inner.locks.held).get(&(ino, owner)) == Some(&fh) {
+                        let _ = inner.unlock_owner(ino, owner, Some(fh)).await;
+                    }
+                }
                 if lock(&inner.locks.held).is_empty() {
                     renewed = Instant::now();
                     continue;

@@ -214,3 +214,29 @@ fn a_handle_open_here_sees_another_mounts_append() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_file_kept_open_here_reads_another_mounts_overwrite() -> Result<()> {
+    let c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    let len = 300_000;
+    fs::write(c.path("f"), pattern(6, 0, len))?;
+    // Mount a keeps the file open (as flock(1) does around its command) and has read it, so
+    // it has data read ahead; each round overwrites the file from the main mount in place.
+    let keeper = File::open(a.join("f"))?;
+    let mut got = vec![0u8; len];
+    keeper.read_exact_at(&mut got, 0)?;
+    for round in 0..5u64 {
+        let want = pattern(10 + round, 0, len);
+        {
+            let w = OpenOptions::new().write(true).open(c.path("f"))?;
+            w.write_all_at(&want, 0)?;
+            w.sync_all()?;
+        }
+        // Through the handle kept open, and through a new open beside it.
+        keeper.read_exact_at(&mut got, 0)?;
+        ensure!(got == want, "round {round}: the handle kept open");
+        ensure!(fs::read(a.join("f"))? == want, "round {round}: a new open");
+    }
+    Ok(())
+}
