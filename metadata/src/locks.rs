@@ -107,6 +107,12 @@ fn first_conflict(rows: &[Row], session: u64, req: &LockRequest) -> Option<LockC
         .map(|r| r.conflict(session))
 }
 
+/// Whether `req`'s owner holds anything in its range.
+fn holds_any(rows: &[Row], session: u64, req: &LockRequest) -> bool {
+    rows.iter()
+        .any(|r| (r.session, r.owner) == (session, req.owner) && r.overlaps(req.start, req.end))
+}
+
 fn invalid(req: &LockRequest) -> Option<MetaError> {
     (req.start > req.end).then(|| MetaError::Invalid {
         reason: format!("lock range {}..={} is empty", req.start, req.end),
@@ -256,8 +262,12 @@ impl Server {
             let changed = self.0.locks.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let seen = first_conflict(&self.lock_rows(ino)?, session, &req);
-            let outcome = match seen {
+            let rows = self.lock_rows(ino)?;
+            if req.kind == LockKind::Unlock && !holds_any(&rows, session, &req) {
+                // Nothing to give up (a close after an explicit unlock): no log entry.
+                return Ok(None);
+            }
+            let outcome = match first_conflict(&rows, session, &req) {
                 Some(c) => Some(c),
                 None => self
                     .propose(Command::SetLock {

@@ -333,9 +333,13 @@ impl Filesystem for RawFs {
         // The mount drops setuid, setgid and capabilities on write, truncate and chown
         // itself (see `privs`): the kernel then skips a getxattr before every write.
         want(config, InitFlags::FUSE_HANDLE_KILLPRIV_V2);
-        // Locks are the cluster's, not this kernel's (`locks.rs`).
-        want(config, InitFlags::FUSE_POSIX_LOCKS);
-        want(config, InitFlags::FUSE_FLOCK_LOCKS);
+        // Locks are the cluster's, not this kernel's (`locks.rs`), unless `local_lock=`.
+        if self.inner.local_lock.cluster_posix() {
+            want(config, InitFlags::FUSE_POSIX_LOCKS);
+        }
+        if self.inner.local_lock.cluster_flock() {
+            want(config, InitFlags::FUSE_FLOCK_LOCKS);
+        }
         // Not requested: FUSE_WRITEBACK_CACHE (the kernel would then own mtime and size and
         // merge writes across handles; see the crate docs).
         Ok(())

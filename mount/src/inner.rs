@@ -64,6 +64,8 @@ pub(crate) struct Inner {
     pub(crate) held: crate::held::Held,
     /// New directories are made held (`-o delegate`).
     pub(crate) delegate: bool,
+    /// Which locks the kernel keeps local (`-o local_lock=`); the others are the cluster's.
+    pub(crate) local_lock: crate::options::LocalLock,
     /// Which files' kernel page cache survives the next open.
     pub(crate) page_cache: crate::page_cache::PageCache,
     /// New small files whose data goes out after their `close` returned.
@@ -112,6 +114,7 @@ impl Inner {
             reopens: Mutex::new(None),
             held: crate::held::Held::default(),
             delegate: true,
+            local_lock: Default::default(),
             page_cache: Default::default(),
             write_behind: Default::default(),
             locks: Default::default(),

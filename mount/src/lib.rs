@@ -115,6 +115,7 @@ mod write_behind;
 
 pub use helper::mount_helper_main;
 pub use options::{
-    parse_helper_args, parse_spec, HelperArgs, MountOptions, MountSpec, UsageError, USAGE,
+    parse_helper_args, parse_spec, HelperArgs, LocalLock, MountOptions, MountSpec, UsageError,
+    USAGE,
 };
 pub use session::{run_foreground, MountError};

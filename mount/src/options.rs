@@ -65,6 +65,35 @@ pub struct MountOptions {
     /// waking a sleeping thread, which costs tens of microseconds on a virtual machine. See
     /// `mount.rawfs(8)`.
     pub busy_poll: Duration,
+    /// Which locks stay local to this mount's kernel (`local_lock=none|flock|posix|all`, as
+    /// nfs(5) names it; default none: every lock is the cluster's, see `mount.rawfs(8)`).
+    pub local_lock: LocalLock,
+}
+
+/// Which locks the kernel keeps to itself instead of asking the cluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LocalLock {
+    /// Every lock is the cluster's.
+    #[default]
+    None,
+    /// `flock` locks are local; `fcntl` locks are the cluster's.
+    Flock,
+    /// `fcntl` locks are local; `flock` locks are the cluster's.
+    Posix,
+    /// Every lock is local: processes on other mounts do not see them (cheaper).
+    All,
+}
+
+impl LocalLock {
+    /// Whether `flock` locks go to the cluster.
+    pub fn cluster_flock(self) -> bool {
+        matches!(self, LocalLock::None | LocalLock::Posix)
+    }
+
+    /// Whether `fcntl` locks go to the cluster.
+    pub fn cluster_posix(self) -> bool {
+        matches!(self, LocalLock::None | LocalLock::Flock)
+    }
 }
 
 impl Default for MountOptions {
@@ -86,6 +115,7 @@ impl Default for MountOptions {
             consistency: Consistency::Linearizable,
             delegate: true,
             busy_poll: DEFAULT_BUSY_POLL,
+            local_lock: LocalLock::None,
         }
     }
 }
@@ -236,6 +266,16 @@ impl MountOptions {
                     let v = need()?;
                     self.write_buffer = parse_size(v).filter(|s| *s > 0).ok_or_else(|| bad(v))?;
                 }
+                "local_lock" => {
+                    let v = need()?;
+                    self.local_lock = match v {
+                        "none" => LocalLock::None,
+                        "flock" => LocalLock::Flock,
+                        "posix" => LocalLock::Posix,
+                        "all" => LocalLock::All,
+                        _ => return Err(bad(v)),
+                    };
+                }
                 "consistency" => {
                     let v = need()?;
                     self.consistency = match v {
@@ -385,6 +425,12 @@ mod tests {
         assert_eq!(o.busy_poll, Duration::from_micros(200));
         o.apply("busy_poll=0").unwrap();
         assert!(o.busy_poll.is_zero());
+        assert_eq!(o.local_lock, LocalLock::None);
+        o.apply("local_lock=flock").unwrap();
+        assert!(!o.local_lock.cluster_flock() && o.local_lock.cluster_posix());
+        o.apply("local_lock=all").unwrap();
+        assert!(!o.local_lock.cluster_flock() && !o.local_lock.cluster_posix());
+        assert!(o.apply("local_lock=some").is_err());
         assert_eq!(o.op_timeout, Duration::from_secs(5));
         assert_eq!(o.write_buffer, 4 << 20);
         assert!(o.debug);

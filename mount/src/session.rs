@@ -161,6 +161,7 @@ pub(crate) fn run(
     );
     // A read-only mount makes no directories; `nodelegate` asks for none.
     inner.delegate = opts.delegate && !opts.read_only;
+    inner.local_lock = opts.local_lock;
     let inner = Arc::new(inner);
     inner.start_releaser(&meta_rt.handle);
     inner.start_recalls(&meta_rt.handle);

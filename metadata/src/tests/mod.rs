@@ -240,8 +240,8 @@ impl H {
     }
 }
 
-/// Rewrites a snapshot of the current format (4) as format 1 wrote it: the tables formats 2,
-/// 3 and 4 added (the last five) left out.
+/// Rewrites a snapshot of the current format (5) as format 1 wrote it: the tables formats 2
+/// to 5 added (the last six) left out.
 pub(super) fn to_format_1(snap: &[u8]) -> Vec<u8> {
     fn u32_at(b: &[u8], pos: &mut usize) -> usize {
         let v = u32::from_le_bytes(b[*pos..*pos + 4].try_into().unwrap());
@@ -251,7 +251,7 @@ pub(super) fn to_format_1(snap: &[u8]) -> Vec<u8> {
     const V1_TABLES: usize = 13;
     let mut out = b"RAWFSMS1".to_vec();
     let mut pos = 8;
-    for table in 0..V1_TABLES + 5 {
+    for table in 0..V1_TABLES + 6 {
         let start = pos;
         pos += u32_at(snap, &mut pos);
         let rows = u64::from_le_bytes(snap[pos..pos + 8].try_into().unwrap());
