@@ -110,6 +110,7 @@ mod ops_xattr;
 mod options;
 mod page_cache;
 mod privs;
+mod reply;
 mod session;
 mod write_behind;
 

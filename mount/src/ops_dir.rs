@@ -19,8 +19,8 @@ use rawfs_metadata_api::{Attr, DirEntry, FileKind, Ino, MetaError};
 
 use crate::attr::{file_type, BLKSIZE};
 use crate::errno;
-use crate::fs::Opened;
 use crate::inner::{lock, Inner};
+use crate::reply::Opened;
 
 /// Entries fetched from the metadata service per call.
 const PAGE: u32 = 512;

@@ -12,9 +12,9 @@ use rawfs_metadata_api::{
 use tracing::warn;
 
 use crate::errno;
-use crate::fs::Opened;
 use crate::held::Made;
 use crate::inner::{Entry, Inner};
+use crate::reply::Opened;
 
 /// `copy_file_range` moves data in pieces of this size.
 const COPY_PIECE: u64 = 4 << 20;

@@ -13,9 +13,9 @@ use serde_bytes::ByteBuf;
 
 use crate::attr::{kind_from_mode, to_time_set};
 use crate::errno;
-use crate::fs::StatfsOut;
 use crate::held::Found;
 use crate::inner::{Entry, Inner};
+use crate::reply::StatfsOut;
 
 /// Block size reported by `statfs` (`df` counts in these).
 const STATFS_BSIZE: u64 = 4096;

@@ -6,8 +6,8 @@ use rawfs_metadata_api::{Ino, XattrMode, CLASS_XATTR};
 use serde_bytes::ByteBuf;
 
 use crate::errno;
-use crate::fs::XattrOut;
 use crate::inner::Inner;
+use crate::reply::XattrOut;
 
 /// The xattr the kernel reads before every write to a file (to drop file capabilities).
 pub(crate) const CAPABILITY: &[u8] = b"security.capability";
