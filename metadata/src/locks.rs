@@ -242,6 +242,16 @@ impl Server {
             .read_txn(|txn| Ok(rows(&txn.open_table(LOCKS)?, ino)?))
     }
 
+    /// What every lock call starts with: a valid range, leadership, the session's renewal.
+    async fn begin_lock_call(&self, session: u64, req: &LockRequest) -> MetaResult<()> {
+        if let Some(e) = invalid(req) {
+            return Err(e);
+        }
+        self.leader_term().await?;
+        self.0.locks.heard_from(session);
+        Ok(())
+    }
+
     /// `set_lock`: see the service docs.
     pub(crate) async fn set_lock(
         &self,
@@ -250,11 +260,7 @@ impl Server {
         req: LockRequest,
         wait_ms: u32,
     ) -> MetaResult<Option<LockConflict>> {
-        if let Some(e) = invalid(&req) {
-            return Err(e);
-        }
-        self.leader_term().await?;
-        self.0.locks.heard_from(session);
+        self.begin_lock_call(session, &req).await?;
         let wait = Duration::from_millis(u64::from(wait_ms.min(LOCK_WAIT_MAX_MS)));
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -301,11 +307,7 @@ impl Server {
         session: u64,
         req: LockRequest,
     ) -> MetaResult<Option<LockConflict>> {
-        if let Some(e) = invalid(&req) {
-            return Err(e);
-        }
-        self.leader_term().await?;
-        self.0.locks.heard_from(session);
+        self.begin_lock_call(session, &req).await?;
         Ok(first_conflict(&self.lock_rows(ino)?, session, &req))
     }
 

@@ -426,14 +426,7 @@ impl Filesystem for RawFs {
         reply: ReplyLock,
     ) {
         let (inner, ino) = (self.inner.clone(), self.ino(ino));
-        let asked = KernelLock {
-            fh: fh.0,
-            owner: lock_owner.0,
-            start,
-            end,
-            typ,
-            pid,
-        };
+        let asked = KernelLock::new(fh.0, lock_owner.0, (start, end), typ, pid);
         self.spawn_meta(reply, async move { inner.getlk(ino, asked).await });
     }
 
@@ -451,14 +444,7 @@ impl Filesystem for RawFs {
         reply: ReplyEmpty,
     ) {
         let (inner, ino, tid) = (self.inner.clone(), self.ino(ino), req.pid());
-        let asked = KernelLock {
-            fh: fh.0,
-            owner: lock_owner.0,
-            start,
-            end,
-            typ,
-            pid,
-        };
+        let asked = KernelLock::new(fh.0, lock_owner.0, (start, end), typ, pid);
         self.spawn(
             reply,
             async move { inner.setlk(ino, asked, sleep, tid).await },

@@ -73,6 +73,18 @@ pub(crate) struct KernelLock {
 }
 
 impl KernelLock {
+    /// A lock of `owner` through handle `fh` over `range` (first and last byte).
+    pub(crate) fn new(fh: u64, owner: u64, range: (u64, u64), typ: i32, pid: u32) -> Self {
+        KernelLock {
+            fh,
+            owner,
+            start: range.0,
+            end: range.1,
+            typ,
+            pid,
+        }
+    }
+
     fn request(&self) -> Result<LockRequest, Errno> {
         let kind = match self.typ {
             libc::F_RDLCK => LockKind::Read,
