@@ -54,6 +54,22 @@ fn kill_group(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Waits until `child` sleeps in a FUSE lock request (its lock waits at the leader), as
+/// its kernel stack shows (the tests run as root), failing if it exits first.
+fn wait_blocked_in_fuse(child: &mut Child) -> Result<()> {
+    let stack = format!("/proc/{}/stack", child.id());
+    wait_until(
+        "the locker to wait for the lock",
+        Duration::from_secs(10),
+        || {
+            if let Some(st) = child.try_wait()? {
+                bail!("the locker exited ({st:?}) instead of waiting");
+            }
+            Ok(fs::read_to_string(&stack)?.contains("fuse_setlk"))
+        },
+    )
+}
+
 fn wait_exit(child: &mut Child, what: &str, within: Duration) -> Result<std::process::ExitStatus> {
     let mut status = None;
     wait_until(what, within, || {
@@ -117,11 +133,7 @@ fn fcntl_and_flock_locks_exclude_processes_on_different_mounts() -> Result<()> {
 
     // A blocked locker gets the lock as soon as it is given up.
     let mut waiter = flock_cmd(&p, &["-x"], "true")?;
-    std::thread::sleep(Duration::from_millis(300));
-    ensure!(
-        waiter.try_wait()?.is_none(),
-        "flock(1) waits while g2 holds"
-    );
+    wait_blocked_in_fuse(&mut waiter)?;
     let given_up = Instant::now();
     drop(g2);
     ensure!(wait_exit(&mut waiter, "the waiter", Duration::from_secs(20))?.success());
@@ -140,8 +152,7 @@ fn fcntl_and_flock_locks_exclude_processes_on_different_mounts() -> Result<()> {
     );
     for signal in [libc::SIGTERM, libc::SIGKILL] {
         let mut w = flock_cmd(&a.join("f"), &["-x"], "true")?;
-        std::thread::sleep(Duration::from_millis(300));
-        ensure!(w.try_wait()?.is_none(), "waiting");
+        wait_blocked_in_fuse(&mut w)?;
         // SAFETY: signalling our own child.
         unsafe { libc::kill(w.id() as i32, signal) };
         let st = wait_exit(&mut w, "a signalled waiter", Duration::from_secs(10))?;
