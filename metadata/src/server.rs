@@ -523,7 +523,7 @@ impl MetadataRpc for Server {
         Server::test_lock(&self, ino, session, lock).await
     }
 
-    async fn renew_locks(self, _: Context, session: u64) -> MetaResult<u32> {
+    async fn renew_locks(self, _: Context, session: u64) -> MetaResult<()> {
         Server::renew_locks(&self, session).await
     }
 

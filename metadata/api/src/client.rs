@@ -576,8 +576,8 @@ rpc_methods! {
         fn set_lock(ino: Ino, session: u64, lock: LockRequest, wait_ms: u32) -> Option<LockConflict>;
         /// The lock of another owner that would conflict with `lock`.
         fn test_lock(ino: Ino, session: u64, lock: LockRequest) -> Option<LockConflict>;
-        /// Keeps `session`'s locks alive; returns how many ranges it holds.
-        fn renew_locks(session: u64) -> u32;
+        /// Keeps `session`'s locks alive.
+        fn renew_locks(session: u64) -> ();
         /// Cache invalidation events (long poll; give it a call timeout above `wait_ms`).
         fn watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
         /// A chunkserver's heartbeat.
@@ -716,7 +716,7 @@ mod tests {
             end_session(session: u64) -> ();
             set_lock(ino: Ino, session: u64, lock: LockRequest, wait_ms: u32) -> Option<LockConflict>;
             test_lock(ino: Ino, session: u64, lock: LockRequest) -> Option<LockConflict>;
-            renew_locks(session: u64) -> u32;
+            renew_locks(session: u64) -> ();
             statfs(read: Consistency) -> StatFs;
             sync() -> ();
             watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> WatchReply;

@@ -178,9 +178,8 @@ pub trait MetadataRpc {
         session: u64,
         lock: LockRequest,
     ) -> MetaResult<Option<LockConflict>>;
-    /// Keeps `session`'s locks for another [`LOCK_LEASE_MS`]; returns how many ranges it
-    /// holds. Leader only.
-    async fn renew_locks(session: u64) -> MetaResult<u32>;
+    /// Keeps `session`'s locks for another [`LOCK_LEASE_MS`]. Leader only.
+    async fn renew_locks(session: u64) -> MetaResult<()>;
 
     // ---- extended attributes ----------------------------------------------------------------
     async fn setxattr(
