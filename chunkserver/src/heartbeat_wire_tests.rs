@@ -63,7 +63,9 @@ impl MetadataRpc for FakeMetadata {
         end_session(session: u64) -> ();
         set_lock(ino: Ino, session: u64, lock: LockRequest, wait_ms: u32) -> Option<LockConflict>;
         test_lock(ino: Ino, session: u64, lock: LockRequest) -> Option<LockConflict>;
-        renew_locks(session: u64) -> ();
+        renew_locks(session: u64) -> Vec<Ino>;
+        delegate_locks(ino: Ino, session: u64) -> Option<LockDelegation>;
+        return_locks(ino: Ino, session: u64, locks: Option<Vec<HeldLock>>, req: ReqId) -> ();
         statfs(read: Consistency) -> StatFs;
         sync() -> ();
         watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> WatchReply;

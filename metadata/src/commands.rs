@@ -5,9 +5,9 @@
 //! same log reaches the same state and the same replies.
 
 use rawfs_metadata_api::{
-    Attr, Caller, ChunkId, ChunkLoc, CowLoc, EcPlan, HeldOp, Ino, LockConflict, LockRequest,
-    MetaError, MetaResult, Name, NewNode, RateChange, RenameFlags, ReqId, ServerId, SetAttr,
-    Timespec, XattrMode,
+    Attr, Caller, ChunkId, ChunkLoc, CowLoc, EcPlan, HeldLock, HeldOp, Ino, LockConflict,
+    LockDelegation, LockRequest, MetaError, MetaResult, Name, NewNode, RateChange, RenameFlags,
+    ReqId, ServerId, SetAttr, Timespec, XattrMode,
 };
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -312,6 +312,18 @@ pub enum Command {
     DropLocks {
         session: u64,
     },
+    /// Delegates the locks of `ino` to `session` if no other session holds or asked for
+    /// them (`locks.rs`).
+    DelegateLocks {
+        ino: Ino,
+        session: u64,
+    },
+    /// Ends `session`'s delegation of `ino`'s locks, which `locks` replace (`None`: kept).
+    ReturnLocks {
+        ino: Ino,
+        session: u64,
+        locks: Option<Vec<HeldLock>>,
+    },
 }
 
 /// What a command returns.
@@ -329,6 +341,8 @@ pub enum Reply {
     Number(u64),
     /// `SetLock`: the conflicting lock, or `None` when done.
     Lock(Option<LockConflict>),
+    /// `DelegateLocks`: the delegation, or `None` when refused.
+    Delegation(Option<LockDelegation>),
 }
 
 /// Why an encoded command or reply could not be used.
@@ -469,6 +483,13 @@ impl Reply {
     pub fn into_lock(self) -> MetaResult<Option<LockConflict>> {
         match self {
             Reply::Lock(c) => Ok(c),
+            other => Err(mismatch(&other)),
+        }
+    }
+
+    pub fn into_delegation(self) -> MetaResult<Option<LockDelegation>> {
+        match self {
+            Reply::Delegation(d) => Ok(d),
             other => Err(mismatch(&other)),
         }
     }

@@ -296,7 +296,7 @@ pub(crate) fn stale(cmd: &Command, replaced: &Replaced) -> Vec<(Inval, bool)> {
         .iter()
         .filter_map(|i| match i {
             Inval::Entry { parent, .. } => Some(*parent),
-            Inval::Inode(_) | Inval::Recall { .. } => None,
+            Inval::Inode(_) | Inval::Recall { .. } | Inval::RecallLocks { .. } => None,
         })
         .collect();
     invals
@@ -305,7 +305,7 @@ pub(crate) fn stale(cmd: &Command, replaced: &Replaced) -> Vec<(Inval, bool)> {
             let known = match &i {
                 Inval::Entry { .. } => true,
                 Inval::Inode(ino) => changed_dirs.contains(ino) && !replaced.inos.contains(ino),
-                Inval::Recall { .. } => false,
+                Inval::Recall { .. } | Inval::RecallLocks { .. } => false,
             };
             (i, known)
         })
@@ -387,6 +387,8 @@ pub(crate) fn invals(cmd: &Command, replaced: &Replaced) -> Vec<Inval> {
         | Command::EndSession { .. }
         | Command::SetLock { .. }
         | Command::DropLocks { .. }
+        | Command::DelegateLocks { .. }
+        | Command::ReturnLocks { .. }
         | Command::AllocateChunk { .. }
         | Command::DropReplica { .. }
         | Command::AddReplica { .. }

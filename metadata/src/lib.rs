@@ -71,7 +71,10 @@
 //! - Byte-range locks (`locks.rs`, `set_lock`/`test_lock`/`renew_locks`) are replicated
 //!   state judged at apply; the leader drops a session's locks when it has not heard from
 //!   it for 10 s (soft state: a new leader starts every session's lease afresh) and at
-//!   `end_session`. A conflict seen in the applied state costs no log entry.
+//!   `end_session`. A conflict seen in the applied state costs no log entry. The locks of
+//!   a file only one session locks are delegated to its mount (`delegate_locks`, one log
+//!   entry), which decides them itself until another session asks and the leader recalls
+//!   them (`Inval::RecallLocks`, `return_locks`).
 
 mod chunks;
 mod chunkservers;

@@ -3,18 +3,35 @@
 //! the locks of a mount that died come free.
 //!
 //! ```text
-//!  set_lock ──► leader: a conflict in the applied state? ── yes ──► wait (changed / deadline)
-//!                         │ no                                         │ (no log entry)
-//!                         ▼                                            ▼
+//!  set_lock ──► leader: delegated to another session? ── yes ──► RecallLocks, wait for it
+//!                 │ no
+//!                 ▼
+//!               a conflict in the applied state? ── yes ──► wait (changed / deadline)
+//!                 │ no                                        (no log entry)
+//!                 ▼
 //!               SetLock (logged) ──► apply: conflict check, replace, merge ──► answer
-//!  expiry loop (leader, 1 s): a session with locks not heard from for LOCK_LEASE_MS ──► DropLocks
+//!  delegate_locks ──► no other session's locks, no recent contention ──► DelegateLocks
+//!                     (logged): the mount decides every request on the inode itself
+//!  return_locks (the holder, recalled) ──► ReturnLocks (logged): its locks back in the table
+//!  expiry loop (leader, 1 s): a session with locks or delegations not heard from for
+//!                             LOCK_LEASE_MS ──► DropLocks
 //! ```
 //!
 //! A lock is a row `(ino, session, owner, start) -> (end, write, pid)`; one owner's rows of
 //! one inode never overlap, and adjacent rows of the same kind are merged, as Linux keeps
-//! them. Conflicts are judged at apply, so every replica grants the same locks; the check
-//! before proposing only spares a log entry for a request that must wait or fail anyway (a
-//! grant never comes from it).
+//! them (the rules are in the API crate, which mounts holding a delegation use too).
+//! Conflicts are judged at apply, so every replica grants the same locks; the check before
+//! proposing only spares a log entry for a request that must wait or fail anyway (a grant
+//! never comes from it).
+//!
+//! A delegation (`LOCK_HOLDERS[ino] = session`) makes a lock on a file that only one mount
+//! locks cost nothing but the mount's own bookkeeping: a database on one mount takes and
+//! drops a dozen locks per transaction, a log entry each without it. While it stands, the
+//! holder's locks on the inode live in the holder only (the table keeps what it had at the
+//! grant), and nobody else's may exist: `SetLock` of another session is refused at apply.
+//! When another session asks, the leader recalls it and marks the inode contended for
+//! [`CONTENDED_FOR`], so that two mounts taking turns on a file do not pass the delegation
+//! back and forth.
 //!
 //! Session liveness is the leader's soft state: a new leader gives every session a whole
 //! lease from when it first sees it, so a failover never expires a live mount's locks.
@@ -26,62 +43,36 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rawfs_metadata_api::{
-    Ino, LockConflict, LockKind, LockRequest, MetaError, MetaResult, LOCK_LEASE_MS,
-    LOCK_WAIT_MAX_MS,
+    first_conflict, holds_any, replacement, HeldLock, Ino, Inval, LockConflict, LockDelegation,
+    LockRequest, MetaError, MetaResult, ReqId, Timespec, LOCK_LEASE_MS, LOCK_WAIT_MAX_MS,
 };
-use redb::ReadableTable;
+use redb::{ReadableTable, ReadableTableMetadata};
 
 use crate::commands::Command;
 use crate::server::Server;
-use crate::store::{LockKey as Key, LockVal as Val, Op, StoreError, Tables, LOCKS};
+use crate::store::{LockKey as Key, LockVal as Val, Op, StoreError, Tables, LOCKS, LOCK_HOLDERS};
 
-/// One stored lock.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Row {
-    session: u64,
-    owner: u64,
-    start: u64,
-    end: u64,
-    write: bool,
-    pid: u32,
-}
+/// How long an inode that two sessions asked to lock is not delegated again.
+const CONTENDED_FOR: Duration = Duration::from_secs(5);
+/// How long a request waits at least for a recalled delegation to come back before it
+/// reports the inode as locked elsewhere (the holder answers in milliseconds; one that does
+/// not is dead or cut off, and its lease will end).
+const RECALL_MIN_WAIT: Duration = Duration::from_secs(2);
+/// How often a recall is published again while it waits (a holder that missed events, for
+/// example across a leader change, sees the next one).
+const REPUBLISH: Duration = Duration::from_millis(500);
 
-impl Row {
-    fn key(&self, ino: Ino) -> Key {
-        (ino, self.session, self.owner, self.start)
-    }
-
-    fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.start <= end && start <= self.end
-    }
-
-    /// Touches `start..=end` without overlapping it (merges with a lock of the same kind).
-    fn adjacent(&self, start: u64, end: u64) -> bool {
-        self.end.checked_add(1) == Some(start) || end.checked_add(1) == Some(self.start)
-    }
-
-    /// What a request of `session` sees of this lock.
-    fn conflict(&self, session: u64) -> LockConflict {
-        LockConflict {
-            kind: if self.write {
-                LockKind::Write
-            } else {
-                LockKind::Read
-            },
-            start: self.start,
-            end: self.end,
-            pid: if self.session == session { self.pid } else { 0 },
-        }
-    }
+fn key(ino: Ino, l: &HeldLock) -> Key {
+    (ino, l.session, l.owner, l.start)
 }
 
 /// The locks of `ino`.
-fn rows(t: &impl ReadableTable<Key, Val>, ino: Ino) -> Result<Vec<Row>, StoreError> {
+fn rows(t: &impl ReadableTable<Key, Val>, ino: Ino) -> Result<Vec<HeldLock>, StoreError> {
     let mut out = Vec::new();
     for item in t.range((ino, 0, 0, 0)..=(ino, u64::MAX, u64::MAX, u64::MAX))? {
         let (k, v) = item?;
         let ((_, session, owner, start), (end, write, pid)) = (k.value(), v.value());
-        out.push(Row {
+        out.push(HeldLock {
             session,
             owner,
             start,
@@ -93,30 +84,13 @@ fn rows(t: &impl ReadableTable<Key, Val>, ino: Ino) -> Result<Vec<Row>, StoreErr
     Ok(out)
 }
 
-/// The first lock of another owner that `req` of `session` conflicts with.
-fn first_conflict(rows: &[Row], session: u64, req: &LockRequest) -> Option<LockConflict> {
-    if req.kind == LockKind::Unlock {
-        return None;
-    }
-    rows.iter()
-        .find(|r| {
-            (r.session, r.owner) != (session, req.owner)
-                && r.overlaps(req.start, req.end)
-                && (r.write || req.kind == LockKind::Write)
-        })
-        .map(|r| r.conflict(session))
-}
-
-/// Whether `req`'s owner holds anything in its range.
-fn holds_any(rows: &[Row], session: u64, req: &LockRequest) -> bool {
-    rows.iter()
-        .any(|r| (r.session, r.owner) == (session, req.owner) && r.overlaps(req.start, req.end))
-}
-
 fn invalid(req: &LockRequest) -> Option<MetaError> {
-    (req.start > req.end).then(|| MetaError::Invalid {
-        reason: format!("lock range {}..={} is empty", req.start, req.end),
-    })
+    req.invalid().map(|reason| MetaError::Invalid { reason })
+}
+
+/// The session the locks of `ino` are delegated to, if any.
+fn holder(t: &impl ReadableTable<u64, u64>, ino: Ino) -> Result<Option<u64>, StoreError> {
+    Ok(t.get(ino)?.map(|g| g.value()))
 }
 
 /// Applies `SetLock`: the conflicting lock, or the owner's locks in the range replaced.
@@ -129,60 +103,72 @@ pub(crate) fn set(
     if let Some(e) = invalid(req) {
         return Err(e.into());
     }
+    if holder(&t.lock_holders, ino)?.is_some_and(|h| h != session) {
+        // Its locks are in another mount: the leader recalls them before it proposes.
+        return Ok(Some(LockConflict::HELD_ELSEWHERE));
+    }
     let all = rows(&t.locks, ino)?;
     if let Some(c) = first_conflict(&all, session, req) {
         return Ok(Some(c));
     }
-    let write = req.kind == LockKind::Write;
-    let (mut start, mut end) = (req.start, req.end);
-    let mine = all
-        .iter()
-        .filter(|r| (r.session, r.owner) == (session, req.owner));
-    let mut keep = Vec::new();
-    for r in mine {
-        let same = req.kind != LockKind::Unlock && r.write == write;
-        if !(r.overlaps(req.start, req.end) || same && r.adjacent(req.start, req.end)) {
-            continue;
-        }
-        t.locks.remove(r.key(ino))?;
-        if same {
-            start = start.min(r.start);
-            end = end.max(r.end);
-            continue;
-        }
-        // The parts outside the range stay as they were.
-        if r.start < req.start {
-            keep.push(Row {
-                end: req.start - 1,
-                ..*r
-            });
-        }
-        if r.end > req.end {
-            keep.push(Row {
-                start: req.end + 1,
-                ..*r
-            });
-        }
+    let (removed, added) = replacement(&all, session, req);
+    for l in &removed {
+        t.locks.remove(key(ino, l))?;
     }
-    if req.kind != LockKind::Unlock {
-        keep.push(Row {
-            session,
-            owner: req.owner,
-            start,
-            end,
-            write,
-            pid: req.pid,
-        });
-    }
-    for r in keep {
-        t.locks.insert(r.key(ino), (r.end, r.write, r.pid))?;
+    for l in &added {
+        t.locks.insert(key(ino, l), (l.end, l.write, l.pid))?;
     }
     Ok(None)
 }
 
-/// Applies `DropLocks` (and `EndSession`): every lock of `session` goes.
+/// Applies `DelegateLocks`: the delegation (again, if `session` has it already), or `None`
+/// if another session holds it or a lock.
+pub(crate) fn delegate(t: &mut Tables, ino: Ino, session: u64) -> Op<Option<LockDelegation>> {
+    match holder(&t.lock_holders, ino)? {
+        Some(h) if h != session => return Ok(None),
+        _ => {}
+    }
+    let all = rows(&t.locks, ino)?;
+    if all.iter().any(|l| l.session != session) {
+        return Ok(None);
+    }
+    t.lock_holders.insert(ino, session)?;
+    Ok(Some(LockDelegation { ino, locks: all }))
+}
+
+/// Applies `ReturnLocks`: `session`'s locks on `ino` become `locks` (unless `None`), and
+/// the delegation ends. Refused if `session` does not hold it (its lease ran out meanwhile).
+pub(crate) fn take_back(
+    t: &mut Tables,
+    ino: Ino,
+    session: u64,
+    locks: Option<&[HeldLock]>,
+) -> Op<()> {
+    if holder(&t.lock_holders, ino)? != Some(session) {
+        return Err(MetaError::NotPermitted.into());
+    }
+    let bad = locks.and_then(|l| l.iter().find(|l| l.session != session || l.start > l.end));
+    if let Some(bad) = bad {
+        return Err(MetaError::Invalid {
+            reason: format!("returned lock {bad:?} is not a lock of session {session}"),
+        }
+        .into());
+    }
+    t.lock_holders.remove(ino)?;
+    let Some(locks) = locks else { return Ok(()) };
+    for l in rows(&t.locks, ino)? {
+        t.locks.remove(key(ino, &l))?;
+    }
+    for l in locks {
+        t.locks.insert(key(ino, l), (l.end, l.write, l.pid))?;
+    }
+    Ok(())
+}
+
+/// Applies `DropLocks` (and `EndSession`): every lock and delegation of `session` goes.
 pub(crate) fn drop_session(t: &mut Tables, session: u64) -> Op<()> {
     t.locks.retain(|(_, s, _, _), _| s != session)?;
+    t.lock_holders.retain(|_, s| s != session)?;
     Ok(())
 }
 
@@ -190,7 +176,9 @@ pub(crate) fn drop_session(t: &mut Tables, session: u64) -> Op<()> {
 pub(crate) struct LockState {
     /// Session -> when this leader last heard from it, in `term`.
     seen: Mutex<(u64, HashMap<u64, Instant>)>,
-    /// Woken whenever locks may have been released.
+    /// Inodes two sessions asked to lock lately, and when.
+    contended: Mutex<HashMap<Ino, Instant>>,
+    /// Woken whenever locks may have been released or a delegation given back.
     pub changed: tokio::sync::Notify,
 }
 
@@ -198,6 +186,7 @@ impl Default for LockState {
     fn default() -> Self {
         LockState {
             seen: Mutex::new((0, HashMap::new())),
+            contended: Mutex::new(HashMap::new()),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -210,6 +199,23 @@ impl LockState {
 
     fn heard_from(&self, session: u64) {
         self.seen().1.insert(session, Instant::now());
+    }
+
+    fn contended(&self) -> std::sync::MutexGuard<'_, HashMap<Ino, Instant>> {
+        self.contended.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mark_contended(&self, ino: Ino) {
+        let now = Instant::now();
+        let mut c = self.contended();
+        c.retain(|_, at| now.duration_since(*at) < CONTENDED_FOR);
+        c.insert(ino, now);
+    }
+
+    fn recently_contended(&self, ino: Ino) -> bool {
+        self.contended()
+            .get(&ino)
+            .is_some_and(|at| at.elapsed() < CONTENDED_FOR)
     }
 
     /// The sessions among `holding` that this leader (in `term`) has not heard from for
@@ -236,10 +242,16 @@ impl LockState {
 const EXPIRY_EVERY: Duration = Duration::from_secs(1);
 
 impl Server {
-    fn lock_rows(&self, ino: Ino) -> MetaResult<Vec<Row>> {
+    fn lock_rows(&self, ino: Ino) -> MetaResult<Vec<HeldLock>> {
         self.0
             .sm
             .read_txn(|txn| Ok(rows(&txn.open_table(LOCKS)?, ino)?))
+    }
+
+    fn lock_holder(&self, ino: Ino) -> MetaResult<Option<u64>> {
+        self.0
+            .sm
+            .read_txn(|txn| Ok(holder(&txn.open_table(LOCK_HOLDERS)?, ino)?))
     }
 
     /// What every lock call starts with: a valid range, leadership, the session's renewal.
@@ -252,6 +264,42 @@ impl Server {
         Ok(())
     }
 
+    /// Waits until no session but `session` holds the locks of `ino` (recalling them from
+    /// the one that does); false if they are still out at `deadline`.
+    async fn locks_home(
+        &self,
+        ino: Ino,
+        session: u64,
+        deadline: tokio::time::Instant,
+    ) -> MetaResult<bool> {
+        let mut published: Option<tokio::time::Instant> = None;
+        loop {
+            let changed = self.0.locks.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let holder = match self.lock_holder(ino)? {
+                Some(h) if h != session => h,
+                _ => return Ok(true),
+            };
+            self.0.locks.mark_contended(ino);
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            if published.map_or(true, |at| now >= at + REPUBLISH) {
+                let (term, _) = self.0.replica.term_and_leading();
+                let recall = (Inval::RecallLocks { ino, holder }, false);
+                self.0.events.publish(term, 0, vec![recall]);
+                published = Some(now);
+            }
+            let wake = deadline.min(published.unwrap_or(now) + REPUBLISH);
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
     /// `set_lock`: see the service docs.
     pub(crate) async fn set_lock(
         &self,
@@ -262,14 +310,22 @@ impl Server {
     ) -> MetaResult<Option<LockConflict>> {
         self.begin_lock_call(session, &req).await?;
         let wait = Duration::from_millis(u64::from(wait_ms.min(LOCK_WAIT_MAX_MS)));
-        let deadline = tokio::time::Instant::now() + wait;
+        let start = tokio::time::Instant::now();
+        let deadline = start + wait;
         loop {
+            if !self
+                .locks_home(ino, session, deadline.max(start + RECALL_MIN_WAIT))
+                .await?
+            {
+                return Ok(Some(LockConflict::HELD_ELSEWHERE));
+            }
             // Registered before looking, so that a release in between is not missed.
             let changed = self.0.locks.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             let rows = self.lock_rows(ino)?;
-            if req.kind == LockKind::Unlock && !holds_any(&rows, session, &req) {
+            if req.kind == rawfs_metadata_api::LockKind::Unlock && !holds_any(&rows, session, &req)
+            {
                 // Nothing to give up (a close after an explicit unlock): no log entry.
                 return Ok(None);
             }
@@ -288,6 +344,9 @@ impl Server {
                 // A downgrade or an unlock may let waiters in.
                 self.0.locks.changed.notify_waiters();
                 return Ok(None);
+            }
+            if rows.iter().any(|l| l.session != session) {
+                self.0.locks.mark_contended(ino);
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(outcome);
@@ -308,14 +367,87 @@ impl Server {
         req: LockRequest,
     ) -> MetaResult<Option<LockConflict>> {
         self.begin_lock_call(session, &req).await?;
+        let deadline = tokio::time::Instant::now() + RECALL_MIN_WAIT;
+        if !self.locks_home(ino, session, deadline).await? {
+            return Ok(Some(LockConflict::HELD_ELSEWHERE));
+        }
         Ok(first_conflict(&self.lock_rows(ino)?, session, &req))
     }
 
-    /// `renew_locks`: see the service docs.
-    pub(crate) async fn renew_locks(&self, session: u64) -> MetaResult<()> {
+    /// `delegate_locks`: see the service docs.
+    pub(crate) async fn delegate_locks(
+        &self,
+        ino: Ino,
+        session: u64,
+    ) -> MetaResult<Option<LockDelegation>> {
         self.leader_term().await?;
         self.0.locks.heard_from(session);
-        Ok(())
+        if self.0.locks.recently_contended(ino) {
+            return Ok(None);
+        }
+        // The same test as at apply, without a log entry for a refusal.
+        let other_holder = self.lock_holder(ino)?.is_some_and(|h| h != session);
+        if other_holder || self.lock_rows(ino)?.iter().any(|l| l.session != session) {
+            return Ok(None);
+        }
+        self.propose(Command::DelegateLocks { ino, session })
+            .await?
+            .into_delegation()
+    }
+
+    /// `return_locks`: see the service docs.
+    pub(crate) async fn return_locks(
+        &self,
+        ino: Ino,
+        session: u64,
+        locks: Option<Vec<HeldLock>>,
+        req: ReqId,
+    ) -> MetaResult<()> {
+        self.leader_term().await?;
+        self.0.locks.heard_from(session);
+        let cmd = Command::ReturnLocks {
+            ino,
+            session,
+            locks,
+        };
+        let done = self
+            .propose(crate::server::tracked(req, Timespec::now(), cmd))
+            .await;
+        self.0.locks.changed.notify_waiters();
+        done?.into_unit()
+    }
+
+    /// `renew_locks`: see the service docs.
+    pub(crate) async fn renew_locks(&self, session: u64) -> MetaResult<Vec<Ino>> {
+        self.leader_term().await?;
+        self.0.locks.heard_from(session);
+        self.0.sm.read_txn(|txn| {
+            let mut held = Vec::new();
+            for item in txn.open_table(LOCK_HOLDERS)?.iter()? {
+                let (ino, s) = item?;
+                if s.value() == session {
+                    held.push(ino.value());
+                }
+            }
+            Ok(held)
+        })
+    }
+
+    /// The sessions that hold locks or delegations.
+    fn lock_sessions(&self) -> MetaResult<HashSet<u64>> {
+        self.0.sm.read_txn(|txn| {
+            let mut s = HashSet::new();
+            for item in txn.open_table(LOCKS)?.iter()? {
+                s.insert(item?.0.value().1);
+            }
+            let holders = txn.open_table(LOCK_HOLDERS)?;
+            if !holders.is_empty()? {
+                for item in holders.iter()? {
+                    s.insert(item?.1.value());
+                }
+            }
+            Ok(s)
+        })
     }
 
     /// Drops the locks of sessions this leader has not heard from for [`LOCK_LEASE_MS`],
@@ -330,14 +462,7 @@ impl Server {
             if !leading {
                 continue;
             }
-            let holding = self.0.sm.read_txn(|txn| {
-                let mut s = HashSet::new();
-                for item in txn.open_table(LOCKS)?.iter()? {
-                    s.insert(item?.0.value().1);
-                }
-                Ok(s)
-            });
-            let holding = match holding {
+            let holding = match self.lock_sessions() {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the lock table");

@@ -156,6 +156,12 @@ fn dispatch(t: &mut Tables, cmd: &Command, term: u64) -> Op<Reply> {
         ),
         SetLock { ino, session, lock } => locks::set(t, *ino, *session, lock).map(Reply::Lock),
         DropLocks { session } => unit(locks::drop_session(t, *session)),
+        DelegateLocks { ino, session } => locks::delegate(t, *ino, *session).map(Reply::Delegation),
+        ReturnLocks {
+            ino,
+            session,
+            locks,
+        } => unit(locks::take_back(t, *ino, *session, locks.as_deref())),
         SetXattr {
             ino,
             name,

@@ -523,8 +523,28 @@ impl MetadataRpc for Server {
         Server::test_lock(&self, ino, session, lock).await
     }
 
-    async fn renew_locks(self, _: Context, session: u64) -> MetaResult<()> {
+    async fn renew_locks(self, _: Context, session: u64) -> MetaResult<Vec<Ino>> {
         Server::renew_locks(&self, session).await
+    }
+
+    async fn delegate_locks(
+        self,
+        _: Context,
+        ino: Ino,
+        session: u64,
+    ) -> MetaResult<Option<LockDelegation>> {
+        Server::delegate_locks(&self, ino, session).await
+    }
+
+    async fn return_locks(
+        self,
+        _: Context,
+        ino: Ino,
+        session: u64,
+        locks: Option<Vec<HeldLock>>,
+        req: ReqId,
+    ) -> MetaResult<()> {
+        Server::return_locks(&self, ino, session, locks, req).await
     }
 
     async fn statfs(self, _: Context, read: Consistency) -> MetaResult<StatFs> {

@@ -68,6 +68,8 @@ pub(crate) type LockKey = (u64, u64, u64, u64);
 pub(crate) type LockVal = (u64, bool, u32);
 /// [`LockKey`] -> [`LockVal`]: byte-range locks (`locks.rs`).
 pub(crate) const LOCKS: TableDefinition<LockKey, LockVal> = TableDefinition::new("locks");
+/// ino -> mount session: inodes whose locks are delegated to a mount (`locks.rs`).
+pub(crate) const LOCK_HOLDERS: TableDefinition<u64, u64> = TableDefinition::new("lock_holders");
 /// (client, seq) -> encoded reply of a mutation that carried that request id.
 pub(crate) const REQUESTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("requests");
 /// (leader time in seconds, client, seq) -> (): REQUESTS by age, for pruning.
@@ -300,6 +302,7 @@ pub(crate) struct Tables<'t> {
     pub request_ages: Table<'t, (u64, u64, u64), ()>,
     pub delegations: Table<'t, u64, u64>,
     pub locks: Table<'t, LockKey, LockVal>,
+    pub lock_holders: Table<'t, u64, u64>,
 }
 
 impl<'t> Tables<'t> {
@@ -323,6 +326,7 @@ impl<'t> Tables<'t> {
             request_ages: txn.open_table(REQUEST_AGES)?,
             delegations: txn.open_table(DELEGATIONS)?,
             locks: txn.open_table(LOCKS)?,
+            lock_holders: txn.open_table(LOCK_HOLDERS)?,
         })
     }
 

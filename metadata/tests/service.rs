@@ -496,14 +496,19 @@ fn held_create(first: Ino, i: u64, name: &str) -> HeldCreate {
 
 /// Waits for a recall of `dir` from `session` on `c`'s watch stream.
 async fn recall_of(c: &MetadataClient, dir: Ino, session: u64) {
+    let recall = Inval::Recall {
+        dir,
+        holder: session,
+    };
+    event(c, recall).await
+}
+
+/// Waits for `inval` on `c`'s watch stream.
+async fn event(c: &MetadataClient, inval: Inval) {
     let (mut epoch, mut from) = (0, 0);
     loop {
         let r = c.watch(c.client_id(), epoch, from, 1000).await.unwrap();
-        let recall = Inval::Recall {
-            dir,
-            holder: session,
-        };
-        if r.epoch == epoch && r.events.iter().any(|e| e.inval == recall) {
+        if r.epoch == epoch && r.events.iter().any(|e| e.inval == inval) {
             return;
         }
         (epoch, from) = (r.epoch, r.next);
@@ -604,6 +609,89 @@ async fn held_directories_are_recalled_before_another_client_looks_in() {
         Err(MetaError::NotPermitted)
     );
     file(&other, ended.ino, "j").await;
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+}
+
+/// The locks of a file only one session locks are delegated to it; another session's lock
+/// request recalls them and then sees what the holder gave back. A holder that does not
+/// answer makes the file read as locked until its session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_delegations_are_recalled_with_the_holders_locks() {
+    const HOLDER: u64 = 5;
+    const OTHER: u64 = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let (h, stop) = start(dir.path()).await;
+    let holder = client(h.addr());
+    let other = client(h.addr());
+    let f = file(&holder, ROOT_INO, "db").await.ino;
+    let d = holder
+        .delegate_locks(f, HOLDER)
+        .await
+        .unwrap()
+        .expect("granted");
+    assert_eq!((d.ino, d.locks.len()), (f, 0));
+    assert_eq!(holder.renew_locks(HOLDER).await.unwrap(), vec![f]);
+    assert_eq!(other.delegate_locks(f, OTHER).await.unwrap(), None);
+
+    // The holder's processes locked bytes 0..=9 meanwhile; it gives them back when recalled.
+    let mine = HeldLock {
+        session: HOLDER,
+        owner: 1,
+        start: 0,
+        end: 9,
+        write: true,
+        pid: 42,
+    };
+    let answer = tokio::spawn({
+        let holder = holder.clone();
+        async move {
+            event(
+                &holder,
+                Inval::RecallLocks {
+                    ino: f,
+                    holder: HOLDER,
+                },
+            )
+            .await;
+            holder.return_locks(f, HOLDER, Some(vec![mine])).await
+        }
+    });
+    let ask = |start, end| LockRequest {
+        owner: 9,
+        pid: 7,
+        start,
+        end,
+        kind: LockKind::Write,
+    };
+    let c = other.set_lock(f, OTHER, ask(5, 5), 0).await.unwrap();
+    assert_eq!(answer.await.unwrap(), Ok(()));
+    let c = c.expect("the returned lock stands");
+    assert_eq!((c.kind, c.start, c.end, c.pid), (LockKind::Write, 0, 9, 0));
+    assert_eq!(
+        other.set_lock(f, OTHER, ask(10, 19), 0).await.unwrap(),
+        None
+    );
+    assert_eq!(holder.renew_locks(HOLDER).await.unwrap(), Vec::<Ino>::new());
+    assert_eq!(
+        holder.delegate_locks(f, HOLDER).await.unwrap(),
+        None,
+        "not while another session locks it"
+    );
+
+    // A holder that never answers: the file reads as locked until its session ends.
+    let g = file(&holder, ROOT_INO, "quiet").await.ino;
+    assert!(holder.delegate_locks(g, HOLDER).await.unwrap().is_some());
+    assert_eq!(
+        other.test_lock(g, OTHER, ask(0, 0)).await.unwrap(),
+        Some(LockConflict::HELD_ELSEWHERE)
+    );
+    holder.end_session(HOLDER).await.unwrap();
+    assert_eq!(other.set_lock(g, OTHER, ask(0, 0), 0).await.unwrap(), None);
+    assert_eq!(
+        holder.return_locks(g, HOLDER, None).await,
+        Err(MetaError::NotPermitted)
+    );
     stop.send(()).unwrap();
     h.join().await.unwrap();
 }

@@ -106,8 +106,8 @@ pub(crate) struct Coherence {
     attr_ttl: Duration,
     handed: Mutex<Handed>,
     notices: Mutex<Option<std_mpsc::Sender<Notice>>>,
-    /// Where recalls of this mount's held directories go: (its session, the channel).
-    recalls: Mutex<Option<(u64, tokio::sync::mpsc::UnboundedSender<Ino>)>>,
+    /// Where recalls of this mount's delegations go: (its session, the channel).
+    recalls: Mutex<Option<(u64, tokio::sync::mpsc::UnboundedSender<Recalled>)>>,
     /// The leader's epoch the watch follows (0 before the first answer).
     epoch: AtomicU64,
     /// Told of each new epoch (leased opens are sent to the new leader).
@@ -115,6 +115,15 @@ pub(crate) struct Coherence {
     /// Called with an inode another client changed (`None`: any may have changed), before
     /// the change is acknowledged, to drop what open files read ahead of it.
     foreign_data: Mutex<Option<DataHook>>,
+}
+
+/// A delegation the leader takes back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Recalled {
+    /// A held directory (`held.rs`).
+    Dir(Ino),
+    /// The locks of an inode (`locks.rs`).
+    Locks(Ino),
 }
 
 /// See [`Coherence::on_foreign_data`].
@@ -165,8 +174,8 @@ impl Coherence {
         }
     }
 
-    /// Sends the directories the leader recalls from mount session `session` to `tx`.
-    pub(crate) fn on_recall(&self, session: u64, tx: tokio::sync::mpsc::UnboundedSender<Ino>) {
+    /// Sends the delegations the leader recalls from mount session `session` to `tx`.
+    pub(crate) fn on_recall(&self, session: u64, tx: tokio::sync::mpsc::UnboundedSender<Recalled>) {
         *lock(&self.recalls) = Some((session, tx));
     }
 
@@ -287,12 +296,15 @@ impl Coherence {
                 lock(&self.handed).entries.remove(&(parent, name.clone()));
                 self.send(Notice::Entry(self.map.fuse(parent), name));
             }
-            Inval::Recall { dir, holder } => {
-                if let Some((session, tx)) = lock(&self.recalls).as_ref() {
-                    if *session == holder {
-                        let _ = tx.send(dir);
-                    }
-                }
+            Inval::Recall { dir, holder } => self.recalled(holder, Recalled::Dir(dir)),
+            Inval::RecallLocks { ino, holder } => self.recalled(holder, Recalled::Locks(ino)),
+        }
+    }
+
+    fn recalled(&self, holder: u64, what: Recalled) {
+        if let Some((session, tx)) = lock(&self.recalls).as_ref() {
+            if *session == holder {
+                let _ = tx.send(what);
             }
         }
     }

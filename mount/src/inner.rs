@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::attr::{file_attr, InoMap};
-use crate::coherence::Coherence;
+use crate::coherence::{Coherence, Recalled};
 use crate::opens::{OpenFile, ReleaseMsg};
 use crate::ops_dir::OpenDir;
 
@@ -121,15 +121,22 @@ impl Inner {
         }
     }
 
-    /// Starts the task that gives held directories back when the leader recalls them.
+    /// Starts the task that gives held directories and locks back when the leader recalls
+    /// them.
     pub(crate) fn start_recalls(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Ino>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Recalled>();
         self.coherence.on_recall(self.session, tx);
         let me = Arc::downgrade(self);
         rt.spawn(async move {
-            while let Some(dir) = rx.recv().await {
+            while let Some(what) = rx.recv().await {
                 let Some(me) = me.upgrade() else { return };
-                me.give_back(dir).await;
+                match what {
+                    Recalled::Dir(dir) => me.give_back(dir).await,
+                    // Not behind a directory's commit: a lock waiter on another mount waits.
+                    Recalled::Locks(ino) => drop(tokio::spawn(async move {
+                        me.return_locks(ino).await;
+                    })),
+                }
             }
         });
     }

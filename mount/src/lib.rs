@@ -29,7 +29,8 @@
 //! while its version (size, mtime, ctime) is unchanged (`page_cache`), so a file read again
 //! is read from memory. Another client's change of a file open here also drops what the
 //! mount read ahead of it. `fcntl` and `flock` locks are held at the metadata leader and
-//! exclude processes on every mount (`locks`).
+//! exclude processes on every mount (`locks`); the locks of a file only this mount locks
+//! are delegated to it, and decided here until another mount asks.
 //!
 //! Directories this mount makes are delegated to it (`held`; `-o nodelegate` turns it
 //! off): it answers lookups, creates and stats of new empty files in them, and unlinks and

@@ -37,6 +37,7 @@ use tokio_serde::formats::MessagePack;
 use crate::error::MetaError;
 use crate::events::WatchReply;
 use crate::healer::{HealerReport, HealerSettings, RateChange};
+use crate::locks::*;
 use crate::service::{MetaResult, MetadataRpcClient};
 use crate::types::*;
 
@@ -552,6 +553,8 @@ rpc_methods! {
         fn drain_chunkserver(server: ServerId, draining: bool) -> ();
         /// Changes the run-time repair and scrub limits.
         fn set_healer_settings(repair_rate: RateChange, scrub_rate: RateChange) -> HealerSettings;
+        /// Gives a lock delegation back, with the session's locks on the inode.
+        fn return_locks(ino: Ino, session: u64, locks: Option<Vec<HeldLock>>) -> ();
         /// Commits an append to an erasure-coded chunk.
         fn ec_extend(ino: Ino, index: u64, chunk: ChunkId, version: u64, shards: Vec<(ChunkId, ServerId)>, from: u64, to: u64) -> ChunkLoc;
     }
@@ -576,8 +579,10 @@ rpc_methods! {
         fn set_lock(ino: Ino, session: u64, lock: LockRequest, wait_ms: u32) -> Option<LockConflict>;
         /// The lock of another owner that would conflict with `lock`.
         fn test_lock(ino: Ino, session: u64, lock: LockRequest) -> Option<LockConflict>;
-        /// Keeps `session`'s locks alive.
-        fn renew_locks(session: u64) -> ();
+        /// Keeps `session`'s locks alive; the inodes whose locks it holds itself.
+        fn renew_locks(session: u64) -> Vec<Ino>;
+        /// Asks for the locks of `ino` to be delegated to `session`.
+        fn delegate_locks(ino: Ino, session: u64) -> Option<LockDelegation>;
         /// Cache invalidation events (long poll; give it a call timeout above `wait_ms`).
         fn watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
         /// A chunkserver's heartbeat.
@@ -716,7 +721,9 @@ mod tests {
             end_session(session: u64) -> ();
             set_lock(ino: Ino, session: u64, lock: LockRequest, wait_ms: u32) -> Option<LockConflict>;
             test_lock(ino: Ino, session: u64, lock: LockRequest) -> Option<LockConflict>;
-            renew_locks(session: u64) -> ();
+            renew_locks(session: u64) -> Vec<Ino>;
+            delegate_locks(ino: Ino, session: u64) -> Option<LockDelegation>;
+            return_locks(ino: Ino, session: u64, locks: Option<Vec<HeldLock>>, req: ReqId) -> ();
             statfs(read: Consistency) -> StatFs;
             sync() -> ();
             watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> WatchReply;

@@ -16,6 +16,9 @@ pub enum Inval {
     /// `holder`: the holder must commit them and give the delegation back (see
     /// `MetadataRpc::mkdir_held`). Appended last: older encodings stay readable.
     Recall { dir: Ino, holder: u64 },
+    /// Another client asks for a lock on `ino`, whose locks are delegated to mount session
+    /// `holder`: the holder must give them back (see `MetadataRpc::delegate_locks`).
+    RecallLocks { ino: Ino, holder: u64 },
 }
 
 /// One published event.

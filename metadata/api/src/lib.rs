@@ -18,6 +18,7 @@ pub mod client;
 mod error;
 mod events;
 mod healer;
+mod locks;
 mod service;
 mod types;
 
@@ -25,5 +26,6 @@ pub use client::{ClientTimeouts, MetadataClient};
 pub use error::MetaError;
 pub use events::*;
 pub use healer::*;
+pub use locks::*;
 pub use service::*;
 pub use types::*;

@@ -7,6 +7,7 @@
 use crate::error::MetaError;
 use crate::events::WatchReply;
 use crate::healer::{HealerReport, HealerSettings, RateChange};
+use crate::locks::*;
 use crate::types::*;
 use serde_bytes::ByteBuf;
 
@@ -178,8 +179,30 @@ pub trait MetadataRpc {
         session: u64,
         lock: LockRequest,
     ) -> MetaResult<Option<LockConflict>>;
-    /// Keeps `session`'s locks for another [`LOCK_LEASE_MS`]. Leader only.
-    async fn renew_locks(session: u64) -> MetaResult<()>;
+    /// Keeps `session`'s locks for another [`LOCK_LEASE_MS`]; returns the inodes whose
+    /// locks the leader has delegated to `session` (a delegation the session thinks it has
+    /// and that is not listed was lost: its locks were dropped). Leader only.
+    async fn renew_locks(session: u64) -> MetaResult<Vec<Ino>>;
+    /// Asks for the locks of `ino` to be delegated to `session`: its mount then decides every
+    /// lock request on `ino` itself, with no call, until the leader recalls them
+    /// ([`Inval::RecallLocks`](crate::Inval::RecallLocks), published when another session
+    /// asks for or tests a lock on `ino`) and the mount gives them back with
+    /// `return_locks`. Granted (with the session's locks on `ino` so far) only when no
+    /// other session holds a lock on `ino` and none asked for one lately; `None` otherwise.
+    /// The delegation is in the log, so a failover keeps it; it ends with the session's
+    /// lease like its locks. Idempotent. Leader only.
+    async fn delegate_locks(ino: Ino, session: u64) -> MetaResult<Option<LockDelegation>>;
+    /// Ends `session`'s delegation of `ino`'s locks: `locks` (all the session's, with its
+    /// session id) replace what the leader had for `session` on `ino`; `None` keeps that
+    /// (a mount giving back a delegation whose grant it never heard of). `NotPermitted` if
+    /// the delegation is not `session`'s any more (its lease ran out: its locks were
+    /// dropped). Leader only.
+    async fn return_locks(
+        ino: Ino,
+        session: u64,
+        locks: Option<Vec<HeldLock>>,
+        req: ReqId,
+    ) -> MetaResult<()>;
 
     // ---- extended attributes ----------------------------------------------------------------
     async fn setxattr(

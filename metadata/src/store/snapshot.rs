@@ -8,9 +8,10 @@ use super::*;
 /// (u32 key length, key, u32 value length, value); the replication blob last (u32 length +
 /// bytes, `u32::MAX` for none). Integers are little-endian. Version 1 (`b"RAWFSMS1"`) lacks
 /// the tables of [`for_tables_v2`], version 2 those of [`for_tables_v3`], version 3 those
-/// of [`for_tables_v4`] and version 4 those of [`for_tables_v5`]; all are still restored
-/// (with those tables empty).
-const SNAPSHOT_MAGIC: &[u8; 8] = b"RAWFSMS5";
+/// of [`for_tables_v4`], version 4 those of [`for_tables_v5`] and version 5 those of
+/// [`for_tables_v6`]; all are still restored (with those tables empty).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"RAWFSMS6";
+const SNAPSHOT_MAGIC_V5: &[u8; 8] = b"RAWFSMS5";
 const SNAPSHOT_MAGIC_V4: &[u8; 8] = b"RAWFSMS4";
 const SNAPSHOT_MAGIC_V3: &[u8; 8] = b"RAWFSMS3";
 const SNAPSHOT_MAGIC_V2: &[u8; 8] = b"RAWFSMS2";
@@ -170,6 +171,13 @@ macro_rules! for_tables_v5 {
     };
 }
 
+/// The tables snapshot format 6 adds after those of [`for_tables_v5`].
+macro_rules! for_tables_v6 {
+    ($f:ident) => {
+        $f!(LOCK_HOLDERS, "lock_holders");
+    };
+}
+
 impl Store {
     /// A consistent copy of every table (after making the state durable).
     pub fn snapshot(&self) -> Result<Vec<u8>, StoreError> {
@@ -187,6 +195,7 @@ impl Store {
         for_tables_v3!(dump_one);
         for_tables_v4!(dump_one);
         for_tables_v5!(dump_one);
+        for_tables_v6!(dump_one);
         match txn.open_table(REPL)?.get(REPL_KEY)? {
             Some(g) => put_bytes(&mut out, g.value()),
             None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
@@ -198,7 +207,8 @@ impl Store {
     pub fn restore(&self, snapshot: &[u8]) -> Result<(), StoreError> {
         let mut cur = Cursor { b: snapshot };
         let version = match cur.take(SNAPSHOT_MAGIC.len())? {
-            m if m == SNAPSHOT_MAGIC => 5,
+            m if m == SNAPSHOT_MAGIC => 6,
+            m if m == SNAPSHOT_MAGIC_V5 => 5,
             m if m == SNAPSHOT_MAGIC_V4 => 4,
             m if m == SNAPSHOT_MAGIC_V3 => 3,
             m if m == SNAPSHOT_MAGIC_V2 => 2,
@@ -238,6 +248,11 @@ impl Store {
         } else {
             for_tables_v5!(clear_one);
         }
+        if version >= 6 {
+            for_tables_v6!(load_one);
+        } else {
+            for_tables_v6!(clear_one);
+        }
         {
             let mut repl = txn.open_table(REPL)?;
             repl.retain(|_, _| false)?;
@@ -272,6 +287,7 @@ impl Store {
         for_tables_v3!(hash_one);
         for_tables_v4!(hash_one);
         for_tables_v5!(hash_one);
+        for_tables_v6!(hash_one);
         let applied = txn
             .open_table(APPLIED)?
             .get(APPLIED_INDEX)?

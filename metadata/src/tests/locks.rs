@@ -143,3 +143,98 @@ fn a_session_that_ends_or_expires_loses_its_locks_and_snapshots_keep_them() {
     h.apply(Command::EndSession { session: 2 }).unwrap();
     assert_eq!(h.lock(f, 3, req(1, 0, EOF_, LockKind::Write)), None);
 }
+
+impl H {
+    fn delegate(&mut self, ino: Ino, session: u64) -> Option<LockDelegation> {
+        self.apply(Command::DelegateLocks { ino, session })
+            .unwrap()
+            .into_delegation()
+            .unwrap()
+    }
+
+    fn give_back(&mut self, ino: Ino, session: u64, locks: Vec<HeldLock>) -> MetaResult<Reply> {
+        let locks = Some(locks);
+        self.apply(Command::ReturnLocks {
+            ino,
+            session,
+            locks,
+        })
+    }
+}
+
+#[test]
+fn a_delegation_goes_to_the_only_locker_and_its_locks_come_back_with_it() {
+    let mut h = H::new();
+    let f = h.create(ROOT_INO, "db").ino;
+    assert_eq!(h.lock(f, 1, req(1, 0, 9, LockKind::Read)), None);
+    // Session 1 gets the delegation with what it holds; a second ask gets the same.
+    let d = h.delegate(f, 1).expect("granted");
+    assert_eq!(d.locks.len(), 1);
+    assert_eq!((d.locks[0].start, d.locks[0].end), (0, 9));
+    assert_eq!(h.delegate(f, 1), Some(d.clone()));
+    // Nobody else gets it, nor a lock, while it stands (the leader recalls first).
+    assert_eq!(h.delegate(f, 2), None);
+    assert_eq!(
+        h.lock(f, 2, req(1, 100, 100, LockKind::Read)),
+        Some(LockConflict::HELD_ELSEWHERE)
+    );
+    // The holder returns the locks it took meanwhile: they are the table's now.
+    let mut mine = d.locks.clone();
+    assert_eq!(
+        apply(&mut mine, 1, &req(3, 50, 59, LockKind::Write)),
+        None,
+        "the holder's own bookkeeping"
+    );
+    assert!(
+        matches!(h.give_back(f, 2, Vec::new()), Err(MetaError::NotPermitted)),
+        "only the holder returns"
+    );
+    let forged = vec![HeldLock {
+        session: 2,
+        ..mine[0]
+    }];
+    assert!(matches!(
+        h.give_back(f, 1, forged),
+        Err(MetaError::Invalid { .. })
+    ));
+    h.give_back(f, 1, mine).unwrap();
+    assert_eq!(
+        h.blocker(f, 2, 50, 50),
+        conflict(LockKind::Write, 50, 59, 0)
+    );
+    assert_eq!(h.blocker(f, 2, 5, 5), conflict(LockKind::Read, 0, 9, 0));
+    assert_eq!(h.blocker(f, 2, 20, 20), None);
+    // Another session's lock stands in the way of a delegation to session 1.
+    assert_eq!(h.lock(f, 2, req(1, 200, 200, LockKind::Read)), None);
+    assert_eq!(h.delegate(f, 1), None);
+    assert!(
+        matches!(h.give_back(f, 1, Vec::new()), Err(MetaError::NotPermitted)),
+        "a returned delegation is not returned twice"
+    );
+}
+
+#[test]
+fn a_delegation_survives_a_snapshot_and_ends_with_its_session() {
+    let mut h = H::new();
+    let f = h.create(ROOT_INO, "db").ino;
+    assert!(h.delegate(f, 1).is_some());
+    let snap = h.sm.snapshot().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let sm2 = open_sm(other.path());
+    sm2.restore(&snap).unwrap();
+    assert_eq!(sm2.digest().unwrap().1, h.sm.digest().unwrap().1);
+    let mut h2 = H::from_sm(sm2, other, h.index);
+    assert_eq!(h2.delegate(f, 2), None, "the restored replica keeps it");
+
+    h.apply(Command::DropLocks { session: 1 }).unwrap();
+    assert!(
+        h.delegate(f, 2).is_some(),
+        "an expired holder's delegation is free"
+    );
+    h.apply(Command::EndSession { session: 2 }).unwrap();
+    assert!(h.delegate(f, 3).is_some());
+    assert!(
+        matches!(h.give_back(f, 2, Vec::new()), Err(MetaError::NotPermitted)),
+        "an ended session's return is refused: its locks are gone"
+    );
+}

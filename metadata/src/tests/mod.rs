@@ -251,7 +251,7 @@ pub(super) fn to_format_1(snap: &[u8]) -> Vec<u8> {
     const V1_TABLES: usize = 13;
     let mut out = b"RAWFSMS1".to_vec();
     let mut pos = 8;
-    for table in 0..V1_TABLES + 6 {
+    for table in 0..V1_TABLES + 7 {
         let start = pos;
         pos += u32_at(snap, &mut pos);
         let rows = u64::from_le_bytes(snap[pos..pos + 8].try_into().unwrap());
