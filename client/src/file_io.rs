@@ -111,6 +111,18 @@ enum Step {
     WaitPending,
 }
 
+/// What follows each write of [`Inner::flush_locked`].
+enum AfterWrite<'a> {
+    /// One `commit_write`.
+    Commit,
+    /// One `commit_write`, while every chunk written since the last fsync is made durable
+    /// (for `fsync`).
+    CommitWhileSyncing,
+    /// Nothing: what `commit_write` would record is added here (if every copy went to
+    /// replicas; otherwise committed as usual).
+    Defer(&'a mut Option<Deferred>),
+}
+
 /// A write stored on its replicas whose `commit_write` is left to the caller
 /// ([`FileIo::flush_deferred`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -342,7 +354,9 @@ impl FileIo {
     /// buffered. On error the data stays buffered and a later flush tries again.
     pub async fn flush(&self) -> Result<Option<Attr>, ClientError> {
         let mut dirty = self.inner.flush.lock().await;
-        self.inner.flush_locked(&mut dirty, true, None).await
+        self.inner
+            .flush_locked(&mut dirty, true, AfterWrite::Commit)
+            .await
     }
 
     /// Like [`FileIo::flush`], but a write stored on replicas is not recorded with
@@ -355,7 +369,7 @@ impl FileIo {
         let mut dirty = self.inner.flush.lock().await;
         let mut deferred = None;
         self.inner
-            .flush_locked(&mut dirty, true, Some(&mut deferred))
+            .flush_locked(&mut dirty, true, AfterWrite::Defer(&mut deferred))
             .await?;
         Ok(deferred)
     }
@@ -366,7 +380,10 @@ impl FileIo {
     pub async fn fsync(&self) -> Result<(), ClientError> {
         let inner = &self.inner;
         let mut dirty = inner.flush.lock().await;
-        inner.flush_locked(&mut dirty, true, None).await?;
+        inner
+            .flush_locked(&mut dirty, true, AfterWrite::CommitWhileSyncing)
+            .await?;
+        // Chunks written by earlier flushes when there was nothing left to write now.
         let todo = std::mem::take(&mut *dirty);
         if let Err((failed, e)) = sync_chunks(&*inner.store, &inner.locs, todo).await {
             for d in failed {
@@ -441,7 +458,9 @@ impl FileIo {
         let end = range_end(offset, len).ok_or(ClientError::TooLarge { offset, len })?;
         let inner = &self.inner;
         let mut dirty = inner.flush.lock().await;
-        inner.flush_locked(&mut dirty, true, None).await?;
+        inner
+            .flush_locked(&mut dirty, true, AfterWrite::Commit)
+            .await?;
         // Past the size every stored byte is already zero.
         let end = end.min(self.size());
         if offset >= end {
@@ -558,7 +577,9 @@ impl Inner {
     /// Flushes the pending extent only (a write waiting for room).
     async fn flush_pending(&self) -> Result<(), ClientError> {
         let mut dirty = self.flush.lock().await;
-        self.flush_locked(&mut dirty, false, None).await.map(|_| ())
+        self.flush_locked(&mut dirty, false, AfterWrite::Commit)
+            .await
+            .map(|_| ())
     }
 
     /// Flushes the pending extent in a background task when there is a runtime to run it
@@ -579,16 +600,16 @@ impl Inner {
     }
 
     /// Writes the pending extent (being flushed, or left by a failed flush) and then, if
-    /// `buffer`, the write buffer; each followed by one `commit_write`, or, with `defer`,
-    /// added to what `defer` returns (if every copy went to replicas). Called with the flush
-    /// lock held.
+    /// `buffer`, the write buffer; each followed by what `after` says. Called with the
+    /// flush lock held.
     async fn flush_locked(
         &self,
         dirty: &mut Vec<Dirty>,
         buffer: bool,
-        mut defer: Option<&mut Option<Deferred>>,
+        mut after: AfterWrite<'_>,
     ) -> Result<Option<Attr>, ClientError> {
         let mut attr = None;
+        let mut sync_failed = None;
         // At most the pending extent and the buffer as it is now: data written meanwhile by
         // other handles waits for the next flush, so a busy writer cannot starve this one.
         for _ in 0..2 {
@@ -636,8 +657,8 @@ impl Inner {
                 for d in written {
                     merge_dirty(dirty, d);
                 }
-                match defer.as_deref_mut() {
-                    Some(d) if replicated => {
+                match &mut after {
+                    AfterWrite::Defer(d) if replicated => {
                         let d = d.get_or_insert_with(Deferred::default);
                         d.end = d.end.max(batch.end());
                         d.stored_delta = d.stored_delta.saturating_add(delta);
@@ -645,10 +666,23 @@ impl Inner {
                         self.size.fetch_max(batch.end(), Ordering::AcqRel);
                     }
                     _ => {
-                        let a = self
-                            .store
-                            .commit_write(self.ino, batch.end(), delta)
-                            .await?;
+                        let commit = self.store.commit_write(self.ino, batch.end(), delta);
+                        let a = if matches!(after, AfterWrite::CommitWhileSyncing) {
+                            // The data is on every replica already: making it durable
+                            // need not wait for the size and mtime to be recorded.
+                            let todo = std::mem::take(dirty);
+                            let sync = sync_chunks(&*self.store, &self.locs, todo);
+                            let (a, synced) = futures::future::join(commit, sync).await;
+                            if let Err((failed, e)) = synced {
+                                for d in failed {
+                                    merge_dirty(dirty, d);
+                                }
+                                sync_failed.get_or_insert(e);
+                            }
+                            a?
+                        } else {
+                            commit.await?
+                        };
                         self.committed.fetch_max(a.size, Ordering::AcqRel);
                         self.size.fetch_max(a.size, Ordering::AcqRel);
                         attr = Some(a);
@@ -666,7 +700,10 @@ impl Inner {
             };
             spares.give(batch, largest);
         }
-        Ok(attr)
+        match sync_failed {
+            Some(e) => Err(e),
+            None => Ok(attr),
+        }
     }
 
     /// Writes zeros over `from..to` of chunk `index`, if the chunk exists (a hole already
