@@ -16,10 +16,16 @@
 //! Every call carries a deadline (openraft's per-RPC TTL) both in the tarpc context and as a
 //! local timeout. A peer that cannot be connected to, or whose connection dropped, is reported
 //! as `Unreachable`, so openraft backs off instead of hammering it; the next call reconnects.
+//!
+//! The clients openraft makes share one connection per peer ([`NetworkFactory`]): openraft
+//! 0.9 asks for a new client for every leadership check (`ensure_linearizable`, behind each
+//! linearizable read and lock call) and every vote, and a connection of their own cost each
+//! of those a TCP connect and close. tarpc multiplexes the calls on the shared connection.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use std::time::Instant;
 
@@ -318,17 +324,23 @@ pub trait NetworkFaults: Send + Sync + fmt::Debug {
     fn on_rpc(&self, from: u64, to: u64, rpc: RPCTypes) -> Fault;
 }
 
-/// Creates the per-peer clients openraft replicates through.
+/// Creates the per-peer clients openraft replicates through; those of one peer (at one
+/// address) share its connection.
 pub struct NetworkFactory {
     self_id: u64,
     faults: Option<Arc<dyn NetworkFaults>>,
+    connections: HashMap<(u64, String), Connection>,
 }
 
 impl NetworkFactory {
     /// Clients for replica `self_id` (named as the caller in timeout errors), with the fault
     /// injection hook of tests, if any.
     pub fn new(self_id: u64, faults: Option<Arc<dyn NetworkFaults>>) -> Self {
-        NetworkFactory { self_id, faults }
+        NetworkFactory {
+            self_id,
+            faults,
+            connections: HashMap::new(),
+        }
     }
 }
 
@@ -336,16 +348,27 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &Node) -> PeerClient {
-        PeerClient::with_faults(self.self_id, target, node.clone(), self.faults.clone())
+        let shared = self
+            .connections
+            .entry((target, node.raft_addr.clone()))
+            .or_default()
+            .clone();
+        PeerClient {
+            connection: shared,
+            ..PeerClient::with_faults(self.self_id, target, node.clone(), self.faults.clone())
+        }
     }
 }
 
-/// A connection to one peer, (re)established lazily.
+/// A connection to a peer, (re)established lazily, shared by the clients that hold it.
+type Connection = Arc<Mutex<Option<RaftRpcClient>>>;
+
+/// A client of one peer.
 pub struct PeerClient {
     self_id: u64,
     target: u64,
     node: Node,
-    client: Option<RaftRpcClient>,
+    connection: Connection,
     faults: Option<Arc<dyn NetworkFaults>>,
 }
 
@@ -365,7 +388,7 @@ impl PeerClient {
             self_id,
             target,
             node,
-            client: None,
+            connection: Connection::default(),
             faults: None,
         }
     }
@@ -419,8 +442,8 @@ impl PeerClient {
         &mut self,
         ttl: Duration,
     ) -> Result<RaftRpcClient, Transport<E>> {
-        if let Some(c) = &self.client {
-            return Ok(c.clone());
+        if let Some(c) = self.connected() {
+            return Ok(c);
         }
         let mut connect =
             tarpc::serde_transport::tcp::connect(&self.node.raft_addr, MessagePack::default);
@@ -439,8 +462,19 @@ impl PeerClient {
             tracing::debug!(addr = %self.node.raft_addr, error = %e, "set_nodelay failed");
         }
         let client = RaftRpcClient::new(tarpc::client::Config::default(), transport).spawn();
-        self.client = Some(client.clone());
-        Ok(client)
+        // Another client of the peer may have connected meanwhile: one connection is kept.
+        let mut shared = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(shared.get_or_insert(client).clone())
+    }
+
+    fn connected(&self) -> Option<RaftRpcClient> {
+        let shared = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        shared.clone()
+    }
+
+    /// Drops the connection (it failed): the next call of any client of the peer reconnects.
+    fn disconnect(&self) {
+        *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Runs one call with deadline `ttl`, mapping transport failures for openraft, after
@@ -472,7 +506,7 @@ impl PeerClient {
                 Err(Transport::Timeout)
             }
             Fault::Fail => {
-                self.client = None;
+                self.disconnect();
                 Err(Transport::Network(NetworkError::new(&io::Error::from(
                     io::ErrorKind::ConnectionReset,
                 ))))
@@ -519,7 +553,7 @@ impl PeerClient {
             Ok(Ok(Err(raft_err))) => Err(Transport::Remote(raft_err)),
             Ok(Err(e)) => {
                 tracing::debug!(target = self.target, error = %e, "raft connection failed; will reconnect");
-                self.client = None;
+                self.disconnect();
                 Err(match e {
                     RpcError::Shutdown => Transport::Unreachable(Unreachable::new(&e)),
                     e => Transport::Network(NetworkError::new(&e)),
