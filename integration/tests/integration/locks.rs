@@ -257,15 +257,35 @@ fn a_dead_mounts_locks_come_free_and_a_failover_keeps_the_rest() -> Result<()> {
         flock(&mine, libc::LOCK_UN)?;
         Ok(false)
     })?;
+    // And one on a file nobody else asked about: its locks are still delegated to mount a
+    // (decided there, not at the leader) when it dies.
+    fs::write(c.path("h"), b"z")?;
+    let marker = std::env::temp_dir().join(format!("rawfs-locks-{}-h", std::process::id()));
+    let _ = fs::remove_file(&marker);
+    let cmd = format!("touch {}; sleep 600", marker.display());
+    let mut delegated = flock_cmd(&a.join("h"), &["-x"], &cmd)?;
+    wait_until("mount a's flock of h", Duration::from_secs(10), || {
+        Ok(marker.exists())
+    })?;
     let t0 = Instant::now();
     // SAFETY: killing the extra mount's helper process.
     unsafe { libc::kill(a.pid() as i32, libc::SIGKILL) };
+    let h = File::open(c.path("h"))?;
+    ensure!(
+        errno(flock(&h, libc::LOCK_EX | libc::LOCK_NB)) == libc::EWOULDBLOCK,
+        "a dead mount's delegated lock still stands"
+    );
     wait_until(
-        "the dead mount's lock to come free",
+        "the dead mount's locks to come free",
         Duration::from_secs(40),
-        || Ok(flock(&mine, libc::LOCK_EX | libc::LOCK_NB).is_ok()),
+        || {
+            Ok(flock(&mine, libc::LOCK_EX | libc::LOCK_NB).is_ok()
+                && flock(&h, libc::LOCK_EX | libc::LOCK_NB).is_ok())
+        },
     )?;
     println!("dead_mount_lock_free_ms={}", t0.elapsed().as_millis());
     kill_group(&mut holder);
+    kill_group(&mut delegated);
+    let _ = fs::remove_file(&marker);
     Ok(())
 }
