@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use rawfs_metadata_api::{Attr, ChunkLoc, Ino, CHUNK_SIZE};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The write buffer and the extent being flushed (kept until it is safely stored, so that a
@@ -67,10 +67,13 @@ struct Inner {
     /// Highest end of data this client may have stored: bytes of the last chunk past this
     /// are known to be zero, so a truncate only has to zero up to here.
     high_water: AtomicU64,
-    /// Counts the sizes set here ([`FileIo::set_size`], truncates), so that a size read
-    /// from the metadata service before one is not taken after it (see
-    /// [`FileIo::grown_elsewhere`]).
+    /// Counts the sizes set and committed here ([`FileIo::set_size`], truncates,
+    /// `commit_write`s), so that a size read from the metadata service before one is not
+    /// taken after it (see [`FileIo::learn_size`]).
     size_changes: AtomicU64,
+    /// Another client changed the file since this one last wrote it or set its size: a
+    /// smaller size at the leader is then that client's truncate.
+    foreign_change: AtomicBool,
     bufs: Mutex<Bufs>,
     flush: tokio::sync::Mutex<Vec<Dirty>>,
     /// Where the unsynced chunks go when this file's last `FileIo` is dropped.
@@ -172,6 +175,7 @@ impl FileIo {
                 committed: AtomicU64::new(size),
                 high_water: AtomicU64::new(size),
                 size_changes: AtomicU64::new(0),
+                foreign_change: AtomicBool::new(false),
                 bufs: Mutex::new(Bufs {
                     buffer: WriteBuf::with_spares(write_buffer, budget.spares()),
                     pending: None,
@@ -210,21 +214,37 @@ impl FileIo {
         self.inner.size.load(Ordering::Acquire)
     }
 
-    /// A token for [`FileIo::grown_elsewhere`]: take it before asking the metadata service
-    /// for the size.
+    /// A token for [`FileIo::learn_size`]: take it before asking the metadata service for
+    /// the size.
     pub fn size_changes(&self) -> u64 {
         self.inner.size_changes.load(Ordering::Acquire)
     }
 
-    /// The metadata service reported `size` (asked after `changes` was taken from
-    /// [`FileIo::size_changes`]): a size that another client's writes reached. Reads here
-    /// then reach it too, and a truncate zeroes up to it. Only ever grows the size, and is
-    /// ignored if a size was set here since the token (that report may predate a truncate).
-    pub fn grown_elsewhere(&self, size: u64, changes: u64) {
+    /// The leader reported `size` (asked after `changes` was taken from
+    /// [`FileIo::size_changes`]). Ignored if a size was set or committed here since the
+    /// token (the report may predate it). A larger size is what another client's writes
+    /// reached: reads here then reach it too, and a truncate zeroes up to it. A smaller
+    /// one is another client's truncate, taken only if another client changed the file
+    /// since this one last wrote it and nothing written here is unsent (a write of this
+    /// client not committed yet, as in a held directory, is not shrunk away).
+    pub fn learn_size(&self, size: u64, changes: u64) {
         let inner = &self.inner;
         let grew = {
-            let _b = lock(&inner.bufs);
+            let b = lock(&inner.bufs);
             if inner.size_changes.load(Ordering::Acquire) != changes {
+                return;
+            }
+            let current = inner.size.load(Ordering::Acquire);
+            if size < current {
+                let unsent = b.pending.is_some() || b.buffer.bytes() > 0;
+                if unsent || !inner.foreign_change.load(Ordering::Acquire) {
+                    return;
+                }
+                inner.size.store(size, Ordering::Release);
+                inner.committed.store(size, Ordering::Release);
+                drop(b);
+                lock(&inner.ra).clip(size);
+                inner.locs.forget_from(size.div_ceil(CHUNK_SIZE));
                 return;
             }
             inner.committed.fetch_max(size, Ordering::AcqRel);
@@ -243,6 +263,7 @@ impl FileIo {
     /// Another client changed the file: data read ahead and where its chunks are (holes,
     /// chunks not written yet) are forgotten, so that the next read asks again.
     pub fn changed_elsewhere(&self) {
+        self.inner.foreign_change.store(true, Ordering::Release);
         lock(&self.inner.ra).invalidate();
         self.inner.locs.forget_all();
     }
@@ -558,10 +579,11 @@ impl Inner {
 
     fn set_size(&self, size: u64) {
         {
-            // Under the buffer lock, as `grown_elsewhere` checks the count: a size it read
+            // Under the buffer lock, as `learn_size` checks the count: a size it read
             // before this one cannot be applied after it.
             let mut b = lock(&self.bufs);
             self.size_changes.fetch_add(1, Ordering::AcqRel);
+            self.foreign_change.store(false, Ordering::Release);
             self.size.store(size, Ordering::Release);
             self.committed.store(size, Ordering::Release);
             b.buffer.truncate(size);
@@ -650,6 +672,7 @@ impl Inner {
                 let file_end = self.size.load(Ordering::Acquire).max(batch.end());
                 let written =
                     write_extents(&*self.store, &self.locs, &batch.extents, file_end).await?;
+                self.foreign_change.store(false, Ordering::Release);
                 // An RS append lists no servers: its length commit is its fence.
                 let replicated = written.iter().all(|d| !d.servers.is_empty());
                 let committed = self.committed.load(Ordering::Acquire);
@@ -683,6 +706,11 @@ impl Inner {
                         } else {
                             commit.await?
                         };
+                        {
+                            // Under the buffer lock, as `learn_size` checks the count.
+                            let _b = lock(&self.bufs);
+                            self.size_changes.fetch_add(1, Ordering::AcqRel);
+                        }
                         self.committed.fetch_max(a.size, Ordering::AcqRel);
                         self.size.fetch_max(a.size, Ordering::AcqRel);
                         attr = Some(a);

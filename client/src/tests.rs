@@ -483,18 +483,22 @@ async fn another_clients_growth_is_read_and_zeroed_by_a_truncate_here() {
     // A size read before a truncate here is not applied after it.
     let stale = io.size_changes();
     io.set_size(10_000);
-    io.grown_elsewhere(15_000, stale);
+    io.learn_size(15_000, stale);
     assert_eq!(
         io.size(),
         10_000,
         "a report older than this client's own size"
     );
     let token = io.size_changes();
-    io.grown_elsewhere(15_000, token);
+    io.learn_size(15_000, token);
     assert_eq!(io.size(), 15_000);
     assert_eq!(io.read(10_000, 5_000).await.unwrap(), pattern(2, 5_000));
-    io.grown_elsewhere(12_000, io.size_changes());
-    assert_eq!(io.size(), 15_000, "sizes reported elsewhere only grow it");
+    io.learn_size(12_000, io.size_changes());
+    assert_eq!(
+        io.size(),
+        15_000,
+        "a smaller size is not taken unless another client changed the file"
+    );
     // A truncate here zeroes the other client's bytes too, so an extension reads zeros.
     io.set_size(11_000);
     io.truncate_tail(11_000).await.unwrap();
@@ -505,6 +509,40 @@ async fn another_clients_growth_is_read_and_zeroed_by_a_truncate_here() {
         back[1_000..].iter().all(|b| *b == 0),
         "the other client's bytes came back"
     );
+}
+
+#[tokio::test]
+async fn another_clients_truncate_is_taken_unless_this_client_wrote_since() {
+    let (fake, io) = setup(3, 1 << 20);
+    io.write(0, &pattern(1, 10_000)).await.unwrap();
+    io.flush().await.unwrap();
+    // Another client truncates to 4,000 (the watch tells of a change, the leader the size).
+    fake.st().sizes.insert(INO, 4_000);
+    io.changed_elsewhere();
+    let token = io.size_changes();
+    io.learn_size(4_000, token);
+    assert_eq!(io.size(), 4_000);
+    assert_eq!(io.read(0, 10_000).await.unwrap(), pattern(1, 4_000));
+    // A write here not sent yet is not shrunk away, nor is one sent since the change.
+    io.write(4_000, &pattern(2, 2_000)).await.unwrap();
+    io.changed_elsewhere();
+    io.learn_size(4_000, io.size_changes());
+    assert_eq!(io.size(), 6_000, "buffered here");
+    io.flush().await.unwrap();
+    io.learn_size(4_000, io.size_changes());
+    assert_eq!(
+        io.size(),
+        6_000,
+        "written here after the other client's change"
+    );
+    // A report asked for before this client's commit is not taken after it.
+    io.changed_elsewhere();
+    let stale = io.size_changes();
+    io.write(6_000, b"more").await.unwrap();
+    io.flush().await.unwrap();
+    io.changed_elsewhere();
+    io.learn_size(4_000, stale);
+    assert_eq!(io.size(), 6_004);
 }
 
 #[tokio::test]
@@ -526,7 +564,7 @@ async fn growth_elsewhere_into_a_new_chunk_is_not_read_as_a_cached_hole() {
     other.write(CHUNK_SIZE + 50, b"other").await.unwrap();
     other.write(CHUNK_SIZE + 200, b"tail").await.unwrap();
     other.flush().await.unwrap();
-    io.grown_elsewhere(CHUNK_SIZE + 204, io.size_changes());
+    io.learn_size(CHUNK_SIZE + 204, io.size_changes());
     let back = io.read(CHUNK_SIZE + 50, 154).await.unwrap();
     assert_eq!(&back[..5], b"other", "the cached hole was read");
     assert_eq!(&back[150..], b"tail");

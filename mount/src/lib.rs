@@ -28,7 +28,7 @@
 //! taken back before that change is acknowledged. A file's pages stay cached across opens
 //! while its version (size, mtime, ctime) is unchanged (`page_cache`), so a file read again
 //! is read from memory. Another client's change of a file open here also drops what the
-//! mount read ahead of it. `fcntl` and `flock` locks are held at the metadata leader and
+//! mount read ahead of it, and the next `getattr` takes its new size, larger or smaller. `fcntl` and `flock` locks are held at the metadata leader and
 //! exclude processes on every mount (`locks`); the locks of a file only this mount locks
 //! are delegated to it, and decided here until another mount asks.
 //!

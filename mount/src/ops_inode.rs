@@ -105,9 +105,10 @@ impl Inner {
     }
 
     /// The metadata service's attributes of `ino`. If it is open here, its `FileIo` learns
-    /// the growth other clients' writes made (see [`rawfs_client::FileIo::grown_elsewhere`]),
-    /// but only from the leader: a replica that may lag (`consistency=local`) may answer
-    /// with a size from before this client's own truncate.
+    /// the size other clients' writes and truncates made (see
+    /// [`rawfs_client::FileIo::learn_size`]), but only from the leader: a replica that may
+    /// lag (`consistency=local`) may answer with a size from before this client's own
+    /// truncate or writes.
     pub(crate) async fn fetch_attr(&self, ino: Ino) -> Result<Attr, MetaError> {
         let meta = self.client.meta();
         let open = self
@@ -116,7 +117,7 @@ impl Inner {
             .map(|io| (io.size_changes(), io));
         let a = meta.getattr(ino).await?;
         if let Some((changes, io)) = open {
-            io.grown_elsewhere(a.size, changes);
+            io.learn_size(a.size, changes);
         }
         Ok(a)
     }

@@ -6,6 +6,7 @@ use rawfs_integration::fsutil::*;
 use rawfs_integration::harness::wait_until;
 use rawfs_integration::Cluster;
 use std::fs::{self, File, OpenOptions};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 
 /// How many of the first `len` bytes of `f` are in the page cache, in pages.
@@ -238,5 +239,29 @@ fn a_file_kept_open_here_reads_another_mounts_overwrite() -> Result<()> {
         ensure!(got == want, "round {round}: the handle kept open");
         ensure!(fs::read(a.join("f"))? == want, "round {round}: a new open");
     }
+    Ok(())
+}
+
+/// A file kept open on one mount is truncated on another: the open handle sees the new
+/// size (and no bytes past it), as on a local filesystem.
+#[test]
+fn a_file_kept_open_here_sees_another_mounts_truncate() -> Result<()> {
+    let c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    fs::write(c.path("f"), pattern(7, 0, 100_000))?;
+    let keeper = File::open(a.join("f"))?;
+    let mut got = vec![0u8; 100_000];
+    keeper.read_exact_at(&mut got, 0)?;
+    OpenOptions::new()
+        .write(true)
+        .open(c.path("f"))?
+        .set_len(1_000)?;
+    ensure!(
+        keeper.metadata()?.len() == 1_000,
+        "fstat on the handle kept open"
+    );
+    let mut back = Vec::new();
+    (&keeper).read_to_end(&mut back)?;
+    ensure!(back == pattern(7, 0, 1_000), "read {} bytes", back.len());
     Ok(())
 }
