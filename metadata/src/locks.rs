@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use rawfs_metadata_api::{
     first_conflict, holds_any, replacement, HeldLock, Ino, Inval, LockConflict, LockDelegation,
-    LockRequest, MetaError, MetaResult, ReqId, Timespec, LOCK_LEASE_MS, LOCK_WAIT_MAX_MS,
+    LockKind, LockRequest, MetaError, MetaResult, ReqId, Timespec, LOCK_LEASE_MS, LOCK_WAIT_MAX_MS,
 };
 use redb::{ReadableTable, ReadableTableMetadata};
 
@@ -58,9 +58,6 @@ const CONTENDED_FOR: Duration = Duration::from_secs(5);
 /// reports the inode as locked elsewhere (the holder answers in milliseconds; one that does
 /// not is dead or cut off, and its lease will end).
 const RECALL_MIN_WAIT: Duration = Duration::from_secs(2);
-/// How often a recall is published again while it waits (a holder that missed events, for
-/// example across a leader change, sees the next one).
-const REPUBLISH: Duration = Duration::from_millis(500);
 
 fn key(ino: Ino, l: &HeldLock) -> Key {
     (ino, l.session, l.owner, l.start)
@@ -272,32 +269,15 @@ impl Server {
         session: u64,
         deadline: tokio::time::Instant,
     ) -> MetaResult<bool> {
-        let mut published: Option<tokio::time::Instant> = None;
-        loop {
-            let changed = self.0.locks.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let holder = match self.lock_holder(ino)? {
-                Some(h) if h != session => h,
-                _ => return Ok(true),
-            };
-            self.0.locks.mark_contended(ino);
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(false);
-            }
-            if published.map_or(true, |at| now >= at + REPUBLISH) {
-                let (term, _) = self.0.replica.term_and_leading();
-                let recall = (Inval::RecallLocks { ino, holder }, false);
-                self.0.events.publish(term, 0, vec![recall]);
-                published = Some(now);
-            }
-            let wake = deadline.min(published.unwrap_or(now) + REPUBLISH);
-            tokio::select! {
-                () = changed => {}
-                () = tokio::time::sleep_until(wake) => {}
-            }
-        }
+        let holder = match self.lock_holder(ino)? {
+            Some(h) if h != session => h,
+            _ => return Ok(true),
+        };
+        self.0.locks.mark_contended(ino);
+        let recall = Inval::RecallLocks { ino, holder };
+        let still_held = || Ok(self.lock_holder(ino)? == Some(holder));
+        self.await_return(recall, &self.0.locks.changed, deadline, still_held)
+            .await
     }
 
     /// `set_lock`: see the service docs.
@@ -324,8 +304,7 @@ impl Server {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let rows = self.lock_rows(ino)?;
-            if req.kind == rawfs_metadata_api::LockKind::Unlock && !holds_any(&rows, session, &req)
-            {
+            if req.kind == LockKind::Unlock && !holds_any(&rows, session, &req) {
                 // Nothing to give up (a close after an explicit unlock): no log entry.
                 return Ok(None);
             }

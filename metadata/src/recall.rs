@@ -123,41 +123,66 @@ impl Server {
             .recalling()
             .entry((dir, holder))
             .or_insert_with(Instant::now);
-        let mut published: Option<Instant> = None;
-        loop {
-            let changed = self.0.delegations_changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let now_held = self
+        let deadline = tokio::time::Instant::from_std(start + RECALL_WAIT);
+        let still_held = || {
+            let now = self
                 .0
                 .sm
                 .read(|rt| delegation::holder(&rt.delegations, dir))?;
-            if now_held != Some(holder) {
-                self.recalling().remove(&(dir, holder));
-                return Ok(());
+            Ok(now == Some(holder))
+        };
+        let recall = Inval::Recall { dir, holder };
+        let changed = &self.0.delegations_changed;
+        if !self
+            .await_return(recall, changed, deadline, still_held)
+            .await?
+        {
+            tracing::warn!(
+                dir,
+                holder,
+                "delegation not given back in time; taking it back"
+            );
+            self.propose(Command::Revoke { dir, holder })
+                .await?
+                .into_unit()?;
+            self.0.delegations_changed.notify_waiters();
+        }
+        self.recalling().remove(&(dir, holder));
+        Ok(())
+    }
+
+    /// Publishes `recall` (again every [`REPUBLISH`]) until `still_held` says the
+    /// delegation came back (true) or `deadline` passes (false). `changed` is woken
+    /// whenever it may have come back. Directory and lock delegations both wait here.
+    pub(crate) async fn await_return(
+        &self,
+        recall: Inval,
+        changed: &tokio::sync::Notify,
+        deadline: tokio::time::Instant,
+        still_held: impl Fn() -> MetaResult<bool>,
+    ) -> MetaResult<bool> {
+        let mut published: Option<tokio::time::Instant> = None;
+        loop {
+            // Registered before looking, so that a return in between is not missed.
+            let woken = changed.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if !still_held()? {
+                return Ok(true);
             }
-            let now = Instant::now();
-            if now >= start + RECALL_WAIT {
-                tracing::warn!(
-                    dir,
-                    holder,
-                    "delegation not given back in time; taking it back"
-                );
-                self.propose(Command::Revoke { dir, holder })
-                    .await?
-                    .into_unit()?;
-                self.recalling().remove(&(dir, holder));
-                self.0.delegations_changed.notify_waiters();
-                return Ok(());
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(false);
             }
             if published.map_or(true, |at| now >= at + REPUBLISH) {
                 let (term, _) = self.0.replica.term_and_leading();
-                let recall = (Inval::Recall { dir, holder }, false);
-                self.0.events.publish(term, 0, vec![recall]);
+                self.0
+                    .events
+                    .publish(term, 0, vec![(recall.clone(), false)]);
                 published = Some(now);
             }
-            let wake = (start + RECALL_WAIT).min(published.unwrap_or(now) + REPUBLISH);
-            let _ = tokio::time::timeout(wake.saturating_duration_since(now), changed).await;
+            let wake = deadline.min(published.unwrap_or(now) + REPUBLISH);
+            let _ = tokio::time::timeout_at(wake, woken).await;
         }
     }
 }
