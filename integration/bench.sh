@@ -9,7 +9,9 @@
 #   optional (--million): RSS of the metadata process after 1,000,000 files created through
 #   the metadata client (rawfs-bench million), target < 300 MB
 #
-# Usage: integration/bench.sh [--million] [--size-mib N] [--fio-seconds S] [--debug]
+# Usage: integration/bench.sh [--million] [--size-mib N] [--fio-seconds S] [--peer DIR] [--debug]
+# --peer DIR measures a third directory in the same run, a mount of another filesystem (MooseFS,
+# CephFS, JuiceFS...) set up by hand, and prints its ratio to local beside rawfs's.
 # (--debug uses the debug build: only to check the script itself, its figures mean nothing)
 # Needs root (FUSE, drop_caches), fio, and builds the release binaries first.
 # RAWFS_BENCH_DIR (default /var/tmp/rawfs-bench) holds the cluster and the local directory.
@@ -20,19 +22,26 @@ SIZE_MIB=1024
 FIO_SECONDS=20
 FILES=10000
 PROFILE=release
+PEER=
 while [ $# -gt 0 ]; do
     case "$1" in
         --million) MILLION=1 ;;
         --size-mib) SIZE_MIB="$2"; shift ;;
         --fio-seconds) FIO_SECONDS="$2"; shift ;;
         --files) FILES="$2"; shift ;;
+        --peer) PEER="$2"; shift ;;
         --debug) PROFILE=debug ;;
-        *) echo "usage: $0 [--million] [--size-mib N] [--fio-seconds S] [--files N] [--debug]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--million] [--size-mib N] [--fio-seconds S] [--files N] [--peer DIR] [--debug]" >&2; exit 2 ;;
     esac
     shift
 done
 
 cd "$(dirname "$0")/.."
+if [ -n "$PEER" ]; then
+    mountpoint -q "$PEER" || { echo "bench.sh: --peer $PEER is not a mount point" >&2; exit 2; }
+    PEER="$PEER/rawfs-bench"
+    rm -rf "$PEER" && mkdir -p "$PEER"
+fi
 command -v fio >/dev/null || { echo "bench.sh: fio is needed (apt-get install fio)" >&2; exit 1; }
 if [ $PROFILE = release ]; then
     cargo build --release -p rawfs -p rawfs-integration >&2
@@ -52,6 +61,7 @@ UP=$!
 cleanup() {
     kill -TERM "$UP" 2>/dev/null || true
     wait "$UP" 2>/dev/null || true
+    if [ -n "$PEER" ]; then rm -rf "$PEER"; fi
 }
 trap cleanup EXIT
 
@@ -118,9 +128,12 @@ meta_ops() { # dir -> "create stat unlink"
 }
 
 declare -A R
-for where in local mount; do
-    dir=$LOCAL
-    [ $where = mount ] && dir=$MNT
+for where in local mount ${PEER:+peer}; do
+    case $where in
+        local) dir=$LOCAL ;;
+        mount) dir=$MNT ;;
+        peer) dir=$PEER ;;
+    esac
     echo "bench.sh: measuring $where ($dir)" >&2
     R[$where.seqw]=$(seq_write "$dir")
     R[$where.seqr]=$(seq_read "$dir")
@@ -133,11 +146,15 @@ for where in local mount; do
     R[$where.unlink]=$u
 done
 
-printf '\n%-28s %18s %18s %8s %8s\n' "benchmark" "local" "rawfs" "ratio" "target"
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0) printf "%.3f", b / a; else print "n/a" }'; }
+printf '\n%-28s %18s %18s %8s %8s' "benchmark" "local" "rawfs" "ratio" "target"
+[ -n "$PEER" ] && printf ' %18s %8s' "peer" "ratio"
+printf '\n'
 row() { # key label unit target
     local l=${R[local.$1]} m=${R[mount.$1]}
-    printf '%-28s %12s %-5s %12s %-5s %8s %8s\n' "$2" "$l" "$3" "$m" "$3" \
-        "$(awk -v a="$l" -v b="$m" 'BEGIN { if (a > 0) printf "%.3f", b / a; else print "n/a" }')" "$4"
+    printf '%-28s %12s %-5s %12s %-5s %8s %8s' "$2" "$l" "$3" "$m" "$3" "$(ratio "$l" "$m")" "$4"
+    [ -n "$PEER" ] && printf ' %12s %-5s %8s' "${R[peer.$1]}" "$3" "$(ratio "$l" "${R[peer.$1]}")"
+    printf '\n'
 }
 row seqw "seq write 1 GiB + fsync" "MiB/s" ">=0.25"
 row seqr "seq read (cold cache)" "MiB/s" ">=0.80"
