@@ -137,13 +137,28 @@ impl Inner {
         let n = u32::try_from(data.len()).map_err(|_| Errno::EINVAL)?;
         // After a write behind (`set_times_again` must not undo this write's mtime).
         self.written(ino).await?;
-        if !self.write_behind.is_placed(ino) {
-            self.settle_to_write(ino, &io).await?;
-        }
-        io.write(offset, &data)
-            .await
-            .map_err(|e| self.data_errno(e))?;
+        self.write_into(ino, &io, offset, &data).await?;
         Ok(n)
+    }
+
+    /// Writes `data` at `offset` of `ino` (open as `io`): into its buffer if it fits there,
+    /// else through a flush, before which a new file's create must be committed (with its
+    /// first chunk: `settle_to_write`). A new file in a held directory whose data all fits
+    /// the buffer thus stays queued until its close writes it behind.
+    async fn write_into(
+        &self,
+        ino: Ino,
+        io: &FileIo,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), Errno> {
+        if io.write_if_buffered(offset, data) {
+            return Ok(());
+        }
+        if !self.write_behind.is_placed(ino) {
+            self.settle_to_write(ino, io).await?;
+        }
+        io.write(offset, data).await.map_err(|e| self.data_errno(e))
     }
 
     /// `close(2)` of one descriptor: send the buffer so that errors reach the caller (a new
@@ -366,8 +381,10 @@ impl Inner {
         let dst = self.io(ino_out)?;
         self.written(ino_in).await?;
         self.written(ino_out).await?;
+        // The source is read through the leader's chunk map, so its create must be there;
+        // the destination is written as FUSE writes are (`cp` of a tree within a mount
+        // copies each file with one copy_file_range into a file it just created).
         self.settle(ino_in).await?;
-        self.settle(ino_out).await?;
         let total = len.min(COPY_MAX);
         let mut done = 0u64;
         while done < total {
@@ -379,13 +396,16 @@ impl Inner {
             if data.is_empty() {
                 break;
             }
-            if let Err(e) = dst.write(offset_out + done, &data).await {
+            if let Err(e) = self
+                .write_into(ino_out, &dst, offset_out + done, &data)
+                .await
+            {
                 if done > 0 {
                     // Report the bytes already copied; the caller's next call gets the error.
-                    warn!(ino_out, error = %e, "copy_file_range stopped early");
+                    warn!(ino_out, error = ?e, "copy_file_range stopped early");
                     break;
                 }
-                return Err(self.data_errno(e));
+                return Err(e);
             }
             done += data.len() as u64;
             if (data.len() as u64) < want {
