@@ -19,7 +19,11 @@
 //!
 //! Requests carry no identity that says they come from the holder, so the holder's own
 //! operations recall too; the mount gives the delegation back before it sends any of them
-//! (it then costs nothing), and one it missed is still correct, only slower.
+//! (it then costs nothing), and one it missed is still correct, only slower. Four say who
+//! asks: `mkdir_held`, `readdir_held`, `rmdir_held` and `setattr_held` (of the directory
+//! itself), which the holder sends after
+//! committing what they depend on, keeping the directory (the directory `rmdir_held`
+//! removes is recalled as ever).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -44,8 +48,13 @@ impl Server {
         self.0.recalling.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Recalls the delegations of every directory `cmd` touches (see the module docs).
-    pub(crate) async fn recall_for(&self, cmd: &Command) -> MetaResult<()> {
+    /// Recalls the delegations of every directory `cmd` touches (see the module docs), but
+    /// for `by_holder` = (directory, holder): the holder asks, having committed its queue.
+    pub(crate) async fn recall_for(
+        &self,
+        cmd: &Command,
+        by_holder: Option<(Ino, u64)>,
+    ) -> MetaResult<()> {
         let dirs = self.0.sm.read(|rt| {
             if rt.delegations.is_empty()? {
                 return Ok(Vec::new());
@@ -90,8 +99,9 @@ impl Server {
             inos.dedup();
             let mut held = Vec::new();
             for ino in inos {
-                if let Some(h) = delegation::holder(&rt.delegations, ino)? {
-                    held.push((ino, h));
+                match delegation::holder(&rt.delegations, ino)? {
+                    Some(h) if by_holder != Some((ino, h)) => held.push((ino, h)),
+                    _ => {}
                 }
             }
             Ok(held)
@@ -102,15 +112,16 @@ impl Server {
         Ok(())
     }
 
-    /// Recalls the delegation of `dir` if it has one (for reads in it).
-    pub(crate) async fn recall_dir(&self, dir: Ino) -> MetaResult<()> {
+    /// Recalls the delegation of `dir` if it has one, unless `reader` holds it (for reads
+    /// in it).
+    pub(crate) async fn recall_dir(&self, dir: Ino, reader: Option<u64>) -> MetaResult<()> {
         let held = self
             .0
             .sm
             .read(|rt| delegation::holder(&rt.delegations, dir))?;
         match held {
-            Some(holder) => self.recall(dir, holder).await,
-            None => Ok(()),
+            Some(holder) if Some(holder) != reader => self.recall(dir, holder).await,
+            _ => Ok(()),
         }
     }
 

@@ -136,7 +136,19 @@ impl Server {
 
     /// A namespace mutation on behalf of request `req`, applied at most once.
     async fn mutate_once(&self, req: ReqId, now: Timespec, cmd: Command) -> MetaResult<Reply> {
-        self.recall_for(&cmd).await?;
+        self.mutate_once_by(req, now, cmd, None).await
+    }
+
+    /// [`Server::mutate_once`] asked by the holder of a directory's delegation:
+    /// `by_holder` = (that directory, holder), which is not recalled.
+    async fn mutate_once_by(
+        &self,
+        req: ReqId,
+        now: Timespec,
+        cmd: Command,
+        by_holder: Option<(Ino, u64)>,
+    ) -> MetaResult<Reply> {
+        self.recall_for(&cmd, by_holder).await?;
         let replaced = self.replaced_by(&cmd);
         let invals = events::stale(&cmd, &replaced);
         let reply = if crate::open_table::removes_links(&cmd) {
@@ -204,7 +216,7 @@ impl MetadataRpc for Server {
         read: Consistency,
     ) -> MetaResult<Attr> {
         if read == Consistency::Linearizable {
-            self.recall_dir(parent).await?;
+            self.recall_dir(parent, None).await?;
         }
         self.query(read, |rt, _| queries::lookup(rt, parent, &name))
             .await
@@ -217,6 +229,21 @@ impl MetadataRpc for Server {
     async fn setattr(self, _: Context, ino: Ino, set: SetAttr, req: ReqId) -> MetaResult<Attr> {
         let now = Timespec::now();
         self.mutate_once(req, now, Command::SetAttr { ino, set, now })
+            .await?
+            .into_attr()
+    }
+
+    async fn setattr_held(
+        self,
+        _: Context,
+        dir: Ino,
+        set: SetAttr,
+        holder: u64,
+        req: ReqId,
+    ) -> MetaResult<Attr> {
+        let now = Timespec::now();
+        let cmd = Command::SetAttr { ino: dir, set, now };
+        self.mutate_once_by(req, now, cmd, Some((dir, holder)))
             .await?
             .into_attr()
     }
@@ -425,6 +452,21 @@ impl MetadataRpc for Server {
             .into_unit()
     }
 
+    async fn rmdir_held(
+        self,
+        _: Context,
+        parent: Ino,
+        name: Name,
+        holder: u64,
+        req: ReqId,
+    ) -> MetaResult<()> {
+        let now = Timespec::now();
+        let cmd = Command::Rmdir { parent, name, now };
+        self.mutate_once_by(req, now, cmd, Some((parent, holder)))
+            .await?
+            .into_unit()
+    }
+
     async fn rename(
         self,
         _: Context,
@@ -456,10 +498,25 @@ impl MetadataRpc for Server {
         read: Consistency,
     ) -> MetaResult<Vec<DirEntry>> {
         if read == Consistency::Linearizable {
-            self.recall_dir(ino).await?;
+            self.recall_dir(ino, None).await?;
         }
         self.query(read, |rt, _| queries::readdir(rt, ino, cookie, limit))
             .await
+    }
+
+    async fn readdir_held(
+        self,
+        _: Context,
+        dir: Ino,
+        holder: u64,
+        cookie: u64,
+        limit: u32,
+    ) -> MetaResult<Vec<DirEntry>> {
+        self.recall_dir(dir, Some(holder)).await?;
+        self.query(Consistency::Linearizable, |rt, _| {
+            queries::readdir(rt, dir, cookie, limit)
+        })
+        .await
     }
 
     async fn open(self, _: Context, ino: Ino, session: u64) -> MetaResult<Attr> {

@@ -2,7 +2,7 @@
 //! changes: `serve` on loopback ports, driven through `MetadataClient` over real TCP.
 
 mod common;
-use common::free_ports;
+use common::{free_ports, n, ME};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,16 +13,9 @@ use std::time::{Duration, Instant};
 
 use rawfs_metadata::{serve, MetadataConfig, MetadataHandle, Peer, DEFAULT_SNAPSHOT_EVERY};
 use rawfs_metadata_api::*;
-use serde_bytes::ByteBuf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-
-fn n(s: &str) -> Name {
-    ByteBuf::from(s.as_bytes().to_vec())
-}
-
-const ME: Caller = Caller { uid: 0, gid: 0 };
 
 struct Node {
     handle: MetadataHandle,

@@ -11,7 +11,9 @@
 //!  GETATTR(dir | fresh file) ──► answered here
 //!  every COMMIT_DELAY (or COMMIT_MAX queued) ──► commit_held(dir, queue): one log entry
 //!  anything else on a file with a queued change ──► the queue committed first ("settle")
-//!  other changes in or of dir, a listing, a recall, unmount ──► give_back
+//!  READDIR(dir) ──► queue committed, listed by the leader with readdir_held (kept)
+//!  RMDIR(dir, sub) ──► sub given back if held, removed by the leader with rmdir_held (kept)
+//!  other changes in or of dir, a recall, unmount ──► give_back
 //! ```
 //!
 //! Why a create can be answered before the leader has it: nobody else can see the
@@ -82,7 +84,7 @@ pub(crate) struct Held {
     /// Held directories, oldest first (some may have been given back since).
     order: Mutex<VecDeque<Ino>>,
     /// Names kept by all held directories.
-    names: std::sync::atomic::AtomicUsize,
+    pub(crate) names: std::sync::atomic::AtomicUsize,
     /// Inode with a change in a queue (a fresh file, or one unlinked, renamed, replaced or
     /// given new attributes here since the last commit) -> the directory whose queue has it.
     pub(crate) queued: Mutex<HashMap<Ino, Ino>>,
@@ -124,8 +126,8 @@ pub(crate) struct HeldDir {
 
 pub(crate) struct DirState {
     /// The directory's attributes as this mount shows them.
-    attr: Attr,
-    names: HashMap<Vec<u8>, Ino>,
+    pub(crate) attr: Attr,
+    pub(crate) names: HashMap<Vec<u8>, Ino>,
     /// Children not committed yet, with the attributes the kernel was given.
     pub(crate) fresh: HashMap<Ino, Attr>,
     /// Committed files with an attribute change queued, with their attributes after it.
@@ -133,7 +135,7 @@ pub(crate) struct DirState {
     /// Directories made in it through the leader while it was held (every other entry is a
     /// file made here): the leader refuses a held unlink or rename of a directory, so
     /// those go through the leader too.
-    subdirs: HashSet<Ino>,
+    pub(crate) subdirs: HashSet<Ino>,
     /// Changes not sent yet, in order.
     pub(crate) queue: Vec<HeldOp>,
     /// Being given back (or lost): nothing more is answered here.
@@ -565,7 +567,7 @@ impl Inner {
     }
 
     /// Sends `dir`'s queue to the leader (with `give_back`, ending the delegation).
-    async fn commit_held(&self, dir: Ino, give_back: bool) -> Result<(), Errno> {
+    pub(crate) async fn commit_held(&self, dir: Ino, give_back: bool) -> Result<(), Errno> {
         self.commit_held_with(dir, give_back, None).await.map(drop)
     }
 

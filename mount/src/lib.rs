@@ -100,6 +100,7 @@ mod errno;
 mod fs;
 mod held;
 mod held_attrs;
+mod held_leader;
 mod helper;
 mod inner;
 mod locks;

@@ -125,8 +125,9 @@ fn dot_attr(ino: INodeNo) -> FileAttr {
 
 impl Inner {
     pub(crate) async fn opendir(&self, ino: Ino) -> Result<Opened, Errno> {
-        // Listing goes through the leader, which would recall a held directory anyway.
-        self.give_back(ino).await;
+        // Listing goes through the leader: a directory held here is committed first and
+        // stays held; one held elsewhere is recalled by the leader.
+        self.settle_for_listing(ino).await?;
         // Fail now for a non-directory or a missing inode rather than at the first readdir.
         let a = self.client.meta().getattr(ino).await.map_err(errno::meta)?;
         if a.kind != FileKind::Dir {
@@ -236,7 +237,13 @@ impl Inner {
                     0 => 0,
                     _ => *cur.after.get(i - 1).ok_or(Errno::EINVAL)?,
                 };
-                let page = match self.client.meta().readdir(ino, cookie, PAGE).await {
+                let meta = self.client.meta();
+                let page = if self.settle_for_listing(ino).await? {
+                    meta.readdir_held(ino, self.session, cookie, PAGE).await
+                } else {
+                    meta.readdir(ino, cookie, PAGE).await
+                };
+                let page = match page {
                     Ok(page) => page,
                     // Removed while open: it lists as empty, as on local filesystems.
                     Err(MetaError::NotFound) => Vec::new(),

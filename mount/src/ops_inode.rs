@@ -155,6 +155,9 @@ impl Inner {
         if let Some(done) = self.held_setattr(ino, &set).await {
             return done.map(|a| (self.attr(&a), self.attr_ttl));
         }
+        if let Some(done) = self.held_dir_setattr(ino, &set).await {
+            return done.map(|a| (self.attr(&a), self.attr_ttl));
+        }
         match self.io_if_open(ino) {
             Some(io) => {
                 self.settle_to_write(ino, &io).await?;
@@ -244,6 +247,9 @@ impl Inner {
     }
 
     pub(crate) async fn rmdir(&self, parent: Ino, name: Name) -> Result<(), Errno> {
+        if let Some(done) = self.held_rmdir(parent, &name).await {
+            return done;
+        }
         self.give_back(parent).await;
         self.client
             .meta()

@@ -306,16 +306,19 @@ impl Inner {
 
     /// Waits for every file of `dir` being written behind (before `dir` is given back).
     pub(crate) async fn written_in(&self, dir: Ino) {
-        loop {
-            let waits: Vec<_> = lock(&self.write_behind.pending)
-                .values()
-                .filter(|p| p.dir == dir)
-                .map(|p| p.done.clone())
-                .collect();
-            if waits.is_empty() {
-                return;
-            }
-            futures::future::join_all(waits).await;
-        }
+        while self.written_in_now(dir).await {}
+    }
+
+    /// Waits for the files of `dir` being written behind now (not for those that start
+    /// meanwhile); returns whether there were any.
+    pub(crate) async fn written_in_now(&self, dir: Ino) -> bool {
+        let waits: Vec<_> = lock(&self.write_behind.pending)
+            .values()
+            .filter(|p| p.dir == dir)
+            .map(|p| p.done.clone())
+            .collect();
+        let any = !waits.is_empty();
+        futures::future::join_all(waits).await;
+        any
     }
 }

@@ -499,6 +499,8 @@ rpc_methods! {
     writes {
         /// Changes attributes (a size change truncates or extends).
         fn setattr(ino: Ino, set: SetAttr) -> Attr;
+        /// Changes the attributes of directory `dir`, held by `holder`, for `holder`.
+        fn setattr_held(dir: Ino, set: SetAttr, holder: u64) -> Attr;
         /// Creates a file, directory, fifo, socket or device node.
         fn mknod(parent: Ino, name: Name, node: NewNode, caller: Caller) -> Attr;
         /// Creates a node and records an open of it by `session`, atomically.
@@ -519,6 +521,8 @@ rpc_methods! {
         fn unlink(parent: Ino, name: Name) -> ();
         /// Removes an empty directory.
         fn rmdir(parent: Ino, name: Name) -> ();
+        /// Removes an empty directory from `parent`, held by `holder`, for `holder`.
+        fn rmdir_held(parent: Ino, name: Name, holder: u64) -> ();
         /// Renames an entry (renameat2 flags).
         fn rename(parent: Ino, name: Name, newparent: Ino, newname: Name, flags: RenameFlags) -> ();
         /// Sets an extended attribute.
@@ -583,6 +587,8 @@ rpc_methods! {
         fn renew_locks(session: u64) -> Vec<Ino>;
         /// Asks for the locks of `ino` to be delegated to `session`.
         fn delegate_locks(ino: Ino, session: u64) -> Option<LockDelegation>;
+        /// Lists `dir`, held by `holder`, for `holder` (not recalled).
+        fn readdir_held(dir: Ino, holder: u64, cookie: u64, limit: u32) -> Vec<DirEntry>;
         /// Cache invalidation events (long poll; give it a call timeout above `wait_ms`).
         fn watch(watcher: u64, epoch: u64, from: u64, wait_ms: u32) -> WatchReply;
         /// A chunkserver's heartbeat.
@@ -700,6 +706,7 @@ mod tests {
         refuse! {
             lookup(parent: Ino, name: Name, read: Consistency) -> Attr;
             setattr(ino: Ino, set: SetAttr, req: ReqId) -> Attr;
+            setattr_held(dir: Ino, set: SetAttr, holder: u64, req: ReqId) -> Attr;
             mknod(parent: Ino, name: Name, node: NewNode, caller: Caller, req: ReqId) -> Attr;
             create(parent: Ino, name: Name, node: NewNode, caller: Caller, session: u64, req: ReqId) -> Attr;
             symlink(parent: Ino, name: Name, target: ByteBuf, caller: Caller, req: ReqId) -> Attr;
@@ -710,8 +717,10 @@ mod tests {
             readlink(ino: Ino, read: Consistency) -> ByteBuf;
             link(ino: Ino, newparent: Ino, newname: Name, req: ReqId) -> Attr;
             rmdir(parent: Ino, name: Name, req: ReqId) -> ();
+            rmdir_held(parent: Ino, name: Name, holder: u64, req: ReqId) -> ();
             rename(parent: Ino, name: Name, newparent: Ino, newname: Name, flags: RenameFlags, req: ReqId) -> ();
             readdir(ino: Ino, cookie: u64, limit: u32, read: Consistency) -> Vec<DirEntry>;
+            readdir_held(dir: Ino, holder: u64, cookie: u64, limit: u32) -> Vec<DirEntry>;
             open(ino: Ino, session: u64) -> Attr;
             open_leased(ino: Ino, session: u64) -> LeasedOpen;
             reopen(opens: Vec<(Ino, u64)>, session: u64) -> u64;

@@ -29,6 +29,10 @@ pub trait MetadataRpc {
     async fn getattr(ino: Ino, read: Consistency) -> MetaResult<Attr>;
     /// Changes attributes; a size change truncates or extends the file (releasing whole chunks).
     async fn setattr(ino: Ino, set: SetAttr, req: ReqId) -> MetaResult<Attr>;
+    /// `setattr` of directory `dir` by the mount session `holder` that holds its delegation
+    /// (see `mkdir_held`), having committed its queue: not recalled from `holder`, which
+    /// keeps answering for it (`tar` sets each directory's times as it leaves it).
+    async fn setattr_held(dir: Ino, set: SetAttr, holder: u64, req: ReqId) -> MetaResult<Attr>;
     /// Creates a file, directory, fifo, socket or device node. In a setgid directory the new
     /// node takes the directory's group (and a new directory keeps the setgid bit).
     /// Returns the new (or, if not exclusive, existing) inode's attributes.
@@ -63,6 +67,11 @@ pub trait MetadataRpc {
     /// (orphaned) until its last `release`.
     async fn unlink(parent: Ino, name: Name, req: ReqId) -> MetaResult<()>;
     async fn rmdir(parent: Ino, name: Name, req: ReqId) -> MetaResult<()>;
+    /// `rmdir` by the mount session `holder` that holds `parent`'s delegation (see
+    /// `mkdir_held`): `parent` is not recalled from `holder`, which keeps answering for
+    /// it. The removed directory's own delegation is recalled as for `rmdir`, whoever
+    /// holds it.
+    async fn rmdir_held(parent: Ino, name: Name, holder: u64, req: ReqId) -> MetaResult<()>;
     async fn rename(
         parent: Ino,
         name: Name,
@@ -77,6 +86,16 @@ pub trait MetadataRpc {
         cookie: u64,
         limit: u32,
         read: Consistency,
+    ) -> MetaResult<Vec<DirEntry>>;
+    /// `readdir` (linearizable) of `dir` for the mount session `holder` that holds its
+    /// delegation (see `mkdir_held`): not recalled, since the holder committed its queue
+    /// before asking and goes on answering for the directory. A delegation of another
+    /// session is recalled as for `readdir`. Leader only.
+    async fn readdir_held(
+        dir: Ino,
+        holder: u64,
+        cookie: u64,
+        limit: u32,
     ) -> MetaResult<Vec<DirEntry>>;
     /// `mknod` of a directory whose creates are then delegated to mount session `holder`:
     /// until the delegation is given back, `holder` alone changes its entries, with

@@ -1,0 +1,108 @@
+//! Changes and listings of a held directory that the leader makes for its holder, which
+//! keeps the directory (see `held.rs`): the leader does not recall a delegation from the
+//! holder that asks with `readdir_held`, `rmdir_held` or `setattr_held`, and the holder
+//! commits what the answer depends on first. `rm -rf` of a tree made here lists each
+//! directory, unlinks its files here and removes its subdirectories; `tar` sets each
+//! directory's times as it leaves it. Without these, the first of them gave the directory
+//! back, and every later change in it was a log entry of its own.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use fuser::Errno;
+use rawfs_metadata_api::{Attr, Ino, Name, SetAttr, Timespec};
+
+use crate::errno;
+use crate::held::HeldDir;
+use crate::inner::{lock, Inner};
+
+impl Inner {
+    /// `dir`'s delegation, if `dir` is held here and not being given back.
+    fn held_here(&self, dir: Ino) -> Option<Arc<HeldDir>> {
+        self.held_dir(dir).filter(|d| {
+            let st = lock(&d.state);
+            !st.gone && !st.draining
+        })
+    }
+
+    /// Before this mount lists `dir`: if `dir` is held here, the files closed here before
+    /// are written and the queue committed, so that the leader lists what this mount made;
+    /// returns whether `dir` is still held, to be listed with `readdir_held`, which keeps
+    /// the delegation (`rm -rf` of a tree made here unlinks its files here after listing
+    /// them). Entries changed here while the listing goes on may or may not show, as POSIX
+    /// allows for changes after `opendir`.
+    pub(crate) async fn settle_for_listing(&self, dir: Ino) -> Result<bool, Errno> {
+        let Some(d) = self.held_here(dir) else {
+            return Ok(false);
+        };
+        self.written_in_now(dir).await;
+        self.commit_held(dir, false).await?;
+        Ok(self.held_here(dir).is_some_and(|now| Arc::ptr_eq(&now, &d)))
+    }
+
+    /// Removes the subdirectory `dir/name` through the leader if `dir` is held here,
+    /// keeping `dir` (`rmdir_held`: `rm -rf` of a tree made here goes on unlinking the
+    /// rest of `dir` here). The subdirectory is given back first if it is held here too,
+    /// so that the leader judges its emptiness with all its entries. `None` if `dir` is
+    /// not held.
+    pub(crate) async fn held_rmdir(&self, dir: Ino, name: &Name) -> Option<Result<(), Errno>> {
+        let d = self.held_here(dir)?;
+        let ino = {
+            let st = lock(&d.state);
+            match st.names.get(name.as_slice()) {
+                None => return Some(Err(Errno::ENOENT)),
+                Some(i) if !st.subdirs.contains(i) => return Some(Err(Errno::ENOTDIR)),
+                Some(i) => *i,
+            }
+        };
+        self.give_back(ino).await;
+        let removed = self
+            .client
+            .meta()
+            .rmdir_held(dir, name.clone(), self.session)
+            .await
+            .map_err(errno::meta);
+        if removed.is_ok() {
+            let mut st = lock(&d.state);
+            if st.names.get(name.as_slice()) == Some(&ino) {
+                st.names.remove(name.as_slice());
+                self.held.names.fetch_sub(1, Ordering::Relaxed);
+                st.subdirs.remove(&ino);
+                st.attr.nlink = st.attr.nlink.saturating_sub(1);
+                let now = Timespec::now();
+                (st.attr.mtime, st.attr.ctime) = (now, now);
+            }
+        }
+        Some(removed)
+    }
+
+    /// Sets the attributes of directory `dir` through the leader if it is held here,
+    /// keeping it (`setattr_held`): `tar` sets each directory's times and mode as it
+    /// leaves it, which would otherwise give every directory back. The queue goes first, so
+    /// that no later commit of changes made before stamps its times over the ones set.
+    /// `None` if `dir` is not held here (or `set` has a size).
+    pub(crate) async fn held_dir_setattr(
+        &self,
+        dir: Ino,
+        set: &SetAttr,
+    ) -> Option<Result<Attr, Errno>> {
+        let d = self.held_here(dir).filter(|_| set.size.is_none())?;
+        if let Err(e) = self.commit_held(dir, false).await {
+            return Some(Err(e));
+        }
+        let a = match self
+            .client
+            .meta()
+            .setattr_held(dir, set.clone(), self.session)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => return Some(Err(errno::meta(e))),
+        };
+        // Entries made here while the call was out are counted here, not in `a`.
+        let mut st = lock(&d.state);
+        let (nlink, size) = (st.attr.nlink, st.attr.size);
+        st.attr = Attr { nlink, size, ..a };
+        Some(Ok(st.attr.clone()))
+    }
+}
