@@ -273,6 +273,108 @@ fn attributes_set_in_a_held_directory_are_what_every_mount_sees() -> Result<()> 
     Ok(())
 }
 
+/// What `ls -l`, `tar x` and `rm -rf` do to a tree made here, which the holder lists,
+/// re-times and removes without giving its directories back (readdir_held, setattr_held,
+/// rmdir_held): each mount sees the same sizes, times, modes and entries.
+#[test]
+fn a_tree_made_here_is_listed_retimed_and_removed_alike_on_every_mount() -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::time::{Duration as D, SystemTime};
+    let c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    let b = c.path("");
+    let len = |i: u64| 1 + (i as usize * 7919) % 300_000;
+    for d in ["t", "t/s1", "t/s2", "t/s2/deep"] {
+        fs::create_dir(a.join(d))?;
+        for i in 0..30u64 {
+            fs::write(a.join(&format!("{d}/f{i:02}")), pattern(i, 0, len(i)))?;
+        }
+    }
+    // Listed by the holder right after the closes: whole sizes, from the leader.
+    let listing = |dir: &Path| -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir)? {
+            let e = e?;
+            let size = if e.file_type()?.is_dir() {
+                0
+            } else {
+                e.metadata()?.len()
+            };
+            out.push((e.file_name().to_string_lossy().into_owned(), size));
+        }
+        out.sort();
+        Ok(out)
+    };
+    let mut want: Vec<_> = (0..30u64)
+        .map(|i| (format!("f{i:02}"), len(i) as u64))
+        .collect();
+    want.push(("deep".into(), 0));
+    want.sort();
+    ensure!(listing(&a.join("t/s2"))? == want, "the holder's listing");
+    // As tar does on leaving each directory: its times and mode, then more work in it.
+    let old = SystemTime::UNIX_EPOCH + D::from_secs(1_500_000_000);
+    File::open(a.join("t/s1"))?.set_modified(old)?;
+    fs::set_permissions(a.join("t/s2"), fs::Permissions::from_mode(0o750))?;
+    fs::write(a.join("t/s2/late"), b"late")?;
+    want.push(("late".into(), 4));
+    want.sort();
+    ensure!(
+        listing(&a.join("t/s2"))? == want,
+        "listed again by the holder"
+    );
+    ensure!(
+        listing(&b.join("t/s2"))? == want,
+        "listed by the other mount"
+    );
+    for mnt in [&a.join(""), &b] {
+        let s1 = fs::metadata(mnt.join("t/s1"))?;
+        ensure!(s1.modified()? == old, "{}: t/s1 mtime", mnt.display());
+        let s2 = fs::metadata(mnt.join("t/s2"))?;
+        ensure!(
+            (s2.mode() & 0o7777, s2.nlink()) == (0o750, 3),
+            "{}: t/s2 mode {:o} nlink {}",
+            mnt.display(),
+            s2.mode(),
+            s2.nlink()
+        );
+    }
+    // rmdir as the holder: errors the leader would give, then a whole subtree.
+    let err = |r: std::io::Result<()>| r.map_err(|e| e.raw_os_error());
+    ensure!(
+        err(fs::remove_dir(a.join("t/s1"))) == Err(Some(libc::ENOTEMPTY)),
+        "rmdir of a full directory"
+    );
+    ensure!(
+        err(fs::remove_dir(a.join("t/f00"))) == Err(Some(libc::ENOTDIR)),
+        "rmdir of a file"
+    );
+    ensure!(
+        err(fs::remove_dir(a.join("t/none"))) == Err(Some(libc::ENOENT)),
+        "rmdir of nothing"
+    );
+    fs::remove_dir_all(a.join("t/s1"))?;
+    fs::remove_dir_all(a.join("t/s2/deep"))?;
+    fs::write(a.join("t/after"), b"after")?;
+    for mnt in [&a.join(""), &b] {
+        let mut names: Vec<_> = (0..30u64).map(|i| format!("f{i:02}")).collect();
+        names.extend(["after".to_string(), "s2".to_string()]);
+        ensure!(
+            self::names(&mnt.join("t"))? == names.into_iter().collect(),
+            "{}: t after the removals",
+            mnt.display()
+        );
+        ensure!(
+            fs::metadata(mnt.join("t"))?.nlink() == 3,
+            "{}: t's links",
+            mnt.display()
+        );
+        ensure!(!mnt.join("t/s2/deep").exists(), "{}: deep", mnt.display());
+    }
+    fs::remove_dir_all(b.join("t"))?;
+    ensure!(!a.join("t").exists(), "removed by the other mount");
+    Ok(())
+}
+
 #[test]
 fn fsynced_creates_survive_a_killed_holder() -> Result<()> {
     let c = Cluster::start()?;
