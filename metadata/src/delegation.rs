@@ -111,6 +111,14 @@ pub(crate) fn commit(
                 let flags = RenameFlags::default();
                 crate::rename::rename(t, dir, from, dir, to, flags, *time)?
             }
+            HeldOp::SetAttr { ino, set, time } if *ino == dir => {
+                // The directory itself (`tar` sets its times as it leaves it): over the
+                // record as the changes before left it, under those after.
+                if let Some(p) = prec.take() {
+                    t.put_inode(dir, &p)?;
+                }
+                ns::setattr(t, dir, set, *time)?;
+            }
             HeldOp::SetAttr { ino, set, time } => skip_gone(ns::setattr(t, *ino, set, *time))?,
             HeldOp::Wrote {
                 ino,
@@ -195,7 +203,9 @@ fn check(t: &Tables, dir: Ino, ops: &[HeldOp]) -> Op<()> {
                 if set.size.is_some() {
                     return Err(invalid("a held setattr changes no size"));
                 }
-                not_a_dir(t, *ino)?;
+                if *ino != dir {
+                    not_a_dir(t, *ino)?;
+                }
             }
             HeldOp::Wrote { ino, .. } => not_a_dir(t, *ino)?,
         }

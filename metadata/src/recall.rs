@@ -14,14 +14,14 @@
 //! follower may lag by the holder's commit interval, as they lag the log), every change of
 //! D's entries (mknod, create, symlink, link, unlink, rmdir, rename in or out of D), and
 //! every change of D itself (setattr, xattrs, rmdir of D, rename of D or over D). A plain
-//! getattr of D does not: the only thing the holder changes about D is its times, which the
-//! next commit brings (within the mount's commit interval).
+//! getattr of D does not: what the holder changes about D itself (its times, and the mode,
+//! owner and times it sets on D, queued with its other changes) the next commit brings
+//! (within the mount's commit interval).
 //!
 //! Requests carry no identity that says they come from the holder, so the holder's own
 //! operations recall too; the mount gives the delegation back before it sends any of them
-//! (it then costs nothing), and one it missed is still correct, only slower. Four say who
-//! asks: `mkdir_held`, `readdir_held`, `rmdir_held` and `setattr_held` (of the directory
-//! itself), which the holder sends after
+//! (it then costs nothing), and one it missed is still correct, only slower. Three say who
+//! asks: `mkdir_held`, `readdir_held` and `rmdir_held`, which the holder sends after
 //! committing what they depend on, keeping the directory (the directory `rmdir_held`
 //! removes is recalled as ever).
 

@@ -233,21 +233,6 @@ impl MetadataRpc for Server {
             .into_attr()
     }
 
-    async fn setattr_held(
-        self,
-        _: Context,
-        dir: Ino,
-        set: SetAttr,
-        holder: u64,
-        req: ReqId,
-    ) -> MetaResult<Attr> {
-        let now = Timespec::now();
-        let cmd = Command::SetAttr { ino: dir, set, now };
-        self.mutate_once_by(req, now, cmd, Some((dir, holder)))
-            .await?
-            .into_attr()
-    }
-
     async fn mknod(
         self,
         _: Context,

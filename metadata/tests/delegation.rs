@@ -236,8 +236,8 @@ fn give_back_when_recalled(
     })
 }
 
-/// The holder's own listing of a directory it holds, removal of a subdirectory in it and
-/// change of its attributes keep the delegation: its later creates there still commit
+/// The holder's own listing of a directory it holds and removal of a subdirectory in it
+/// keep the delegation, and it may queue changes of the directory's own attributes: its later creates there still commit
 /// (a recall the holder did not answer would have revoked it). A subdirectory it removes
 /// is recalled first, and another session's `readdir_held` recalls as `readdir` does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,10 +284,18 @@ async fn the_holders_own_listing_rmdir_and_setattr_keep_its_delegation() {
         mtime: Some(TimeSet::At(t)),
         ..SetAttr::default()
     };
-    let a = holder.setattr_held(d, set, SESSION).await.unwrap();
-    assert_eq!((a.perm, a.mtime), (0o700, t));
-    assert_eq!(other.getattr(d).await.map(|a| a.perm), Ok(0o700));
+    let time = Timespec { sec: 900, nsec: 0 };
+    let op = HeldOp::SetAttr { ino: d, set, time };
+    holder
+        .commit_held(d, SESSION, vec![op], false)
+        .await
+        .unwrap();
+    let a = other.getattr(d).await.unwrap();
+    assert_eq!((a.perm, a.mtime, a.ctime), (0o700, t, time));
+    // A change in it after the directory's own restamps its times.
     assert_eq!(create(2, "c").await, Ok(()), "kept after the setattr");
+    let a = other.getattr(d).await.unwrap();
+    assert_eq!((a.perm, a.mtime), (0o700, held_create(first, 2, "c").time));
 
     // "e" is held too: the leader recalls it (not "d") before judging it empty.
     let answer = give_back_when_recalled(&holder, e, SESSION);

@@ -170,9 +170,16 @@ impl DirState {
     /// Queues `op` made at `now` (the directory's times follow); returns whether the queue
     /// is full and whether a commit must be scheduled.
     fn push(&mut self, op: HeldOp, now: Timespec) -> (bool, bool) {
+        // Only a change of its entries changes the directory (not one of a file's
+        // attributes or data, nor of its own attributes, set by the op's maker).
+        if matches!(
+            op,
+            HeldOp::Create(_) | HeldOp::Unlink { .. } | HeldOp::Rename { .. }
+        ) {
+            self.attr.mtime = now;
+            self.attr.ctime = now;
+        }
         self.queue.push(op);
-        self.attr.mtime = now;
-        self.attr.ctime = now;
         let schedule = !self.commit_due;
         self.commit_due = true;
         (self.queue.len() >= COMMIT_MAX, schedule)

@@ -126,6 +126,31 @@ impl Inner {
         Some(done.map(|()| out.expect("set by the change")))
     }
 
+    /// `setattr` (no size) of directory `dir` itself, held here, queued with its other
+    /// changes: `tar` sets each directory's times, owner and mode as it leaves it, which
+    /// would otherwise commit the queue and cost a log entry each. Changes queued after it
+    /// restamp the directory's mtime, here as on the leader. `None`: not held here.
+    pub(crate) fn held_dir_setattr(
+        self: &Arc<Self>,
+        dir: Ino,
+        set: &SetAttr,
+    ) -> Option<Result<Attr, Errno>> {
+        if set.size.is_some() {
+            return None;
+        }
+        let mut out = None;
+        let done = self.held_change(dir, |st: &mut DirState, now| {
+            st.attr = apply_set(st.attr.clone(), set, now);
+            out = Some(st.attr.clone());
+            Ok(Some(HeldOp::SetAttr {
+                ino: dir,
+                set: set.clone(),
+                time: now,
+            }))
+        })?;
+        Some(done.map(|()| out.expect("set by the change")))
+    }
+
     /// Queues the commit of a file's first write `w` in `dir`, the held directory whose
     /// commit just created the file (with `base`, its attributes then) and placed its first
     /// chunk: the data is on the replicas, and nobody else can see the file before the queue

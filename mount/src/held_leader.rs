@@ -1,16 +1,15 @@
 //! Changes and listings of a held directory that the leader makes for its holder, which
 //! keeps the directory (see `held.rs`): the leader does not recall a delegation from the
-//! holder that asks with `readdir_held`, `rmdir_held` or `setattr_held`, and the holder
-//! commits what the answer depends on first. `rm -rf` of a tree made here lists each
-//! directory, unlinks its files here and removes its subdirectories; `tar` sets each
-//! directory's times as it leaves it. Without these, the first of them gave the directory
-//! back, and every later change in it was a log entry of its own.
+//! holder that asks with `readdir_held` or `rmdir_held`, and the holder commits what the
+//! answer depends on first. `rm -rf` of a tree made here lists each directory, unlinks its
+//! files here and removes its subdirectories. Without these, the listing gave the
+//! directory back, and every later change in it was a log entry of its own.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fuser::Errno;
-use rawfs_metadata_api::{Attr, Ino, Name, SetAttr, Timespec};
+use rawfs_metadata_api::{Ino, Name, Timespec};
 
 use crate::errno;
 use crate::held::HeldDir;
@@ -74,35 +73,5 @@ impl Inner {
             }
         }
         Some(removed)
-    }
-
-    /// Sets the attributes of directory `dir` through the leader if it is held here,
-    /// keeping it (`setattr_held`): `tar` sets each directory's times and mode as it
-    /// leaves it, which would otherwise give every directory back. The queue goes first, so
-    /// that no later commit of changes made before stamps its times over the ones set.
-    /// `None` if `dir` is not held here (or `set` has a size).
-    pub(crate) async fn held_dir_setattr(
-        &self,
-        dir: Ino,
-        set: &SetAttr,
-    ) -> Option<Result<Attr, Errno>> {
-        let d = self.held_here(dir).filter(|_| set.size.is_none())?;
-        if let Err(e) = self.commit_held(dir, false).await {
-            return Some(Err(e));
-        }
-        let a = match self
-            .client
-            .meta()
-            .setattr_held(dir, set.clone(), self.session)
-            .await
-        {
-            Ok(a) => a,
-            Err(e) => return Some(Err(errno::meta(e))),
-        };
-        // Entries made here while the call was out are counted here, not in `a`.
-        let mut st = lock(&d.state);
-        let (nlink, size) = (st.attr.nlink, st.attr.size);
-        st.attr = Attr { nlink, size, ..a };
-        Some(Ok(st.attr.clone()))
     }
 }

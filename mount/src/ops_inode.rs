@@ -152,10 +152,10 @@ impl Inner {
             // stamping the change time (the kernel sends no ctime without writeback cache).
             set.stamp_ctime = true;
         }
-        if let Some(done) = self.held_setattr(ino, &set).await {
+        if let Some(done) = self.held_dir_setattr(ino, &set) {
             return done.map(|a| (self.attr(&a), self.attr_ttl));
         }
-        if let Some(done) = self.held_dir_setattr(ino, &set).await {
+        if let Some(done) = self.held_setattr(ino, &set).await {
             return done.map(|a| (self.attr(&a), self.attr_ttl));
         }
         match self.io_if_open(ino) {

@@ -499,8 +499,6 @@ rpc_methods! {
     writes {
         /// Changes attributes (a size change truncates or extends).
         fn setattr(ino: Ino, set: SetAttr) -> Attr;
-        /// Changes the attributes of directory `dir`, held by `holder`, for `holder`.
-        fn setattr_held(dir: Ino, set: SetAttr, holder: u64) -> Attr;
         /// Creates a file, directory, fifo, socket or device node.
         fn mknod(parent: Ino, name: Name, node: NewNode, caller: Caller) -> Attr;
         /// Creates a node and records an open of it by `session`, atomically.
@@ -706,7 +704,6 @@ mod tests {
         refuse! {
             lookup(parent: Ino, name: Name, read: Consistency) -> Attr;
             setattr(ino: Ino, set: SetAttr, req: ReqId) -> Attr;
-            setattr_held(dir: Ino, set: SetAttr, holder: u64, req: ReqId) -> Attr;
             mknod(parent: Ino, name: Name, node: NewNode, caller: Caller, req: ReqId) -> Attr;
             create(parent: Ino, name: Name, node: NewNode, caller: Caller, session: u64, req: ReqId) -> Attr;
             symlink(parent: Ino, name: Name, target: ByteBuf, caller: Caller, req: ReqId) -> Attr;

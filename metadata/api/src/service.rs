@@ -29,10 +29,6 @@ pub trait MetadataRpc {
     async fn getattr(ino: Ino, read: Consistency) -> MetaResult<Attr>;
     /// Changes attributes; a size change truncates or extends the file (releasing whole chunks).
     async fn setattr(ino: Ino, set: SetAttr, req: ReqId) -> MetaResult<Attr>;
-    /// `setattr` of directory `dir` by the mount session `holder` that holds its delegation
-    /// (see `mkdir_held`), having committed its queue: not recalled from `holder`, which
-    /// keeps answering for it (`tar` sets each directory's times as it leaves it).
-    async fn setattr_held(dir: Ino, set: SetAttr, holder: u64, req: ReqId) -> MetaResult<Attr>;
     /// Creates a file, directory, fifo, socket or device node. In a setgid directory the new
     /// node takes the directory's group (and a new directory keeps the setgid bit).
     /// Returns the new (or, if not exclusive, existing) inode's attributes.

@@ -226,7 +226,8 @@ pub enum HeldOp {
     },
     /// `setattr` of file `ino` (one of its entries; never a size) at `time`, which is also
     /// what `TimeSet::Now` means. A file gone meanwhile (unlinked here and closed since)
-    /// is skipped.
+    /// is skipped. `ino` may also be the directory itself (`tar` sets each directory's
+    /// times and mode as it leaves it): later changes in the batch restamp its mtime.
     SetAttr {
         ino: Ino,
         set: SetAttr,
