@@ -188,6 +188,25 @@ impl Inner {
         }
     }
 
+    /// A write or truncate of file `a.ino` was committed through the leader (`a`: its
+    /// attributes after it) while attributes of it are kept here for a queued change: they take its
+    /// size and stored bytes, which only the leader changes, so that no later answer from
+    /// them shows the size from before the write.
+    pub(crate) fn held_wrote_through_leader(&self, a: &Attr) {
+        let Some(dir) = lock(&self.held.queued).get(&a.ino).copied() else {
+            return;
+        };
+        let Some(d) = self.held_dir(dir) else { return };
+        let mut guard = lock(&d.state);
+        let st = &mut *guard;
+        for k in [st.fresh.get_mut(&a.ino), st.pending.get_mut(&a.ino)]
+            .into_iter()
+            .flatten()
+        {
+            (k.size, k.stored) = (a.size, a.stored);
+        }
+    }
+
     /// This mount changed `ino`'s xattrs: attributes of it kept for a held directory no
     /// longer say it has none.
     pub(crate) fn held_xattrs_changed(&self, ino: Ino) {

@@ -198,7 +198,11 @@ impl Inner {
             _ => self.settle_to_write(ino, io).await?,
         };
         let Some((dir, attr)) = held else {
-            return io.flush().await.map(drop).map_err(|e| self.data_errno(e));
+            let committed = io.flush().await.map_err(|e| self.data_errno(e))?;
+            if let Some(a) = committed {
+                self.held_wrote_through_leader(&a);
+            }
+            return Ok(());
         };
         match io.flush_deferred().await.map_err(|e| self.data_errno(e))? {
             Some(w) => self.held_wrote(dir, attr, w).await,

@@ -182,6 +182,7 @@ impl Inner {
             return Ok((self.attr(&a), self.attr_ttl));
         };
         let a = self.truncate(ino, size, set).await?;
+        self.held_wrote_through_leader(&a);
         Ok((self.attr(&a), self.attr_ttl))
     }
 
