@@ -4,8 +4,9 @@
 //!
 //! ```text
 //!  close(f) ─► FLUSH: f fresh in held dir D, ≤ 1 MiB, a slot free ─► task: flush_file(f) ─► reply
-//!  commit of D's queue (timer, or the first waiting task) ─► commit_held_allocating(D, ops,
-//!      [every waiting fresh file]) ─► each FileIo learns its chunk; `placed` remembers them
+//!  commit of D's queue (timer; a task still unplaced after PLACE_WAIT) ─►
+//!      commit_held_allocating(D, ops, [every waiting fresh file]) ─► each FileIo learns
+//!      its chunk; `placed` remembers them
 //!  task of f ─► settle_to_write finds f placed ─► data to 3 replicas ─► HeldOp::Wrote queued
 //! ```
 //!
@@ -28,7 +29,7 @@
 //! file's flush first.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,7 @@ use fuser::Errno;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use rawfs_client::{ClientError, FileIo};
 use rawfs_metadata_api::{Attr, Ino, SetAttr, CHUNK_SIZE};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tracing::warn;
 
 use crate::inner::{lock, Inner};
@@ -53,6 +54,9 @@ const ERRORS_MAX: usize = 4096;
 /// that a full cluster's ENOSPC reaches `close` (the figure is at most this old).
 const MIN_FREE_PER_COPY: u64 = 1 << 30;
 const SPACE_EVERY: Duration = Duration::from_secs(1);
+/// How long a flush behind waits for the directory's scheduled commit to place its chunk
+/// (a little over the commit interval) before it commits for itself.
+const PLACE_WAIT: Duration = Duration::from_millis(15);
 
 const _: () = assert!(
     MAX_BYTES <= CHUNK_SIZE,
@@ -75,6 +79,12 @@ pub(crate) struct WriteBehind {
     /// Files whose first chunk a commit placed while their flush waited: the directory and
     /// the file's attributes as committed (what `settle_to_write` would have returned).
     placed: Mutex<HashMap<Ino, (Ino, Attr)>>,
+    /// Woken when a commit placed files, or someone waits for a flush behind (see
+    /// `wait_for_placement`).
+    placed_now: Notify,
+    /// Counts the waits for flushes behind: a flush that sees it move stops waiting for a
+    /// commit to place its chunk.
+    hurried: AtomicU64,
     /// Errors of failed flushes, for the file's next close, fsync or write.
     failed: Mutex<HashMap<Ino, Errno>>,
     last_failure: Mutex<Option<Instant>>,
@@ -91,6 +101,8 @@ impl Default for WriteBehind {
             pending: Mutex::default(),
             running: AtomicUsize::new(0),
             placed: Mutex::default(),
+            placed_now: Notify::new(),
+            hurried: AtomicU64::new(0),
             failed: Mutex::default(),
             last_failure: Mutex::default(),
             room: AtomicBool::new(false),
@@ -108,6 +120,7 @@ impl WriteBehind {
     /// A commit placed `ino`'s first chunk, for its next flush.
     pub(crate) fn set_placed(&self, ino: Ino, dir: Ino, attr: Attr) {
         lock(&self.placed).insert(ino, (dir, attr));
+        self.placed_now.notify_waiters();
     }
 
     pub(crate) fn take_placed(&self, ino: Ino) -> Option<(Ino, Attr)> {
@@ -116,6 +129,13 @@ impl WriteBehind {
 
     pub(crate) fn is_placed(&self, ino: Ino) -> bool {
         lock(&self.placed).contains_key(&ino)
+    }
+
+    /// Someone waits for flushes behind (an fsync, a give-back, a listing): those still
+    /// waiting to be placed by a later commit go now.
+    fn hurry(&self) {
+        self.hurried.fetch_add(1, Ordering::Relaxed);
+        self.placed_now.notify_waiters();
     }
 
     fn record_failure(&self, ino: Ino, e: Errno) {
@@ -176,6 +196,7 @@ impl Inner {
         }
         let (me, io) = (self.clone(), io.clone());
         self.tasks.spawn(async move {
+            me.wait_for_placement(dir, ino).await;
             let mut flushed = me.flush_file(ino, &io).await;
             lock(&me.write_behind.placed).remove(&ino);
             if let (Ok(()), Some(times)) = (flushed, times) {
@@ -193,6 +214,31 @@ impl Inner {
             let _ = tx.send(());
         });
         true
+    }
+
+    /// Lets the directory's next scheduled commit place `ino`'s first chunk with those of
+    /// the other files closed meanwhile, instead of a commit for this file alone: `cp -r`
+    /// and `tar x` close a file every millisecond or so, and a commit placing one or two
+    /// files at a time was most of their log entries. Gives up after [`PLACE_WAIT`] (the
+    /// flush then commits for itself), once the file's create went without it, or once
+    /// someone waits for a flush behind (the wait would be theirs).
+    async fn wait_for_placement(&self, dir: Ino, ino: Ino) {
+        let wb = &self.write_behind;
+        let deadline = tokio::time::Instant::now() + PLACE_WAIT;
+        let hurried = wb.hurried.load(Ordering::Relaxed);
+        loop {
+            // Made before the look, so that a placement between the two still wakes it.
+            let placed = wb.placed_now.notified();
+            if wb.is_placed(ino)
+                || self.fresh_in(dir, ino).is_none()
+                || wb.hurried.load(Ordering::Relaxed) != hurried
+            {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, placed).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// The errno of a failed data call (see [`crate::errno::client`]); an ENOSPC pauses
@@ -268,6 +314,9 @@ impl Inner {
     /// Waits until nothing of `ino` is being written behind; the error of a failed flush
     /// (reported once).
     pub(crate) async fn written(&self, ino: Ino) -> Result<(), Errno> {
+        if self.write_behind.is_pending(ino) {
+            self.write_behind.hurry();
+        }
         self.behind_done(ino).await;
         self.writing_behind(ino).map(drop)
     }
@@ -318,6 +367,9 @@ impl Inner {
             .map(|p| p.done.clone())
             .collect();
         let any = !waits.is_empty();
+        if any {
+            self.write_behind.hurry();
+        }
         futures::future::join_all(waits).await;
         any
     }
