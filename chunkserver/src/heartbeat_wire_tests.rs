@@ -52,8 +52,10 @@ impl MetadataRpc for FakeMetadata {
         link(ino: Ino, newparent: Ino, newname: Name, req: ReqId) -> Attr;
         unlink(parent: Ino, name: Name, req: ReqId) -> ();
         rmdir(parent: Ino, name: Name, req: ReqId) -> ();
+        rmdir_held(parent: Ino, name: Name, holder: u64, req: ReqId) -> ();
         rename(parent: Ino, name: Name, newparent: Ino, newname: Name, flags: RenameFlags, req: ReqId) -> ();
         readdir(ino: Ino, cookie: u64, limit: u32, read: Consistency) -> Vec<DirEntry>;
+        readdir_held(dir: Ino, holder: u64, cookie: u64, limit: u32) -> Vec<DirEntry>;
         open(ino: Ino, session: u64) -> Attr;
         open_leased(ino: Ino, session: u64) -> LeasedOpen;
         reopen(opens: Vec<(Ino, u64)>, session: u64) -> u64;

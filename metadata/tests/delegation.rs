@@ -6,6 +6,14 @@ use common::{client, file, n, start, ME};
 
 use rawfs_metadata_api::*;
 
+/// What `mkdir_held` makes in these tests.
+const DIR: NewNode = NewNode {
+    kind: FileKind::Dir,
+    perm: 0o755,
+    rdev: 0,
+    exclusive: true,
+};
+
 fn held_create(first: Ino, i: u64, name: &str) -> HeldCreate {
     HeldCreate {
         name: n(name),
@@ -53,14 +61,8 @@ async fn held_directories_are_recalled_before_another_client_looks_in() {
     let (h, stop) = start(dir.path()).await;
     let holder = client(h.addr());
     let other = client(h.addr());
-    let node = NewNode {
-        kind: FileKind::Dir,
-        perm: 0o755,
-        rdev: 0,
-        exclusive: true,
-    };
     let d = holder
-        .mkdir_held(ROOT_INO, n("d"), node.clone(), ME, SESSION)
+        .mkdir_held(ROOT_INO, n("d"), DIR, ME, SESSION)
         .await
         .unwrap();
     let first = holder.reserve_inodes(10).await.unwrap();
@@ -114,7 +116,7 @@ async fn held_directories_are_recalled_before_another_client_looks_in() {
 
     // A silent holder: the listing waits for the recall, then the leader takes it back.
     let quiet = holder
-        .mkdir_held(ROOT_INO, n("quiet"), node.clone(), ME, SESSION)
+        .mkdir_held(ROOT_INO, n("quiet"), DIR, ME, SESSION)
         .await
         .unwrap();
     assert_eq!(other.readdir(quiet.ino, 0, 10).await.unwrap(), vec![]);
@@ -126,7 +128,7 @@ async fn held_directories_are_recalled_before_another_client_looks_in() {
 
     // Ending the session ends its delegations: nothing is recalled any more.
     let ended = holder
-        .mkdir_held(ROOT_INO, n("ended"), node, ME, SESSION)
+        .mkdir_held(ROOT_INO, n("ended"), DIR, ME, SESSION)
         .await
         .unwrap();
     holder.end_session(SESSION).await.unwrap();
@@ -237,8 +239,9 @@ fn give_back_when_recalled(
 }
 
 /// The holder's own listing of a directory it holds and removal of a subdirectory in it
-/// keep the delegation, and it may queue changes of the directory's own attributes: its later creates there still commit
-/// (a recall the holder did not answer would have revoked it). A subdirectory it removes
+/// keep the delegation, and it may queue changes of the directory's own attributes: its
+/// later creates there still commit (a recall the holder did not answer would have
+/// revoked it). A subdirectory it removes
 /// is recalled first, and another session's `readdir_held` recalls as `readdir` does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_holders_own_listing_rmdir_and_setattr_keep_its_delegation() {
@@ -247,15 +250,8 @@ async fn the_holders_own_listing_rmdir_and_setattr_keep_its_delegation() {
     let (h, stop) = start(dir.path()).await;
     let holder = client(h.addr());
     let other = client(h.addr());
-    let node = NewNode {
-        kind: FileKind::Dir,
-        perm: 0o755,
-        rdev: 0,
-        exclusive: true,
-    };
-    let mkdir = |parent: Ino, name: &'static str| {
-        holder.mkdir_held(parent, n(name), node.clone(), ME, SESSION)
-    };
+    let mkdir =
+        |parent: Ino, name: &'static str| holder.mkdir_held(parent, n(name), DIR, ME, SESSION);
     let d = mkdir(ROOT_INO, "d").await.unwrap().ino;
     let first = holder.reserve_inodes(10).await.unwrap();
     let create = |i: u64, name: &'static str| {
