@@ -159,6 +159,20 @@ impl Inner {
 
     /// Kernel attributes for `a`, with the size of buffered writes if the file is open here.
     pub(crate) fn attr(&self, a: &Attr) -> FileAttr {
+        // A directory held here is what this mount says it is: the leader's answer (a
+        // lookup from its parent, a listing) lacks what is still queued, its own mode and
+        // times included, and the kernel would take that over the fresher reply it had.
+        let held;
+        let a = match a.kind {
+            FileKind::Dir => match self.held_attr(a.ino) {
+                Some(h) => {
+                    held = h;
+                    &held
+                }
+                None => a,
+            },
+            _ => a,
+        };
         self.coherence.handed_attr(a);
         let size = if a.kind == FileKind::File {
             self.open_size(a.ino)
