@@ -84,7 +84,7 @@ pub(crate) struct Held {
     /// Held directories, oldest first (some may have been given back since).
     order: Mutex<VecDeque<Ino>>,
     /// Names kept by all held directories.
-    pub(crate) names: std::sync::atomic::AtomicUsize,
+    names: std::sync::atomic::AtomicUsize,
     /// Inode with a change in a queue (a fresh file, or one unlinked, renamed, replaced or
     /// given new attributes here since the last commit) -> the directory whose queue has it.
     pub(crate) queued: Mutex<HashMap<Ino, Ino>>,
@@ -127,7 +127,7 @@ pub(crate) struct HeldDir {
 pub(crate) struct DirState {
     /// The directory's attributes as this mount shows them.
     pub(crate) attr: Attr,
-    pub(crate) names: HashMap<Vec<u8>, Ino>,
+    names: HashMap<Vec<u8>, Ino>,
     /// Children not committed yet, with the attributes the kernel was given.
     pub(crate) fresh: HashMap<Ino, Attr>,
     /// Committed files with an attribute change queued, with their attributes after it.
@@ -135,7 +135,7 @@ pub(crate) struct DirState {
     /// Directories made in it through the leader while it was held (every other entry is a
     /// file made here): the leader refuses a held unlink or rename of a directory, so
     /// those go through the leader too.
-    pub(crate) subdirs: HashSet<Ino>,
+    subdirs: HashSet<Ino>,
     /// Changes not sent yet, in order.
     pub(crate) queue: Vec<HeldOp>,
     /// Being given back (or lost): nothing more is answered here.
@@ -165,6 +165,36 @@ impl DirState {
             a.nlink = 0;
             a.ctime = now;
         }
+    }
+
+    /// The subdirectory called `name`: ENOENT if there is none, ENOTDIR if it is a file.
+    pub(crate) fn subdir(&self, name: &[u8]) -> Result<Ino, Errno> {
+        match self.names.get(name) {
+            None => Err(Errno::ENOENT),
+            Some(i) if !self.subdirs.contains(i) => Err(Errno::ENOTDIR),
+            Some(i) => Ok(*i),
+        }
+    }
+
+    /// The subdirectory `name` (`ino`) was made through the leader at `time`.
+    fn subdir_made(&mut self, name: Vec<u8>, ino: Ino, time: Timespec) {
+        self.names.insert(name, ino);
+        self.subdirs.insert(ino);
+        self.attr.nlink += 1;
+        (self.attr.mtime, self.attr.ctime) = (time, time);
+    }
+
+    /// The subdirectory `name` (`ino`) was removed through the leader at `time`; false if
+    /// `name` no longer names it here.
+    fn subdir_removed(&mut self, name: &[u8], ino: Ino, time: Timespec) -> bool {
+        if self.names.get(name) != Some(&ino) {
+            return false;
+        }
+        self.names.remove(name);
+        self.subdirs.remove(&ino);
+        self.attr.nlink = self.attr.nlink.saturating_sub(1);
+        (self.attr.mtime, self.attr.ctime) = (time, time);
+        true
     }
 
     /// Queues `op` made at `now` (the directory's times follow); returns whether the queue
@@ -220,11 +250,8 @@ impl Inner {
         if let Some(d) = held_parent {
             let mut st = lock(&d.state);
             if !st.gone {
-                st.names.insert(name.into_vec(), a.ino);
+                st.subdir_made(name.into_vec(), a.ino, a.ctime);
                 self.held.names.fetch_add(1, Ordering::Relaxed);
-                st.subdirs.insert(a.ino);
-                st.attr.nlink += 1;
-                (st.attr.mtime, st.attr.ctime) = (a.ctime, a.ctime);
             }
         }
         let dir = HeldDir {
@@ -470,7 +497,9 @@ impl Inner {
                 Err(e) => return Some(Err(e)),
             };
             let mut queued = lock(&self.held.queued);
-            for ino in op_inos(&op) {
+            // The directory's own change (its attributes) is known from its state here;
+            // registering it would make a lookup of it commit the queue first.
+            for ino in op_inos(&op).filter(|&ino| ino != dir) {
                 queued.insert(ino, dir);
             }
             st.push(op, now)
@@ -524,6 +553,13 @@ impl Inner {
         lock(&d.state).gone = true;
         if let Err(e) = self.commit_held(dir, true).await {
             warn!(dir, error = ?e, "giving a held directory back failed");
+        }
+    }
+
+    /// After the leader removed the subdirectory `name` (`ino`) of `d`, held here.
+    pub(crate) fn forget_subdir(&self, d: &HeldDir, name: &[u8], ino: Ino) {
+        if lock(&d.state).subdir_removed(name, ino, Timespec::now()) {
+            self.held.names.fetch_sub(1, Ordering::Relaxed);
         }
     }
 

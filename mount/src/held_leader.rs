@@ -5,11 +5,10 @@
 //! files here and removes its subdirectories. Without these, the listing gave the
 //! directory back, and every later change in it was a log entry of its own.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fuser::Errno;
-use rawfs_metadata_api::{Ino, Name, Timespec};
+use rawfs_metadata_api::{Ino, Name};
 
 use crate::errno;
 use crate::held::HeldDir;
@@ -46,13 +45,9 @@ impl Inner {
     /// not held.
     pub(crate) async fn held_rmdir(&self, dir: Ino, name: &Name) -> Option<Result<(), Errno>> {
         let d = self.held_here(dir)?;
-        let ino = {
-            let st = lock(&d.state);
-            match st.names.get(name.as_slice()) {
-                None => return Some(Err(Errno::ENOENT)),
-                Some(i) if !st.subdirs.contains(i) => return Some(Err(Errno::ENOTDIR)),
-                Some(i) => *i,
-            }
+        let ino = match lock(&d.state).subdir(name) {
+            Ok(ino) => ino,
+            Err(e) => return Some(Err(e)),
         };
         self.give_back(ino).await;
         let removed = self
@@ -62,15 +57,7 @@ impl Inner {
             .await
             .map_err(errno::meta);
         if removed.is_ok() {
-            let mut st = lock(&d.state);
-            if st.names.get(name.as_slice()) == Some(&ino) {
-                st.names.remove(name.as_slice());
-                self.held.names.fetch_sub(1, Ordering::Relaxed);
-                st.subdirs.remove(&ino);
-                st.attr.nlink = st.attr.nlink.saturating_sub(1);
-                let now = Timespec::now();
-                (st.attr.mtime, st.attr.ctime) = (now, now);
-            }
+            self.forget_subdir(&d, name, ino);
         }
         Some(removed)
     }
