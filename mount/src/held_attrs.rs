@@ -188,11 +188,12 @@ impl Inner {
         }
     }
 
-    /// A write or truncate of file `a.ino` was committed through the leader (`a`: its
-    /// attributes after it) while attributes of it are kept here for a queued change: they take its
-    /// size and stored bytes, which only the leader changes, so that no later answer from
-    /// them shows the size from before the write.
-    pub(crate) fn held_wrote_through_leader(&self, a: &Attr) {
+    /// A write, truncate or `set` of file `a.ino` was committed through the leader (`a`:
+    /// its attributes after it) while attributes of it are kept here for a queued change
+    /// (an unlink of it while open, say): they take its size and stored bytes, which only
+    /// the leader changes, and what `set` changed, so that no later answer from them shows
+    /// what was before. Fields a still queued change sets stay as they are here.
+    pub(crate) fn held_took_leaders(&self, a: &Attr, set: Option<&SetAttr>) {
         let Some(dir) = lock(&self.held.queued).get(&a.ino).copied() else {
             return;
         };
@@ -204,6 +205,18 @@ impl Inner {
             .flatten()
         {
             (k.size, k.stored) = (a.size, a.stored);
+            let Some(set) = set else { continue };
+            if set.perm.is_some() || set.uid.is_some() || set.gid.is_some() {
+                // A chown may drop setuid and setgid.
+                (k.perm, k.uid, k.gid) = (a.perm, a.uid, a.gid);
+            }
+            if set.atime.is_some() {
+                k.atime = a.atime;
+            }
+            if set.mtime.is_some() || set.size.is_some() {
+                k.mtime = a.mtime;
+            }
+            k.ctime = a.ctime;
         }
     }
 

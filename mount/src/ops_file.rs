@@ -200,7 +200,7 @@ impl Inner {
         let Some((dir, attr)) = held else {
             let committed = io.flush().await.map_err(|e| self.data_errno(e))?;
             if let Some(a) = committed {
-                self.held_wrote_through_leader(&a);
+                self.held_took_leaders(&a, None);
             }
             return Ok(());
         };

@@ -176,13 +176,14 @@ impl Inner {
             let a = self
                 .client
                 .meta()
-                .setattr(ino, set)
+                .setattr(ino, set.clone())
                 .await
                 .map_err(errno::meta)?;
+            self.held_took_leaders(&a, Some(&set));
             return Ok((self.attr(&a), self.attr_ttl));
         };
-        let a = self.truncate(ino, size, set).await?;
-        self.held_wrote_through_leader(&a);
+        let a = self.truncate(ino, size, set.clone()).await?;
+        self.held_took_leaders(&a, Some(&set));
         Ok((self.attr(&a), self.attr_ttl))
     }
 
