@@ -216,8 +216,8 @@ impl WriteBuf {
         }
     }
 
-    /// Where the memory of this buffer's flushed batches goes ([`Spares::give`] them there
-    /// without holding a lock: buffers not kept are freed then).
+    /// Where the memory of this buffer's flushed batches goes ([`Spares::give`] returns what
+    /// it does not keep, to be freed outside the caller's locks).
     pub fn spares(&self) -> Arc<Spares> {
         self.spares.clone()
     }
@@ -292,7 +292,8 @@ impl WriteBuf {
                 return true;
             }
         }
-        let mut merged = BytesMut::zeroed((stop - start) as usize);
+        let len = (stop - start) as usize;
+        let mut merged = self.merge_base(&touching, start, len, bytes as usize);
         for (s, _) in &touching {
             if let Some(old) = self.extents.remove(s) {
                 let pos = (s - start) as usize;
@@ -304,6 +305,42 @@ impl WriteBuf {
         self.extents.insert(start, merged);
         self.bytes = bytes as usize;
         true
+    }
+
+    /// The memory for an extent of `len` bytes at `start` made of the `touching` extents and
+    /// a new write, `len` long; the bytes of a touching extent it was taken from are already
+    /// in place (that extent is gone from the map), the rest is to be filled in.
+    ///
+    /// A streaming writer must not fault in and zero fresh memory for each buffer, nor move
+    /// its extent as it grows: the largest touching extent with room is reused (NBD clients
+    /// with several writes in flight deliver them slightly out of order, so the big extent
+    /// is often the one a late write lands before), and a large new extent starts in a kept
+    /// buffer with room for the rest of the buffer.
+    fn merge_base(
+        &mut self,
+        touching: &[(u64, u64)],
+        start: u64,
+        len: usize,
+        after: usize,
+    ) -> BytesMut {
+        let roomiest = touching
+            .iter()
+            .map(|(s, _)| *s)
+            .filter(|s| self.extents.get(s).is_some_and(|d| d.capacity() >= len))
+            .max_by_key(|s| self.extents[s].capacity());
+        if let Some((s, mut d)) = roomiest.and_then(|s| self.extents.remove(&s).map(|d| (s, d))) {
+            let old = d.len();
+            d.resize(len, 0);
+            d.copy_within(0..old, (s - start) as usize);
+            return d;
+        }
+        if len >= STREAMING {
+            if let Some(mut spare) = self.spares.take(len.max(self.cap - (after - len))) {
+                spare.resize(len, 0);
+                return spare;
+            }
+        }
+        BytesMut::zeroed(len)
     }
 
     /// Copies buffered bytes within `offset..offset + out.len()` into `out`.
@@ -392,6 +429,60 @@ mod tests {
         assert_eq!(b.extents[&0].as_ptr(), at, "the extent was moved");
         assert_eq!(b.bytes(), 32 << 20);
         assert!(!b.try_absorb(32 << 20, b"x"));
+    }
+
+    /// A streaming writer's next buffer starts in the memory its previous one left.
+    #[test]
+    fn a_new_buffer_starts_in_a_kept_one() {
+        let spares = Arc::new(Spares::default());
+        let mut b = WriteBuf::with_spares(8 << 20, spares.clone());
+        let mib = vec![5u8; 1 << 20];
+        for i in 0..8u64 {
+            assert!(b.try_absorb(i << 20, &mib));
+        }
+        let batch = b.take().expect("buffered");
+        let at = batch.extents[0].data.as_ptr();
+        let _ = spares.give(batch, b.largest_spare());
+        assert!(b.try_absorb(8 << 20, &mib));
+        assert_eq!(b.extents[&(8 << 20)].as_ptr(), at, "fresh memory was taken");
+        assert_eq!(spares.kept(), 0);
+        for i in 9..16u64 {
+            assert!(b.try_absorb(i << 20, &mib));
+        }
+        assert_eq!(b.extents[&(8 << 20)].as_ptr(), at, "the extent was moved");
+        assert_eq!(contents(&b, 8 << 20, 8 << 20), vec![5u8; 8 << 20]);
+    }
+
+    /// A write landing just before a large extent (an NBD client's writes in flight arrive
+    /// slightly out of order) moves that extent within its own memory, not into fresh memory.
+    #[test]
+    fn an_early_write_merges_into_the_roomy_extent_after_it() {
+        let spares = Arc::new(Spares::default());
+        let _ = spares.give(
+            Batch {
+                extents: vec![Extent {
+                    start: 0,
+                    data: Bytes::from(vec![0u8; 8 << 20]),
+                }],
+            },
+            16 << 20,
+        );
+        let mut b = WriteBuf::with_spares(8 << 20, spares);
+        assert!(b.try_absorb(1 << 20, &vec![2u8; 1 << 20]));
+        let at = b.extents[&(1 << 20)].as_ptr();
+        assert!(b.try_absorb(0, &vec![1u8; 1 << 20]));
+        assert_eq!(b.extents.len(), 1);
+        assert_eq!(
+            b.extents[&0].as_ptr(),
+            at,
+            "the extent was moved to fresh memory"
+        );
+        assert!(b.try_absorb(2 << 20, &vec![3u8; 1 << 20]));
+        assert_eq!(b.extents[&0].as_ptr(), at);
+        let mut want = vec![1u8; 1 << 20];
+        want.extend(vec![2u8; 1 << 20]);
+        want.extend(vec![3u8; 1 << 20]);
+        assert_eq!(contents(&b, 0, 3 << 20), want);
     }
 
     #[test]

@@ -720,13 +720,15 @@ impl Inner {
             // Invalidate before dropping `pending`: a reader that no longer sees the pending
             // bytes must not find a window fetched before they were stored.
             lock(&self.ra).invalidate();
-            let (spares, largest) = {
+            let freed = {
                 let mut b = lock(&self.bufs);
                 b.pending = None;
                 b.pending_changed();
-                (b.buffer.spares(), b.buffer.largest_spare())
+                // Under the lock: a writer waiting for this flush must find the memory
+                // kept when it starts its next buffer.
+                b.buffer.spares().give(batch, b.buffer.largest_spare())
             };
-            spares.give(batch, largest);
+            drop(freed);
         }
         match sync_failed {
             Some(e) => Err(e),
