@@ -8,7 +8,8 @@
 //! - a truncate, fallocate or copy_file_range by such a caller does the same (fuser hides
 //!   the kernel's flag for truncates, and the others carry none, so "without `CAP_FSETID`"
 //!   is taken as "not root");
-//! - a chown (even to the same owner, even by root) drops setuid, and setgid as above;
+//! - a chown (even to the same owner, even by root) of anything but a directory drops
+//!   setuid, and setgid as above;
 //! - each of them removes `security.capability` (file capabilities), whoever the caller.
 //!
 //! The bits are dropped with an ordinary setattr of the mode, as the kernel did before. A
@@ -113,12 +114,13 @@ impl Inner {
         }
         let kill_suid = chown || caller.uid != 0;
         if kill_suid && set.perm.is_none() {
-            // Directories and other kinds keep their bits: only files have none here.
+            // Linux drops them on a chown of anything but a directory (a FIFO or device node
+            // too; a symlink has none); only regular files have their mode recorded here.
             let file = match self.coherence.mode(ino) {
                 Some(mode) => Some(mode),
                 None => {
                     let a = self.current_attr(ino).await?;
-                    (a.kind == FileKind::File).then_some((a.perm, a.gid))
+                    (a.kind != FileKind::Dir).then_some((a.perm, a.gid))
                 }
             };
             if let Some(left) = file.and_then(|(perm, gid)| dropped(perm, gid, caller)) {

@@ -158,6 +158,17 @@ fn writes_truncates_and_chowns_drop_setuid_setgid_and_capabilities() -> Result<(
     assert_eq!(mode("root")?, 0o6777, "root's write and truncate");
     std::os::unix::fs::chown(d.join("root"), Some(0), Some(0))?;
     assert_eq!(mode("root")?, 0o777, "a chown");
+    // So does a chown of a FIFO, even to -1, -1 (Linux drops them for all but directories);
+    // a directory keeps its setgid.
+    let fifo = d.join("fifo");
+    mknod(&fifo, libc::S_IFIFO | 0o644, 0)?;
+    fs::set_permissions(&fifo, fs::Permissions::from_mode(0o6775))?;
+    std::os::unix::fs::chown(&fifo, None, None)?;
+    assert_eq!(mode("fifo")?, 0o775, "a chown of a FIFO");
+    fs::create_dir(d.join("sub"))?;
+    fs::set_permissions(d.join("sub"), fs::Permissions::from_mode(0o2775))?;
+    std::os::unix::fs::chown(d.join("sub"), Some(0), Some(0))?;
+    assert_eq!(mode("sub")?, 0o2775, "a chown of a directory");
     // File capabilities go with any write, root's too.
     let caps = d.join("caps");
     fs::write(&caps, b"")?;
