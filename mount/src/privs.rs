@@ -106,7 +106,10 @@ impl Inner {
         mut set: SetAttr,
         caller: Caller,
     ) -> Result<SetAttr, Errno> {
-        // A chown(2) to -1, -1 comes as a SETATTR with nothing set; it drops them too.
+        // A chown(2) to -1, -1 comes as a SETATTR with nothing set; it drops them too. So
+        // does the kernel's own forced removal before some writes, which looks the same:
+        // this cannot refuse another user's chown to -1, -1 of a setuid file as Linux
+        // filesystems do (EPERM), it drops the bits instead.
         let chown = set.uid.is_some() || set.gid.is_some() || set == SetAttr::default();
         let truncate = set.size.is_some();
         if !chown && !truncate {
