@@ -24,7 +24,7 @@ use crate::privs::{S_ISGID, S_ISUID, S_IXGRP};
 
 /// `a` after `set` at `now`, by the leader's rules (`namespace::setattr`): a new owner of a
 /// non-directory drops setuid, and setgid where it means "execute as group"; ctime moves.
-fn apply_set(mut a: Attr, set: &SetAttr, now: Timespec) -> Attr {
+pub(crate) fn apply_set(mut a: Attr, set: &SetAttr, now: Timespec) -> Attr {
     if let Some(perm) = set.perm {
         a.perm = perm & 0o7777;
     }

@@ -15,10 +15,11 @@ use std::time::{Duration, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileType, FopenFlags, Generation, INodeNo, ReplyDirectory, ReplyDirectoryPlus,
 };
-use rawfs_metadata_api::{Attr, DirEntry, FileKind, Ino, MetaError};
+use rawfs_metadata_api::{Attr, DirEntry, FileKind, Ino, MetaError, SetAttr, Timespec};
 
 use crate::attr::{file_type, BLKSIZE};
 use crate::errno;
+use crate::held_attrs::apply_set;
 use crate::inner::{lock, Inner};
 use crate::reply::Opened;
 
@@ -168,6 +169,22 @@ impl Inner {
             nlink: 0,
             ..d.attr.clone()
         })
+    }
+
+    /// Applies `set` to `ino` if it is a directory removed while open here (see
+    /// [`Inner::removed_open_dir`]): `fchmod` or `futimens` of its handle works as on local
+    /// filesystems, and only its handles can see the result. `None`: no such directory.
+    pub(crate) fn set_removed_open_dir(&self, ino: Ino, set: &SetAttr) -> Option<Attr> {
+        let mut dirs = lock(&self.dirs);
+        let mut after = None;
+        for d in dirs.values_mut().filter(|d| d.ino == ino) {
+            d.attr = apply_set(d.attr.clone(), set, Timespec::now());
+            after = Some(Attr {
+                nlink: 0,
+                ..d.attr.clone()
+            });
+        }
+        after
     }
 
     /// Fills one kernel readdir(plus) buffer starting at position `offset`.

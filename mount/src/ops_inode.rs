@@ -173,12 +173,13 @@ impl Inner {
                     io.flush().await.map_err(|e| self.data_errno(e))?;
                 }
             }
-            let a = self
-                .client
-                .meta()
-                .setattr(ino, set.clone())
-                .await
-                .map_err(errno::meta)?;
+            let a = match self.client.meta().setattr(ino, set.clone()).await {
+                Ok(a) => a,
+                Err(MetaError::NotFound) => {
+                    self.set_removed_open_dir(ino, &set).ok_or(Errno::ENOENT)?
+                }
+                Err(e) => return Err(errno::meta(e)),
+            };
             self.held_took_leaders(&a, Some(&set));
             return Ok((self.attr(&a), self.attr_ttl));
         };

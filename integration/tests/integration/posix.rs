@@ -682,6 +682,13 @@ fn unlinked_file_stays_readable_until_close() -> Result<()> {
     let d3 = File::open(c.path("d3"))?;
     fs::remove_dir(c.path("d3"))?;
     assert_eq!(d3.metadata()?.nlink(), 0);
+    // fchmod of its handle works too (not ENOENT), and a new directory of the same name is
+    // another one.
+    fs::create_dir(c.path("d3"))?;
+    fs::set_permissions(c.path("d3"), fs::Permissions::from_mode(0o751))?;
+    d3.set_permissions(fs::Permissions::from_mode(0o700))?;
+    assert_eq!(d3.metadata()?.mode() & 0o7777, 0o700);
+    assert_eq!(fs::metadata(c.path("d3"))?.mode() & 0o7777, 0o751);
     let fd = d3.as_raw_fd();
     let listed = fs::read_dir(format!("/proc/self/fd/{fd}"));
     assert!(
