@@ -307,9 +307,10 @@ impl WriteBuf {
         true
     }
 
-    /// The memory for an extent of `len` bytes at `start` made of the `touching` extents and
-    /// a new write, `len` long; the bytes of a touching extent it was taken from are already
-    /// in place (that extent is gone from the map), the rest is to be filled in.
+    /// Memory for the extent of `len` bytes at `start` that the `touching` extents and a new
+    /// write make, with `buffered_after` bytes in the buffer once it is in. If it is a
+    /// touching extent's memory, that extent's bytes are already in place (and it is gone
+    /// from the map); the rest is for the caller to fill in.
     ///
     /// A streaming writer must not fault in and zero fresh memory for each buffer, nor move
     /// its extent as it grows: the largest touching extent with room is reused (NBD clients
@@ -321,7 +322,7 @@ impl WriteBuf {
         touching: &[(u64, u64)],
         start: u64,
         len: usize,
-        after: usize,
+        buffered_after: usize,
     ) -> BytesMut {
         let roomiest = touching
             .iter()
@@ -335,7 +336,7 @@ impl WriteBuf {
             return d;
         }
         if len >= STREAMING {
-            if let Some(mut spare) = self.spares.take(len.max(self.cap - (after - len))) {
+            if let Some(mut spare) = self.spares.take(len.max(self.cap - (buffered_after - len))) {
                 spare.resize(len, 0);
                 return spare;
             }

@@ -12,7 +12,7 @@
 //! taken back.
 
 use crate::extent::Batch;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use std::sync::Mutex;
 
 /// Buffers kept at most. A streaming writer needs one: its next buffer starts while the
@@ -45,19 +45,24 @@ impl Spares {
     /// moves on (else its next buffer starts in fresh memory), but freeing a large buffer
     /// (`munmap`) should not happen under the file's lock.
     #[must_use = "dropped outside the caller's locks"]
-    pub fn give(&self, batch: Batch, largest: usize) -> Vec<BytesMut> {
-        let mut freed = Vec::new();
+    pub fn give(&self, batch: Batch, largest: usize) -> Vec<Bytes> {
+        let mut rest = Vec::new();
         for e in batch.extents {
             if e.data.len() < WORTH_KEEPING || e.data.len() > largest {
+                rest.push(e.data);
                 continue;
             }
-            let Ok(mut buf) = e.data.try_into_mut() else {
-                continue;
+            let mut buf = match e.data.try_into_mut() {
+                Ok(buf) if buf.capacity() <= largest => buf,
+                Ok(buf) => {
+                    rest.push(buf.freeze());
+                    continue;
+                }
+                Err(shared) => {
+                    rest.push(shared);
+                    continue;
+                }
             };
-            if buf.capacity() > largest {
-                freed.push(buf);
-                continue;
-            }
             buf.clear();
             let mut kept = crate::file_io::lock(&self.kept);
             if kept.len() < KEPT {
@@ -70,12 +75,12 @@ impl Spares {
                 // A streaming writer asks for a whole buffer's room: a small batch (a write
                 // that arrived out of order, a flush of a few MiB) must not hold the place of
                 // the large one it would need.
-                freed.push(std::mem::replace(smaller, buf));
+                rest.push(std::mem::replace(smaller, buf).freeze());
             } else {
-                freed.push(buf);
+                rest.push(buf.freeze());
             }
         }
-        freed
+        rest
     }
 
     #[cfg(test)]
