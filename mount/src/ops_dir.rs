@@ -175,16 +175,15 @@ impl Inner {
     /// [`Inner::removed_open_dir`]): `fchmod` or `futimens` of its handle works as on local
     /// filesystems, and only its handles can see the result. `None`: no such directory.
     pub(crate) fn set_removed_open_dir(&self, ino: Ino, set: &SetAttr) -> Option<Attr> {
+        let now = Timespec::now();
         let mut dirs = lock(&self.dirs);
-        let mut after = None;
+        // From what `fstat` shows (the first handle's), so that every handle agrees after.
+        let before = dirs.values().find(|d| d.ino == ino)?.attr.clone();
+        let after = apply_set(before, set, now);
         for d in dirs.values_mut().filter(|d| d.ino == ino) {
-            d.attr = apply_set(d.attr.clone(), set, Timespec::now());
-            after = Some(Attr {
-                nlink: 0,
-                ..d.attr.clone()
-            });
+            d.attr = after.clone();
         }
-        after
+        Some(Attr { nlink: 0, ..after })
     }
 
     /// Fills one kernel readdir(plus) buffer starting at position `offset`.
