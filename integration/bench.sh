@@ -9,7 +9,12 @@
 #   optional (--million): RSS of the metadata process after 1,000,000 files created through
 #   the metadata client (rawfs-bench million), target < 300 MB
 #
-# Usage: integration/bench.sh [--million] [--size-mib N] [--fio-seconds S] [--peer DIR] [--debug]
+# Every figure is measured in each of --rounds rounds (default 3), local then rawfs (then the
+# peer) within a round, so that a slow spell of the host's disk hits both sides of a round's
+# ratio; the table shows the median of each side and the median of the rounds' ratios, with
+# their range (on this project's shared VM one round's ratio swings by 1.5-2x).
+#
+# Usage: integration/bench.sh [--million] [--rounds N] [--size-mib N] [--fio-seconds S] [--peer DIR] [--debug]
 # --peer DIR measures a third directory in the same run, a mount of another filesystem (MooseFS,
 # CephFS, JuiceFS...) set up by hand, and prints its ratio to local beside rawfs's.
 # (--debug uses the debug build: only to check the script itself, its figures mean nothing)
@@ -18,6 +23,7 @@
 set -euo pipefail
 
 MILLION=0
+ROUNDS=3
 SIZE_MIB=1024
 FIO_SECONDS=20
 FILES=10000
@@ -26,17 +32,20 @@ PEER=
 while [ $# -gt 0 ]; do
     case "$1" in
         --million) MILLION=1 ;;
+        --rounds) ROUNDS="$2"; shift ;;
         --size-mib) SIZE_MIB="$2"; shift ;;
         --fio-seconds) FIO_SECONDS="$2"; shift ;;
         --files) FILES="$2"; shift ;;
         --peer) PEER="$2"; shift ;;
         --debug) PROFILE=debug ;;
-        *) echo "usage: $0 [--million] [--size-mib N] [--fio-seconds S] [--files N] [--peer DIR] [--debug]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--million] [--rounds N] [--size-mib N] [--fio-seconds S] [--files N] [--peer DIR] [--debug]" >&2; exit 2 ;;
     esac
     shift
 done
 
 cd "$(dirname "$0")/.."
+# shellcheck source=integration/bench-lib.sh
+. integration/bench-lib.sh
 if [ -n "$PEER" ]; then
     mountpoint -q "$PEER" || { echo "bench.sh: --peer $PEER is not a mount point" >&2; exit 2; }
     PEER="$PEER/rawfs-bench"
@@ -128,35 +137,47 @@ meta_ops() { # dir -> "create stat unlink"
 }
 
 declare -A R
-for where in local mount ${PEER:+peer}; do
-    case $where in
-        local) dir=$LOCAL ;;
-        mount) dir=$MNT ;;
-        peer) dir=$PEER ;;
-    esac
-    echo "bench.sh: measuring $where ($dir)" >&2
-    R[$where.seqw]=$(seq_write "$dir")
-    R[$where.seqr]=$(seq_read "$dir")
-    R[$where.randr]=$(fio_iops "$dir" randread)
-    R[$where.randw]=$(fio_iops "$dir" randwrite)
-    rm -f "$dir/fio.dat"
-    read -r c s u <<<"$(meta_ops "$dir")"
-    R[$where.create]=$c
-    R[$where.stat]=$s
-    R[$where.unlink]=$u
+for round in $(seq "$ROUNDS"); do
+    for where in local mount ${PEER:+peer}; do
+        case $where in
+            local) dir=$LOCAL ;;
+            mount) dir=$MNT ;;
+            peer) dir=$PEER ;;
+        esac
+        echo "bench.sh: round $round of $ROUNDS: measuring $where ($dir)" >&2
+        R[$where.seqw.$round]=$(seq_write "$dir")
+        R[$where.seqr.$round]=$(seq_read "$dir")
+        R[$where.randr.$round]=$(fio_iops "$dir" randread)
+        R[$where.randw.$round]=$(fio_iops "$dir" randwrite)
+        rm -f "$dir/fio.dat"
+        read -r c s u <<<"$(meta_ops "$dir")"
+        R[$where.create.$round]=$c
+        R[$where.stat.$round]=$s
+        R[$where.unlink.$round]=$u
+        rm -rf "$dir/meta"
+        printf 'bench.sh: round %s %s: seq write %s, seq read %s MiB/s; randread %s, randwrite %s IOPS; create %s, stat %s, unlink %s /s\n' \
+            "$round" "$where" "${R[$where.seqw.$round]}" "${R[$where.seqr.$round]}" \
+            "${R[$where.randr.$round]}" "${R[$where.randw.$round]}" "$c" "$s" "$u" >&2
+    done
 done
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0) printf "%.3f", b / a; else print "n/a" }'; }
-printf '\n%-28s %18s %18s %8s %8s' "benchmark" "local" "rawfs" "ratio" "target"
-[ -n "$PEER" ] && printf ' %18s %8s' "peer" "ratio"
+printf '\n%d rounds; figures are medians, ratios the median of the rounds'"'"' ratios (range)\n' "$ROUNDS"
+printf '%-28s %18s %18s %8s %11s %8s' "benchmark" "local" "rawfs" "ratio" "range" "target"
+[ -n "$PEER" ] && printf ' %18s %8s %11s' "peer" "ratio" "range"
 printf '\n'
 row() { # key label unit target
-    local l=${R[local.$1]} m=${R[mount.$1]}
-    printf '%-28s %12s %-5s %12s %-5s %8s %8s' "$2" "$l" "$3" "$m" "$3" "$(ratio "$l" "$m")" "$4"
-    [ -n "$PEER" ] && printf ' %12s %-5s %8s' "${R[peer.$1]}" "$3" "$(ratio "$l" "${R[peer.$1]}")"
+    local l m r
+    l=$(figures local "$1" | median)
+    m=$(figures mount "$1" | median)
+    read -r r range <<<"$(ratios local mount "$1")"
+    printf '%-28s %12s %-5s %12s %-5s %8s %11s %8s' "$2" "$l" "$3" "$m" "$3" "$r" "$range" "$4"
+    if [ -n "$PEER" ]; then
+        read -r r range <<<"$(ratios local peer "$1")"
+        printf ' %12s %-5s %8s %11s' "$(figures peer "$1" | median)" "$3" "$r" "$range"
+    fi
     printf '\n'
 }
-row seqw "seq write 1 GiB + fsync" "MiB/s" ">=0.25"
+row seqw "seq write ${SIZE_MIB} MiB + fsync" "MiB/s" ">=0.25"
 row seqr "seq read (cold cache)" "MiB/s" ">=0.80"
 row randr "4 KiB random read, qd16" "IOPS" ">=0.25"
 row randw "4 KiB random write, qd16" "IOPS" ">=0.06"
