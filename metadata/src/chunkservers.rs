@@ -11,6 +11,7 @@ use crate::queries;
 use crate::registry::place;
 use crate::server::{tracked, Server};
 use crate::store::get_server;
+use redb::ReadableTableMetadata;
 
 /// Most FENCE orders one heartbeat reply carries from the leader's queue.
 const FENCES_PER_REPLY: usize = 10_000;
@@ -31,17 +32,18 @@ impl Server {
         req: ReqId,
     ) -> MetaResult<ChunkLoc> {
         let term = self.leader_term().await?;
-        let (existing, key, cold) = self.0.sm.read(|rt| {
+        let (existing, key, cold, registered) = self.0.sm.read(|rt| {
             Ok((
                 queries::chunk_at(rt, ino, index, term)?,
                 queries::next_chunk_id(rt)?,
                 crate::ec_write::is_cold(rt, ino).unwrap_or(false),
+                rt.servers.len()?,
             ))
         })?;
         if let Some(loc) = existing {
             return Ok(loc);
         }
-        let servers = match self.placement(ino, index, key, cold)? {
+        let servers = match self.placement(ino, index, key, cold, registered)? {
             Placement::Replicas(replicas) => replicas,
             Placement::Shards(shards) => {
                 let cmd = Command::AllocateEc {
@@ -74,13 +76,14 @@ impl Server {
         ino: Ino,
         index: u64,
     ) -> MetaResult<Option<Vec<ServerId>>> {
-        let (key, cold) = self.0.sm.read(|rt| {
+        let (key, cold, registered) = self.0.sm.read(|rt| {
             Ok((
                 queries::next_chunk_id(rt)?,
                 crate::ec_write::is_cold(rt, dir).unwrap_or(false),
+                rt.servers.len()?,
             ))
         })?;
-        Ok(match self.placement(ino, index, key, cold)? {
+        Ok(match self.placement(ino, index, key, cold, registered)? {
             Placement::Replicas(replicas) => Some(replicas),
             Placement::Shards(_) => None,
         })
@@ -88,10 +91,32 @@ impl Server {
 
     /// Where a new chunk `index` of `ino` goes: live servers with free space, spread by
     /// `key` (the next chunk id) and the chunk's place; 6 shards for a `cold` file.
-    fn placement(&self, ino: Ino, index: u64, key: u64, cold: bool) -> MetaResult<Placement> {
+    /// `registered`: how many chunkservers the cluster has ever registered.
+    fn placement(
+        &self,
+        ino: Ino,
+        index: u64,
+        key: u64,
+        cold: bool,
+        registered: u64,
+    ) -> MetaResult<Placement> {
         let now = Instant::now();
         let reg = self.registry();
         let candidates = reg.candidates(now);
+        let wanted = if cold { EC_SHARDS } else { REPLICAS };
+        // A new leader knows only the servers whose first heartbeat has reached it. Placing
+        // on those alone would give chunks allocated in its first second one or two copies
+        // (seen in a fault run: a chunk placed on one server right after a failover became
+        // unreadable when that server was killed next). So while it warms up, a short
+        // placement waits (retryable) unless the cluster has no more servers to hear from.
+        if reg.warming_up(now) && (candidates.len() as u64) < (wanted as u64).min(registered) {
+            return Err(MetaError::Unavailable {
+                reason: format!(
+                    "waiting for chunkserver heartbeats ({} of {registered} heard)",
+                    candidates.len()
+                ),
+            });
+        }
         if candidates.is_empty() {
             return Err(if reg.warming_up(now) {
                 MetaError::Unavailable {

@@ -2,7 +2,8 @@
 //!
 //! Liveness and capacity are not replicated: a new leader learns them from the next round of
 //! heartbeats (one second). Until `chunkserver_timeout` has passed since it took over, a
-//! leader that knows no live server answers `Unavailable` (retryable) rather than `NoSpace`.
+//! leader that has heard from fewer servers than a new chunk wants (and than the cluster has
+//! registered) answers `Unavailable` (retryable) rather than placing short or `NoSpace`.
 //!
 //! FENCE orders for a server wait here for its next heartbeat reply (see
 //! `HeartbeatReply::fence`); a new leader starts without them, and the inventory comparison

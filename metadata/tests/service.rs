@@ -322,6 +322,41 @@ async fn orphan_survives_a_restart_until_released() {
     h.join().await.unwrap();
 }
 
+/// A leader that has just taken over knows only the chunkservers whose heartbeats reached it
+/// so far: a new chunk waits for enough of them rather than going to fewer than three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_places_no_chunk_short_while_it_hears_from_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+    c.getattr(ROOT_INO).await.unwrap();
+    for s in 1..=4 {
+        c.heartbeat(hb(s, Some(vec![]))).await.unwrap();
+    }
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+
+    let (h, stop) = start(dir.path()).await;
+    let c = client(h.addr());
+    let f = file(&c, ROOT_INO, "f").await;
+    c.heartbeat(hb(1, None)).await.unwrap();
+    let early = tokio::spawn({
+        let c = c.clone();
+        async move { c.allocate_chunk(f.ino, 0).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!early.is_finished(), "placed with one server heard from");
+    for s in 2..=3 {
+        c.heartbeat(hb(s, None)).await.unwrap();
+    }
+    let loc = early.await.unwrap().unwrap();
+    let mut servers: Vec<_> = loc.replicas.iter().map(|r| r.server).collect();
+    servers.sort_unstable();
+    assert_eq!(servers, vec![1, 2, 3]);
+    stop.send(()).unwrap();
+    h.join().await.unwrap();
+}
+
 /// A reader's leased open costs no log entry, yet keeps an unlinked file as an orphan until
 /// released, also across a restart once the reader sent it again (`reopen`); an orphan's
 /// open, and every leased open when a link goes, reach the log. Logged and leased opens
