@@ -2,14 +2,16 @@
 //! location, and make sure no write was missed.
 //!
 //! ```text
-//!  for each 4 MiB piece:  source[i] ──READ (crc verified by the chunkserver)──▶ healer
+//!  WRITTEN: the byte ranges a source holds (what is copied, whatever the file's size says)
+//!  for each 4 MiB piece of them:  source[i] ──READ (crc verified)──▶ healer
 //!                         (a failed or corrupt read: the next source, same piece)
 //!                         healer ──WRITE(chunk, version, term)──▶ target (creates the chunk)
 //!  SYNC target ─▶ add_replica(chunk, version, target, term) ─▶ version + 1, target listed
 //!  FENCE(version + 1) on every listed replica: writers with the old location are refused,
 //!        refresh, and from then on write to the target too
-//!  VERIFY: target == a source, piece by piece; a difference (a write that reached only the
-//!        old replicas before the FENCE) drops the new copy again (drop_replica)
+//!  VERIFY: target == a source, piece by piece, over what was copied and what the source
+//!        holds now; a difference (a write that reached only the old replicas before the
+//!        FENCE) drops the new copy again (drop_replica)
 //!  replicas the FENCE could not reach (their server is down) are dropped: when the server
 //!        returns, its old copy is no longer listed, never read, and its inventory deletes it
 //! ```
@@ -18,10 +20,11 @@
 //! check. Nothing is committed before the whole copy is on the target's disk.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use bytes::Bytes;
 use rawfs_chunkserver_api::{DataClient, DataError, WriteReq};
-use rawfs_metadata_api::{MetaError, MetadataClient};
+use rawfs_metadata_api::{MetaError, MetadataClient, CHUNK_SIZE};
 
 use crate::pace::Pace;
 use crate::planner::{Repair, ServerId};
@@ -69,6 +72,43 @@ impl Ctx<'_> {
             .ok_or(RepairError::NoAddress(s))
     }
 
+    /// The byte ranges of the chunk the first source that answers holds (ascending), starting
+    /// with `*first` (moved on to the one that answered). A chunk no source has (allocated,
+    /// never written) holds nothing.
+    async fn written(
+        &self,
+        chunk: u64,
+        version: u64,
+        sources: &[ServerId],
+        first: &mut usize,
+    ) -> Result<Vec<Range<u32>>, RepairError> {
+        let mut last = DataError::NotFound;
+        for k in 0..sources.len() {
+            let i = (*first + k) % sources.len();
+            let Ok(addr) = self.addr(sources[i]) else {
+                continue;
+            };
+            match self
+                .data
+                .written(addr, chunk, version, 0, CHUNK_SIZE as u32)
+                .await
+            {
+                Ok(ranges) => {
+                    *first = i;
+                    return Ok(ranges);
+                }
+                Err(e) => {
+                    tracing::warn!(chunk, source = sources[i], error = %e, "source extent query failed; trying the next");
+                    last = e;
+                }
+            }
+        }
+        match last {
+            DataError::NotFound => Ok(Vec::new()),
+            last => Err(RepairError::NoSource { offset: 0, last }),
+        }
+    }
+
     /// Reads `len` bytes at `offset` from the first source that serves them, starting with
     /// `*first` (moved on to the one that worked).
     async fn read_piece(
@@ -106,45 +146,47 @@ impl Ctx<'_> {
     }
 }
 
-/// Makes the copy `r` of a chunk whose data ends `bytes` into it, at `r.version` (which may
-/// have moved past the plan's after an earlier copy of the same chunk). Returns the chunk's
-/// new version.
-pub async fn re_replicate(ctx: &Ctx<'_>, r: &Repair, bytes: u64) -> Result<u64, RepairError> {
+/// A copy made: the chunk's new version and the bytes moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Copied {
+    pub version: u64,
+    pub bytes: u64,
+}
+
+/// Makes the copy `r` of a chunk at `r.version` (which may have moved past the plan's after
+/// an earlier copy of the same chunk): every block a source holds, holes left holes.
+///
+/// The copy follows what the source holds, not the file's size: a writer's data reaches
+/// the replicas before its new size is committed, so a copy cut at the size missed it (seen
+/// in a fault run: a file being written when one of its replicas died got a new copy with
+/// no data at all, which then read as zeros).
+pub async fn re_replicate(ctx: &Ctx<'_>, r: &Repair) -> Result<Copied, RepairError> {
     let (chunk, version, target) = (r.chunk, r.version, r.target);
     let taddr = ctx.addr(target)?.to_string();
     let mut src = 0usize;
-    let mut offset = 0u64;
+    let held = ctx.written(chunk, version, &r.sources, &mut src).await?;
+    let mut bytes = 0u64;
     // At least one write, so that an empty chunk exists on the target too.
-    loop {
-        if (ctx.stopping)() {
-            return Err(RepairError::Stopped);
-        }
-        let len = PIECE.min(bytes - offset);
-        ctx.pace.piece(len).await;
-        if (ctx.stopping)() {
-            return Err(RepairError::Stopped);
-        }
-        let data = if len == 0 {
-            Bytes::new()
-        } else {
-            ctx.read_piece(chunk, version, &r.sources, &mut src, offset, len)
-                .await?
-        };
-        let w = WriteReq {
-            chunk,
-            version,
-            term: ctx.term,
-            offset: offset as u32,
-            data,
-            sync: false,
-        };
-        ctx.data
-            .write(&taddr, w)
-            .await
-            .map_err(|err| RepairError::Target { target, err })?;
-        offset += len;
-        if offset >= bytes {
-            break;
+    if held.is_empty() {
+        write_piece(ctx, &taddr, r, 0, Bytes::new()).await?;
+    }
+    for range in &held {
+        let mut offset = u64::from(range.start);
+        while offset < u64::from(range.end) {
+            if (ctx.stopping)() {
+                return Err(RepairError::Stopped);
+            }
+            let len = PIECE.min(u64::from(range.end) - offset);
+            ctx.pace.piece(len).await;
+            if (ctx.stopping)() {
+                return Err(RepairError::Stopped);
+            }
+            let data = ctx
+                .read_piece(chunk, version, &r.sources, &mut src, offset, len)
+                .await?;
+            write_piece(ctx, &taddr, r, offset, data).await?;
+            offset += len;
+            bytes += len;
         }
     }
     ctx.data
@@ -173,8 +215,33 @@ pub async fn re_replicate(ctx: &Ctx<'_>, r: &Repair, bytes: u64) -> Result<u64, 
             unfenced.push(rep.server);
         }
     }
-    verify(ctx, r, bytes, new_version).await?;
-    drop_unfenced(ctx, chunk, new_version, &unfenced).await
+    verify(ctx, r, &held, new_version).await?;
+    let version = drop_unfenced(ctx, chunk, new_version, &unfenced).await?;
+    Ok(Copied { version, bytes })
+}
+
+async fn write_piece(
+    ctx: &Ctx<'_>,
+    taddr: &str,
+    r: &Repair,
+    offset: u64,
+    data: Bytes,
+) -> Result<(), RepairError> {
+    let w = WriteReq {
+        chunk: r.chunk,
+        version: r.version,
+        term: ctx.term,
+        offset: offset as u32,
+        data,
+        sync: false,
+    };
+    ctx.data
+        .write(taddr, w)
+        .await
+        .map_err(|err| RepairError::Target {
+            target: r.target,
+            err,
+        })
 }
 
 /// Drops the replicas the FENCE after a copy could not reach (down or failing), once the
@@ -198,32 +265,71 @@ async fn drop_unfenced(
     Ok(version)
 }
 
-/// Compares the new copy with a source after the FENCE; drops the copy if they differ.
-async fn verify(ctx: &Ctx<'_>, r: &Repair, bytes: u64, version: u64) -> Result<(), RepairError> {
+/// Compares the new copy with a source after the FENCE, over everything either holds: what
+/// was copied, and what the source holds now (a write that reached only the old replicas
+/// before the FENCE, in a hole of the copy or past its end, shows there). Drops the copy if
+/// they differ.
+async fn verify(
+    ctx: &Ctx<'_>,
+    r: &Repair,
+    copied: &[Range<u32>],
+    version: u64,
+) -> Result<(), RepairError> {
     let taddr = ctx.addr(r.target)?.to_string();
     let mut src = 0usize;
-    let mut offset = 0u64;
-    while offset < bytes {
-        let len = PIECE.min(bytes - offset);
-        let want = ctx
-            .read_piece(r.chunk, version, &r.sources, &mut src, offset, len)
-            .await?;
-        let got = ctx
-            .data
-            .read(&taddr, r.chunk, version, offset as u32, len as u32)
-            .await;
-        let same = matches!(&got, Ok(g) if *g == want);
-        if !same {
-            tracing::warn!(
-                chunk = r.chunk,
-                target = r.target,
-                offset,
-                "new copy differs from its source: dropping it"
-            );
-            ctx.meta.drop_replica(r.chunk, version, r.target).await?;
-            return Err(RepairError::Diverged { offset });
+    let mut ranges = ctx.written(r.chunk, version, &r.sources, &mut src).await?;
+    ranges.extend_from_slice(copied);
+    for range in merge(ranges) {
+        let mut offset = u64::from(range.start);
+        while offset < u64::from(range.end) {
+            let len = PIECE.min(u64::from(range.end) - offset);
+            let want = ctx
+                .read_piece(r.chunk, version, &r.sources, &mut src, offset, len)
+                .await?;
+            let got = ctx
+                .data
+                .read(&taddr, r.chunk, version, offset as u32, len as u32)
+                .await;
+            let same = matches!(&got, Ok(g) if *g == want);
+            if !same {
+                tracing::warn!(
+                    chunk = r.chunk,
+                    target = r.target,
+                    offset,
+                    "new copy differs from its source: dropping it"
+                );
+                ctx.meta.drop_replica(r.chunk, version, r.target).await?;
+                return Err(RepairError::Diverged { offset });
+            }
+            offset += len;
         }
-        offset += len;
     }
     Ok(())
+}
+
+/// `ranges` sorted and with overlapping or touching ones joined.
+fn merge(mut ranges: Vec<Range<u32>>) -> Vec<Range<u32>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u32>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge;
+
+    #[test]
+    fn merge_joins_overlapping_and_touching_ranges() {
+        assert_eq!(
+            merge(vec![10..20, 0..4, 4..6, 15..30, 40..41]),
+            vec![0..6, 10..30, 40..41]
+        );
+        assert!(merge(vec![]).is_empty());
+    }
 }

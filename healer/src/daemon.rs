@@ -480,7 +480,7 @@ async fn scan(
                 },
             };
             in_flight.push(async move {
-                let outcome = workers::run(&ctx, io.codec, &job, b).await;
+                let outcome = workers::run(&ctx, io.codec, &job).await;
                 (worker, job, outcome)
             });
         }
@@ -490,7 +490,7 @@ async fn scan(
         free.push(worker);
         sh.progress.finish(worker, outcome.ok());
         let copied = match &outcome {
-            Outcome::Copy(r) => Some(r.as_ref().ok().copied()),
+            Outcome::Copy(r) => Some(r.as_ref().ok().map(|c| c.version)),
             Outcome::Rebuild(_) => None,
         };
         queue.done(job.chunk(), copied);

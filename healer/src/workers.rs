@@ -153,8 +153,8 @@ impl<'a> Queue<'a> {
 /// How a job ended.
 #[derive(Debug)]
 pub enum Outcome {
-    /// The chunk's new version.
-    Copy(Result<u64, RepairError>),
+    /// The chunk's new version and the bytes moved.
+    Copy(Result<copy::Copied, RepairError>),
     /// `None` on a CPU that cannot run the RS kernel (nothing tried).
     Rebuild(Option<Result<Rebuilt, RebuildError>>),
 }
@@ -176,8 +176,8 @@ impl Outcome {
     }
 }
 
-/// Runs one job; `bytes` is the chunk's data length (what a copy moves).
-pub async fn run(ctx: &Ctx<'_>, codec: Option<&Codec>, job: &Job<'_>, bytes: u64) -> Outcome {
+/// Runs one job.
+pub async fn run(ctx: &Ctx<'_>, codec: Option<&Codec>, job: &Job<'_>) -> Outcome {
     match job {
         Job::Rebuild(rb) => match codec {
             Some(codec) => Outcome::Rebuild(Some(reconstruct::rebuild(ctx, codec, rb).await)),
@@ -185,13 +185,13 @@ pub async fn run(ctx: &Ctx<'_>, codec: Option<&Codec>, job: &Job<'_>, bytes: u64
         },
         Job::Copy(r) => {
             let started = Instant::now();
-            let done = copy::re_replicate(ctx, r, bytes).await;
+            let done = copy::re_replicate(ctx, r).await;
             match &done {
-                Ok(_) => tracing::info!(
+                Ok(copied) => tracing::info!(
                     chunk = r.chunk,
                     copies_left = r.copies_left,
                     target = r.target,
-                    bytes,
+                    bytes = copied.bytes,
                     worker = ctx.pace.worker,
                     ms = started.elapsed().as_millis() as u64,
                     "repaired chunk"

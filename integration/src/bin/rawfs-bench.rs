@@ -7,6 +7,8 @@
 //!                                  first, so every stat reaches the filesystem)
 //!  rawfs-bench million ADDRS N     N files through the metadata client (not FUSE)
 //!  rawfs-bench latency ADDRS N     one-at-a-time getattr and mknod latency of the metadata client
+//!  rawfs-bench chunks ADDRS INO    the chunk map of inode INO, one chunk per line (for
+//!                                  looking into a fault run: which servers hold what)
 //! ```
 //!
 //! Output is one `name value` pair per line, for the script to compute ratios.
@@ -163,6 +165,14 @@ async fn latency(addrs: Vec<String>, n: u64) -> Result<()> {
     Ok(())
 }
 
+async fn chunks(addrs: Vec<String>, ino: u64) -> Result<()> {
+    let client = MetadataClient::new(addrs, ClientTimeouts::default());
+    for loc in client.chunks(ino, 0, 1 << 20).await? {
+        println!("{loc:?}");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     // Die quietly when the reader of our output goes away (`| head -1`), as command-line
     // tools do, instead of panicking in println!: Rust ignores SIGPIPE by default.
@@ -188,6 +198,10 @@ fn main() -> Result<()> {
                 .build()?
                 .block_on(latency(addrs, n.parse()?))
         }
-        _ => bail!("usage: rawfs-bench meta DIR N [--cold-stat] | rawfs-bench million|latency ADDR[,ADDR...] N"),
+        ["chunks", addrs, ino] => {
+            let addrs = addrs.split(',').map(str::to_string).collect();
+            tokio::runtime::Runtime::new()?.block_on(chunks(addrs, ino.parse()?))
+        }
+        _ => bail!("usage: rawfs-bench meta DIR N [--cold-stat] | rawfs-bench million|latency ADDR[,ADDR...] N | rawfs-bench chunks ADDR[,ADDR...] INO"),
     }
 }
