@@ -221,6 +221,11 @@ async fn apply(storage: Arc<Storage>, reply: HeartbeatReply) -> Result<(), BeatE
                 tracing::error!(chunk, error = %e, "cannot delete chunk");
             }
         }
+        for (chunk, version) in reply.delete_stale {
+            if let Err(e) = storage.delete_stale(chunk, version) {
+                tracing::error!(chunk, version, error = %e, "cannot delete stale chunk");
+            }
+        }
         for (chunk, version) in reply.fence {
             match storage.fence(chunk, version, reply.term) {
                 // Gone or already newer: nothing older can be written there anyway.
@@ -318,6 +323,8 @@ mod tests {
         let reply = HeartbeatReply {
             term: 12,
             delete: vec![2],
+            // Chunk 1 is newer than the stale copy the order names: it stays.
+            delete_stale: vec![(1, 0)],
             // Chunk 3 is fenced at version 5; chunk 9 is not here (ignored).
             fence: vec![(3, 5), (9, 1)],
             scrub_rate: None,
@@ -362,6 +369,7 @@ mod tests {
         let reply = HeartbeatReply {
             term: 11,
             delete: vec![2],
+            delete_stale: vec![(2, 1)],
             fence: vec![(2, 9)],
             scrub_rate: None,
             want_inventory: false,

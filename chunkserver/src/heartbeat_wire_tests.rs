@@ -31,6 +31,7 @@ impl MetadataRpc for FakeMetadata {
         Ok(HeartbeatReply {
             term: 7,
             delete: vec![2],
+            delete_stale: Vec::new(),
             fence: Vec::new(),
             scrub_rate: None,
             want_inventory: false,

@@ -757,12 +757,32 @@ impl Storage {
 
     /// Deletes `chunk` (ordered by the metadata service). A missing chunk is not an error.
     pub fn delete(&self, chunk: u64) -> Result<(), StoreError> {
+        self.delete_up_to(chunk, u64::MAX).map(|_| ())
+    }
+
+    /// Deletes `chunk` if it is stored at `version` or older (a stale copy the metadata
+    /// service saw in an inventory); a newer copy, written since, stays. True if a copy
+    /// was deleted.
+    pub fn delete_stale(&self, chunk: u64, version: u64) -> Result<bool, StoreError> {
+        self.delete_up_to(chunk, version)
+    }
+
+    fn delete_up_to(&self, chunk: u64, newest: u64) -> Result<bool, StoreError> {
         let slot = self.slot(chunk);
         let mut guard = lock_quiet(&slot, |_| Quiet::All);
         let version = match guard.as_ref() {
             Some(cf) => Some(cf.version()),
             None => lock(&self.index).get(&chunk).map(|m| m.version),
         };
+        if version.is_some_and(|v| v > newest) {
+            tracing::info!(
+                chunk,
+                stored = version,
+                newest,
+                "stale-copy deletion skipped: a newer copy is here"
+            );
+            return Ok(false);
+        }
         if let Some(version) = version {
             // Durable before the file goes, so no crash forgets it.
             self.tombstones.add(chunk, version)?;
@@ -779,7 +799,7 @@ impl Storage {
         lock(&self.new_entries).remove(&chunk);
         lock(&self.corrupt).remove(&chunk);
         tracing::debug!(chunk, "chunk deleted");
-        Ok(())
+        Ok(version.is_some())
     }
 
     /// Raises the term fence (from a heartbeat reply).

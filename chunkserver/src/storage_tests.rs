@@ -195,6 +195,20 @@ fn delete_frees_space_and_forgets_the_chunk() {
 }
 
 #[test]
+fn a_stale_copy_deletion_spares_a_newer_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(dir.path(), None).unwrap();
+    // The inventory showed version 1; the healer has since written a new copy at version 3.
+    s.write(4, 1, 1, 0, b"old", false).unwrap();
+    s.write(4, 3, 1, 0, b"new", false).unwrap();
+    assert_eq!(s.delete_stale(4, 1), Ok(false));
+    assert_eq!(&s.read(4, 3, 0, 3).unwrap()[..], b"new");
+    assert_eq!(s.delete_stale(4, 3), Ok(true));
+    assert_eq!(s.read(4, 3, 0, 3), Err(StoreError::NotFound));
+    assert_eq!(s.delete_stale(4, 3), Ok(false), "nothing left to delete");
+}
+
+#[test]
 fn configured_capacity_refuses_writes_when_full() {
     let dir = tempfile::tempdir().unwrap();
     let s = Storage::open(dir.path(), Some(256 << 10)).unwrap();

@@ -2,6 +2,7 @@
 //! heartbeats (registration, liveness, the deletions each server owes, corrupt copies
 //! dropped and corrupt shards marked lost).
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use rawfs_metadata_api::*;
@@ -157,10 +158,17 @@ impl Server {
             let scrub_rate = crate::limits::settings(rt)?.scrub_rate;
             let pending = queries::pending_deletes(rt, server)?;
             let stale = match &hb.inventory {
-                Some(inv) => (
-                    queries::inventory_deletes(rt, server, inv)?,
-                    queries::inventory_fences(rt, server, inv)?,
-                ),
+                Some(inv) => {
+                    let gone: HashSet<ChunkId> = queries::inventory_deletes(rt, server, inv)?
+                        .into_iter()
+                        .collect();
+                    let at: Vec<(ChunkId, u64)> = inv
+                        .iter()
+                        .filter(|(c, _)| gone.contains(c))
+                        .copied()
+                        .collect();
+                    (at, queries::inventory_fences(rt, server, inv)?)
+                }
                 None => Default::default(),
             };
             let mut corrupt = Vec::new();
@@ -250,9 +258,14 @@ impl Server {
         }
         let (stale, mut fence) = stale;
         let mut delete = pending;
-        delete.extend(stale);
         delete.sort_unstable();
         delete.dedup();
+        // Between the inventory and the reply's arrival, the healer may copy the chunk to this
+        // server (a fresh copy, at a newer version): the order names the version seen.
+        let delete_stale: Vec<(ChunkId, u64)> = stale
+            .into_iter()
+            .filter(|(c, _)| delete.binary_search(c).is_err())
+            .collect();
         let want_inventory = {
             let mut reg = self.registry();
             fence.extend(reg.take_fences(server, FENCES_PER_REPLY));
@@ -261,6 +274,7 @@ impl Server {
         Ok(HeartbeatReply {
             term,
             delete,
+            delete_stale,
             fence,
             scrub_rate,
             want_inventory,

@@ -116,11 +116,13 @@ async fn namespace_chunks_and_heartbeats_through_the_client() {
         vec![loc.chunk]
     );
     assert!(c.heartbeat(hb(2, None)).await.unwrap().delete.is_empty());
-    // An inventory names it again (and an id nobody allocated yet): only the known one goes.
+    // An inventory names it again (and an id nobody allocated yet): only the known one goes,
+    // and only at the version the inventory showed (a newer copy made since stays).
     let inv = Some(vec![(loc.chunk, 1), (loc.chunk + 1000, 1)]);
+    let reply = c.heartbeat(hb(2, inv)).await.unwrap();
     assert_eq!(
-        c.heartbeat(hb(2, inv)).await.unwrap().delete,
-        vec![loc.chunk]
+        (reply.delete, reply.delete_stale),
+        (vec![], vec![(loc.chunk, 1)])
     );
 
     // A corrupt copy reported by server 3 goes while server 1 still serves the chunk.

@@ -463,8 +463,13 @@ pub struct Heartbeat {
 pub struct HeartbeatReply {
     /// The leader's term: the fencing token the chunkserver must remember.
     pub term: u64,
-    /// Chunks to delete (no longer referenced, or a stale version).
+    /// Chunks to delete (no longer referenced, or a dropped copy).
     pub delete: Vec<ChunkId>,
+    /// Copies to delete only while still stored at the given version or older: stale
+    /// copies the server's inventory showed. A copy written there since (the healer may
+    /// have picked this very server for a new one) has a newer version and stays.
+    #[serde(default)]
+    pub delete_stale: Vec<(ChunkId, u64)>,
     /// Chunks to FENCE at a version (refuse older versions from now on): chunks shared by a
     /// new snapshot, and copies the inventory shows behind the chunk map. The snapshot's
     /// client fences them itself; these orders close the gap when it died before it could.
