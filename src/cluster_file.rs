@@ -151,6 +151,42 @@ impl ClusterFile {
     pub fn find(&self, role: Role, id: u64) -> Option<&ProcessEntry> {
         self.processes.iter().find(|p| p.role == role && p.id == id)
     }
+
+    /// True if the process recorded with `pid` runs: that pid, or the same daemon restarted
+    /// (by hand, or by a test harness, from the recorded `exe` and `args`) under another pid,
+    /// which `rawfs status` must not show as down.
+    pub fn runs(&self, pid: u32) -> bool {
+        if pid_alive(pid) {
+            return true;
+        }
+        self.processes
+            .iter()
+            .find(|p| p.pid == pid)
+            .is_some_and(|p| !p.args.is_empty() && running_with_args(&p.args))
+    }
+}
+
+/// True if a live process has exactly `args` after its executable (whatever path it was
+/// started by).
+fn running_with_args(args: &[String]) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten()
+        .filter_map(|d| d.file_name().to_str()?.parse::<u32>().ok())
+        .any(|pid| {
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            // NUL-terminated arguments: argv[0], then the ones to compare.
+            let mut parts: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+            if parts.last().is_some_and(|p| p.is_empty()) {
+                parts.pop();
+            }
+            parts.len() == args.len() + 1
+                && parts[1..].iter().zip(args).all(|(a, b)| *a == b.as_bytes())
+                && pid_alive(pid)
+        })
 }
 
 /// True if `pid` names a running process (not a zombie).
@@ -217,6 +253,43 @@ mod tests {
     #[test]
     fn liveness_of_pids() {
         assert!(pid_alive(std::process::id()));
+        // A process restarted from the recorded arguments runs under another pid.
+        let unique = format!(
+            "{}.{}",
+            9000 + std::process::id() % 1000,
+            std::process::id()
+        );
+        let mut restarted = std::process::Command::new("sleep")
+            .arg(&unique)
+            .spawn()
+            .expect("sleep");
+        let entry = |pid: u32, args: Vec<String>| ProcessEntry {
+            role: Role::Chunkserver,
+            id: 1,
+            pid,
+            addr: String::new(),
+            data_dir: PathBuf::new(),
+            raft_addr: None,
+            control_addr: None,
+            exe: None,
+            args,
+            log: None,
+        };
+        let cf = ClusterFile {
+            mount: PathBuf::new(),
+            processes: vec![
+                entry(u32::MAX - 1, vec![unique.clone()]),
+                entry(u32::MAX - 2, vec![unique, "x".into()]),
+            ],
+            up_pid: None,
+            ready: true,
+        };
+        let running = cf.runs(u32::MAX - 1);
+        restarted.kill().expect("kill");
+        restarted.wait().expect("wait");
+        assert!(running, "found by its arguments");
+        assert!(!cf.runs(u32::MAX - 1), "gone once it ended");
+        assert!(!cf.runs(u32::MAX - 2) && !cf.runs(u32::MAX - 3));
         assert!(!pid_alive(0));
         assert!(!pid_alive(u32::MAX));
     }

@@ -198,7 +198,8 @@ pub fn run(args: StatusArgs) -> ExitCode {
     };
     let (value, failure) = match rt.block_on(fetch(&addrs, STATUS_TIMEOUT)) {
         Ok(s) => {
-            let mut v = status_json(&s, cluster.as_ref(), &pid_alive);
+            let alive = |pid| cluster.as_ref().map_or(pid_alive(pid), |c| c.runs(pid));
+            let mut v = status_json(&s, cluster.as_ref(), &alive);
             let volumes = rt
                 .block_on(fetch_volumes(&addrs, STATUS_TIMEOUT))
                 .unwrap_or_else(|e| {
@@ -208,7 +209,7 @@ pub fn run(args: StatusArgs) -> ExitCode {
             add_volumes(
                 &mut v,
                 &volumes,
-                nbd_view(cluster.as_ref(), &pid_alive).as_ref(),
+                nbd_view(cluster.as_ref(), &alive).as_ref(),
             );
             (Some(v), None)
         }
