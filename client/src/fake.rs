@@ -95,6 +95,9 @@ pub(crate) struct State {
     pub timeouts: HashSet<ServerId>,
     /// Servers that silently store a wrong first byte of every write (a lying disk).
     pub garble: HashSet<ServerId>,
+    /// Copies a server deleted, with the version they had: it refuses to recreate them at
+    /// that version or older, as a chunkserver's tombstones do.
+    pub tombstones: HashMap<(ServerId, ChunkId), u64>,
     /// Every data read: (server, chunk, offset, len).
     pub read_log: Vec<(ServerId, ChunkId, u32, u32)>,
     /// Every fence: (server, chunk, version).
@@ -638,6 +641,13 @@ impl Store for Fake {
                 return Err(DataError::StaleTerm { current: st.term });
             }
             st.writes += 1;
+            if let Some(&deleted_at) = st.tombstones.get(&(server, put.chunk)) {
+                if put.version <= deleted_at {
+                    return Err(DataError::StaleVersion {
+                        current: deleted_at,
+                    });
+                }
+            }
             let garble = st.garble.contains(&server) && !put.data.is_empty();
             let stored = st.data.entry((server, put.chunk)).or_default();
             if stored.version > put.version {

@@ -248,6 +248,31 @@ async fn a_dead_replica_is_dropped_and_the_write_goes_on() {
 }
 
 #[tokio::test]
+async fn a_replica_whose_copy_was_deleted_is_dropped_and_the_write_goes_on() {
+    let (fake, io) = setup(3, 1 << 20);
+    io.write(0, &pattern(4, 10_000)).await.unwrap();
+    io.flush().await.unwrap();
+    let before = fake.loc(INO, 0).unwrap();
+    // Its server deleted the copy (a late stale-copy order) while the map still lists it:
+    // it refuses the current version, also after the location is asked for again.
+    let gone = before.replicas[0].server;
+    {
+        let mut st = fake.st();
+        st.data.remove(&(gone, before.chunk));
+        st.tombstones.insert((gone, before.chunk), before.version);
+    }
+    io.write(10_000, &pattern(5, 10_000)).await.unwrap();
+    io.flush().await.unwrap();
+    let after = fake.loc(INO, 0).unwrap();
+    assert_eq!(after.replicas.len(), 2);
+    assert!(after.replicas.iter().all(|r| r.server != gone));
+    let mut want = pattern(4, 10_000);
+    want.extend(pattern(5, 10_000));
+    assert_eq!(io.read(0, 20_000).await.unwrap(), want);
+    io.fsync().await.unwrap();
+}
+
+#[tokio::test]
 async fn with_every_replica_down_flush_fails_and_keeps_the_data() {
     let (fake, io) = setup(3, 1 << 20);
     io.write(0, b"x").await.unwrap();

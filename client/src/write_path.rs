@@ -171,6 +171,15 @@ async fn write_frames_to_replicas(
         for (r, outcome) in loc.replicas.iter().zip(outcomes) {
             match outcome {
                 Ok(said) => added = added.zip(said).map(|(a, b)| a.max(b)),
+                // A replica that refuses the version the metadata service just gave us is
+                // not ahead of it: its copy is gone (deleted; the chunkserver refuses to
+                // recreate it at that version). It failed like any other replica.
+                Err(DataError::StaleVersion { current }) if refreshed && current <= loc.version => {
+                    let e = DataError::StaleVersion { current };
+                    tracing::warn!(chunk = loc.chunk, addr = %r.data_addr, error = %e, "replica refuses the current version");
+                    failed.push((r.server, e.clone()));
+                    last = Some(e);
+                }
                 Err(e) if e.is_replica_failure() => {
                     tracing::warn!(chunk = loc.chunk, addr = %r.data_addr, error = %e, "replica write failed");
                     failed.push((r.server, e.clone()));
