@@ -18,6 +18,8 @@ mod ec_heal;
 mod erasure;
 #[path = "integration/failover.rs"]
 mod failover;
+#[path = "integration/fault_storm.rs"]
+mod fault_storm;
 #[path = "integration/faults.rs"]
 mod faults;
 #[path = "integration/full_disk.rs"]
