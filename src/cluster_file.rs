@@ -284,7 +284,13 @@ mod tests {
             up_pid: None,
             ready: true,
         };
-        let running = cf.runs(u32::MAX - 1);
+        // The child shows its own arguments once it has exec'd (under load, a moment).
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut running = cf.runs(u32::MAX - 1);
+        while !running && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            running = cf.runs(u32::MAX - 1);
+        }
         restarted.kill().expect("kill");
         restarted.wait().expect("wait");
         assert!(running, "found by its arguments");

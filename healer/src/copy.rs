@@ -72,9 +72,43 @@ impl Ctx<'_> {
             .ok_or(RepairError::NoAddress(s))
     }
 
-    /// The byte ranges of the chunk the first source that answers holds (ascending), starting
-    /// with `*first` (moved on to the one that answered). A chunk no source has (allocated,
-    /// never written) holds nothing.
+    /// Asks the sources in turn, starting with `*first`, until one answers (`*first` then
+    /// names it); otherwise the last error (`NotFound` if none has an address). `what` says
+    /// in the log what failed.
+    async fn ask_sources<T, F, Fut>(
+        &self,
+        chunk: u64,
+        sources: &[ServerId],
+        first: &mut usize,
+        what: &str,
+        mut ask: F,
+    ) -> Result<T, DataError>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, DataError>>,
+    {
+        let mut last = DataError::NotFound;
+        for k in 0..sources.len() {
+            let i = (*first + k) % sources.len();
+            let Ok(addr) = self.addr(sources[i]) else {
+                continue;
+            };
+            match ask(addr.to_string()).await {
+                Ok(v) => {
+                    *first = i;
+                    return Ok(v);
+                }
+                Err(e) => {
+                    tracing::warn!(chunk, source = sources[i], error = %e, "source {what} failed; trying the next");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// The byte ranges of the chunk a source holds (ascending). A chunk no source has
+    /// (allocated, never written) holds nothing.
     async fn written(
         &self,
         chunk: u64,
@@ -82,35 +116,21 @@ impl Ctx<'_> {
         sources: &[ServerId],
         first: &mut usize,
     ) -> Result<Vec<Range<u32>>, RepairError> {
-        let mut last = DataError::NotFound;
-        for k in 0..sources.len() {
-            let i = (*first + k) % sources.len();
-            let Ok(addr) = self.addr(sources[i]) else {
-                continue;
-            };
-            match self
-                .data
-                .written(addr, chunk, version, 0, CHUNK_SIZE as u32)
-                .await
-            {
-                Ok(ranges) => {
-                    *first = i;
-                    return Ok(ranges);
-                }
-                Err(e) => {
-                    tracing::warn!(chunk, source = sources[i], error = %e, "source extent query failed; trying the next");
-                    last = e;
-                }
-            }
-        }
-        match last {
-            DataError::NotFound => Ok(Vec::new()),
-            last => Err(RepairError::NoSource { offset: 0, last }),
+        let data = self.data;
+        let asked = self
+            .ask_sources(chunk, sources, first, "extent query", |addr| async move {
+                data.written(&addr, chunk, version, 0, CHUNK_SIZE as u32)
+                    .await
+            })
+            .await;
+        match asked {
+            Ok(ranges) => Ok(ranges),
+            Err(DataError::NotFound) => Ok(Vec::new()),
+            Err(last) => Err(RepairError::NoSource { offset: 0, last }),
         }
     }
 
-    /// Reads `len` bytes at `offset` from the first source that serves them, starting with
-    /// `*first` (moved on to the one that worked).
+    /// Reads `len` bytes at `offset` from a source that serves them.
     async fn read_piece(
         &self,
         chunk: u64,
@@ -120,29 +140,14 @@ impl Ctx<'_> {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, RepairError> {
-        let mut last = DataError::NotFound;
-        for k in 0..sources.len() {
-            let i = (*first + k) % sources.len();
-            let Ok(addr) = self.addr(sources[i]) else {
-                continue;
-            };
-            // Pieces never cross the 64 MiB chunk, so offsets and lengths fit in u32.
-            match self
-                .data
-                .read(addr, chunk, version, offset as u32, len as u32)
+        let data = self.data;
+        // Pieces never cross the 64 MiB chunk, so offsets and lengths fit in u32.
+        self.ask_sources(chunk, sources, first, "read", |addr| async move {
+            data.read(&addr, chunk, version, offset as u32, len as u32)
                 .await
-            {
-                Ok(b) => {
-                    *first = i;
-                    return Ok(b);
-                }
-                Err(e) => {
-                    tracing::warn!(chunk, source = sources[i], offset, error = %e, "source read failed; trying the next");
-                    last = e;
-                }
-            }
-        }
-        Err(RepairError::NoSource { offset, last })
+        })
+        .await
+        .map_err(|last| RepairError::NoSource { offset, last })
     }
 }
 

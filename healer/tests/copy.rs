@@ -8,7 +8,6 @@ use bytes::Bytes;
 use common::*;
 use rawfs_chunkserver_api::{DataClient, WriteReq};
 use rawfs_client::{Client, ClientConfig};
-use rawfs_healer::HealerConfig;
 use rawfs_metadata_api::ClientTimeouts;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -64,24 +63,7 @@ async fn a_copy_holds_what_the_replicas_hold_past_the_files_size() {
     let down = loc.replicas[0].server;
     servers[(down - 1) as usize] = None;
     let stop = CancellationToken::new();
-    let cfg = HealerConfig {
-        metadata: vec![addr.clone()],
-        id: 1,
-        scan_interval: Duration::from_millis(200),
-        lease_ttl: Duration::from_secs(1),
-        cold_after: Duration::from_secs(3600),
-        repair_rate: 0,
-        workers: rawfs_healer::DEFAULT_WORKERS,
-    };
-    let token = stop.clone();
-    // The daemon's future is not `Send`: it gets a runtime of its own, as in `rawfs healer`.
-    let healer = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(rawfs_healer::run(cfg, token))
-    });
+    let healer = spawn_healer(&addr, &stop);
     let deadline = Instant::now() + Duration::from_secs(60);
     let after = loop {
         let now = chunk0(&client, ino).await;

@@ -10,7 +10,6 @@ use rawfs_chunkserver_api::DataClient;
 use rawfs_client::erasure::{Codec, Layout};
 use rawfs_client::{Client, ClientConfig};
 use rawfs_healer::tiering::Tiering;
-use rawfs_healer::HealerConfig;
 use rawfs_metadata_api::{ChunkLoc, ClientTimeouts, ServerId, StorageClass};
 use std::collections::HashSet;
 use std::future::Future;
@@ -123,25 +122,7 @@ async fn a_down_and_a_corrupt_shard_are_rebuilt_from_the_good_ones() {
     })
     .await;
 
-    // The daemon's future is not `Send` (its repair context borrows a `dyn Fn`): it gets a
-    // runtime of its own, as in `rawfs healer`.
-    let cfg = HealerConfig {
-        metadata: vec![addr.clone()],
-        id: 1,
-        scan_interval: Duration::from_millis(200),
-        lease_ttl: Duration::from_secs(1),
-        cold_after: Duration::from_secs(3600),
-        repair_rate: 0,
-        workers: rawfs_healer::DEFAULT_WORKERS,
-    };
-    let token = stop.clone();
-    let healer = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(rawfs_healer::run(cfg, token))
-    });
+    let healer = spawn_healer(&addr, &stop);
     // The new leader grants no lease for its first 10 s; then two scans at most.
     let after = until("both shards rebuilt", 60, || async {
         let loc = chunk0(&client, ino).await;

@@ -26,6 +26,14 @@ fn hb(server: u64, inventory: Option<Vec<(ChunkId, u64)>>) -> Heartbeat {
     }
 }
 
+/// Waits out the election, then registers chunkservers `1..=n` with a first heartbeat each.
+async fn register(c: &MetadataClient, n: u64) {
+    c.getattr(ROOT_INO).await.unwrap();
+    for s in 1..=n {
+        c.heartbeat(hb(s, Some(vec![]))).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespace_chunks_and_heartbeats_through_the_client() {
     let dir = tempfile::tempdir().unwrap();
@@ -174,10 +182,7 @@ async fn heartbeats_fence_a_snapshots_chunks_and_copies_behind_the_map() {
     let dir = tempfile::tempdir().unwrap();
     let (h, stop) = start(dir.path()).await;
     let c = client(h.addr());
-    c.getattr(ROOT_INO).await.unwrap();
-    for s in 1..=3 {
-        c.heartbeat(hb(s, Some(vec![]))).await.unwrap();
-    }
+    register(&c, 3).await;
     let f = file(&c, ROOT_INO, "vol").await;
     let loc = c.allocate_chunk(f.ino, 0).await.unwrap();
     c.commit_write(f.ino, 4096, 4096).await.unwrap();
@@ -223,10 +228,7 @@ async fn a_drained_server_takes_no_chunks_and_loses_its_copies_once_moved() {
     let dir = tempfile::tempdir().unwrap();
     let (h, stop) = start(dir.path()).await;
     let c = client(h.addr());
-    c.getattr(ROOT_INO).await.unwrap();
-    for s in 1..=4 {
-        c.heartbeat(hb(s, Some(vec![]))).await.unwrap();
-    }
+    register(&c, 4).await;
     let f = file(&c, ROOT_INO, "f").await;
     let loc = c.allocate_chunk(f.ino, 0).await.unwrap();
     c.commit_write(f.ino, 4096, 4096).await.unwrap();
@@ -331,10 +333,7 @@ async fn a_new_leader_places_no_chunk_short_while_it_hears_from_servers() {
     let dir = tempfile::tempdir().unwrap();
     let (h, stop) = start(dir.path()).await;
     let c = client(h.addr());
-    c.getattr(ROOT_INO).await.unwrap();
-    for s in 1..=4 {
-        c.heartbeat(hb(s, Some(vec![]))).await.unwrap();
-    }
+    register(&c, 4).await;
     stop.send(()).unwrap();
     h.join().await.unwrap();
 

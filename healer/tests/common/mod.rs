@@ -115,3 +115,29 @@ pub async fn chunk0(client: &Client, ino: Ino) -> ChunkLoc {
     assert_eq!(locs.len(), 1, "chunk 0 of {ino} exists");
     locs.remove(0)
 }
+
+/// Runs the healer daemon against `metadata` until `stop`, scanning every 200 ms with its
+/// repair throttle lifted. Its future is not `Send` (its repair context borrows a `dyn Fn`):
+/// it gets a thread and a runtime of its own, as in `rawfs healer`.
+pub fn spawn_healer(
+    metadata: &str,
+    stop: &tokio_util::sync::CancellationToken,
+) -> std::thread::JoinHandle<Result<(), rawfs_healer::HealerError>> {
+    let cfg = rawfs_healer::HealerConfig {
+        metadata: vec![metadata.to_string()],
+        id: 1,
+        scan_interval: Duration::from_millis(200),
+        lease_ttl: Duration::from_secs(1),
+        cold_after: Duration::from_secs(3600),
+        repair_rate: 0,
+        workers: rawfs_healer::DEFAULT_WORKERS,
+    };
+    let token = stop.clone();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(rawfs_healer::run(cfg, token))
+    })
+}
