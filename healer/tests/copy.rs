@@ -7,35 +7,17 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use rawfs_chunkserver_api::{DataClient, WriteReq};
-use rawfs_client::{Client, ClientConfig};
-use rawfs_metadata_api::ClientTimeouts;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_holds_what_the_replicas_hold_past_the_files_size() {
-    let meta = start_metadata(Duration::from_secs(2)).await;
-    let addr = meta.handle.as_ref().expect("handle").addr().to_string();
-    let mut servers = Vec::new();
-    for id in 1..=4 {
-        servers.push(Some(start_chunkserver(id, &addr).await));
-    }
-    let client = Client::new(ClientConfig {
-        metadata: vec![addr.clone()],
-        timeouts: ClientTimeouts {
-            call: Duration::from_secs(5),
-            op: Duration::from_secs(15),
-        },
-        io_timeout: Duration::from_secs(5),
-        ..ClientConfig::default()
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.meta().status().await.map_or(true, |st| {
-        st.chunkservers.iter().filter(|c| c.up).count() < 4
-    }) {
-        assert!(Instant::now() < deadline, "4 chunkservers never came up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let TestCluster {
+        meta,
+        addr,
+        mut servers,
+        client,
+    } = test_cluster(4).await;
 
     // A 100-byte file, then a writer's 3 MiB at 1 MiB on every replica, its size not
     // committed (the file still says 100 bytes).

@@ -8,9 +8,8 @@ mod common;
 use common::*;
 use rawfs_chunkserver_api::DataClient;
 use rawfs_client::erasure::{Codec, Layout};
-use rawfs_client::{Client, ClientConfig};
 use rawfs_healer::tiering::Tiering;
-use rawfs_metadata_api::{ChunkLoc, ClientTimeouts, ServerId, StorageClass};
+use rawfs_metadata_api::{ChunkLoc, ServerId, StorageClass};
 use std::collections::HashSet;
 use std::future::Future;
 use std::os::unix::fs::FileExt;
@@ -53,27 +52,12 @@ fn chunk_file(dir: &std::path::Path, chunk: u64) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_down_and_a_corrupt_shard_are_rebuilt_from_the_good_ones() {
-    let meta = start_metadata(Duration::from_secs(2)).await;
-    let addr = meta.handle.as_ref().expect("handle").addr().to_string();
-    let mut servers = Vec::new();
-    for id in 1..=9 {
-        servers.push(Some(start_chunkserver(id, &addr).await));
-    }
-    let client = Client::new(ClientConfig {
-        metadata: vec![addr.clone()],
-        timeouts: ClientTimeouts {
-            call: Duration::from_secs(5),
-            op: Duration::from_secs(15),
-        },
-        io_timeout: Duration::from_secs(5),
-        write_buffer: 1 << 20,
-        ..ClientConfig::default()
-    });
-    until("9 chunkservers up", 30, || async {
-        let st = client.meta().status().await.ok()?;
-        (st.chunkservers.iter().filter(|c| c.up).count() == 9).then_some(())
-    })
-    .await;
+    let TestCluster {
+        meta,
+        addr,
+        mut servers,
+        client,
+    } = test_cluster(9).await;
 
     // Two stripes and a bit: every shard stores bytes, the last stripe is partial.
     let len = (9 << 20) + 12345;

@@ -141,3 +141,48 @@ pub fn spawn_healer(
             .block_on(rawfs_healer::run(cfg, token))
     })
 }
+
+/// An in-process cluster: one metadata replica, `servers` chunkservers (ids from 1; a
+/// test stops one by setting its slot to `None`), and a client of them with a 1 MiB write
+/// buffer. Returned once every chunkserver is up.
+pub struct TestCluster {
+    pub meta: Daemon<MetadataHandle>,
+    pub addr: String,
+    pub servers: Vec<Option<Daemon<ChunkserverHandle>>>,
+    pub client: Client,
+}
+
+pub async fn test_cluster(servers: u64) -> TestCluster {
+    let meta = start_metadata(Duration::from_secs(2)).await;
+    let addr = meta.handle.as_ref().expect("handle").addr().to_string();
+    let mut daemons = Vec::new();
+    for id in 1..=servers {
+        daemons.push(Some(start_chunkserver(id, &addr).await));
+    }
+    let client = Client::new(rawfs_client::ClientConfig {
+        metadata: vec![addr.clone()],
+        timeouts: rawfs_metadata_api::ClientTimeouts {
+            call: Duration::from_secs(5),
+            op: Duration::from_secs(15),
+        },
+        io_timeout: Duration::from_secs(5),
+        write_buffer: 1 << 20,
+        ..rawfs_client::ClientConfig::default()
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while client.meta().status().await.map_or(true, |st| {
+        st.chunkservers.iter().filter(|c| c.up).count() < servers as usize
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{servers} chunkservers never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    TestCluster {
+        meta,
+        addr,
+        servers: daemons,
+        client,
+    }
+}
