@@ -341,16 +341,24 @@ async fn a_new_leader_places_no_chunk_short_while_it_hears_from_servers() {
     let c = client(h.addr());
     let f = file(&c, ROOT_INO, "f").await;
     c.heartbeat(hb(1, None)).await.unwrap();
-    let early = tokio::spawn({
-        let c = c.clone();
-        async move { c.allocate_chunk(f.ino, 0).await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!early.is_finished(), "placed with one server heard from");
+    // The leader's answer itself, not the client's retries of it: a client that gives up
+    // after its first tries (well inside the 2 s warm-up).
+    let impatient = MetadataClient::new(
+        vec![h.addr().to_string()],
+        ClientTimeouts {
+            call: Duration::from_millis(200),
+            op: Duration::from_millis(300),
+        },
+    );
+    let early = impatient.allocate_chunk(f.ino, 0).await;
+    assert!(
+        matches!(early, Err(MetaError::Unavailable { .. })),
+        "placed with one server heard from: {early:?}"
+    );
     for s in 2..=3 {
         c.heartbeat(hb(s, None)).await.unwrap();
     }
-    let loc = early.await.unwrap().unwrap();
+    let loc = c.allocate_chunk(f.ino, 0).await.unwrap();
     let mut servers: Vec<_> = loc.replicas.iter().map(|r| r.server).collect();
     servers.sort_unstable();
     assert_eq!(servers, vec![1, 2, 3]);

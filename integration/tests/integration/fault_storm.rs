@@ -18,13 +18,16 @@ use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 /// Faults injected, one after another.
 const FAULTS: usize = 8;
+/// Changes the writers fsync (together) before each fault, so that every fault lands on
+/// writing under way, however fast this machine is.
+const CHANGES_BETWEEN: u64 = 15;
 
 /// What one writer thread did: the files it fsynced with their content, and the calls that
 /// failed.
@@ -33,8 +36,9 @@ struct Written {
     errors: Vec<String>,
 }
 
-/// Creates, extends and overwrites files in `dir` (each change fsynced) until `stop`.
-fn writer(dir: PathBuf, seed: u64, stop: Arc<AtomicBool>) -> Written {
+/// Creates, extends and overwrites files in `dir` (each change fsynced) until `stop`,
+/// counting each change done (or failed) in `changes`.
+fn writer(dir: PathBuf, seed: u64, stop: Arc<AtomicBool>, changes: Arc<AtomicU64>) -> Written {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = Written {
         files: BTreeMap::new(),
@@ -72,11 +76,13 @@ fn writer(dir: PathBuf, seed: u64, stop: Arc<AtomicBool>) -> Written {
                     content.resize(at + len, 0);
                 }
                 content[at..at + len].copy_from_slice(&data);
+                changes.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 out.errors.push(format!("{}: {e}", path.display()));
                 // Old or new bytes: not checked any more.
                 out.files.remove(&path);
+                changes.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -127,17 +133,21 @@ fn single_faults_one_after_another_lose_and_fail_nothing() -> Result<()> {
         ],
     ))?;
     let stop = Arc::new(AtomicBool::new(false));
+    let changes = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..2)
         .map(|w| {
             let dir = c.path(&format!("w{w}"));
             fs::create_dir(&dir)?;
-            let stop = stop.clone();
-            Ok(thread::spawn(move || writer(dir, seed ^ w, stop)))
+            let (stop, changes) = (stop.clone(), changes.clone());
+            Ok(thread::spawn(move || writer(dir, seed ^ w, stop, changes)))
         })
         .collect::<Result<_>>()?;
     let storm = (|| -> Result<()> {
         for _ in 0..FAULTS {
-            thread::sleep(Duration::from_millis(rng.gen_range(500..2000)));
+            let from = changes.load(Ordering::Relaxed);
+            wait_until("the writers to go on", Duration::from_secs(60), || {
+                Ok(changes.load(Ordering::Relaxed) >= from + CHANGES_BETWEEN)
+            })?;
             let (role, id) = if rng.gen_bool(0.25) {
                 ("metadata", rng.gen_range(1..=3))
             } else {
@@ -145,6 +155,7 @@ fn single_faults_one_after_another_lose_and_fail_nothing() -> Result<()> {
             };
             eprintln!("fault storm: kill -9 {role} {id}");
             c.kill9(role, id)?;
+            // The outage itself (not a wait for anything): writes meet the dead daemon.
             thread::sleep(Duration::from_millis(rng.gen_range(200..3000)));
             c.restart_process(role, id)?;
             let r = wait_until("full redundancy again", Duration::from_secs(90), || {
