@@ -2,7 +2,6 @@
 //! heartbeats (registration, liveness, the deletions each server owes, corrupt copies
 //! dropped and corrupt shards marked lost).
 
-use std::collections::HashSet;
 use std::time::Instant;
 
 use rawfs_metadata_api::*;
@@ -158,17 +157,10 @@ impl Server {
             let scrub_rate = crate::limits::settings(rt)?.scrub_rate;
             let pending = queries::pending_deletes(rt, server)?;
             let stale = match &hb.inventory {
-                Some(inv) => {
-                    let gone: HashSet<ChunkId> = queries::inventory_deletes(rt, server, inv)?
-                        .into_iter()
-                        .collect();
-                    let at: Vec<(ChunkId, u64)> = inv
-                        .iter()
-                        .filter(|(c, _)| gone.contains(c))
-                        .copied()
-                        .collect();
-                    (at, queries::inventory_fences(rt, server, inv)?)
-                }
+                Some(inv) => (
+                    queries::inventory_deletes(rt, server, inv)?,
+                    queries::inventory_fences(rt, server, inv)?,
+                ),
                 None => Default::default(),
             };
             let mut corrupt = Vec::new();

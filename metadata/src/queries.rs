@@ -176,21 +176,22 @@ pub(crate) fn chunk_by_id(rt: &ReadTables, chunk: ChunkId) -> Op<Option<ChunkRec
 /// allocation counter (read in this same transaction, so a chunk being allocated right now
 /// is never among them) and chunks whose replica list no longer names this server.
 /// A listed replica with an older version is kept: a replica-set shrink bumps the version
-/// before the survivors have been written at the new one.
+/// before the survivors have been written at the new one. Each with the version the
+/// inventory showed, which bounds its deletion (`HeartbeatReply::delete_stale`).
 pub(crate) fn inventory_deletes(
     rt: &ReadTables,
     server: ServerId,
     inventory: &[(ChunkId, u64)],
-) -> Op<Vec<ChunkId>> {
+) -> Op<Vec<(ChunkId, u64)>> {
     let next = rt.counter(NEXT_CHUNK)?;
     let mut out = Vec::new();
-    for &(chunk, _version) in inventory {
+    for &(chunk, version) in inventory {
         if chunk >= next {
             continue;
         }
         match chunk_by_id(rt, chunk)? {
-            None => out.push(chunk),
-            Some(rec) if !rec.servers.contains(&server) => out.push(chunk),
+            None => out.push((chunk, version)),
+            Some(rec) if !rec.servers.contains(&server) => out.push((chunk, version)),
             Some(_) => {}
         }
     }

@@ -75,7 +75,7 @@ fn inventory_drops(h: &H, server: ServerId, chunk: ChunkId) -> bool {
     let out =
         h.sm.read(|rt| queries::inventory_deletes(rt, server, &[(chunk, 1)]))
             .unwrap();
-    out.contains(&chunk)
+    out.contains(&(chunk, 1))
 }
 
 fn shard_ids(shards: &[Shard]) -> Vec<ChunkId> {

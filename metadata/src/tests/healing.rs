@@ -97,7 +97,7 @@ fn a_queued_deletion_of_the_new_copy_is_cancelled() {
     let queued =
         h.sm.read(|rt| queries::inventory_deletes(rt, 4, &[(c, 1)]))
             .unwrap();
-    assert_eq!(queued, vec![c]);
+    assert_eq!(queued, vec![(c, 1)]);
     h.apply(Command::DropReplica {
         chunk: c,
         expected_version: 1,
@@ -342,7 +342,7 @@ fn replace_shard_is_fenced_by_term_version_layout_and_distinct_servers() {
         !h.sm
             .read(|rt| queries::inventory_deletes(rt, 1, &[(s0, v)]))
             .unwrap()
-            .contains(&s0),
+            .contains(&(s0, v)),
         "server 1 keeps it"
     );
     // A repeat finds it done.

@@ -162,7 +162,7 @@ fn drop_replica_bumps_version_only_when_expected() {
     let del =
         h.sm.read(|rt| queries::inventory_deletes(rt, 2, &inv))
             .unwrap();
-    assert_eq!(del, vec![loc.chunk]);
+    assert_eq!(del, vec![(loc.chunk, 1)]);
     let del1 =
         h.sm.read(|rt| queries::inventory_deletes(rt, 1, &[(loc.chunk, 1)]))
             .unwrap();
