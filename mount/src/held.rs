@@ -484,26 +484,40 @@ impl Inner {
         dir: Ino,
         change: impl FnOnce(&mut DirState, Timespec) -> Result<Option<HeldOp>, Errno>,
     ) -> Option<Result<(), Errno>> {
+        self.held_changes(dir, |st, now| Ok(change(st, now)?.into_iter().collect()))
+    }
+
+    /// `held_change` for a change that queues several operations at once (committed in
+    /// the same batch: no answer of the leader shows one without the others).
+    pub(crate) fn held_changes(
+        self: &Arc<Self>,
+        dir: Ino,
+        change: impl FnOnce(&mut DirState, Timespec) -> Result<Vec<HeldOp>, Errno>,
+    ) -> Option<Result<(), Errno>> {
         let d = self.held_dir(dir)?;
         let now = Timespec::now();
-        let (commit_now, schedule) = {
+        let (mut commit_now, mut schedule) = (false, false);
+        {
             let mut st = lock(&d.state);
             if st.gone {
                 return None;
             }
-            let op = match change(&mut st, now) {
-                Ok(Some(op)) => op,
-                Ok(None) => return Some(Ok(())),
+            let ops = match change(&mut st, now) {
+                Ok(ops) => ops,
                 Err(e) => return Some(Err(e)),
             };
             let mut queued = lock(&self.held.queued);
-            // The directory's own change (its attributes) is known from its state here;
-            // registering it would make a lookup of it commit the queue first.
-            for ino in op_inos(&op).filter(|&ino| ino != dir) {
-                queued.insert(ino, dir);
+            for op in ops {
+                // The directory's own change (its attributes) is known from its state
+                // here; registering it would make a lookup of it commit the queue first.
+                for ino in op_inos(&op).filter(|&ino| ino != dir) {
+                    queued.insert(ino, dir);
+                }
+                let (full, first) = st.push(op, now);
+                commit_now |= full;
+                schedule |= first;
             }
-            st.push(op, now)
-        };
+        }
         self.commit_later(dir, commit_now, schedule);
         Some(Ok(()))
     }

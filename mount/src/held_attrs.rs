@@ -155,6 +155,8 @@ impl Inner {
     /// commit just created the file (with `base`, its attributes then) and placed its first
     /// chunk: the data is on the replicas, and nobody else can see the file before the queue
     /// is committed. Commits it through the leader if `dir` was given back meanwhile.
+    /// Changes of the file through the leader wait for a flush behind (`behind_done`), so
+    /// none is missing from `base` when this comes from one.
     pub(crate) async fn held_wrote(
         self: &Arc<Self>,
         dir: Ino,
@@ -162,22 +164,37 @@ impl Inner {
         w: Deferred,
     ) -> Result<(), Errno> {
         let ino = base.ino;
-        let queued = self.held_change(dir, |st: &mut DirState, now| {
+        // Times set while the data was buffered go with it, in the same batch: no answer
+        // in between shows the write's own mtime (the kernel would keep that one).
+        let times = self.write_behind.times_after(ino);
+        let queued = self.held_changes(dir, |st: &mut DirState, now| {
             let mut a = st.pending.remove(&ino).unwrap_or(base);
             a.size = a.size.max(w.end);
             a.stored = stored_after_write(a.stored, w.stored_delta, a.size, w.end);
             a.mtime = now;
             a.ctime = now;
-            st.pending.insert(ino, a);
-            Ok(Some(HeldOp::Wrote {
+            let mut ops = vec![HeldOp::Wrote {
                 ino,
                 end: w.end,
                 stored_delta: w.stored_delta,
                 time: now,
-            }))
+            }];
+            if let Some(set) = &times {
+                a = apply_set(a, set, now);
+                ops.push(HeldOp::SetAttr {
+                    ino,
+                    set: set.clone(),
+                    time: now,
+                });
+            }
+            st.pending.insert(ino, a);
+            Ok(ops)
         });
         match queued {
-            Some(done) => done,
+            Some(done) => {
+                self.write_behind.times_set(ino);
+                done
+            }
             None => self
                 .client
                 .meta()

@@ -20,7 +20,7 @@ use tracing::warn;
 
 use crate::attr::{file_attr, InoMap};
 use crate::coherence::{Coherence, Recalled};
-use crate::opens::{OpenFile, ReleaseMsg};
+use crate::opens::{OpenFiles, ReleaseMsg};
 use crate::ops_dir::OpenDir;
 
 /// Caches of "this inode has no `security.capability`" are dropped past this many inodes.
@@ -42,7 +42,7 @@ pub(crate) struct Inner {
     pub(crate) map: InoMap,
     pub(crate) attr_ttl: Duration,
     pub(crate) entry_ttl: Duration,
-    pub(crate) files: Mutex<HashMap<Ino, OpenFile>>,
+    pub(crate) files: Mutex<OpenFiles>,
     pub(crate) dirs: Mutex<HashMap<u64, OpenDir>>,
     /// Parent of each directory seen, for the `..` entry of `readdir` (cosmetic: the kernel
     /// resolves `..` itself).
@@ -104,7 +104,7 @@ impl Inner {
             coherence: Arc::new(Coherence::new(InoMap { root }, entry_ttl, attr_ttl)),
             attr_ttl,
             entry_ttl,
-            files: Mutex::new(HashMap::new()),
+            files: Mutex::new(OpenFiles::default()),
             dirs: Mutex::new(HashMap::new()),
             parents: Mutex::new(HashMap::new()),
             no_caps: Mutex::new(HashSet::new()),

@@ -19,12 +19,14 @@
 //! office), so a reader keeps an unlinked file across a failover.
 
 use std::collections::hash_map::Entry as MapEntry;
+use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use fuser::Errno;
 use rawfs_client::FileIo;
-use rawfs_metadata_api::{Attr, FileKind, Ino, OPEN_CHUNKS};
+use rawfs_metadata_api::{Attr, FileKind, Ino, MetaError, OPEN_CHUNKS};
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
@@ -48,6 +50,64 @@ pub(crate) struct OpenFile {
     server_open: bool,
     /// The epoch of the leader holding this mount's leased open of it, if it has one.
     leased: Option<u64>,
+}
+
+/// Most inodes whose last removal `OpenFiles` remembers; past that it forgets them all.
+const REMOVALS_KEPT: usize = 4096;
+
+/// The open-file table, and when each inode's entry was last removed.
+///
+/// While a file is open here, its `FileIo` has the size the kernel is told. Once the last
+/// handle's flush is committed the entry goes, and the metadata service's answers have it,
+/// but an answer asked for before that commit and arriving after the removal has the file
+/// shorter than this mount's writes made it: a new entry made with it would report that
+/// size, the kernel would take it from that reply or the next (`getattr`, a lookup, a
+/// listing), and an `O_APPEND` write would land on the last one (seen with four processes
+/// appending to one file). So whoever asks notes `removals()` first, and asks again if the
+/// inode's entry went meanwhile (`removed_since`; see `Inner::insert`, `Inner::current`).
+#[derive(Default)]
+pub(crate) struct OpenFiles {
+    map: HashMap<Ino, OpenFile>,
+    /// How many entries were removed so far.
+    removals: u64,
+    /// The value of `removals` after each inode's last removal (bounded).
+    removed: HashMap<Ino, u64>,
+    /// `removed` forgot every removal up to this one.
+    forgotten: u64,
+}
+
+impl OpenFiles {
+    /// A token for `removed_since`: take it before asking the metadata service.
+    pub(crate) fn removals(&self) -> u64 {
+        self.removals
+    }
+
+    /// Whether `ino`'s entry was removed after `token` was taken (or may have been).
+    fn removed_since(&self, ino: Ino, token: u64) -> bool {
+        token < self.forgotten || self.removed.get(&ino).is_some_and(|&r| r > token)
+    }
+
+    pub(crate) fn get_mut(&mut self, ino: &Ino) -> Option<&mut OpenFile> {
+        self.map.get_mut(ino)
+    }
+
+    fn remove(&mut self, ino: Ino) -> Option<OpenFile> {
+        let f = self.map.remove(&ino)?;
+        if self.removed.len() >= REMOVALS_KEPT {
+            self.removed.clear();
+            self.forgotten = self.removals;
+        }
+        self.removals += 1;
+        self.removed.insert(ino, self.removals);
+        Some(f)
+    }
+}
+
+impl Deref for OpenFiles {
+    type Target = HashMap<Ino, OpenFile>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
 }
 
 /// What `insert` did with an open the metadata service recorded for us.
@@ -167,8 +227,9 @@ impl Inner {
         if self.attach(ino, read_only) {
             return Ok(None);
         }
+        let token = self.removals();
         let meta = self.client.meta();
-        let (attr, leased, chunks) = if read_only {
+        let (mut attr, leased, chunks) = if read_only {
             let o = meta
                 .open_leased(ino, self.session)
                 .await
@@ -187,7 +248,10 @@ impl Inner {
             self.release_now(ours).await;
             return Err(Errno::EISDIR);
         }
-        match self.insert(&attr, leased.is_none(), leased) {
+        match self
+            .insert(&mut attr, leased.is_none(), leased, token)
+            .await?
+        {
             Inserted::New => {
                 if let (Some(found), Some(io)) = (chunks, self.io_if_open(ino)) {
                     io.learn_chunks(0, OPEN_CHUNKS, found);
@@ -212,19 +276,54 @@ impl Inner {
     }
 
     /// Takes a handle on a file this mount just created with `create`, which also recorded
-    /// the server-side open (so no other client's unlink can free it from under us).
-    pub(crate) async fn open_created(&self, attr: &Attr) {
-        if let Inserted::Extra = self.insert(attr, true, None) {
+    /// the server-side open (so no other client's unlink can free it from under us). `token`
+    /// is `removals` from before the create was sent (it may have found the file existing,
+    /// with a size from before writes made here: see `insert`, which refreshes `attr`).
+    pub(crate) async fn open_created(&self, attr: &mut Attr, token: u64) -> Result<(), Errno> {
+        if let Inserted::Extra = self.insert(attr, true, None, token).await? {
             // It was already open here: the mount keeps one server-side open per inode.
             self.release_now(Release::Logged(attr.ino)).await;
         }
+        Ok(())
     }
 
     /// Takes the first handle on a file created in a held directory: its open is recorded
     /// by the leader only when the create is committed (`created_open_recorded`).
     pub(crate) fn open_fresh(&self, attr: &Attr) {
-        self.insert(attr, false, None);
+        // A new inode: no entry of it was ever removed here.
+        self.insert_sized(attr.ino, attr.size, false, None, u64::MAX);
         self.set_no_caps(attr.ino, true);
+    }
+
+    /// A token for `insert` and `current`: take it before asking the metadata service for
+    /// attributes.
+    pub(crate) fn removals(&self) -> u64 {
+        lock(&self.files).removals()
+    }
+
+    /// `a` as the kernel may take it, asked for after `token` was taken (see `removals`).
+    /// The kernel takes the size from every reply (`getattr`, lookups, listings), and one
+    /// from before the commit of this mount's writes would undo them there (an `O_APPEND`
+    /// write would then land on the last one): so a file open here has the size its
+    /// `FileIo` knows, and one whose entry went since the token is asked for again.
+    pub(crate) async fn current(&self, mut a: Attr, mut token: u64) -> Result<Attr, MetaError> {
+        if a.kind != FileKind::File {
+            return Ok(a);
+        }
+        loop {
+            {
+                let files = lock(&self.files);
+                if let Some(f) = files.get(&a.ino) {
+                    a.size = f.io.size();
+                    return Ok(a);
+                }
+                if !files.removed_since(a.ino, token) {
+                    return Ok(a);
+                }
+            }
+            token = self.removals();
+            a = self.client.meta().getattr(a.ino).await?;
+        }
     }
 
     /// Whether every handle of `ino` open here was opened read-only (its entry holds only a
@@ -258,27 +357,68 @@ impl Inner {
         }
     }
 
-    /// Adds a new entry for `attr`'s inode, or a handle to the existing one.
-    fn insert(&self, attr: &Attr, server_open: bool, leased: Option<u64>) -> Inserted {
+    /// Adds a new entry for `attr`'s inode, or a handle to the existing one. `token` is
+    /// `OpenFiles::removals` from before `attr` was asked for: if the inode's entry went
+    /// since, `attr.size` may predate writes made through it, and it is asked again (from
+    /// the leader, which has their commits) before a new entry takes it.
+    async fn insert(
+        &self,
+        attr: &mut Attr,
+        server_open: bool,
+        leased: Option<u64>,
+        mut token: u64,
+    ) -> Result<Inserted, Errno> {
+        loop {
+            if let Some(done) = self.insert_sized(attr.ino, attr.size, server_open, leased, token) {
+                return Ok(done);
+            }
+            token = self.removals();
+            *attr = match self.client.meta().getattr(attr.ino).await {
+                Ok(a) => a,
+                Err(e) => {
+                    if server_open || leased.is_some() {
+                        self.release_now(match leased {
+                            Some(_) => Release::Leased(attr.ino),
+                            None => Release::Logged(attr.ino),
+                        })
+                        .await;
+                    }
+                    return Err(errno::meta(e));
+                }
+            };
+        }
+    }
+
+    /// `insert` with the size known; None if that size may be stale (see `insert`).
+    fn insert_sized(
+        &self,
+        ino: Ino,
+        size: u64,
+        server_open: bool,
+        leased: Option<u64>,
+        token: u64,
+    ) -> Option<Inserted> {
         let mut files = lock(&self.files);
-        match files.entry(attr.ino) {
+        let stale = files.removed_since(ino, token);
+        match files.map.entry(ino) {
             MapEntry::Occupied(mut e) => {
                 let f = e.get_mut();
                 f.handles += 1;
                 if server_open && !f.server_open && f.leased.is_some() {
                     f.server_open = true;
-                    return Inserted::Adopted;
+                    return Some(Inserted::Adopted);
                 }
-                Inserted::Extra
+                Some(Inserted::Extra)
             }
+            MapEntry::Vacant(_) if stale => None,
             MapEntry::Vacant(v) => {
                 v.insert(OpenFile {
-                    io: Arc::new(self.client.file(attr.ino, attr.size)),
+                    io: Arc::new(self.client.file(ino, size)),
                     handles: 1,
                     server_open,
                     leased,
                 });
-                Inserted::New
+                Some(Inserted::New)
             }
         }
     }
@@ -323,7 +463,7 @@ impl Inner {
                 Some(f) if f.handles == 0 && Arc::ptr_eq(&f.io, &io) => {
                     // A chunk placed for data that never went out (see `write_behind`).
                     self.write_behind.take_placed(ino);
-                    files.remove(&ino)
+                    files.remove(ino)
                 }
                 _ => None,
             }

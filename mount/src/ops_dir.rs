@@ -44,6 +44,8 @@ pub(crate) struct DirCursor {
     buf_start: usize,
     /// The fetch that filled `buf` returned fewer than a page: nothing follows it.
     buf_is_last: bool,
+    /// `Inner::removals` before that fetch (its sizes may predate this mount's writes).
+    buf_token: u64,
 }
 
 /// The part of a fuser directory reply that listing needs, for both flavours.
@@ -140,6 +142,7 @@ impl Inner {
             buf: Vec::new(),
             buf_start: 0,
             buf_is_last: false,
+            buf_token: 0,
         };
         let dir = OpenDir {
             ino,
@@ -254,6 +257,7 @@ impl Inner {
                     _ => *cur.after.get(i - 1).ok_or(Errno::EINVAL)?,
                 };
                 let meta = self.client.meta();
+                let token = self.removals();
                 let page = if self.settle_for_listing(ino).await? {
                     meta.readdir_held(ino, self.session, cookie, PAGE).await
                 } else {
@@ -266,6 +270,7 @@ impl Inner {
                     Err(e) => return Err(errno::meta(e)),
                 };
                 cur.buf_is_last = page.len() < PAGE as usize;
+                cur.buf_token = token;
                 cur.buf = page;
                 cur.buf_start = i;
                 if cur.buf.is_empty() {
@@ -276,7 +281,12 @@ impl Inner {
             if e.attr.kind == FileKind::Dir {
                 self.set_parent(e.attr.ino, ino);
             }
-            let attr = self.attr(&e.attr);
+            let attr = match self.current(e.attr.clone(), cur.buf_token).await {
+                Ok(a) => self.attr(&a),
+                // Removed since the fetch: listed as fetched, like any entry removed since.
+                Err(MetaError::NotFound) => self.attr(&e.attr),
+                Err(e) => return Err(errno::meta(e)),
+            };
             self.coherence.handed_entry(ino, &e.name, e.attr.ino);
             let next = i as u64 + 3;
             let name = OsStr::from_bytes(&e.name);

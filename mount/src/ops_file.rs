@@ -93,6 +93,7 @@ impl Inner {
             Made::NotHeld => {}
         }
         let meta = self.client.meta();
+        let token = self.removals();
         let made = meta
             .create(parent, name.clone(), node, caller, self.session)
             .await
@@ -104,7 +105,7 @@ impl Inner {
             _ => return Err(Errno::EEXIST),
         }
         let mut attr = made;
-        self.open_created(&attr).await;
+        self.open_created(&mut attr, token).await?;
         if flags & libc::O_TRUNC != 0 && attr.size > 0 {
             // It existed (created concurrently elsewhere) and the caller asked to truncate.
             let set = SetAttr {

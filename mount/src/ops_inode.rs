@@ -115,11 +115,12 @@ impl Inner {
             .io_if_open(ino)
             .filter(|_| meta.consistency() == Consistency::Linearizable)
             .map(|io| (io.size_changes(), io));
+        let token = self.removals();
         let a = meta.getattr(ino).await?;
         if let Some((changes, io)) = open {
             io.learn_size(a.size, changes);
         }
-        Ok(a)
+        self.current(a, token).await
     }
 
     pub(crate) async fn lookup(&self, parent: Ino, name: Name) -> Result<Entry, Errno> {
@@ -129,17 +130,14 @@ impl Inner {
             Some(Found::Fresh(a)) => return Ok(self.entry(parent, &name, &a)),
             Some(Found::Committed(ino)) => {
                 self.settle(ino).await?;
-                let a = self.client.meta().getattr(ino).await.map_err(errno::meta)?;
+                let a = self.fetch_attr(ino).await.map_err(errno::meta)?;
                 return Ok(self.entry(parent, &name, &a));
             }
         }
-        let a = self
-            .client
-            .meta()
-            .lookup(parent, name.clone())
-            .await
-            .map_err(errno::meta)?;
-        Ok(self.entry(parent, &name, &a))
+        let token = self.removals();
+        let a = self.client.meta().lookup(parent, name.clone()).await;
+        let a = self.current(a.map_err(errno::meta)?, token).await;
+        Ok(self.entry(parent, &name, &a.map_err(errno::meta)?))
     }
 
     pub(crate) async fn setattr(
@@ -158,6 +156,9 @@ impl Inner {
         if let Some(done) = self.held_setattr(ino, &set).await {
             return done.map(|a| (self.attr(&a), self.attr_ttl));
         }
+        // Through the leader: after a flush behind of the file, whose commit would otherwise
+        // show its attributes from before this change here (see `held_wrote`).
+        self.behind_done(ino).await;
         match self.io_if_open(ino) {
             Some(io) => {
                 self.settle_to_write(ino, &io).await?;
@@ -173,8 +174,9 @@ impl Inner {
                     io.flush().await.map_err(|e| self.data_errno(e))?;
                 }
             }
+            let token = self.removals();
             let a = match self.client.meta().setattr(ino, set.clone()).await {
-                Ok(a) => a,
+                Ok(a) => self.current(a, token).await.map_err(errno::meta)?,
                 Err(MetaError::NotFound) => {
                     self.set_removed_open_dir(ino, &set).ok_or(Errno::ENOENT)?
                 }
@@ -321,14 +323,18 @@ impl Inner {
         newparent: Ino,
         newname: Name,
     ) -> Result<Entry, Errno> {
+        // After a flush behind of the file (see `setattr`).
+        self.behind_done(ino).await;
         self.settle(ino).await?;
         self.give_back(newparent).await;
+        let token = self.removals();
         let a = self
             .client
             .meta()
             .link(ino, newparent, newname.clone())
             .await
             .map_err(errno::meta)?;
+        let a = self.current(a, token).await.map_err(errno::meta)?;
         Ok(self.entry(newparent, &newname, &a))
     }
 

@@ -67,6 +67,8 @@ const _: () = assert!(
 struct Pending {
     /// The held directory the file was created in.
     dir: Ino,
+    /// Times set while the data was buffered, set again after its commit.
+    times: Option<SetAttr>,
     done: Shared<BoxFuture<'static, ()>>,
 }
 
@@ -115,6 +117,19 @@ impl WriteBehind {
     /// Whether `ino` is being written behind (a write must then wait for it to end).
     pub(crate) fn is_pending(&self, ino: Ino) -> bool {
         self.running.load(Ordering::Relaxed) > 0 && lock(&self.pending).contains_key(&ino)
+    }
+
+    /// The times to set again after the commit of `ino`'s data written behind (until
+    /// `times_set`).
+    pub(crate) fn times_after(&self, ino: Ino) -> Option<SetAttr> {
+        lock(&self.pending).get(&ino).and_then(|p| p.times.clone())
+    }
+
+    /// The times of `ino` were queued with its data's commit.
+    pub(crate) fn times_set(&self, ino: Ino) {
+        if let Some(p) = lock(&self.pending).get_mut(&ino) {
+            p.times = None;
+        }
     }
 
     /// A commit placed `ino`'s first chunk, for its next flush.
@@ -191,7 +206,7 @@ impl Inner {
                 return false;
             }
             let done = rx.map(drop).boxed().shared();
-            pending.insert(ino, Pending { dir, done });
+            pending.insert(ino, Pending { dir, times, done });
             wb.running.fetch_add(1, Ordering::Relaxed);
         }
         let (me, io) = (self.clone(), io.clone());
@@ -199,8 +214,8 @@ impl Inner {
             me.wait_for_placement(dir, ino).await;
             let mut flushed = me.flush_file(ino, &io).await;
             lock(&me.write_behind.placed).remove(&ino);
-            if let (Ok(()), Some(times)) = (flushed, times) {
-                // After the data's commit (queued by `flush_file`), whose mtime is now.
+            // Unless queued with the data's commit (`held_wrote`), after it: its mtime is now.
+            if let (Ok(()), Some(times)) = (flushed, me.write_behind.times_after(ino)) {
                 flushed = me.set_times_again(ino, &times).await;
             }
             let wb = &me.write_behind;

@@ -262,10 +262,14 @@ fn attributes_set_in_a_held_directory_are_what_every_mount_sees() -> Result<()> 
                 "{}: mtime",
                 p.display()
             );
+            let got = fs::read(&p)?;
+            let want = pattern(i, 0, 3000);
             ensure!(
-                fs::read(&p)? == pattern(i, 0, 3000),
-                "{}: data",
-                p.display()
+                got == want,
+                "{}: data: {} bytes, first wrong at {:?}",
+                p.display(),
+                got.len(),
+                got.iter().zip(&want).position(|(g, w)| g != w)
             );
         }
         ensure!(!mnt.join("f3").exists(), "f3 unlinked");
