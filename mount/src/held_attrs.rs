@@ -205,6 +205,25 @@ impl Inner {
         }
     }
 
+    /// The last handle of `ino` here closes, its data committed up to `size`: attributes
+    /// of it kept for a queued change take that size, which those of a new file lack while
+    /// its data is buffered (they have its create's), so that no answer from them once the
+    /// file is closed undoes its writes in the kernel.
+    pub(crate) fn held_closing(&self, ino: Ino, size: u64) {
+        let Some(dir) = lock(&self.held.queued).get(&ino).copied() else {
+            return;
+        };
+        let Some(d) = self.held_dir(dir) else { return };
+        let mut guard = lock(&d.state);
+        let st = &mut *guard;
+        for k in [st.fresh.get_mut(&ino), st.pending.get_mut(&ino)]
+            .into_iter()
+            .flatten()
+        {
+            k.size = size;
+        }
+    }
+
     /// A write, truncate or `set` of file `a.ino` was committed through the leader (`a`:
     /// its attributes after it) while attributes of it are kept here for a queued change
     /// (an unlink of it while open, say): they take its size and stored bytes, which only

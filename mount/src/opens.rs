@@ -456,6 +456,9 @@ impl Inner {
         } else {
             self.flush_file(ino, &io).await
         };
+        if flushed.is_ok() {
+            self.held_closing(ino, io.size());
+        }
         // An open that arrived during the flush reuses the entry; only remove it if nobody did.
         let gone = {
             let mut files = lock(&self.files);

@@ -91,6 +91,7 @@ pub(crate) fn may_access(
 
 impl Inner {
     pub(crate) async fn getattr(&self, ino: Ino) -> Result<(FileAttr, Duration), Errno> {
+        self.times_settled(ino).await;
         if let Some(a) = self.held_attr(ino) {
             return Ok((self.attr(&a), self.attr_ttl));
         }
@@ -129,6 +130,7 @@ impl Inner {
             Some(Found::Missing) => return Err(Errno::ENOENT),
             Some(Found::Fresh(a)) => return Ok(self.entry(parent, &name, &a)),
             Some(Found::Committed(ino)) => {
+                self.times_settled(ino).await;
                 self.settle(ino).await?;
                 let a = self.fetch_attr(ino).await.map_err(errno::meta)?;
                 return Ok(self.entry(parent, &name, &a));
@@ -153,6 +155,7 @@ impl Inner {
         if let Some(done) = self.held_dir_setattr(ino, &set) {
             return done.map(|a| (self.attr(&a), self.attr_ttl));
         }
+        self.times_settled(ino).await;
         if let Some(done) = self.held_setattr(ino, &set).await {
             return done.map(|a| (self.attr(&a), self.attr_ttl));
         }

@@ -336,6 +336,15 @@ impl Inner {
         self.writing_behind(ino).map(drop)
     }
 
+    /// Waits for a flush behind of `ino` that has times to set again after it (before an
+    /// answer with its attributes, which the kernel keeps: in between, the leader has the
+    /// data's commit with its own mtime).
+    pub(crate) async fn times_settled(&self, ino: Ino) {
+        if self.write_behind.times_after(ino).is_some() {
+            self.behind_done(ino).await;
+        }
+    }
+
     /// Waits until nothing of `ino` is being written behind, leaving the error of a failed
     /// flush for the next caller that can report it (`release` cannot).
     pub(crate) async fn behind_done(&self, ino: Ino) {
