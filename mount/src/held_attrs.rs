@@ -210,6 +210,11 @@ impl Inner {
     /// its data is buffered (they have its create's), so that no answer from them once the
     /// file is closed undoes its writes in the kernel.
     pub(crate) fn held_closing(&self, ino: Ino, size: u64) {
+        self.change_kept_attrs(ino, |k| k.size = size);
+    }
+
+    /// Applies `change` to the attributes of file `ino` kept here for a queued change.
+    fn change_kept_attrs(&self, ino: Ino, mut change: impl FnMut(&mut Attr)) {
         let Some(dir) = lock(&self.held.queued).get(&ino).copied() else {
             return;
         };
@@ -220,7 +225,7 @@ impl Inner {
             .into_iter()
             .flatten()
         {
-            k.size = size;
+            change(k);
         }
     }
 
@@ -230,18 +235,9 @@ impl Inner {
     /// the leader changes, and what `set` changed, so that no later answer from them shows
     /// what was before. Fields a still queued change sets stay as they are here.
     pub(crate) fn held_took_leaders(&self, a: &Attr, set: Option<&SetAttr>) {
-        let Some(dir) = lock(&self.held.queued).get(&a.ino).copied() else {
-            return;
-        };
-        let Some(d) = self.held_dir(dir) else { return };
-        let mut guard = lock(&d.state);
-        let st = &mut *guard;
-        for k in [st.fresh.get_mut(&a.ino), st.pending.get_mut(&a.ino)]
-            .into_iter()
-            .flatten()
-        {
+        self.change_kept_attrs(a.ino, |k| {
             (k.size, k.stored) = (a.size, a.stored);
-            let Some(set) = set else { continue };
+            let Some(set) = set else { return };
             if set.perm.is_some() || set.uid.is_some() || set.gid.is_some() {
                 // A chown may drop setuid and setgid.
                 (k.perm, k.uid, k.gid) = (a.perm, a.uid, a.gid);
@@ -253,7 +249,7 @@ impl Inner {
                 k.mtime = a.mtime;
             }
             k.ctime = a.ctime;
-        }
+        });
     }
 
     /// This mount changed `ino`'s xattrs: attributes of it kept for a held directory no
