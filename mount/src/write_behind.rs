@@ -125,6 +125,15 @@ impl WriteBehind {
         lock(&self.pending).get(&ino).and_then(|p| p.times.clone())
     }
 
+    /// Whether a flush behind of `ino` has times to set again after it (no lock taken
+    /// while nothing is written behind: every `getattr` asks).
+    fn has_times_after(&self, ino: Ino) -> bool {
+        self.running.load(Ordering::Relaxed) > 0
+            && lock(&self.pending)
+                .get(&ino)
+                .is_some_and(|p| p.times.is_some())
+    }
+
     /// The times of `ino` were queued with its data's commit.
     pub(crate) fn times_set(&self, ino: Ino) {
         if let Some(p) = lock(&self.pending).get_mut(&ino) {
@@ -340,7 +349,7 @@ impl Inner {
     /// answer with its attributes, which the kernel keeps: in between, the leader has the
     /// data's commit with its own mtime).
     pub(crate) async fn times_settled(&self, ino: Ino) {
-        if self.write_behind.times_after(ino).is_some() {
+        if self.write_behind.has_times_after(ino) {
             self.behind_done(ino).await;
         }
     }
