@@ -60,13 +60,22 @@ impl Inner {
         ino: Ino,
         set: &SetAttr,
     ) -> Option<Result<Attr, Errno>> {
-        self.held_dir_of(ino, set)?;
+        let (_, d) = self.held_dir_of(ino, set)?;
         if set.atime.is_some() || set.mtime.is_some() {
             if let Some(io) = self.io_if_open(ino) {
                 if let Err(e) = self.data_before_times(ino, &io, set).await {
                     return Some(Err(e));
                 }
             }
+        }
+        // Kept attributes carry the times set again after a flush behind; without them the
+        // change starts from the leader's, which must not be from before those times.
+        let kept = {
+            let st = lock(&d.state);
+            st.fresh.contains_key(&ino) || st.pending.contains_key(&ino)
+        };
+        if !kept {
+            self.times_settled(ino).await;
         }
         self.held_setattr_queued(ino, set).await
     }

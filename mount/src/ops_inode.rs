@@ -91,10 +91,11 @@ pub(crate) fn may_access(
 
 impl Inner {
     pub(crate) async fn getattr(&self, ino: Ino) -> Result<(FileAttr, Duration), Errno> {
-        self.times_settled(ino).await;
+        // Kept attributes already carry times set while the data is written behind.
         if let Some(a) = self.held_attr(ino) {
             return Ok((self.attr(&a), self.attr_ttl));
         }
+        self.times_settled(ino).await;
         // An unlink or rename of it still queued here: the leader must have it first.
         self.settle(ino).await?;
         let a = match self.fetch_attr(ino).await {
@@ -155,7 +156,6 @@ impl Inner {
         if let Some(done) = self.held_dir_setattr(ino, &set) {
             return done.map(|a| (self.attr(&a), self.attr_ttl));
         }
-        self.times_settled(ino).await;
         if let Some(done) = self.held_setattr(ino, &set).await {
             return done.map(|a| (self.attr(&a), self.attr_ttl));
         }
