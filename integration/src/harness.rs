@@ -273,6 +273,8 @@ const PORTS_PER_CLUSTER: u16 = 32;
 /// A port range for a new cluster, disjoint from every other cluster of this test run, below
 /// the kernel's ephemeral range (20000..32000), starting at a random slot. Without it, one
 /// cluster could pick a free port that another cluster's killed daemon is about to take again.
+/// A slot with a port some other program listens on (a cluster the user runs, say) is
+/// passed over.
 fn next_base_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     const SLOTS: u16 = 12000 / PORTS_PER_CLUSTER;
@@ -283,8 +285,19 @@ fn next_base_port() -> u16 {
         Ordering::SeqCst,
         Ordering::SeqCst,
     );
-    let slot = NEXT.fetch_add(1, Ordering::SeqCst) % SLOTS;
-    20000 + slot * PORTS_PER_CLUSTER
+    let free = |base: u16| {
+        (base..base + PORTS_PER_CLUSTER)
+            .all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+    };
+    let mut base = 0;
+    for _ in 0..SLOTS {
+        let slot = NEXT.fetch_add(1, Ordering::SeqCst) % SLOTS;
+        base = 20000 + slot * PORTS_PER_CLUSTER;
+        if free(base) {
+            break;
+        }
+    }
+    base
 }
 
 impl Cluster {
