@@ -6,6 +6,8 @@
 #   sequential 1 GiB write + fsync, and read with cold caches      (dd)
 #   4 KiB random read and random write IOPS, iodepth 16            (fio)
 #   create / stat / unlink of 10,000 empty files per second        (rawfs-bench meta)
+#   a source tree (/usr/include, else this repository's sources): tar x, ls -lR, cp -r and
+#   rm -rf, in entries per second                                  (tar, ls, cp, rm)
 #   optional (--million): RSS of the metadata process after 1,000,000 files created through
 #   the metadata client (rawfs-bench million), target < 300 MB
 #
@@ -132,10 +134,42 @@ fio_iops() { # dir rw -> IOPS (terse v3: field 8 read IOPS, field 49 write IOPS)
         | awk -F';' -v f=$field '{ print $f }'
 }
 
+# A tarball of a source tree, made once: /usr/include (libc and compiler headers, ~9,000
+# entries on Debian with gcc), else this repository's own sources.
+TREE="$BASE/tree.tar"
+make_tree() {
+    if [ ! -s "$TREE" ]; then
+        if [ -d /usr/include ]; then
+            tar cf "$TREE" -C /usr include
+        else
+            git ls-files -z | tar cf "$TREE" --null -T -
+        fi
+    fi
+    TREE_ENTRIES=$(tar tf "$TREE" | wc -l)
+}
+
+tree_ops() { # dir -> "untar list copy remove" (entries/s)
+    local t0 t1 t2 t3 t4
+    mkdir "$1/tree"
+    t0=$(now)
+    tar xf "$TREE" -C "$1/tree"
+    t1=$(now)
+    ls -lR "$1/tree" >/dev/null
+    t2=$(now)
+    cp -r "$1/tree" "$1/tree-copy"
+    t3=$(now)
+    rm -rf "$1/tree" "$1/tree-copy"
+    t4=$(now)
+    # rm -rf removes both trees: twice the entries.
+    echo "$(rate "$t0" "$t1" "$TREE_ENTRIES") $(rate "$t1" "$t2" "$TREE_ENTRIES")" \
+        "$(rate "$t2" "$t3" "$TREE_ENTRIES") $(rate "$t3" "$t4" $((2 * TREE_ENTRIES)))"
+}
+
 meta_ops() { # dir -> "create stat unlink"
     "$BIN/rawfs-bench" meta "$1/meta" "$FILES" | awk '{ v[$1] = $2 } END { print v["create_per_s"], v["stat_per_s"], v["unlink_per_s"] }'
 }
 
+make_tree
 declare -A R
 for round in $(seq "$ROUNDS"); do
     for where in local mount ${PEER:+peer}; do
@@ -155,9 +189,14 @@ for round in $(seq "$ROUNDS"); do
         R[$where.stat.$round]=$s
         R[$where.unlink.$round]=$u
         rm -rf "$dir/meta"
-        printf 'bench.sh: round %s %s: seq write %s, seq read %s MiB/s; randread %s, randwrite %s IOPS; create %s, stat %s, unlink %s /s\n' \
+        read -r tx tl tc tr <<<"$(tree_ops "$dir")"
+        R[$where.untar.$round]=$tx
+        R[$where.list.$round]=$tl
+        R[$where.copy.$round]=$tc
+        R[$where.remove.$round]=$tr
+        printf 'bench.sh: round %s %s: seq write %s, seq read %s MiB/s; randread %s, randwrite %s IOPS; create %s, stat %s, unlink %s /s; tree: tar x %s, ls -lR %s, cp -r %s, rm -rf %s entries/s\n' \
             "$round" "$where" "${R[$where.seqw.$round]}" "${R[$where.seqr.$round]}" \
-            "${R[$where.randr.$round]}" "${R[$where.randw.$round]}" "$c" "$s" "$u" >&2
+            "${R[$where.randr.$round]}" "${R[$where.randw.$round]}" "$c" "$s" "$u" "$tx" "$tl" "$tc" "$tr" >&2
     done
 done
 
@@ -184,6 +223,10 @@ row randw "4 KiB random write, qd16" "IOPS" ">=0.06"
 row create "create empty files" "/s" ">=0.15"
 row stat "stat files" "/s" ">=0.05"
 row unlink "unlink files" "/s" "-"
+row untar "tar x of a source tree" "/s" "-"
+row list "ls -lR of it" "/s" "-"
+row copy "cp -r of it" "/s" "-"
+row remove "rm -rf of both" "/s" "-"
 
 if [ $MILLION = 1 ]; then
     META_ADDR=$(grep -A3 '"role": "metadata"' "$BASE/cluster/cluster.json" | sed -n 's/.*"addr": "\(.*\)".*/\1/p' | head -1)
