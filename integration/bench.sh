@@ -4,6 +4,8 @@
 # absolute figures swing 2-3x between runs on a shared machine). Not run in CI.
 #
 #   sequential 1 GiB write + fsync, and read with cold caches      (dd)
+#   (the write also against 3 copies written at once on the local disk: the ceiling of 3
+#   replicas on one disk)
 #   4 KiB random read and random write IOPS, iodepth 16            (fio)
 #   create / stat / unlink of 10,000 empty files per second        (rawfs-bench meta)
 #   a source tree (/usr/include, else this repository's sources): tar x, ls -lR, cp -r and
@@ -115,6 +117,21 @@ seq_write() { # dir -> MiB/s
     rate "$t0" "$t1" "$SIZE_MIB"
 }
 
+# The disk's own ceiling for a replicated write: the same 1 GiB written as 3 files at once,
+# each fsynced, as 3 replicas on this one disk must be (the figure is the logical MiB/s).
+seq_write_3copies() { # dir -> MiB/s
+    local t0 t1 i
+    make_source
+    t0=$(now)
+    for i in 1 2 3; do
+        dd if="$SOURCE" of="$1/seq.copy$i" bs=1M conv=fsync status=none &
+    done
+    wait
+    t1=$(now)
+    rm -f "$1"/seq.copy?
+    rate "$t0" "$t1" "$SIZE_MIB"
+}
+
 seq_read() { # dir -> MiB/s
     local t0 t1
     drop_caches
@@ -180,6 +197,11 @@ for round in $(seq "$ROUNDS"); do
         esac
         echo "bench.sh: round $round of $ROUNDS: measuring $where ($dir)" >&2
         R[$where.seqw.$round]=$(seq_write "$dir")
+        if [ $where = local ]; then
+            R[local.seqw3.$round]=$(seq_write_3copies "$dir")
+        else
+            R[$where.seqw3.$round]=${R[$where.seqw.$round]}
+        fi
         R[$where.seqr.$round]=$(seq_read "$dir")
         R[$where.randr.$round]=$(fio_iops "$dir" randread)
         R[$where.randw.$round]=$(fio_iops "$dir" randwrite)
@@ -194,8 +216,8 @@ for round in $(seq "$ROUNDS"); do
         R[$where.list.$round]=$tl
         R[$where.copy.$round]=$tc
         R[$where.remove.$round]=$tr
-        printf 'bench.sh: round %s %s: seq write %s, seq read %s MiB/s; randread %s, randwrite %s IOPS; create %s, stat %s, unlink %s /s; tree: tar x %s, ls -lR %s, cp -r %s, rm -rf %s entries/s\n' \
-            "$round" "$where" "${R[$where.seqw.$round]}" "${R[$where.seqr.$round]}" \
+        printf 'bench.sh: round %s %s: seq write %s (3 copies %s), seq read %s MiB/s; randread %s, randwrite %s IOPS; create %s, stat %s, unlink %s /s; tree: tar x %s, ls -lR %s, cp -r %s, rm -rf %s entries/s\n' \
+            "$round" "$where" "${R[$where.seqw.$round]}" "${R[$where.seqw3.$round]}" "${R[$where.seqr.$round]}" \
             "${R[$where.randr.$round]}" "${R[$where.randw.$round]}" "$c" "$s" "$u" "$tx" "$tl" "$tc" "$tr" >&2
     done
 done
@@ -217,6 +239,7 @@ row() { # key label unit target
     printf '\n'
 }
 row seqw "seq write ${SIZE_MIB} MiB + fsync" "MiB/s" ">=0.25"
+row seqw3 "  vs 3 copies on local disk" "MiB/s" "-"
 row seqr "seq read (cold cache)" "MiB/s" ">=0.80"
 row randr "4 KiB random read, qd16" "IOPS" ">=0.25"
 row randw "4 KiB random write, qd16" "IOPS" ">=0.06"
