@@ -5,6 +5,8 @@
 # CI.
 #
 #   sequential write of SIZE with a flush at the end, and sequential read   (bs 1 MiB, qd 8)
+#   (the write also against 3 fsynced copies written at once to local files: the ceiling
+#   of 3 replicas on one disk; shown in the nbdkit column)
 #   4 KiB random read and random write IOPS                                 (qd 16)
 #
 # fio talks NBD itself (ioengine=nbd, libnbd), so no kernel NBD module is needed.
@@ -114,6 +116,16 @@ run_fio() { # uri rw bs iodepth -> figure
         awk -F';' -v f=$field '$1 == "3" && $3 == "bench" { v = $f } END { if (f == 7 || f == 48) printf "%.1f\n", v / 1024; else print v }'
 }
 
+# What 3 replicas on this one disk can reach: the same sequential write as 3 local files
+# at once, each fsynced at its end (fio, buffered); the figure is the logical MiB/s, as the
+# volume's.
+seqw_3copies() { # -> MiB/s
+    fio --name=copies --directory="$BASE" --rw=write --bs=1M --size="${SIZE_MIB}M" \
+        --numjobs=3 --end_fsync=1 --group_reporting --output-format=terse --terse-version=3 \
+        2>/dev/null | awk -F';' '$1 == "3" && $3 == "copies" { v = $48 } END { printf "%.1f\n", v / 1024 / 3 }'
+    rm -f "$BASE"/copies.*
+}
+
 declare -A R
 for round in $(seq "$ROUNDS"); do
     for where in nbdkit rawfs; do
@@ -121,12 +133,17 @@ for round in $(seq "$ROUNDS"); do
         [ $where = rawfs ] && uri="nbd://$NBD_ADDR/bench$round"
         echo "bench-nbd.sh: round $round of $ROUNDS: measuring $where ($uri)" >&2
         R[$where.seqw.$round]=$(run_fio "$uri" write 1M 8)
+        if [ $where = nbdkit ]; then
+            R[nbdkit.seqw3.$round]=$(seqw_3copies)
+        else
+            R[rawfs.seqw3.$round]=${R[rawfs.seqw.$round]}
+        fi
         drop_caches
         R[$where.seqr.$round]=$(run_fio "$uri" read 1M 8)
         R[$where.randr.$round]=$(run_fio "$uri" randread 4k 16)
         R[$where.randw.$round]=$(run_fio "$uri" randwrite 4k 16)
-        printf 'bench-nbd.sh: round %s %s: seq write %s, seq read %s MiB/s; randread %s, randwrite %s IOPS\n' \
-            "$round" "$where" "${R[$where.seqw.$round]}" "${R[$where.seqr.$round]}" \
+        printf 'bench-nbd.sh: round %s %s: seq write %s (3 copies %s), seq read %s MiB/s; randread %s, randwrite %s IOPS\n' \
+            "$round" "$where" "${R[$where.seqw.$round]}" "${R[$where.seqw3.$round]}" "${R[$where.seqr.$round]}" \
             "${R[$where.randr.$round]}" "${R[$where.randw.$round]}" >&2
     done
 done
@@ -140,6 +157,7 @@ row() { # key label unit target
         "$(figures rawfs "$1" | median)" "$3" "$r" "$range" "$4"
 }
 row seqw "seq write ${SIZE_MIB} MiB + flush" "MiB/s" ">=0.5"
+row seqw3 "  vs 3 copies on local disk" "MiB/s" "-"
 row seqr "seq read (cold cache)" "MiB/s" ">=0.5"
 row randr "4 KiB random read, qd16" "IOPS" ">=0.3"
 row randw "4 KiB random write, qd16" "IOPS" ">=0.3"
