@@ -306,6 +306,14 @@ impl Inner {
         })
     }
 
+    /// The size of file `ino` as kept here for a change queued in a held directory.
+    pub(crate) fn kept_size(&self, ino: Ino) -> Option<u64> {
+        let dir = *lock(&self.held.queued).get(&ino)?;
+        let d = self.held_dir(dir)?;
+        let st = lock(&d.state);
+        st.fresh.get(&ino).or(st.pending.get(&ino)).map(|k| k.size)
+    }
+
     /// The attributes of a held directory or of a fresh file, if `ino` is one.
     pub(crate) fn held_attr(&self, ino: Ino) -> Option<Attr> {
         if let Some(d) = self.held_dir(ino) {

@@ -174,8 +174,12 @@ impl Inner {
             _ => a,
         };
         self.coherence.handed_attr(a);
+        // Once its entry is gone, a file with changes queued in a held directory has the size
+        // its last close left in the attributes kept there (`held_closing` runs before the
+        // entry goes): an answer made from kept attributes, or from the leader, read before
+        // that close may have the create's size.
         let size = if a.kind == FileKind::File {
-            self.open_size(a.ino)
+            self.open_size(a.ino).or_else(|| self.kept_size(a.ino))
         } else {
             None
         };

@@ -227,7 +227,7 @@ impl Inner {
         if self.attach(ino, read_only) {
             return Ok(None);
         }
-        let token = self.removals();
+        let token = self.settled_token(ino).await?;
         let meta = self.client.meta();
         let (mut attr, leased, chunks) = if read_only {
             let o = meta
@@ -321,9 +321,23 @@ impl Inner {
                     return Ok(a);
                 }
             }
+            // A failed commit of what is queued is logged where it fails; the leader's
+            // answer is then what there is.
             token = self.removals();
+            let _ = self.settle(a.ino).await;
             a = self.client.meta().getattr(a.ino).await?;
         }
+    }
+
+    /// A token for `insert` and `current`, taken before what this mount queued for `ino`
+    /// is committed (`settle`): a file closed here may have its data's commit queued in a
+    /// held directory (`HeldOp::Wrote`, from a flush behind) when its entry goes, so the
+    /// leader has that commit once this returns if the entry went before the token, and
+    /// `insert` and `current` ask again if it goes after.
+    pub(crate) async fn settled_token(&self, ino: Ino) -> Result<u64, Errno> {
+        let token = self.removals();
+        self.settle(ino).await?;
+        Ok(token)
     }
 
     /// Whether every handle of `ino` open here was opened read-only (its entry holds only a
@@ -372,7 +386,9 @@ impl Inner {
             if let Some(done) = self.insert_sized(attr.ino, attr.size, server_open, leased, token) {
                 return Ok(done);
             }
+            // As in `current`.
             token = self.removals();
+            let _ = self.settle(attr.ino).await;
             *attr = match self.client.meta().getattr(attr.ino).await {
                 Ok(a) => a,
                 Err(e) => {

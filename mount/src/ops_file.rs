@@ -50,7 +50,8 @@ impl Inner {
             // This mount's writes are not tracked (see page_cache.rs).
             self.page_cache.forget(ino);
         }
-        self.settle(ino).await?;
+        // What this mount queued for the file is committed before the leader is asked
+        // (`open_file`); a file open here already needs neither.
         let fresh = self.open_file(ino, read_only).await?;
         let mut flags = self.handle_flags(ino, flags.0);
         if read_only && fresh.is_some_and(|a| self.page_cache.reopened(&a)) {

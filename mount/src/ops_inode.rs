@@ -110,19 +110,29 @@ impl Inner {
     /// the size other clients' writes and truncates made (see
     /// [`rawfs_client::FileIo::learn_size`]), but only from the leader: a replica that may
     /// lag (`consistency=local`) may answer with a size from before this client's own
-    /// truncate or writes.
+    /// truncate or writes. Nor while the commit of this mount's own data is being written
+    /// behind or queued in a held directory: the leader's size is from before it.
     pub(crate) async fn fetch_attr(&self, ino: Ino) -> Result<Attr, MetaError> {
         let meta = self.client.meta();
         let open = self
             .io_if_open(ino)
             .filter(|_| meta.consistency() == Consistency::Linearizable)
+            .filter(|_| !self.unpublished(ino))
             .map(|io| (io.size_changes(), io));
+        // See `settled_token` (a failed commit of what is queued is logged where it fails).
         let token = self.removals();
+        let _ = self.settle(ino).await;
         let a = meta.getattr(ino).await?;
-        if let Some((changes, io)) = open {
+        if let Some((changes, io)) = open.filter(|_| !self.unpublished(ino)) {
             io.learn_size(a.size, changes);
         }
         self.current(a, token).await
+    }
+
+    /// Whether the leader may lack the commit of data this mount wrote to `ino`: a flush
+    /// behind of it is running, or its commit is queued in a held directory.
+    fn unpublished(&self, ino: Ino) -> bool {
+        self.write_behind.is_pending(ino) || self.kept_size(ino).is_some()
     }
 
     pub(crate) async fn lookup(&self, parent: Ino, name: Name) -> Result<Entry, Errno> {

@@ -471,6 +471,96 @@ fn new_files_written_in_a_held_directory_keep_data_size_and_times() -> Result<()
     Ok(())
 }
 
+/// What `rsync` does for each file, and what editors and build tools do: a file written and
+/// closed (its data goes behind the close), then perhaps its times set (through a new
+/// writable descriptor or by path) and its mode through a new read-only descriptor, then
+/// read back. Whatever is asked of the leader meanwhile, the holder sees the whole file at
+/// once (a file reopened right after its close once read as empty, or with size 0), and
+/// the times outlast the data's own commit, on the holder and on another mount.
+#[test]
+fn a_file_reopened_right_after_close_is_whole_and_keeps_its_times() -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    use std::time::SystemTime;
+    let c = Cluster::start()?;
+    let a = c.mount_extra("a", "")?;
+    fs::create_dir(a.join("d"))?;
+    // (times through a writable descriptor, times by path, mode through the reader)
+    let ways = [
+        (false, false, false),
+        (true, false, false),
+        (true, false, true),
+        (false, true, true),
+        (false, false, true),
+        (false, true, false),
+    ];
+    let per_way = 20;
+    let files = (ways.len() * per_way) as u64;
+    let way = |i: u64| ways[i as usize / per_way];
+    let when = |i: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(1_500_000_000 + i * 7);
+    let len = |i: u64| 3000 + i as usize * 100;
+    let want_mode = |i: u64| if way(i).2 { 0o644 } else { 0o600 };
+    for i in 0..files {
+        let (by_fd, by_path, chmod) = way(i);
+        let p = a.join(&format!("d/f{i:03}"));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)?;
+        f.write_all(&pattern(i, 0, len(i)))?;
+        drop(f);
+        if by_fd {
+            File::options()
+                .write(true)
+                .open(&p)?
+                .set_modified(when(i))?;
+        }
+        if by_path {
+            let t = libc::timespec {
+                tv_sec: when(i).duration_since(SystemTime::UNIX_EPOCH)?.as_secs() as i64,
+                tv_nsec: 0,
+            };
+            let path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;
+            // SAFETY: a valid path and two valid timespecs.
+            let rc = unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), [t, t].as_ptr(), 0) };
+            ensure!(rc == 0, "utimensat: {}", std::io::Error::last_os_error());
+        }
+        let mut ro = File::open(&p)?;
+        if chmod {
+            ro.set_permissions(fs::Permissions::from_mode(0o644))?;
+        }
+        let m = ro.metadata()?;
+        let mut got = Vec::new();
+        ro.read_to_end(&mut got)?;
+        ensure!(
+            m.len() == len(i) as u64
+                && (!(by_fd || by_path) || m.modified()? == when(i))
+                && m.mode() & 0o777 == want_mode(i),
+            "f{i:03} through its descriptor on the holder: {m:?}"
+        );
+        ensure!(
+            got == pattern(i, 0, len(i)),
+            "f{i:03} read on the holder right after its close: {} bytes",
+            got.len()
+        );
+    }
+    for (who, root) in [("holder", a.join("d")), ("other mount", c.path("d"))] {
+        for i in 0..files {
+            let p = root.join(format!("f{i:03}"));
+            let m = fs::metadata(&p)?;
+            let (by_fd, by_path, _) = way(i);
+            ensure!(
+                m.len() == len(i) as u64
+                    && (!(by_fd || by_path) || m.modified()? == when(i))
+                    && m.mode() & 0o777 == want_mode(i),
+                "f{i:03} as the {who} sees it: {m:?}"
+            );
+            ensure!(fs::read(&p)? == pattern(i, 0, len(i)), "data of f{i:03}");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn files_closed_by_their_holder_are_whole_when_another_mount_looks_at_once() -> Result<()> {
     let c = Cluster::start()?;
