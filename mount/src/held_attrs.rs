@@ -60,22 +60,17 @@ impl Inner {
         ino: Ino,
         set: &SetAttr,
     ) -> Option<Result<Attr, Errno>> {
-        let (_, d) = self.held_dir_of(ino, set)?;
-        if set.atime.is_some() || set.mtime.is_some() {
+        let (dir, _) = self.held_dir_of(ino, set)?;
+        // Times of a file whose data is all being written behind from this directory (an
+        // `rsync` or `cp` setting times after close) go with that data's commit (see
+        // `held_setattr_queued`): no wait for the flush.
+        let behind = self.write_behind.pending_dir(ino) == Some(dir);
+        if (set.atime.is_some() || set.mtime.is_some()) && !behind {
             if let Some(io) = self.io_if_open(ino) {
                 if let Err(e) = self.data_before_times(ino, &io, set).await {
                     return Some(Err(e));
                 }
             }
-        }
-        // Kept attributes carry the times set again after a flush behind; without them the
-        // change starts from the leader's, which must not be from before those times.
-        let kept = {
-            let st = lock(&d.state);
-            st.fresh.contains_key(&ino) || st.pending.contains_key(&ino)
-        };
-        if !kept {
-            self.times_settled(ino).await;
         }
         self.held_setattr_queued(ino, set).await
     }
@@ -109,7 +104,12 @@ impl Inner {
             // An unlink or rename of it is queued: the leader's attributes are behind.
             None if lock(&self.held.queued).contains_key(&ino) => return None,
             None => match self.client.meta().getattr(ino).await {
-                Ok(a) => a,
+                // The leader may have the commit of data written behind (with its own mtime)
+                // before the times to be set again after it: the answer shows them already.
+                Ok(a) => match self.write_behind.times_after(ino) {
+                    Some(times) => apply_set(a, &times, Timespec::now()),
+                    None => a,
+                },
                 Err(e) => return Some(Err(errno::meta(e))),
             },
         };
@@ -120,6 +120,9 @@ impl Inner {
         }
         let mut out = None;
         let done = self.held_change(dir, |st: &mut DirState, now| {
+            // Queued before a flush behind of the file queues its data's commit, the times
+            // would be undone by it: they go again after it (see `held_wrote`).
+            self.write_behind.times_also_after(ino, dir, set);
             let a = apply_set(base, set, now);
             match st.fresh.get_mut(&ino) {
                 Some(f) => *f = a.clone(),
@@ -173,10 +176,11 @@ impl Inner {
         w: Deferred,
     ) -> Result<(), Errno> {
         let ino = base.ino;
-        // Times set while the data was buffered go with it, in the same batch: no answer
-        // in between shows the write's own mtime (the kernel would keep that one).
-        let times = self.write_behind.times_after(ino);
+        // Times set while the data was buffered or written behind go with it, in the same
+        // batch: no answer in between shows the write's own mtime (the kernel would keep
+        // that one). Taken under the directory's lock: a time set later is queued after.
         let queued = self.held_changes(dir, |st: &mut DirState, now| {
+            let times = self.write_behind.take_times_after(ino);
             let mut a = st.pending.remove(&ino).unwrap_or(base);
             a.size = a.size.max(w.end);
             a.stored = stored_after_write(a.stored, w.stored_delta, a.size, w.end);
@@ -200,10 +204,7 @@ impl Inner {
             Ok(ops)
         });
         match queued {
-            Some(done) => {
-                self.write_behind.times_set(ino);
-                done
-            }
+            Some(done) => done,
             None => self
                 .client
                 .meta()

@@ -120,7 +120,7 @@ impl WriteBehind {
     }
 
     /// The times to set again after the commit of `ino`'s data written behind (until
-    /// `times_set`).
+    /// `take_times_after`).
     pub(crate) fn times_after(&self, ino: Ino) -> Option<SetAttr> {
         lock(&self.pending).get(&ino).and_then(|p| p.times.clone())
     }
@@ -134,10 +134,39 @@ impl WriteBehind {
                 .is_some_and(|p| p.times.is_some())
     }
 
-    /// The times of `ino` were queued with its data's commit.
-    pub(crate) fn times_set(&self, ino: Ino) {
-        if let Some(p) = lock(&self.pending).get_mut(&ino) {
-            p.times = None;
+    /// Takes the times to set again after `ino`'s data, to queue them with its commit.
+    /// Called under the held directory's lock, as [`WriteBehind::times_also_after`] is, so
+    /// that a time set meanwhile is either taken here or queued after the commit.
+    pub(crate) fn take_times_after(&self, ino: Ino) -> Option<SetAttr> {
+        lock(&self.pending)
+            .get_mut(&ino)
+            .and_then(|p| p.times.take())
+    }
+
+    /// The held directory whose file `ino`'s data is being written behind.
+    pub(crate) fn pending_dir(&self, ino: Ino) -> Option<Ino> {
+        if self.running.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        lock(&self.pending).get(&ino).map(|p| p.dir)
+    }
+
+    /// Times of `set` queued in `dir` (under its lock) while `ino`'s data is written behind
+    /// from there: set again after that data's commit, unless the commit is queued already.
+    pub(crate) fn times_also_after(&self, ino: Ino, dir: Ino, set: &SetAttr) {
+        if set.atime.is_none() && set.mtime.is_none() {
+            return;
+        }
+        let mut pending = lock(&self.pending);
+        let Some(p) = pending.get_mut(&ino).filter(|p| p.dir == dir) else {
+            return;
+        };
+        let times = p.times.get_or_insert_with(SetAttr::default);
+        if set.atime.is_some() {
+            times.atime = set.atime;
+        }
+        if set.mtime.is_some() {
+            times.mtime = set.mtime;
         }
     }
 
