@@ -25,8 +25,11 @@
 //! returns the error. After a failure, and after any write of this mount that found the
 //! cluster full, no close is written behind for [`PAUSE_AFTER_FAILURE`], so that a full or
 //! unreachable cluster reaches the next files' `close` calls at once. Every operation that
-//! orders itself after the data (truncate, fallocate, copy, setting times) waits for the
-//! file's flush first.
+//! orders itself after the data (truncate, fallocate, copy) waits for the file's flush
+//! first; times set meanwhile (`rsync` sets them by path after close) are queued with the
+//! data's commit instead (`times_also_after`, `held_wrote`). Until that commit the leader
+//! has the file's create size: nothing here learns the size from it meanwhile, and a
+//! closed file's answers take the size its close left in the kept attributes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
