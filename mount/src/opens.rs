@@ -321,10 +321,7 @@ impl Inner {
                     return Ok(a);
                 }
             }
-            // A failed commit of what is queued is logged where it fails; the leader's
-            // answer is then what there is.
-            token = self.removals();
-            let _ = self.settle(a.ino).await;
+            token = self.settled_token_or_not(a.ino).await;
             a = self.client.meta().getattr(a.ino).await?;
         }
     }
@@ -338,6 +335,14 @@ impl Inner {
         let token = self.removals();
         self.settle(ino).await?;
         Ok(token)
+    }
+
+    /// [`Inner::settled_token`] where a failed commit cannot be reported: it is logged
+    /// where it fails, and the leader's answer is then what there is.
+    pub(crate) async fn settled_token_or_not(&self, ino: Ino) -> u64 {
+        let token = self.removals();
+        let _ = self.settle(ino).await;
+        token
     }
 
     /// Whether every handle of `ino` open here was opened read-only (its entry holds only a
@@ -386,9 +391,7 @@ impl Inner {
             if let Some(done) = self.insert_sized(attr.ino, attr.size, server_open, leased, token) {
                 return Ok(done);
             }
-            // As in `current`.
-            token = self.removals();
-            let _ = self.settle(attr.ino).await;
+            token = self.settled_token_or_not(attr.ino).await;
             *attr = match self.client.meta().getattr(attr.ino).await {
                 Ok(a) => a,
                 Err(e) => {

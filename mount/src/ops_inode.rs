@@ -119,9 +119,7 @@ impl Inner {
             .filter(|_| meta.consistency() == Consistency::Linearizable)
             .filter(|_| !self.unpublished(ino))
             .map(|io| (io.size_changes(), io));
-        // See `settled_token` (a failed commit of what is queued is logged where it fails).
-        let token = self.removals();
-        let _ = self.settle(ino).await;
+        let token = self.settled_token_or_not(ino).await;
         let a = meta.getattr(ino).await?;
         if let Some((changes, io)) = open.filter(|_| !self.unpublished(ino)) {
             io.learn_size(a.size, changes);
