@@ -24,6 +24,13 @@ pub fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).expect("paths in tests have no NUL")
 }
 
+/// `utimensat(2)` of `p` (following symlinks): `times` are atime, then mtime.
+pub fn utimensat(p: &Path, times: [libc::timespec; 2]) -> io::Result<()> {
+    let c = cpath(p);
+    // SAFETY: a valid C path and two timespecs.
+    check(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) })
+}
+
 fn check(rc: libc::c_int) -> io::Result<()> {
     if rc < 0 {
         Err(io::Error::last_os_error())

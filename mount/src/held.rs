@@ -306,12 +306,18 @@ impl Inner {
         })
     }
 
-    /// The size of file `ino` as kept here for a change queued in a held directory.
-    pub(crate) fn kept_size(&self, ino: Ino) -> Option<u64> {
+    /// `f` of the attributes of file `ino` kept here for a change queued in a held
+    /// directory.
+    fn with_kept<T>(&self, ino: Ino, f: impl FnOnce(&Attr) -> T) -> Option<T> {
         let dir = *lock(&self.held.queued).get(&ino)?;
         let d = self.held_dir(dir)?;
         let st = lock(&d.state);
-        st.fresh.get(&ino).or(st.pending.get(&ino)).map(|k| k.size)
+        st.fresh.get(&ino).or(st.pending.get(&ino)).map(f)
+    }
+
+    /// The size of file `ino` as kept here for a change queued in a held directory.
+    pub(crate) fn kept_size(&self, ino: Ino) -> Option<u64> {
+        self.with_kept(ino, |k| k.size)
     }
 
     /// The attributes of a held directory or of a fresh file, if `ino` is one.
@@ -322,10 +328,7 @@ impl Inner {
                 return Some(st.attr.clone());
             }
         }
-        let dir = *lock(&self.held.queued).get(&ino)?;
-        let d = self.held_dir(dir)?;
-        let st = lock(&d.state);
-        st.fresh.get(&ino).or(st.pending.get(&ino)).cloned()
+        self.with_kept(ino, Attr::clone)
     }
 
     /// Creates the empty file `dir/name` here if `dir` is held.

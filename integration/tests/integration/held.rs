@@ -3,7 +3,7 @@
 //! see every file as soon as it looks; what was fsynced survives the holder's SIGKILL.
 
 use anyhow::{ensure, Context, Result};
-use rawfs_integration::fsutil::{pattern, write_and_close};
+use rawfs_integration::fsutil::{pattern, utimensat, write_and_close};
 use rawfs_integration::harness::{pid_alive, wait_until};
 use rawfs_integration::Cluster;
 use std::collections::BTreeSet;
@@ -520,10 +520,7 @@ fn a_file_reopened_right_after_close_is_whole_and_keeps_its_times() -> Result<()
                 tv_sec: when(i).duration_since(SystemTime::UNIX_EPOCH)?.as_secs() as i64,
                 tv_nsec: 0,
             };
-            let path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;
-            // SAFETY: a valid path and two valid timespecs.
-            let rc = unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), [t, t].as_ptr(), 0) };
-            ensure!(rc == 0, "utimensat: {}", std::io::Error::last_os_error());
+            utimensat(&p, [t, t])?;
         }
         let mut ro = File::open(&p)?;
         if chmod {

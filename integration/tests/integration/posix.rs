@@ -105,11 +105,7 @@ fn setattr_changes_mode_owner_times_and_size() -> Result<()> {
         },
     ];
     let cp = cpath(&p);
-    // SAFETY: valid path and two timespecs.
-    assert_eq!(
-        unsafe { libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), times.as_ptr(), 0) },
-        0
-    );
+    utimensat(&p, times)?;
     let md = fs::metadata(&p)?;
     assert_eq!((md.atime(), md.atime_nsec()), (1_000_000_000, 123_456_789));
     assert_eq!((md.mtime(), md.mtime_nsec()), (1_500_000_000, 987_654_321));
@@ -158,11 +154,7 @@ fn setattr_changes_mode_owner_times_and_size() -> Result<()> {
             tv_nsec: 1,
         },
     ];
-    // SAFETY: valid path and two timespecs.
-    assert_eq!(
-        unsafe { libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), old_times.as_ptr(), 0) },
-        0
-    );
+    utimensat(&p, old_times)?;
     let md = fs::metadata(&p)?;
     assert_eq!((md.atime(), md.atime_nsec()), (-2, 500_000_000));
     assert_eq!((md.mtime(), md.mtime_nsec()), (-100, 1));
